@@ -1,0 +1,55 @@
+"""GPT-2-style decoder pretrained with causal LM.
+
+  fmjax train --config=configs/gpt.py:tiny,runlocal --workdir=/tmp/gpt_tiny
+  fmjax train --config=configs/gpt.py:small --config.data.dataset=c4/en:3.1.0 --workdir=gs://BUCKET/gpt2
+
+Sizes: tiny, small (GPT-2 124M), medium (350M), large (774M), xl (1.5B).
+`runlocal` shrinks batch, sequence and steps so the run finishes on a laptop CPU.
+"""
+
+from fmjax import config_lib
+
+SIZES = {  # num_layers, d_model, num_heads
+    "tiny": (2, 128, 4),
+    "small": (12, 768, 12),
+    "medium": (24, 1024, 16),
+    "large": (36, 1280, 20),
+    "xl": (48, 1600, 25),
+}
+
+
+def get_config(arg: str = "tiny"):
+  flags, _ = config_lib.parse_arg(arg)
+  size = next((f for f in flags if f in SIZES), "tiny")
+  unknown = [f for f in flags if f not in SIZES and f != "runlocal"]
+  if unknown:
+    raise config_lib.ConfigError(f"unknown gpt config arg(s) {unknown}; use a size from {list(SIZES)} and/or runlocal")
+  c = config_lib.base_config("gpt")
+  c.name = f"gpt_{size}"
+  layers, d, heads = SIZES[size]
+  c.model.update(num_layers=layers, d_model=d, num_heads=heads, d_ff=4 * d)
+  if size == "tiny":
+    c.model.max_len = 256
+    c.data.seq_len = 128
+    c.data.tokenizer.vocab_size = 2048
+    c.model.vocab_size = 2048
+    c.train.update(batch_size=16, steps=600, log_every=25, eval_every=200)
+    c.optim.update(lr=3e-3, warmup_steps=50)
+  else:
+    c.model.vocab_size = 50304  # GPT-2's 50257, padded to a multiple of 128
+    c.data.tokenizer.vocab_size = 50257
+    c.data.seq_len = 1024
+    c.model.dtype = "bfloat16"
+    c.train.update(batch_size=512, steps=600_000 if size == "small" else 400_000)
+    c.optim.update(lr={"small": 6e-4, "medium": 3e-4, "large": 2.5e-4, "xl": 2e-4}[size], warmup_steps=2000)
+  if "runlocal" in flags:
+    c.model.dtype = "float32"
+    c.data.seq_len = min(c.data.seq_len, 128)
+    c.train.update(batch_size=8, steps=20, log_every=5, eval_every=10, eval_batches=2)
+    c.checkpoint.every_steps = 10
+  return c
+
+
+def get_sweep():
+  """Learning-rate sweep for the tiny model: `fmjax sweep --config=configs/gpt.py:tiny,runlocal`."""
+  return [{"optim.lr": lr} for lr in (1e-3, 3e-3, 1e-2)]

@@ -1,0 +1,295 @@
+"""Loading, overriding and validating ml_collections configs.
+
+A config file is `configs/X.py` with `get_config(arg)`; `arg` is a comma list such as
+`small,runlocal` or `task=sst2`. Overrides are `a.b=v` strings. Configs are locked:
+a misspelt key fails with a "did you mean" line, and `validate` checks values up front
+so a bad run dies before any compile.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from typing import Any, Iterable
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A user-facing configuration error; its message is one line saying what to do."""
+
+
+def parse_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
+  """Splits `get_config` args `"small,runlocal,task=sst2"` into flags and key=value pairs."""
+  flags, kv = [], {}
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    if "=" in part:
+      k, v = part.split("=", 1)
+      kv[k.strip()] = v.strip()
+    else:
+      flags.append(part)
+  return flags, kv
+
+
+def load_module(path: str):
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path!r} does not exist; pass --config=configs/NAME.py[:args]")
+  spec = importlib.util.spec_from_file_location(
+      "fmjax_user_config_" + os.path.basename(path).removesuffix(".py"), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def split_config_spec(spec: str) -> tuple[str, str | None]:
+  """`configs/gpt.py:small,runlocal` -> (`configs/gpt.py`, `small,runlocal`)."""
+  if ":" in spec and not os.path.exists(spec):
+    path, arg = spec.split(":", 1)
+    return path, arg
+  return spec, None
+
+
+def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `path[:arg]`, applies `a.b=v` overrides, locks and validates the result."""
+  path, arg = split_config_spec(spec)
+  module = load_module(path)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config(arg) function")
+  config = module.get_config(arg) if arg is not None else module.get_config()
+  config = ml_collections.ConfigDict(config)
+  apply_overrides(config, overrides)
+  config.lock()
+  validate(config)
+  return config
+
+
+def _suggest(key: str, options: Iterable[str]) -> str:
+  close = difflib.get_close_matches(key, list(options), n=3, cutoff=0.5)
+  return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def parse_value(text: str, current: Any) -> Any:
+  """Parses an override's text into the type of the value it replaces."""
+  if isinstance(current, bool):
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"expected true/false, got {text!r}")
+  if isinstance(current, str) or current is None:
+    if current is None:
+      try:
+        return ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        return text
+    return text
+  if isinstance(current, int):
+    try:
+      return int(float(text)) if float(text).is_integer() else _raise(text, "an integer")
+    except ValueError:
+      _raise(text, "an integer")
+  if isinstance(current, float):
+    try:
+      return float(text)
+    except ValueError:
+      _raise(text, "a number")
+  if isinstance(current, (tuple, list)):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = tuple(s.strip() for s in text.split(",") if s.strip())
+    return type(current)(value) if isinstance(value, (tuple, list)) else type(current)([value])
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _raise(text, what):
+  raise ConfigError(f"expected {what}, got {text!r}")
+
+
+def get_path(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = config
+  for i, part in enumerate(dotted.split(".")):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      prefix = ".".join(dotted.split(".")[:i])
+      keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      where = f" under {prefix!r}" if prefix else ""
+      raise ConfigError(f"unknown config key {dotted!r}: no {part!r}{where}{_suggest(part, keys)}")
+    node = node[part]
+  return node
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+  """Applies `a.b=v` overrides in place; unknown keys fail with close matches."""
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} must look like key.path=value")
+    dotted, text = item.split("=", 1)
+    dotted = dotted.strip().removeprefix("config.")
+    current = get_path(config, dotted)
+    if isinstance(current, ml_collections.ConfigDict):
+      raise ConfigError(f"{dotted!r} is a group of settings; override one of its keys: "
+                        f"{', '.join(sorted(current.keys()))}")
+    try:
+      value = parse_value(text, current)
+    except ConfigError as e:
+      raise ConfigError(f"bad value for {dotted}: {e}") from None
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    with node.unlocked() if node.is_locked else _nullcontext():
+      node[leaf] = value
+
+
+class _nullcontext:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def save_json(config: ml_collections.ConfigDict, path: str) -> None:
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + ".tmp", path)
+
+
+def _one_of(name: str, value: Any, options: Iterable[Any]) -> None:
+  options = list(options)
+  if value not in options:
+    raise ConfigError(f"{name}={value!r} is not one of {options}{_suggest(str(value), map(str, options))}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Checks values that would otherwise fail deep inside a compile; raises ConfigError."""
+  m = config.model
+  _one_of("model.family", m.family, ("gpt", "bert"))
+  _one_of("model.attention", m.attention, ("auto", "xla", "cudnn", "splash"))
+  _one_of("model.remat", m.remat, ("none", "full", "dots", "dots_no_batch", "save_attention_out"))
+  _one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
+  _one_of("model.param_dtype", m.param_dtype, ("float32", "bfloat16"))
+  for key in ("num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len"):
+    if int(m[key]) <= 0:
+      raise ConfigError(f"model.{key} must be positive, got {m[key]}")
+  if m.d_model % m.num_heads:
+    raise ConfigError(f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}")
+  if not 0.0 <= m.dropout < 1.0:
+    raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+  if "data" in config:
+    d = config.data
+    if d.seq_len > m.max_len:
+      raise ConfigError(f"data.seq_len={d.seq_len} is longer than the model allows "
+                        f"(model.max_len={m.max_len}); lower data.seq_len or raise model.max_len")
+    if d.seq_len <= 1:
+      raise ConfigError(f"data.seq_len must be at least 2, got {d.seq_len}")
+  if "train" in config:
+    t = config.train
+    if t.batch_size <= 0 or t.steps < 0:
+      raise ConfigError("train.batch_size must be positive and train.steps non-negative")
+    if t.grad_accum < 1 or t.batch_size % t.grad_accum:
+      raise ConfigError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
+    _one_of("train.nan_policy", t.nan_policy, ("abort", "skip"))
+    _one_of("optim.schedule", config.optim.schedule, ("cosine", "linear", "rsqrt", "constant"))
+  if "mesh" in config:
+    from fmjax import sharding  # local: keeps config parsing free of device state
+    sharding.validate_mesh(config, num_devices)
+
+
+# The logical axis names that models use, and their default mapping onto the mesh axes
+# (`dcn_data`, `data`, `fsdp`, `tensor`). Pure data parallelism is the default; FSDP and
+# tensor parallelism switch on when the config gives those mesh axes a size above 1.
+DEFAULT_RULES = (
+    ("batch", ("dcn_data", "data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def base_config(family: str) -> ml_collections.ConfigDict:
+  """Every key a pretraining run reads, with defaults; configs/*.py start from this."""
+  c = ml_collections.ConfigDict()
+  c.name = family
+  c.model = ml_collections.ConfigDict(dict(
+      family=family,
+      vocab_size=8192,
+      num_layers=2, d_model=128, num_heads=4, d_ff=512,
+      max_len=1024 if family == "gpt" else 512,
+      type_vocab_size=2,
+      layer_norm_eps=1e-5 if family == "gpt" else 1e-12,
+      dropout=0.0,
+      attention="auto",        # auto | xla | cudnn | splash
+      dtype="float32",          # compute dtype; params stay in param_dtype
+      param_dtype="float32",
+      remat="none",             # none | full | dots | dots_no_batch | save_attention_out
+      scan_layers=False,
+      init_std=0.02,
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      dataset="fmjax_corpus",  # a TFDS name, `fmjax_corpus` (offline) or `text_files`
+      data_dir="",
+      files="",                 # text_files: comma-separated globs of .txt / .jsonl
+      feature="text",
+      train_split="train",
+      eval_split="validation",
+      seq_len=128,
+      seed=0,
+      cache_dir="",             # default: ~/.cache/fmjax
+      tokenizer=ml_collections.ConfigDict(dict(
+          kind="bpe" if family == "gpt" else "wordpiece",  # bpe | wordpiece | unigram | hf
+          vocab_size=8192,
+          path="",              # HF tokenizer.json / vocab.txt / dir with vocab.json+merges.txt
+      )),
+      mask_rate=0.15,
+      max_predictions=20,
+      pii_scrub=False,
+      prefetch=2,
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      objective="clm" if family == "gpt" else "mlm",
+      batch_size=32,
+      steps=1000,
+      grad_accum=1,
+      seed=0,
+      log_every=50,
+      eval_every=500,
+      eval_batches=8,
+      nan_policy="abort",       # abort | skip
+      progress_bar=True,
+  ))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=6e-4 if family == "gpt" else 1e-4,
+      schedule="cosine",        # cosine | linear | rsqrt | constant
+      warmup_steps=100,
+      min_lr_ratio=0.1,
+      weight_decay=0.1 if family == "gpt" else 0.01,
+      b1=0.9,
+      b2=0.95 if family == "gpt" else 0.999,
+      eps=1e-8 if family == "gpt" else 1e-6,
+      clip_norm=1.0,
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(dcn_data=1, data=-1, fsdp=1, tensor=1))
+  c.logical_axis_rules = DEFAULT_RULES
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=500, every_minutes=0.0, keep=3, keep_period=0, async_save=True))
+  return c
