@@ -1,0 +1,33 @@
+# `make demo` and `make test` each work alone on a fresh machine: they create .venv and install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install install-test demo test bench-cpu clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(BIN)/python -m fmjax.demo
+
+test: install-test
+	$(BIN)/python -m pytest tests --durations=15
+
+bench-cpu: install
+	$(BIN)/fmjax bench --config=configs/gpt.py:tiny --steps=20
+
+clean:
+	rm -rf $(VENV) build *.egg-info

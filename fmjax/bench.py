@@ -1,0 +1,104 @@
+"""`fmjax bench`: the real train step on synthetic data.
+
+Prints tokens/s, MFU, step time, compile time and peak device memory. FLOPs per token are
+6*N + 12*L*D*T (N = parameters without position embeddings, L layers, D width, T sequence;
+attention is counted in full for BERT's bidirectional attention as well as GPT's).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fmjax import config_lib, metrics as metrics_lib, optim, sharding, train
+
+FLOPS_FORMULA = "FLOPs/token = 6*N + 12*L*D*T (N: parameters without position embeddings)"
+
+
+def synthetic_batch(config, batch_size: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+  """A host batch with every key the objective reads, random tokens, one segment per row."""
+  b = batch_size or config.train.batch_size
+  t = config.data.seq_len
+  rng = np.random.default_rng(seed)
+  vocab = config.model.vocab_size
+  batch = {
+      "inputs": rng.integers(0, vocab, (b, t), dtype=np.int32),
+      "segment_ids": np.ones((b, t), np.int32),
+      "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+      "token_types": np.zeros((b, t), np.int32),
+  }
+  if config.train.objective == "clm":
+    batch["targets"] = rng.integers(0, vocab, (b, t), dtype=np.int32)
+    batch["loss_weights"] = np.ones((b, t), np.float32)
+  else:
+    m = config.data.max_predictions
+    batch["mlm_positions"] = np.sort(np.stack([rng.choice(t, m, replace=False) for _ in range(b)]), axis=1).astype(np.int32)
+    batch["mlm_targets"] = rng.integers(0, vocab, (b, m), dtype=np.int32)
+    batch["mlm_weights"] = np.ones((b, m), np.float32)
+  return batch
+
+
+def run(config, *, steps: int = 10, warmup: int = 2, json_path: str = "", quiet: bool = False) -> dict:
+  """Times `steps` train steps after `warmup` ones; returns and prints the figures."""
+  config_lib.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config)
+  batch_sharding = sharding.batch_sharding(mesh)
+  tx = optim.make_optimizer(config)
+  spec = train.state_spec(config, mesh, tx)
+  state = train.init_state(config, spec, tx)
+  host = synthetic_batch(config)
+  batch = jax.tree.map(lambda x: jax.device_put(x, batch_sharding), host)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
+    step_fn, _ = train.compile_steps(config, spec, tx, batch_sharding)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+      state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    elapsed = time.perf_counter() - t0
+  step_s = elapsed / steps
+  tokens = config.train.batch_size * config.data.seq_len
+  fpt = train.flops_per_token(config)
+  peak = metrics_lib.peak_flops_per_device()
+  dev = jax.devices()[0]
+  mem = None
+  try:
+    stats = dev.memory_stats() or {}
+    mem = stats.get("peak_bytes_in_use")
+  except Exception:  # not every backend reports memory
+    mem = None
+  from fmjax import models
+  n_params = models.param_count(nnx.eval_shape(train.model_factory(config)))
+  result = {
+      "config": config.name, "device": dev.device_kind, "num_devices": jax.device_count(),
+      "batch_size": config.train.batch_size, "seq_len": config.data.seq_len, "params": n_params,
+      "dtype": config.model.dtype, "attention": config.model.attention, "remat": config.model.remat,
+      "scan_layers": config.model.scan_layers, "step_time_s": step_s, "compile_time_s": compile_s,
+      "tokens_per_sec": tokens / step_s, "flops_per_token": fpt,
+      "mfu": (tokens / step_s * fpt / (peak * jax.device_count())) if peak else None,
+      "peak_memory_gib": mem / 2**30 if mem else None, "loss": float(m["loss"]),
+  }
+  if not quiet:
+    print(f"{config.name} on {jax.device_count()}x {dev.device_kind}: batch {result['batch_size']} x seq "
+          f"{result['seq_len']}, {n_params / 1e6:.1f}M params, {config.model.dtype}, attention={config.model.attention}, "
+          f"remat={config.model.remat}, scan_layers={config.model.scan_layers}")
+    print(f"  tokens/s      {result['tokens_per_sec']:,.0f}")
+    mfu = f"{100 * result['mfu']:.1f}% of {peak / 1e12:.0f} TF/s per device" if peak else "n/a (unknown peak FLOP/s)"
+    print(f"  MFU           {mfu}")
+    print(f"  step time     {1e3 * step_s:.1f} ms   compile {compile_s:.1f} s")
+    print(f"  peak memory   {result['peak_memory_gib']:.2f} GiB" if mem else "  peak memory   n/a on this backend")
+    print(f"  {FLOPS_FORMULA} = {fpt / 1e6:.1f} MFLOPs/token")
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump(result, f, indent=2)
+  return result

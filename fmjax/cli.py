@@ -1,0 +1,135 @@
+"""The `fmjax` command: thin wrappers over plain functions.
+
+  fmjax train --config=configs/gpt.py:tiny,runlocal --config.train.steps=50 --workdir=/tmp/gpt
+  fmjax data prepare --config=configs/bert.py:tiny
+  fmjax bench --config=configs/gpt.py:small --config.train.batch_size=16
+
+A user mistake ends in one line on stderr (`error: ...`) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fmjax.config_lib import ConfigError
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Pulls `--config.a.b=v` (or `--config.a.b v`) out of argv."""
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      if "=" in arg:
+        overrides.append(arg[len("--config."):])
+      elif i + 1 < len(argv):
+        overrides.append(f"{arg[len('--config.'):]}={argv[i + 1]}")
+        i += 1
+      else:
+        raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def _parser(prog: str, needs_workdir: bool) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog=prog)
+  p.add_argument("--config", required=True, help="configs/NAME.py[:args]")
+  if needs_workdir:
+    p.add_argument("--workdir", required=True, help="where checkpoints, metrics and config.json go")
+  return p
+
+
+def _load(prog: str, argv: list[str], needs_workdir: bool, extra=None):
+  from fmjax import config_lib
+  rest, overrides = _split_overrides(argv)
+  p = _parser(prog, needs_workdir)
+  if extra:
+    extra(p)
+  args = p.parse_args(rest)
+  return args, config_lib.load_config(args.config, overrides)
+
+
+def cmd_train(argv):
+  from fmjax import train
+  args, config = _load("fmjax train", argv, True)
+  train.run(config, args.workdir)
+
+
+def cmd_data(argv):
+  from fmjax import data
+  if not argv or argv[0] != "prepare":
+    raise ConfigError("usage: fmjax data prepare --config=configs/NAME.py[:args]")
+  _, config = _load("fmjax data prepare", argv[1:], False)
+  path = data.prepare(config)
+  print(path)
+
+
+def cmd_bench(argv):
+  from fmjax import bench
+
+  def extra(p):
+    p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", default="", help="also write the result as JSON here")
+  args, config = _load("fmjax bench", argv, False, extra)
+  bench.run(config, steps=args.steps, warmup=args.warmup, json_path=args.json)
+
+
+def cmd_launch(argv):
+  from fmjax import launch
+  return launch.cli(argv)
+
+
+COMMANDS = {
+    "train": (cmd_train, "pretrain a GPT (causal LM) or BERT (masked LM)"),
+    "data": (cmd_data, "`data prepare`: tokenise, pack and cache a dataset"),
+    "bench": (cmd_bench, "time the real train step on synthetic data: tokens/s, MFU, memory"),
+    "launch": (cmd_launch, "Cloud TPU / GKE launch commands (dry-run unless --execute)"),
+}
+
+
+def _user_errors() -> tuple[type, ...]:
+  """Exceptions that a user causes and that end in one line, not a traceback."""
+  errors = [ConfigError, FileNotFoundError]
+  mods = sys.modules
+  if "fmjax.checkpoint" in mods:
+    errors.append(mods["fmjax.checkpoint"].CheckpointMismatchError)
+  if "fmjax.train" in mods:
+    errors.append(mods["fmjax.train"].NonFiniteLossError)
+  return tuple(errors)
+
+
+def usage() -> str:
+  lines = ["usage: fmjax COMMAND [--config=configs/X.py[:args]] [--config.a.b=v ...] [--workdir=DIR]", "", "commands:"]
+  lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(usage())
+    return 0
+  name, rest = argv[0], argv[1:]
+  if name not in COMMANDS:
+    import difflib
+    close = difflib.get_close_matches(name, COMMANDS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    print(f"error: unknown command {name!r}{hint}\n{usage()}", file=sys.stderr)
+    return 2
+  try:
+    code = COMMANDS[name][0](rest)
+  except _user_errors() as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  return int(code or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,130 @@
+"""Metric logging: JSONL and TensorBoard in the workdir, a progress bar or log lines.
+
+Only process 0 writes. Interactive single-host runs get a tqdm bar with loss, tokens/s,
+MFU and ETA; everything else (pods, CI, pipes) gets one log line per logging step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import jax
+
+log = logging.getLogger("fmjax")
+
+# Peak dense bf16 FLOP/s per chip, for MFU. Matched by substring of device_kind.
+PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+    ("v6", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12),
+)
+
+
+def peak_flops_per_device() -> float | None:
+  kind = jax.devices()[0].device_kind
+  for key, flops in PEAK_FLOPS:
+    if key.lower() in kind.lower():
+      return flops
+  return None
+
+
+def setup_logging() -> None:
+  if not logging.getLogger().handlers:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
+  log.setLevel(logging.INFO)
+  for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class MetricsWriter:
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard; shows progress."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0, *, progress_bar: bool = True,
+               use_wandb: bool = False, run_name: str = "", config_dict: dict | None = None):
+    self.is_chief = jax.process_index() == 0
+    self.total_steps = total_steps
+    self.start_time, self.start_step = time.time(), start_step
+    self._jsonl = self._tb = self._bar = self._wandb = None
+    if not self.is_chief:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
+    except ImportError:  # TensorBoard is optional; JSONL is the record
+      self._tb = None
+    interactive = sys.stderr.isatty() and jax.process_count() == 1 and not os.environ.get("CI")
+    if progress_bar and interactive:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
+    if use_wandb:
+      try:
+        import wandb
+        mode = os.environ.get("WANDB_MODE", "offline")
+        self._wandb = wandb.init(name=run_name, config=config_dict, dir=workdir, mode=mode)
+      except Exception as e:  # W&B must never stop a run
+        log.warning("W&B disabled: %s", e)
+
+  def write(self, step: int, scalars: dict, *, prefix: str = "") -> None:
+    if not self.is_chief:
+      return
+    scalars = {f"{prefix}{k}": float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, step)
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=step)
+
+  def eta_seconds(self, step: int) -> float:
+    done = step - self.start_step
+    if done <= 0:
+      return float("nan")
+    return (time.time() - self.start_time) / done * (self.total_steps - step)
+
+  def progress(self, step: int, scalars: dict) -> None:
+    """Updates the bar, or prints one log line (step, loss, tokens/s, MFU, ETA)."""
+    if not self.is_chief:
+      return
+    eta = self.eta_seconds(step)
+    parts = [f"loss {scalars['loss']:.4f}"]
+    if "tokens_per_sec" in scalars:
+      parts.append(f"{scalars['tokens_per_sec']:,.0f} tok/s")
+    if scalars.get("mfu") is not None and "mfu" in scalars:
+      parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
+    if self._bar is not None:
+      self._bar.n = step
+      self._bar.set_postfix_str(", ".join(parts))
+      self._bar.refresh()
+    else:
+      eta_s = "?" if eta != eta else time.strftime("%H:%M:%S", time.gmtime(eta))
+      log.info("step %d/%d  %s  ETA %s", step, self.total_steps, "  ".join(parts), eta_s)
+
+  def message(self, text: str) -> None:
+    if not self.is_chief:
+      return
+    if self._bar is not None:
+      self._bar.write(text)
+    else:
+      log.info(text)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

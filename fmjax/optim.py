@@ -1,0 +1,64 @@
+"""Optimizer and learning-rate schedules (optax).
+
+AdamW with decoupled weight decay applied to matrices only: norms, biases and embeddings
+are not decayed. Global-norm clipping runs before Adam. A `trainable` mask freezes
+parameters for parameter-efficient fine-tuning: frozen leaves get zero updates and keep
+no Adam moments.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_EMBEDDING_WORDS = ("embed", "wte", "wpe")
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def decay_mask(params):
+  """True for weight matrices; False for norms, biases and embedding tables."""
+  def keep(path, leaf):
+    name = _path_str(path).lower()
+    return leaf.ndim >= 2 and not any(w in name for w in _EMBEDDING_WORDS)
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_schedule(optim_cfg, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+  """Linear warmup to `lr`, then cosine / linear decay to `lr * min_lr_ratio`, rsqrt or constant."""
+  peak, warmup = optim_cfg.lr, int(optim_cfg.warmup_steps)
+  floor = peak * optim_cfg.min_lr_ratio
+  decay_steps = max(int(total_steps) - warmup, 1)
+  kind = optim_cfg.schedule
+  if kind == "cosine":
+    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=optim_cfg.min_lr_ratio)
+  elif kind == "linear":
+    after = optax.linear_schedule(peak, floor, decay_steps)
+  elif kind == "rsqrt":
+    after = lambda s: peak * jax.lax.rsqrt(jnp.maximum(s + warmup, 1.0) / max(warmup, 1))
+  else:
+    after = optax.constant_schedule(peak)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def make_optimizer(config, trainable: Callable | None = None) -> optax.GradientTransformation:
+  """The optimizer for `config.optim`; `trainable(params) -> bool tree` freezes the False leaves."""
+  o = config.optim
+  schedule = make_schedule(o, config.train.steps)
+  parts = []
+  if o.clip_norm and o.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(o.clip_norm))
+  parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                           weight_decay=o.weight_decay, mask=decay_mask))
+  tx = optax.chain(*parts)
+  if trainable is not None:
+    labels = lambda params: jax.tree.map(lambda t: "train" if t else "freeze", trainable(params))
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  return tx

@@ -1,0 +1,103 @@
+"""The device mesh and how logical axis names map onto it.
+
+Mesh axes are fixed: `dcn_data` (data parallel across slices, over the data-centre
+network), `data` (data parallel), `fsdp` (data parallel with parameters and optimizer
+state sharded) and `tensor` (heads and MLP sharded). The config gives each a size; -1
+takes what is left of the devices. Models name logical axes only (`embed`, `mlp`, ...);
+`config.logical_axis_rules` maps them to these mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from fmjax.config_lib import ConfigError
+
+MESH_AXES = ("dcn_data", "data", "fsdp", "tensor")
+BATCH_AXES = ("dcn_data", "data", "fsdp")
+
+
+def mesh_shape(config, num_devices: int | None = None) -> dict[str, int]:
+  """Sizes of the four mesh axes, with a single -1 filled from the device count."""
+  n = jax.device_count() if num_devices is None else num_devices
+  sizes = {a: int(config.mesh[a]) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ConfigError(f"only one mesh axis may be -1, got {free}")
+  bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+  if bad:
+    raise ConfigError(f"mesh sizes must be positive or -1, got {', '.join(f'mesh.{a}={sizes[a]}' for a in bad)}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if n % fixed:
+      raise ConfigError(f"the mesh's fixed axes ({fixed} devices) do not divide the {n} available devices")
+    sizes[free[0]] = n // fixed
+  if math.prod(sizes.values()) != n:
+    raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but {n} are available; "
+                      "set one mesh axis to -1 or change the sizes")
+  return sizes
+
+
+def data_parallel_size(config, num_devices: int | None = None) -> int:
+  s = mesh_shape(config, num_devices)
+  return s["dcn_data"] * s["data"] * s["fsdp"]
+
+
+def validate_mesh(config, num_devices: int | None = None) -> None:
+  """Up-front checks that the mesh fits the devices, the batch and the model."""
+  sizes = mesh_shape(config, num_devices)
+  dp = sizes["dcn_data"] * sizes["data"] * sizes["fsdp"]
+  if "train" in config:
+    b, accum = config.train.batch_size, config.train.grad_accum
+    if (b // accum) % dp:
+      raise ConfigError(f"train.batch_size={b} (per micro-batch {b // accum}) does not divide by the "
+                        f"data-parallel size {dp} (mesh {sizes}); use a multiple of {dp}")
+  tp = sizes["tensor"]
+  m = config.model
+  for key in ("num_heads", "d_ff", "vocab_size"):
+    if m[key] % tp:
+      raise ConfigError(f"model.{key}={m[key]} does not divide by mesh.tensor={tp}")
+
+
+def make_mesh(config, devices=None) -> Mesh:
+  """Builds the 4-axis mesh; with dcn_data > 1 the outer axis spans slices (multi-slice)."""
+  devices = jax.devices() if devices is None else devices
+  sizes = mesh_shape(config, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  if sizes["dcn_data"] > 1 and hasattr(devices[0], "slice_index"):
+    from jax.experimental import mesh_utils
+    ici = (1,) + shape[1:]
+    dcn = (sizes["dcn_data"], 1, 1, 1)
+    array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+  else:
+    try:
+      from jax.experimental import mesh_utils
+      array = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      array = np.asarray(devices).reshape(shape)
+  return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of [B, ...] input arrays: rows split over all data-parallel axes."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def logical_rules(config) -> tuple:
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in config.logical_axis_rules)
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules) -> object:
+  """NamedShardings for a pytree of nnx Variables / arrays carrying logical axis names."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    return nnx.get_named_sharding(abstract_state, mesh)

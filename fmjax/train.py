@@ -1,0 +1,307 @@
+"""Pretraining: one loop for masked LM (BERT) and causal LM (GPT).
+
+The state is a plain pytree `{"step", "params", "opt_state"}` with `params` a nested dict
+of arrays; the model's structure lives in a static `graphdef`. `train_step` is one pure
+function, jitted once with explicit shardings and with the state donated. The loop
+dispatches step n before reading step n-1's metrics, so the device never waits on logging.
+
+Start order: resume this workdir's checkpoint, else `init_from` a pretrained checkpoint,
+else from scratch; the log says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fmjax import config_lib, metrics as metrics_lib, objectives, optim, sharding
+from fmjax.config_lib import ConfigError
+
+log = metrics_lib.log
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised under nan_policy=abort; the message names the step and the last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def model_factory(config) -> Callable[[], nnx.Module]:
+  from fmjax import models  # local: models is the heaviest import and tests patch configs first
+  return lambda: models.build_model(config.model, rngs=nnx.Rngs(params=config.train.seed))
+
+
+def params_of(model: nnx.Module) -> dict:
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+@dataclasses.dataclass
+class StateSpec:
+  """What is needed to run the step on a mesh: the graph, abstract state and its shardings."""
+  graphdef: Any
+  abstract: Any
+  shardings: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple
+
+
+def state_spec(config, mesh, tx, make_model: Callable[[], nnx.Module] | None = None) -> StateSpec:
+  """Shapes and shardings of the train state, derived without allocating it."""
+  make_model = make_model or model_factory(config)
+  rules = sharding.logical_rules(config)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    abstract_model = nnx.eval_shape(make_model)
+    graphdef, abstract_vars = nnx.split(abstract_model, nnx.Param)
+    param_shardings = nnx.to_pure_dict(nnx.get_named_sharding(abstract_vars, mesh))
+  abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                                 nnx.to_pure_dict(abstract_vars))
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  repl = sharding.replicated(mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: repl, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings}
+  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt}
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return StateSpec(graphdef, abstract, shardings, mesh, rules)
+
+
+def init_state(config, spec: StateSpec, tx, make_model: Callable[[], nnx.Module] | None = None) -> dict:
+  """Creates the state already sharded: each device only ever holds its own shards."""
+  make_model = make_model or model_factory(config)
+
+  def create():
+    params = params_of(make_model())
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  with jax.set_mesh(spec.mesh), nnx.logical_axis_rules(spec.rules):
+    return jax.jit(create, out_shardings=spec.shardings)()
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _micro_batches(batch: dict, accum: int) -> dict:
+  """[B, ...] -> [accum, B/accum, ...], taking rows strided so every micro-batch spans all devices."""
+  def split(x):
+    x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
+  """Returns the pure `train_step(state, batch) -> (state, metrics)`."""
+  loss_fn = loss_fn or objectives.get_loss_fn(config.train.objective)
+  accum = config.train.grad_accum
+  deterministic = config.model.dropout == 0.0
+  schedule = optim.make_schedule(config.optim, config.train.steps)
+  skip_nonfinite = config.train.nan_policy == "skip"
+  base_key = jax.random.key(config.train.seed + 1)
+
+  def micro_grads(params, micro_batch, key):
+    def f(p):
+      model = nnx.merge(graphdef, p)
+      rngs = None if deterministic else nnx.Rngs(dropout=key)
+      return loss_fn(model, micro_batch, deterministic=deterministic, rngs=rngs)
+    (_, aux), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return grads, aux
+
+  def train_step(state, batch):
+    params, step = state["params"], state["step"]
+    key = jax.random.fold_in(base_key, step)
+    if accum == 1:
+      grads, aux = micro_grads(params, batch, key)
+    else:
+      def body(carry, xs):
+        i, mb = xs
+        g, a = micro_grads(params, mb, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (g, a)), None
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      zero_aux = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
+      zero_aux = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zero_aux)
+      (grads, aux), _ = jax.lax.scan(body, (zeros, zero_aux), (jnp.arange(accum), _micro_batches(batch, accum)))
+    denom = jnp.maximum(aux["weight_sum"], 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = aux["loss_sum"] / denom
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      new_params, new_opt = keep(new_params, params), keep(new_opt, state["opt_state"])
+    new_state = {"step": step + 1, "params": new_params, "opt_state": new_opt}
+    metrics = {"loss": loss, "accuracy": aux["correct_sum"] / denom, "grad_norm": grad_norm,
+               "lr": schedule(step), "tokens": aux["weight_sum"], "nonfinite": 1.0 - finite.astype(jnp.float32)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(config, graphdef, loss_fn: Callable | None = None):
+  loss_fn = loss_fn or objectives.get_loss_fn(config.train.objective)
+
+  def eval_step(params, batch):
+    _, aux = loss_fn(nnx.merge(graphdef, params), batch, deterministic=True)
+    return aux
+
+  return eval_step
+
+
+def compile_steps(config, spec: StateSpec, tx, batch_sharding, loss_fn=None):
+  """jit the train and eval steps with explicit shardings; the train state is donated."""
+  train_step = jax.jit(make_train_step(config, spec.graphdef, tx, loss_fn),
+                       in_shardings=(spec.shardings, batch_sharding),
+                       out_shardings=(spec.shardings, sharding.replicated(spec.mesh)),
+                       donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(config, spec.graphdef, loss_fn),
+                      in_shardings=(spec.shardings["params"], batch_sharding),
+                      out_shardings=sharding.replicated(spec.mesh))
+  return train_step, eval_step
+
+
+def evaluate(eval_step, params, loader, num_batches: int) -> dict:
+  """Held-out loss, perplexity and token accuracy over the first `num_batches` eval batches."""
+  totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
+  n = min(num_batches, loader.num_batches) if getattr(loader, "num_batches", None) else num_batches
+  for step in range(n):
+    aux = eval_step(params, loader.global_batch(step))
+    for k in totals:
+      totals[k] += float(aux[k])
+  w = max(totals["weight_sum"], 1.0)
+  loss = totals["loss_sum"] / w
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": totals["correct_sum"] / w}
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def flops_per_token(config) -> float:
+  from fmjax import models
+  return models.flops_per_token(config.model, config.data.seq_len)
+
+
+def _to_host(metrics: dict) -> dict:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def run(config, workdir: str) -> dict:
+  """Pretrains per `config` in `workdir`; returns the last train and eval metrics."""
+  from fmjax import checkpoint as ckpt_lib, data  # local: the loop is their only user here
+
+  metrics_lib.setup_logging()
+  config_lib.validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    config_lib.save_json(config, os.path.join(workdir, "config.json"))
+
+  mesh = sharding.make_mesh(config)
+  batch_sharding = sharding.batch_sharding(mesh)
+  tokenizer = data.get_tokenizer(config)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
+                      f"{config.model.vocab_size}; raise model.vocab_size")
+  data.prepare(config)
+  train_loader = data.make_loader(config, "train", sharding=batch_sharding)
+  eval_loader = data.make_loader(config, "eval", sharding=batch_sharding)
+
+  tx = optim.make_optimizer(config)
+  spec = state_spec(config, mesh, tx)
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
+      every_minutes=config.checkpoint.every_minutes, keep=config.checkpoint.keep,
+      keep_period=config.checkpoint.keep_period, async_save=config.checkpoint.async_save)
+  cfg_dict = config_lib.to_dict(config)
+  state, how = _start_state(config, spec, tx, checkpointer, cfg_dict)
+  start = int(state["step"])
+  log.info("%s (mesh %s, %d devices)", how, dict(mesh.shape), jax.device_count())
+
+  total = config.train.steps
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  fpt = flops_per_token(config)
+  peak = metrics_lib.peak_flops_per_device()
+  writer = metrics_lib.MetricsWriter(workdir, total, start, progress_bar=config.train.progress_bar,
+                                     run_name=config.name, config_dict=cfg_dict)
+  watcher = ckpt_lib.PreemptionWatcher()
+  meta = lambda step, last: {"step": step, "config": cfg_dict, "data_position": step,
+                             "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
+                             "fmjax_version": __import__("fmjax").__version__, "metrics": last}
+  last_train, last_eval = {}, {}
+  try:
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
+      train_step, eval_step = compile_steps(config, spec, tx, batch_sharding)
+      pending = None
+      t_last, step_last = time.time(), start
+      batches = train_loader.iterate(start)
+      for step in range(start, total + 1):
+        if pending is not None:  # step-1's metrics, read while `step` is already queued
+          prev, m = pending
+          m = _to_host(m)
+          if m["nonfinite"] > 0:
+            if config.train.nan_policy == "abort":
+              last_good = checkpointer.latest_step()
+              raise NonFiniteLossError(
+                  f"non-finite loss at step {prev}; last good checkpoint: "
+                  f"{'step ' + str(last_good) if last_good is not None else 'none'} in {workdir}. "
+                  "Lower optim.lr or set train.nan_policy=skip, then rerun to resume from it")
+            writer.message(f"step {prev}: non-finite loss, update skipped")
+          last_train = m
+          if (prev + 1) % config.train.log_every == 0 or prev + 1 == total:
+            now = time.time()
+            rate = (prev + 1 - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+            m["tokens_per_sec"] = rate
+            if peak:
+              m["mfu"] = rate * fpt / (peak * jax.device_count())
+            writer.write(prev + 1, m, prefix="train/")
+            writer.progress(prev + 1, m)
+            t_last, step_last = now, prev + 1
+          pending = None
+        if step > start and (step % config.train.eval_every == 0 or step == total):
+          last_eval = evaluate(eval_step, state["params"], eval_loader, config.train.eval_batches)
+          writer.write(step, last_eval, prefix="eval/")
+          writer.message(f"step {step}: eval loss {last_eval['loss']:.4f}  "
+                         f"ppl {last_eval['perplexity']:.2f}  acc {last_eval['accuracy']:.3f}")
+        if step > start and (step == total or checkpointer.should_save(step)):
+          checkpointer.save(step, state, meta(step, last_train), force=step == total)
+        if step == total:
+          break
+        if step > start and watcher.should_stop(step):
+          checkpointer.save(step, state, meta(step, last_train), force=True)
+          writer.message(f"preempted: saved step {step} to {workdir}; rerun the same command to resume")
+          break
+        _, batch = next(batches)
+        state, m = train_step(state, batch)
+        pending = (step, m)
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+  return {"train": last_train, "eval": last_eval, "step": int(state["step"])}
+
+
+def _start_state(config, spec: StateSpec, tx, checkpointer, cfg_dict) -> tuple[dict, str]:
+  from fmjax import checkpoint as ckpt_lib
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    saved = checkpointer.restore_meta(latest)
+    breaking, harmless = ckpt_lib.config_changes(saved.get("config", {}), cfg_dict)
+    if breaking:
+      raise ConfigError(f"this workdir holds a run with a different model/data setup ({', '.join(breaking[:6])}); "
+                        "use a new --workdir or restore the original values")
+    ckpt_lib.check_compatible(checkpointer, latest, spec.abstract)
+    with jax.set_mesh(spec.mesh):
+      state = checkpointer.restore(latest, spec.abstract, items=("params", "opt_state"))
+    state["step"] = jax.device_put(jnp.asarray(latest, jnp.int32), spec.shardings["step"])
+    note = f"; changed: {', '.join(harmless)}" if harmless else ""
+    return state, f"Resumed from step {latest} of {checkpointer.directory}{note}"
+  return init_state(config, spec, tx), "Started from scratch"

@@ -1,0 +1,60 @@
+"""Configs: sizes, locking with "did you mean", up-front validation, CLI errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fmjax import cli, config_lib
+from fmjax.config_lib import ConfigError
+
+
+def test_sizes_and_runlocal():
+  c = config_lib.load_config("configs/gpt.py:small")
+  assert (c.model.num_layers, c.model.d_model, c.model.num_heads) == (12, 768, 12)
+  c = config_lib.load_config("configs/gpt.py:xl,runlocal")
+  assert c.model.d_model == 1600 and c.train.batch_size == 8 and c.model.dtype == "float32"
+  c = config_lib.load_config("configs/bert.py:base")
+  assert (c.model.num_layers, c.model.d_model, c.train.objective) == (12, 768, "mlm")
+
+
+def test_override_types():
+  c = config_lib.load_config("configs/gpt.py:tiny", ["train.steps=7", "optim.lr=1e-3",
+                                                    "model.scan_layers=true", "data.dataset=lm1b"])
+  assert c.train.steps == 7 and isinstance(c.train.steps, int)
+  assert c.optim.lr == 1e-3 and c.model.scan_layers is True and c.data.dataset == "lm1b"
+
+
+def test_misspelt_key_suggests():
+  with pytest.raises(ConfigError, match=r"did you mean 'learning_rate'|did you mean 'lr'"):
+    config_lib.load_config("configs/gpt.py:tiny", ["optim.lrr=1"])
+  with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+    config_lib.load_config("configs/gpt.py:tiny", ["train.batch_sise=4"])
+
+
+def test_bad_values_fail_before_compile():
+  with pytest.raises(ConfigError, match="does not divide by the data-parallel size 8"):
+    config_lib.validate(config_lib.load_config("configs/gpt.py:tiny", ["train.batch_size=12"]), 8)
+  with pytest.raises(ConfigError, match="num_heads=3 does not divide model.d_model=128"):
+    config_lib.load_config("configs/gpt.py:tiny", ["model.num_heads=3"])
+  with pytest.raises(ConfigError, match="needs 16 devices but 8 are available"):
+    config_lib.validate(config_lib.load_config("configs/gpt.py:tiny", ["mesh.data=4", "mesh.fsdp=4"]), 8)
+  with pytest.raises(ConfigError, match="longer than the model allows"):
+    config_lib.load_config("configs/gpt.py:tiny", ["data.seq_len=4096"])
+  with pytest.raises(ConfigError, match="model.attention='flash' is not one of"):
+    config_lib.load_config("configs/gpt.py:tiny", ["model.attention=flash"])
+  with pytest.raises(ConfigError, match="expected an integer"):
+    config_lib.load_config("configs/gpt.py:tiny", ["train.steps=ten"])
+
+
+def test_cli_one_line_error():
+  proc = subprocess.run([sys.executable, "-m", "fmjax.cli", "train", "--config=configs/gpt.py:tiny",
+                         "--config.optim.lrr=1", "--workdir=/tmp/never_created_fmjax"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "did you mean" in lines[0], proc.stderr
+
+
+def test_cli_unknown_command():
+  assert cli.main(["trian"]) == 2
