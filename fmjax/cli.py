@@ -52,8 +52,27 @@ def _load(prog: str, argv: list[str], needs_workdir: bool, extra=None):
   return args, config_lib.load_config(args.config, overrides)
 
 
+def maybe_initialize_distributed() -> None:
+  """Joins the other hosts of a pod when the launcher set FMJAX_DISTRIBUTED=1.
+
+  On Cloud TPU `jax.distributed.initialize()` finds the coordinator and process ids itself;
+  elsewhere JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID give them.
+  """
+  import os
+  if os.environ.get("FMJAX_DISTRIBUTED") != "1":
+    return
+  import jax
+  kwargs = {}
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                  process_id=int(os.environ["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(**kwargs)
+
+
 def cmd_train(argv):
   from fmjax import train
+  maybe_initialize_distributed()
   args, config = _load("fmjax train", argv, True)
   train.run(config, args.workdir)
 

@@ -32,9 +32,12 @@ def peak_flops_per_device() -> float | None:
 
 
 def setup_logging() -> None:
-  if not logging.getLogger().handlers:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout)
+  """fmjax's own log lines go to stdout with a time stamp; library chatter is quietened."""
+  if not log.handlers:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    log.addHandler(handler)
+    log.propagate = False
   log.setLevel(logging.INFO)
   for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
     logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -14,18 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-_EMBEDDING_WORDS = ("embed", "wte", "wpe")
-
-
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def decay_mask(params):
-  """True for weight matrices; False for norms, biases and embedding tables."""
+  """True for dense kernels; False for norms, biases and embedding tables."""
   def keep(path, leaf):
-    name = _path_str(path).lower()
-    return leaf.ndim >= 2 and not any(w in name for w in _EMBEDDING_WORDS)
+    return str(getattr(path[-1], "key", path[-1])) == "kernel"
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

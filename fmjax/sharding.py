@@ -49,7 +49,14 @@ def data_parallel_size(config, num_devices: int | None = None) -> int:
 
 
 def validate_mesh(config, num_devices: int | None = None) -> None:
-  """Up-front checks that the mesh fits the devices, the batch and the model."""
+  """Up-front checks that the mesh fits the devices, the batch and the model.
+
+  Without `num_devices` (config loading) only what needs no devices is checked; the run
+  calls this again with the real device count before anything compiles.
+  """
+  if num_devices is None:
+    fixed = {a: int(config.mesh[a]) for a in MESH_AXES}
+    num_devices = math.prod(abs(s) for s in fixed.values())
   sizes = mesh_shape(config, num_devices)
   dp = sizes["dcn_data"] * sizes["data"] * sizes["fsdp"]
   if "train" in config:

@@ -282,7 +282,10 @@ def run(config, workdir: str) -> dict:
         _, batch = next(batches)
         state, m = train_step(state, batch)
         pending = (step, m)
+      if not last_eval:  # e.g. resumed a finished run: still report held-out figures
+        last_eval = evaluate(eval_step, state["params"], eval_loader, config.train.eval_batches)
   finally:
+    watcher.close()
     checkpointer.wait()
     checkpointer.close()
     writer.close()

@@ -1,0 +1,190 @@
+"""Multi-head dot-product attention with packing masks and selectable kernels.
+
+Inputs are already projected: `attention(q_BTHK, k_BSHK, v_BSHK, causal=..., segment_ids_BT=...)`.
+Query i attends key j iff `segment_ids[i] == segment_ids[j]` and (not causal or j <= i). Segment
+id 0 marks padding; pads attend only pads, so no softmax row is ever fully masked (no NaN) and
+their outputs are simply ignored by the loss.
+
+Kernels:
+  xla     reference einsum + masked softmax in float32; runs everywhere.
+  cudnn   cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16).
+  splash  Pallas splash attention (TPU; Pallas interpret mode elsewhere, so CPU tests cover it).
+
+Shape legend: B batch, T query length, S key/value length, H heads, K head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec as P
+
+KERNELS = ("xla", "cudnn", "splash")
+
+
+class AttentionError(ValueError):
+  """An attention kernel cannot run this configuration; the message says what to change."""
+
+
+def resolve_kernel(name: str, dtype=None) -> str:
+  """Maps "auto" to the platform's fast kernel: cudnn on GPU, splash on TPU, xla on CPU.
+
+  cuDNN flash attention takes only half-precision inputs, so "auto" with float32 compute on a
+  GPU falls back to xla rather than failing.
+  """
+  if name != "auto":
+    if name not in KERNELS:
+      raise AttentionError(f"unknown attention kernel {name!r}; use one of {('auto',) + KERNELS}")
+    return name
+  platform = jax.default_backend()
+  if platform == "gpu" and (dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
+    return "cudnn"
+  if platform == "tpu":
+    return "splash"
+  return "xla"
+
+
+def make_mask(segment_ids_BT, segment_ids_BS, *, causal: bool, T: int, S: int):
+  """Boolean [B|1, 1, T, S] mask (True = attend), or None when nothing is masked."""
+  mask = None
+  if segment_ids_BT is not None:
+    mask = (segment_ids_BT[:, :, None] == segment_ids_BS[:, None, :])[:, None]
+  if causal:
+    # Keys are aligned to the end of the query block, so a KV cache (S > T) still masks right.
+    causal_TS = jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :]
+    mask = causal_TS[None, None] if mask is None else mask & causal_TS
+  return mask
+
+
+def _xla_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS):
+  T, S, K = q_BTHK.shape[1], k_BSHK.shape[1], q_BTHK.shape[-1]
+  logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
+  logits_BHTS = logits_BHTS * (1.0 / math.sqrt(K))
+  mask = make_mask(segment_ids_BT, segment_ids_BS, causal=causal, T=T, S=S)
+  if mask is not None:
+    logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
+  probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(v_BSHK.dtype)
+  return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
+
+
+def _cudnn_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS):
+  if jax.default_backend() != "gpu":
+    raise AttentionError("attention kernel 'cudnn' needs a GPU; set model.attention=auto or xla")
+  if q_BTHK.dtype not in (jnp.bfloat16, jnp.float16):
+    raise AttentionError(f"attention kernel 'cudnn' needs bfloat16/float16 compute, got {q_BTHK.dtype}; "
+                         "set model.dtype=bfloat16 or model.attention=xla")
+  mask = None
+  if segment_ids_BT is not None:
+    # Causality stays with cuDNN's own mask type (it skips the upper triangle); only the
+    # segment structure goes in as a mask.
+    mask = (segment_ids_BT[:, :, None] == segment_ids_BS[:, None, :])[:, None]
+  return jax.nn.dot_product_attention(
+      q_BTHK, k_BSHK, v_BSHK, mask=mask, is_causal=causal, implementation="cudnn")
+
+
+def _splash_blocks(T: int, S: int):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+  def block(n):
+    for b in (512, 256, 128):
+      if n % b == 0:
+        return b
+    raise AttentionError(f"splash attention needs sequence lengths that are a multiple of 128, got {n}; "
+                         "change data.seq_len or set model.attention=xla")
+
+  bq, bkv = block(T), block(S)
+  return sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
+                       block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
+                       block_q_dq=bq, block_kv_dq=bkv)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(T: int, S: int, H: int, causal: bool, interpret: bool):
+  """One splash kernel per (shape, mask) so repeated traces reuse its mask preprocessing."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  head_mask = sm.CausalMask((T, S), offset=S - T) if causal else sm.FullMask((T, S))
+  return sk.make_splash_mha(sm.MultiHeadMask([head_mask] * H), block_sizes=_splash_blocks(T, S),
+                            head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_local(q_BTHK, k_BSHK, v_BSHK, seg_BT, seg_BS, *, causal):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  T, H, K = q_BTHK.shape[1], q_BTHK.shape[2], q_BTHK.shape[3]
+  S = k_BSHK.shape[1]
+  kernel = _splash_kernel(T, S, H, causal, jax.default_backend() != "tpu")
+  q_BHTK = (q_BTHK * (1.0 / math.sqrt(K))).astype(q_BTHK.dtype).transpose(0, 2, 1, 3)
+  k_BHSK = k_BSHK.transpose(0, 2, 1, 3)
+  v_BHSK = v_BSHK.transpose(0, 2, 1, 3)
+
+  def one(q_HTK, k_HSK, v_HSK, sq_T, sk_S):
+    return kernel(q_HTK, k_HSK, v_HSK, segment_ids=sk.SegmentIds(q=sq_T, kv=sk_S))
+
+  out_BHTK = jax.vmap(one)(q_BHTK, k_BHSK, v_BHSK, seg_BT, seg_BS)
+  return out_BHTK.transpose(0, 2, 1, 3)
+
+
+def logical_spec(names, shape=None) -> P | None:
+  """PartitionSpec for logical axis names under the current mesh and rules; None without a mesh.
+
+  Mesh axes the current mesh lacks are dropped, so a rule such as batch -> (data, fsdp) works on
+  a mesh that only has `data`; with `shape`, so are axes that do not divide that dimension.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = dict(flax_spmd.get_logical_axis_rules())
+  if mesh.empty or not rules:
+    return None
+  present = set(mesh.axis_names)
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(names):
+    target = rules.get(name) if name is not None else None
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = tuple(a for a in axes if a in present and a not in used)
+    if shape is not None:
+      while axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+        axes = axes[:-1]
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return P(*spec)
+
+
+def _splash_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS):
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.ones(q_BTHK.shape[:2], jnp.int32)
+    segment_ids_BS = jnp.ones(k_BSHK.shape[:2], jnp.int32)
+  fn = functools.partial(_splash_local, causal=causal)
+  qkv_spec = logical_spec(("batch", None, "heads", None), q_BTHK.shape)
+  seg_spec = None if qkv_spec is None else P(qkv_spec[0], None)
+  if qkv_spec is not None and jax.sharding.get_abstract_mesh().size > 1:
+    # A Pallas TPU kernel is opaque to SPMD partitioning: run it per shard (batch and heads are
+    # independent), so XLA neither gathers nor replicates q, k and v around it.
+    fn = jax.shard_map(fn, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec, seg_spec),
+                       out_specs=qkv_spec, check_vma=False)
+  return fn(q_BTHK, k_BSHK, v_BSHK, segment_ids_BT.astype(jnp.int32), segment_ids_BS.astype(jnp.int32))
+
+
+_IMPLS = {"xla": _xla_attention, "cudnn": _cudnn_attention, "splash": _splash_attention}
+
+
+def attention(q_BTHK, k_BSHK, v_BSHK, *, causal: bool, segment_ids_BT=None, segment_ids_BS=None,
+              kernel: str = "xla"):
+  """Scaled dot-product attention over projected heads; returns out_BTHK in q's dtype.
+
+  Args:
+    q_BTHK, k_BSHK, v_BSHK: projected queries, keys and values (scale 1/sqrt(K) is applied here).
+    causal: mask keys after the query position.
+    segment_ids_BT: packing ids of the queries (0 = padding); None means one segment per row.
+    segment_ids_BS: ids of the keys; defaults to segment_ids_BT (self-attention).
+    kernel: "xla", "cudnn", "splash" or "auto" (see `resolve_kernel`).
+  """
+  kernel = resolve_kernel(kernel, q_BTHK.dtype)
+  if segment_ids_BT is not None and segment_ids_BS is None:
+    segment_ids_BS = segment_ids_BT
+  out_BTHK = _IMPLS[kernel](q_BTHK, k_BSHK, v_BSHK, causal=causal,
+                            segment_ids_BT=segment_ids_BT, segment_ids_BS=segment_ids_BS)
+  return out_BTHK.astype(q_BTHK.dtype)

@@ -1,0 +1,518 @@
+"""Checkpoints: async Orbax saves, keep-last-K, torn-checkpoint cleanup, elastic restore, preemption.
+
+A step directory holds three items saved separately, so a fine-tuning run can read the trunk
+without touching the optimizer state:
+
+  <directory>/<step>/params      model parameters (a nested dict of arrays)
+  <directory>/<step>/opt_state   optax state
+  <directory>/<step>/meta        JSON: step, config, tokenizer, data position, version, metrics
+
+Restores take an abstract state whose leaves are `jax.ShapeDtypeStruct(..., sharding=s)`; each
+leaf is read straight into the requested sharding, so a checkpoint written on one mesh (or by
+several processes) restores onto any other mesh. All processes call every method here in the
+same order: saves, time-based save decisions and preemption checks are collective.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+import fmjax
+
+ITEMS = ("params", "opt_state")
+# Orbax (>= 0.12) writes this file last into every step it finalises, on local disks (before the
+# atomic rename) and on GCS alike; a step directory without it was never finished.
+COMMIT_MARKER = "commit_success.txt"
+_TMP_MARKER = ".orbax-checkpoint-tmp"
+_MAX_LISTED = 10
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose parameter paths or shapes do not fit the model being restored."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A save that did not reach disk."""
+
+
+def _now() -> float:
+  return time.monotonic()
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _scan(directory: epath.Path) -> tuple[dict[int, epath.Path], list[epath.Path]]:
+  """Splits the entries of `directory` into committed steps and torn (unfinished) step dirs."""
+  committed, torn = {}, []
+  if not directory.exists():
+    return committed, torn
+  for path in directory.iterdir():
+    name = path.name
+    if _TMP_MARKER in name:
+      torn.append(path)
+    elif name.isdigit() and path.is_dir():
+      if (path / COMMIT_MARKER).exists():
+        committed[int(name)] = path
+      else:
+        torn.append(path)
+  return committed, torn
+
+
+def _remove(paths: Iterable[epath.Path], directory: epath.Path) -> None:
+  paths = list(paths)
+  if not paths:
+    return
+  for path in paths:
+    if path.is_dir():
+      path.rmtree(missing_ok=True)
+    else:
+      path.unlink(missing_ok=True)
+  logging.warning("Removed %d unfinished checkpoint(s) from %s: %s", len(paths), directory,
+                  ", ".join(sorted(p.name for p in paths)))
+
+
+def _jsonable(value: Any, where: str = "meta") -> Any:
+  """Converts numpy/jax scalars and tuples to JSON types; fails early on anything else."""
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+  if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
+    return np.asarray(value).item()
+  if isinstance(value, np.generic):
+    return value.item()
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  raise TypeError(f"checkpoint metadata {where} has a {type(value).__name__}, which JSON cannot hold; "
+                  "pass plain numbers, strings, lists and dicts")
+
+
+def _abstract_leaf(x: Any) -> jax.ShapeDtypeStruct:
+  sharding = getattr(x, "sharding", None)
+  if sharding is None:
+    if jax.process_count() > 1:
+      raise ValueError("restore needs a sharding on every abstract leaf in a multi-process run; "
+                       "build the abstract state with jax.ShapeDtypeStruct(shape, dtype, sharding=...)")
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _is_abstract_leaf(x: Any) -> bool:
+  return isinstance(x, (jax.ShapeDtypeStruct, jax.Array))
+
+
+class Checkpointer:
+  """Async Orbax checkpoints of `{"step", "params", "opt_state"}` plus JSON metadata.
+
+  Args:
+    directory: where step directories live (local path or gs://).
+    every_steps: `should_save` is true at multiples of this (0: off).
+    every_minutes: `should_save` is also true once this many minutes passed since the last save
+      (0: off). Process 0's clock decides and its decision is broadcast.
+    keep: how many of the newest checkpoints to keep (0 or less: keep all).
+    keep_period: also keep every checkpoint whose step is a multiple of this (0: off).
+    async_save: write in a background thread; `save` returns once arrays are on the host.
+  """
+
+  def __init__(self, directory: str, *, every_steps: int = 0, every_minutes: float = 0.0,
+               keep: int = 3, keep_period: int = 0, async_save: bool = True):
+    path = str(directory)
+    self.directory = epath.Path(path if "://" in path else os.path.abspath(path))
+    self.every_steps = int(every_steps)
+    self.every_minutes = float(every_minutes)
+    self._decision: tuple[int, bool] | None = None
+    self._last_save_time = _now()
+    self._unverified: list[int] = []
+    self._closed = False
+    if _is_primary():
+      self.directory.mkdir(parents=True, exist_ok=True)
+      _remove(_scan(self.directory)[1], self.directory)
+    if jax.process_count() > 1:  # others must not list the directory while process 0 cleans it
+      multihost_utils.sync_global_devices("fmjax_checkpointer_init")
+    policies = [ocp.checkpoint_managers.LatestN(keep if keep > 0 else None)]
+    if keep_period > 0:
+      policies.append(ocp.checkpoint_managers.EveryNSteps(keep_period))
+    options = ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=async_save,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        create=True)
+    # Registering the handlers up front lets a fresh manager read item metadata and restore a
+    # subset of items (a manager that only learns handlers from `save` cannot).
+    handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  # --------------------------------------------------------------------------- listing
+
+  def all_steps(self) -> list[int]:
+    """Committed checkpoint steps, ascending."""
+    return sorted(_scan(self.directory)[0])
+
+  def latest_step(self) -> int | None:
+    """The newest committed step, or None; unfinished step directories are removed."""
+    committed, torn = _scan(self.directory)
+    # A save in flight looks torn until it commits: only clean up when none is running.
+    if torn and _is_primary() and not self._manager.is_saving_in_progress():
+      _remove(torn, self.directory)
+    return max(committed) if committed else None
+
+  # --------------------------------------------------------------------------- saving
+
+  def should_save(self, step: int) -> bool:
+    """Whether `step` is due for a save (every_steps and/or every_minutes); same on all hosts."""
+    if self._decision is not None and self._decision[0] == step:
+      return self._decision[1]  # `save` asks again for the same step: don't re-broadcast
+    due = self.every_steps > 0 and step > 0 and step % self.every_steps == 0
+    if not due and self.every_minutes > 0:
+      due = _now() - self._last_save_time >= self.every_minutes * 60
+      if jax.process_count() > 1:  # clocks differ between hosts; process 0 decides for all
+        due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+    self._decision = (step, due)
+    return due
+
+  def save(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any], *,
+           force: bool = False) -> bool:
+    """Starts saving `state` ("params", optionally "opt_state") and `meta` at `step`.
+
+    Returns False when `step` is not due (see `should_save`) or already saved. Errors of an
+    earlier async save are raised here or by `wait`.
+    """
+    if self._closed:
+      raise RuntimeError("Checkpointer.save called after close()")
+    if not force and not self.should_save(step):
+      return False
+    if step in self._manager.all_steps():
+      logging.info("Checkpoint for step %d already exists in %s; not saving again", step, self.directory)
+      return False
+    if "params" not in state:
+      raise ValueError(f"the state to save has no 'params' (keys: {sorted(state)})")
+    meta = _jsonable({"step": int(step), "fmjax_version": fmjax.__version__, **meta})
+    args = {"params": ocp.args.StandardSave(state["params"]), "meta": ocp.args.JsonSave(meta)}
+    if "opt_state" in state:
+      args["opt_state"] = ocp.args.StandardSave(state["opt_state"])
+    self._check_unverified()  # a step written earlier that did not commit fails the run here
+    self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+    self._last_save_time = _now()
+    self._unverified.append(step)
+    return True
+
+  def wait(self) -> None:
+    """Blocks until pending saves are on disk; raises if any of them failed."""
+    self._manager.wait_until_finished()
+    self._manager.check_for_errors()
+    self._check_unverified(finished=True)
+
+  def _check_unverified(self, finished: bool = False) -> None:
+    """Raises for saved steps that finished without committing.
+
+    Orbax logs some finalisation errors instead of raising them; a missing commit marker
+    catches those too.
+    """
+    if not finished and self._manager.is_saving_in_progress():
+      pending = self._unverified[-1:]
+      done = self._unverified[:-1]
+    else:
+      pending, done = [], self._unverified
+    self._unverified = pending
+    kept = set(self._manager.all_steps())
+    for step in done:
+      # Steps the keep policy already deleted were committed before (it only drops old ones).
+      if step in kept and not (self.directory / str(step) / COMMIT_MARKER).exists():
+        raise CheckpointSaveError(f"checkpoint step {step} was not committed to {self.directory}; "
+                                  "see the log above for the write error and check the disk/permissions")
+
+  def close(self) -> None:
+    """Waits for pending saves (raising their errors) and releases the manager."""
+    if self._closed:
+      return
+    try:
+      self.wait()
+    finally:
+      self._closed = True
+      self._manager.close()
+
+  # --------------------------------------------------------------------------- restoring
+
+  def _require(self, step: int) -> None:
+    if not (self.directory / str(step) / COMMIT_MARKER).exists():
+      steps = self.all_steps()
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
+                              f"(available: {steps if steps else 'none'})")
+
+  def restore(self, step: int, abstract_state: Mapping[str, Any], *,
+              items: Sequence[str] = ITEMS, partial: bool = False) -> dict:
+    """Reads `items` of `step` into the shardings of `abstract_state`'s leaves.
+
+    `abstract_state` holds the items as trees of `jax.ShapeDtypeStruct` (or arrays) with
+    `.sharding`; a "step" leaf, if present, comes back as an int32 array with its sharding.
+    With `partial=True` arrays saved but absent from `abstract_state` are skipped: fine-tuning
+    passes its trunk's abstract params and initialises the new head itself.
+    """
+    self._require(step)
+    missing = [name for name in items if name not in abstract_state]
+    if missing:
+      raise ValueError(f"restore asked for {missing} but the abstract state only has {sorted(abstract_state)}")
+    check_compatible(self, step, abstract_state, items=items, partial=partial)
+    targets = {name: jax.tree.map(_abstract_leaf, abstract_state[name], is_leaf=_is_abstract_leaf)
+               for name in items}
+    if partial:
+      targets = {name: self._full_target(step, name, target) for name, target in targets.items()}
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        **{name: ocp.args.StandardRestore(target) for name, target in targets.items()}))
+    out = {name: restored[name] for name in items}
+    if partial:
+      out = {name: _pick(out[name], abstract_state[name]) for name in items}
+    if "step" in abstract_state:
+      leaf = _abstract_leaf(abstract_state["step"])
+      out["step"] = jax.make_array_from_callback((), leaf.sharding, lambda _: np.asarray(step, np.int32))
+    return out
+
+  def _full_target(self, step: int, item: str, target: Any) -> Any:
+    """The saved tree of `item`, with `target`'s leaves where it has them.
+
+    Orbax's StandardRestore reads whole trees only; the arrays nobody asked for are read
+    replicated and dropped by `_pick`.
+    """
+    wanted = {_path_keys(path): leaf for path, leaf in _flatten(target)}
+    first = next(iter(wanted.values()), None)
+    if first is not None and isinstance(first.sharding, jax.sharding.NamedSharding):
+      spare = jax.sharding.NamedSharding(first.sharding.mesh, jax.sharding.PartitionSpec())
+    else:
+      spare = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(path, meta):
+      mine = wanted.get(_path_keys(path))
+      return mine if mine is not None else jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=spare)
+
+    return jax.tree_util.tree_map_with_path(leaf, self.item_metadata(step, item), is_leaf=_has_shape)
+
+  def restore_meta(self, step: int) -> dict:
+    """The JSON metadata saved with `step`."""
+    self._require(step)
+    return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+  def item_metadata(self, step: int, item: str) -> Any:
+    """Orbax's metadata tree (shapes, dtypes; no array data) of one item of `step`, or None."""
+    self._require(step)
+    if not (self.directory / str(step) / item).exists():
+      return None
+    metadata = self._manager.item_metadata(step)[item]
+    return getattr(metadata, "tree", metadata)
+
+
+# ----------------------------------------------------------------------------- compatibility
+
+
+def _key_str(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _has_shape(x: Any) -> bool:
+  return hasattr(x, "shape")
+
+
+def _flatten(tree: Any) -> list:
+  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_has_shape)[0]
+
+
+def _path_keys(path: tuple) -> tuple[str, ...]:
+  """A key path as strings: Orbax saves namedtuples as dicts of their fields, tuples as lists."""
+  return tuple(map(_key_str, path))
+
+
+def _pick(restored: Any, abstract: Any) -> Any:
+  """The leaves of `abstract`'s paths from the (larger) `restored` tree, in `abstract`'s structure."""
+  def lookup(keys):
+    node = restored
+    for key in keys:
+      node = node[key] if isinstance(node, Mapping) else node[int(key)]
+    return node
+
+  paths = [_path_keys(path) for path, _ in _flatten(abstract)]
+  treedef = jax.tree_util.tree_structure(abstract, is_leaf=_has_shape)
+  return jax.tree_util.tree_unflatten(treedef, [lookup(keys) for keys in paths])
+
+
+def _shapes(tree: Any, prefix: str) -> dict[str, tuple]:
+  """`{"params/blocks/0/kernel": shape}` for every array leaf; namedtuple fields count as keys."""
+  return {"/".join((prefix, *_path_keys(path))): tuple(getattr(leaf, "shape", ())) for path, leaf in _flatten(tree)}
+
+
+def _fmt(shape: tuple) -> str:
+  return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def check_compatible(checkpointer: Checkpointer, step: int, abstract_state: Mapping[str, Any], *,
+                     items: Sequence[str] | None = None, partial: bool = False) -> None:
+  """Raises CheckpointMismatchError unless the saved items have the model's paths and shapes.
+
+  Reads only Orbax's metadata files, so a wrong checkpoint fails before any array is read.
+  Dtypes may differ (restore casts). `partial=True` allows saved arrays the model lacks.
+  """
+  if items is None:
+    items = [name for name in ITEMS if name in abstract_state]
+  details, summaries, total = [], [], 0
+  for name in items:
+    saved_tree = checkpointer.item_metadata(step, name)
+    if saved_tree is None:
+      raise CheckpointMismatchError(f"checkpoint step {step} in {checkpointer.directory} has no {name!r} "
+                                    "item; restore only the items it has (e.g. items=('params',))")
+    saved, expected = _shapes(saved_tree, name), _shapes(abstract_state[name], name)
+    problems = []
+    for path in sorted(saved.keys() | expected.keys()):
+      if path not in saved:
+        problems.append(f"{path}: not in checkpoint, model expects {_fmt(expected[path])}")
+      elif path not in expected:
+        if partial:
+          continue
+        problems.append(f"{path}: in checkpoint {_fmt(saved[path])}, not in model")
+      elif saved[path] != expected[path]:
+        problems.append(f"{path}: saved {_fmt(saved[path])}, model expects {_fmt(expected[path])}")
+    if problems and details:
+      # The optimizer's moments mirror the parameters: one line says so without repeating them.
+      summaries.append(f"{name}: {len(problems)} mismatched array(s) as well")
+    else:
+      details = problems
+    total += len(problems)
+  if total:
+    lines = details[:_MAX_LISTED]
+    if len(details) > len(lines):
+      lines.append(f"... and {len(details) - len(lines)} more")
+    raise CheckpointMismatchError(
+        f"checkpoint step {step} in {checkpointer.directory} does not fit this model "
+        f"({total} mismatched array(s)); use the model config it was saved with "
+        "(see its meta/config) or another checkpoint:\n  " + "\n  ".join(lines + summaries))
+
+
+# ----------------------------------------------------------------------------- config changes
+
+# Keys that change the meaning or shape of the saved state, or which batches come next.
+_BREAKING_PREFIXES = ("model.", "data.", "optim.", "train.objective", "train.batch_size", "train.seed")
+# Exceptions to the above: where things run, how fast, or optimizer hyperparameters that leave the
+# state's structure alone (reported to the user, not refused).
+_HARMLESS = {
+    "data.prefetch", "data.cache_dir", "data.data_dir",
+    "model.attention", "model.remat",
+    "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio", "optim.weight_decay",
+    "optim.b1", "optim.b2", "optim.eps", "optim.clip_norm",
+}
+
+
+def _flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
+  if hasattr(cfg, "to_dict"):
+    cfg = cfg.to_dict()
+  out = {}
+  for key, value in cfg.items():
+    if hasattr(value, "to_dict"):
+      value = value.to_dict()
+    if isinstance(value, Mapping):
+      out.update(_flatten_config(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _normalise(value: Any) -> Any:
+  # Saved configs went through JSON: tuples came back as lists.
+  return json.loads(json.dumps(value, default=str))
+
+
+def _is_breaking(key: str) -> bool:
+  if key in _HARMLESS:
+    return False
+  return any(key == p or key.startswith(p if p.endswith(".") else p + ".") for p in _BREAKING_PREFIXES)
+
+
+def config_changes(saved_cfg: Mapping[str, Any], new_cfg: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+  """Compares a checkpoint's config with a resuming run's: `(breaking, harmless)`.
+
+  Each entry reads `key: old -> new`. Breaking changes alter the model, the data stream or the
+  optimizer state's structure (model.*, data.*, optim.* beyond hyperparameters, train.objective,
+  train.batch_size, train.seed); everything else (steps, logging, eval, checkpoint, mesh, lr) is
+  harmless and only worth reporting.
+  """
+  saved, new = _flatten_config(saved_cfg), _flatten_config(new_cfg)
+  breaking, harmless = [], []
+  for key in sorted(saved.keys() | new.keys()):
+    old_v, new_v = _normalise(saved.get(key, "<unset>")), _normalise(new.get(key, "<unset>"))
+    if old_v == new_v or (isinstance(old_v, float) and isinstance(new_v, float)
+                          and math.isnan(old_v) and math.isnan(new_v)):
+      continue
+    (breaking if _is_breaking(key) else harmless).append(f"{key}: {old_v!r} -> {new_v!r}")
+  return breaking, harmless
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM into a clean stop at the next step boundary.
+
+  Call `should_stop(step)` once per step on every process, from the same first step. With a
+  `jax.distributed` client JAX's own preemption service catches SIGTERM and
+  `reached_preemption_sync_point` picks a step all hosts agree on; otherwise a Python handler
+  sets a flag (shared across processes by an all-gather if there are several). A second
+  SIGTERM kills the process as usual.
+  """
+
+  def __init__(self, signum: int = signal.SIGTERM):
+    self.signum = signum
+    self.received = False
+    self._previous = None
+    self._installed = False
+    # JAX's preemption notifier owns SIGTERM once a distributed client exists: a Python
+    # handler would replace it and the hosts would never learn of the notice.
+    if not self._jax_owns_signal():
+      try:
+        self._previous = signal.signal(signum, self._handle)
+        self._installed = True
+      except ValueError:  # not the main thread: signals cannot be caught here
+        logging.warning("PreemptionWatcher created off the main thread; SIGTERM will not be caught")
+
+  def _jax_owns_signal(self) -> bool:
+    return (self.signum == signal.SIGTERM and jax.distributed.is_initialized()
+            and bool(jax.config.jax_enable_preemption_service))
+
+  def _handle(self, signum, frame):
+    if self.received:  # asked twice: stop waiting for a step boundary
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    self.received = True
+    logging.warning("Received signal %d: will save and stop at the next step boundary", signum)
+
+  def should_stop(self, step: int) -> bool:
+    """True on every process at the same step once any of them got SIGTERM."""
+    if self._jax_owns_signal():
+      stop = multihost_utils.reached_preemption_sync_point(int(step))
+    elif jax.process_count() > 1:
+      flags = multihost_utils.process_allgather(np.int32(self.received))
+      stop = bool(np.max(flags))
+    else:
+      stop = self.received
+    if stop:
+      logging.warning("Preemption: stopping at step %d", step)
+    return bool(stop)
+
+  def close(self) -> None:
+    """Puts back the signal handler that was there before."""
+    if self._installed:
+      signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
+      self._installed = False

@@ -1,0 +1,181 @@
+"""TFDS builders of ours: `fmjax_corpus` (offline English text) and `text_files` (local .txt / .jsonl).
+
+This module imports tensorflow_datasets at the top, so `fmjax.data` imports it only when a
+dataset is actually read (the GPU benchmark machine has no TFDS).
+
+fmjax_corpus: CPython's own reference manual text (`pydoc_data.topics`, one document per
+topic) plus the module docstrings of the standard library (one document per module). Every
+Python install has it, so the demo and the tests run offline. The text depends on the Python
+minor version, which is part of the builder config name.
+
+text_files: `.jsonl` files give one document per line (field `data.feature`); `.txt` files
+give one document per block of text between blank lines, so one large text file still has
+enough documents for a held-out split.
+
+Both hold out documents deterministically by a hash of their text (about 10%, at least one),
+so the split never depends on file order, machine or time.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import inspect
+import json
+import os
+import re
+import sys
+import sysconfig
+import tokenize
+from typing import Iterator
+
+import tensorflow_datasets as tfds
+
+HELD_OUT_PERCENT = 10
+_SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__",
+              "turtledemo", "ensurepip", "pydoc_data"}
+_BLANK_LINES = re.compile(r"\n[ \t]*\n+")
+
+
+def _doc_hash(text: str) -> int:
+  return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "little")
+
+
+def _assign_splits(docs: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+  """Hash-based held-out split; the lowest-hash document is held out when none is, so both splits are non-empty."""
+  hashes = [_doc_hash(text) for _, text in docs]
+  held = [h % 100 < HELD_OUT_PERCENT for h in hashes]
+  if len(docs) >= 2 and not any(held):
+    held[min(range(len(docs)), key=hashes.__getitem__)] = True
+  return {"train": [d for d, h in zip(docs, held) if not h],
+          "validation": [d for d, h in zip(docs, held) if h]}
+
+
+def _module_docstring(path: str) -> str | None:
+  """The module docstring, read from the first tokens only: parsing whole files costs seconds."""
+  with open(path, "rb") as f:
+    try:
+      for tok in tokenize.tokenize(f.readline):
+        if tok.type in (tokenize.ENCODING, tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE):
+          continue
+        if tok.type == tokenize.STRING:
+          value = ast.literal_eval(tok.string)
+          return inspect.cleandoc(value) if isinstance(value, str) else None
+        return None
+    except (tokenize.TokenError, SyntaxError, ValueError, UnicodeDecodeError):
+      return None
+  return None
+
+
+def corpus_documents() -> list[tuple[str, str]]:
+  """(key, text) of the offline corpus, in a fixed order."""
+  import pydoc_data.topics
+
+  docs = [(f"topic/{name}", text.strip()) for name, text in sorted(pydoc_data.topics.topics.items())]
+  root = sysconfig.get_paths()["stdlib"]
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+    for name in sorted(filenames):
+      if name.endswith(".py"):
+        path = os.path.join(dirpath, name)
+        text = _module_docstring(path)
+        if text and len(text) >= 100:  # one-line docstrings are noise, not English text
+          docs.append((f"module/{os.path.relpath(path, root)}", text))
+  return docs
+
+
+class FmjaxCorpus(tfds.core.GeneratorBasedBuilder):
+  """Offline English text: the CPython reference manual topics and standard-library module docstrings."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  url_infos = None  # nothing to download; also skips TFDS's checksum-file lookup (needs importlib_resources)
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=f"py{sys.version_info.major}{sys.version_info.minor}")]
+
+  def _info(self):
+    # DatasetInfo(builder=...) rather than dataset_info_from_configs: see STACK.md gotcha 7.
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="CPython reference manual topics and standard-library module docstrings.",
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    splits = _assign_splits(corpus_documents())
+    return {name: self._generate_examples(docs) for name, docs in splits.items()}
+
+  def _generate_examples(self, docs):
+    for key, text in docs:
+      yield key, {"text": text}
+
+
+def resolve_files(spec: str) -> list[str]:
+  """Sorted, de-duplicated .txt / .jsonl paths matched by a comma-separated list of globs."""
+  paths = set()
+  for pattern in (p.strip() for p in spec.split(",")):
+    if pattern:
+      paths.update(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if os.path.isfile(p) and p.endswith((".txt", ".jsonl")))
+  return sorted(os.path.abspath(p) for p in paths)
+
+
+def files_fingerprint(paths: list[str], feature: str) -> str:
+  """Changes when the file set, a file's size or its modification time changes."""
+  h = hashlib.sha256(feature.encode())
+  for p in paths:
+    st = os.stat(p)
+    h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()[:16]
+
+
+def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
+  """(key, text) for every document in the files; see the module docstring for what a document is."""
+  from fmjax.config_lib import ConfigError
+
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      if path.endswith(".jsonl"):
+        for i, line in enumerate(f):
+          if not line.strip():
+            continue
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix the line or remove it") from None
+          if not isinstance(record, dict) or feature not in record:
+            keys = sorted(record) if isinstance(record, dict) else []
+            raise ConfigError(f"{path}:{i + 1} has no field {feature!r}; set data.feature to one of {keys}")
+          text = str(record[feature]).strip()
+          if text:
+            yield f"{path}:{i}", text
+      else:
+        for i, block in enumerate(_BLANK_LINES.split(f.read())):
+          if block.strip():
+            yield f"{path}:{i}", block.strip()
+
+
+class TextFiles(tfds.core.GeneratorBasedBuilder):
+  """Local .txt / .jsonl files as a TFDS dataset with `train` and held-out `validation` splits."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  url_infos = None
+
+  def __init__(self, *, paths: list[str], feature: str, **kwargs):
+    self._paths = list(paths)
+    self._feature = feature
+    # One builder config per file set, so two corpora never share a prepared copy.
+    config = tfds.core.BuilderConfig(name=files_fingerprint(self._paths, feature))
+    super().__init__(config=config, **kwargs)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Local text files (one document per blank-line block of .txt, one per line of .jsonl).",
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    splits = _assign_splits(list(file_documents(self._paths, self._feature)))
+    return {name: self._generate_examples(docs) for name, docs in splits.items()}
+
+  def _generate_examples(self, docs):
+    for key, text in docs:
+      yield key, {"text": text}

@@ -1,0 +1,307 @@
+"""Step-indexed loader over a prepared cache: the global batch of step s is a pure function of
+(data.seed, s, cache); each host reads only its own rows.
+
+Shapes: B global batch rows, T sequence (data.seq_len), M masked positions (data.max_predictions).
+
+Sample g = s*B + b of the global batch (b = row in the batch) is dataset row perm_e(g mod N) with
+epoch e = g // N and perm_e a permutation drawn from Philox keyed by (seed, e): epochs reshuffle,
+and resuming at step s needs nothing but s. Which batch rows a host holds comes from the sharding
+(`addressable_devices_indices_map`), and the global array is assembled with
+`jax.make_array_from_process_local_data`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import queue
+import threading
+from typing import Iterator
+
+import numpy as np
+
+from fmjax.config_lib import ConfigError
+from fmjax.data import masking
+from fmjax.data import packing
+from fmjax.data import tokenizers as tokenizers_lib
+
+
+_PREFETCHERS: set = set()
+
+
+@atexit.register
+def _stop_prefetchers():
+  """Stops prefetch threads left running by an unclosed `iterate`, so none is inside JAX at exit."""
+  for done, thread in list(_PREFETCHERS):
+    done.set()
+    thread.join(timeout=30)
+
+
+class PackedSplit:
+  """One prepared split as memory-mapped arrays; `rows(ids)` gives unmasked batch fields."""
+
+  def __init__(self, directory: str, seq_len: int, tok: tokenizers_lib.Tokenizer):
+    with open(os.path.join(directory, "meta.json")) as f:
+      self.meta = json.load(f)
+    self.T = seq_len
+    self.tok = tok
+    dtype = np.dtype(self.meta["dtype"])
+    self.num_rows = self.meta["num_rows"]
+    self.layout = self.meta["layout"]
+    if self.layout == "stream":
+      self.tokens = np.memmap(os.path.join(directory, "tokens.bin"), dtype=dtype, mode="r")
+      self._offsets_T1 = np.arange(seq_len + 1, dtype=np.int64)
+    else:
+      shape = (self.num_rows, seq_len)
+      self.tokens = np.memmap(os.path.join(directory, "tokens.bin"), dtype=dtype, mode="r", shape=shape)
+      self.segment_ids = np.memmap(os.path.join(directory, "segment_ids.bin"), dtype=np.uint16, mode="r",
+                                   shape=shape)
+      self.token_types = np.memmap(os.path.join(directory, "token_types.bin"), dtype=np.uint8, mode="r",
+                                   shape=shape)
+
+  def rows(self, ids_B: np.ndarray) -> dict[str, np.ndarray]:
+    """Fields of dataset rows `ids_B`; rows with id -1 are all padding (eval's last batch)."""
+    pad_B = ids_B < 0
+    ids_B = np.where(pad_B, 0, ids_B)
+    if self.layout == "stream":
+      return self._clm_rows(ids_B, pad_B)
+    tokens_BT = np.asarray(self.tokens[ids_B], dtype=np.int32)
+    seg_BT = np.asarray(self.segment_ids[ids_B], dtype=np.int32)
+    types_BT = np.asarray(self.token_types[ids_B], dtype=np.int32)
+    if pad_B.any():
+      tokens_BT[pad_B] = self.tok.pad_id
+      seg_BT[pad_B] = 0
+      types_BT[pad_B] = 0
+    return {"tokens": tokens_BT, "segment_ids": seg_BT, "positions": _positions(seg_BT), "token_types": types_BT}
+
+  def _clm_rows(self, ids_B, pad_B):
+    x_BT1 = np.asarray(self.tokens[ids_B[:, None] * self.T + self._offsets_T1], dtype=np.int32)
+    inputs_BT, targets_BT = x_BT1[:, :-1], x_BT1[:, 1:]
+    eos_BT = inputs_BT == self.tok.eos_id
+    # A document's EOS belongs to it; the position after an EOS starts the next segment, so the
+    # EOS -> next-document target is the one that crosses segments and gets weight 0.
+    seg_BT = (1 + np.cumsum(eos_BT, axis=1, dtype=np.int32) - eos_BT).astype(np.int32)
+    weights_BT = (~eos_BT).astype(np.float32)
+    if pad_B.any():
+      inputs_BT[pad_B] = self.tok.pad_id
+      targets_BT[pad_B] = self.tok.pad_id
+      seg_BT[pad_B] = 0
+      weights_BT[pad_B] = 0.0
+    return {"inputs": np.ascontiguousarray(inputs_BT), "targets": np.ascontiguousarray(targets_BT),
+            "segment_ids": seg_BT, "positions": _positions(seg_BT), "token_types": np.zeros_like(seg_BT),
+            "loss_weights": weights_BT}
+
+
+def _positions(seg_BT: np.ndarray) -> np.ndarray:
+  """Position of each token within its segment (0 at padding)."""
+  B, T = seg_BT.shape
+  idx_T = np.arange(T, dtype=np.int32)
+  starts_BT = np.empty_like(seg_BT, dtype=bool)
+  starts_BT[:, 0] = True
+  np.not_equal(seg_BT[:, 1:], seg_BT[:, :-1], out=starts_BT[:, 1:])
+  first_BT = np.maximum.accumulate(np.where(starts_BT, idx_T, 0), axis=1)
+  return np.where(seg_BT > 0, idx_T - first_BT, 0).astype(np.int32)
+
+
+def host_rows(sharding, global_shape: tuple[int, int], process_index: int | None = None,
+              process_count: int | None = None) -> np.ndarray:
+  """The batch rows this process holds under `sharding`, sorted.
+
+  With `process_index`/`process_count` set, simulates that many hosts: the sharding's devices,
+  ordered by id, are split into `process_count` equal groups and group `process_index` is "ours".
+  """
+  B = global_shape[0]
+  try:
+    sharding.shard_shape(global_shape)
+  except ValueError:
+    raise ConfigError(f"batch size {B} does not split evenly over the data shards of the mesh; "
+                      "use a batch size divisible by the data-parallel size") from None
+  if process_index is None:
+    index_map = sharding.addressable_devices_indices_map(global_shape)
+  else:
+    devices = sorted(sharding.device_set, key=lambda d: d.id)
+    if process_count is None or len(devices) % process_count:
+      raise ValueError(f"{len(devices)} devices do not split into process_count={process_count} hosts")
+    per = len(devices) // process_count
+    full = sharding.devices_indices_map(global_shape)
+    index_map = {d: full[d] for d in devices[process_index * per:(process_index + 1) * per]}
+  rows, sizes = set(), set()
+  for index in index_map.values():
+    r = range(*index[0].indices(B))
+    rows.update(r)
+    sizes.add(len(r))
+  rows = np.array(sorted(rows), dtype=np.int64)
+  if len(sizes) > 1 or B % max(len(rows), 1):
+    raise ConfigError(f"batch size {B} does not split evenly over the data shards of the mesh; "
+                      "use a batch size divisible by the data-parallel size")
+  if len(rows) and rows[-1] - rows[0] + 1 != len(rows):
+    raise ConfigError("this host's batch rows are not contiguous under the given sharding; shard the batch "
+                      "dimension over the mesh's data axes in device order")
+  return rows
+
+
+def _default_sharding(batch_size: int):
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  devices = jax.devices()
+  if batch_size % len(devices):
+    devices = devices[:1]
+  return NamedSharding(Mesh(np.array(devices), ("data",)), P("data", None))
+
+
+class Loader:
+  """Deterministic, step-indexed batches of one split; see the module docstring."""
+
+  def __init__(self, config, split: str = "train", sharding=None, batch_size: int | None = None,
+               shuffle: bool | None = None, *, process_index: int | None = None,
+               process_count: int | None = None):
+    if split not in ("train", "eval"):
+      raise ConfigError(f"split must be 'train' or 'eval', got {split!r}")
+    self.config = config
+    self.split = split
+    self.path = packing.prepare(config)
+    self.tokenizer = tokenizers_lib.load_tokenizer(os.path.join(self.path, "tokenizer"))
+    self.data = PackedSplit(os.path.join(self.path, split), config.data.seq_len, self.tokenizer)
+    self.batch_size = int(batch_size or config.train.batch_size)
+    self.seq_len = config.data.seq_len
+    self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
+    self.seed = int(config.data.seed)
+    self.objective = config.train.objective
+    self.sharding = sharding if sharding is not None else _default_sharding(self.batch_size)
+    self.simulated = process_index is not None
+    self.rows_b = host_rows(self.sharding, (self.batch_size, self.seq_len), process_index, process_count)
+    N, B = self.data.num_rows, self.batch_size
+    # eval: every row once, the last batch padded; train: whole batches per epoch.
+    self.num_batches = -(-N // B) if split == "eval" else max(N // B, 1)
+    self._perms = {}
+    self._lock = threading.Lock()
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      perm = self._perms.get(epoch)
+      if perm is None:
+        rng = np.random.Generator(np.random.Philox(key=np.array([self.seed, epoch], dtype=np.uint64)))
+        perm = rng.permutation(self.data.num_rows)
+        if len(self._perms) >= 2:
+          self._perms.pop(min(self._perms))
+        self._perms[epoch] = perm
+      return perm
+
+  def dataset_rows(self, step: int) -> np.ndarray:
+    """Dataset row ids for this host's batch rows at `step` (-1 = padding row)."""
+    N, B = self.data.num_rows, self.batch_size
+    if self.split == "eval" and not self.shuffle:
+      g_b = (step % self.num_batches) * B + self.rows_b
+      return np.where(g_b < N, g_b, -1)
+    g_b = step * B + self.rows_b
+    if not self.shuffle:
+      return g_b % N
+    epoch_b, i_b = g_b // N, g_b % N
+    out_b = np.empty_like(g_b)
+    for e in np.unique(epoch_b):
+      sel = epoch_b == e
+      out_b[sel] = self._permutation(int(e))[i_b[sel]]
+    return out_b
+
+  def host_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of the global batch for `step`, as numpy arrays."""
+    fields = self.data.rows(self.dataset_rows(step))
+    if self.objective == "mlm":
+      d = self.config.data
+      tokens_BT = fields.pop("tokens")
+      fields.update(masking.mask_batch(
+          tokens_BT, fields["segment_ids"], seed=self.seed, step=step, rows_B=self.rows_b,
+          special_ids=self.tokenizer.special_ids, vocab_size=self.tokenizer.vocab_size,
+          mask_id=self.tokenizer.mask_id, rate=d.mask_rate, max_predictions=d.max_predictions))
+    return fields
+
+  def global_batch(self, step: int) -> dict:
+    """The global batch for `step` as jax.Arrays sharded like `sharding`, from this host's rows."""
+    import jax
+    if self.simulated:
+      raise ValueError("global_batch needs the real process layout; this loader simulates a host")
+    host = self.host_batch(step)
+    return {k: jax.make_array_from_process_local_data(self.sharding, v, (self.batch_size,) + v.shape[1:])
+            for k, v in host.items()}
+
+  def iterate(self, start_step: int = 0) -> Iterator[tuple[int, dict]]:
+    """Yields (step, global batch) from `start_step`, prepared `data.prefetch` steps ahead in a
+    background thread; endless for train, steps [start_step, num_batches) for eval."""
+    stop = self.num_batches if self.split == "eval" else None
+    depth = int(self.config.data.prefetch)
+    if depth <= 0:
+      step = start_step
+      while stop is None or step < stop:
+        yield step, self.global_batch(step)
+        step += 1
+      return
+    q = queue.Queue(maxsize=depth)
+    done = threading.Event()
+
+    def put(item):
+      while not done.is_set():
+        try:
+          q.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          continue
+      return False
+
+    def work():
+      step = start_step
+      try:
+        while (stop is None or step < stop) and put((step, self.global_batch(step))):
+          step += 1
+        put(None)
+      except BaseException as e:  # pylint: disable=broad-except
+        put(e)
+
+    thread = threading.Thread(target=work, name=f"fmjax-data-{self.split}", daemon=True)
+    thread.start()
+    _PREFETCHERS.add((done, thread))
+    try:
+      while True:
+        item = q.get()
+        if item is None:
+          return
+        if isinstance(item, BaseException):
+          raise item
+        yield item
+    finally:
+      if not done.is_set():  # else the exit hook already stopped it
+        done.set()
+        thread.join(timeout=30)  # never leave it inside a JAX call at interpreter exit
+      _PREFETCHERS.discard((done, thread))
+
+
+def make_loader(config, split: str = "train", sharding=None, batch_size: int | None = None,
+                shuffle: bool | None = None, **kwargs) -> Loader:
+  """A `Loader` for `split` ('train' or 'eval'); prepares the cache first if it is missing.
+
+  batch_size is the global batch (default config.train.batch_size). kwargs: process_index and
+  process_count to simulate one host of several (for tests).
+  """
+  return Loader(config, split, sharding, batch_size, shuffle, **kwargs)
+
+
+def unigram_baseline(config) -> float:
+  """Cross-entropy (nats/token) on the eval split of an add-one-smoothed unigram model fit on train,
+  over the positions the loss uses (CLM: next tokens within a document; MLM: non-special tokens)."""
+  path = packing.prepare(config)
+  tok = tokenizers_lib.load_tokenizer(os.path.join(path, "tokenizer"))
+  V = tok.vocab_size
+
+  def targets(split):
+    data = PackedSplit(os.path.join(path, split), config.data.seq_len, tok)
+    if data.layout == "stream":
+      n = data.num_rows * data.T
+      stream = np.asarray(data.tokens[:n + 1], dtype=np.int64)
+      return stream[1:][stream[:-1] != tok.eos_id]
+    tokens = np.asarray(data.tokens, dtype=np.int64)
+    keep = (np.asarray(data.segment_ids) > 0) & ~np.isin(tokens, sorted(tok.special_ids))
+    return tokens[keep]
+
+  counts_V = np.bincount(targets("train"), minlength=V).astype(np.float64)
+  logp_V = np.log(counts_V + 1.0) - np.log(counts_V.sum() + V)
+  return float(-logp_V[targets("eval")].mean())

@@ -1,0 +1,203 @@
+"""Where documents come from: TFDS datasets by name, the offline `fmjax_corpus`, or local `text_files`.
+
+TensorFlow Datasets is imported inside functions only: `import fmjax.data` must work on machines
+without TF/TFDS (the GPU benchmark image). Reading prefers `builder.as_data_source` (array_record,
+no TensorFlow needed) and falls back to `builder.as_dataset` for datasets prepared as TFRecord.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import sys
+from typing import Any, Iterator
+
+from fmjax.config_lib import ConfigError
+
+OURS = ("fmjax_corpus", "text_files")
+_READ_CHUNK = 1024
+
+
+def cache_root(config) -> str:
+  """The cache directory: config.data.cache_dir, or ~/.cache/fmjax."""
+  return os.path.abspath(os.path.expanduser(config.data.cache_dir or "~/.cache/fmjax"))
+
+
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
+
+def _path_exists(path: str) -> bool:
+  if _is_remote(path):
+    from etils import epath  # comes with TFDS; understands gs://
+    return epath.Path(path).exists()
+  return os.path.isdir(os.path.expanduser(path))
+
+
+def _base_name(dataset: str) -> str:
+  return dataset.split("/")[0].split(":")[0]
+
+
+def _split_names(spec: str) -> list[str]:
+  """`train[:90%]+validation` -> ['train', 'validation']."""
+  return [re.sub(r"\[.*\]$", "", part.strip()) for part in spec.split("+") if part.strip()]
+
+
+def check_config(config) -> None:
+  """Checks the data settings that can be checked without reading any text; raises ConfigError."""
+  d = config.data
+  if d.seq_len > config.model.max_len:
+    raise ConfigError(f"data.seq_len={d.seq_len} is longer than the model allows (model.max_len="
+                      f"{config.model.max_len}); lower data.seq_len or raise model.max_len")
+  if d.seq_len < 8:
+    raise ConfigError(f"data.seq_len={d.seq_len} is too short to pack documents; use at least 8")
+  if config.train.objective not in ("clm", "mlm"):
+    raise ConfigError(f"train.objective={config.train.objective!r} is not one of ['clm', 'mlm']")
+  if d.data_dir and not _path_exists(d.data_dir):
+    raise ConfigError(f"data.data_dir={d.data_dir!r} does not exist; create it, fix the path, or leave it "
+                      "empty for the default")
+  if d.dataset == "text_files":
+    from fmjax.data import corpus
+    if not d.files:
+      raise ConfigError("data.dataset='text_files' needs data.files: comma-separated globs of .txt/.jsonl files")
+    if not corpus.resolve_files(d.files):
+      raise ConfigError(f"data.files={d.files!r} matches no .txt or .jsonl file; fix the globs")
+  elif d.dataset == "fmjax_corpus":
+    if d.feature != "text":
+      raise ConfigError(f"dataset 'fmjax_corpus' has no feature {d.feature!r}; set data.feature to 'text'")
+
+
+def _builder(config):
+  """The TFDS builder for config.data.dataset; unknown names fail with close matches."""
+  import tensorflow_datasets as tfds
+
+  d = config.data
+  if d.dataset in OURS:
+    from fmjax.data import corpus
+    data_dir = d.data_dir or os.path.join(cache_root(config), "tfds")
+    if d.dataset == "fmjax_corpus":
+      return corpus.FmjaxCorpus(data_dir=data_dir, file_format="array_record")
+    return corpus.TextFiles(paths=corpus.resolve_files(d.files), feature=d.feature, data_dir=data_dir,
+                            file_format="array_record")
+  namespaced = ":" in d.dataset.split("/")[0]  # community datasets, e.g. huggingface:imdb
+  # Checking the name locally first: an unknown name would otherwise send TFDS looking on the network.
+  names = list(tfds.list_builders(with_community_datasets=False))
+  if namespaced or _base_name(d.dataset) in names:
+    try:
+      return tfds.builder(d.dataset, data_dir=d.data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError:
+      pass
+  close = difflib.get_close_matches(_base_name(d.dataset), names + list(OURS), n=3, cutoff=0.6)
+  hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+  raise ConfigError(f"unknown dataset {d.dataset!r}: {hint}Use a TFDS name (tfds.list_builders()), "
+                    "'fmjax_corpus' or 'text_files'")
+
+
+def _feature_name(config, builder) -> str:
+  """The feature to read, checked against the dataset's features."""
+  if config.data.dataset in OURS:
+    return "text"  # text_files maps data.feature of .jsonl records onto `text` when it builds
+  features = builder.info.features
+  keys = sorted(features.keys()) if hasattr(features, "keys") else []
+  if config.data.feature not in keys:
+    raise ConfigError(f"dataset {config.data.dataset!r} has no feature {config.data.feature!r}; "
+                      f"set data.feature to one of {keys}")
+  return config.data.feature
+
+
+def _check_split(config, builder, spec: str) -> None:
+  available = sorted(builder.info.splits.keys()) if builder.info.splits else []
+  if not available:  # unknown until prepared (and under tfds.testing.mock_data); TFDS checks on read
+    return
+  for name in _split_names(spec):
+    if name not in available:
+      raise ConfigError(f"dataset {config.data.dataset!r} has no split {name!r}; available: {available}")
+
+
+def split_spec(config, split: str) -> str:
+  """The TFDS split spec behind our split names 'train' / 'eval'."""
+  if split == "train":
+    return config.data.train_split
+  if split == "eval":
+    return config.data.eval_split
+  raise ConfigError(f"split must be 'train' or 'eval', got {split!r}")
+
+
+def corpus_identity(config, split: str) -> dict[str, Any]:
+  """What determines the documents of a split (for cache keys); reads no text."""
+  d = config.data
+  ident = {"dataset": d.dataset, "split": split_spec(config, split), "feature": d.feature,
+           "pii_scrub": bool(d.pii_scrub)}
+  if d.dataset == "text_files":
+    from fmjax.data import corpus
+    ident["files"] = corpus.files_fingerprint(corpus.resolve_files(d.files), d.feature)
+  elif d.dataset == "fmjax_corpus":
+    ident["python"] = f"{sys.version_info.major}.{sys.version_info.minor}"
+  return ident
+
+
+def identity_hash(obj: Any) -> str:
+  """A short stable hash of a JSON-able object, for cache directory names."""
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _as_text(value) -> str:
+  if isinstance(value, bytes):
+    return value.decode("utf-8", errors="replace")
+  if hasattr(value, "item") and not isinstance(value, str):  # numpy scalar of bytes/str
+    return _as_text(value.item())
+  return str(value)
+
+
+def documents(config, split: str) -> Iterator[str]:
+  """Yields the non-empty documents of a split ('train' or 'eval') as str, in a fixed order."""
+  check_config(config)
+  builder = _builder(config)
+  feature = _feature_name(config, builder)
+  spec = split_spec(config, split)
+  if config.data.dataset in OURS:
+    _prepare_ours(config, builder)
+  _check_split(config, builder, spec)
+  try:
+    source = builder.as_data_source(split=spec)
+  except Exception:  # pylint: disable=broad-except
+    source = None  # not array_record (or not prepared): go through tf.data below
+  if source is not None:
+    for start in range(0, len(source), _READ_CHUNK):
+      idx = list(range(start, min(start + _READ_CHUNK, len(source))))
+      try:
+        records = source.__getitems__(idx)  # one batched read from array_record
+      except (AttributeError, TypeError):
+        records = [source[i] for i in idx]
+      for record in records:
+        text = _as_text(record[feature])
+        if text.strip():
+          yield text
+    return
+  import tensorflow_datasets as tfds
+  if not builder.is_prepared():
+    builder.download_and_prepare()
+  for record in tfds.as_numpy(builder.as_dataset(split=spec, shuffle_files=False)):
+    text = _as_text(record[feature])
+    if text.strip():
+      yield text
+
+
+def _prepare_ours(config, builder) -> None:
+  """Builds fmjax_corpus / text_files once (TFDS writes to a temp dir and renames it)."""
+  if builder.is_prepared():
+    return
+  import tensorflow_datasets as tfds
+  from fmjax.data import corpus
+  if config.data.dataset == "text_files":
+    paths = corpus.resolve_files(config.data.files)
+    if next(corpus.file_documents(paths, config.data.feature), None) is None:
+      raise ConfigError(f"data.files={config.data.files!r} holds no text (empty corpus); point it at non-empty files")
+  tfds.disable_progress_bar()
+  try:
+    builder.download_and_prepare()
+  finally:
+    tfds.enable_progress_bar()

@@ -1,0 +1,238 @@
+"""Tokenizers: trained offline on the corpus (HF `tokenizers`), or loaded from Hugging Face files.
+
+Kinds (config.data.tokenizer.kind):
+  bpe        byte-level BPE (GPT-2 style): every string round-trips exactly; `<|endoftext|>` is EOS and pad.
+  wordpiece  BERT WordPiece, lower-cased: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
+  unigram    SentencePiece-style unigram LM (HF `tokenizers`' implementation) with the specials of the objective.
+  hf         load config.data.tokenizer.path: a tokenizer.json, a BERT vocab.txt, or a directory holding one of
+             those or GPT-2's vocab.json + merges.txt.
+Trained tokenizers are cached under <cache_dir>/tokenizers/, keyed by the corpus, kind and vocab size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterable, Iterator
+
+import tokenizers as hf
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+from fmjax.config_lib import ConfigError
+
+EOS = "<|endoftext|>"
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# Tokenizers train on at most this much text: enough for a good vocabulary, bounded time on c4-sized data.
+MAX_TRAIN_CHARS = 200_000_000
+_META = "fmjax_tokenizer.json"
+
+
+class Tokenizer:
+  """A thin wrapper over `tokenizers.Tokenizer` that knows fmjax's special ids."""
+
+  def __init__(self, tok: hf.Tokenizer, kind: str):
+    self.hf = tok
+    self.kind = kind
+    get = tok.token_to_id
+    self.eos_id = _first(get, (EOS, "</s>", "[SEP]"))
+    self.cls_id = _first(get, ("[CLS]", "<s>"))
+    self.sep_id = _first(get, ("[SEP]", "</s>"))
+    self.mask_id = _first(get, ("[MASK]", "<mask>"))
+    self.unk_id = _first(get, ("[UNK]", "<unk>"))
+    pad = _first(get, ("[PAD]", "<pad>"))
+    self.pad_id = pad if pad is not None else self.eos_id if self.eos_id is not None else 0
+    # The structural specials only: masking and the unigram baseline skip these. PII placeholders
+    # are special to HF (kept whole) but are ordinary text to the model.
+    self.special_ids = {i for i in (self.eos_id, self.cls_id, self.sep_id, self.mask_id, self.unk_id, pad)
+                        if i is not None}
+
+  @property
+  def vocab_size(self) -> int:
+    return self.hf.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without any added special tokens."""
+    return self.hf.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """`encode` over many texts at once (parallel in Rust)."""
+    return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+  def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+    """Text of `ids`; for byte-level BPE, decode(encode(s)) == s."""
+    return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def identity(self) -> str:
+    """A hash of the full tokenizer definition (vocab, merges, normalizer...), for cache keys."""
+    import hashlib
+    return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+
+  def save(self, directory: str) -> None:
+    """Writes tokenizer.json (loadable by HF) and fmjax's small metadata file."""
+    os.makedirs(directory, exist_ok=True)
+    self.hf.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, _META), "w") as f:
+      json.dump({"kind": self.kind}, f)
+
+
+def _first(get, names):
+  for n in names:
+    i = get(n)
+    if i is not None:
+      return i
+  return None
+
+
+def load_tokenizer(directory: str) -> Tokenizer:
+  """Loads a tokenizer saved by `Tokenizer.save` (or any directory with a tokenizer.json)."""
+  path = os.path.join(directory, "tokenizer.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"no tokenizer.json in {directory!r}; point at a directory written by Tokenizer.save")
+  kind = "hf"
+  meta = os.path.join(directory, _META)
+  if os.path.exists(meta):
+    with open(meta) as f:
+      kind = json.load(f).get("kind", "hf")
+  return Tokenizer(hf.Tokenizer.from_file(path), kind)
+
+
+def load_hf(path: str) -> Tokenizer:
+  """Loads Hugging Face tokenizer files: tokenizer.json, BERT vocab.txt, or GPT-2 vocab.json + merges.txt."""
+  path = os.path.expanduser(path)
+  if not path:
+    raise ConfigError("data.tokenizer.kind='hf' needs data.tokenizer.path (tokenizer.json, vocab.txt or a "
+                      "directory with vocab.json + merges.txt)")
+  if not os.path.exists(path):
+    raise ConfigError(f"data.tokenizer.path={path!r} does not exist")
+  if os.path.isdir(path):
+    for name in ("tokenizer.json", "vocab.txt"):
+      if os.path.exists(os.path.join(path, name)):
+        return load_hf(os.path.join(path, name))
+    vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+    if os.path.exists(vocab) and os.path.exists(merges):
+      tok = hf.Tokenizer(models.BPE.from_file(vocab, merges))
+      tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+      tok.decoder = decoders.ByteLevel()
+      if tok.token_to_id(EOS) is not None:
+        tok.add_special_tokens([EOS])
+      return Tokenizer(tok, "hf")
+    raise ConfigError(f"{path!r} has no tokenizer.json, vocab.txt or vocab.json + merges.txt")
+  if path.endswith(".json"):
+    return Tokenizer(hf.Tokenizer.from_file(path), "hf")
+  if path.endswith(".txt"):
+    with open(path, encoding="utf-8") as f:
+      vocab = [line.rstrip("\n") for line in f]
+    # Cased BERT vocabularies hold upper-case word pieces; uncased ones never do.
+    lowercase = not any(t[:1].isupper() for t in vocab if not (t.startswith("[") and t.endswith("]")))
+    tok = hf.Tokenizer(models.WordPiece.from_file(path, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens([t for t in BERT_SPECIALS if t in set(vocab)])
+    return Tokenizer(tok, "hf")
+  raise ConfigError(f"data.tokenizer.path={path!r}: expected tokenizer.json, vocab.txt or a directory")
+
+
+def train(texts: Iterable[str], kind: str, vocab_size: int, objective: str,
+          extra_specials: tuple[str, ...] = ()) -> Tokenizer:
+  """Trains a tokenizer of `kind` on `texts`; `extra_specials` (e.g. PII placeholders) are kept whole."""
+  specials = list(BERT_SPECIALS) if objective == "mlm" else [EOS]
+  if kind == "bpe":
+    tok = hf.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + list(extra_specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  elif kind == "wordpiece":
+    specials = list(BERT_SPECIALS)
+    tok = hf.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials + list(extra_specials),
+                                        show_progress=False)
+  elif kind == "unigram":
+    if objective != "mlm":
+      specials = [EOS, "<unk>"]
+    unk = "[UNK]" if objective == "mlm" else "<unk>"
+    tok = hf.Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials + list(extra_specials),
+                                      unk_token=unk, show_progress=False)
+  else:
+    raise ConfigError(f"data.tokenizer.kind={kind!r} is not one of ['bpe', 'wordpiece', 'unigram', 'hf']")
+  tok.train_from_iterator(_capped(texts), trainer=trainer)
+  tok.add_special_tokens(specials + list(extra_specials))
+  return Tokenizer(tok, kind)
+
+
+def _capped(texts: Iterable[str]) -> Iterator[str]:
+  total = 0
+  for t in texts:
+    yield t
+    total += len(t)
+    if total >= MAX_TRAIN_CHARS:
+      return
+
+
+def get_tokenizer(config) -> Tokenizer:
+  """The tokenizer for `config`: HF files for kind 'hf', else trained on the train split (cached)."""
+  from fmjax.data import pii, sources
+
+  t = config.data.tokenizer
+  if t.kind == "hf":
+    tok = load_hf(t.path)
+  else:
+    sources.check_config(config)
+    extra = tuple(pii.PLACEHOLDERS.values()) if config.data.pii_scrub else ()
+    key = sources.identity_hash({"corpus": sources.corpus_identity(config, "train"), "kind": t.kind,
+                                 "vocab_size": t.vocab_size, "objective": config.train.objective,
+                                 "extra": extra, "version": 1})
+    directory = os.path.join(sources.cache_root(config), "tokenizers", f"{t.kind}-{t.vocab_size}-{key}")
+    if os.path.exists(os.path.join(directory, "tokenizer.json")):
+      tok = load_tokenizer(directory)
+    else:
+      texts = sources.documents(config, "train")
+      if config.data.pii_scrub:
+        texts = (pii.scrub(x)[0] for x in texts)
+      seen = []
+      def counted(it):
+        for x in it:
+          seen.append(1)
+          yield x
+      tok = train(counted(texts), t.kind, t.vocab_size, config.train.objective, extra)
+      if not seen:
+        raise ConfigError(f"dataset {config.data.dataset!r} split {config.data.train_split!r} has no text "
+                          "(empty corpus); check data.dataset, data.files and data.train_split")
+      _save_atomic(tok, directory)
+  _check_fits(config, tok)
+  return tok
+
+
+def _save_atomic(tok: Tokenizer, directory: str) -> None:
+  os.makedirs(os.path.dirname(directory), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(directory))
+  try:
+    tok.save(tmp)
+    os.rename(tmp, directory)
+  except OSError:
+    if not os.path.exists(os.path.join(directory, "tokenizer.json")):  # lost a race to another process: fine
+      raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_fits(config, tok: Tokenizer) -> None:
+  if tok.vocab_size > config.model.vocab_size:
+    raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}; "
+                      f"raise model.vocab_size to at least {tok.vocab_size}")
+  if config.train.objective == "clm" and tok.eos_id is None:
+    raise ConfigError("the tokenizer has no end-of-text token (<|endoftext|>, </s> or [SEP]) for causal LM")
+  if config.train.objective == "mlm":
+    missing = [n for n, i in (("[CLS]", tok.cls_id), ("[SEP]", tok.sep_id), ("[MASK]", tok.mask_id)) if i is None]
+    if missing:
+      raise ConfigError(f"masked LM needs tokenizer tokens {missing}; use kind 'wordpiece' or a BERT vocab")

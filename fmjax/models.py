@@ -1,0 +1,446 @@
+"""GPT-2 decoder and BERT encoder in Flax NNX.
+
+Both follow the original architectures closely enough that Hugging Face weights map onto them
+one to one (names in comments). Every parameter carries logical axis names (vocab, embed, mlp,
+heads, kv, layers, norm); the config's `logical_axis_rules` maps them onto the mesh.
+
+Layers are either a Python list of blocks (unrolled) or one block whose parameters are stacked on
+a leading "layers" axis and run with `nnx.scan`; `stack_layers` / `unstack_layers` convert a
+parameter state between the two layouts.
+
+Shape legend: B batch, T sequence, D model, H heads, K head dim, F mlp, V vocab, M masked
+positions, L layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from fmjax import attention as attention_lib
+from fmjax.config_lib import ConfigError
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+STACK_KEY = "blocks"  # the attribute that holds the layers, stacked or as a list
+
+
+def _constrain(x, names):
+  """Logical sharding constraint on an activation; a no-op without a mesh and rules."""
+  spec = attention_lib.logical_spec(names)
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+
+
+def _param(rngs, init, shape, names, dtype):
+  return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype))
+
+
+def _dropout(x, rate: float, key, deterministic: bool):
+  """Inverted dropout from an explicit key, so scanned and unrolled layers draw identical masks."""
+  if deterministic or rate == 0.0:
+    return x
+  if key is None:
+    raise ValueError("dropout needs a key: call the model with rngs=nnx.Rngs(dropout=key)")
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _fold(key, i: int):
+  return None if key is None else jax.random.fold_in(key, i)
+
+
+class Dense(nnx.Module):
+  """y = x . W + b contracting the last len(in_shape) axes of x; W is stored as in_shape + out_shape."""
+
+  def __init__(self, in_shape, out_shape, names, *, std: float, use_bias=True, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    self.n_in = len(in_shape)
+    self.dtype = dtype
+    self.kernel = _param(rngs, nnx.initializers.normal(std), in_shape + out_shape, names, param_dtype)
+    self.bias = (_param(rngs, nnx.initializers.zeros, out_shape, names[self.n_in:], param_dtype)
+                 if use_bias else None)
+
+  def __call__(self, x):
+    n = self.n_in
+    dims = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+    y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype), (dims, ((), ())))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  """A lookup table; `attend` reuses it as a tied output projection with float32 logits."""
+
+  def __init__(self, num, features, names, *, std, dtype, param_dtype, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.embedding = _param(rngs, nnx.initializers.normal(std), (num, features), names, param_dtype)
+
+  def __call__(self, ids_BT):
+    # Gather from a replicated copy: SPMD cannot partition a gather from a table sharded on
+    # (vocab, embed) into batch-sharded rows without a full rematerialisation.
+    table = _constrain(self.embedding[...].astype(self.dtype), (None, None))
+    return _constrain(jnp.take(table, ids_BT, axis=0), ("batch", "length", None))
+
+  def attend(self, x_BxD):
+    # Compute-dtype matmul, float32 accumulation and output: the loss needs f32 logits.
+    return jnp.einsum("...d,vd->...v", x_BxD.astype(self.dtype), self.embedding[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 whatever the compute dtype; output in the compute dtype."""
+
+  def __init__(self, features, *, eps, dtype, param_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = _param(rngs, nnx.initializers.ones, (features,), ("norm",), param_dtype)
+    self.bias = _param(rngs, nnx.initializers.zeros, (features,), ("norm",), param_dtype)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class _Common:
+  """Resolved model config: dtypes and the attention kernel."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.param_dtype = jnp.dtype(cfg.param_dtype)
+    self.kernel = attention_lib.resolve_kernel(cfg.attention, self.dtype)
+    self.head_dim = cfg.d_model // cfg.num_heads
+
+
+class SelfAttention(nnx.Module):
+  """Fused qkv projection [D -> 3,H,K] with bias, attention, output projection [H,K -> D] with bias.
+
+  The qkv kernel (D, 3, H, K) is GPT-2's c_attn (D, 3D) reshaped, or BERT's query/key/value
+  kernels stacked on axis 1; sharding H gives Megatron-style tensor parallelism.
+  """
+
+  def __init__(self, c: _Common, *, causal: bool, out_std: float, rngs: nnx.Rngs):
+    cfg = c.cfg
+    H, K, D = cfg.num_heads, c.head_dim, cfg.d_model
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+    self.causal = causal
+    self.kernel = c.kernel
+    self.qkv = Dense((D,), (3, H, K), ("embed", None, "heads", "kv"), std=cfg.init_std, **kw)
+    self.out = Dense((H, K), (D,), ("heads", "kv", "embed"), std=out_std, **kw)
+
+  def __call__(self, x_BTD, segment_ids_BT):
+    qkv_BT3HK = _constrain(self.qkv(x_BTD), ("batch", "length", None, "heads", None))
+    q_BTHK, k_BTHK, v_BTHK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
+    out_BTHK = attention_lib.attention(q_BTHK, k_BTHK, v_BTHK, causal=self.causal,
+                                       segment_ids_BT=segment_ids_BT, kernel=self.kernel)
+    out_BTHK = checkpoint_name(out_BTHK, "attention_out")
+    return self.out(out_BTHK)
+
+
+class MLP(nnx.Module):
+  """D -> F, GELU, F -> D, with biases (GPT-2 c_fc/c_proj; BERT intermediate/output)."""
+
+  def __init__(self, c: _Common, *, approximate_gelu: bool, out_std: float, rngs: nnx.Rngs):
+    cfg = c.cfg
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+    self.approximate = approximate_gelu
+    self.fc = Dense((cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), std=cfg.init_std, **kw)
+    self.proj = Dense((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), std=out_std, **kw)
+
+  def __call__(self, x_BTD):
+    h_BTF = _constrain(self.fc(x_BTD), ("batch", "length", "mlp"))
+    return self.proj(jax.nn.gelu(h_BTF, approximate=self.approximate))
+
+
+class GPTBlock(nnx.Module):
+  """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+  def __init__(self, c: _Common, *, rngs: nnx.Rngs):
+    cfg = c.cfg
+    kw = dict(eps=cfg.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+    # GPT-2 scales the residual projections by 1/sqrt(2L): two residual adds per layer.
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    self.dropout = float(cfg.dropout)
+    self.ln_1 = LayerNorm(cfg.d_model, **kw)
+    self.attn = SelfAttention(c, causal=True, out_std=out_std, rngs=rngs)
+    self.ln_2 = LayerNorm(cfg.d_model, **kw)
+    self.mlp = MLP(c, approximate_gelu=True, out_std=out_std, rngs=rngs)
+
+  def __call__(self, x_BTD, segment_ids_BT, key, deterministic: bool):
+    x_BTD = x_BTD + _dropout(self.attn(self.ln_1(x_BTD), segment_ids_BT), self.dropout, _fold(key, 0),
+                             deterministic)
+    x_BTD = x_BTD + _dropout(self.mlp(self.ln_2(x_BTD)), self.dropout, _fold(key, 1), deterministic)
+    return _constrain(x_BTD, ("batch", "length", None))
+
+
+class BERTBlock(nnx.Module):
+  """Post-LN layer: LN(x + attn(x)), then LN(x + mlp(x)).
+
+  HF names: attention.self.{query,key,value} = attention.qkv[:, i], attention.output.dense =
+  attention.out, attention.output.LayerNorm = attention_ln, intermediate.dense = mlp.fc,
+  output.dense = mlp.proj, output.LayerNorm = output_ln.
+  """
+
+  def __init__(self, c: _Common, *, rngs: nnx.Rngs):
+    cfg = c.cfg
+    kw = dict(eps=cfg.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+    self.dropout = float(cfg.dropout)
+    self.attention = SelfAttention(c, causal=False, out_std=cfg.init_std, rngs=rngs)
+    self.attention_ln = LayerNorm(cfg.d_model, **kw)
+    self.mlp = MLP(c, approximate_gelu=False, out_std=cfg.init_std, rngs=rngs)
+    self.output_ln = LayerNorm(cfg.d_model, **kw)
+
+  def __call__(self, x_BTD, segment_ids_BT, key, deterministic: bool):
+    a_BTD = _dropout(self.attention(x_BTD, segment_ids_BT), self.dropout, _fold(key, 0), deterministic)
+    x_BTD = self.attention_ln(x_BTD + a_BTD)
+    m_BTD = _dropout(self.mlp(x_BTD), self.dropout, _fold(key, 1), deterministic)
+    x_BTD = self.output_ln(x_BTD + m_BTD)
+    return _constrain(x_BTD, ("batch", "length", None))
+
+
+class Layers(nnx.Module):
+  """L blocks, unrolled (a list) or stacked on a leading "layers" axis and run with nnx.scan."""
+
+  def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], cfg, *, rngs: nnx.Rngs):
+    self.num_layers = cfg.num_layers
+    self.scan = bool(cfg.scan_layers)
+    if cfg.remat != "none" and cfg.remat not in REMAT_POLICIES:
+      raise ConfigError(f"model.remat={cfg.remat!r} is not one of {['none', *REMAT_POLICIES]}")
+    self.remat = cfg.remat
+    if self.scan:
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def create(r):
+        return make_block(r)
+
+      self.blocks = create(rngs)
+    else:
+      self.blocks = nnx.List([make_block(rngs) for _ in range(cfg.num_layers)])
+
+  def __call__(self, x_BTD, segment_ids_BT, key, deterministic: bool):
+    def body(block, x_BTD, layer_key):
+      return block(x_BTD, segment_ids_BT, layer_key, deterministic)
+
+    if self.remat != "none":
+      body = nnx.remat(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+    # Per-layer dropout keys by fold_in(layer), identical in both layouts.
+    if self.scan:
+      keys_L = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(
+          jnp.arange(self.num_layers))
+
+      @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry,
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def run(block, x_BTD, layer_key):
+        return body(block, x_BTD, layer_key)
+
+      return run(self.blocks, x_BTD, keys_L)
+    for i, block in enumerate(self.blocks):
+      x_BTD = body(block, x_BTD, _fold(key, i))
+    return x_BTD
+
+
+def _dropout_key(rngs: nnx.Rngs | None, deterministic: bool, rate: float):
+  if deterministic or rate == 0.0:
+    return None
+  if rngs is None:
+    raise ValueError("deterministic=False with model.dropout > 0 needs rngs=nnx.Rngs(dropout=key)")
+  return rngs.dropout()
+
+
+def _default_positions(tokens_BT, positions_BT):
+  if positions_BT is not None:
+    return positions_BT
+  return jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
+
+
+class GPT(nnx.Module):
+  """GPT-2: token + learned position embeddings, pre-LN blocks, final LN, tied LM head.
+
+  Tree (HF GPT2LMHeadModel minus the `transformer.` prefix): wte, wpe, h.blocks[i].{ln_1,
+  attn.qkv (c_attn), attn.out (c_proj), ln_2, mlp.fc (c_fc), mlp.proj (c_proj)}, ln_f.
+  """
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    c = _Common(cfg)
+    self.dropout = float(cfg.dropout)
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+    self.wte = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), std=cfg.init_std, **kw)
+    self.wpe = Embed(cfg.max_len, cfg.d_model, (None, "embed"), std=cfg.init_std, **kw)
+    self.h = Layers(lambda r: GPTBlock(c, rngs=r), cfg, rngs=rngs)
+    self.ln_f = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, **kw)
+
+  def hidden(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, deterministic=True, rngs=None):
+    """Final-LN hidden states h_BTD in the compute dtype."""
+    positions_BT = _default_positions(tokens_BT, positions_BT)
+    key = _dropout_key(rngs, deterministic, self.dropout)
+    x_BTD = self.wte(tokens_BT) + self.wpe(positions_BT)
+    x_BTD = _constrain(_dropout(x_BTD, self.dropout, _fold(key, 0), deterministic), ("batch", "length", None))
+    x_BTD = self.h(x_BTD, segment_ids_BT, _fold(key, 1), deterministic)
+    return self.ln_f(x_BTD)
+
+  def lm_head(self, h_BxD):
+    """Tied output projection: float32 logits [..., V]."""
+    return self.wte.attend(h_BxD)
+
+  def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, deterministic=True, rngs=None):
+    """Next-token logits_BTV in float32. segment_ids_BT: packing ids (0 = pad); None = one per row."""
+    h_BTD = self.hidden(tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                        deterministic=deterministic, rngs=rngs)
+    return _constrain(self.lm_head(h_BTD), ("batch", "length", "vocab"))
+
+
+class BERTEmbeddings(nnx.Module):
+  """word + position + token-type embeddings, LayerNorm (HF bert.embeddings)."""
+
+  def __init__(self, c: _Common, *, rngs: nnx.Rngs):
+    cfg = c.cfg
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+    self.word_embeddings = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), std=cfg.init_std, **kw)
+    self.position_embeddings = Embed(cfg.max_len, cfg.d_model, (None, "embed"), std=cfg.init_std, **kw)
+    self.token_type_embeddings = Embed(cfg.type_vocab_size, cfg.d_model, (None, "embed"), std=cfg.init_std,
+                                       **kw)
+    self.layer_norm = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, **kw)
+
+  def __call__(self, tokens_BT, token_types_BT, positions_BT):
+    x_BTD = (self.word_embeddings(tokens_BT) + self.position_embeddings(positions_BT)
+             + self.token_type_embeddings(token_types_BT))
+    return self.layer_norm(x_BTD)
+
+
+class BERT(nnx.Module):
+  """BERT encoder with pooler and MLM head.
+
+  Tree: embeddings.{word,position,token_type}_embeddings, embeddings.layer_norm, encoder.blocks[i]
+  (see BERTBlock), pooler (HF pooler.dense), mlm_transform + mlm_ln (cls.predictions.transform.
+  {dense, LayerNorm}), mlm_bias (cls.predictions.bias); the decoder is tied to word_embeddings.
+  """
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    c = _Common(cfg)
+    self.dropout = float(cfg.dropout)
+    D = cfg.d_model
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+    self.embeddings = BERTEmbeddings(c, rngs=rngs)
+    self.encoder = Layers(lambda r: BERTBlock(c, rngs=r), cfg, rngs=rngs)
+    self.pooler = Dense((D,), (D,), ("embed", None), std=cfg.init_std, **kw)
+    self.mlm_transform = Dense((D,), (D,), ("embed", None), std=cfg.init_std, **kw)
+    self.mlm_ln = LayerNorm(D, eps=cfg.layer_norm_eps, **kw)
+    self.mlm_bias = _param(rngs, nnx.initializers.zeros, (cfg.vocab_size,), ("vocab",), c.param_dtype)
+
+  def _hidden(self, tokens_BT, token_types_BT, positions_BT, segment_ids_BT, deterministic, rngs):
+    positions_BT = _default_positions(tokens_BT, positions_BT)
+    if token_types_BT is None:
+      token_types_BT = jnp.zeros_like(tokens_BT)
+    key = _dropout_key(rngs, deterministic, self.dropout)
+    x_BTD = self.embeddings(tokens_BT, token_types_BT, positions_BT)
+    x_BTD = _constrain(_dropout(x_BTD, self.dropout, _fold(key, 0), deterministic), ("batch", "length", None))
+    return self.encoder(x_BTD, segment_ids_BT, _fold(key, 1), deterministic)
+
+  def encode(self, tokens_BT, *, token_types_BT=None, positions_BT=None, segment_ids_BT=None,
+             deterministic=True, rngs=None):
+    """(h_BTD, pooled_BD): encoder output and tanh(dense(first token)) for classifiers."""
+    h_BTD = self._hidden(tokens_BT, token_types_BT, positions_BT, segment_ids_BT, deterministic, rngs)
+    pooled_BD = jnp.tanh(self.pooler(h_BTD[:, 0]))
+    return h_BTD, pooled_BD
+
+  def mlm_head(self, h_BxD):
+    """Transform (dense, exact GELU, LN), then the tied decoder plus bias: float32 logits [..., V]."""
+    x = self.mlm_ln(jax.nn.gelu(self.mlm_transform(h_BxD), approximate=False))
+    return self.embeddings.word_embeddings.attend(x) + self.mlm_bias[...].astype(jnp.float32)
+
+  def __call__(self, tokens_BT, *, token_types_BT=None, positions_BT=None, segment_ids_BT=None,
+               mlm_positions_BM=None, deterministic=True, rngs=None):
+    """MLM logits in float32: [B, M, V] at mlm_positions_BM, else [B, T, V].
+
+    Gathering before the head means the transform and the V-wide decoder run on M positions only.
+    """
+    h_BTD = self._hidden(tokens_BT, token_types_BT, positions_BT, segment_ids_BT, deterministic, rngs)
+    if mlm_positions_BM is not None:
+      h_BTD = jnp.take_along_axis(h_BTD, mlm_positions_BM[:, :, None].astype(jnp.int32), axis=1)
+    return self.mlm_head(h_BTD)
+
+
+def build_model(model_cfg, *, rngs: nnx.Rngs) -> GPT | BERT:
+  """GPT or BERT from `config.model`. Without a mesh in context, params are created unsharded."""
+  families = {"gpt": GPT, "bert": BERT}
+  if model_cfg.family not in families:
+    raise ConfigError(f"model.family={model_cfg.family!r} is not one of {list(families)}")
+  no_mesh = jax.sharding.get_abstract_mesh().empty
+  with nnx.use_eager_sharding(False) if no_mesh else contextlib.nullcontext():
+    return families[model_cfg.family](model_cfg, rngs=rngs)
+
+
+def abstract_model(model_cfg) -> GPT | BERT:
+  """The model with ShapeDtypeStruct params: shapes and counts without allocating anything."""
+  return nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
+
+
+def param_count(model: nnx.Module, *, exclude_positions: bool = False) -> int:
+  """Number of parameters (works on abstract models too); optionally without position embeddings."""
+  total = 0
+  for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if exclude_positions and any(str(p) in ("wpe", "position_embeddings") for p in path):
+      continue
+    total += int(np.prod(leaf.shape))
+  return total
+
+
+def flops_per_token(model_cfg, seq_len: int) -> float:
+  """Training FLOPs per token: 6*N + 12*L*D*T, N without position embeddings.
+
+  6N is forward + backward of the matmuls; 12*L*D*T the attention scores and weighted sums,
+  counted in full (no causal halving, and bidirectional BERT counted the same).
+  """
+  n = param_count(abstract_model(model_cfg), exclude_positions=True)
+  return 6.0 * n + 12.0 * model_cfg.num_layers * model_cfg.d_model * seq_len
+
+
+def _is_layer_list(node) -> bool:
+  return isinstance(node, dict) and node and all(isinstance(k, int) for k in node)
+
+
+def stack_layers(tree: dict) -> dict:
+  """Unrolled -> scanned layout: `blocks: {0: t0, 1: t1, ...}` becomes `blocks: stack(t)` on axis 0.
+
+  Works on pure nested dicts (`nnx.to_pure_dict(nnx.state(model))`); load the result with
+  `nnx.replace_by_pure_dict` + `nnx.update`.
+  """
+  out = {}
+  for k, v in tree.items():
+    if k == STACK_KEY and _is_layer_list(v):
+      out[k] = jax.tree.map(lambda *xs: jnp.stack(xs), *[v[i] for i in sorted(v)])
+    elif isinstance(v, dict):
+      out[k] = stack_layers(v)
+    else:
+      out[k] = v
+  return out
+
+
+def unstack_layers(tree: dict) -> dict:
+  """Scanned -> unrolled layout: the inverse of `stack_layers`."""
+  out = {}
+  for k, v in tree.items():
+    if k == STACK_KEY and isinstance(v, dict) and not _is_layer_list(v):
+      n = jax.tree.leaves(v)[0].shape[0]
+      out[k] = {i: jax.tree.map(lambda x, i=i: x[i], v) for i in range(n)}
+    elif isinstance(v, dict):
+      out[k] = unstack_layers(v)
+    else:
+      out[k] = v
+  return out

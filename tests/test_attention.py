@@ -1,0 +1,147 @@
+"""Attention masking semantics and kernel parity with the XLA reference.
+
+Shape legend: B batch, T sequence, H heads, K head dim.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType
+
+from fmjax import attention as attn
+from fmjax import config_lib
+
+B, T, H, K = 2, 128, 2, 16
+# Row 0: three packed documents then padding; row 1: one document filling the row.
+SEGMENTS_BT = jnp.array([[1] * 40 + [2] * 50 + [3] * 10 + [0] * 28, [1] * 128], jnp.int32)
+
+
+def _qkv(seed=0, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return [jax.random.normal(k, (B, T, H, K), dtype) for k in keys]
+
+
+def _dense_reference(q, k, v, mask_BTS):
+  """Plain numpy softmax attention with an explicit boolean mask."""
+  q, k, v, mask_BTS = map(np.asarray, (q, k, v, mask_BTS))
+  logits = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(mask_BTS[:, None], logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bhts,bshk->bthk", probs, v)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_xla_matches_explicit_mask(causal):
+  q, k, v = _qkv()
+  seg = np.asarray(SEGMENTS_BT)
+  i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+  mask_BTS = (seg[:, :, None] == seg[:, None, :]) & ((j <= i) if causal else True)
+  out = attn.attention(q, k, v, causal=causal, segment_ids_BT=SEGMENTS_BT, kernel="xla")
+  np.testing.assert_allclose(out, _dense_reference(q, k, v, mask_BTS), atol=1e-5, rtol=1e-5)
+  assert np.isfinite(np.asarray(out)).all()  # pad rows attend pads, never an all-masked row
+
+
+def test_segments_are_isolated_and_causal():
+  q, k, v = _qkv()
+  out = attn.attention(q, k, v, causal=True, segment_ids_BT=SEGMENTS_BT, kernel="xla")
+  # Perturb segment 2 (positions 40..89) and the future of position 20 inside segment 1.
+  k2 = k.at[0, 40:90].add(1.0).at[0, 30:40].add(1.0)
+  v2 = v.at[0, 40:90].add(1.0).at[0, 30:40].add(1.0)
+  out2 = attn.attention(q, k2, v2, causal=True, segment_ids_BT=SEGMENTS_BT, kernel="xla")
+  np.testing.assert_array_equal(out[0, :30], out2[0, :30])     # past of segment 1: unchanged
+  np.testing.assert_array_equal(out[0, 90:], out2[0, 90:])     # later segments: unchanged
+  assert not np.allclose(out[0, 40:90], out2[0, 40:90])        # the perturbed segment did change
+  np.testing.assert_array_equal(out[1], out2[1])               # other rows untouched
+
+
+def test_bidirectional_sees_future_but_not_other_segments():
+  q, k, v = _qkv()
+  out = attn.attention(q, k, v, causal=False, segment_ids_BT=SEGMENTS_BT, kernel="xla")
+  k2, v2 = k.at[0, 39].add(1.0), v.at[0, 39].add(1.0)  # last token of segment 1
+  out2 = attn.attention(q, k2, v2, causal=False, segment_ids_BT=SEGMENTS_BT, kernel="xla")
+  assert not np.allclose(out[0, 0], out2[0, 0])  # the first token sees the last one
+  np.testing.assert_array_equal(out[0, 40:], out2[0, 40:])
+
+
+def test_no_segments_means_one_segment():
+  q, k, v = _qkv()
+  ones = jnp.ones((B, T), jnp.int32)
+  for causal in (True, False):
+    a = attn.attention(q, k, v, causal=causal, kernel="xla")
+    b = attn.attention(q, k, v, causal=causal, segment_ids_BT=ones, kernel="xla")
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_splash_matches_xla(causal):
+  q, k, v = _qkv(1)
+
+  def run(kernel):
+    def loss(q, k, v):
+      out = attn.attention(q, k, v, causal=causal, segment_ids_BT=SEGMENTS_BT, kernel=kernel)
+      return jnp.sum(out * jnp.cos(jnp.arange(K))), out
+    return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+  (_, out_ref), grads_ref = run("xla")
+  (_, out), grads = run("splash")
+  np.testing.assert_allclose(out, out_ref, atol=1e-5)
+  for g, g_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, atol=2e-5)
+
+
+def test_splash_runs_sharded_under_a_mesh():
+  """Splash is wrapped in shard_map over batch and heads; results equal the unsharded kernel."""
+  q, k, v = _qkv(2)
+  ref = attn.attention(q, k, v, causal=True, segment_ids_BT=SEGMENTS_BT, kernel="xla")
+  mesh = jax.make_mesh((1, 2, 2, 2), ("dcn_data", "data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 4)
+  rules = (("batch", ("data", "fsdp")), ("heads", "tensor"))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    assert attn.logical_spec(("batch", None, "heads", None)) == jax.P(("data", "fsdp"), None, "tensor", None)
+    # B=2 does not divide over data*fsdp=4: the spec falls back to the axes that divide it.
+    assert attn.logical_spec(("batch", None, "heads", None), q.shape) == jax.P("data", None, "tensor", None)
+    out = jax.jit(lambda q, k, v: attn.attention(
+        q, k, v, causal=True, segment_ids_BT=SEGMENTS_BT, kernel="splash"))(q, k, v)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_logical_spec_without_mesh_is_none():
+  with nnx.logical_axis_rules(config_lib.DEFAULT_RULES):
+    assert attn.logical_spec(("batch", "length")) is None
+
+
+def test_splash_rejects_unaligned_length():
+  q = jnp.zeros((1, 100, H, K))
+  with pytest.raises(ValueError, match="multiple of 128"):
+    attn.attention(q, q, q, causal=True, kernel="splash")
+
+
+def test_resolve_kernel():
+  expected = {"cpu": "xla", "gpu": "cudnn", "tpu": "splash"}[jax.default_backend()]
+  assert attn.resolve_kernel("auto", jnp.bfloat16) == expected
+  assert attn.resolve_kernel("xla") == "xla"
+  with pytest.raises(ValueError, match="unknown attention kernel"):
+    attn.resolve_kernel("flash")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_matches_xla(causal):
+  q, k, v = _qkv(3, jnp.bfloat16)
+  for seg in (None, SEGMENTS_BT):
+    ref = attn.attention(q, k, v, causal=causal, segment_ids_BT=seg, kernel="xla")
+    out = attn.attention(q, k, v, causal=causal, segment_ids_BT=seg, kernel="cudnn")
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+    g = lambda kern: jax.grad(lambda q: attn.attention(
+        q, k, v, causal=causal, segment_ids_BT=seg, kernel=kern).astype(jnp.float32).sum())(q)
+    np.testing.assert_allclose(np.asarray(g("cudnn"), np.float32), np.asarray(g("xla"), np.float32), atol=5e-2)
+
+
+def test_cudnn_off_gpu_is_a_clear_error():
+  if jax.default_backend() == "gpu":
+    pytest.skip("GPU present")
+  q = jnp.zeros((1, 8, 1, 8), jnp.bfloat16)
+  with pytest.raises(ValueError, match="needs a GPU"):
+    attn.attention(q, q, q, causal=True, kernel="cudnn")

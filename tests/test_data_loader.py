@@ -1,0 +1,220 @@
+"""The step-indexed loader: determinism, epochs, host splits, packing, masking, eval coverage, prefetch."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fmjax import config_lib
+import fmjax.data as data
+from fmjax.data import sources
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny(family, cache_dir, **over):
+  config = config_lib.load_module(os.path.join(HERE, "..", "configs", f"{family}.py")).get_config("tiny")
+  config.data.cache_dir = str(cache_dir)
+  for k, v in over.items():
+    *parents, leaf = k.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    assert leaf in node, k
+    node[leaf] = v
+  return config
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.getbasetemp() / "fmjax_data_cache"  # shared by the test_data_* files
+
+
+@pytest.fixture(scope="module")
+def gpt(cache_dir):
+  return tiny("gpt", cache_dir)
+
+
+@pytest.fixture(scope="module")
+def bert(cache_dir):
+  return tiny("bert", cache_dir)
+
+
+def data_sharding(mesh_shape=(8,), names=("data",)):
+  mesh = Mesh(np.array(jax.devices()[:int(np.prod(mesh_shape))]).reshape(mesh_shape), names)
+  return NamedSharding(mesh, P(names if len(names) > 1 else names[0], None))
+
+
+def assert_batches_equal(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_batch_is_pure_function_of_seed_and_step(family, gpt, bert):
+  config = {"gpt": gpt, "bert": bert}[family]
+  a, b = data.make_loader(config), data.make_loader(config)
+  for step in (0, 7, 1000):
+    assert_batches_equal(a.host_batch(step), b.host_batch(step))
+  assert not np.array_equal(a.host_batch(0)["inputs"], a.host_batch(1)["inputs"])
+  other = data.make_loader(tiny(family, config.data.cache_dir, **{"data.seed": 1}))
+  assert not np.array_equal(a.host_batch(0)["inputs"], other.host_batch(0)["inputs"])
+  shapes = {k: v.shape for k, v in a.host_batch(0).items()}
+  B, T, M = config.train.batch_size, config.data.seq_len, config.data.max_predictions
+  common = {"inputs": (B, T), "segment_ids": (B, T), "positions": (B, T), "token_types": (B, T)}
+  if family == "gpt":
+    assert shapes == {**common, "targets": (B, T), "loss_weights": (B, T)}
+  else:
+    assert shapes == {**common, "mlm_positions": (B, M), "mlm_targets": (B, M), "mlm_weights": (B, M)}
+  batch = a.host_batch(3)
+  assert all(v.dtype == (np.float32 if "weights" in k else np.int32) for k, v in batch.items())
+
+
+def test_epochs_are_permutations_and_reshuffle(gpt):
+  loader = data.make_loader(gpt, batch_size=1)
+  N = loader.data.num_rows
+  epoch0 = np.concatenate([loader.dataset_rows(s) for s in range(N)])
+  epoch1 = np.concatenate([loader.dataset_rows(s) for s in range(N, 2 * N)])
+  np.testing.assert_array_equal(np.sort(epoch0), np.arange(N))
+  np.testing.assert_array_equal(np.sort(epoch1), np.arange(N))
+  assert not np.array_equal(epoch0, epoch1)
+  assert not np.array_equal(epoch0, np.arange(N))
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_simulated_hosts_assemble_the_same_global_batch(family, gpt, bert):
+  config = {"gpt": gpt, "bert": bert}[family]
+  sharding = data_sharding((2, 4), ("data", "fsdp"))
+  reference = data.make_loader(config, sharding=sharding)
+  for step in (0, 5):
+    whole = reference.global_batch(step)
+    for hosts in (1, 2, 4):
+      parts = [data.make_loader(config, sharding=sharding, process_index=p, process_count=hosts).host_batch(step)
+               for p in range(hosts)]
+      assert len(parts[0]["inputs"]) == config.train.batch_size // hosts
+      joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+      assert_batches_equal(joined, whole)
+    assert whole["inputs"].sharding == sharding
+
+
+def test_clm_packing_segments_and_weights(gpt):
+  loader = data.make_loader(gpt)
+  eos = loader.tokenizer.eos_id
+  for step in range(4):
+    b = loader.host_batch(step)
+    x, seg, pos, w = b["inputs"], b["segment_ids"], b["positions"], b["loss_weights"]
+    np.testing.assert_array_equal(b["targets"][:, :-1], x[:, 1:])
+    assert (seg > 0).all()  # documents fill every row: no padding at all
+    np.testing.assert_array_equal(w, (x != eos).astype(np.float32))  # never predict across a document boundary
+    after_eos = np.zeros_like(x, bool)
+    after_eos[:, 1:] = x[:, :-1] == eos
+    np.testing.assert_array_equal(pos == 0, after_eos | (np.arange(x.shape[1]) == 0))
+    np.testing.assert_array_equal(np.diff(seg, axis=1), after_eos[:, 1:].astype(np.int32))
+    np.testing.assert_array_equal(b["token_types"], 0)
+  assert loader.data.meta["pad_fraction"] < 0.01
+
+
+def test_clm_cache_holds_the_documents_exactly(gpt):
+  path = data.prepare(gpt)
+  tok = data.load_tokenizer(os.path.join(path, "tokenizer"))
+  stream = np.fromfile(os.path.join(path, "eval", "tokens.bin"), dtype=np.uint16)
+  assert stream[-1] == tok.eos_id
+  cut = np.flatnonzero(stream == tok.eos_id)
+  decoded = [tok.decode(d) for d in np.split(stream, cut + 1)[:-1]]
+  decoded = [d.removesuffix("<|endoftext|>") for d in decoded]
+  assert decoded == list(sources.documents(gpt, "eval"))
+
+
+def test_bert_rows_structure(bert):
+  loader = data.make_loader(bert)
+  tok = loader.tokenizer
+  rows = loader.data.rows(np.arange(64))
+  for tokens, seg, types, pos in zip(rows["tokens"], rows["segment_ids"], rows["token_types"], rows["positions"]):
+    ids = [s for s in np.unique(seg) if s > 0]
+    np.testing.assert_array_equal(ids, np.arange(1, len(ids) + 1))
+    assert (tokens[seg == 0] == tok.pad_id).all() and (pos[seg == 0] == 0).all()
+    for s in ids:
+      t, ty = tokens[seg == s], types[seg == s]
+      assert t[0] == tok.cls_id and t[-1] == tok.sep_id
+      np.testing.assert_array_equal(pos[seg == s], np.arange(len(t)))
+      seps = np.flatnonzero(t == tok.sep_id)
+      assert 1 <= len(seps) <= 2
+      np.testing.assert_array_equal(ty, (np.arange(len(t)) > seps[0]).astype(np.int32))  # A=0 .. [SEP], B=1
+
+
+def test_mlm_masking_rates_and_invariants(bert):
+  loader = data.make_loader(bert)
+  tok = loader.tokenizer
+  special = np.array(sorted(tok.special_ids))
+  counts = {"mask": 0, "random": 0, "kept": 0}
+  rates = []
+  for step in range(40):
+    b = loader.host_batch(step)
+    orig = loader.data.rows(loader.dataset_rows(step))["tokens"]
+    pos, tgt, w = b["mlm_positions"], b["mlm_targets"], b["mlm_weights"].astype(bool)
+    rows = np.arange(len(pos))[:, None]
+    np.testing.assert_array_equal(np.where(w, orig[rows, pos], 0), tgt)
+    assert not np.isin(tgt[w], special).any()  # never a special or pad token
+    assert all((np.diff(p[m]) > 0).all() and m[:m.sum()].all() for p, m in zip(pos, w))  # sorted, padding last
+    untouched = np.ones_like(orig, bool)
+    untouched[np.nonzero(w)[0], pos[w]] = False
+    np.testing.assert_array_equal(b["inputs"][untouched], orig[untouched])
+    new = b["inputs"][rows, pos][w]
+    counts["mask"] += int((new == tok.mask_id).sum())
+    counts["kept"] += int((new == tgt[w]).sum())
+    counts["random"] += int(((new != tok.mask_id) & (new != tgt[w])).sum())
+    assert not np.isin(new[new != tok.mask_id], special).any()
+    cand = ((b["segment_ids"] > 0) & ~np.isin(orig, special)).sum(1)
+    n = w.sum(1)
+    assert (n <= bert.data.max_predictions).all() and (n >= 1).all()
+    rates.extend((n / cand)[n < bert.data.max_predictions])
+  total = sum(counts.values())
+  assert total > 10_000
+  assert abs(counts["mask"] / total - 0.8) < 0.02, counts
+  assert abs(counts["random"] / total - 0.1) < 0.015, counts
+  assert abs(counts["kept"] / total - 0.1) < 0.015, counts
+  assert abs(np.mean(rates) - 0.15) < 0.01
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_eval_reads_every_row_once_in_order(family, gpt, bert):
+  config = {"gpt": gpt, "bert": bert}[family]
+  loader = data.make_loader(config, split="eval", sharding=data_sharding())
+  N, B = loader.data.num_rows, loader.batch_size
+  assert loader.num_batches == -(-N // B)
+  ids = np.concatenate([loader.dataset_rows(s) for s in range(loader.num_batches)])
+  np.testing.assert_array_equal(ids[:N], np.arange(N))
+  assert (ids[N:] == -1).all()
+  last = loader.host_batch(loader.num_batches - 1)
+  pad = N - (loader.num_batches - 1) * B
+  weights = last["loss_weights" if family == "gpt" else "mlm_weights"]
+  assert (weights[pad:] == 0).all() and (last["segment_ids"][pad:] == 0).all() and weights[:pad].sum() > 0
+  got = list(loader.iterate(0))
+  assert [s for s, _ in got] == list(range(loader.num_batches))
+  for s, batch in got:
+    assert_batches_equal(batch, loader.host_batch(s))
+
+
+def test_iterate_prefetches_from_start_step(gpt):
+  loader = data.make_loader(gpt, sharding=data_sharding())
+  it = loader.iterate(start_step=11)
+  for expect in (11, 12, 13):
+    step, batch = next(it)
+    assert step == expect
+    assert isinstance(batch["inputs"], jax.Array)
+    assert_batches_equal(batch, loader.host_batch(step))
+  it.close()
+
+
+def test_unigram_baseline(gpt):
+  baseline = data.unigram_baseline(gpt)
+  assert 3.0 < baseline < np.log(2048) - 0.5  # far better than uniform, far worse than a real model
+  assert data.unigram_baseline(gpt) == baseline
+
+
+def test_bad_batch_split(gpt):
+  with pytest.raises(config_lib.ConfigError, match="does not split evenly"):
+    data.make_loader(gpt, sharding=data_sharding(), batch_size=12)

@@ -1,0 +1,99 @@
+"""Two real JAX processes on 127.0.0.1 feed a sharded jitted step from their own rows; the result
+equals the single-process value."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fmjax import config_lib
+import fmjax.data as data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+STEPS = (0, 3)
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 4)
+    jax.config.update("jax_platforms", "cpu")
+    port, pid, cache = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                               initialization_timeout=60)
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from fmjax import config_lib
+    import fmjax.data as data
+    sys.path.insert(0, "tests")
+    from test_data_multiprocess import STEPS, step_fn, tiny_config
+    config = tiny_config(cache)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    loader = data.make_loader(config, sharding=NamedSharding(mesh, P("data", None)))
+    rows = loader.rows_b.tolist()
+    out = {}
+    for step, batch in loader.iterate(STEPS[0]):
+      if step in STEPS:
+        out[step] = np.asarray(jax.jit(step_fn)(batch)).tolist()
+      if step >= STEPS[-1]:
+        break
+    print("RESULT " + json.dumps({"rows": rows, "sums": out}), flush=True)
+""")
+
+def tiny_config(cache_dir):
+  config = config_lib.load_module(os.path.join(ROOT, "configs", "gpt.py")).get_config("tiny")
+  config.data.cache_dir = str(cache_dir)
+  config.train.batch_size = 16
+  return config
+
+
+def step_fn(batch):
+  """Sums that change if any row is missing, duplicated or out of place."""
+  x = batch["inputs"].astype(np.float32)
+  row_weight = 1.0 + np.arange(x.shape[0], dtype=np.float32)[:, None]
+  return jax.numpy.stack([x.sum(), (x * row_weight).sum(), (batch["loss_weights"] * row_weight).sum(),
+                          (batch["positions"] * row_weight).sum()])
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_feed_the_same_global_batch(tmp_path_factory):
+  cache = tmp_path_factory.getbasetemp() / "fmjax_data_cache"
+  config = tiny_config(cache)
+  data.prepare(config)  # once here, so the two workers only read the cache
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  loader = data.make_loader(config, sharding=NamedSharding(mesh, P("data", None)))
+  expected = {s: np.asarray(jax.jit(step_fn)(loader.global_batch(s))) for s in STEPS}
+
+  script = tmp_path_factory.mktemp("mp") / "worker.py"
+  script.write_text(WORKER)
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(cache)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  results = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=90)
+      assert p.returncode == 0, err[-3000:]
+      line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+      results.append(json.loads(line.removeprefix("RESULT ")))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert results[0]["rows"] == list(range(8)) and results[1]["rows"] == list(range(8, 16))
+  for r in results:
+    for s in STEPS:
+      np.testing.assert_array_equal(np.array(r["sums"][str(s)], np.float32), expected[s])

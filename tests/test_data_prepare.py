@@ -1,0 +1,145 @@
+"""prepare(): cache keys, idempotence, atomicity, TFDS by name (mocked), local files, and bad-input errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from fmjax import config_lib
+import fmjax.data as data
+from fmjax.data import packing
+from fmjax.data import sources
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny(family, cache_dir, **over):
+  config = config_lib.load_module(os.path.join(HERE, "..", "configs", f"{family}.py")).get_config("tiny")
+  config.data.cache_dir = str(cache_dir)
+  for k, v in over.items():
+    *parents, leaf = k.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    assert leaf in node, k
+    node[leaf] = v
+  return config
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.getbasetemp() / "fmjax_data_cache"  # shared by the test_data_* files
+
+
+def write_corpus(directory, n_docs=60):
+  directory.mkdir(parents=True, exist_ok=True)
+  words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jumbo pianos".split()
+  rng = np.random.default_rng(0)
+  blocks = [" ".join(rng.choice(words, size=int(rng.integers(20, 60)))) for _ in range(n_docs)]
+  (directory / "a.txt").write_text("\n\n".join(blocks[: n_docs // 2]) + "\n")
+  with open(directory / "b.jsonl", "w") as f:
+    for text in blocks[n_docs // 2:]:
+      f.write(json.dumps({"body": text, "id": 1}) + "\n")
+  return blocks
+
+
+def test_prepare_is_idempotent_and_keyed(cache_dir):
+  config = tiny("gpt", cache_dir)
+  path = data.prepare(config)
+  stamp = os.path.getmtime(os.path.join(path, "meta.json"))
+  assert data.prepare(config) == path and os.path.getmtime(os.path.join(path, "meta.json")) == stamp
+  meta = json.load(open(os.path.join(path, "meta.json")))
+  assert meta["splits"]["train"]["num_rows"] > 1000 and meta["splits"]["eval"]["num_rows"] >= 50
+  for key, value in (("data.seq_len", 64), ("train.objective", "mlm"), ("data.eval_split", "train")):
+    other = tiny("gpt", cache_dir, **{key: value})
+    if key == "train.objective":
+      other.data.tokenizer.kind = "wordpiece"
+    assert data.cache_path(other, data.get_tokenizer(other)) != path, key
+  # Masking and shuffling settings act at load time: same cache.
+  same = tiny("gpt", cache_dir, **{"data.seed": 3, "data.mask_rate": 0.2})
+  assert data.prepare(same) == path
+
+
+def test_interrupted_prepare_leaves_nothing_readable(tmp_path, monkeypatch):
+  config = tiny("gpt", tmp_path)
+  real = packing._write_split
+
+  def dies_on_eval(config, tok, split, directory):
+    if split == "eval":
+      raise KeyboardInterrupt
+    return real(config, tok, split, directory)
+
+  monkeypatch.setattr(packing, "_write_split", dies_on_eval)
+  with pytest.raises(KeyboardInterrupt):
+    data.prepare(config)
+  assert os.listdir(tmp_path / "datasets") == []  # no half cache, no temp dir
+  monkeypatch.undo()
+  path = data.prepare(config)
+  assert os.listdir(tmp_path / "datasets") == [os.path.basename(path)]
+  assert packing.is_prepared(path)
+
+
+def test_text_files_txt_and_jsonl_with_held_out_split(tmp_path):
+  blocks = write_corpus(tmp_path / "corpus")
+  config = tiny("gpt", tmp_path / "cache", **{
+      "data.dataset": "text_files", "data.files": f"{tmp_path}/corpus/*.txt,{tmp_path}/corpus/*.jsonl",
+      "data.feature": "body", "data.seq_len": 32, "data.tokenizer.vocab_size": 300})
+  train, held = list(sources.documents(config, "train")), list(sources.documents(config, "eval"))
+  assert held and train and not set(train) & set(held)
+  assert sorted(train + held) == sorted(blocks)  # every block of .txt and every .jsonl record, once
+  loader = data.make_loader(config, batch_size=4)
+  assert loader.host_batch(0)["inputs"].shape == (4, 32)
+  # Touching a file changes the corpus identity, hence the cache key.
+  before = sources.corpus_identity(config, "train")
+  with open(tmp_path / "corpus" / "a.txt", "a") as f:
+    f.write("\nmore words here\n")
+  assert sources.corpus_identity(config, "train") != before
+
+
+def test_tfds_dataset_by_name_through_mock_data(tmp_path):
+  config = tiny("gpt", tmp_path, **{"data.dataset": "lm1b", "data.seq_len": 16, "data.tokenizer.vocab_size": 300})
+  with tfds.testing.mock_data(num_examples=40):
+    docs = list(sources.documents(config, "train"))
+    path = data.prepare(config)
+  assert len(docs) == 40
+  meta = json.load(open(os.path.join(path, "meta.json")))
+  assert meta["splits"]["train"]["num_docs"] == 40 and meta["dataset"] == "lm1b"
+  batch = data.make_loader(config, batch_size=2).host_batch(0)
+  assert batch["inputs"].shape == (2, 16)
+
+  glue = tiny("bert", tmp_path, **{"data.dataset": "glue/sst2", "data.feature": "sentence",
+                                   "data.seq_len": 16, "data.max_predictions": 4})
+  with tfds.testing.mock_data(num_examples=30):
+    assert len(list(sources.documents(glue, "eval"))) == 30
+    data.prepare(glue)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"data.dataset": "lm1bb"}, "unknown dataset 'lm1bb': did you mean 'lm1b'"),
+    ({"data.dataset": "glue/sst2"}, r"has no feature 'text'; set data.feature to one of \['idx', 'label', 'sentence'\]"),
+    ({"data.seq_len": 512}, "longer than the model allows"),
+    ({"data.data_dir": "/nonexistent/tfds"}, "does not exist"),
+    ({"data.dataset": "text_files", "data.files": "/nonexistent/*.txt"}, "matches no .txt or .jsonl file"),
+    ({"data.dataset": "text_files", "data.files": "EMPTY"}, "empty corpus"),
+])
+def test_bad_input_is_one_clear_line_and_no_cache(tmp_path, over, match):
+  if over.get("data.files") == "EMPTY":
+    (tmp_path / "empty.txt").write_text("\n\n   \n")
+    over = {**over, "data.files": str(tmp_path / "empty.txt")}
+  config = tiny("bert", tmp_path / "cache", **over)
+  with tfds.testing.mock_data(num_examples=5):
+    with pytest.raises(config_lib.ConfigError, match=match) as e:
+      data.prepare(config)
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "cache" / "datasets") or not os.listdir(tmp_path / "cache" / "datasets")
+  assert not os.path.exists(tmp_path / "cache" / "tokenizers") or not os.listdir(tmp_path / "cache" / "tokenizers")
+
+
+def test_fmjax_data_imports_without_tensorflow():
+  import subprocess
+  import sys
+  code = ("import sys; import fmjax.data; "
+          "assert 'tensorflow' not in sys.modules and 'tensorflow_datasets' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

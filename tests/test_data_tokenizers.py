@@ -1,0 +1,100 @@
+"""Tokenizers: exact byte-level round trip, BERT special ids, save/load, HF file formats, caching."""
+
+import os
+
+import pytest
+
+from fmjax import config_lib
+import fmjax.data as data
+from fmjax.data import corpus
+from fmjax.data import tokenizers as tokenizers_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEXTS = ["Hello  wörld!\n\tTabs, 😀 emoji and ünïcödé.", "  leading spaces\r\nand CRLF\n\n\n", "x=1; y = [1::2]",
+         "<|endoftext|> as plain text", ""]
+
+
+def tiny(family, tmp, **over):
+  config = config_lib.load_module(os.path.join(HERE, "..", "configs", f"{family}.py")).get_config("tiny")
+  config.data.cache_dir = str(tmp)
+  for k, v in over.items():
+    config_lib.get_path(config, k)  # typo guard
+    node = config
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return config
+
+
+@pytest.fixture(scope="module")
+def docs():
+  return [t for _, t in corpus.corpus_documents()][:120]
+
+
+def test_bpe_round_trip_is_exact(docs):
+  tok = tokenizers_lib.train(docs, "bpe", 512, "clm")
+  for text in TEXTS + docs[:20]:
+    assert tok.decode(tok.encode(text)) == text
+  assert tok.eos_id is not None and tok.eos_id in tok.special_ids
+  assert tok.pad_id == tok.eos_id
+
+
+def test_wordpiece_specials_and_save_load(docs, tmp_path):
+  tok = tokenizers_lib.train(docs, "wordpiece", 600, "mlm")
+  assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
+  assert tok.special_ids == {0, 1, 2, 3, 4}
+  ids = tok.encode("The Python Tutorial explains classes.")
+  assert ids and not set(ids) & tok.special_ids
+  assert tok.decode(ids) == "the python tutorial explains classes."
+  tok.save(str(tmp_path))
+  back = data.load_tokenizer(str(tmp_path))
+  assert back.kind == "wordpiece" and back.identity() == tok.identity()
+  assert back.encode(docs[5]) == tok.encode(docs[5])
+
+
+def test_hf_files_load(docs, tmp_path):
+  bpe = tokenizers_lib.train(docs, "bpe", 400, "clm")
+  gpt2_dir = tmp_path / "gpt2"
+  gpt2_dir.mkdir()
+  bpe.hf.model.save(str(gpt2_dir))  # GPT-2 style vocab.json + merges.txt
+  assert sorted(os.listdir(gpt2_dir)) == ["merges.txt", "vocab.json"]
+  loaded = data.load_hf(str(gpt2_dir))
+  for text in TEXTS[:3] + docs[:5]:
+    assert loaded.encode(text) == bpe.encode(text)
+    assert loaded.decode(loaded.encode(text)) == text
+  assert loaded.eos_id == bpe.eos_id
+
+  wp = tokenizers_lib.train(docs, "wordpiece", 500, "mlm")
+  bert_dir = tmp_path / "bert"
+  bert_dir.mkdir()
+  wp.hf.model.save(str(bert_dir))  # vocab.txt
+  loaded = data.load_hf(str(bert_dir / "vocab.txt"))
+  assert loaded.encode(docs[3]) == wp.encode(docs[3])
+  assert (loaded.cls_id, loaded.sep_id, loaded.mask_id, loaded.pad_id) == (2, 3, 4, 0)
+
+  wp.hf.save(str(tmp_path / "tokenizer.json"))
+  assert data.load_hf(str(tmp_path / "tokenizer.json")).encode(docs[4]) == wp.encode(docs[4])
+  with pytest.raises(config_lib.ConfigError, match="does not exist"):
+    data.load_hf(str(tmp_path / "nope"))
+
+
+def test_get_tokenizer_trains_once_and_caches(tmp_path):
+  config = tiny("gpt", tmp_path)
+  tok = data.get_tokenizer(config)
+  assert tok.vocab_size == 2048 and tok.kind == "bpe"
+  (tok_dir,) = os.listdir(tmp_path / "tokenizers")
+  stamp = os.path.getmtime(tmp_path / "tokenizers" / tok_dir / "tokenizer.json")
+  again = data.get_tokenizer(config)
+  assert again.identity() == tok.identity()
+  assert os.path.getmtime(tmp_path / "tokenizers" / tok_dir / "tokenizer.json") == stamp
+  # A different vocabulary size is a different tokenizer.
+  config.data.tokenizer.vocab_size = 1024
+  assert data.get_tokenizer(config).vocab_size == 1024
+  assert len(os.listdir(tmp_path / "tokenizers")) == 2
+
+
+def test_tokenizer_too_big_for_model(tmp_path):
+  config = tiny("bert", tmp_path, **{"model.vocab_size": 1000})
+  with pytest.raises(config_lib.ConfigError, match="model.vocab_size"):
+    data.get_tokenizer(config)

@@ -1,0 +1,237 @@
+"""GPT and BERT: masking semantics, layout/remat equivalences, dtypes, dropout and sizes.
+
+Shape legend: B batch, T sequence, D model, V vocab, M masked positions.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import AxisType
+
+from fmjax import config_lib, models
+
+CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+
+B, T, V = 2, 32, 128
+ALLOWED_AXES = {"vocab", "embed", "mlp", "heads", "kv", "layers", "norm", None}
+# Row 0 packs two documents and padding (ids 1, 2, then 0); row 1 is one document.
+SEGMENTS_BT = jnp.array([[1] * 12 + [2] * 14 + [0] * 6, [1] * T], jnp.int32)
+POSITIONS_BT = jnp.array([list(range(12)) + list(range(14)) + [0] * 6, list(range(T))], jnp.int32)
+
+
+def tiny_cfg(family, **overrides):
+  cfg = config_lib.base_config(family).model
+  cfg.update(vocab_size=V, num_layers=2, d_model=64, num_heads=4, d_ff=128, max_len=64, attention="xla")
+  cfg.update(**overrides)
+  return cfg
+
+
+def build(family, seed=0, **overrides):
+  return models.build_model(tiny_cfg(family, **overrides), rngs=nnx.Rngs(seed))
+
+
+def tokens(seed=1):
+  return jax.random.randint(jax.random.key(seed), (B, T), 0, V)
+
+
+@nnx.jit(static_argnames="deterministic")
+def forward(model, toks, mlm_positions_BM=None, deterministic=True, rngs=None):
+  kw = {} if mlm_positions_BM is None else dict(mlm_positions_BM=mlm_positions_BM)
+  return model(toks, segment_ids_BT=SEGMENTS_BT, positions_BT=POSITIONS_BT, deterministic=deterministic,
+               rngs=rngs, **kw)
+
+
+@nnx.jit
+def loss_and_grads(model, toks):
+  def loss_fn(m):
+    logits_BTV = m(toks, segment_ids_BT=SEGMENTS_BT, positions_BT=POSITIONS_BT)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, jnp.roll(toks, -1, axis=1)).mean()
+  return nnx.value_and_grad(loss_fn)(model)
+
+
+def params(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def load(model, pure):
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+
+
+def assert_trees_close(a, b, atol):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0), a, b)
+
+
+def test_gpt_is_causal():
+  """d loss(position t) / d (position embedding of a later position) is exactly zero."""
+  model = build("gpt")
+  toks = tokens()
+  t = 10
+
+  def loss_at_t(m):
+    logits_BTV = m(toks)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV[:, t], toks[:, t + 1]).sum()
+
+  grad_LD = nnx.jit(nnx.grad(loss_at_t))(model).wpe.embedding[...]
+  assert np.all(np.asarray(grad_LD[t + 1:]) == 0.0)
+  assert np.all(np.abs(np.asarray(grad_LD[: t + 1])).sum(-1) > 0)  # the past does matter
+
+
+def test_bert_is_bidirectional():
+  model = build("bert")
+  toks = tokens()
+  run = nnx.jit(lambda m, t: m(t))
+  out = run(model, toks)
+  out2 = run(model, toks.at[:, -1].set((toks[:, -1] + 1) % V))
+  assert not np.allclose(out[:, 0], out2[:, 0])  # the last token changes the first position
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_packed_segments_do_not_attend_across(family):
+  model = build(family)
+  toks = tokens()
+  out = forward(model, toks)
+  toks2 = toks.at[0, 12:26].set((toks[0, 12:26] + 7) % V)  # rewrite segment 2 of row 0
+  out2 = forward(model, toks2)
+  np.testing.assert_array_equal(out[0, :12], out2[0, :12])   # segment 1: bitwise unchanged
+  np.testing.assert_array_equal(out[0, 26:], out2[0, 26:])   # padding: bitwise unchanged
+  np.testing.assert_array_equal(out[1], out2[1])
+  assert not np.allclose(out[0, 12:26], out2[0, 12:26])
+
+
+@pytest.mark.parametrize("family,remat", [("gpt", "full"), ("gpt", "dots"), ("gpt", "save_attention_out"),
+                                          ("bert", "dots_no_batch")])
+def test_remat_matches_no_remat(family, remat):
+  toks = tokens()
+  loss, grads = loss_and_grads(build(family), toks)
+  loss_r, grads_r = loss_and_grads(build(family, remat=remat), toks)
+  np.testing.assert_allclose(loss, loss_r, atol=1e-6)
+  assert_trees_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(grads_r), atol=1e-6)
+
+
+@pytest.mark.parametrize("family,remat", [("gpt", "none"), ("bert", "full")])
+def test_scan_matches_unrolled(family, remat):
+  toks = tokens()
+  unrolled = build(family, remat=remat)
+  scanned = build(family, seed=5, scan_layers=True, remat=remat)
+  stacked = models.stack_layers(params(unrolled))
+  assert_trees_close(models.unstack_layers(stacked), params(unrolled), atol=0)
+  load(scanned, stacked)
+  loss_u, grads_u = loss_and_grads(unrolled, toks)
+  loss_s, grads_s = loss_and_grads(scanned, toks)
+  np.testing.assert_allclose(loss_u, loss_s, atol=1e-6)
+  assert_trees_close(nnx.to_pure_dict(grads_u), models.unstack_layers(nnx.to_pure_dict(grads_s)), atol=1e-6)
+
+
+def test_bert_mlm_positions_gather_before_head():
+  model = build("bert")
+  toks = tokens()
+  mlm_positions_BM = jnp.array([[0, 5, 11, 20], [3, 3, 30, 31]])
+  full_BTV = forward(model, toks)
+  gathered_BMV = forward(model, toks, mlm_positions_BM=mlm_positions_BM)
+  assert gathered_BMV.shape == (B, 4, V) and gathered_BMV.dtype == jnp.float32
+  np.testing.assert_allclose(gathered_BMV, jnp.take_along_axis(full_BTV, mlm_positions_BM[..., None], 1),
+                             atol=1e-5)
+  h_BTD, pooled_BD = nnx.jit(lambda m, t: m.encode(t))(model, toks)
+  assert h_BTD.shape == (B, T, 64) and pooled_BD.shape == (B, 64)
+  assert np.all(np.abs(np.asarray(pooled_BD)) <= 1.0)  # tanh pooler
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_bf16_compute_is_close_to_f32(family):
+  toks = tokens()
+  model32 = build(family, init_std=0.1)  # larger weights so the comparison is not trivially near zero
+  model16 = build(family, init_std=0.1, dtype="bfloat16")
+  out32, out16 = forward(model32, toks), forward(model16, toks)
+  assert out16.dtype == jnp.float32  # logits always come back in float32
+  assert jax.tree.leaves(params(model16))[0].dtype == jnp.float32  # params stay float32
+  scale = float(jnp.abs(out32).max())
+  assert float(jnp.abs(out32 - out16).max()) < 0.05 * scale
+  assert not np.array_equal(out32, out16)  # bf16 compute really happened
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_dropout(family):
+  toks = tokens()
+  plain = forward(build(family), toks)
+  model = build(family, dropout=0.3)
+  np.testing.assert_array_equal(forward(model, toks, deterministic=True), plain)
+  a = forward(model, toks, deterministic=False, rngs=nnx.Rngs(dropout=1))
+  b = forward(model, toks, deterministic=False, rngs=nnx.Rngs(dropout=1))
+  c = forward(model, toks, deterministic=False, rngs=nnx.Rngs(dropout=2))
+  np.testing.assert_array_equal(a, b)  # the key alone decides the masks
+  assert not np.allclose(a, plain) and not np.allclose(a, c)
+  with pytest.raises(ValueError, match="rngs"):
+    forward(model, toks, deterministic=False)
+
+
+def test_dropout_masks_match_between_scan_and_unrolled():
+  toks = tokens()
+  unrolled = build("gpt", dropout=0.2)
+  scanned = build("gpt", dropout=0.2, scan_layers=True)
+  load(scanned, models.stack_layers(params(unrolled)))
+  a = forward(unrolled, toks, deterministic=False, rngs=nnx.Rngs(dropout=3))
+  b = forward(scanned, toks, deterministic=False, rngs=nnx.Rngs(dropout=3))
+  np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_gpt_hidden_and_head_compose():
+  model = build("gpt")
+  toks = tokens()
+  logits_BTV, composed_BTV = nnx.jit(lambda m, t: (m(t), m.lm_head(m.hidden(t))))(model, toks)
+  np.testing.assert_allclose(composed_BTV, logits_BTV, atol=1e-6)
+  # The LM head is tied to the token embedding (no separate output matrix).
+  names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  assert not any("lm_head" in n for n in names) and "wte/embedding" in names
+
+
+# Published sizes: GPT-2 small (HF GPT2LMHeadModel, tied) and BERT-base (HF BertModel with pooler,
+# 109,482,240, plus the MLM head: transform dense 590,592 + LayerNorm 1,536 + decoder bias 30,522).
+@pytest.mark.parametrize("family,size,vocab,expected", [
+    ("gpt", "small", 50257, 124_439_808),
+    ("gpt", "small", 50304, 124_475_904),  # the config's vocabulary, padded to a multiple of 128
+    ("bert", "base", 30522, 110_104_890),
+])
+def test_param_counts_match_published_sizes(family, size, vocab, expected):
+  cfg = config_lib.load_module(os.path.join(CONFIGS, f"{family}.py")).get_config(size).model
+  cfg.vocab_size = vocab
+  abstract = models.abstract_model(cfg)  # eval_shape: nothing materialised
+  assert models.param_count(abstract) == expected
+
+
+def test_flops_per_token_excludes_position_embeddings():
+  cfg = config_lib.load_module(os.path.join(CONFIGS, "gpt.py")).get_config("small").model
+  cfg.vocab_size = 50257
+  n = 124_439_808 - 1024 * 768  # without wpe
+  assert models.flops_per_token(cfg, 1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_partitioning_names_and_sharded_build(family):
+  """Every param uses only the shared logical names; building under a mesh shards heads and mlp."""
+  mesh = jax.make_mesh((1, 2, 2, 2), ("dcn_data", "data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 4)
+  cfg = tiny_cfg(family, scan_layers=True)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(config_lib.DEFAULT_RULES):
+    abstract = nnx.eval_shape(lambda: models.build_model(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(abstract, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+      names = var.get_metadata().get("out_sharding") or var.get_metadata().get("sharding_names")
+      assert names is not None and len(names) == len(var.shape), path
+      assert set(names) <= ALLOWED_AXES, (path, names)
+      assert names[0] == "layers" or "blocks" not in path, path
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    blocks = specs["h" if family == "gpt" else "encoder"]["blocks"]
+    attn = blocks["attn" if family == "gpt" else "attention"]
+    assert attn["qkv"]["kernel"] == jax.P(None, "fsdp", None, "tensor", None)
+    assert blocks["mlp"]["proj"]["kernel"] == jax.P(None, "tensor", "fsdp")
+    toks = tokens()
+    model = nnx.merge(nnx.graphdef(abstract), jax.jit(
+        lambda: nnx.state(models.build_model(cfg, rngs=nnx.Rngs(0))))())
+    out = jax.jit(lambda m, t: forward(m, t))(model, toks)
+  np.testing.assert_allclose(out, forward(build(family, scan_layers=True), toks), atol=1e-5)
