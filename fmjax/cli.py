@@ -102,11 +102,47 @@ def cmd_launch(argv):
   return launch.cli(argv)
 
 
+def cmd_import_hf(argv):
+  from fmjax import interop
+  return interop.cli_import(argv)
+
+
+def cmd_export(argv):
+  from fmjax import interop
+  return interop.cli_export(argv)
+
+
+def cmd_release(argv):
+  from fmjax import release
+  return release.cli(argv)
+
+
+def cmd_sweep(argv):
+  from fmjax import sweep
+  return sweep.cli(argv)
+
+
+def cmd_plan(argv):
+  from fmjax import plan
+  return plan.cli(argv)
+
+
+def cmd_report(argv):
+  from fmjax import report
+  return report.cli(argv)
+
+
 COMMANDS = {
     "train": (cmd_train, "pretrain a GPT (causal LM) or BERT (masked LM)"),
     "data": (cmd_data, "`data prepare`: tokenise, pack and cache a dataset"),
     "bench": (cmd_bench, "time the real train step on synthetic data: tokens/s, MFU, memory"),
     "launch": (cmd_launch, "Cloud TPU / GKE launch commands (dry-run unless --execute)"),
+    "import-hf": (cmd_import_hf, "Hugging Face BERT / GPT-2 directory -> fmjax workdir (step-0 checkpoint)"),
+    "export": (cmd_export, "fmjax checkpoint -> Hugging Face directory (safetensors, config, tokenizer)"),
+    "release": (cmd_release, "release bundle: HF weights, checkpoint, model card, PII report, SHA256SUMS"),
+    "sweep": (cmd_sweep, "expand a config's get_sweep() into runs: run them locally or print the commands"),
+    "plan": (cmd_plan, "ahead-of-time plan on a mesh or TPU topology: params, FLOPs, per-device memory, shardings"),
+    "report": (cmd_report, "workdir metrics to a Markdown table, CSV and PNG plots"),
 }
 
 

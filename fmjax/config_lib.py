@@ -243,6 +243,7 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat="none",             # none | full | dots | dots_no_batch | save_attention_out
       scan_layers=False,
+      fused_loss_chunk=0,       # >0: tied LM head + loss in chunks of this many tokens (no [B,T,V] logits)
       init_std=0.02,
   ))
   c.data = ml_collections.ConfigDict(dict(

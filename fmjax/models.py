@@ -33,7 +33,8 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
 }
-STACK_KEY = "blocks"  # the attribute that holds the layers, stacked or as a list
+STACK_KEY = "blocks"
+ONE_HOT_MAX_ROWS = 1024  # embedding tables up to this size are read by one-hot matmul  # the attribute that holds the layers, stacked or as a list
 
 
 def _constrain(x, names):
@@ -92,6 +93,13 @@ class Embed(nnx.Module):
     # Gather from a replicated copy: SPMD cannot partition a gather from a table sharded on
     # (vocab, embed) into batch-sharded rows without a full rematerialisation.
     table = _constrain(self.embedding[...].astype(self.dtype), (None, None))
+    if table.shape[0] <= ONE_HOT_MAX_ROWS:
+      # Small tables (positions, token types): a one-hot matmul is exact and its gradient is a
+      # matmul too, where a gather's gradient is a scatter-add that serialises on the few rows
+      # every token hits (2 token types for 32k tokens).
+      onehot_BTN = jax.nn.one_hot(ids_BT, table.shape[0], dtype=table.dtype)
+      out_BTD = jnp.einsum("btn,nd->btd", onehot_BTN, table, preferred_element_type=jnp.float32)
+      return _constrain(out_BTD.astype(self.dtype), ("batch", "length", None))
     return _constrain(jnp.take(table, ids_BT, axis=0), ("batch", "length", None))
 
   def attend(self, x_BxD):
@@ -145,8 +153,13 @@ class SelfAttention(nnx.Module):
     self.out = Dense((H, K), (D,), ("heads", "kv", "embed"), std=out_std, **kw)
 
   def __call__(self, x_BTD, segment_ids_BT):
-    qkv_BT3HK = _constrain(self.qkv(x_BTD), ("batch", "length", None, "heads", None))
-    q_BTHK, k_BTHK, v_BTHK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
+    # q, k and v come out on the leading axis, so splitting them is free rather than three
+    # strided copies of the activations.
+    dtype = self.qkv.dtype
+    qkv_3BTHK = jnp.einsum("btd,dchk->cbthk", x_BTD.astype(dtype), self.qkv.kernel[...].astype(dtype))
+    qkv_3BTHK = qkv_3BTHK + self.qkv.bias[...].astype(dtype)[:, None, None]
+    qkv_3BTHK = _constrain(qkv_3BTHK, (None, "batch", "length", "heads", None))
+    q_BTHK, k_BTHK, v_BTHK = qkv_3BTHK[0], qkv_3BTHK[1], qkv_3BTHK[2]
     out_BTHK = attention_lib.attention(q_BTHK, k_BTHK, v_BTHK, causal=self.causal,
                                        segment_ids_BT=segment_ids_BT, kernel=self.kernel)
     out_BTHK = checkpoint_name(out_BTHK, "attention_out")

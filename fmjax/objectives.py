@@ -8,6 +8,8 @@ Legend: B batch, T sequence, M masked positions per row, V vocabulary.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -22,11 +24,90 @@ def cross_entropy(logits_BXV: jax.Array, targets_BX: jax.Array, weights_BX: jax.
   return (jnp.sum(nll_BX * weights_BX), jnp.sum(weights_BX), jnp.sum(correct_BX * weights_BX))
 
 
-def clm_loss(model, batch, *, deterministic: bool = True, rngs=None):
-  """Next-token loss; `batch['loss_weights']` masks padding and cross-document targets."""
-  logits_BTV = model(batch["inputs"], positions_BT=batch["positions"],
-                     segment_ids_BT=batch["segment_ids"], deterministic=deterministic, rngs=rngs)
-  loss, weight, correct = cross_entropy(logits_BTV, batch["targets"], batch["loss_weights"])
+def _fused_forward(h_ND, w_VD, targets_N, weights_N, chunk: int):
+  """Loss, correct count and both gradients, one chunk of rows at a time.
+
+  Only a [chunk, V] block of logits ever exists, in the compute dtype of `h_ND`; the softmax
+  statistics are float32. Gradients are produced in the same pass, so the backward pass is a
+  multiply by the incoming cotangent.
+  """
+  n, d = h_ND.shape
+  dtype = h_ND.dtype
+  w_VD_c = w_VD.astype(dtype)
+  pad = (-n) % chunk
+  if pad:
+    h_ND = jnp.pad(h_ND, ((0, pad), (0, 0)))
+    targets_N = jnp.pad(targets_N, (0, pad))
+    weights_N = jnp.pad(weights_N, (0, pad))
+  steps = h_ND.shape[0] // chunk
+  h_SCD = h_ND.reshape(steps, chunk, d)
+  t_SC = targets_N.reshape(steps, chunk)
+  w_SC = weights_N.reshape(steps, chunk).astype(jnp.float32)
+
+  def body(dw_VD, xs):
+    h_CD, t_C, wt_C = xs
+    # The matmul writes the compute dtype directly (f32 accumulation inside the kernel): a
+    # float32 [chunk, V] block plus a convert would double the bytes of the largest tensor.
+    logits_CV = jnp.dot(h_CD, w_VD_c.T)
+    l32_CV = logits_CV.astype(jnp.float32)
+    lse_C = jax.nn.logsumexp(l32_CV, axis=-1)
+    onehot_CV = jax.nn.one_hot(t_C, l32_CV.shape[-1], dtype=jnp.float32)
+    target_C = jnp.sum(l32_CV * onehot_CV, axis=-1)
+    nll = jnp.sum((lse_C - target_C) * wt_C)
+    correct = jnp.sum((jnp.argmax(l32_CV, axis=-1) == t_C) * wt_C)
+    dlogits_CV = ((jnp.exp(l32_CV - lse_C[:, None]) - onehot_CV) * wt_C[:, None]).astype(dtype)
+    dh_CD = jnp.dot(dlogits_CV, w_VD_c, preferred_element_type=jnp.float32).astype(dtype)
+    dw_VD = dw_VD + jnp.dot(dlogits_CV.T, h_CD, preferred_element_type=jnp.float32)
+    return dw_VD, (nll, correct, dh_CD)
+
+  dw_VD, (nll_S, correct_S, dh_SCD) = jax.lax.scan(body, jnp.zeros(w_VD.shape, jnp.float32), (h_SCD, t_SC, w_SC))
+  dh_ND = dh_SCD.reshape(-1, d)[:n]
+  return jnp.sum(nll_S), jnp.sum(correct_S), dh_ND, dw_VD.astype(w_VD.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def fused_lm_head_loss(h_ND, w_VD, targets_N, weights_N, chunk: int = 2048):
+  """Summed cross-entropy of `h_ND @ w_VD.T` against targets, and the weighted correct count.
+
+  Equal to `cross_entropy(h @ w.T, ...)` but never materialises the [N, V] logits: the
+  large-vocabulary fast path for the tied LM head.
+  """
+  nll, correct, _, _ = _fused_forward(h_ND, w_VD, targets_N, weights_N, chunk)
+  return nll, correct
+
+
+def _fused_fwd(h_ND, w_VD, targets_N, weights_N, chunk):
+  nll, correct, dh_ND, dw_VD = _fused_forward(h_ND, w_VD, targets_N, weights_N, chunk)
+  return (nll, correct), (dh_ND, dw_VD)
+
+
+def _fused_bwd(chunk, residuals, cotangents):
+  dh_ND, dw_VD = residuals
+  g_nll, _ = cotangents
+  return (dh_ND * g_nll.astype(dh_ND.dtype), dw_VD * g_nll.astype(dw_VD.dtype), None, None)
+
+
+fused_lm_head_loss.defvjp(_fused_fwd, _fused_bwd)
+
+
+def clm_loss(model, batch, *, deterministic: bool = True, rngs=None, fused_chunk: int = 0):
+  """Next-token loss; `batch['loss_weights']` masks padding and cross-document targets.
+
+  With `fused_chunk` > 0 the tied LM head and the loss run chunk by chunk
+  (`fused_lm_head_loss`), which is faster and far leaner for large vocabularies.
+  """
+  kwargs = dict(positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
+                deterministic=deterministic, rngs=rngs)
+  if fused_chunk:
+    h_BTD = model.hidden(batch["inputs"], **kwargs)
+    b, t, d = h_BTD.shape
+    weights_BT = batch["loss_weights"]
+    loss, correct = fused_lm_head_loss(h_BTD.reshape(b * t, d), model.wte.embedding[...],
+                                       batch["targets"].reshape(-1), weights_BT.reshape(-1), fused_chunk)
+    weight = jnp.sum(weights_BT)
+  else:
+    logits_BTV = model(batch["inputs"], **kwargs)
+    loss, weight, correct = cross_entropy(logits_BTV, batch["targets"], batch["loss_weights"])
   return loss, {"loss_sum": loss, "weight_sum": weight, "correct_sum": correct}
 
 
@@ -42,5 +123,8 @@ def mlm_loss(model, batch, *, deterministic: bool = True, rngs=None):
 LOSSES = {"clm": clm_loss, "mlm": mlm_loss}
 
 
-def get_loss_fn(objective: str):
-  return LOSSES[objective]
+def get_loss_fn(config):
+  """The loss for `config.train.objective`, with the model's loss fast paths bound."""
+  if config.train.objective == "clm":
+    return partial(clm_loss, fused_chunk=int(config.model.fused_loss_chunk))
+  return LOSSES[config.train.objective]

@@ -101,7 +101,7 @@ def _micro_batches(batch: dict, accum: int) -> dict:
 
 def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
   """Returns the pure `train_step(state, batch) -> (state, metrics)`."""
-  loss_fn = loss_fn or objectives.get_loss_fn(config.train.objective)
+  loss_fn = loss_fn or objectives.get_loss_fn(config)
   accum = config.train.grad_accum
   deterministic = config.model.dropout == 0.0
   schedule = optim.make_schedule(config.optim, config.train.steps)
@@ -149,7 +149,7 @@ def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
 
 
 def make_eval_step(config, graphdef, loss_fn: Callable | None = None):
-  loss_fn = loss_fn or objectives.get_loss_fn(config.train.objective)
+  loss_fn = loss_fn or objectives.get_loss_fn(config)
 
   def eval_step(params, batch):
     _, aux = loss_fn(nnx.merge(graphdef, params), batch, deterministic=True)
@@ -196,48 +196,68 @@ def _to_host(metrics: dict) -> dict:
 
 
 def run(config, workdir: str) -> dict:
-  """Pretrains per `config` in `workdir`; returns the last train and eval metrics."""
+  """Pretrains per `config` in `workdir`; returns the last train and eval metrics.
+
+  A workdir that already holds checkpoints resumes from the newest committed one (after checking
+  that the config and the saved arrays fit), else training starts from scratch. SIGTERM saves at
+  the next step boundary and returns with `preempted=True`; a non-finite loss aborts or skips
+  the step per `train.nan_policy`.
+  """
   from fmjax import checkpoint as ckpt_lib, data  # local: the loop is their only user here
 
   metrics_lib.setup_logging()
   config_lib.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    config_lib.save_json(config, os.path.join(workdir, "config.json"))
 
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)
-  tokenizer = data.get_tokenizer(config)
-  if tokenizer.vocab_size > config.model.vocab_size:
-    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
-                      f"{config.model.vocab_size}; raise model.vocab_size")
-  data.prepare(config)
-  train_loader = data.make_loader(config, "train", sharding=batch_sharding)
-  eval_loader = data.make_loader(config, "eval", sharding=batch_sharding)
-
   tx = optim.make_optimizer(config)
   spec = state_spec(config, mesh, tx)
+  cfg_dict = config_lib.to_dict(config)
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
       every_minutes=config.checkpoint.every_minutes, keep=config.checkpoint.keep,
       keep_period=config.checkpoint.keep_period, async_save=config.checkpoint.async_save)
-  cfg_dict = config_lib.to_dict(config)
-  state, how = _start_state(config, spec, tx, checkpointer, cfg_dict)
-  start = int(state["step"])
-  log.info("%s (mesh %s, %d devices)", how, dict(mesh.shape), jax.device_count())
-
-  total = config.train.steps
-  tokens_per_step = config.train.batch_size * config.data.seq_len
-  fpt = flops_per_token(config)
-  peak = metrics_lib.peak_flops_per_device()
-  writer = metrics_lib.MetricsWriter(workdir, total, start, progress_bar=config.train.progress_bar,
-                                     run_name=config.name, config_dict=cfg_dict)
-  watcher = ckpt_lib.PreemptionWatcher()
-  meta = lambda step, last: {"step": step, "config": cfg_dict, "data_position": step,
-                             "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
-                             "fmjax_version": __import__("fmjax").__version__, "metrics": last}
-  last_train, last_eval = {}, {}
+  watcher = writer = batches = None
   try:
+    # Before any data work: a workdir of another run fails now, not after the dataset is tokenised,
+    # and its config.json is left as it was.
+    resume = _check_resume(checkpointer, spec, cfg_dict)
+    if jax.process_index() == 0:
+      config_lib.save_json(config, os.path.join(workdir, "config.json"))
+
+    tokenizer = data.get_tokenizer(config)
+    if tokenizer.vocab_size > config.model.vocab_size:
+      raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
+                        f"{config.model.vocab_size}; raise model.vocab_size")
+    data.prepare(config)
+    train_loader = data.make_loader(config, "train", sharding=batch_sharding)
+    eval_loader = data.make_loader(config, "eval", sharding=batch_sharding)
+
+    where = f"mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} process(es)"
+    if resume is None:
+      state, skipped = init_state(config, spec, tx), 0
+      log.info("Started from scratch (%s)", where)
+    else:
+      step0, saved_meta, harmless = resume
+      state = _restore(checkpointer, spec, step0)
+      skipped = int(saved_meta.get("skipped_steps", 0))
+      note = f"; config changes since that save: {', '.join(harmless)}" if harmless else ""
+      log.info("Resumed from step %d of %s (%s)%s", step0, checkpointer.directory, where, note)
+    start = int(state["step"])
+
+    total = config.train.steps
+    tokens_per_step = config.train.batch_size * config.data.seq_len
+    fpt = flops_per_token(config)
+    peak = metrics_lib.peak_flops_per_device()
+    writer = metrics_lib.MetricsWriter(workdir, total, start, progress_bar=config.train.progress_bar,
+                                       run_name=config.name, config_dict=cfg_dict)
+    watcher = ckpt_lib.PreemptionWatcher()
+    tokenizer_name = getattr(tokenizer, "name", type(tokenizer).__name__)
+    meta = lambda step, last: {"step": step, "config": cfg_dict, "data_position": step, "tokenizer": tokenizer_name,
+                               "fmjax_version": __import__("fmjax").__version__, "metrics": last,
+                               "skipped_steps": skipped}
+    last_train, last_eval, preempted = {}, {}, False
     with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
       train_step, eval_step = compile_steps(config, spec, tx, batch_sharding)
       pending = None
@@ -245,27 +265,25 @@ def run(config, workdir: str) -> dict:
       batches = train_loader.iterate(start)
       for step in range(start, total + 1):
         if pending is not None:  # step-1's metrics, read while `step` is already queued
-          prev, m = pending
-          m = _to_host(m)
+          m, pending = _to_host(pending), None
+          # `step` updates are done: metrics and checkpoints both count steps this way.
           if m["nonfinite"] > 0:
             if config.train.nan_policy == "abort":
-              last_good = checkpointer.latest_step()
-              raise NonFiniteLossError(
-                  f"non-finite loss at step {prev}; last good checkpoint: "
-                  f"{'step ' + str(last_good) if last_good is not None else 'none'} in {workdir}. "
-                  "Lower optim.lr or set train.nan_policy=skip, then rerun to resume from it")
-            writer.message(f"step {prev}: non-finite loss, update skipped")
+              checkpointer.wait()  # a save still in flight is the last good checkpoint once it lands
+              raise NonFiniteLossError(_nonfinite_message(step, checkpointer.latest_step(), workdir))
+            skipped += 1
+            writer.message(f"step {step}: non-finite loss, update skipped ({skipped} skipped so far)")
+          m["skipped_steps"] = skipped
           last_train = m
-          if (prev + 1) % config.train.log_every == 0 or prev + 1 == total:
+          if step % config.train.log_every == 0 or step == total:
             now = time.time()
-            rate = (prev + 1 - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+            rate = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
             m["tokens_per_sec"] = rate
             if peak:
               m["mfu"] = rate * fpt / (peak * jax.device_count())
-            writer.write(prev + 1, m, prefix="train/")
-            writer.progress(prev + 1, m)
-            t_last, step_last = now, prev + 1
-          pending = None
+            writer.write(step, m, prefix="train/")
+            writer.progress(step, m)
+            t_last, step_last = now, step
         if step > start and (step % config.train.eval_every == 0 or step == total):
           last_eval = evaluate(eval_step, state["params"], eval_loader, config.train.eval_batches)
           writer.write(step, last_eval, prefix="eval/")
@@ -275,36 +293,61 @@ def run(config, workdir: str) -> dict:
           checkpointer.save(step, state, meta(step, last_train), force=step == total)
         if step == total:
           break
+        # Every host asks at every step from the same first step: the stop step is collective.
         if step > start and watcher.should_stop(step):
           checkpointer.save(step, state, meta(step, last_train), force=True)
-          writer.message(f"preempted: saved step {step} to {workdir}; rerun the same command to resume")
+          # Every host says so: on a pod the logs of all hosts show they stopped at the same step.
+          log.info("Preempted: saving step %d to %s; rerun the same command to resume", step,
+                   checkpointer.directory)
+          preempted = True
           break
         _, batch = next(batches)
         state, m = train_step(state, batch)
-        pending = (step, m)
-      if not last_eval:  # e.g. resumed a finished run: still report held-out figures
+        pending = m
+      if not last_eval and not preempted:  # e.g. resumed a finished run: still report held-out figures
         last_eval = evaluate(eval_step, state["params"], eval_loader, config.train.eval_batches)
   finally:
-    watcher.close()
-    checkpointer.wait()
+    if batches is not None:
+      batches.close()  # stops the prefetch thread before the process may exit
+    if watcher is not None:
+      watcher.close()
+    # Pending async saves (the final or preemption save included) land before we return or raise.
     checkpointer.close()
-    writer.close()
-  return {"train": last_train, "eval": last_eval, "step": int(state["step"])}
+    if writer is not None:
+      writer.close()
+  return {"train": last_train, "eval": last_eval, "step": int(state["step"]), "preempted": preempted}
 
 
-def _start_state(config, spec: StateSpec, tx, checkpointer, cfg_dict) -> tuple[dict, str]:
+def _nonfinite_message(step: int, last_good: int | None, workdir: str) -> str:
+  where = f"step {last_good} in {workdir}/checkpoints" if last_good is not None else "none yet"
+  return (f"non-finite loss or gradient at step {step}; last good checkpoint: {where}. Lower optim.lr or "
+          "set train.nan_policy=skip, then rerun the same command to resume from that checkpoint")
+
+
+def _check_resume(checkpointer, spec: StateSpec, cfg_dict: dict) -> tuple[int, dict, list[str]] | None:
+  """`(step, saved metadata, harmless config changes)` of the checkpoint to resume; None if there is none.
+
+  Raises ConfigError when the config changes the model, data or optimizer-state layout, and
+  CheckpointMismatchError when the saved arrays don't fit the model (a config guard that cannot
+  see the difference, e.g. a checkpoint from another code version).
+  """
   from fmjax import checkpoint as ckpt_lib
   latest = checkpointer.latest_step()
-  if latest is not None:
-    saved = checkpointer.restore_meta(latest)
-    breaking, harmless = ckpt_lib.config_changes(saved.get("config", {}), cfg_dict)
-    if breaking:
-      raise ConfigError(f"this workdir holds a run with a different model/data setup ({', '.join(breaking[:6])}); "
-                        "use a new --workdir or restore the original values")
-    ckpt_lib.check_compatible(checkpointer, latest, spec.abstract)
-    with jax.set_mesh(spec.mesh):
-      state = checkpointer.restore(latest, spec.abstract, items=("params", "opt_state"))
-    state["step"] = jax.device_put(jnp.asarray(latest, jnp.int32), spec.shardings["step"])
-    note = f"; changed: {', '.join(harmless)}" if harmless else ""
-    return state, f"Resumed from step {latest} of {checkpointer.directory}{note}"
-  return init_state(config, spec, tx), "Started from scratch"
+  if latest is None:
+    return None
+  saved = checkpointer.restore_meta(latest)
+  breaking, harmless = ckpt_lib.config_changes(saved.get("config", {}), cfg_dict)
+  if breaking:
+    more = f" and {len(breaking) - 6} more" if len(breaking) > 6 else ""
+    raise ConfigError(f"{checkpointer.directory} holds a run (step {latest}) with a different model/data setup "
+                      f"({'; '.join(breaking[:6])}{more}); use a new --workdir or restore the original values")
+  ckpt_lib.check_compatible(checkpointer, latest, spec.abstract)
+  return latest, saved, harmless
+
+
+def _restore(checkpointer, spec: StateSpec, step: int) -> dict:
+  """Reads `step`'s params and optimizer state straight into this run's shardings (any mesh)."""
+  with jax.set_mesh(spec.mesh):
+    state = checkpointer.restore(step, spec.abstract, items=("params", "opt_state"))
+  state["step"] = jax.device_put(jnp.asarray(step, jnp.int32), spec.shardings["step"])
+  return state

@@ -1,0 +1,87 @@
+"""Runs `fmjax bench` for a list of variants, each in its own process, and prints a table.
+
+  python benchmarks/suite.py gpt2_small_b16 gpt2_small_b32 ... [--out=DIR] [--steps=N]
+  python benchmarks/suite.py --list
+
+Each variant is a config spec plus overrides; results go to DIR/<variant>.json. Used for the
+figures in benchmarks/README.md (one H100 80GB, bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+GPT = "configs/gpt.py:{}"
+BERT = "configs/bert.py:{}"
+COMMON = ["train.grad_accum=1", "model.dtype=bfloat16", "train.steps=1000"]
+
+VARIANTS = {
+    # GPT-2 124M at seq 1024
+    "gpt2_small_b16": (GPT.format("small"), ["train.batch_size=16"]),
+    "gpt2_small_b32": (GPT.format("small"), ["train.batch_size=32"]),
+    "gpt2_small_b16_logits": (GPT.format("small"), ["train.batch_size=16", "model.fused_loss_chunk=0"]),
+    "gpt2_small_b16_chunk2k": (GPT.format("small"), ["train.batch_size=16", "model.fused_loss_chunk=2048"]),
+    "gpt2_small_b16_scan": (GPT.format("small"), ["train.batch_size=16", "model.scan_layers=true"]),
+    "gpt2_small_b16_xla": (GPT.format("small"), ["train.batch_size=16", "model.attention=xla"]),
+    "gpt2_small_b32_dots": (GPT.format("small"), ["train.batch_size=32", "model.remat=dots_no_batch"]),
+    # GPT-2 XL 1.5B at seq 1024
+    "gpt2_xl_b8_full": (GPT.format("xl"), ["train.batch_size=8", "model.remat=full"]),
+    "gpt2_xl_b8_dots": (GPT.format("xl"), ["train.batch_size=8", "model.remat=dots_no_batch"]),
+    "gpt2_xl_b16_full": (GPT.format("xl"), ["train.batch_size=16", "model.remat=full"]),
+    "gpt2_xl_b8_none": (GPT.format("xl"), ["train.batch_size=8"]),
+    "gpt2_xl_b8_full_scan": (GPT.format("xl"), ["train.batch_size=8", "model.remat=full", "model.scan_layers=true"]),
+    # BERT-base
+    "bert_base_s128_b256": (BERT.format("base"), ["train.batch_size=256", "data.seq_len=128", "data.max_predictions=20"]),
+    "bert_base_s512_b32": (BERT.format("base"), ["train.batch_size=32", "data.seq_len=512", "data.max_predictions=80"]),
+    "bert_base_s512_b64": (BERT.format("base"), ["train.batch_size=64", "data.seq_len=512", "data.max_predictions=80"]),
+}
+
+
+def main() -> int:
+  p = argparse.ArgumentParser()
+  p.add_argument("variants", nargs="*")
+  p.add_argument("--out", default=os.environ.get("OUT", "/tmp/fmjax_bench"))
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--list", action="store_true")
+  p.add_argument("--timeout", type=int, default=300)
+  args = p.parse_args()
+  if args.list or not args.variants:
+    print("\n".join(VARIANTS))
+    return 0
+  os.makedirs(args.out, exist_ok=True)
+  rows = []
+  for name in args.variants:
+    spec, overrides = VARIANTS[name]
+    path = os.path.join(args.out, f"{name}.json")
+    cmd = [sys.executable, "-m", "fmjax.cli", "bench", f"--config={spec}", f"--steps={args.steps}",
+           f"--json={path}"] + [f"--config.{o}" for o in COMMON + overrides]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    with open(os.path.join(args.out, f"{name}.log"), "w") as f:
+      f.write(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not os.path.exists(path):
+      tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+      rows.append((name, None, f"failed: {' | '.join(tail)[:300]}"))
+    else:
+      with open(path) as f:
+        rows.append((name, json.load(f), f"{time.time() - t0:.0f}s wall"))
+    print(name, "done", flush=True)
+  print(f"\n{'variant':<24} {'tok/s':>10} {'MFU':>6} {'step ms':>8} {'compile s':>9} {'mem GiB':>8}  note")
+  for name, r, note in rows:
+    if r is None:
+      print(f"{name:<24} {'-':>10} {'-':>6} {'-':>8} {'-':>9} {'-':>8}  {note}")
+    else:
+      mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+      mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "-"
+      print(f"{name:<24} {r['tokens_per_sec']:>10,.0f} {mfu:>6} {1e3 * r['step_time_s']:>8.1f} "
+            f"{r['compile_time_s']:>9.1f} {mem:>8}  {note}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,714 @@
+"""Hugging Face interop: BERT and GPT-2 checkpoints (safetensors) in both directions.
+
+  fmjax import-hf --model_dir=DIR --workdir=OUT [--config=configs/bert.py:base]
+  fmjax export --workdir=W --out=DIR [--format=hf]
+
+Import reads a Hugging Face directory (config.json, model.safetensors, sharded safetensors or
+pytorch_model.bin, tokenizer files) and writes an fmjax workdir: config.json, a step-0 checkpoint
+`{"step", "params", "opt_state"}` and the tokenizer, which `generate`, `eval`, `finetune` and
+`train` (continued pretraining) accept. Export writes what `transformers`' Auto classes load:
+config.json, model.safetensors and the tokenizer files.
+
+The mapping is one table per family (`_gpt_table`, `_bert_table`): each fmjax parameter is one
+HF tensor, or several stacked on the output axis (BERT's query/key/value). Kernels are stored
+by fmjax as (in..., out...) and flattened to (in, out): GPT-2's Conv1D weights are already (in,
+out); `torch.nn.Linear` weights are (out, in) and are transposed.
+
+Conventions of the exported model:
+  * The vocabulary is exported as the model has it, padding rows included (`vocab_size` in
+    config.json is model.vocab_size, which may exceed the tokenizer's size). Logits then match
+    fmjax's exactly; the padding ids are never produced by the tokenizer.
+  * Weights are written in float32 whatever the parameter dtype (bfloat16 -> float32 is exact).
+  * A `classifier` subtree `{kernel (D, C), bias (C,)}` becomes BertForSequenceClassification's
+    `classifier` (applied to the tanh pooler output, as in BERT) or GPT2ForSequenceClassification's
+    `score` (last non-pad token; HF's score has no bias, so a non-zero bias is refused).
+  * LoRA fine-tunes must be merged first: any parameter without an HF counterpart is refused.
+
+Shape legend: D model, H heads, K head dim, F mlp, V vocab, C classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from typing import Any, Iterable, Mapping
+
+import ml_collections
+import numpy as np
+
+from fmjax.config_lib import ConfigError
+
+# HF model_type -> fmjax model.family.
+FAMILIES = {"gpt2": "gpt", "bert": "bert"}
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+IMPORT_INFO = "import.json"  # written into imported workdirs: where the weights came from
+
+
+# ----------------------------------------------------------------------------- mapping tables
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """One fmjax parameter and the HF tensor(s) it comes from.
+
+  kind: "copy" (same shape, e.g. embeddings), "vector" (1-D in HF: biases and norms),
+  "linear" (torch Linear, (out, in)) or "conv1d" (GPT-2 Conv1D, (in, out)).
+  n_in: how many leading fmjax kernel axes are inputs (2 for the attention output (H, K, D)).
+  Several HF names are concatenated along the output axis (BERT's query, key, value).
+  """
+  path: tuple
+  hf: tuple[str, ...]
+  kind: str
+  n_in: int = 1
+
+
+def _gpt_table(num_layers: int) -> list[_Entry]:
+  t = [_Entry(("wte", "embedding"), ("transformer.wte.weight",), "copy"),
+       _Entry(("wpe", "embedding"), ("transformer.wpe.weight",), "copy"),
+       _Entry(("ln_f", "scale"), ("transformer.ln_f.weight",), "vector"),
+       _Entry(("ln_f", "bias"), ("transformer.ln_f.bias",), "vector")]
+  for i in range(num_layers):
+    fm, hf = ("h", "blocks", i), f"transformer.h.{i}."
+    for ln in ("ln_1", "ln_2"):
+      t += [_Entry(fm + (ln, "scale"), (hf + ln + ".weight",), "vector"),
+            _Entry(fm + (ln, "bias"), (hf + ln + ".bias",), "vector")]
+    for fm_name, hf_name, n_in in (("attn", "qkv"), "attn.c_attn", 1), (("attn", "out"), "attn.c_proj", 2), \
+                                  (("mlp", "fc"), "mlp.c_fc", 1), (("mlp", "proj"), "mlp.c_proj", 1):
+      t += [_Entry(fm + fm_name + ("kernel",), (hf + hf_name + ".weight",), "conv1d", n_in),
+            _Entry(fm + fm_name + ("bias",), (hf + hf_name + ".bias",), "vector")]
+  return t
+
+
+def _bert_table(num_layers: int) -> list[_Entry]:
+  e = "bert.embeddings."
+  t = [_Entry(("embeddings", "word_embeddings", "embedding"), (e + "word_embeddings.weight",), "copy"),
+       _Entry(("embeddings", "position_embeddings", "embedding"), (e + "position_embeddings.weight",), "copy"),
+       _Entry(("embeddings", "token_type_embeddings", "embedding"), (e + "token_type_embeddings.weight",), "copy"),
+       _Entry(("embeddings", "layer_norm", "scale"), (e + "LayerNorm.weight",), "vector"),
+       _Entry(("embeddings", "layer_norm", "bias"), (e + "LayerNorm.bias",), "vector")]
+  for i in range(num_layers):
+    fm, hf = ("encoder", "blocks", i), f"bert.encoder.layer.{i}."
+    qkv = tuple(f"{hf}attention.self.{n}" for n in ("query", "key", "value"))
+    t += [_Entry(fm + ("attention", "qkv", "kernel"), tuple(n + ".weight" for n in qkv), "linear"),
+          _Entry(fm + ("attention", "qkv", "bias"), tuple(n + ".bias" for n in qkv), "vector"),
+          _Entry(fm + ("attention", "out", "kernel"), (hf + "attention.output.dense.weight",), "linear", 2),
+          _Entry(fm + ("attention", "out", "bias"), (hf + "attention.output.dense.bias",), "vector"),
+          _Entry(fm + ("mlp", "fc", "kernel"), (hf + "intermediate.dense.weight",), "linear"),
+          _Entry(fm + ("mlp", "fc", "bias"), (hf + "intermediate.dense.bias",), "vector"),
+          _Entry(fm + ("mlp", "proj", "kernel"), (hf + "output.dense.weight",), "linear"),
+          _Entry(fm + ("mlp", "proj", "bias"), (hf + "output.dense.bias",), "vector")]
+    for fm_ln, hf_ln in (("attention_ln", "attention.output.LayerNorm"), ("output_ln", "output.LayerNorm")):
+      t += [_Entry(fm + (fm_ln, "scale"), (hf + hf_ln + ".weight",), "vector"),
+            _Entry(fm + (fm_ln, "bias"), (hf + hf_ln + ".bias",), "vector")]
+  p = "cls.predictions."
+  t += [_Entry(("pooler", "kernel"), ("bert.pooler.dense.weight",), "linear"),
+        _Entry(("pooler", "bias"), ("bert.pooler.dense.bias",), "vector"),
+        _Entry(("mlm_transform", "kernel"), (p + "transform.dense.weight",), "linear"),
+        _Entry(("mlm_transform", "bias"), (p + "transform.dense.bias",), "vector"),
+        _Entry(("mlm_ln", "scale"), (p + "transform.LayerNorm.weight",), "vector"),
+        _Entry(("mlm_ln", "bias"), (p + "transform.LayerNorm.bias",), "vector"),
+        _Entry(("mlm_bias",), (p + "bias",), "vector")]
+  return t
+
+
+def _classifier_table(family: str) -> list[_Entry]:
+  if family == "bert":
+    return [_Entry(("classifier", "kernel"), ("classifier.weight",), "linear"),
+            _Entry(("classifier", "bias"), ("classifier.bias",), "vector")]
+  return [_Entry(("classifier", "kernel"), ("score.weight",), "linear")]
+
+
+def _table(family: str, num_layers: int) -> list[_Entry]:
+  return _gpt_table(num_layers) if family == "gpt" else _bert_table(num_layers)
+
+
+# Parameters an HF checkpoint may lack (a BertModel or a classifier has no MLM head; a BertModel
+# built without a pooler has none): these keep fmjax's fresh initialisation, and the import says so.
+_OPTIONAL = {"bert": ("pooler", "mlm_transform", "mlm_ln", "mlm_bias")}
+
+
+# Buffers and tied copies in HF checkpoints that carry no information of their own, and BERT's
+# next-sentence head (pretraining only).
+_IGNORED = (".attn.bias", ".attn.masked_bias", "position_ids", "lm_head.weight", "cls.predictions.decoder.weight",
+            "cls.predictions.decoder.bias", "cls.seq_relationship.weight", "cls.seq_relationship.bias")
+
+
+def _in_out(shape: tuple, n_in: int) -> tuple[int, int]:
+  return math.prod(shape[:n_in]), math.prod(shape[n_in:])
+
+
+def _hf_shapes(entry: _Entry, fm_shape: tuple) -> list[tuple]:
+  """The HF tensor shapes that `entry` expects for an fmjax parameter of `fm_shape`."""
+  n = len(entry.hf)
+  if entry.kind == "copy":
+    return [fm_shape]
+  if entry.kind == "vector":
+    return [(math.prod(fm_shape) // n,)] * n
+  i, o = _in_out(fm_shape, entry.n_in)
+  return [(o // n, i) if entry.kind == "linear" else (i, o // n)] * n
+
+
+def _to_fmjax(entry: _Entry, arrays: list[np.ndarray], fm_shape: tuple) -> np.ndarray:
+  if entry.kind in ("copy", "vector"):
+    return np.concatenate([a.reshape(-1) for a in arrays]).reshape(fm_shape)
+  in_out = [a.T if entry.kind == "linear" else a for a in arrays]
+  return np.concatenate(in_out, axis=1).reshape(fm_shape)
+
+
+def _to_hf(entry: _Entry, x: np.ndarray) -> list[np.ndarray]:
+  n = len(entry.hf)
+  if entry.kind == "copy":
+    return [x]
+  if entry.kind == "vector":
+    return np.split(x.reshape(-1), n)
+  parts = np.split(x.reshape(_in_out(x.shape, entry.n_in)), n, axis=1)
+  return [np.ascontiguousarray(p.T) if entry.kind == "linear" else p for p in parts]
+
+
+def _get(tree: Mapping, path: tuple):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _flat_paths(tree: Mapping, prefix: tuple = ()) -> list[tuple]:
+  out = []
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out += _flat_paths(v, prefix + (k,))
+    else:
+      out.append(prefix + (k,))
+  return out
+
+
+def _fmt_path(path: tuple) -> str:
+  return "/".join(map(str, path))
+
+
+# ----------------------------------------------------------------------------- pure conversions
+
+
+def _is_stacked(params: Mapping) -> bool:
+  from fmjax import models
+  root = params.get("h" if "h" in params else "encoder", {})
+  blocks = root.get(models.STACK_KEY, {}) if isinstance(root, Mapping) else {}
+  return bool(blocks) and not all(isinstance(k, int) for k in blocks)
+
+
+def normalise_keys(tree: Any) -> Any:
+  """Digit-string dict keys (how Orbax returns list indices) back to ints, recursively."""
+  if isinstance(tree, Mapping):
+    return {(int(k) if isinstance(k, str) and k.isdigit() else k): normalise_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def params_to_hf(params: Mapping, model_cfg) -> dict[str, np.ndarray]:
+  """fmjax params (pure nested dict, unrolled or scanned) -> HF state dict of float32 numpy arrays.
+
+  Tied output embeddings are not written (HF re-ties them on load). Raises ConfigError for params
+  that have no HF counterpart (e.g. unmerged LoRA weights).
+  """
+  from fmjax import models
+  params = normalise_keys(dict(params))
+  if _is_stacked(params):
+    params = models.unstack_layers(params)
+  family = model_cfg.family
+  table = _table(family, model_cfg.num_layers)
+  if "classifier" in params:
+    table = table + _classifier_table(family)
+    head = params["classifier"]
+    if not isinstance(head, Mapping) or "kernel" not in head or np.ndim(head["kernel"]) != 2:
+      raise ConfigError("params['classifier'] must be {kernel: (D, C), bias: (C,)} to export a "
+                        "sequence-classification head")
+    if family == "gpt" and "bias" in head and np.any(np.asarray(head["bias"]) != 0):
+      raise ConfigError("GPT2ForSequenceClassification has no bias in its `score` layer, but this classifier's "
+                        "bias is non-zero; fine-tune the GPT head without a bias to export it")
+  known = {e.path for e in table} | ({("classifier", "bias")} if family == "gpt" else set())
+  extra = [_fmt_path(p) for p in _flat_paths(params) if p not in known]
+  if extra:
+    raise ConfigError(f"{len(extra)} param(s) have no Hugging Face counterpart ({', '.join(extra[:4])}"
+                      f"{', ...' if len(extra) > 4 else ''}); merge LoRA/adapter weights into the base first")
+  out = {}
+  for entry in table:
+    try:
+      value = np.asarray(_get(params, entry.path), dtype=np.float32)
+    except KeyError:
+      raise ConfigError(f"params lack {_fmt_path(entry.path)}; is this a {family} checkpoint of "
+                        f"{model_cfg.num_layers} layers?") from None
+    for name, part in zip(entry.hf, _to_hf(entry, value)):
+      out[name] = np.ascontiguousarray(part)
+  return out
+
+
+def _canonical_hf_names(weights: Mapping[str, Any], family: str) -> dict[str, Any]:
+  """Adds the model prefix where a base-model checkpoint lacks it and renames old LayerNorm names."""
+  prefix = "transformer." if family == "gpt" else "bert."
+  heads = ("lm_head.", "cls.", "classifier.", "score.")
+  out = {}
+  for name, value in weights.items():
+    if not name.startswith(prefix) and not name.startswith(heads):
+      name = prefix + name
+    if name.endswith(".gamma"):  # TF-era BERT checkpoints
+      name = name[:-len(".gamma")] + ".weight"
+    elif name.endswith(".beta"):
+      name = name[:-len(".beta")] + ".bias"
+    out[name] = value
+  return out
+
+
+def hf_to_params(weights: Mapping[str, np.ndarray], config) -> tuple[dict, dict | None, list[str]]:
+  """HF state dict -> (fmjax params, classifier head or None, notes).
+
+  `config.model` gives the expected shapes (from `models.abstract_model`). Optional parameters
+  the checkpoint lacks (BERT's pooler and MLM head) get fmjax's initialisation (`_init_like`)
+  and are listed in the notes. Raises ConfigError for missing or mis-shaped tensors.
+  """
+  from fmjax import models
+  from flax import nnx
+  model_cfg = config.model
+  family = model_cfg.family
+  weights = _canonical_hf_names(weights, family)
+  abstract = normalise_keys(nnx.to_pure_dict(nnx.state(models.abstract_model(
+      _unrolled(model_cfg)), nnx.Param)))
+  params, notes, missing = {}, [], []
+  rng = np.random.default_rng(config.train.seed if "train" in config else 0)
+  optional = _OPTIONAL.get(family, ())
+  for entry in _table(family, model_cfg.num_layers):
+    fm_shape = tuple(_get(abstract, entry.path).shape)
+    absent = [n for n in entry.hf if n not in weights]
+    if absent:
+      if entry.path[0] in optional:
+        _set(params, entry.path, _init_like(entry.path, fm_shape, model_cfg.init_std, rng))
+        note = f"{entry.path[0]}: not in the checkpoint, freshly initialised"
+        notes += [] if note in notes else [note]
+        continue
+      missing += absent
+      continue
+    arrays = [np.asarray(weights[n], dtype=np.float32) for n in entry.hf]
+    for name, a, want in zip(entry.hf, arrays, _hf_shapes(entry, fm_shape)):
+      if tuple(a.shape) != tuple(want):
+        raise ConfigError(f"weights do not match config.json: {name} has shape {tuple(a.shape)} but the config "
+                          f"implies {tuple(want)}; fix config.json or use the weights that belong to it")
+    _set(params, entry.path, _to_fmjax(entry, arrays, fm_shape))
+  if missing:
+    raise ConfigError(f"the checkpoint lacks {len(missing)} tensor(s) a {family} model needs "
+                      f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); is it a complete "
+                      f"{'GPT-2' if family == 'gpt' else 'BERT'} checkpoint?")
+  _check_tied(weights, params, family)
+  used = {n for e in _table(family, model_cfg.num_layers) + _classifier_table(family) for n in e.hf}
+  unused = sorted(n for n in weights if n not in used and not n.endswith(_IGNORED))
+  if unused:
+    notes.append(f"{len(unused)} tensor(s) of the checkpoint have no place in fmjax's {family} and were skipped: "
+                 f"{', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}")
+  head = None
+  head_names = [e.hf[0] for e in _classifier_table(family)]
+  if head_names[0] in weights:
+    w = np.asarray(weights[head_names[0]], np.float32)
+    head = {"kernel": np.ascontiguousarray(w.T)}
+    head["bias"] = (np.asarray(weights[head_names[1]], np.float32) if len(head_names) > 1
+                    else np.zeros((w.shape[0],), np.float32))
+  if model_cfg.scan_layers:
+    params = models.stack_layers(params)
+  return params, head, notes
+
+
+def _init_like(path: tuple, shape: tuple, std: float, rng: np.random.Generator) -> np.ndarray:
+  """fmjax's initialisation in numpy (normal(std) kernels, unit norm scales, zero biases): no
+  compile, which a JAX init of a few leaves would cost."""
+  if path[-1] == "kernel":
+    return (std * rng.standard_normal(shape)).astype(np.float32)
+  return (np.ones if path[-1] == "scale" else np.zeros)(shape, np.float32)
+
+
+def _check_tied(weights: Mapping, params: dict, family: str) -> None:
+  """fmjax ties the output projection to the input embeddings; refuse checkpoints that untie them."""
+  name, emb = (("lm_head.weight", params["wte"]["embedding"]) if family == "gpt" else
+               ("cls.predictions.decoder.weight", params["embeddings"]["word_embeddings"]["embedding"]))
+  if name in weights and not np.allclose(np.asarray(weights[name], np.float32), emb):
+    raise ConfigError(f"{name} differs from the input embeddings (untied output layer); fmjax models tie them, "
+                      "so this checkpoint cannot be imported")
+
+
+def _unrolled(model_cfg):
+  cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+  cfg.scan_layers = False
+  return cfg
+
+
+# ----------------------------------------------------------------------------- HF config
+
+
+def _require(cond: bool, what: str) -> None:
+  if not cond:
+    raise ConfigError(f"unsupported Hugging Face config: {what}")
+
+
+def model_settings_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """fmjax `config.model` values for an HF config.json; unsupported settings raise ConfigError."""
+  model_type = hf.get("model_type")
+  if model_type not in FAMILIES:
+    archs = ", ".join(hf.get("architectures") or []) or "none listed"
+    raise ConfigError(f"unsupported architecture: model_type={model_type!r} (architectures: {archs}); "
+                      f"fmjax imports {' and '.join(FAMILIES)} checkpoints")
+  if model_type == "gpt2":
+    d = hf.get("n_embd", 768)
+    _require(hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
+             f"activation_function={hf.get('activation_function')!r}; fmjax's GPT uses tanh-approximated GELU")
+    _require(hf.get("scale_attn_weights", True), "scale_attn_weights=false")
+    _require(not hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx=true")
+    _require(not hf.get("add_cross_attention", False), "add_cross_attention=true")
+    _require(hf.get("tie_word_embeddings", True), "tie_word_embeddings=false")
+    return dict(family="gpt", vocab_size=hf.get("vocab_size", 50257), num_layers=hf.get("n_layer", 12),
+                d_model=d, num_heads=hf.get("n_head", 12), d_ff=hf.get("n_inner") or 4 * d,
+                max_len=hf.get("n_positions", 1024), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                dropout=float(hf.get("resid_pdrop", 0.1)))
+  _require(hf.get("hidden_act", "gelu") == "gelu",
+           f"hidden_act={hf.get('hidden_act')!r}; fmjax's BERT uses exact (erf) GELU")
+  _require(hf.get("position_embedding_type", "absolute") == "absolute",
+           f"position_embedding_type={hf.get('position_embedding_type')!r}")
+  _require(not hf.get("is_decoder", False), "is_decoder=true")
+  _require(hf.get("tie_word_embeddings", True), "tie_word_embeddings=false")
+  return dict(family="bert", vocab_size=hf.get("vocab_size", 30522), num_layers=hf.get("num_hidden_layers", 12),
+              d_model=hf.get("hidden_size", 768), num_heads=hf.get("num_attention_heads", 12),
+              d_ff=hf.get("intermediate_size", 3072), max_len=hf.get("max_position_embeddings", 512),
+              type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+              dropout=float(hf.get("hidden_dropout_prob", 0.1)))
+
+
+def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None) -> dict[str, Any]:
+  """The HF config.json for an fmjax model (and its tokenizer's special ids)."""
+  m = model_cfg
+  specials = {}
+  if tokenizer is not None:
+    specials = {"pad_token_id": tokenizer.pad_id}
+    if m.family == "gpt" and tokenizer.eos_id is not None:
+      specials.update(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+  if m.family == "gpt":
+    archs = ["GPT2LMHeadModel"] + (["GPT2ForSequenceClassification"] if num_labels else [])
+    cfg = dict(model_type="gpt2", architectures=archs, vocab_size=m.vocab_size, n_positions=m.max_len,
+               n_embd=m.d_model, n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.d_ff,
+               activation_function="gelu_new", layer_norm_epsilon=m.layer_norm_eps, resid_pdrop=m.dropout,
+               embd_pdrop=m.dropout, attn_pdrop=0.0, initializer_range=m.init_std, scale_attn_weights=True,
+               tie_word_embeddings=True)
+  else:
+    archs = ["BertForMaskedLM"] + (["BertForSequenceClassification"] if num_labels else [])
+    cfg = dict(model_type="bert", architectures=archs, vocab_size=m.vocab_size, hidden_size=m.d_model,
+               num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, intermediate_size=m.d_ff,
+               hidden_act="gelu", max_position_embeddings=m.max_len, type_vocab_size=m.type_vocab_size,
+               layer_norm_eps=m.layer_norm_eps, hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=0.0,
+               initializer_range=m.init_std, position_embedding_type="absolute", tie_word_embeddings=True)
+  if num_labels:
+    cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+    cfg["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+  cfg["dtype"] = "float32"
+  return {**cfg, **specials}
+
+
+# ----------------------------------------------------------------------------- reading HF directories
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import safe_open
+  out = {}
+  try:
+    with safe_open(path, framework="np") as f:
+      for name in f.keys():
+        out[name] = f.get_tensor(name)
+  except (TypeError, ValueError) as e:  # bfloat16 has no numpy dtype in safetensors' numpy backend
+    if "bfloat16" not in str(e).lower() and "bf16" not in str(e).lower():
+      raise
+    out = {k: v.float().numpy() for k, v in _torch_load(path, safetensors=True).items()}
+  return out
+
+
+def _torch_load(path: str, safetensors: bool = False) -> dict:
+  try:
+    import torch
+  except ImportError:
+    raise ConfigError(f"reading {os.path.basename(path)} needs PyTorch (pip install torch); or convert "
+                      "the checkpoint to model.safetensors") from None
+  if safetensors:
+    from safetensors.torch import load_file
+    return load_file(path)
+  return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_hf_weights(model_dir: str) -> dict[str, np.ndarray]:
+  """All tensors of an HF model directory: model.safetensors (possibly sharded) or pytorch_model.bin."""
+  def files_of(index_name):
+    with open(os.path.join(model_dir, index_name)) as f:
+      return sorted(set(json.load(f)["weight_map"].values()))
+
+  for name in HF_WEIGHT_FILES:
+    path = os.path.join(model_dir, name)
+    if not os.path.exists(path):
+      continue
+    files = files_of(name) if name.endswith(".index.json") else [name]
+    weights = {}
+    for file in files:
+      full = os.path.join(model_dir, file)
+      if file.endswith(".safetensors"):
+        weights.update(_load_safetensors(full))
+      else:
+        weights.update({k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                        for k, v in _torch_load(full).items()})
+    return weights
+  raise ConfigError(f"{model_dir} has no model weights ({', '.join(HF_WEIGHT_FILES[::2])}); "
+                    "point --model_dir at a Hugging Face model directory")
+
+
+def read_hf_tokenizer(model_dir: str):
+  """The tokenizer of an HF directory (tokenizer.json, vocab.txt, or vocab.json + merges.txt)."""
+  from fmjax import data
+  if not any(os.path.exists(os.path.join(model_dir, n)) for n in ("tokenizer.json", "vocab.txt", "vocab.json")):
+    raise ConfigError(f"{model_dir} has no tokenizer files (tokenizer.json, vocab.txt, or vocab.json + "
+                      "merges.txt); copy them from the model's repository into it")
+  return data.load_hf(model_dir)
+
+
+def _read_json(path: str, what: str) -> dict:
+  if not os.path.exists(path):
+    raise ConfigError(f"{os.path.dirname(path) or '.'} has no {os.path.basename(path)}; {what}")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _repo_config(family: str) -> str | None:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = os.path.join(root, "configs", f"{family}.py")
+  return path if os.path.exists(path) else None
+
+
+def _empty_or_missing(path: str) -> bool:
+  return not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))
+
+
+def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
+              overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """Turns an HF BERT / GPT-2 directory into an fmjax workdir with a step-0 checkpoint; returns its config.
+
+  The config starts from `config_spec` (default: configs/gpt.py or configs/bert.py) with the
+  model sizes of the HF config.json; `overrides` (`a.b=v`) apply after that. Everything is
+  checked before anything is written, and the workdir is written under a temporary name and
+  renamed at the end, so a failure leaves nothing behind.
+  """
+  import jax
+  import jax.numpy as jnp
+  from fmjax import checkpoint as ckpt_lib, config_lib, metrics, optim
+
+  model_dir, workdir = os.path.abspath(os.path.expanduser(model_dir)), os.path.abspath(os.path.expanduser(workdir))
+  if not os.path.isdir(model_dir):
+    raise ConfigError(f"--model_dir={model_dir} is not a directory")
+  if not _empty_or_missing(workdir):
+    raise ConfigError(f"--workdir={workdir} already exists and is not empty; choose a new directory")
+  hf = _read_json(os.path.join(model_dir, "config.json"), "point --model_dir at a Hugging Face model directory")
+  settings = model_settings_from_hf(hf)
+  family = settings["family"]
+  tokenizer = read_hf_tokenizer(model_dir)
+  weights = read_hf_weights(model_dir)
+
+  spec = config_spec or _repo_config(family)
+  config = config_lib.load_config(spec) if spec else config_lib.base_config(family)
+  config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
+  if config.model.family != family:
+    raise ConfigError(f"--config is a {config.model.family} config but {model_dir} holds a {hf['model_type']} "
+                      f"model; pass a {family} config")
+  config.name = f"{family}_hf_{os.path.basename(model_dir.rstrip('/'))}"
+  config.model.update(settings)
+  config.model.update(dtype="float32", param_dtype="float32")
+  tok_dir = os.path.join(workdir, "tokenizer")
+  config.data.tokenizer.update(kind="hf", path=tok_dir, vocab_size=tokenizer.vocab_size)
+  config.data.seq_len = min(config.data.seq_len, config.model.max_len)
+  config_lib.apply_overrides(config, overrides)
+  config.lock()
+  config_lib.validate(config)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ConfigError(f"the tokenizer in {model_dir} has {tokenizer.vocab_size} ids but the model only "
+                      f"{config.model.vocab_size}; the tokenizer files belong to another model")
+
+  params, head, notes = hf_to_params(weights, config)
+  if head is not None:
+    notes.append(f"classification head ({head['kernel'].shape[1]} labels) not imported: `fmjax finetune` "
+                 "initialises its own head")
+  tx = optim.make_optimizer(config)
+  params = jax.tree.map(lambda x: jnp.asarray(x, config.model.param_dtype), params)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params)}
+
+  staging = workdir.rstrip("/") + ".importing"
+  shutil.rmtree(staging, ignore_errors=True)
+  try:
+    os.makedirs(staging)
+    tokenizer.save(os.path.join(staging, "tokenizer"))
+    config_lib.save_json(config, os.path.join(staging, "config.json"))
+    info = {"source": model_dir, "model_type": hf["model_type"], "architectures": hf.get("architectures", []),
+            "notes": notes}
+    with open(os.path.join(staging, IMPORT_INFO), "w") as f:
+      json.dump(info, f, indent=2)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(staging, "checkpoints"), async_save=False)
+    meta = {"config": config_lib.to_dict(config), "data_position": 0, "tokenizer": "hf",
+            "imported_from": model_dir, "metrics": {}}
+    checkpointer.save(0, state, meta, force=True)
+    checkpointer.close()
+    if os.path.isdir(workdir):
+      os.rmdir(workdir)  # empty (checked above)
+    os.rename(staging, workdir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  for note in notes:
+    metrics.log.info("import-hf: %s", note)
+  return config
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config.json of a workdir."""
+  cfg = _read_json(os.path.join(workdir, "config.json"), "pass the --workdir of an fmjax run")
+  return ml_collections.ConfigDict(cfg)
+
+
+def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
+  """(config, params, step) of a workdir: the params exactly as saved, whatever their tree.
+
+  Unlike `generate.load_run` this needs no model to restore into, so checkpoints with extra
+  subtrees (a classifier head) load too.
+  """
+  import jax
+  from fmjax import checkpoint as ckpt_lib
+  config = read_run_config(workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise ConfigError(f"{workdir} holds no checkpoints/ directory; train first or pass another --workdir")
+  checkpointer = ckpt_lib.Checkpointer(ckpt_dir)
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise ConfigError(f"{workdir} holds no checkpoint yet; train first or pass another --workdir")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    meta = checkpointer.item_metadata(step, "params")
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta,
+                            is_leaf=lambda x: hasattr(x, "shape"))
+    params = checkpointer.restore(step, {"params": abstract}, items=("params",))["params"]
+  finally:
+    checkpointer.close()
+  return config, normalise_keys(jax.device_get(params)), step
+
+
+def run_tokenizer(workdir: str, config):
+  """The tokenizer of a run: `workdir/tokenizer/` if present, else the one its config names."""
+  from fmjax import data
+  local = os.path.join(workdir, "tokenizer")
+  if os.path.exists(os.path.join(local, "tokenizer.json")):
+    return data.load_tokenizer(local)
+  try:
+    return data.get_tokenizer(config)
+  except ConfigError as e:
+    raise ConfigError(f"cannot load the run's tokenizer ({e})") from None
+
+
+def _export_tokenizer(tokenizer, model_cfg, out: str) -> None:
+  """tokenizer.json (+ vocab files) and tokenizer_config.json that `AutoTokenizer` loads."""
+  import tokenizers as hf_tok
+  tok = hf_tok.Tokenizer.from_str(tokenizer.hf.to_str())  # a copy: the post-processor is HF-only
+  token = lambda i: None if i is None else tok.id_to_token(i)
+  if model_cfg.family == "bert" and tokenizer.cls_id is not None and tokenizer.sep_id is not None:
+    cls, sep = token(tokenizer.cls_id), token(tokenizer.sep_id)
+    tok.post_processor = hf_tok.processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, tokenizer.cls_id), (sep, tokenizer.sep_id)])
+  tok.save(os.path.join(out, "tokenizer.json"))
+  if tokenizer.kind in ("bpe", "wordpiece") or type(tok.model).__name__ in ("BPE", "WordPiece"):
+    tok.model.save(out)  # vocab.json + merges.txt, or vocab.txt: for the slow tokenizer classes
+  specials = {"unk_token": token(tokenizer.unk_id), "pad_token": token(tokenizer.pad_id)}
+  if model_cfg.family == "gpt":
+    specials.update(bos_token=token(tokenizer.eos_id), eos_token=token(tokenizer.eos_id))
+  else:
+    specials.update(cls_token=token(tokenizer.cls_id), sep_token=token(tokenizer.sep_id),
+                    mask_token=token(tokenizer.mask_id))
+  specials = {k: v for k, v in specials.items() if v is not None}
+  with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_cfg.max_len,
+               **specials}, f, indent=2)
+  with open(os.path.join(out, "special_tokens_map.json"), "w") as f:
+    json.dump(specials, f, indent=2)
+
+
+def export_params(params: Mapping, model_cfg, out: str, tokenizer=None) -> str:
+  """Writes config.json, model.safetensors and (given one) the tokenizer files of `params` to `out`."""
+  from safetensors.numpy import save_file
+  tensors = params_to_hf(params, model_cfg)
+  num_labels = int(np.shape(normalise_keys(dict(params))["classifier"]["kernel"])[-1]) if "classifier" in params \
+      else None
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(hf_config(model_cfg, tokenizer, num_labels), f, indent=2)
+  save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+  if tokenizer is not None:
+    _export_tokenizer(tokenizer, model_cfg, out)
+  return out
+
+
+def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> str:
+  """Exports a workdir's checkpoint (latest or `step`) as a Hugging Face model directory `out`."""
+  if fmt != "hf":
+    raise ConfigError(f"--format={fmt!r} is not supported; use --format=hf")
+  out = os.path.abspath(os.path.expanduser(out))
+  if not _empty_or_missing(out):
+    raise ConfigError(f"--out={out} already exists and is not empty; choose a new directory")
+  config, params, _ = load_params(workdir, step)
+  tokenizer = run_tokenizer(workdir, config)
+  staging = out.rstrip("/") + ".exporting"
+  shutil.rmtree(staging, ignore_errors=True)
+  try:
+    export_params(params, config.model, staging, tokenizer)
+    if os.path.isdir(out):
+      os.rmdir(out)
+    os.rename(staging, out)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return out
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def cli_import(argv: list[str]) -> int:
+  """`fmjax import-hf --model_dir=DIR --workdir=OUT [--config=configs/X.py[:args]] [--config.a.b=v ...]`."""
+  import argparse
+  from fmjax import cli, metrics
+  rest, overrides = cli._split_overrides(argv)
+  p = argparse.ArgumentParser(prog="fmjax import-hf")
+  p.add_argument("--model_dir", required=True, help="HF directory: config.json, weights, tokenizer files")
+  p.add_argument("--workdir", required=True, help="new fmjax workdir to write")
+  p.add_argument("--config", default=None, help="base config (default: configs/gpt.py or configs/bert.py)")
+  args = p.parse_args(rest)
+  metrics.setup_logging()
+  config = import_hf(args.model_dir, args.workdir, args.config, overrides)
+  m = config.model
+  print(f"imported {m.family} ({m.num_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}) into "
+        f"{os.path.abspath(args.workdir)}")
+  return 0
+
+
+def cli_export(argv: list[str]) -> int:
+  """`fmjax export --workdir=W --out=DIR [--format=hf] [--step=N]`."""
+  import argparse
+  p = argparse.ArgumentParser(prog="fmjax export")
+  p.add_argument("--workdir", required=True, help="fmjax run directory (config.json + checkpoints/)")
+  p.add_argument("--out", required=True, help="new directory for the Hugging Face files")
+  p.add_argument("--format", default="hf", choices=["hf"])
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  args = p.parse_args(argv)
+  print(export(args.workdir, args.out, args.format, args.step))
+  return 0

@@ -1,0 +1,446 @@
+"""`fmjax plan`: what a config costs on a mesh or TPU topology, before anything runs.
+
+  fmjax plan --config=configs/gpt.py:small --mesh=data=2,fsdp=4        # 8 fake CPU devices here
+  fmjax plan --config=configs/gpt.py:xl --topology=v5p-128            # needs `pip install libtpu`
+  fmjax plan --config=configs/gpt.py:xl --topology=v5p:4x4x4 --config.mesh.fsdp=-1 --config.mesh.data=1
+
+The train step is compiled ahead of time from abstract inputs (`jax.ShapeDtypeStruct`s carrying
+their shardings), so no parameter is ever materialised. The plan reports parameter count,
+FLOPs per token (6*N + 12*L*D*T) and per step next to XLA's own count, per-device memory for
+parameters, optimizer state and XLA's temporary buffers (activations, gradients, workspace) from
+`compiled.memory_analysis()`, the sharding of each parameter group, and whether the peak fits the
+device's HBM.
+
+For a TPU topology the real TPU compiler runs on this host through libtpu
+(`jax.experimental.topologies`). Without libtpu the plan falls back to an analytic estimate:
+parameter and optimizer bytes are still exact (from the shardings), activations come from a
+formula, and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import re
+from typing import Any
+
+import ml_collections
+
+from fmjax import config_lib
+from fmjax.config_lib import ConfigError
+
+GiB = 2**30
+MiB = 2**20
+
+# HBM per device in GiB, matched by substring of `device_kind` (first match wins) or by the
+# name a user types. JAX shows one device per chip on these TPUs.
+HBM_GIB = (
+    ("v5 lite", 16), ("v5e", 16), ("v5litepod", 16),
+    ("v6 lite", 32), ("v6e", 32),
+    ("v5p", 95), ("tpu v5", 95),
+    ("v4", 32),
+    ("h200", 141), ("h100", 80), ("a100-sxm4-40gb", 40), ("a100", 80), ("l4", 24),
+)
+# Cloud TPU accelerator prefixes -> the generation names libtpu's topology strings use.
+_LIBTPU_FAMILY = {"v4": "v4", "v5litepod": "v5e", "v5p": "v5p", "v6e": "v6e"}
+_TOPOLOGY_RE = re.compile(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})")
+
+
+class PlanError(ConfigError):
+  """Bad plan input (mesh, topology, HBM); the message is one line saying what to do."""
+
+
+def hbm_gib_for(kind: str) -> float | None:
+  """HBM per device for a device kind or accelerator name, or None when unknown (e.g. CPU)."""
+  low = kind.lower()
+  return next((float(g) for key, g in HBM_GIB if key in low), None)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """`data=2,fsdp=4` -> {"dcn_data": 1, "data": 2, "fsdp": 4, "tensor": 1}; -1 fills the rest."""
+  from fmjax.sharding import MESH_AXES
+  sizes = {a: 1 for a in MESH_AXES}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    axis, _, value = part.partition("=")
+    if axis not in sizes:
+      close = difflib.get_close_matches(axis, MESH_AXES, n=1)
+      hint = f"; did you mean {close[0]!r}?" if close else f"; the axes are {', '.join(MESH_AXES)}"
+      raise PlanError(f"unknown mesh axis {axis!r} in --mesh={text}{hint}")
+    try:
+      sizes[axis] = int(value)
+    except ValueError:
+      raise PlanError(f"--mesh={text}: {axis} needs an integer size, e.g. {axis}=4") from None
+  return sizes
+
+
+def _chip_grid(chips: int, ndim: int) -> list[int]:
+  """A balanced torus shape for `chips`: 64 -> 4x4x4, 8 -> 2x4 (2-D), 4 -> 2x2x1."""
+  dims, rest = [1] * ndim, chips
+  while rest % 2 == 0 and rest > 1:
+    dims[dims.index(min(dims))] *= 2
+    rest //= 2
+  dims = sorted(dims)
+  dims[-1] *= rest
+  return [d for d in dims if d > 1] + [d for d in dims if d == 1]
+
+
+def topology_name(name: str) -> tuple[str, int]:
+  """`v5p-128` (Cloud TPU name) or `v5p:4x4x4` (libtpu name) -> (libtpu name, chips)."""
+  from fmjax import launch
+  match = _TOPOLOGY_RE.fullmatch(name)
+  if match:
+    return name, math.prod(int(d) for d in match.group(2).split("x"))
+  if ":" in name:
+    family = name.split(":")[0]
+    close = difflib.get_close_matches(family, ("v4", "v5e", "v5p", "v6e"), n=1)
+    hint = f"did you mean {close[0] + ':' + name.split(':', 1)[1]!r}?" if close else "the generations are v4, v5e, v5p, v6e"
+    raise PlanError(f"unknown TPU topology {name!r}: write GEN:AxB[xC] (e.g. v5p:4x4x4) or an accelerator type "
+                    f"(e.g. v5p-128); {hint}")
+  try:
+    acc = launch.parse_accelerator(name)
+  except launch.LaunchError as e:
+    raise PlanError(f"--topology: {e}") from None
+  family = _LIBTPU_FAMILY[acc.family.prefix]
+  ndim = 3 if family in ("v4", "v5p") else 2
+  return f"{family}:{'x'.join(map(str, _chip_grid(acc.chips, ndim)))}", acc.chips
+
+
+def tpu_devices(name: str):
+  """(devices, libtpu topology name) of a TPU topology, or (None, name) when libtpu is not installed."""
+  libtpu_name, _ = topology_name(name)
+  try:
+    import libtpu  # noqa: F401  (only to learn whether it is there)
+  except ImportError:
+    return None, libtpu_name
+  # Several processes on one host may load libtpu only with this set; the plan never runs on a TPU.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+  try:
+    topo = topologies.get_topology_desc(topology_name=libtpu_name, platform="tpu")
+  except Exception as e:  # libtpu reports a bad shape as a runtime error; keep its first line
+    raise PlanError(f"libtpu cannot build topology {libtpu_name!r}: {str(e).splitlines()[0]}") from None
+  return list(topo.devices), libtpu_name
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclasses.dataclass
+class Leaf:
+  """One parameter or optimizer array: its global shape, mesh spec and per-device shard."""
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  spec: tuple
+  shard_shape: tuple[int, ...]
+
+  @property
+  def shard_bytes(self) -> int:
+    import numpy as np
+    return math.prod(self.shard_shape) * np.dtype(self.dtype).itemsize
+
+
+def _shard_shape(shape, spec, mesh_sizes: dict[str, int]) -> tuple[int, ...]:
+  out = []
+  for i, dim in enumerate(shape):
+    axes = spec[i] if i < len(spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    out.append(math.ceil(dim / math.prod(mesh_sizes[a] for a in axes)))
+  return tuple(out)
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def layout(config, mesh_sizes: dict[str, int], tx) -> tuple[list[Leaf], list[Leaf]]:
+  """Per-device shards of every parameter and optimizer leaf, from the logical axis rules alone.
+
+  Needs no devices, so it serves TPU topologies without libtpu as well as real meshes.
+  """
+  import jax
+  import optax
+  from flax import nnx
+  from jax.sharding import PartitionSpec as P
+  from fmjax import models, sharding
+
+  with nnx.logical_axis_rules(sharding.logical_rules(config)):
+    model = models.abstract_model(config.model)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
+  params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                        nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  opt = jax.eval_shape(tx.init, params)
+  is_spec = lambda x: isinstance(x, P)
+  opt_specs = optax.tree_map_params(tx, lambda _, s: s, opt, specs, transform_non_params=lambda _: P(),
+                                    is_leaf=is_spec)
+
+  def leaves(tree, spec_tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat_specs = jax.tree_util.tree_leaves(spec_tree, is_leaf=is_spec)
+    return [Leaf(_path_str(p), tuple(a.shape), str(a.dtype), tuple(s), _shard_shape(a.shape, tuple(s), mesh_sizes))
+            for (p, a), s in zip(flat, flat_specs)]
+
+  return leaves(params, specs), leaves(opt, opt_specs)
+
+
+def groups(param_leaves: list[Leaf]) -> list[dict]:
+  """Parameters with the layer index folded (`h/blocks/*/mlp/fc/kernel`), one row per group."""
+  out: dict[str, dict] = {}
+  for leaf in param_leaves:
+    name = re.sub(r"/\d+/", "/*/", leaf.path)
+    row = out.setdefault(name, {"group": name, "count": 0, "shape": leaf.shape, "spec": leaf.spec,
+                                "shard_shape": leaf.shard_shape})
+    row["count"] += 1
+  return list(out.values())
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def analytic_temp_bytes(config, mesh_sizes: dict[str, int], param_bytes: int) -> int:
+  """A formula for XLA's temporary buffers in one train step, per device.
+
+  Gradients (one copy of the local parameters) plus saved activations. Per token and layer
+  the block keeps about 16*D values (LayerNorm inputs, q/k/v, attention output, the 4*D MLP
+  hidden before and after GELU) plus 2*H*T for attention scores and probabilities
+  (Korthikanti et al., 2022 count 34*D + 5*H*T bytes at 16 bits with dropout masks). Remat keeps
+  only each layer's input and recomputes one layer at a time. The f32 logits of the LM head and
+  their gradient come on top. Tensor parallelism divides all of it.
+  """
+  m, t = config.model, config.data.seq_len
+  dp = mesh_sizes["dcn_data"] * mesh_sizes["data"] * mesh_sizes["fsdp"]
+  tp = mesh_sizes["tensor"]
+  rows = max(1, config.train.batch_size // config.train.grad_accum // dp)
+  tokens = rows * t
+  act_bytes = 2 if m.dtype in ("bfloat16", "float16") else 4
+  per_layer = tokens * (16 * m.d_model + 2 * m.num_heads * t) * act_bytes / tp
+  if m.remat == "none":
+    acts = m.num_layers * per_layer
+  elif m.remat == "full":
+    acts = m.num_layers * tokens * m.d_model * act_bytes + per_layer
+  else:  # the dots policies keep matmul outputs: about half of a layer's activations
+    acts = m.num_layers * per_layer / 2 + per_layer
+  logit_rows = rows * (config.data.max_predictions if config.train.objective == "mlm" else t)
+  logits = 3 * logit_rows * m.vocab_size * 4 / tp
+  return int(param_bytes + acts + logits)
+
+
+def _batch_bytes(config, dp: int) -> int:
+  from fmjax import bench
+  host = bench.synthetic_batch(config, batch_size=1)
+  rows = math.ceil(config.train.batch_size / dp)
+  return sum(rows * v[0].nbytes for v in host.values())
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def plan(config, *, mesh: str | dict | None = None, topology: str | None = None, hbm_gib: float | None = None,
+         devices=None) -> dict:
+  """Plans one train step of `config`; returns a dict of the figures (see `format_plan`).
+
+  mesh: `data=2,fsdp=4` (or a dict of axis sizes); without it the config's mesh is used.
+  topology: a TPU (`v5p-128` or `v5p:4x4x4`) to compile for instead of this host's devices.
+  hbm_gib: HBM per device to judge "fits" against; default from the device kind or topology.
+  """
+  import jax
+  from fmjax import models, optim, sharding, train
+
+  config = ml_collections.ConfigDict(config_lib.to_dict(config))
+  notes = []
+  if mesh is not None:
+    sizes = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
+    with config.mesh.unlocked() if config.mesh.is_locked else _Null():
+      config.mesh.update(sizes)
+
+  target, libtpu_name, compiled_ok = "", None, True
+  if topology:
+    devices, libtpu_name = tpu_devices(topology)
+    target = f"TPU topology {libtpu_name}" + (f" ({topology})" if topology != libtpu_name else "")
+    if devices is None:
+      compiled_ok = False
+      num_devices = topology_name(topology)[1]
+      kind = libtpu_name.split(":")[0]
+      notes.append("libtpu is not installed, so nothing was compiled: parameter and optimizer bytes are exact, "
+                   "temp (activations, gradients) is an ANALYTIC ESTIMATE. `pip install libtpu` for the TPU "
+                   "compiler's own figures")
+    else:
+      num_devices, kind = len(devices), devices[0].device_kind
+    if config.model.attention == "auto":
+      # "auto" would pick by this host's backend; splash cannot be lowered for TPU from a CPU host.
+      config.model.attention = "xla"
+      notes.append("attention planned with the xla kernel; on TPU `auto` runs splash, which needs less temp memory")
+  else:
+    devices = list(devices if devices is not None else jax.devices())
+    wanted = math.prod(abs(int(config.mesh[a])) for a in sharding.MESH_AXES)
+    if -1 not in [int(config.mesh[a]) for a in sharding.MESH_AXES]:
+      if wanted > len(devices):
+        raise PlanError(f"the mesh needs {wanted} devices but {len(devices)} are available; on a CPU host "
+                        f"run `fmjax plan` itself (it fakes {wanted} CPU devices) or plan for a --topology")
+      devices = devices[:wanted]
+    num_devices, kind = len(devices), devices[0].device_kind
+    target = f"{num_devices} x {kind}"
+    if devices[0].platform == "cpu":
+      notes.append("compiled for fake CPU devices by XLA's CPU compiler: memory figures are indicative of, "
+                   "not equal to, a TPU's or GPU's")
+
+  config_lib.validate(config, num_devices)
+  mesh_sizes = sharding.mesh_shape(config, num_devices)
+  dp = mesh_sizes["dcn_data"] * mesh_sizes["data"] * mesh_sizes["fsdp"]
+  tx = optim.make_optimizer(config)
+  param_leaves, opt_leaves = layout(config, mesh_sizes, tx)
+  abstract = models.abstract_model(config.model)
+  n_params = models.param_count(abstract)
+  n_no_pos = models.param_count(abstract, exclude_positions=True)
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  fpt = models.flops_per_token(config.model, config.data.seq_len)
+
+  param_bytes = sum(l.shard_bytes for l in param_leaves)
+  opt_bytes = sum(l.shard_bytes for l in opt_leaves)
+  batch_bytes = _batch_bytes(config, dp)
+  analytic_temp = analytic_temp_bytes(config, mesh_sizes, param_bytes)
+  memory = {"params": param_bytes, "optimizer": opt_bytes, "batch": batch_bytes,
+            "temp_analytic": analytic_temp,
+            "peak_analytic": param_bytes + opt_bytes + batch_bytes + analytic_temp}
+  xla_flops = None
+  if compiled_ok:
+    compiled = compile_step(config, devices)
+    stats = compiled.memory_analysis()
+    code = getattr(stats, "generated_code_size_in_bytes", 0)
+    memory.update(arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
+                  aliased=stats.alias_size_in_bytes, temp=stats.temp_size_in_bytes, code=code,
+                  peak=(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+                        + stats.temp_size_in_bytes + code))
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and cost.get("flops"):
+      xla_flops = float(cost["flops"]) * num_devices  # cost_analysis counts one device's program
+  peak = memory.get("peak", memory["peak_analytic"])
+
+  hbm_source = "given"
+  if hbm_gib is None:
+    hbm_gib = hbm_gib_for(kind) or (hbm_gib_for(topology) if topology else None)
+    hbm_source = f"{kind}" if hbm_gib else ""
+  if hbm_gib is not None and hbm_gib <= 0:
+    raise PlanError(f"--hbm_gib must be positive, got {hbm_gib}")
+  return {
+      "config": config.name, "target": target, "device_kind": kind, "num_devices": num_devices,
+      "mesh": mesh_sizes, "compiled": compiled_ok,
+      "params": n_params, "params_without_positions": n_no_pos,
+      "flops_per_token": fpt, "tokens_per_step": tokens_per_step, "flops_per_step": fpt * tokens_per_step,
+      "xla_flops_per_step": xla_flops, "memory": memory, "peak_bytes": peak,
+      "hbm_gib": hbm_gib, "hbm_source": hbm_source,
+      "fits": None if hbm_gib is None else peak <= hbm_gib * GiB,
+      "groups": groups(param_leaves), "notes": notes,
+  }
+
+
+class _Null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def compile_step(config, devices):
+  """Compiles the real train step for `devices` from ShapeDtypeStructs: nothing is allocated."""
+  import jax
+  from flax import nnx
+  from fmjax import bench, optim, sharding, train
+
+  mesh = sharding.make_mesh(config, devices)
+  batch_sharding = sharding.batch_sharding(mesh)
+  tx = optim.make_optimizer(config)
+  spec = train.state_spec(config, mesh, tx)
+  host = bench.synthetic_batch(config, batch_size=1)
+  batch = {k: jax.ShapeDtypeStruct((config.train.batch_size,) + v.shape[1:], v.dtype, sharding=batch_sharding)
+           for k, v in host.items()}
+  # jit outside the mesh context: building the step makes a PRNG key eagerly, which a mesh of
+  # topology-only TPU devices cannot hold. Tracing (lower) needs the mesh and the axis rules.
+  step, _ = train.compile_steps(config, spec, tx, batch_sharding)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
+    return step.lower(spec.abstract, batch).compile()
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _b(n: float) -> str:
+  return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.2f} MiB"
+
+
+def _spec(spec: tuple) -> str:
+  return "(" + ", ".join("-" if s is None else s if isinstance(s, str) else "+".join(s) for s in spec) + ")"
+
+
+def format_plan(p: dict) -> str:
+  """The plan as text for a terminal."""
+  mem = p["memory"]
+  mesh = " ".join(f"{k}={v}" for k, v in p["mesh"].items())
+  lines = [f"plan: {p['config']} on {p['target']}, mesh {mesh}"]
+  lines += [f"  note: {n}" for n in p["notes"]]
+  lines += [
+      f"  parameters      {p['params']:,} ({p['params_without_positions']:,} without position embeddings)",
+      f"  FLOPs/token     6*N + 12*L*D*T = {p['flops_per_token']:.4g}",
+      f"  FLOPs/step      {p['flops_per_step']:.4g} ({p['tokens_per_step']:,} tokens)"
+      + (f"; XLA cost analysis {p['xla_flops_per_step']:.4g}" if p["xla_flops_per_step"] else ""),
+      f"  memory per device ({'compiled' if p['compiled'] else 'ANALYTIC ESTIMATE'}):",
+      f"    parameters    {_b(mem['params'])}",
+      f"    optimizer     {_b(mem['optimizer'])}",
+      f"    batch         {_b(mem['batch'])}",
+  ]
+  if p["compiled"]:
+    lines += [f"    temp          {_b(mem['temp'])}  (XLA temporaries: activations, gradients, workspace; "
+              f"formula {_b(mem['temp_analytic'])})",
+              f"    peak          {_b(mem['peak'])}  (arguments {_b(mem['arguments'])} + outputs "
+              f"{_b(mem['outputs'])} - donated {_b(mem['aliased'])} + temp + code)"]
+  else:
+    lines += [f"    temp          {_b(mem['temp_analytic'])}  (estimate: gradients + activations + logits)",
+              f"    peak          {_b(mem['peak_analytic'])}  (estimate)"]
+  if p["fits"] is None:
+    lines.append("  fits            unknown: no HBM figure for this device; pass --hbm_gib")
+  else:
+    use = p["peak_bytes"] / (p["hbm_gib"] * GiB)
+    verdict = "FITS" if p["fits"] else "DOES NOT FIT"
+    lines.append(f"  fits            {verdict}: {100 * use:.0f}% of {p['hbm_gib']:g} GiB HBM per device "
+                 f"({p['hbm_source']})" + (" (tight: XLA needs headroom)" if p["fits"] and use > 0.9 else ""))
+  lines.append("  parameter shardings (per-device shard):")
+  width = max(len(g["group"]) for g in p["groups"])
+  for g in p["groups"]:
+    count = f" x{g['count']}" if g["count"] > 1 else ""
+    lines.append(f"    {g['group']:<{width}}  {str(g['shape']):<18} {_spec(g['spec']):<22} "
+                 f"-> {g['shard_shape']}{count}")
+  return "\n".join(lines)
+
+
+def cli(argv: list[str]) -> int:
+  """`fmjax plan --config=... [--mesh=data=2,fsdp=4 | --topology=v5p-128] [--hbm_gib=G] [--config.a=b ...]`."""
+  import jax
+  from fmjax.cli import _split_overrides
+  rest, overrides = _split_overrides(argv)
+  p = argparse.ArgumentParser(prog="fmjax plan")
+  p.add_argument("--config", required=True, help="configs/NAME.py[:args]")
+  target = p.add_mutually_exclusive_group()
+  target.add_argument("--mesh", default=None, help="mesh axis sizes, e.g. data=2,fsdp=4 (fake CPU devices here)")
+  target.add_argument("--topology", default=None, help="TPU to compile for: v5p-128 or v5p:4x4x4 (needs libtpu)")
+  p.add_argument("--hbm_gib", type=float, default=None, help="HBM per device to judge fit (default: by device)")
+  args = p.parse_args(rest)
+  config = config_lib.load_config(args.config, overrides)
+  devices = None
+  if args.mesh:
+    wanted = math.prod(abs(s) for s in parse_mesh(args.mesh).values())
+    try:  # a CPU host plans a pod-sized mesh on fake devices; only possible before JAX starts
+      jax.config.update("jax_num_cpu_devices", max(wanted, 1))
+    except RuntimeError:
+      pass
+    if len(jax.devices()) < wanted:
+      devices = jax.devices("cpu")
+  print(format_plan(plan(config, mesh=args.mesh, topology=args.topology, hbm_gib=args.hbm_gib, devices=devices)))
+  return 0

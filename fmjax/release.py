@@ -1,0 +1,334 @@
+"""Release bundles: what a model is, what it was trained on, and under which terms it may be used.
+
+  fmjax release --workdir=W --out=DIR --card=card.json
+
+The bundle:
+
+  DIR/MODEL_CARD.md     filled from the run: architecture, parameter count, data sources and their
+                        declared licenses, tokens seen, steps, evaluation results, intended use,
+                        limitations, license and use restrictions, the PII summary
+  DIR/data_report.json  PII scan (`fmjax.data.pii.scan`) of a sample of the training data: counts
+                        per kind, sample size, whether scrubbing was on in training
+  DIR/hf/               Hugging Face weights, config and tokenizer (`fmjax.interop.export`)
+  DIR/fmjax/            the fmjax checkpoint step, its config.json (tokenizer pointed at
+                        fmjax/tokenizer/) and metrics.jsonl: a workdir `generate`/`eval`/`finetune` read
+  DIR/SHA256SUMS        the SHA-256 of every other file (`sha256sum -c SHA256SUMS`)
+
+What fmjax cannot know (license, intended use, ...) comes from `--card=card.json`, or from a
+`release` dict in the run's config; a release with required fields missing is refused before
+anything is written, with the list of fields to fill in. card.json:
+
+  {"license": "apache-2.0", "intended_use": "...", "limitations": "...",
+   "use_restrictions": "...", "data_licenses": {"fmjax_corpus": "PSF-2.0"},
+   "model_name": "...", "description": "...", "authors": "...", "citation": "...", "contact": "..."}
+
+`data_licenses` declares a license for every training data source of the run (the dataset name,
+or `text_files:<glob>` for each glob of local files).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Mapping
+
+import numpy as np
+
+from fmjax import interop
+from fmjax.config_lib import ConfigError
+
+REQUIRED_FIELDS = ("license", "intended_use", "limitations", "use_restrictions", "data_licenses")
+OPTIONAL_FIELDS = ("model_name", "description", "authors", "citation", "contact")
+DEFAULT_PII_SAMPLE = 1000  # documents scanned for the data report
+
+
+# ----------------------------------------------------------------------------- card fields
+
+
+def data_sources(config, imported: Mapping | None = None) -> list[str]:
+  """The training data sources of a run, as `data_licenses` must name them."""
+  if imported is not None:
+    return []  # fmjax never saw the data of imported weights; the card declares what it knows
+  d = config.data
+  if d.dataset == "text_files":
+    return [f"text_files:{g.strip()}" for g in str(d.files).split(",") if g.strip()]
+  return [d.dataset]
+
+
+def read_card(config, card_path: str | None) -> dict[str, Any]:
+  """Card fields: `config.release` (if the run has one), overridden by `card_path`'s JSON."""
+  card = dict(config.get("release") or {}) if hasattr(config, "get") else {}
+  if card_path:
+    if not os.path.exists(card_path):
+      raise ConfigError(f"--card={card_path} does not exist; write a JSON file with the model card fields "
+                        f"({', '.join(REQUIRED_FIELDS)})")
+    try:
+      with open(card_path) as f:
+        card.update(json.load(f))
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"--card={card_path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+  known = REQUIRED_FIELDS + OPTIONAL_FIELDS
+  for key in card:
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1)
+      hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(known)}"
+      raise ConfigError(f"unknown model card field {key!r}{hint}")
+  return card
+
+
+def missing_fields(card: Mapping[str, Any], sources: list[str]) -> list[str]:
+  """Required card fields that are absent or empty, including a license for each data source."""
+  missing = [k for k in REQUIRED_FIELDS if k != "data_licenses" and not str(card.get(k) or "").strip()]
+  licenses = card.get("data_licenses")
+  if not isinstance(licenses, Mapping) or not licenses:
+    missing += [f"data_licenses[{s!r}]" for s in sources] or ["data_licenses"]
+  else:
+    missing += [f"data_licenses[{s!r}]" for s in sources if not str(licenses.get(s) or "").strip()]
+  return missing
+
+
+# ----------------------------------------------------------------------------- facts from the run
+
+
+def eval_results(workdir: str) -> tuple[int | None, dict[str, float]]:
+  """(step, metrics) of the last row of metrics.jsonl that holds `eval/*` values."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  step, found = None, {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill: skip it
+          continue
+        evals = {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")}
+        if evals:
+          step, found = row.get("step"), evals
+  return step, found
+
+
+def pii_report(config, sample_docs: int, imported: Mapping | None = None) -> dict[str, Any]:
+  """The PII scan of the first `sample_docs` training documents (in the data's fixed order)."""
+  from fmjax.data import pii, sources
+  report = {"sources": data_sources(config, imported), "pii_scrub": bool(config.data.pii_scrub),
+            "kinds": sorted(pii.PLACEHOLDERS)}
+  if imported is not None:
+    report.update(sample=None, pii_counts=None,
+                  note=f"weights imported from {imported.get('source')}; fmjax has no record of their training data")
+    return report
+  docs, chars, counts = 0, 0, {k: 0 for k in sorted(pii.PLACEHOLDERS)}
+  try:
+    for text in sources.documents(config, "train"):
+      if docs >= sample_docs:
+        break
+      docs += 1
+      chars += len(text)
+      for kind, n in pii.scan([text]).items():
+        counts[kind] += n
+  except Exception as e:  # pylint: disable=broad-except
+    # Whatever stops the read (a missing dataset, no network for TFDS, a bad file) ends in one line.
+    raise ConfigError(f"cannot read the training data for the PII report ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); run release where the data is reachable") from None
+  scrubbed = ("scrubbing was on: these were replaced by placeholders before tokenisation, so the model did "
+              "not see them" if config.data.pii_scrub else
+              "scrubbing was off: the model was trained on this text as is")
+  report.update(sample={"documents": docs, "characters": chars, "split": config.data.train_split,
+                        "method": f"the first {sample_docs} documents of the train split, in order"},
+                pii_counts=counts, note=f"counts are of the raw source text; {scrubbed}")
+  return report
+
+
+def _param_counts(params) -> tuple[int, int]:
+  leaves = []
+
+  def walk(tree, path):
+    for k, v in tree.items():
+      if isinstance(v, Mapping):
+        walk(v, path + (k,))
+      else:
+        leaves.append((path + (k,), int(np.prod(np.shape(v)))))
+  walk(params, ())
+  total = sum(n for _, n in leaves)
+  positions = sum(n for p, n in leaves if any(str(k) in ("wpe", "position_embeddings") for k in p))
+  return total, total - positions
+
+
+# ----------------------------------------------------------------------------- the card
+
+
+def _table(rows, header) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Mapping[str, Any],
+               evals: tuple[int | None, dict], imported: Mapping | None) -> str:
+  """MODEL_CARD.md text."""
+  m = config.model
+  total, no_pos = _param_counts(params)
+  name = card.get("model_name") or config.name
+  arch = ("GPT-2-style decoder (pre-LN, learned positions, tied embeddings, causal LM)" if m.family == "gpt"
+          else "BERT encoder (post-LN, learned positions, token types, pooler, tied masked-LM head)")
+  heads = " + sequence-classification head" if "classifier" in params else ""
+  lines = [f"# {name}", ""]
+  if card.get("description"):
+    lines += [card["description"], ""]
+  lines += ["## Model", "", _table([
+      ("Architecture", arch + heads), ("Layers", m.num_layers), ("Model width (d_model)", m.d_model),
+      ("Attention heads", m.num_heads), ("MLP width (d_ff)", m.d_ff),
+      ("Vocabulary", f"{m.vocab_size} (model rows; the tokenizer may use fewer)"),
+      ("Max sequence length", m.max_len), ("Parameters", f"{total:,} ({no_pos:,} without position embeddings)"),
+      ("Parameter dtype", m.param_dtype)], ("", "")), ""]
+
+  t = config.get("train") or {}
+  seq_len = config.data.get("seq_len", 0)
+  batch = t.get("batch_size", 0)
+  lines += ["## Training", ""]
+  if imported is not None:
+    lines += [f"Weights imported from Hugging Face ({imported.get('model_type')}: {imported.get('source')}); "
+              f"fmjax trained them for {step} step(s) after that.", ""]
+  lines += [_table([
+      ("Objective", {"clm": "causal LM", "mlm": "masked LM"}.get(t.get("objective"), t.get("objective"))),
+      ("Steps", f"{step} (of {t.get('steps', '?')} planned)"),
+      ("Tokens seen", f"{step * batch * seq_len:,} (steps x batch {batch} x sequence {seq_len}, packed rows)"),
+      ("Optimizer", f"AdamW, lr {config.optim.lr}, {config.optim.schedule} schedule, "
+                    f"weight decay {config.optim.weight_decay}" if "optim" in config else "n/a"),
+      ("PII scrubbing", "on" if config.data.pii_scrub else "off")], ("", "")), ""]
+
+  lines += ["## Training data", ""]
+  licenses = dict(card.get("data_licenses") or {})
+  sources = report["sources"] or list(licenses)
+  lines += [_table([(s, licenses.get(s, "not declared")) for s in sources], ("Source", "Declared license")), ""]
+  if report.get("pii_counts") is not None:
+    sample = report["sample"]
+    lines += [f"PII scan of {sample['documents']} documents ({sample['characters']:,} characters; "
+              f"{sample['method']}): " + ", ".join(f"{k} {v}" for k, v in report["pii_counts"].items())
+              + f". {report['note'][0].upper()}{report['note'][1:]}. Details: `data_report.json`.", ""]
+  else:
+    lines += [f"No PII scan: {report['note']}.", ""]
+
+  lines += ["## Evaluation", ""]
+  eval_step, metrics = evals
+  if metrics:
+    lines += [f"Held-out results at step {eval_step} (from metrics.jsonl):", "",
+              _table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in sorted(metrics.items())],
+                     ("Metric", "Value")), ""]
+  else:
+    lines += ["No evaluation results were recorded in this run's metrics.jsonl.", ""]
+
+  lines += ["## Intended use", "", str(card["intended_use"]), "",
+            "## Limitations", "", str(card["limitations"]), "",
+            "## License and use restrictions", "", f"License: {card['license']}", "",
+            f"Use restrictions: {card['use_restrictions']}", ""]
+  for key, title in (("authors", "Authors"), ("citation", "Citation"), ("contact", "Contact")):
+    if card.get(key):
+      lines += [f"## {title}", "", str(card[key]), ""]
+  auto = "AutoModelForCausalLM" if m.family == "gpt" else "AutoModelForMaskedLM"
+  lines += ["## Files", "",
+            "- `hf/`: Hugging Face format (safetensors, float32; the vocabulary is exported padded to the model's "
+            f"`vocab_size`): `transformers.{auto}.from_pretrained('hf')`, `AutoTokenizer.from_pretrained('hf')`.",
+            "- `fmjax/`: the fmjax workdir (config.json, checkpoint step "
+            f"{step}, tokenizer): `fmjax generate --workdir=fmjax` or `--config.init_from=fmjax` to fine-tune.",
+            "- `data_report.json`: the PII scan above.",
+            "- `SHA256SUMS`: checksums of every file; verify with `sha256sum -c SHA256SUMS`.", ""]
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- bundle
+
+
+def sha256sums(directory: str) -> str:
+  """`<sha256>  <relative path>` for every file under `directory`, sorted (sha256sum -c format)."""
+  lines = []
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, directory)
+      if rel == "SHA256SUMS":
+        continue
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+          digest.update(chunk)
+      lines.append(f"{digest.hexdigest()}  {rel}")
+  return "\n".join(sorted(lines, key=lambda l: l.split("  ", 1)[1])) + "\n"
+
+
+def _imported_info(workdir: str) -> dict | None:
+  path = os.path.join(workdir, interop.IMPORT_INFO)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def release(workdir: str, out: str, *, card_path: str | None = None, step: int | None = None,
+            pii_sample: int = DEFAULT_PII_SAMPLE) -> str:
+  """Writes the release bundle of `workdir`'s checkpoint (latest or `step`) to `out`; returns `out`.
+
+  Everything that can fail (card fields, checkpoint, tokenizer, training data) is checked before
+  the bundle is written, and the bundle is written under a temporary name and renamed at the end.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  out = os.path.abspath(os.path.expanduser(out))
+  config = interop.read_run_config(workdir)
+  imported = _imported_info(workdir)
+  card = read_card(config, card_path)
+  missing = missing_fields(card, data_sources(config, imported))
+  if missing:
+    where = f"--card={card_path}" if card_path else "a --card=card.json file (or config.release)"
+    raise ConfigError(f"release refused: fill in these model card fields in {where}: {', '.join(missing)}")
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise ConfigError(f"--out={out} already exists and is not empty; choose a new directory")
+
+  config, params, step = interop.load_params(workdir, step)
+  tokenizer = interop.run_tokenizer(workdir, config)
+  report = pii_report(config, pii_sample, imported)
+  evals = eval_results(workdir)
+
+  staging = out.rstrip("/") + ".releasing"
+  shutil.rmtree(staging, ignore_errors=True)
+  try:
+    os.makedirs(staging)
+    interop.export_params(params, config.model, os.path.join(staging, "hf"), tokenizer)
+    run_dir = os.path.join(staging, "fmjax")
+    shutil.copytree(os.path.join(workdir, "checkpoints", str(step)), os.path.join(run_dir, "checkpoints", str(step)))
+    tokenizer.save(os.path.join(run_dir, "tokenizer"))
+    run_config = json.loads(config.to_json_best_effort())
+    # The bundle carries its tokenizer, so the copied run no longer needs the training corpus for it.
+    run_config["data"]["tokenizer"].update(kind="hf", path=os.path.join(out, "fmjax", "tokenizer"))
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+      json.dump(run_config, f, indent=2, sort_keys=True)
+    for name in ("metrics.jsonl", interop.IMPORT_INFO):
+      if os.path.exists(os.path.join(workdir, name)):
+        shutil.copy2(os.path.join(workdir, name), os.path.join(run_dir, name))
+    with open(os.path.join(staging, "data_report.json"), "w") as f:
+      json.dump(report, f, indent=2)
+    with open(os.path.join(staging, "MODEL_CARD.md"), "w") as f:
+      f.write(model_card(config, card, step=step, params=params, report=report, evals=evals, imported=imported))
+    with open(os.path.join(staging, "SHA256SUMS"), "w") as f:
+      f.write(sha256sums(staging))
+    if os.path.isdir(out):
+      os.rmdir(out)
+    os.rename(staging, out)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return out
+
+
+def cli(argv: list[str]) -> int:
+  """`fmjax release --workdir=W --out=DIR [--card=card.json] [--step=N] [--pii_sample=1000]`."""
+  import argparse
+  p = argparse.ArgumentParser(prog="fmjax release")
+  p.add_argument("--workdir", required=True, help="fmjax run directory (config.json + checkpoints/)")
+  p.add_argument("--out", required=True, help="new directory for the bundle")
+  p.add_argument("--card", default=None, help="JSON with the model card fields fmjax cannot know")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--pii_sample", type=int, default=DEFAULT_PII_SAMPLE, help="training documents to scan for PII")
+  args = p.parse_args(argv)
+  print(release(args.workdir, args.out, card_path=args.card, step=args.step, pii_sample=args.pii_sample))
+  return 0

@@ -1,0 +1,172 @@
+"""`fmjax report`: a workdir's metrics.jsonl as a Markdown table, a CSV and PNG plots.
+
+  fmjax report --workdir=/tmp/gpt_tiny                 # writes into the workdir
+  fmjax report --workdir=/tmp/lr_sweep --out=/tmp/rep  # a sweep root: the sweep's table and plot
+
+Outputs: `report.md` (final and best figures, then a table of the logged steps), `metrics.csv`
+(every scalar at every logged step), `loss.png` (train and eval loss vs step) and `train.png`
+(the other train scalars: lr, grad norm, accuracy, tokens/s). A resumed run logs some steps
+twice; the last value logged for a step wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+from typing import Sequence
+
+from fmjax.config_lib import ConfigError
+
+METRICS_FILE = "metrics.jsonl"
+_MAX_TABLE_ROWS = 25
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """Records of `workdir/metrics.jsonl` merged per step (last value wins), sorted by step; [] if absent.
+
+  A line cut short by a kill mid-write is skipped rather than failing the whole report.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  by_step: dict[int, dict] = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict) and "step" in record:
+        by_step.setdefault(int(record["step"]), {}).update(record)
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def series(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of one scalar over the records that have it."""
+  pairs = [(r["step"], float(r[key])) for r in records if key in r]
+  return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str, *, ylabel: str,
+                title: str = "", xlabel: str = "step", logx: bool = False) -> str:
+  """Line plot of named (x, y) curves into a PNG; returns the path."""
+  import matplotlib
+  matplotlib.use("Agg")  # files only: never needs a display
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, (x, y) in curves.items():
+    ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=label)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if logx:
+    ax.set_xscale("log")
+  if title:
+    ax.set_title(title)
+  ax.grid(alpha=0.3)
+  if len(curves) > 1:
+    ax.legend(fontsize=7 if len(curves) > 6 else 9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def _plot_grid(records: Sequence[dict], keys: list[str], path: str) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  cols = min(len(keys), 2)
+  rows = math.ceil(len(keys) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+  for ax, key in zip(axes.flat, keys):
+    ax.plot(*series(records, key))
+    ax.set_title(key, fontsize=10)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(keys):]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def _cell(value) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, float):
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+  return str(value)
+
+
+def _table_steps(steps: list[int]) -> list[int]:
+  """At most _MAX_TABLE_ROWS steps, spread evenly, always keeping the last."""
+  if len(steps) <= _MAX_TABLE_ROWS:
+    return steps
+  stride = math.ceil(len(steps) / (_MAX_TABLE_ROWS - 1))
+  return steps[::stride] + ([steps[-1]] if (len(steps) - 1) % stride else [])
+
+
+def format_markdown(records: Sequence[dict], title: str) -> str:
+  """A summary (final and best losses) and a table of the logged steps."""
+  keys = sorted({k for r in records for k in r if k != "step"},
+                key=lambda k: (not k.startswith("train/loss"), not k.startswith("eval/loss"), k))
+  lines = [f"# {title}", ""]
+  for key in ("train/loss", "eval/loss"):
+    steps, values = series(records, key)
+    if values:
+      best = min(range(len(values)), key=values.__getitem__)
+      lines.append(f"- {key}: final {values[-1]:.4f} at step {steps[-1]}; best {values[best]:.4f} at step {steps[best]}")
+  lines += ["", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+  by_step = {r["step"]: r for r in records}
+  for step in _table_steps(sorted(by_step)):
+    lines.append(f"| {step} | " + " | ".join(_cell(by_step[step].get(k)) for k in keys) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def report(workdir: str, out: str | None = None) -> list[str]:
+  """Writes the report for a run's workdir (or a sweep root) into `out` (default: the workdir)."""
+  out = out or workdir
+  records = read_metrics(workdir)
+  if not records:
+    from fmjax import sweep
+    if os.path.exists(os.path.join(workdir, sweep.RUNS_FILE)):
+      os.makedirs(out, exist_ok=True)
+      return sweep.write_outputs(sweep.aggregate(workdir, sweep.read_runs_file(workdir)), out)
+    raise ConfigError(f"no {METRICS_FILE} (or {sweep.RUNS_FILE}) in {workdir}; pass the --workdir of a train run "
+                      "or a sweep")
+  os.makedirs(out, exist_ok=True)
+  name = os.path.basename(os.path.normpath(workdir))
+  paths = [os.path.join(out, "report.md"), os.path.join(out, "metrics.csv")]
+  with open(paths[0], "w") as f:
+    f.write(format_markdown(records, name))
+  keys = sorted({k for r in records for k in r if k != "step"})
+  with open(paths[1], "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["step", *keys])
+    for r in records:
+      w.writerow([r["step"], *(r.get(k, "") for k in keys)])
+  curves = {k: series(records, k) for k in ("train/loss", "eval/loss")}
+  curves = {k: v for k, v in curves.items() if v[0]}
+  if curves:
+    paths.append(plot_curves(curves, os.path.join(out, "loss.png"), ylabel="loss", title=name))
+  others = [k for k in keys if k.startswith("train/") and k not in ("train/loss", "train/nonfinite", "train/tokens")]
+  if others:
+    paths.append(_plot_grid(records, others, os.path.join(out, "train.png")))
+  return paths
+
+
+def cli(argv: list[str]) -> int:
+  """`fmjax report --workdir=W [--out=DIR]`."""
+  p = argparse.ArgumentParser(prog="fmjax report")
+  p.add_argument("--workdir", required=True, help="a train run's workdir, or a sweep root")
+  p.add_argument("--out", default="", help="where to write (default: the workdir)")
+  args = p.parse_args(argv)
+  for path in report(args.workdir, args.out or None):
+    print(path)
+  return 0

@@ -1,0 +1,391 @@
+"""`fmjax sweep`: a config's `get_sweep()` as named runs, run locally or printed as commands.
+
+  fmjax sweep --config=configs/gpt.py:tiny,runlocal --workdir=/tmp/lr_sweep --parallel=2
+  fmjax sweep --config=configs/gpt.py:tiny --workdir=gs://BUCKET/lr --print_commands
+
+`get_sweep()` returns a list of override dicts, e.g. `[{"optim.lr": 1e-3}, {"optim.lr": 3e-3}]`;
+`product` and `zip` build such lists:
+
+  sweep.product({"optim.lr": [1e-3, 3e-3]}, {"train.seed": [0, 1, 2]})   # 6 runs
+  sweep.zip({"model.d_model": [64, 128]}, {"model.num_heads": [2, 4]})    # 2 runs
+
+Two keys are not config keys: `config` replaces the `get_config` arg of that run (`{"config":
+"small"}` runs `configs/gpt.py:small`) and `command` names the subcommand (default `train`, e.g.
+`finetune`). Each run lives in `ROOT/<name>`, where the name spells its overrides
+(`optim.lr=0.001,train.seed=1`). A run that exited cleanly leaves a `SWEEP_DONE` marker holding its
+command and is skipped next time; any other run is simply started again, and `train` resumes it
+from its own checkpoint. At the end the final losses go to `ROOT/sweep.md` and `ROOT/sweep.csv`
+(mean ± std over seeds when runs differ only in a `*seed` key) and eval loss curves to
+`ROOT/sweep_eval_loss.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, Iterable, Sequence, TextIO
+
+from fmjax import config_lib
+from fmjax.config_lib import ConfigError
+
+DONE_MARKER = "SWEEP_DONE"
+RUNS_FILE = "sweep.json"
+RESERVED_KEYS = ("config", "command")
+_MAX_NAME = 180
+
+
+# ----------------------------------------------------------------------------- building sweeps
+
+
+def product(*axes: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
+  """Cartesian product: each axis is `{key: [values]}`; keys of one axis vary together (zipped)."""
+  entries = [{}]
+  for axis in axes:
+    entries = [{**e, **z} for e in entries for z in zip(axis)]
+  return entries
+
+
+def zip(*axes: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:  # noqa: A001 (sweep.zip reads well)
+  """Element-wise: all value lists (across and within the given dicts) must be the same length."""
+  merged = {k: list(v) for axis in axes for k, v in axis.items()}
+  lengths = {k: len(v) for k, v in merged.items()}
+  if len(set(lengths.values())) > 1:
+    raise ConfigError(f"sweep.zip needs value lists of one length, got {lengths}")
+  n = next(iter(lengths.values()), 0)
+  return [{k: v[i] for k, v in merged.items()} for i in range(n)]
+
+
+def _format_value(value: Any) -> str:
+  """The override text for a value, parsed back to the same value by config_lib.parse_value."""
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, float):
+    return repr(value)
+  if isinstance(value, (tuple, list)):
+    return repr(tuple(value))
+  return str(value)
+
+
+def run_name(entry: dict[str, Any]) -> str:
+  """`{"optim.lr": 1e-3, "train.seed": 1}` -> `optim.lr=0.001,train.seed=1`, safe as a directory name."""
+  if not entry:
+    return "base"
+  name = ",".join(f"{k}={_format_value(v)}" for k, v in entry.items())
+  name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
+  if len(name) > _MAX_NAME:  # keep it readable and unique: a prefix plus a hash of the whole
+    import hashlib
+    name = name[:_MAX_NAME - 9] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+  return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run of a sweep: its name, config spec, `a.b=v` overrides and subcommand."""
+  name: str
+  spec: str
+  overrides: tuple[str, ...]
+  entry: tuple[tuple[str, Any], ...]
+  command: str = "train"
+
+  def argv(self, root: str, program: Sequence[str] = ("fmjax",)) -> list[str]:
+    """The command line that runs this run in `root/name`."""
+    return [*program, self.command, f"--config={self.spec}", f"--workdir={os.path.join(root, self.name)}",
+            *(f"--config.{o}" for o in self.overrides)]
+
+
+def expand(base_spec: str, entries: Iterable[dict[str, Any]], base_overrides: Sequence[str] = (),
+           subcommand: str = "train") -> list[Run]:
+  """Turns sweep entries into named runs; base overrides (from the command line) apply to all."""
+  path, base_arg = config_lib.split_config_spec(base_spec)
+  runs, seen = [], {}
+  for entry in entries:
+    if not isinstance(entry, dict):
+      raise ConfigError(f"get_sweep() must return a list of dicts of overrides, got an entry {entry!r}")
+    arg = entry.get("config", base_arg)
+    spec = path if arg is None else f"{path}:{arg}"
+    overrides = tuple(base_overrides) + tuple(
+        f"{k}={_format_value(v)}" for k, v in entry.items() if k not in RESERVED_KEYS)
+    name = run_name(entry)
+    if name in seen:
+      raise ConfigError(f"sweep entries {seen[name]} and {entry} share the run name {name!r}; make them differ")
+    seen[name] = entry
+    runs.append(Run(name, spec, overrides, tuple(entry.items()), str(entry.get("command", subcommand))))
+  if not runs:
+    raise ConfigError("the sweep is empty; get_sweep() returned no entries")
+  return runs
+
+
+def check(runs: Sequence[Run]) -> None:
+  """Loads every run's config, so a bad key or value fails (with "did you mean") before anything runs.
+
+  The overrides shared by all runs are checked first, so their error does not name one run.
+  """
+  first = runs[0]
+  shared = first.overrides[:len(first.overrides) - sum(k not in RESERVED_KEYS for k, _ in first.entry)]
+  config_lib.load_config(first.spec, shared)
+  for run in runs:
+    try:
+      config_lib.load_config(run.spec, run.overrides)
+    except ConfigError as e:
+      raise ConfigError(f"sweep run {run.name}: {e}") from None
+
+
+def load_sweep(base_spec: str) -> list[dict[str, Any]]:
+  """Calls `get_sweep()` next to `get_config` in the config file."""
+  path, _ = config_lib.split_config_spec(base_spec)
+  module = config_lib.load_module(path)
+  if not hasattr(module, "get_sweep"):
+    raise ConfigError(f"{path} has no get_sweep() function; add one that returns a list of override dicts")
+  return list(module.get_sweep())
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def is_finished(run: Run, root: str) -> bool:
+  """True when this exact command already exited cleanly in `root/name`."""
+  marker = os.path.join(root, run.name, DONE_MARKER)
+  if not os.path.exists(marker):
+    return False
+  with open(marker) as f:
+    try:
+      return json.load(f).get("argv") == run.argv(root)
+    except json.JSONDecodeError:
+      return False
+
+
+def _mark_done(run: Run, root: str, seconds: float) -> None:
+  path = os.path.join(root, run.name, DONE_MARKER)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"argv": run.argv(root), "seconds": round(seconds, 1)}, f)
+  os.replace(path + ".tmp", path)
+
+
+def _tail(path: str, n: int = 5) -> str:
+  try:
+    with open(path, errors="replace") as f:
+      return "".join(f.readlines()[-n:])
+  except OSError:
+    return ""
+
+
+def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, parallel: int = 1,
+              subcommand: str = "train", *, base_overrides: Sequence[str] = (), print_commands: bool = False,
+              out: TextIO | None = None) -> dict:
+  """Runs (or prints) a sweep; returns `{"runs", "failed", "skipped", "table"}`.
+
+  Runs go `parallel` at a time as `python -m fmjax.cli <command> ...` subprocesses, each logging
+  to `root/name/log.txt`. Finished runs are skipped; the rest (re)start and resume themselves.
+  """
+  out = out or sys.stdout
+  runs = expand(base_spec, entries, base_overrides, subcommand)
+  check(runs)
+  if print_commands:
+    for run in runs:
+      print(shlex.join(run.argv(root)), file=out)
+    return {"runs": runs, "failed": [], "skipped": [], "table": None}
+  if parallel < 1:
+    raise ConfigError(f"--parallel must be at least 1, got {parallel}")
+  os.makedirs(root, exist_ok=True)
+  _write_runs_file(runs, root)
+  skipped = [r for r in runs if is_finished(r, root)]
+  todo = [r for r in runs if r not in skipped]
+  print(f"sweep: {len(runs)} runs in {root} ({len(skipped)} already finished), {parallel} at a time", file=out)
+  failed = _run_all(todo, root, parallel, out)
+  table = aggregate(root, runs)
+  paths = write_outputs(table, root)
+  print(format_markdown(table), file=out)
+  print("wrote " + ", ".join(paths), file=out)
+  for run in failed:
+    print(f"FAILED {run.name}; see {os.path.join(root, run.name, 'log.txt')}:\n"
+          f"{_tail(os.path.join(root, run.name, 'log.txt'))}", file=out)
+  return {"runs": runs, "failed": failed, "skipped": skipped, "table": table}
+
+
+def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> list[Run]:
+  program = (sys.executable, "-m", "fmjax.cli")
+  queue, active, failed = list(todo), {}, []
+  try:
+    while queue or active:
+      while queue and len(active) < parallel:
+        run = queue.pop(0)
+        workdir = os.path.join(root, run.name)
+        os.makedirs(workdir, exist_ok=True)
+        log = open(os.path.join(workdir, "log.txt"), "a")
+        proc = subprocess.Popen(run.argv(root, program), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        active[proc] = (run, log, time.time())
+        print(f"  started {run.name}", file=out, flush=True)
+      time.sleep(0.2)
+      for proc in [p for p in active if p.poll() is not None]:
+        run, log, t0 = active.pop(proc)
+        log.close()
+        if proc.returncode == 0:
+          _mark_done(run, root, time.time() - t0)
+          print(f"  done    {run.name} ({time.time() - t0:.0f} s)", file=out, flush=True)
+        else:
+          failed.append(run)
+          print(f"  failed  {run.name} (exit {proc.returncode})", file=out, flush=True)
+  except KeyboardInterrupt:
+    # SIGTERM lets `train` save a checkpoint, so rerunning the sweep resumes every run.
+    for proc in active:
+      proc.terminate()
+    for proc, (_, log, _) in active.items():
+      proc.wait()
+      log.close()
+    raise
+  return failed
+
+
+def _write_runs_file(runs: Sequence[Run], root: str) -> None:
+  data = [{"name": r.name, "spec": r.spec, "command": r.command, "overrides": list(r.overrides),
+           "entry": {k: v for k, v in r.entry}} for r in runs]
+  path = os.path.join(root, RUNS_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(data, f, indent=1, default=repr)
+  os.replace(path + ".tmp", path)
+
+
+def read_runs_file(root: str) -> list[dict]:
+  with open(os.path.join(root, RUNS_FILE)) as f:
+    return json.load(f)
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def final_metrics(workdir: str) -> dict:
+  """Last logged step, train loss and eval loss of a workdir (NaN where missing)."""
+  from fmjax import report
+  result = {"step": 0, "train_loss": math.nan, "eval_loss": math.nan}
+  for record in report.read_metrics(workdir):
+    result["step"] = max(result["step"], record["step"])
+    if "train/loss" in record:
+      result["train_loss"] = record["train/loss"]
+    if "eval/loss" in record:
+      result["eval_loss"] = record["eval/loss"]
+  return result
+
+
+def is_seed_key(key: str) -> bool:
+  return key.split(".")[-1].endswith("seed")
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (n-1), over the finite values; std is NaN for one value."""
+  vals = [v for v in values if not math.isnan(v)]
+  if not vals:
+    return math.nan, math.nan
+  mean = sum(vals) / len(vals)
+  if len(vals) < 2:
+    return mean, math.nan
+  return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+@dataclasses.dataclass
+class Table:
+  """Per-run rows and, when seeds repeat, per-group rows with mean and std."""
+  rows: list[dict]
+  groups: list[dict]
+
+
+def aggregate(root: str, runs: Sequence[Run] | Sequence[dict]) -> Table:
+  """Final losses of each run, grouped over seed keys when any group holds more than one run."""
+  rows = []
+  for run in runs:
+    name, entry = (run.name, dict(run.entry)) if isinstance(run, Run) else (run["name"], run["entry"])
+    workdir = os.path.join(root, name)
+    status = ("done" if os.path.exists(os.path.join(workdir, DONE_MARKER)) else
+              "partial" if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else "missing")
+    rows.append({"name": name, "entry": entry, "status": status, **final_metrics(workdir)})
+  by_group: dict[str, list[dict]] = {}
+  for row in rows:
+    key = run_name({k: v for k, v in row["entry"].items() if not is_seed_key(k)})
+    by_group.setdefault(key, []).append(row)
+  groups = []
+  if any(len(members) > 1 for members in by_group.values()):
+    for key, members in by_group.items():
+      train_m, train_s = mean_std([m["train_loss"] for m in members])
+      eval_m, eval_s = mean_std([m["eval_loss"] for m in members])
+      groups.append({"group": key, "n": len(members), "train_loss_mean": train_m, "train_loss_std": train_s,
+                     "eval_loss_mean": eval_m, "eval_loss_std": eval_s})
+  return Table(rows, groups)
+
+
+def _fmt(x: float, std: float | None = None) -> str:
+  if math.isnan(x):
+    return "–"
+  return f"{x:.4f}" if std is None or math.isnan(std) else f"{x:.4f} ± {std:.4f}"
+
+
+def format_markdown(table: Table) -> str:
+  """Markdown: the seed-group table (when there is one), then one row per run."""
+  lines = []
+  if table.groups:
+    lines += ["| group | seeds | final train loss | final eval loss |", "|---|---|---|---|"]
+    lines += [f"| {g['group']} | {g['n']} | {_fmt(g['train_loss_mean'], g['train_loss_std'])} | "
+              f"{_fmt(g['eval_loss_mean'], g['eval_loss_std'])} |" for g in table.groups]
+    lines.append("")
+  lines += ["| run | status | step | final train loss | final eval loss |", "|---|---|---|---|---|"]
+  lines += [f"| {r['name']} | {r['status']} | {r['step']} | {_fmt(r['train_loss'])} | {_fmt(r['eval_loss'])} |"
+            for r in table.rows]
+  return "\n".join(lines)
+
+
+def write_outputs(table: Table, root: str) -> list[str]:
+  """Writes `sweep.md`, `sweep.csv` (one row per run), `sweep_groups.csv` and the eval-loss plot."""
+  from fmjax import report
+  paths = [os.path.join(root, "sweep.md"), os.path.join(root, "sweep.csv")]
+  with open(paths[0], "w") as f:
+    f.write(format_markdown(table) + "\n")
+  keys = list(dict.fromkeys(k for r in table.rows for k in r["entry"]))
+  with open(paths[1], "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["name", *keys, "status", "step", "train_loss", "eval_loss"])
+    for r in table.rows:
+      w.writerow([r["name"], *(r["entry"].get(k, "") for k in keys), r["status"], r["step"],
+                  r["train_loss"], r["eval_loss"]])
+  if table.groups:
+    paths.append(os.path.join(root, "sweep_groups.csv"))
+    with open(paths[-1], "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=list(table.groups[0]))
+      w.writeheader()
+      w.writerows(table.groups)
+  curves = {}
+  for r in table.rows:
+    steps, values = report.series(report.read_metrics(os.path.join(root, r["name"])), "eval/loss")
+    if steps:
+      curves[r["name"]] = (steps, values)
+  if curves:
+    paths.append(report.plot_curves(curves, os.path.join(root, "sweep_eval_loss.png"), ylabel="eval loss",
+                                    title=f"eval loss: {os.path.basename(os.path.normpath(root))}"))
+  return paths
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def cli(argv: list[str]) -> int:
+  """`fmjax sweep --config=... --workdir=ROOT [--parallel=N] [--print_commands] [--config.a=b ...]`."""
+  from fmjax.cli import _split_overrides
+  rest, overrides = _split_overrides(argv)
+  p = argparse.ArgumentParser(prog="fmjax sweep")
+  p.add_argument("--config", required=True, help="configs/NAME.py[:args], with a get_sweep() function")
+  p.add_argument("--workdir", required=True, help="sweep root: each run goes to WORKDIR/<run name>")
+  p.add_argument("--parallel", type=int, default=1, help="runs at a time (local runner)")
+  p.add_argument("--print_commands", action="store_true", help="print one command per run instead of running")
+  p.add_argument("--command", default="train", help="subcommand for entries that do not name one")
+  args = p.parse_args(rest)
+  result = run_sweep(args.config, load_sweep(args.config), args.workdir, args.parallel, args.command,
+                     base_overrides=overrides, print_commands=args.print_commands)
+  return 1 if result["failed"] else 0
+

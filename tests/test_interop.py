@@ -1,0 +1,390 @@
+"""Hugging Face interop: import and export parity with `transformers` (PyTorch, CPU, random weights).
+
+Every model here is built from a config in the test (no download). Weights are perturbed away from
+HF's init (zero biases, unit norms) so that every mapped tensor matters to the logits.
+
+Shape legend: B batch, T sequence, V vocab, D model, C classes.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from fmjax import cli, config_lib, data, generate, interop, models, objectives  # noqa: E402
+from fmjax.config_lib import ConfigError  # noqa: E402
+from fmjax.data import tokenizers as tok_lib  # noqa: E402
+
+B, T = 2, 16
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def texts():
+  import pydoc_data.topics
+  return list(pydoc_data.topics.topics.values())
+
+
+@pytest.fixture(scope="module")
+def bpe(texts):
+  return tok_lib.train(texts, "bpe", 320, "clm")
+
+
+@pytest.fixture(scope="module")
+def wordpiece(texts):
+  return tok_lib.train(texts, "wordpiece", 320, "mlm")
+
+
+def _perturb(model, seed):
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.1)
+  return model.eval()
+
+
+def _write_tokenizer_files(tokenizer, directory, tokenizer_class):
+  """The files a Hub repo has: vocab.txt (BERT) or vocab.json + merges.txt (GPT-2), no tokenizer.json."""
+  os.makedirs(directory, exist_ok=True)
+  tokenizer.hf.model.save(str(directory))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": tokenizer_class}, f)
+
+
+def _gpt2(vocab, seed=0, **kw):
+  cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, **kw)
+  return _perturb(transformers.GPT2LMHeadModel(cfg), seed)
+
+
+def _bert_config(vocab, **kw):
+  return transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=48, max_position_embeddings=64, type_vocab_size=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def gpt_dir(tmp_path_factory, bpe):
+  d = tmp_path_factory.mktemp("hf_gpt2")
+  model = _gpt2(bpe.vocab_size)
+  model.save_pretrained(d)
+  _write_tokenizer_files(bpe, d, "GPT2Tokenizer")
+  return d, model
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory, wordpiece):
+  d = tmp_path_factory.mktemp("hf_bert")
+  model = _perturb(transformers.BertForMaskedLM(_bert_config(wordpiece.vocab_size)), 1)
+  model.save_pretrained(d)
+  _write_tokenizer_files(wordpiece, d, "BertTokenizer")
+  return d, model
+
+
+def _ids(vocab, seed=0, shape=(B, T)):
+  return np.random.default_rng(seed).integers(5, vocab, shape).astype(np.int64)
+
+
+def _hf_logits(model, ids, **kw):
+  with torch.no_grad():
+    return model(torch.from_numpy(ids), **{k: torch.from_numpy(v) for k, v in kw.items()}).logits.numpy()
+
+
+@nnx.jit
+def _logits(model, ids_BT, token_types_BT=None, segment_ids_BT=None):
+  kw = {} if token_types_BT is None else {"token_types_BT": token_types_BT}
+  return model(ids_BT, segment_ids_BT=segment_ids_BT, **kw)
+
+
+def _close(a, b, atol=ATOL):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0)
+
+
+# ----------------------------------------------------------------------------- import
+
+
+@pytest.fixture(scope="module")
+def gpt_workdir(tmp_path_factory, gpt_dir):
+  workdir = tmp_path_factory.mktemp("imported") / "gpt"
+  interop.import_hf(str(gpt_dir[0]), str(workdir), overrides=["model.attention=xla"])
+  return workdir
+
+
+def test_gpt2_import_logits_match(gpt_dir, gpt_workdir):
+  hf_model = gpt_dir[1]
+  model, config, tokenizer = generate.load_run(str(gpt_workdir))
+  assert (config.model.num_layers, config.model.d_model, config.model.num_heads, config.model.d_ff,
+          config.model.max_len, config.model.vocab_size) == (2, 32, 4, 128, 64, tokenizer.vocab_size)
+  ids = _ids(tokenizer.vocab_size)
+  _close(_logits(model, jnp.asarray(ids)), _hf_logits(hf_model, ids))
+
+
+def test_import_into_scanned_layers_gives_the_same_logits(gpt_dir, tmp_path):
+  interop.import_hf(str(gpt_dir[0]), str(tmp_path / "w"), overrides=["model.attention=xla",
+                                                                      "model.scan_layers=true"])
+  model, config, _ = generate.load_run(str(tmp_path / "w"))
+  assert config.model.scan_layers
+  ids = _ids(config.model.vocab_size, seed=3)
+  _close(_logits(model, jnp.asarray(ids)), _hf_logits(gpt_dir[1], ids))
+
+
+def test_bert_import_mlm_logits_match_with_padding_and_token_types(bert_dir, tmp_path):
+  hf_model = bert_dir[1]
+  interop.import_hf(str(bert_dir[0]), str(tmp_path / "w"), overrides=["model.attention=xla"])
+  model, config, _ = generate.load_run(str(tmp_path / "w"))
+  assert config.model.layer_norm_eps == 1e-12 and config.model.d_ff == 48
+  ids = _ids(config.model.vocab_size, seed=1)
+  types = np.zeros_like(ids)
+  types[:, T // 2:] = 1
+  mask = np.ones_like(ids)
+  mask[1, 11:] = 0  # row 1 is padded: HF masks pad keys, fmjax gives pads their own segment
+  ours = _logits(model, jnp.asarray(ids), jnp.asarray(types), jnp.asarray(mask))
+  theirs = _hf_logits(hf_model, ids, token_type_ids=types, attention_mask=mask)
+  real = mask.astype(bool)
+  _close(np.asarray(ours)[real], theirs[real])
+
+
+def test_bert_sequence_classifier_trunk_pooler_and_head_parity(tmp_path, wordpiece):
+  """BertForSequenceClassification: encoder output, pooler and (through `classifier`) logits match."""
+  d = tmp_path / "hf_cls"
+  hf_model = _perturb(transformers.BertForSequenceClassification(_bert_config(wordpiece.vocab_size, num_labels=3)), 2)
+  hf_model.save_pretrained(d)
+  _write_tokenizer_files(wordpiece, d, "BertTokenizer")
+  interop.import_hf(str(d), str(tmp_path / "w"), overrides=["model.attention=xla"])
+  info = json.loads((tmp_path / "w" / interop.IMPORT_INFO).read_text())
+  assert any(n.startswith("mlm_transform") for n in info["notes"])  # no MLM head in a classifier: initialised
+  model, config, _ = generate.load_run(str(tmp_path / "w"))
+
+  ids = _ids(config.model.vocab_size, seed=2)
+  h_BTD, pooled_BD = nnx.jit(lambda m, x: m.encode(x))(model, jnp.asarray(ids))
+  with torch.no_grad():
+    out = hf_model.bert(torch.from_numpy(ids))
+  _close(h_BTD, out.last_hidden_state.numpy())
+  _close(pooled_BD, out.pooler_output.numpy())
+
+  weights = interop.read_hf_weights(str(d))
+  _, head, _ = interop.hf_to_params(weights, config)
+  assert head["kernel"].shape == (32, 3)
+  _close(pooled_BD @ head["kernel"] + head["bias"], _hf_logits(hf_model, ids))
+
+  # Export with the head: AutoModelForSequenceClassification reproduces the original logits.
+  params = dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)), classifier=head)
+  interop.export_params(params, config.model, str(tmp_path / "out"))
+  back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+  _close(_hf_logits(back, ids), _hf_logits(hf_model, ids))
+
+
+def test_pytorch_bin_weights_load_like_safetensors(gpt_dir, tmp_path):
+  d, hf_model = gpt_dir
+  torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
+  from_bin = interop.read_hf_weights(str(tmp_path))
+  from_st = interop.read_hf_weights(str(d))
+  assert set(from_st) <= set(from_bin)
+  for name, value in from_st.items():
+    np.testing.assert_array_equal(from_bin[name], value)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _random_fmjax(family, vocab, seed, **overrides):
+  """A tiny fmjax model with random numpy weights (norm scales near 1): no eager JAX init to compile."""
+  cfg = config_lib.base_config(family).model
+  cfg.update(vocab_size=vocab, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=64, attention="xla")
+  cfg.update(**overrides)
+  graphdef, state = nnx.split(models.abstract_model(cfg))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    base = 1.0 if str(path[-1].key) == "scale" else 0.0
+    return jnp.asarray(base + 0.1 * rng.standard_normal(x.shape), x.dtype)
+
+  pure = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state), cfg
+
+
+def test_gpt_export_matches_transformers_with_padded_vocab(tmp_path, bpe):
+  vocab = 384  # padded beyond the tokenizer's ids: exported as is
+  model, cfg = _random_fmjax("gpt", vocab, seed=4)
+  interop.export_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg, str(tmp_path), bpe)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  assert type(hf_model).__name__ == "GPT2LMHeadModel" and hf_model.config.vocab_size == vocab
+  ids = _ids(bpe.vocab_size, seed=4)
+  theirs = _hf_logits(hf_model, ids)
+  assert theirs.shape == (B, T, vocab)
+  _close(_logits(model, jnp.asarray(ids)), theirs)
+
+
+def test_bert_export_matches_transformers_scanned_layers(tmp_path, wordpiece):
+  model, cfg = _random_fmjax("bert", wordpiece.vocab_size, seed=5, scan_layers=True)
+  interop.export_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg, str(tmp_path), wordpiece)
+  hf_model = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+  ids = _ids(wordpiece.vocab_size, seed=5)
+  types = (np.arange(T)[None] >= 6).astype(np.int64).repeat(B, 0)
+  _close(_logits(model, jnp.asarray(ids), jnp.asarray(types)), _hf_logits(hf_model, ids, token_type_ids=types))
+
+
+def test_export_of_an_imported_workdir_round_trips_every_tensor(gpt_dir, gpt_workdir, tmp_path, bpe):
+  out = tmp_path / "hf"
+  assert cli.main(["export", f"--workdir={gpt_workdir}", f"--out={out}", "--format=hf"]) == 0
+  original = interop.read_hf_weights(str(gpt_dir[0]))
+  exported = interop.read_hf_weights(str(out))
+  assert set(exported) == set(original)
+  for name in original:
+    np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+  # The exported tokenizer loads in transformers and encodes like fmjax's.
+  auto = transformers.AutoTokenizer.from_pretrained(out)
+  text = "def f(x):\n    return x  # the answer is 42"
+  assert auto(text)["input_ids"] == bpe.encode(text)
+  assert auto.eos_token == tok_lib.EOS
+
+
+def test_exported_bert_tokenizer_adds_cls_and_sep_like_bert(tmp_path, wordpiece):
+  _, cfg = _random_fmjax("bert", wordpiece.vocab_size, seed=6)
+  interop._export_tokenizer(wordpiece, cfg, str(tmp_path))
+  auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  text = "The while statement is used for repeated execution."
+  assert auto(text)["input_ids"] == [wordpiece.cls_id] + wordpiece.encode(text) + [wordpiece.sep_id]
+  assert auto.mask_token == "[MASK]" and auto.pad_token_id == wordpiece.pad_id
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def _fmjax_params_from_hf(hf_model, config):
+  weights = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+  params, _, _ = interop.hf_to_params(weights, config)
+  return jax.tree.map(jnp.asarray, params)
+
+
+def _hf_grads(hf_model):
+  return {n: p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
+
+
+def _compare_grads(ours_hf, theirs, unused=()):
+  """Every HF parameter's grad equals ours; `unused` are ours that HF lacks (they must be zero)."""
+  assert set(theirs) == set(ours_hf) - set(unused)
+  for name, g in ours_hf.items():
+    _close(g, theirs[name] if name in theirs else 0.0)
+  assert max(np.abs(g).max() for g in theirs.values()) > 1e-2  # the comparison is not of zeros
+
+
+def _model_config(family, hf_model):
+  config = config_lib.base_config(family)
+  config.model.update(interop.model_settings_from_hf(hf_model.config.to_dict()))
+  config.model.update(attention="xla", dropout=0.0)
+  return config
+
+
+def test_gpt2_clm_loss_gradients_match(bpe):
+  hf_model = _gpt2(bpe.vocab_size, seed=7)
+  ids = _ids(bpe.vocab_size, seed=7)
+  loss_t = hf_model(torch.from_numpy(ids), labels=torch.from_numpy(ids)).loss
+  loss_t.backward()
+  config = _model_config("gpt", hf_model)
+  graphdef = nnx.graphdef(models.abstract_model(config.model))
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params)
+    batch = {"inputs": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]),
+             "positions": None, "segment_ids": None, "loss_weights": jnp.ones((B, T - 1))}
+    loss, aux = objectives.clm_loss(model, batch)
+    return loss / aux["weight_sum"]
+
+  params = _fmjax_params_from_hf(hf_model, config)
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+  _close(loss, loss_t.item())
+  _compare_grads(interop.params_to_hf(grads, config.model), _hf_grads(hf_model))
+
+
+def test_bert_mlm_loss_gradients_match(wordpiece):
+  hf_model = _perturb(transformers.BertForMaskedLM(_bert_config(wordpiece.vocab_size)), 8)
+  ids = _ids(wordpiece.vocab_size, seed=8)
+  positions_BM = np.array([[1, 4, 9], [0, 7, 15]])
+  labels = np.full_like(ids, -100)
+  targets_BM = _ids(wordpiece.vocab_size, seed=9, shape=positions_BM.shape)
+  np.put_along_axis(labels, positions_BM, targets_BM, axis=1)
+  hf_model(torch.from_numpy(ids), labels=torch.from_numpy(labels)).loss.backward()
+  config = _model_config("bert", hf_model)
+  graphdef = nnx.graphdef(models.abstract_model(config.model))
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params)
+    logits_BMV = model(jnp.asarray(ids), mlm_positions_BM=jnp.asarray(positions_BM))
+    loss, weight, _ = objectives.cross_entropy(logits_BMV, jnp.asarray(targets_BM), jnp.ones(positions_BM.shape))
+    return loss / weight
+
+  grads = jax.jit(jax.grad(loss_fn))(_fmjax_params_from_hf(hf_model, config))
+  pooler = ("bert.pooler.dense.weight", "bert.pooler.dense.bias")  # BertForMaskedLM has no pooler
+  _compare_grads(interop.params_to_hf(grads, config.model), _hf_grads(hf_model), unused=pooler)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+SAMPLES = ["Hello World, the  quick brown fox's déjà vu: x = [1, 2]\n\tdef f(): return 42",
+           "UPPER case and MiXeD, numbers 3.14159 and e-mail a.b@example.com!",
+           "  leading spaces, trailing tabs\t\t", "<|endoftext|> between documents <|endoftext|>"]
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
+def test_hf_tokenizer_files_encode_like_transformers(kind, tmp_path, texts, bpe, wordpiece):
+  tokenizer, cls = (wordpiece, "BertTokenizer") if kind == "wordpiece" else (bpe, "GPT2Tokenizer")
+  _write_tokenizer_files(tokenizer, tmp_path, cls)
+  ours = data.load_hf(str(tmp_path))
+  theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  for text in SAMPLES + texts[:20]:
+    assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"], text[:60]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_unsupported_architecture_is_one_clear_line(gpt_dir, tmp_path):
+  src = tmp_path / "llama"
+  src.mkdir()
+  (src / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+  with pytest.raises(ConfigError, match=r"unsupported architecture: model_type='llama'.*LlamaForCausalLM") as e:
+    interop.import_hf(str(src), str(tmp_path / "w"))
+  assert "\n" not in str(e.value)
+  assert not (tmp_path / "w").exists()
+
+
+def test_config_weight_shape_mismatch_is_one_clear_line(gpt_dir, tmp_path):
+  src = tmp_path / "bad"
+  src.mkdir()
+  for f in os.listdir(gpt_dir[0]):
+    os.symlink(gpt_dir[0] / f, src / f)
+  cfg = json.loads((gpt_dir[0] / "config.json").read_text())
+  cfg["n_embd"] = 64
+  (src / "config.json").unlink()
+  (src / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ConfigError, match=r"do not match config.json: transformer.wte.weight has shape \(\d+, 32\)") as e:
+    interop.import_hf(str(src), str(tmp_path / "w"))
+  assert "\n" not in str(e.value)
+  assert not (tmp_path / "w").exists() and not (tmp_path / "w.importing").exists()
+
+
+def test_missing_tokenizer_is_one_clear_line_through_the_cli(gpt_dir, tmp_path, capsys):
+  src = tmp_path / "notok"
+  src.mkdir()
+  for f in ("config.json", "model.safetensors"):
+    os.symlink(gpt_dir[0] / f, src / f)
+  assert cli.main(["import-hf", f"--model_dir={src}", f"--workdir={tmp_path / 'w'}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "no tokenizer files" in err and "\n" not in err
+  assert not (tmp_path / "w").exists()
+
+
+def test_export_refuses_unmerged_lora_params(tmp_path):
+  model, cfg = _random_fmjax("gpt", 128, seed=9)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  params["h"]["blocks"][0]["attn"]["qkv"]["lora_a"] = np.zeros((32, 4), np.float32)
+  with pytest.raises(ConfigError, match="no Hugging Face counterpart.*lora_a.*merge"):
+    interop.export_params(params, cfg, str(tmp_path / "out"))

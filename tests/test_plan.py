@@ -1,0 +1,112 @@
+"""`fmjax plan`: ahead-of-time figures on 8 fake CPU devices, TPU topologies, bad input."""
+
+import importlib.util
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from fmjax import config_lib, models, optim, plan, sharding, train
+
+TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.d_ff=256", "model.vocab_size=256",
+        "data.seq_len=32", "train.batch_size=16"]
+
+
+def tiny(*extra):
+  return config_lib.load_config("configs/gpt.py:tiny", TINY + list(extra))
+
+
+@pytest.fixture(scope="module")
+def fsdp_plan():
+  config = tiny()
+  return config, plan.plan(config, mesh="data=2,fsdp=4", hbm_gib=1e-3)  # 1 MiB: cannot fit
+
+
+def test_plan_numbers_are_consistent(fsdp_plan):
+  config, p = fsdp_plan
+  abstract = models.abstract_model(config.model)
+  assert p["compiled"] and p["num_devices"] == 8
+  assert p["mesh"] == {"dcn_data": 1, "data": 2, "fsdp": 4, "tensor": 1}
+  assert p["params"] == models.param_count(abstract)
+  assert p["flops_per_token"] == models.flops_per_token(config.model, 32)
+  assert p["flops_per_step"] == p["flops_per_token"] * 16 * 32
+  # XLA's own count of the step agrees with the formula to within attention/softmax details.
+  assert 0.7 < p["xla_flops_per_step"] / p["flops_per_step"] < 1.4
+  mem = p["memory"]
+  for key in ("params", "optimizer", "batch", "temp", "arguments", "peak", "temp_analytic"):
+    assert mem[key] > 0, key
+  # Parameters are exact per-device shard bytes: the real state on this mesh holds the same.
+  same = tiny("mesh.data=2", "mesh.fsdp=4")
+  spec = train.state_spec(same, sharding.make_mesh(same), optim.make_optimizer(same))
+  real = sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+             for a in jax.tree.leaves(spec.abstract["params"]))
+  assert mem["params"] == real
+  # Adam keeps two moments per parameter (plus a few scalar counters).
+  assert 2 * mem["params"] <= mem["optimizer"] < 2 * mem["params"] + 64
+  # The donated state comes back as the output, so arguments ~ state + batch.
+  assert mem["arguments"] == pytest.approx(mem["params"] + mem["optimizer"] + mem["batch"], rel=0.05)
+  # The formula estimate of temp memory is within a sane factor of the compiler's figure.
+  assert 0.25 < mem["temp_analytic"] / mem["temp"] < 4, (mem["temp_analytic"], mem["temp"])
+
+
+def test_plan_fit_verdict_and_groups(fsdp_plan):
+  _, p = fsdp_plan
+  assert p["fits"] is False and "DOES NOT FIT" in plan.format_plan(p)
+  groups = {g["group"]: g for g in p["groups"]}
+  fc = groups["h/blocks/*/mlp/fc/kernel"]
+  assert fc["count"] == 2 and fc["shape"] == (64, 256) and fc["shard_shape"] == (16, 256)
+  assert fc["spec"] == ("fsdp", "tensor")
+  assert groups["wte/embedding"]["shard_shape"] == (256, 16)
+  text = plan.format_plan(p)
+  assert "h/blocks/*/mlp/fc/kernel" in text and "(fsdp, tensor)" in text
+
+
+def test_plan_fits_on_a_big_device():
+  p = plan.plan(tiny(), mesh={"data": 8}, hbm_gib=16)
+  assert p["fits"] is True and p["hbm_source"] == "given"
+  assert p["groups"][0]["shard_shape"] == p["groups"][0]["shape"]  # pure data parallel: replicated
+
+
+def test_analytic_fallback_without_libtpu(monkeypatch):
+  monkeypatch.setattr(plan, "tpu_devices", lambda name: (None, plan.topology_name(name)[0]))
+  p = plan.plan(tiny("mesh.data=-1"), topology="v5p-16")
+  assert not p["compiled"] and p["num_devices"] == 8 and p["hbm_gib"] == 95
+  assert p["peak_bytes"] == p["memory"]["peak_analytic"] > p["memory"]["params"] > 0
+  assert p["fits"] is True
+  text = plan.format_plan(p)
+  assert "ANALYTIC ESTIMATE" in text and "pip install libtpu" in text
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("v5p-128", ("v5p:4x4x4", 64)), ("v5p-8", ("v5p:2x2x1", 4)), ("v4-32", ("v4:2x2x4", 16)),
+    ("v5litepod-16", ("v5e:4x4", 16)), ("v6e-8", ("v6e:2x4", 8)), ("v5p:2x2x2", ("v5p:2x2x2", 8)),
+])
+def test_topology_names(name, expected):
+  assert plan.topology_name(name) == expected
+
+
+@pytest.mark.parametrize("name,match", [
+    ("v5p-100", "did you mean 'v5p-64' or 'v5p-128'|did you mean .*v5p-"),
+    ("v5q:2x2", "did you mean 'v5p:2x2'"),
+    ("tpu", "unknown TPU accelerator type 'tpu'"),
+])
+def test_bad_topology_is_one_clear_line(name, match):
+  with pytest.raises(plan.PlanError, match=match) as e:
+    plan.topology_name(name)
+  assert "\n" not in str(e.value)
+
+
+def test_bad_mesh_and_too_many_devices():
+  with pytest.raises(plan.PlanError, match="did you mean 'fsdp'"):
+    plan.parse_mesh("fsd=4")
+  with pytest.raises(plan.PlanError, match="needs 16 devices but 8"):
+    plan.plan(tiny(), mesh="data=4,fsdp=4")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_plan_compiles_for_a_tpu_topology():
+  p = plan.plan(tiny("mesh.data=1", "mesh.fsdp=-1"), topology="v5p:2x2x1")
+  assert p["compiled"] and "TPU" in p["device_kind"] and p["num_devices"] == 4
+  assert p["mesh"]["fsdp"] == 4 and p["hbm_gib"] == 95 and p["fits"] is True
+  assert p["memory"]["temp"] > 0 and p["memory"]["params"] > 0

@@ -1,0 +1,79 @@
+"""`fmjax report`: metrics.jsonl (with a resume's repeated steps) to Markdown, CSV and PNGs."""
+
+import csv
+import json
+
+import pytest
+
+from fmjax import cli, report, sweep
+from fmjax.config_lib import ConfigError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_metrics(path, records, tail=""):
+  path.mkdir(parents=True, exist_ok=True)
+  with open(path / "metrics.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+    f.write(tail)
+
+
+def run_records(final_eval=4.0):
+  recs = [{"step": s, "train/loss": 6.0 - s / 10, "train/lr": 1e-3, "train/grad_norm": 1.0} for s in (5, 10, 15, 20)]
+  recs += [{"step": 10, "eval/loss": 5.5}, {"step": 20, "eval/loss": final_eval}]
+  # A resume from step 10 logs 15 and 20 again; the later values must win.
+  recs += [{"step": 15, "train/loss": 4.4, "train/lr": 1e-3, "train/grad_norm": 1.0},
+           {"step": 20, "train/loss": 4.2, "train/lr": 1e-3, "train/grad_norm": 1.0}]
+  return recs
+
+
+def test_read_metrics_merges_steps_last_wins_and_skips_torn_line(tmp_path):
+  write_metrics(tmp_path, run_records(), tail='{"step": 25, "train/lo')
+  records = report.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records] == [5, 10, 15, 20]
+  assert records[-1] == {"step": 20, "train/loss": 4.2, "train/lr": 1e-3, "train/grad_norm": 1.0, "eval/loss": 4.0}
+  assert report.series(records, "eval/loss") == ([10, 20], [5.5, 4.0])
+
+
+def test_report_writes_table_csv_and_plots(tmp_path):
+  write_metrics(tmp_path / "run", run_records())
+  paths = report.report(str(tmp_path / "run"), str(tmp_path / "out"))
+  names = sorted(p.rsplit("/", 1)[1] for p in paths)
+  assert names == ["loss.png", "metrics.csv", "report.md", "train.png"]
+  md = (tmp_path / "out" / "report.md").read_text()
+  assert "train/loss: final 4.2000 at step 20; best 4.2000 at step 20" in md
+  assert "eval/loss: final 4.0000 at step 20; best 4.0000 at step 20" in md
+  assert md.count("\n| ") == 1 + 4  # header + one row per step
+  rows = list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))
+  assert [r["step"] for r in rows] == ["5", "10", "15", "20"] and rows[1]["eval/loss"] == "5.5"
+  assert float(rows[2]["train/loss"]) == 4.4
+  for name in ("loss.png", "train.png"):
+    data = (tmp_path / "out" / name).read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+
+def test_report_table_is_capped_but_keeps_last_step(tmp_path):
+  write_metrics(tmp_path, [{"step": s, "train/loss": 1.0 / s} for s in range(1, 101)])
+  report.report(str(tmp_path))
+  rows = [l for l in (tmp_path / "report.md").read_text().splitlines() if l.startswith("| ") and l[2].isdigit()]
+  assert len(rows) <= report._MAX_TABLE_ROWS and rows[0].startswith("| 1 |") and rows[-1].startswith("| 100 |")
+
+
+def test_report_on_sweep_root_aggregates(tmp_path):
+  runs = sweep.expand("configs/gpt.py:tiny", sweep.product({"optim.lr": [1e-3, 3e-3]}))
+  sweep._write_runs_file(runs, str(tmp_path))
+  write_metrics(tmp_path / runs[0].name, run_records(final_eval=4.0))
+  write_metrics(tmp_path / runs[1].name, run_records(final_eval=3.5))
+  paths = report.report(str(tmp_path))
+  assert any(p.endswith("sweep_eval_loss.png") for p in paths)
+  md = (tmp_path / "sweep.md").read_text()
+  assert "| optim.lr=0.001 | partial | 20 | 4.2000 | 4.0000 |" in md
+  assert "| optim.lr=0.003 | partial | 20 | 4.2000 | 3.5000 |" in md
+
+
+def test_report_without_metrics_is_one_clear_error(tmp_path, capsys):
+  with pytest.raises(ConfigError, match="no metrics.jsonl"):
+    report.report(str(tmp_path))
+  assert cli.main(["report", f"--workdir={tmp_path}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: no metrics.jsonl")

@@ -1,0 +1,166 @@
+"""`fmjax sweep`: expansion and naming, bad keys, seed aggregation, and a real 2-run local sweep."""
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+
+import pytest
+
+from fmjax import config_lib, data, sweep
+from fmjax.config_lib import ConfigError
+
+GPT = "configs/gpt.py:tiny"
+
+
+def test_product_and_zip():
+  runs = sweep.product({"optim.lr": [1e-3, 3e-3]}, {"train.seed": [0, 1, 2]})
+  assert len(runs) == 6
+  assert runs[0] == {"optim.lr": 1e-3, "train.seed": 0} and runs[5] == {"optim.lr": 3e-3, "train.seed": 2}
+  # Keys within one axis move together.
+  sized = sweep.product({"model.d_model": [64, 128], "model.num_heads": [2, 4]}, {"train.steps": [10, 20]})
+  assert [(e["model.d_model"], e["model.num_heads"], e["train.steps"]) for e in sized] == [
+      (64, 2, 10), (64, 2, 20), (128, 4, 10), (128, 4, 20)]
+  assert sweep.zip({"optim.lr": [1, 2]}, {"train.seed": [5, 6]}) == [
+      {"optim.lr": 1, "train.seed": 5}, {"optim.lr": 2, "train.seed": 6}]
+  with pytest.raises(ConfigError, match="one length"):
+    sweep.zip({"optim.lr": [1, 2]}, {"train.seed": [5]})
+
+
+def test_run_names_show_overrides_and_are_filesystem_safe():
+  assert sweep.run_name({"optim.lr": 0.001, "train.seed": 1}) == "optim.lr=0.001,train.seed=1"
+  assert sweep.run_name({}) == "base"
+  odd = sweep.run_name({"data.files": "/data/my corpus/*.txt", "model.remat": "full"})
+  assert "/" not in odd and " " not in odd and "*" not in odd and odd.endswith("model.remat=full")
+  a = sweep.run_name({"data.files": "x" * 300 + "a"})
+  b = sweep.run_name({"data.files": "x" * 300 + "b"})
+  assert a != b and len(a) <= 180
+
+
+def test_expand_overrides_round_trip_into_the_config():
+  entries = [{"optim.lr": 1e-4, "model.scan_layers": True, "config": "small", "command": "finetune"},
+             {"optim.lr": 3e-3}]
+  runs = sweep.expand("configs/gpt.py:tiny,runlocal", entries, base_overrides=["train.steps=7"])
+  assert runs[0].spec == "configs/gpt.py:small" and runs[0].command == "finetune"
+  assert runs[1].spec == "configs/gpt.py:tiny,runlocal" and runs[1].command == "train"
+  assert runs[0].overrides == ("train.steps=7", "optim.lr=0.0001", "model.scan_layers=true")
+  config = config_lib.load_config(runs[0].spec, runs[0].overrides)
+  assert config.optim.lr == 1e-4 and config.model.scan_layers is True and config.train.steps == 7
+  assert config.model.d_model == 768  # the `config` key picked get_config("small")
+  argv = runs[1].argv("/r")
+  assert argv == ["fmjax", "train", "--config=configs/gpt.py:tiny,runlocal", "--workdir=/r/optim.lr=0.003",
+                  "--config.train.steps=7", "--config.optim.lr=0.003"]
+
+
+def test_bad_sweep_key_fails_before_anything_runs(tmp_path):
+  root = tmp_path / "sweep"
+  with pytest.raises(ConfigError, match=r"optim.lrr.*did you mean 'lr'") as e:
+    sweep.run_sweep(GPT, [{"optim.lr": 1e-3}, {"optim.lrr": 1e-3}], str(root))
+  assert "\n" not in str(e.value)
+  assert not root.exists()
+  with pytest.raises(ConfigError, match="share the run name"):
+    sweep.expand(GPT, [{"optim.lr": 1e-3}, {"optim.lr": 0.001}])
+  with pytest.raises(ConfigError, match="trian.*did you mean 'train'"):
+    sweep.run_sweep(GPT, [{"optim.lr": 1e-3}], str(root), base_overrides=["trian.steps=3"])
+
+
+def test_print_commands_runs_nothing(tmp_path):
+  out = io.StringIO()
+  sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3, 1e-2]}), str(tmp_path / "s"), print_commands=True, out=out)
+  lines = out.getvalue().splitlines()
+  assert lines == [f"fmjax train --config={GPT} --workdir={tmp_path}/s/optim.lr=0.001 --config.optim.lr=0.001",
+                   f"fmjax train --config={GPT} --workdir={tmp_path}/s/optim.lr=0.01 --config.optim.lr=0.01"]
+  assert not (tmp_path / "s").exists()
+
+
+def test_mean_std():
+  assert sweep.mean_std([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, statistics.stdev([1.0, 2.0, 4.0])))
+  mean, std = sweep.mean_std([3.0])
+  assert mean == 3.0 and math.isnan(std)
+  mean, std = sweep.mean_std([2.0, math.nan, 4.0])  # a run with no eval yet does not poison the group
+  assert mean == 3.0 and std == pytest.approx(math.sqrt(2.0))
+
+
+def _fake_run(root, run, train_loss, eval_loss, done=True):
+  workdir = os.path.join(root, run.name)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 10, "train/loss": train_loss + 1}) + "\n")
+    f.write(json.dumps({"step": 20, "train/loss": train_loss}) + "\n")
+    f.write(json.dumps({"step": 20, "eval/loss": eval_loss}) + "\n")
+  if done:
+    sweep._mark_done(run, root, 1.0)
+
+
+def test_aggregate_groups_over_seeds(tmp_path):
+  root = str(tmp_path)
+  runs = sweep.expand(GPT, sweep.product({"optim.lr": [1e-3, 1e-2]}, {"train.seed": [0, 1, 2]}))
+  evals = {0.001: [3.0, 3.2, 3.4], 0.01: [4.0, 5.0, 9.0]}
+  for run in runs:
+    entry = dict(run.entry)
+    _fake_run(root, run, 2.0 + entry["train.seed"], evals[entry["optim.lr"]][entry["train.seed"]])
+  table = sweep.aggregate(root, runs)
+  assert [g["group"] for g in table.groups] == ["optim.lr=0.001", "optim.lr=0.01"]
+  g = table.groups[1]
+  assert g["n"] == 3 and g["eval_loss_mean"] == pytest.approx(6.0)
+  assert g["eval_loss_std"] == pytest.approx(statistics.stdev([4.0, 5.0, 9.0]))
+  assert g["train_loss_mean"] == pytest.approx(3.0) and g["train_loss_std"] == pytest.approx(1.0)
+  assert all(r["status"] == "done" and r["step"] == 20 for r in table.rows)
+  md = sweep.format_markdown(table)
+  assert "| optim.lr=0.01 | 3 | 3.0000 ± 1.0000 | 6.0000 ± 2.6458 |" in md
+  paths = sweep.write_outputs(table, root)
+  rows = list(csv.DictReader(open(os.path.join(root, "sweep.csv"))))
+  assert len(rows) == 6 and rows[4]["optim.lr"] == "0.01" and rows[4]["train.seed"] == "1"
+  assert float(rows[4]["eval_loss"]) == 5.0
+  assert os.path.join(root, "sweep_groups.csv") in paths
+  assert open(os.path.join(root, "sweep_eval_loss.png"), "rb").read(4) == b"\x89PNG"
+  # Without repeated seeds there is no group table.
+  assert sweep.aggregate(root, runs[:1] + runs[3:4]).groups == []
+
+
+def test_finished_means_same_command(tmp_path):
+  root = str(tmp_path)
+  run = sweep.expand(GPT, [{"optim.lr": 1e-3}])[0]
+  assert not sweep.is_finished(run, root)
+  _fake_run(root, run, 2.0, 3.0)
+  assert sweep.is_finished(run, root)
+  longer = sweep.expand(GPT, [{"optim.lr": 1e-3}], base_overrides=["train.steps=5000"])[0]
+  assert longer.name == run.name and not sweep.is_finished(longer, root)
+
+
+# --------------------------------------------------------------------------- a real local sweep
+
+TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.vocab_size=384",
+        "model.max_len=32", "data.seq_len=32", "data.tokenizer.vocab_size=256", "train.batch_size=4",
+        "train.steps=4", "train.log_every=2", "train.eval_every=2", "train.eval_batches=1",
+        "train.progress_bar=false", "checkpoint.async_save=false", "optim.warmup_steps=1"]
+
+
+@pytest.fixture(scope="session")
+def sweep_cache_dir(tmp_path_factory):
+  """A data cache prepared once, so concurrent runs never race to build it."""
+  cache = tmp_path_factory.mktemp("sweep_cache")
+  data.prepare(config_lib.load_config(GPT, TINY + [f"data.cache_dir={cache}"]))
+  return str(cache)
+
+
+def test_local_sweep_runs_and_skips_finished(tmp_path, sweep_cache_dir, monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)  # runs get one CPU device, not the tests' 8 fake ones
+  root = str(tmp_path / "lr")
+  base = TINY + [f"data.cache_dir={sweep_cache_dir}"]
+  entries = sweep.product({"optim.lr": [1e-3, 1e-2]})
+  out = io.StringIO()
+  result = sweep.run_sweep(GPT, entries, root, parallel=2, base_overrides=base, out=out)
+  assert not result["failed"], out.getvalue()
+  rows = result["table"].rows
+  assert [r["status"] for r in rows] == ["done", "done"] and all(r["step"] == 4 for r in rows)
+  assert all(math.isfinite(r["eval_loss"]) and math.isfinite(r["train_loss"]) for r in rows)
+  for name in ("sweep.md", "sweep.csv", "sweep_eval_loss.png", "sweep.json"):
+    assert os.path.exists(os.path.join(root, name)), name
+  # Rerun: finished runs are skipped without starting anything.
+  logs = {r.name: open(os.path.join(root, r.name, "log.txt")).read() for r in result["runs"]}
+  result = sweep.run_sweep(GPT, entries, root, parallel=2, base_overrides=base, out=io.StringIO())
+  assert len(result["skipped"]) == 2 and not result["failed"]
+  assert logs == {r.name: open(os.path.join(root, r.name, "log.txt")).read() for r in result["runs"]}
