@@ -34,6 +34,9 @@ VARIANTS = {
     "gpt2_xl_b8_dots": (GPT.format("xl"), ["train.batch_size=8", "model.remat=dots_no_batch"]),
     "gpt2_xl_b16_full": (GPT.format("xl"), ["train.batch_size=16", "model.remat=full"]),
     "gpt2_xl_b8_none": (GPT.format("xl"), ["train.batch_size=8"]),
+    "gpt2_xl_b8_dots_scan": (GPT.format("xl"), ["train.batch_size=8", "model.remat=dots_no_batch", "model.scan_layers=true"]),
+    "gpt2_xl_b8_none_scan": (GPT.format("xl"), ["train.batch_size=8", "model.scan_layers=true"]),
+    "gpt2_xl_b16_dots_scan": (GPT.format("xl"), ["train.batch_size=16", "model.remat=dots_no_batch", "model.scan_layers=true"]),
     "gpt2_xl_b8_full_scan": (GPT.format("xl"), ["train.batch_size=8", "model.remat=full", "model.scan_layers=true"]),
     # BERT-base
     "bert_base_s128_b256": (BERT.format("base"), ["train.batch_size=256", "data.seq_len=128", "data.max_predictions=20"]),
@@ -61,7 +64,11 @@ def main() -> int:
     cmd = [sys.executable, "-m", "fmjax.cli", "bench", f"--config={spec}", f"--steps={args.steps}",
            f"--json={path}"] + [f"--config.{o}" for o in COMMON + overrides]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:
+      proc = subprocess.CompletedProcess(cmd, 124, e.stdout or "", f"timed out after {args.timeout} s")
+      proc.stdout = proc.stdout.decode() if isinstance(proc.stdout, bytes) else proc.stdout
     with open(os.path.join(args.out, f"{name}.log"), "w") as f:
       f.write(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
     if proc.returncode != 0 or not os.path.exists(path):

@@ -48,23 +48,27 @@ def resolve_kernel(name: str, dtype=None) -> str:
   return "xla"
 
 
-def make_mask(segment_ids_BT, segment_ids_BS, *, causal: bool, T: int, S: int):
-  """Boolean [B|1, 1, T, S] mask (True = attend), or None when nothing is masked."""
+def make_mask(segment_ids_BT, segment_ids_BS, *, causal: bool, T: int, S: int, q_offset=None):
+  """Boolean [B|1, 1, T, S] mask (True = attend), or None when nothing is masked.
+
+  q_offset: key index of the first query (may be traced). By default the queries are aligned to
+  the end of the keys (S - T); a fixed-size KV cache whose tail is still empty passes its fill index.
+  """
   mask = None
   if segment_ids_BT is not None:
     mask = (segment_ids_BT[:, :, None] == segment_ids_BS[:, None, :])[:, None]
   if causal:
-    # Keys are aligned to the end of the query block, so a KV cache (S > T) still masks right.
-    causal_TS = jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :]
+    offset = S - T if q_offset is None else q_offset
+    causal_TS = jnp.arange(T)[:, None] + offset >= jnp.arange(S)[None, :]
     mask = causal_TS[None, None] if mask is None else mask & causal_TS
   return mask
 
 
-def _xla_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS):
+def _xla_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS, q_offset=None):
   T, S, K = q_BTHK.shape[1], k_BSHK.shape[1], q_BTHK.shape[-1]
   logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
   logits_BHTS = logits_BHTS * (1.0 / math.sqrt(K))
-  mask = make_mask(segment_ids_BT, segment_ids_BS, causal=causal, T=T, S=S)
+  mask = make_mask(segment_ids_BT, segment_ids_BS, causal=causal, T=T, S=S, q_offset=q_offset)
   if mask is not None:
     logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
   probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(v_BSHK.dtype)
@@ -172,7 +176,7 @@ _IMPLS = {"xla": _xla_attention, "cudnn": _cudnn_attention, "splash": _splash_at
 
 
 def attention(q_BTHK, k_BSHK, v_BSHK, *, causal: bool, segment_ids_BT=None, segment_ids_BS=None,
-              kernel: str = "xla"):
+              kernel: str = "xla", q_offset=None):
   """Scaled dot-product attention over projected heads; returns out_BTHK in q's dtype.
 
   Args:
@@ -181,10 +185,16 @@ def attention(q_BTHK, k_BSHK, v_BSHK, *, causal: bool, segment_ids_BT=None, segm
     segment_ids_BT: packing ids of the queries (0 = padding); None means one segment per row.
     segment_ids_BS: ids of the keys; defaults to segment_ids_BT (self-attention).
     kernel: "xla", "cudnn", "splash" or "auto" (see `resolve_kernel`).
+    q_offset: key index of the first query for a KV cache (see `make_mask`); "xla" kernel only.
   """
   kernel = resolve_kernel(kernel, q_BTHK.dtype)
   if segment_ids_BT is not None and segment_ids_BS is None:
     segment_ids_BS = segment_ids_BT
+  extra = {}
+  if q_offset is not None:
+    if kernel != "xla":
+      raise AttentionError(f"a KV-cache offset needs the 'xla' attention kernel, got {kernel!r}")
+    extra["q_offset"] = q_offset
   out_BTHK = _IMPLS[kernel](q_BTHK, k_BSHK, v_BSHK, causal=causal,
-                            segment_ids_BT=segment_ids_BT, segment_ids_BS=segment_ids_BS)
+                            segment_ids_BT=segment_ids_BT, segment_ids_BS=segment_ids_BS, **extra)
   return out_BTHK.astype(q_BTHK.dtype)

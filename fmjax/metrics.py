@@ -43,6 +43,19 @@ def setup_logging() -> None:
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _tensorboard_writer(logdir: str):
+  """A tensorboardX writer, imported without dragging in PyTorch (seconds per run start)."""
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None  # makes tensorboardX's optional `import torch` fail fast
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  return SummaryWriter(logdir, flush_secs=30)
+
+
 class MetricsWriter:
   """Writes scalars to `workdir/metrics.jsonl` and TensorBoard; shows progress."""
 
@@ -57,8 +70,7 @@ class MetricsWriter:
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
+      self._tb = _tensorboard_writer(os.path.join(workdir, "tb"))
     except ImportError:  # TensorBoard is optional; JSONL is the record
       self._tb = None
     interactive = sys.stderr.isatty() and jax.process_count() == 1 and not os.environ.get("CI")

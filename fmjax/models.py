@@ -33,8 +33,8 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
 }
-STACK_KEY = "blocks"
-ONE_HOT_MAX_ROWS = 1024  # embedding tables up to this size are read by one-hot matmul  # the attribute that holds the layers, stacked or as a list
+STACK_KEY = "blocks"  # the attribute that holds the layers, stacked or as a list
+ONE_HOT_MAX_ROWS = 1024  # embedding tables up to this size are read by one-hot matmul
 
 
 def _constrain(x, names):
@@ -152,18 +152,33 @@ class SelfAttention(nnx.Module):
     self.qkv = Dense((D,), (3, H, K), ("embed", None, "heads", "kv"), std=cfg.init_std, **kw)
     self.out = Dense((H, K), (D,), ("heads", "kv", "embed"), std=out_std, **kw)
 
-  def __call__(self, x_BTD, segment_ids_BT):
+  def _qkv(self, x_BTD):
     # q, k and v come out on the leading axis, so splitting them is free rather than three
     # strided copies of the activations.
     dtype = self.qkv.dtype
     qkv_3BTHK = jnp.einsum("btd,dchk->cbthk", x_BTD.astype(dtype), self.qkv.kernel[...].astype(dtype))
     qkv_3BTHK = qkv_3BTHK + self.qkv.bias[...].astype(dtype)[:, None, None]
     qkv_3BTHK = _constrain(qkv_3BTHK, (None, "batch", "length", "heads", None))
-    q_BTHK, k_BTHK, v_BTHK = qkv_3BTHK[0], qkv_3BTHK[1], qkv_3BTHK[2]
+    return qkv_3BTHK[0], qkv_3BTHK[1], qkv_3BTHK[2]
+
+  def __call__(self, x_BTD, segment_ids_BT):
+    q_BTHK, k_BTHK, v_BTHK = self._qkv(x_BTD)
     out_BTHK = attention_lib.attention(q_BTHK, k_BTHK, v_BTHK, causal=self.causal,
                                        segment_ids_BT=segment_ids_BT, kernel=self.kernel)
     out_BTHK = checkpoint_name(out_BTHK, "attention_out")
     return self.out(out_BTHK)
+
+  def decode(self, x_BTD, segment_ids_BT, k_BSHK, v_BSHK, cache_segment_ids_BS, index):
+    """Attention of T new tokens written at cache slot `index`: (out_BTD, k_BSHK, v_BSHK)."""
+    q_BTHK, k_new_BTHK, v_new_BTHK = self._qkv(x_BTD)
+    k_BSHK = jax.lax.dynamic_update_slice(k_BSHK, k_new_BTHK.astype(k_BSHK.dtype), (0, index, 0, 0))
+    v_BSHK = jax.lax.dynamic_update_slice(v_BSHK, v_new_BTHK.astype(v_BSHK.dtype), (0, index, 0, 0))
+    # Slots past index + T are still empty: the causal offset masks them. The fused kernels
+    # align queries to the last key, so the cache always takes the reference kernel (decoding
+    # is memory-bound on the cache reads anyway).
+    out_BTHK = attention_lib.attention(q_BTHK, k_BSHK, v_BSHK, causal=self.causal, segment_ids_BT=segment_ids_BT,
+                                       segment_ids_BS=cache_segment_ids_BS, kernel="xla", q_offset=index)
+    return self.out(out_BTHK), k_BSHK, v_BSHK
 
 
 class MLP(nnx.Module):
@@ -200,6 +215,14 @@ class GPTBlock(nnx.Module):
                              deterministic)
     x_BTD = x_BTD + _dropout(self.mlp(self.ln_2(x_BTD)), self.dropout, _fold(key, 1), deterministic)
     return _constrain(x_BTD, ("batch", "length", None))
+
+  def decode(self, x_BTD, segment_ids_BT, k_BSHK, v_BSHK, cache_segment_ids_BS, index):
+    """The block on T new tokens against this layer's KV cache (inference: no dropout)."""
+    a_BTD, k_BSHK, v_BSHK = self.attn.decode(self.ln_1(x_BTD), segment_ids_BT, k_BSHK, v_BSHK,
+                                             cache_segment_ids_BS, index)
+    x_BTD = x_BTD + a_BTD
+    x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD))
+    return x_BTD, k_BSHK, v_BSHK
 
 
 class BERTBlock(nnx.Module):
@@ -267,6 +290,25 @@ class Layers(nnx.Module):
       x_BTD = body(block, x_BTD, _fold(key, i))
     return x_BTD
 
+  def decode(self, x_BTD, segment_ids_BT, k_LBSHK, v_LBSHK, cache_segment_ids_BS, index):
+    """Runs each block's `decode` against its slice of the stacked cache: (x_BTD, k_LBSHK, v_LBSHK)."""
+    def body(block, x_BTD, k_BSHK, v_BSHK):
+      return block.decode(x_BTD, segment_ids_BT, k_BSHK, v_BSHK, cache_segment_ids_BS, index)
+
+    if self.scan:
+      @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def run(block, x_BTD, k_BSHK, v_BSHK):
+        return body(block, x_BTD, k_BSHK, v_BSHK)
+
+      return run(self.blocks, x_BTD, k_LBSHK, v_LBSHK)
+    ks, vs = [], []
+    for i, block in enumerate(self.blocks):
+      x_BTD, k_BSHK, v_BSHK = body(block, x_BTD, k_LBSHK[i], v_LBSHK[i])
+      ks.append(k_BSHK)
+      vs.append(v_BSHK)
+    return x_BTD, jnp.stack(ks), jnp.stack(vs)
+
 
 def _dropout_key(rngs: nnx.Rngs | None, deterministic: bool, rate: float):
   if deterministic or rate == 0.0:
@@ -316,6 +358,33 @@ class GPT(nnx.Module):
     h_BTD = self.hidden(tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
                         deterministic=deterministic, rngs=rngs)
     return _constrain(self.lm_head(h_BTD), ("batch", "length", "vocab"))
+
+  def init_cache(self, batch_size: int, max_len: int) -> dict:
+    """An empty KV cache: k, v [L, B, S, H, K] in the compute dtype, key segment ids [B, S], fill index.
+
+    Slots never written keep segment id 0 and sit past the fill index, so no query attends them.
+    """
+    attn = self.h.blocks[0].attn if not self.h.scan else self.h.blocks.attn
+    H, K = attn.qkv.kernel.shape[-2:]
+    shape = (self.h.num_layers, batch_size, max_len, H, K)
+    return {"k": jnp.zeros(shape, attn.qkv.dtype), "v": jnp.zeros(shape, attn.qkv.dtype),
+            "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+  def decode(self, tokens_BT, cache: dict, *, positions_BT, segment_ids_BT=None) -> tuple[jax.Array, dict]:
+    """Logits_BTV of T new tokens appended at `cache["index"]`, and the updated cache.
+
+    One call with the whole (left-padded) prompt is the prefill; then T = 1 per generated token.
+    segment_ids_BT: 0 marks left padding (attended by nothing real); None means all ones.
+    """
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
+    index = cache["index"]
+    cache_seg_BS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BT.astype(jnp.int32), (0, index))
+    x_BTD = self.wte(tokens_BT) + self.wpe(positions_BT)
+    x_BTD, k, v = self.h.decode(x_BTD, segment_ids_BT, cache["k"], cache["v"], cache_seg_BS, index)
+    logits_BTV = self.lm_head(self.ln_f(x_BTD))
+    new_cache = {"k": k, "v": v, "segment_ids": cache_seg_BS, "index": index + tokens_BT.shape[1]}
+    return logits_BTV, new_cache
 
 
 class BERTEmbeddings(nnx.Module):

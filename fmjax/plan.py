@@ -252,12 +252,11 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   import jax
   from fmjax import models, optim, sharding, train
 
-  config = ml_collections.ConfigDict(config_lib.to_dict(config))
+  config = ml_collections.ConfigDict(config_lib.to_dict(config))  # an unlocked copy: the plan edits it
   notes = []
   if mesh is not None:
     sizes = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
-    with config.mesh.unlocked() if config.mesh.is_locked else _Null():
-      config.mesh.update(sizes)
+    config.mesh.update(sizes)
 
   target, libtpu_name, compiled_ok = "", None, True
   if topology:
@@ -339,14 +338,6 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
       "fits": None if hbm_gib is None else peak <= hbm_gib * GiB,
       "groups": groups(param_leaves), "notes": notes,
   }
-
-
-class _Null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
 
 
 def compile_step(config, devices):

@@ -136,7 +136,7 @@ def pii_report(config, sample_docs: int, imported: Mapping | None = None) -> dic
               "not see them" if config.data.pii_scrub else
               "scrubbing was off: the model was trained on this text as is")
   report.update(sample={"documents": docs, "characters": chars, "split": config.data.train_split,
-                        "method": f"the first {sample_docs} documents of the train split, in order"},
+                        "method": f"the first documents of the train split in order, at most {sample_docs}"},
                 pii_counts=counts, note=f"counts are of the raw source text; {scrubbed}")
   return report
 
@@ -300,7 +300,8 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
     tokenizer.save(os.path.join(run_dir, "tokenizer"))
     run_config = json.loads(config.to_json_best_effort())
     # The bundle carries its tokenizer, so the copied run no longer needs the training corpus for it.
-    run_config["data"]["tokenizer"].update(kind="hf", path=os.path.join(out, "fmjax", "tokenizer"))
+    if isinstance(run_config.get("data", {}).get("tokenizer"), dict):
+      run_config["data"]["tokenizer"].update(kind="hf", path=os.path.join(out, "fmjax", "tokenizer"))
     with open(os.path.join(run_dir, "config.json"), "w") as f:
       json.dump(run_config, f, indent=2, sort_keys=True)
     for name in ("metrics.jsonl", interop.IMPORT_INFO):

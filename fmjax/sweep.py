@@ -256,6 +256,7 @@ def _write_runs_file(runs: Sequence[Run], root: str) -> None:
 
 
 def read_runs_file(root: str) -> list[dict]:
+  """The runs a sweep root holds, as written when the sweep started (name, spec, overrides, entry)."""
   with open(os.path.join(root, RUNS_FILE)) as f:
     return json.load(f)
 
@@ -277,6 +278,7 @@ def final_metrics(workdir: str) -> dict:
 
 
 def is_seed_key(key: str) -> bool:
+  """`train.seed`, `data.seed`, `seed`: keys whose runs are repeats to average over."""
   return key.split(".")[-1].endswith("seed")
 
 

@@ -62,10 +62,15 @@ def test_plan_fit_verdict_and_groups(fsdp_plan):
   assert "h/blocks/*/mlp/fc/kernel" in text and "(fsdp, tensor)" in text
 
 
-def test_plan_fits_on_a_big_device():
-  p = plan.plan(tiny(), mesh={"data": 8}, hbm_gib=16)
-  assert p["fits"] is True and p["hbm_source"] == "given"
-  assert p["groups"][0]["shard_shape"] == p["groups"][0]["shape"]  # pure data parallel: replicated
+def test_layout_without_devices():
+  config = tiny()
+  sizes = {"dcn_data": 1, "data": 2, "fsdp": 1, "tensor": 4}
+  params, opt = plan.layout(config, sizes, optim.make_optimizer(config))
+  by_path = {l.path: l for l in params}
+  assert by_path["h/blocks/0/mlp/fc/kernel"].shard_shape == (64, 64)  # mlp -> tensor
+  assert by_path["h/blocks/0/attn/qkv/kernel"].shard_shape == (64, 3, 1, 16)  # heads -> tensor
+  assert by_path["ln_f/scale"].shard_shape == (64,)
+  assert sum(l.shard_bytes for l in opt) >= 2 * sum(l.shard_bytes for l in params)
 
 
 def test_analytic_fallback_without_libtpu(monkeypatch):
