@@ -1,13 +1,24 @@
-"""Sampling from GPT and fill-mask with BERT, from a training workdir.
+"""Sampling from GPT with a KV cache, and fill-mask with BERT, from a run's workdir.
 
-Legend: B batch, T sequence, V vocabulary.
+  fmjax generate --workdir=W --prompt="The for statement" [--prompt=...] [--max_new_tokens=64]
+                 [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0]      # GPT; temperature 0 = greedy
+  fmjax generate --workdir=W --text="The [MASK] statement is used to ..."  # BERT fill-mask
+
+Generation is one jitted call: a prefill over the left-padded prompts fills the cache, then a
+`lax.while_loop` decodes one token per step until `max_new_tokens` or every row has emitted EOS.
+Left padding has segment id 0, so a prompt's continuation never depends on the other prompts.
+
+Legend: B batch, P prompt (padded), N new tokens, T sequence, V vocabulary, M masked positions.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,91 +29,158 @@ from flax import nnx
 from fmjax.config_lib import ConfigError
 
 
-def load_run(workdir: str, step: int | None = None):
-  """(model, config, tokenizer) from a workdir written by `fmjax train`; params of `step` or the latest."""
-  from fmjax import checkpoint as ckpt_lib, data, optim, sharding, train
+@dataclasses.dataclass
+class RestoredRun:
+  """A workdir's config, train-state spec (graph, shardings, mesh) and one step's params."""
+  config: ml_collections.ConfigDict
+  spec: Any
+  params: dict
+  step: int
+
+
+def restore_run(workdir: str, step: int | None = None, *, batch_size: int | None = None) -> RestoredRun:
+  """Params of `step` (default: the latest) of a workdir written by `fmjax train` or `fmjax sft`.
+
+  The mesh is pure data parallelism over the local devices; with `batch_size` it uses the most
+  devices that split that batch evenly.
+  """
+  from fmjax import checkpoint as ckpt_lib, optim, sharding, train
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ConfigError(f"{workdir} has no config.json; pass the --workdir of a finished `fmjax train` run")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
+  if "model" not in config or "train" not in config:
+    raise ConfigError(f"{path} is not the config of an fmjax run; pass the --workdir of `fmjax train`")
+  devices = jax.devices()
+  if batch_size:
+    n = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0)
+    devices = devices[:n]
   config.mesh.update(dcn_data=1, data=-1, fsdp=1, tensor=1)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise ConfigError(f"{workdir} holds no checkpoint yet; train first or pass another --workdir")
-  mesh = sharding.make_mesh(config)
-  spec = train.state_spec(config, mesh, optim.make_optimizer(config))
-  ckpt_lib.check_compatible(checkpointer, step, spec.abstract)
-  with jax.set_mesh(mesh):
-    params = checkpointer.restore(step, spec.abstract, items=("params",))["params"]
-  checkpointer.close()
-  model = nnx.merge(spec.graphdef, params)
-  return model, config, data.get_tokenizer(config)
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise ConfigError(f"{workdir} holds no checkpoint yet; train first or pass another --workdir")
+    mesh = sharding.make_mesh(config, devices)
+    spec = train.state_spec(config, mesh, optim.make_optimizer(config))
+    ckpt_lib.check_compatible(checkpointer, step, spec.abstract, items=("params",))
+    with jax.set_mesh(mesh):
+      params = checkpointer.restore(step, spec.abstract, items=("params",))["params"]
+  finally:
+    checkpointer.close()
+  return RestoredRun(config, spec, params, step)
 
 
-def sample_logits(logits_BV: jax.Array, key: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
-  """Greedy when temperature is 0; otherwise temperature, top-k and nucleus (top-p) sampling."""
-  if temperature == 0.0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits_BV = logits_BV.astype(jnp.float32) / temperature
-  if top_k:
+def load_run(workdir: str, step: int | None = None):
+  """(model, config, tokenizer) from a workdir written by `fmjax train`; params of `step` or the latest."""
+  from fmjax import data
+  run_ = restore_run(workdir, step)
+  model = nnx.merge(run_.spec.graphdef, run_.params)
+  return model, run_.config, data.get_tokenizer(run_.config)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def mask_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Logits with -inf outside the top-k and outside the nucleus (smallest set with mass >= top_p).
+
+  The most likely token always stays; ties at the cut-off stay too.
+  """
+  logits_BV = logits_BV.astype(jnp.float32)
+  if top_k and top_k < logits_BV.shape[-1]:
     kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
     logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
   if top_p < 1.0:
     sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-    # The smallest logit still inside the nucleus; the top token always stays.
-    cutoff_idx_B1 = jnp.sum(cum_BV < top_p, axis=-1, keepdims=True)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # A sorted token is in the nucleus while the mass strictly before it is < top_p.
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    cutoff_idx_B1 = jnp.sum(before_BV < top_p, axis=-1, keepdims=True) - 1
     cutoff_B1 = jnp.take_along_axis(sorted_BV, cutoff_idx_B1, axis=-1)
     logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
-  return jax.random.categorical(key, logits_BV).astype(jnp.int32)
+  return logits_BV
 
 
-@partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate_padded(model, tokens_BT, segment_ids_BT, positions_BT, start, key, *, max_new_tokens,
-                     temperature, top_k, top_p):
-  def body(i, carry):
-    tokens_BT, positions_BT, key = carry
-    cur = start + i
-    logits_BTV = model(tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT)
-    key, sub = jax.random.split(key)
-    next_B = sample_logits(logits_BTV[:, cur - 1], sub, temperature=temperature, top_k=top_k, top_p=top_p)
-    tokens_BT = tokens_BT.at[:, cur].set(next_B)
-    return tokens_BT, positions_BT, key
-  tokens_BT, _, _ = jax.lax.fori_loop(0, max_new_tokens, body, (tokens_BT, positions_BT, key))
-  return tokens_BT
+def sample_logits(logits_BV: jax.Array, key: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+  """Next ids [B]: argmax when temperature is 0, else a draw from the tempered, filtered softmax.
+
+  Row b draws with fold_in(key, b), so its sample does not depend on the other rows' logits or
+  on the batch size.
+  """
+  if temperature == 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = mask_logits(logits_BV.astype(jnp.float32) / temperature, top_k=top_k, top_p=top_p)
+  keys_B = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(logits_BV.shape[0]))
+  return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
+
+
+@partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
+def _generate_cached(model, tokens_BP, segment_ids_BP, positions_BP, key, *, max_new_tokens, temperature,
+                     top_k, top_p, eos_id):
+  B, P = tokens_BP.shape
+  sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+  cache = model.init_cache(B, P + max_new_tokens)
+  logits_BPV, cache = model.decode(tokens_BP, cache, positions_BT=positions_BP, segment_ids_BT=segment_ids_BP)
+  next_B = sample(logits_BPV[:, -1], jax.random.fold_in(key, 0))
+  out_BN = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(next_B)
+  done_B = next_B == eos_id if eos_id is not None else jnp.zeros((B,), bool)
+
+  def cond(carry):
+    i, _, _, _, _, done_B = carry
+    return (i < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, next_B, pos_B, cache, out_BN, done_B = carry
+    logits_B1V, cache = model.decode(next_B[:, None], cache, positions_BT=pos_B[:, None])
+    next_B = sample(logits_B1V[:, 0], jax.random.fold_in(key, i))
+    out_BN = out_BN.at[:, i].set(next_B)
+    if eos_id is not None:
+      done_B = done_B | (next_B == eos_id)
+    return i + 1, next_B, pos_B + 1, cache, out_BN, done_B
+
+  carry = (jnp.asarray(1, jnp.int32), next_B, positions_BP[:, -1] + 1, cache, out_BN, done_B)
+  return jax.lax.while_loop(cond, body, carry)[4]
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
              max_len: int | None = None) -> list[list[int]]:
-  """Continues each prompt (token ids) by up to `max_new_tokens`; batched, prompts left-padded."""
+  """Continues each prompt (token ids) by up to `max_new_tokens`, cut before the first EOS.
+
+  Prompts of different lengths are batched with left padding; the KV cache holds the longest
+  prompt plus `max_new_tokens`. `max_len` defaults to the model's position table.
+  """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ConfigError("every prompt needs at least one token")
+  if max_new_tokens < 1:
+    raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+  if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+    raise ConfigError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got temperature={temperature}, "
+                      f"top_p={top_p}, top_k={top_k}")
+  max_len = int(model.wpe.embedding.shape[0]) if max_len is None else max_len
   b, longest = len(prompts), max(len(p) for p in prompts)
-  total = longest + max_new_tokens
-  if max_len is not None and total > max_len:
-    raise ConfigError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's max_len {max_len}")
-  tokens = np.zeros((b, total), np.int32)
-  segments = np.ones((b, total), np.int32)
-  positions = np.zeros((b, total), np.int32)
+  if longest + max_new_tokens > max_len:
+    raise ConfigError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                      f"max_len {max_len}; shorten the prompt or lower --max_new_tokens")
+  tokens = np.zeros((b, longest), np.int32)
+  segments = np.zeros((b, longest), np.int32)  # 0 = left padding, which no real token attends
+  positions = np.zeros((b, longest), np.int32)
   for i, p in enumerate(prompts):
     pad = longest - len(p)
-    tokens[i, pad:longest] = p
-    segments[i, :pad] = 0  # pads form their own segment: real tokens never see them
-    positions[i, pad:] = np.arange(total - pad)
-  out = _generate_padded(model, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions), longest,
-                         jax.random.key(seed), max_new_tokens=max_new_tokens, temperature=float(temperature),
-                         top_k=int(top_k), top_p=float(top_p))
-  out = np.asarray(out)
+    tokens[i, pad:] = p
+    segments[i, pad:] = 1
+    positions[i, pad:] = np.arange(len(p))
+  out = _generate_cached(model, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions),
+                         jax.random.key(seed), max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                         top_k=int(top_k), top_p=float(top_p), eos_id=None if eos_id is None else int(eos_id))
   results = []
-  for i in range(b):
-    new = out[i, longest:].tolist()
-    if eos_id is not None and eos_id in new:
-      new = new[:new.index(eos_id)]
-    results.append(new)
+  for row in np.asarray(out).tolist():
+    if eos_id is not None and eos_id in row:
+      row = row[:row.index(eos_id)]
+    results.append(row)
   return results
 
 
@@ -128,3 +206,51 @@ def fill_mask(model, tokenizer, text: str, *, top_k: int = 5, mask_token: str = 
     best = np.argsort(-row)[:top_k]
     results.append([(tokenizer.decode([int(t)]).strip(), float(row[t])) for t in best])
   return results
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens: int = 64,
+        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+        step: int | None = None) -> list:
+  """`fmjax generate` as a function: completions (str) for GPT prompts, or fill-mask predictions for BERT."""
+  model, config, tok = load_run(workdir, step)
+  family = config.model.family
+  if family == "gpt":
+    if text or not prompts:
+      raise ConfigError(f"{workdir} holds a GPT: pass --prompt=TEXT (repeatable); --text is for BERT fill-mask")
+    # An empty prompt starts from the document separator, as a new document does in training.
+    ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
+    outs = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                    eos_id=tok.eos_id, max_len=config.model.max_len)
+    return [tok.decode(o) for o in outs]
+  if prompts or not text:
+    raise ConfigError(f"{workdir} holds a BERT: pass --text=\"... [MASK] ...\"; --prompt is for GPT sampling")
+  return fill_mask(model, tok, text, top_k=top_k or 5)
+
+
+def cli(argv: list[str]) -> int:
+  """`fmjax generate --workdir=W (--prompt=TEXT ... | --text="... [MASK] ...") [sampling flags]`."""
+  p = argparse.ArgumentParser(prog="fmjax generate")
+  p.add_argument("--workdir", required=True, help="a `fmjax train` or `fmjax sft` workdir")
+  p.add_argument("--prompt", action="append", default=[], help="GPT prompt; repeat for a batch")
+  p.add_argument("--text", default="", help="BERT fill-mask text with one or more [MASK]")
+  p.add_argument("--max_new_tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+  p.add_argument("--top_k", type=int, default=0, help="GPT: keep the k most likely tokens (0 = all); "
+                 "BERT: predictions shown per [MASK] (default 5)")
+  p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  args = p.parse_args(argv)
+  results = run(args.workdir, prompts=args.prompt, text=args.text, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, step=args.step)
+  if args.prompt:
+    for prompt, completion in zip(args.prompt, results):
+      print(f"{prompt}{completion}")
+      print("-" * 40)
+  else:
+    for cands in results:
+      print("[MASK] -> " + ", ".join(f"{w!r} {prob:.3f}" for w, prob in cands))
+  return 0

@@ -31,7 +31,8 @@ def _documents():
   import pydoc_data.topics
   topics = list(pydoc_data.topics.topics.values())[:40]
   # One paragraph each: a blank line would split a document in two.
-  return [f"{' '.join(t[:400].split())} Write to user{i}@example.com or call +44 20 7946 {1000 + i}." for i, t in enumerate(topics)]
+  return [f"{' '.join(t[:400].split())} Write to user{i}@example.com or call +44 20 7946 {1000 + i}."
+          for i, t in enumerate(topics)]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,385 @@
+"""Downstream tasks: GLUE through TFDS, local CSV/JSONL files, and an offline default task.
+
+A task is a list of examples `(texts, label)` per split, where `texts` holds one sentence or a
+sentence pair, plus what the head needs (number of classes or regression) and the metrics that
+papers report for it:
+
+  pydoc_family   offline default: which standard-library family (gui, concurrency, mail, web,
+                 testing, numeric, files) a function or class docstring comes from. Real text
+                 with real labels from every Python install; the pretraining corpus holds module
+                 docstrings and reference topics only, never these docstrings.
+  glue/<name>    (or just <name>) every GLUE task via TFDS `glue/*`, with its official metric:
+                 accuracy, F1 + accuracy (mrpc, qqp), Matthews correlation (cola),
+                 Pearson/Spearman (stsb).
+  csv / jsonl    local files (`task.files`, `task.validation_files`) with declared
+                 `task.text_columns` and `task.label_column`.
+
+Splits are deterministic: GLUE and files with a validation file keep their own; otherwise a
+hash of the example text holds out `task.validation_percent` of it.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from typing import Sequence
+
+import numpy as np
+
+from fmjax.config_lib import ConfigError
+
+Example = tuple[tuple[str, ...], float]
+
+# name: (text features, num_classes (0 = regression), metrics, validation split)
+GLUE = {
+    "cola": (("sentence",), 2, ("matthews",), "validation"),
+    "sst2": (("sentence",), 2, ("accuracy",), "validation"),
+    "mrpc": (("sentence1", "sentence2"), 2, ("f1", "accuracy"), "validation"),
+    "qqp": (("question1", "question2"), 2, ("f1", "accuracy"), "validation"),
+    "stsb": (("sentence1", "sentence2"), 0, ("pearson", "spearman"), "validation"),
+    "mnli": (("premise", "hypothesis"), 3, ("accuracy",), "validation_matched"),
+    "mnli_mismatched": (("premise", "hypothesis"), 3, ("accuracy",), "validation_mismatched"),
+    "qnli": (("question", "sentence"), 2, ("accuracy",), "validation"),
+    "rte": (("sentence1", "sentence2"), 2, ("accuracy",), "validation"),
+    "wnli": (("sentence1", "sentence2"), 2, ("accuracy",), "validation"),
+}
+
+# The offline task's labels: groups of standard-library packages and modules on one theme.
+PYDOC_FAMILIES = {
+    "gui": ("tkinter", "turtle"),
+    "concurrency": ("asyncio", "concurrent", "multiprocessing", "threading", "queue", "sched"),
+    "mail": ("email", "mailbox", "smtplib", "imaplib", "nntplib", "poplib"),
+    "web": ("http", "urllib", "wsgiref", "xmlrpc", "socketserver", "ftplib"),
+    "testing": ("unittest", "doctest", "pdb", "bdb"),
+    "numeric": ("_pydecimal", "statistics", "fractions", "numbers", "random"),
+    "files": ("tarfile", "zipfile", "shutil", "pathlib", "tempfile", "glob"),
+}
+PYDOC_PER_CLASS = 250  # balanced classes: at most this many docstrings per family
+_MIN_WORDS = 6
+
+
+@dataclasses.dataclass
+class Task:
+  """A downstream task: examples per split, head shape and official metrics."""
+  name: str
+  text_names: tuple[str, ...]
+  num_classes: int  # 0: regression (one output, mean squared error)
+  metrics: tuple[str, ...]
+  splits: dict[str, list[Example]]
+  label_names: tuple[str, ...] = ()
+
+  @property
+  def is_regression(self) -> bool:
+    return self.num_classes == 0
+
+  @property
+  def num_outputs(self) -> int:
+    return 1 if self.is_regression else self.num_classes
+
+  @property
+  def main_metric(self) -> str:
+    return self.metrics[0]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+  """Ranks with ties given their average rank (what Spearman's rho needs)."""
+  order = np.argsort(x, kind="stable")
+  ranks = np.empty(len(x), np.float64)
+  sorted_x = x[order]
+  i = 0
+  while i < len(x):
+    j = i
+    while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+      j += 1
+    ranks[order[i:j + 1]] = (i + j) / 2.0
+    i = j + 1
+  return ranks
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+  a, b = a - a.mean(), b - b.mean()
+  denom = np.sqrt((a * a).sum() * (b * b).sum())
+  return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+def compute_metrics(names: Sequence[str], predictions, labels) -> dict[str, float]:
+  """GLUE's metrics of class ids (or regression scores) against labels.
+
+  f1 is the F1 of class 1 (mrpc, qqp); matthews is the Matthews correlation (cola); pearson
+  and spearman compare scores (stsb). A metric with an undefined denominator is 0.
+  """
+  p, y = np.asarray(predictions), np.asarray(labels)
+  out = {}
+  for name in names:
+    if name == "accuracy":
+      out[name] = float(np.mean(p == y)) if len(y) else 0.0
+    elif name in ("f1", "matthews"):
+      tp = float(np.sum((p == 1) & (y == 1)))
+      fp = float(np.sum((p == 1) & (y != 1)))
+      fn = float(np.sum((p != 1) & (y == 1)))
+      tn = float(np.sum((p != 1) & (y != 1)))
+      if name == "f1":
+        out[name] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+      else:
+        denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        out[name] = float((tp * tn - fp * fn) / denom) if denom else 0.0
+    elif name == "pearson":
+      out[name] = _pearson(p.astype(np.float64), y.astype(np.float64))
+    elif name == "spearman":
+      out[name] = _pearson(_rank(p.astype(np.float64)), _rank(y.astype(np.float64)))
+    else:
+      raise ConfigError(f"unknown metric {name!r}; use accuracy, f1, matthews, pearson or spearman")
+  return out
+
+
+def evaluate(task: Task, predictions, split: str = "validation") -> dict[str, float]:
+  """The task's official metrics of `predictions` (one per example of `split`, in order)."""
+  labels = [label for _, label in task.splits[split]]
+  if len(labels) != len(predictions):
+    raise ValueError(f"{len(predictions)} predictions for {len(labels)} {split} examples of {task.name}")
+  return compute_metrics(task.metrics, predictions, labels)
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def _hash(text: str) -> int:
+  return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "little")
+
+
+def hash_split(examples: list[Example], percent: int) -> dict[str, list[Example]]:
+  """Holds out about `percent`% of the examples by a hash of their text: same split everywhere."""
+  held = [_hash("\x1f".join(texts)) % 100 < percent for texts, _ in examples]
+  return {"train": [e for e, h in zip(examples, held) if not h],
+          "validation": [e for e, h in zip(examples, held) if h]}
+
+
+# ----------------------------------------------------------------------------- offline task
+
+
+def _docstrings(path: str) -> list[str]:
+  with open(path, "rb") as f:
+    try:
+      tree = ast.parse(f.read())
+    except (SyntaxError, ValueError):
+      return []
+  out = []
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+      doc = ast.get_docstring(node)
+      if doc and len(doc.split()) >= _MIN_WORDS:
+        out.append(" ".join(doc.split()))
+  return out
+
+
+def _module_files(root: str, name: str) -> list[str]:
+  path = os.path.join(root, name)
+  if os.path.isdir(path):
+    files = glob.glob(os.path.join(path, "**", "*.py"), recursive=True)
+    return sorted(f for f in files if not {"test", "tests"} & set(os.path.relpath(f, root).split(os.sep)))
+  return [path + ".py"] if os.path.exists(path + ".py") else []
+
+
+def pydoc_family_examples(cache_dir: str = "") -> list[Example]:
+  """Docstrings of functions and classes in the PYDOC_FAMILIES modules, labelled by family.
+
+  Parsing the sources takes seconds, so the result is cached as JSON under `cache_dir`
+  (keyed by the Python version, whose standard library the text comes from).
+  """
+  version = f"py{sys.version_info.major}{sys.version_info.minor}"
+  cache = os.path.join(cache_dir, "tasks", f"pydoc_family-{version}-v1.json") if cache_dir else ""
+  if cache and os.path.exists(cache):
+    with open(cache) as f:
+      return [(tuple(t), float(y)) for t, y in json.load(f)]
+  root = sysconfig.get_paths()["stdlib"]
+  by_text: dict[str, set[int]] = {}
+  for label, modules in enumerate(PYDOC_FAMILIES.values()):
+    for module in modules:
+      for path in _module_files(root, module):
+        for doc in _docstrings(path):
+          by_text.setdefault(doc, set()).add(label)
+  # A docstring found in two families (e.g. a shared helper) has no true label: dropped.
+  per_class: dict[int, list[str]] = {}
+  for text, labels in by_text.items():
+    if len(labels) == 1:
+      per_class.setdefault(labels.pop(), []).append(text)
+  examples = []
+  for label in sorted(per_class):
+    texts = sorted(per_class[label], key=_hash)[:PYDOC_PER_CLASS]
+    examples += [((t,), float(label)) for t in sorted(texts)]
+  if cache:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    with open(cache + ".tmp", "w") as f:
+      json.dump(examples, f)
+    os.replace(cache + ".tmp", cache)
+  return examples
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _read_records(path: str) -> list[dict]:
+  if path.endswith(".jsonl"):
+    with open(path, encoding="utf-8") as f:
+      records = []
+      for i, line in enumerate(f):
+        if line.strip():
+          try:
+            records.append(json.loads(line))
+          except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix or remove the line") from None
+      return records
+  if path.endswith((".csv", ".tsv")):
+    with open(path, encoding="utf-8", newline="") as f:
+      return list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+  raise ConfigError(f"task file {path!r} must end in .csv, .tsv or .jsonl")
+
+
+def _resolve(spec: str) -> list[str]:
+  paths = sorted({p for pattern in spec.split(",") if pattern.strip()
+                  for p in glob.glob(os.path.expanduser(pattern.strip()))})
+  if spec.strip() and not paths:
+    raise ConfigError(f"task.files={spec!r} matches no file; give a path or glob of .csv/.tsv/.jsonl files")
+  return paths
+
+
+def _file_examples(paths: list[str], text_columns: tuple[str, ...], label_column: str) -> tuple[list, list]:
+  """(texts, raw labels) from the records of `paths`; missing columns fail with the available ones."""
+  texts, labels = [], []
+  for path in paths:
+    for i, record in enumerate(_read_records(path)):
+      for column in (*text_columns, label_column):
+        if column not in record:
+          which = "task.label_column" if column == label_column and column not in text_columns else \
+              "task.text_columns"
+          raise ConfigError(f"{path} (record {i + 1}) has no column {column!r}; set {which} to one of "
+                            f"{sorted(record)}")
+      texts.append(tuple(str(record[c]) for c in text_columns))
+      labels.append(record[label_column])
+  return texts, labels
+
+
+def _label_ids(raw: list, num_classes: int, where: str) -> tuple[list[float], tuple[str, ...]]:
+  """Maps labels to class ids 0..C-1 (ints as given, strings in sorted order) or keeps floats."""
+  if num_classes == 0:
+    try:
+      return [float(y) for y in raw], ()
+    except (TypeError, ValueError):
+      raise ConfigError(f"{where}: regression (task.num_classes=0) needs numeric labels, got e.g. "
+                        f"{next(y for y in raw if not _is_number(y))!r}") from None
+  if all(_is_int(y) for y in raw):
+    ids = [int(float(y)) for y in raw]
+    names = tuple(str(i) for i in range(max(ids) + 1)) if ids else ()
+  else:
+    names = tuple(sorted({str(y) for y in raw}))
+    ids = [names.index(str(y)) for y in raw]
+  return [float(i) for i in ids], names
+
+
+def _is_number(y) -> bool:
+  try:
+    float(y)
+    return True
+  except (TypeError, ValueError):
+    return False
+
+
+def _is_int(y) -> bool:
+  return _is_number(y) and float(y).is_integer() and not isinstance(y, bool)
+
+
+def _files_task(tc) -> Task:
+  text_columns = tuple(tc.text_columns)
+  if not 1 <= len(text_columns) <= 2:
+    raise ConfigError(f"task.text_columns={text_columns} must name one column or a sentence pair")
+  train_texts, train_raw = _file_examples(_resolve(tc.files), text_columns, tc.label_column)
+  if not train_texts:
+    raise ConfigError(f"task.files={tc.files!r} holds no examples")
+  val_paths = _resolve(tc.validation_files) if tc.validation_files else []
+  val_texts, val_raw = _file_examples(val_paths, text_columns, tc.label_column)
+  labels, names = _label_ids(train_raw + val_raw, int(tc.num_classes), tc.files)
+  train = list(zip(train_texts, labels[:len(train_texts)]))
+  if val_paths:
+    splits = {"train": train, "validation": list(zip(val_texts, labels[len(train_texts):]))}
+  else:
+    splits = hash_split(train, int(tc.validation_percent))
+  num_classes = int(tc.num_classes) if tc.num_classes != -1 else len(names)
+  metrics = ("pearson", "spearman") if num_classes == 0 else ("accuracy", "f1") if num_classes == 2 else \
+      ("accuracy",)
+  return Task(tc.name, text_columns, num_classes, metrics, splits, names)
+
+
+# ----------------------------------------------------------------------------- GLUE
+
+
+def _glue_task(name: str, tc, data_dir: str) -> Task:
+  import tensorflow_datasets as tfds
+  import tensorflow_datasets.text.glue  # noqa: F401  registers glue/* (STACK.md gotcha 8)
+
+  features, num_classes, metrics, val_split = GLUE[name]
+  tfds_name = "glue/mnli" if name == "mnli_mismatched" else f"glue/{name}"
+  splits = {}
+  for ours, theirs in (("train", "train"), ("validation", val_split)):
+    ds = tfds.load(tfds_name, split=theirs, data_dir=data_dir or None)
+    examples = []
+    for record in tfds.as_numpy(ds):
+      texts = tuple(_text(record[f]) for f in features)
+      examples.append((texts, float(record["label"])))
+    splits[ours] = examples
+  return Task(f"glue/{name}", features, num_classes, metrics, splits)
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def load_task(config) -> Task:
+  """The task named by `config.task.name`, with labels checked against `task.num_classes`."""
+  tc = config.task
+  name = tc.name.removeprefix("glue/")
+  if tc.name == "pydoc_family":
+    examples = pydoc_family_examples(_cache_dir(config))
+    task = Task("pydoc_family", ("docstring",), len(PYDOC_FAMILIES), ("accuracy",),
+                hash_split(examples, int(tc.validation_percent)), tuple(PYDOC_FAMILIES))
+  elif name in GLUE:
+    task = _glue_task(name, tc, config.data.data_dir)
+  elif tc.name in ("csv", "jsonl", "files"):
+    task = _files_task(tc)
+  else:
+    options = ["pydoc_family", "csv", "jsonl", *(f"glue/{n}" for n in GLUE)]
+    raise ConfigError(f"task.name={tc.name!r} is not one of {options}")
+  check_labels(task, int(tc.num_classes))
+  return task
+
+
+def _cache_dir(config) -> str:
+  from fmjax.data import sources
+  return sources.cache_root(config)
+
+
+def check_labels(task: Task, declared: int = -1) -> None:
+  """Fails in one line when labels don't fit the head: out of range, or another class count."""
+  if declared != -1 and declared != task.num_classes:
+    kind = "regression" if task.num_classes == 0 else f"{task.num_classes} classes"
+    raise ConfigError(f"task {task.name} has {kind} but task.num_classes={declared}; set task.num_classes="
+                      f"{task.num_classes} (or -1 to take it from the task)")
+  if task.is_regression:
+    return
+  for split, examples in task.splits.items():
+    bad = sorted({y for _, y in examples if not (float(y).is_integer() and 0 <= y < task.num_classes)})
+    if bad:
+      raise ConfigError(f"task {task.name} split {split} has labels {bad[:5]} outside 0..{task.num_classes - 1} "
+                        f"of its {task.num_classes}-class head; fix the labels or task.num_classes")
