@@ -132,6 +132,30 @@ def cmd_report(argv):
   return report.cli(argv)
 
 
+def cmd_finetune(argv):
+  from fmjax import finetune
+  maybe_initialize_distributed()
+  args, config = _load("fmjax finetune", argv, True)
+  finetune.run(config, args.workdir)
+
+
+def cmd_sft(argv):
+  from fmjax import sft
+  maybe_initialize_distributed()
+  args, config = _load("fmjax sft", argv, True)
+  sft.run(config, args.workdir)
+
+
+def cmd_generate(argv):
+  from fmjax import generate
+  return generate.cli(argv)
+
+
+def cmd_eval(argv):
+  from fmjax import evaluate
+  return evaluate.cli(argv)
+
+
 COMMANDS = {
     "train": (cmd_train, "pretrain a GPT (causal LM) or BERT (masked LM)"),
     "data": (cmd_data, "`data prepare`: tokenise, pack and cache a dataset"),
@@ -143,6 +167,10 @@ COMMANDS = {
     "sweep": (cmd_sweep, "expand a config's get_sweep() into runs: run them locally or print the commands"),
     "plan": (cmd_plan, "ahead-of-time plan on a mesh or TPU topology: params, FLOPs, per-device memory, shardings"),
     "report": (cmd_report, "workdir metrics to a Markdown table, CSV and PNG plots"),
+    "finetune": (cmd_finetune, "fine-tune a pretrained trunk with a new head on a task (full or PEFT)"),
+    "sft": (cmd_sft, "GPT supervised fine-tuning / continued pretraining on JSONL (prompt, completion)"),
+    "eval": (cmd_eval, "held-out perplexity / MLM accuracy (or task metrics) of a workdir's checkpoint"),
+    "generate": (cmd_generate, "GPT sampling with a KV cache (greedy, temperature, top-k, top-p); BERT fill-mask"),
 }
 
 

@@ -38,11 +38,11 @@ class RestoredRun:
   step: int
 
 
-def restore_run(workdir: str, step: int | None = None, *, batch_size: int | None = None) -> RestoredRun:
+def restore_run(workdir: str, step: int | None = None, *, split_batch: bool = False) -> RestoredRun:
   """Params of `step` (default: the latest) of a workdir written by `fmjax train` or `fmjax sft`.
 
-  The mesh is pure data parallelism over the local devices; with `batch_size` it uses the most
-  devices that split that batch evenly.
+  The mesh is pure data parallelism over the devices; with `split_batch` it uses the most devices
+  that split the run's train.batch_size evenly, so any device count can evaluate any run.
   """
   from fmjax import checkpoint as ckpt_lib, optim, sharding, train
   path = os.path.join(workdir, "config.json")
@@ -53,8 +53,8 @@ def restore_run(workdir: str, step: int | None = None, *, batch_size: int | None
   if "model" not in config or "train" not in config:
     raise ConfigError(f"{path} is not the config of an fmjax run; pass the --workdir of `fmjax train`")
   devices = jax.devices()
-  if batch_size:
-    n = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0)
+  if split_batch:
+    n = max(d for d in range(1, len(devices) + 1) if config.train.batch_size % d == 0)
     devices = devices[:n]
   config.mesh.update(dcn_data=1, data=-1, fsdp=1, tensor=1)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -129,19 +129,23 @@ def _generate_cached(model, tokens_BP, segment_ids_BP, positions_BP, key, *, max
   done_B = next_B == eos_id if eos_id is not None else jnp.zeros((B,), bool)
 
   def cond(carry):
-    i, _, _, _, _, done_B = carry
+    i, done_B = carry[0], carry[5]
     return (i < max_new_tokens) & ~jnp.all(done_B)
 
+  # The params ride in the loop carry and the body rebuilds the module from them: NNX transforms
+  # inside the model (nnx.scan over layers) refuse Variables captured from an outer trace.
+  graphdef, state = nnx.split(model)
+
   def body(carry):
-    i, next_B, pos_B, cache, out_BN, done_B = carry
-    logits_B1V, cache = model.decode(next_B[:, None], cache, positions_BT=pos_B[:, None])
+    i, next_B, pos_B, cache, out_BN, done_B, state = carry
+    logits_B1V, cache = nnx.merge(graphdef, state).decode(next_B[:, None], cache, positions_BT=pos_B[:, None])
     next_B = sample(logits_B1V[:, 0], jax.random.fold_in(key, i))
     out_BN = out_BN.at[:, i].set(next_B)
     if eos_id is not None:
       done_B = done_B | (next_B == eos_id)
-    return i + 1, next_B, pos_B + 1, cache, out_BN, done_B
+    return i + 1, next_B, pos_B + 1, cache, out_BN, done_B, state
 
-  carry = (jnp.asarray(1, jnp.int32), next_B, positions_BP[:, -1] + 1, cache, out_BN, done_B)
+  carry = (jnp.asarray(1, jnp.int32), next_B, positions_BP[:, -1] + 1, cache, out_BN, done_B, state)
   return jax.lax.while_loop(cond, body, carry)[4]
 
 

@@ -158,6 +158,9 @@ class SelfAttention(nnx.Module):
     dtype = self.qkv.dtype
     qkv_3BTHK = jnp.einsum("btd,dchk->cbthk", x_BTD.astype(dtype), self.qkv.kernel[...].astype(dtype))
     qkv_3BTHK = qkv_3BTHK + self.qkv.bias[...].astype(dtype)[:, None, None]
+    lora_delta = getattr(self.qkv, "lora_delta", None)  # fmjax.peft.LoRADense: the einsum skips its __call__
+    if lora_delta is not None:
+      qkv_3BTHK = qkv_3BTHK + jnp.moveaxis(lora_delta(x_BTD), 2, 0)
     qkv_3BTHK = _constrain(qkv_3BTHK, (None, "batch", "length", "heads", None))
     return qkv_3BTHK[0], qkv_3BTHK[1], qkv_3BTHK[2]
 

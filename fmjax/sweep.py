@@ -204,6 +204,11 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   table = aggregate(root, runs)
   paths = write_outputs(table, root)
   print(format_markdown(table), file=out)
+  if any(r.command == "finetune" for r in runs):  # task metrics, mean ± std per task as papers report GLUE
+    from fmjax import finetune
+    summary = finetune.summarize(root, runs)
+    print(summary["markdown"], file=out)
+    paths += summary["paths"]
   print("wrote " + ", ".join(paths), file=out)
   for run in failed:
     print(f"FAILED {run.name}; see {os.path.join(root, run.name, 'log.txt')}:\n"

@@ -67,9 +67,11 @@ def state_spec(config, mesh, tx, make_model: Callable[[], nnx.Module] | None = N
                                  nnx.to_pure_dict(abstract_vars))
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   repl = sharding.replicated(mesh)
+  # Frozen parameters (optim.make_optimizer(trainable=...)) hold a MaskedNode, no array, in the state.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
   opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, param_shardings,
-      transform_non_params=lambda _: repl, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+      tx, lambda p, s: p if masked(p) else s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: repl, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding) or masked(x))
   shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings}
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt}
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -1,0 +1,41 @@
+"""GPT supervised fine-tuning (SFT) or continued pretraining from a `fmjax train` checkpoint.
+
+  fmjax sft --config=configs/sft.py --config.init_from=workdirs/gpt_tiny \
+      --config.data.files=train.jsonl --workdir=workdirs/sft
+  fmjax generate --workdir=workdirs/sft --prompt="..." --temperature=0
+  fmjax eval --workdir=workdirs/sft          # completion-token loss on the held-out rows
+
+data.files: JSONL rows {"prompt": ..., "completion": ...}; the loss is on the completion tokens
+(and the EOS after them) only. Rows without a prompt are continued pretraining on their text.
+The model's shape and the tokenizer are taken from init_from, so only training settings matter
+here. Arg: a size of configs/gpt.py (tiny default; used only without init_from).
+"""
+
+import os
+
+import ml_collections
+
+from fmjax import config_lib
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_config(arg: str = "tiny"):
+  c = config_lib.load_module(os.path.join(_HERE, "gpt.py")).get_config(arg or "tiny")
+  c.name = c.name.replace("gpt_", "sft_gpt_")
+  c.init_from = ""  # a `fmjax train` workdir (GPT): its latest params are the starting point
+  c.data.dataset = "text_files"  # SFT reads data.files itself as (prompt, completion) JSONL
+  c.data.files = ""
+  c.sft = ml_collections.ConfigDict(dict(
+      prompt_key="prompt",
+      completion_key="completion",
+      eval_files="",        # held-out JSONL; empty = hold out eval_percent% of data.files by a hash of each row
+      eval_percent=10,
+      pack=True,            # pack several rows per sequence (segment ids keep them apart); False = one per row
+  ))
+  c.model.dropout = 0.0
+  c.train.update(batch_size=16, steps=200, log_every=10, eval_every=50)
+  # A fine-tuning schedule: a lower rate than pretraining, short warmup, linear decay to 0.
+  c.optim.update(lr=c.optim.lr / 3, schedule="linear", warmup_steps=10, min_lr_ratio=0.0)
+  c.checkpoint.update(every_steps=100, keep=2)
+  return c

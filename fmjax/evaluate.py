@@ -1,0 +1,110 @@
+"""Held-out metrics of a checkpoint: `fmjax eval --workdir=W [--split=eval] [--batches=N] [--step=S]`.
+
+  pretraining (GPT)  next-token loss, perplexity and accuracy on the packed held-out split
+  pretraining (BERT) masked-LM loss, accuracy (and pseudo-perplexity exp(loss)) at the masked positions
+  SFT                the same on the completion tokens of the held-out JSONL rows
+  fine-tuning        the task's official metrics (fmjax.finetune.evaluate)
+
+The numbers are those of the train loop's eval (same step function and batches) over the whole
+split by default. They are printed and written to `workdir/eval.json` (`eval_<split>.json` for
+other splits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+
+from fmjax import generate, metrics as metrics_lib, sharding, train
+from fmjax.config_lib import ConfigError
+
+log = metrics_lib.log
+
+
+def _read_config(workdir: str) -> dict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"{workdir} has no config.json; pass the --workdir of a `fmjax train`, `sft` or "
+                      "`finetune` run")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _finetune_metrics(workdir: str, split: str, step: int | None) -> dict:
+  try:
+    from fmjax import finetune
+  except ImportError:
+    raise ConfigError(f"{workdir} is a fine-tuning run, and this install has no fmjax.finetune to score it") from None
+  task_split = "validation" if split == "eval" else split
+  return {"split": task_split, **finetune.evaluate(workdir, split=task_split, step=step)}
+
+
+def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None) -> dict:
+  from fmjax import data, sft
+  if split not in ("eval", "train"):
+    raise ConfigError(f"--split must be 'eval' or 'train' for a pretraining or SFT run, got {split!r}")
+  restored = generate.restore_run(workdir, step, split_batch=True)
+  config, spec, params = restored.config, restored.spec, restored.params
+  batch_sharding = sharding.batch_sharding(spec.mesh)
+  if "sft" in config:
+    tok = data.get_tokenizer(config)
+    train_loader, eval_loader = sft.make_loaders(config, tok, batch_sharding)
+    loader = eval_loader if split == "eval" else sft.RowLoader(train_loader.rows, config.train.batch_size,
+                                                              batch_sharding, seed=config.data.seed, shuffle=False)
+    if loader is None:
+      raise ConfigError(f"{workdir} has no held-out SFT rows; set sft.eval_files or sft.eval_percent > 0, or "
+                        "pass --split=train")
+    what = "completion tokens"
+  else:
+    loader = data.make_loader(config, split, sharding=batch_sharding, shuffle=False)
+    what = "next tokens" if config.train.objective == "clm" else "masked tokens"
+  if batches is None:
+    batches = loader.num_batches if split == "eval" else config.train.eval_batches
+  batches = min(int(batches), loader.num_batches)
+  if batches < 1:
+    raise ConfigError(f"--batches must be at least 1, got {batches}")
+  with jax.set_mesh(spec.mesh):
+    eval_step = jax.jit(train.make_eval_step(config, spec.graphdef),
+                        in_shardings=(spec.shardings["params"], batch_sharding),
+                        out_shardings=sharding.replicated(spec.mesh))
+    result = train.evaluate(eval_step, params, loader, batches)
+  return {"split": split, "objective": config.train.objective, "scored": what, "batches": batches,
+          "batch_size": config.train.batch_size, "seq_len": config.data.seq_len, "step": restored.step, **result}
+
+
+def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: int | None = None) -> dict:
+  """Metrics of `workdir`'s checkpoint (`step`, default the latest) on `split`; also written to eval.json."""
+  config = _read_config(workdir)
+  if "task" in config and "finetune" in config:
+    result = _finetune_metrics(workdir, split, step)
+  elif "model" in config and "train" in config:
+    result = _lm_metrics(workdir, split, batches, step)
+  else:
+    raise ConfigError(f"{workdir}/config.json is not an fmjax run's; pass the --workdir of `fmjax train`, `sft` "
+                      "or `finetune`")
+  result = {"workdir": os.path.abspath(workdir), **result}
+  if jax.process_index() == 0:
+    name = "eval.json" if split == "eval" else f"eval_{split}.json"
+    path = os.path.join(workdir, name)
+    with open(path + ".tmp", "w") as f:
+      json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+  return result
+
+
+def cli(argv: list[str]) -> int:
+  """`fmjax eval --workdir=W [--split=eval|train] [--batches=N] [--step=S]`."""
+  p = argparse.ArgumentParser(prog="fmjax eval")
+  p.add_argument("--workdir", required=True, help="a `fmjax train`, `sft` or `finetune` workdir")
+  p.add_argument("--split", default="eval", help="eval (held-out, default) or train; fine-tuning: a task split")
+  p.add_argument("--batches", type=int, default=None, help="batches to score (default: the whole eval split)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  args = p.parse_args(argv)
+  result = run(args.workdir, split=args.split, batches=args.batches, step=args.step)
+  skip = {"workdir", "split"}
+  print(f"{args.workdir} ({result['split']}): " + "  ".join(
+      f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items() if k not in skip))
+  return 0

@@ -1,0 +1,497 @@
+"""Fine-tuning: a pretrained trunk plus a new head on a downstream task (full or PEFT).
+
+  fmjax finetune --config=configs/finetune_cls.py:task=pydoc_family \
+      --config.init_from=workdirs/bert_tiny --workdir=workdirs/ft
+
+Reuses the pretraining pieces: `train.state_spec` / `init_state` / `compile_steps` with this
+module's model (`Classifier`) and loss. Start order: resume this workdir's checkpoint, else
+`init_from` (params of the trunk only, read by a partial restore; the head and any PEFT
+parameters are initialised), else from scratch; the log says which and lists what was loaded
+and what was initialised.
+
+Heads: BERT classifies or regresses from the pooled [CLS] vector (single sentences and
+[CLS] a [SEP] b [SEP] pairs with token types); GPT from the hidden state of the last non-pad
+token (a <eos> b <eos>).
+
+Legend: B batch, T sequence, D model, C outputs (classes, or 1 for regression).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from fmjax import config_lib, metrics as metrics_lib, models, objectives, optim, peft, sharding, tasks, train
+from fmjax.config_lib import ConfigError
+
+log = metrics_lib.log
+RESULTS_FILE = "results.json"
+# Pretraining-only parameters a classifier drops (the tied GPT head needs nothing extra).
+_PRETRAIN_HEADS = {"bert": ("mlm_transform", "mlm_ln", "mlm_bias"), "gpt": ()}
+# Data keys that decide the tokenizer: taken from the init_from run, whose ids the trunk knows.
+_TOKENIZER_KEYS = ("dataset", "files", "feature", "train_split", "data_dir", "pii_scrub")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Classifier(nnx.Module):
+  """`trunk` (GPT or BERT without its pretraining head) and a new linear `head` of C outputs."""
+
+  def __init__(self, config, num_outputs: int, *, rngs: nnx.Rngs):
+    m = config.model
+    self.family = m.family
+    self.dropout = float(m.dropout)
+    self.trunk = models.build_model(m, rngs=rngs)
+    for name in _PRETRAIN_HEADS[m.family]:
+      delattr(self.trunk, name)
+    self.head = models.Dense((m.d_model,), (num_outputs,), ("embed", None), std=m.init_std, rngs=rngs,
+                             dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
+
+  def __call__(self, tokens_BT, *, token_types_BT=None, segment_ids_BT=None, deterministic=True, rngs=None):
+    """float32 logits_BC."""
+    if self.family == "bert":
+      _, pooled_BD = self.trunk.encode(tokens_BT, token_types_BT=token_types_BT, segment_ids_BT=segment_ids_BT,
+                                       deterministic=deterministic, rngs=rngs)
+    else:
+      h_BTD = self.trunk.hidden(tokens_BT, segment_ids_BT=segment_ids_BT, deterministic=deterministic, rngs=rngs)
+      last_B = jnp.maximum(jnp.sum(segment_ids_BT != 0, axis=1) - 1, 0)
+      pooled_BD = jnp.take_along_axis(h_BTD, last_B[:, None, None], axis=1)[:, 0]
+    key = None if deterministic or self.dropout == 0.0 else rngs.dropout()
+    pooled_BD = models._dropout(pooled_BD, self.dropout, key, deterministic)
+    return self.head(pooled_BD).astype(jnp.float32)
+
+
+def model_factory(config, num_outputs: int):
+  """Builds the classifier with its PEFT parameters; param init follows `train.seed`."""
+  def make():
+    rngs = nnx.Rngs(params=config.train.seed)
+    # As in models.build_model: without a mesh in context, create the parameters unsharded.
+    no_mesh = jax.sharding.get_abstract_mesh().empty
+    with nnx.use_eager_sharding(False) if no_mesh else contextlib.nullcontext():
+      return peft.apply(Classifier(config, num_outputs, rngs=rngs), config.finetune, rngs)
+  return make
+
+
+def loss_fn(model, batch, *, deterministic=True, rngs=None, regression=False):
+  """Summed cross-entropy (or squared error) over the weighted examples; train.py's aux layout."""
+  logits_BC = model(batch["inputs"], token_types_BT=batch["token_types"], segment_ids_BT=batch["segment_ids"],
+                    deterministic=deterministic, rngs=rngs)
+  w_B = batch["weights"]
+  if regression:
+    loss = jnp.sum(jnp.square(logits_BC[:, 0] - batch["labels"]) * w_B)
+    correct = jnp.zeros((), jnp.float32)
+  else:
+    loss, _, correct = objectives.cross_entropy(logits_BC, batch["labels"].astype(jnp.int32), w_B)
+  return loss, {"loss_sum": loss, "weight_sum": jnp.sum(w_B), "correct_sum": correct}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def encode(examples: Sequence[tasks.Example], tok, family: str, seq_len: int) -> dict[str, np.ndarray]:
+  """Token rows of the examples: BERT [CLS] a [SEP] (b [SEP]), GPT a <eos> (b <eos>); right-padded.
+
+  Pairs that don't fit lose tokens from the longer text first.
+  """
+  n = len(examples)
+  inputs = np.full((n, seq_len), tok.pad_id, np.int32)
+  types = np.zeros((n, seq_len), np.int32)
+  seg = np.zeros((n, seq_len), np.int32)
+  num_texts = len(examples[0][0]) if n else 1
+  pieces = [tok.encode_batch([ex[0][i] for ex in examples]) for i in range(num_texts)]
+  sep = tok.sep_id if family == "bert" else tok.eos_id
+  prefix = [tok.cls_id] if family == "bert" else []
+  budget = seq_len - len(prefix) - num_texts
+  for r in range(n):
+    parts = [list(p[r]) for p in pieces]
+    while sum(map(len, parts)) > budget:
+      longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+      parts[longest].pop()
+    ids, tt = list(prefix), [0] * len(prefix)
+    for i, part in enumerate(parts):
+      ids += part + [sep]
+      tt += [i] * (len(part) + 1)
+    inputs[r, :len(ids)], types[r, :len(ids)], seg[r, :len(ids)] = ids, tt, 1
+  labels = np.array([y for _, y in examples], np.float32)
+  return {"inputs": inputs, "token_types": types, "segment_ids": seg, "labels": labels,
+          "weights": np.ones((n,), np.float32)}
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """Example ids of step `step`'s batch: epochs of seeded permutations, a pure function of (seed, step)."""
+  pos = step * batch_size + np.arange(batch_size)
+  epochs, within = pos // n, pos % n
+  out = np.empty(batch_size, np.int64)
+  for e in np.unique(epochs):
+    perm = np.random.default_rng([seed, int(e)]).permutation(n)
+    out[epochs == e] = perm[within[epochs == e]]
+  return out
+
+
+def _to_device(host: dict, batch_sharding) -> dict:
+  # Every host holds the whole (small) task in memory: each takes its own shards of the global batch.
+  return {k: jax.make_array_from_callback(v.shape, batch_sharding, lambda idx, v=v: v[idx]) for k, v in host.items()}
+
+
+def _eval_batches(rows: dict, batch_size: int):
+  """Fixed-size batches over all rows; the last is padded with weight-0 rows."""
+  n = len(rows["labels"])
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size)
+    valid = idx < n
+    batch = {k: v[np.minimum(idx, n - 1)] for k, v in rows.items()}
+    batch["weights"] = batch["weights"] * valid
+    yield batch, int(valid.sum())
+
+
+# ----------------------------------------------------------------------------- init_from
+
+
+def _checkpoint_dir(path: str) -> str:
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def _saved_config(init_from: str) -> dict | None:
+  path = os.path.join(init_from, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
+
+
+_SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len", "type_vocab_size",
+               "scan_layers")
+
+
+def adopt_pretrain_settings(config, init_from: str) -> list[str]:
+  """Checks that init_from holds this model and takes its tokenizer settings; returns what changed.
+
+  Raises CheckpointMismatchError (one line) for a checkpoint of another family or size.
+  """
+  from fmjax.checkpoint import CheckpointMismatchError
+  if not os.path.isdir(init_from):
+    raise ConfigError(f"init_from={init_from!r} does not exist; pass the --workdir of a `fmjax train` run")
+  saved = _saved_config(init_from)
+  if saved is None:
+    return []
+  theirs = {k: saved.get("model", {}).get(k) for k in _SHAPE_KEYS}
+  ours = {k: config.model[k] for k in _SHAPE_KEYS}
+  diff = [k for k in _SHAPE_KEYS if theirs[k] != ours[k]]
+  if diff:
+    fmt = lambda d: ", ".join(f"{k}={d[k]}" for k in diff)
+    raise CheckpointMismatchError(f"init_from={init_from} holds a {theirs['family']} model ({fmt(theirs)}) but this "
+                                  f"config builds {ours['family']} ({fmt(ours)}); set those model.* values or use "
+                                  "a checkpoint of this model")
+  changed = []
+  with config.unlocked():
+    for key in _TOKENIZER_KEYS:
+      if key in saved.get("data", {}) and saved["data"][key] != config.data[key]:
+        changed.append(f"data.{key}={saved['data'][key]!r}")
+        config.data[key] = saved["data"][key]
+    for key, value in saved.get("data", {}).get("tokenizer", {}).items():
+      if key in config.data.tokenizer and value != config.data.tokenizer[key]:
+        changed.append(f"data.tokenizer.{key}={value!r}")
+        config.data.tokenizer[key] = value
+  return changed
+
+
+def _tree_get(tree: dict, keys: tuple):
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+def _trunk_paths(config) -> set[tuple[str, ...]]:
+  """Parameter paths of the bare pretrained model (the ones a pretraining checkpoint holds)."""
+  abstract = nnx.to_pure_dict(nnx.state(models.abstract_model(config.model), nnx.Param))
+  return {tuple(map(str, p)) for p in _flat_keys(abstract)}
+
+
+def _flat_keys(tree, prefix=()):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _flat_keys(v, prefix + (k,))
+  else:
+    yield prefix
+
+
+def _subtree(tree: dict, keep, prefix: tuple = ()) -> dict:
+  """The nested dict of leaves whose key paths satisfy `keep` (empty branches dropped)."""
+  out = {}
+  for k, v in tree.items():
+    path = prefix + (k,)
+    if isinstance(v, dict):
+      sub = _subtree(v, keep, path)
+      if sub:
+        out[k] = sub
+    elif keep(path):
+      out[k] = v
+  return out
+
+
+def _summary(tree: dict) -> str:
+  """`embeddings (5 arrays, 295,424 params), encoder (...)` for the top-level groups of `tree`."""
+  parts = []
+  for k, v in tree.items():
+    leaves = jax.tree.leaves(v)
+    parts.append(f"{k} ({len(leaves)} arrays, {sum(int(np.prod(x.shape)) for x in leaves):,} params)")
+  return ", ".join(parts)
+
+
+def load_trunk(config, spec: train.StateSpec, state: dict, init_from: str) -> dict:
+  """Reads the trunk's parameters from init_from's latest checkpoint into `state` (params only)."""
+  from fmjax import checkpoint as ckpt_lib
+  checkpointer = ckpt_lib.Checkpointer(_checkpoint_dir(init_from))
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise ConfigError(f"init_from={init_from} holds no checkpoint; train there first or point at another run")
+    base = _trunk_paths(config)
+    abstract = _subtree(spec.abstract["params"]["trunk"], lambda p: tuple(map(str, p)) in base)
+    with jax.set_mesh(spec.mesh):
+      loaded = checkpointer.restore(step, {"params": abstract}, items=("params",), partial=True)["params"]
+    saved_top = set(checkpointer.item_metadata(step, "params"))
+  finally:
+    checkpointer.close()
+  params = state["params"]
+  trunk = params["trunk"]
+  for path in _flat_keys(loaded):
+    *parents, leaf = path
+    _tree_get(trunk, tuple(parents))[leaf] = _tree_get(loaded, path)
+  new = _subtree(params, lambda p: not (p[0] == "trunk" and tuple(map(str, p[1:])) in base))
+  skipped = sorted(saved_top - set(loaded))
+  log.info("init_from %s step %d: loaded trunk %s", init_from, step, _summary(loaded))
+  log.info("initialised: %s", _summary(new))
+  log.info("not loaded: %s", ", ".join(skipped + ["opt_state"]))
+  return state
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _trainable_fn(mode: str):
+  return lambda params: peft.trainable_mask(params, mode)
+
+
+def setup(config, task: tasks.Task, mesh):
+  """(tx, spec) of the classifier for `task` on `mesh`."""
+  make = model_factory(config, task.num_outputs)
+  tx = optim.make_optimizer(config, trainable=_trainable_fn(config.finetune.peft))
+  return tx, train.state_spec(config, mesh, tx, make), make
+
+
+def make_predict(spec: train.StateSpec, batch_sharding):
+  """jitted (params, batch) -> float32 logits_BC, replicated."""
+  def predict(params, batch):
+    model = nnx.merge(spec.graphdef, params)
+    return model(batch["inputs"], token_types_BT=batch["token_types"], segment_ids_BT=batch["segment_ids"])
+  return jax.jit(predict, in_shardings=(spec.shardings["params"], batch_sharding),
+                 out_shardings=sharding.replicated(spec.mesh))
+
+
+def predict_all(predict, params, rows: dict, batch_size: int, batch_sharding, regression: bool) -> np.ndarray:
+  """Predictions (class ids or scores) for every row, in order."""
+  out = []
+  for batch, n in _eval_batches(rows, batch_size):
+    logits_BC = np.asarray(jax.device_get(predict(params, _to_device(batch, batch_sharding))))[:n]
+    out.append(logits_BC[:, 0] if regression else logits_BC.argmax(-1))
+  return np.concatenate(out) if out else np.zeros((0,))
+
+
+def _eval(predict, params, rows, task, config, batch_sharding) -> dict:
+  preds = predict_all(predict, params, rows, config.train.batch_size, batch_sharding, task.is_regression)
+  result = tasks.compute_metrics(task.metrics, preds, rows["labels"])
+  if task.is_regression:
+    result["loss"] = float(np.mean((preds - rows["labels"]) ** 2))
+  return result
+
+
+def run(config, workdir: str) -> dict:
+  """Fine-tunes per `config` in `workdir`; returns `{"eval", "train", "step", "start", "task"}`.
+
+  Also writes `workdir/results.json` with the final task metrics (what sweeps aggregate).
+  """
+  from fmjax import checkpoint as ckpt_lib, data
+
+  metrics_lib.setup_logging()
+  config_lib.validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  config = ml_collections.ConfigDict(config.to_dict())  # our own copy: init_from may set tokenizer keys
+  init_from = config.init_from
+  adopted = adopt_pretrain_settings(config, init_from) if init_from else []
+  task = tasks.load_task(config)
+  mesh = sharding.make_mesh(config)
+  batch_sharding = sharding.batch_sharding(mesh)
+  tx, spec, make = setup(config, task, mesh)
+  trainable, total = peft.count(spec.abstract["params"], config.finetune.peft)
+  log.info("task %s: %d train / %d validation examples, %s; peft=%s: %s of %s parameters trainable (%.2f%%)",
+           task.name, len(task.splits["train"]), len(task.splits["validation"]),
+           "regression" if task.is_regression else f"{task.num_classes} classes", config.finetune.peft,
+           f"{trainable:,}", f"{total:,}", 100.0 * trainable / total)
+  cfg_dict = config_lib.to_dict(config)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
+                                       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  writer = None
+  try:
+    resume = train._check_resume(checkpointer, spec, cfg_dict)
+    tok = data.get_tokenizer(config)
+    if tok.vocab_size > config.model.vocab_size:
+      raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}")
+    if jax.process_index() == 0:
+      config_lib.save_json(config, os.path.join(workdir, "config.json"))
+    if resume is not None:
+      state, start = train._restore(checkpointer, spec, resume[0]), "resumed"
+      log.info("Resumed from step %d of %s", resume[0], checkpointer.directory)
+    else:
+      state = train.init_state(config, spec, tx, make)
+      if init_from:
+        if adopted:
+          log.info("tokenizer settings from init_from: %s", ", ".join(adopted))
+        state, start = load_trunk(config, spec, state, init_from), "init_from"
+      else:
+        start = "scratch"
+        log.info("Started from scratch: random trunk and head (no init_from)")
+    rows = {s: encode(task.splits[s], tok, config.model.family, config.data.seq_len) for s in ("train", "validation")}
+    n_train = len(rows["train"]["labels"])
+    total_steps = config.train.steps
+    writer = metrics_lib.MetricsWriter(workdir, total_steps, int(state["step"]),
+                                       progress_bar=config.train.progress_bar, run_name=config.name,
+                                       config_dict=cfg_dict)
+    seed = config.train.seed * 1_000_003 + config.data.seed
+    meta = lambda step, m: {"step": step, "config": cfg_dict, "task": task.name, "metrics": m}
+    last_train, last_eval = {}, {}
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
+      loss = lambda *a, **k: loss_fn(*a, regression=task.is_regression, **k)
+      train_step, _ = train.compile_steps(config, spec, tx, batch_sharding, loss)
+      predict = make_predict(spec, batch_sharding)
+      for step in range(int(state["step"]), total_steps):
+        idx = batch_indices(n_train, config.train.batch_size, seed, step)
+        state, m = train_step(state, _to_device({k: v[idx] for k, v in rows["train"].items()}, batch_sharding))
+        done = step + 1
+        if done % config.train.log_every == 0 or done == total_steps:
+          last_train = {k: float(v) for k, v in jax.device_get(m).items()}
+          if not math.isfinite(last_train["loss"]):
+            raise train.NonFiniteLossError(f"non-finite fine-tuning loss at step {done}; lower optim.lr")
+          writer.write(done, last_train, prefix="train/")
+          writer.progress(done, last_train)
+        if done % config.train.eval_every == 0 or done == total_steps:
+          last_eval = _eval(predict, state["params"], rows["validation"], task, config, batch_sharding)
+          writer.write(done, last_eval, prefix="eval/")
+          writer.message(f"step {done}: {task.name} " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+        if done == total_steps or checkpointer.should_save(done):
+          checkpointer.save(done, state, meta(done, last_train), force=done == total_steps)
+      if not last_eval:
+        last_eval = _eval(predict, state["params"], rows["validation"], task, config, batch_sharding)
+  finally:
+    checkpointer.close()
+    if writer is not None:
+      writer.close()
+  result = {"task": task.name, "main_metric": task.main_metric, "eval": last_eval, "train": last_train,
+            "step": int(state["step"]), "start": start, "peft": config.finetune.peft,
+            "trainable_params": trainable, "total_params": total}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, RESULTS_FILE + ".tmp"), "w") as f:
+      json.dump(result, f, indent=1)
+    os.replace(os.path.join(workdir, RESULTS_FILE + ".tmp"), os.path.join(workdir, RESULTS_FILE))
+  return result
+
+
+def load_finetuned(workdir: str, step: int | None = None):
+  """(model, config, task) of a finetune workdir: the classifier with the params of `step` or the latest."""
+  from fmjax import checkpoint as ckpt_lib
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"{workdir} has no config.json; pass the --workdir of a `fmjax finetune` run")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.mesh.update(dcn_data=1, data=-1, fsdp=1, tensor=1)
+  task = tasks.load_task(config)
+  mesh = sharding.make_mesh(config)
+  _, spec, _ = setup(config, task, mesh)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise ConfigError(f"{workdir} holds no checkpoint yet; run `fmjax finetune` there first")
+    with jax.set_mesh(mesh):
+      params = checkpointer.restore(step, spec.abstract, items=("params",))["params"]
+  finally:
+    checkpointer.close()
+  return nnx.merge(spec.graphdef, params), config, task
+
+
+def evaluate(workdir: str, split: str = "validation", step: int | None = None) -> dict:
+  """Task metrics of a finetune workdir's checkpoint on `split` (what `fmjax eval` reports)."""
+  from fmjax import data
+  model, config, task = load_finetuned(workdir, step)
+  rows = encode(task.splits[split], data.get_tokenizer(config), config.model.family, config.data.seq_len)
+  preds = []
+  for batch, n in _eval_batches(rows, config.train.batch_size):
+    logits_BC = np.asarray(model(jnp.asarray(batch["inputs"]), token_types_BT=jnp.asarray(batch["token_types"]),
+                                 segment_ids_BT=jnp.asarray(batch["segment_ids"])))[:n]
+    preds.append(logits_BC[:, 0] if task.is_regression else logits_BC.argmax(-1))
+  return tasks.compute_metrics(task.metrics, np.concatenate(preds), rows["labels"])
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def summarize(root: str, runs: Sequence) -> dict:
+  """Mean ± std over seeds of each task's metrics per learning rate, and the best rate per task.
+
+  Reads `results.json` of every run under `root`; writes `finetune.md` and `finetune.csv` there.
+  Papers report GLUE this way: the best rate on validation, mean ± std over seeds at that rate.
+  """
+  from fmjax import sweep
+  groups: dict[tuple, list[dict]] = {}
+  for run in runs:
+    name, entry = (run.name, dict(run.entry)) if hasattr(run, "entry") else (run["name"], run["entry"])
+    path = os.path.join(root, name, RESULTS_FILE)
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      result = json.load(f)
+    setting = sweep.run_name({k: v for k, v in entry.items()
+                              if not sweep.is_seed_key(k) and k not in ("config", "command", "task.name")})
+    groups.setdefault((result["task"], setting), []).append(result)
+  rows = []
+  for (task, setting), results in sorted(groups.items()):
+    names = list(results[0]["eval"].keys() - {"loss"})
+    main = results[0]["main_metric"]
+    names = [main] + sorted(n for n in names if n != main)
+    stats = {n: sweep.mean_std([r["eval"].get(n, math.nan) for r in results]) for n in names}
+    rows.append({"task": task, "setting": setting, "seeds": len(results), "main": main, "stats": stats})
+  best = {}
+  for row in rows:
+    if row["task"] not in best or row["stats"][row["main"]][0] > best[row["task"]]["stats"][row["main"]][0]:
+      best[row["task"]] = row
+  fmt = lambda ms: f"{100 * ms[0]:.1f}" + ("" if math.isnan(ms[1]) else f" ± {100 * ms[1]:.1f}")
+  lines = ["| task | metric | best setting | seeds | score (x100, mean ± std) |", "|---|---|---|---|---|"]
+  for task, row in best.items():
+    metrics = "/".join(row["stats"])
+    score = " / ".join(fmt(row["stats"][n]) for n in row["stats"])
+    lines.append(f"| {task} | {metrics} | {row['setting']} | {row['seeds']} | {score} |")
+  lines += ["", "| task | setting | seeds | " + "metric (x100, mean ± std) |", "|---|---|---|---|"]
+  lines += [f"| {r['task']} | {r['setting']} | {r['seeds']} | " +
+            ", ".join(f"{n} {fmt(ms)}" for n, ms in r["stats"].items()) + " |" for r in rows]
+  markdown = "\n".join(lines)
+  with open(os.path.join(root, "finetune.md"), "w") as f:
+    f.write(markdown + "\n")
+  with open(os.path.join(root, "finetune.csv"), "w") as f:
+    f.write("task,setting,seeds,metric,mean,std,best\n")
+    for r in rows:
+      for n, (mean, std) in r["stats"].items():
+        f.write(f"{r['task']},\"{r['setting']}\",{r['seeds']},{n},{mean},{std},{int(best[r['task']] is r)}\n")
+  return {"rows": rows, "best": best, "markdown": markdown,
+          "paths": [os.path.join(root, "finetune.md"), os.path.join(root, "finetune.csv")]}

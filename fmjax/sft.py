@@ -1,0 +1,361 @@
+"""GPT supervised fine-tuning (SFT) and continued pretraining on JSONL (prompt, completion) rows.
+
+  fmjax sft --config=configs/sft.py --config.init_from=workdirs/gpt_tiny \
+      --config.data.files=train.jsonl --workdir=workdirs/sft
+
+Each row `{"prompt": ..., "completion": ...}` becomes prompt + completion + EOS; the loss is on the
+completion tokens (and the EOS) only: targets that are prompt tokens have loss weight 0. An empty
+prompt is continued pretraining on the completion text. Rows are packed into fixed-length
+sequences with segment ids (or padded one per row with `sft.pack=False`), so they never attend
+each other.
+
+Start order: resume this workdir's checkpoint, else `init_from` (the pretrained params; the
+optimizer starts fresh), else from scratch; the log says which. The model's shape and the
+tokenizer come from the `init_from` run, and the tokenizer is saved into the workdir, so
+`fmjax generate` / `fmjax eval` work on an SFT workdir as on a pretraining one.
+
+Legend: N rows, B batch, T sequence.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from fmjax import config_lib, metrics as metrics_lib, optim, sharding, train
+from fmjax.config_lib import ConfigError
+
+log = metrics_lib.log
+TOKENIZER_DIR = "tokenizer"
+# Model keys that decide the parameter tree: always those of the run the params come from.
+SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len", "type_vocab_size",
+              "layer_norm_eps", "scan_layers")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "completion") -> list[tuple[str, str]]:
+  """(prompt, completion) pairs from comma-separated JSONL paths or globs, in file order."""
+  paths = sorted({p for pattern in spec.split(",") if pattern.strip()
+                  for p in glob.glob(os.path.expanduser(pattern.strip()))})
+  if not paths:
+    raise ConfigError(f"data.files={spec!r} matches no file; pass --config.data.files=PATH.jsonl "
+                      f"(rows of {{\"{prompt_key}\": ..., \"{completion_key}\": ...}})")
+  out = []
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      for i, line in enumerate(f):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix or remove the line") from None
+        if not isinstance(row, dict) or completion_key not in row:
+          have = sorted(row) if isinstance(row, dict) else type(row).__name__
+          raise ConfigError(f"{path}:{i + 1} has no {completion_key!r} field (has {have}); set "
+                            "sft.prompt_key / sft.completion_key to the file's field names")
+        out.append((str(row.get(prompt_key, "") or ""), str(row[completion_key])))
+  return out
+
+
+def encode_example(tok, prompt: str, completion: str) -> tuple[list[int], int]:
+  """(ids, number of prompt ids): prompt + completion + EOS. An empty prompt starts from EOS,
+  the document separator of pretraining, so the first completion token has a context too."""
+  prompt_ids = tok.encode(prompt) if prompt else [tok.eos_id]
+  return prompt_ids + tok.encode(completion) + [tok.eos_id], len(prompt_ids)
+
+
+def pack_rows(examples: list[tuple[list[int], int]], seq_len: int, *, pack: bool = True) -> dict[str, np.ndarray]:
+  """Packs encoded examples into [N, T] rows of inputs, targets, loss_weights, segment_ids, positions.
+
+  Example j occupies len(ids) - 1 slots (inputs ids[:-1], targets ids[1:]); target i has weight
+  1 iff it is a completion token (i + 1 >= number of prompt ids). Rows fill greedily in order;
+  padding is segment 0 with weight 0. Examples longer than the row are cut at its end.
+  """
+  T = seq_len
+  rows: list[list[tuple[list[int], int]]] = []
+  used = T  # forces a new row for the first example
+  for ids, n_prompt in examples:
+    ids = ids[:T + 1]
+    n = len(ids) - 1
+    if not pack or used + n > T:
+      rows.append([])
+      used = 0
+    rows[-1].append((ids, n_prompt))
+    used += n
+  N = len(rows)
+  out = {"inputs": np.zeros((N, T), np.int32), "targets": np.zeros((N, T), np.int32),
+         "loss_weights": np.zeros((N, T), np.float32), "segment_ids": np.zeros((N, T), np.int32),
+         "positions": np.zeros((N, T), np.int32), "token_types": np.zeros((N, T), np.int32)}
+  for r, row in enumerate(rows):
+    at = 0
+    for seg, (ids, n_prompt) in enumerate(row, start=1):
+      n = len(ids) - 1
+      sl = slice(at, at + n)
+      out["inputs"][r, sl] = ids[:-1]
+      out["targets"][r, sl] = ids[1:]
+      out["loss_weights"][r, sl] = (np.arange(n) + 1 >= n_prompt).astype(np.float32)
+      out["segment_ids"][r, sl] = seg
+      out["positions"][r, sl] = np.arange(n)
+      at += n
+  return out
+
+
+def _held_out(prompt: str, completion: str, percent: int) -> bool:
+  digest = hashlib.sha1(f"{prompt}\x1f{completion}".encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "little") % 100 < percent
+
+
+def load_rows(config, tok) -> dict[str, dict[str, np.ndarray] | None]:
+  """Packed rows of the train and eval splits: eval is `sft.eval_files`, or a hash split of the train files."""
+  s = config.sft
+  train_ex = read_examples(config.data.files, s.prompt_key, s.completion_key)
+  if s.eval_files:
+    eval_ex = read_examples(s.eval_files, s.prompt_key, s.completion_key)
+  else:
+    held = [_held_out(p, c, s.eval_percent) for p, c in train_ex]
+    eval_ex = [e for e, h in zip(train_ex, held) if h]
+    train_ex = [e for e, h in zip(train_ex, held) if not h]
+  if not train_ex:
+    raise ConfigError(f"data.files={config.data.files!r} holds no training rows (after holding out "
+                      f"sft.eval_percent={s.eval_percent}%); add rows or lower sft.eval_percent")
+  out = {}
+  for split, examples in (("train", train_ex), ("eval", eval_ex)):
+    encoded = [encode_example(tok, p, c) for p, c in examples]
+    # A prompt that fills the whole row leaves no completion token to learn from.
+    kept = [e for e in encoded if e[1] < config.data.seq_len]
+    cut = sum(len(ids) - 1 > config.data.seq_len for ids, _ in kept)
+    if len(kept) < len(encoded) or cut:
+      log.info("SFT %s: dropped %d rows whose prompt fills data.seq_len=%d; cut %d completions at the row end",
+               split, len(encoded) - len(kept), config.data.seq_len, cut)
+    out[split] = pack_rows(kept, config.data.seq_len, pack=config.sft.pack) if kept else None
+  return out
+
+
+class RowLoader:
+  """Step-indexed batches over packed rows, with the pretraining loader's interface.
+
+  Train: batch s holds rows perm_e(g mod N) for g = s*B + b, perm_e drawn from (seed, epoch e).
+  Eval: every row once in order, the last batch padded with zero-weight rows.
+  """
+
+  def __init__(self, rows: dict[str, np.ndarray], batch_size: int, sharding, *, seed: int, shuffle: bool):
+    from fmjax import data
+    self.rows, self.batch_size, self.sharding = rows, batch_size, sharding
+    self.seed, self.shuffle = seed, shuffle
+    self.num_rows = len(rows["inputs"])
+    self.num_batches = max(self.num_rows // batch_size, 1) if shuffle else -(-self.num_rows // batch_size)
+    self.rows_b = data.host_rows(sharding, (batch_size, rows["inputs"].shape[1]))
+
+  def dataset_rows(self, step: int) -> np.ndarray:
+    """Row ids of this host's batch rows at `step` (-1 = padding)."""
+    g_b = step * self.batch_size + self.rows_b
+    if not self.shuffle:
+      return np.where(g_b < self.num_rows, g_b, -1)
+    epoch_b, i_b = g_b // self.num_rows, g_b % self.num_rows
+    out_b = np.empty_like(g_b)
+    for e in np.unique(epoch_b):
+      rng = np.random.Generator(np.random.Philox(key=np.array([self.seed, e], dtype=np.uint64)))
+      sel = epoch_b == e
+      out_b[sel] = rng.permutation(self.num_rows)[i_b[sel]]
+    return out_b
+
+  def host_batch(self, step: int) -> dict[str, np.ndarray]:
+    ids_b = self.dataset_rows(step)
+    pad_b = ids_b < 0
+    batch = {k: v[np.where(pad_b, 0, ids_b)].copy() for k, v in self.rows.items()}
+    batch["loss_weights"][pad_b] = 0.0
+    batch["segment_ids"][pad_b] = 0
+    return batch
+
+  def global_batch(self, step: int) -> dict:
+    """The global batch of `step` as jax.Arrays, assembled from this host's rows."""
+    return {k: jax.make_array_from_process_local_data(self.sharding, v, (self.batch_size,) + v.shape[1:])
+            for k, v in self.host_batch(step).items()}
+
+
+def make_loaders(config, tok, batch_sharding) -> tuple[RowLoader, RowLoader | None]:
+  """Train and eval loaders over `config.data.files`; eval is None when nothing is held out."""
+  rows = load_rows(config, tok)
+  b = config.train.batch_size
+  train_loader = RowLoader(rows["train"], b, batch_sharding, seed=config.data.seed, shuffle=True)
+  eval_loader = (RowLoader(rows["eval"], b, batch_sharding, seed=config.data.seed, shuffle=False)
+                 if rows["eval"] is not None else None)
+  return train_loader, eval_loader
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _read_config(workdir: str) -> dict | None:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def adopt_init_from(config, workdir: str):
+  """Takes the model shape and tokenizer from the run the params come from; returns the tokenizer.
+
+  That run is this workdir's own (resume), else `init_from`. The tokenizer is saved into the
+  workdir and `data.tokenizer` points at it, so the workdir alone is enough to generate from.
+  """
+  from fmjax import data
+  own_tok = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR)
+  source = _read_config(workdir) if os.path.isdir(own_tok) else None
+  if source is None and config.init_from:
+    if not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
+      raise ConfigError(f"init_from={config.init_from!r} holds no checkpoints/; pass the --workdir of a "
+                        "`fmjax train` run")
+    source = _read_config(config.init_from)
+    if source is None:
+      raise ConfigError(f"init_from={config.init_from!r} has no config.json; pass the --workdir of a `fmjax train` run")
+    if source["model"]["family"] != "gpt":
+      raise ConfigError(f"init_from={config.init_from} holds a {source['model']['family']} model; SFT needs a GPT "
+                        "checkpoint (use `fmjax finetune` for BERT)")
+  if source is not None:
+    changed = [f"{k}={source['model'][k]}" for k in SHAPE_KEYS if config.model[k] != source["model"][k]]
+    config.model.update({k: source["model"][k] for k in SHAPE_KEYS})
+    if changed:
+      log.info("Model shape taken from %s: %s", config.init_from or workdir, ", ".join(changed))
+  if config.model.family != "gpt":
+    raise ConfigError("SFT trains a GPT; set model.family=gpt (use `fmjax finetune` for BERT)")
+  if os.path.isdir(own_tok):
+    tok = data.load_tokenizer(own_tok)
+  elif config.init_from:
+    tok = data.get_tokenizer(ml_collections.ConfigDict(source))
+  elif config.data.tokenizer.kind == "hf":
+    tok = data.get_tokenizer(config)
+  else:
+    raise ConfigError("SFT needs the tokenizer of a pretrained model: pass --config.init_from=PRETRAIN_WORKDIR "
+                      "(or data.tokenizer.kind=hf with data.tokenizer.path)")
+  if not os.path.isdir(own_tok) and jax.process_index() == 0:
+    tok.save(own_tok)
+  config.data.tokenizer.update(kind="hf", path=own_tok, vocab_size=tok.vocab_size)
+  if tok.vocab_size > config.model.vocab_size:
+    raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}; "
+                      "raise model.vocab_size")
+  return tok
+
+
+def init_from_pretrained(config, spec: train.StateSpec, tx, init_from: str) -> dict:
+  """Train state whose params are `init_from`'s latest checkpoint (read as they are), step 0, fresh optimizer."""
+  from fmjax import checkpoint as ckpt_lib
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(init_from, "checkpoints"))
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise ConfigError(f"init_from={init_from} holds no checkpoint yet; train it first")
+    with jax.set_mesh(spec.mesh):
+      params = checkpointer.restore(step, {"params": spec.abstract["params"]}, items=("params",))["params"]
+  finally:
+    checkpointer.close()
+
+  def create(params):
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  with jax.set_mesh(spec.mesh), nnx.logical_axis_rules(spec.rules):
+    state = jax.jit(create, out_shardings=spec.shardings)(params)
+  log.info("Initialised from %s step %d: all %d parameter arrays loaded; optimizer state fresh",
+           init_from, step, len(jax.tree.leaves(params)))
+  return state
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def run(config, workdir: str) -> dict:
+  """SFT per `config` in `workdir`; returns the last train and eval (completion-token) metrics."""
+  from fmjax import checkpoint as ckpt_lib
+
+  metrics_lib.setup_logging()
+  config_lib.validate(config, jax.device_count())
+  if config.train.objective != "clm":
+    raise ConfigError("SFT trains with the causal LM loss; set train.objective=clm")
+  os.makedirs(workdir, exist_ok=True)
+  tok = adopt_init_from(config, workdir)
+  config_lib.validate(config, jax.device_count())
+
+  mesh = sharding.make_mesh(config)
+  batch_sharding = sharding.batch_sharding(mesh)
+  tx = optim.make_optimizer(config)
+  spec = train.state_spec(config, mesh, tx)
+  cfg_dict = config_lib.to_dict(config)
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
+      every_minutes=config.checkpoint.every_minutes, keep=config.checkpoint.keep,
+      keep_period=config.checkpoint.keep_period, async_save=config.checkpoint.async_save)
+  writer = watcher = None
+  try:
+    resume = train._check_resume(checkpointer, spec, cfg_dict)  # pylint: disable=protected-access
+    if jax.process_index() == 0:
+      config_lib.save_json(config, os.path.join(workdir, "config.json"))
+    train_loader, eval_loader = make_loaders(config, tok, batch_sharding)
+    if resume is not None:
+      state = train._restore(checkpointer, spec, resume[0])  # pylint: disable=protected-access
+      log.info("Resumed from step %d of %s", resume[0], checkpointer.directory)
+    elif config.init_from:
+      state = init_from_pretrained(config, spec, tx, config.init_from)
+    else:
+      state = train.init_state(config, spec, tx)
+      log.info("Started from scratch (no init_from)")
+    log.info("SFT data: %d train rows, %d eval rows of %d tokens", train_loader.num_rows,
+             eval_loader.num_rows if eval_loader else 0, config.data.seq_len)
+
+    start, total = int(state["step"]), config.train.steps
+    writer = metrics_lib.MetricsWriter(workdir, total, start, progress_bar=config.train.progress_bar,
+                                       run_name=config.name, config_dict=cfg_dict)
+    watcher = ckpt_lib.PreemptionWatcher()
+    meta = lambda step, last: {"step": step, "config": cfg_dict, "data_position": step, "tokenizer": "hf",
+                               "fmjax_version": __import__("fmjax").__version__, "metrics": last}
+    last_train, last_eval, preempted = {}, {}, False
+    tokens_per_step = config.train.batch_size * config.data.seq_len
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
+      train_step, eval_step = train.compile_steps(config, spec, tx, batch_sharding)
+      t_last, step_last = time.time(), start
+      for step in range(start + 1, total + 1):
+        state, m = train_step(state, train_loader.global_batch(step - 1))
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if m["nonfinite"] > 0 and config.train.nan_policy == "abort":
+          raise train.NonFiniteLossError(f"non-finite SFT loss at step {step}; lower optim.lr or set "
+                                         "train.nan_policy=skip")
+        last_train = m
+        if step % config.train.log_every == 0 or step == total:
+          now = time.time()
+          m["tokens_per_sec"] = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+          t_last, step_last = now, step
+          writer.write(step, m, prefix="train/")
+          writer.progress(step, m)
+        if eval_loader is not None and (step % config.train.eval_every == 0 or step == total):
+          last_eval = train.evaluate(eval_step, state["params"], eval_loader, eval_loader.num_batches)
+          writer.write(step, last_eval, prefix="eval/")
+          writer.message(f"step {step}: eval completion loss {last_eval['loss']:.4f}  "
+                         f"ppl {last_eval['perplexity']:.2f}  acc {last_eval['accuracy']:.3f}")
+        if step == total or checkpointer.should_save(step):
+          checkpointer.save(step, state, meta(step, last_train), force=step == total)
+        if step < total and watcher.should_stop(step):
+          checkpointer.save(step, state, meta(step, last_train), force=True)
+          log.info("Preempted: saved step %d to %s; rerun the same command to resume", step, checkpointer.directory)
+          preempted = True
+          break
+      if not last_eval and eval_loader is not None and not preempted:
+        last_eval = train.evaluate(eval_step, state["params"], eval_loader, eval_loader.num_batches)
+  finally:
+    if watcher is not None:
+      watcher.close()
+    checkpointer.close()
+    if writer is not None:
+      writer.close()
+  return {"train": last_train, "eval": last_eval, "step": int(state["step"]), "preempted": preempted}

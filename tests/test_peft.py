@@ -1,0 +1,130 @@
+"""PEFT: LoRA merge equals the unmerged forward, frozen parameters stay bitwise fixed, counts, bad targets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fmjax import config_lib, finetune, optim, peft, sharding, train
+from fmjax.config_lib import ConfigError
+
+C = 3  # classes
+
+
+def tiny(family="bert", *overrides):
+  return config_lib.load_config(f"configs/finetune_cls.py:task=pydoc_family,model={family}", [
+      "model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.vocab_size=128",
+      "model.max_len=32", "model.dropout=0.0", "data.seq_len=16", "train.batch_size=8", "mesh.data=1",
+      "optim.warmup_steps=0", "optim.schedule=constant", "optim.lr=1e-2", *overrides])
+
+
+def batch(seed=0, B=8, T=16):
+  rng = np.random.default_rng(seed)
+  seg = (np.arange(T)[None] < rng.integers(4, T + 1, size=(B, 1))).astype(np.int32)
+  return {"inputs": (rng.integers(5, 128, size=(B, T)) * seg).astype(np.int32),
+          "token_types": (np.arange(T)[None] >= T // 2).astype(np.int32) * seg,
+          "segment_ids": seg, "labels": rng.integers(0, C, size=(B,)).astype(np.float32),
+          "weights": np.ones((B,), np.float32)}
+
+
+def logits(model, b):
+  return np.asarray(model(jnp.asarray(b["inputs"]), token_types_BT=jnp.asarray(b["token_types"]),
+                          segment_ids_BT=jnp.asarray(b["segment_ids"])))
+
+
+def params_of(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def load(model, params):
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  return model
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+def test_lora_merge_equals_unmerged_forward(family):
+  # mlp.fc goes through Dense.__call__; qkv through the fused einsum's hook: both must merge exactly.
+  targets = "finetune.lora_targets=('qkv', 'out', 'mlp.fc')"
+  config = tiny(family, "finetune.peft=lora", targets)
+  model = finetune.model_factory(config, C)()
+  b = batch()
+  before = logits(model, b)
+  params = params_of(model)
+  rng = np.random.default_rng(1)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.asarray(rng.normal(0, 0.5, x.shape), x.dtype) if "lora_b" in str(p[-1]) else x, params)
+  unmerged = logits(load(model, params), b)
+  assert np.abs(unmerged - before).max() > 1e-2  # the low-rank update is live in the forward pass
+  merged_params = peft.merge_lora(params, config.finetune.lora_alpha, config.finetune.lora_rank)
+  assert "lora_a" not in str(jax.tree_util.tree_structure(merged_params))
+  plain = load(finetune.model_factory(tiny(family), C)(), merged_params)
+  np.testing.assert_allclose(logits(plain, b), unmerged, atol=2e-5, rtol=1e-5)
+
+
+def test_adapters_start_as_the_identity():
+  b = batch()
+  plain = logits(finetune.model_factory(tiny(), C)(), b)
+  adapted = finetune.model_factory(tiny("bert", "finetune.peft=adapter"), C)()
+  np.testing.assert_array_equal(logits(adapted, b), plain)
+  names = {".".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(params_of(adapted))[0]}
+  assert any("attention.out.adapter_down" in n.replace("'", "").replace("[", ".").replace("]", "") for n in names) \
+      or any("adapter_down" in n for n in names)
+
+
+def _steps(config, n=3):
+  devices = jax.devices()[:1]
+  mesh = sharding.make_mesh(config, devices)
+  make = finetune.model_factory(config, C)
+  tx = optim.make_optimizer(config, trainable=lambda p: peft.trainable_mask(p, config.finetune.peft))
+  spec = train.state_spec(config, mesh, tx, make)
+  state = train.init_state(config, spec, tx, make)
+  before = jax.tree.map(np.asarray, state["params"])
+  step = jax.jit(train.make_train_step(config, spec.graphdef, tx, finetune.loss_fn))
+  b = batch()
+  with jax.set_mesh(mesh):
+    for _ in range(n):
+      state, m = step(state, b)
+  return before, jax.tree.map(np.asarray, state["params"]), float(m["loss"])
+
+
+@pytest.mark.parametrize("mode", ["lora", "adapter", "bitfit", "head"])
+def test_frozen_params_are_bitwise_unchanged(mode):
+  before, after, loss = _steps(tiny("bert", f"finetune.peft={mode}"))
+  assert np.isfinite(loss)
+  flat_before = jax.tree_util.tree_flatten_with_path(before)[0]
+  flat_after = jax.tree.leaves(after)
+  trained = frozen = 0
+  for (path, old), new in zip(flat_before, flat_after):
+    keys = peft._keys(path)
+    if peft.is_trainable(keys, mode):
+      trained += 1
+      assert not np.array_equal(old, new), f"{mode}: trainable {keys} did not move"
+    else:
+      frozen += 1
+      assert np.array_equal(old, new), f"{mode}: frozen {keys} changed"
+  assert trained and frozen
+
+
+def test_trainable_counts():
+  D, L, r = 32, 2, 4
+  config = tiny("bert", "finetune.peft=lora", f"finetune.lora_rank={r}")
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(finetune.model_factory(config, C)), nnx.Param))
+  trainable, total = peft.count(abstract, "lora")
+  # qkv: D*r + r*3D; out: D*r + r*D; per layer 6Dr, plus the head D*C + C.
+  assert trainable == L * 6 * D * r + D * C + C
+  head_only, total_head = peft.count(abstract, "head")
+  assert head_only == D * C + C and total_head == total
+  assert peft.count(abstract, "none") == (total, total)
+
+
+def test_target_matching_no_module_lists_module_names():
+  config = tiny("bert", "finetune.peft=lora", "finetune.lora_targets=('query',)")
+  with pytest.raises(ConfigError, match=r"match no module; Dense modules are: .*encoder\.blocks\.\*\.attention\.qkv") \
+      as e:
+    finetune.model_factory(config, C)()
+  assert "\n" not in str(e.value) and "trunk.pooler" in str(e.value)
+  with pytest.raises(ConfigError, match="is not one of"):
+    finetune.model_factory(tiny("bert", "finetune.peft=prefix"), C)()

@@ -1,0 +1,125 @@
+"""Downstream tasks: official GLUE metrics, TFDS glue/* (mock data), CSV/JSONL files, the offline task."""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from fmjax import config_lib, tasks
+from fmjax.config_lib import ConfigError
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("fmjax_cache"))
+
+
+def ft_config(cache_dir, *overrides, arg="task=pydoc_family"):
+  return config_lib.load_config(f"configs/finetune_cls.py:{arg}", [f"data.cache_dir={cache_dir}", *overrides])
+
+
+def test_classification_metrics_match_hand_computed_values():
+  pred = [1, 1, 0, 0, 1, 0, 1, 1]
+  gold = [1, 0, 0, 0, 1, 1, 1, 0]  # tp 3, fp 2, fn 1, tn 2
+  m = tasks.compute_metrics(("accuracy", "f1", "matthews"), pred, gold)
+  assert m["accuracy"] == pytest.approx(5 / 8)
+  assert m["f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))
+  assert m["matthews"] == pytest.approx((3 * 2 - 2 * 1) / np.sqrt(5 * 4 * 4 * 3))
+  assert tasks.compute_metrics(("matthews", "f1"), [0, 0, 0], [0, 0, 0]) == {"matthews": 0.0, "f1": 0.0}
+
+
+def test_correlations_match_scipy_golden_values():
+  # scipy.stats.pearsonr / spearmanr on these values (spearman with tied ranks averaged).
+  pred = [0.5, 1.0, 1.0, 2.5, 3.0, 4.0]
+  gold = [0.0, 1.5, 1.0, 2.0, 2.0, 5.0]
+  m = tasks.compute_metrics(("pearson", "spearman"), pred, gold)
+  assert m["pearson"] == pytest.approx(0.9037658518250968, abs=1e-12)
+  assert m["spearman"] == pytest.approx(0.9705882352941178, abs=1e-12)
+  with pytest.raises(ConfigError, match="unknown metric"):
+    tasks.compute_metrics(("bleu",), [1], [1])
+
+
+def test_offline_task_has_real_labelled_text_and_a_stable_split(cache_dir):
+  task = tasks.load_task(ft_config(cache_dir))
+  train, val = task.splits["train"], task.splits["validation"]
+  assert len(train) + len(val) >= 1000 and len(val) >= 200
+  assert task.num_classes == len(tasks.PYDOC_FAMILIES) == 7 and task.metrics == ("accuracy",)
+  counts = collections.Counter(int(y) for _, y in train + val)
+  assert sorted(counts) == list(range(7)) and min(counts.values()) >= 100  # every family is well represented
+  assert not {t for t, _ in train} & {t for t, _ in val}  # no text in both splits
+  assert all(len(t[0].split()) >= tasks._MIN_WORDS for t, _ in train)
+  # The cached copy and a fresh parse give the same examples in the same order (and so the same split).
+  again = tasks.load_task(ft_config(cache_dir))
+  assert again.splits == task.splits
+  mail = [t[0] for t, y in train if task.label_names[int(y)] == "mail"]
+  assert sum("message" in t.lower() or "mail" in t.lower() for t in mail) > len(mail) // 4
+
+
+@pytest.mark.parametrize("name,pair,num_classes,metrics", [
+    ("sst2", False, 2, ("accuracy",)),
+    ("mrpc", True, 2, ("f1", "accuracy")),
+    ("cola", False, 2, ("matthews",)),
+    ("stsb", True, 0, ("pearson", "spearman")),
+    ("mnli", True, 3, ("accuracy",)),
+])
+def test_glue_through_tfds_mock_data(cache_dir, name, pair, num_classes, metrics):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=6):
+    task = tasks.load_task(ft_config(cache_dir, arg=f"task=glue/{name}"))
+  assert task.name == f"glue/{name}" and task.num_classes == num_classes and task.metrics == metrics
+  assert len(task.splits["train"]) == 6 and len(task.splits["validation"]) == 6
+  texts, label = task.splits["validation"][0]
+  assert len(texts) == (2 if pair else 1) and all(isinstance(t, str) for t in texts)
+  if num_classes:
+    assert float(label).is_integer() and 0 <= label < num_classes
+  preds = [y for _, y in task.splits["validation"]]
+  result = tasks.evaluate(task, preds)
+  assert set(result) == set(metrics) and all(v == pytest.approx(1.0) for v in result.values())
+
+
+def test_glue_head_size_mismatch_is_one_line(cache_dir):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=4):
+    with pytest.raises(ConfigError, match=r"has 3 classes but task.num_classes=2") as e:
+      tasks.load_task(ft_config(cache_dir, "task.num_classes=2", arg="task=glue/mnli"))
+  assert "\n" not in str(e.value)
+
+
+def _write_jsonl(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return str(path)
+
+
+def test_csv_and_jsonl_tasks_with_declared_columns(tmp_path, cache_dir):
+  rows = [{"q": f"question {i}", "a": f"answer {i}", "y": "yes" if i % 3 else "no"} for i in range(40)]
+  path = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+  task = tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.text_columns=q,a",
+                                   "task.label_column=y", "task.validation_percent=25"))
+  assert task.label_names == ("no", "yes") and task.num_classes == 2 and task.metrics == ("accuracy", "f1")
+  assert len(task.splits["train"]) + len(task.splits["validation"]) == 40 and task.splits["validation"]
+  first = next(e for e in task.splits["train"] + task.splits["validation"] if e[0][0] == "question 0")
+  assert first == (("question 0", "answer 0"), 0.0)
+
+  csv_train, csv_val = tmp_path / "train.csv", tmp_path / "dev.csv"
+  csv_train.write_text("text,score\nfine day,0.5\nbad day,-1.25\n")
+  csv_val.write_text("text,score\nok day,0.0\n")
+  reg = tasks.load_task(ft_config(cache_dir, "task.name=csv", f"task.files={csv_train}",
+                                  f"task.validation_files={csv_val}", "task.text_columns=text",
+                                  "task.label_column=score", "task.num_classes=0"))
+  assert reg.is_regression and reg.metrics == ("pearson", "spearman")
+  assert reg.splits == {"train": [(("fine day",), 0.5), (("bad day",), -1.25)], "validation": [(("ok day",), 0.0)]}
+
+
+def test_file_task_errors_are_one_line(tmp_path, cache_dir):
+  path = _write_jsonl(tmp_path / "t.jsonl", [{"sentence": "a b c", "label": 0}, {"sentence": "d e", "label": 2}])
+  with pytest.raises(ConfigError, match=r"no column 'text'.*one of \['label', 'sentence'\]") as e:
+    tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.text_columns=text"))
+  assert "\n" not in str(e.value)
+  with pytest.raises(ConfigError, match=r"labels \[2.0\] outside 0..1 of its 2-class head") as e:
+    tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.num_classes=2"))
+  assert "\n" not in str(e.value)
+  with pytest.raises(ConfigError, match="matches no file"):
+    tasks.load_task(ft_config(cache_dir, "task.name=csv", f"task.files={tmp_path}/missing*.csv"))
+  with pytest.raises(ConfigError, match="is not one of"):
+    tasks.load_task(ft_config(cache_dir, "task.name=glue/sst3"))
