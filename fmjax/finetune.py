@@ -300,21 +300,29 @@ def make_predict(spec: train.StateSpec, batch_sharding):
                  out_shardings=sharding.replicated(spec.mesh))
 
 
-def predict_all(predict, params, rows: dict, batch_size: int, batch_sharding, regression: bool) -> np.ndarray:
-  """Predictions (class ids or scores) for every row, in order."""
-  out = []
-  for batch, n in _eval_batches(rows, batch_size):
-    logits_BC = np.asarray(jax.device_get(predict(params, _to_device(batch, batch_sharding))))[:n]
-    out.append(logits_BC[:, 0] if regression else logits_BC.argmax(-1))
-  return np.concatenate(out) if out else np.zeros((0,))
+def predict_all(predict, params, rows: dict, batch_size: int, batch_sharding) -> np.ndarray:
+  """float32 logits_NC for every row, in order."""
+  out = [np.asarray(jax.device_get(predict(params, _to_device(batch, batch_sharding))))[:n]
+         for batch, n in _eval_batches(rows, batch_size)]
+  return np.concatenate(out)
+
+
+def task_metrics(task: tasks.Task, logits_NC: np.ndarray, labels_N: np.ndarray) -> dict:
+  """The task's metrics of the logits, plus `loss` (cross-entropy, or squared error for regression)."""
+  if task.is_regression:
+    preds = logits_NC[:, 0]
+    loss = float(np.mean((preds - labels_N) ** 2))
+  else:
+    preds = logits_NC.argmax(-1)
+    z = logits_NC - logits_NC.max(-1, keepdims=True)
+    logp_NC = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    loss = float(-np.mean(logp_NC[np.arange(len(labels_N)), labels_N.astype(np.int64)]))
+  return {**tasks.compute_metrics(task.metrics, preds, labels_N), "loss": loss}
 
 
 def _eval(predict, params, rows, task, config, batch_sharding) -> dict:
-  preds = predict_all(predict, params, rows, config.train.batch_size, batch_sharding, task.is_regression)
-  result = tasks.compute_metrics(task.metrics, preds, rows["labels"])
-  if task.is_regression:
-    result["loss"] = float(np.mean((preds - rows["labels"]) ** 2))
-  return result
+  logits_NC = predict_all(predict, params, rows, config.train.batch_size, batch_sharding)
+  return task_metrics(task, logits_NC, rows["labels"])
 
 
 def run(config, workdir: str) -> dict:
@@ -436,12 +444,10 @@ def evaluate(workdir: str, split: str = "validation", step: int | None = None) -
   from fmjax import data
   model, config, task = load_finetuned(workdir, step)
   rows = encode(task.splits[split], data.get_tokenizer(config), config.model.family, config.data.seq_len)
-  preds = []
-  for batch, n in _eval_batches(rows, config.train.batch_size):
-    logits_BC = np.asarray(model(jnp.asarray(batch["inputs"]), token_types_BT=jnp.asarray(batch["token_types"]),
-                                 segment_ids_BT=jnp.asarray(batch["segment_ids"])))[:n]
-    preds.append(logits_BC[:, 0] if task.is_regression else logits_BC.argmax(-1))
-  return tasks.compute_metrics(task.metrics, np.concatenate(preds), rows["labels"])
+  logits = [np.asarray(model(jnp.asarray(batch["inputs"]), token_types_BT=jnp.asarray(batch["token_types"]),
+                             segment_ids_BT=jnp.asarray(batch["segment_ids"])))[:n]
+            for batch, n in _eval_batches(rows, config.train.batch_size)]
+  return task_metrics(task, np.concatenate(logits), rows["labels"])
 
 
 # ----------------------------------------------------------------------------- sweeps

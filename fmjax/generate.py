@@ -188,6 +188,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
   return results
 
 
+@nnx.jit
+def _mlm_logits(model, tokens_BT, mlm_positions_BM):
+  return model(tokens_BT, mlm_positions_BM=mlm_positions_BM)
+
+
 def fill_mask(model, tokenizer, text: str, *, top_k: int = 5, mask_token: str = "[MASK]") -> list[list[tuple[str, float]]]:
   """For each `[MASK]` in `text`, the top-k (token, probability) predictions of a BERT."""
   pieces = text.split(mask_token)
@@ -203,7 +208,7 @@ def fill_mask(model, tokenizer, text: str, *, top_k: int = 5, mask_token: str = 
       ids.append(tokenizer.mask_id)
   ids.append(tokenizer.sep_id)
   tokens_1T = jnp.asarray([ids], jnp.int32)
-  logits_1MV = model(tokens_1T, mlm_positions_BM=jnp.asarray([mask_positions], jnp.int32))
+  logits_1MV = _mlm_logits(model, tokens_1T, jnp.asarray([mask_positions], jnp.int32))
   probs_MV = np.asarray(jax.nn.softmax(logits_1MV[0], axis=-1))
   results = []
   for row in probs_MV:

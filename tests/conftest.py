@@ -1,10 +1,23 @@
-"""Test setup: 8 fake CPU devices, so sharding and multi-host logic run on one CPU."""
+"""Test setup: 8 fake CPU devices, so sharding and multi-host logic run on one CPU.
+
+XLA's CPU backend spends most of a tiny model's test time in LLVM optimisation; the tests
+compare numbers, not speed, so they compile at optimisation level 0 (about half the time).
+"""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+    os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
+    "--xla_backend_optimization_level=0"]))
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+
+# Many tests compile the same tiny programs; a session-wide persistent cache compiles each once.
+import tempfile  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="fmjax_test_jit_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -16,26 +16,35 @@ TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.d_
         "mesh.data=1"]
 
 
-def tiny_model(scan=False, seed=0):
-  config = config_lib.load_config("configs/gpt.py:tiny", TINY + [f"model.scan_layers={scan}"])
-  return models.build_model(config.model, rngs=nnx.Rngs(seed))
+@pytest.fixture(scope="module")
+def gpts():
+  """Tiny GPTs with unrolled and scanned layers (built once: eager init costs seconds)."""
+  unrolled = models.build_model(config_lib.load_config("configs/gpt.py:tiny", TINY).model, rngs=nnx.Rngs(0))
+  # The scanned model gets the same weights stacked: cheaper than a second eager init.
+  scanned_cfg = config_lib.load_config("configs/gpt.py:tiny", TINY + ["model.scan_layers=true"]).model
+  graphdef, state = nnx.split(models.abstract_model(scanned_cfg))
+  nnx.replace_by_pure_dict(state, models.stack_layers(nnx.to_pure_dict(nnx.state(unrolled))))
+  return {False: unrolled, True: nnx.merge(graphdef, state)}
 
 
-def make_workdir(root, family, *overrides):
-  """A run workdir without training: config.json, the tokenizer's corpus and a step-0 checkpoint.
+def make_workdir(tmp_path_factory, family):
+  """A run workdir without training: config.json, a tokenizer and data cache, a step-0 checkpoint.
 
-  The corpus is a few of CPython's own documentation topics, as text files (tokenizer training
-  and packing take well under a second).
+  Built once per test session (tests only read it, or add eval.json) from a few of CPython's own
+  documentation topics as text files.
   """
   import pydoc_data.topics
-  corpus = root / "corpus"
-  corpus.mkdir(parents=True, exist_ok=True)
-  for name in sorted(pydoc_data.topics.topics)[:24]:
-    (corpus / f"{name}.txt").write_text(pydoc_data.topics.topics[name])
-  config = config_lib.load_config(f"configs/{family}.py:tiny", TINY + [
-      "data.dataset=text_files", f"data.files={corpus}/*.txt", f"data.cache_dir={root / 'cache'}", *overrides])
-  data.get_tokenizer(config)
+  root = tmp_path_factory.getbasetemp() / "fmjax_tiny_runs"
   workdir = root / f"{family}_run"
+  if (workdir / "config.json").exists():
+    return workdir, config_lib.load_config(f"configs/{family}.py:tiny", _workdir_overrides(root))
+  corpus = root / "corpus"
+  if not corpus.exists():  # written once: touching the files would change the corpus identity
+    corpus.mkdir(parents=True)
+    for name in sorted(pydoc_data.topics.topics)[:24]:
+      (corpus / f"{name}.txt").write_text(pydoc_data.topics.topics[name])
+  config = config_lib.load_config(f"configs/{family}.py:tiny", _workdir_overrides(root))
+  data.get_tokenizer(config)
   mesh = sharding.make_mesh(config, jax.devices()[:1])
   tx = optim.make_optimizer(config)
   spec = train.state_spec(config, mesh, tx)
@@ -48,17 +57,32 @@ def make_workdir(root, family, *overrides):
   return workdir, config
 
 
-def uncached_greedy(model, prompt, n):
+def _workdir_overrides(root):
+  return TINY + ["data.dataset=text_files", f"data.files={root / 'corpus'}/*.txt", f"data.cache_dir={root / 'cache'}"]
+
+
+@nnx.jit
+def _forward(model, tokens_BT):
+  return model(tokens_BT)
+
+
+def uncached_greedy(model, prompt, n, width=16):
+  """Greedy decoding by full forward passes, no cache: the reference for the cached loop.
+
+  The row is right-padded to a fixed width (one compile); causality keeps the pad out of the
+  positions that are read.
+  """
   ids = list(prompt)
   for _ in range(n):
-    logits_1TV = model(jnp.asarray([ids], jnp.int32))
-    ids.append(int(jnp.argmax(logits_1TV[0, -1])))
+    row = np.zeros((1, width), np.int32)
+    row[0, :len(ids)] = ids
+    ids.append(int(jnp.argmax(_forward(model, jnp.asarray(row))[0, len(ids) - 1])))
   return ids[len(prompt):]
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
-def test_cached_logits_equal_uncached_forward_at_every_position(scan):
-  model = tiny_model(scan)
+def test_cached_logits_equal_uncached_forward_at_every_position(gpts, scan):
+  model = gpts[scan]
   rng = np.random.default_rng(0)
   rows = [rng.integers(1, 512, size=n).tolist() for n in (11, 6)]  # full rows: prompt then teacher-forced tokens
   prompt_lens = (7, 2)
@@ -85,8 +109,8 @@ def test_cached_logits_equal_uncached_forward_at_every_position(scan):
     np.testing.assert_allclose(np.concatenate(got[b]), want, atol=1e-5, rtol=0)
 
 
-def test_greedy_with_cache_equals_greedy_without_and_ignores_batch_neighbours():
-  model = tiny_model(scan=True, seed=1)
+def test_greedy_with_cache_equals_greedy_without_and_ignores_batch_neighbours(gpts):
+  model = gpts[True]
   prompts = [[5, 17, 99, 3, 250, 8, 41], [7], [300, 301, 302]]
   batched = generate.generate(model, prompts, 6, temperature=0.0)
   for prompt, out in zip(prompts, batched):
@@ -95,14 +119,15 @@ def test_greedy_with_cache_equals_greedy_without_and_ignores_batch_neighbours():
   alone = generate.generate(model, prompts[:1], 6, temperature=1.0, top_k=20, seed=3)
   together = generate.generate(model, prompts, 6, temperature=1.0, top_k=20, seed=3)
   assert alone[0] == together[0]
-  assert generate.generate(model, prompts, 6, temperature=1.0, seed=4) != together  # the seed matters
+  assert generate.generate(model, prompts, 6, temperature=1.0, top_k=20, seed=4) != together  # the seed matters
 
 
-def test_eos_stops_a_row_and_max_len_is_checked():
-  model = tiny_model()
+def test_eos_stops_a_row_and_max_len_is_checked(gpts):
+  model = gpts[False]
   prompt = [5, 17, 99]
   first = uncached_greedy(model, prompt, 3)
-  assert generate.generate(model, [prompt], 3, temperature=0.0, eos_id=first[1]) == [first[:1]]
+  eos = first[-1]
+  assert generate.generate(model, [prompt], 3, temperature=0.0, eos_id=eos) == [first[:first.index(eos)]]
   with pytest.raises(config_lib.ConfigError, match="exceeds the model's max_len 64"):
     generate.generate(model, [prompt], 62, temperature=0.0)
 
@@ -126,15 +151,18 @@ def test_top_k_and_top_p_masks():
   np.testing.assert_array_equal(generate.sample_logits(logits, jax.random.key(0), temperature=0.0), [0, 3])
 
 
-def test_generate_cli_gpt_sampling_and_bert_fill_mask(tmp_path, capsys):
-  gpt_dir, _ = make_workdir(tmp_path, "gpt")
+def test_generate_cli_gpt_sampling_and_bert_fill_mask(tmp_path_factory, capsys):
+  gpt_dir, _ = make_workdir(tmp_path_factory, "gpt")
   model, config, tok = generate.load_run(str(gpt_dir))
   want = tok.decode(generate.generate(model, [tok.encode("The for")], 5, temperature=0.0, eos_id=tok.eos_id)[0])
+  capsys.readouterr()  # TFDS's own messages from building the tokenizer's corpus
   assert cli.main(["generate", f"--workdir={gpt_dir}", "--prompt=The for", "--prompt=x", "--max_new_tokens=5",
                    "--temperature=0"]) == 0
-  assert capsys.readouterr().out.startswith("The for" + want + "\n")
+  out = capsys.readouterr().out
+  assert out.startswith("The for" + want + "\n") and out.count("-" * 40) == 2
 
-  bert_dir, _ = make_workdir(tmp_path, "bert")
+  bert_dir, _ = make_workdir(tmp_path_factory, "bert")
+  capsys.readouterr()
   assert cli.main(["generate", f"--workdir={bert_dir}", "--text=The [MASK] statement [MASK] here.",
                    "--top_k=3"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()

@@ -1,0 +1,52 @@
+"""`fmjax eval`: held-out perplexity and MLM accuracy from a checkpoint, checked against a direct computation."""
+
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fmjax import cli, data, evaluate, generate, objectives
+from fmjax.config_lib import ConfigError
+from test_generate import make_workdir
+
+
+def direct_metrics(workdir, batches):
+  """Loss and accuracy summed over the first `batches` eval batches, computed without the eval step."""
+  model, config, _ = generate.load_run(str(workdir))
+  loader = data.make_loader(config, "eval", shuffle=False)
+  loss_fn = nnx.jit(objectives.get_loss_fn(config))
+  totals = np.zeros(3)
+  for step in range(batches):
+    batch = {k: jnp.asarray(v) for k, v in loader.host_batch(step).items()}
+    _, aux = loss_fn(model, batch)
+    totals += [float(aux["loss_sum"]), float(aux["weight_sum"]), float(aux["correct_sum"])]
+  return totals[0] / totals[1], totals[2] / totals[1], loader.num_batches
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_eval_matches_direct_loss_and_writes_eval_json(tmp_path_factory, family, capsys):
+  workdir, _ = make_workdir(tmp_path_factory, family)
+  assert cli.main(["eval", f"--workdir={workdir}", "--batches=2"]) == 0
+  assert "perplexity" in capsys.readouterr().out
+  result = json.loads((workdir / "eval.json").read_text())
+  loss, accuracy, num_batches = direct_metrics(workdir, 2)
+  assert result["batches"] == 2 and result["step"] == 0 and num_batches > 2
+  assert result["objective"] == {"gpt": "clm", "bert": "mlm"}[family]
+  np.testing.assert_allclose(result["loss"], loss, rtol=1e-5)
+  np.testing.assert_allclose(result["accuracy"], accuracy, atol=1e-6)
+  assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+  # An untrained model is close to uniform over the vocabulary.
+  assert abs(result["loss"] - math.log(512)) < 0.5
+  # By default the whole held-out split is scored.
+  assert evaluate.run(str(workdir))["batches"] == num_batches
+
+
+def test_eval_rejects_what_it_cannot_score(tmp_path):
+  with pytest.raises(ConfigError, match="has no config.json"):
+    evaluate.run(str(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps({"name": "x"}))
+  with pytest.raises(ConfigError, match="is not an fmjax run"):
+    evaluate.run(str(tmp_path))

@@ -1,0 +1,184 @@
+"""Fine-tuning: init_from loads the trunk only (new head), resume, heads, bad checkpoints, sweep summary."""
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fmjax import checkpoint as ckpt_lib, cli, config_lib, finetune, metrics as metrics_lib, models, sweep
+from fmjax.config_lib import ConfigError
+
+MODEL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.vocab_size=128",
+         "model.max_len=32"]
+WORDS = ("red", "green", "blue", "cat", "dog", "fish", "runs", "sleeps", "the", "a")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """A BERT vocab.txt and a small JSONL task (is an animal named?), so no corpus needs preparing."""
+  root = tmp_path_factory.mktemp("ft_files")
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz"]
+  (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  rng = np.random.default_rng(0)
+  with open(root / "task.jsonl", "w") as f:
+    for _ in range(48):
+      words = rng.choice(WORDS, size=rng.integers(3, 8))
+      f.write(json.dumps({"text": " ".join(words), "label": int(bool({"cat", "dog", "fish"} & set(words)))}) + "\n")
+  return {"vocab": str(root / "vocab.txt"), "task": str(root / "task.jsonl"), "cache": str(root / "cache")}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, files):
+  """A pretraining workdir as `fmjax train` leaves it: config.json and a params checkpoint (step 5)."""
+  workdir = tmp_path_factory.mktemp("pretrain")
+  config = config_lib.load_config("configs/bert.py:tiny", [
+      *MODEL, "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}"])
+  params = nnx.to_pure_dict(nnx.state(models.build_model(config.model, rngs=nnx.Rngs(params=7)), nnx.Param))
+  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), async_save=False)
+  checkpointer.save(5, {"params": params}, {"config": config_lib.to_dict(config)}, force=True)
+  checkpointer.close()
+  config_lib.save_json(config, str(workdir / "config.json"))
+  return str(workdir)
+
+
+def ft_config(files, *overrides, arg="task=jsonl"):
+  return config_lib.load_config(f"configs/finetune_cls.py:{arg}", [
+      *MODEL, f"data.cache_dir={files['cache']}", f"task.files={files['task']}", "task.text_columns=text",
+      "data.seq_len=16", "train.batch_size=8", "train.steps=2", "train.eval_every=100", "train.log_every=1",
+      "train.progress_bar=false", "optim.warmup_steps=0", "checkpoint.async_save=false", *overrides])
+
+
+class _Lines(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
+
+
+def _run_logged(config, workdir):
+  handler = _Lines()
+  metrics_lib.log.addHandler(handler)
+  try:
+    return finetune.run(config, workdir), "\n".join(handler.lines)
+  finally:
+    metrics_lib.log.removeHandler(handler)
+
+
+def _params(workdir, item_tree):
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = checkpointer.latest_step()
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                          checkpointer.item_metadata(step, "params"), is_leaf=lambda x: hasattr(x, "shape"))
+  params = checkpointer.restore(step, {"params": abstract}, items=("params",))["params"]
+  checkpointer.close()
+  return jax.tree.map(np.asarray, params)
+
+
+def test_init_from_loads_trunk_only_and_resumes(pretrained, files, tmp_path):
+  workdir = str(tmp_path / "ft")
+  # Head-only fine-tuning: the trunk must come out of training exactly as the pretraining run saved it.
+  config = ft_config(files, f"init_from={pretrained}", "finetune.peft=head")
+  result, log = _run_logged(config, workdir)
+  assert result["start"] == "init_from" and result["step"] == 2
+  assert "loaded trunk embeddings" in log and "initialised: head (2 arrays" in log
+  assert "not loaded: mlm_bias, mlm_ln, mlm_transform, opt_state" in log
+  assert "trainable (" in log and f"{result['trainable_params']:,} of {result['total_params']:,}" in log
+  pre, ft = _params(pretrained, None), _params(workdir, None)
+  assert set(ft) == {"trunk", "head"} and "mlm_transform" not in ft["trunk"]
+  jax.tree.map(np.testing.assert_array_equal, ft["trunk"], {k: v for k, v in pre.items() if not k.startswith("mlm")})
+  with open(os.path.join(workdir, finetune.RESULTS_FILE)) as f:
+    saved = json.load(f)
+  assert saved["task"] == "jsonl" and 0.0 <= saved["eval"]["accuracy"] <= 1.0
+  # Rerunning with more steps resumes this workdir's own checkpoint, not init_from.
+  again, log = _run_logged(ft_config(files, f"init_from={pretrained}", "finetune.peft=head", "train.steps=3"),
+                           workdir)
+  assert again["start"] == "resumed" and again["step"] == 3 and "Resumed from step 2" in log
+
+
+def test_scratch_start_is_logged(files, tmp_path):
+  config = ft_config(files, "train.steps=1", "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}")
+  result, log = _run_logged(config, str(tmp_path / "s"))
+  assert result["start"] == "scratch" and "Started from scratch" in log
+  assert np.isfinite(result["train"]["loss"]) and "loss" in result["eval"]
+
+
+def test_checkpoint_of_another_size_or_family_is_one_line(pretrained, files, tmp_path):
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"holds a bert model \(d_model=32\).*d_model=64") as e:
+    finetune.run(ft_config(files, f"init_from={pretrained}", "model.d_model=64"), str(tmp_path / "a"))
+  assert "\n" not in str(e.value)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"holds a bert model.*this config builds gpt") as e:
+    finetune.run(ft_config(files, f"init_from={pretrained}", arg="task=jsonl,model=gpt"),
+                 str(tmp_path / "b"))
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "a" / "checkpoints" / "2")
+
+
+def test_cli_finetune_errors_in_one_line(tmp_path, capsys):
+  code = cli.main(["finetune", "--config=configs/finetune_cls.py:task=nope", f"--workdir={tmp_path}"])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and err.startswith("error: task.name='nope' is not one of") and "\n" not in err
+
+
+def test_encode_sentence_pairs():
+  class Tok:
+    cls_id, sep_id, eos_id, pad_id = 2, 3, 7, 0
+
+    def encode_batch(self, texts):
+      return [[10 + len(w) for w in t.split()] for t in texts]
+
+  rows = finetune.encode([(("a bb ccc", "dddd"), 1.0)], Tok(), "bert", 6)
+  # [CLS] a bb [SEP] dddd [SEP]: the longer text lost its last token to fit 6.
+  np.testing.assert_array_equal(rows["inputs"][0], [2, 11, 12, 3, 14, 3])
+  np.testing.assert_array_equal(rows["token_types"][0], [0, 0, 0, 0, 1, 1])
+  np.testing.assert_array_equal(rows["segment_ids"][0], [1, 1, 1, 1, 1, 1])
+  gpt = finetune.encode([(("a bb",), 0.0)], Tok(), "gpt", 5)
+  np.testing.assert_array_equal(gpt["inputs"][0], [11, 12, 7, 0, 0])
+
+
+def test_gpt_head_pools_the_last_real_token(files):
+  config = ft_config(files, "model.dropout=0.0", arg="task=jsonl,model=gpt")
+  graphdef, params = nnx.split(finetune.model_factory(config, 4)())
+
+  @jax.jit
+  def run(tokens, seg):
+    model = nnx.merge(graphdef, params)
+    return model(tokens, segment_ids_BT=seg), model.head(model.trunk.hidden(tokens, segment_ids_BT=seg))
+
+  tokens = jnp.array([[5, 6, 7, 8, 0, 0], [5, 6, 7, 8, 9, 10]], jnp.int32)
+  seg = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], jnp.int32)
+  base, per_token_BTC = map(np.asarray, run(tokens, seg))
+  np.testing.assert_allclose(base[0], per_token_BTC[0, 3], atol=1e-5)  # row 0's last real token is at 3
+  np.testing.assert_allclose(base[1], per_token_BTC[1, 5], atol=1e-5)
+  padded = np.asarray(run(tokens.at[0, 4:].set(99), seg)[0])
+  np.testing.assert_allclose(padded[0], base[0], atol=1e-6)  # pad tokens never reach the head
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+  a = finetune.batch_indices(10, 4, seed=3, step=2)
+  np.testing.assert_array_equal(a, finetune.batch_indices(10, 4, seed=3, step=2))
+  epoch = np.concatenate([finetune.batch_indices(10, 5, seed=3, step=s) for s in range(2)])
+  assert sorted(epoch) == list(range(10))  # one epoch visits every example once
+  assert not np.array_equal(finetune.batch_indices(10, 5, seed=4, step=0), epoch[:5])
+
+
+def test_sweep_summary_reports_mean_and_std_per_task(tmp_path):
+  entries = sweep.product({"config": ["task=pydoc_family"]}, {"optim.lr": [1e-3, 3e-4]}, {"train.seed": [0, 1, 2]})
+  runs = sweep.expand("configs/finetune_cls.py", [{"command": "finetune", **e} for e in entries])
+  scores = {1e-3: [0.5, 0.6, 0.7], 3e-4: [0.2, 0.3, 0.4]}
+  for run in runs:
+    entry = dict(run.entry)
+    acc = scores[entry["optim.lr"]][entry["train.seed"]]
+    os.makedirs(tmp_path / run.name)
+    with open(tmp_path / run.name / finetune.RESULTS_FILE, "w") as f:
+      json.dump({"task": "pydoc_family", "main_metric": "accuracy", "eval": {"accuracy": acc, "loss": 1.0}}, f)
+  summary = finetune.summarize(str(tmp_path), runs)
+  assert "| pydoc_family | accuracy | optim.lr=0.001 | 3 | 60.0 ± 10.0 |" in summary["markdown"]
+  assert "| pydoc_family | optim.lr=0.0003 | 3 | accuracy 30.0 ± 10.0 |" in summary["markdown"]
+  assert os.path.exists(tmp_path / "finetune.md") and os.path.exists(tmp_path / "finetune.csv")
