@@ -16,22 +16,8 @@ from fmjax.config_lib import ConfigError
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-  """Pulls `--config.a.b=v` (or `--config.a.b v`) out of argv."""
-  rest, overrides, i = [], [], 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith("--config."):
-      if "=" in arg:
-        overrides.append(arg[len("--config."):])
-      elif i + 1 < len(argv):
-        overrides.append(f"{arg[len('--config.'):]}={argv[i + 1]}")
-        i += 1
-      else:
-        raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
-    else:
-      rest.append(arg)
-    i += 1
-  return rest, overrides
+  from fmjax.config_lib import split_overrides
+  return split_overrides(argv)
 
 
 def _parser(prog: str, needs_workdir: bool) -> argparse.ArgumentParser:

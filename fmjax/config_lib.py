@@ -47,6 +47,26 @@ def load_module(path: str):
   return module
 
 
+def split_overrides(argv: Iterable[str]) -> tuple[list[str], list[str]]:
+  """Pulls `--config.a.b=v` (or `--config.a.b v`) out of a command line: (rest, overrides)."""
+  argv = list(argv)
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      if "=" in arg:
+        overrides.append(arg[len("--config."):])
+      elif i + 1 < len(argv):
+        overrides.append(f"{arg[len('--config.'):]}={argv[i + 1]}")
+        i += 1
+      else:
+        raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
 def split_config_spec(spec: str) -> tuple[str, str | None]:
   """`configs/gpt.py:small,runlocal` -> (`configs/gpt.py`, `small,runlocal`)."""
   if ":" in spec and not os.path.exists(spec):

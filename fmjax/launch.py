@@ -480,22 +480,11 @@ def run(spec: LaunchSpec, mode: str = "all", execute: bool = False, out: TextIO 
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """Pulls `--config.a.b=v` (or `--config.a.b v`) out of argv."""
-  rest, overrides, i = [], [], 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith("--config."):
-      if "=" in arg:
-        overrides.append(arg[len("--config."):])
-      elif i + 1 < len(argv):
-        overrides.append(f"{arg[len('--config.'):]}={argv[i + 1]}")
-        i += 1
-      else:
-        raise LaunchError(f"{arg} needs a value: {arg}=VALUE")
-    else:
-      rest.append(arg)
-    i += 1
-  return rest, overrides
+  from fmjax import config_lib
+  try:
+    return config_lib.split_overrides(argv)
+  except config_lib.ConfigError as e:
+    raise LaunchError(str(e)) from None
 
 
 class _Parser(argparse.ArgumentParser):

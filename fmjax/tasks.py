@@ -159,7 +159,10 @@ def _hash(text: str) -> int:
 
 def hash_split(examples: list[Example], percent: int) -> dict[str, list[Example]]:
   """Holds out about `percent`% of the examples by a hash of their text: same split everywhere."""
-  held = [_hash("\x1f".join(texts)) % 100 < percent for texts, _ in examples]
+  hashes = [_hash("\x1f".join(texts)) for texts, _ in examples]
+  held = [h % 100 < percent for h in hashes]
+  if len(examples) >= 2 and not any(held):  # tiny tasks still get a validation example
+    held[min(range(len(examples)), key=hashes.__getitem__)] = True
   return {"train": [e for e, h in zip(examples, held) if not h],
           "validation": [e for e, h in zip(examples, held) if h]}
 
@@ -362,6 +365,9 @@ def load_task(config) -> Task:
     options = ["pydoc_family", "csv", "jsonl", *(f"glue/{n}" for n in GLUE)]
     raise ConfigError(f"task.name={tc.name!r} is not one of {options}")
   check_labels(task, int(tc.num_classes))
+  for split in ("train", "validation"):
+    if not task.splits.get(split):
+      raise ConfigError(f"task {task.name} has no {split} examples; give more data or task.validation_files")
   return task
 
 

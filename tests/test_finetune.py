@@ -37,7 +37,7 @@ def pretrained(tmp_path_factory, files):
   """A pretraining workdir as `fmjax train` leaves it: config.json and a params checkpoint (step 5)."""
   workdir = tmp_path_factory.mktemp("pretrain")
   config = config_lib.load_config("configs/bert.py:tiny", [
-      *MODEL, "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}"])
+      *MODEL, "data.seq_len=16", "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}"])
   params = nnx.to_pure_dict(nnx.state(models.build_model(config.model, rngs=nnx.Rngs(params=7)), nnx.Param))
   checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), async_save=False)
   checkpointer.save(5, {"params": params}, {"config": config_lib.to_dict(config)}, force=True)
