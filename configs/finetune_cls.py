@@ -39,6 +39,7 @@ def get_config(arg: str = "task=pydoc_family"):
       label_column="label",
       num_classes=-1,           # -1: from the task; 0: regression; checked against the labels
       validation_percent=20,    # hash split when a task has no validation split of its own
+      max_train_examples=0,     # >0: train on a fixed subset of this many examples (label-scarce runs)
   ))
   c.finetune = ml_collections.ConfigDict(dict(
       peft=kv.get("peft", "none"),  # none | lora | adapter | bitfit | head

@@ -365,6 +365,9 @@ def load_task(config) -> Task:
     options = ["pydoc_family", "csv", "jsonl", *(f"glue/{n}" for n in GLUE)]
     raise ConfigError(f"task.name={tc.name!r} is not one of {options}")
   check_labels(task, int(tc.num_classes))
+  if tc.max_train_examples > 0:  # a label-scarce setting: a fixed, hash-ordered subset of the train split
+    keep = sorted(task.splits["train"], key=lambda e: _hash("\x1f".join(e[0])))[:tc.max_train_examples]
+    task.splits["train"] = keep
   for split in ("train", "validation"):
     if not task.splits.get(split):
       raise ConfigError(f"task {task.name} has no {split} examples; give more data or task.validation_files")
