@@ -100,6 +100,10 @@ def test_init_from_loads_trunk_only_and_resumes(pretrained, files, tmp_path):
   again, log = _run_logged(ft_config(files, f"init_from={pretrained}", "finetune.peft=head", "train.steps=3"),
                            workdir)
   assert again["start"] == "resumed" and again["step"] == 3 and "Resumed from step 2" in log
+  # `fmjax eval` on a fine-tuning workdir reports the task's metrics.
+  from fmjax import evaluate
+  metrics = evaluate.run(workdir)
+  assert 0.0 <= metrics["accuracy"] <= 1.0, metrics
 
 
 def test_scratch_start_is_logged(files, tmp_path):
