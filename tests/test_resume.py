@@ -154,7 +154,9 @@ def copy_checkpoint(src_workdir, step, dst_workdir):
 
 def subprocess_env(devices: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "FMJAX_"))}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+  # Same backend flags as conftest.py: bitwise comparisons need identically compiled programs.
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+             JAX_PLATFORMS="cpu",
              PYTHONUNBUFFERED="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
              # Runs of the same shapes share compiled programs across processes (results are unchanged).
              JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
