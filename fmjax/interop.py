@@ -243,6 +243,8 @@ def params_to_hf(params: Mapping, model_cfg) -> dict[str, np.ndarray]:
     try:
       value = np.asarray(_get(params, entry.path), dtype=np.float32)
     except KeyError:
+      if "classifier" in params and entry.path[0] in _OPTIONAL.get(family, ()):
+        continue  # a fine-tuned classifier drops the pretraining head; HF's classifier has none
       raise ConfigError(f"params lack {_fmt_path(entry.path)}; is this a {family} checkpoint of "
                         f"{model_cfg.num_layers} layers?") from None
     for name, part in zip(entry.hf, _to_hf(entry, value)):
@@ -659,6 +661,24 @@ def export_params(params: Mapping, model_cfg, out: str, tokenizer=None) -> str:
   return out
 
 
+def from_finetune(params: dict, config) -> dict:
+  """A fine-tuning run's `{trunk, head}` params as the flat tree export reads: LoRA merged into
+  its kernels, the head as `classifier`. Pretraining params pass through unchanged."""
+  if not ("trunk" in params and "head" in params):
+    return params
+  ft = config.get("finetune") or {}
+  mode = ft.get("peft", "none")
+  if mode == "adapter":
+    raise ConfigError("bottleneck adapters have no Hugging Face counterpart; export a run fine-tuned with "
+                      "finetune.peft=lora, bitfit, head or none")
+  if mode == "lora":
+    from fmjax import peft
+    params = peft.merge_lora(params, ft["lora_alpha"], ft["lora_rank"])
+  flat = dict(params["trunk"])
+  flat["classifier"] = dict(params["head"])
+  return flat
+
+
 def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> str:
   """Exports a workdir's checkpoint (latest or `step`) as a Hugging Face model directory `out`."""
   if fmt != "hf":
@@ -667,6 +687,7 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> 
   if not _empty_or_missing(out):
     raise ConfigError(f"--out={out} already exists and is not empty; choose a new directory")
   config, params, _ = load_params(workdir, step)
+  params = from_finetune(params, config)
   tokenizer = run_tokenizer(workdir, config)
   staging = out.rstrip("/") + ".exporting"
   shutil.rmtree(staging, ignore_errors=True)

@@ -128,3 +128,33 @@ def test_target_matching_no_module_lists_module_names():
   assert "\n" not in str(e.value) and "trunk.pooler" in str(e.value)
   with pytest.raises(ConfigError, match="is not one of"):
     finetune.model_factory(tiny("bert", "finetune.peft=prefix"), C)()
+
+
+def test_lora_finetune_exports_to_transformers(tmp_path):
+  """A LoRA fine-tune, merged and exported, gives transformers' BertForSequenceClassification
+  the logits of the unmerged fmjax classifier."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from fmjax import interop
+  config = tiny("bert", "finetune.peft=lora", "finetune.lora_targets=('qkv', 'out', 'mlp.fc')", "model.attention=xla")
+  model = finetune.model_factory(config, C)()
+  rng = np.random.default_rng(2)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.asarray(rng.normal(0, 0.5, x.shape), x.dtype) if "lora_b" in str(p[-1]) else x,
+      params_of(model))
+  b = batch()
+  want = logits(load(model, params), b)
+  out = interop.export_params(interop.from_finetune(params, config), config.model, str(tmp_path / "hf"))
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+  with torch.no_grad():
+    got = hf(input_ids=torch.tensor(b["inputs"]).long(), token_type_ids=torch.tensor(b["token_types"]).long(),
+             attention_mask=torch.tensor(b["segment_ids"]).long()).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_adapter_finetune_refuses_export():
+  from fmjax import interop
+  config = tiny("bert", "finetune.peft=adapter")
+  params = params_of(finetune.model_factory(config, C)())
+  with pytest.raises(ConfigError, match="adapters have no Hugging Face counterpart"):
+    interop.from_finetune(params, config)
