@@ -250,6 +250,7 @@ def base_config(family: str) -> ml_collections.ConfigDict:
   """Every key a pretraining run reads, with defaults; configs/*.py start from this."""
   c = ml_collections.ConfigDict()
   c.name = family
+  c.init_from = ""  # a `fmjax train` workdir whose latest params start this run (optimizer fresh)
   c.model = ml_collections.ConfigDict(dict(
       family=family,
       vocab_size=8192,

@@ -237,7 +237,10 @@ def run(config, workdir: str) -> dict:
     eval_loader = data.make_loader(config, "eval", sharding=batch_sharding)
 
     where = f"mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} process(es)"
-    if resume is None:
+    if resume is None and config.get("init_from"):
+      state, skipped = _init_from(config.init_from, spec, tx), 0
+      log.info("Initialised from %s: its params, a fresh optimizer, step 0 (%s)", config.init_from, where)
+    elif resume is None:
       state, skipped = init_state(config, spec, tx), 0
       log.info("Started from scratch (%s)", where)
     else:
@@ -345,6 +348,25 @@ def _check_resume(checkpointer, spec: StateSpec, cfg_dict: dict) -> tuple[int, d
                       f"({'; '.join(breaking[:6])}{more}); use a new --workdir or restore the original values")
   ckpt_lib.check_compatible(checkpointer, latest, spec.abstract)
   return latest, saved, harmless
+
+
+def _init_from(source: str, spec: StateSpec, tx) -> dict:
+  """Step 0 with another run's latest params (e.g. phase 2 of a two-phase pretraining)."""
+  from fmjax import checkpoint as ckpt_lib
+  source_ckpt = ckpt_lib.Checkpointer(os.path.join(source, "checkpoints"))
+  try:
+    step = source_ckpt.latest_step()
+    if step is None:
+      raise ConfigError(f"init_from={source} holds no checkpoint; pass a `fmjax train` workdir")
+    ckpt_lib.check_compatible(source_ckpt, step, spec.abstract, items=("params",))
+    with jax.set_mesh(spec.mesh):
+      params = source_ckpt.restore(step, spec.abstract, items=("params",))["params"]
+  finally:
+    source_ckpt.close()
+  with jax.set_mesh(spec.mesh):
+    opt_state = jax.jit(tx.init, out_shardings=spec.shardings["opt_state"])(params)
+  step0 = jax.device_put(jnp.zeros((), jnp.int32), spec.shardings["step"])
+  return {"step": step0, "params": params, "opt_state": opt_state}
 
 
 def _restore(checkpointer, spec: StateSpec, step: int) -> dict:

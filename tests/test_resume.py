@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
-from fmjax import checkpoint as ckpt_lib, cli, config_lib, train
+from fmjax import checkpoint as ckpt_lib, cli, config_lib, optim, sharding, train
+from fmjax.config_lib import ConfigError
 from fmjax.data import loader as loader_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -451,3 +452,23 @@ def test_elastic_resume_across_meshes_devices_and_processes(reference, cache_dir
   assert committed_steps(workdir)[-1] == N  # the final save landed before the process exited
   assert_losses_close(workdir, reference, range(5, N + 1))
   assert_states_equal(saved_state(workdir, N), saved_state(reference, N), exact=False)
+
+
+def test_init_from_starts_at_step_zero_with_the_source_params(reference, cache_dir):
+  """`init_from` (e.g. phase 2 of BERT-style two-phase pretraining): another run's latest params,
+  a fresh optimizer, step 0 — and only when the workdir has no checkpoint of its own."""
+  config = load(cache_dir, f"init_from={reference}")
+  mesh = sharding.make_mesh(config)
+  tx = optim.make_optimizer(config)
+  spec = train.state_spec(config, mesh, tx)
+  state = train._init_from(reference, spec, tx)
+  source = saved_state(reference, max(committed_steps(reference)))
+  assert int(state["step"]) == 0
+  got, want = jax.tree.leaves(state["params"]), jax.tree.leaves(source["params"])  # saved keys are strings
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  fresh = jax.tree.map(np.asarray, jax.jit(tx.init)(state["params"]))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state["opt_state"]), fresh)
+  with pytest.raises(ConfigError, match="holds no checkpoint"):
+    train._init_from(os.path.join(reference, "nowhere"), spec, tx)
