@@ -58,3 +58,11 @@ def test_cli_one_line_error():
 
 def test_cli_unknown_command():
   assert cli.main(["trian"]) == 2
+
+
+@pytest.mark.parametrize("spec", ["experiments/bert_base/config.py:phase=1", "experiments/bert_base/config.py:phase=2",
+                                  "experiments/gpt2_124m/config.py", "experiments/scaling_tiny/config.py",
+                                  "experiments/pretrain_helps/config.py", "configs/finetune_cls.py:task=glue/sst2",
+                                  "configs/sft.py"])
+def test_experiment_configs_load_and_validate(spec):
+  config_lib.load_config(spec)
