@@ -168,6 +168,8 @@ def _user_errors() -> tuple[type, ...]:
     errors.append(mods["fmjax.checkpoint"].CheckpointMismatchError)
   if "fmjax.train" in mods:
     errors.append(mods["fmjax.train"].NonFiniteLossError)
+  if "fmjax.attention" in mods:
+    errors.append(mods["fmjax.attention"].AttentionError)
   return tuple(errors)
 
 
