@@ -98,8 +98,10 @@ class Embed(nnx.Module):
       # matmul too, where a gather's gradient is a scatter-add that serialises on the few rows
       # every token hits (2 token types for 32k tokens).
       onehot_BTN = jax.nn.one_hot(ids_BT, table.shape[0], dtype=table.dtype)
-      out_BTD = jnp.einsum("btn,nd->btd", onehot_BTN, table, preferred_element_type=jnp.float32)
-      return _constrain(out_BTD.astype(self.dtype), ("batch", "length", None))
+      # Output in the compute dtype (exact: one term per sum), so the table's gradient is a
+      # compute-dtype matmul too rather than a float32 one.
+      out_BTD = jnp.einsum("btn,nd->btd", onehot_BTN, table)
+      return _constrain(out_BTD, ("batch", "length", None))
     return _constrain(jnp.take(table, ids_BT, axis=0), ("batch", "length", None))
 
   def attend(self, x_BxD):
@@ -153,16 +155,10 @@ class SelfAttention(nnx.Module):
     self.out = Dense((H, K), (D,), ("heads", "kv", "embed"), std=out_std, **kw)
 
   def _qkv(self, x_BTD):
-    # q, k and v come out on the leading axis, so splitting them is free rather than three
-    # strided copies of the activations.
-    dtype = self.qkv.dtype
-    qkv_3BTHK = jnp.einsum("btd,dchk->cbthk", x_BTD.astype(dtype), self.qkv.kernel[...].astype(dtype))
-    qkv_3BTHK = qkv_3BTHK + self.qkv.bias[...].astype(dtype)[:, None, None]
-    lora_delta = getattr(self.qkv, "lora_delta", None)  # fmjax.peft.LoRADense: the einsum skips its __call__
-    if lora_delta is not None:
-      qkv_3BTHK = qkv_3BTHK + jnp.moveaxis(lora_delta(x_BTD), 2, 0)
-    qkv_3BTHK = _constrain(qkv_3BTHK, (None, "batch", "length", "heads", None))
-    return qkv_3BTHK[0], qkv_3BTHK[1], qkv_3BTHK[2]
+    # One fused projection, [B, T, 3, H, K]; measured faster end to end on an H100 than emitting
+    # q/k/v on a leading axis, whose layout costs transposes in the backward pass.
+    qkv_BT3HK = _constrain(self.qkv(x_BTD), ("batch", "length", None, "heads", None))
+    return qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
 
   def __call__(self, x_BTD, segment_ids_BT):
     q_BTHK, k_BTHK, v_BTHK = self._qkv(x_BTD)
