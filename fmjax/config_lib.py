@@ -9,6 +9,7 @@ so a bad run dies before any compile.
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib.util
 import json
@@ -167,16 +168,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     node = config
     for p in parents:
       node = node[p]
-    with node.unlocked() if node.is_locked else _nullcontext():
+    with node.unlocked() if node.is_locked else contextlib.nullcontext():
       node[leaf] = value
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:

@@ -29,6 +29,7 @@ Shape legend: D model, H heads, K head dim, F mlp, V vocab, C classes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -689,16 +690,23 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> 
   config, params, _ = load_params(workdir, step)
   params = from_finetune(params, config)
   tokenizer = run_tokenizer(workdir, config)
-  staging = out.rstrip("/") + ".exporting"
+  with staged_dir(out, ".exporting") as staging:
+    export_params(params, config.model, staging, tokenizer)
+  return out
+
+
+@contextlib.contextmanager
+def staged_dir(out: str, suffix: str):
+  """Yields a scratch directory that becomes `out` only if the block succeeds (nothing half-written)."""
+  staging = out.rstrip("/") + suffix
   shutil.rmtree(staging, ignore_errors=True)
   try:
-    export_params(params, config.model, staging, tokenizer)
+    yield staging
     if os.path.isdir(out):
       os.rmdir(out)
     os.rename(staging, out)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
-  return out
 
 
 # ----------------------------------------------------------------------------- command line

@@ -111,7 +111,7 @@ class MetricsWriter:
     parts = [f"loss {scalars['loss']:.4f}"]
     if "tokens_per_sec" in scalars:
       parts.append(f"{scalars['tokens_per_sec']:,.0f} tok/s")
-    if scalars.get("mfu") is not None and "mfu" in scalars:
+    if scalars.get("mfu") is not None:
       parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
     if self._bar is not None:
       self._bar.n = step

@@ -290,9 +290,7 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
   report = pii_report(config, pii_sample, imported)
   evals = eval_results(workdir)
 
-  staging = out.rstrip("/") + ".releasing"
-  shutil.rmtree(staging, ignore_errors=True)
-  try:
+  with interop.staged_dir(out, ".releasing") as staging:
     os.makedirs(staging)
     interop.export_params(params, config.model, os.path.join(staging, "hf"), tokenizer)
     run_dir = os.path.join(staging, "fmjax")
@@ -313,11 +311,6 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
       f.write(model_card(config, card, step=step, params=params, report=report, evals=evals, imported=imported))
     with open(os.path.join(staging, "SHA256SUMS"), "w") as f:
       f.write(sha256sums(staging))
-    if os.path.isdir(out):
-      os.rmdir(out)
-    os.rename(staging, out)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
   return out
 
 
