@@ -43,6 +43,7 @@ def get_config(arg: str = "task=pydoc_family"):
   ))
   c.finetune = ml_collections.ConfigDict(dict(
       peft=kv.get("peft", "none"),  # none | lora | adapter | bitfit | head
+      pooling="auto",           # auto (BERT: cls, GPT: last) | cls | last | mean (average of non-pad tokens)
       lora_rank=8,
       lora_alpha=16.0,
       lora_targets=("attention.qkv", "attention.out", "attn.qkv", "attn.out"),

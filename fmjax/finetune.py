@@ -35,6 +35,7 @@ from fmjax.config_lib import ConfigError
 
 log = metrics_lib.log
 RESULTS_FILE = "results.json"
+_RATE_KEYS = ("optim.lr",)  # what `summarize` picks the best of, per task and per other setting
 # Pretraining-only parameters a classifier drops (the tied GPT head needs nothing extra).
 _PRETRAIN_HEADS = {"bert": ("mlm_transform", "mlm_ln", "mlm_bias"), "gpt": ()}
 # Data keys that decide the tokenizer: taken from the init_from run, whose ids the trunk knows.
@@ -44,28 +45,56 @@ _TOKENIZER_KEYS = ("dataset", "files", "feature", "train_split", "data_dir", "pi
 # ----------------------------------------------------------------------------- model
 
 
+POOLINGS = {"bert": ("cls", "mean"), "gpt": ("last", "mean")}
+
+
+def pooling_of(config) -> str:
+  """`finetune.pooling` resolved: auto is cls for BERT (its pooler, as in BERT) and last for GPT."""
+  family, pooling = config.model.family, config.finetune.get("pooling", "auto")
+  if pooling == "auto":
+    return POOLINGS[family][0]
+  if pooling not in POOLINGS[family]:
+    raise ConfigError(f"finetune.pooling={pooling!r} does not apply to {family}; use one of "
+                      f"{['auto', *POOLINGS[family]]}")
+  return pooling
+
+
 class Classifier(nnx.Module):
-  """`trunk` (GPT or BERT without its pretraining head) and a new linear `head` of C outputs."""
+  """`trunk` (GPT or BERT without its pretraining head) and a new linear `head` of C outputs.
+
+  Pooling (`finetune.pooling`): cls = tanh(pooler(h[CLS])) as in BERT; last = the last non-pad
+  token's hidden state (GPT); mean = the average over non-pad tokens. MLM trains neither [CLS]'s
+  output nor the pooler, so a briefly pretrained BERT can transfer better through mean pooling.
+  """
 
   def __init__(self, config, num_outputs: int, *, rngs: nnx.Rngs):
     m = config.model
     self.family = m.family
+    self.pooling = pooling_of(config)
     self.dropout = float(m.dropout)
     self.trunk = models.build_model(m, rngs=rngs)
-    for name in _PRETRAIN_HEADS[m.family]:
+    for name in _PRETRAIN_HEADS[m.family] + (("pooler",) if m.family == "bert" and self.pooling != "cls" else ()):
       delattr(self.trunk, name)
     self.head = models.Dense((m.d_model,), (num_outputs,), ("embed", None), std=m.init_std, rngs=rngs,
                              dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
 
   def __call__(self, tokens_BT, *, token_types_BT=None, segment_ids_BT=None, deterministic=True, rngs=None):
     """float32 logits_BC."""
-    if self.family == "bert":
+    if self.pooling == "cls":
       _, pooled_BD = self.trunk.encode(tokens_BT, token_types_BT=token_types_BT, segment_ids_BT=segment_ids_BT,
                                        deterministic=deterministic, rngs=rngs)
     else:
-      h_BTD = self.trunk.hidden(tokens_BT, segment_ids_BT=segment_ids_BT, deterministic=deterministic, rngs=rngs)
-      last_B = jnp.maximum(jnp.sum(segment_ids_BT != 0, axis=1) - 1, 0)
-      pooled_BD = jnp.take_along_axis(h_BTD, last_B[:, None, None], axis=1)[:, 0]
+      types = {"token_types_BT": token_types_BT} if self.family == "bert" else {}
+      h_BTD = self.trunk.hidden(tokens_BT, segment_ids_BT=segment_ids_BT, deterministic=deterministic, rngs=rngs,
+                                **types)
+      real_BT = segment_ids_BT != 0
+      if self.pooling == "last":
+        last_B = jnp.maximum(jnp.sum(real_BT, axis=1) - 1, 0)
+        pooled_BD = jnp.take_along_axis(h_BTD, last_B[:, None, None], axis=1)[:, 0]
+      else:
+        w_BT1 = real_BT[..., None].astype(jnp.float32)
+        pooled_BD = (jnp.sum(h_BTD.astype(jnp.float32) * w_BT1, axis=1)
+                     / jnp.maximum(jnp.sum(w_BT1, axis=1), 1.0)).astype(h_BTD.dtype)
     key = None if deterministic or self.dropout == 0.0 else rngs.dropout()
     pooled_BD = models._dropout(pooled_BD, self.dropout, key, deterministic)
     return self.head(pooled_BD).astype(jnp.float32)
@@ -454,13 +483,16 @@ def evaluate(workdir: str, split: str = "validation", step: int | None = None) -
 
 
 def summarize(root: str, runs: Sequence) -> dict:
-  """Mean ± std over seeds of each task's metrics per learning rate, and the best rate per task.
+  """Mean ± std over seeds of each task's metrics per setting, and the best learning rate per task.
 
   Reads `results.json` of every run under `root`; writes `finetune.md` and `finetune.csv` there.
   Papers report GLUE this way: the best rate on validation, mean ± std over seeds at that rate.
+  When a sweep varies more than the rate (e.g. pretrained vs random trunk), the best rate is
+  chosen separately for each value of the other keys, so every arm gets its own tuned rate.
   """
   from fmjax import sweep
   groups: dict[tuple, list[dict]] = {}
+  arms: dict[tuple, str] = {}  # (task, setting) -> its settings other than the rate
   for run in runs:
     name, entry = (run.name, dict(run.entry)) if hasattr(run, "entry") else (run["name"], run["entry"])
     path = os.path.join(root, name, RESULTS_FILE)
@@ -468,23 +500,27 @@ def summarize(root: str, runs: Sequence) -> dict:
       continue
     with open(path) as f:
       result = json.load(f)
-    setting = sweep.run_name({k: v for k, v in entry.items()
-                              if not sweep.is_seed_key(k) and k not in ("config", "command", "task.name")})
+    fixed = {k: v for k, v in entry.items() if not sweep.is_seed_key(k) and k not in ("config", "command", "task.name")}
+    setting = sweep.run_name(fixed)
+    arm = sweep.run_name({k: v for k, v in fixed.items() if k not in _RATE_KEYS}) if len(fixed) > 1 else ""
     groups.setdefault((result["task"], setting), []).append(result)
+    arms[(result["task"], setting)] = arm
   rows = []
   for (task, setting), results in sorted(groups.items()):
     names = list(results[0]["eval"].keys() - {"loss"})
     main = results[0]["main_metric"]
     names = [main] + sorted(n for n in names if n != main)
     stats = {n: sweep.mean_std([r["eval"].get(n, math.nan) for r in results]) for n in names}
-    rows.append({"task": task, "setting": setting, "seeds": len(results), "main": main, "stats": stats})
-  best = {}
+    rows.append({"task": task, "setting": setting, "arm": arms[(task, setting)], "seeds": len(results),
+                 "main": main, "stats": stats})
+  best = {}  # (task, arm) -> the row of its best rate
   for row in rows:
-    if row["task"] not in best or row["stats"][row["main"]][0] > best[row["task"]]["stats"][row["main"]][0]:
-      best[row["task"]] = row
+    key = (row["task"], row["arm"])
+    if key not in best or row["stats"][row["main"]][0] > best[key]["stats"][row["main"]][0]:
+      best[key] = row
   fmt = lambda ms: f"{100 * ms[0]:.1f}" + ("" if math.isnan(ms[1]) else f" ± {100 * ms[1]:.1f}")
   lines = ["| task | metric | best setting | seeds | score (x100, mean ± std) |", "|---|---|---|---|---|"]
-  for task, row in best.items():
+  for (task, _), row in best.items():
     metrics = "/".join(row["stats"])
     score = " / ".join(fmt(row["stats"][n]) for n in row["stats"])
     lines.append(f"| {task} | {metrics} | {row['setting']} | {row['seeds']} | {score} |")
@@ -498,6 +534,7 @@ def summarize(root: str, runs: Sequence) -> dict:
     f.write("task,setting,seeds,metric,mean,std,best\n")
     for r in rows:
       for n, (mean, std) in r["stats"].items():
-        f.write(f"{r['task']},\"{r['setting']}\",{r['seeds']},{n},{mean},{std},{int(best[r['task']] is r)}\n")
+        f.write(f"{r['task']},\"{r['setting']}\",{r['seeds']},{n},{mean},{std},"
+                f"{int(best[(r['task'], r['arm'])] is r)}\n")
   return {"rows": rows, "best": best, "markdown": markdown,
           "paths": [os.path.join(root, "finetune.md"), os.path.join(root, "finetune.csv")]}

@@ -672,6 +672,11 @@ def from_finetune(params: dict, config) -> dict:
   if mode == "adapter":
     raise ConfigError("bottleneck adapters have no Hugging Face counterpart; export a run fine-tuned with "
                       "finetune.peft=lora, bitfit, head or none")
+  pooling = ft.get("pooling", "auto")
+  if pooling not in ("auto", "cls" if config.model.family == "bert" else "last"):
+    raise ConfigError(f"a classifier with finetune.pooling={pooling} has no Hugging Face counterpart (its "
+                      "sequence classifiers pool [CLS] for BERT, the last token for GPT); export a run with "
+                      "finetune.pooling=auto")
   if mode == "lora":
     from fmjax import peft
     params = peft.merge_lora(params, ft["lora_alpha"], ft["lora_rank"])

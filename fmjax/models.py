@@ -433,6 +433,11 @@ class BERT(nnx.Module):
     x_BTD = _constrain(_dropout(x_BTD, self.dropout, _fold(key, 0), deterministic), ("batch", "length", None))
     return self.encoder(x_BTD, segment_ids_BT, _fold(key, 1), deterministic)
 
+  def hidden(self, tokens_BT, *, token_types_BT=None, positions_BT=None, segment_ids_BT=None,
+             deterministic=True, rngs=None):
+    """Encoder output h_BTD in the compute dtype (no pooler)."""
+    return self._hidden(tokens_BT, token_types_BT, positions_BT, segment_ids_BT, deterministic, rngs)
+
   def encode(self, tokens_BT, *, token_types_BT=None, positions_BT=None, segment_ids_BT=None,
              deterministic=True, rngs=None):
     """(h_BTD, pooled_BD): encoder output and tanh(dense(first token)) for classifiers."""

@@ -62,7 +62,8 @@ def test_cli_unknown_command():
 
 @pytest.mark.parametrize("spec", ["experiments/bert_base/config.py:phase=1", "experiments/bert_base/config.py:phase=2",
                                   "experiments/gpt2_124m/config.py", "experiments/scaling_tiny/config.py",
-                                  "experiments/pretrain_helps/config.py", "configs/finetune_cls.py:task=glue/sst2",
+                                  "experiments/pretrain_helps/config.py", "experiments/pretrain_helps/pretrain.py",
+                                  "configs/finetune_cls.py:task=glue/sst2",
                                   "configs/sft.py"])
 def test_experiment_configs_load_and_validate(spec):
   config_lib.load_config(spec)

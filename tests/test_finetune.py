@@ -164,6 +164,37 @@ def test_gpt_head_pools_the_last_real_token(files):
   np.testing.assert_allclose(padded[0], base[0], atol=1e-6)  # pad tokens never reach the head
 
 
+def test_mean_pooling_averages_real_tokens_and_drops_the_pooler(files):
+  config = ft_config(files, "model.dropout=0.0", "finetune.pooling=mean")
+  model = finetune.model_factory(config, 3)()
+  assert not hasattr(model.trunk, "pooler")  # unused by mean pooling, so neither loaded nor trained
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def run(tokens, seg):
+    model = nnx.merge(graphdef, params)
+    return model(tokens, segment_ids_BT=seg), model.trunk.hidden(tokens, segment_ids_BT=seg)
+
+  tokens = jnp.array([[2, 6, 7, 3, 0, 0], [2, 6, 7, 8, 9, 3]], jnp.int32)
+  seg = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], jnp.int32)
+  got_BC, h_BTD = map(np.asarray, run(tokens, seg))
+  want_BD = np.stack([h_BTD[0, :4].mean(0), h_BTD[1].mean(0)])
+  head = model.head
+  want_BC = want_BD @ np.asarray(head.kernel[...]) + np.asarray(head.bias[...])
+  np.testing.assert_allclose(got_BC, want_BC, atol=1e-5)
+  # A pad token changes nothing: it is neither attended to nor averaged.
+  np.testing.assert_allclose(np.asarray(run(tokens.at[0, 4:].set(9), seg)[0]), got_BC, atol=1e-6)
+
+
+def test_mean_pooling_from_init_from_and_bad_pooling(pretrained, files, tmp_path):
+  result, log = _run_logged(ft_config(files, f"init_from={pretrained}", "finetune.pooling=mean"),
+                            str(tmp_path / "mean"))
+  assert result["start"] == "init_from" and "not loaded: mlm_bias, mlm_ln, mlm_transform, pooler, opt_state" in log
+  with pytest.raises(ConfigError, match=r"finetune.pooling='cls' does not apply to gpt; use one of") as e:
+    finetune.run(ft_config(files, "finetune.pooling=cls", arg="task=jsonl,model=gpt"), str(tmp_path / "g"))
+  assert "\n" not in str(e.value)
+
+
 def test_batches_are_a_pure_function_of_seed_and_step():
   a = finetune.batch_indices(10, 4, seed=3, step=2)
   np.testing.assert_array_equal(a, finetune.batch_indices(10, 4, seed=3, step=2))
@@ -186,3 +217,20 @@ def test_sweep_summary_reports_mean_and_std_per_task(tmp_path):
   assert "| pydoc_family | accuracy | optim.lr=0.001 | 3 | 60.0 ± 10.0 |" in summary["markdown"]
   assert "| pydoc_family | optim.lr=0.0003 | 3 | accuracy 30.0 ± 10.0 |" in summary["markdown"]
   assert os.path.exists(tmp_path / "finetune.md") and os.path.exists(tmp_path / "finetune.csv")
+
+
+def test_sweep_summary_tunes_the_rate_per_arm(tmp_path):
+  """Pretrained vs random trunk x rates x seeds: each arm is reported at its own best rate."""
+  entries = sweep.product({"init_from": ["pre", ""]}, {"optim.lr": [1e-3, 3e-3]}, {"train.seed": [0, 1]})
+  runs = sweep.expand("configs/finetune_cls.py", [{"command": "finetune", **e} for e in entries])
+  scores = {("pre", 1e-3): 0.8, ("pre", 3e-3): 0.6, ("", 1e-3): 0.4, ("", 3e-3): 0.5}
+  for run in runs:
+    entry = dict(run.entry)
+    acc = scores[(entry["init_from"], entry["optim.lr"])] + 0.1 * entry["train.seed"]
+    os.makedirs(tmp_path / run.name)
+    with open(tmp_path / run.name / finetune.RESULTS_FILE, "w") as f:
+      json.dump({"task": "pydoc_family", "main_metric": "accuracy", "eval": {"accuracy": acc}}, f)
+  best = finetune.summarize(str(tmp_path), runs)["markdown"].split("\n\n")[0]
+  assert "| init_from=pre,optim.lr=0.001 | 2 | 85.0 ± 7.1 |" in best
+  assert "| init_from=,optim.lr=0.003 | 2 | 55.0 ± 7.1 |" in best
+  assert best.count("| pydoc_family |") == 2

@@ -158,3 +158,11 @@ def test_adapter_finetune_refuses_export():
   params = params_of(finetune.model_factory(config, C)())
   with pytest.raises(ConfigError, match="adapters have no Hugging Face counterpart"):
     interop.from_finetune(params, config)
+
+
+def test_mean_pooled_classifier_refuses_export():
+  from fmjax import interop
+  config = tiny("bert", "finetune.pooling=mean")
+  params = params_of(finetune.model_factory(config, C)())
+  with pytest.raises(ConfigError, match="finetune.pooling=mean has no Hugging Face counterpart"):
+    interop.from_finetune(params, config)
