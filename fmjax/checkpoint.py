@@ -162,6 +162,20 @@ class Checkpointer:
     """Committed checkpoint steps, ascending."""
     return sorted(_scan(self.directory)[0])
 
+  def source_step(self, step: int, source: str) -> int:
+    """The step to read from another run (`init_from`): `step`, or the newest when it is 0.
+
+    Raises ConfigError (one line) when that run holds no checkpoint or not that step.
+    """
+    from fmjax.config_lib import ConfigError
+    latest = self.latest_step()
+    if latest is None:
+      raise ConfigError(f"init_from={source} holds no checkpoint; train there first or point at another run")
+    if step and step not in self.all_steps():
+      raise ConfigError(f"init_from={source} has no checkpoint at init_from_step={step}; it holds steps "
+                        f"{self.all_steps()} (0 takes the newest)")
+    return step or latest
+
   def latest_step(self) -> int | None:
     """The newest committed step, or None; unfinished step directories are removed."""
     committed, torn = _scan(self.directory)

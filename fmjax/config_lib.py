@@ -243,7 +243,8 @@ def base_config(family: str) -> ml_collections.ConfigDict:
   """Every key a pretraining run reads, with defaults; configs/*.py start from this."""
   c = ml_collections.ConfigDict()
   c.name = family
-  c.init_from = ""  # a `fmjax train` workdir whose latest params start this run (optimizer fresh)
+  c.init_from = ""  # a `fmjax train` workdir whose params start this run (optimizer fresh)
+  c.init_from_step = 0  # which of init_from's checkpoints: 0 = the newest
   c.model = ml_collections.ConfigDict(dict(
       family=family,
       vocab_size=8192,

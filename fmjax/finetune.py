@@ -279,13 +279,11 @@ def _summary(tree: dict) -> str:
 
 
 def load_trunk(config, spec: train.StateSpec, state: dict, init_from: str) -> dict:
-  """Reads the trunk's parameters from init_from's latest checkpoint into `state` (params only)."""
+  """Reads the trunk's parameters from init_from's checkpoint (newest, or `init_from_step`) into `state`."""
   from fmjax import checkpoint as ckpt_lib
   checkpointer = ckpt_lib.Checkpointer(_checkpoint_dir(init_from))
   try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise ConfigError(f"init_from={init_from} holds no checkpoint; train there first or point at another run")
+    step = checkpointer.source_step(config.get("init_from_step", 0), init_from)
     base = _trunk_paths(config)
     abstract = _subtree(spec.abstract["params"]["trunk"], lambda p: tuple(map(str, p)) in base)
     with jax.set_mesh(spec.mesh):

@@ -251,13 +251,11 @@ def adopt_init_from(config, workdir: str):
 
 
 def init_from_pretrained(config, spec: train.StateSpec, tx, init_from: str) -> dict:
-  """Train state whose params are `init_from`'s latest checkpoint (read as they are), step 0, fresh optimizer."""
+  """Train state whose params are `init_from`'s checkpoint (newest, or `init_from_step`), step 0, fresh optimizer."""
   from fmjax import checkpoint as ckpt_lib
   checkpointer = ckpt_lib.Checkpointer(os.path.join(init_from, "checkpoints"))
   try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise ConfigError(f"init_from={init_from} holds no checkpoint yet; train it first")
+    step = checkpointer.source_step(config.get("init_from_step", 0), init_from)
     with jax.set_mesh(spec.mesh):
       params = checkpointer.restore(step, {"params": spec.abstract["params"]}, items=("params",))["params"]
   finally:

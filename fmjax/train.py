@@ -238,7 +238,7 @@ def run(config, workdir: str) -> dict:
 
     where = f"mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} process(es)"
     if resume is None and config.get("init_from"):
-      state, skipped = _init_from(config.init_from, spec, tx), 0
+      state, skipped = _init_from(config.init_from, spec, tx, config.init_from_step), 0
       log.info("Initialised from %s: its params, a fresh optimizer, step 0 (%s)", config.init_from, where)
     elif resume is None:
       state, skipped = init_state(config, spec, tx), 0
@@ -350,14 +350,12 @@ def _check_resume(checkpointer, spec: StateSpec, cfg_dict: dict) -> tuple[int, d
   return latest, saved, harmless
 
 
-def _init_from(source: str, spec: StateSpec, tx) -> dict:
-  """Step 0 with another run's latest params (e.g. phase 2 of a two-phase pretraining)."""
+def _init_from(source: str, spec: StateSpec, tx, source_step: int = 0) -> dict:
+  """Step 0 with another run's params (e.g. phase 2 of a two-phase pretraining): its newest or `source_step`."""
   from fmjax import checkpoint as ckpt_lib
   source_ckpt = ckpt_lib.Checkpointer(os.path.join(source, "checkpoints"))
   try:
-    step = source_ckpt.latest_step()
-    if step is None:
-      raise ConfigError(f"init_from={source} holds no checkpoint; pass a `fmjax train` workdir")
+    step = source_ckpt.source_step(source_step, source)
     ckpt_lib.check_compatible(source_ckpt, step, spec.abstract, items=("params",))
     with jax.set_mesh(spec.mesh):
       params = source_ckpt.restore(step, spec.abstract, items=("params",))["params"]

@@ -106,6 +106,15 @@ def test_init_from_loads_trunk_only_and_resumes(pretrained, files, tmp_path):
   assert 0.0 <= metrics["accuracy"] <= 1.0, metrics
 
 
+def test_init_from_step_picks_a_checkpoint_or_names_the_ones_there(pretrained, files, tmp_path):
+  _, log = _run_logged(ft_config(files, f"init_from={pretrained}", "init_from_step=5", "train.steps=1"),
+                       str(tmp_path / "five"))
+  assert f"init_from {pretrained} step 5: loaded trunk" in log
+  with pytest.raises(ConfigError, match=r"has no checkpoint at init_from_step=7; it holds steps \[5\]") as e:
+    finetune.run(ft_config(files, f"init_from={pretrained}", "init_from_step=7"), str(tmp_path / "seven"))
+  assert "\n" not in str(e.value)
+
+
 def test_scratch_start_is_logged(files, tmp_path):
   config = ft_config(files, "train.steps=1", "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}")
   result, log = _run_logged(config, str(tmp_path / "s"))

@@ -472,3 +472,8 @@ def test_init_from_starts_at_step_zero_with_the_source_params(reference, cache_d
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state["opt_state"]), fresh)
   with pytest.raises(ConfigError, match="holds no checkpoint"):
     train._init_from(os.path.join(reference, "nowhere"), spec, tx)
+  # init_from_step picks an older checkpoint of the source run.
+  first = min(committed_steps(reference))
+  older = train._init_from(reference, spec, tx, first)
+  for a, b in zip(jax.tree.leaves(older["params"]), jax.tree.leaves(saved_state(reference, first)["params"])):
+    np.testing.assert_array_equal(np.asarray(a), b)
