@@ -218,6 +218,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       raise ConfigError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
     _one_of("train.nan_policy", t.nan_policy, ("abort", "skip"))
     _one_of("optim.schedule", config.optim.schedule, ("cosine", "linear", "rsqrt", "constant"))
+    _one_of("optim.mu_dtype", config.optim.get("mu_dtype", "float32"), ("float32", "bfloat16"))
   if "mesh" in config:
     from fmjax import sharding  # local: keeps config parsing free of device state
     sharding.validate_mesh(config, num_devices)
@@ -303,6 +304,7 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       b2=0.95 if family == "gpt" else 0.999,
       eps=1e-8 if family == "gpt" else 1e-6,
       clip_norm=1.0,
+      mu_dtype="float32",       # float32 | bfloat16: Adam's first moment (bf16 saves 2 bytes a parameter)
   ))
   c.mesh = ml_collections.ConfigDict(dict(dcn_data=1, data=-1, fsdp=1, tensor=1))
   c.logical_axis_rules = DEFAULT_RULES

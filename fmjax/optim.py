@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedules (optax).
 
 AdamW with decoupled weight decay applied to matrices only: norms, biases and embeddings
-are not decayed. Global-norm clipping runs before Adam. A `trainable` mask freezes
+are not decayed. Global-norm clipping runs before Adam. `optim.mu_dtype=bfloat16` keeps the
+first moment in bf16 (the second stays float32: its squares underflow bf16's mantissa first). A `trainable` mask freezes
 parameters for parameter-efficient fine-tuning: frozen leaves get zero updates and keep
 no Adam moments.
 """
@@ -47,8 +48,8 @@ def make_optimizer(config, trainable: Callable | None = None) -> optax.GradientT
   parts = []
   if o.clip_norm and o.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(o.clip_norm))
-  parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
-                           weight_decay=o.weight_decay, mask=decay_mask))
+  parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                           mu_dtype=jnp.dtype(o.get("mu_dtype", "float32")), mask=decay_mask))
   tx = optax.chain(*parts)
   if trainable is not None:
     labels = lambda params: jax.tree.map(lambda t: "train" if t else "freeze", trainable(params))

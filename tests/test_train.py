@@ -144,3 +144,17 @@ def test_fused_loss_matches_full_logits():
   np.testing.assert_allclose(fused, ref, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(ref_state["params"]), jax.tree.leaves(state["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_bf16_first_moment_halves_its_memory_and_tracks_float32():
+  """optim.mu_dtype=bfloat16: mu is stored in bf16, nu stays float32, and training follows the float32 run."""
+  state, losses = run_steps(tiny("gpt", "optim.lr=3e-3", "optim.mu_dtype=bfloat16"), 10)
+  _, want = run_steps(tiny("gpt", "optim.lr=3e-3"), 10)
+  is_adam = lambda x: hasattr(x, "mu") and hasattr(x, "nu")
+  (adam,) = [x for x in jax.tree.leaves(state["opt_state"], is_leaf=is_adam) if is_adam(x)]
+  assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+  assert losses[-1] < losses[0] - 0.5
+  np.testing.assert_allclose(losses, want, rtol=2e-2)
+  with pytest.raises(config_lib.ConfigError, match="optim.mu_dtype"):
+    tiny("gpt", "optim.mu_dtype=float16")
