@@ -171,9 +171,9 @@ class Checkpointer:
     latest = self.latest_step()
     if latest is None:
       raise ConfigError(f"init_from={source} holds no checkpoint; train there first or point at another run")
-    if step and step not in self.all_steps():
+    if step and step not in (steps := self.all_steps()):
       raise ConfigError(f"init_from={source} has no checkpoint at init_from_step={step}; it holds steps "
-                        f"{self.all_steps()} (0 takes the newest)")
+                        f"{steps} (0 takes the newest)")
     return step or latest
 
   def latest_step(self) -> int | None:

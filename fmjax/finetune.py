@@ -489,8 +489,7 @@ def summarize(root: str, runs: Sequence) -> dict:
   chosen separately for each value of the other keys, so every arm gets its own tuned rate.
   """
   from fmjax import sweep
-  groups: dict[tuple, list[dict]] = {}
-  arms: dict[tuple, str] = {}  # (task, setting) -> its settings other than the rate
+  groups: dict[tuple, list[dict]] = {}  # (task, arm: the settings other than the rate, setting) -> results
   for run in runs:
     name, entry = (run.name, dict(run.entry)) if hasattr(run, "entry") else (run["name"], run["entry"])
     path = os.path.join(root, name, RESULTS_FILE)
@@ -499,18 +498,15 @@ def summarize(root: str, runs: Sequence) -> dict:
     with open(path) as f:
       result = json.load(f)
     fixed = {k: v for k, v in entry.items() if not sweep.is_seed_key(k) and k not in ("config", "command", "task.name")}
-    setting = sweep.run_name(fixed)
-    arm = sweep.run_name({k: v for k, v in fixed.items() if k not in _RATE_KEYS}) if len(fixed) > 1 else ""
-    groups.setdefault((result["task"], setting), []).append(result)
-    arms[(result["task"], setting)] = arm
+    arm = sweep.run_name({k: v for k, v in fixed.items() if k not in _RATE_KEYS})
+    groups.setdefault((result["task"], arm, sweep.run_name(fixed)), []).append(result)
   rows = []
-  for (task, setting), results in sorted(groups.items()):
+  for (task, arm, setting), results in sorted(groups.items()):
     names = list(results[0]["eval"].keys() - {"loss"})
     main = results[0]["main_metric"]
     names = [main] + sorted(n for n in names if n != main)
     stats = {n: sweep.mean_std([r["eval"].get(n, math.nan) for r in results]) for n in names}
-    rows.append({"task": task, "setting": setting, "arm": arms[(task, setting)], "seeds": len(results),
-                 "main": main, "stats": stats})
+    rows.append({"task": task, "setting": setting, "arm": arm, "seeds": len(results), "main": main, "stats": stats})
   best = {}  # (task, arm) -> the row of its best rate
   for row in rows:
     key = (row["task"], row["arm"])

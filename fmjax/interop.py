@@ -672,8 +672,9 @@ def from_finetune(params: dict, config) -> dict:
   if mode == "adapter":
     raise ConfigError("bottleneck adapters have no Hugging Face counterpart; export a run fine-tuned with "
                       "finetune.peft=lora, bitfit, head or none")
-  pooling = ft.get("pooling", "auto")
-  if pooling not in ("auto", "cls" if config.model.family == "bert" else "last"):
+  from fmjax import finetune
+  pooling = finetune.pooling_of(config)
+  if pooling != finetune.POOLINGS[config.model.family][0]:
     raise ConfigError(f"a classifier with finetune.pooling={pooling} has no Hugging Face counterpart (its "
                       "sequence classifiers pool [CLS] for BERT, the last token for GPT); export a run with "
                       "finetune.pooling=auto")

@@ -1,10 +1,9 @@
 """Optimizer and learning-rate schedules (optax).
 
 AdamW with decoupled weight decay applied to matrices only: norms, biases and embeddings
-are not decayed. Global-norm clipping runs before Adam. `optim.mu_dtype=bfloat16` keeps the
-first moment in bf16 (the second stays float32: its squares underflow bf16's mantissa first). A `trainable` mask freezes
-parameters for parameter-efficient fine-tuning: frozen leaves get zero updates and keep
-no Adam moments.
+are not decayed. Global-norm clipping runs before Adam. `optim.mu_dtype=bfloat16` stores the
+first moment in bf16; the second stays float32. A `trainable` mask freezes parameters for
+parameter-efficient fine-tuning: frozen leaves get zero updates and keep no Adam moments.
 """
 
 from __future__ import annotations
