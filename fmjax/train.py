@@ -174,12 +174,10 @@ def compile_steps(config, spec: StateSpec, tx, batch_sharding, loss_fn=None):
 
 def evaluate(eval_step, params, loader, num_batches: int) -> dict:
   """Held-out loss, perplexity and token accuracy over the first `num_batches` eval batches."""
-  totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
   n = min(num_batches, loader.num_batches) if getattr(loader, "num_batches", None) else num_batches
-  for step in range(n):
-    aux = eval_step(params, loader.global_batch(step))
-    for k in totals:
-      totals[k] += float(aux[k])
+  # All batches are queued before any result is read: one device-to-host transfer at the end.
+  per_batch = jax.device_get([eval_step(params, loader.global_batch(step)) for step in range(n)])
+  totals = {k: sum(float(aux[k]) for aux in per_batch) for k in ("loss_sum", "weight_sum", "correct_sum")}
   w = max(totals["weight_sum"], 1.0)
   loss = totals["loss_sum"] / w
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": totals["correct_sum"] / w}
@@ -265,50 +263,63 @@ def run(config, workdir: str) -> dict:
     last_train, last_eval, preempted = {}, {}, False
     with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
       train_step, eval_step = compile_steps(config, spec, tx, batch_sharding)
-      pending = None
       t_last, step_last = time.time(), start
+
+      def record(step: int, device_metrics: dict) -> None:
+        """Host side of the update that made `step`: non-finite policy, logging."""
+        nonlocal skipped, last_train, t_last, step_last
+        m = _to_host(device_metrics)
+        if m["nonfinite"] > 0:
+          if config.train.nan_policy == "abort":
+            checkpointer.wait()  # a save still in flight is the last good checkpoint once it lands
+            raise NonFiniteLossError(_nonfinite_message(step, checkpointer.latest_step(), workdir))
+          skipped += 1
+          writer.message(f"step {step}: non-finite loss, update skipped ({skipped} skipped so far)")
+        m["skipped_steps"] = skipped
+        last_train = m
+        if step % config.train.log_every == 0 or step == total:
+          now = time.time()
+          rate = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+          m["tokens_per_sec"] = rate
+          if peak:
+            m["mfu"] = rate * fpt / (peak * jax.device_count())
+          writer.write(step, m, prefix="train/")
+          writer.progress(step, m)
+          t_last, step_last = now, step
+
+      # The metrics of the update that made `step` are read after the next update is queued, so
+      # the device never idles while the host reads, logs and dispatches. They are read first
+      # wherever the state is evaluated or saved: a non-finite update is never checkpointed.
+      pending = None
       batches = train_loader.iterate(start)
-      for step in range(start, total + 1):
-        if pending is not None:  # step-1's metrics, read while `step` is already queued
-          m, pending = _to_host(pending), None
-          # `step` updates are done: metrics and checkpoints both count steps this way.
-          if m["nonfinite"] > 0:
-            if config.train.nan_policy == "abort":
-              checkpointer.wait()  # a save still in flight is the last good checkpoint once it lands
-              raise NonFiniteLossError(_nonfinite_message(step, checkpointer.latest_step(), workdir))
-            skipped += 1
-            writer.message(f"step {step}: non-finite loss, update skipped ({skipped} skipped so far)")
-          m["skipped_steps"] = skipped
-          last_train = m
-          if step % config.train.log_every == 0 or step == total:
-            now = time.time()
-            rate = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
-            m["tokens_per_sec"] = rate
-            if peak:
-              m["mfu"] = rate * fpt / (peak * jax.device_count())
-            writer.write(step, m, prefix="train/")
-            writer.progress(step, m)
-            t_last, step_last = now, step
-        if step > start and (step % config.train.eval_every == 0 or step == total):
+      for step in range(start, total + 1):  # `state` holds `step` updates, perhaps still running
+        # Every host asks at every step from the same first step: the stop step is collective.
+        stop = start < step < total and watcher.should_stop(step)
+        eval_due = step > start and (step % config.train.eval_every == 0 or step == total)
+        save_due = step > start and (stop or step == total or checkpointer.should_save(step))
+        if pending is not None and (eval_due or save_due):
+          record(step, pending)
+          pending = None
+        if eval_due:
           last_eval = evaluate(eval_step, state["params"], eval_loader, config.train.eval_batches)
           writer.write(step, last_eval, prefix="eval/")
           writer.message(f"step {step}: eval loss {last_eval['loss']:.4f}  "
                          f"ppl {last_eval['perplexity']:.2f}  acc {last_eval['accuracy']:.3f}")
-        if step > start and (step == total or checkpointer.should_save(step)):
-          checkpointer.save(step, state, meta(step, last_train), force=step == total)
+        if save_due:
+          checkpointer.save(step, state, meta(step, last_train), force=stop or step == total)
         if step == total:
           break
-        # Every host asks at every step from the same first step: the stop step is collective.
-        if step > start and watcher.should_stop(step):
-          checkpointer.save(step, state, meta(step, last_train), force=True)
+        if stop:
           # Every host says so: on a pod the logs of all hosts show they stopped at the same step.
           log.info("Preempted: saving step %d to %s; rerun the same command to resume", step,
                    checkpointer.directory)
           preempted = True
           break
         _, batch = next(batches)
-        state, m = train_step(state, batch)
-        pending = m
+        state, next_metrics = train_step(state, batch)
+        if pending is not None:
+          record(step, pending)
+        pending = next_metrics
       if not last_eval and not preempted:  # e.g. resumed a finished run: still report held-out figures
         last_eval = evaluate(eval_step, state["params"], eval_loader, config.train.eval_batches)
   finally:

@@ -394,6 +394,51 @@ def test_nan_skip_leaves_state_bitwise_unchanged(cache_dir, monkeypatch, tmp_pat
   ck.close()
 
 
+def test_loop_reads_metrics_after_queueing_the_next_update(cache_dir, monkeypatch, tmp_path):
+  """The host reads an update's metrics only once the next update is queued (the device never
+  waits on logging), except where that state is evaluated or saved: there they are read first."""
+  events = []
+  real_compile, real_to_host = train.compile_steps, train._to_host
+
+  def compile_steps(*args, **kwargs):
+    step_fn, eval_fn = real_compile(*args, **kwargs)
+
+    def traced_step(state, batch):
+      events.append(("queue", int(state["step"]) + 1))
+      return step_fn(state, batch)
+
+    def traced_eval(params, batch):
+      events.append(("eval", None))
+      return eval_fn(params, batch)
+    return traced_step, traced_eval
+
+  def to_host(metrics):
+    events.append(("read", None))
+    return real_to_host(metrics)
+
+  monkeypatch.setattr(train, "compile_steps", compile_steps)
+  monkeypatch.setattr(train, "_to_host", to_host)
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "save", lambda self, step, *a, **k: events.append(("save", step)))
+  train.run(load(cache_dir, "train.steps=7", "train.eval_every=3", "train.eval_batches=1",
+                 "checkpoint.every_steps=5"), str(tmp_path))
+  # Read n: the metrics of the update that made step n (reads follow the queue order).
+  reads, queued, order = 0, 0, []
+  for kind, n in events:
+    if kind == "queue":
+      queued = n
+    elif kind == "read":
+      reads += 1
+      order.append((reads, queued))
+    else:
+      order.append((kind, reads, queued))
+  assert order == [
+      (1, 2), (2, 3),                    # steps 1 and 2 read once 2 and 3 are queued
+      (3, 3), ("eval", 3, 3),            # step 3 read before its eval, nothing queued beyond it
+      (4, 5), (5, 5), ("save", 5, 5),    # 4 read once 5 is queued; 5 read before its save
+      (6, 6), ("eval", 6, 6),
+      (7, 7), ("eval", 7, 7), ("save", 7, 7)]  # the last step: eval, then the final save
+
+
 # ----------------------------------------------------------------------------- elastic
 
 
