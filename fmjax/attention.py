@@ -75,19 +75,79 @@ def _xla_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_id
   return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
 
 
+# Segments per row that cuDNN's packed layout is given; rows with more take the mask path.
+CUDNN_MAX_SEGMENTS = 16
+
+
+def segment_runs(segment_ids_BT, max_runs: int):
+  """A packing in cuDNN's packed ("THD") form: the contiguous runs of equal ids in each row.
+
+  Returns (seqlens_BM, offsets_BM1, exact) with M = max_runs: the length and first index of each
+  run, -1 past a row's last run, the offsets with the trailing -1 column cuDNN expects; and a
+  scalar that is True iff these runs are exactly the segments: no row has more than `max_runs`
+  runs and no id comes back after another ([1, 1, 2, 1] is three runs but two segments).
+  Padding (id 0) is one more run, so pads attend pads as in `make_mask`.
+  """
+  B, T = segment_ids_BT.shape
+  starts_BT = jnp.concatenate(
+      [jnp.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+  runs_B = starts_BT.sum(axis=1)
+  sorted_BT = jnp.sort(segment_ids_BT, axis=1)
+  distinct_B = 1 + (sorted_BT[:, 1:] != sorted_BT[:, :-1]).sum(axis=1)
+  exact = jnp.all((runs_B <= max_runs) & (runs_B == distinct_B))
+
+  def row(starts_T):
+    (first_M1,) = jnp.nonzero(starts_T, size=max_runs + 1, fill_value=T)
+    lens_M = first_M1[1:] - first_M1[:-1]
+    present_M = first_M1[:-1] < T
+    seqlens_M = jnp.where(present_M, lens_M, -1)
+    offsets_M = jnp.where(present_M, first_M1[:-1], -1)
+    return seqlens_M, jnp.concatenate([offsets_M, jnp.full((1,), -1, offsets_M.dtype)])
+
+  seqlens_BM, offsets_BM1 = jax.vmap(row)(starts_BT)
+  return seqlens_BM.astype(jnp.int32), offsets_BM1.astype(jnp.int32), exact
+
+
+def _has_compute_capability(major: int, minor: int) -> bool:
+  """Whether the first GPU is an NVIDIA one of at least this CUDA compute capability."""
+  try:
+    version = getattr(jax.devices()[0], "compute_capability", "0.0")
+    return tuple(int(x) for x in str(version).split(".")[:2]) >= (major, minor)
+  except (RuntimeError, ValueError):
+    return False
+
+
 def _cudnn_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS):
   if jax.default_backend() != "gpu":
     raise AttentionError("attention kernel 'cudnn' needs a GPU; set model.attention=auto or xla")
   if q_BTHK.dtype not in (jnp.bfloat16, jnp.float16):
     raise AttentionError(f"attention kernel 'cudnn' needs bfloat16/float16 compute, got {q_BTHK.dtype}; "
                          "set model.dtype=bfloat16 or model.attention=xla")
-  mask = None
-  if segment_ids_BT is not None:
+  if segment_ids_BT is None:
+    return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=causal, implementation="cudnn")
+
+  def masked():
     # Causality stays with cuDNN's own mask type (it skips the upper triangle); only the
-    # segment structure goes in as a mask.
+    # segment structure goes in, as a dense [B, 1, T, S] mask cuDNN reads for every block.
     mask = (segment_ids_BT[:, :, None] == segment_ids_BS[:, None, :])[:, None]
-  return jax.nn.dot_product_attention(
-      q_BTHK, k_BSHK, v_BSHK, mask=mask, is_causal=causal, implementation="cudnn")
+    return jax.nn.dot_product_attention(
+        q_BTHK, k_BSHK, v_BSHK, mask=mask, is_causal=causal, implementation="cudnn")
+
+  if (segment_ids_BS is not segment_ids_BT or q_BTHK.shape[1] != k_BSHK.shape[1]
+      or not _has_compute_capability(9, 0)):  # cuDNN's packed layout needs Hopper or later
+    return masked()
+  # Self-attention over a packing: give cuDNN the segments' offsets and lengths, so it skips
+  # the blocks between segments and reads no mask (the faster path; see benchmarks/README.md).
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # the only entry that takes offsets
+  seqlens_BM, offsets_BM1, exact = segment_runs(segment_ids_BT, CUDNN_MAX_SEGMENTS)
+
+  def packed():
+    return cudnn_fa.dot_product_attention(
+        q_BTHK, k_BSHK, v_BSHK, q_seqlen=seqlens_BM, kv_seqlen=seqlens_BM, q_offsets=offsets_BM1,
+        kv_offsets=offsets_BM1, scale=1.0 / math.sqrt(q_BTHK.shape[-1]),
+        mask_type=cudnn_fa.MaskType.CAUSAL if causal else cudnn_fa.MaskType.NO_MASK)
+
+  return jax.lax.cond(exact, packed, masked)
 
 
 def _splash_blocks(T: int, S: int):

@@ -3,6 +3,8 @@
 Shape legend: B batch, T sequence, H heads, K head dim.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,13 +132,70 @@ def test_resolve_kernel():
 @pytest.mark.parametrize("causal", [True, False])
 def test_cudnn_matches_xla(causal):
   q, k, v = _qkv(3, jnp.bfloat16)
-  for seg in (None, SEGMENTS_BT):
+  # Packed path (runs are the segments), then both ways to the mask path: more runs than
+  # CUDNN_MAX_SEGMENTS, and an id that comes back after another.
+  many_BT = jnp.asarray(np.repeat(np.arange(1, 33), T // 32)[None].repeat(B, 0), jnp.int32)
+  interleaved_BT = SEGMENTS_BT.at[0, 100:110].set(1)
+  for seg in (None, SEGMENTS_BT, many_BT, interleaved_BT):
     ref = attn.attention(q, k, v, causal=causal, segment_ids_BT=seg, kernel="xla")
     out = attn.attention(q, k, v, causal=causal, segment_ids_BT=seg, kernel="cudnn")
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
     g = lambda kern: jax.grad(lambda q: attn.attention(
         q, k, v, causal=causal, segment_ids_BT=seg, kernel=kern).astype(jnp.float32).sum())(q)
     np.testing.assert_allclose(np.asarray(g("cudnn"), np.float32), np.asarray(g("xla"), np.float32), atol=5e-2)
+
+
+def _runs_mask(seqlens_BM, offsets_BM1, T):
+  """[B, T, T]: tokens in the same run of cuDNN's packed layout attend each other."""
+  seqlens_BM, offsets_BM1 = np.asarray(seqlens_BM), np.asarray(offsets_BM1)
+  run_BT = np.zeros((seqlens_BM.shape[0], T), np.int32)
+  for b, m in zip(*np.nonzero(seqlens_BM >= 0)):
+    assert offsets_BM1[b, m] >= 0 and (run_BT[b, offsets_BM1[b, m]:offsets_BM1[b, m] + seqlens_BM[b, m]] == 0).all()
+    run_BT[b, offsets_BM1[b, m]:offsets_BM1[b, m] + seqlens_BM[b, m]] = m + 1
+  assert (run_BT > 0).all(), "a token outside every run would have no output"
+  assert (offsets_BM1[:, -1] == -1).all()
+  return run_BT[:, :, None] == run_BT[:, None, :]
+
+
+def test_segment_runs_are_the_packing():
+  """The offsets and lengths the cuDNN path passes describe exactly the packing mask."""
+  rng = np.random.default_rng(0)
+  rows = [np.array([1] * 40 + [2] * 50 + [3] * 10 + [0] * 28), np.ones(T, np.int64)]
+  for _ in range(6):  # random documents, then padding
+    lens = rng.integers(1, 40, 8)
+    row = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)] + [np.zeros(T, np.int64)])[:T]
+    rows.append(row)
+  seg_BT = jnp.asarray(np.stack(rows), jnp.int32)
+  runs = int(np.max([1 + np.count_nonzero(np.diff(r)) for r in rows]))
+  seqlens_BM, offsets_BM1, exact = jax.jit(attn.segment_runs, static_argnums=1)(seg_BT, runs)
+  assert bool(exact) and seqlens_BM.shape == (len(rows), runs) and offsets_BM1.shape == (len(rows), runs + 1)
+  want = np.asarray(attn.make_mask(seg_BT, seg_BT, causal=False, T=T, S=T))[:, 0]
+  np.testing.assert_array_equal(_runs_mask(seqlens_BM, offsets_BM1, T), want)
+  # One run too many for max_runs, or an id that comes back: not exact (cuDNN takes the mask).
+  assert not bool(attn.segment_runs(seg_BT, runs - 1)[2])
+  assert not bool(attn.segment_runs(seg_BT.at[2, -1].set(1), T)[2])
+  assert not bool(attn.segment_runs(jnp.array([[1, 1, 0, 0, 2, 2, 0, 0]], jnp.int32), 8)[2])  # pads in two runs
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_path_lowers_for_cuda(causal, monkeypatch):
+  """Off a GPU, the cuDNN path still traces, differentiates and lowers for CUDA: the packed
+  kernels (no mask) and the masked fallback, both with their backward passes."""
+  if jax.default_backend() == "gpu":
+    pytest.skip("test_cudnn_matches_xla runs it for real")
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(attn, "_has_compute_capability", lambda *a: True)  # as on an H100
+  monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(cudnn_fa, "check_compute_capability", lambda c: True)
+  q = jax.ShapeDtypeStruct((B, T, H, 64), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
+  loss = lambda q, k, v, seg: attn.attention(
+      q, k, v, causal=causal, segment_ids_BT=seg, kernel="cudnn").astype(jnp.float32).sum()
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q, seg).lower(lowering_platforms=("cuda",)).as_text()
+  calls = set(re.findall(r"custom_call @([\w$]+)", text))
+  assert calls == {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward",  # packed
+                   "__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"}, calls  # mask
 
 
 def test_cudnn_off_gpu_is_a_clear_error():
