@@ -3,7 +3,8 @@
   python benchmarks/suite.py gpt2_small_b16 gpt2_small_b32 ... [--out=DIR] [--steps=N]
   python benchmarks/suite.py --list
 
-Each variant is a config spec plus overrides; results go to DIR/<variant>.json. Used for the
+Each variant is a config spec, overrides and optional `fmjax bench` flags (e.g. --segments=4:
+that many packed documents a row); results go to DIR/<variant>.json. Used for the
 figures in benchmarks/README.md (one H100 80GB, bf16).
 """
 
@@ -29,6 +30,9 @@ VARIANTS = {
     "gpt2_small_b16_scan": (GPT.format("small"), ["train.batch_size=16", "model.scan_layers=true"]),
     "gpt2_small_b16_xla": (GPT.format("small"), ["train.batch_size=16", "model.attention=xla"]),
     "gpt2_small_b32_dots": (GPT.format("small"), ["train.batch_size=32", "model.remat=dots_no_batch"]),
+    "gpt2_small_b16_seg4": (GPT.format("small"), ["train.batch_size=16"], ["--segments=4"]),
+    "gpt2_small_b32_seg4": (GPT.format("small"), ["train.batch_size=32"], ["--segments=4"]),
+    "gpt2_small_b32_mubf16": (GPT.format("small"), ["train.batch_size=32", "optim.mu_dtype=bfloat16"]),
     # GPT-2 XL 1.5B at seq 1024
     "gpt2_xl_b8_full": (GPT.format("xl"), ["train.batch_size=8", "model.remat=full"]),
     "gpt2_xl_b8_dots": (GPT.format("xl"), ["train.batch_size=8", "model.remat=dots_no_batch"]),
@@ -38,8 +42,12 @@ VARIANTS = {
     "gpt2_xl_b8_none_scan": (GPT.format("xl"), ["train.batch_size=8", "model.scan_layers=true"]),
     "gpt2_xl_b16_dots_scan": (GPT.format("xl"), ["train.batch_size=16", "model.remat=dots_no_batch", "model.scan_layers=true"]),
     "gpt2_xl_b8_full_scan": (GPT.format("xl"), ["train.batch_size=8", "model.remat=full", "model.scan_layers=true"]),
+    "gpt2_xl_b16_dots_scan_mubf16": (GPT.format("xl"), ["train.batch_size=16", "model.remat=dots_no_batch",
+                                                        "model.scan_layers=true", "optim.mu_dtype=bfloat16"]),
     # BERT-base
     "bert_base_s128_b256": (BERT.format("base"), ["train.batch_size=256", "data.seq_len=128", "data.max_predictions=20"]),
+    "bert_base_s128_b256_seg2": (BERT.format("base"), ["train.batch_size=256", "data.seq_len=128",
+                                                      "data.max_predictions=20"], ["--segments=2"]),
     "bert_base_s512_b32": (BERT.format("base"), ["train.batch_size=32", "data.seq_len=512", "data.max_predictions=80"]),
     "bert_base_s512_b64": (BERT.format("base"), ["train.batch_size=64", "data.seq_len=512", "data.max_predictions=80"]),
 }
@@ -56,13 +64,17 @@ def main() -> int:
   if args.list or not args.variants:
     print("\n".join(VARIANTS))
     return 0
+  unknown = [v for v in args.variants if v not in VARIANTS]
+  if unknown:
+    print(f"error: unknown variant(s) {', '.join(unknown)}; --list shows them", file=sys.stderr)
+    return 2
   os.makedirs(args.out, exist_ok=True)
   rows = []
   for name in args.variants:
-    spec, overrides = VARIANTS[name]
+    spec, overrides, *flags = VARIANTS[name]
     path = os.path.join(args.out, f"{name}.json")
     cmd = [sys.executable, "-m", "fmjax.cli", "bench", f"--config={spec}", f"--steps={args.steps}",
-           f"--json={path}"] + [f"--config.{o}" for o in COMMON + overrides]
+           f"--json={path}", *(flags[0] if flags else [])] + [f"--config.{o}" for o in COMMON + overrides]
     t0 = time.time()
     try:
       proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)

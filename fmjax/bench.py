@@ -16,20 +16,29 @@ import numpy as np
 from flax import nnx
 
 from fmjax import config_lib, metrics as metrics_lib, optim, sharding, train
+from fmjax.config_lib import ConfigError
 
 FLOPS_FORMULA = "FLOPs/token = 6*N + 12*L*D*T (N: parameters without position embeddings)"
 
 
-def synthetic_batch(config, batch_size: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-  """A host batch with every key the objective reads, random tokens, one segment per row."""
+def synthetic_batch(config, batch_size: int | None = None, seed: int = 0, segments: int = 1) -> dict[str, np.ndarray]:
+  """A host batch with every key the objective reads and random tokens.
+
+  `segments` > 1 packs that many equal documents into each row (segment ids 1.., positions
+  restarting at each), as the packed pretraining data does.
+  """
   b = batch_size or config.train.batch_size
   t = config.data.seq_len
+  if not 1 <= segments <= t:
+    raise ConfigError(f"--segments must be between 1 and data.seq_len={t}, got {segments}")
   rng = np.random.default_rng(seed)
   vocab = config.model.vocab_size
+  seg_T = 1 + np.arange(t) * segments // t
+  starts_T = np.searchsorted(seg_T, seg_T)  # first index of each token's segment
   batch = {
       "inputs": rng.integers(0, vocab, (b, t), dtype=np.int32),
-      "segment_ids": np.ones((b, t), np.int32),
-      "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+      "segment_ids": np.broadcast_to(seg_T.astype(np.int32), (b, t)).copy(),
+      "positions": np.broadcast_to((np.arange(t) - starts_T).astype(np.int32), (b, t)).copy(),
       "token_types": np.zeros((b, t), np.int32),
   }
   if config.train.objective == "clm":
@@ -43,15 +52,17 @@ def synthetic_batch(config, batch_size: int | None = None, seed: int = 0) -> dic
   return batch
 
 
-def run(config, *, steps: int = 10, warmup: int = 2, json_path: str = "", quiet: bool = False) -> dict:
-  """Times `steps` train steps after `warmup` ones; returns and prints the figures."""
+def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_path: str = "",
+        quiet: bool = False) -> dict:
+  """Times `steps` train steps after `warmup` ones on a batch of `segments` documents a row;
+  returns and prints the figures."""
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)
   tx = optim.make_optimizer(config)
   spec = train.state_spec(config, mesh, tx)
   state = train.init_state(config, spec, tx)
-  host = synthetic_batch(config)
+  host = synthetic_batch(config, segments=segments)
   batch = jax.tree.map(lambda x: jax.device_put(x, batch_sharding), host)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
     step_fn, _ = train.compile_steps(config, spec, tx, batch_sharding)
@@ -83,7 +94,7 @@ def run(config, *, steps: int = 10, warmup: int = 2, json_path: str = "", quiet:
       "config": config.name, "device": dev.device_kind, "num_devices": jax.device_count(),
       "batch_size": config.train.batch_size, "seq_len": config.data.seq_len, "params": n_params,
       "dtype": config.model.dtype, "attention": config.model.attention, "remat": config.model.remat,
-      "scan_layers": config.model.scan_layers, "step_time_s": step_s, "compile_time_s": compile_s,
+      "scan_layers": config.model.scan_layers, "segments_per_row": segments, "step_time_s": step_s, "compile_time_s": compile_s,
       "tokens_per_sec": tokens / step_s, "flops_per_token": fpt,
       "mfu": (tokens / step_s * fpt / (peak * jax.device_count())) if peak else None,
       "peak_memory_gib": mem / 2**30 if mem else None, "loss": float(m["loss"]),
@@ -91,7 +102,7 @@ def run(config, *, steps: int = 10, warmup: int = 2, json_path: str = "", quiet:
   if not quiet:
     print(f"{config.name} on {jax.device_count()}x {dev.device_kind}: batch {result['batch_size']} x seq "
           f"{result['seq_len']}, {n_params / 1e6:.1f}M params, {config.model.dtype}, attention={config.model.attention}, "
-          f"remat={config.model.remat}, scan_layers={config.model.scan_layers}")
+          f"remat={config.model.remat}, scan_layers={config.model.scan_layers}, {segments} segment(s) a row")
     print(f"  tokens/s      {result['tokens_per_sec']:,.0f}")
     mfu = f"{100 * result['mfu']:.1f}% of {peak / 1e12:.0f} TF/s per device" if peak else "n/a (unknown peak FLOP/s)"
     print(f"  MFU           {mfu}")

@@ -78,9 +78,10 @@ def cmd_bench(argv):
   def extra(p):
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--segments", type=int, default=1, help="packed documents per row (attention masks them apart)")
     p.add_argument("--json", default="", help="also write the result as JSON here")
   args, config = _load("fmjax bench", argv, False, extra)
-  bench.run(config, steps=args.steps, warmup=args.warmup, json_path=args.json)
+  bench.run(config, steps=args.steps, warmup=args.warmup, segments=args.segments, json_path=args.json)
 
 
 def cmd_launch(argv):
