@@ -231,3 +231,35 @@ def test_partitioning_names_and_sharded_build(family):
       out = forward(model, tokens())
   if family == "gpt":
     np.testing.assert_allclose(out, forward(build(family, scan_layers=True), tokens()), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_vjp_matches_autodiff_and_keeps_no_float32_activations(dtype, capsys):
+  """The hand-written LayerNorm backward equals autodiff of the same forward, and what the
+  forward keeps for it is the input plus per-row statistics, not float32 [..., D] copies."""
+  k = jax.random.split(jax.random.key(0), 4)
+  x = (jax.random.normal(k[0], (3, 5, 64)) * 3 + 1).astype(dtype)
+  scale, bias = 1 + 0.1 * jax.random.normal(k[1], (64,)), jax.random.normal(k[2], (64,))
+  w = jax.random.normal(k[3], (3, 5, 64))
+
+  def autodiff(x, s, b, eps, dtype):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps) * s + b).astype(dtype)
+
+  def grads(fn):
+    loss = lambda x, s, b: (fn(x, s, b, 1e-5, dtype).astype(jnp.float32) * w).sum()
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, scale, bias)
+
+  (v, g), (v_ref, g_ref) = grads(models.layer_norm), grads(autodiff)
+  assert float(v) == float(v_ref)
+  for a, b in zip(g, g_ref):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-5)
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(
+      lambda x: models.layer_norm(x, scale, bias, 1e-5, dtype).astype(jnp.float32).sum(), x)
+  kept = capsys.readouterr().out.strip().splitlines()
+  name = {jnp.float32: "f32", jnp.bfloat16: "bf16"}[dtype]
+  assert [line for line in kept if "[3,5,64]" in line] == [f"{name}[3,5,64] from the argument x"], kept
