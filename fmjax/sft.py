@@ -323,9 +323,10 @@ def run(config, workdir: str) -> dict:
     with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
       train_step, eval_step = train.compile_steps(config, spec, tx, batch_sharding)
       t_last, step_last = time.time(), start
-      for step in range(start + 1, total + 1):
-        state, m = train_step(state, train_loader.global_batch(step - 1))
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
+
+      def record(step: int, device_metrics: dict) -> None:
+        nonlocal last_train, t_last, step_last
+        m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         if m["nonfinite"] > 0 and config.train.nan_policy == "abort":
           raise train.NonFiniteLossError(f"non-finite SFT loss at step {step}; lower optim.lr or set "
                                          "train.nan_policy=skip")
@@ -336,15 +337,29 @@ def run(config, workdir: str) -> dict:
           t_last, step_last = now, step
           writer.write(step, m, prefix="train/")
           writer.progress(step, m)
-        if eval_loader is not None and (step % config.train.eval_every == 0 or step == total):
+
+      # As in `train.run`: an update's metrics are read once the next update is queued, or
+      # before its state is evaluated or saved.
+      pending = None
+      for step in range(start + 1, total + 1):
+        state, next_metrics = train_step(state, train_loader.global_batch(step - 1))
+        if pending is not None:
+          record(step - 1, pending)
+        pending = next_metrics
+        eval_due = eval_loader is not None and (step % config.train.eval_every == 0 or step == total)
+        stop = step < total and watcher.should_stop(step)
+        save_due = stop or step == total or checkpointer.should_save(step)
+        if eval_due or save_due:
+          record(step, pending)
+          pending = None
+        if eval_due:
           last_eval = train.evaluate(eval_step, state["params"], eval_loader, eval_loader.num_batches)
           writer.write(step, last_eval, prefix="eval/")
           writer.message(f"step {step}: eval completion loss {last_eval['loss']:.4f}  "
                          f"ppl {last_eval['perplexity']:.2f}  acc {last_eval['accuracy']:.3f}")
-        if step == total or checkpointer.should_save(step):
-          checkpointer.save(step, state, meta(step, last_train), force=step == total)
-        if step < total and watcher.should_stop(step):
-          checkpointer.save(step, state, meta(step, last_train), force=True)
+        if save_due:
+          checkpointer.save(step, state, meta(step, last_train), force=stop or step == total)
+        if stop:
           log.info("Preempted: saved step %d to %s; rerun the same command to resume", step, checkpointer.directory)
           preempted = True
           break
