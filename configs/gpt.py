@@ -43,6 +43,10 @@ def get_config(arg: str = "tiny"):
     c.model.fused_loss_chunk = 8192  # measured faster and leaner than full logits (benchmarks/README.md)
     c.train.update(batch_size=512, steps=600_000 if size == "small" else 400_000)
     c.optim.update(lr={"small": 6e-4, "medium": 3e-4, "large": 2.5e-4, "xl": 2e-4}[size], warmup_steps=2000)
+    if size == "xl":
+      # Measured on an H100 (benchmarks/README.md): 48 unrolled layers did not compile within
+      # 150 s and 8 x 1024 without remat ran out of memory; scan with dots_no_batch was fastest.
+      c.model.update(scan_layers=True, remat="dots_no_batch")
   if "runlocal" in flags:
     c.model.dtype = "float32"
     c.data.seq_len = min(c.data.seq_len, 128)

@@ -14,6 +14,7 @@ def test_sizes_and_runlocal():
   assert (c.model.num_layers, c.model.d_model, c.model.num_heads) == (12, 768, 12)
   c = config_lib.load_config("configs/gpt.py:xl,runlocal")
   assert c.model.d_model == 1600 and c.train.batch_size == 8 and c.model.dtype == "float32"
+  assert c.model.scan_layers and c.model.remat == "dots_no_batch"  # the measured GPU setting (benchmarks/README.md)
   c = config_lib.load_config("configs/bert.py:base")
   assert (c.model.num_layers, c.model.d_model, c.train.objective) == (12, 768, "mlm")
 
