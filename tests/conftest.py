@@ -21,3 +21,21 @@ import tempfile  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="fmjax_test_jit_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def as_if_on_an_h100(monkeypatch):
+  """Lets the cuDNN attention path trace and lower for CUDA on this CPU (nothing runs): the
+  backend reads "gpu", and cuDNN's version and compute-capability checks pass as on an H100."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+
+  from fmjax import attention
+  if jax.default_backend() == "gpu":
+    pytest.skip("a real GPU is here: the GPU tests run the cuDNN path for real")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(attention, "_has_compute_capability", lambda *a: True)
+  monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(cudnn_fa, "check_compute_capability", lambda c: True)

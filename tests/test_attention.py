@@ -178,16 +178,9 @@ def test_segment_runs_are_the_packing():
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_cudnn_path_lowers_for_cuda(causal, monkeypatch):
+def test_cudnn_path_lowers_for_cuda(causal, as_if_on_an_h100):
   """Off a GPU, the cuDNN path still traces, differentiates and lowers for CUDA: the packed
   kernels (no mask) and the masked fallback, both with their backward passes."""
-  if jax.default_backend() == "gpu":
-    pytest.skip("test_cudnn_matches_xla runs it for real")
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(attn, "_has_compute_capability", lambda *a: True)  # as on an H100
-  monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
-  monkeypatch.setattr(cudnn_fa, "check_compute_capability", lambda c: True)
   q = jax.ShapeDtypeStruct((B, T, H, 64), jnp.bfloat16)
   seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
   loss = lambda q, k, v, seg: attn.attention(
