@@ -1,6 +1,6 @@
 """Profiles a few train steps and prints the GPU kernels that take the most time.
 
-  python benchmarks/profile_step.py --config=configs/gpt.py:small --config.train.batch_size=16 [--top=40]
+  python benchmarks/profile_step.py --config=configs/gpt.py:small --config.train.batch_size=16 [--top=40] [--segments=4]
 
 Uses jax.profiler with a Perfetto trace and sums device-kernel durations by name.
 """
@@ -28,6 +28,7 @@ def main() -> int:
   p.add_argument("--config", required=True)
   p.add_argument("--top", type=int, default=40)
   p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--segments", type=int, default=1, help="packed documents per row, as in fmjax bench")
   p.add_argument("--out", default=os.environ.get("OUT", tempfile.mkdtemp()))
   args = p.parse_args(argv)
   config = config_lib.load_config(args.config, overrides)
@@ -36,7 +37,7 @@ def main() -> int:
   tx = optim.make_optimizer(config)
   spec = train.state_spec(config, mesh, tx)
   state = train.init_state(config, spec, tx)
-  batch = jax.tree.map(lambda x: jax.device_put(x, bs), bench.synthetic_batch(config))
+  batch = jax.tree.map(lambda x: jax.device_put(x, bs), bench.synthetic_batch(config, segments=args.segments))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
     step, _ = train.compile_steps(config, spec, tx, bs)
     for _ in range(3):
