@@ -7,7 +7,8 @@ their outputs are simply ignored by the loss.
 
 Kernels:
   xla     reference einsum + masked softmax in float32; runs everywhere.
-  cudnn   cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16).
+  cudnn   cuDNN flash attention (GPU, bf16/fp16); a packing goes in as segment offsets on
+          Hopper or later (`segment_runs`), else as a mask.
   splash  Pallas splash attention (TPU; Pallas interpret mode elsewhere, so CPU tests cover it).
 
 Shape legend: B batch, T query length, S key/value length, H heads, K head dim.
@@ -138,7 +139,10 @@ def _cudnn_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_
     return masked()
   # Self-attention over a packing: give cuDNN the segments' offsets and lengths, so it skips
   # the blocks between segments and reads no mask (the faster path; see benchmarks/README.md).
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # the only entry that takes offsets
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # the only entry that takes offsets
+  except ImportError:  # a JAX that moved it: the mask path is still correct
+    return masked()
   seqlens_BM, offsets_BM1, exact = segment_runs(segment_ids_BT, CUDNN_MAX_SEGMENTS)
 
   def packed():
