@@ -127,8 +127,7 @@ def layer_norm(x, scale, bias, eps: float, dtype):
   the forward keeps only those for it (2 bytes an element in bf16) where autodiff would keep
   three float32 copies of the activations (12 bytes an element).
   """
-  x_hat, _, _ = _normalize(x, eps)
-  return (x_hat * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+  return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, eps, dtype):

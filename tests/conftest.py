@@ -23,7 +23,20 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+import re  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+class CudaLowering:
+  """What `as_if_on_an_h100` hands a test: the cuDNN kernels a program lowered for CUDA calls."""
+  PACKED = {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"}  # segment offsets, no mask
+  MASKED = {"__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"}  # the mask fallback
+
+  @staticmethod
+  def cudnn_calls(traced) -> set[str]:
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    return {c for c in re.findall(r"custom_call @([\w$]+)", text) if c.startswith("__cudnn")}
 
 
 @pytest.fixture
@@ -39,3 +52,4 @@ def as_if_on_an_h100(monkeypatch):
   monkeypatch.setattr(attention, "_has_compute_capability", lambda *a: True)
   monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
   monkeypatch.setattr(cudnn_fa, "check_compute_capability", lambda c: True)
+  return CudaLowering()
