@@ -19,6 +19,7 @@ Legend: B batch, T sequence, D model, C outputs (classes, or 1 for regression).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -377,7 +378,6 @@ def run(config, workdir: str) -> dict:
   cfg_dict = config_lib.to_dict(config)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
                                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  writer = None
   try:
     resume = train._check_resume(checkpointer, spec, cfg_dict)
     tok = data.get_tokenizer(config)
@@ -399,42 +399,27 @@ def run(config, workdir: str) -> dict:
         log.info("Started from scratch: random trunk and head (no init_from)")
     rows = {s: encode(task.splits[s], tok, config.model.family, config.data.seq_len) for s in ("train", "validation")}
     n_train = len(rows["train"]["labels"])
-    total_steps = config.train.steps
-    writer = metrics_lib.MetricsWriter(workdir, total_steps, int(state["step"]),
-                                       progress_bar=config.train.progress_bar, run_name=config.name,
-                                       config_dict=cfg_dict)
     seed = config.train.seed * 1_000_003 + config.data.seed
-    meta = lambda step, m: {"step": step, "config": cfg_dict, "task": task.name, "metrics": m}
-    last_train, last_eval = {}, {}
+    batches = (_to_device({k: v[batch_indices(n_train, config.train.batch_size, seed, step)]
+                           for k, v in rows["train"].items()}, batch_sharding)
+               for step in itertools.count(int(state["step"])))
+    meta = lambda step: {"config": cfg_dict, "task": task.name}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
       loss = lambda *a, **k: loss_fn(*a, regression=task.is_regression, **k)
       train_step, _ = train.compile_steps(config, spec, tx, batch_sharding, loss)
       predict = make_predict(spec, batch_sharding)
-      for step in range(int(state["step"]), total_steps):
-        idx = batch_indices(n_train, config.train.batch_size, seed, step)
-        state, m = train_step(state, _to_device({k: v[idx] for k, v in rows["train"].items()}, batch_sharding))
-        done = step + 1
-        if done % config.train.log_every == 0 or done == total_steps:
-          last_train = {k: float(v) for k, v in jax.device_get(m).items()}
-          if not math.isfinite(last_train["loss"]):
-            raise train.NonFiniteLossError(f"non-finite fine-tuning loss at step {done}; lower optim.lr")
-          writer.write(done, last_train, prefix="train/")
-          writer.progress(done, last_train)
-        if done % config.train.eval_every == 0 or done == total_steps:
-          last_eval = _eval(predict, state["params"], rows["validation"], task, config, batch_sharding)
-          writer.write(done, last_eval, prefix="eval/")
-          writer.message(f"step {done}: {task.name} " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-        if done == total_steps or checkpointer.should_save(done):
-          checkpointer.save(done, state, meta(done, last_train), force=done == total_steps)
-      if not last_eval:
-        last_eval = _eval(predict, state["params"], rows["validation"], task, config, batch_sharding)
+      looped = train.loop(
+          config, state, batches, train_step, checkpointer=checkpointer, workdir=workdir, meta=meta,
+          skipped=int(resume[1].get("skipped_steps", 0)) if resume is not None else 0,
+          evaluate=lambda params: _eval(predict, params, rows["validation"], task, config, batch_sharding),
+          eval_message=lambda m: f"{task.name} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
   finally:
     checkpointer.close()
-    if writer is not None:
-      writer.close()
-  result = {"task": task.name, "main_metric": task.main_metric, "eval": last_eval, "train": last_train,
-            "step": int(state["step"]), "start": start, "peft": config.finetune.peft,
-            "trainable_params": trainable, "total_params": total}
+  result = {"task": task.name, "main_metric": task.main_metric, "eval": looped.eval, "train": looped.train,
+            "step": int(looped.state["step"]), "start": start, "peft": config.finetune.peft,
+            "trainable_params": trainable, "total_params": total, "preempted": looped.preempted}
+  if looped.preempted:
+    return result  # results.json marks a finished run; rerunning the same command resumes this one
   if jax.process_index() == 0:
     with open(os.path.join(workdir, RESULTS_FILE + ".tmp"), "w") as f:
       json.dump(result, f, indent=1)

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -295,14 +295,15 @@ def run(config, workdir: str) -> dict:
       os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
       every_minutes=config.checkpoint.every_minutes, keep=config.checkpoint.keep,
       keep_period=config.checkpoint.keep_period, async_save=config.checkpoint.async_save)
-  writer = watcher = None
   try:
     resume = train._check_resume(checkpointer, spec, cfg_dict)  # pylint: disable=protected-access
     if jax.process_index() == 0:
       config_lib.save_json(config, os.path.join(workdir, "config.json"))
     train_loader, eval_loader = make_loaders(config, tok, batch_sharding)
+    skipped = 0
     if resume is not None:
       state = train._restore(checkpointer, spec, resume[0])  # pylint: disable=protected-access
+      skipped = int(resume[1].get("skipped_steps", 0))
       log.info("Resumed from step %d of %s", resume[0], checkpointer.directory)
     elif config.init_from:
       state = init_from_pretrained(config, spec, tx, config.init_from)
@@ -312,63 +313,17 @@ def run(config, workdir: str) -> dict:
     log.info("SFT data: %d train rows, %d eval rows of %d tokens", train_loader.num_rows,
              eval_loader.num_rows if eval_loader else 0, config.data.seq_len)
 
-    start, total = int(state["step"]), config.train.steps
-    writer = metrics_lib.MetricsWriter(workdir, total, start, progress_bar=config.train.progress_bar,
-                                       run_name=config.name, config_dict=cfg_dict)
-    watcher = ckpt_lib.PreemptionWatcher()
-    meta = lambda step, last: {"step": step, "config": cfg_dict, "data_position": step, "tokenizer": "hf",
-                               "fmjax_version": __import__("fmjax").__version__, "metrics": last}
-    last_train, last_eval, preempted = {}, {}, False
-    tokens_per_step = config.train.batch_size * config.data.seq_len
+    meta = lambda step: {"config": cfg_dict, "data_position": step, "tokenizer": "hf"}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
       train_step, eval_step = train.compile_steps(config, spec, tx, batch_sharding)
-      t_last, step_last = time.time(), start
-
-      def record(step: int, device_metrics: dict) -> None:
-        nonlocal last_train, t_last, step_last
-        m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        if m["nonfinite"] > 0 and config.train.nan_policy == "abort":
-          raise train.NonFiniteLossError(f"non-finite SFT loss at step {step}; lower optim.lr or set "
-                                         "train.nan_policy=skip")
-        last_train = m
-        if step % config.train.log_every == 0 or step == total:
-          now = time.time()
-          m["tokens_per_sec"] = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
-          t_last, step_last = now, step
-          writer.write(step, m, prefix="train/")
-          writer.progress(step, m)
-
-      # As in `train.run`: an update's metrics are read once the next update is queued, or
-      # before its state is evaluated or saved.
-      pending = None
-      for step in range(start + 1, total + 1):
-        state, next_metrics = train_step(state, train_loader.global_batch(step - 1))
-        if pending is not None:
-          record(step - 1, pending)
-        pending = next_metrics
-        eval_due = eval_loader is not None and (step % config.train.eval_every == 0 or step == total)
-        stop = step < total and watcher.should_stop(step)
-        save_due = stop or step == total or checkpointer.should_save(step)
-        if eval_due or save_due:
-          record(step, pending)
-          pending = None
-        if eval_due:
-          last_eval = train.evaluate(eval_step, state["params"], eval_loader, eval_loader.num_batches)
-          writer.write(step, last_eval, prefix="eval/")
-          writer.message(f"step {step}: eval completion loss {last_eval['loss']:.4f}  "
-                         f"ppl {last_eval['perplexity']:.2f}  acc {last_eval['accuracy']:.3f}")
-        if save_due:
-          checkpointer.save(step, state, meta(step, last_train), force=stop or step == total)
-        if stop:
-          log.info("Preempted: saved step %d to %s; rerun the same command to resume", step, checkpointer.directory)
-          preempted = True
-          break
-      if not last_eval and eval_loader is not None and not preempted:
-        last_eval = train.evaluate(eval_step, state["params"], eval_loader, eval_loader.num_batches)
+      evaluate = None if eval_loader is None else (
+          lambda params: train.evaluate(eval_step, params, eval_loader, eval_loader.num_batches))
+      result = train.loop(
+          config, state, (train_loader.global_batch(s) for s in itertools.count(int(state["step"]))), train_step,
+          checkpointer=checkpointer, workdir=workdir, meta=meta, skipped=skipped, evaluate=evaluate,
+          flops_per_token=train.flops_per_token(config),
+          eval_message=lambda m: (f"eval completion loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}  "
+                                  f"acc {m['accuracy']:.3f}"))
   finally:
-    if watcher is not None:
-      watcher.close()
     checkpointer.close()
-    if writer is not None:
-      writer.close()
-  return {"train": last_train, "eval": last_eval, "step": int(state["step"]), "preempted": preempted}
+  return result.summary()

@@ -15,11 +15,10 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -203,7 +202,7 @@ def run(config, workdir: str) -> dict:
   the next step boundary and returns with `preempted=True`; a non-finite loss aborts or skips
   the step per `train.nan_policy`.
   """
-  from fmjax import checkpoint as ckpt_lib, data  # local: the loop is their only user here
+  from fmjax import checkpoint as ckpt_lib, data  # local: heavy, and only the loop's
 
   metrics_lib.setup_logging()
   config_lib.validate(config, jax.device_count())
@@ -218,7 +217,7 @@ def run(config, workdir: str) -> dict:
       os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
       every_minutes=config.checkpoint.every_minutes, keep=config.checkpoint.keep,
       keep_period=config.checkpoint.keep_period, async_save=config.checkpoint.async_save)
-  watcher = writer = batches = None
+  batches = None
   try:
     # Before any data work: a workdir of another run fails now, not after the dataset is tokenised,
     # and its config.json is left as it was.
@@ -249,89 +248,119 @@ def run(config, workdir: str) -> dict:
       log.info("Resumed from step %d of %s (%s)%s", step0, checkpointer.directory, where, note)
     start = int(state["step"])
 
-    total = config.train.steps
-    tokens_per_step = config.train.batch_size * config.data.seq_len
-    fpt = flops_per_token(config)
-    peak = metrics_lib.peak_flops_per_device()
-    writer = metrics_lib.MetricsWriter(workdir, total, start, progress_bar=config.train.progress_bar,
-                                       run_name=config.name, config_dict=cfg_dict)
-    watcher = ckpt_lib.PreemptionWatcher()
     tokenizer_name = getattr(tokenizer, "name", type(tokenizer).__name__)
-    meta = lambda step, last: {"step": step, "config": cfg_dict, "data_position": step, "tokenizer": tokenizer_name,
-                               "fmjax_version": __import__("fmjax").__version__, "metrics": last,
-                               "skipped_steps": skipped}
-    last_train, last_eval, preempted = {}, {}, False
+    meta = lambda step: {"config": cfg_dict, "data_position": step, "tokenizer": tokenizer_name}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
       train_step, eval_step = compile_steps(config, spec, tx, batch_sharding)
-      t_last, step_last = time.time(), start
-
-      def record(step: int, device_metrics: dict) -> None:
-        """Host side of the update that made `step`: non-finite policy, logging."""
-        nonlocal skipped, last_train, t_last, step_last
-        m = _to_host(device_metrics)
-        if m["nonfinite"] > 0:
-          if config.train.nan_policy == "abort":
-            checkpointer.wait()  # a save still in flight is the last good checkpoint once it lands
-            raise NonFiniteLossError(_nonfinite_message(step, checkpointer.latest_step(), workdir))
-          skipped += 1
-          writer.message(f"step {step}: non-finite loss, update skipped ({skipped} skipped so far)")
-        m["skipped_steps"] = skipped
-        last_train = m
-        if step % config.train.log_every == 0 or step == total:
-          now = time.time()
-          rate = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
-          m["tokens_per_sec"] = rate
-          if peak:
-            m["mfu"] = rate * fpt / (peak * jax.device_count())
-          writer.write(step, m, prefix="train/")
-          writer.progress(step, m)
-          t_last, step_last = now, step
-
-      # The metrics of the update that made `step` are read after the next update is queued, so
-      # the device never idles while the host reads, logs and dispatches. They are read first
-      # wherever the state is evaluated or saved: a non-finite update is never checkpointed.
-      pending = None
       batches = train_loader.iterate(start)
-      for step in range(start, total + 1):  # `state` holds `step` updates, perhaps still running
-        # Every host asks at every step from the same first step: the stop step is collective.
-        stop = start < step < total and watcher.should_stop(step)
-        eval_due = step > start and (step % config.train.eval_every == 0 or step == total)
-        save_due = step > start and (stop or step == total or checkpointer.should_save(step))
-        if pending is not None and (eval_due or save_due):
-          record(step, pending)
-          pending = None
-        if eval_due:
-          last_eval = evaluate(eval_step, state["params"], eval_loader, config.train.eval_batches)
-          writer.write(step, last_eval, prefix="eval/")
-          writer.message(f"step {step}: eval loss {last_eval['loss']:.4f}  "
-                         f"ppl {last_eval['perplexity']:.2f}  acc {last_eval['accuracy']:.3f}")
-        if save_due:
-          checkpointer.save(step, state, meta(step, last_train), force=stop or step == total)
-        if step == total:
-          break
-        if stop:
-          # Every host says so: on a pod the logs of all hosts show they stopped at the same step.
-          log.info("Preempted: saving step %d to %s; rerun the same command to resume", step,
-                   checkpointer.directory)
-          preempted = True
-          break
-        _, batch = next(batches)
-        state, next_metrics = train_step(state, batch)
-        if pending is not None:
-          record(step, pending)
-        pending = next_metrics
-      if not last_eval and not preempted:  # e.g. resumed a finished run: still report held-out figures
-        last_eval = evaluate(eval_step, state["params"], eval_loader, config.train.eval_batches)
+      result = loop(
+          config, state, (batch for _, batch in batches), train_step, checkpointer=checkpointer, workdir=workdir,
+          meta=meta, skipped=skipped, flops_per_token=flops_per_token(config),
+          evaluate=lambda params: evaluate(eval_step, params, eval_loader, config.train.eval_batches),
+          eval_message=lambda m: f"eval loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}  acc {m['accuracy']:.3f}")
   finally:
     if batches is not None:
       batches.close()  # stops the prefetch thread before the process may exit
-    if watcher is not None:
-      watcher.close()
     # Pending async saves (the final or preemption save included) land before we return or raise.
     checkpointer.close()
-    if writer is not None:
-      writer.close()
-  return {"train": last_train, "eval": last_eval, "step": int(state["step"]), "preempted": preempted}
+  return result.summary()
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: dict
+  train: dict      # host metrics of the last update
+  eval: dict       # the last held-out metrics
+  preempted: bool  # stopped early by SIGTERM, after saving
+
+  def summary(self) -> dict:
+    return {"train": self.train, "eval": self.eval, "step": int(self.state["step"]), "preempted": self.preempted}
+
+
+def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpointer, workdir: str,
+         meta: Callable[[int], dict], evaluate: Callable[[dict], dict] | None, eval_message: Callable[[dict], str],
+         skipped: int = 0, flops_per_token: float | None = None) -> LoopResult:
+  """The step loop of `fmjax train`, `sft` and `finetune`: from `state`'s step to `train.steps`.
+
+  `batches` yields the batch of each step from the state's step on. `evaluate(params)` returns
+  held-out metrics (None: no eval split), `eval_message` says them in one line, and `meta(step)`
+  is what the checkpoint records besides the step, the last train metrics and the number of
+  skipped updates. Writes metrics.jsonl (train/ and eval/ keys) under `workdir`; SIGTERM saves
+  at the next step boundary and returns with `preempted=True`; a non-finite update aborts or is
+  skipped per `train.nan_policy`, and is never checkpointed.
+  """
+  from fmjax import checkpoint as ckpt_lib
+  start, total = int(state["step"]), config.train.steps
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  peak = metrics_lib.peak_flops_per_device() if flops_per_token else None
+  writer = metrics_lib.MetricsWriter(workdir, total, start, progress_bar=config.train.progress_bar,
+                                     run_name=config.name, config_dict=config_lib.to_dict(config))
+  watcher = None
+  last_train, last_eval, preempted = {}, {}, False
+  t_last, step_last = time.time(), start
+
+  def record(step: int, device_metrics: dict) -> None:
+    """Host side of the update that made `step`: non-finite policy, logging."""
+    nonlocal skipped, last_train, t_last, step_last
+    m = _to_host(device_metrics)
+    if m["nonfinite"] > 0:
+      if config.train.nan_policy == "abort":
+        checkpointer.wait()  # a save still in flight is the last good checkpoint once it lands
+        raise NonFiniteLossError(_nonfinite_message(step, checkpointer.latest_step(), workdir))
+      skipped += 1
+      writer.message(f"step {step}: non-finite loss, update skipped ({skipped} skipped so far)")
+    m["skipped_steps"] = skipped
+    last_train = m
+    if step % config.train.log_every == 0 or step == total:
+      now = time.time()
+      rate = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+      m["tokens_per_sec"] = rate
+      if peak:
+        m["mfu"] = rate * flops_per_token / (peak * jax.device_count())
+      writer.write(step, m, prefix="train/")
+      writer.progress(step, m)
+      t_last, step_last = now, step
+
+  try:
+    watcher = ckpt_lib.PreemptionWatcher()
+    # The metrics of the update that made `step` are read after the next update is queued, so
+    # the device never idles while the host reads, logs and dispatches. They are read first
+    # wherever the state is evaluated or saved: a non-finite update is never checkpointed.
+    pending = None
+    for step in range(start, total + 1):  # `state` holds `step` updates, perhaps still running
+      # Every host asks at every step from the same first step: the stop step is collective.
+      stop = start < step < total and watcher.should_stop(step)
+      eval_due = (evaluate is not None and step > start and (step % config.train.eval_every == 0 or step == total))
+      save_due = step > start and (stop or step == total or checkpointer.should_save(step))
+      if pending is not None and (eval_due or save_due):
+        record(step, pending)
+        pending = None
+      if eval_due:
+        last_eval = evaluate(state["params"])
+        writer.write(step, last_eval, prefix="eval/")
+        writer.message(f"step {step}: {eval_message(last_eval)}")
+      if save_due:
+        saved = {"step": step, **meta(step), "fmjax_version": __import__("fmjax").__version__,
+                 "metrics": last_train, "skipped_steps": skipped}
+        checkpointer.save(step, state, saved, force=stop or step == total)
+      if step == total:
+        break
+      if stop:
+        # Every host says so: on a pod the logs of all hosts show they stopped at the same step.
+        log.info("Preempted: saving step %d to %s; rerun the same command to resume", step, checkpointer.directory)
+        preempted = True
+        break
+      state, next_metrics = train_step(state, next(batches))
+      if pending is not None:
+        record(step, pending)
+      pending = next_metrics
+    if not last_eval and evaluate is not None and not preempted:
+      last_eval = evaluate(state["params"])  # e.g. resumed a finished run: still report held-out figures
+  finally:
+    if watcher is not None:
+      watcher.close()
+    writer.close()
+  return LoopResult(state, last_train, last_eval, preempted)
 
 
 def _nonfinite_message(step: int, last_good: int | None, workdir: str) -> str:

@@ -122,6 +122,24 @@ def test_scratch_start_is_logged(files, tmp_path):
   assert np.isfinite(result["train"]["loss"]) and "loss" in result["eval"]
 
 
+def test_preempted_finetune_saves_and_resumes_exactly(files, monkeypatch, tmp_path):
+  """SIGTERM at step 2 of 4: the step-2 state is saved, no results.json claims a finished run,
+  and rerunning the same command ends with the params of an uninterrupted run, bit for bit."""
+  overrides = ("train.steps=4", "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}")
+  straight = str(tmp_path / "straight")
+  finetune.run(ft_config(files, *overrides), straight)
+  workdir = str(tmp_path / "preempted")
+  with monkeypatch.context() as m:
+    m.setattr(ckpt_lib.PreemptionWatcher, "should_stop", lambda self, step: step == 2)
+    result, log = _run_logged(ft_config(files, *overrides), workdir)
+  assert result["preempted"] and result["step"] == 2 and "Preempted: saving step 2" in log
+  assert not os.path.exists(os.path.join(workdir, finetune.RESULTS_FILE))
+  result, log = _run_logged(ft_config(files, *overrides), workdir)
+  assert not result["preempted"] and result["step"] == 4 and "Resumed from step 2" in log
+  assert os.path.exists(os.path.join(workdir, finetune.RESULTS_FILE))
+  jax.tree.map(np.testing.assert_array_equal, _params(workdir, None), _params(straight, None))
+
+
 def test_checkpoint_of_another_size_or_family_is_one_line(pretrained, files, tmp_path):
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"holds a bert model \(d_model=32\).*d_model=64") as e:
     finetune.run(ft_config(files, f"init_from={pretrained}", "model.d_model=64"), str(tmp_path / "a"))
