@@ -7,15 +7,17 @@ their outputs are simply ignored by the loss.
 
 Kernels:
   xla     reference einsum + masked softmax in float32; runs everywhere.
-  cudnn   cuDNN flash attention (GPU, bf16/fp16); a packing goes in as segment offsets on
-          Hopper or later (`segment_runs`), else as a mask.
+  cudnn   cuDNN flash attention (GPU, bf16/fp16); a packing goes in as the runs' offsets on
+          Hopper or later when the loader computed them (a `Packing`), else as a mask.
   splash  Pallas splash attention (TPU; Pallas interpret mode elsewhere, so CPU tests cover it).
 
-Shape legend: B batch, T query length, S key/value length, H heads, K head dim.
+Shape legend: B batch, T query length, S key/value length, H heads, K head dim, R runs of
+segment ids a row.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -76,37 +78,24 @@ def _xla_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_id
   return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
 
 
-# Segments per row that cuDNN's packed layout is given; rows with more take the mask path.
-CUDNN_MAX_SEGMENTS = 16
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Packing:
+  """Segment ids together with each row's runs of them, computed on the host by the loader
+  (`data.packing.segment_runs`): what cuDNN's packed layout reads instead of a mask.
 
-
-def segment_runs(segment_ids_BT, max_runs: int):
-  """A packing in cuDNN's packed ("THD") form: the contiguous runs of equal ids in each row.
-
-  Returns (seqlens_BM, offsets_BM1, exact) with M = max_runs: the length and first index of each
-  run, -1 past a row's last run, the offsets with the trailing -1 column cuDNN expects; and a
-  scalar that is True iff these runs are exactly the segments: no row has more than `max_runs`
-  runs and no id comes back after another ([1, 1, 2, 1] is three runs but two segments).
-  Padding (id 0) is one more run, so pads attend pads as in `make_mask`.
+  Pass one wherever `segment_ids_BT` goes; kernels other than cuDNN read only `ids_BT`.
   """
-  B, T = segment_ids_BT.shape
-  starts_BT = jnp.concatenate(
-      [jnp.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
-  runs_B = starts_BT.sum(axis=1)
-  sorted_BT = jnp.sort(segment_ids_BT, axis=1)
-  distinct_B = 1 + (sorted_BT[:, 1:] != sorted_BT[:, :-1]).sum(axis=1)
-  exact = jnp.all((runs_B <= max_runs) & (runs_B == distinct_B))
+  ids_BT: jax.Array
+  lengths_BR: jax.Array   # [B, R] length of each run, -1 past the row's last
+  offsets_BR1: jax.Array  # [B, R + 1] first index of each run, -1 past the row's last
 
-  def row(starts_T):
-    (first_M1,) = jnp.nonzero(starts_T, size=max_runs + 1, fill_value=T)
-    lens_M = first_M1[1:] - first_M1[:-1]
-    present_M = first_M1[:-1] < T
-    seqlens_M = jnp.where(present_M, lens_M, -1)
-    offsets_M = jnp.where(present_M, first_M1[:-1], -1)
-    return seqlens_M, jnp.concatenate([offsets_M, jnp.full((1,), -1, offsets_M.dtype)])
 
-  seqlens_BM, offsets_BM1 = jax.vmap(row)(starts_BT)
-  return seqlens_BM.astype(jnp.int32), offsets_BM1.astype(jnp.int32), exact
+def packing_of(batch: dict):
+  """The batch's segment ids, as a `Packing` when the loader sent their runs along."""
+  if "segment_lengths" in batch:
+    return Packing(batch["segment_ids"], batch["segment_lengths"], batch["segment_offsets"])
+  return batch["segment_ids"]
 
 
 def _has_compute_capability(major: int, minor: int) -> bool:
@@ -118,7 +107,7 @@ def _has_compute_capability(major: int, minor: int) -> bool:
     return False
 
 
-def _cudnn_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS):
+def _cudnn_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS, packing=None):
   if jax.default_backend() != "gpu":
     raise AttentionError("attention kernel 'cudnn' needs a GPU; set model.attention=auto or xla")
   if q_BTHK.dtype not in (jnp.bfloat16, jnp.float16):
@@ -126,32 +115,23 @@ def _cudnn_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_
                          "set model.dtype=bfloat16 or model.attention=xla")
   if segment_ids_BT is None:
     return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=causal, implementation="cudnn")
-
-  def masked():
-    # Causality stays with cuDNN's own mask type (it skips the upper triangle); only the
-    # segment structure goes in, as a dense [B, 1, T, S] mask cuDNN reads for every block.
-    mask = (segment_ids_BT[:, :, None] == segment_ids_BS[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(
-        q_BTHK, k_BSHK, v_BSHK, mask=mask, is_causal=causal, implementation="cudnn")
-
-  if (segment_ids_BS is not segment_ids_BT or q_BTHK.shape[1] != k_BSHK.shape[1]
-      or not _has_compute_capability(9, 0)):  # cuDNN's packed layout needs Hopper or later
-    return masked()
-  # Self-attention over a packing: give cuDNN the segments' offsets and lengths, so it skips
-  # the blocks between segments and reads no mask (the faster path; see benchmarks/README.md).
-  try:
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # the only entry that takes offsets
-  except ImportError:  # a JAX that moved it: the mask path is still correct
-    return masked()
-  seqlens_BM, offsets_BM1, exact = segment_runs(segment_ids_BT, CUDNN_MAX_SEGMENTS)
-
-  def packed():
-    return cudnn_fa.dot_product_attention(
-        q_BTHK, k_BSHK, v_BSHK, q_seqlen=seqlens_BM, kv_seqlen=seqlens_BM, q_offsets=offsets_BM1,
-        kv_offsets=offsets_BM1, scale=1.0 / math.sqrt(q_BTHK.shape[-1]),
-        mask_type=cudnn_fa.MaskType.CAUSAL if causal else cudnn_fa.MaskType.NO_MASK)
-
-  return jax.lax.cond(exact, packed, masked)
+  if (packing is not None and segment_ids_BS is segment_ids_BT and q_BTHK.shape[1] == k_BSHK.shape[1]
+      and _has_compute_capability(9, 0)):  # cuDNN's packed layout needs Hopper or later
+    try:
+      from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # the only entry that takes offsets
+    except ImportError:  # a JAX that moved it: the mask path below is still correct
+      cudnn_fa = None
+    if cudnn_fa is not None:
+      # Self-attention over a packing: cuDNN gets the runs' lengths and offsets, skips the
+      # blocks between segments and reads no mask (the faster path; see benchmarks/README.md).
+      return cudnn_fa.dot_product_attention(
+          q_BTHK, k_BSHK, v_BSHK, q_seqlen=packing.lengths_BR, kv_seqlen=packing.lengths_BR,
+          q_offsets=packing.offsets_BR1, kv_offsets=packing.offsets_BR1, scale=1.0 / math.sqrt(q_BTHK.shape[-1]),
+          mask_type=cudnn_fa.MaskType.CAUSAL if causal else cudnn_fa.MaskType.NO_MASK)
+  # Causality stays with cuDNN's own mask type (it skips the upper triangle); only the segment
+  # structure goes in, as a dense [B, 1, T, S] mask cuDNN reads for every block.
+  mask = (segment_ids_BT[:, :, None] == segment_ids_BS[:, None, :])[:, None]
+  return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask, is_causal=causal, implementation="cudnn")
 
 
 def _splash_blocks(T: int, S: int):
@@ -246,15 +226,20 @@ def attention(q_BTHK, k_BSHK, v_BSHK, *, causal: bool, segment_ids_BT=None, segm
   Args:
     q_BTHK, k_BSHK, v_BSHK: projected queries, keys and values (scale 1/sqrt(K) is applied here).
     causal: mask keys after the query position.
-    segment_ids_BT: packing ids of the queries (0 = padding); None means one segment per row.
+    segment_ids_BT: packing ids of the queries (0 = padding), or a `Packing` that carries their
+      runs too; None means one segment per row.
     segment_ids_BS: ids of the keys; defaults to segment_ids_BT (self-attention).
     kernel: "xla", "cudnn", "splash" or "auto" (see `resolve_kernel`).
     q_offset: key index of the first query for a KV cache (see `make_mask`); "xla" kernel only.
   """
   kernel = resolve_kernel(kernel, q_BTHK.dtype)
+  extra = {}
+  if isinstance(segment_ids_BT, Packing):
+    if kernel == "cudnn" and segment_ids_BS is None:  # self-attention: the runs are the keys' too
+      extra["packing"] = segment_ids_BT
+    segment_ids_BT = segment_ids_BT.ids_BT
   if segment_ids_BT is not None and segment_ids_BS is None:
     segment_ids_BS = segment_ids_BT
-  extra = {}
   if q_offset is not None:
     if kernel != "xla":
       raise AttentionError(f"a KV-cache offset needs the 'xla' attention kernel, got {kernel!r}")

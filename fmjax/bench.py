@@ -11,12 +11,12 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from fmjax import config_lib, metrics as metrics_lib, optim, sharding, train
 from fmjax.config_lib import ConfigError
+from fmjax.data import packing
 
 FLOPS_FORMULA = "FLOPs/token = 6*N + 12*L*D*T (N: parameters without position embeddings)"
 
@@ -25,7 +25,8 @@ def synthetic_batch(config, batch_size: int | None = None, seed: int = 0, segmen
   """A host batch with every key the objective reads and random tokens.
 
   `segments` > 1 packs that many equal documents into each row (segment ids 1.., positions
-  restarting at each), as the packed pretraining data does.
+  restarting at each), as the packed pretraining data does; like the loader, the batch carries
+  the rows' runs of segment ids when there are at most `data.packing.MAX_RUNS`.
   """
   b = batch_size or config.train.batch_size
   t = config.data.seq_len
@@ -49,6 +50,8 @@ def synthetic_batch(config, batch_size: int | None = None, seed: int = 0, segmen
     batch["mlm_positions"] = np.sort(np.stack([rng.choice(t, m, replace=False) for _ in range(b)]), axis=1).astype(np.int32)
     batch["mlm_targets"] = rng.integers(0, vocab, (b, m), dtype=np.int32)
     batch["mlm_weights"] = np.ones((b, m), np.float32)
+  if segments <= packing.MAX_RUNS:
+    batch.update(packing.segment_runs(batch["segment_ids"], segments))
   return batch
 
 

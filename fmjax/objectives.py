@@ -13,6 +13,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from fmjax import attention
+
 
 def cross_entropy(logits_BXV: jax.Array, targets_BX: jax.Array, weights_BX: jax.Array):
   """Summed weighted cross-entropy, weight sum and number of correct argmax predictions."""
@@ -96,7 +98,7 @@ def clm_loss(model, batch, *, deterministic: bool = True, rngs=None, fused_chunk
   With `fused_chunk` > 0 the tied LM head and the loss run chunk by chunk
   (`fused_lm_head_loss`), which is faster and far leaner for large vocabularies.
   """
-  kwargs = dict(positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
+  kwargs = dict(positions_BT=batch["positions"], segment_ids_BT=attention.packing_of(batch),
                 deterministic=deterministic, rngs=rngs)
   if fused_chunk:
     h_BTD = model.hidden(batch["inputs"], **kwargs)
@@ -114,7 +116,7 @@ def clm_loss(model, batch, *, deterministic: bool = True, rngs=None, fused_chunk
 def mlm_loss(model, batch, *, deterministic: bool = True, rngs=None):
   """Masked-LM loss computed on the masked positions only (the head never sees the rest)."""
   logits_BMV = model(batch["inputs"], token_types_BT=batch["token_types"], positions_BT=batch["positions"],
-                     segment_ids_BT=batch["segment_ids"], mlm_positions_BM=batch["mlm_positions"],
+                     segment_ids_BT=attention.packing_of(batch), mlm_positions_BM=batch["mlm_positions"],
                      deterministic=deterministic, rngs=rngs)
   loss, weight, correct = cross_entropy(logits_BMV, batch["mlm_targets"], batch["mlm_weights"])
   return loss, {"loss_sum": loss, "weight_sum": weight, "correct_sum": correct}

@@ -33,6 +33,7 @@ from flax import nnx
 
 from fmjax import config_lib, metrics as metrics_lib, optim, sharding, train
 from fmjax.config_lib import ConfigError
+from fmjax.data import packing
 
 log = metrics_lib.log
 TOKENIZER_DIR = "tokenizer"
@@ -157,6 +158,8 @@ class RowLoader:
     self.num_rows = len(rows["inputs"])
     self.num_batches = max(self.num_rows // batch_size, 1) if shuffle else -(-self.num_rows // batch_size)
     self.rows_b = data.host_rows(sharding, (batch_size, rows["inputs"].shape[1]))
+    most = packing.most_runs(rows["segment_ids"])  # as the pretraining loader: batches carry the runs
+    self.num_runs = most if most <= packing.MAX_RUNS else 0
 
   def dataset_rows(self, step: int) -> np.ndarray:
     """Row ids of this host's batch rows at `step` (-1 = padding)."""
@@ -177,6 +180,8 @@ class RowLoader:
     batch = {k: v[np.where(pad_b, 0, ids_b)].copy() for k, v in self.rows.items()}
     batch["loss_weights"][pad_b] = 0.0
     batch["segment_ids"][pad_b] = 0
+    if self.num_runs:
+      batch.update(packing.segment_runs(batch["segment_ids"], self.num_runs))
     return batch
 
   def global_batch(self, step: int) -> dict:

@@ -36,6 +36,7 @@ class CudaLowering:
   @staticmethod
   def cudnn_calls(traced) -> set[str]:
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.case" not in text and "stablehlo.if" not in text, "a device-side branch syncs the host on a GPU"
     return {c for c in re.findall(r"custom_call @([\w$]+)", text) if c.startswith("__cudnn")}
 
 

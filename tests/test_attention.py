@@ -1,6 +1,6 @@
 """Attention masking semantics and kernel parity with the XLA reference.
 
-Shape legend: B batch, T sequence, H heads, K head dim.
+Shape legend: B batch, T sequence, H heads, K head dim, R runs of segment ids a row.
 """
 
 import jax
@@ -12,6 +12,7 @@ from jax.sharding import AxisType
 
 from fmjax import attention as attn
 from fmjax import config_lib
+from fmjax.data import packing as packing_lib
 
 B, T, H, K = 2, 128, 2, 16
 # Row 0: three packed documents then padding; row 1: one document filling the row.
@@ -126,15 +127,25 @@ def test_resolve_kernel():
     attn.resolve_kernel("flash")
 
 
+def _packing(seg_BT, num_runs=packing_lib.MAX_RUNS):
+  """`seg_BT` with its runs computed on the host as the loader does; the bare ids if they do not fit."""
+  runs = packing_lib.segment_runs(np.asarray(seg_BT), num_runs)
+  if runs is None:
+    return seg_BT
+  return attn.Packing(seg_BT, jnp.asarray(runs["segment_lengths"]), jnp.asarray(runs["segment_offsets"]))
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
 @pytest.mark.parametrize("causal", [True, False])
 def test_cudnn_matches_xla(causal):
   q, k, v = _qkv(3, jnp.bfloat16)
-  # Packed path (runs are the segments), then both ways to the mask path: more runs than
-  # CUDNN_MAX_SEGMENTS, and an id that comes back after another.
+  # The packed layout (the runs sent along), then the mask path: bare ids, more runs than
+  # MAX_RUNS, and an id that comes back after another.
   many_BT = jnp.asarray(np.repeat(np.arange(1, 33), T // 32)[None].repeat(B, 0), jnp.int32)
   interleaved_BT = SEGMENTS_BT.at[0, 100:110].set(1)
-  for seg in (None, SEGMENTS_BT, many_BT, interleaved_BT):
+  assert isinstance(_packing(SEGMENTS_BT), attn.Packing)
+  assert not isinstance(_packing(many_BT), attn.Packing) and not isinstance(_packing(interleaved_BT), attn.Packing)
+  for seg in (None, _packing(SEGMENTS_BT), SEGMENTS_BT, _packing(many_BT), _packing(interleaved_BT)):
     ref = attn.attention(q, k, v, causal=causal, segment_ids_BT=seg, kernel="xla")
     out = attn.attention(q, k, v, causal=causal, segment_ids_BT=seg, kernel="cudnn")
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
@@ -143,49 +154,56 @@ def test_cudnn_matches_xla(causal):
     np.testing.assert_allclose(np.asarray(g("cudnn"), np.float32), np.asarray(g("xla"), np.float32), atol=5e-2)
 
 
-def _runs_mask(seqlens_BM, offsets_BM1, T):
+def _runs_mask(lengths_BR, offsets_BR1, T):
   """[B, T, T]: tokens in the same run of cuDNN's packed layout attend each other."""
-  seqlens_BM, offsets_BM1 = np.asarray(seqlens_BM), np.asarray(offsets_BM1)
-  run_BT = np.zeros((seqlens_BM.shape[0], T), np.int32)
-  for b, m in zip(*np.nonzero(seqlens_BM >= 0)):
-    assert offsets_BM1[b, m] >= 0 and (run_BT[b, offsets_BM1[b, m]:offsets_BM1[b, m] + seqlens_BM[b, m]] == 0).all()
-    run_BT[b, offsets_BM1[b, m]:offsets_BM1[b, m] + seqlens_BM[b, m]] = m + 1
+  run_BT = np.zeros((lengths_BR.shape[0], T), np.int32)
+  for b, r in zip(*np.nonzero(lengths_BR >= 0)):
+    assert offsets_BR1[b, r] >= 0 and (run_BT[b, offsets_BR1[b, r]:offsets_BR1[b, r] + lengths_BR[b, r]] == 0).all()
+    run_BT[b, offsets_BR1[b, r]:offsets_BR1[b, r] + lengths_BR[b, r]] = r + 1
   assert (run_BT > 0).all(), "a token outside every run would have no output"
-  assert (offsets_BM1[:, -1] == -1).all()
+  assert (offsets_BR1[:, -1] == -1).all() and ((lengths_BR >= 0) == (offsets_BR1[:, :-1] >= 0)).all()
   return run_BT[:, :, None] == run_BT[:, None, :]
 
 
 def test_segment_runs_are_the_packing():
-  """The offsets and lengths the cuDNN path passes describe exactly the packing mask."""
+  """The lengths and offsets the loader sends for cuDNN's packed layout describe exactly the
+  packing mask; rows whose runs are not their segments get none."""
   rng = np.random.default_rng(0)
-  rows = [np.array([1] * 40 + [2] * 50 + [3] * 10 + [0] * 28), np.ones(T, np.int64)]
+  rows = [np.array([1] * 40 + [2] * 50 + [3] * 10 + [0] * 28), np.ones(T, np.int64), np.zeros(T, np.int64)]
   for _ in range(6):  # random documents, then padding
     lens = rng.integers(1, 40, 8)
     row = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)] + [np.zeros(T, np.int64)])[:T]
     rows.append(row)
-  seg_BT = jnp.asarray(np.stack(rows), jnp.int32)
-  runs = int(np.max([1 + np.count_nonzero(np.diff(r)) for r in rows]))
-  seqlens_BM, offsets_BM1, exact = jax.jit(attn.segment_runs, static_argnums=1)(seg_BT, runs)
-  assert bool(exact) and seqlens_BM.shape == (len(rows), runs) and offsets_BM1.shape == (len(rows), runs + 1)
-  want = np.asarray(attn.make_mask(seg_BT, seg_BT, causal=False, T=T, S=T))[:, 0]
-  np.testing.assert_array_equal(_runs_mask(seqlens_BM, offsets_BM1, T), want)
-  # One run too many for max_runs, or an id that comes back: not exact (cuDNN takes the mask).
-  assert not bool(attn.segment_runs(seg_BT, runs - 1)[2])
-  assert not bool(attn.segment_runs(seg_BT.at[2, -1].set(1), T)[2])
-  assert not bool(attn.segment_runs(jnp.array([[1, 1, 0, 0, 2, 2, 0, 0]], jnp.int32), 8)[2])  # pads in two runs
+  seg_BT = np.stack(rows).astype(np.int32)
+  runs = packing_lib.most_runs(seg_BT)
+  assert runs == max(1 + np.count_nonzero(np.diff(r)) for r in rows)
+  got = packing_lib.segment_runs(seg_BT, runs)
+  lengths_BR, offsets_BR1 = got["segment_lengths"], got["segment_offsets"]
+  assert lengths_BR.shape == (len(rows), runs) and offsets_BR1.shape == (len(rows), runs + 1)
+  assert lengths_BR.dtype == offsets_BR1.dtype == np.int32
+  want = np.asarray(attn.make_mask(jnp.asarray(seg_BT), jnp.asarray(seg_BT), causal=False, T=T, S=T))[:, 0]
+  np.testing.assert_array_equal(_runs_mask(lengths_BR, offsets_BR1, T), want)
+  # More runs than asked for, or an id that comes back: no runs (cuDNN takes the mask).
+  assert packing_lib.segment_runs(seg_BT, runs - 1) is None
+  seg_BT[3, -1] = 1
+  assert packing_lib.segment_runs(seg_BT, T) is None
+  assert packing_lib.segment_runs(np.array([[1, 1, 0, 0, 2, 2, 0, 0]]), 8) is None  # pads in two runs
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_cudnn_path_lowers_for_cuda(causal, as_if_on_an_h100):
-  """Off a GPU, the cuDNN path still traces, differentiates and lowers for CUDA: the packed
-  kernels (no mask) and the masked fallback, both with their backward passes."""
+  """Off a GPU, the cuDNN path still traces, differentiates and lowers for CUDA, with no
+  device-side branch: the packed kernels when the runs come along, else the masked ones."""
   q = jax.ShapeDtypeStruct((B, T, H, 64), jnp.bfloat16)
-  seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
-  loss = lambda q, k, v, seg: attn.attention(
-      q, k, v, causal=causal, segment_ids_BT=seg, kernel="cudnn").astype(jnp.float32).sum()
   h100 = as_if_on_an_h100
-  calls = h100.cudnn_calls(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q, seg))
-  assert calls == h100.PACKED | h100.MASKED, calls
+
+  def calls(seg):
+    loss = lambda q, k, v, seg: attn.attention(
+        q, k, v, causal=causal, segment_ids_BT=seg, kernel="cudnn").astype(jnp.float32).sum()
+    return h100.cudnn_calls(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q, seg))
+
+  assert calls(_packing(SEGMENTS_BT)) == h100.PACKED
+  assert calls(SEGMENTS_BT) == h100.MASKED
 
 
 def test_cudnn_off_gpu_is_a_clear_error():

@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax import config_lib
 import fmjax.data as data
-from fmjax.data import sources
+from fmjax.data import packing, sources
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -64,13 +64,31 @@ def test_batch_is_pure_function_of_seed_and_step(family, gpt, bert):
   assert not np.array_equal(a.host_batch(0)["inputs"], other.host_batch(0)["inputs"])
   shapes = {k: v.shape for k, v in a.host_batch(0).items()}
   B, T, M = config.train.batch_size, config.data.seq_len, config.data.max_predictions
-  common = {"inputs": (B, T), "segment_ids": (B, T), "positions": (B, T), "token_types": (B, T)}
+  R = a.num_runs
+  assert 1 < R <= packing.MAX_RUNS  # these rows pack several documents: their runs come along
+  common = {"inputs": (B, T), "segment_ids": (B, T), "positions": (B, T), "token_types": (B, T),
+            "segment_lengths": (B, R), "segment_offsets": (B, R + 1)}
   if family == "gpt":
     assert shapes == {**common, "targets": (B, T), "loss_weights": (B, T)}
   else:
     assert shapes == {**common, "mlm_positions": (B, M), "mlm_targets": (B, M), "mlm_weights": (B, M)}
   batch = a.host_batch(3)
   assert all(v.dtype == (np.float32 if "weights" in k else np.int32) for k, v in batch.items())
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_cache_counts_the_most_segments_a_row(family, gpt, bert, monkeypatch):
+  """`max_segments` in a split's meta is exactly the most runs of segment ids in any row the
+  loader reads, so every batch can carry them at one fixed shape; a split with more than
+  MAX_RUNS carries none (cuDNN then takes the mask)."""
+  config = {"gpt": gpt, "bert": bert}[family]
+  for split in ("train", "eval"):
+    loader = data.make_loader(config, split)
+    rows = loader.data.rows(np.arange(loader.data.num_rows))
+    assert loader.data.meta["max_segments"] == packing.most_runs(rows["segment_ids"]) == loader.num_runs
+  monkeypatch.setattr(packing, "MAX_RUNS", loader.num_runs - 1)
+  loader = data.make_loader(config)
+  assert loader.num_runs == 0 and "segment_lengths" not in loader.host_batch(0)
 
 
 def test_epochs_are_permutations_and_reshuffle(gpt):

@@ -164,10 +164,13 @@ def test_bf16_first_moment_halves_its_memory_and_tracks_float32():
     ("gpt", ()), ("bert", ()), ("gpt", ("model.scan_layers=true", "model.remat=dots_no_batch"))])
 def test_train_step_lowers_for_cuda_with_cudnn_attention(family, overrides, as_if_on_an_h100):
   """The whole bf16 train step with model.attention=cudnn lowers for CUDA on packed rows,
-  unrolled or scanned with remat (what runs on an H100; checked for real by the GPU tests)."""
+  unrolled or scanned with remat (what runs on an H100; checked for real by the GPU tests):
+  cuDNN's packed layout when the batch carries the runs of its segment ids, else the mask."""
   h100 = as_if_on_an_h100
   config = tiny(family, "model.dtype=bfloat16", "model.attention=cudnn", *overrides)
   spec, state, step, bs = setup(config)
   with jax.set_mesh(spec.mesh):
     batch = jax.tree.map(lambda x: jax.device_put(x, bs), bench.synthetic_batch(config, segments=2))
-    assert h100.cudnn_calls(step.trace(state, batch)) == h100.PACKED | h100.MASKED
+    assert "segment_lengths" in batch and h100.cudnn_calls(step.trace(state, batch)) == h100.PACKED
+    ids_only = {k: v for k, v in batch.items() if k not in ("segment_lengths", "segment_offsets")}
+    assert h100.cudnn_calls(step.trace(state, ids_only)) == h100.MASKED

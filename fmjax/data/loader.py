@@ -174,6 +174,10 @@ class Loader:
     N, B = self.data.num_rows, self.batch_size
     # eval: every row once, the last batch padded; train: whole batches per epoch.
     self.num_batches = -(-N // B) if split == "eval" else max(N // B, 1)
+    # Batches carry each row's runs of segment ids when every row of the split has few enough
+    # (the cache's own count, so all hosts agree and the batch never changes shape).
+    most = self.data.meta.get("max_segments", packing.MAX_RUNS + 1)  # caches from before the count: none
+    self.num_runs = most if most <= packing.MAX_RUNS else 0
     self._perms = {}
     self._lock = threading.Lock()
 
@@ -214,6 +218,12 @@ class Loader:
           tokens_BT, fields["segment_ids"], seed=self.seed, step=step, rows_B=self.rows_b,
           special_ids=self.tokenizer.special_ids, vocab_size=self.tokenizer.vocab_size,
           mask_id=self.tokenizer.mask_id, rate=d.mask_rate, max_predictions=d.max_predictions))
+    if self.num_runs:
+      runs = packing.segment_runs(fields["segment_ids"], self.num_runs)
+      if runs is None:
+        raise RuntimeError(f"step {step} has a row of more than {self.num_runs} segments, the most its cache "
+                           f"recorded; delete {self.path} to prepare it again")
+      fields.update(runs)
     return fields
 
   def global_batch(self, step: int) -> dict:

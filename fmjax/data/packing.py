@@ -33,6 +33,42 @@ from fmjax.data import tokenizers as tokenizers_lib
 
 FORMAT_VERSION = 1
 _ENCODE_CHUNK = 512
+# The most runs of segment ids a row may have for batches to carry them (`segment_runs`), so that
+# cuDNN attention takes its packed layout; a split with a longer row takes its mask path.
+MAX_RUNS = 16
+
+
+def most_runs(segment_ids_BT: np.ndarray) -> int:
+  """The most runs of equal segment ids in any row (padding counts as one)."""
+  return 1 + int((segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]).sum(axis=1).max(initial=0))
+
+
+def segment_runs(segment_ids_BT: np.ndarray, num_runs: int) -> dict[str, np.ndarray] | None:
+  """Each row's contiguous runs of equal segment ids, in the packed form cuDNN attention reads.
+
+  Returns {"segment_lengths": [B, R], "segment_offsets": [B, R + 1]} (int32, R = num_runs): the
+  length and first index of each run, -1 past a row's last run (and in the extra offsets column).
+  Padding (id 0) is a run too, so pads attend pads as under the mask. None when a row has more
+  than `num_runs` runs, or when an id comes back after another ([1, 1, 2, 1]: the runs are not
+  the segments); attention then takes the mask path.
+  """
+  B, T = segment_ids_BT.shape
+  starts_BT = np.ones((B, T), bool)
+  starts_BT[:, 1:] = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+  b_N, t_N = np.nonzero(starts_BT)  # N: every run in the batch, row by row
+  run_N = np.cumsum(starts_BT, axis=1)[b_N, t_N] - 1
+  if len(b_N) and run_N.max() >= num_runs:
+    return None
+  ids_N = segment_ids_BT[b_N, t_N].astype(np.int64)
+  if np.unique(b_N * (int(ids_N.max(initial=0)) + 1) + ids_N).size != len(b_N):
+    return None
+  last_N = np.append(b_N[1:] != b_N[:-1], True)
+  end_N = np.where(last_N, T, np.append(t_N[1:], T))
+  lengths_BR = np.full((B, num_runs), -1, np.int32)
+  offsets_BR1 = np.full((B, num_runs + 1), -1, np.int32)
+  lengths_BR[b_N, run_N] = end_N - t_N
+  offsets_BR1[b_N, run_N] = t_N
+  return {"segment_lengths": lengths_BR, "segment_offsets": offsets_BR1}
 
 
 def cache_path(config, tok: tokenizers_lib.Tokenizer) -> str:
@@ -160,12 +196,22 @@ class _StreamWriter:
     self.dtype, self.T, self.eos = dtype, T, eos_id
     self.n = 0
     self.pending = []
+    self.end = 0  # stream length once `pending` is written
+    # Row r's inputs are stream[r*T : r*T + T]; an EOS there at index < T - 1 starts another
+    # segment in the row. EOS positions only grow, so one running count per row is enough.
+    self.row, self.row_segments, self.max_segments = 0, 1, 1
 
   def add(self, ids):
     self.pending.append(ids)
     self.pending.append((self.eos,))
     if len(self.pending) >= 2 * _ENCODE_CHUNK:
       self._flush()
+    self.end += len(ids) + 1
+    row, at = divmod(self.end - 1, self.T)
+    if row != self.row:
+      self.max_segments = max(self.max_segments, self.row_segments)
+      self.row, self.row_segments = row, 1
+    self.row_segments += at < self.T - 1
 
   def _flush(self):
     if self.pending:
@@ -178,7 +224,10 @@ class _StreamWriter:
     self._flush()
     self.f.close()
     rows = max(self.n - 1, 0) // self.T
-    return {"layout": "stream", "num_stream_tokens": self.n, "num_rows": rows, "pad_fraction": 0.0}
+    if self.row < rows:  # the last row the loader reads holds the last EOS
+      self.max_segments = max(self.max_segments, self.row_segments)
+    return {"layout": "stream", "num_stream_tokens": self.n, "num_rows": rows, "pad_fraction": 0.0,
+            "max_segments": self.max_segments}
 
 
 class _RowWriter:
@@ -191,6 +240,7 @@ class _RowWriter:
     self.rng = np.random.Generator(np.random.Philox(key=0))  # A/B split points; fixed, so the cache is reproducible
     self.rows = 0
     self.real = 0
+    self.max_segments = 1
     self._new_row()
 
   def _new_row(self):
@@ -205,6 +255,7 @@ class _RowWriter:
         f.write(self.row[k].tobytes())
       self.rows += 1
       self.real += self.used
+      self.max_segments = max(self.max_segments, self.nseg + (self.used < self.T))  # padding is a segment too
     self._new_row()
 
   def add(self, ids):
@@ -229,4 +280,5 @@ class _RowWriter:
     for f in self.files.values():
       f.close()
     total = self.rows * self.T
-    return {"layout": "rows", "num_rows": self.rows, "pad_fraction": round(1 - self.real / max(total, 1), 5)}
+    return {"layout": "rows", "num_rows": self.rows, "pad_fraction": round(1 - self.real / max(total, 1), 5),
+            "max_segments": self.max_segments}
