@@ -25,7 +25,6 @@ import difflib
 import math
 import os
 import re
-from typing import Any
 
 import ml_collections
 
@@ -250,7 +249,7 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   hbm_gib: HBM per device to judge "fits" against; default from the device kind or topology.
   """
   import jax
-  from fmjax import models, optim, sharding, train
+  from fmjax import models, optim, sharding
 
   config = ml_collections.ConfigDict(config_lib.to_dict(config))  # an unlocked copy: the plan edits it
   notes = []
