@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import attention
+from fmjax.data import packing
 
 
 def timeit(f, *args, n=20):
@@ -30,6 +31,9 @@ def main():
     seg1 = jnp.ones((B, T), jnp.int32)
     # 4 packed segments per row
     seg4 = jnp.asarray(np.repeat(np.arange(1, 5), T // 4)[None].repeat(B, 0), jnp.int32)
+    # The same packings with their runs, as the loader sends them (cuDNN's packed layout).
+    pack1, pack4 = (attention.packing_of({"segment_ids": s, **packing.segment_runs(np.asarray(s), n)})
+                    for s, n in ((seg1, 1), (seg4, 4)))
 
     def loss(fn):
       return jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
@@ -40,9 +44,9 @@ def main():
         "cudnn nomask": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn"),
         "cudnn+mask": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                                                    implementation="cudnn"),
-        "cudnn fmjax (packed)": lambda q, k, v: attention.attention(q, k, v, causal=causal, segment_ids_BT=seg4,
+        "cudnn fmjax (packed)": lambda q, k, v: attention.attention(q, k, v, causal=causal, segment_ids_BT=pack4,
                                                                     kernel="cudnn"),
-        "cudnn fmjax 1 seg": lambda q, k, v: attention.attention(q, k, v, causal=causal, segment_ids_BT=seg1,
+        "cudnn fmjax 1 seg": lambda q, k, v: attention.attention(q, k, v, causal=causal, segment_ids_BT=pack1,
                                                                  kernel="cudnn"),
     }
     ref = jax.jit(variants["xla+seg"])(q, k, v).astype(jnp.float32)
