@@ -92,7 +92,10 @@ def compile_train_step(config, segments: int = 1):
   from jax.experimental import topologies
 
   from fmjax import bench, config_lib, optim, sharding, train
-  topology = topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=H100_TARGET_CONFIG)
+  try:
+    topology = topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=H100_TARGET_CONFIG)
+  except NotImplementedError as e:
+    raise RuntimeError("this venv has no JAX CUDA plugin; set one up as benchmarks/gpu_aot.py says") from e
   config_lib.validate(config, len(topology.devices))
   with as_on_an_h100():
     mesh = sharding.make_mesh(config, devices=topology.devices)
@@ -390,8 +393,8 @@ def format_report(report: Report, top: int = 15) -> str:
   groups = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
   for k in ks:
     by_kind[(k.group, k.kind)] += k.launches
-    g = groups[k.group]
-    g[0] += k.launches; g[1] += k.launches * k.bytes; g[2] += k.launches * k.flops; g[3] += k.seconds
+    for i, v in enumerate((k.launches, k.launches * k.bytes, k.launches * k.flops, k.seconds)):
+      groups[k.group][i] += v
   lines += [f"  {n:7.0f}  {g:15s} {kind}" for (g, kind), n in sorted(by_kind.items(), key=lambda x: (-x[1], x[0]))]
   lines += ["", f"  {'group':15s} {'launches':>8s} {'GB r+w':>9s} {'GFLOP':>9s} {'t_mem':>9s} {'t_flop':>9s} "
             f"{'roofline':>9s}"]
