@@ -263,3 +263,32 @@ def test_layer_norm_vjp_matches_autodiff_and_keeps_no_float32_activations(dtype,
   kept = capsys.readouterr().out.strip().splitlines()
   name = {jnp.float32: "f32", jnp.bfloat16: "bf16"}[dtype]
   assert [line for line in kept if "[3,5,64]" in line] == [f"{name}[3,5,64] from the argument x"], kept
+
+
+@pytest.mark.parametrize("approximate", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_bias_gelu_vjp_matches_autodiff_and_keeps_only_its_input(approximate, dtype, capsys):
+  """The hand-written GELU backward (GPT-2's tanh form and BERT's erf form) equals autodiff of
+  the same forward, and the forward keeps only the matmul output h for it."""
+  k = jax.random.split(jax.random.key(1), 3)
+  h = (jax.random.normal(k[0], (3, 5, 64)) * 2).astype(dtype)
+  bias, w = 0.5 * jax.random.normal(k[1], (64,)), jax.random.normal(k[2], (3, 5, 64))
+  autodiff = lambda h, b, approximate: jax.nn.gelu(
+      h.astype(jnp.float32) + b, approximate=approximate).astype(h.dtype)
+
+  def grads(fn):
+    loss = lambda h, b: (fn(h, b, approximate).astype(jnp.float32) * w).sum()
+    return jax.value_and_grad(loss, argnums=(0, 1))(h, bias)
+
+  (v, g), (v_ref, g_ref) = grads(models.bias_gelu), grads(autodiff)
+  assert float(v) == float(v_ref)
+  for a, b in zip(g, g_ref):
+    assert a.dtype == b.dtype
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2  # bf16: the same float32 math, one rounding
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(
+      lambda h: models.bias_gelu(h, bias, approximate).astype(jnp.float32).sum(), h)
+  kept = capsys.readouterr().out.strip().splitlines()
+  name = {jnp.float32: "f32", jnp.bfloat16: "bf16"}[dtype]
+  assert [line for line in kept if "[3,5,64]" in line] == [f"{name}[3,5,64] from the argument h"], kept
