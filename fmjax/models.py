@@ -65,6 +65,10 @@ def _fold(key, i: int):
 class Dense(nnx.Module):
   """y = x . W + b contracting the last len(in_shape) axes of x; W is stored as in_shape + out_shape."""
 
+  # Whether y == project(x) + b, so a caller may add the bias itself (`MLP` fuses it into GELU).
+  # A subclass that changes y after the bias (`peft.AdapterDense`) sets it False.
+  bias_is_last = True
+
   def __init__(self, in_shape, out_shape, names, *, std: float, use_bias=True, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
@@ -274,8 +278,12 @@ class MLP(nnx.Module):
     self.proj = Dense((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), std=out_std, **kw)
 
   def __call__(self, x_BTD):
-    h_BTF = _constrain(self.fc.project(x_BTD), ("batch", "length", "mlp"))
-    return self.proj(bias_gelu(h_BTF, self.fc.bias[...], self.approximate))
+    fc = self.fc
+    if fc.bias is None or not fc.bias_is_last:
+      h_BTF = _constrain(fc(x_BTD), ("batch", "length", "mlp"))
+      return self.proj(jax.nn.gelu(h_BTF, approximate=self.approximate))
+    h_BTF = _constrain(fc.project(x_BTD), ("batch", "length", "mlp"))
+    return self.proj(bias_gelu(h_BTF, fc.bias[...], self.approximate))
 
 
 class GPTBlock(nnx.Module):

@@ -66,12 +66,14 @@ class LoRADense(models.Dense):
     h = _contract(x.astype(self.dtype), self.lora_a[...].astype(self.dtype), self.n_in)
     return self.scale * _contract(h, self.lora_b[...].astype(self.dtype), 1)
 
-  def __call__(self, x):
-    return super().__call__(x) + self.lora_delta(x)
+  def project(self, x):
+    return super().project(x) + self.lora_delta(x)
 
 
 class AdapterDense(models.Dense):
   """A Dense followed by a residual bottleneck adapter; keeps the wrapped kernel and bias."""
+
+  bias_is_last = False
 
   def __init__(self, base: models.Dense, *, dim: int, rngs: nnx.Rngs):
     self.n_in, self.dtype = base.n_in, base.dtype

@@ -166,3 +166,23 @@ def test_mean_pooled_classifier_refuses_export():
   params = params_of(finetune.model_factory(config, C)())
   with pytest.raises(ConfigError, match="finetune.pooling=mean has no Hugging Face counterpart"):
     interop.from_finetune(params, config)
+
+
+@pytest.mark.parametrize("mode", ["lora", "adapter"])
+def test_peft_on_the_mlp_input_layer_is_live(mode):
+  """The MLP adds fc's bias inside its fused GELU; a LoRA on fc still adds its update before the
+  GELU, and an adapter on fc (which acts after the bias) still sees the biased output."""
+  from fmjax import models
+  with nnx.use_eager_sharding(False):
+    mlp = models.MLP(models._Common(tiny().model), approximate_gelu=False, out_std=0.5, rngs=nnx.Rngs(0))
+    base = mlp.fc
+    base.bias[...] = jnp.linspace(-1, 1, base.bias.shape[0])
+    mlp.fc = (peft.LoRADense(base, rank=2, alpha=4.0, rngs=nnx.Rngs(1)) if mode == "lora"
+              else peft.AdapterDense(base, dim=4, rngs=nnx.Rngs(1)))
+  small = [mlp.fc.lora_b] if mode == "lora" else [mlp.fc.adapter_down.kernel, mlp.fc.adapter_up.kernel]
+  for p in small:  # zero or near zero at init
+    p[...] = 0.3 * jnp.ones(p.shape)
+  x = jax.random.normal(jax.random.key(0), (2, 3, base.kernel.shape[0]))
+  want = mlp.proj(jax.nn.gelu(mlp.fc(x), approximate=False))  # the layer as a whole, then GELU
+  np.testing.assert_allclose(np.asarray(mlp(x)), np.asarray(want), atol=1e-5)
+  assert np.abs(np.asarray(mlp.fc(x) - base(x))).max() > 1e-2  # the PEFT term is not zero
