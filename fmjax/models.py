@@ -536,10 +536,12 @@ class BERT(nnx.Module):
     pooled_BD = jnp.tanh(self.pooler(h_BTD[:, 0]))
     return h_BTD, pooled_BD
 
-  def mlm_head(self, h_BxD):
-    """Transform (dense, exact GELU, LN), then the tied decoder plus bias: float32 logits [..., V]."""
-    x = self.mlm_ln(jax.nn.gelu(self.mlm_transform(h_BxD), approximate=False))
-    return self.embeddings.word_embeddings.attend(x) + self.mlm_bias[...].astype(jnp.float32)
+  def mlm_features(self, h_BTD, mlm_positions_BM=None):
+    """The head's transform (dense, exact GELU, LN) of h at mlm_positions_BM (all positions if
+    None): what the tied decoder reads. Gathering first runs the transform on M positions only."""
+    if mlm_positions_BM is not None:
+      h_BTD = jnp.take_along_axis(h_BTD, mlm_positions_BM[:, :, None].astype(jnp.int32), axis=1)
+    return self.mlm_ln(jax.nn.gelu(self.mlm_transform(h_BTD), approximate=False))
 
   def __call__(self, tokens_BT, *, token_types_BT=None, positions_BT=None, segment_ids_BT=None,
                mlm_positions_BM=None, deterministic=True, rngs=None):
@@ -548,9 +550,8 @@ class BERT(nnx.Module):
     Gathering before the head means the transform and the V-wide decoder run on M positions only.
     """
     h_BTD = self._hidden(tokens_BT, token_types_BT, positions_BT, segment_ids_BT, deterministic, rngs)
-    if mlm_positions_BM is not None:
-      h_BTD = jnp.take_along_axis(h_BTD, mlm_positions_BM[:, :, None].astype(jnp.int32), axis=1)
-    return self.mlm_head(h_BTD)
+    x_BMD = self.mlm_features(h_BTD, mlm_positions_BM)
+    return self.embeddings.word_embeddings.attend(x_BMD) + self.mlm_bias[...].astype(jnp.float32)
 
 
 def build_model(model_cfg, *, rngs: nnx.Rngs) -> GPT | BERT:

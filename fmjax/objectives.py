@@ -26,16 +26,17 @@ def cross_entropy(logits_BXV: jax.Array, targets_BX: jax.Array, weights_BX: jax.
   return (jnp.sum(nll_BX * weights_BX), jnp.sum(weights_BX), jnp.sum(correct_BX * weights_BX))
 
 
-def _fused_forward(h_ND, w_VD, targets_N, weights_N, chunk: int):
+def _fused_forward(h_ND, w_VD, b_V, targets_N, weights_N, chunk: int):
   """Loss, correct count and both gradients, one chunk of rows at a time.
 
   Only a [chunk, V] block of logits ever exists, in the compute dtype of `h_ND`; the softmax
   statistics are float32. Gradients are produced in the same pass, so the backward pass is a
-  multiply by the incoming cotangent.
+  multiply by the incoming cotangent. `b_V` (BERT's decoder bias) may be None.
   """
   n, d = h_ND.shape
   dtype = h_ND.dtype
   w_VD_c = w_VD.astype(dtype)
+  chunk = min(chunk, n)  # fewer rows than a chunk: one chunk of exactly those, no padding
   pad = (-n) % chunk
   if pad:
     h_ND = jnp.pad(h_ND, ((0, pad), (0, 0)))
@@ -46,12 +47,15 @@ def _fused_forward(h_ND, w_VD, targets_N, weights_N, chunk: int):
   t_SC = targets_N.reshape(steps, chunk)
   w_SC = weights_N.reshape(steps, chunk).astype(jnp.float32)
 
-  def body(dw_VD, xs):
+  def body(carry, xs):
+    dw_VD, db_V = carry
     h_CD, t_C, wt_C = xs
     # The matmul writes the compute dtype directly (f32 accumulation inside the kernel): a
     # float32 [chunk, V] block plus a convert would double the bytes of the largest tensor.
     logits_CV = jnp.dot(h_CD, w_VD_c.T)
     l32_CV = logits_CV.astype(jnp.float32)
+    if b_V is not None:
+      l32_CV = l32_CV + b_V.astype(jnp.float32)
     lse_C = jax.nn.logsumexp(l32_CV, axis=-1)
     onehot_CV = jax.nn.one_hot(t_C, l32_CV.shape[-1], dtype=jnp.float32)
     target_C = jnp.sum(l32_CV * onehot_CV, axis=-1)
@@ -60,33 +64,39 @@ def _fused_forward(h_ND, w_VD, targets_N, weights_N, chunk: int):
     dlogits_CV = ((jnp.exp(l32_CV - lse_C[:, None]) - onehot_CV) * wt_C[:, None]).astype(dtype)
     dh_CD = jnp.dot(dlogits_CV, w_VD_c, preferred_element_type=jnp.float32).astype(dtype)
     dw_VD = dw_VD + jnp.dot(dlogits_CV.T, h_CD, preferred_element_type=jnp.float32)
-    return dw_VD, (nll, correct, dh_CD)
+    if b_V is not None:
+      db_V = db_V + dlogits_CV.astype(jnp.float32).sum(0)
+    return (dw_VD, db_V), (nll, correct, dh_CD)
 
-  dw_VD, (nll_S, correct_S, dh_SCD) = jax.lax.scan(body, jnp.zeros(w_VD.shape, jnp.float32), (h_SCD, t_SC, w_SC))
+  db0 = None if b_V is None else jnp.zeros(b_V.shape, jnp.float32)
+  (dw_VD, db_V), (nll_S, correct_S, dh_SCD) = jax.lax.scan(
+      body, (jnp.zeros(w_VD.shape, jnp.float32), db0), (h_SCD, t_SC, w_SC))
   dh_ND = dh_SCD.reshape(-1, d)[:n]
-  return jnp.sum(nll_S), jnp.sum(correct_S), dh_ND, dw_VD.astype(w_VD.dtype)
+  db_V = None if b_V is None else db_V.astype(b_V.dtype)
+  return jnp.sum(nll_S), jnp.sum(correct_S), dh_ND, dw_VD.astype(w_VD.dtype), db_V
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def fused_lm_head_loss(h_ND, w_VD, targets_N, weights_N, chunk: int = 2048):
-  """Summed cross-entropy of `h_ND @ w_VD.T` against targets, and the weighted correct count.
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def fused_lm_head_loss(h_ND, w_VD, b_V, targets_N, weights_N, chunk: int = 2048):
+  """Summed cross-entropy of `h_ND @ w_VD.T (+ b_V)` against targets, and the weighted correct count.
 
-  Equal to `cross_entropy(h @ w.T, ...)` but never materialises the [N, V] logits: the
-  large-vocabulary fast path for the tied LM head.
+  Equal to `cross_entropy(h @ w.T + b, ...)` but never materialises the [N, V] logits: the
+  large-vocabulary fast path for the tied LM head. `b_V` may be None (GPT has no bias).
   """
-  nll, correct, _, _ = _fused_forward(h_ND, w_VD, targets_N, weights_N, chunk)
+  nll, correct, _, _, _ = _fused_forward(h_ND, w_VD, b_V, targets_N, weights_N, chunk)
   return nll, correct
 
 
-def _fused_fwd(h_ND, w_VD, targets_N, weights_N, chunk):
-  nll, correct, dh_ND, dw_VD = _fused_forward(h_ND, w_VD, targets_N, weights_N, chunk)
-  return (nll, correct), (dh_ND, dw_VD)
+def _fused_fwd(h_ND, w_VD, b_V, targets_N, weights_N, chunk):
+  nll, correct, dh_ND, dw_VD, db_V = _fused_forward(h_ND, w_VD, b_V, targets_N, weights_N, chunk)
+  return (nll, correct), (dh_ND, dw_VD, db_V)
 
 
 def _fused_bwd(chunk, residuals, cotangents):
-  dh_ND, dw_VD = residuals
+  dh_ND, dw_VD, db_V = residuals
   g_nll, _ = cotangents
-  return (dh_ND * g_nll.astype(dh_ND.dtype), dw_VD * g_nll.astype(dw_VD.dtype), None, None)
+  scaled = lambda g: None if g is None else g * g_nll.astype(g.dtype)
+  return (scaled(dh_ND), scaled(dw_VD), scaled(db_V), None, None)
 
 
 fused_lm_head_loss.defvjp(_fused_fwd, _fused_bwd)
@@ -104,7 +114,7 @@ def clm_loss(model, batch, *, deterministic: bool = True, rngs=None, fused_chunk
     h_BTD = model.hidden(batch["inputs"], **kwargs)
     b, t, d = h_BTD.shape
     weights_BT = batch["loss_weights"]
-    loss, correct = fused_lm_head_loss(h_BTD.reshape(b * t, d), model.wte.embedding[...],
+    loss, correct = fused_lm_head_loss(h_BTD.reshape(b * t, d), model.wte.embedding[...], None,
                                        batch["targets"].reshape(-1), weights_BT.reshape(-1), fused_chunk)
     weight = jnp.sum(weights_BT)
   else:
@@ -113,12 +123,25 @@ def clm_loss(model, batch, *, deterministic: bool = True, rngs=None, fused_chunk
   return loss, {"loss_sum": loss, "weight_sum": weight, "correct_sum": correct}
 
 
-def mlm_loss(model, batch, *, deterministic: bool = True, rngs=None):
-  """Masked-LM loss computed on the masked positions only (the head never sees the rest)."""
-  logits_BMV = model(batch["inputs"], token_types_BT=batch["token_types"], positions_BT=batch["positions"],
-                     segment_ids_BT=attention.packing_of(batch), mlm_positions_BM=batch["mlm_positions"],
-                     deterministic=deterministic, rngs=rngs)
-  loss, weight, correct = cross_entropy(logits_BMV, batch["mlm_targets"], batch["mlm_weights"])
+def mlm_loss(model, batch, *, deterministic: bool = True, rngs=None, fused_chunk: int = 0):
+  """Masked-LM loss computed on the masked positions only (the head never sees the rest).
+
+  With `fused_chunk` > 0 the tied decoder (plus its bias) and the loss run chunk by chunk
+  (`fused_lm_head_loss`), with no float32 [B, M, V] logits.
+  """
+  kwargs = dict(token_types_BT=batch["token_types"], positions_BT=batch["positions"],
+                segment_ids_BT=attention.packing_of(batch), deterministic=deterministic, rngs=rngs)
+  if fused_chunk:
+    x_BMD = model.mlm_features(model.hidden(batch["inputs"], **kwargs), batch["mlm_positions"])
+    b, m, d = x_BMD.shape
+    weights_BM = batch["mlm_weights"]
+    loss, correct = fused_lm_head_loss(
+        x_BMD.reshape(b * m, d), model.embeddings.word_embeddings.embedding[...], model.mlm_bias[...],
+        batch["mlm_targets"].reshape(-1), weights_BM.reshape(-1), fused_chunk)
+    weight = jnp.sum(weights_BM)
+  else:
+    logits_BMV = model(batch["inputs"], mlm_positions_BM=batch["mlm_positions"], **kwargs)
+    loss, weight, correct = cross_entropy(logits_BMV, batch["mlm_targets"], batch["mlm_weights"])
   return loss, {"loss_sum": loss, "weight_sum": weight, "correct_sum": correct}
 
 
@@ -127,6 +150,4 @@ LOSSES = {"clm": clm_loss, "mlm": mlm_loss}
 
 def get_loss_fn(config):
   """The loss for `config.train.objective`, with the model's loss fast paths bound."""
-  if config.train.objective == "clm":
-    return partial(clm_loss, fused_chunk=int(config.model.fused_loss_chunk))
-  return LOSSES[config.train.objective]
+  return partial(LOSSES[config.train.objective], fused_chunk=int(config.model.fused_loss_chunk))

@@ -226,6 +226,8 @@ def analytic_temp_bytes(config, mesh_sizes: dict[str, int], param_bytes: int) ->
   else:  # the dots policies keep matmul outputs: about half of a layer's activations
     acts = m.num_layers * per_layer / 2 + per_layer
   logit_rows = rows * (config.data.max_predictions if config.train.objective == "mlm" else t)
+  if m.fused_loss_chunk:  # the fused LM-head loss holds one chunk of logits at a time
+    logit_rows = min(logit_rows, m.fused_loss_chunk)
   logits = 3 * logit_rows * m.vocab_size * 4 / tp
   return int(param_bytes + acts + logits)
 

@@ -137,10 +137,12 @@ def test_sharded_step_matches_one_device(family, mesh):
   np.testing.assert_allclose(losses, ref, rtol=2e-5)
 
 
-def test_fused_loss_matches_full_logits():
-  """The chunked LM-head loss (a fast path) gives the reference loss and the same update."""
-  ref_state, ref = run_steps(tiny("gpt", *LINEAR_ADAM), 2)
-  state, fused = run_steps(tiny("gpt", "model.fused_loss_chunk=48", *LINEAR_ADAM), 2)  # 256 tokens: 6 chunks, one padded
+@pytest.mark.parametrize("family,chunk", [("gpt", 48), ("bert", 20), ("bert", 4096)])
+def test_fused_loss_matches_full_logits(family, chunk):
+  """The chunked LM-head loss (a fast path) gives the reference loss and the same update: GPT's
+  tied head, BERT's tied decoder with its bias, in several chunks (the last padded) or one."""
+  ref_state, ref = run_steps(tiny(family, *LINEAR_ADAM), 2)
+  state, fused = run_steps(tiny(family, f"model.fused_loss_chunk={chunk}", *LINEAR_ADAM), 2)
   np.testing.assert_allclose(fused, ref, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(ref_state["params"]), jax.tree.leaves(state["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
