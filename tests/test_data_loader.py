@@ -1,5 +1,6 @@
 """The step-indexed loader: determinism, epochs, host splits, packing, masking, eval coverage, prefetch."""
 
+import logging
 import os
 
 import jax
@@ -89,6 +90,20 @@ def test_cache_counts_the_most_segments_a_row(family, gpt, bert, monkeypatch):
   monkeypatch.setattr(packing, "MAX_RUNS", loader.num_runs - 1)
   loader = data.make_loader(config)
   assert loader.num_runs == 0 and "segment_lengths" not in loader.host_batch(0)
+
+
+def test_cache_from_before_the_segment_count_says_so(gpt, monkeypatch, caplog):
+  real_init = data.PackedSplit.__init__
+
+  def old_cache(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    del self.meta["max_segments"]
+
+  monkeypatch.setattr(data.PackedSplit, "__init__", old_cache)
+  with caplog.at_level(logging.INFO, logger="fmjax"):
+    loader = data.make_loader(gpt)
+  assert loader.num_runs == 0 and "segment_lengths" not in loader.host_batch(0)
+  assert "prepared before caches counted segments" in caplog.text and "delete it" in caplog.text
 
 
 def test_epochs_are_permutations_and_reshuffle(gpt):

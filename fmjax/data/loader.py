@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import queue
 import threading
@@ -176,8 +177,12 @@ class Loader:
     self.num_batches = -(-N // B) if split == "eval" else max(N // B, 1)
     # Batches carry each row's runs of segment ids when every row of the split has few enough
     # (the cache's own count, so all hosts agree and the batch never changes shape).
-    most = self.data.meta.get("max_segments", packing.MAX_RUNS + 1)  # caches from before the count: none
-    self.num_runs = most if most <= packing.MAX_RUNS else 0
+    most = self.data.meta.get("max_segments")
+    if most is None and split == "train":
+      logging.getLogger("fmjax").info(
+          "%s was prepared before caches counted segments a row: batches carry no segment runs, so "
+          "cuDNN attention reads a mask; delete it to prepare it again for the faster path", self.path)
+    self.num_runs = most if most is not None and most <= packing.MAX_RUNS else 0
     self._perms = {}
     self._lock = threading.Lock()
 
