@@ -214,6 +214,7 @@ class Kernel:
   bytes: float     # read + written by one launch
   flops: float     # of one launch: dots, gemms and attention only
   launches: float  # per step
+  source: str = ""  # the JAX op that made it (op_name metadata), numbers dropped
 
   @property
   def seconds(self) -> float:
@@ -316,7 +317,18 @@ def _fusion_group(ins: Instr, fused: list[Instr]) -> tuple[str, str]:
   return "elementwise", kind
 
 
+def _source(ins: Instr) -> str:
+  m = re.search(r'op_name="([^"]*)"', ins.attrs)
+  return re.sub(r"\d+", "#", re.sub(r"^jit\([^)]*\)/", "", m.group(1))) if m else "?"
+
+
 def _kernel(ins: Instr, comps: dict[str, list[Instr]], table: dict[str, Instr], launches: float) -> Kernel:
+  kernel = _kernel_costs(ins, comps, table, launches)
+  kernel.source = _source(ins)
+  return kernel
+
+
+def _kernel_costs(ins: Instr, comps: dict[str, list[Instr]], table: dict[str, Instr], launches: float) -> Kernel:
   operand_bytes = sum(_nbytes(table[o].type) for o in ins.operands if o in table)
   if ins.op == "fusion":
     fused = comps.get(next(iter(ins.called("calls")), ""), [])
@@ -407,6 +419,14 @@ def format_report(report: Report, top: int = 15) -> str:
   for k in sorted(ks, key=lambda k: -k.seconds)[:top]:
     lines.append(f"  {1e6 * k.seconds:9.1f}us x{k.launches:<4.0f} {k.group:14s} {k.kind[:40]:40s} "
                  f"{k.launches * k.bytes / 1e6:9.1f}MB {k.launches * k.flops / 1e9:8.1f}GF  {k.name[:50]}")
+  lines += ["", f"memory-bound kernels (not gemm or attention) by the JAX op that made them, top {top}:"]
+  by_source = collections.defaultdict(lambda: [0.0, 0.0])
+  for k in ks:
+    if k.group not in ("gemm", "attention"):
+      by_source[(k.group, k.source)][0] += k.launches
+      by_source[(k.group, k.source)][1] += k.launches * k.bytes
+  for (group, source), (n, b) in sorted(by_source.items(), key=lambda x: -x[1][1])[:top]:
+    lines.append(f"  {b / 1e9:8.3f} GB {1e6 * b / H100_BYTES_PER_S:8.0f}us x{n:<5.0f} {group:14s} {source[:90]}")
   lines += ["", f"summary: {launches:.0f} launches, {nbytes / 1e9:.2f} GB, {flops / 1e9:.0f} GFLOP, roofline "
             f"{1e3 * seconds:.2f} ms, {report.conditionals:.0f} conditionals, {report.whiles_unknown:.0f} while "
             "loops of unknown trip count"]

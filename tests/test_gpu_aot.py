@@ -45,6 +45,13 @@ def test_elementwise_fusion_moves_its_operands_and_result():
   assert k.bytes == 64 * 32 * (4 + 2) + 64 * 32 * 4
 
 
+def test_kernels_name_the_jax_op_that_made_them():
+  report = analyze(lambda a: jnp.sum(jnp.exp(a), axis=1), jnp.ones((64, 32)))
+  assert {k.source for k in report.kernels} == {"reduce_sum"}, report.kernels
+  text = gpu_aot.format_report(report)
+  assert "by the JAX op that made them" in text and "reduce_sum" in text.split("by the JAX op")[1]
+
+
 def test_dot_flops_are_2mnk():
   m, k, n = 64, 32, 48
   report = analyze(lambda a, w: jnp.tanh(a @ w) + 1, jnp.ones((m, k)), jnp.ones((k, n)))
