@@ -115,8 +115,8 @@ def _cudnn_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_
                          "set model.dtype=bfloat16 or model.attention=xla")
   if segment_ids_BT is None:
     return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=causal, implementation="cudnn")
-  if (packing is not None and segment_ids_BS is segment_ids_BT and q_BTHK.shape[1] == k_BSHK.shape[1]
-      and _has_compute_capability(9, 0)):  # cuDNN's packed layout needs Hopper or later
+  # `packing` comes only with self-attention (see `attention`).
+  if packing is not None and _has_compute_capability(9, 0):  # cuDNN's packed layout needs Hopper or later
     try:
       from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # the only entry that takes offsets
     except ImportError:  # a JAX that moved it: the mask path below is still correct

@@ -50,7 +50,7 @@ def synthetic_batch(config, batch_size: int | None = None, seed: int = 0, segmen
     batch["mlm_positions"] = np.sort(np.stack([rng.choice(t, m, replace=False) for _ in range(b)]), axis=1).astype(np.int32)
     batch["mlm_targets"] = rng.integers(0, vocab, (b, m), dtype=np.int32)
     batch["mlm_weights"] = np.ones((b, m), np.float32)
-  if segments <= packing.MAX_RUNS:
+  if packing.runs_to_send(segments):
     batch.update(packing.segment_runs(batch["segment_ids"], segments))
   return batch
 

@@ -102,6 +102,15 @@ def _fused_bwd(chunk, residuals, cotangents):
 fused_lm_head_loss.defvjp(_fused_fwd, _fused_bwd)
 
 
+def fused_cross_entropy(x_BXD, w_VD, b_V, targets_BX, weights_BX, chunk: int):
+  """`cross_entropy` of the logits `x @ w.T (+ b)` through `fused_lm_head_loss`: same outputs,
+  no [B, X, V] logits."""
+  d = x_BXD.shape[-1]
+  loss, correct = fused_lm_head_loss(x_BXD.reshape(-1, d), w_VD, b_V, targets_BX.reshape(-1),
+                                     weights_BX.reshape(-1), chunk)
+  return loss, jnp.sum(weights_BX), correct
+
+
 def clm_loss(model, batch, *, deterministic: bool = True, rngs=None, fused_chunk: int = 0):
   """Next-token loss; `batch['loss_weights']` masks padding and cross-document targets.
 
@@ -111,12 +120,8 @@ def clm_loss(model, batch, *, deterministic: bool = True, rngs=None, fused_chunk
   kwargs = dict(positions_BT=batch["positions"], segment_ids_BT=attention.packing_of(batch),
                 deterministic=deterministic, rngs=rngs)
   if fused_chunk:
-    h_BTD = model.hidden(batch["inputs"], **kwargs)
-    b, t, d = h_BTD.shape
-    weights_BT = batch["loss_weights"]
-    loss, correct = fused_lm_head_loss(h_BTD.reshape(b * t, d), model.wte.embedding[...], None,
-                                       batch["targets"].reshape(-1), weights_BT.reshape(-1), fused_chunk)
-    weight = jnp.sum(weights_BT)
+    loss, weight, correct = fused_cross_entropy(model.hidden(batch["inputs"], **kwargs), model.wte.embedding[...],
+                                                None, batch["targets"], batch["loss_weights"], fused_chunk)
   else:
     logits_BTV = model(batch["inputs"], **kwargs)
     loss, weight, correct = cross_entropy(logits_BTV, batch["targets"], batch["loss_weights"])
@@ -133,12 +138,9 @@ def mlm_loss(model, batch, *, deterministic: bool = True, rngs=None, fused_chunk
                 segment_ids_BT=attention.packing_of(batch), deterministic=deterministic, rngs=rngs)
   if fused_chunk:
     x_BMD = model.mlm_features(model.hidden(batch["inputs"], **kwargs), batch["mlm_positions"])
-    b, m, d = x_BMD.shape
-    weights_BM = batch["mlm_weights"]
-    loss, correct = fused_lm_head_loss(
-        x_BMD.reshape(b * m, d), model.embeddings.word_embeddings.embedding[...], model.mlm_bias[...],
-        batch["mlm_targets"].reshape(-1), weights_BM.reshape(-1), fused_chunk)
-    weight = jnp.sum(weights_BM)
+    loss, weight, correct = fused_cross_entropy(x_BMD, model.embeddings.word_embeddings.embedding[...],
+                                                model.mlm_bias[...], batch["mlm_targets"], batch["mlm_weights"],
+                                                fused_chunk)
   else:
     logits_BMV = model(batch["inputs"], mlm_positions_BM=batch["mlm_positions"], **kwargs)
     loss, weight, correct = cross_entropy(logits_BMV, batch["mlm_targets"], batch["mlm_weights"])

@@ -158,8 +158,7 @@ class RowLoader:
     self.num_rows = len(rows["inputs"])
     self.num_batches = max(self.num_rows // batch_size, 1) if shuffle else -(-self.num_rows // batch_size)
     self.rows_b = data.host_rows(sharding, (batch_size, rows["inputs"].shape[1]))
-    most = packing.most_runs(rows["segment_ids"])  # as the pretraining loader: batches carry the runs
-    self.num_runs = most if most <= packing.MAX_RUNS else 0
+    self.num_runs = packing.runs_to_send(packing.most_runs(rows["segment_ids"]))  # as the pretraining loader
 
   def dataset_rows(self, step: int) -> np.ndarray:
     """Row ids of this host's batch rows at `step` (-1 = padding)."""

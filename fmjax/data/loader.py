@@ -182,7 +182,7 @@ class Loader:
       logging.getLogger("fmjax").info(
           "%s was prepared before caches counted segments a row: batches carry no segment runs, so "
           "cuDNN attention reads a mask; delete it to prepare it again for the faster path", self.path)
-    self.num_runs = most if most is not None and most <= packing.MAX_RUNS else 0
+    self.num_runs = packing.runs_to_send(most)
     self._perms = {}
     self._lock = threading.Lock()
 

@@ -38,6 +38,12 @@ _ENCODE_CHUNK = 512
 MAX_RUNS = 16
 
 
+def runs_to_send(most: int | None) -> int:
+  """How many runs a row the batches carry, given the most any row has (None: unknown): that
+  many, or 0 (none; attention takes the mask) past MAX_RUNS."""
+  return most if most is not None and most <= MAX_RUNS else 0
+
+
 def most_runs(segment_ids_BT: np.ndarray) -> int:
   """The most runs of equal segment ids in any row (padding counts as one)."""
   return 1 + int((segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]).sum(axis=1).max(initial=0))
