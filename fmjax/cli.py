@@ -4,7 +4,9 @@
   fmjax data prepare --config=configs/bert.py:tiny
   fmjax bench --config=configs/gpt.py:small --config.train.batch_size=16
 
-A user mistake ends in one line on stderr (`error: ...`) and exit code 2.
+A user mistake ends in one line on stderr (`error: ...`) and exit code 2. A run stopped by
+SIGTERM saves, then exits with code 143 (128 + SIGTERM, as a shell reports a process the signal
+ended): it is not finished, and rerunning the same command resumes it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import argparse
 import sys
 
 from fmjax.config_lib import ConfigError
+
+PREEMPTED_EXIT_CODE = 143  # saved and stopped on SIGTERM: rerun the same command to resume
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -56,11 +60,16 @@ def maybe_initialize_distributed() -> None:
   jax.distributed.initialize(**kwargs)
 
 
+def _exit_code(result: dict) -> int:
+  """0 for a finished run; PREEMPTED_EXIT_CODE for one that saved and stopped on SIGTERM."""
+  return PREEMPTED_EXIT_CODE if result.get("preempted") else 0
+
+
 def cmd_train(argv):
   from fmjax import train
   maybe_initialize_distributed()
   args, config = _load("fmjax train", argv, True)
-  train.run(config, args.workdir)
+  return _exit_code(train.run(config, args.workdir))
 
 
 def cmd_data(argv):
@@ -123,14 +132,14 @@ def cmd_finetune(argv):
   from fmjax import finetune
   maybe_initialize_distributed()
   args, config = _load("fmjax finetune", argv, True)
-  finetune.run(config, args.workdir)
+  return _exit_code(finetune.run(config, args.workdir))
 
 
 def cmd_sft(argv):
   from fmjax import sft
   maybe_initialize_distributed()
   args, config = _load("fmjax sft", argv, True)
-  sft.run(config, args.workdir)
+  return _exit_code(sft.run(config, args.workdir))
 
 
 def cmd_generate(argv):

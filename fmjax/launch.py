@@ -164,6 +164,7 @@ class LaunchSpec:
   cluster: str = ""
   docker_image: str = ""              # an image with fmjax[tpu] installed; else base image + code
   base_docker_image: str = "python:3.11"
+  max_restarts: int = 0               # restarts of the JobSet after a failure or a preempted (143) exit
 
 
 def resolve(spec: LaunchSpec, environ: dict | None = None) -> LaunchSpec:
@@ -199,6 +200,8 @@ def validate(spec: LaunchSpec, mode: str) -> Accelerator | None:
     raise LaunchError(f"capacity {spec.capacity!r} is not one of on-demand, spot, reserved")
   if spec.num_slices < 1:
     raise LaunchError(f"--num-slices must be at least 1, got {spec.num_slices}")
+  if spec.max_restarts < 0:
+    raise LaunchError(f"--max-restarts must be 0 or more, got {spec.max_restarts}")
   if mode.startswith("xpk") and not spec.cluster:
     raise LaunchError("xpk needs --cluster=GKE_CLUSTER (create one with `xpk cluster create`)")
   if bool(spec.git_repo) != bool(spec.git_ref):
@@ -435,6 +438,9 @@ def _xpk_create(spec: LaunchSpec) -> list[str]:
          f"--tpu-type={spec.accelerator}", f"--num-slices={spec.num_slices}", *_where(spec)]
   # JobSet gives each pod its MEGASCALE_* and TPU worker settings, so only ours go here.
   cmd += [f"--env={item}" for item in _env_items(worker_env(spec))]
+  if spec.max_restarts:
+    # A preempted run saves and exits 143 (user code, to xpk); restarted, it resumes from there.
+    cmd += [f"--max-restarts={spec.max_restarts}", "--restart-on-user-code-failure"]
   train = shlex.join(train_argv(spec))
   if spec.docker_image:
     cmd += [f"--docker-image={spec.docker_image}", f"--command={train}"]
@@ -537,6 +543,8 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument("--docker-image", default="", help="image with fmjax[tpu] installed (else base image + code)")
   q.add_argument("--base-docker-image", default=LaunchSpec.base_docker_image)
   q.add_argument("--delete", action="store_true", help="delete the workload instead")
+  q.add_argument("--max-restarts", type=int, default=0,
+                 help="restart the workload up to N times after a failure or preemption; it resumes")
   common(q)
   return p
 
@@ -552,7 +560,7 @@ def spec_from_args(argv: Sequence[str]) -> tuple[LaunchSpec, str, bool]:
       env=tuple(args.env), code_dir=args.code_dir)
   if args.mode == "xpk":
     spec = dataclasses.replace(spec, name=args.workload, cluster=args.cluster, docker_image=args.docker_image,
-                               base_docker_image=args.base_docker_image)
+                               base_docker_image=args.base_docker_image, max_restarts=args.max_restarts)
     return spec, "xpk-delete" if args.delete else "xpk", args.execute
   capacity = "spot" if args.spot else "reserved" if args.reserved else "on-demand"
   spec = dataclasses.replace(spec, name=args.tpu, capacity=capacity, queued=args.queued, runtime=args.runtime,

@@ -14,9 +14,10 @@ Two keys are not config keys: `config` replaces the `get_config` arg of that run
 `finetune`). Each run lives in `ROOT/<name>`, where the name spells its overrides
 (`optim.lr=0.001,train.seed=1`). A run that exited cleanly leaves a `SWEEP_DONE` marker holding its
 command and is skipped next time; any other run is simply started again, and `train` resumes it
-from its own checkpoint. At the end the final losses go to `ROOT/sweep.md` and `ROOT/sweep.csv`
-(mean ± std over seeds when runs differ only in a `*seed` key) and eval loss curves to
-`ROOT/sweep_eval_loss.png`.
+from its own checkpoint. A run that saved and stopped on SIGTERM (exit code 143) is reported as
+preempted, not finished; SIGTERM to the sweep itself is passed on to its runs, which save first.
+At the end the final losses go to `ROOT/sweep.md` and `ROOT/sweep.csv` (mean ± std over seeds
+when runs differ only in a `*seed` key) and eval loss curves to `ROOT/sweep_eval_loss.png`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -181,7 +183,7 @@ def _tail(path: str, n: int = 5) -> str:
 def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, parallel: int = 1,
               subcommand: str = "train", *, base_overrides: Sequence[str] = (), print_commands: bool = False,
               out: TextIO | None = None) -> dict:
-  """Runs (or prints) a sweep; returns `{"runs", "failed", "skipped", "table"}`.
+  """Runs (or prints) a sweep; returns `{"runs", "failed", "preempted", "skipped", "table"}`.
 
   Runs go `parallel` at a time as `python -m fmjax.cli <command> ...` subprocesses, each logging
   to `root/name/log.txt`. Finished runs are skipped; the rest (re)start and resume themselves.
@@ -192,7 +194,7 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   if print_commands:
     for run in runs:
       print(shlex.join(run.argv(root)), file=out)
-    return {"runs": runs, "failed": [], "skipped": [], "table": None}
+    return {"runs": runs, "failed": [], "preempted": [], "skipped": [], "table": None}
   if parallel < 1:
     raise ConfigError(f"--parallel must be at least 1, got {parallel}")
   os.makedirs(root, exist_ok=True)
@@ -200,7 +202,7 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   skipped = [r for r in runs if is_finished(r, root)]
   todo = [r for r in runs if r not in skipped]
   print(f"sweep: {len(runs)} runs in {root} ({len(skipped)} already finished), {parallel} at a time", file=out)
-  failed = _run_all(todo, root, parallel, out)
+  failed, preempted = _run_all(todo, root, parallel, out)
   table = aggregate(root, runs)
   paths = write_outputs(table, root)
   print(format_markdown(table), file=out)
@@ -213,20 +215,37 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   for run in failed:
     print(f"FAILED {run.name}; see {os.path.join(root, run.name, 'log.txt')}:\n"
           f"{_tail(os.path.join(root, run.name, 'log.txt'))}", file=out)
-  return {"runs": runs, "failed": failed, "skipped": skipped, "table": table}
+  if preempted:
+    print(f"PREEMPTED {', '.join(r.name for r in preempted)}: saved, not finished; rerun the same sweep "
+          "command to resume", file=out)
+  return {"runs": runs, "failed": failed, "preempted": preempted, "skipped": skipped, "table": table}
 
 
-def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> list[Run]:
-  program = (sys.executable, "-m", "fmjax.cli")
-  queue, active, failed = list(todo), {}, []
+def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> tuple[list[Run], list[Run]]:
+  """Runs `todo`, `parallel` at a time; returns the runs that failed and those preempted."""
+  from fmjax.cli import PREEMPTED_EXIT_CODE
+  queue, active, failed, preempted = list(todo), {}, [], []
+  stopping = []  # set by SIGTERM: start nothing new, pass it on, wait for the runs to save
+
+  def on_sigterm(signum, frame):
+    if not stopping:
+      stopping.append(signum)
+      print("sweep: SIGTERM, passing it on to the running runs", file=out, flush=True)
+      for proc in active:
+        proc.terminate()
+
   try:
-    while queue or active:
-      while queue and len(active) < parallel:
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+  except ValueError:  # not the main thread: signals cannot be caught here
+    previous = None
+  try:
+    while (queue and not stopping) or active:
+      while queue and not stopping and len(active) < parallel:
         run = queue.pop(0)
         workdir = os.path.join(root, run.name)
         os.makedirs(workdir, exist_ok=True)
         log = open(os.path.join(workdir, "log.txt"), "a")
-        proc = subprocess.Popen(run.argv(root, program), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(run.argv(root, _program()), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
         active[proc] = (run, log, time.time())
         print(f"  started {run.name}", file=out, flush=True)
@@ -237,6 +256,9 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> list[Run
         if proc.returncode == 0:
           _mark_done(run, root, time.time() - t0)
           print(f"  done    {run.name} ({time.time() - t0:.0f} s)", file=out, flush=True)
+        elif proc.returncode == PREEMPTED_EXIT_CODE:
+          preempted.append(run)
+          print(f"  preempted {run.name} (saved; a rerun resumes it)", file=out, flush=True)
         else:
           failed.append(run)
           print(f"  failed  {run.name} (exit {proc.returncode})", file=out, flush=True)
@@ -248,7 +270,16 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> list[Run
       proc.wait()
       log.close()
     raise
-  return failed
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+  preempted += queue if stopping else []  # never started: a rerun starts them
+  return failed, preempted
+
+
+def _program() -> tuple[str, ...]:
+  """The command each run's arguments follow."""
+  return (sys.executable, "-m", "fmjax.cli")
 
 
 def _write_runs_file(runs: Sequence[Run], root: str) -> None:
@@ -394,5 +425,8 @@ def cli(argv: list[str]) -> int:
   args = p.parse_args(rest)
   result = run_sweep(args.config, load_sweep(args.config), args.workdir, args.parallel, args.command,
                      base_overrides=overrides, print_commands=args.print_commands)
-  return 1 if result["failed"] else 0
+  if result["failed"]:
+    return 1
+  from fmjax.cli import PREEMPTED_EXIT_CODE
+  return PREEMPTED_EXIT_CODE if result["preempted"] else 0
 

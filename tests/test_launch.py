@@ -211,6 +211,13 @@ def test_execute_xpk(fake_tools, capsys):
        "--command=fmjax train --config=configs/gpt.py:small --workdir=gs://b/w1"],
       ["xpk", "workload", "delete", "--cluster=c1", "--workload=w1", *WHERE],
   ]
+  # Restarts: a run preempted on GKE saves and exits 143, which xpk counts as user code.
+  assert launch.cli(["xpk", *argv, "--max-restarts=5", "--execute"]) == 0
+  create = calls()[-1]
+  assert create[create.index("--env=JAX_COMPILATION_CACHE_DIR=gs://b/jax_compilation_cache") + 1:][:2] == [
+      "--max-restarts=5", "--restart-on-user-code-failure"]
+  assert launch.cli(["xpk", *argv, "--max-restarts=-1"]) == 2
+  assert "--max-restarts must be 0 or more" in capsys.readouterr().err
 
 
 def test_execute_stops_at_first_failure(fake_tools, capsys, monkeypatch):

@@ -259,11 +259,12 @@ def test_killed_and_resumed_runs_are_bitwise_exact(reference, cache_dir, tmp_pat
   assert committed_steps(reference) == list(range(4, N + 1, 4))  # the final save landed before run() returned
   workdir, ckpts = str(tmp_path), os.path.join(tmp_path, "checkpoints")
 
-  # 1. SIGTERM: the run saves at the next step boundary and exits 0 (so a scheduler reschedules it).
+  # 1. SIGTERM: the run saves at the next step boundary and exits 143, not 0: it is unfinished,
+  # so a scheduler or `fmjax sweep` must not count it as done.
   first = Trainer(cli_args(workdir, cache_dir, "train.steps=40", "checkpoint.every_steps=100"), subprocess_env(8))
   try:
     preempt([first], at_step=3)
-    assert first.finish() == 0, first.output[-4000:]
+    assert first.finish() == cli.PREEMPTED_EXIT_CODE, first.output[-4000:]
   finally:
     first.kill()
   stopped = int(re.search(r"Preempted: saving step (\d+)", first.output).group(1))
@@ -479,7 +480,7 @@ def test_elastic_resume_across_meshes_devices_and_processes(reference, cache_dir
   finally:
     for h in hosts:
       h.kill()
-  assert codes == [0, 0], "\n---\n".join(h.output[-3000:] for h in hosts)
+  assert codes == [cli.PREEMPTED_EXIT_CODE] * 2, "\n---\n".join(h.output[-3000:] for h in hosts)
   assert re.search(r"Resumed from step 8 of .*'data': 8.*8 devices, 2 process", hosts[0].output), \
       hosts[0].output[-3000:]
   stops = [int(re.search(r"Preempted: saving step (\d+)", h.output).group(1)) for h in hosts]

@@ -1,15 +1,20 @@
-"""`fmjax sweep`: expansion and naming, bad keys, seed aggregation, and a real 2-run local sweep."""
+"""`fmjax sweep`: expansion and naming, bad keys, seed aggregation, preempted runs, and a real
+2-run local sweep."""
 
 import csv
 import io
 import json
 import math
 import os
+import signal
 import statistics
+import sys
+import threading
+import time
 
 import pytest
 
-from fmjax import config_lib, data, sweep
+from fmjax import cli, config_lib, data, sweep
 from fmjax.config_lib import ConfigError
 
 GPT = "configs/gpt.py:tiny"
@@ -128,6 +133,56 @@ def test_finished_means_same_command(tmp_path):
   assert sweep.is_finished(run, root)
   longer = sweep.expand(GPT, [{"optim.lr": 1e-3}], base_overrides=["train.steps=5000"])[0]
   assert longer.name == run.name and not sweep.is_finished(longer, root)
+
+
+def _fake_runs(monkeypatch, script: str) -> None:
+  """Each run becomes `python -c script <its arguments>`."""
+  monkeypatch.setattr(sweep, "_program", lambda: (sys.executable, "-c", script))
+
+
+def test_preempted_run_is_not_marked_done_and_a_rerun_starts_it(tmp_path, monkeypatch):
+  # A run that saved and stopped on SIGTERM exits 143; one that finished exits 0.
+  _fake_runs(monkeypatch, "import sys; sys.exit(143 if '--config.optim.lr=0.001' in sys.argv else 0)")
+  root = str(tmp_path)
+  entries = sweep.product({"optim.lr": [1e-3, 1e-2]})
+  out = io.StringIO()
+  result = sweep.run_sweep(GPT, entries, root, parallel=2, out=out)
+  assert [r.name for r in result["preempted"]] == ["optim.lr=0.001"] and not result["failed"]
+  assert "PREEMPTED optim.lr=0.001" in out.getvalue() and "rerun" in out.getvalue()
+  assert [r["status"] for r in result["table"].rows] == ["missing", "done"]
+  result = sweep.run_sweep(GPT, entries, root, parallel=2, out=io.StringIO())
+  assert [r.name for r in result["skipped"]] == ["optim.lr=0.01"]
+  assert [r.name for r in result["preempted"]] == ["optim.lr=0.001"]  # started again, not skipped
+
+
+def test_sigterm_to_the_sweep_reaches_its_runs(tmp_path, monkeypatch):
+  # Runs that save on SIGTERM, as `train` does; the second one is still queued when it comes.
+  _fake_runs(monkeypatch, "import signal, sys, time; "
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); open(sys.argv[3][len('--workdir='):] + '/up', 'w'); "
+             "time.sleep(60)")
+  root = str(tmp_path)
+  entries = sweep.product({"optim.lr": [1e-3, 1e-2]})
+
+  def preempt_when_running():
+    while not os.path.exists(os.path.join(root, "optim.lr=0.001", "up")):
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=preempt_when_running, daemon=True).start()
+  t0 = time.time()
+  result = sweep.run_sweep(GPT, entries, root, parallel=1, out=io.StringIO())
+  assert time.time() - t0 < 30  # the running run stopped; the queued one never started
+  assert [r.name for r in result["preempted"]] == ["optim.lr=0.001", "optim.lr=0.01"]
+  assert not os.path.exists(os.path.join(root, "optim.lr=0.01"))
+  assert signal.getsignal(signal.SIGTERM) is not None and not result["failed"]
+
+
+@pytest.mark.parametrize("command", ["train", "finetune", "sft"])
+def test_a_preempted_run_exits_143(command, monkeypatch):
+  module = {"train": "fmjax.train", "finetune": "fmjax.finetune", "sft": "fmjax.sft"}[command]
+  for preempted, code in ((True, cli.PREEMPTED_EXIT_CODE), (False, 0)):
+    monkeypatch.setattr(f"{module}.run", lambda config, workdir, p=preempted: {"preempted": p})
+    assert cli.main([command, f"--config={GPT}", "--workdir=/tmp/unused"]) == code
 
 
 # --------------------------------------------------------------------------- a real local sweep
