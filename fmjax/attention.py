@@ -17,6 +17,7 @@ segment ids a row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -27,26 +28,50 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import PartitionSpec as P
 
 KERNELS = ("xla", "cudnn", "splash")
+SPLASH_MIN_BLOCK = 128  # splash tiles queries and keys in blocks of 512, 256 or 128
 
 
 class AttentionError(ValueError):
   """An attention kernel cannot run this configuration; the message says what to change."""
 
 
-def resolve_kernel(name: str, dtype=None) -> str:
+_TARGET_PLATFORM: list[str] = []  # set by `compiling_for` while tracing for another platform
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Traces inside pick kernels for `platform` ("tpu", "gpu"), not for this host's backend.
+
+  For ahead-of-time compiles from a CPU host (`fmjax plan --topology`): "auto" resolves to that
+  platform's kernel and splash lowers to its Mosaic TPU kernel instead of Pallas interpret mode.
+  """
+  _TARGET_PLATFORM.append(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.pop()
+
+
+def target_platform() -> str:
+  """The platform being compiled for: `compiling_for`'s, else this host's default backend."""
+  return _TARGET_PLATFORM[-1] if _TARGET_PLATFORM else jax.default_backend()
+
+
+def resolve_kernel(name: str, dtype=None, lengths: tuple[int, ...] = ()) -> str:
   """Maps "auto" to the platform's fast kernel: cudnn on GPU, splash on TPU, xla on CPU.
 
-  cuDNN flash attention takes only half-precision inputs, so "auto" with float32 compute on a
-  GPU falls back to xla rather than failing.
+  "auto" never picks a kernel that cannot run the case: cuDNN flash attention takes only
+  half-precision inputs, and splash only query and key `lengths` that are multiples of 128, so
+  those fall back to xla rather than failing. Naming a kernel keeps its own checks.
   """
   if name != "auto":
     if name not in KERNELS:
       raise AttentionError(f"unknown attention kernel {name!r}; use one of {('auto',) + KERNELS}")
     return name
-  platform = jax.default_backend()
+  platform = target_platform()
   if platform == "gpu" and (dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
     return "cudnn"
-  if platform == "tpu":
+  if platform == "tpu" and all(n % SPLASH_MIN_BLOCK == 0 for n in lengths):
     return "splash"
   return "xla"
 
@@ -138,7 +163,7 @@ def _splash_blocks(T: int, S: int):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
   def block(n):
-    for b in (512, 256, 128):
+    for b in (512, 256, SPLASH_MIN_BLOCK):
       if n % b == 0:
         return b
     raise AttentionError(f"splash attention needs sequence lengths that are a multiple of 128, got {n}; "
@@ -164,7 +189,7 @@ def _splash_local(q_BTHK, k_BSHK, v_BSHK, seg_BT, seg_BS, *, causal):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   T, H, K = q_BTHK.shape[1], q_BTHK.shape[2], q_BTHK.shape[3]
   S = k_BSHK.shape[1]
-  kernel = _splash_kernel(T, S, H, causal, jax.default_backend() != "tpu")
+  kernel = _splash_kernel(T, S, H, causal, target_platform() != "tpu")
   q_BHTK = (q_BTHK * (1.0 / math.sqrt(K))).astype(q_BTHK.dtype).transpose(0, 2, 1, 3)
   k_BHSK = k_BSHK.transpose(0, 2, 1, 3)
   v_BHSK = v_BSHK.transpose(0, 2, 1, 3)
@@ -232,7 +257,7 @@ def attention(q_BTHK, k_BSHK, v_BSHK, *, causal: bool, segment_ids_BT=None, segm
     kernel: "xla", "cudnn", "splash" or "auto" (see `resolve_kernel`).
     q_offset: key index of the first query for a KV cache (see `make_mask`); "xla" kernel only.
   """
-  kernel = resolve_kernel(kernel, q_BTHK.dtype)
+  kernel = resolve_kernel(kernel, q_BTHK.dtype, (q_BTHK.shape[1], k_BSHK.shape[1]))
   extra = {}
   if isinstance(segment_ids_BT, Packing):
     if kernel == "cudnn" and segment_ids_BS is None:  # self-attention: the runs are the keys' too

@@ -221,7 +221,10 @@ class _Common:
     self.cfg = cfg
     self.dtype = jnp.dtype(cfg.dtype)
     self.param_dtype = jnp.dtype(cfg.param_dtype)
-    self.kernel = attention_lib.resolve_kernel(cfg.attention, self.dtype)
+    attention_lib.resolve_kernel(cfg.attention, self.dtype)  # an unknown name fails here, not in a trace
+    # "auto" stays unresolved until the trace: the kernel then suits the platform compiled for
+    # and the sequence lengths (`attention.resolve_kernel`).
+    self.kernel = cfg.attention
     self.head_dim = cfg.d_model // cfg.num_heads
 
 

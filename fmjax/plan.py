@@ -202,15 +202,17 @@ def groups(param_leaves: list[Leaf]) -> list[dict]:
 # ----------------------------------------------------------------------------- memory
 
 
-def analytic_temp_bytes(config, mesh_sizes: dict[str, int], param_bytes: int) -> int:
+def analytic_temp_bytes(config, mesh_sizes: dict[str, int], param_bytes: int, kernel: str = "xla") -> int:
   """A formula for XLA's temporary buffers in one train step, per device.
 
   Gradients (one copy of the local parameters) plus saved activations. Per token and layer
   the block keeps about 16*D values (LayerNorm inputs, q/k/v, attention output, the 4*D MLP
-  hidden before and after GELU) plus 2*H*T for attention scores and probabilities
-  (Korthikanti et al., 2022 count 34*D + 5*H*T bytes at 16 bits with dropout masks). Remat keeps
-  only each layer's input and recomputes one layer at a time. The f32 logits of the LM head and
-  their gradient come on top. Tensor parallelism divides all of it.
+  hidden before and after GELU), plus 2*H*T for attention scores and probabilities unless the
+  attention `kernel` is a flash kernel (splash, cudnn), which keeps none (Korthikanti et al.,
+  2022 count 34*D + 5*H*T bytes at 16 bits with dropout masks). Remat keeps only each layer's
+  input and recomputes one layer at a time. The LM head's logits and their gradient come on
+  top: float32, or one chunk in the compute dtype with the fused loss. Tensor parallelism
+  divides all of it.
   """
   m, t = config.model, config.data.seq_len
   dp = mesh_sizes["dcn_data"] * mesh_sizes["data"] * mesh_sizes["fsdp"]
@@ -218,7 +220,8 @@ def analytic_temp_bytes(config, mesh_sizes: dict[str, int], param_bytes: int) ->
   rows = max(1, config.train.batch_size // config.train.grad_accum // dp)
   tokens = rows * t
   act_bytes = 2 if m.dtype in ("bfloat16", "float16") else 4
-  per_layer = tokens * (16 * m.d_model + 2 * m.num_heads * t) * act_bytes / tp
+  scores = 0 if kernel in ("splash", "cudnn") else 2 * m.num_heads * t
+  per_layer = tokens * (16 * m.d_model + scores) * act_bytes / tp
   if m.remat == "none":
     acts = m.num_layers * per_layer
   elif m.remat == "full":
@@ -226,9 +229,10 @@ def analytic_temp_bytes(config, mesh_sizes: dict[str, int], param_bytes: int) ->
   else:  # the dots policies keep matmul outputs: about half of a layer's activations
     acts = m.num_layers * per_layer / 2 + per_layer
   logit_rows = rows * (config.data.max_predictions if config.train.objective == "mlm" else t)
-  if m.fused_loss_chunk:  # the fused LM-head loss holds one chunk of logits at a time
-    logit_rows = min(logit_rows, m.fused_loss_chunk)
-  logits = 3 * logit_rows * m.vocab_size * 4 / tp
+  if m.fused_loss_chunk:  # one chunk of logits and of their gradient at a time, compute dtype
+    logits = 2 * min(logit_rows, m.fused_loss_chunk) * m.vocab_size * act_bytes / tp
+  else:
+    logits = 3 * logit_rows * m.vocab_size * 4 / tp
   return int(param_bytes + acts + logits)
 
 
@@ -251,7 +255,7 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   hbm_gib: HBM per device to judge "fits" against; default from the device kind or topology.
   """
   import jax
-  from fmjax import models, optim, sharding
+  from fmjax import attention, models, optim, sharding
 
   config = ml_collections.ConfigDict(config_lib.to_dict(config))  # an unlocked copy: the plan edits it
   notes = []
@@ -272,10 +276,6 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
                    "compiler's own figures")
     else:
       num_devices, kind = len(devices), devices[0].device_kind
-    if config.model.attention == "auto":
-      # "auto" would pick by this host's backend; splash cannot be lowered for TPU from a CPU host.
-      config.model.attention = "xla"
-      notes.append("attention planned with the xla kernel; on TPU `auto` runs splash, which needs less temp memory")
   else:
     devices = list(devices if devices is not None else jax.devices())
     wanted = math.prod(abs(int(config.mesh[a])) for a in sharding.MESH_AXES)
@@ -304,13 +304,19 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   param_bytes = sum(l.shard_bytes for l in param_leaves)
   opt_bytes = sum(l.shard_bytes for l in opt_leaves)
   batch_bytes = _batch_bytes(config, dp)
-  analytic_temp = analytic_temp_bytes(config, mesh_sizes, param_bytes)
+  # A topology's devices are TPUs though this host is not: "auto" means splash, lowered to its
+  # Mosaic kernel for the TPU compiler (never Pallas interpret mode).
+  platform = "tpu" if topology else devices[0].platform
+  with attention.compiling_for(platform):
+    kernel = attention.resolve_kernel(config.model.attention, config.model.dtype, (config.data.seq_len,) * 2)
+  analytic_temp = analytic_temp_bytes(config, mesh_sizes, param_bytes, kernel)
   memory = {"params": param_bytes, "optimizer": opt_bytes, "batch": batch_bytes,
             "temp_analytic": analytic_temp,
             "peak_analytic": param_bytes + opt_bytes + batch_bytes + analytic_temp}
   xla_flops = None
   if compiled_ok:
-    compiled = compile_step(config, devices)
+    with attention.compiling_for(platform):
+      compiled = compile_step(config, devices)
     stats = compiled.memory_analysis()
     code = getattr(stats, "generated_code_size_in_bytes", 0)
     memory.update(arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
@@ -331,7 +337,7 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
     raise PlanError(f"--hbm_gib must be positive, got {hbm_gib}")
   return {
       "config": config.name, "target": target, "device_kind": kind, "num_devices": num_devices,
-      "mesh": mesh_sizes, "compiled": compiled_ok,
+      "mesh": mesh_sizes, "compiled": compiled_ok, "attention": kernel,
       "params": n_params, "params_without_positions": n_no_pos,
       "flops_per_token": fpt, "tokens_per_step": tokens_per_step, "flops_per_step": fpt * tokens_per_step,
       "xla_flops_per_step": xla_flops, "memory": memory, "peak_bytes": peak,
@@ -380,6 +386,7 @@ def format_plan(p: dict) -> str:
   lines += [f"  note: {n}" for n in p["notes"]]
   lines += [
       f"  parameters      {p['params']:,} ({p['params_without_positions']:,} without position embeddings)",
+      f"  attention       {p['attention']}",
       f"  FLOPs/token     6*N + 12*L*D*T = {p['flops_per_token']:.4g}",
       f"  FLOPs/step      {p['flops_per_step']:.4g} ({p['tokens_per_step']:,} tokens)"
       + (f"; XLA cost analysis {p['xla_flops_per_step']:.4g}" if p["xla_flops_per_step"] else ""),

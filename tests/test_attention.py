@@ -119,6 +119,25 @@ def test_splash_rejects_unaligned_length():
     attn.attention(q, q, q, causal=True, kernel="splash")
 
 
+def test_compiling_for_tpu_lowers_splash_to_its_mosaic_kernel():
+  """A CPU host compiling for a TPU (`fmjax plan --topology`) traces "auto" as splash and lowers it
+  to the Mosaic TPU kernel, never to Pallas interpret mode."""
+  q = jax.ShapeDtypeStruct((B, T, H, K), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
+
+  def tpu_kernels(kernel, platform):
+    loss = lambda q, k, v, s: attn.attention(q, k, v, causal=True, segment_ids_BT=s, kernel=kernel).sum()
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return step.trace(q, q, q, seg).lower(lowering_platforms=(platform,)).as_text().count("tpu_custom_call")
+
+  with attn.compiling_for("tpu"):
+    assert attn.target_platform() == "tpu" and attn.resolve_kernel("auto", jnp.bfloat16) == "splash"
+    assert tpu_kernels("auto", "tpu") == 3  # forward, dq, dk and dv
+  assert attn.target_platform() == jax.default_backend()
+  if jax.default_backend() != "tpu":
+    assert tpu_kernels("splash", jax.default_backend()) == 0  # interpret mode: plain HLO
+
+
 def test_resolve_kernel():
   expected = {"cpu": "xla", "gpu": "cudnn", "tpu": "splash"}[jax.default_backend()]
   assert attn.resolve_kernel("auto", jnp.bfloat16) == expected

@@ -81,6 +81,13 @@ def test_analytic_fallback_without_libtpu(monkeypatch):
   assert p["fits"] is True
   text = plan.format_plan(p)
   assert "ANALYTIC ESTIMATE" in text and "pip install libtpu" in text
+  # On a TPU "auto" is splash, which keeps no attention scores, where the lengths allow it.
+  assert p["attention"] == "xla" and "attention       xla" in text  # seq 32: not a multiple of 128
+  aligned = plan.plan(tiny("mesh.data=-1", "data.seq_len=128", "model.max_len=128"), topology="v5p-16")
+  xla = plan.plan(tiny("mesh.data=-1", "data.seq_len=128", "model.max_len=128", "model.attention=xla"),
+                  topology="v5p-16")
+  assert aligned["attention"] == "splash" and xla["attention"] == "xla"
+  assert aligned["memory"]["temp_analytic"] < xla["memory"]["temp_analytic"]
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -110,8 +117,13 @@ def test_bad_mesh_and_too_many_devices():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
-def test_plan_compiles_for_a_tpu_topology():
-  p = plan.plan(tiny("mesh.data=1", "mesh.fsdp=-1"), topology="v5p:2x2x1")
+@pytest.mark.parametrize("seq_len,kernel", [(32, "xla"), (128, "splash")])
+def test_plan_compiles_for_a_tpu_topology(seq_len, kernel):
+  # "auto" on a TPU: splash, compiled by the TPU compiler as its Mosaic kernel, where the
+  # lengths are multiples of 128; xla where they are not.
+  config = tiny("mesh.data=1", "mesh.fsdp=-1", f"data.seq_len={seq_len}", f"model.max_len={max(seq_len, 128)}")
+  p = plan.plan(config, topology="v5p:2x2x1")
   assert p["compiled"] and "TPU" in p["device_kind"] and p["num_devices"] == 4
   assert p["mesh"]["fsdp"] == 4 and p["hbm_gib"] == 95 and p["fits"] is True
   assert p["memory"]["temp"] > 0 and p["memory"]["params"] > 0
+  assert p["attention"] == kernel
