@@ -91,12 +91,13 @@ def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_pat
     mem = stats.get("peak_bytes_in_use")
   except Exception:  # not every backend reports memory
     mem = None
-  from fmjax import models
+  from fmjax import attention, models
   n_params = models.param_count(nnx.eval_shape(train.model_factory(config)))
+  kernel = attention.resolve_kernel(config.model.attention, config.model.dtype, (config.data.seq_len,) * 2)
   result = {
       "config": config.name, "device": dev.device_kind, "num_devices": jax.device_count(),
       "batch_size": config.train.batch_size, "seq_len": config.data.seq_len, "params": n_params,
-      "dtype": config.model.dtype, "attention": config.model.attention, "remat": config.model.remat,
+      "dtype": config.model.dtype, "attention": kernel, "remat": config.model.remat,
       "scan_layers": config.model.scan_layers, "segments_per_row": segments, "step_time_s": step_s, "compile_time_s": compile_s,
       "tokens_per_sec": tokens / step_s, "flops_per_token": fpt,
       "mfu": (tokens / step_s * fpt / (peak * jax.device_count())) if peak else None,
@@ -104,7 +105,8 @@ def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_pat
   }
   if not quiet:
     print(f"{config.name} on {jax.device_count()}x {dev.device_kind}: batch {result['batch_size']} x seq "
-          f"{result['seq_len']}, {n_params / 1e6:.1f}M params, {config.model.dtype}, attention={config.model.attention}, "
+          f"{result['seq_len']}, {n_params / 1e6:.1f}M params, {config.model.dtype}, attention={kernel}"
+          f"{' (auto)' if config.model.attention == 'auto' else ''}, "
           f"remat={config.model.remat}, scan_layers={config.model.scan_layers}, {segments} segment(s) a row")
     print(f"  tokens/s      {result['tokens_per_sec']:,.0f}")
     mfu = f"{100 * result['mfu']:.1f}% of {peak / 1e12:.0f} TF/s per device" if peak else "n/a (unknown peak FLOP/s)"
