@@ -66,21 +66,22 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 @contextlib.contextmanager
 def as_on_an_h100():
   """Lets fmjax build the program it builds on an H100, as tests/conftest.py's `as_if_on_an_h100`:
-  the backend reads "gpu", and cuDNN's version and capability checks pass. A check that has moved
-  is left alone; the attention custom calls in the report then show which path was taken."""
-  import jax
+  fmjax compiles for a GPU (`attention.compiling_for`), and cuDNN's version and capability checks
+  pass. A check that has moved is left alone; the attention custom calls in the report then show
+  which path was taken."""
   from fmjax import attention
   try:
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
   except ImportError:
     cudnn_fa = None
-  patches = [(jax, "default_backend", lambda: "gpu"), (attention, "_has_compute_capability", lambda *a: True),
+  patches = [(attention, "_has_compute_capability", lambda *a: True),
              (cudnn_fa, "check_cudnn_version", lambda: CUDNN_VERSION),
              (cudnn_fa, "check_compute_capability", lambda c: True)]
   with contextlib.ExitStack() as stack:
     for module, name, f in patches:
       if hasattr(module, name):
         stack.enter_context(mock.patch.object(module, name, f))
+    stack.enter_context(attention.compiling_for("gpu"))
     yield
 
 
@@ -460,9 +461,13 @@ def main() -> int:
   t0 = time.perf_counter()
   compiled = compile_train_step(config, args.segments)
   m = config.model
+  from fmjax import attention
+  with attention.compiling_for("gpu"):
+    kernel = attention.resolve_kernel(m.attention, m.dtype, (config.data.seq_len,) * 2)
   print(f"{config.name} for an H100, compiled without one in {time.perf_counter() - t0:.0f} s: batch "
         f"{config.train.batch_size} x seq {config.data.seq_len}, {args.segments} segment(s) a row, "
-        f"attention={m.attention}, remat={m.remat}, scan_layers={m.scan_layers}, {m.dtype}")
+        f"attention={kernel}{' (auto)' if m.attention == 'auto' else ''}, remat={m.remat}, "
+        f"scan_layers={m.scan_layers}, {m.dtype}")
   mem = compiled.memory_analysis()
   print(f"memory: arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB, "
         f"temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB")

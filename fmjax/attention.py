@@ -133,7 +133,7 @@ def _has_compute_capability(major: int, minor: int) -> bool:
 
 
 def _cudnn_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS, packing=None):
-  if jax.default_backend() != "gpu":
+  if target_platform() != "gpu":
     raise AttentionError("attention kernel 'cudnn' needs a GPU; set model.attention=auto or xla")
   if q_BTHK.dtype not in (jnp.bfloat16, jnp.float16):
     raise AttentionError(f"attention kernel 'cudnn' needs bfloat16/float16 compute, got {q_BTHK.dtype}; "

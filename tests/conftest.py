@@ -42,15 +42,16 @@ class CudaLowering:
 
 @pytest.fixture
 def as_if_on_an_h100(monkeypatch):
-  """Lets the cuDNN attention path trace and lower for CUDA on this CPU (nothing runs): the
-  backend reads "gpu", and cuDNN's version and compute-capability checks pass as on an H100."""
+  """Lets the cuDNN attention path trace and lower for CUDA on this CPU (nothing runs): fmjax
+  compiles for a GPU (`attention.compiling_for`), and cuDNN's version and compute-capability
+  checks pass as on an H100."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
 
   from fmjax import attention
   if jax.default_backend() == "gpu":
     pytest.skip("a real GPU is here: the GPU tests run the cuDNN path for real")
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(attention, "_has_compute_capability", lambda *a: True)
   monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
   monkeypatch.setattr(cudnn_fa, "check_compute_capability", lambda c: True)
-  return CudaLowering()
+  with attention.compiling_for("gpu"):
+    yield CudaLowering()
