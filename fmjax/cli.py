@@ -183,6 +183,24 @@ def _user_errors() -> tuple[type, ...]:
   return tuple(errors)
 
 
+def out_of_memory_message(e: BaseException) -> str | None:
+  """One line for XLA's out-of-memory error (at compile or run time); None for any other error."""
+  import re
+  if not isinstance(e, RuntimeError):
+    return None
+  # GPU: "RESOURCE_EXHAUSTED: Out of memory while trying to allocate N bytes."; TPU: "... Ran out
+  # of memory in memory space hbm ..."; CPU: "INTERNAL: Error dispatching computation: Out of
+  # memory allocating N bytes."
+  line = next((l for l in str(e).splitlines() if re.search(r"RESOURCE_EXHAUSTED|out of memory", l, re.I)), None)
+  if line is None:
+    return None
+  detail = re.sub(r"^\s*(RESOURCE_EXHAUSTED|INTERNAL):\s*", "", line).strip()
+  detail = detail[:200] + ("..." if len(detail) > 200 else "")
+  return (f"out of device memory ({detail}); lower train.batch_size (raise train.grad_accum to keep the "
+          "global batch), set model.remat=dots_no_batch or full, or shard the state over more devices "
+          "with mesh.fsdp; `fmjax plan` shows what a step needs per device before a run")
+
+
 def usage() -> str:
   lines = ["usage: fmjax COMMAND [--config=configs/X.py[:args]] [--config.a.b=v ...] [--workdir=DIR]", "", "commands:"]
   lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -209,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130
+  except RuntimeError as e:  # XLA's errors are RuntimeErrors; only running out of memory is the user's
+    message = out_of_memory_message(e)
+    if message is None:
+      raise
+    print(f"error: {message}", file=sys.stderr)
+    return 2
   return int(code or 0)
 
 

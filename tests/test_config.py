@@ -57,6 +57,42 @@ def test_cli_one_line_error():
   assert len(lines) == 1 and "did you mean" in lines[0], proc.stderr
 
 
+def test_cli_out_of_memory_is_one_line():
+  # A real XLA allocation failure on this CPU: a 512 GiB MLP weight.
+  proc = subprocess.run([sys.executable, "-m", "fmjax.cli", "bench", "--config=configs/gpt.py:tiny",
+                         "--config.model.d_ff=1073741824", "--steps=1", "--warmup=1"],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert lines[0].startswith("error: out of device memory (") and "549755813888 bytes" in lines[0]
+  assert "train.batch_size" in lines[0] and "fmjax plan" in lines[0]
+
+
+@pytest.mark.parametrize("text,detail", [
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25769803776 bytes.",
+     "Out of memory while trying to allocate 25769803776 bytes."),  # GPU
+    ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 100.5G "
+     "of 95.74G hbm.\nLargest program allocations in hbm:\n  1. Size: 4.00G", "XLA:TPU compile permanent error."),
+    ("INTERNAL: Error dispatching computation: Out of memory allocating 1024 bytes.",
+     "Error dispatching computation: Out of memory allocating 1024 bytes."),  # CPU
+])
+def test_out_of_memory_message(text, detail, monkeypatch, capsys):
+  import jax
+  error = jax.errors.JaxRuntimeError(text)
+  message = cli.out_of_memory_message(error)
+  assert message.startswith(f"out of device memory ({detail}") and "\n" not in message
+  monkeypatch.setattr("fmjax.bench.run", lambda *a, **k: (_ for _ in ()).throw(error))
+  assert cli.main(["bench", "--config=configs/gpt.py:tiny"]) == 2
+  assert capsys.readouterr().err.count("\n") == 1
+  # Any other runtime error is a bug to see in full, not a user's mistake.
+  other = jax.errors.JaxRuntimeError("INTERNAL: ptxas exited with non-zero error code")
+  assert cli.out_of_memory_message(other) is None
+  monkeypatch.setattr("fmjax.bench.run", lambda *a, **k: (_ for _ in ()).throw(other))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="ptxas"):
+    cli.main(["bench", "--config=configs/gpt.py:tiny"])
+
+
 def test_cli_unknown_command():
   assert cli.main(["trian"]) == 2
 
