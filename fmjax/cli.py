@@ -12,6 +12,7 @@ ended): it is not finished, and rerunning the same command resumes it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fmjax.config_lib import ConfigError
@@ -48,7 +49,6 @@ def maybe_initialize_distributed() -> None:
   On Cloud TPU `jax.distributed.initialize()` finds the coordinator and process ids itself;
   elsewhere JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID give them.
   """
-  import os
   if os.environ.get("FMJAX_DISTRIBUTED") != "1":
     return
   import jax
@@ -196,9 +196,13 @@ def out_of_memory_message(e: BaseException) -> str | None:
     return None
   detail = re.sub(r"^\s*(RESOURCE_EXHAUSTED|INTERNAL):\s*", "", line).strip()
   detail = detail[:200] + ("..." if len(detail) > 200 else "")
+  gpu = ""
+  if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ and "jax" in sys.modules:
+    if sys.modules["jax"].default_backend() == "gpu":
+      gpu = ", or let XLA take more than its default 75% of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)"
   return (f"out of device memory ({detail}); lower train.batch_size (raise train.grad_accum to keep the "
           "global batch), set model.remat=dots_no_batch or full, or shard the state over more devices "
-          "with mesh.fsdp; `fmjax plan` shows what a step needs per device before a run")
+          f"with mesh.fsdp{gpu}; `fmjax plan` shows what a step needs per device before a run")
 
 
 def usage() -> str:

@@ -85,6 +85,12 @@ def test_out_of_memory_message(text, detail, monkeypatch, capsys):
   monkeypatch.setattr("fmjax.bench.run", lambda *a, **k: (_ for _ in ()).throw(error))
   assert cli.main(["bench", "--config=configs/gpt.py:tiny"]) == 2
   assert capsys.readouterr().err.count("\n") == 1
+  # On a GPU it also names XLA's memory fraction, unless the user set it already.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95" in cli.out_of_memory_message(error)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  assert "MEM_FRACTION" not in cli.out_of_memory_message(error)
   # Any other runtime error is a bug to see in full, not a user's mistake.
   other = jax.errors.JaxRuntimeError("INTERNAL: ptxas exited with non-zero error code")
   assert cli.out_of_memory_message(other) is None
