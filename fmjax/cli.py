@@ -205,6 +205,35 @@ def out_of_memory_message(e: BaseException) -> str | None:
           f"with mesh.fsdp{gpu}; `fmjax plan` shows what a step needs per device before a run")
 
 
+COMPILING = ("train", "finetune", "sft", "bench", "eval", "generate", "plan")  # commands that compile steps
+CACHE_MAX_BYTES = 16 * 2**30  # least recently used entries go beyond this
+
+
+def use_compilation_cache() -> str | None:
+  """Turns on JAX's persistent compilation cache; returns its directory (None when off).
+
+  A rerun, a resumed run or a sweep run whose programs were compiled before loads them instead
+  of compiling again, and on a GPU XLA's autotuning results are kept there too. A directory the
+  user chose (JAX_COMPILATION_CACHE_DIR, as the pod launcher sets, or JAX's config) wins;
+  otherwise FMJAX_COMPILATION_CACHE names one, or `off` turns it off; the default is
+  ~/.cache/fmjax/jax_compilation_cache.
+  """
+  import jax
+  chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir
+  if chosen:
+    return chosen
+  path = os.environ.get("FMJAX_COMPILATION_CACHE", "~/.cache/fmjax/jax_compilation_cache")
+  if path.lower() in ("", "0", "off", "none", "false"):
+    return None
+  path = os.path.expanduser(path)
+  jax.config.update("jax_compilation_cache_dir", path)
+  if jax.config.jax_compilation_cache_max_size < 0:
+    # A size bound also makes JAX lock the directory, so concurrent runs (a sweep) never read a
+    # half-written entry.
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+  return path
+
+
 def usage() -> str:
   lines = ["usage: fmjax COMMAND [--config=configs/X.py[:args]] [--config.a.b=v ...] [--workdir=DIR]", "", "commands:"]
   lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -224,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: unknown command {name!r}{hint}\n{usage()}", file=sys.stderr)
     return 2
   try:
+    if name in COMPILING and not any(a in ("-h", "--help") for a in rest):
+      use_compilation_cache()
     code = COMMANDS[name][0](rest)
   except _user_errors() as e:
     print(f"error: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ jax.config.update("jax_platforms", "cpu")
 import tempfile  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="fmjax_test_jit_"))
+os.environ["FMJAX_COMPILATION_CACHE"] = "off"  # commands run as subprocesses compile afresh, as before
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

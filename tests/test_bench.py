@@ -1,6 +1,9 @@
 """`fmjax bench` on CPU: the real train step on synthetic (optionally packed) batches."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -42,3 +45,27 @@ def test_bad_segments_is_one_line(capsys):
   code = cli.main(["bench", "--config=configs/gpt.py:tiny", "--segments=0"] + TINY)
   err = capsys.readouterr().err.strip()
   assert code == 2 and err.count("\n") == 0 and "--segments must be between 1 and data.seq_len=64" in err, err
+
+
+def test_commands_keep_compiled_programs_in_a_persistent_cache(tmp_path):
+  """A rerun loads its programs from ~/.cache/fmjax (or the user's own cache directory)."""
+  def bench(home, **extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("FMJAX_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+    subprocess.run([sys.executable, "-m", "fmjax.cli", "bench", "--config=configs/gpt.py:tiny", "--steps=1",
+                    "--warmup=1"], env={**env, "HOME": str(tmp_path / home), **extra}, check=True,
+                   capture_output=True, text=True, timeout=300)
+
+  default = tmp_path / "home" / ".cache" / "fmjax" / "jax_compilation_cache"
+  bench("home")
+  steps = list(default.glob("jit_train_step-*-cache"))
+  assert len(steps) == 1, sorted(p.name for p in default.iterdir())
+  stamp = steps[0].with_name(steps[0].name.replace("-cache", "-atime"))
+  first = stamp.read_bytes()
+  bench("home")
+  assert list(default.glob("jit_train_step-*-cache")) == steps  # no new entry: the same program
+  assert stamp.read_bytes() != first  # JAX stamps an entry each time it loads it
+  bench("home_off", FMJAX_COMPILATION_CACHE="off")
+  assert not (tmp_path / "home_off" / ".cache").exists()
+  own = tmp_path / "own_cache"
+  bench("home_own", JAX_COMPILATION_CACHE_DIR=str(own))  # as the pod launcher sets it
+  assert list(own.glob("jit_train_step-*-cache")) and not (tmp_path / "home_own" / ".cache").exists()
