@@ -83,7 +83,8 @@ def main() -> int:
            f"--json={path}", *(flags[0] if flags else [])] + [f"--config.{o}" for o in COMMON + overrides]
     t0 = time.time()
     try:
-      env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": MEM_FRACTION, **os.environ}
+      # No persistent compilation cache unless asked: the compile times in the table are compiles.
+      env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": MEM_FRACTION, "FMJAX_COMPILATION_CACHE": "off", **os.environ}
       proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired as e:
       proc = subprocess.CompletedProcess(cmd, 124, e.stdout or "", f"timed out after {args.timeout} s")

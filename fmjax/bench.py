@@ -111,7 +111,9 @@ def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_pat
     print(f"  tokens/s      {result['tokens_per_sec']:,.0f}")
     mfu = f"{100 * result['mfu']:.1f}% of {peak / 1e12:.0f} TF/s per device" if peak else "n/a (unknown peak FLOP/s)"
     print(f"  MFU           {mfu}")
-    print(f"  step time     {1e3 * step_s:.1f} ms   compile {compile_s:.1f} s")
+    cache = jax.config.jax_compilation_cache_dir
+    print(f"  step time     {1e3 * step_s:.1f} ms   compile {compile_s:.1f} s"
+          + (f" (or a load from the compilation cache {cache})" if cache else ""))
     print(f"  peak memory   {result['peak_memory_gib']:.2f} GiB" if mem else "  peak memory   n/a on this backend")
     print(f"  {FLOPS_FORMULA} = {fpt / 1e6:.1f} MFLOPs/token")
   if json_path:
