@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 
 import jax
@@ -71,9 +72,18 @@ def resolve_kernel(name: str, dtype=None, lengths: tuple[int, ...] = ()) -> str:
   platform = target_platform()
   if platform == "gpu" and (dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
     return "cudnn"
-  if platform == "tpu" and all(n % SPLASH_MIN_BLOCK == 0 for n in lengths):
-    return "splash"
+  if platform == "tpu":
+    if all(n % SPLASH_MIN_BLOCK == 0 for n in lengths):
+      return "splash"
+    _note_fallback(tuple(lengths))
   return "xla"
+
+
+@functools.lru_cache(maxsize=None)
+def _note_fallback(lengths: tuple[int, ...]) -> None:
+  logging.getLogger("fmjax").info(
+      "attention=auto runs xla, not splash, for sequence lengths %s: splash needs multiples of %d",
+      lengths, SPLASH_MIN_BLOCK)
 
 
 def make_mask(segment_ids_BT, segment_ids_BS, *, causal: bool, T: int, S: int, q_offset=None):

@@ -132,6 +132,11 @@ def test_compiling_for_tpu_lowers_splash_to_its_mosaic_kernel():
 
   with attn.compiling_for("tpu"):
     assert attn.target_platform() == "tpu" and attn.resolve_kernel("auto", jnp.bfloat16) == "splash"
+    assert attn.resolve_kernel("auto", jnp.bfloat16, (1024, 1024)) == "splash"
+    assert attn.resolve_kernel("auto", jnp.bfloat16, (100, 100)) == "xla"  # what splash cannot tile
+    with pytest.raises(attn.AttentionError, match="multiple of 128"):  # named, it still says why not
+      jax.eval_shape(lambda q: attn.attention(q, q, q, causal=True, kernel="splash"),
+                     jax.ShapeDtypeStruct((1, 100, H, K), jnp.bfloat16))
     assert tpu_kernels("auto", "tpu") == 3  # forward, dq, dk and dv
   assert attn.target_platform() == jax.default_backend()
   if jax.default_backend() != "tpu":
