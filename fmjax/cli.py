@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from fmjax.config_lib import ConfigError
@@ -185,7 +186,6 @@ def _user_errors() -> tuple[type, ...]:
 
 def out_of_memory_message(e: BaseException) -> str | None:
   """One line for XLA's out-of-memory error (at compile or run time); None for any other error."""
-  import re
   if not isinstance(e, RuntimeError):
     return None
   # GPU: "RESOURCE_EXHAUSTED: Out of memory while trying to allocate N bytes."; TPU: "... Ran out
