@@ -12,6 +12,7 @@ ended): it is not finished, and rerunning the same command resumes it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import sys
@@ -227,9 +228,9 @@ def use_compilation_cache() -> str | None:
     return None
   path = os.path.expanduser(path)
   jax.config.update("jax_compilation_cache_dir", path)
-  if jax.config.jax_compilation_cache_max_size < 0:
-    # A size bound also makes JAX lock the directory, so concurrent runs (a sweep) never read a
-    # half-written entry.
+  if jax.config.jax_compilation_cache_max_size < 0 and importlib.util.find_spec("filelock"):
+    # A size bound also makes JAX lock the directory (with filelock), so concurrent runs (a
+    # sweep) never read a half-written entry.
     jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
   return path
 
