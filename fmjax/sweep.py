@@ -228,11 +228,12 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> tuple[li
   stopping = []  # set by SIGTERM: start nothing new, pass it on, wait for the runs to save
 
   def on_sigterm(signum, frame):
+    # Every SIGTERM goes on: the first makes each run save and stop, a second stops it at once.
     if not stopping:
-      stopping.append(signum)
       print("sweep: SIGTERM, passing it on to the running runs", file=out, flush=True)
-      for proc in active:
-        proc.terminate()
+    stopping.append(signum)
+    for proc in active:
+      proc.terminate()
 
   try:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
