@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import json
 import math
@@ -33,73 +32,29 @@ import os
 import re
 import sys
 import time
-from unittest import mock
 
 # The analysis half (analyze, format_report) reads text and needs only the standard library; the
 # compile half imports jax and fmjax when called, after main has set JAX_PLATFORMS.
 
 H100_BYTES_PER_S = 3.35e12  # HBM3, H100 SXM 80GB
 H100_FLOPS_PER_S = 989e12   # dense bf16
-CUDNN_VERSION = 91000       # 9.10: compiling cuDNN graphs without a device needs 9.8 or later
-
-# An H100 SXM as XLA's xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb describes it, plus the cuDNN and
-# CUDA versions that a compile-only topology cannot ask a device for.
-H100_TARGET_CONFIG = f"""
-gpu_device_info {{
-  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
-  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
-  device_memory_size: 84978434048 shared_memory_per_block_optin: 232448
-  cuda_compute_capability {{ major: 9 minor: 0 }}
-  registers_per_core_limit: 65536 registers_per_block_limit: 65536
-}}
-platform_name: "CUDA"
-dnn_version_info {{ major: {CUDNN_VERSION // 10000} minor: {CUDNN_VERSION // 100 % 100} }}
-runtime_version {{ major: 13 }}
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
 
 
 # ---------------------------------------------------------------------------- compile for an H100
 
-@contextlib.contextmanager
-def as_on_an_h100():
-  """Lets fmjax build the program it builds on an H100, as tests/conftest.py's `as_if_on_an_h100`:
-  fmjax compiles for a GPU (`attention.compiling_for`), and cuDNN's version and capability checks
-  pass. A check that has moved is left alone; the attention custom calls in the report then show
-  which path was taken."""
-  from fmjax import attention
-  try:
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
-  except ImportError:
-    cudnn_fa = None
-  patches = [(attention, "_has_compute_capability", lambda *a: True),
-             (cudnn_fa, "check_cudnn_version", lambda: CUDNN_VERSION),
-             (cudnn_fa, "check_compute_capability", lambda c: True)]
-  with contextlib.ExitStack() as stack:
-    for module, name, f in patches:
-      if hasattr(module, name):
-        stack.enter_context(mock.patch.object(module, name, f))
-    stack.enter_context(attention.compiling_for("gpu"))
-    yield
-
-
 def compile_train_step(config, segments: int = 1):
   """The train step as `fmjax bench` builds it, compiled for one H100 from abstract state and batch:
-  nothing is allocated and no GPU is needed."""
+  nothing is allocated and no GPU is needed (`fmjax plan --gpu=h100` compiles it the same way)."""
   import jax
   from flax import nnx
-  from jax.experimental import topologies
 
-  from fmjax import bench, config_lib, optim, sharding, train
-  try:
-    topology = topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=H100_TARGET_CONFIG)
-  except NotImplementedError as e:
-    raise RuntimeError("this venv has no JAX CUDA plugin; set one up as benchmarks/gpu_aot.py says") from e
-  config_lib.validate(config, len(topology.devices))
-  with as_on_an_h100():
-    mesh = sharding.make_mesh(config, devices=topology.devices)
+  from fmjax import bench, config_lib, optim, plan, sharding, train
+  devices, _ = plan.gpu_devices("h100")
+  if devices is None:
+    raise RuntimeError("this venv has no JAX CUDA plugin; set one up as benchmarks/gpu_aot.py says")
+  config_lib.validate(config, len(devices))
+  with plan.compiling_for_gpu():
+    mesh = sharding.make_mesh(config, devices=devices)
     batch_sharding = sharding.batch_sharding(mesh)
     tx = optim.make_optimizer(config)
     spec = train.state_spec(config, mesh, tx)

@@ -12,14 +12,18 @@ parameters, optimizer state and XLA's temporary buffers (activations, gradients,
 device's HBM.
 
 For a TPU topology the real TPU compiler runs on this host through libtpu
-(`jax.experimental.topologies`). Without libtpu the plan falls back to an analytic estimate:
+(`jax.experimental.topologies`), and for `--gpu=h100x8` XLA's GPU compiler through JAX's CUDA
+plugin, with no GPU present. Without the compiler the plan falls back to an analytic estimate:
 parameter and optimizer bytes are still exact (from the shardings), activations come from a
 formula, and the output says so.
+
+  fmjax plan --config=configs/gpt.py:xl --gpu=h100x8 --config.mesh.fsdp=-1 --config.mesh.data=1
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -125,6 +129,78 @@ def tpu_devices(name: str):
   except Exception as e:  # libtpu reports a bad shape as a runtime error; keep its first line
     raise PlanError(f"libtpu cannot build topology {libtpu_name!r}: {str(e).splitlines()[0]}") from None
   return list(topo.devices), libtpu_name
+
+
+# XLA's description of each GPU it can compile for with none present (as in XLA's
+# xla/tools/hlo_opt/gpu_specs), plus the cuDNN and CUDA versions a device would report.
+GPU_MEM_FRACTION = 0.75  # of a GPU's memory that XLA takes unless XLA_PYTHON_CLIENT_MEM_FRACTION says
+CUDNN_VERSION = 91000  # 9.10: compiling cuDNN attention graphs without a device needs 9.8 or later
+GPU_TARGETS = {
+    "h100": f"""
+gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84978434048 shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: {CUDNN_VERSION // 10000} minor: {CUDNN_VERSION // 100 % 100} }}
+runtime_version {{ major: 13 }}
+device_description_str: "NVIDIA H100 80GB HBM3"
+""",
+}
+_GPU_RE = re.compile(r"([a-z][a-z0-9]*?)(?:x(\d+))?")
+
+
+def gpu_name(name: str) -> tuple[str, int]:
+  """`h100` or `h100x8` -> ("h100", 8): a GPU model XLA can compile for, and how many."""
+  match = _GPU_RE.fullmatch(name.strip().lower())
+  if not match or match.group(1) not in GPU_TARGETS or (match.group(2) and int(match.group(2)) < 1):
+    raise PlanError(f"unknown GPU target {name!r}: write MODEL or MODELxCOUNT with MODEL one of "
+                    f"{', '.join(GPU_TARGETS)} (e.g. --gpu=h100x8)")
+  return match.group(1), int(match.group(2) or 1)
+
+
+def gpu_devices(name: str):
+  """(devices, label) of `count` GPUs of a model, compile-only; (None, label) without the CUDA plugin.
+
+  JAX registers its CUDA plugin's compile-only topologies when the plugin is installed and either a
+  GPU is present or JAX_PLATFORMS=cpu (which `fmjax plan --gpu` sets: the plan runs nothing).
+  """
+  model, count = gpu_name(name)
+  label = f"{count} x {model.upper()}"
+  from jax.experimental import topologies
+  try:
+    topo = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}", target_config=GPU_TARGETS[model])
+  except (NotImplementedError, ImportError, RuntimeError):
+    return None, label
+  return list(topo.devices), label
+
+
+@contextlib.contextmanager
+def compiling_for_gpu():
+  """Traces for a GPU from a host that may have none: fmjax picks the GPU kernels
+  (`attention.compiling_for`), and JAX's cuDNN version and capability checks, which would ask a
+  device, answer as a `GPU_TARGETS` GPU does. A check JAX has moved is left alone."""
+  from unittest import mock
+
+  from fmjax import attention
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  except ImportError:
+    cudnn_fa = None
+  patches = [(attention, "_has_compute_capability", lambda *a: True),
+             (cudnn_fa, "check_cudnn_version", lambda: CUDNN_VERSION),
+             (cudnn_fa, "check_compute_capability", lambda c: True)]
+  with contextlib.ExitStack() as stack:
+    for module, name, f in patches:
+      if hasattr(module, name):
+        stack.enter_context(mock.patch.object(module, name, f))
+    stack.enter_context(attention.compiling_for("gpu"))
+    yield
 
 
 # ----------------------------------------------------------------------------- layout
@@ -246,12 +322,13 @@ def _batch_bytes(config, dp: int) -> int:
 # ----------------------------------------------------------------------------- plan
 
 
-def plan(config, *, mesh: str | dict | None = None, topology: str | None = None, hbm_gib: float | None = None,
-         devices=None) -> dict:
+def plan(config, *, mesh: str | dict | None = None, topology: str | None = None, gpu: str | None = None,
+         hbm_gib: float | None = None, devices=None) -> dict:
   """Plans one train step of `config`; returns a dict of the figures (see `format_plan`).
 
   mesh: `data=2,fsdp=4` (or a dict of axis sizes); without it the config's mesh is used.
   topology: a TPU (`v5p-128` or `v5p:4x4x4`) to compile for instead of this host's devices.
+  gpu: GPUs (`h100x8`) to compile for instead of this host's devices.
   hbm_gib: HBM per device to judge "fits" against; default from the device kind or topology.
   """
   import jax
@@ -274,6 +351,17 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
       notes.append("libtpu is not installed, so nothing was compiled: parameter and optimizer bytes are exact, "
                    "temp (activations, gradients) is an ANALYTIC ESTIMATE. `pip install libtpu` for the TPU "
                    "compiler's own figures")
+    else:
+      num_devices, kind = len(devices), devices[0].device_kind
+  elif gpu:
+    devices, target = gpu_devices(gpu)
+    if devices is None:
+      compiled_ok = False
+      model, num_devices = gpu_name(gpu)
+      kind = model
+      notes.append("JAX's CUDA plugin is not installed, so nothing was compiled: parameter and optimizer bytes "
+                   "are exact, temp (activations, gradients) is an ANALYTIC ESTIMATE. `pip install "
+                   "\"jax-cuda13-plugin[with-cuda]==<this JAX's version>\"` for XLA's own figures")
     else:
       num_devices, kind = len(devices), devices[0].device_kind
   else:
@@ -306,7 +394,7 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   batch_bytes = _batch_bytes(config, dp)
   # A topology's devices are TPUs though this host is not: "auto" means splash, lowered to its
   # Mosaic kernel for the TPU compiler (never Pallas interpret mode).
-  platform = "tpu" if topology else devices[0].platform
+  platform = "tpu" if topology else "gpu" if gpu else devices[0].platform
   with attention.compiling_for(platform):
     kernel = attention.resolve_kernel(config.model.attention, config.model.dtype, (config.data.seq_len,) * 2)
   analytic_temp = analytic_temp_bytes(config, mesh_sizes, param_bytes, kernel)
@@ -315,7 +403,7 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
             "peak_analytic": param_bytes + opt_bytes + batch_bytes + analytic_temp}
   xla_flops = None
   if compiled_ok:
-    with attention.compiling_for(platform):
+    with compiling_for_gpu() if gpu else attention.compiling_for(platform):
       compiled = compile_step(config, devices)
     stats = compiled.memory_analysis()
     code = getattr(stats, "generated_code_size_in_bytes", 0)
@@ -331,10 +419,14 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
 
   hbm_source = "given"
   if hbm_gib is None:
-    hbm_gib = hbm_gib_for(kind) or (hbm_gib_for(topology) if topology else None)
+    hbm_gib = hbm_gib_for(kind) or (hbm_gib_for(topology or gpu) if topology or gpu else None)
     hbm_source = f"{kind}" if hbm_gib else ""
   if hbm_gib is not None and hbm_gib <= 0:
     raise PlanError(f"--hbm_gib must be positive, got {hbm_gib}")
+  fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION))
+  if platform == "gpu" and hbm_gib and fraction * hbm_gib * GiB < peak <= hbm_gib * GiB:
+    notes.append(f"the peak is more than the {fraction:.0%} of a GPU's memory that XLA takes by default; "
+                 "run with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95")
   return {
       "config": config.name, "target": target, "device_kind": kind, "num_devices": num_devices,
       "mesh": mesh_sizes, "compiled": compiled_ok, "attention": kernel,
@@ -420,7 +512,8 @@ def format_plan(p: dict) -> str:
 
 
 def cli(argv: list[str]) -> int:
-  """`fmjax plan --config=... [--mesh=data=2,fsdp=4 | --topology=v5p-128] [--hbm_gib=G] [--config.a=b ...]`."""
+  """`fmjax plan --config=... [--mesh=data=2,fsdp=4 | --topology=v5p-128 | --gpu=h100x8] [--hbm_gib=G]
+  [--config.a=b ...]`."""
   import jax
   from fmjax.cli import _split_overrides
   rest, overrides = _split_overrides(argv)
@@ -429,6 +522,7 @@ def cli(argv: list[str]) -> int:
   target = p.add_mutually_exclusive_group()
   target.add_argument("--mesh", default=None, help="mesh axis sizes, e.g. data=2,fsdp=4 (fake CPU devices here)")
   target.add_argument("--topology", default=None, help="TPU to compile for: v5p-128 or v5p:4x4x4 (needs libtpu)")
+  target.add_argument("--gpu", default=None, help="GPUs to compile for: h100 or h100x8 (needs JAX's CUDA plugin)")
   p.add_argument("--hbm_gib", type=float, default=None, help="HBM per device to judge fit (default: by device)")
   args = p.parse_args(rest)
   config = config_lib.load_config(args.config, overrides)
@@ -441,5 +535,12 @@ def cli(argv: list[str]) -> int:
       pass
     if len(jax.devices()) < wanted:
       devices = jax.devices("cpu")
-  print(format_plan(plan(config, mesh=args.mesh, topology=args.topology, hbm_gib=args.hbm_gib, devices=devices)))
+  if args.gpu:
+    gpu_name(args.gpu)  # a bad name fails before JAX starts
+    try:  # compile-only CUDA devices: JAX lists them with no GPU here only when it runs on the CPU
+      jax.config.update("jax_platforms", "cpu")
+    except RuntimeError:
+      pass
+  print(format_plan(plan(config, mesh=args.mesh, topology=args.topology, gpu=args.gpu, hbm_gib=args.hbm_gib,
+                         devices=devices)))
   return 0

@@ -42,17 +42,12 @@ class CudaLowering:
 
 
 @pytest.fixture
-def as_if_on_an_h100(monkeypatch):
-  """Lets the cuDNN attention path trace and lower for CUDA on this CPU (nothing runs): fmjax
-  compiles for a GPU (`attention.compiling_for`), and cuDNN's version and compute-capability
+def as_if_on_an_h100():
+  """Lets the cuDNN attention path trace and lower for CUDA on this CPU (nothing runs), as
+  `fmjax plan --gpu` does: fmjax compiles for a GPU, and cuDNN's version and compute-capability
   checks pass as on an H100."""
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
-
-  from fmjax import attention
+  from fmjax import plan
   if jax.default_backend() == "gpu":
     pytest.skip("a real GPU is here: the GPU tests run the cuDNN path for real")
-  monkeypatch.setattr(attention, "_has_compute_capability", lambda *a: True)
-  monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
-  monkeypatch.setattr(cudnn_fa, "check_compute_capability", lambda c: True)
-  with attention.compiling_for("gpu"):
+  with plan.compiling_for_gpu():
     yield CudaLowering()

@@ -116,6 +116,41 @@ def test_bad_mesh_and_too_many_devices():
     plan.plan(tiny(), mesh="data=4,fsdp=4")
 
 
+def _cuda_plugin() -> bool:
+  return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)) \
+      if importlib.util.find_spec("jax_plugins") else False
+
+
+@pytest.mark.parametrize("name,expected", [("h100", ("h100", 1)), ("H100x8", ("h100", 8)), ("h100x16", ("h100", 16))])
+def test_gpu_names(name, expected):
+  assert plan.gpu_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["a100", "h100x0", "h100-8", "8xh100", ""])
+def test_bad_gpu_is_one_clear_line(name):
+  with pytest.raises(plan.PlanError, match="unknown GPU target .*MODELxCOUNT .*h100"):
+    plan.gpu_name(name)
+
+
+@pytest.mark.skipif(_cuda_plugin(), reason="JAX's CUDA plugin is installed: the compiled GPU plan runs instead")
+def test_gpu_plan_without_the_cuda_plugin_is_an_estimate():
+  p = plan.plan(tiny("mesh.data=-1", "model.dtype=bfloat16", "data.seq_len=128", "model.max_len=128"),
+                gpu="h100x8")
+  assert not p["compiled"] and p["num_devices"] == 8 and p["mesh"]["data"] == 8 and p["hbm_gib"] == 80
+  assert p["attention"] == "cudnn"  # what "auto" runs on a GPU in bf16
+  text = plan.format_plan(p)
+  assert "ANALYTIC ESTIMATE" in text and "jax-cuda13-plugin" in text
+
+
+@pytest.mark.skipif(not _cuda_plugin(), reason="JAX's CUDA plugin is not installed")
+def test_plan_compiles_for_gpus_without_one():
+  p = plan.plan(tiny("mesh.data=1", "mesh.fsdp=-1", "model.dtype=bfloat16", "data.seq_len=128", "model.max_len=128"),
+                gpu="h100x2")
+  assert p["compiled"] and "H100" in p["device_kind"] and p["num_devices"] == 2 and p["mesh"]["fsdp"] == 2
+  assert p["attention"] == "cudnn" and p["hbm_gib"] == 80 and p["fits"] is True
+  assert p["memory"]["temp"] > 0 and p["memory"]["params"] > 0
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
 @pytest.mark.parametrize("seq_len,kernel", [(32, "xla"), (128, "splash")])
 def test_plan_compiles_for_a_tpu_topology(seq_len, kernel):
