@@ -392,8 +392,8 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   param_bytes = sum(l.shard_bytes for l in param_leaves)
   opt_bytes = sum(l.shard_bytes for l in opt_leaves)
   batch_bytes = _batch_bytes(config, dp)
-  # A topology's devices are TPUs though this host is not: "auto" means splash, lowered to its
-  # Mosaic kernel for the TPU compiler (never Pallas interpret mode).
+  # A TPU topology or GPU target is not this host: "auto" means that platform's kernel (splash,
+  # lowered to its Mosaic kernel and never Pallas interpret mode; cuDNN), not this host's.
   platform = "tpu" if topology else "gpu" if gpu else devices[0].platform
   with attention.compiling_for(platform):
     kernel = attention.resolve_kernel(config.model.attention, config.model.dtype, (config.data.seq_len,) * 2)
