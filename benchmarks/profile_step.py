@@ -2,7 +2,8 @@
 
   python benchmarks/profile_step.py --config=configs/gpt.py:small --config.train.batch_size=16 [--top=40] [--segments=4]
 
-Uses jax.profiler with a Perfetto trace and sums device-kernel durations by name.
+Runs `fmjax bench` with `--profile` (the same step, batch and timing), then sums the device-kernel
+durations of its Perfetto trace by kernel name.
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ import os
 import sys
 import tempfile
 
-import jax
-from flax import nnx
-
-from fmjax import bench, cli, config_lib, optim, sharding, train
+from fmjax import bench, cli, config_lib
 
 
 def main() -> int:
@@ -32,22 +30,8 @@ def main() -> int:
   p.add_argument("--out", default=os.environ.get("OUT", tempfile.mkdtemp()))
   args = p.parse_args(argv)
   config = config_lib.load_config(args.config, overrides)
-  mesh = sharding.make_mesh(config)
-  bs = sharding.batch_sharding(mesh)
-  tx = optim.make_optimizer(config)
-  spec = train.state_spec(config, mesh, tx)
-  state = train.init_state(config, spec, tx)
-  batch = jax.tree.map(lambda x: jax.device_put(x, bs), bench.synthetic_batch(config, segments=args.segments))
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
-    step, _ = train.compile_steps(config, spec, tx, bs)
-    for _ in range(3):
-      state, m = step(state, batch)
-    jax.block_until_ready(m)
-    trace_dir = os.path.join(args.out, "trace")
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      for _ in range(args.steps):
-        state, m = step(state, batch)
-      jax.block_until_ready(m)
+  trace_dir = os.path.join(args.out, "trace")
+  bench.run(config, steps=args.steps, warmup=3, segments=args.segments, profile_dir=trace_dir)
   path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
   with gzip.open(path) as f:
     trace = json.load(f)

@@ -56,9 +56,14 @@ def synthetic_batch(config, batch_size: int | None = None, seed: int = 0, segmen
 
 
 def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_path: str = "",
-        quiet: bool = False) -> dict:
+        quiet: bool = False, profile_dir: str = "") -> dict:
   """Times `steps` train steps after `warmup` ones on a batch of `segments` documents a row;
-  returns and prints the figures."""
+  returns and prints the figures.
+
+  `profile_dir`: then traces `steps` more steps with `jax.profiler` into it (TensorBoard's Profile
+  tab, XProf, and a Perfetto `*.trace.json.gz`), apart from the timed ones so tracing costs them
+  nothing. Each step is a `StepTraceAnnotation`.
+  """
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -80,6 +85,12 @@ def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_pat
       state, m = compiled(state, batch)
     jax.block_until_ready(m)
     elapsed = time.perf_counter() - t0
+    if profile_dir:
+      with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+        for i in range(steps):
+          with jax.profiler.StepTraceAnnotation("train", step_num=warmup + steps + i + 1):
+            state, m = compiled(state, batch)
+        jax.block_until_ready(m)
   step_s = elapsed / steps
   tokens = config.train.batch_size * config.data.seq_len
   fpt = train.flops_per_token(config)
@@ -116,6 +127,8 @@ def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_pat
           + (f" (or a load from the compilation cache {cache})" if cache else ""))
     print(f"  peak memory   {result['peak_memory_gib']:.2f} GiB" if mem else "  peak memory   n/a on this backend")
     print(f"  {FLOPS_FORMULA} = {fpt / 1e6:.1f} MFLOPs/token")
+    if profile_dir:
+      print(f"  profile of {steps} more steps in {profile_dir} (tensorboard --logdir {profile_dir}, Profile tab)")
   if json_path:
     with open(json_path, "w") as f:
       json.dump(result, f, indent=2)

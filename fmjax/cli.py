@@ -91,8 +91,11 @@ def cmd_bench(argv):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--segments", type=int, default=1, help="packed documents per row (attention masks them apart)")
     p.add_argument("--json", default="", help="also write the result as JSON here")
+    p.add_argument("--profile", default="", metavar="DIR",
+                   help="then trace --steps more steps with jax.profiler into DIR (TensorBoard, XProf, Perfetto)")
   args, config = _load("fmjax bench", argv, False, extra)
-  bench.run(config, steps=args.steps, warmup=args.warmup, segments=args.segments, json_path=args.json)
+  bench.run(config, steps=args.steps, warmup=args.warmup, segments=args.segments, json_path=args.json,
+            profile_dir=args.profile)
 
 
 def cmd_launch(argv):

@@ -217,6 +217,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
       raise ConfigError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
     _one_of("train.nan_policy", t.nan_policy, ("abort", "skip"))
+    traced, first = t.get("profile_steps", 0), t.get("profile_start", 0)  # absent from older runs' configs
+    if traced < 0 or first < 0:
+      raise ConfigError(f"train.profile_steps={traced} and train.profile_start={first} must be non-negative; "
+                        "profile_steps=0 turns tracing off")
+    if traced and first >= t.steps:
+      raise ConfigError(f"train.profile_start={first} is not before train.steps={t.steps}, so nothing would "
+                        "be traced; lower train.profile_start")
     _one_of("optim.schedule", config.optim.schedule, ("cosine", "linear", "rsqrt", "constant"))
     _one_of("optim.mu_dtype", config.optim.get("mu_dtype", "float32"), ("float32", "bfloat16"))
   if "mesh" in config:
@@ -290,9 +297,11 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       seed=0,
       log_every=50,
       eval_every=500,
-      eval_batches=8,
+      eval_batches=8,           # 0: no held-out evaluation during training
       nan_policy="abort",       # abort | skip
       progress_bar=True,
+      profile_steps=0,          # >0: trace this many updates with jax.profiler into <workdir>/tb
+      profile_start=5,          # ... from this step on (never the run's first update, which compiles)
   ))
   c.optim = ml_collections.ConfigDict(dict(
       lr=6e-4 if family == "gpt" else 1e-4,

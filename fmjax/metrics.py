@@ -143,3 +143,45 @@ class MetricsWriter:
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+class StepProfiler:
+  """Traces `count` updates of a run with `jax.profiler`, from the one that starts at step `first`.
+
+  Each host writes its trace under `logdir` (the workdir's `tb/`), where TensorBoard's Profile
+  tab and XProf find it beside the scalars. The window never holds the run's first update, which
+  compiles: it starts at `first` or one step after `start`, whichever is later. Each update is a
+  `StepTraceAnnotation`, so the trace viewer shows step boundaries and per-step times. The device
+  is drained at both ends of the window, so the trace holds exactly its updates; tokens/s logged
+  over that window is lower for it.
+  """
+
+  def __init__(self, logdir: str, first: int, count: int, start: int, say=log.info):
+    self.logdir, self.say = logdir, say
+    self.first = max(first, start + 1) if count > 0 else None
+    self.last = self.first + count if count > 0 else None  # the step the last traced update makes
+    self.done = start  # the step of the state last seen, for the closing message
+    self.active = False
+
+  def before_update(self, step: int, state) -> None:
+    """Called with the state at `step`, before the update that makes step + 1 is queued."""
+    if step == self.first and not self.active:
+      jax.block_until_ready(state)
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+
+  def after_update(self, step: int, state) -> None:
+    """Called with the new state at `step` once its update is queued."""
+    self.done = step
+    if self.active and step == self.last:
+      jax.block_until_ready(state)
+      self.stop()
+
+  def stop(self) -> None:
+    """Ends an open trace (at the window's end, or when the run stops inside it)."""
+    if not self.active:
+      return
+    self.active = False
+    jax.profiler.stop_trace()
+    self.say(f"profile of updates {self.first + 1}-{self.done} written to {self.logdir}; view it in "
+             f"TensorBoard's Profile tab (tensorboard --logdir {self.logdir}) or XProf")

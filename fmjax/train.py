@@ -256,7 +256,8 @@ def run(config, workdir: str) -> dict:
       result = loop(
           config, state, (batch for _, batch in batches), train_step, checkpointer=checkpointer, workdir=workdir,
           meta=meta, skipped=skipped, flops_per_token=flops_per_token(config),
-          evaluate=lambda params: evaluate(eval_step, params, eval_loader, config.train.eval_batches),
+          evaluate=(lambda params: evaluate(eval_step, params, eval_loader, config.train.eval_batches))
+          if config.train.eval_batches > 0 else None,  # 0: no held-out figures, rather than zeros
           eval_message=lambda m: f"eval loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}  acc {m['accuracy']:.3f}")
   finally:
     if batches is not None:
@@ -287,7 +288,8 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
   is what the checkpoint records besides the step, the last train metrics and the number of
   skipped updates. Writes metrics.jsonl (train/ and eval/ keys) under `workdir`; SIGTERM saves
   at the next step boundary and returns with `preempted=True`; a non-finite update aborts or is
-  skipped per `train.nan_policy`, and is never checkpointed.
+  skipped per `train.nan_policy`, and is never checkpointed. `train.profile_steps` > 0 traces that
+  many updates from `train.profile_start` into `workdir/tb` (`metrics.StepProfiler`).
   """
   from fmjax import checkpoint as ckpt_lib
   start, total = int(state["step"]), config.train.steps
@@ -295,6 +297,8 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
   peak = metrics_lib.peak_flops_per_device() if flops_per_token else None
   writer = metrics_lib.MetricsWriter(workdir, total, start, progress_bar=config.train.progress_bar,
                                      run_name=config.name, config_dict=config_lib.to_dict(config))
+  profiler = metrics_lib.StepProfiler(os.path.join(workdir, "tb"), config.train.get("profile_start", 0),
+                                      config.train.get("profile_steps", 0), start, writer.message)
   watcher = None
   last_train, last_eval, preempted = {}, {}, False
   t_last, step_last = time.time(), start
@@ -350,13 +354,20 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
         log.info("Preempted: saving step %d to %s; rerun the same command to resume", step, checkpointer.directory)
         preempted = True
         break
-      state, next_metrics = train_step(state, next(batches))
+      profiler.before_update(step, state)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+        state, next_metrics = train_step(state, next(batches))
+      profiler.after_update(step + 1, state)
       if pending is not None:
         record(step, pending)
       pending = next_metrics
     if not last_eval and evaluate is not None and not preempted:
       last_eval = evaluate(state["params"])  # e.g. resumed a finished run: still report held-out figures
   finally:
+    try:
+      profiler.stop()  # a run that ends or stops inside the window keeps what it traced
+    except Exception as e:  # a trace that cannot be written must not hide how the run ended
+      log.warning("profile not written: %s", e)
     if watcher is not None:
       watcher.close()
     writer.close()

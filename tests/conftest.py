@@ -51,3 +51,21 @@ def as_if_on_an_h100():
     pytest.skip("a real GPU is here: the GPU tests run the cuDNN path for real")
   with plan.compiling_for_gpu():
     yield CudaLowering()
+
+
+@pytest.fixture
+def traced_steps():
+  """Reads a `jax.profiler` trace directory: `(step numbers annotated, events of the jitted train step)`."""
+  import glob
+
+  def read(logdir) -> tuple[set[int], int]:
+    (path,) = glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb"))
+    steps, step_events = set(), 0
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+      for line in plane.lines:
+        for event in line.events:
+          if event.name == "train":
+            steps.add(dict(event.stats)["step_num"])
+          step_events += "train_step" in event.name
+    return steps, step_events
+  return read

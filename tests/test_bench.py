@@ -32,6 +32,15 @@ def test_bench_prints_and_writes_every_figure(family, segments, capsys, tmp_path
   assert r["compile_time_s"] > 0 and np.isfinite(r["loss"])
 
 
+def test_bench_profile_traces_further_steps(capsys, tmp_path, traced_steps):
+  code = cli.main(["bench", "--config=configs/gpt.py:tiny", "--steps=2", "--warmup=1",
+                   f"--profile={tmp_path}"] + TINY)
+  assert code == 0 and f"profile of 2 more steps in {tmp_path}" in capsys.readouterr().out
+  steps, step_events = traced_steps(tmp_path)
+  assert steps == {4, 5} and step_events > 0  # after 1 warm-up and 2 timed steps
+  assert len(list(tmp_path.glob("plugins/profile/*/*.trace.json.gz"))) == 1  # for Perfetto
+
+
 def test_synthetic_packing_restarts_positions():
   config = config_lib.load_config("configs/gpt.py:tiny", ["data.seq_len=10", "train.batch_size=2"])
   batch = bench.synthetic_batch(config, segments=3)

@@ -46,6 +46,10 @@ def test_bad_values_fail_before_compile():
     config_lib.load_config("configs/gpt.py:tiny", ["model.attention=flash"])
   with pytest.raises(ConfigError, match="expected an integer"):
     config_lib.load_config("configs/gpt.py:tiny", ["train.steps=ten"])
+  with pytest.raises(ConfigError, match="train.profile_steps=-1 and train.profile_start=5 must be non-negative"):
+    config_lib.load_config("configs/gpt.py:tiny", ["train.profile_steps=-1"])
+  with pytest.raises(ConfigError, match="profile_start=100 is not before train.steps=50, so nothing would be traced"):
+    config_lib.load_config("configs/gpt.py:tiny", ["train.steps=50", "train.profile_steps=3", "train.profile_start=100"])
 
 
 def test_cli_one_line_error():

@@ -440,6 +440,22 @@ def test_loop_reads_metrics_after_queueing_the_next_update(cache_dir, monkeypatc
       (7, 7), ("eval", 7, 7), ("save", 7, 7)]  # the last step: eval, then the final save
 
 
+def test_profile_traces_the_chosen_updates_into_tensorboard(cache_dir, tmp_path, traced_steps):
+  """`train.profile_steps` traces exactly its updates, each a step annotation, into workdir/tb."""
+  with capture_log() as lines:
+    train.run(load(cache_dir, "train.steps=6", "train.profile_start=2", "train.profile_steps=2"), str(tmp_path / "a"))
+  steps, step_events = traced_steps(tmp_path / "a" / "tb")
+  assert steps == {3, 4} and step_events > 0  # the compiled step ran inside the window
+  assert any(l.startswith(f"profile of updates 3-4 written to {tmp_path / 'a' / 'tb'}") for l in lines)
+  # From step 0 the window skips the first update (it compiles); a window past the end stops with the run.
+  with capture_log() as lines:
+    train.run(load(cache_dir, "train.steps=3", "train.profile_start=0", "train.profile_steps=5"), str(tmp_path / "b"))
+  assert traced_steps(tmp_path / "b" / "tb")[0] == {2, 3}
+  assert any(l.startswith("profile of updates 2-3 written") for l in lines)
+  # train.eval_batches=0 (as here): no eval line and no eval/ metrics, rather than a loss of 0.
+  assert not any(k.startswith("eval/") for row in metrics_rows(tmp_path / "a") for k in row)
+
+
 # ----------------------------------------------------------------------------- elastic
 
 
