@@ -9,12 +9,15 @@ without touching the optimizer state:
 
 Restores take an abstract state whose leaves are `jax.ShapeDtypeStruct(..., sharding=s)`; each
 leaf is read straight into the requested sharding, so a checkpoint written on one mesh (or by
-several processes) restores onto any other mesh. All processes call every method here in the
-same order: saves, time-based save decisions and preemption checks are collective.
+several processes) restores onto any other mesh, and into either layer layout (a scanned
+model's stacked blocks or an unrolled model's per-layer ones, `model.scan_layers`). All
+processes call every method here in the same order: saves, time-based save decisions and
+preemption checks are collective.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -23,6 +26,7 @@ import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -30,6 +34,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 import fmjax
+from fmjax.models import STACK_KEY
 
 ITEMS = ("params", "opt_state")
 # Orbax (>= 0.12) writes this file last into every step it finalises, on local disks (before the
@@ -281,27 +286,36 @@ class Checkpointer:
     if missing:
       raise ValueError(f"restore asked for {missing} but the abstract state only has {sorted(abstract_state)}")
     check_compatible(self, step, abstract_state, items=items, partial=partial)
-    targets = {name: jax.tree.map(_abstract_leaf, abstract_state[name], is_leaf=_is_abstract_leaf)
-               for name in items}
-    if partial:
-      targets = {name: self._full_target(step, name, target) for name, target in targets.items()}
+    targets, plans = {}, {}
+    for name in items:
+      target = jax.tree.map(_abstract_leaf, abstract_state[name], is_leaf=_is_abstract_leaf)
+      plans[name] = _relayout_plan(_shapes(self.item_metadata(step, name)), [k for k, _ in _flat_keys(target)])
+      # Orbax reads whole saved trees: a partial or relaid restore names every saved array.
+      targets[name] = self._full_target(step, name, target, plans[name]) if partial or plans[name] else target
     restored = self._manager.restore(step, args=ocp.args.Composite(
         **{name: ocp.args.StandardRestore(target) for name, target in targets.items()}))
     out = {name: restored[name] for name in items}
-    if partial:
-      out = {name: _pick(out[name], abstract_state[name]) for name in items}
+    for name in items:
+      if partial or plans[name]:
+        out[name] = _pick(out[name], abstract_state[name], plans[name])
     if "step" in abstract_state:
       leaf = _abstract_leaf(abstract_state["step"])
       out["step"] = jax.make_array_from_callback((), leaf.sharding, lambda _: np.asarray(step, np.int32))
     return out
 
-  def _full_target(self, step: int, item: str, target: Any) -> Any:
+  def _full_target(self, step: int, item: str, target: Any, plan: Mapping[tuple, tuple]) -> Any:
     """The saved tree of `item`, with `target`'s leaves where it has them.
 
     Orbax's StandardRestore reads whole trees only; the arrays nobody asked for are read
-    replicated and dropped by `_pick`.
+    replicated and dropped by `_pick`. Arrays saved in the other layer layout (`plan`) are read
+    sharded as their layers will be, plus or minus the leading layer axis.
     """
-    wanted = {_path_keys(path): leaf for path, leaf in _flatten(target)}
+    wanted = dict(_flat_keys(target))
+    relaid = {}  # saved path: (dtype, sharding) of the arrays read for the other layout
+    for keys, (kind, source, *_) in plan.items():
+      leaf = wanted.pop(keys)
+      for src in _sources(source):
+        relaid[src] = (leaf.dtype, _layer_axis(leaf.sharding, add=kind == "take"))
     first = next(iter(wanted.values()), None)
     if first is not None and isinstance(first.sharding, jax.sharding.NamedSharding):
       spare = jax.sharding.NamedSharding(first.sharding.mesh, jax.sharding.PartitionSpec())
@@ -309,8 +323,11 @@ class Checkpointer:
       spare = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def leaf(path, meta):
-      mine = wanted.get(_path_keys(path))
-      return mine if mine is not None else jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=spare)
+      keys = _path_keys(path)
+      if keys in wanted:
+        return wanted[keys]
+      dtype, where = relaid.get(keys, (meta.dtype, spare))
+      return jax.ShapeDtypeStruct(meta.shape, dtype, sharding=where)
 
     return jax.tree_util.tree_map_with_path(leaf, self.item_metadata(step, item), is_leaf=_has_shape)
 
@@ -351,22 +368,102 @@ def _path_keys(path: tuple) -> tuple[str, ...]:
   return tuple(map(_key_str, path))
 
 
-def _pick(restored: Any, abstract: Any) -> Any:
-  """The leaves of `abstract`'s paths from the (larger) `restored` tree, in `abstract`'s structure."""
+def _flat_keys(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
+  return [(_path_keys(path), leaf) for path, leaf in _flatten(tree)]
+
+
+def _pick(restored: Any, abstract: Any, plan: Mapping[tuple, tuple]) -> Any:
+  """The leaves of `abstract`'s paths from the (larger) `restored` tree, in `abstract`'s structure.
+
+  Leaves in `plan` are built from the restored arrays of the other layer layout (a layer taken
+  out of a stacked array, or the layers stacked), in one jitted program that writes them
+  straight into `abstract`'s shardings.
+  """
   def lookup(keys):
     node = restored
     for key in keys:
       node = node[key] if isinstance(node, Mapping) else node[int(key)]
     return node
 
-  paths = [_path_keys(path) for path, _ in _flatten(abstract)]
+  flat = _flat_keys(abstract)
+  if plan:
+    relaid = [(keys, leaf) for keys, leaf in flat if keys in plan]
+    sources = {src: lookup(src) for _, source, *_ in plan.values() for src in _sources(source)}
+
+    def relayout(sources):
+      out = []
+      for keys, _ in relaid:
+        kind, source, *index = plan[keys]
+        out.append(sources[source][index[0]] if kind == "take" else jnp.stack([sources[s] for s in source]))
+      return out
+    shardings = [getattr(leaf, "sharding", None) for _, leaf in relaid]
+    built = dict(zip([keys for keys, _ in relaid], jax.jit(relayout, out_shardings=shardings)(sources)))
   treedef = jax.tree_util.tree_structure(abstract, is_leaf=_has_shape)
-  return jax.tree_util.tree_unflatten(treedef, [lookup(keys) for keys in paths])
+  return jax.tree_util.tree_unflatten(treedef, [built[keys] if keys in plan else lookup(keys) for keys, _ in flat])
 
 
-def _shapes(tree: Any, prefix: str) -> dict[str, tuple]:
-  """`{"params/blocks/0/kernel": shape}` for every array leaf; namedtuple fields count as keys."""
-  return {"/".join((prefix, *_path_keys(path))): tuple(getattr(leaf, "shape", ())) for path, leaf in _flatten(tree)}
+def _shapes(tree: Any) -> dict[tuple[str, ...], tuple]:
+  """`{("blocks", "0", "kernel"): shape}` for every array leaf; namedtuple fields count as keys."""
+  return {keys: tuple(getattr(leaf, "shape", ())) for keys, leaf in _flat_keys(tree)}
+
+
+# ----------------------------------------------------------------------------- layer layouts
+
+
+def _relayout_plan(saved: Mapping[tuple, tuple], expected: Iterable[tuple]) -> dict[tuple, tuple]:
+  """Where the expected arrays lie in a checkpoint saved in the other layer layout.
+
+  A scanned model holds its blocks stacked (`.../blocks/kernel`, a leading axis of layers), an
+  unrolled one a subtree per layer (`.../blocks/3/kernel`). Each expected path that the
+  checkpoint holds only in the other layout maps to `("take", saved path, i)` (layer i of a
+  stacked array) or `("stack", [saved paths of layers 0, 1, ...])`; the rest are left out.
+  """
+  plan = {}
+  for keys in expected:
+    if keys in saved or STACK_KEY not in keys:
+      continue
+    cut = keys.index(STACK_KEY) + 1
+    head, tail = keys[:cut], keys[cut:]
+    if tail and tail[0].isdigit() and head + tail[1:] in saved:
+      plan[keys] = ("take", head + tail[1:], int(tail[0]))
+    elif head + ("0",) + tail in saved:
+      layers = itertools.takewhile(saved.__contains__, (head + (str(i),) + tail for i in itertools.count()))
+      plan[keys] = ("stack", list(layers))
+  return plan
+
+
+def _sources(source: tuple | list) -> list[tuple]:
+  """The saved paths a plan entry reads: one stacked array, or a list of per-layer ones."""
+  return source if isinstance(source, list) else [source]
+
+
+def _in_layout(saved: dict[tuple, tuple], plan: Mapping[tuple, tuple]) -> tuple[dict[tuple, tuple], list[str]]:
+  """The saved shapes as the expected layout sees them, and what does not fit: a stacked array
+  whose layers the model does not take one for one (another number of layers)."""
+  out, taken = dict(saved), {}
+  for keys, (kind, source, *index) in plan.items():
+    if kind == "take":
+      out[keys] = saved[source][1:]
+      taken.setdefault(source, set()).add(index[0])
+    else:
+      out[keys] = (len(source),) + saved[source[0]]
+      for src in source:
+        out.pop(src, None)
+  problems = []
+  for source, layers in taken.items():
+    out.pop(source, None)
+    if layers != set(range(saved[source][0])):
+      problems.append(f"{'/'.join(source)}: saved with {saved[source][0]} layers stacked, the model has "
+                      f"{len(layers)}")
+  return out, problems
+
+
+def _layer_axis(where: Any, *, add: bool) -> Any:
+  """`where` (a sharding) with a leading layer axis added (unsharded) or removed."""
+  if not isinstance(where, jax.sharding.NamedSharding):
+    return where
+  spec = tuple(where.spec)
+  return jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec(*((None,) + spec if add else spec[1:])))
 
 
 def _fmt(shape: tuple) -> str:
@@ -388,17 +485,19 @@ def check_compatible(checkpointer: Checkpointer, step: int, abstract_state: Mapp
     if saved_tree is None:
       raise CheckpointMismatchError(f"checkpoint step {step} in {checkpointer.directory} has no {name!r} "
                                     "item; restore only the items it has (e.g. items=('params',))")
-    saved, expected = _shapes(saved_tree, name), _shapes(abstract_state[name], name)
-    problems = []
-    for path in sorted(saved.keys() | expected.keys()):
-      if path not in saved:
-        problems.append(f"{path}: not in checkpoint, model expects {_fmt(expected[path])}")
-      elif path not in expected:
+    expected = _shapes(abstract_state[name])
+    saved, problems = _in_layout(_shapes(saved_tree), _relayout_plan(_shapes(saved_tree), expected))
+    problems = [] if partial else [f"{name}/{p}" for p in problems]  # partial: any subset of layers
+    for keys in sorted(saved.keys() | expected.keys()):
+      path = "/".join((name, *keys))
+      if keys not in saved:
+        problems.append(f"{path}: not in checkpoint, model expects {_fmt(expected[keys])}")
+      elif keys not in expected:
         if partial:
           continue
-        problems.append(f"{path}: in checkpoint {_fmt(saved[path])}, not in model")
-      elif saved[path] != expected[path]:
-        problems.append(f"{path}: saved {_fmt(saved[path])}, model expects {_fmt(expected[path])}")
+        problems.append(f"{path}: in checkpoint {_fmt(saved[keys])}, not in model")
+      elif saved[keys] != expected[keys]:
+        problems.append(f"{path}: saved {_fmt(saved[keys])}, model expects {_fmt(expected[keys])}")
     if problems and details:
       # The optimizer's moments mirror the parameters: one line says so without repeating them.
       summaries.append(f"{name}: {len(problems)} mismatched array(s) as well")
@@ -423,7 +522,7 @@ _BREAKING_PREFIXES = ("model.", "data.", "optim.", "train.objective", "train.bat
 # state's structure alone (reported to the user, not refused).
 _HARMLESS = {
     "data.prefetch", "data.cache_dir", "data.data_dir",
-    "model.attention", "model.remat",
+    "model.attention", "model.remat", "model.scan_layers",  # restore converts the layer layout
     "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio", "optim.weight_decay",
     "optim.b1", "optim.b2", "optim.eps", "optim.clip_norm",
 }

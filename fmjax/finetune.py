@@ -200,8 +200,8 @@ def _saved_config(init_from: str) -> dict | None:
   return None
 
 
-_SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len", "type_vocab_size",
-               "scan_layers")
+# Not scan_layers: the checkpoint restores into either layer layout.
+_SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len", "type_vocab_size")
 
 
 def adopt_pretrain_settings(config, init_from: str) -> list[str]:

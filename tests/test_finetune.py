@@ -35,9 +35,12 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, files):
   """A pretraining workdir as `fmjax train` leaves it: config.json and a params checkpoint (step 5)."""
-  workdir = tmp_path_factory.mktemp("pretrain")
+  return _pretrain_workdir(tmp_path_factory.mktemp("pretrain"), files)
+
+
+def _pretrain_workdir(workdir, files, *overrides) -> str:
   config = config_lib.load_config("configs/bert.py:tiny", [
-      *MODEL, "data.seq_len=16", "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}"])
+      *MODEL, "data.seq_len=16", "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}", *overrides])
   params = nnx.to_pure_dict(nnx.state(models.build_model(config.model, rngs=nnx.Rngs(params=7)), nnx.Param))
   checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), async_save=False)
   checkpointer.save(5, {"params": params}, {"config": config_lib.to_dict(config)}, force=True)
@@ -104,6 +107,25 @@ def test_init_from_loads_trunk_only_and_resumes(pretrained, files, tmp_path):
   from fmjax import evaluate
   metrics = evaluate.run(workdir)
   assert 0.0 <= metrics["accuracy"] <= 1.0, metrics
+
+
+def test_lora_from_a_scanned_pretraining_run(files, tmp_path):
+  """A trunk saved with stacked layers (model.scan_layers=true, as configs/gpt.py:xl pretrains)
+  loads into the unrolled layers that LoRA needs; LoRA leaves the loaded kernels as they were."""
+  pretrained = _pretrain_workdir(tmp_path / "pre", files, "model.scan_layers=true")
+  workdir = str(tmp_path / "ft")
+  result, log = _run_logged(ft_config(files, f"init_from={pretrained}", "finetune.peft=lora"), workdir)
+  assert result["start"] == "init_from" and result["step"] == 2 and "loaded trunk" in log
+  pre, ft = _params(pretrained, None), _params(workdir, None)
+  stacked = pre["encoder"]["blocks"]
+  for i in range(2):
+    layer = ft["trunk"]["encoder"]["blocks"][str(i)]
+    for path, x in jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda a: a[i], stacked))[0]:
+      keys = [str(getattr(k, "key", k)) for k in path]
+      node = layer
+      for k in keys:
+        node = node[k] if k in node else node["base"][k]  # a LoRA-wrapped layer keeps its kernel under base
+      np.testing.assert_array_equal(node, x, err_msg=f"layer {i} {keys}")
 
 
 def test_init_from_step_picks_a_checkpoint_or_names_the_ones_there(pretrained, files, tmp_path):

@@ -516,6 +516,61 @@ def test_elastic_resume_across_meshes_devices_and_processes(reference, cache_dir
   assert_states_equal(saved_state(workdir, N), saved_state(reference, N), exact=False)
 
 
+def by_path(tree) -> dict[str, np.ndarray]:
+  return {"/".join(ckpt_lib._path_keys(path)): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def layer_count(flat: dict[str, np.ndarray]) -> int:
+  return 1 + max(int(k.split("/blocks/")[1].split("/")[0]) for k in flat if "/blocks/" in k)
+
+
+def test_resume_in_the_other_layer_layout(reference, cache_dir, tmp_path):
+  """model.scan_layers may change between runs of one workdir: a checkpoint restores into either
+  layer layout (stacked blocks or one per layer), bit for bit, onto any mesh, and training goes on."""
+  workdir = str(tmp_path)
+  copy_checkpoint(reference, 8, workdir)
+  # Unrolled (the reference) -> scanned on an FSDP x tensor mesh: each array is its layers stacked.
+  config = load(cache_dir, "model.scan_layers=true", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+  spec = train.state_spec(config, sharding.make_mesh(config), optim.make_optimizer(config))
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=0)
+  with jax.set_mesh(spec.mesh):
+    scanned = ck.restore(8, spec.abstract, items=ckpt_lib.ITEMS)
+  ck.close()
+  scanned = {k: scanned[k] for k in ckpt_lib.ITEMS}
+  assert jax.tree.map(lambda x: x.sharding, scanned) == {k: spec.shardings[k] for k in ckpt_lib.ITEMS}
+  unrolled, got = by_path(saved_state(workdir, 8)), by_path(scanned)
+  n = layer_count(unrolled)
+  stacked = [k for k in got if "/blocks/" in k]
+  assert len(stacked) > 20 and len(got) == len(unrolled) - (n - 1) * len(stacked)
+  for k, x in got.items():
+    want = (np.stack([unrolled[k.replace("/blocks/", f"/blocks/{i}/", 1)] for i in range(n)]) if k in stacked
+            else unrolled[k])
+    assert x.shape == want.shape and x.tobytes() == want.tobytes(), k
+
+  with capture_log() as lines:
+    train.run(load(cache_dir, "model.scan_layers=true", "train.steps=12"), workdir)
+  assert any("Resumed from step 8 " in l and "model.scan_layers: False -> True" in l for l in lines), lines
+  assert_losses_close(workdir, reference, range(9, 13))
+  # Scanned -> unrolled: layer i of each stacked array.
+  saved = by_path(saved_state(workdir, 12))
+  config = load(cache_dir)
+  spec = train.state_spec(config, sharding.make_mesh(config), optim.make_optimizer(config))
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=0)
+  with jax.set_mesh(spec.mesh):
+    got = by_path({k: v for k, v in ck.restore(12, spec.abstract, items=ckpt_lib.ITEMS).items() if k != "step"})
+  ck.close()
+  for k, x in got.items():
+    if "/blocks/" in k:
+      head, tail = k.split("/blocks/", 1)
+      i, rest = tail.split("/", 1)
+      want = saved[f"{head}/blocks/{rest}"][int(i)]
+    else:
+      want = saved[k]
+    assert x.shape == want.shape and x.tobytes() == want.tobytes(), k
+  train.run(load(cache_dir, "train.steps=16"), workdir)
+  assert_losses_close(workdir, reference, range(9, 17))
+
+
 def test_init_from_starts_at_step_zero_with_the_source_params(reference, cache_dir):
   """`init_from` (e.g. phase 2 of BERT-style two-phase pretraining): another run's latest params,
   a fresh optimizer, step 0 — and only when the workdir has no checkpoint of its own."""
