@@ -63,7 +63,8 @@ def get_config(arg: str = "task=pydoc_family"):
 
 
 def get_sweep():
-  """Tasks x learning rates x seeds, mean ± std over seeds per task (`fmjax sweep` writes finetune.md)."""
+  """Learning rates x seeds on the task of `--config` (default pydoc_family), mean ± std over seeds
+  (`fmjax sweep` writes finetune.md). A sweep over tasks adds `{"config": ["task=sst2", ...]}`;
+  the other args of `--config` (model=, peft=) stay in every run."""
   from fmjax import sweep
-  return [{"command": "finetune", **e} for e in sweep.product(
-      {"config": ["task=pydoc_family"]}, {"optim.lr": [3e-4, 1e-3]}, {"train.seed": [0, 1, 2]})]
+  return [{"command": "finetune", **e} for e in sweep.product({"optim.lr": [3e-4, 1e-3]}, {"train.seed": [0, 1, 2]})]

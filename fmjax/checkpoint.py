@@ -517,7 +517,8 @@ def check_compatible(checkpointer: Checkpointer, step: int, abstract_state: Mapp
 # ----------------------------------------------------------------------------- config changes
 
 # Keys that change the meaning or shape of the saved state, or which batches come next.
-_BREAKING_PREFIXES = ("model.", "data.", "optim.", "train.objective", "train.batch_size", "train.seed")
+_BREAKING_PREFIXES = ("model.", "data.", "optim.", "train.objective", "train.batch_size", "train.seed",
+                      "task.", "finetune.", "sft.", "init_from", "init_from_step")  # fine-tuning: its task and setup
 # Exceptions to the above: where things run, how fast, or optimizer hyperparameters that leave the
 # state's structure alone (reported to the user, not refused).
 _HARMLESS = {
@@ -558,7 +559,8 @@ def config_changes(saved_cfg: Mapping[str, Any], new_cfg: Mapping[str, Any]) -> 
 
   Each entry reads `key: old -> new`. Breaking changes alter the model, the data stream or the
   optimizer state's structure (model.*, data.*, optim.* beyond hyperparameters, train.objective,
-  train.batch_size, train.seed); everything else (steps, logging, eval, checkpoint, mesh, lr) is
+  train.batch_size, train.seed), or make a fine-tuning run another experiment (task.*,
+  finetune.*, sft.*, init_from); everything else (steps, logging, eval, checkpoint, mesh, lr) is
   harmless and only worth reporting.
   """
   saved, new = _flatten_config(saved_cfg), _flatten_config(new_cfg)

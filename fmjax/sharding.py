@@ -54,12 +54,16 @@ def validate_mesh(config, num_devices: int | None = None) -> None:
   Without `num_devices` (config loading) only what needs no devices is checked; the run
   calls this again with the real device count before anything compiles.
   """
-  if num_devices is None:
+  _validate_rules(config)
+  at_load = num_devices is None
+  if at_load:
     fixed = {a: int(config.mesh[a]) for a in MESH_AXES}
     num_devices = math.prod(abs(s) for s in fixed.values())
   sizes = mesh_shape(config, num_devices)
   dp = sizes["dcn_data"] * sizes["data"] * sizes["fsdp"]
-  if "train" in config:
+  # The batch is checked against the real data-parallel size, after the mesh is checked against
+  # the real devices: on a machine with fewer devices that is the error worth reading first.
+  if "train" in config and not at_load:
     b, accum = config.train.batch_size, config.train.grad_accum
     if (b // accum) % dp:
       raise ConfigError(f"train.batch_size={b} (per micro-batch {b // accum}) does not divide by the "
@@ -97,6 +101,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def _validate_rules(config) -> None:
+  """`logical_axis_rules`: pairs of a logical axis name and None, a mesh axis or a list of them."""
+  rules = config.get("logical_axis_rules", ())
+  example = "e.g. ((\"embed\", \"fsdp\"), (\"mlp\", \"tensor\"), (\"kv\", None))"
+  if isinstance(rules, str) or not all(isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str)
+                                       for r in rules):
+    raise ConfigError(f"logical_axis_rules={rules!r} must be (logical axis, mesh axes) pairs, {example}")
+  for name, axes in rules:
+    for axis in [] if axes is None else [axes] if isinstance(axes, str) else axes:
+      if axis not in MESH_AXES:
+        raise ConfigError(f"logical_axis_rules maps {name!r} to {axis!r}, which is not a mesh axis "
+                          f"{list(MESH_AXES)}")
 
 
 def logical_rules(config) -> tuple:

@@ -9,9 +9,10 @@
   sweep.product({"optim.lr": [1e-3, 3e-3]}, {"train.seed": [0, 1, 2]})   # 6 runs
   sweep.zip({"model.d_model": [64, 128]}, {"model.num_heads": [2, 4]})    # 2 runs
 
-Two keys are not config keys: `config` replaces the `get_config` arg of that run (`{"config":
-"small"}` runs `configs/gpt.py:small`) and `command` names the subcommand (default `train`, e.g.
-`finetune`). Each run lives in `ROOT/<name>`, where the name spells its overrides
+Two keys are not config keys: `config` sets the `get_config` arg of that run (`{"config":
+"small"}` runs `configs/gpt.py:small`; its flags replace those of `--config`, its `key=value`
+pairs join them, and a key that both give differently is refused) and `command` names the
+subcommand (default `train`, e.g. `finetune`). Each run lives in `ROOT/<name>`, where the name spells its overrides
 (`optim.lr=0.001,train.seed=1`). A run that exited cleanly leaves a `SWEEP_DONE` marker holding its
 command and is skipped next time; any other run is simply started again, and `train` resumes it
 from its own checkpoint. A run that saved and stopped on SIGTERM (exit code 143) is reported as
@@ -112,7 +113,7 @@ def expand(base_spec: str, entries: Iterable[dict[str, Any]], base_overrides: Se
   for entry in entries:
     if not isinstance(entry, dict):
       raise ConfigError(f"get_sweep() must return a list of dicts of overrides, got an entry {entry!r}")
-    arg = entry.get("config", base_arg)
+    arg = _merge_args(base_arg, entry["config"]) if "config" in entry else base_arg
     spec = path if arg is None else f"{path}:{arg}"
     overrides = tuple(base_overrides) + tuple(
         f"{k}={_format_value(v)}" for k, v in entry.items() if k not in RESERVED_KEYS)
@@ -124,6 +125,19 @@ def expand(base_spec: str, entries: Iterable[dict[str, Any]], base_overrides: Se
   if not runs:
     raise ConfigError("the sweep is empty; get_sweep() returned no entries")
   return runs
+
+
+def _merge_args(base: str | None, entry: Any) -> str:
+  """A run's `get_config` arg: the entry's flags (e.g. a size) replace the command line's, and
+  the `key=value` pairs of both join, so `--config=configs/finetune_cls.py:model=gpt,peft=lora`
+  keeps them in every run of a sweep over `task=`."""
+  base_flags, base_kv = config_lib.parse_arg(base)
+  flags, kv = config_lib.parse_arg(str(entry))
+  clash = {k for k in kv.keys() & base_kv.keys() if kv[k] != base_kv[k]}
+  if clash:
+    raise ConfigError(f"the sweep sets {', '.join(f'{k}={kv[k]}' for k in sorted(clash))} per run but --config "
+                      f"gives {', '.join(f'{k}={base_kv[k]}' for k in sorted(clash))}; drop it from --config")
+  return ",".join((flags or base_flags) + [f"{k}={v}" for k, v in {**base_kv, **kv}.items()])
 
 
 def check(runs: Sequence[Run]) -> None:

@@ -12,6 +12,7 @@ else from scratch; the log says which.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -19,8 +20,10 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from fmjax import config_lib, metrics as metrics_lib, objectives, optim, sharding
 from fmjax.config_lib import ConfigError
@@ -219,9 +222,15 @@ def run(config, workdir: str) -> dict:
       keep_period=config.checkpoint.keep_period, async_save=config.checkpoint.async_save)
   batches = None
   try:
+    source_tokenizer = _adopt_tokenizer(config, workdir) if config.get("init_from") else None
+    cfg_dict = config_lib.to_dict(config)
     # Before any data work: a workdir of another run fails now, not after the dataset is tokenised,
     # and its config.json is left as it was.
     resume = _check_resume(checkpointer, spec, cfg_dict)
+    if source_tokenizer is not None:
+      if jax.process_index() == 0:
+        source_tokenizer.save(config.data.tokenizer.path)
+      multihost_utils.sync_global_devices("fmjax: init_from tokenizer saved")
     if jax.process_index() == 0:
       config_lib.save_json(config, os.path.join(workdir, "config.json"))
 
@@ -325,6 +334,9 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
       writer.progress(step, m)
       t_last, step_last = now, step
 
+  if start >= total:
+    writer.message(f"step {start} already reaches train.steps={total}: nothing to train; raise train.steps to "
+                   "train on")
   try:
     watcher = ckpt_lib.PreemptionWatcher()
     # The metrics of the update that made `step` are read after the next update is queued, so
@@ -399,6 +411,53 @@ def _check_resume(checkpointer, spec: StateSpec, cfg_dict: dict) -> tuple[int, d
                       f"({'; '.join(breaking[:6])}{more}); use a new --workdir or restore the original values")
   ckpt_lib.check_compatible(checkpointer, latest, spec.abstract)
   return latest, saved, harmless
+
+
+TOKENIZER_DIR = "tokenizer"
+# Data keys that decide a trained tokenizer (its corpus), besides data.tokenizer itself.
+_TOKENIZER_DATA_KEYS = ("dataset", "files", "feature", "train_split", "data_dir", "pii_scrub")
+
+
+def _tokenizer_identity(cfg: dict) -> dict:
+  data = cfg.get("data", {})
+  tok = dict(data.get("tokenizer", {}))
+  corpus = {} if tok.get("kind") == "hf" else {k: data.get(k) for k in _TOKENIZER_DATA_KEYS}
+  return {"tokenizer": tok, "corpus": corpus, "objective": cfg.get("train", {}).get("objective")}
+
+
+def _adopt_tokenizer(config, workdir: str):
+  """Continued pretraining (`init_from`) must read the ids the source's embeddings know.
+
+  Where this run's data settings would build another tokenizer (e.g. a BPE trained on the new
+  corpus), `data.tokenizer` points at `workdir/tokenizer` instead. Returns the source's tokenizer
+  when that directory still has to be written (after the resume check), else None.
+  """
+  from fmjax import data
+  path = os.path.join(config.init_from, "config.json")
+  if not os.path.exists(path):
+    return None  # _init_from names what is missing
+  with open(path) as f:
+    source = json.load(f)
+  if _tokenizer_identity(source) == _tokenizer_identity(config_lib.to_dict(config)):
+    return None
+  own = os.path.join(workdir, TOKENIZER_DIR)
+  tok = None
+  if os.path.exists(os.path.join(own, "tokenizer.json")):  # a rerun: written by its first start
+    vocab = data.load_hf(own).vocab_size
+  else:
+    source_config = ml_collections.ConfigDict(source)
+    if not os.path.isdir(source_config.data.get("cache_dir") or "/nonexistent"):
+      source_config.data.cache_dir = config.data.cache_dir
+    try:
+      tok = data.get_tokenizer(source_config)
+    except ConfigError as e:
+      raise ConfigError(f"this run needs the tokenizer of init_from={config.init_from}, whose ids its params know, "
+                        f"but it cannot be rebuilt here ({e}); pass it as data.tokenizer.kind=hf "
+                        "data.tokenizer.path=FILE") from None
+    vocab = tok.vocab_size
+  config.data.tokenizer.update(kind="hf", path=own, vocab_size=vocab)
+  log.info("Tokenizer of %s (the ids its params know) in %s", config.init_from, own)
+  return tok
 
 
 def _init_from(source: str, spec: StateSpec, tx, source_step: int = 0) -> dict:

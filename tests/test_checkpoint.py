@@ -322,6 +322,12 @@ def test_config_changes_classification():
       "train.eval_every", "train.log_every", "train.steps"]
   assert "model.d_model: 64 -> 128" in breaking
   assert "optim.freeze: '<unset>' -> 'trunk'" in breaking
+  # A fine-tuning workdir resumed with another task, PEFT mode, SFT data or source is another experiment.
+  tuned = {**saved, "init_from": "/runs/a", "task": {"name": "sst2"}, "finetune": {"peft": "none"},
+           "sft": {"eval_percent": 10}}
+  breaking, _ = ckpt_lib.config_changes(tuned, {**tuned, "init_from": "/runs/b", "task": {"name": "csv"},
+                                                "finetune": {"peft": "lora"}, "sft": {"eval_percent": 5}})
+  assert [key(b) for b in breaking] == ["finetune.peft", "init_from", "sft.eval_percent", "task.name"]
 
 
 def test_async_save_error_surfaces(tmp_path, monkeypatch):

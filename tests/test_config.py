@@ -46,6 +46,14 @@ def test_bad_values_fail_before_compile():
     config_lib.load_config("configs/gpt.py:tiny", ["model.attention=flash"])
   with pytest.raises(ConfigError, match="expected an integer"):
     config_lib.load_config("configs/gpt.py:tiny", ["train.steps=ten"])
+  # With fewer devices than the mesh needs, that is the error, not the batch against the mesh.
+  config = config_lib.load_config("configs/gpt.py:tiny", ["mesh.data=3"])
+  with pytest.raises(ConfigError, match="needs 3 devices but 8 are available"):
+    config_lib.validate(config, 8)
+  with pytest.raises(ConfigError, match=r"logical_axis_rules=\('foo',\) must be \(logical axis, mesh axes\) pairs"):
+    config_lib.load_config("configs/gpt.py:tiny", ["logical_axis_rules=foo"])
+  with pytest.raises(ConfigError, match="maps 'mlp' to 'model', which is not a mesh axis"):
+    config_lib.load_config("configs/gpt.py:tiny", ["logical_axis_rules=((\"mlp\", \"model\"),)"])
   with pytest.raises(ConfigError, match="train.profile_steps=-1 and train.profile_start=5 must be non-negative"):
     config_lib.load_config("configs/gpt.py:tiny", ["train.profile_steps=-1"])
   with pytest.raises(ConfigError, match="profile_start=100 is not before train.steps=50, so nothing would be traced"):

@@ -571,6 +571,33 @@ def test_resume_in_the_other_layer_layout(reference, cache_dir, tmp_path):
   assert_losses_close(workdir, reference, range(9, 17))
 
 
+def test_init_from_keeps_the_source_tokenizer(reference, cache_dir, tmp_path):
+  """Continued pretraining on other text reads the token ids the source's params know: the
+  source's tokenizer, saved into the workdir, not one trained anew on the new text."""
+  from fmjax import data
+  words = ["river", "stone", "quiet", "engine", "paper", "window", "orbit", "garden", "signal", "copper"]
+  rng = np.random.default_rng(0)
+  text = tmp_path / "more.txt"
+  text.write_text("\n\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(400)) + "\n")  # 400 documents
+  workdir = tmp_path / "w"
+  overrides = (f"init_from={reference}", "data.dataset=text_files", f"data.files={text}")
+  with capture_log() as lines:
+    assert train.run(load(cache_dir, *overrides, "train.steps=2"), str(workdir))["step"] == 2
+  assert any(l.startswith(f"Tokenizer of {reference} (the ids its params know) in {workdir}") for l in lines), lines
+  sample = "The with statement opens a quiet river of words."
+  source, own = data.get_tokenizer(load(cache_dir)), data.load_hf(str(workdir / "tokenizer"))
+  assert own.encode(sample) == source.encode(sample)
+  with open(workdir / "config.json") as f:
+    saved = json.load(f)["data"]["tokenizer"]
+  assert saved["kind"] == "hf" and saved["path"] == str(workdir / "tokenizer")
+  # Rerunning the same command resumes (the adopted tokenizer is no config change).
+  assert train.run(load(cache_dir, *overrides, "train.steps=3"), str(workdir))["step"] == 3
+  # A rerun asking for fewer steps than the checkpoint holds trains nothing, and says so.
+  with capture_log() as lines:
+    assert train.run(load(cache_dir, *overrides, "train.steps=2"), str(workdir))["step"] == 3
+  assert any("step 3 already reaches train.steps=2: nothing to train" in l for l in lines), lines
+
+
 def test_init_from_starts_at_step_zero_with_the_source_params(reference, cache_dir):
   """`init_from` (e.g. phase 2 of BERT-style two-phase pretraining): another run's latest params,
   a fresh optimizer, step 0 — and only when the workdir has no checkpoint of its own."""

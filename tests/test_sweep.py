@@ -59,6 +59,22 @@ def test_expand_overrides_round_trip_into_the_config():
                   "--config.train.steps=7", "--config.optim.lr=0.003"]
 
 
+def test_a_sweep_over_the_config_arg_keeps_the_command_line_args():
+  # key=value args join (a LoRA sweep stays LoRA); an entry's flags replace the command line's.
+  runs = sweep.expand("configs/finetune_cls.py:model=gpt,peft=lora",
+                      [{"config": "task=pydoc_family", "optim.lr": 1e-3}, {"config": "task=jsonl"}])
+  assert [r.spec for r in runs] == ["configs/finetune_cls.py:model=gpt,peft=lora,task=pydoc_family",
+                                    "configs/finetune_cls.py:model=gpt,peft=lora,task=jsonl"]
+  config = config_lib.load_config(runs[0].spec)
+  assert config.model.family == "gpt" and config.finetune.peft == "lora" and config.task.name == "pydoc_family"
+  with pytest.raises(ConfigError, match="the sweep sets task=jsonl per run but --config gives task=sst2; drop it"):
+    sweep.expand("configs/finetune_cls.py:task=sst2", [{"config": "task=jsonl"}])
+  # The shipped fine-tuning sweep runs on the task --config names.
+  entries = config_lib.load_module("configs/finetune_cls.py").get_sweep()
+  runs = sweep.expand("configs/finetune_cls.py:task=jsonl,peft=bitfit", entries)
+  assert len(runs) == 6 and {r.spec for r in runs} == {"configs/finetune_cls.py:task=jsonl,peft=bitfit"}
+
+
 def test_bad_sweep_key_fails_before_anything_runs(tmp_path):
   root = tmp_path / "sweep"
   with pytest.raises(ConfigError, match=r"optim.lrr.*did you mean 'lr'") as e:
