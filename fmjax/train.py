@@ -207,8 +207,11 @@ def run(config, workdir: str) -> dict:
   """
   from fmjax import checkpoint as ckpt_lib, data  # local: heavy, and only the loop's
 
+  from fmjax.data import sources
   metrics_lib.setup_logging()
   config_lib.validate(config, jax.device_count())
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    sources.check_config(config)  # a bad data setting on a fresh start leaves no workdir behind
   os.makedirs(workdir, exist_ok=True)
 
   mesh = sharding.make_mesh(config)

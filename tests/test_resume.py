@@ -592,6 +592,10 @@ def test_init_from_keeps_the_source_tokenizer(reference, cache_dir, tmp_path):
   assert saved["kind"] == "hf" and saved["path"] == str(workdir / "tokenizer")
   # Rerunning the same command resumes (the adopted tokenizer is no config change).
   assert train.run(load(cache_dir, *overrides, "train.steps=3"), str(workdir))["step"] == 3
+  # Data that is not there fails before a fresh workdir is created.
+  with pytest.raises(ConfigError, match="matches no .txt or .jsonl file"):
+    train.run(load(cache_dir, "data.dataset=text_files", f"data.files={tmp_path}/nothing*.txt"), str(tmp_path / "x"))
+  assert not os.path.exists(tmp_path / "x")
   # A rerun asking for fewer steps than the checkpoint holds trains nothing, and says so.
   with capture_log() as lines:
     assert train.run(load(cache_dir, *overrides, "train.steps=2"), str(workdir))["step"] == 3
