@@ -37,13 +37,18 @@ def get_config(arg: str = "task=pydoc_family"):
       validation_files="",      # csv/jsonl: held-out files; empty = hash split of `files`
       text_columns=("sentence",),
       label_column="label",
-      num_classes=-1,           # -1: from the task; 0: regression; checked against the labels
+      # -1: from the task (csv/jsonl: integer labels are class ids, strings are class names; numbers
+      # that are not all integers, e.g. 0.26, are refused: set 0); 0: regression; checked against the labels
+      num_classes=-1,
       validation_percent=20,    # hash split when a task has no validation split of its own
       max_train_examples=0,     # >0: train on a fixed subset of this many examples (label-scarce runs)
   ))
   c.finetune = ml_collections.ConfigDict(dict(
       peft=kv.get("peft", "none"),  # none | lora | adapter | bitfit | head
       pooling="auto",           # auto (BERT: cls, GPT: last) | cls | last | mean (average of non-pad tokens)
+      # A bias in the new head: BERT's classifier has one; Hugging Face's GPT2ForSequenceClassification
+      # `score` has none, so a GPT head without one is what `fmjax export` can write.
+      head_bias=family == "bert",
       lora_rank=8,
       lora_alpha=16.0,
       lora_targets=("attention.qkv", "attention.out", "attn.qkv", "attn.out"),

@@ -8,7 +8,9 @@
 data.files: JSONL rows {"prompt": ..., "completion": ...}; the loss is on the completion tokens
 (and the EOS after them) only. Rows without a prompt are continued pretraining on their text.
 The model's shape and the tokenizer are taken from init_from, so only training settings matter
-here. Arg: a size of configs/gpt.py (tiny default; used only without init_from).
+here. Arg: a size of configs/gpt.py (tiny default; its model used only without init_from). A
+data.seq_len longer than the init_from model's max_len (e.g. :small's 1024 on a tiny GPT of 256)
+is lowered to that max_len, and the log says so: the pretrained position table cannot grow.
 """
 
 import os

@@ -529,6 +529,10 @@ _HARMLESS = {
 }
 
 
+# Keys added since a checkpoint was saved, and the value its run had without them.
+_BEFORE_THE_KEY = {"finetune.head_bias": True}  # classifier heads all had a bias
+
+
 def _flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
   if hasattr(cfg, "to_dict"):
     cfg = cfg.to_dict()
@@ -566,7 +570,8 @@ def config_changes(saved_cfg: Mapping[str, Any], new_cfg: Mapping[str, Any]) -> 
   saved, new = _flatten_config(saved_cfg), _flatten_config(new_cfg)
   breaking, harmless = [], []
   for key in sorted(saved.keys() | new.keys()):
-    old_v, new_v = _normalise(saved.get(key, "<unset>")), _normalise(new.get(key, "<unset>"))
+    old_v = _normalise(saved.get(key, _BEFORE_THE_KEY.get(key, "<unset>")))
+    new_v = _normalise(new.get(key, "<unset>"))
     if old_v == new_v or (isinstance(old_v, float) and isinstance(new_v, float)
                           and math.isnan(old_v) and math.isnan(new_v)):
       continue

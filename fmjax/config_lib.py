@@ -217,6 +217,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
       raise ConfigError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
     _one_of("train.nan_policy", t.nan_policy, ("abort", "skip"))
+    if t.get("log_every", 1) < 1 or t.get("eval_every", 0) < 0:
+      raise ConfigError(f"train.log_every={t.log_every} must be at least 1 and train.eval_every={t.eval_every} "
+                        "at least 0 (0: evaluate at the end only)")
     traced, first = t.get("profile_steps", 0), t.get("profile_start", 0)  # absent from older runs' configs
     if traced < 0 or first < 0:
       raise ConfigError(f"train.profile_steps={traced} and train.profile_start={first} must be non-negative; "
@@ -296,7 +299,7 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       grad_accum=1,
       seed=0,
       log_every=50,
-      eval_every=500,
+      eval_every=500,           # 0: at the end only
       eval_batches=8,           # 0: no held-out evaluation during training
       nan_policy="abort",       # abort | skip
       progress_bar=True,

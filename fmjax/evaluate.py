@@ -3,7 +3,8 @@
   pretraining (GPT)  next-token loss, perplexity and accuracy on the packed held-out split
   pretraining (BERT) masked-LM loss, accuracy (and pseudo-perplexity exp(loss)) at the masked positions
   SFT                the same on the completion tokens of the held-out JSONL rows
-  fine-tuning        the task's official metrics (fmjax.finetune.evaluate)
+  fine-tuning        the task's official metrics (fmjax.finetune.evaluate) on a task split
+                     (--split=eval is its validation split; --batches counts batches of train.batch_size examples)
 
 The numbers are those of the train loop's eval (same step function and batches) over the whole
 split by default. They are printed and written to `workdir/eval.json` (`eval_<split>.json` for
@@ -33,13 +34,13 @@ def _read_config(workdir: str) -> dict:
     return json.load(f)
 
 
-def _finetune_metrics(workdir: str, split: str, step: int | None) -> dict:
+def _finetune_metrics(workdir: str, split: str, batches: int | None, step: int | None) -> dict:
   try:
     from fmjax import finetune
   except ImportError:
     raise ConfigError(f"{workdir} is a fine-tuning run, and this install has no fmjax.finetune to score it") from None
   task_split = "validation" if split == "eval" else split
-  return {"split": task_split, **finetune.evaluate(workdir, split=task_split, step=step)}
+  return {"split": task_split, **finetune.evaluate(workdir, split=task_split, step=step, batches=batches)}
 
 
 def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None) -> dict:
@@ -79,7 +80,7 @@ def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: 
   """Metrics of `workdir`'s checkpoint (`step`, default the latest) on `split`; also written to eval.json."""
   config = _read_config(workdir)
   if "task" in config and "finetune" in config:
-    result = _finetune_metrics(workdir, split, step)
+    result = _finetune_metrics(workdir, split, batches, step)
   elif "model" in config and "train" in config:
     result = _lm_metrics(workdir, split, batches, step)
   else:
@@ -100,7 +101,8 @@ def cli(argv: list[str]) -> int:
   p = argparse.ArgumentParser(prog="fmjax eval")
   p.add_argument("--workdir", required=True, help="a `fmjax train`, `sft` or `finetune` workdir")
   p.add_argument("--split", default="eval", help="eval (held-out, default) or train; fine-tuning: a task split")
-  p.add_argument("--batches", type=int, default=None, help="batches to score (default: the whole eval split)")
+  p.add_argument("--batches", type=int, default=None, help="batches to score, the first ones in order "
+                 "(default: the whole eval split)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   args = p.parse_args(argv)
   result = run(args.workdir, split=args.split, batches=args.batches, step=args.step)

@@ -66,6 +66,9 @@ class Classifier(nnx.Module):
   Pooling (`finetune.pooling`): cls = tanh(pooler(h[CLS])) as in BERT; last = the last non-pad
   token's hidden state (GPT); mean = the average over non-pad tokens. MLM trains neither [CLS]'s
   output nor the pooler, so a briefly pretrained BERT can transfer better through mean pooling.
+  The head has a bias unless `finetune.head_bias` is false (GPT's default, as Hugging Face's
+  GPT2ForSequenceClassification `score` has none, so the classifier exports); runs saved before
+  the key existed had one.
   """
 
   def __init__(self, config, num_outputs: int, *, rngs: nnx.Rngs):
@@ -77,6 +80,7 @@ class Classifier(nnx.Module):
     for name in _PRETRAIN_HEADS[m.family] + (("pooler",) if m.family == "bert" and self.pooling != "cls" else ()):
       delattr(self.trunk, name)
     self.head = models.Dense((m.d_model,), (num_outputs,), ("embed", None), std=m.init_std, rngs=rngs,
+                             use_bias=bool(config.finetune.get("head_bias", True)),
                              dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
 
   def __call__(self, tokens_BT, *, token_types_BT=None, segment_ids_BT=None, deterministic=True, rngs=None):
@@ -192,11 +196,18 @@ def _checkpoint_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
+def is_classifier_run(saved_config) -> bool:
+  """Whether a workdir's config.json is a `fmjax finetune` run's: params {trunk, head}, no LM head."""
+  return "task" in saved_config and "finetune" in saved_config
+
+
 def _saved_config(init_from: str) -> dict | None:
+  """init_from's config.json, its tokenizer path resolved against init_from (a run's own tokenizer/)."""
+  from fmjax import data
   path = os.path.join(init_from, "config.json")
   if os.path.exists(path):
     with open(path) as f:
-      return json.load(f)
+      return data.resolve_tokenizer_path(json.load(f), init_from)
   return None
 
 
@@ -207,7 +218,8 @@ _SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_si
 def adopt_pretrain_settings(config, init_from: str) -> list[str]:
   """Checks that init_from holds this model and takes its tokenizer settings; returns what changed.
 
-  Raises CheckpointMismatchError (one line) for a checkpoint of another family or size.
+  Raises ConfigError for a fine-tuning workdir and CheckpointMismatchError (one line) for a
+  checkpoint of another family or size.
   """
   from fmjax.checkpoint import CheckpointMismatchError
   if not os.path.isdir(init_from):
@@ -215,6 +227,9 @@ def adopt_pretrain_settings(config, init_from: str) -> list[str]:
   saved = _saved_config(init_from)
   if saved is None:
     return []
+  if is_classifier_run(saved):
+    raise ConfigError(f"init_from={init_from} is a `fmjax finetune` (classifier) workdir; pass the --workdir of a "
+                      "pretraining (`fmjax train`) or `fmjax sft` run, whose language model holds the trunk to load")
   theirs = {k: saved.get("model", {}).get(k) for k in _SHAPE_KEYS}
   ours = {k: config.model[k] for k in _SHAPE_KEYS}
   diff = [k for k in _SHAPE_KEYS if theirs[k] != ours[k]]
@@ -279,14 +294,37 @@ def _summary(tree: dict) -> str:
   return ", ".join(parts)
 
 
-def load_trunk(config, spec: train.StateSpec, state: dict, init_from: str) -> dict:
-  """Reads the trunk's parameters from init_from's checkpoint (newest, or `init_from_step`) into `state`."""
+def _trunk_abstract(config, spec: train.StateSpec) -> dict:
+  """The classifier's abstract trunk params that a pretraining checkpoint holds."""
+  base = _trunk_paths(config)
+  return _subtree(spec.abstract["params"]["trunk"], lambda p: tuple(map(str, p)) in base)
+
+
+def source_step(config, spec: train.StateSpec, init_from: str) -> int:
+  """The init_from step to load (newest, or `init_from_step`), checked against the trunk.
+
+  Reads only checkpoint metadata, so a run can refuse a bad init_from before touching its workdir.
+  """
   from fmjax import checkpoint as ckpt_lib
   checkpointer = ckpt_lib.Checkpointer(_checkpoint_dir(init_from))
   try:
     step = checkpointer.source_step(config.get("init_from_step", 0), init_from)
+    ckpt_lib.check_compatible(checkpointer, step, {"params": _trunk_abstract(config, spec)}, items=("params",),
+                              partial=True)
+  finally:
+    checkpointer.close()
+  return step
+
+
+def load_trunk(config, spec: train.StateSpec, state: dict, init_from: str, step: int | None = None) -> dict:
+  """Reads the trunk's parameters from init_from's checkpoint (`step`, else `source_step`) into `state`."""
+  from fmjax import checkpoint as ckpt_lib
+  checkpointer = ckpt_lib.Checkpointer(_checkpoint_dir(init_from))
+  try:
+    if step is None:
+      step = checkpointer.source_step(config.get("init_from_step", 0), init_from)
     base = _trunk_paths(config)
-    abstract = _subtree(spec.abstract["params"]["trunk"], lambda p: tuple(map(str, p)) in base)
+    abstract = _trunk_abstract(config, spec)
     with jax.set_mesh(spec.mesh):
       loaded = checkpointer.restore(step, {"params": abstract}, items=("params",), partial=True)["params"]
     saved_top = set(checkpointer.item_metadata(step, "params"))
@@ -353,16 +391,40 @@ def _eval(predict, params, rows, task, config, batch_sharding) -> dict:
   return task_metrics(task, logits_NC, rows["labels"])
 
 
-def run(config, workdir: str) -> dict:
-  """Fine-tunes per `config` in `workdir`; returns `{"eval", "train", "step", "start", "task"}`.
+# What results.json and every checkpoint's metadata say about where the weights began.
+_ORIGIN_KEYS = ("start", "init_from", "init_from_step")
 
-  Also writes `workdir/results.json` with the final task metrics (what sweeps aggregate).
+
+def _origin(saved_meta: dict) -> dict:
+  """How a resumed run began (init_from or scratch), from its checkpoint's metadata."""
+  if "start" in saved_meta:
+    return {k: saved_meta[k] for k in _ORIGIN_KEYS if k in saved_meta}
+  # Checkpoints written before the origin was recorded: a run with init_from began from it.
+  init_from = saved_meta.get("config", {}).get("init_from", "")
+  return {"start": "init_from", "init_from": init_from} if init_from else {"start": "scratch"}
+
+
+def _without_accuracy(train_step):
+  """The train step without its `accuracy` metric, which means nothing for a regression head."""
+  def step(state, batch):
+    state, metrics = train_step(state, batch)
+    return state, {k: v for k, v in metrics.items() if k != "accuracy"}
+  return step
+
+
+def run(config, workdir: str) -> dict:
+  """Fine-tunes per `config` in `workdir`; returns `{"eval", "train", "step", "start", "task", ...}`.
+
+  Also writes `workdir/results.json` with the final task metrics (what sweeps aggregate). `start`
+  (with `init_from`, `init_from_step`) says where the weights began and stays so when a rerun
+  resumes the run; `resumed_from` is the step this call resumed from (None: it started the run).
+  Everything that can refuse a new run (init_from, task, tokenizer) is checked before the
+  workdir is created, and config.json is written only once the start succeeded.
   """
   from fmjax import checkpoint as ckpt_lib, data
 
   metrics_lib.setup_logging()
   config_lib.validate(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
   config = ml_collections.ConfigDict(config.to_dict())  # our own copy: init_from may set tokenizer keys
   init_from = config.init_from
   adopted = adopt_pretrain_settings(config, init_from) if init_from else []
@@ -370,43 +432,51 @@ def run(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)
   tx, spec, make = setup(config, task, mesh)
+  # A workdir with checkpoints resumes them and needs no init_from checkpoint; a new one checks it now.
+  new_run = not os.path.isdir(os.path.join(workdir, "checkpoints"))
+  init_step = source_step(config, spec, init_from) if init_from and new_run else None
+  tok = data.get_tokenizer(config)
+  if tok.vocab_size > config.model.vocab_size:
+    raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}")
   trainable, total = peft.count(spec.abstract["params"], config.finetune.peft)
   log.info("task %s: %d train / %d validation examples, %s; peft=%s: %s of %s parameters trainable (%.2f%%)",
            task.name, len(task.splits["train"]), len(task.splits["validation"]),
            "regression" if task.is_regression else f"{task.num_classes} classes", config.finetune.peft,
            f"{trainable:,}", f"{total:,}", 100.0 * trainable / total)
   cfg_dict = config_lib.to_dict(config)
+  os.makedirs(workdir, exist_ok=True)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
                                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   try:
     resume = train._check_resume(checkpointer, spec, cfg_dict)
-    tok = data.get_tokenizer(config)
-    if tok.vocab_size > config.model.vocab_size:
-      raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}")
-    if jax.process_index() == 0:
-      config_lib.save_json(config, os.path.join(workdir, "config.json"))
     if resume is not None:
-      state, start = train._restore(checkpointer, spec, resume[0]), "resumed"
+      state, origin = train._restore(checkpointer, spec, resume[0]), _origin(resume[1])
       log.info("Resumed from step %d of %s", resume[0], checkpointer.directory)
     else:
       state = train.init_state(config, spec, tx, make)
       if init_from:
         if adopted:
           log.info("tokenizer settings from init_from: %s", ", ".join(adopted))
-        state, start = load_trunk(config, spec, state, init_from), "init_from"
+        init_step = source_step(config, spec, init_from) if init_step is None else init_step
+        state = load_trunk(config, spec, state, init_from, init_step)
+        origin = {"start": "init_from", "init_from": init_from, "init_from_step": init_step}
       else:
-        start = "scratch"
+        origin = {"start": "scratch"}
         log.info("Started from scratch: random trunk and head (no init_from)")
+    if jax.process_index() == 0:
+      config_lib.save_json(config, os.path.join(workdir, "config.json"))
     rows = {s: encode(task.splits[s], tok, config.model.family, config.data.seq_len) for s in ("train", "validation")}
     n_train = len(rows["train"]["labels"])
     seed = config.train.seed * 1_000_003 + config.data.seed
     batches = (_to_device({k: v[batch_indices(n_train, config.train.batch_size, seed, step)]
                            for k, v in rows["train"].items()}, batch_sharding)
                for step in itertools.count(int(state["step"])))
-    meta = lambda step: {"config": cfg_dict, "task": task.name}
+    meta = lambda step: {"config": cfg_dict, "task": task.name, **origin}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
       loss = lambda *a, **k: loss_fn(*a, regression=task.is_regression, **k)
       train_step, _ = train.compile_steps(config, spec, tx, batch_sharding, loss)
+      if task.is_regression:
+        train_step = _without_accuracy(train_step)
       predict = make_predict(spec, batch_sharding)
       looped = train.loop(
           config, state, batches, train_step, checkpointer=checkpointer, workdir=workdir, meta=meta,
@@ -415,9 +485,14 @@ def run(config, workdir: str) -> dict:
           eval_message=lambda m: f"{task.name} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
   finally:
     checkpointer.close()
-  result = {"task": task.name, "main_metric": task.main_metric, "eval": looped.eval, "train": looped.train,
-            "step": int(looped.state["step"]), "start": start, "peft": config.finetune.peft,
-            "trainable_params": trainable, "total_params": total, "preempted": looped.preempted}
+  # A rerun of a finished run makes no update: its train metrics are those its last checkpoint saved.
+  train_metrics = looped.train or (dict(resume[1].get("metrics") or {}) if resume is not None else {})
+  if task.is_regression:
+    train_metrics.pop("accuracy", None)  # checkpoints saved before it was dropped
+  result = {"task": task.name, "main_metric": task.main_metric, "eval": looped.eval, "train": train_metrics,
+            "step": int(looped.state["step"]), **origin, "resumed_from": resume[0] if resume is not None else None,
+            "peft": config.finetune.peft, "trainable_params": trainable, "total_params": total,
+            "preempted": looped.preempted}
   if looped.preempted:
     return result  # results.json marks a finished run; rerunning the same command resumes this one
   if jax.process_index() == 0:
@@ -427,16 +502,24 @@ def run(config, workdir: str) -> dict:
   return result
 
 
-def load_finetuned(workdir: str, step: int | None = None):
-  """(model, config, task) of a finetune workdir: the classifier with the params of `step` or the latest."""
-  from fmjax import checkpoint as ckpt_lib
+def _finetune_config(workdir: str):
+  """(config, task) of a finetune workdir, from its config.json."""
+  from fmjax import data
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ConfigError(f"{workdir} has no config.json; pass the --workdir of a `fmjax finetune` run")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(data.resolve_tokenizer_path(json.load(f), workdir))
+  if not is_classifier_run(config):
+    raise ConfigError(f"{workdir} is not a `fmjax finetune` workdir (its config.json has no task/finetune); "
+                      "pass the --workdir of a `fmjax finetune` run")
   config.mesh.update(dcn_data=1, data=-1, fsdp=1, tensor=1)
-  task = tasks.load_task(config)
+  return config, tasks.load_task(config)
+
+
+def _restore_classifier(workdir: str, config, task, step: int | None):
+  """(classifier, step) with the params of `step` (default: the latest) of a finetune workdir."""
+  from fmjax import checkpoint as ckpt_lib
   mesh = sharding.make_mesh(config)
   _, spec, _ = setup(config, task, mesh)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -448,18 +531,42 @@ def load_finetuned(workdir: str, step: int | None = None):
       params = checkpointer.restore(step, spec.abstract, items=("params",))["params"]
   finally:
     checkpointer.close()
-  return nnx.merge(spec.graphdef, params), config, task
+  return nnx.merge(spec.graphdef, params), step
 
 
-def evaluate(workdir: str, split: str = "validation", step: int | None = None) -> dict:
-  """Task metrics of a finetune workdir's checkpoint on `split` (what `fmjax eval` reports)."""
+def load_finetuned(workdir: str, step: int | None = None):
+  """(model, config, task) of a finetune workdir: the classifier with the params of `step` or the latest."""
+  config, task = _finetune_config(workdir)
+  model, _ = _restore_classifier(workdir, config, task, step)
+  return model, config, task
+
+
+def evaluate(workdir: str, split: str = "validation", step: int | None = None, batches: int | None = None) -> dict:
+  """Task metrics of a finetune workdir's checkpoint on `split` (what `fmjax eval` reports).
+
+  `split` is a task split ("eval" means validation); `batches` scores only the first that many
+  batches of train.batch_size examples, in order (default: the whole split), as `fmjax eval`
+  does for pretraining runs.
+  """
   from fmjax import data
-  model, config, task = load_finetuned(workdir, step)
-  rows = encode(task.splits[split], data.get_tokenizer(config), config.model.family, config.data.seq_len)
+  config, task = _finetune_config(workdir)
+  split = "validation" if split == "eval" else split
+  if split not in task.splits:
+    raise ConfigError(f"task {task.name} of {workdir} has no split {split!r}; pass --split= one of "
+                      f"{sorted(task.splits)} (eval means validation)")
+  if batches is not None and batches < 1:
+    raise ConfigError(f"--batches must be at least 1, got {batches}")
+  examples = task.splits[split]
+  num_batches = -(-len(examples) // config.train.batch_size)
+  batches = num_batches if batches is None else min(int(batches), num_batches)
+  examples = examples[:batches * config.train.batch_size]
+  model, step = _restore_classifier(workdir, config, task, step)
+  rows = encode(examples, data.get_tokenizer(config), config.model.family, config.data.seq_len)
   logits = [np.asarray(model(jnp.asarray(batch["inputs"]), token_types_BT=jnp.asarray(batch["token_types"]),
                              segment_ids_BT=jnp.asarray(batch["segment_ids"])))[:n]
             for batch, n in _eval_batches(rows, config.train.batch_size)]
-  return task_metrics(task, np.concatenate(logits), rows["labels"])
+  return {"step": step, "batches": batches, "examples": len(examples),
+          **task_metrics(task, np.concatenate(logits), rows["labels"])}
 
 
 # ----------------------------------------------------------------------------- sweeps

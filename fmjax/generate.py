@@ -44,14 +44,18 @@ def restore_run(workdir: str, step: int | None = None, *, split_batch: bool = Fa
   The mesh is pure data parallelism over the devices; with `split_batch` it uses the most devices
   that split the run's train.batch_size evenly, so any device count can evaluate any run.
   """
-  from fmjax import checkpoint as ckpt_lib, optim, sharding, train
+  from fmjax import checkpoint as ckpt_lib, data, finetune, optim, sharding, train
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ConfigError(f"{workdir} has no config.json; pass the --workdir of a finished `fmjax train` run")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(data.resolve_tokenizer_path(json.load(f), workdir))
   if "model" not in config or "train" not in config:
     raise ConfigError(f"{path} is not the config of an fmjax run; pass the --workdir of `fmjax train`")
+  if finetune.is_classifier_run(config):
+    raise ConfigError(f"{workdir} is a `fmjax finetune` (classifier) workdir, which has no language-model head; "
+                      "pass the --workdir of a pretraining (`fmjax train`) or `fmjax sft` run "
+                      "(`fmjax eval` scores a classifier)")
   devices = jax.devices()
   if split_batch:
     n = max(d for d in range(1, len(devices) + 1) if config.train.batch_size % d == 0)

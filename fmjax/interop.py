@@ -233,7 +233,8 @@ def params_to_hf(params: Mapping, model_cfg) -> dict[str, np.ndarray]:
                         "sequence-classification head")
     if family == "gpt" and "bias" in head and np.any(np.asarray(head["bias"]) != 0):
       raise ConfigError("GPT2ForSequenceClassification has no bias in its `score` layer, but this classifier's "
-                        "bias is non-zero; fine-tune the GPT head without a bias to export it")
+                        "bias is non-zero; fine-tune the GPT head without one (finetune.head_bias=false, the "
+                        "GPT default) to export it")
   known = {e.path for e in table} | ({("classifier", "bias")} if family == "gpt" else set())
   extra = [_fmt_path(p) for p in _flat_paths(params) if p not in known]
   if extra:
@@ -507,7 +508,7 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
   """
   import jax
   import jax.numpy as jnp
-  from fmjax import checkpoint as ckpt_lib, config_lib, metrics, optim
+  from fmjax import checkpoint as ckpt_lib, config_lib, data, metrics, optim
 
   model_dir, workdir = os.path.abspath(os.path.expanduser(model_dir)), os.path.abspath(os.path.expanduser(workdir))
   if not os.path.isdir(model_dir):
@@ -529,8 +530,8 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
   config.name = f"{family}_hf_{os.path.basename(model_dir.rstrip('/'))}"
   config.model.update(settings)
   config.model.update(dtype="float32", param_dtype="float32")
-  tok_dir = os.path.join(workdir, "tokenizer")
-  config.data.tokenizer.update(kind="hf", path=tok_dir, vocab_size=tokenizer.vocab_size)
+  # Relative to the workdir (data.resolve_tokenizer_path): the workdir may move.
+  config.data.tokenizer.update(kind="hf", path=data.RUN_TOKENIZER, vocab_size=tokenizer.vocab_size)
   config.data.seq_len = min(config.data.seq_len, config.model.max_len)
   config_lib.apply_overrides(config, overrides)
   config.lock()
@@ -551,7 +552,7 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
   shutil.rmtree(staging, ignore_errors=True)
   try:
     os.makedirs(staging)
-    tokenizer.save(os.path.join(staging, "tokenizer"))
+    tokenizer.save(os.path.join(staging, data.RUN_TOKENIZER))
     config_lib.save_json(config, os.path.join(staging, "config.json"))
     info = {"source": model_dir, "model_type": hf["model_type"], "architectures": hf.get("architectures", []),
             "notes": notes}
@@ -576,9 +577,10 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config.json of a workdir."""
+  """The config.json of a workdir, its tokenizer path resolved against the workdir."""
+  from fmjax import data
   cfg = _read_json(os.path.join(workdir, "config.json"), "pass the --workdir of an fmjax run")
-  return ml_collections.ConfigDict(cfg)
+  return ml_collections.ConfigDict(data.resolve_tokenizer_path(cfg, workdir))
 
 
 def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
@@ -611,7 +613,7 @@ def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.C
 def run_tokenizer(workdir: str, config):
   """The tokenizer of a run: `workdir/tokenizer/` if present, else the one its config names."""
   from fmjax import data
-  local = os.path.join(workdir, "tokenizer")
+  local = os.path.join(workdir, data.RUN_TOKENIZER)
   if os.path.exists(os.path.join(local, "tokenizer.json")):
     return data.load_tokenizer(local)
   try:
@@ -683,6 +685,8 @@ def from_finetune(params: dict, config) -> dict:
     params = peft.merge_lora(params, ft["lora_alpha"], ft["lora_rank"])
   flat = dict(params["trunk"])
   flat["classifier"] = dict(params["head"])
+  if "bias" not in flat["classifier"] and config.model.family == "bert":  # finetune.head_bias=false: a zero bias
+    flat["classifier"]["bias"] = np.zeros(np.shape(flat["classifier"]["kernel"])[-1], np.float32)
   return flat
 
 

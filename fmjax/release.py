@@ -8,10 +8,14 @@ The bundle:
                         declared licenses, tokens seen, steps, evaluation results, intended use,
                         limitations, license and use restrictions, the PII summary
   DIR/data_report.json  PII scan (`fmjax.data.pii.scan`) of a sample of the training data: counts
-                        per kind, sample size, whether scrubbing was on in training
-  DIR/hf/               Hugging Face weights, config and tokenizer (`fmjax.interop.export`)
-  DIR/fmjax/            the fmjax checkpoint step, its config.json (tokenizer pointed at
-                        fmjax/tokenizer/) and metrics.jsonl: a workdir `generate`/`eval`/`finetune` read
+                        per kind, sample size, whether scrubbing was on in training. The data is
+                        what the run trained on: the pretraining text, an SFT run's (prompt,
+                        completion) rows, a fine-tuning run's task examples
+  DIR/hf/               Hugging Face weights, config and tokenizer, as `fmjax export` writes them
+                        (a fine-tuning run's LoRA merged, its head as the HF classifier)
+  DIR/fmjax/            the fmjax checkpoint step, its config.json (tokenizer at fmjax/tokenizer/,
+                        recorded relative to fmjax/, so the bundle may move) and metrics.jsonl:
+                        a workdir `generate`/`eval`/`finetune` read
   DIR/SHA256SUMS        the SHA-256 of every other file (`sha256sum -c SHA256SUMS`)
 
 What fmjax cannot know (license, intended use, ...) comes from `--card=card.json`, or from a
@@ -23,7 +27,8 @@ anything is written, with the list of fields to fill in. card.json:
    "model_name": "...", "description": "...", "authors": "...", "citation": "...", "contact": "..."}
 
 `data_licenses` declares a license for every training data source of the run (the dataset name,
-or `text_files:<glob>` for each glob of local files).
+or `text_files:<glob>` for each glob of local files); a fine-tuning run adds its task
+(`task:<name>`, or `task_files:<glob>` for each glob of task.files).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -53,9 +58,23 @@ def data_sources(config, imported: Mapping | None = None) -> list[str]:
   if imported is not None:
     return []  # fmjax never saw the data of imported weights; the card declares what it knows
   d = config.data
-  if d.dataset == "text_files":
-    return [f"text_files:{g.strip()}" for g in str(d.files).split(",") if g.strip()]
-  return [d.dataset]
+  out = ([f"text_files:{g.strip()}" for g in str(d.files).split(",") if g.strip()] if d.dataset == "text_files"
+         else [d.dataset])
+  if _is_finetune(config):  # the trunk's pretraining data, then the task's
+    t = config.task
+    out += ([f"task_files:{g.strip()}" for g in str(t.files).split(",") if g.strip()]
+            if t.name in ("csv", "jsonl", "files") else [f"task:{t.name}"])
+  return out
+
+
+def _is_finetune(config) -> bool:
+  return "task" in config and "finetune" in config
+
+
+def _scrubbed(config) -> bool:
+  """Whether training saw scrubbed text: data.pii_scrub applies to pretraining text only; SFT and
+  fine-tuning read their rows as they are."""
+  return bool(config.data.pii_scrub) and "sft" not in config and not _is_finetune(config)
 
 
 def read_card(config, card_path: str | None) -> dict[str, Any]:
@@ -93,10 +112,14 @@ def missing_fields(card: Mapping[str, Any], sources: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------- facts from the run
 
 
-def eval_results(workdir: str) -> tuple[int | None, dict[str, float]]:
-  """(step, metrics) of the last row of metrics.jsonl that holds `eval/*` values."""
+def eval_results(workdir: str, step: int | None = None) -> tuple[int | None, dict[str, float]]:
+  """(eval step, metrics) of the last row of metrics.jsonl that holds `eval/*` values at or before `step`.
+
+  The eval step may be earlier than `step` (no eval at the released step): the card then says so.
+  A rerun writes its rows again; the last row of a step wins.
+  """
   path = os.path.join(workdir, "metrics.jsonl")
-  step, found = None, {}
+  found_step, found = None, {}
   if os.path.exists(path):
     with open(path) as f:
       for line in f:
@@ -105,15 +128,35 @@ def eval_results(workdir: str) -> tuple[int | None, dict[str, float]]:
         except json.JSONDecodeError:  # a line cut short by a kill: skip it
           continue
         evals = {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")}
-        if evals:
-          step, found = row.get("step"), evals
-  return step, found
+        at = row.get("step", -1)
+        if evals and (step is None or at <= step) and (found_step is None or at >= found_step):
+          found_step, found = at, evals
+  return found_step, found
+
+
+def training_texts(config) -> tuple[Iterator[str], str, str]:
+  """(texts, split, what they are) of the data the run trained on, in its fixed order.
+
+  Pretraining: the documents of the train split. SFT: the prompt and completion of each row of
+  data.files, read as SFT reads them. Fine-tuning: the texts of each train example of the task.
+  """
+  if "sft" in config:
+    from fmjax import sft
+    s = config.sft
+    rows = sft.read_examples(config.data.files, s.prompt_key, s.completion_key)
+    return (f"{p}\n{c}" if p else c for p, c in rows), "data.files", "(prompt, completion) rows of data.files"
+  if _is_finetune(config):
+    from fmjax import tasks
+    task = tasks.load_task(config)
+    return ("\n".join(texts) for texts, _ in task.splits["train"]), "train", f"train examples of task {task.name}"
+  from fmjax.data import sources
+  return sources.documents(config, "train"), config.data.train_split, "documents of the train split"
 
 
 def pii_report(config, sample_docs: int, imported: Mapping | None = None) -> dict[str, Any]:
   """The PII scan of the first `sample_docs` training documents (in the data's fixed order)."""
-  from fmjax.data import pii, sources
-  report = {"sources": data_sources(config, imported), "pii_scrub": bool(config.data.pii_scrub),
+  from fmjax.data import pii
+  report = {"sources": data_sources(config, imported), "pii_scrub": _scrubbed(config),
             "kinds": sorted(pii.PLACEHOLDERS)}
   if imported is not None:
     report.update(sample=None, pii_counts=None,
@@ -121,22 +164,25 @@ def pii_report(config, sample_docs: int, imported: Mapping | None = None) -> dic
     return report
   docs, chars, counts = 0, 0, {k: 0 for k in sorted(pii.PLACEHOLDERS)}
   try:
-    for text in sources.documents(config, "train"):
+    texts, split, what = training_texts(config)
+    for text in texts:
       if docs >= sample_docs:
         break
       docs += 1
       chars += len(text)
       for kind, n in pii.scan([text]).items():
         counts[kind] += n
+  except ConfigError as e:
+    raise ConfigError(f"cannot read the training data for the PII report: {e}") from None
   except Exception as e:  # pylint: disable=broad-except
     # Whatever stops the read (a missing dataset, no network for TFDS, a bad file) ends in one line.
     raise ConfigError(f"cannot read the training data for the PII report ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}); run release where the data is reachable") from None
   scrubbed = ("scrubbing was on: these were replaced by placeholders before tokenisation, so the model did "
-              "not see them" if config.data.pii_scrub else
+              "not see them" if _scrubbed(config) else
               "scrubbing was off: the model was trained on this text as is")
-  report.update(sample={"documents": docs, "characters": chars, "split": config.data.train_split,
-                        "method": f"the first documents of the train split in order, at most {sample_docs}"},
+  report.update(sample={"documents": docs, "characters": chars, "split": split,
+                        "method": f"the first {what} in order, at most {sample_docs}"},
                 pii_counts=counts, note=f"counts are of the raw source text; {scrubbed}")
   return report
 
@@ -185,6 +231,8 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
       ("Parameter dtype", m.param_dtype)], ("", "")), ""]
 
   t = config.get("train") or {}
+  objective = (f"sequence classification ({config.task.name})" if _is_finetune(config) else
+               {"clm": "causal LM", "mlm": "masked LM"}.get(t.get("objective"), t.get("objective")))
   seq_len = config.data.get("seq_len", 0)
   batch = t.get("batch_size", 0)
   lines += ["## Training", ""]
@@ -192,12 +240,12 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
     lines += [f"Weights imported from Hugging Face ({imported.get('model_type')}: {imported.get('source')}); "
               f"fmjax trained them for {step} step(s) after that.", ""]
   lines += [_table([
-      ("Objective", {"clm": "causal LM", "mlm": "masked LM"}.get(t.get("objective"), t.get("objective"))),
+      ("Objective", objective),
       ("Steps", f"{step} (of {t.get('steps', '?')} planned)"),
       ("Tokens seen", f"{step * batch * seq_len:,} (steps x batch {batch} x sequence {seq_len}, packed rows)"),
       ("Optimizer", f"AdamW, lr {config.optim.lr}, {config.optim.schedule} schedule, "
                     f"weight decay {config.optim.weight_decay}" if "optim" in config else "n/a"),
-      ("PII scrubbing", "on" if config.data.pii_scrub else "off")], ("", "")), ""]
+      ("PII scrubbing", "on" if report["pii_scrub"] else "off")], ("", "")), ""]
 
   lines += ["## Training data", ""]
   licenses = dict(card.get("data_licenses") or {})
@@ -214,11 +262,14 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
   lines += ["## Evaluation", ""]
   eval_step, metrics = evals
   if metrics:
-    lines += [f"Held-out results at step {eval_step} (from metrics.jsonl):", "",
+    title = (f"Held-out results at step {eval_step} (from metrics.jsonl):" if eval_step == step else
+             f"No evaluation at the released step {step}; the latest before it, at step {eval_step} "
+             "(from metrics.jsonl):")
+    lines += [title, "",
               _table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in sorted(metrics.items())],
                      ("Metric", "Value")), ""]
   else:
-    lines += ["No evaluation results were recorded in this run's metrics.jsonl.", ""]
+    lines += [f"No evaluation results at or before step {step} were recorded in this run's metrics.jsonl.", ""]
 
   lines += ["## Intended use", "", str(card["intended_use"]), "",
             "## Limitations", "", str(card["limitations"]), "",
@@ -227,12 +278,14 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
   for key, title in (("authors", "Authors"), ("citation", "Citation"), ("contact", "Contact")):
     if card.get(key):
       lines += [f"## {title}", "", str(card[key]), ""]
-  auto = "AutoModelForCausalLM" if m.family == "gpt" else "AutoModelForMaskedLM"
+  auto = ("AutoModelForSequenceClassification" if "classifier" in params else
+          "AutoModelForCausalLM" if m.family == "gpt" else "AutoModelForMaskedLM")
+  use = "fmjax eval --workdir=fmjax" if _is_finetune(config) else "fmjax generate --workdir=fmjax"
   lines += ["## Files", "",
             "- `hf/`: Hugging Face format (safetensors, float32; the vocabulary is exported padded to the model's "
             f"`vocab_size`): `transformers.{auto}.from_pretrained('hf')`, `AutoTokenizer.from_pretrained('hf')`.",
             "- `fmjax/`: the fmjax workdir (config.json, checkpoint step "
-            f"{step}, tokenizer): `fmjax generate --workdir=fmjax` or `--config.init_from=fmjax` to fine-tune.",
+            f"{step}, tokenizer): `{use}` or `--config.init_from=fmjax` to fine-tune.",
             "- `data_report.json`: the PII scan above.",
             "- `SHA256SUMS`: checksums of every file; verify with `sha256sum -c SHA256SUMS`.", ""]
   return "\n".join(lines)
@@ -273,6 +326,7 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
   Everything that can fail (card fields, checkpoint, tokenizer, training data) is checked before
   the bundle is written, and the bundle is written under a temporary name and renamed at the end.
   """
+  from fmjax import data
   workdir = os.path.abspath(os.path.expanduser(workdir))
   out = os.path.abspath(os.path.expanduser(out))
   config = interop.read_run_config(workdir)
@@ -286,20 +340,22 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
     raise ConfigError(f"--out={out} already exists and is not empty; choose a new directory")
 
   config, params, step = interop.load_params(workdir, step)
+  params = interop.from_finetune(params, config)  # as `fmjax export`: LoRA merged, the head as classifier
   tokenizer = interop.run_tokenizer(workdir, config)
   report = pii_report(config, pii_sample, imported)
-  evals = eval_results(workdir)
+  evals = eval_results(workdir, step)
 
   with interop.staged_dir(out, ".releasing") as staging:
     os.makedirs(staging)
     interop.export_params(params, config.model, os.path.join(staging, "hf"), tokenizer)
     run_dir = os.path.join(staging, "fmjax")
     shutil.copytree(os.path.join(workdir, "checkpoints", str(step)), os.path.join(run_dir, "checkpoints", str(step)))
-    tokenizer.save(os.path.join(run_dir, "tokenizer"))
+    tokenizer.save(os.path.join(run_dir, data.RUN_TOKENIZER))
     run_config = json.loads(config.to_json_best_effort())
-    # The bundle carries its tokenizer, so the copied run no longer needs the training corpus for it.
+    # The bundle carries its tokenizer, so the copied run no longer needs the training corpus for it;
+    # the path is relative to fmjax/ (data.resolve_tokenizer_path), so the bundle may move.
     if isinstance(run_config.get("data", {}).get("tokenizer"), dict):
-      run_config["data"]["tokenizer"].update(kind="hf", path=os.path.join(out, "fmjax", "tokenizer"))
+      run_config["data"]["tokenizer"].update(kind="hf", path=data.RUN_TOKENIZER)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
       json.dump(run_config, f, indent=2, sort_keys=True)
     for name in ("metrics.jsonl", interop.IMPORT_INFO):

@@ -11,8 +11,11 @@ each other.
 
 Start order: resume this workdir's checkpoint, else `init_from` (the pretrained params; the
 optimizer starts fresh), else from scratch; the log says which. The model's shape and the
-tokenizer come from the `init_from` run, and the tokenizer is saved into the workdir, so
-`fmjax generate` / `fmjax eval` work on an SFT workdir as on a pretraining one.
+tokenizer come from the `init_from` run (a data.seq_len beyond its max_len is lowered to it, and
+logged), and the tokenizer is saved into the workdir (recorded as `tokenizer`, relative to it),
+so `fmjax generate` / `fmjax eval` work on an SFT workdir as on a pretraining one, also after a
+move. The data and init_from are checked before anything is written: a failed start leaves a new
+workdir empty and an existing one as it was.
 
 Legend: N rows, B batch, T sequence.
 """
@@ -45,12 +48,16 @@ SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_siz
 # ----------------------------------------------------------------------------- data
 
 
-def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "completion") -> list[tuple[str, str]]:
-  """(prompt, completion) pairs from comma-separated JSONL paths or globs, in file order."""
+def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "completion", *,
+                  key: str = "data.files") -> list[tuple[str, str]]:
+  """(prompt, completion) pairs from comma-separated JSONL paths or globs, in file order.
+
+  `key` is the config key `spec` came from, which the error messages name.
+  """
   paths = sorted({p for pattern in spec.split(",") if pattern.strip()
                   for p in glob.glob(os.path.expanduser(pattern.strip()))})
   if not paths:
-    raise ConfigError(f"data.files={spec!r} matches no file; pass --config.data.files=PATH.jsonl "
+    raise ConfigError(f"{key}={spec!r} matches no file; pass --config.{key}=PATH.jsonl "
                       f"(rows of {{\"{prompt_key}\": ..., \"{completion_key}\": ...}})")
   out = []
   for path in paths:
@@ -123,7 +130,7 @@ def load_rows(config, tok) -> dict[str, dict[str, np.ndarray] | None]:
   s = config.sft
   train_ex = read_examples(config.data.files, s.prompt_key, s.completion_key)
   if s.eval_files:
-    eval_ex = read_examples(s.eval_files, s.prompt_key, s.completion_key)
+    eval_ex = read_examples(s.eval_files, s.prompt_key, s.completion_key, key="sft.eval_files")
   else:
     held = [_held_out(p, c, s.eval_percent) for p, c in train_ex]
     eval_ex = [e for e, h in zip(train_ex, held) if h]
@@ -189,9 +196,10 @@ class RowLoader:
             for k, v in self.host_batch(step).items()}
 
 
-def make_loaders(config, tok, batch_sharding) -> tuple[RowLoader, RowLoader | None]:
-  """Train and eval loaders over `config.data.files`; eval is None when nothing is held out."""
-  rows = load_rows(config, tok)
+def make_loaders(config, tok, batch_sharding, rows=None) -> tuple[RowLoader, RowLoader | None]:
+  """Train and eval loaders over `config.data.files` (or `rows` of `load_rows`); eval is None when nothing
+  is held out."""
+  rows = load_rows(config, tok) if rows is None else rows
   b = config.train.batch_size
   train_loader = RowLoader(rows["train"], b, batch_sharding, seed=config.data.seed, shuffle=True)
   eval_loader = (RowLoader(rows["eval"], b, batch_sharding, seed=config.data.seed, shuffle=False)
@@ -210,33 +218,52 @@ def _read_config(workdir: str) -> dict | None:
     return json.load(f)
 
 
-def adopt_init_from(config, workdir: str):
-  """Takes the model shape and tokenizer from the run the params come from; returns the tokenizer.
+def adopt_shape(config, workdir: str) -> dict | None:
+  """Takes the model shape from the run the params come from; returns that run's config.json (None: none).
 
-  That run is this workdir's own (resume), else `init_from`. The tokenizer is saved into the
-  workdir and `data.tokenizer` points at it, so the workdir alone is enough to generate from.
+  That run is this workdir's own (resume), else `init_from`. A data.seq_len longer than its
+  max_len is lowered to it: the pretrained position table decides, not the size preset. Reads only.
   """
   from fmjax import data
-  own_tok = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR)
-  source = _read_config(workdir) if os.path.isdir(own_tok) else None
+  source = _read_config(workdir) if os.path.isdir(os.path.join(workdir, data.RUN_TOKENIZER)) else None
+  where = workdir
   if source is None and config.init_from:
+    where = config.init_from
     if not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
       raise ConfigError(f"init_from={config.init_from!r} holds no checkpoints/; pass the --workdir of a "
                         "`fmjax train` run")
     source = _read_config(config.init_from)
     if source is None:
       raise ConfigError(f"init_from={config.init_from!r} has no config.json; pass the --workdir of a `fmjax train` run")
+    from fmjax import finetune
+    if finetune.is_classifier_run(source):
+      raise ConfigError(f"init_from={config.init_from} is a `fmjax finetune` (classifier) workdir; pass the --workdir "
+                        "of a pretraining (`fmjax train`) or `fmjax sft` run")
     if source["model"]["family"] != "gpt":
       raise ConfigError(f"init_from={config.init_from} holds a {source['model']['family']} model; SFT needs a GPT "
                         "checkpoint (use `fmjax finetune` for BERT)")
+    data.resolve_tokenizer_path(source, config.init_from)
   if source is not None:
     changed = [f"{k}={source['model'][k]}" for k in SHAPE_KEYS if config.model[k] != source["model"][k]]
     config.model.update({k: source["model"][k] for k in SHAPE_KEYS})
     if changed:
-      log.info("Model shape taken from %s: %s", config.init_from or workdir, ", ".join(changed))
+      log.info("Model shape taken from %s: %s", where, ", ".join(changed))
+    if config.data.seq_len > config.model.max_len:
+      log.info("data.seq_len=%d lowered to %d, the model.max_len of %s", config.data.seq_len, config.model.max_len,
+               where)
+      config.data.seq_len = config.model.max_len
   if config.model.family != "gpt":
     raise ConfigError("SFT trains a GPT; set model.family=gpt (use `fmjax finetune` for BERT)")
-  if os.path.isdir(own_tok):
+  return source
+
+
+def adopt_tokenizer(config, workdir: str, source: dict | None):
+  """The tokenizer of the run the params come from (`source`, from `adopt_shape`); points `data.tokenizer` at
+  the workdir's copy, `tokenizer` relative to the workdir. Reads only: `run` saves the copy."""
+  from fmjax import data
+  own_tok = os.path.join(workdir, data.RUN_TOKENIZER)
+  resuming = os.path.isdir(own_tok)
+  if resuming:
     tok = data.load_tokenizer(own_tok)
   elif config.init_from:
     tok = data.get_tokenizer(ml_collections.ConfigDict(source))
@@ -245,13 +272,18 @@ def adopt_init_from(config, workdir: str):
   else:
     raise ConfigError("SFT needs the tokenizer of a pretrained model: pass --config.init_from=PRETRAIN_WORKDIR "
                       "(or data.tokenizer.kind=hf with data.tokenizer.path)")
-  if not os.path.isdir(own_tok) and jax.process_index() == 0:
-    tok.save(own_tok)
-  config.data.tokenizer.update(kind="hf", path=own_tok, vocab_size=tok.vocab_size)
+  # A resumed run keeps the path its checkpoint recorded (absolute in runs written before paths were relative).
+  path = source["data"]["tokenizer"]["path"] if resuming and source else data.RUN_TOKENIZER
+  config.data.tokenizer.update(kind="hf", path=path, vocab_size=tok.vocab_size)
   if tok.vocab_size > config.model.vocab_size:
     raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}; "
                       "raise model.vocab_size")
   return tok
+
+
+def adopt_init_from(config, workdir: str):
+  """Takes the model shape and tokenizer from the run the params come from; returns the tokenizer."""
+  return adopt_tokenizer(config, workdir, adopt_shape(config, workdir))
 
 
 def init_from_pretrained(config, spec: train.StateSpec, tx, init_from: str) -> dict:
@@ -280,21 +312,30 @@ def init_from_pretrained(config, spec: train.StateSpec, tx, init_from: str) -> d
 
 def run(config, workdir: str) -> dict:
   """SFT per `config` in `workdir`; returns the last train and eval (completion-token) metrics."""
-  from fmjax import checkpoint as ckpt_lib
+  from fmjax import checkpoint as ckpt_lib, data
 
   metrics_lib.setup_logging()
-  config_lib.validate(config, jax.device_count())
   if config.train.objective != "clm":
     raise ConfigError("SFT trains with the causal LM loss; set train.objective=clm")
-  os.makedirs(workdir, exist_ok=True)
-  tok = adopt_init_from(config, workdir)
+  # Everything a user can get wrong (init_from, the config, the data) is checked before the workdir is written.
+  source = adopt_shape(config, workdir)
   config_lib.validate(config, jax.device_count())
+  tok = adopt_tokenizer(config, workdir, source)
+  rows = load_rows(config, tok)
+  own_tok = os.path.join(workdir, data.RUN_TOKENIZER)
+  if config.init_from and not os.path.isdir(own_tok):
+    source_ckpt = ckpt_lib.Checkpointer(os.path.join(config.init_from, "checkpoints"))
+    try:
+      source_ckpt.source_step(config.get("init_from_step", 0), config.init_from)
+    finally:
+      source_ckpt.close()
 
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)
   tx = optim.make_optimizer(config)
   spec = train.state_spec(config, mesh, tx)
   cfg_dict = config_lib.to_dict(config)
+  os.makedirs(workdir, exist_ok=True)
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
       every_minutes=config.checkpoint.every_minutes, keep=config.checkpoint.keep,
@@ -302,8 +343,10 @@ def run(config, workdir: str) -> dict:
   try:
     resume = train._check_resume(checkpointer, spec, cfg_dict)  # pylint: disable=protected-access
     if jax.process_index() == 0:
+      if not os.path.isdir(own_tok):
+        tok.save(own_tok)
       config_lib.save_json(config, os.path.join(workdir, "config.json"))
-    train_loader, eval_loader = make_loaders(config, tok, batch_sharding)
+    train_loader, eval_loader = make_loaders(config, tok, batch_sharding, rows)
     skipped = 0
     if resume is not None:
       state = train._restore(checkpointer, spec, resume[0])  # pylint: disable=protected-access

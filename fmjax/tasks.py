@@ -273,13 +273,22 @@ def _file_examples(paths: list[str], text_columns: tuple[str, ...], label_column
 
 
 def _label_ids(raw: list, num_classes: int, where: str) -> tuple[list[float], tuple[str, ...]]:
-  """Maps labels to class ids 0..C-1 (ints as given, strings in sorted order) or keeps floats."""
+  """Maps labels to class ids 0..C-1 (ints as given, strings in sorted order) or keeps floats.
+
+  Numbers that are not all integers (0.26, 4.65) are scores, not class names: unless
+  task.num_classes=0 (regression) declares them so, they are refused rather than made into one
+  class per distinct value.
+  """
   if num_classes == 0:
     try:
       return [float(y) for y in raw], ()
     except (TypeError, ValueError):
       raise ConfigError(f"{where}: regression (task.num_classes=0) needs numeric labels, got e.g. "
                         f"{next(y for y in raw if not _is_number(y))!r}") from None
+  if raw and all(_is_number(y) and not isinstance(y, bool) for y in raw) and not all(_is_int(y) for y in raw):
+    example = next(y for y in raw if not _is_int(y))
+    raise ConfigError(f"{where}: labels are numbers that are not all integers (e.g. {example!r}), so not class ids; "
+                      "set task.num_classes=0 for regression, or give integer or string class labels")
   if all(_is_int(y) for y in raw):
     ids = [int(float(y)) for y in raw]
     names = tuple(str(i) for i in range(max(ids) + 1)) if ids else ()

@@ -349,7 +349,8 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
     for step in range(start, total + 1):  # `state` holds `step` updates, perhaps still running
       # Every host asks at every step from the same first step: the stop step is collective.
       stop = start < step < total and watcher.should_stop(step)
-      eval_due = (evaluate is not None and step > start and (step % config.train.eval_every == 0 or step == total))
+      every = config.train.eval_every  # 0: at the end only
+      eval_due = evaluate is not None and step > start and ((every and step % every == 0) or step == total)
       save_due = step > start and (stop or step == total or checkpointer.should_save(step))
       if pending is not None and (eval_due or save_due):
         record(step, pending)
@@ -440,7 +441,7 @@ def _adopt_tokenizer(config, workdir: str):
   if not os.path.exists(path):
     return None  # _init_from names what is missing
   with open(path) as f:
-    source = json.load(f)
+    source = data.resolve_tokenizer_path(json.load(f), config.init_from)
   if _tokenizer_identity(source) == _tokenizer_identity(config_lib.to_dict(config)):
     return None
   own = os.path.join(workdir, TOKENIZER_DIR)

@@ -328,6 +328,11 @@ def test_config_changes_classification():
   breaking, _ = ckpt_lib.config_changes(tuned, {**tuned, "init_from": "/runs/b", "task": {"name": "csv"},
                                                 "finetune": {"peft": "lora"}, "sft": {"eval_percent": 5}})
   assert [key(b) for b in breaking] == ["finetune.peft", "init_from", "sft.eval_percent", "task.name"]
+  # A key newer than the checkpoint compares as the value the run had without it.
+  old_run = {**tuned, "finetune": {"peft": "none"}}
+  assert ckpt_lib.config_changes(old_run, {**tuned, "finetune": {"peft": "none", "head_bias": True}}) == ([], [])
+  breaking, _ = ckpt_lib.config_changes(old_run, {**tuned, "finetune": {"peft": "none", "head_bias": False}})
+  assert breaking == ["finetune.head_bias: True -> False"]
 
 
 def test_async_save_error_surfaces(tmp_path, monkeypatch):

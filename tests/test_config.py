@@ -46,6 +46,8 @@ def test_bad_values_fail_before_compile():
     config_lib.load_config("configs/gpt.py:tiny", ["model.attention=flash"])
   with pytest.raises(ConfigError, match="expected an integer"):
     config_lib.load_config("configs/gpt.py:tiny", ["train.steps=ten"])
+  with pytest.raises(ConfigError, match="train.log_every=0 must be at least 1"):
+    config_lib.load_config("configs/gpt.py:tiny", ["train.log_every=0"])
   # With fewer devices than the mesh needs, that is the error, not the batch against the mesh.
   config = config_lib.load_config("configs/gpt.py:tiny", ["mesh.data=3"])
   with pytest.raises(ConfigError, match="needs 3 devices but 8 are available"):

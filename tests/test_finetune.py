@@ -38,6 +38,14 @@ def pretrained(tmp_path_factory, files):
   return _pretrain_workdir(tmp_path_factory.mktemp("pretrain"), files)
 
 
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, pretrained, files):
+  """A finished `fmjax finetune` workdir: 2 steps from `pretrained` (tests may rerun it, not change it)."""
+  workdir = str(tmp_path_factory.mktemp("finetuned") / "ft")
+  finetune.run(ft_config(files, f"init_from={pretrained}"), workdir)
+  return workdir
+
+
 def _pretrain_workdir(workdir, files, *overrides) -> str:
   config = config_lib.load_config("configs/bert.py:tiny", [
       *MODEL, "data.seq_len=16", "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}", *overrides])
@@ -102,7 +110,8 @@ def test_init_from_loads_trunk_only_and_resumes(pretrained, files, tmp_path):
   # Rerunning with more steps resumes this workdir's own checkpoint, not init_from.
   again, log = _run_logged(ft_config(files, f"init_from={pretrained}", "finetune.peft=head", "train.steps=3"),
                            workdir)
-  assert again["start"] == "resumed" and again["step"] == 3 and "Resumed from step 2" in log
+  assert again["start"] == "init_from" and again["resumed_from"] == 2 and again["step"] == 3
+  assert "Resumed from step 2" in log
   # `fmjax eval` on a fine-tuning workdir reports the task's metrics.
   from fmjax import evaluate
   metrics = evaluate.run(workdir)
@@ -135,6 +144,7 @@ def test_init_from_step_picks_a_checkpoint_or_names_the_ones_there(pretrained, f
   with pytest.raises(ConfigError, match=r"has no checkpoint at init_from_step=7; it holds steps \[5\]") as e:
     finetune.run(ft_config(files, f"init_from={pretrained}", "init_from_step=7"), str(tmp_path / "seven"))
   assert "\n" not in str(e.value)
+  assert not (tmp_path / "seven").exists()  # a refused start creates nothing (no config.json, no checkpoints/)
 
 
 def test_scratch_start_is_logged(files, tmp_path):
@@ -171,6 +181,92 @@ def test_checkpoint_of_another_size_or_family_is_one_line(pretrained, files, tmp
                  str(tmp_path / "b"))
   assert "\n" not in str(e.value)
   assert not os.path.exists(tmp_path / "a" / "checkpoints" / "2")
+
+
+def test_a_classifier_workdir_is_no_init_from_and_a_refused_start_touches_nothing(finetuned, files, tmp_path):
+  """A `fmjax finetune` workdir holds {trunk, head}, no language model: one line naming what to pass."""
+  new = tmp_path / "new"
+  with pytest.raises(ConfigError, match=r"init_from=.* is a `fmjax finetune` \(classifier\) workdir; pass the "
+                     r"--workdir of a pretraining \(`fmjax train`\) or `fmjax sft` run") as e:
+    finetune.run(ft_config(files, f"init_from={finetuned}"), str(new))
+  assert "\n" not in str(e.value) and not new.exists()
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "notes.txt").write_text("mine")
+  with pytest.raises(ConfigError, match="classifier"):
+    finetune.run(ft_config(files, f"init_from={finetuned}"), str(existing))
+  assert os.listdir(existing) == ["notes.txt"]
+  from fmjax import sft  # nor is it one for SFT
+  with pytest.raises(ConfigError, match=r"is a `fmjax finetune` \(classifier\) workdir"):
+    sft.adopt_shape(config_lib.load_config("configs/sft.py", [f"init_from={finetuned}"]), str(new))
+
+
+def test_rerunning_a_finished_run_keeps_its_results(finetuned, pretrained, files):
+  """The same command again makes no update: results.json keeps its train metrics and provenance."""
+  path = os.path.join(finetuned, finetune.RESULTS_FILE)
+  with open(path) as f:
+    first = json.load(f)
+  assert first["start"] == "init_from" and first["init_from"] == pretrained and first["init_from_step"] == 5
+  assert first["resumed_from"] is None and np.isfinite(first["train"]["loss"])
+  again, log = _run_logged(ft_config(files, f"init_from={pretrained}"), finetuned)
+  assert "Resumed from step 2" in log and again["resumed_from"] == 2
+  with open(path) as f:
+    rewritten = json.load(f)
+  for key in ("train", "start", "init_from", "init_from_step", "step", "task"):
+    assert rewritten[key] == first[key], key
+  assert rewritten["eval"] == pytest.approx(first["eval"])
+
+
+def test_eval_of_a_finetune_workdir_names_its_splits_and_honours_batches(finetuned):
+  from fmjax import evaluate
+  with pytest.raises(ConfigError, match=r"has no split 'test'; pass --split= one of \['train', 'validation'\]") as e:
+    evaluate.run(finetuned, split="test")
+  assert "\n" not in str(e.value) and not os.path.exists(os.path.join(finetuned, "eval_test.json"))
+  full, two = evaluate.run(finetuned, split="train"), evaluate.run(finetuned, split="train", batches=2)
+  assert two["batches"] == 2 and two["examples"] == 16  # train.batch_size=8
+  assert full["examples"] > 16 and full["batches"] == -(-full["examples"] // 8)
+  assert evaluate.run(finetuned, batches=100)["examples"] == evaluate.run(finetuned)["examples"]
+  with pytest.raises(ConfigError, match="--batches must be at least 1"):
+    evaluate.run(finetuned, batches=0)
+
+
+def test_regression_reports_no_accuracy(files, tmp_path):
+  rng = np.random.default_rng(1)
+  path = tmp_path / "scores.jsonl"
+  path.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS, size=4)), "label": round(float(x), 2)}) + "\n"
+                          for x in rng.uniform(0, 5, size=40)))
+  workdir = str(tmp_path / "reg")
+  result = finetune.run(ft_config(files, f"task.files={path}", "task.num_classes=0", "train.steps=1",
+                                  "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}"), workdir)
+  assert "loss" in result["train"] and "accuracy" not in result["train"]
+  assert set(result["eval"]) == {"pearson", "spearman", "loss"}
+  logged = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert any("train/loss" in m for m in logged) and not any("train/accuracy" in m for m in logged)
+  from fmjax import evaluate
+  assert "accuracy" not in evaluate.run(workdir)
+
+
+def test_a_gpt_classifier_has_no_head_bias_and_exports(files, tmp_path):
+  """Hugging Face's GPT2ForSequenceClassification `score` has no bias: nor has fmjax's GPT head (by default)."""
+  pytest.importorskip("safetensors")
+  from fmjax import interop
+  config = ft_config(files, "train.steps=1", "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}",
+                     arg="task=jsonl,model=gpt")
+  assert config.finetune.head_bias is False and ft_config(files).finetune.head_bias is True  # BERT keeps its bias
+  workdir = str(tmp_path / "gpt")
+  finetune.run(config, workdir)
+  assert set(_params(workdir, None)["head"]) == {"kernel"}
+  out = interop.export(workdir, str(tmp_path / "hf"))
+  with open(os.path.join(out, "config.json")) as f:
+    assert "GPT2ForSequenceClassification" in json.load(f)["architectures"]
+  # A BERT head without a bias exports with a zero one (its logits unchanged).
+  workdir = str(tmp_path / "bert")
+  finetune.run(ft_config(files, "train.steps=1", "finetune.head_bias=false", "data.tokenizer.kind=hf",
+                         f"data.tokenizer.path={files['vocab']}"), workdir)
+  assert set(_params(workdir, None)["head"]) == {"kernel"}
+  out = interop.export(workdir, str(tmp_path / "hf_bert"))
+  with open(os.path.join(out, "config.json")) as f:
+    assert "BertForSequenceClassification" in json.load(f)["architectures"]
 
 
 def test_cli_finetune_errors_in_one_line(tmp_path, capsys):

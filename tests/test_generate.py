@@ -170,3 +170,13 @@ def test_generate_cli_gpt_sampling_and_bert_fill_mask(tmp_path_factory, capsys):
 
   assert cli.main(["generate", f"--workdir={bert_dir}", "--prompt=x"]) == 2
   assert "holds a BERT: pass --text" in capsys.readouterr().err
+
+
+def test_a_finetune_workdir_is_refused_in_one_line(tmp_path):
+  """A classifier's checkpoint ({trunk, head}) has no LM head: say so, and what to pass instead."""
+  config = config_lib.load_config("configs/finetune_cls.py:task=pydoc_family,model=gpt", TINY)
+  config_lib.save_json(config, str(tmp_path / "config.json"))
+  with pytest.raises(config_lib.ConfigError, match=r"is a `fmjax finetune` \(classifier\) workdir.*pass the "
+                     r"--workdir of a pretraining \(`fmjax train`\) or `fmjax sft` run") as e:
+    generate.run(str(tmp_path), prompts=["hi"])
+  assert "\n" not in str(e.value) and os.listdir(tmp_path) == ["config.json"]

@@ -263,6 +263,20 @@ def test_export_of_an_imported_workdir_round_trips_every_tensor(gpt_dir, gpt_wor
   assert auto.eos_token == tok_lib.EOS
 
 
+def test_imported_workdir_still_works_after_a_move(gpt_dir, tmp_path, bpe):
+  from fmjax import sft
+  interop.import_hf(str(gpt_dir[0]), str(tmp_path / "w"), overrides=["model.attention=xla"])
+  assert json.loads((tmp_path / "w" / "config.json").read_text())["data"]["tokenizer"]["path"] == "tokenizer"
+  moved = tmp_path / "w2"
+  os.rename(tmp_path / "w", moved)
+  _, config, tokenizer = generate.load_run(str(moved))
+  assert config.data.tokenizer.path == str(moved / "tokenizer") and tokenizer.hf.to_str() == bpe.hf.to_str()
+  interop.export(str(moved), str(tmp_path / "hf"))
+  assert set(interop.read_hf_weights(str(tmp_path / "hf"))) == set(interop.read_hf_weights(str(gpt_dir[0])))
+  sft_config = config_lib.load_config("configs/sft.py", [f"init_from={moved}", "data.seq_len=32"])
+  assert sft.adopt_init_from(sft_config, str(tmp_path / "sft")).vocab_size == bpe.vocab_size
+
+
 def test_exported_bert_tokenizer_adds_cls_and_sep_like_bert(tmp_path, wordpiece):
   _, cfg = _random_fmjax("bert", wordpiece.vocab_size, seed=6)
   interop._export_tokenizer(wordpiece, cfg, str(tmp_path))

@@ -2,7 +2,8 @@
 
 The run is a tiny GPT workdir laid out as `fmjax train` writes it (config.json, a checkpoint,
 metrics.jsonl) with random weights, over local text files in which every document holds exactly
-one e-mail address and one phone number, so the PII counts are known.
+one e-mail address and one phone number, so the PII counts are known. SFT and fine-tuning
+workdirs are laid out the same way from their configs, without training.
 """
 
 import hashlib
@@ -16,12 +17,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fmjax import checkpoint as ckpt_lib, cli, config_lib, generate, models, optim, release
+from fmjax import checkpoint as ckpt_lib, cli, config_lib, evaluate, finetune, generate, interop, models, optim, \
+    release, sft, train
 from fmjax.config_lib import ConfigError
 from fmjax.data import tokenizers as tok_lib
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 STEP, BATCH, SEQ = 20, 8, 32
+MODEL = ["model.vocab_size=384", "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "model.max_len=64",
+         "model.attention=xla"]
 CARD = {"license": "apache-2.0", "intended_use": "Research on tiny language models.",
         "limitations": "Tiny and trained on very little text; it produces nonsense.",
         "use_restrictions": "Not for any decision about people.", "model_name": "tiny-gpt-test"}
@@ -42,8 +46,7 @@ def run(tmp_path_factory):
   (root / "data" / "docs.txt").write_text("\n\n".join(_documents()))
   files = str(root / "data" / "*.txt")
   config = config_lib.load_config(os.path.join(CONFIGS, "gpt.py") + ":tiny", [
-      "model.vocab_size=384", "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "model.max_len=64",
-      "model.attention=xla", "data.dataset=text_files", f"data.files={files}", f"data.seq_len={SEQ}",
+      *MODEL, "data.dataset=text_files", f"data.files={files}", f"data.seq_len={SEQ}",
       f"data.cache_dir={root / 'cache'}", "data.pii_scrub=true", f"train.batch_size={BATCH}", "train.steps=40"])
   workdir = root / "run"
   workdir.mkdir()
@@ -53,16 +56,20 @@ def run(tmp_path_factory):
   rng = np.random.default_rng(0)
   abstract = nnx.to_pure_dict(nnx.state(models.abstract_model(config.model), nnx.Param))
   params = jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), abstract)
-  tx = optim.make_optimizer(config)
-  state = {"step": jnp.asarray(STEP, jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params)}
-  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), async_save=False)
-  checkpointer.save(STEP, state, {"config": config_lib.to_dict(config)}, force=True)
-  checkpointer.close()
+  _save(workdir, config, params, STEP)
   with open(workdir / "metrics.jsonl", "w") as f:
     for row in ({"step": 10, "train/loss": 6.1}, {"step": 10, "eval/loss": 5.9, "eval/perplexity": 365.0},
                 {"step": 20, "train/loss": 5.2}, {"step": 20, "eval/loss": 5.25, "eval/accuracy": 0.125}):
       f.write(json.dumps(row) + "\n")
   return workdir, config, params, files
+
+
+def _save(workdir, config, params, step):
+  tx = optim.make_optimizer(config)
+  state = {"step": jnp.asarray(step, jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params)}
+  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), async_save=False, keep=0)
+  checkpointer.save(step, state, {"config": config_lib.to_dict(config)}, force=True)
+  checkpointer.close()
 
 
 def _card(tmp_path, files, **changes):
@@ -172,3 +179,144 @@ def test_release_of_imported_weights_says_the_data_is_unknown(run, tmp_path):
   text = open(os.path.join(out, "MODEL_CARD.md")).read()
   assert "Weights imported from Hugging Face (gpt2: /models/gpt2)" in text
   assert "| WebText (upstream GPT-2) | unknown |" in text
+
+
+def test_moved_bundle_still_generates_evaluates_exports_and_is_an_init_from(run, tmp_path):
+  """The bundle records its tokenizer relative to fmjax/, so it works wherever it is moved."""
+  workdir, _, params, files = run
+  out = tmp_path / "R"
+  release.release(str(workdir), str(out), card_path=_card(tmp_path, files), pii_sample=5)
+  assert json.loads((out / "fmjax" / "config.json").read_text())["data"]["tokenizer"]["path"] == "tokenizer"
+  moved = tmp_path / "R2"
+  os.rename(out, moved)
+  run_dir = str(moved / "fmjax")
+
+  model, config, tokenizer = generate.load_run(run_dir)
+  assert config.data.tokenizer.path == os.path.join(run_dir, "tokenizer") and tokenizer.vocab_size == 300
+  assert evaluate.run(run_dir, batches=1)["batches"] == 1
+  interop.export(run_dir, str(tmp_path / "hf"))
+  assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 384
+  # init_from: SFT and fine-tuning take the moved bundle's tokenizer.
+  sft_config = config_lib.load_config(os.path.join(CONFIGS, "sft.py"), [f"init_from={run_dir}", "data.seq_len=32"])
+  assert sft.adopt_init_from(sft_config, str(tmp_path / "sft")).vocab_size == 300
+  ft_config = config_lib.load_config(os.path.join(CONFIGS, "finetune_cls.py") + ":model=gpt", [
+      "model.vocab_size=384", "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "model.max_len=64",
+      "data.seq_len=32"])
+  finetune.adopt_pretrain_settings(ft_config, run_dir)
+  assert ft_config.data.tokenizer.path == os.path.join(run_dir, "tokenizer")
+
+  # A bundle written before paths were relative recorded the absolute path of its first place.
+  legacy = json.loads((moved / "fmjax" / "config.json").read_text())
+  legacy["data"]["tokenizer"]["path"] = str(out / "fmjax" / "tokenizer")
+  (moved / "fmjax" / "config.json").write_text(json.dumps(legacy))
+  assert generate.load_run(run_dir)[2].vocab_size == 300
+
+
+def test_moved_bundle_is_an_init_from_for_continued_pretraining(run, tmp_path):
+  """`fmjax train --config.init_from=` a moved bundle reads the bundle's tokenizer, saved into the new run."""
+  workdir, _, _, files = run
+  release.release(str(workdir), str(tmp_path / "R"), card_path=_card(tmp_path, files), pii_sample=1)
+  os.rename(tmp_path / "R", tmp_path / "R2")
+  run_dir = str(tmp_path / "R2" / "fmjax")
+  config = config_lib.load_config(os.path.join(CONFIGS, "gpt.py") + ":tiny", [
+      *MODEL, "data.dataset=text_files", f"data.files={files}", f"data.seq_len={SEQ}", f"train.batch_size={BATCH}",
+      f"data.cache_dir={workdir.parent / 'cache'}", f"init_from={run_dir}", "train.steps=1", "train.eval_batches=0",
+      "train.progress_bar=false", "checkpoint.async_save=false"])
+  assert train.run(config, str(tmp_path / "more"))["step"] == 1
+  assert (tok_lib.load_tokenizer(str(tmp_path / "more" / "tokenizer")).hf.to_str() ==
+          tok_lib.load_tokenizer(os.path.join(run_dir, "tokenizer")).hf.to_str())
+
+
+def test_card_reports_the_eval_of_the_released_step(run, tmp_path):
+  workdir, config, params, files = run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  _save(copy, config, params, 10)
+  out = release.release(str(copy), str(tmp_path / "out"), card_path=_card(tmp_path, files), step=10, pii_sample=2)
+  text = open(os.path.join(out, "MODEL_CARD.md")).read()
+  assert "Held-out results at step 10" in text and "| perplexity | 365.0000 |" in text and "5.2500" not in text
+  # No eval at the released step: the latest before it, labelled with its own step.
+  assert release.eval_results(str(workdir), 15) == (10, {"loss": 5.9, "perplexity": 365.0})
+  assert release.eval_results(str(workdir), 5) == (None, {})
+  card = release.model_card(config, dict(CARD, data_licenses={}), step=15, params=params,
+                            report={"sources": [], "pii_counts": None, "note": "n/a", "pii_scrub": False},
+                            evals=(10, {"loss": 5.9}), imported=None)
+  assert "No evaluation at the released step 15; the latest before it, at step 10" in card
+
+
+def test_release_of_an_sft_run_scans_its_prompts_and_completions(run, tmp_path):
+  workdir, _, _, _ = run
+  copy = tmp_path / "sft"
+  shutil.copytree(workdir, copy)
+  rows = tmp_path / "sft.jsonl"
+  rows.write_text("".join(json.dumps({"prompt": f"Mail user{i}@example.com about", "completion": f" call +44 20 "
+                                      f"7946 {1000 + i}."}) + "\n" for i in range(6)))
+  cfg = json.loads((copy / "config.json").read_text())
+  cfg["data"]["files"] = str(rows)
+  cfg["sft"] = {"prompt_key": "prompt", "completion_key": "completion", "eval_files": "", "eval_percent": 10,
+                "pack": True}
+  (copy / "config.json").write_text(json.dumps(cfg))
+  card = tmp_path / "card.json"
+  card.write_text(json.dumps(dict(CARD, data_licenses={f"text_files:{rows}": "CC0"})))
+  out = release.release(str(copy), str(tmp_path / "out"), card_path=str(card), pii_sample=4)
+  report = json.loads(open(os.path.join(out, "data_report.json")).read())
+  assert report["pii_counts"] == {"CARD": 0, "EMAIL": 4, "IP_ADDRESS": 0, "PHONE": 4}
+  assert report["sample"]["documents"] == 4 and "(prompt, completion) rows" in report["sample"]["method"]
+  # data.pii_scrub=true is a pretraining setting: SFT trained on its rows as they are.
+  assert report["pii_scrub"] is False and "scrubbing was off" in report["note"]
+  assert "| PII scrubbing | off |" in open(os.path.join(out, "MODEL_CARD.md")).read()
+
+
+def _finetune_run(tmp_path, peft_mode):
+  """A BERT classifier workdir as `fmjax finetune` writes it (LoRA or adapters), random weights."""
+  rows = tmp_path / "cls.jsonl"
+  rows.write_text("".join(json.dumps({"sentence": f"note {i}: write to user{i}@example.com", "label": i % 2}) + "\n"
+                          for i in range(20)))
+  config = config_lib.load_config(os.path.join(CONFIGS, "finetune_cls.py") + f":task=jsonl,peft={peft_mode}", [
+      "model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.vocab_size=384",
+      "model.max_len=32", "model.attention=xla", "data.seq_len=16", f"task.files={rows}", "task.num_classes=2",
+      "finetune.lora_targets=('qkv', 'out')"])
+  workdir = tmp_path / f"ft_{peft_mode}"
+  workdir.mkdir()
+  config_lib.save_json(config, str(workdir / "config.json"))
+  tok_lib.train([f"note {i} write to someone" for i in range(50)], "wordpiece", 200, "mlm").save(
+      str(workdir / "tokenizer"))
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype),
+                        nnx.to_pure_dict(nnx.state(finetune.model_factory(config, 2)(), nnx.Param)))
+  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), async_save=False)
+  checkpointer.save(5, {"step": jnp.asarray(5, jnp.int32), "params": params}, {"config": config_lib.to_dict(config)},
+                    force=True)
+  checkpointer.close()
+  (workdir / "metrics.jsonl").write_text(json.dumps({"step": 5, "eval/accuracy": 0.5}) + "\n")
+  card = tmp_path / "card.json"
+  card.write_text(json.dumps(dict(CARD, data_licenses={"fmjax_corpus": "PSF-2.0", f"task_files:{rows}": "CC0"})))
+  return workdir, config, params, str(card)
+
+
+def test_release_of_a_finetune_run_exports_as_export_does(tmp_path):
+  from safetensors.numpy import load_file
+  workdir, config, params, card = _finetune_run(tmp_path, "lora")
+  out = release.release(str(workdir), str(tmp_path / "out"), card_path=card, pii_sample=3)
+  interop.export(str(workdir), str(tmp_path / "exported"))
+  got = load_file(os.path.join(out, "hf", "model.safetensors"))
+  want = load_file(str(tmp_path / "exported" / "model.safetensors"))
+  assert got.keys() == want.keys() and "classifier.weight" in got
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])
+  assert "BertForSequenceClassification" in json.loads(open(os.path.join(out, "hf", "config.json")).read())[
+      "architectures"]
+  report = json.loads(open(os.path.join(out, "data_report.json")).read())
+  assert report["pii_counts"]["EMAIL"] == 3 and "train examples of task jsonl" in report["sample"]["method"]
+  text = open(os.path.join(out, "MODEL_CARD.md")).read()
+  for expected in ("sequence classification (jsonl)", "| accuracy | 0.5000 |", "AutoModelForSequenceClassification"):
+    assert expected in text, expected
+
+  # The card must declare the task's data too; adapters are refused with export's message.
+  (tmp_path / "pre_only.json").write_text(json.dumps(dict(CARD, data_licenses={"fmjax_corpus": "PSF-2.0"})))
+  with pytest.raises(ConfigError, match=r"data_licenses\['task_files:"):
+    release.release(str(workdir), str(tmp_path / "out2"), card_path=str(tmp_path / "pre_only.json"))
+  adapter, _, _, card = _finetune_run(tmp_path, "adapter")
+  with pytest.raises(ConfigError, match="bottleneck adapters have no Hugging Face counterpart"):
+    release.release(str(adapter), str(tmp_path / "out3"), card_path=card)
+  assert not (tmp_path / "out3").exists()

@@ -449,9 +449,11 @@ def test_profile_traces_the_chosen_updates_into_tensorboard(cache_dir, tmp_path,
   assert any(l.startswith(f"profile of updates 3-4 written to {tmp_path / 'a' / 'tb'}") for l in lines)
   # From step 0 the window skips the first update (it compiles); a window past the end stops with the run.
   with capture_log() as lines:
-    train.run(load(cache_dir, "train.steps=3", "train.profile_start=0", "train.profile_steps=5"), str(tmp_path / "b"))
+    train.run(load(cache_dir, "train.steps=3", "train.profile_start=0", "train.profile_steps=5",
+                   "train.eval_every=0", "train.eval_batches=1"), str(tmp_path / "b"))
   assert traced_steps(tmp_path / "b" / "tb")[0] == {2, 3}
   assert any(l.startswith("profile of updates 2-3 written") for l in lines)
+  assert [r["step"] for r in metrics_rows(tmp_path / "b") if "eval/loss" in r] == [3]  # eval_every=0: the end only
   # train.eval_batches=0 (as here): no eval line and no eval/ metrics, rather than a loss of 0.
   assert not any(k.startswith("eval/") for row in metrics_rows(tmp_path / "a") for k in row)
 

@@ -1,6 +1,8 @@
 """GPT SFT: completion-only loss weights, packing, init_from, and a short run that learns."""
 
 import json
+import logging
+import os
 
 import jax
 import numpy as np
@@ -45,6 +47,13 @@ def test_bad_jsonl_gets_one_line(tmp_path):
     sft.read_examples(str(path))
   with pytest.raises(ConfigError, match="matches no file"):
     sft.read_examples(str(tmp_path / "none*.jsonl"))
+  # A missing eval file names sft.eval_files, the key that is wrong.
+  good = tmp_path / "good.jsonl"
+  good.write_text('{"prompt": "a", "completion": "b"}\n')
+  config = config_lib.load_config("configs/sft.py", [f"data.files={good}", f"sft.eval_files={tmp_path / 'nope.jsonl'}"])
+  with pytest.raises(ConfigError, match=r"^sft\.eval_files='.*nope\.jsonl' matches no file; pass "
+                                        r"--config\.sft\.eval_files=PATH\.jsonl"):
+    sft.load_rows(config, CharTokenizer())
 
 
 def write_jsonl(path, n=160):
@@ -78,6 +87,11 @@ def test_sft_from_pretrained_loads_params_learns_and_resumes(tmp_path, tmp_path_
   result = sft.run(config, str(workdir))
   losses = [m["train/loss"] for m in metrics_lib.read_jsonl(str(workdir / "metrics.jsonl")) if "train/loss" in m]
   assert result["step"] == 24 and losses[-1] < 0.6 * losses[0], losses
+  # The tokenizer is recorded relative to the workdir, which may then move: all below reads the moved copy.
+  assert json.loads((workdir / "config.json").read_text())["data"]["tokenizer"]["path"] == "tokenizer"
+  moved = tmp_path / "sft_moved"
+  os.rename(workdir, moved)
+  workdir = moved
   # The workdir stands alone: eval scores the held-out completions as the run did, generate uses its tokenizer.
   held_out = evaluate.run(str(workdir))
   assert held_out["loss"] == pytest.approx(result["eval"]["loss"], rel=1e-5)
@@ -88,3 +102,53 @@ def test_sft_from_pretrained_loads_params_learns_and_resumes(tmp_path, tmp_path_
       "train.log_every=4", "train.eval_every=24", "train.progress_bar=false", "optim.lr=3e-3",
       "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.async_save=false"]), str(workdir))
   assert again["step"] == 24 and again["eval"]["loss"] == pytest.approx(result["eval"]["loss"], rel=1e-6)
+
+
+def test_seq_len_beyond_the_pretrained_max_len_is_lowered_to_it(tmp_path, tmp_path_factory, caplog):
+  """configs/sft.py:small asks for 1024 tokens; a tiny init_from (max_len 64) caps the rows at 64, as logged."""
+  pretrain, _ = make_workdir(tmp_path_factory, "gpt")
+  config = config_lib.load_config("configs/sft.py:small", [f"init_from={pretrain}"])
+  assert config.data.seq_len == 1024
+  metrics_lib.log.addHandler(caplog.handler)
+  try:
+    with caplog.at_level(logging.INFO, logger=metrics_lib.log.name):
+      sft.adopt_init_from(config, str(tmp_path / "sft"))
+  finally:
+    metrics_lib.log.removeHandler(caplog.handler)
+  config_lib.validate(config, jax.device_count())
+  assert config.model.max_len == 64 and config.data.seq_len == 64
+  assert f"data.seq_len=1024 lowered to 64, the model.max_len of {pretrain}" in caplog.text
+
+
+def test_a_failed_start_leaves_no_trace_in_the_workdir(tmp_path, tmp_path_factory):
+  pretrain, _ = make_workdir(tmp_path_factory, "gpt")
+  write_jsonl(tmp_path / "good.jsonl", 20)
+  (tmp_path / "empty.jsonl").write_text("\n")
+  (tmp_path / "bad.jsonl").write_text('{"prompt": "hi", "completion": " there"}\n{"prompt": "oops", "completion": \n')
+  (tmp_path / "keys.jsonl").write_text('{"question": "hi", "answer": " there"}\n')
+  bert = tmp_path / "bert_run"  # a BERT workdir: config.json and checkpoints/
+  (bert / "checkpoints").mkdir(parents=True)
+  cfg = json.loads((pretrain / "config.json").read_text())
+  cfg["model"]["family"] = "bert"
+  (bert / "config.json").write_text(json.dumps(cfg))
+  untrained = tmp_path / "untrained"  # a GPT workdir with no checkpoint yet
+  (untrained / "checkpoints").mkdir(parents=True)
+  (untrained / "config.json").write_text((pretrain / "config.json").read_text())
+  good = f"data.files={tmp_path / 'good.jsonl'}"
+  cases = [([f"data.files={tmp_path / 'empty.jsonl'}"], "holds no training rows"),
+           ([f"data.files={tmp_path / 'bad.jsonl'}"], "bad.jsonl:2 is not valid JSON"),
+           ([f"data.files={tmp_path / 'keys.jsonl'}"], "keys.jsonl:1 has no 'completion' field"),
+           ([good, f"sft.eval_files={tmp_path / 'nope.jsonl'}"], "sft.eval_files="),
+           ([good, f"init_from={tmp_path / 'nowhere'}"], "holds no checkpoints/"),
+           ([good, f"init_from={bert}"], "holds a bert model"),
+           ([good, f"init_from={untrained}"], "holds no checkpoint;")]
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "notes.txt").write_text("mine")
+  for overrides, message in cases:
+    for workdir in (tmp_path / "new", existing):
+      config = config_lib.load_config("configs/sft.py", [f"init_from={pretrain}", "data.seq_len=32", *overrides])
+      with pytest.raises(ConfigError, match=message):
+        sft.run(config, str(workdir))
+      assert not (tmp_path / "new").exists(), overrides
+      assert os.listdir(existing) == ["notes.txt"], overrides

@@ -123,3 +123,25 @@ def test_file_task_errors_are_one_line(tmp_path, cache_dir):
     tasks.load_task(ft_config(cache_dir, "task.name=csv", f"task.files={tmp_path}/missing*.csv"))
   with pytest.raises(ConfigError, match="is not one of"):
     tasks.load_task(ft_config(cache_dir, "task.name=glue/sst3"))
+
+
+def test_fractional_number_labels_are_scores_not_classes(tmp_path, cache_dir):
+  """Labels like 0.26 and 4.65 are never made into one class per value: regression is task.num_classes=0."""
+  rows = [{"sentence": f"review {i}", "label": round(0.37 * i, 2)} for i in range(20)]
+  path = _write_jsonl(tmp_path / "scores.jsonl", rows)
+  for declared in ("-1", "2"):
+    with pytest.raises(ConfigError, match=r"labels are numbers that are not all integers \(e.g. 0.37\).*"
+                       r"set task.num_classes=0 for regression") as e:
+      tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", f"task.num_classes={declared}"))
+    assert "\n" not in str(e.value)
+  csv_path = tmp_path / "scores.csv"  # CSV labels are strings: "0.5" is a number all the same
+  csv_path.write_text("sentence,label\n" + "".join(f"text {i},{i / 2}\n" for i in range(10)))
+  with pytest.raises(ConfigError, match="set task.num_classes=0"):
+    tasks.load_task(ft_config(cache_dir, "task.name=csv", f"task.files={csv_path}"))
+  reg = tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.num_classes=0"))
+  assert reg.is_regression and reg.metrics == ("pearson", "spearman")
+  # Integer-valued numbers stay class ids, and booleans class names.
+  flags = _write_jsonl(tmp_path / "flags.jsonl", [{"sentence": f"s {i}", "label": i % 2 == 0} for i in range(20)])
+  assert tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={flags}")).label_names == ("False", "True")
+  ints = _write_jsonl(tmp_path / "ints.jsonl", [{"sentence": f"s {i}", "label": float(i % 3)} for i in range(20)])
+  assert tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={ints}")).num_classes == 3

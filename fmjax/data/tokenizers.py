@@ -7,6 +7,10 @@ Kinds (config.data.tokenizer.kind):
   hf         load config.data.tokenizer.path: a tokenizer.json, a BERT vocab.txt, or a directory holding one of
              those or GPT-2's vocab.json + merges.txt.
 Trained tokenizers are cached under <cache_dir>/tokenizers/, keyed by the corpus, kind and vocab size.
+
+A run that carries its own tokenizer (SFT, import-hf, a release bundle) keeps it in <workdir>/tokenizer/
+and records `data.tokenizer.path="tokenizer"`, relative to the workdir, so the run still works after a
+move; whoever reads a run's config.json calls `resolve_tokenizer_path(config, workdir)`.
 """
 
 from __future__ import annotations
@@ -85,6 +89,28 @@ def _first(get, names):
   return None
 
 
+RUN_TOKENIZER = "tokenizer"  # a run's own tokenizer: <workdir>/tokenizer/, recorded relative to the workdir
+
+
+def resolve_tokenizer_path(config, workdir: str):
+  """Points `config` (read from `workdir`/config.json; a dict or ConfigDict) at the run's tokenizer; returns it.
+
+  A relative `data.tokenizer.path` that exists under the workdir is taken from there (else it stays
+  relative to the current directory, as a user wrote it). Runs written before paths were relative
+  recorded `<old workdir>/tokenizer`: once that is gone, the workdir's own tokenizer/ stands in.
+  """
+  tok = config["data"]["tokenizer"] if "data" in config else None
+  if not tok or tok["kind"] != "hf" or not tok["path"]:
+    return config
+  path, own = os.path.expanduser(tok["path"]), os.path.join(workdir, RUN_TOKENIZER)
+  if not os.path.isabs(path) and os.path.exists(os.path.join(workdir, path)):
+    tok["path"] = os.path.abspath(os.path.join(workdir, path))
+  elif (os.path.isabs(path) and not os.path.exists(path) and os.path.basename(os.path.normpath(path)) == RUN_TOKENIZER
+        and os.path.exists(os.path.join(own, "tokenizer.json"))):
+    tok["path"] = os.path.abspath(own)
+  return config
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
   """Loads a tokenizer saved by `Tokenizer.save` (or any directory with a tokenizer.json)."""
   path = os.path.join(directory, "tokenizer.json")
@@ -105,7 +131,8 @@ def load_hf(path: str) -> Tokenizer:
     raise ConfigError("data.tokenizer.kind='hf' needs data.tokenizer.path (tokenizer.json, vocab.txt or a "
                       "directory with vocab.json + merges.txt)")
   if not os.path.exists(path):
-    raise ConfigError(f"data.tokenizer.path={path!r} does not exist")
+    where = "" if os.path.isabs(path) else " (relative: read from the run's workdir, else the current directory)"
+    raise ConfigError(f"data.tokenizer.path={path!r} does not exist{where}; point it at the tokenizer files")
   if os.path.isdir(path):
     for name in ("tokenizer.json", "vocab.txt"):
       if os.path.exists(os.path.join(path, name)):
