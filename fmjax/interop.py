@@ -398,14 +398,15 @@ def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None) -> dict[
     if m.family == "gpt" and tokenizer.eos_id is not None:
       specials.update(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
   if m.family == "gpt":
-    archs = ["GPT2LMHeadModel"] + (["GPT2ForSequenceClassification"] if num_labels else [])
+    archs = ["GPT2ForSequenceClassification"] if num_labels else ["GPT2LMHeadModel"]
     cfg = dict(model_type="gpt2", architectures=archs, vocab_size=m.vocab_size, n_positions=m.max_len,
                n_embd=m.d_model, n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.d_ff,
                activation_function="gelu_new", layer_norm_epsilon=m.layer_norm_eps, resid_pdrop=m.dropout,
                embd_pdrop=m.dropout, attn_pdrop=0.0, initializer_range=m.init_std, scale_attn_weights=True,
                tie_word_embeddings=True)
   else:
-    archs = ["BertForMaskedLM"] + (["BertForSequenceClassification"] if num_labels else [])
+    # A classifier's weights hold no MLM head: it is a sequence classifier only.
+    archs = ["BertForSequenceClassification"] if num_labels else ["BertForMaskedLM"]
     cfg = dict(model_type="bert", architectures=archs, vocab_size=m.vocab_size, hidden_size=m.d_model,
                num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, intermediate_size=m.d_ff,
                hidden_act="gelu", max_position_embeddings=m.max_len, type_vocab_size=m.type_vocab_size,
@@ -659,6 +660,7 @@ def export_params(params: Mapping, model_cfg, out: str, tokenizer=None) -> str:
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(hf_config(model_cfg, tokenizer, num_labels), f, indent=2)
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+  os.chmod(os.path.join(out, "model.safetensors"), 0o644)  # as readable as the files beside it
   if tokenizer is not None:
     _export_tokenizer(tokenizer, model_cfg, out)
   return out

@@ -258,7 +258,8 @@ def test_a_gpt_classifier_has_no_head_bias_and_exports(files, tmp_path):
   assert set(_params(workdir, None)["head"]) == {"kernel"}
   out = interop.export(workdir, str(tmp_path / "hf"))
   with open(os.path.join(out, "config.json")) as f:
-    assert "GPT2ForSequenceClassification" in json.load(f)["architectures"]
+    assert json.load(f)["architectures"] == ["GPT2ForSequenceClassification"]
+  assert os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777 == 0o644
   # A BERT head without a bias exports with a zero one (its logits unchanged).
   workdir = str(tmp_path / "bert")
   finetune.run(ft_config(files, "train.steps=1", "finetune.head_bias=false", "data.tokenizer.kind=hf",
@@ -266,7 +267,7 @@ def test_a_gpt_classifier_has_no_head_bias_and_exports(files, tmp_path):
   assert set(_params(workdir, None)["head"]) == {"kernel"}
   out = interop.export(workdir, str(tmp_path / "hf_bert"))
   with open(os.path.join(out, "config.json")) as f:
-    assert "BertForSequenceClassification" in json.load(f)["architectures"]
+    assert json.load(f)["architectures"] == ["BertForSequenceClassification"]  # no MLM head in its weights
 
 
 def test_cli_finetune_errors_in_one_line(tmp_path, capsys):
