@@ -285,11 +285,10 @@ class Checkpointer:
     missing = [name for name in items if name not in abstract_state]
     if missing:
       raise ValueError(f"restore asked for {missing} but the abstract state only has {sorted(abstract_state)}")
-    check_compatible(self, step, abstract_state, items=items, partial=partial)
-    targets, plans = {}, {}
+    plans = check_compatible(self, step, abstract_state, items=items, partial=partial)
+    targets = {}
     for name in items:
       target = jax.tree.map(_abstract_leaf, abstract_state[name], is_leaf=_is_abstract_leaf)
-      plans[name] = _relayout_plan(_shapes(self.item_metadata(step, name)), [k for k, _ in _flat_keys(target)])
       # Orbax reads whole saved trees: a partial or relaid restore names every saved array.
       targets[name] = self._full_target(step, name, target, plans[name]) if partial or plans[name] else target
     restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -471,22 +470,25 @@ def _fmt(shape: tuple) -> str:
 
 
 def check_compatible(checkpointer: Checkpointer, step: int, abstract_state: Mapping[str, Any], *,
-                     items: Sequence[str] | None = None, partial: bool = False) -> None:
+                     items: Sequence[str] | None = None, partial: bool = False) -> dict[str, dict]:
   """Raises CheckpointMismatchError unless the saved items have the model's paths and shapes.
 
   Reads only Orbax's metadata files, so a wrong checkpoint fails before any array is read.
-  Dtypes may differ (restore casts). `partial=True` allows saved arrays the model lacks.
+  Dtypes may differ (restore casts). `partial=True` allows saved arrays the model lacks. Returns
+  each item's `_relayout_plan` (empty where the checkpoint has the model's layer layout).
   """
   if items is None:
     items = [name for name in ITEMS if name in abstract_state]
-  details, summaries, total = [], [], 0
+  details, summaries, total, plans = [], [], 0, {}
   for name in items:
     saved_tree = checkpointer.item_metadata(step, name)
     if saved_tree is None:
       raise CheckpointMismatchError(f"checkpoint step {step} in {checkpointer.directory} has no {name!r} "
                                     "item; restore only the items it has (e.g. items=('params',))")
     expected = _shapes(abstract_state[name])
-    saved, problems = _in_layout(_shapes(saved_tree), _relayout_plan(_shapes(saved_tree), expected))
+    saved = _shapes(saved_tree)
+    plans[name] = _relayout_plan(saved, expected)
+    saved, problems = _in_layout(saved, plans[name])
     problems = [] if partial else [f"{name}/{p}" for p in problems]  # partial: any subset of layers
     for keys in sorted(saved.keys() | expected.keys()):
       path = "/".join((name, *keys))
@@ -512,6 +514,7 @@ def check_compatible(checkpointer: Checkpointer, step: int, abstract_state: Mapp
         f"checkpoint step {step} in {checkpointer.directory} does not fit this model "
         f"({total} mismatched array(s)); use the model config it was saved with "
         "(see its meta/config) or another checkpoint:\n  " + "\n  ".join(lines + summaries))
+  return plans
 
 
 # ----------------------------------------------------------------------------- config changes

@@ -19,7 +19,7 @@ import os
 
 import jax
 
-from fmjax import generate, metrics as metrics_lib, sharding, train
+from fmjax import finetune, generate, metrics as metrics_lib, sharding, train
 from fmjax.config_lib import ConfigError
 
 log = metrics_lib.log
@@ -79,7 +79,7 @@ def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None)
 def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: int | None = None) -> dict:
   """Metrics of `workdir`'s checkpoint (`step`, default the latest) on `split`; also written to eval.json."""
   config = _read_config(workdir)
-  if "task" in config and "finetune" in config:
+  if finetune.is_classifier_run(config):
     result = _finetune_metrics(workdir, split, batches, step)
   elif "model" in config and "train" in config:
     result = _lm_metrics(workdir, split, batches, step)

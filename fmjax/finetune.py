@@ -39,8 +39,6 @@ RESULTS_FILE = "results.json"
 _RATE_KEYS = ("optim.lr",)  # what `summarize` picks the best of, per task and per other setting
 # Pretraining-only parameters a classifier drops (the tied GPT head needs nothing extra).
 _PRETRAIN_HEADS = {"bert": ("mlm_transform", "mlm_ln", "mlm_bias"), "gpt": ()}
-# Data keys that decide the tokenizer: taken from the init_from run, whose ids the trunk knows.
-_TOKENIZER_KEYS = ("dataset", "files", "feature", "train_split", "data_dir", "pii_scrub")
 
 
 # ----------------------------------------------------------------------------- model
@@ -221,6 +219,7 @@ def adopt_pretrain_settings(config, init_from: str) -> list[str]:
   Raises ConfigError for a fine-tuning workdir and CheckpointMismatchError (one line) for a
   checkpoint of another family or size.
   """
+  from fmjax import data
   from fmjax.checkpoint import CheckpointMismatchError
   if not os.path.isdir(init_from):
     raise ConfigError(f"init_from={init_from!r} does not exist; pass the --workdir of a `fmjax train` run")
@@ -240,7 +239,7 @@ def adopt_pretrain_settings(config, init_from: str) -> list[str]:
                                   "a checkpoint of this model")
   changed = []
   with config.unlocked():
-    for key in _TOKENIZER_KEYS:
+    for key in data.CORPUS_KEYS:  # init_from's tokenizer: the ids its trunk knows
       if key in saved.get("data", {}) and saved["data"][key] != config.data[key]:
         changed.append(f"data.{key}={saved['data'][key]!r}")
         config.data[key] = saved["data"][key]

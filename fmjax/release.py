@@ -42,7 +42,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from fmjax import interop
+from fmjax import finetune, interop
 from fmjax.config_lib import ConfigError
 
 REQUIRED_FIELDS = ("license", "intended_use", "limitations", "use_restrictions", "data_licenses")
@@ -60,21 +60,17 @@ def data_sources(config, imported: Mapping | None = None) -> list[str]:
   d = config.data
   out = ([f"text_files:{g.strip()}" for g in str(d.files).split(",") if g.strip()] if d.dataset == "text_files"
          else [d.dataset])
-  if _is_finetune(config):  # the trunk's pretraining data, then the task's
+  if finetune.is_classifier_run(config):  # the trunk's pretraining data, then the task's
     t = config.task
     out += ([f"task_files:{g.strip()}" for g in str(t.files).split(",") if g.strip()]
             if t.name in ("csv", "jsonl", "files") else [f"task:{t.name}"])
   return out
 
 
-def _is_finetune(config) -> bool:
-  return "task" in config and "finetune" in config
-
-
 def _scrubbed(config) -> bool:
   """Whether training saw scrubbed text: data.pii_scrub applies to pretraining text only; SFT and
   fine-tuning read their rows as they are."""
-  return bool(config.data.pii_scrub) and "sft" not in config and not _is_finetune(config)
+  return bool(config.data.pii_scrub) and "sft" not in config and not finetune.is_classifier_run(config)
 
 
 def read_card(config, card_path: str | None) -> dict[str, Any]:
@@ -145,7 +141,7 @@ def training_texts(config) -> tuple[Iterator[str], str, str]:
     s = config.sft
     rows = sft.read_examples(config.data.files, s.prompt_key, s.completion_key)
     return (f"{p}\n{c}" if p else c for p, c in rows), "data.files", "(prompt, completion) rows of data.files"
-  if _is_finetune(config):
+  if finetune.is_classifier_run(config):
     from fmjax import tasks
     task = tasks.load_task(config)
     return ("\n".join(texts) for texts, _ in task.splits["train"]), "train", f"train examples of task {task.name}"
@@ -231,7 +227,7 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
       ("Parameter dtype", m.param_dtype)], ("", "")), ""]
 
   t = config.get("train") or {}
-  objective = (f"sequence classification ({config.task.name})" if _is_finetune(config) else
+  objective = (f"sequence classification ({config.task.name})" if finetune.is_classifier_run(config) else
                {"clm": "causal LM", "mlm": "masked LM"}.get(t.get("objective"), t.get("objective")))
   seq_len = config.data.get("seq_len", 0)
   batch = t.get("batch_size", 0)
@@ -280,7 +276,7 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
       lines += [f"## {title}", "", str(card[key]), ""]
   auto = ("AutoModelForSequenceClassification" if "classifier" in params else
           "AutoModelForCausalLM" if m.family == "gpt" else "AutoModelForMaskedLM")
-  use = "fmjax eval --workdir=fmjax" if _is_finetune(config) else "fmjax generate --workdir=fmjax"
+  use = "fmjax eval --workdir=fmjax" if finetune.is_classifier_run(config) else "fmjax generate --workdir=fmjax"
   lines += ["## Files", "",
             "- `hf/`: Hugging Face format (safetensors, float32; the vocabulary is exported padded to the model's "
             f"`vocab_size`): `transformers.{auto}.from_pretrained('hf')`, `AutoTokenizer.from_pretrained('hf')`.",

@@ -39,7 +39,6 @@ from fmjax.config_lib import ConfigError
 from fmjax.data import packing
 
 log = metrics_lib.log
-TOKENIZER_DIR = "tokenizer"
 # Model keys that decide the parameter tree: always those of the run the params come from.
 SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len", "type_vocab_size",
               "layer_norm_eps", "scan_layers")

@@ -417,15 +417,11 @@ def _check_resume(checkpointer, spec: StateSpec, cfg_dict: dict) -> tuple[int, d
   return latest, saved, harmless
 
 
-TOKENIZER_DIR = "tokenizer"
-# Data keys that decide a trained tokenizer (its corpus), besides data.tokenizer itself.
-_TOKENIZER_DATA_KEYS = ("dataset", "files", "feature", "train_split", "data_dir", "pii_scrub")
-
-
 def _tokenizer_identity(cfg: dict) -> dict:
+  from fmjax.data import CORPUS_KEYS
   data = cfg.get("data", {})
   tok = dict(data.get("tokenizer", {}))
-  corpus = {} if tok.get("kind") == "hf" else {k: data.get(k) for k in _TOKENIZER_DATA_KEYS}
+  corpus = {} if tok.get("kind") == "hf" else {k: data.get(k) for k in CORPUS_KEYS}
   return {"tokenizer": tok, "corpus": corpus, "objective": cfg.get("train", {}).get("objective")}
 
 
@@ -444,7 +440,7 @@ def _adopt_tokenizer(config, workdir: str):
     source = data.resolve_tokenizer_path(json.load(f), config.init_from)
   if _tokenizer_identity(source) == _tokenizer_identity(config_lib.to_dict(config)):
     return None
-  own = os.path.join(workdir, TOKENIZER_DIR)
+  own = os.path.join(workdir, data.RUN_TOKENIZER)
   tok = None
   if os.path.exists(os.path.join(own, "tokenizer.json")):  # a rerun: written by its first start
     vocab = data.load_hf(own).vocab_size

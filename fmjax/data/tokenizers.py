@@ -90,6 +90,8 @@ def _first(get, names):
 
 
 RUN_TOKENIZER = "tokenizer"  # a run's own tokenizer: <workdir>/tokenizer/, recorded relative to the workdir
+# The data keys that decide a trained tokenizer (the corpus it is trained on), besides data.tokenizer.
+CORPUS_KEYS = ("dataset", "files", "feature", "train_split", "data_dir", "pii_scrub")
 
 
 def resolve_tokenizer_path(config, workdir: str):
