@@ -470,7 +470,8 @@ def run(config, workdir: str) -> dict:
     batches = (_to_device({k: v[batch_indices(n_train, config.train.batch_size, seed, step)]
                            for k, v in rows["train"].items()}, batch_sharding)
                for step in itertools.count(int(state["step"])))
-    meta = lambda step: {"config": cfg_dict, "task": task.name, **origin}
+    # The class names travel with the weights: an export names the classifier's outputs by them.
+    meta = lambda step: {"config": cfg_dict, "task": task.name, "label_names": list(task.label_names), **origin}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
       loss = lambda *a, **k: loss_fn(*a, regression=task.is_regression, **k)
       train_step, _ = train.compile_steps(config, spec, tx, batch_sharding, loss)
@@ -488,7 +489,8 @@ def run(config, workdir: str) -> dict:
   train_metrics = looped.train or (dict(resume[1].get("metrics") or {}) if resume is not None else {})
   if task.is_regression:
     train_metrics.pop("accuracy", None)  # checkpoints saved before it was dropped
-  result = {"task": task.name, "main_metric": task.main_metric, "eval": looped.eval, "train": train_metrics,
+  result = {"task": task.name, "label_names": list(task.label_names), "main_metric": task.main_metric,
+            "eval": looped.eval, "train": train_metrics,
             "step": int(looped.state["step"]), **origin, "resumed_from": resume[0] if resume is not None else None,
             "peft": config.finetune.peft, "trainable_params": trainable, "total_params": total,
             "preempted": looped.preempted}

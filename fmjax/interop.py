@@ -35,7 +35,7 @@ import json
 import math
 import os
 import shutil
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -389,8 +389,13 @@ def model_settings_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
               dropout=float(hf.get("hidden_dropout_prob", 0.1)))
 
 
-def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None) -> dict[str, Any]:
-  """The HF config.json for an fmjax model (and its tokenizer's special ids)."""
+def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None,
+              label_names: Sequence[str] = ()) -> dict[str, Any]:
+  """The HF config.json for an fmjax model (and its tokenizer's special ids).
+
+  A classifier (`num_labels`) names its classes by `label_names` (the task's, e.g. "negative",
+  "positive"), else LABEL_i; one output is a regression head.
+  """
   m = model_cfg
   specials = {}
   if tokenizer is not None:
@@ -413,8 +418,13 @@ def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None) -> dict[
                layer_norm_eps=m.layer_norm_eps, hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=0.0,
                initializer_range=m.init_std, position_embedding_type="absolute", tie_word_embeddings=True)
   if num_labels:
-    cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
-    cfg["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    names = [str(n) for n in label_names]
+    if len(names) != num_labels or len(set(names)) != num_labels:
+      names = [f"LABEL_{i}" for i in range(num_labels)]
+    cfg["id2label"] = {str(i): n for i, n in enumerate(names)}
+    cfg["label2id"] = {n: i for i, n in enumerate(names)}
+    if num_labels == 1:  # fmjax's only one-output head: regression, trained with mean squared error
+      cfg["problem_type"] = "regression"
   cfg["dtype"] = "float32"
   return {**cfg, **specials}
 
@@ -611,6 +621,16 @@ def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.C
   return config, normalise_keys(jax.device_get(params)), step
 
 
+def label_names(workdir: str, step: int) -> tuple[str, ...]:
+  """The class names a fine-tuning run's checkpoint `step` recorded (empty: none recorded, or not a classifier)."""
+  from fmjax import checkpoint as ckpt_lib
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    return tuple(checkpointer.restore_meta(step).get("label_names") or ())
+  finally:
+    checkpointer.close()
+
+
 def run_tokenizer(workdir: str, config):
   """The tokenizer of a run: `workdir/tokenizer/` if present, else the one its config names."""
   from fmjax import data
@@ -650,7 +670,7 @@ def _export_tokenizer(tokenizer, model_cfg, out: str) -> None:
     json.dump(specials, f, indent=2)
 
 
-def export_params(params: Mapping, model_cfg, out: str, tokenizer=None) -> str:
+def export_params(params: Mapping, model_cfg, out: str, tokenizer=None, label_names: Sequence[str] = ()) -> str:
   """Writes config.json, model.safetensors and (given one) the tokenizer files of `params` to `out`."""
   from safetensors.numpy import save_file
   tensors = params_to_hf(params, model_cfg)
@@ -658,7 +678,7 @@ def export_params(params: Mapping, model_cfg, out: str, tokenizer=None) -> str:
       else None
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(hf_config(model_cfg, tokenizer, num_labels), f, indent=2)
+    json.dump(hf_config(model_cfg, tokenizer, num_labels, label_names), f, indent=2)
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
   os.chmod(os.path.join(out, "model.safetensors"), 0o644)  # as readable as the files beside it
   if tokenizer is not None:
@@ -699,11 +719,11 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> 
   out = os.path.abspath(os.path.expanduser(out))
   if not _empty_or_missing(out):
     raise ConfigError(f"--out={out} already exists and is not empty; choose a new directory")
-  config, params, _ = load_params(workdir, step)
+  config, params, step = load_params(workdir, step)
   params = from_finetune(params, config)
   tokenizer = run_tokenizer(workdir, config)
   with staged_dir(out, ".exporting") as staging:
-    export_params(params, config.model, staging, tokenizer)
+    export_params(params, config.model, staging, tokenizer, label_names(workdir, step))
   return out
 
 

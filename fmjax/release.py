@@ -343,7 +343,8 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
 
   with interop.staged_dir(out, ".releasing") as staging:
     os.makedirs(staging)
-    interop.export_params(params, config.model, os.path.join(staging, "hf"), tokenizer)
+    interop.export_params(params, config.model, os.path.join(staging, "hf"), tokenizer,
+                          interop.label_names(workdir, step))
     run_dir = os.path.join(staging, "fmjax")
     shutil.copytree(os.path.join(workdir, "checkpoints", str(step)), os.path.join(run_dir, "checkpoints", str(step)))
     tokenizer.save(os.path.join(run_dir, data.RUN_TOKENIZER))

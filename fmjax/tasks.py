@@ -340,15 +340,16 @@ def _glue_task(name: str, tc, data_dir: str) -> Task:
 
   features, num_classes, metrics, val_split = GLUE[name]
   tfds_name = "glue/mnli" if name == "mnli_mismatched" else f"glue/{name}"
-  splits = {}
+  splits, names = {}, ()
   for ours, theirs in (("train", "train"), ("validation", val_split)):
-    ds = tfds.load(tfds_name, split=theirs, data_dir=data_dir or None)
+    ds, info = tfds.load(tfds_name, split=theirs, data_dir=data_dir or None, with_info=True)
+    names = tuple(getattr(info.features["label"], "names", None) or ())  # none for stsb's scores
     examples = []
     for record in tfds.as_numpy(ds):
       texts = tuple(_text(record[f]) for f in features)
       examples.append((texts, float(record["label"])))
     splits[ours] = examples
-  return Task(f"glue/{name}", features, num_classes, metrics, splits)
+  return Task(f"glue/{name}", features, num_classes, metrics, splits, names)
 
 
 def _text(value) -> str:

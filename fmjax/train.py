@@ -11,6 +11,7 @@ else from scratch; the log says which.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -226,16 +227,16 @@ def run(config, workdir: str) -> dict:
   batches = None
   try:
     source_tokenizer = _adopt_tokenizer(config, workdir) if config.get("init_from") else None
-    cfg_dict = config_lib.to_dict(config)
+    cfg_dict = _recorded_config(config, workdir)
     # Before any data work: a workdir of another run fails now, not after the dataset is tokenised,
     # and its config.json is left as it was.
-    resume = _check_resume(checkpointer, spec, cfg_dict)
+    resume = _check_resume(checkpointer, spec, cfg_dict, workdir)
     if source_tokenizer is not None:
       if jax.process_index() == 0:
         source_tokenizer.save(config.data.tokenizer.path)
       multihost_utils.sync_global_devices("fmjax: init_from tokenizer saved")
     if jax.process_index() == 0:
-      config_lib.save_json(config, os.path.join(workdir, "config.json"))
+      config_lib.save_json(ml_collections.ConfigDict(cfg_dict), os.path.join(workdir, "config.json"))
 
     tokenizer = data.get_tokenizer(config)
     if tokenizer.vocab_size > config.model.vocab_size:
@@ -396,7 +397,20 @@ def _nonfinite_message(step: int, last_good: int | None, workdir: str) -> str:
           "set train.nan_policy=skip, then rerun the same command to resume from that checkpoint")
 
 
-def _check_resume(checkpointer, spec: StateSpec, cfg_dict: dict) -> tuple[int, dict, list[str]] | None:
+def _recorded_config(config, workdir: str) -> dict:
+  """`config` as config.json and the checkpoints record it: the run's own tokenizer relative to the
+  workdir (data.resolve_tokenizer_path reads it back), so the workdir may move and still resume."""
+  from fmjax import data
+  cfg = config_lib.to_dict(config)
+  tok = cfg.get("data", {}).get("tokenizer", {})
+  own = os.path.abspath(os.path.join(workdir, data.RUN_TOKENIZER))
+  if tok.get("kind") == "hf" and tok.get("path") and os.path.abspath(tok["path"]) == own:
+    tok["path"] = data.RUN_TOKENIZER
+  return cfg
+
+
+def _check_resume(checkpointer, spec: StateSpec, cfg_dict: dict,
+                  workdir: str | None = None) -> tuple[int, dict, list[str]] | None:
   """`(step, saved metadata, harmless config changes)` of the checkpoint to resume; None if there is none.
 
   Raises ConfigError when the config changes the model, data or optimizer-state layout, and
@@ -408,7 +422,11 @@ def _check_resume(checkpointer, spec: StateSpec, cfg_dict: dict) -> tuple[int, d
   if latest is None:
     return None
   saved = checkpointer.restore_meta(latest)
-  breaking, harmless = ckpt_lib.config_changes(saved.get("config", {}), cfg_dict)
+  before = saved.get("config", {})
+  if workdir is not None:  # the run's own tokenizer is the same one wherever the workdir now lies
+    from fmjax import data
+    before, cfg_dict = (data.resolve_tokenizer_path(copy.deepcopy(c), workdir) for c in (before, cfg_dict))
+  breaking, harmless = ckpt_lib.config_changes(before, cfg_dict)
   if breaking:
     more = f" and {len(breaking) - 6} more" if len(breaking) > 6 else ""
     raise ConfigError(f"{checkpointer.directory} holds a run (step {latest}) with a different model/data setup "

@@ -242,23 +242,35 @@ def test_regression_reports_no_accuracy(files, tmp_path):
   assert set(result["eval"]) == {"pearson", "spearman", "loss"}
   logged = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert any("train/loss" in m for m in logged) and not any("train/accuracy" in m for m in logged)
-  from fmjax import evaluate
+  from fmjax import evaluate, interop
   assert "accuracy" not in evaluate.run(workdir)
+  # Exported, it is a Hugging Face regression head (mean squared error), not a one-class classifier.
+  with open(os.path.join(interop.export(workdir, str(tmp_path / "hf")), "config.json")) as f:
+    hf = json.load(f)
+  assert hf["problem_type"] == "regression" and hf["id2label"] == {"0": "LABEL_0"}
 
 
 def test_a_gpt_classifier_has_no_head_bias_and_exports(files, tmp_path):
   """Hugging Face's GPT2ForSequenceClassification `score` has no bias: nor has fmjax's GPT head (by default)."""
   pytest.importorskip("safetensors")
   from fmjax import interop
+  named = tmp_path / "named.jsonl"  # the task's labels as words: the export names its classes by them
+  with open(files["task"]) as f, open(named, "w") as out:
+    for line in f:
+      record = json.loads(line)
+      out.write(json.dumps({**record, "label": ["other", "animal"][record["label"]]}) + "\n")
   config = ft_config(files, "train.steps=1", "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}",
-                     arg="task=jsonl,model=gpt")
+                     f"task.files={named}", arg="task=jsonl,model=gpt")
   assert config.finetune.head_bias is False and ft_config(files).finetune.head_bias is True  # BERT keeps its bias
   workdir = str(tmp_path / "gpt")
-  finetune.run(config, workdir)
+  assert finetune.run(config, workdir)["label_names"] == ["animal", "other"]
   assert set(_params(workdir, None)["head"]) == {"kernel"}
   out = interop.export(workdir, str(tmp_path / "hf"))
   with open(os.path.join(out, "config.json")) as f:
-    assert json.load(f)["architectures"] == ["GPT2ForSequenceClassification"]
+    hf = json.load(f)
+  assert hf["architectures"] == ["GPT2ForSequenceClassification"]
+  assert hf["id2label"] == {"0": "animal", "1": "other"} and hf["label2id"] == {"animal": 0, "other": 1}
+  assert "problem_type" not in hf
   assert os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777 == 0o644
   # A BERT head without a bias exports with a zero one (its logits unchanged).
   workdir = str(tmp_path / "bert")

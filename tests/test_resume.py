@@ -591,8 +591,12 @@ def test_init_from_keeps_the_source_tokenizer(reference, cache_dir, tmp_path):
   assert own.encode(sample) == source.encode(sample)
   with open(workdir / "config.json") as f:
     saved = json.load(f)["data"]["tokenizer"]
-  assert saved["kind"] == "hf" and saved["path"] == str(workdir / "tokenizer")
-  # Rerunning the same command resumes (the adopted tokenizer is no config change).
+  assert saved["kind"] == "hf" and saved["path"] == "tokenizer"  # relative to the workdir, which may move
+  # Rerunning the same command resumes (the adopted tokenizer is no config change), in the workdir
+  # where it now lies.
+  moved = tmp_path / "moved"
+  shutil.move(workdir, moved)
+  workdir = moved
   assert train.run(load(cache_dir, *overrides, "train.steps=3"), str(workdir))["step"] == 3
   # Data that is not there fails before a fresh workdir is created.
   with pytest.raises(ConfigError, match="matches no .txt or .jsonl file"):

@@ -68,6 +68,10 @@ def test_glue_through_tfds_mock_data(cache_dir, name, pair, num_classes, metrics
   with tfds.testing.mock_data(num_examples=6):
     task = tasks.load_task(ft_config(cache_dir, arg=f"task=glue/{name}"))
   assert task.name == f"glue/{name}" and task.num_classes == num_classes and task.metrics == metrics
+  # TFDS's class names (what an exported classifier's id2label says); stsb's scores have none.
+  assert task.label_names == {"sst2": ("negative", "positive"), "mrpc": ("not_equivalent", "equivalent"),
+                              "cola": ("unacceptable", "acceptable"), "stsb": (),
+                              "mnli": ("entailment", "neutral", "contradiction")}[name]
   assert len(task.splits["train"]) == 6 and len(task.splits["validation"]) == 6
   texts, label = task.splits["validation"][0]
   assert len(texts) == (2 if pair else 1) and all(isinstance(t, str) for t in texts)
