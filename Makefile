@@ -23,8 +23,10 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/python -m fmjax.demo
 
+# Two workers, each test file on one of them (its module fixtures run once): about 6 minutes on 2 cores.
+TEST_WORKERS ?= 2
 test: install-test
-	$(BIN)/python -m pytest tests --durations=15
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 bench-cpu: install
 	$(BIN)/fmjax bench --config=configs/gpt.py:tiny --steps=20
