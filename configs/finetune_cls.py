@@ -70,6 +70,7 @@ def get_config(arg: str = "task=pydoc_family"):
 def get_sweep():
   """Learning rates x seeds on the task of `--config` (default pydoc_family), mean ± std over seeds
   (`fmjax sweep` writes finetune.md). A sweep over tasks adds `{"config": ["task=sst2", ...]}`;
-  the other args of `--config` (model=, peft=) stay in every run."""
+  the other args of `--config` (model=, peft=) stay in every run. The rates suit tiny and mini models;
+  BERT-base on GLUE has its own sweep, experiments/bert_base/glue.py."""
   from fmjax import sweep
   return [{"command": "finetune", **e} for e in sweep.product({"optim.lr": [3e-4, 1e-3]}, {"train.seed": [0, 1, 2]})]

@@ -37,6 +37,9 @@ MODES = ("create", "setup", "run", "logs", "delete", "all")
 REMOTE_CODE_DIR = "fmjax"
 REMOTE_TARBALL = "fmjax.tar.gz"
 REMOTE_LOG = "fmjax_logs/train.log"
+# What `setup` leaves out of the tarball (checkpoints, wheels, builds, caches), plus the patterns of
+# the code's `.dockerignore`, which keeps the same things out of xpk's image.
+TAR_EXCLUDES = (".git", ".venv", "__pycache__", "*.egg-info", "workdirs", ".whl", "build", ".pytest_cache", "*.pyc")
 # Multislice: the port of the megascale (DCN) coordinator on slice 0's first worker. Ray's
 # TPU support and xpk's JobSets use the same default.
 MEGASCALE_PORT = 8081
@@ -318,8 +321,8 @@ def _setup(spec: LaunchSpec, acc: Accelerator) -> list[list[str]]:
              f" && git -C {REMOTE_CODE_DIR} checkout --force --detach FETCH_HEAD")
   else:
     tarball = f"/tmp/fmjax-{spec.name}.tar.gz"
-    commands.append(["tar", "-czf", tarball, "--exclude=.git", "--exclude=.venv", "--exclude=__pycache__",
-                     "--exclude=*.egg-info", "-C", spec.code_dir, "."])
+    commands.append(["tar", "-czf", tarball, *(f"--exclude={p}" for p in _tar_excludes(spec.code_dir)),
+                     "-C", spec.code_dir, "."])
     fetch = f"mkdir -p {REMOTE_CODE_DIR} && tar -xzf {REMOTE_TARBALL} -C {REMOTE_CODE_DIR}"
   for node in _nodes(spec):
     if not spec.git_ref:
@@ -327,6 +330,21 @@ def _setup(spec: LaunchSpec, acc: Accelerator) -> list[list[str]]:
                        *_where(spec), "--worker=all"])
     commands.append(_ssh(spec, node, f"{fetch} && {install}"))
   return commands
+
+
+def _tar_excludes(code_dir: str) -> list[str]:
+  """TAR_EXCLUDES and the plain patterns of `code_dir/.dockerignore` (not `!` exceptions)."""
+  patterns = list(TAR_EXCLUDES)
+  try:
+    with open(os.path.join(code_dir, ".dockerignore")) as f:
+      lines = f.read().splitlines()
+  except OSError:
+    lines = []
+  for line in lines:
+    pattern = line.strip().strip("/")
+    if pattern and not pattern.startswith(("#", "!")) and pattern not in patterns:
+      patterns.append(pattern)
+  return patterns
 
 
 def _compilation_cache(spec: LaunchSpec) -> str:

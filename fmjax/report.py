@@ -6,7 +6,8 @@
 Outputs: `report.md` (final and best figures, then a table of the logged steps), `metrics.csv`
 (every scalar at every logged step), `loss.png` (train and eval loss vs step) and `train.png`
 (the other train scalars: lr, grad norm, accuracy, tokens/s). A resumed run logs some steps
-twice; the last value logged for a step wins.
+twice; the last value logged for a step wins. A sweep root gets `sweep.md`, `sweep.csv` and
+`sweep_eval_loss.png` instead, and a fine-tuning sweep also `finetune.md` and `finetune.csv`.
 """
 
 from __future__ import annotations
@@ -136,8 +137,7 @@ def report(workdir: str, out: str | None = None) -> list[str]:
   if not records:
     from fmjax import sweep
     if os.path.exists(os.path.join(workdir, sweep.RUNS_FILE)):
-      os.makedirs(out, exist_ok=True)
-      return sweep.write_outputs(sweep.aggregate(workdir, sweep.read_runs_file(workdir)), out)
+      return _sweep_report(workdir, out)
     raise ConfigError(f"no {METRICS_FILE} (or {sweep.RUNS_FILE}) in {workdir}; pass the --workdir of a train run "
                       "or a sweep")
   os.makedirs(out, exist_ok=True)
@@ -158,6 +158,21 @@ def report(workdir: str, out: str | None = None) -> list[str]:
   others = [k for k in keys if k.startswith("train/") and k not in ("train/loss", "train/nonfinite", "train/tokens")]
   if others:
     paths.append(_plot_grid(records, others, os.path.join(out, "train.png")))
+  return paths
+
+
+def _sweep_report(root: str, out: str) -> list[str]:
+  """The sweep's table and plot and, for a fine-tuning sweep, its `finetune.md`, from `root` into `out`."""
+  from fmjax import sweep
+  os.makedirs(out, exist_ok=True)
+  runs = sweep.read_runs_file(root)
+  paths = sweep.write_outputs(sweep.aggregate(root, runs), root, out)
+  if any(r["command"] == "finetune" for r in runs):
+    from fmjax import finetune
+    # summarize reads `join(first arg, name)/results.json` and writes into its first arg: absolute
+    # run paths make it read the runs in `root` and write into `out`.
+    paths += finetune.summarize(out, [{"name": os.path.abspath(os.path.join(root, r["name"])), "entry": r["entry"]}
+                                      for r in runs])["paths"]
   return paths
 
 

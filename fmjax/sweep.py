@@ -14,11 +14,13 @@ Two keys are not config keys: `config` sets the `get_config` arg of that run (`{
 pairs join them, and a key that both give differently is refused) and `command` names the
 subcommand (default `train`, e.g. `finetune`). Each run lives in `ROOT/<name>`, where the name spells its overrides
 (`optim.lr=0.001,train.seed=1`). A run that exited cleanly leaves a `SWEEP_DONE` marker holding its
-command and is skipped next time; any other run is simply started again, and `train` resumes it
-from its own checkpoint. A run that saved and stopped on SIGTERM (exit code 143) is reported as
-preempted, not finished; SIGTERM to the sweep itself is passed on to its runs, which save first.
-At the end the final losses go to `ROOT/sweep.md` and `ROOT/sweep.csv` (mean ± std over seeds
-when runs differ only in a `*seed` key) and eval loss curves to `ROOT/sweep_eval_loss.png`.
+command and is skipped next time; any other run is simply started again (losing the markers of its
+last exit first), and `train` resumes it from its own checkpoint. A run that saved and stopped on
+SIGTERM (exit code 143) is reported as preempted, not finished; SIGTERM to the sweep itself is passed
+on to its runs, which save first, and the runs still queued are reported as not started.
+At the end the final losses go to `ROOT/sweep.md` and `ROOT/sweep.csv` (status done, preempted,
+failed, partial or not started; mean ± std over seeds when runs differ only in a `*seed` key) and
+eval loss curves to `ROOT/sweep_eval_loss.png`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from fmjax import config_lib
 from fmjax.config_lib import ConfigError
 
 DONE_MARKER = "SWEEP_DONE"
+STATUS_MARKER = "SWEEP_STATUS"  # how a run that did not finish last exited: preempted or failed
 RUNS_FILE = "sweep.json"
 RESERVED_KEYS = ("config", "command")
 _MAX_NAME = 180
@@ -186,6 +189,20 @@ def _mark_done(run: Run, root: str, seconds: float) -> None:
   os.replace(path + ".tmp", path)
 
 
+def _mark_status(run: Run, root: str, status: str, returncode: int) -> None:
+  with open(os.path.join(root, run.name, STATUS_MARKER), "w") as f:
+    json.dump({"status": status, "exit": returncode}, f)
+
+
+def _clear_markers(run: Run, root: str) -> None:
+  """Forgets how the run last ended, so a restart that fails or stops never reads as done."""
+  for marker in (DONE_MARKER, STATUS_MARKER):
+    try:
+      os.remove(os.path.join(root, run.name, marker))
+    except FileNotFoundError:
+      pass
+
+
 def _tail(path: str, n: int = 5) -> str:
   try:
     with open(path, errors="replace") as f:
@@ -197,7 +214,7 @@ def _tail(path: str, n: int = 5) -> str:
 def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, parallel: int = 1,
               subcommand: str = "train", *, base_overrides: Sequence[str] = (), print_commands: bool = False,
               out: TextIO | None = None) -> dict:
-  """Runs (or prints) a sweep; returns `{"runs", "failed", "preempted", "skipped", "table"}`.
+  """Runs (or prints) a sweep; returns `{"runs", "failed", "preempted", "not_started", "skipped", "table"}`.
 
   Runs go `parallel` at a time as `python -m fmjax.cli <command> ...` subprocesses, each logging
   to `root/name/log.txt`. Finished runs are skipped; the rest (re)start and resume themselves.
@@ -208,7 +225,7 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   if print_commands:
     for run in runs:
       print(shlex.join(run.argv(root)), file=out)
-    return {"runs": runs, "failed": [], "preempted": [], "skipped": [], "table": None}
+    return {"runs": runs, "failed": [], "preempted": [], "not_started": [], "skipped": [], "table": None}
   if parallel < 1:
     raise ConfigError(f"--parallel must be at least 1, got {parallel}")
   os.makedirs(root, exist_ok=True)
@@ -216,7 +233,7 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   skipped = [r for r in runs if is_finished(r, root)]
   todo = [r for r in runs if r not in skipped]
   print(f"sweep: {len(runs)} runs in {root} ({len(skipped)} already finished), {parallel} at a time", file=out)
-  failed, preempted = _run_all(todo, root, parallel, out)
+  failed, saved, unsaved, not_started = _run_all(todo, root, parallel, out)
   table = aggregate(root, runs)
   paths = write_outputs(table, root)
   print(format_markdown(table), file=out)
@@ -229,16 +246,20 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   for run in failed:
     print(f"FAILED {run.name}; see {os.path.join(root, run.name, 'log.txt')}:\n"
           f"{_tail(os.path.join(root, run.name, 'log.txt'))}", file=out)
-  if preempted:
-    print(f"PREEMPTED {', '.join(r.name for r in preempted)}: saved, not finished; rerun the same sweep "
-          "command to resume", file=out)
-  return {"runs": runs, "failed": failed, "preempted": preempted, "skipped": skipped, "table": table}
+  stopped = [f"PREEMPTED {', '.join(r.name for r in saved)}: saved, not finished"] if saved else []
+  stopped += [f"STOPPED {', '.join(r.name for r in unsaved)} while starting: nothing saved"] if unsaved else []
+  stopped += [f"NOT STARTED {', '.join(r.name for r in not_started)}"] if not_started else []
+  if stopped:
+    print("; ".join(stopped) + "; rerun the same sweep command to resume", file=out)
+  return {"runs": runs, "failed": failed, "preempted": saved + unsaved, "not_started": not_started,
+          "skipped": skipped, "table": table}
 
 
-def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> tuple[list[Run], list[Run]]:
-  """Runs `todo`, `parallel` at a time; returns the runs that failed and those preempted."""
+def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> tuple[list[Run], ...]:
+  """Runs `todo`, `parallel` at a time; returns the runs that failed, those preempted (saved), those
+  that SIGTERM stopped before they could save, and those it kept from starting."""
   from fmjax.cli import PREEMPTED_EXIT_CODE
-  queue, active, failed, preempted = list(todo), {}, [], []
+  queue, active, failed, preempted, unsaved = list(todo), {}, [], [], []
   stopping = []  # set by SIGTERM: start nothing new, pass it on, wait for the runs to save
 
   def on_sigterm(signum, frame):
@@ -259,6 +280,7 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> tuple[li
         run = queue.pop(0)
         workdir = os.path.join(root, run.name)
         os.makedirs(workdir, exist_ok=True)
+        _clear_markers(run, root)
         log = open(os.path.join(workdir, "log.txt"), "a")
         proc = subprocess.Popen(run.argv(root, _program()), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
@@ -273,9 +295,16 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> tuple[li
           print(f"  done    {run.name} ({time.time() - t0:.0f} s)", file=out, flush=True)
         elif proc.returncode == PREEMPTED_EXIT_CODE:
           preempted.append(run)
+          _mark_status(run, root, "preempted", proc.returncode)
           print(f"  preempted {run.name} (saved; a rerun resumes it)", file=out, flush=True)
+        elif stopping and proc.returncode == -signal.SIGTERM:
+          # Our SIGTERM came before the run's step loop took it over: not finished, not failed.
+          unsaved.append(run)
+          _mark_status(run, root, "preempted", proc.returncode)
+          print(f"  stopped {run.name} (SIGTERM while it was starting; a rerun starts it)", file=out, flush=True)
         else:
           failed.append(run)
+          _mark_status(run, root, "failed", proc.returncode)
           print(f"  failed  {run.name} (exit {proc.returncode})", file=out, flush=True)
   except KeyboardInterrupt:
     # SIGTERM lets `train` save a checkpoint, so rerunning the sweep resumes every run.
@@ -288,8 +317,7 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> tuple[li
   finally:
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
-  preempted += queue if stopping else []  # never started: a rerun starts them
-  return failed, preempted
+  return failed, preempted, unsaved, queue  # what is left in the queue never started: a rerun starts it
 
 
 def _program() -> tuple[str, ...]:
@@ -357,8 +385,9 @@ def aggregate(root: str, runs: Sequence[Run] | Sequence[dict]) -> Table:
   for run in runs:
     name, entry = (run.name, dict(run.entry)) if isinstance(run, Run) else (run["name"], run["entry"])
     workdir = os.path.join(root, name)
-    status = ("done" if os.path.exists(os.path.join(workdir, DONE_MARKER)) else
-              "partial" if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else "missing")
+    status = ("done" if os.path.exists(os.path.join(workdir, DONE_MARKER)) else _last_status(workdir) or
+              ("partial" if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else
+               "not started" if not os.path.exists(workdir) else "missing"))
     rows.append({"name": name, "entry": entry, "status": status, **final_metrics(workdir)})
   by_group: dict[str, list[dict]] = {}
   for row in rows:
@@ -372,6 +401,15 @@ def aggregate(root: str, runs: Sequence[Run] | Sequence[dict]) -> Table:
       groups.append({"group": key, "n": len(members), "train_loss_mean": train_m, "train_loss_std": train_s,
                      "eval_loss_mean": eval_m, "eval_loss_std": eval_s})
   return Table(rows, groups)
+
+
+def _last_status(workdir: str) -> str | None:
+  """`preempted` or `failed` as the sweep saw the run's last exit; None when it has not seen one."""
+  try:
+    with open(os.path.join(workdir, STATUS_MARKER)) as f:
+      return json.load(f).get("status")
+  except (OSError, json.JSONDecodeError):
+    return None
 
 
 def _fmt(x: float, std: float | None = None) -> str:
@@ -394,10 +432,12 @@ def format_markdown(table: Table) -> str:
   return "\n".join(lines)
 
 
-def write_outputs(table: Table, root: str) -> list[str]:
-  """Writes `sweep.md`, `sweep.csv` (one row per run), `sweep_groups.csv` and the eval-loss plot."""
+def write_outputs(table: Table, root: str, out: str | None = None) -> list[str]:
+  """Writes `sweep.md`, `sweep.csv` (one row per run), `sweep_groups.csv` and the eval-loss plot of
+  the sweep in `root` into `out` (default: `root`)."""
   from fmjax import report
-  paths = [os.path.join(root, "sweep.md"), os.path.join(root, "sweep.csv")]
+  out = out or root
+  paths = [os.path.join(out, "sweep.md"), os.path.join(out, "sweep.csv")]
   with open(paths[0], "w") as f:
     f.write(format_markdown(table) + "\n")
   keys = list(dict.fromkeys(k for r in table.rows for k in r["entry"]))
@@ -408,7 +448,7 @@ def write_outputs(table: Table, root: str) -> list[str]:
       w.writerow([r["name"], *(r["entry"].get(k, "") for k in keys), r["status"], r["step"],
                   r["train_loss"], r["eval_loss"]])
   if table.groups:
-    paths.append(os.path.join(root, "sweep_groups.csv"))
+    paths.append(os.path.join(out, "sweep_groups.csv"))
     with open(paths[-1], "w", newline="") as f:
       w = csv.DictWriter(f, fieldnames=list(table.groups[0]))
       w.writeheader()
@@ -419,7 +459,7 @@ def write_outputs(table: Table, root: str) -> list[str]:
     if steps:
       curves[r["name"]] = (steps, values)
   if curves:
-    paths.append(report.plot_curves(curves, os.path.join(root, "sweep_eval_loss.png"), ylabel="eval loss",
+    paths.append(report.plot_curves(curves, os.path.join(out, "sweep_eval_loss.png"), ylabel="eval loss",
                                     title=f"eval loss: {os.path.basename(os.path.normpath(root))}"))
   return paths
 
@@ -443,5 +483,5 @@ def cli(argv: list[str]) -> int:
   if result["failed"]:
     return 1
   from fmjax.cli import PREEMPTED_EXIT_CODE
-  return PREEMPTED_EXIT_CODE if result["preempted"] else 0
+  return PREEMPTED_EXIT_CODE if result["preempted"] or result["not_started"] else 0
 

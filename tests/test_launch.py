@@ -198,6 +198,30 @@ def test_execute_runs_commands_in_order(fake_tools, capsys):
     assert remote.endswith("--workdir=gs://my-bucket/run --config.train.steps=7 --config.mesh.dcn_data=2")
 
 
+def test_setup_tarball_leaves_out_workdirs_wheels_builds_and_dockerignored(fake_tools, capsys):
+  code, _ = fake_tools
+  for junk in ("workdirs/run/checkpoints/ckpt.bin", ".whl/jax.whl", "build/lib/x.py", ".git/HEAD",
+               "fmjax/__pycache__/a.pyc", "secrets/key.json"):
+    (code / junk).parent.mkdir(parents=True, exist_ok=True)
+    (code / junk).write_text("x")
+  (code / ".dockerignore").write_text("# not shipped\n/secrets/\n!launch\n")
+  name = f"test-tar-{os.getpid()}"
+  spec = launch.LaunchSpec(name=name, accelerator="v4-8", zone="z", project="p", code_dir=str(code))
+  tar = launch.plan_commands(spec, "setup")[0]
+  assert tar == ["tar", "-czf", f"/tmp/fmjax-{name}.tar.gz", "--exclude=.git", "--exclude=.venv", "--exclude=__pycache__",
+                 "--exclude=*.egg-info", "--exclude=workdirs", "--exclude=.whl", "--exclude=build",
+                 "--exclude=.pytest_cache", "--exclude=*.pyc", "--exclude=secrets", "-C", str(code), "."]
+  tarball = pathlib.Path(f"/tmp/fmjax-{name}.tar.gz")
+  try:
+    assert launch.cli(["setup", f"--tpu={name}", "--accelerator=v4-8", *WHERE, f"--code-dir={code}",
+                       "--execute"]) == 0, capsys.readouterr().err
+    listing = subprocess.run(["tar", "-tzf", str(tarball)], capture_output=True, text=True, check=True).stdout
+  finally:
+    tarball.unlink(missing_ok=True)
+  files = sorted(l for l in listing.splitlines() if not l.endswith("/"))
+  assert files == ["./.dockerignore", "./launch/marker.txt"]
+
+
 def test_execute_xpk(fake_tools, capsys):
   _, calls = fake_tools
   argv = ["--cluster=c1", "--workload=w1", "--accelerator=v5litepod-16", *WHERE, "--config=configs/gpt.py:small",

@@ -77,3 +77,32 @@ def test_report_without_metrics_is_one_clear_error(tmp_path, capsys):
   assert cli.main(["report", f"--workdir={tmp_path}"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: no metrics.jsonl")
+
+
+def test_report_on_sweep_root_into_out_has_the_plot(tmp_path):
+  root, out = tmp_path / "root", tmp_path / "out"
+  root.mkdir()
+  runs = sweep.expand("configs/gpt.py:tiny", sweep.product({"optim.lr": [1e-3, 3e-3]}))
+  sweep._write_runs_file(runs, str(root))
+  write_metrics(root / runs[0].name, run_records(final_eval=4.0))
+  paths = report.report(str(root), str(out))
+  assert sorted(paths) == sorted(str(out / n) for n in ("sweep.md", "sweep.csv", "sweep_eval_loss.png"))
+  assert (out / "sweep_eval_loss.png").read_bytes().startswith(PNG_MAGIC)
+  assert "| optim.lr=0.001 | partial | 20 | 4.2000 | 4.0000 |" in (out / "sweep.md").read_text()
+  assert not (root / "sweep.md").exists()
+
+
+def test_report_on_finetune_sweep_root_writes_finetune_md(tmp_path):
+  root, out = tmp_path / "root", tmp_path / "out"
+  root.mkdir()
+  entries = [{"command": "finetune", **e} for e in sweep.product({"optim.lr": [1e-3]}, {"train.seed": [0, 1]})]
+  runs = sweep.expand("configs/finetune_cls.py", entries)
+  sweep._write_runs_file(runs, str(root))
+  for run, acc in zip(runs, (0.5, 0.7)):
+    write_metrics(root / run.name, run_records())
+    (root / run.name / "results.json").write_text(json.dumps(
+        {"task": "pydoc_family", "main_metric": "accuracy", "eval": {"accuracy": acc, "loss": 1.0}}))
+  paths = report.report(str(root), str(out))
+  assert str(out / "finetune.md") in paths and str(out / "finetune.csv") in paths
+  assert "| pydoc_family | accuracy | optim.lr=0.001 | 2 | 60.0 ± 14.1 |" in (out / "finetune.md").read_text()
+  assert not (root / "finetune.md").exists()

@@ -165,10 +165,26 @@ def test_preempted_run_is_not_marked_done_and_a_rerun_starts_it(tmp_path, monkey
   result = sweep.run_sweep(GPT, entries, root, parallel=2, out=out)
   assert [r.name for r in result["preempted"]] == ["optim.lr=0.001"] and not result["failed"]
   assert "PREEMPTED optim.lr=0.001" in out.getvalue() and "rerun" in out.getvalue()
-  assert [r["status"] for r in result["table"].rows] == ["missing", "done"]
+  assert [r["status"] for r in result["table"].rows] == ["preempted", "done"]
+  assert "| optim.lr=0.001 | preempted | 0 |" in open(os.path.join(root, "sweep.md")).read()
   result = sweep.run_sweep(GPT, entries, root, parallel=2, out=io.StringIO())
   assert [r.name for r in result["skipped"]] == ["optim.lr=0.01"]
   assert [r.name for r in result["preempted"]] == ["optim.lr=0.001"]  # started again, not skipped
+
+
+def test_a_failed_rerun_of_a_finished_run_is_not_done(tmp_path, monkeypatch):
+  # A finished run rerun with another command (e.g. more steps) restarts; when that fails, the old
+  # SWEEP_DONE must not make the table say done.
+  root = str(tmp_path)
+  entries = sweep.product({"optim.lr": [1e-3]})
+  _fake_run(root, sweep.expand(GPT, entries)[0], 2.0, 3.0)
+  _fake_runs(monkeypatch, "import sys; sys.exit(1)")
+  result = sweep.run_sweep(GPT, entries, root, base_overrides=["train.steps=8"], out=io.StringIO())
+  assert [r.name for r in result["failed"]] == ["optim.lr=0.001"] and not result["skipped"]
+  assert [r["status"] for r in result["table"].rows] == ["failed"]
+  assert not os.path.exists(os.path.join(root, "optim.lr=0.001", sweep.DONE_MARKER))
+  assert "| optim.lr=0.001 | failed | 20 |" in open(os.path.join(root, "sweep.md")).read()
+  assert ",failed,20," in open(os.path.join(root, "sweep.csv")).read()
 
 
 def test_sigterm_to_the_sweep_reaches_its_runs(tmp_path, monkeypatch):
@@ -186,11 +202,35 @@ def test_sigterm_to_the_sweep_reaches_its_runs(tmp_path, monkeypatch):
 
   threading.Thread(target=preempt_when_running, daemon=True).start()
   t0 = time.time()
-  result = sweep.run_sweep(GPT, entries, root, parallel=1, out=io.StringIO())
+  out = io.StringIO()
+  result = sweep.run_sweep(GPT, entries, root, parallel=1, out=out)
   assert time.time() - t0 < 30  # the running run stopped; the queued one never started
-  assert [r.name for r in result["preempted"]] == ["optim.lr=0.001", "optim.lr=0.01"]
+  assert [r.name for r in result["preempted"]] == ["optim.lr=0.001"]
+  assert [r.name for r in result["not_started"]] == ["optim.lr=0.01"]
   assert not os.path.exists(os.path.join(root, "optim.lr=0.01"))
   assert signal.getsignal(signal.SIGTERM) is not None and not result["failed"]
+  assert [r["status"] for r in result["table"].rows] == ["preempted", "not started"]
+  assert ("PREEMPTED optim.lr=0.001: saved, not finished; NOT STARTED optim.lr=0.01; rerun the same sweep "
+          "command to resume") in out.getvalue()
+
+
+def test_sigterm_while_a_run_is_starting_is_not_a_failure(tmp_path, monkeypatch, capsys):
+  # The run has no SIGTERM handler yet (its step loop installs it), so SIGTERM kills it: exit -15.
+  _fake_runs(monkeypatch, "import sys, time; open(sys.argv[3][len('--workdir='):] + '/up', 'w'); time.sleep(60)")
+  root = str(tmp_path)
+  monkeypatch.setattr(sweep, "load_sweep", lambda spec: sweep.product({"optim.lr": [1e-3, 1e-2]}))
+
+  def preempt_when_running():
+    while not os.path.exists(os.path.join(root, "optim.lr=0.001", "up")):
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=preempt_when_running, daemon=True).start()
+  assert sweep.cli([f"--config={GPT}", f"--workdir={root}"]) == cli.PREEMPTED_EXIT_CODE
+  printed = capsys.readouterr().out
+  assert "failed" not in printed and "FAILED" not in printed
+  assert "STOPPED optim.lr=0.001 while starting: nothing saved; NOT STARTED optim.lr=0.01; rerun" in printed
+  assert "| optim.lr=0.001 | preempted | 0 |" in open(os.path.join(root, "sweep.md")).read()
 
 
 @pytest.mark.parametrize("command", ["train", "finetune", "sft"])
@@ -235,3 +275,42 @@ def test_local_sweep_runs_and_skips_finished(tmp_path, sweep_cache_dir, monkeypa
   result = sweep.run_sweep(GPT, entries, root, parallel=2, base_overrides=base, out=io.StringIO())
   assert len(result["skipped"]) == 2 and not result["failed"]
   assert logs == {r.name: open(os.path.join(root, r.name, "log.txt")).read() for r in result["runs"]}
+
+
+# --------------------------------------------------------------------------- experiments/bert_base
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bert_base_readme_glue_command_is_tasks_x_lrs_x_seeds(capsys):
+  readme = open(os.path.join(REPO, "experiments", "bert_base", "README.md")).read()
+  command = next(b for b in readme.split("```bash\n")[1].split("```")[0].split("\nfmjax ") if "sweep" in b)
+  args = command.replace("\\\n", " ").split()
+  assert args[0] == "sweep"
+  assert sweep.cli(args[1:] + ["--print_commands"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  tasks = ["mnli", "mnli_mismatched", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte"]
+  expected = {(f"glue/{t}", lr, seed) for t in tasks for lr in (2e-5, 3e-5, 5e-5) for seed in (0, 1, 2)}
+  got = set()
+  for line in lines:
+    argv = line.split()
+    assert argv[:2] == ["fmjax", "finetune"] and "--config.init_from=gs://BUCKET/bert_base/phase2" in argv
+    config = config_lib.load_config(argv[2][len("--config="):], [a[len("--config."):] for a in argv[4:]])
+    assert config.model.d_model == 768 and config.train.batch_size == 32
+    got.add((config.task.name, config.optim.lr, config.train.seed))
+  assert len(lines) == 81 and got == expected
+  mnli = config_lib.load_config(os.path.join(REPO, "experiments/bert_base/glue.py:task=glue/mnli"))
+  assert mnli.train.steps == 36816 and mnli.optim.warmup_steps == 3681  # 3 epochs of 392,702 at 32, 10%
+
+
+def test_bert_base_phases_follow_one_1m_step_schedule():
+  from fmjax import optim
+  path = os.path.join(REPO, "experiments", "bert_base", "config.py")
+  p1, p2 = (config_lib.load_config(f"{path}:phase={p}") for p in (1, 2))
+  assert (p1.train.steps, p2.train.steps) == (900_000, 100_000)
+  s1, s2 = optim.make_schedule(p1.optim, p1.train.steps), optim.make_schedule(p2.optim, p2.train.steps)
+  paper = lambda s: 1e-4 * min(s / 10_000, (1_000_000 - s) / 990_000)  # warmup 10k, linear to 0 at 1M
+  for s in (0, 5_000, 10_000, 500_000, 899_999, 900_000):
+    assert float(s1(s)) == pytest.approx(paper(s), rel=1e-5, abs=1e-12), s
+  for s in (0, 1, 50_000, 99_999, 100_000):
+    assert float(s2(s)) == pytest.approx(paper(900_000 + s), rel=1e-5, abs=1e-12), s
