@@ -20,11 +20,7 @@ SIZES = {  # num_layers, d_model, num_heads
 
 
 def get_config(arg: str = "tiny"):
-  flags, _ = config_lib.parse_arg(arg)
-  size = next((f for f in flags if f in SIZES), "tiny")
-  unknown = [f for f in flags if f not in SIZES and f != "runlocal"]
-  if unknown:
-    raise config_lib.ConfigError(f"unknown bert config arg(s) {unknown}; use a size from {list(SIZES)} and/or runlocal")
+  size, runlocal = config_lib.size_arg(arg, SIZES, "bert")
   c = config_lib.base_config("bert")
   c.name = f"bert_{size}"
   layers, d, heads = SIZES[size]
@@ -43,7 +39,7 @@ def get_config(arg: str = "tiny"):
     c.model.fused_loss_chunk = 8192  # no float32 [B, M, V] logits: fewer bytes a step (benchmarks/README.md)
     c.train.update(batch_size=256, steps=1_000_000)
     c.optim.update(lr=1e-4, warmup_steps=10_000, schedule="linear", min_lr_ratio=0.0)
-  if "runlocal" in flags:
+  if runlocal:
     c.model.dtype = "float32"
     c.data.seq_len = min(c.data.seq_len, 128)
     c.train.update(batch_size=8, steps=20, log_every=5, eval_every=10, eval_batches=2)

@@ -19,11 +19,7 @@ SIZES = {  # num_layers, d_model, num_heads
 
 
 def get_config(arg: str = "tiny"):
-  flags, _ = config_lib.parse_arg(arg)
-  size = next((f for f in flags if f in SIZES), "tiny")
-  unknown = [f for f in flags if f not in SIZES and f != "runlocal"]
-  if unknown:
-    raise config_lib.ConfigError(f"unknown gpt config arg(s) {unknown}; use a size from {list(SIZES)} and/or runlocal")
+  size, runlocal = config_lib.size_arg(arg, SIZES, "gpt")
   c = config_lib.base_config("gpt")
   c.name = f"gpt_{size}"
   layers, d, heads = SIZES[size]
@@ -47,7 +43,7 @@ def get_config(arg: str = "tiny"):
       # Measured on an H100 (benchmarks/README.md): 48 unrolled layers did not compile within
       # 150 s and 8 x 1024 without remat ran out of memory; scan with dots_no_batch was fastest.
       c.model.update(scan_layers=True, remat="dots_no_batch")
-  if "runlocal" in flags:
+  if runlocal:
     c.model.dtype = "float32"
     c.data.seq_len = min(c.data.seq_len, 128)
     c.train.update(batch_size=8, steps=20, log_every=5, eval_every=10, eval_batches=2)

@@ -13,7 +13,9 @@ import contextlib
 import difflib
 import importlib.util
 import json
+import math
 import os
+import traceback
 from typing import Any, Iterable
 
 import ml_collections
@@ -38,14 +40,49 @@ def parse_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
   return flags, kv
 
 
+def size_arg(arg: str | None, sizes: Iterable[str], family: str) -> tuple[str, bool]:
+  """`(size, runlocal)` from a pretraining config's arg: `"small,runlocal"` or `"size=small"`
+  (default tiny); two sizes or anything else is refused rather than ignored."""
+  flags, kv = parse_arg(arg)
+  sizes = list(sizes)
+  unknown = [f for f in flags if f not in sizes and f != "runlocal"] + [f"{k}={v}" for k, v in kv.items() if k != "size"]
+  if unknown:
+    raise ConfigError(f"unknown {family} config arg(s) {unknown}; use a size from {sizes} (or size=NAME) "
+                      "and/or runlocal")
+  chosen = [f for f in flags if f in sizes] + ([kv["size"]] if "size" in kv else [])
+  if len(chosen) > 1:
+    raise ConfigError(f"{family} config arg names {len(chosen)} sizes {chosen}; name one of {sizes}")
+  if chosen and chosen[0] not in sizes:
+    raise ConfigError(f"size={chosen[0]!r} is not one of {sizes}{_suggest(chosen[0], sizes)}")
+  return (chosen[0] if chosen else "tiny"), "runlocal" in flags
+
+
 def load_module(path: str):
   if not os.path.exists(path):
     raise ConfigError(f"config file {path!r} does not exist; pass --config=configs/NAME.py[:args]")
   spec = importlib.util.spec_from_file_location(
       "fmjax_user_config_" + os.path.basename(path).removesuffix(".py"), path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  with _in_config_file(path, "loading it"):
+    spec.loader.exec_module(module)
   return module
+
+
+@contextlib.contextmanager
+def _in_config_file(path: str, doing: str):
+  """A bug in a user's config file ends in one line naming the file and line, not a traceback."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    where = path
+    if isinstance(e, SyntaxError) and e.lineno:
+      where = f"{path}:{e.lineno}"
+    else:
+      frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+      where = f"{path}:{frames[-1].lineno}" if frames else path
+    raise ConfigError(f"{where}: {type(e).__name__} while {doing}: {e}; fix the config file") from None
 
 
 def split_overrides(argv: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -57,7 +94,7 @@ def split_overrides(argv: Iterable[str]) -> tuple[list[str], list[str]]:
     if arg.startswith("--config."):
       if "=" in arg:
         overrides.append(arg[len("--config."):])
-      elif i + 1 < len(argv):
+      elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
         overrides.append(f"{arg[len('--config.'):]}={argv[i + 1]}")
         i += 1
       else:
@@ -82,7 +119,11 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   module = load_module(path)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} has no get_config(arg) function")
-  config = module.get_config(arg) if arg is not None else module.get_config()
+  with _in_config_file(path, f"calling get_config({arg!r})" if arg is not None else "calling get_config()"):
+    config = module.get_config(arg) if arg is not None else module.get_config()
+  if not isinstance(config, (dict, ml_collections.ConfigDict)) or "model" not in config:
+    raise ConfigError(f"{path}: get_config must return a ConfigDict with a `model` section (and the others of "
+                      f"config_lib.base_config(family), which it should start from), got {type(config).__name__}")
   config = ml_collections.ConfigDict(config)
   apply_overrides(config, overrides)
   config.lock()
@@ -188,6 +229,27 @@ def _one_of(name: str, value: Any, options: Iterable[Any]) -> None:
     raise ConfigError(f"{name}={value!r} is not one of {options}{_suggest(str(value), map(str, options))}")
 
 
+def _check_optim(o) -> None:
+  """Optimizer values that would train nothing, or diverge at once, without an error."""
+  ranges = {  # key: (low, high, low included, what to say)
+      "lr": (0.0, math.inf, True, "a finite rate >= 0"),
+      "b1": (0.0, 1.0, True, "in [0, 1)"),
+      "b2": (0.0, 1.0, True, "in [0, 1)"),
+      "eps": (0.0, math.inf, True, "finite and >= 0"),
+      "weight_decay": (0.0, math.inf, True, "finite and >= 0"),
+      "clip_norm": (0.0, math.inf, True, "finite and >= 0 (0: no clipping)"),
+      "min_lr_ratio": (0.0, 1.0 + 1e-12, True, "in [0, 1]"),
+  }
+  for key, (low, high, closed, what) in ranges.items():
+    if key not in o:
+      continue
+    v = float(o[key])
+    if not (low <= v if closed else low < v) or not v < high:
+      raise ConfigError(f"optim.{key}={o[key]} must be {what}")
+  if o.get("warmup_steps", 0) < 0:
+    raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be at least 0")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Checks values that would otherwise fail deep inside a compile; raises ConfigError."""
   m = config.model
@@ -203,6 +265,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}")
   if not 0.0 <= m.dropout < 1.0:
     raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+  if not 0.0 < m.get("init_std", 0.02) < math.inf:
+    raise ConfigError(f"model.init_std must be positive, got {m.init_std}")
+  if "train" in config and "task" not in config and "objective" in config.train:
+    # Pretraining and SFT: a decoder learns the next token, an encoder the masked ones (each sees
+    # what the other's loss would hide: a bidirectional model reads the token it is asked for).
+    want = {"gpt": "clm", "bert": "mlm"}[m.family]
+    if config.train.objective != want:
+      raise ConfigError(f"train.objective={config.train.objective!r} does not train a {m.family} "
+                        f"(model.family={m.family} learns with {want!r}); set train.objective={want}")
   if "data" in config:
     d = config.data
     if d.seq_len > m.max_len:
@@ -227,8 +298,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if traced and first >= t.steps:
       raise ConfigError(f"train.profile_start={first} is not before train.steps={t.steps}, so nothing would "
                         "be traced; lower train.profile_start")
+    if t.get("eval_batches", 0) < 0:
+      raise ConfigError(f"train.eval_batches={t.eval_batches} must be at least 0 (0: no held-out evaluation)")
+    _check_optim(config.optim)
     _one_of("optim.schedule", config.optim.schedule, ("cosine", "linear", "rsqrt", "constant"))
     _one_of("optim.mu_dtype", config.optim.get("mu_dtype", "float32"), ("float32", "bfloat16"))
+  if "data" in config and config.get("train", {}).get("objective") == "mlm" and "task" not in config:
+    d = config.data
+    if not 0.0 < d.mask_rate < 1.0 or d.max_predictions < 1:
+      raise ConfigError(f"data.mask_rate={d.mask_rate} must be in (0, 1) and data.max_predictions="
+                        f"{d.max_predictions} at least 1: masked LM learns from the masked positions only")
   if "mesh" in config:
     from fmjax import sharding  # local: keeps config parsing free of device state
     sharding.validate_mesh(config, num_devices)

@@ -68,11 +68,22 @@ def validate_mesh(config, num_devices: int | None = None) -> None:
     if (b // accum) % dp:
       raise ConfigError(f"train.batch_size={b} (per micro-batch {b // accum}) does not divide by the "
                         f"data-parallel size {dp} (mesh {sizes}); use a multiple of {dp}")
-  tp = sizes["tensor"]
+  # Every model dimension a rule shards must divide by the product of its mesh axes.
   m = config.model
-  for key in ("num_heads", "d_ff", "vocab_size"):
-    if m[key] % tp:
-      raise ConfigError(f"model.{key}={m[key]} does not divide by mesh.tensor={tp}")
+  dims = {"embed": "d_model", "norm": "d_model", "mlp": "d_ff", "heads": "num_heads", "vocab": "vocab_size",
+          "kv": None, "layers": "num_layers" if m.get("scan_layers") else ""}
+  for name, axes in logical_rules(config):
+    key = dims.get(name, "")
+    if key == "" or axes is None:
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    ways = math.prod(sizes[a] for a in axes)
+    size, what = (m.d_model // m.num_heads, "the head size model.d_model/model.num_heads") if key is None \
+        else (int(m[key]), f"model.{key}")
+    if size % ways:
+      mesh = " x ".join(f"mesh.{a}={sizes[a]}" for a in axes)
+      raise ConfigError(f"{what}={size} does not divide by {mesh} (logical axis {name!r} is sharded over it); "
+                        f"change that mesh size or the model dimension")
 
 
 def make_mesh(config, devices=None) -> Mesh:

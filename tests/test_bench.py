@@ -54,6 +54,10 @@ def test_bad_segments_is_one_line(capsys):
   code = cli.main(["bench", "--config=configs/gpt.py:tiny", "--segments=0"] + TINY)
   err = capsys.readouterr().err.strip()
   assert code == 2 and err.count("\n") == 0 and "--segments must be between 1 and data.seq_len=64" in err, err
+  for flags in (["--steps=0"], ["--warmup=0"], ["--steps=-1"]):  # once a division by zero, an unbound name, a negative time
+    code = cli.main(["bench", "--config=configs/gpt.py:tiny", *flags] + TINY)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "must each be at least 1" in err, err
 
 
 def test_commands_keep_compiled_programs_in_a_persistent_cache(tmp_path):

@@ -1,5 +1,7 @@
 """Configs: sizes, locking with "did you mean", up-front validation, CLI errors."""
 
+import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +19,11 @@ def test_sizes_and_runlocal():
   assert c.model.scan_layers and c.model.remat == "dots_no_batch"  # the measured GPU setting (benchmarks/README.md)
   c = config_lib.load_config("configs/bert.py:base")
   assert (c.model.num_layers, c.model.d_model, c.train.objective) == (12, 768, "mlm")
+  assert config_lib.load_config("configs/gpt.py:size=small").model.d_model == 768  # as finetune_cls.py's size=
+  for arg, error in [("tiny,small", r"names 2 sizes \['tiny', 'small'\]"), ("size=smal", "did you mean 'small'"),
+                     ("foo=1", r"unknown gpt config arg\(s\) \['foo=1'\]")]:
+    with pytest.raises(ConfigError, match=error):  # once taken silently as tiny
+      config_lib.load_config(f"configs/gpt.py:{arg}")
 
 
 def test_override_types():
@@ -60,6 +67,52 @@ def test_bad_values_fail_before_compile():
     config_lib.load_config("configs/gpt.py:tiny", ["train.profile_steps=-1"])
   with pytest.raises(ConfigError, match="profile_start=100 is not before train.steps=50, so nothing would be traced"):
     config_lib.load_config("configs/gpt.py:tiny", ["train.steps=50", "train.profile_steps=3", "train.profile_start=100"])
+
+
+@pytest.mark.parametrize("text,error", [
+    ("def get_config(arg=None):\n  return base_config(\n", r"broken.py:2: SyntaxError while loading it"),
+    ("def get_config(arg=None):\n  x = 1\n  return x / 0\n", r"broken.py:3: ZeroDivisionError while calling get_config"),
+    ("def get_config(arg=None):\n  return 3\n", r"get_config must return a ConfigDict with a `model` section"),
+    ("x = 1\n", r"has no get_config\(arg\) function"),
+])
+def test_a_broken_config_file_is_one_line(tmp_path, capsys, text, error):
+  (tmp_path / "broken.py").write_text(text)
+  code = cli.main(["train", f"--config={tmp_path}/broken.py", f"--workdir={tmp_path}/w"])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and err.count("\n") == 0 and re.search(error, err), err
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_cli_workdir_and_override_mistakes_are_one_line(tmp_path, capsys):
+  (tmp_path / "file").write_text("")
+  for argv, error in [([f"--workdir={tmp_path}/file"], "must name a directory"),
+                      (["--workdir="], "must name a directory"),
+                      (["--config.model", f"--workdir={tmp_path}/w"], "--config.model needs a value")]:
+    code = cli.main(["train", "--config=configs/gpt.py:tiny", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and error in err, err
+  assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("spec,overrides,error", [
+    ("gpt", ["train.objective=mlm"], "train.objective='mlm' does not train a gpt"),
+    ("bert", ["train.objective=clm"], "train.objective='clm' does not train a bert"),
+    ("gpt", ["optim.lr=-1"], "optim.lr=-1.0 must be a finite rate >= 0"),
+    ("gpt", ["optim.lr=nan"], "optim.lr=nan must be a finite rate"),
+    ("gpt", ["optim.b2=2"], r"optim.b2=2.0 must be in \[0, 1\)"),
+    ("gpt", ["optim.warmup_steps=-5"], "optim.warmup_steps=-5 must be at least 0"),
+    ("gpt", ["model.init_std=-1"], "model.init_std must be positive"),
+    ("gpt", ["train.eval_batches=-1"], "train.eval_batches=-1 must be at least 0"),
+    ("bert", ["data.mask_rate=1.5"], r"data.mask_rate=1.5 must be in \(0, 1\)"),
+    ("bert", ["data.max_predictions=0"], "data.max_predictions=0 at least 1"),
+    ("gpt", ["mesh.data=1", "mesh.fsdp=3"], "model.d_model=128 does not divide by mesh.fsdp=3"),
+    ("gpt", ["mesh.data=1", "mesh.tensor=3"], "model.vocab_size=2048 does not divide by mesh.tensor=3"),
+])
+def test_values_that_would_train_wrongly_are_refused(spec, overrides, error):
+  """Each of these once ran to the end (or failed deep in a compile): a bidirectional model on
+  next-token prediction, no masked positions, a negative rate, a mesh that cannot split the model."""
+  with pytest.raises(ConfigError, match=error):
+    config_lib.validate(config_lib.load_config(f"configs/{spec}.py:tiny", overrides), 8)
 
 
 def test_cli_one_line_error():

@@ -18,7 +18,8 @@ def get_config(arg: str = ""):
   c.name = "gpt2_124m"
   c.data.update(dataset="c4/en:3.1.0", feature="text", train_split="train", eval_split="validation",
                 data_dir="gs://BUCKET/tfds", seq_len=1024)
-  # nanoGPT's recipe: ~0.5M tokens a step (micro-batches accumulated), 600k steps, lr 6e-4 cosine to
+  # nanoGPT's recipe: ~0.5M tokens a step (480 x 1024; raise train.grad_accum where a device's share does
+  # not fit), 600k steps, lr 6e-4 cosine to
   # 6e-5 after 2000 warmup steps, weight decay 0.1, betas (0.9, 0.95), clip 1.0.
   c.train.update(batch_size=480, grad_accum=1, steps=600_000, eval_every=2000, eval_batches=20)
   c.optim.update(lr=6e-4, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95)
