@@ -1,4 +1,5 @@
-"""Checkpoints: async Orbax saves, keep-last-K, torn-checkpoint cleanup, elastic restore, preemption.
+"""Checkpoints: async Orbax saves, keep-last-K, torn-checkpoint cleanup, elastic restore, preemption,
+and the workdir lock that lets one training process at a time write a workdir.
 
 A step directory holds three items saved separately, so a fine-tuning run can read the trunk
 without touching the optimizer state:
@@ -13,15 +14,26 @@ several processes) restores onto any other mesh, and into either layer layout (a
 model's stacked blocks or an unrolled model's per-layer ones, `model.scan_layers`). All
 processes call every method here in the same order: saves, time-based save decisions and
 preemption checks are collective.
+
+Only the training process that owns a directory (`owner=True`, under the workdir lock) removes
+unfinished saves; every other reader (eval, generate, export, release, init_from) ignores them
+and deletes nothing, since they may be the save a running training is writing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import itertools
 import json
+import logging as std_logging
 import math
 import os
+import re
 import signal
+import socket
+import sys
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -42,6 +54,9 @@ ITEMS = ("params", "opt_state")
 COMMIT_MARKER = "commit_success.txt"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 _MAX_LISTED = 10
+LOCK_FILE = ".lock"  # in the workdir; hidden, so listings of a workdir's files pass it by
+# Tensorstore's status codes for files that are missing, cut short or unreadable.
+_DAMAGE_CODES = re.compile(r"^\s*(NOT_FOUND|DATA_LOSS|FAILED_PRECONDITION|OUT_OF_RANGE)\b")
 
 
 class CheckpointMismatchError(ValueError):
@@ -50,6 +65,14 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointSaveError(RuntimeError):
   """A save that did not reach disk."""
+
+
+class CheckpointDamagedError(ValueError):
+  """A committed step whose files are missing, cut short or unreadable."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+  """Ctrl-C stopped a run at a step boundary after saving that step; rerunning it resumes."""
 
 
 def _now() -> float:
@@ -61,8 +84,14 @@ def _is_primary() -> bool:
 
 
 def _scan(directory: epath.Path) -> tuple[dict[int, epath.Path], list[epath.Path]]:
-  """Splits the entries of `directory` into committed steps and torn (unfinished) step dirs."""
-  committed, torn = {}, []
+  """Splits the entries of `directory` into committed steps and torn (unfinished) saves.
+
+  Torn: Orbax's temporary directories, and step directories without a commit marker newer than
+  every committed step (a save cut short; on GCS Orbax writes into the step's own directory).
+  Older step directories without a marker are no save in flight (one an Orbax before 0.12 wrote
+  without it, say): they are neither listed nor torn, so nobody deletes them.
+  """
+  committed, unmarked, torn = {}, [], []
   if not directory.exists():
     return committed, torn
   for path in directory.iterdir():
@@ -73,7 +102,9 @@ def _scan(directory: epath.Path) -> tuple[dict[int, epath.Path], list[epath.Path
       if (path / COMMIT_MARKER).exists():
         committed[int(name)] = path
       else:
-        torn.append(path)
+        unmarked.append(path)
+  newest = max(committed, default=-1)
+  torn += [path for path in unmarked if int(path.name) > newest]
   return committed, torn
 
 
@@ -88,6 +119,70 @@ def _remove(paths: Iterable[epath.Path], directory: epath.Path) -> None:
       path.unlink(missing_ok=True)
   logging.warning("Removed %d unfinished checkpoint(s) from %s: %s", len(paths), directory,
                   ", ".join(sorted(p.name for p in paths)))
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+  line = next((l.strip() for l in str(e).splitlines() if l.strip()), "")
+  return line[:limit] + ("..." if len(line) > limit else "")
+
+
+def _write_error(e: BaseException) -> str | None:
+  """What went wrong in a failed save (an OSError, or tensorstore's status); None: not a write error."""
+  seen = e
+  while seen is not None:
+    if isinstance(seen, CheckpointSaveError):
+      return None
+    if isinstance(seen, OSError):
+      return f"{type(seen).__name__}: {_first_line(seen)}"
+    if re.match(r"^\s*[A-Z_]+: ", str(seen)) and isinstance(seen, (ValueError, RuntimeError)):
+      return _first_line(seen)
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
+def _quiet_reads_after_a_failed_restore() -> None:
+  """Once a restore fails, Orbax closes its event loop while tensorstore still completes the other
+  reads; their callbacks then print "Event loop is closed" tracebacks through sys.excepthook after
+  the one-line error. Only that error is dropped; every other one reaches the previous hook."""
+  previous = sys.excepthook
+  if getattr(previous, "fmjax_quiet", False):
+    return
+
+  def hook(kind, value, tb):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      return
+    previous(kind, value, tb)
+
+  hook.fmjax_quiet = True
+  sys.excepthook = hook
+  previous_unraisable = sys.unraisablehook
+
+  def unraisable(info):
+    if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
+      return
+    previous_unraisable(info)
+
+  sys.unraisablehook = unraisable
+
+
+def _damage(e: BaseException, step_dir: epath.Path) -> str | None:
+  """What a failed read says about a committed step's files; None for errors that are no damage."""
+  if isinstance(e, (CheckpointMismatchError, CheckpointDamagedError)):
+    return None
+  text = str(e)
+  if isinstance(e, json.JSONDecodeError):
+    return f"a JSON file is cut short or garbled: {e.msg}"
+  if isinstance(e, FileNotFoundError):
+    return f"missing {os.path.relpath(e.filename, step_dir) if e.filename else _first_line(e)}"
+  if isinstance(e, KeyError) and "not found in the checkpoint" in text:
+    return _first_line(e).strip("'\"")
+  match = _DAMAGE_CODES.match(text) if isinstance(e, ValueError) else None
+  if match is None:
+    return None
+  # The most specific file of the step it names (the error also quotes the spec it opened).
+  files = [f.rstrip("\\") for f in re.findall(r'"([^"]+)"', text) if f.startswith(str(step_dir) + "/")]
+  where = os.path.relpath(max(files, key=len), str(step_dir)) if files else _first_line(e, 120)
+  return f"{match.group(1)} reading {where}"
 
 
 def _jsonable(value: Any, where: str = "meta") -> Any:
@@ -131,10 +226,13 @@ class Checkpointer:
     keep: how many of the newest checkpoints to keep (0 or less: keep all).
     keep_period: also keep every checkpoint whose step is a multiple of this (0: off).
     async_save: write in a background thread; `save` returns once arrays are on the host.
+    owner: this process trains in `directory` and holds its workdir lock (`lock_workdir`): it
+      removes the unfinished saves of an earlier run. Without it (eval, generate, export,
+      init_from) nothing is deleted: an unfinished save may be one a running training writes.
   """
 
   def __init__(self, directory: str, *, every_steps: int = 0, every_minutes: float = 0.0,
-               keep: int = 3, keep_period: int = 0, async_save: bool = True):
+               keep: int = 3, keep_period: int = 0, async_save: bool = True, owner: bool = False):
     path = str(directory)
     self.directory = epath.Path(path if "://" in path else os.path.abspath(path))
     self.every_steps = int(every_steps)
@@ -143,10 +241,13 @@ class Checkpointer:
     self._last_save_time = _now()
     self._unverified: list[int] = []
     self._closed = False
+    self._owner = bool(owner)
+    self._interrupted_step: int | None = None  # a Ctrl-C stopped the run here (`close` raises)
     if _is_primary():
       self.directory.mkdir(parents=True, exist_ok=True)
-      _remove(_scan(self.directory)[1], self.directory)
-    if jax.process_count() > 1:  # others must not list the directory while process 0 cleans it
+      if self._owner:
+        _remove(_scan(self.directory)[1], self.directory)
+    if self._owner and jax.process_count() > 1:  # others must not list the directory while process 0 cleans it
       multihost_utils.sync_global_devices("fmjax_checkpointer_init")
     policies = [ocp.checkpoint_managers.LatestN(keep if keep > 0 else None)]
     if keep_period > 0:
@@ -182,10 +283,10 @@ class Checkpointer:
     return step or latest
 
   def latest_step(self) -> int | None:
-    """The newest committed step, or None; unfinished step directories are removed."""
+    """The newest committed step, or None; an owner also removes unfinished saves."""
     committed, torn = _scan(self.directory)
     # A save in flight looks torn until it commits: only clean up when none is running.
-    if torn and _is_primary() and not self._manager.is_saving_in_progress():
+    if torn and self._owner and _is_primary() and not self._manager.is_saving_in_progress():
       _remove(torn, self.directory)
     return max(committed) if committed else None
 
@@ -212,6 +313,8 @@ class Checkpointer:
     """
     if self._closed:
       raise RuntimeError("Checkpointer.save called after close()")
+    if step == _ctrl_c_step:
+      self._interrupted_step = step
     if not force and not self.should_save(step):
       return False
     if step in self._manager.all_steps():
@@ -224,16 +327,41 @@ class Checkpointer:
     if "opt_state" in state:
       args["opt_state"] = ocp.args.StandardSave(state["opt_state"])
     self._check_unverified()  # a step written earlier that did not commit fails the run here
-    self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+    with self._writing([*self._unverified, step]):  # Orbax raises an earlier async save's error here
+      self._manager.save(step, args=ocp.args.Composite(**args), force=True)
     self._last_save_time = _now()
     self._unverified.append(step)
     return True
 
   def wait(self) -> None:
-    """Blocks until pending saves are on disk; raises if any of them failed."""
-    self._manager.wait_until_finished()
-    self._manager.check_for_errors()
+    """Blocks until pending saves are on disk; raises CheckpointSaveError if any of them failed."""
+    with self._writing(self._unverified):
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
     self._check_unverified(finished=True)
+
+  @contextlib.contextmanager
+  def _writing(self, steps: Sequence[int]):
+    """Turns a failed write (disk full, no permission) into a one-line CheckpointSaveError."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      reason = _write_error(e)
+      if reason is None:
+        raise
+      self._unverified = []
+      raise self._save_failed(steps, reason) from e
+
+  def _save_failed(self, steps: Sequence[int], reason: str) -> CheckpointSaveError:
+    failed = sorted(set(steps))
+    which = f"step {failed[-1]}" if len(failed) == 1 else f"steps {failed}" if failed else "a step"
+    intact = [s for s in self.all_steps() if s not in failed]
+    if intact:
+      kept = (f"the older steps {intact} are intact; free space or fix the permissions, then rerun the same "
+              f"command to resume from step {intact[-1]}")
+    else:
+      kept = "no earlier checkpoint exists; free space or fix the permissions, then rerun the same command"
+    return CheckpointSaveError(f"saving checkpoint {which} to {self.directory} failed ({reason}); {kept}")
 
   def _check_unverified(self, finished: bool = False) -> None:
     """Raises for saved steps that finished without committing.
@@ -251,11 +379,13 @@ class Checkpointer:
     for step in done:
       # Steps the keep policy already deleted were committed before (it only drops old ones).
       if step in kept and not (self.directory / str(step) / COMMIT_MARKER).exists():
-        raise CheckpointSaveError(f"checkpoint step {step} was not committed to {self.directory}; "
-                                  "see the log above for the write error and check the disk/permissions")
+        raise self._save_failed([step], "it was not committed; the log above names the write error")
 
   def close(self) -> None:
-    """Waits for pending saves (raising their errors) and releases the manager."""
+    """Waits for pending saves (raising their errors) and releases the manager.
+
+    Raises RunInterrupted once the save of a step a Ctrl-C stopped the run at is on disk.
+    """
     if self._closed:
       return
     try:
@@ -263,6 +393,10 @@ class Checkpointer:
     finally:
       self._closed = True
       self._manager.close()
+    if self._interrupted_step is not None:
+      _stopped_by_ctrl_c(None)
+      raise RunInterrupted(f"saved step {self._interrupted_step} to {self.directory}; rerun the same command "
+                           "to resume from there")
 
   # --------------------------------------------------------------------------- restoring
 
@@ -271,6 +405,41 @@ class Checkpointer:
       steps = self.all_steps()
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
                               f"(available: {steps if steps else 'none'})")
+
+  def _damaged(self, step: int, reason: str) -> CheckpointDamagedError:
+    """The one-line error for a committed `step` that cannot be read; no silent fallback to another."""
+    others = [s for s in self.all_steps() if s != step]
+    where = self.directory / str(step)
+    if others:
+      todo = (f"move {where} out of {self.directory} to resume from step {others[-1]}, or read that step "
+              f"instead (--step={others[-1]}, init_from_step={others[-1]}); the other committed steps are {others}")
+    else:
+      todo = f"no other committed step is there; restore {where} from a copy or start over in a new --workdir"
+    return CheckpointDamagedError(f"checkpoint step {step} in {self.directory} is damaged ({reason}); {todo}")
+
+  @contextlib.contextmanager
+  def _reading(self, step: int):
+    """Turns Orbax's and tensorstore's errors about missing or broken files of `step` into `_damaged`."""
+    _quiet_reads_after_a_failed_restore()
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  # Orbax wraps tensorstore's errors in a bare Exception
+      reason = None
+      cause = e
+      while cause is not None and reason is None:  # the first error in the chain that names the damage
+        reason = _damage(cause, self.directory / str(step))
+        cause = cause.__cause__
+      if reason is None:
+        raise
+      std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)  # the other reads' failures, logged at exit
+      raise self._damaged(step, reason) from e
+
+  def _saved_items(self, step: int) -> set[str]:
+    """The items Orbax recorded saving in `step` (empty when its metadata cannot be read)."""
+    try:
+      return set(json.loads((self.directory / str(step) / "_CHECKPOINT_METADATA").read_text())["item_handlers"])
+    except (OSError, ValueError, KeyError, TypeError):
+      return set()
 
   def restore(self, step: int, abstract_state: Mapping[str, Any], *,
               items: Sequence[str] = ITEMS, partial: bool = False) -> dict:
@@ -291,8 +460,9 @@ class Checkpointer:
       target = jax.tree.map(_abstract_leaf, abstract_state[name], is_leaf=_is_abstract_leaf)
       # Orbax reads whole saved trees: a partial or relaid restore names every saved array.
       targets[name] = self._full_target(step, name, target, plans[name]) if partial or plans[name] else target
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        **{name: ocp.args.StandardRestore(target) for name, target in targets.items()}))
+    with self._reading(step):
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          **{name: ocp.args.StandardRestore(target) for name, target in targets.items()}))
     out = {name: restored[name] for name in items}
     for name in items:
       if partial or plans[name]:
@@ -333,15 +503,27 @@ class Checkpointer:
   def restore_meta(self, step: int) -> dict:
     """The JSON metadata saved with `step`."""
     self._require(step)
-    return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    if not (self.directory / str(step) / "meta").exists():
+      raise self._damaged(step, "its 'meta' item is missing")
+    with self._reading(step):
+      return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
   def item_metadata(self, step: int, item: str) -> Any:
-    """Orbax's metadata tree (shapes, dtypes; no array data) of one item of `step`, or None."""
+    """Orbax's metadata tree (shapes, dtypes; no array data) of one item of `step`, or None if never saved.
+
+    Raises CheckpointDamagedError for an item that was saved (params always is) but is gone or unreadable.
+    """
     self._require(step)
     if not (self.directory / str(step) / item).exists():
+      if item == "params" or item in self._saved_items(step):
+        raise self._damaged(step, f"its {item!r} item is missing")
       return None
-    metadata = self._manager.item_metadata(step)[item]
-    return getattr(metadata, "tree", metadata)
+    with self._reading(step):
+      metadata = self._manager.item_metadata(step)[item]
+    tree = getattr(metadata, "tree", metadata)
+    if tree is None:
+      raise self._damaged(step, f"the metadata of its {item!r} item is missing")
+    return tree
 
 
 # ----------------------------------------------------------------------------- compatibility
@@ -584,58 +766,142 @@ def config_changes(saved_cfg: Mapping[str, Any], new_cfg: Mapping[str, Any]) -> 
 
 # ----------------------------------------------------------------------------- preemption
 
+# The step a Ctrl-C stopped the step loop at: the Checkpointer that saves it raises RunInterrupted
+# from `close`, once the save is on disk, so `fmjax` exits 130 and says where the run stands.
+_ctrl_c_step: int | None = None
+
+
+def _stopped_by_ctrl_c(step: int | None) -> None:
+  global _ctrl_c_step
+  _ctrl_c_step = step
+
 
 class PreemptionWatcher:
-  """Turns SIGTERM into a clean stop at the next step boundary.
+  """Turns SIGTERM and a first Ctrl-C (SIGINT) into a clean stop at the next step boundary.
 
   Call `should_stop(step)` once per step on every process, from the same first step. With a
   `jax.distributed` client JAX's own preemption service catches SIGTERM and
   `reached_preemption_sync_point` picks a step all hosts agree on; otherwise a Python handler
-  sets a flag (shared across processes by an all-gather if there are several). A second
-  SIGTERM kills the process as usual.
+  sets a flag (shared across processes by an all-gather if there are several). A second SIGTERM
+  kills the process as usual; a second Ctrl-C raises KeyboardInterrupt at once. After a Ctrl-C
+  stop the Checkpointer that saved the step raises RunInterrupted from `close`.
   """
 
-  def __init__(self, signum: int = signal.SIGTERM):
-    self.signum = signum
-    self.received = False
-    self._previous = None
-    self._installed = False
-    # JAX's preemption notifier owns SIGTERM once a distributed client exists: a Python
-    # handler would replace it and the hosts would never learn of the notice.
-    if not self._jax_owns_signal():
-      try:
-        self._previous = signal.signal(signum, self._handle)
-        self._installed = True
-      except ValueError:  # not the main thread: signals cannot be caught here
-        logging.warning("PreemptionWatcher created off the main thread; SIGTERM will not be caught")
+  def __init__(self):
+    self.received: list[int] = []  # the signals caught, in order
+    self._previous: dict[int, Any] = {}
+    _stopped_by_ctrl_c(None)
+    # JAX's preemption notifier owns SIGTERM once a distributed client exists: a Python handler
+    # would replace it and the hosts would never learn of the notice. A Ctrl-C there reaches only
+    # the hosts it is typed into, which could not agree on a step: it interrupts as usual.
+    signums = [] if self._jax_owns_sigterm() else [signal.SIGTERM, signal.SIGINT]
+    try:
+      for signum in signums:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    except ValueError:  # not the main thread: signals cannot be caught here
+      logging.warning("PreemptionWatcher created off the main thread; SIGTERM and Ctrl-C will not be caught")
 
-  def _jax_owns_signal(self) -> bool:
-    return (self.signum == signal.SIGTERM and jax.distributed.is_initialized()
-            and bool(jax.config.jax_enable_preemption_service))
+  @staticmethod
+  def _jax_owns_sigterm() -> bool:
+    return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
 
   def _handle(self, signum, frame):
-    if self.received:  # asked twice: stop waiting for a step boundary
+    if signum in self.received:  # asked twice: stop waiting for a step boundary
+      if signum == signal.SIGINT:
+        raise KeyboardInterrupt
       signal.signal(signum, signal.SIG_DFL)
       os.kill(os.getpid(), signum)
       return
-    self.received = True
-    logging.warning("Received signal %d: will save and stop at the next step boundary", signum)
+    first = not self.received
+    self.received.append(signum)
+    if not first:
+      return  # e.g. `fmjax sweep` sends SIGTERM to runs a Ctrl-C already stops: they save either way
+    if signum == signal.SIGINT:
+      logging.warning("Ctrl-C: will save and stop at the next step boundary; press Ctrl-C again to abort at "
+                      "once without saving")
+    else:
+      logging.warning("Received signal %d: will save and stop at the next step boundary", signum)
 
   def should_stop(self, step: int) -> bool:
-    """True on every process at the same step once any of them got SIGTERM."""
-    if self._jax_owns_signal():
+    """True on every process at the same step once any of them got SIGTERM (or Ctrl-C)."""
+    local = max(self.received, default=0)  # SIGTERM (15) wins over SIGINT (2): a preemption, not a user
+    if self._jax_owns_sigterm():
       stop = multihost_utils.reached_preemption_sync_point(int(step))
+      reason = signal.SIGTERM
     elif jax.process_count() > 1:
-      flags = multihost_utils.process_allgather(np.int32(self.received))
-      stop = bool(np.max(flags))
+      reason = int(np.max(multihost_utils.process_allgather(np.int32(local))))
+      stop = reason > 0
     else:
-      stop = self.received
+      reason, stop = local, bool(local)
     if stop:
-      logging.warning("Preemption: stopping at step %d", step)
+      logging.warning("%s: stopping at step %d", "Ctrl-C" if reason == signal.SIGINT else "Preemption", step)
+      _stopped_by_ctrl_c(int(step) if reason == signal.SIGINT else None)
     return bool(stop)
 
   def close(self) -> None:
-    """Puts back the signal handler that was there before."""
-    if self._installed:
-      signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
-      self._installed = False
+    """Puts back the signal handlers that were there before."""
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    self._previous = {}
+
+
+# ----------------------------------------------------------------------------- workdir lock
+
+
+class WorkdirLock:
+  """An exclusive `flock` on a workdir's `.lock` file; `release` (or leaving a `with`) lets it go."""
+
+  def __init__(self, file=None):
+    self._file = file
+
+  def release(self) -> None:
+    if self._file is not None:
+      self._file.truncate(0)
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+
+  def __enter__(self) -> "WorkdirLock":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def lock_workdir(workdir: str) -> WorkdirLock:
+  """Locks `workdir` for one training run (train, finetune, sft) until `release()`.
+
+  A second run on the same workdir would delete the first one's newest save and interleave its
+  metrics: it fails at once with a ConfigError naming the holder. The lock file stays (deleting
+  it would let a third run lock a new file while the second holds the old one); the lock itself
+  goes with the process, however it ends. Only process 0 locks: the hosts of a pod share one
+  workdir. Object stores (gs://) have no locks, so such workdirs are not locked.
+  """
+  from fmjax.config_lib import ConfigError
+  lock, holder = WorkdirLock(), None
+  if _is_primary() and "://" not in str(workdir):
+    f = open(os.path.join(workdir, LOCK_FILE), "a+")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "pid unknown"
+      f.close()
+    except OSError as e:
+      f.close()
+      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        raise
+      logging.warning("%s cannot be locked (%s); make sure no other run trains there", workdir, e.strerror)
+    else:
+      f.seek(0)
+      f.truncate()
+      f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+      f.flush()
+      lock = WorkdirLock(f)
+  busy = holder is not None
+  if jax.process_count() > 1:  # every host stops, not only process 0
+    busy = bool(multihost_utils.broadcast_one_to_all(np.int32(busy)))
+  if busy:
+    raise ConfigError(f"another fmjax process is training in {workdir} ({holder or 'see process 0'}); "
+                      "wait for it or use another --workdir")
+  return lock

@@ -42,6 +42,10 @@ def _load(prog: str, argv: list[str], needs_workdir: bool, extra=None):
   if extra:
     extra(p)
   args = p.parse_args(rest)
+  workdir = getattr(args, "workdir", None)
+  if workdir is not None and (not workdir.strip() or os.path.isfile(workdir)):
+    raise config_lib.ConfigError(f"--workdir={workdir!r} must name a directory (new or a run's); pass e.g. "
+                                 "--workdir=/tmp/run")
   return args, config_lib.load_config(args.config, overrides)
 
 
@@ -76,8 +80,13 @@ def cmd_train(argv):
 
 def cmd_data(argv):
   from fmjax import data
+  usage = "usage: fmjax data prepare --config=configs/NAME.py[:args] [--config.a.b=v ...]"
+  if argv and argv[0] in ("-h", "--help"):
+    print(f"{usage}\n\ntokenise, pack and cache the dataset a config names (train and eval splits); prints the "
+          "cache directory")
+    return 0
   if not argv or argv[0] != "prepare":
-    raise ConfigError("usage: fmjax data prepare --config=configs/NAME.py[:args]")
+    raise ConfigError(usage)
   _, config = _load("fmjax data prepare", argv[1:], False)
   path = data.prepare(config)
   print(path)
@@ -180,12 +189,28 @@ def _user_errors() -> tuple[type, ...]:
   errors = [ConfigError, FileNotFoundError]
   mods = sys.modules
   if "fmjax.checkpoint" in mods:
-    errors.append(mods["fmjax.checkpoint"].CheckpointMismatchError)
+    ckpt = mods["fmjax.checkpoint"]
+    # A full disk or a damaged checkpoint is the user's to fix; the message says how.
+    errors += [ckpt.CheckpointMismatchError, ckpt.CheckpointDamagedError, ckpt.CheckpointSaveError]
   if "fmjax.train" in mods:
     errors.append(mods["fmjax.train"].NonFiniteLossError)
   if "fmjax.attention" in mods:
     errors.append(mods["fmjax.attention"].AttentionError)
   return tuple(errors)
+
+
+def _silence_stderr_at_exit() -> None:
+  """After a failed restore, tensorstore may still complete reads while Python shuts down and print
+  "Event loop is closed" tracebacks below the one-line error; the error said all there is."""
+  import atexit
+
+  def silence():
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+
+  atexit.register(silence)
 
 
 def out_of_memory_message(e: BaseException) -> str | None:
@@ -262,9 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     code = COMMANDS[name][0](rest)
   except _user_errors() as e:
     print(f"error: {e}", file=sys.stderr)
+    if type(e).__name__ == "CheckpointDamagedError":
+      _silence_stderr_at_exit()
     return 2
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
+  except KeyboardInterrupt as e:  # 130 = 128 + SIGINT; a first Ctrl-C in a step loop saves first (RunInterrupted)
+    print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
     return 130
   except RuntimeError as e:  # XLA's errors are RuntimeErrors; only running out of memory is the user's
     message = out_of_memory_message(e)

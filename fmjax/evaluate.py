@@ -50,8 +50,8 @@ def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None)
   restored = generate.restore_run(workdir, step, split_batch=True)
   config, spec, params = restored.config, restored.spec, restored.params
   batch_sharding = sharding.batch_sharding(spec.mesh)
+  tok = data.get_tokenizer(config, workdir)  # the run's own tokenizer, whatever its corpus files became
   if "sft" in config:
-    tok = data.get_tokenizer(config)
     train_loader, eval_loader = sft.make_loaders(config, tok, batch_sharding)
     loader = eval_loader if split == "eval" else sft.RowLoader(train_loader.rows, config.train.batch_size,
                                                               batch_sharding, seed=config.data.seed, shuffle=False)
@@ -60,7 +60,7 @@ def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None)
                         "pass --split=train")
     what = "completion tokens"
   else:
-    loader = data.make_loader(config, split, sharding=batch_sharding, shuffle=False)
+    loader = data.make_loader(config, split, sharding=batch_sharding, shuffle=False, tok=tok)
     what = "next tokens" if config.train.objective == "clm" else "masked tokens"
   if batches is None:
     batches = loader.num_batches if split == "eval" else config.train.eval_batches

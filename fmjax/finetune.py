@@ -444,8 +444,10 @@ def run(config, workdir: str) -> dict:
            f"{trainable:,}", f"{total:,}", 100.0 * trainable / total)
   cfg_dict = config_lib.to_dict(config)
   os.makedirs(workdir, exist_ok=True)
+  lock = ckpt_lib.lock_workdir(workdir)  # one training per workdir, until this returns or raises
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
-                                       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+                                       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                                       owner=True)
   try:
     resume = train._check_resume(checkpointer, spec, cfg_dict)
     if resume is not None:
@@ -484,7 +486,10 @@ def run(config, workdir: str) -> dict:
           evaluate=lambda params: _eval(predict, params, rows["validation"], task, config, batch_sharding),
           eval_message=lambda m: f"{task.name} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
   finally:
-    checkpointer.close()
+    try:
+      checkpointer.close()
+    finally:
+      lock.release()
   # A rerun of a finished run makes no update: its train metrics are those its last checkpoint saved.
   train_metrics = looped.train or (dict(resume[1].get("metrics") or {}) if resume is not None else {})
   if task.is_regression:

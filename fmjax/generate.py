@@ -81,10 +81,22 @@ def load_run(workdir: str, step: int | None = None):
   from fmjax import data
   run_ = restore_run(workdir, step)
   model = nnx.merge(run_.spec.graphdef, run_.params)
-  return model, run_.config, data.get_tokenizer(run_.config)
+  return model, run_.config, data.get_tokenizer(run_.config, workdir)
 
 
 # ----------------------------------------------------------------------------- sampling
+
+
+def mask_vocab(logits_BV: jax.Array, vocab_size: int | None) -> jax.Array:
+  """Logits with -inf at ids >= `vocab_size` (static): rows the model has beyond its tokenizer's ids.
+
+  model.vocab_size is padded (GPT-2's 50257 ids in 50304 rows), and a trained tokenizer can come
+  out smaller than asked; those rows have no token to decode to, so neither sampling nor fill-mask
+  may pick them.
+  """
+  if vocab_size is None or vocab_size >= logits_BV.shape[-1]:
+    return logits_BV
+  return jnp.where(jnp.arange(logits_BV.shape[-1]) < vocab_size, logits_BV, -jnp.inf)
 
 
 def mask_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -108,12 +120,13 @@ def mask_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> 
 
 
 def sample_logits(logits_BV: jax.Array, key: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
+                  top_p: float = 1.0, vocab_size: int | None = None) -> jax.Array:
   """Next ids [B]: argmax when temperature is 0, else a draw from the tempered, filtered softmax.
 
-  Row b draws with fold_in(key, b), so its sample does not depend on the other rows' logits or
-  on the batch size.
+  Only ids below `vocab_size` (the tokenizer's; default: every row) are candidates. Row b draws
+  with fold_in(key, b), so its sample does not depend on the other rows' logits or on the batch size.
   """
+  logits_BV = mask_vocab(logits_BV, vocab_size)
   if temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = mask_logits(logits_BV.astype(jnp.float32) / temperature, top_k=top_k, top_p=top_p)
@@ -121,11 +134,11 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, *, temperature: float = 
   return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
 
 
-@partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
+@partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "vocab_size"))
 def _generate_cached(model, tokens_BP, segment_ids_BP, positions_BP, key, *, max_new_tokens, temperature,
-                     top_k, top_p, eos_id):
+                     top_k, top_p, eos_id, vocab_size):
   B, P = tokens_BP.shape
-  sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+  sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size)
   cache = model.init_cache(B, P + max_new_tokens)
   logits_BPV, cache = model.decode(tokens_BP, cache, positions_BT=positions_BP, segment_ids_BT=segment_ids_BP)
   next_B = sample(logits_BPV[:, -1], jax.random.fold_in(key, 0))
@@ -155,11 +168,12 @@ def _generate_cached(model, tokens_BP, segment_ids_BP, positions_BP, key, *, max
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-             max_len: int | None = None) -> list[list[int]]:
+             max_len: int | None = None, vocab_size: int | None = None) -> list[list[int]]:
   """Continues each prompt (token ids) by up to `max_new_tokens`, cut before the first EOS.
 
   Prompts of different lengths are batched with left padding; the KV cache holds the longest
-  prompt plus `max_new_tokens`. `max_len` defaults to the model's position table.
+  prompt plus `max_new_tokens`. `max_len` defaults to the model's position table. New ids are
+  below `vocab_size` (pass the tokenizer's; default: any row of the model's vocabulary).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ConfigError("every prompt needs at least one token")
@@ -183,7 +197,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     positions[i, pad:] = np.arange(len(p))
   out = _generate_cached(model, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions),
                          jax.random.key(seed), max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                         top_k=int(top_k), top_p=float(top_p), eos_id=None if eos_id is None else int(eos_id))
+                         top_k=int(top_k), top_p=float(top_p), eos_id=None if eos_id is None else int(eos_id),
+                         vocab_size=None if vocab_size is None else int(vocab_size))
   results = []
   for row in np.asarray(out).tolist():
     if eos_id is not None and eos_id in row:
@@ -192,13 +207,13 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
   return results
 
 
-@nnx.jit
-def _mlm_logits(model, tokens_BT, mlm_positions_BM):
-  return model(tokens_BT, mlm_positions_BM=mlm_positions_BM)
+@partial(nnx.jit, static_argnames=("vocab_size",))
+def _mlm_logits(model, tokens_BT, mlm_positions_BM, vocab_size):
+  return mask_vocab(model(tokens_BT, mlm_positions_BM=mlm_positions_BM), vocab_size)
 
 
 def fill_mask(model, tokenizer, text: str, *, top_k: int = 5, mask_token: str = "[MASK]") -> list[list[tuple[str, float]]]:
-  """For each `[MASK]` in `text`, the top-k (token, probability) predictions of a BERT."""
+  """For each `[MASK]` in `text`, the top-k (token, probability) predictions of a BERT, over the tokenizer's ids."""
   pieces = text.split(mask_token)
   if len(pieces) < 2:
     raise ConfigError(f"fill-mask text needs at least one {mask_token}")
@@ -212,11 +227,12 @@ def fill_mask(model, tokenizer, text: str, *, top_k: int = 5, mask_token: str = 
       ids.append(tokenizer.mask_id)
   ids.append(tokenizer.sep_id)
   tokens_1T = jnp.asarray([ids], jnp.int32)
-  logits_1MV = _mlm_logits(model, tokens_1T, jnp.asarray([mask_positions], jnp.int32))
+  logits_1MV = _mlm_logits(model, tokens_1T, jnp.asarray([mask_positions], jnp.int32),
+                           vocab_size=int(tokenizer.vocab_size))
   probs_MV = np.asarray(jax.nn.softmax(logits_1MV[0], axis=-1))
   results = []
   for row in probs_MV:
-    best = np.argsort(-row)[:top_k]
+    best = np.argsort(-row)[:min(top_k, tokenizer.vocab_size)]
     results.append([(tokenizer.decode([int(t)]).strip(), float(row[t])) for t in best])
   return results
 
@@ -236,7 +252,7 @@ def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens
     # An empty prompt starts from the document separator, as a new document does in training.
     ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
     outs = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                    eos_id=tok.eos_id, max_len=config.model.max_len)
+                    eos_id=tok.eos_id, max_len=config.model.max_len, vocab_size=tok.vocab_size)
     return [tok.decode(o) for o in outs]
   if prompts or not text:
     raise ConfigError(f"{workdir} holds a BERT: pass --text=\"... [MASK] ...\"; --prompt is for GPT sampling")

@@ -17,11 +17,14 @@ out); `torch.nn.Linear` weights are (out, in) and are transposed.
 Conventions of the exported model:
   * The vocabulary is exported as the model has it, padding rows included (`vocab_size` in
     config.json is model.vocab_size, which may exceed the tokenizer's size). Logits then match
-    fmjax's exactly; the padding ids are never produced by the tokenizer.
+    fmjax's exactly; the padding ids are never produced by the tokenizer. The one exception is a
+    GPT classifier's pad token (`_export_pad_id`), which may need one row more.
   * Weights are written in float32 whatever the parameter dtype (bfloat16 -> float32 is exact).
   * A `classifier` subtree `{kernel (D, C), bias (C,)}` becomes BertForSequenceClassification's
     `classifier` (applied to the tanh pooler output, as in BERT) or GPT2ForSequenceClassification's
-    `score` (last non-pad token; HF's score has no bias, so a non-zero bias is refused).
+    `score` (last non-pad token; HF's score has no bias, so a non-zero bias is refused). The
+    exported tokenizer encodes as `finetune.encode` does (BERT [CLS] a [SEP] b [SEP] with token
+    types, GPT a <eos> b <eos>), so HF's logits of its output equal fmjax's.
   * LoRA fine-tunes must be merged first: any parameter without an HF counterpart is refused.
 
 Shape legend: D model, H heads, K head dim, F mlp, V vocab, C classes.
@@ -389,6 +392,23 @@ def model_settings_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
               dropout=float(hf.get("hidden_dropout_prob", 0.1)))
 
 
+GPT_CLASSIFIER_PAD = "<pad>"
+
+
+def _export_pad_id(tokenizer, family: str, classifier: bool) -> int:
+  """The exported pad id: the tokenizer's, except for a GPT classifier whose tokenizer pads with <eos>.
+
+  GPT2ForSequenceClassification pools the last token that is not `pad_token_id`, and fmjax's GPT
+  head pools the <eos> that `finetune.encode` ends a row with: with pad == <eos> (byte-level BPE)
+  HF would pool the token before it. Such an export gets a pad token of its own, the id after the
+  tokenizer's (a padding row of the model's vocabulary, else a zero row the export adds); pads sit
+  under attention_mask 0, so that row never changes a logit.
+  """
+  if family == "gpt" and classifier and tokenizer.eos_id is not None and tokenizer.pad_id == tokenizer.eos_id:
+    return tokenizer.vocab_size
+  return tokenizer.pad_id
+
+
 def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None,
               label_names: Sequence[str] = ()) -> dict[str, Any]:
   """The HF config.json for an fmjax model (and its tokenizer's special ids).
@@ -399,7 +419,7 @@ def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None,
   m = model_cfg
   specials = {}
   if tokenizer is not None:
-    specials = {"pad_token_id": tokenizer.pad_id}
+    specials = {"pad_token_id": _export_pad_id(tokenizer, m.family, bool(num_labels))}
     if m.family == "gpt" and tokenizer.eos_id is not None:
       specials.update(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
   if m.family == "gpt":
@@ -441,9 +461,16 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
         out[name] = f.get_tensor(name)
   except (TypeError, ValueError) as e:  # bfloat16 has no numpy dtype in safetensors' numpy backend
     if "bfloat16" not in str(e).lower() and "bf16" not in str(e).lower():
-      raise
+      raise _unreadable(path, e) from None
     out = {k: v.float().numpy() for k, v in _torch_load(path, safetensors=True).items()}
+  except Exception as e:  # SafetensorError: a truncated or corrupt file
+    raise _unreadable(path, e) from None
   return out
+
+
+def _unreadable(path: str, e: Exception) -> ConfigError:
+  return ConfigError(f"{path} cannot be read ({type(e).__name__}: {str(e).strip()[:200]}); it may be truncated or "
+                     "corrupt: download it again")
 
 
 def _torch_load(path: str, safetensors: bool = False) -> dict:
@@ -452,10 +479,13 @@ def _torch_load(path: str, safetensors: bool = False) -> dict:
   except ImportError:
     raise ConfigError(f"reading {os.path.basename(path)} needs PyTorch (pip install torch); or convert "
                       "the checkpoint to model.safetensors") from None
-  if safetensors:
-    from safetensors.torch import load_file
-    return load_file(path)
-  return torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    if safetensors:
+      from safetensors.torch import load_file
+      return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # a truncated or corrupt file (torch raises RuntimeError, EOFError, pickle errors...)
+    raise _unreadable(path, e) from None
 
 
 def read_hf_weights(model_dir: str) -> dict[str, np.ndarray]:
@@ -495,7 +525,10 @@ def _read_json(path: str, what: str) -> dict:
   if not os.path.exists(path):
     raise ConfigError(f"{os.path.dirname(path) or '.'} has no {os.path.basename(path)}; {what}")
   with open(path) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); copy it again") from None
 
 
 def _repo_config(family: str) -> str | None:
@@ -643,20 +676,35 @@ def run_tokenizer(workdir: str, config):
     raise ConfigError(f"cannot load the run's tokenizer ({e})") from None
 
 
-def _export_tokenizer(tokenizer, model_cfg, out: str) -> None:
-  """tokenizer.json (+ vocab files) and tokenizer_config.json that `AutoTokenizer` loads."""
+def _export_tokenizer(tokenizer, model_cfg, out: str, classifier: bool = False) -> None:
+  """tokenizer.json (+ vocab files) and tokenizer_config.json that `AutoTokenizer` loads.
+
+  BERT's adds [CLS]/[SEP] and token types; a GPT classifier's (`classifier`) ends each text with
+  <eos> and pads with `_export_pad_id`, as `finetune.encode` builds its rows.
+  """
   import tokenizers as hf_tok
   tok = hf_tok.Tokenizer.from_str(tokenizer.hf.to_str())  # a copy: the post-processor is HF-only
   token = lambda i: None if i is None else tok.id_to_token(i)
+  pad_id = _export_pad_id(tokenizer, model_cfg.family, classifier)
+  if pad_id == tokenizer.vocab_size:
+    tok.add_special_tokens([GPT_CLASSIFIER_PAD])
+    assert tok.token_to_id(GPT_CLASSIFIER_PAD) == pad_id, "the pad token must take the next id"
+  input_names = ["input_ids", "attention_mask"]
   if model_cfg.family == "bert" and tokenizer.cls_id is not None and tokenizer.sep_id is not None:
     cls, sep = token(tokenizer.cls_id), token(tokenizer.sep_id)
     tok.post_processor = hf_tok.processors.TemplateProcessing(
         single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
         special_tokens=[(cls, tokenizer.cls_id), (sep, tokenizer.sep_id)])
+    input_names = ["input_ids", "token_type_ids", "attention_mask"]  # segment B's type 1, for pair classifiers
+  elif model_cfg.family == "gpt" and classifier and tokenizer.eos_id is not None:
+    # Type ids stay 0 and are not returned: GPT2Model adds wte(token_type_ids) when given them.
+    eos = token(tokenizer.eos_id)
+    tok.post_processor = hf_tok.processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tokenizer.eos_id)])
   tok.save(os.path.join(out, "tokenizer.json"))
   if tokenizer.kind in ("bpe", "wordpiece") or type(tok.model).__name__ in ("BPE", "WordPiece"):
     tok.model.save(out)  # vocab.json + merges.txt, or vocab.txt: for the slow tokenizer classes
-  specials = {"unk_token": token(tokenizer.unk_id), "pad_token": token(tokenizer.pad_id)}
+  specials = {"unk_token": token(tokenizer.unk_id), "pad_token": token(pad_id)}
   if model_cfg.family == "gpt":
     specials.update(bos_token=token(tokenizer.eos_id), eos_token=token(tokenizer.eos_id))
   else:
@@ -665,7 +713,7 @@ def _export_tokenizer(tokenizer, model_cfg, out: str) -> None:
   specials = {k: v for k, v in specials.items() if v is not None}
   with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
     json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_cfg.max_len,
-               **specials}, f, indent=2)
+               "model_input_names": input_names, **specials}, f, indent=2)
   with open(os.path.join(out, "special_tokens_map.json"), "w") as f:
     json.dump(specials, f, indent=2)
 
@@ -676,13 +724,19 @@ def export_params(params: Mapping, model_cfg, out: str, tokenizer=None, label_na
   tensors = params_to_hf(params, model_cfg)
   num_labels = int(np.shape(normalise_keys(dict(params))["classifier"]["kernel"])[-1]) if "classifier" in params \
       else None
+  pad_id = None if tokenizer is None else _export_pad_id(tokenizer, model_cfg.family, bool(num_labels))
+  if pad_id is not None and pad_id >= model_cfg.vocab_size:  # no padding row for the GPT classifier's pad token
+    wte_VD = tensors["transformer.wte.weight"]
+    tensors["transformer.wte.weight"] = np.concatenate(
+        [wte_VD, np.zeros((pad_id + 1 - len(wte_VD), wte_VD.shape[1]), wte_VD.dtype)])
+    model_cfg = ml_collections.ConfigDict({**model_cfg.to_dict(), "vocab_size": pad_id + 1})
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(hf_config(model_cfg, tokenizer, num_labels, label_names), f, indent=2)
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
   os.chmod(os.path.join(out, "model.safetensors"), 0o644)  # as readable as the files beside it
   if tokenizer is not None:
-    _export_tokenizer(tokenizer, model_cfg, out)
+    _export_tokenizer(tokenizer, model_cfg, out, classifier=bool(num_labels))
   return out
 
 

@@ -58,21 +58,30 @@ def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "
   if not paths:
     raise ConfigError(f"{key}={spec!r} matches no file; pass --config.{key}=PATH.jsonl "
                       f"(rows of {{\"{prompt_key}\": ..., \"{completion_key}\": ...}})")
-  out = []
+  out, nulls, first_null = [], 0, ""
   for path in paths:
-    with open(path, encoding="utf-8") as f:
-      for i, line in enumerate(f):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix or remove the line") from None
-        if not isinstance(row, dict) or completion_key not in row:
-          have = sorted(row) if isinstance(row, dict) else type(row).__name__
-          raise ConfigError(f"{path}:{i + 1} has no {completion_key!r} field (has {have}); set "
-                            "sft.prompt_key / sft.completion_key to the file's field names")
-        out.append((str(row.get(prompt_key, "") or ""), str(row[completion_key])))
+    try:
+      with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+          if not line.strip():
+            continue
+          try:
+            row = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix or remove the line") from None
+          if not isinstance(row, dict) or completion_key not in row:
+            have = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ConfigError(f"{path}:{i + 1} has no {completion_key!r} field (has {have}); set "
+                              "sft.prompt_key / sft.completion_key to the file's field names")
+          if row[completion_key] is None:  # nothing to learn; str() would make it the text "None"
+            nulls, first_null = nulls + 1, first_null or f"{path}:{i + 1}"
+            continue
+          out.append((str(row.get(prompt_key, "") or ""), str(row[completion_key])))
+    except UnicodeDecodeError:
+      from fmjax.data import sources
+      raise sources.not_utf8(path) from None
+  if nulls:
+    log.warning("skipped %d row(s) whose %r is null (the first at %s)", nulls, completion_key, first_null)
   return out
 
 
@@ -335,10 +344,11 @@ def run(config, workdir: str) -> dict:
   spec = train.state_spec(config, mesh, tx)
   cfg_dict = config_lib.to_dict(config)
   os.makedirs(workdir, exist_ok=True)
+  lock = ckpt_lib.lock_workdir(workdir)  # one training per workdir, until this returns or raises
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
       every_minutes=config.checkpoint.every_minutes, keep=config.checkpoint.keep,
-      keep_period=config.checkpoint.keep_period, async_save=config.checkpoint.async_save)
+      keep_period=config.checkpoint.keep_period, async_save=config.checkpoint.async_save, owner=True)
   try:
     resume = train._check_resume(checkpointer, spec, cfg_dict)  # pylint: disable=protected-access
     if jax.process_index() == 0:
@@ -371,5 +381,8 @@ def run(config, workdir: str) -> dict:
           eval_message=lambda m: (f"eval completion loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}  "
                                   f"acc {m['accuracy']:.3f}"))
   finally:
-    checkpointer.close()
+    try:
+      checkpointer.close()
+    finally:
+      lock.release()
   return result.summary()

@@ -231,20 +231,26 @@ def pydoc_family_examples(cache_dir: str = "") -> list[Example]:
 # ----------------------------------------------------------------------------- files
 
 
-def _read_records(path: str) -> list[dict]:
-  if path.endswith(".jsonl"):
-    with open(path, encoding="utf-8") as f:
-      records = []
-      for i, line in enumerate(f):
-        if line.strip():
-          try:
-            records.append(json.loads(line))
-          except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix or remove the line") from None
-      return records
-  if path.endswith((".csv", ".tsv")):
-    with open(path, encoding="utf-8", newline="") as f:
-      return list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+def _read_records(path: str) -> list[tuple[int, dict]]:
+  """(line number, record) of each record of a .jsonl, .csv or .tsv file."""
+  try:
+    if path.endswith(".jsonl"):
+      with open(path, encoding="utf-8") as f:
+        records = []
+        for i, line in enumerate(f):
+          if line.strip():
+            try:
+              records.append((i + 1, json.loads(line)))
+            except json.JSONDecodeError as e:
+              raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix or remove the line") from None
+        return records
+    if path.endswith((".csv", ".tsv")):
+      with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
+        return [(reader.line_num, record) for record in reader]
+  except UnicodeDecodeError:
+    from fmjax.data import sources
+    raise sources.not_utf8(path) from None
   raise ConfigError(f"task file {path!r} must end in .csv, .tsv or .jsonl")
 
 
@@ -260,13 +266,16 @@ def _file_examples(paths: list[str], text_columns: tuple[str, ...], label_column
   """(texts, raw labels) from the records of `paths`; missing columns fail with the available ones."""
   texts, labels = [], []
   for path in paths:
-    for i, record in enumerate(_read_records(path)):
+    for i, (line, record) in enumerate(_read_records(path)):
       for column in (*text_columns, label_column):
         if column not in record:
           which = "task.label_column" if column == label_column and column not in text_columns else \
               "task.text_columns"
           raise ConfigError(f"{path} (record {i + 1}) has no column {column!r}; set {which} to one of "
                             f"{sorted(record)}")
+        # JSON null, or a CSV row short of this column: no value, which str() would make the text "None".
+        if record[column] is None or (column == label_column and not str(record[column]).strip()):
+          raise ConfigError(f"{path}:{line} has no value in column {column!r}; fill it in or remove the record")
       texts.append(tuple(str(record[c]) for c in text_columns))
       labels.append(record[label_column])
   return texts, labels
@@ -342,7 +351,13 @@ def _glue_task(name: str, tc, data_dir: str) -> Task:
   tfds_name = "glue/mnli" if name == "mnli_mismatched" else f"glue/{name}"
   splits, names = {}, ()
   for ours, theirs in (("train", "train"), ("validation", val_split)):
-    ds, info = tfds.load(tfds_name, split=theirs, data_dir=data_dir or None, with_info=True)
+    try:
+      ds, info = tfds.load(tfds_name, split=theirs, data_dir=data_dir or None, with_info=True)
+    except Exception as e:  # no network here, most often: one line that says where to prepare it
+      why = (str(e).strip().splitlines() or [""])[0][:200]
+      raise ConfigError(f"dataset {tfds_name!r} could not be loaded or downloaded ({type(e).__name__}: {why}); "
+                        f"prepare it on a machine with internet (`tfds build {tfds_name} --data_dir=DIR`) and pass "
+                        "--config.data.data_dir=DIR") from None
     names = tuple(getattr(info.features["label"], "names", None) or ())  # none for stsb's scores
     examples = []
     for record in tfds.as_numpy(ds):

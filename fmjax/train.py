@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Callable, Iterator
 
@@ -30,6 +31,12 @@ from fmjax import config_lib, metrics as metrics_lib, objectives, optim, shardin
 from fmjax.config_lib import ConfigError
 
 log = metrics_lib.log
+
+
+_TOKENIZER_ID = re.compile(r"[0-9a-f]{16}")  # Tokenizer.identity() in checkpoint meta (older runs: a class name)
+
+
+MAX_SKIPPED_IN_A_ROW = 10  # under nan_policy=skip, this many non-finite updates in a row stop the run
 
 
 class NonFiniteLossError(RuntimeError):
@@ -141,7 +148,8 @@ def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
     grad_norm = optax.global_norm(grads)
     updates, new_opt = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # The update too: a rate that overflows it (optim.lr=1e39) turns finite gradients into inf params.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
     if skip_nonfinite:
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
       new_params, new_opt = keep(new_params, params), keep(new_opt, state["opt_state"])
@@ -220,10 +228,11 @@ def run(config, workdir: str) -> dict:
   tx = optim.make_optimizer(config)
   spec = state_spec(config, mesh, tx)
   cfg_dict = config_lib.to_dict(config)
+  lock = ckpt_lib.lock_workdir(workdir)  # one training per workdir, until this returns or raises
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
       every_minutes=config.checkpoint.every_minutes, keep=config.checkpoint.keep,
-      keep_period=config.checkpoint.keep_period, async_save=config.checkpoint.async_save)
+      keep_period=config.checkpoint.keep_period, async_save=config.checkpoint.async_save, owner=True)
   batches = None
   try:
     source_tokenizer = _adopt_tokenizer(config, workdir) if config.get("init_from") else None
@@ -238,13 +247,25 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
       config_lib.save_json(ml_collections.ConfigDict(cfg_dict), os.path.join(workdir, "config.json"))
 
-    tokenizer = data.get_tokenizer(config)
+    # A run keeps the tokenizer it started with (workdir/tokenizer): a resume never rebuilds it
+    # from data settings whose files may have changed since.
+    tokenizer = data.get_tokenizer(config, workdir if resume is not None else None)
     if tokenizer.vocab_size > config.model.vocab_size:
       raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
                         f"{config.model.vocab_size}; raise model.vocab_size")
-    data.prepare(config)
-    train_loader = data.make_loader(config, "train", sharding=batch_sharding)
-    eval_loader = data.make_loader(config, "eval", sharding=batch_sharding)
+    recorded = str(resume[1].get("tokenizer", "")) if resume is not None else ""
+    if (_TOKENIZER_ID.fullmatch(recorded) and recorded != tokenizer.identity()
+        and not os.path.isdir(os.path.join(workdir, data.RUN_TOKENIZER))):  # rebuilt: it must be the same one
+      raise ConfigError(f"{workdir} trained with tokenizer {recorded}, and the data settings now "
+                        f"build another ({tokenizer.identity()}); restore {workdir}/{data.RUN_TOKENIZER} or the "
+                        "original corpus, or use a new --workdir")
+    if jax.process_index() == 0:
+      data.save_run_tokenizer(tokenizer, workdir)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("fmjax: run tokenizer saved")
+    data.prepare(config, tokenizer)
+    train_loader = data.make_loader(config, "train", sharding=batch_sharding, tok=tokenizer)
+    eval_loader = data.make_loader(config, "eval", sharding=batch_sharding, tok=tokenizer)
 
     where = f"mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} process(es)"
     if resume is None and config.get("init_from"):
@@ -261,8 +282,8 @@ def run(config, workdir: str) -> dict:
       log.info("Resumed from step %d of %s (%s)%s", step0, checkpointer.directory, where, note)
     start = int(state["step"])
 
-    tokenizer_name = getattr(tokenizer, "name", type(tokenizer).__name__)
-    meta = lambda step: {"config": cfg_dict, "data_position": step, "tokenizer": tokenizer_name}
+    tokenizer_id = tokenizer.identity()
+    meta = lambda step: {"config": cfg_dict, "data_position": step, "tokenizer": tokenizer_id}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
       train_step, eval_step = compile_steps(config, spec, tx, batch_sharding)
       batches = train_loader.iterate(start)
@@ -276,7 +297,10 @@ def run(config, workdir: str) -> dict:
     if batches is not None:
       batches.close()  # stops the prefetch thread before the process may exit
     # Pending async saves (the final or preemption save included) land before we return or raise.
-    checkpointer.close()
+    try:
+      checkpointer.close()
+    finally:
+      lock.release()
   return result.summary()
 
 
@@ -315,15 +339,21 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
   watcher = None
   last_train, last_eval, preempted = {}, {}, False
   t_last, step_last = time.time(), start
+  in_a_row = 0  # non-finite updates since the last finite one
 
   def record(step: int, device_metrics: dict) -> None:
     """Host side of the update that made `step`: non-finite policy, logging."""
-    nonlocal skipped, last_train, t_last, step_last
+    nonlocal skipped, in_a_row, last_train, t_last, step_last
     m = _to_host(device_metrics)
+    in_a_row = in_a_row + 1 if m["nonfinite"] > 0 else 0
     if m["nonfinite"] > 0:
-      if config.train.nan_policy == "abort":
+      # Under `skip`, params whose every next update is non-finite have diverged: stop rather than
+      # skip to the end and save them as finished.
+      if config.train.nan_policy == "abort" or in_a_row >= MAX_SKIPPED_IN_A_ROW:
         checkpointer.wait()  # a save still in flight is the last good checkpoint once it lands
-        raise NonFiniteLossError(_nonfinite_message(step, checkpointer.latest_step(), workdir))
+        if config.train.nan_policy == "abort":
+          raise NonFiniteLossError(_nonfinite_message(step, checkpointer.latest_step(), workdir))
+        raise NonFiniteLossError(_diverged_message(step, in_a_row, checkpointer.all_steps(), workdir))
       skipped += 1
       writer.message(f"step {step}: non-finite loss, update skipped ({skipped} skipped so far)")
     m["skipped_steps"] = skipped
@@ -356,6 +386,7 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
       if pending is not None and (eval_due or save_due):
         record(step, pending)
         pending = None
+      paused = time.time()
       if eval_due:
         last_eval = evaluate(state["params"])
         writer.write(step, last_eval, prefix="eval/")
@@ -364,6 +395,7 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
         saved = {"step": step, **meta(step), "fmjax_version": __import__("fmjax").__version__,
                  "metrics": last_train, "skipped_steps": skipped}
         checkpointer.save(step, state, saved, force=stop or step == total)
+      t_last += time.time() - paused  # train/tokens_per_sec counts training time only, not eval or saving
       if step == total:
         break
       if stop:
@@ -392,9 +424,23 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
 
 
 def _nonfinite_message(step: int, last_good: int | None, workdir: str) -> str:
-  where = f"step {last_good} in {workdir}/checkpoints" if last_good is not None else "none yet"
-  return (f"non-finite loss or gradient at step {step}; last good checkpoint: {where}. Lower optim.lr or "
-          "set train.nan_policy=skip, then rerun the same command to resume from that checkpoint")
+  what = f"non-finite loss, gradient or update at step {step}"
+  if last_good is None:
+    return f"{what}; no checkpoint was saved yet. Lower optim.lr (or raise optim.warmup_steps) and rerun"
+  return (f"{what}; last good checkpoint: step {last_good} in {workdir}/checkpoints. Lower optim.lr or set "
+          "train.nan_policy=skip, then rerun the same command to resume from that checkpoint")
+
+
+def _diverged_message(step: int, in_a_row: int, saved: list[int], workdir: str) -> str:
+  """Under nan_policy=skip: every update since step `step - in_a_row` was non-finite, so the params
+  kept since then (and any checkpoint of them) cannot train on."""
+  since = step - in_a_row
+  what = f"{in_a_row} non-finite updates in a row up to step {step}: the params of step {since} diverged"
+  before = [s for s in saved if s < since]
+  if not before:
+    return f"{what}, and no checkpoint before them was saved. Lower optim.lr and start again in a new --workdir"
+  return (f"{what}. Lower optim.lr and go on from step {before[-1]}, the last checkpoint before them: "
+          f"--config.init_from={workdir} --config.init_from_step={before[-1]} in a new --workdir")
 
 
 def _recorded_config(config, workdir: str) -> dict:

@@ -6,6 +6,7 @@ laid out as the train loop saves it: `{"step", "params": pure dict, "opt_state":
 This file doubles as the worker script of its subprocess tests (`python test_checkpoint.py MODE ...`).
 """
 
+import json
 import os
 import re
 import signal
@@ -195,28 +196,53 @@ def test_every_minutes_decision(tmp_path, monkeypatch):
   ck.close()
 
 
+def plant_torn(directory):
+  os.makedirs(directory / "9.orbax-checkpoint-tmp-1730000000")  # killed during the write
+  os.makedirs(directory / "7" / "params")                      # a GCS save cut short: no commit marker
+  (directory / "7" / "params" / "junk").write_text("x")
+
+
 def test_torn_checkpoints_are_ignored_and_removed(tmp_path, caplog):
-  ck = ckpt_lib.Checkpointer(tmp_path, async_save=False)
+  ck = ckpt_lib.Checkpointer(tmp_path, async_save=False, owner=True)
   ck.save(2, {"params": {"w": jnp.arange(4.0)}}, {"note": "good"}, force=True)
+  os.makedirs(tmp_path / "1" / "params")  # older than a committed step: no save in flight, never removed
 
-  def plant():
-    os.makedirs(tmp_path / "9.orbax-checkpoint-tmp-1730000000")  # killed during the write
-    os.makedirs(tmp_path / "7" / "params")                      # finished dir without commit marker
-    (tmp_path / "7" / "params" / "junk").write_text("x")
-
-  plant()
+  plant_torn(tmp_path)
   assert ck.all_steps() == [2]
   with caplog.at_level("WARNING"):
     assert ck.latest_step() == 2
-  assert sorted(os.listdir(tmp_path)) == ["2"]
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]
   assert "Removed 2 unfinished checkpoint(s)" in caplog.text
   ck.close()
 
-  plant()  # a new run cleans up on start, before Orbax lists the steps
-  ck = ckpt_lib.Checkpointer(tmp_path)
-  assert sorted(os.listdir(tmp_path)) == ["2"] and ck.latest_step() == 2
+  plant_torn(tmp_path)  # a new run cleans up on start, before Orbax lists the steps
+  ck = ckpt_lib.Checkpointer(tmp_path, owner=True)
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"] and ck.latest_step() == 2
   assert ck.restore_meta(2)["note"] == "good"
   ck.close()
+
+
+def test_readers_never_delete_unfinished_saves(tmp_path):
+  # `fmjax eval`/`generate`/`export`/init_from open another run's checkpoints: a save that run is
+  # writing looks unfinished, and a workdir whose steps lack commit markers must not lose them.
+  ck = ckpt_lib.Checkpointer(tmp_path, async_save=False, owner=True)
+  ck.save(2, {"params": {"w": jnp.arange(4.0)}}, {"note": "good"}, force=True)
+  ck.close()
+  plant_torn(tmp_path)
+  before = sorted(os.listdir(tmp_path))
+  reader = ckpt_lib.Checkpointer(tmp_path)
+  assert reader.latest_step() == 2 and reader.all_steps() == [2]
+  assert reader.restore_meta(2)["note"] == "good"
+  reader.close()
+  assert sorted(os.listdir(tmp_path)) == before
+
+  unmarked = tmp_path / "unmarked"  # every step without its commit marker
+  for step in (3, 5):
+    os.makedirs(unmarked / str(step) / "params")
+  reader = ckpt_lib.Checkpointer(unmarked)
+  assert reader.latest_step() is None
+  reader.close()
+  assert sorted(os.listdir(unmarked)) == ["3", "5"]
 
 
 def test_elastic_restore_onto_other_meshes(tmp_path):
@@ -336,7 +362,7 @@ def test_config_changes_classification():
 
 
 def test_async_save_error_surfaces(tmp_path, monkeypatch):
-  ck = ckpt_lib.Checkpointer(tmp_path, async_save=True)
+  ck = ckpt_lib.Checkpointer(tmp_path, async_save=True, owner=True)
   original = ckpt_lib.ocp.StandardCheckpointHandler.async_save
 
   class _Failed:
@@ -348,9 +374,11 @@ def test_async_save_error_surfaces(tmp_path, monkeypatch):
 
   monkeypatch.setattr(ckpt_lib.ocp.StandardCheckpointHandler, "async_save", failing_async_save)
   assert ck.save(3, {"params": {"w": jnp.ones(4)}}, {}, force=True)  # the write fails in the background
-  with pytest.raises(OSError) as e:
+  with pytest.raises(ckpt_lib.CheckpointSaveError) as e:
     ck.wait()
-  assert "No space left" in str(e.value)
+  assert str(e.value) == (f"saving checkpoint step 3 to {tmp_path} failed (OSError: No space left on device "
+                          "(simulated)); no earlier checkpoint exists; free space or fix the permissions, then "
+                          "rerun the same command")
   assert ck.latest_step() is None and os.listdir(tmp_path) == []  # the half-written step is gone
 
   monkeypatch.setattr(ckpt_lib.ocp.StandardCheckpointHandler, "async_save", original)
@@ -367,8 +395,161 @@ def test_uncommitted_save_raises(tmp_path):
   os.remove(tmp_path / "1" / ckpt_lib.COMMIT_MARKER)
   with pytest.raises(ckpt_lib.CheckpointSaveError) as e:
     ck.wait()
-  assert "step 1 was not committed" in str(e.value)
+  assert "saving checkpoint step 1 to" in str(e.value) and "it was not committed" in str(e.value)
   ck.close()
+
+
+def test_cli_names_a_failed_save_and_the_intact_steps_in_one_line(tmp_path, monkeypatch, capsys):
+  from fmjax import cli
+  original = ckpt_lib.ocp.StandardCheckpointHandler.async_save
+
+  class _Failed:
+    def result(self, timeout=None):
+      raise OSError(28, "No space left on device")
+
+  async def failing_async_save(self, *args, **kwargs):
+    return list(await original(self, *args, **kwargs) or []) + [_Failed()]
+
+  def save_twice(argv):
+    ck = ckpt_lib.Checkpointer(tmp_path, async_save=True, owner=True)
+    ck.save(10, {"params": {"w": jnp.ones(4)}}, {}, force=True)
+    ck.wait()
+    monkeypatch.setattr(ckpt_lib.ocp.StandardCheckpointHandler, "async_save", failing_async_save)
+    try:
+      ck.save(20, {"params": {"w": jnp.ones(4)}}, {}, force=True)
+    finally:
+      ck.close()
+
+  monkeypatch.setitem(cli.COMMANDS, "savetest", (save_twice, ""))
+  assert cli.main(["savetest"]) == 2
+  err = capsys.readouterr().err
+  assert err == (f"error: saving checkpoint step 20 to {tmp_path} failed (OSError: [Errno 28] No space left on "
+                 "device); the older steps [10] are intact; free space or fix the permissions, then rerun the "
+                 "same command to resume from step 10\n")
+
+
+def _damage_rm_arrays(step_dir):
+  for name in os.listdir(step_dir / "params" / "d"):
+    os.remove(step_dir / "params" / "d" / name)
+
+
+def _damage_truncate_manifest(step_dir):
+  with open(step_dir / "params" / "manifest.ocdbt", "r+b") as f:
+    f.truncate(10)
+
+
+@pytest.mark.parametrize("damage, read, reason", [
+    (_damage_rm_arrays, "restore", r"NOT_FOUND reading params/d/\w+"),
+    (_damage_truncate_manifest, "restore", "DATA_LOSS reading params/manifest.ocdbt"),
+    (lambda d: __import__("shutil").rmtree(d / "meta"), "meta", "its 'meta' item is missing"),
+    (lambda d: (d / "meta" / "metadata").write_text('{"step": 3'), "meta", "a JSON file is cut short"),
+    (lambda d: __import__("shutil").rmtree(d / "params"), "restore", "its 'params' item is missing"),
+    (lambda d: __import__("shutil").rmtree(d / "opt_state"), "restore", "its 'opt_state' item is missing"),
+    (lambda d: os.remove(d / "params" / "_METADATA"), "restore", "the metadata of its 'params' item is missing"),
+])
+def test_damaged_step_is_named_with_the_intact_ones_in_one_line(tmp_path, damage, read, reason):
+  ck = ckpt_lib.Checkpointer(tmp_path, async_save=False, owner=True)
+  state = {"params": {"w": jnp.arange(300.0), "v": jnp.ones((4, 4))}, "opt_state": {"m": jnp.ones(3)}}
+  for step in (1, 2, 3):
+    ck.save(step, state, {}, force=True)
+  ck.close()
+  damage(tmp_path / "3")
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  reader = ckpt_lib.Checkpointer(tmp_path)
+  with pytest.raises(ckpt_lib.CheckpointDamagedError) as e:
+    reader.restore_meta(3) if read == "meta" else reader.restore(3, abstract)
+  reader.close()
+  msg = str(e.value)
+  assert "\n" not in msg and re.match(
+      rf"checkpoint step 3 in {re.escape(str(tmp_path))} is damaged \({reason}.*\); move {re.escape(str(tmp_path))}/3 "
+      rf"out of {re.escape(str(tmp_path))} to resume from step 2, or read that step instead \(--step=2, "
+      r"init_from_step=2\); the other committed steps are \[1, 2\]$", msg), msg
+  assert ckpt_lib.Checkpointer(tmp_path).all_steps() == [1, 2, 3]  # no step moved or deleted behind the user's back
+
+
+def test_workdir_lock_is_exclusive_and_names_the_holder(tmp_path):
+  from fmjax.config_lib import ConfigError
+  lock = ckpt_lib.lock_workdir(str(tmp_path))
+  with pytest.raises(ConfigError) as e:  # a second open file of the lock conflicts, as another process's does
+    ckpt_lib.lock_workdir(str(tmp_path))
+  assert str(e.value) == (f"another fmjax process is training in {tmp_path} (pid {os.getpid()} on "
+                          f"{socket.gethostname()}); wait for it or use another --workdir")
+  lock.release()
+  with ckpt_lib.lock_workdir(str(tmp_path)):
+    pass
+  ckpt_lib.lock_workdir(str(tmp_path)).release()
+  assert os.listdir(tmp_path) == [ckpt_lib.LOCK_FILE]
+  with ckpt_lib.lock_workdir("gs://bucket/run"), ckpt_lib.lock_workdir("gs://bucket/run"):
+    pass  # object stores have no locks: not locked, and no file written there
+
+
+def _run_args(command, tmp_path):
+  """A tiny run of `command` that reaches its workdir lock without a dataset to prepare."""
+  words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "cat", "dog", "runs", "the", *"abcdefghijklmnopqrst"]
+  (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+  rows = [{"text": "the cat runs", "label": 1, "prompt": "1 plus 1 is", "completion": " 2."}] * 16
+  (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  model = ["--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
+           "--config.model.d_ff=64", "--config.model.vocab_size=128", "--config.model.max_len=32",
+           "--config.data.seq_len=16", "--config.train.batch_size=8", "--config.data.tokenizer.kind=hf",
+           f"--config.data.tokenizer.path={tmp_path}/vocab.txt"]
+  return {
+      "train": ["--config=configs/gpt.py:tiny,runlocal"],
+      "finetune": ["--config=configs/finetune_cls.py:task=jsonl", *model, f"--config.task.files={tmp_path}/rows.jsonl",
+                   "--config.task.text_columns=text", f"--config.data.cache_dir={tmp_path}/cache"],
+      "sft": ["--config=configs/sft.py", *model, f"--config.data.files={tmp_path}/rows.jsonl",
+              f"--config.data.cache_dir={tmp_path}/cache"],
+  }[command] + [f"--workdir={tmp_path}/run"]
+
+
+@pytest.mark.parametrize("command", ["train", "finetune", "sft"])
+def test_second_training_in_a_workdir_fails_at_once(tmp_path, capsys, monkeypatch, command):
+  from fmjax import cli
+  from fmjax.config_lib import ConfigError
+  os.makedirs(tmp_path / "run")
+  with ckpt_lib.lock_workdir(str(tmp_path / "run")):  # as a training in another process holds it
+    assert cli.main([command, *_run_args(command, tmp_path)]) == 2
+  err = capsys.readouterr().err  # log lines may come first: a logger set up by an earlier test writes here too
+  assert err.splitlines()[-1] == (f"error: another fmjax process is training in {tmp_path}/run (pid {os.getpid()} "
+                      f"on {socket.gethostname()}); wait for it or use another --workdir")
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")  # refused before it touched anything
+
+  def fail(self):
+    raise ConfigError("stop here")
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "latest_step", fail)  # the run fails while it holds the lock
+  assert cli.main([command, *_run_args(command, tmp_path)]) == 2
+  assert capsys.readouterr().err.splitlines()[-1] == "error: stop here"
+  ckpt_lib.lock_workdir(str(tmp_path / "run")).release()  # ...and let it go
+
+
+def test_second_ctrl_c_aborts_and_sigterm_after_ctrl_c_is_a_preemption(tmp_path):
+  watcher = ckpt_lib.PreemptionWatcher()
+  try:
+    assert not watcher.should_stop(1)
+    os.kill(os.getpid(), signal.SIGINT)  # handled in this (main) thread before the next line runs
+    assert watcher.should_stop(2)
+    ck = ckpt_lib.Checkpointer(tmp_path, async_save=False, owner=True)
+    ck.save(2, {"params": {"w": jnp.ones(2)}}, {}, force=True)
+    with pytest.raises(ckpt_lib.RunInterrupted, match=f"^saved step 2 to {re.escape(str(tmp_path))}; rerun the same"):
+      ck.close()
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  finally:
+    watcher.close()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+  watcher = ckpt_lib.PreemptionWatcher()  # `fmjax sweep` passes SIGTERM on to runs a Ctrl-C stops
+  try:
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert watcher.should_stop(3)
+    ck = ckpt_lib.Checkpointer(tmp_path / "b", async_save=False, owner=True)
+    ck.save(3, {"params": {"w": jnp.ones(2)}}, {}, force=True)
+    ck.close()  # preempted (exit 143), not interrupted
+  finally:
+    watcher.close()
 
 
 # ----------------------------------------------------------------------------- subprocesses
@@ -443,6 +624,28 @@ def test_sigterm_saves_at_next_step_and_exits_zero(tmp_path):
   x = ck.restore(saved, {"params": {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}}, items=("params",))
   assert x["params"]["x"].tolist() == [float(saved)] * 4
   assert ck.restore_meta(saved)["reason"] == "preempted"
+  ck.close()
+
+
+def test_ctrl_c_saves_at_next_step_and_exits_130_with_how_to_resume(tmp_path):
+  # The worker runs its loop as `fmjax train` does (watcher, save at the stop step, close) under cli.main.
+  proc = subprocess.Popen([sys.executable, __file__, "interrupt_cli", str(tmp_path)], env=_worker_env(1),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    ready = _wait_for_line(proc, "step ")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, out[-3000:]
+  ck = ckpt_lib.Checkpointer(tmp_path)
+  saved = ck.latest_step()
+  assert saved is not None and saved >= int(ready.split()[1]), out[-3000:]  # at a step boundary after Ctrl-C
+  assert f"interrupted: saved step {saved} to {tmp_path}; rerun the same command to resume from there" in out
+  assert "press Ctrl-C again to abort at once" in out and "Traceback" not in out
+  x = ck.restore(saved, {"params": {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}}, items=("params",))
+  assert x["params"]["x"].tolist() == [float(saved)] * 4
   ck.close()
 
 
@@ -537,6 +740,27 @@ def _worker_main(mode: str, directory: str, port: str | None = None, process_id:
         return
       time.sleep(0.01)
     raise SystemExit("never preempted")
+  if mode == "interrupt_cli":
+    from fmjax import cli
+
+    def toy_train(argv):
+      watcher, ck = ckpt_lib.PreemptionWatcher(), ckpt_lib.Checkpointer(directory, owner=True)
+      try:
+        x = jnp.zeros(4)
+        for step in range(1, 100_000):
+          x = x + 1
+          if step == 3:
+            print(f"step {step}", flush=True)
+          if watcher.should_stop(step):
+            ck.save(step, {"params": {"x": x}}, {}, force=True)
+            return 0
+          time.sleep(0.01)
+      finally:
+        watcher.close()
+        ck.close()
+
+    cli.COMMANDS["toy_train"] = (toy_train, "")
+    sys.exit(cli.main(["toy_train"]))
   values = _two_process_values()
   if mode == "save2":
     arrays, _ = _place(values, make_mesh((8,), ("data",)))

@@ -1,5 +1,6 @@
 """The step-indexed loader: determinism, epochs, host splits, packing, masking, eval coverage, prefetch."""
 
+import copy
 import logging
 import os
 
@@ -229,6 +230,24 @@ def test_eval_reads_every_row_once_in_order(family, gpt, bert):
   assert [s for s, _ in got] == list(range(loader.num_batches))
   for s, batch in got:
     assert_batches_equal(batch, loader.host_batch(s))
+
+
+def test_eval_masks_do_not_depend_on_the_batch_size(bert):
+  """Each held-out row keeps one mask whatever batch groups it, so MLM eval figures of the same
+  weights agree across runs of other batch sizes (and across an export and import)."""
+  def by_row(batch_size):
+    config = copy.deepcopy(bert)
+    config.train.batch_size = batch_size
+    loader = data.make_loader(config, split="eval", sharding=data_sharding())
+    rows = {}
+    for step in range(loader.num_batches):
+      batch = loader.host_batch(step)
+      for b, row in enumerate(loader.dataset_rows(step)):
+        if row >= 0:
+          rows[int(row)] = tuple(batch[k][b].tobytes() for k in ("inputs", "mlm_positions", "mlm_targets"))
+    return rows
+  small, large = by_row(8), by_row(16)
+  assert small == large and len(small) > 16
 
 
 def test_iterate_prefetches_from_start_step(gpt):

@@ -143,3 +143,47 @@ def test_fmjax_data_imports_without_tensorflow():
   code = ("import sys; import fmjax.data; "
           "assert 'tensorflow' not in sys.modules and 'tensorflow_datasets' not in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_null_text_non_utf8_and_one_document_corpora_are_one_line(tmp_path, caplog):
+  (tmp_path / "c").mkdir()
+  rows = [{"text": None}] + [{"text": f"document number {i} has words"} for i in range(12)]
+  (tmp_path / "c" / "n.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "text_files", "data.files": str(tmp_path / "c" / "n.jsonl")})
+  with caplog.at_level("WARNING", logger="fmjax"):
+    docs = list(sources.documents(config, "train")) + list(sources.documents(config, "eval"))
+  assert len(docs) == 12 and "None" not in docs  # a JSON null is no text, never the string "None"
+  assert any("skipped 1 record(s) whose 'text' is null" in r.getMessage() for r in caplog.records)
+  cases = [("latin1.txt", "first block\n\ncaf\xe9 au lait\n".encode("latin-1"), r"latin1.txt is not UTF-8 text \(byte 16\)"),
+           ("one.txt", b"one single huge line of text " * 1000, "holds 1 document, and text_files needs at least 2")]
+  for name, raw, match in cases:
+    (tmp_path / name).write_bytes(raw)
+    bad = tiny("gpt", tmp_path / "cache", **{"data.dataset": "text_files", "data.files": str(tmp_path / name)})
+    with pytest.raises(config_lib.ConfigError, match=match) as e:
+      data.prepare(bad)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"data.dataset": "nosuchds"}, "unknown dataset 'nosuchds'"),
+    ({"data.tokenizer.kind": "foo"}, r"data.tokenizer.kind='foo' is not one of"),
+    ({"data.tokenizer.vocab_size": 100}, "data.tokenizer.vocab_size=100 leaves byte-level BPE no merges"),
+])
+def test_bad_data_settings_fail_before_a_workdir_exists(tmp_path, over, match):
+  from fmjax import train
+  with pytest.raises(config_lib.ConfigError, match=match) as e:
+    train.run(tiny("gpt", tmp_path / "cache", **over), str(tmp_path / "w"))
+  assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "w")
+
+
+def test_a_dataset_that_cannot_be_downloaded_is_one_line(tmp_path, monkeypatch):
+  """No network: TFDS's download error becomes one line that says where to prepare the dataset."""
+  config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "lm1b", "data.data_dir": str(tmp_path)})
+  builder_cls = type(sources._builder(config))
+  def offline(*args, **kwargs):
+    raise ConnectionError("Failed to resolve 'www.statmt.org'")
+  monkeypatch.setattr(builder_cls, "download_and_prepare", offline)
+  with pytest.raises(config_lib.ConfigError, match=r"dataset 'lm1b' is not prepared in data.data_dir=.*ConnectionError"
+                     r".*`tfds build lm1b --data_dir=DIR`") as e:
+    data.prepare(config)
+  assert "\n" not in str(e.value)

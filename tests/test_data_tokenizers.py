@@ -98,3 +98,35 @@ def test_tokenizer_too_big_for_model(tmp_path):
   config = tiny("bert", tmp_path, **{"model.vocab_size": 1000})
   with pytest.raises(config_lib.ConfigError, match="model.vocab_size"):
     data.get_tokenizer(config)
+
+
+def _small_run(tmp, text_file, steps):
+  over = {"model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2, "model.d_ff": 64, "model.vocab_size": 512,
+          "data.tokenizer.vocab_size": 512, "data.seq_len": 16, "train.batch_size": 8, "train.steps": steps,
+          "train.eval_batches": 0, "train.progress_bar": False, "checkpoint.every_steps": 2,
+          "data.dataset": "text_files", "data.files": str(text_file)}
+  return tiny("gpt", tmp / "cache", **over)
+
+
+def test_a_run_keeps_its_tokenizer_when_its_corpus_changes(tmp_path):
+  """Editing a text_files corpus between runs must never change the token ids of a run: its resume,
+  `generate` and the checkpoint meta all keep the tokenizer it started with (workdir/tokenizer)."""
+  from fmjax import checkpoint as ckpt_lib, generate, train
+  words = "river stone quiet engine paper window orbit garden signal copper".split()
+  text = tmp_path / "corpus.txt"
+  text.write_text("\n\n".join(" ".join(words[(i + j) % 10] for j in range(12)) for i in range(60)) + "\n")
+  workdir = str(tmp_path / "w")
+  train.run(_small_run(tmp_path, text, 2), workdir)
+  first = data.load_tokenizer(os.path.join(workdir, data.RUN_TOKENIZER))
+  with open(text, "a") as f:  # new words: a BPE trained anew would merge (and number) differently
+    f.write("\n\n" + "\n\n".join(f"zebra{i} xylophone quokka {i} jubilant" * 3 for i in range(80)) + "\n")
+  assert data.get_tokenizer(_small_run(tmp_path, text, 4)).identity() != first.identity()
+  assert train.run(_small_run(tmp_path, text, 4), workdir)["step"] == 4
+  assert data.load_tokenizer(os.path.join(workdir, data.RUN_TOKENIZER)).identity() == first.identity()
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    assert checkpointer.restore_meta(4)["tokenizer"] == first.identity()
+  finally:
+    checkpointer.close()
+  text.unlink()  # generate needs no corpus: the run's own tokenizer is in its workdir
+  assert generate.load_run(workdir)[2].identity() == first.identity()

@@ -392,3 +392,71 @@ def test_sweep_summary_tunes_the_rate_per_arm(tmp_path):
   assert "| init_from=pre,optim.lr=0.001 | 2 | 85.0 ± 7.1 |" in best
   assert "| init_from=,optim.lr=0.003 | 2 | 55.0 ± 7.1 |" in best
   assert best.count("| pydoc_family |") == 2
+
+
+
+# ----------------------------------------------------------------------------- export parity with transformers
+
+
+@nnx.jit
+def _classify(model, rows):
+  return model(rows["inputs"], token_types_BT=rows["token_types"], segment_ids_BT=rows["segment_ids"])
+
+
+TEXTS = ["cat", "the red dog runs", "a fish sleeps", "green blue red cat dog fish runs"]
+PAIRS = [("cat", "the dog runs"), ("a red fish sleeps", "fish"), ("the", "blue"), ("dog runs", "a cat sleeps")]
+
+
+def _hf_parity(workdir, out):
+  """Exports `workdir`; fmjax's logits of its rows equal HF's of the exported tokenizer's padded batch.
+
+  For TEXTS and PAIRS; returns the pairs' (fmjax rows, HF encoding).
+  """
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  from fmjax import data, interop
+  model, config, _ = finetune.load_finetuned(workdir)
+  tok = data.get_tokenizer(config)
+  interop.export(workdir, out)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+  for texts in ([(t,) for t in TEXTS], PAIRS):
+    rows = finetune.encode([(t, 0) for t in texts], tok, config.model.family, config.data.seq_len)
+    ours = np.asarray(_classify(model, {k: jnp.asarray(rows[k]) for k in ("inputs", "token_types", "segment_ids")}))
+    enc = hf_tok(*map(list, zip(*texts)), padding=True, return_tensors="pt")
+    # Up to its padding, the exported tokenizer encodes as fmjax does.
+    real = rows["segment_ids"][:, :enc["input_ids"].shape[1]] == 1
+    np.testing.assert_array_equal(enc["attention_mask"].numpy(), real)
+    np.testing.assert_array_equal(np.where(real, enc["input_ids"].numpy(), -1),
+                                  np.where(real, rows["inputs"][:, :real.shape[1]], -1))
+    with torch.no_grad():
+      theirs = hf_model(**enc).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+  return rows, enc
+
+
+def test_an_exported_gpt_classifier_gives_fmjax_logits_in_transformers(files, tmp_path):
+  """Byte-level BPE pads with <eos>, which HF's last-non-pad pooling would skip: the export pads with its own id.
+
+  The model's vocabulary has no row beyond the tokenizer's here, so the export adds one for that id.
+  """
+  from fmjax.data import tokenizers as tok_lib
+  rng = np.random.default_rng(3)
+  bpe = tok_lib.train([" ".join(rng.choice(WORDS, size=8)) for _ in range(200)], "bpe", 300, "clm")
+  assert bpe.pad_id == bpe.eos_id
+  bpe.save(str(tmp_path / "bpe"))
+  config = ft_config(files, *MODEL[:4], f"model.vocab_size={bpe.vocab_size}", "train.steps=1",
+                     "data.tokenizer.kind=hf", f"data.tokenizer.path={tmp_path / 'bpe' / 'tokenizer.json'}",
+                     arg="task=jsonl,model=gpt")
+  finetune.run(config, str(tmp_path / "ft"))
+  _hf_parity(str(tmp_path / "ft"), str(tmp_path / "hf"))
+  with open(tmp_path / "hf" / "config.json") as f:
+    hf = json.load(f)
+  assert hf["pad_token_id"] == bpe.vocab_size != hf["eos_token_id"] and hf["vocab_size"] == bpe.vocab_size + 1
+
+
+def test_an_exported_bert_classifier_returns_token_types_and_fmjax_logits_for_pairs(finetuned, tmp_path):
+  rows, enc = _hf_parity(finetuned, str(tmp_path / "hf"))
+  types = enc["token_type_ids"].numpy()
+  assert types.max() == 1
+  np.testing.assert_array_equal(types, rows["token_types"][:, :types.shape[1]])

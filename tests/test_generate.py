@@ -180,3 +180,37 @@ def test_a_finetune_workdir_is_refused_in_one_line(tmp_path):
                      r"--workdir of a pretraining \(`fmjax train`\) or `fmjax sft` run") as e:
     generate.run(str(tmp_path), prompts=["hi"])
   assert "\n" not in str(e.value) and os.listdir(tmp_path) == ["config.json"]
+
+
+class _SmallTokenizer:
+  """A run's tokenizer cut to its first `vocab_size` ids (as when model.vocab_size is padded); records decodes."""
+
+  def __init__(self, tok, vocab_size):
+    self.tok, self.vocab_size, self.decoded = tok, vocab_size, []
+
+  def __getattr__(self, name):
+    return getattr(self.tok, name)
+
+  def decode(self, ids, **kw):
+    self.decoded += [int(i) for i in ids]
+    return self.tok.decode(ids, **kw)
+
+
+def test_sampling_and_fill_mask_never_pick_ids_beyond_the_tokenizer(gpts, tmp_path_factory, monkeypatch):
+  model = gpts[False]
+  prompts = [[5, 17, 99], [7]]
+  for kw in ({"temperature": 0.0}, {"temperature": 1.5}, {"temperature": 1.5, "top_k": 400, "top_p": 0.99}):
+    outs = generate.generate(model, prompts, 12, seed=1, vocab_size=40, **kw)
+    assert all(0 <= t < 40 for row in outs for t in row), (kw, outs)
+  logits = jnp.zeros((2, 512)).at[:, 400].set(9.0)  # the likeliest id is a padding row
+  assert np.asarray(generate.sample_logits(logits, jax.random.key(0), temperature=0.0, vocab_size=300)).max() < 300
+  # `fmjax generate` limits both families to its tokenizer's ids.
+  for family, kw in (("gpt", {"prompts": ["The for", "x"], "temperature": 1.5, "max_new_tokens": 12}),
+                     ("bert", {"text": "The [MASK] statement [MASK] here.", "top_k": 30})):
+    workdir, _ = make_workdir(tmp_path_factory, family)
+    m, config, tok = generate.load_run(str(workdir))
+    small = _SmallTokenizer(tok, 40)
+    monkeypatch.setattr(generate, "load_run", lambda *a, small=small, m=m, config=config: (m, config, small))
+    results = generate.run(str(workdir), **kw)
+    assert len(results) == 2 and small.decoded and max(small.decoded) < 40, (family, small.decoded)
+    monkeypatch.undo()

@@ -8,6 +8,7 @@ Shape legend: B batch, T sequence, V vocab, D model, C classes.
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -248,6 +249,31 @@ def test_gpt_classifier_exports_as_gpt2_for_sequence_classification(tmp_path, bp
     interop.export_params(params, cfg, str(tmp_path / "again"))
 
 
+def test_gpt_classifier_export_pads_with_a_padding_row_and_pools_the_eos_like_fmjax(tmp_path, bpe):
+  """The tokenizer pads with <eos>: the export's pad token takes a padding row, and its tokenizer appends <eos>."""
+  from fmjax import finetune
+  vocab = 384  # padded beyond the tokenizer's ids: the pad token needs no new row
+  model, cfg = _random_fmjax("gpt", vocab, seed=11)
+  kernel_DC = np.random.default_rng(11).standard_normal((32, 2)).astype(np.float32)
+  interop.export_params(dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)), classifier={"kernel": kernel_DC}), cfg,
+                        str(tmp_path), bpe)
+  hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+  assert hf_model.config.vocab_size == vocab and hf_model.config.pad_token_id == bpe.vocab_size != bpe.eos_id
+  auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  texts = [("for x in y:", "pass"), ("The with statement", "is used to wrap a block"), ("a", "b")]
+  rows = finetune.encode([(t, 0) for t in texts], bpe, "gpt", 2 * T)
+  enc = auto(*map(list, zip(*texts)), padding=True, return_tensors="np")
+  n = enc["input_ids"].shape[1]
+  assert n < 2 * T  # nothing truncated
+  np.testing.assert_array_equal(np.where(enc["attention_mask"] == 1, enc["input_ids"], -1),
+                                np.where(rows["segment_ids"][:, :n] == 1, rows["inputs"][:, :n], -1))
+  h_BTD = nnx.jit(lambda m, x, s: m.hidden(x, segment_ids_BT=s))(model, jnp.asarray(rows["inputs"]),
+                                                                jnp.asarray(rows["segment_ids"]))
+  last_B = rows["segment_ids"].sum(1) - 1  # fmjax's GPT head: the last real token, the <eos>
+  ours_BC = np.asarray(h_BTD)[np.arange(len(texts)), last_B] @ kernel_DC
+  _close(_hf_logits(hf_model, enc["input_ids"], attention_mask=enc["attention_mask"]), ours_BC, atol=1e-5)
+
+
 def test_export_of_an_imported_workdir_round_trips_every_tensor(gpt_dir, gpt_workdir, tmp_path, bpe):
   out = tmp_path / "hf"
   assert cli.main(["export", f"--workdir={gpt_workdir}", f"--out={out}", "--format=hf"]) == 0
@@ -284,6 +310,9 @@ def test_exported_bert_tokenizer_adds_cls_and_sep_like_bert(tmp_path, wordpiece)
   text = "The while statement is used for repeated execution."
   assert auto(text)["input_ids"] == [wordpiece.cls_id] + wordpiece.encode(text) + [wordpiece.sep_id]
   assert auto.mask_token == "[MASK]" and auto.pad_token_id == wordpiece.pad_id
+  # Sentence pairs carry segment B's token type, which a pair classifier reads.
+  pair = auto(text, "It repeats.")
+  assert pair["token_type_ids"] == [0] * (len(wordpiece.encode(text)) + 2) + [1] * (len(wordpiece.encode("It repeats.")) + 1)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -420,3 +449,17 @@ def test_export_refuses_unmerged_lora_params(tmp_path):
   params["h"]["blocks"][0]["attn"]["qkv"]["lora_a"] = np.zeros((32, 4), np.float32)
   with pytest.raises(ConfigError, match="no Hugging Face counterpart.*lora_a.*merge"):
     interop.export_params(params, cfg, str(tmp_path / "out"))
+
+
+def test_corrupt_hf_files_are_one_line_naming_the_file(gpt_dir, tmp_path):
+  broken = tmp_path / "broken"
+  shutil.copytree(gpt_dir[0], broken)
+  weights = broken / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:100])  # a truncated download
+  with pytest.raises(ConfigError, match=r"model.safetensors cannot be read .*download it again") as e:
+    interop.read_hf_weights(str(broken))
+  assert "\n" not in str(e.value)
+  (broken / "tokenizer.json").write_text("<html>not a tokenizer</html>")
+  with pytest.raises(ConfigError, match=r"tokenizer.json is not a valid tokenizer.json") as e:
+    interop.read_hf_tokenizer(str(broken))
+  assert "\n" not in str(e.value)

@@ -351,6 +351,25 @@ def test_wrong_checkpoint_without_config_guard_lists_arrays(reference, cache_dir
   assert _untouched(reference) == before
 
 
+def test_a_damaged_newest_step_is_one_line_for_eval_and_resume(reference, cache_dir, tmp_path):
+  """A run's newest step with its array files gone: `eval` and a resume each print one line that
+  names the step and the intact ones (no traceback, also not at exit), and delete nothing."""
+  workdir = tmp_path / "w"
+  shutil.copytree(reference, workdir)
+  newest = max(committed_steps(workdir))
+  data = [p for p in (workdir / "checkpoints" / str(newest) / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert data
+  for p in data:
+    p.unlink()
+  for argv in (["eval", f"--workdir={workdir}"], cli_args(workdir, cache_dir, f"train.steps={N + 2}")):
+    out = subprocess.run([sys.executable, "-m", "fmjax.cli", *argv], env=subprocess_env(1), capture_output=True,
+                         text=True, timeout=TIMEOUT)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"checkpoint step {newest} in {workdir}/checkpoints is damaged" in errors[0], errors[0]
+    assert committed_steps(workdir) == committed_steps(reference)
+
+
 # ----------------------------------------------------------------------------- NaN policy
 
 
@@ -372,12 +391,29 @@ def test_nan_abort_names_step_and_last_good_checkpoint(reference, cache_dir, cap
   _poison(monkeypatch, {5})  # the 6th update
   code = cli.main(cli_args(tmp_path, cache_dir))
   line, _ = _one_error_line(capsys, code)
-  assert "non-finite loss or gradient at step 6" in line, line
+  assert "non-finite loss, gradient or update at step 6" in line, line
   assert f"last good checkpoint: step 4 in {tmp_path}/checkpoints" in line, line
   # The checkpoint before the NaN is intact (bitwise the straight run's) and nothing after it was saved.
   assert committed_steps(tmp_path) == [4]
   assert_states_equal(saved_state(tmp_path, 4), saved_state(reference, 4))
   assert max(step_losses(tmp_path)) == 5
+
+
+def test_an_overflowing_update_is_non_finite_too(cache_dir, capsys, tmp_path):
+  """A rate so high that finite gradients make inf params is caught before anything is saved."""
+  line, _ = _one_error_line(capsys, cli.main(cli_args(tmp_path, cache_dir, "optim.lr=1e39", "optim.warmup_steps=0")))
+  assert "non-finite loss, gradient or update at step 1; no checkpoint was saved yet" in line, line
+  assert committed_steps(tmp_path) == []
+
+
+def test_nan_skip_stops_once_the_params_diverged(cache_dir, monkeypatch, tmp_path):
+  """Under `skip`, updates that stay non-finite mean the params diverged: the run stops, naming the
+  last checkpoint saved before, rather than skipping to the end and saving them as finished."""
+  _poison(monkeypatch, set(range(5, 40)))  # from the 6th update on
+  with pytest.raises(train.NonFiniteLossError, match=r"10 non-finite updates in a row up to step 15: the params of "
+                                                     r"step 5 diverged\. .* go on from step 4, the last checkpoint"):
+    train.run(load(cache_dir, "train.nan_policy=skip", "train.steps=40"), str(tmp_path))
+  assert committed_steps(tmp_path) == [4, 8, 12]  # 8 and 12 hold step 5's params: every update since was skipped
 
 
 def test_nan_skip_leaves_state_bitwise_unchanged(cache_dir, monkeypatch, tmp_path):
@@ -410,6 +446,7 @@ def test_loop_reads_metrics_after_queueing_the_next_update(cache_dir, monkeypatc
 
     def traced_eval(params, batch):
       events.append(("eval", None))
+      time.sleep(1.0)  # a slow eval: the throughput logged after it must not count it
       return eval_fn(params, batch)
     return traced_step, traced_eval
 
@@ -438,6 +475,10 @@ def test_loop_reads_metrics_after_queueing_the_next_update(cache_dir, monkeypatc
       (4, 5), (5, 5), ("save", 5, 5),    # 4 read once 5 is queued; 5 read before its save
       (6, 6), ("eval", 6, 6),
       (7, 7), ("eval", 7, 7), ("save", 7, 7)]  # the last step: eval, then the final save
+  # train/tokens_per_sec of steps 4 and 7 (each window holds an eval of 1 s) counts training time only.
+  config = load(cache_dir)
+  rows = {r["step"]: r for r in metrics_rows(tmp_path) if "train/tokens_per_sec" in r}
+  assert rows[4]["train/tokens_per_sec"] > config.train.batch_size * config.data.seq_len / 0.8, rows[4]
 
 
 def test_profile_traces_the_chosen_updates_into_tensorboard(cache_dir, tmp_path, traced_steps):

@@ -152,3 +152,16 @@ def test_a_failed_start_leaves_no_trace_in_the_workdir(tmp_path, tmp_path_factor
         sft.run(config, str(workdir))
       assert not (tmp_path / "new").exists(), overrides
       assert os.listdir(existing) == ["notes.txt"], overrides
+
+
+def test_null_completions_are_skipped_and_non_utf8_is_one_line(tmp_path, caplog):
+  path = tmp_path / "x.jsonl"
+  path.write_text('{"prompt": "a", "completion": null}\n{"prompt": null, "completion": "b"}\n')
+  with caplog.at_level(logging.WARNING, logger="fmjax"):
+    assert sft.read_examples(str(path)) == [("", "b")]  # never the text "None"
+  assert any("skipped 1 row(s) whose 'completion' is null" in r.getMessage() for r in caplog.records)
+  latin = tmp_path / "latin.jsonl"
+  latin.write_bytes('{"prompt": "caf\xe9", "completion": "b"}\n'.encode("latin-1"))
+  with pytest.raises(ConfigError, match=r"latin.jsonl is not UTF-8 text \(byte 15\)") as e:
+    sft.read_examples(str(latin))
+  assert "\n" not in str(e.value)

@@ -244,7 +244,7 @@ def test_a_preempted_run_exits_143(command, monkeypatch):
 # --------------------------------------------------------------------------- a real local sweep
 
 TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.vocab_size=384",
-        "model.max_len=32", "data.seq_len=32", "data.tokenizer.vocab_size=256", "train.batch_size=4",
+        "model.max_len=32", "data.seq_len=32", "data.tokenizer.vocab_size=320", "train.batch_size=4",
         "train.steps=4", "train.log_every=2", "train.eval_every=2", "train.eval_batches=1",
         "train.progress_bar=false", "checkpoint.async_save=false", "optim.warmup_steps=1"]
 

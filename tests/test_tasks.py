@@ -149,3 +149,21 @@ def test_fractional_number_labels_are_scores_not_classes(tmp_path, cache_dir):
   assert tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={flags}")).label_names == ("False", "True")
   ints = _write_jsonl(tmp_path / "ints.jsonl", [{"sentence": f"s {i}", "label": float(i % 3)} for i in range(20)])
   assert tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={ints}")).num_classes == 3
+
+
+def test_null_labels_and_non_utf8_files_are_refused_in_one_line(tmp_path, cache_dir):
+  """A JSON null or a CSV row short of its label is no class "None": refused with file and line."""
+  rows = [{"sentence": "good", "label": "pos"}, {"sentence": "bad", "label": None}]
+  path = _write_jsonl(tmp_path / "t.jsonl", rows)
+  with pytest.raises(ConfigError, match=r"t.jsonl:2 has no value in column 'label'") as e:
+    tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.text_columns=sentence"))
+  assert "\n" not in str(e.value)
+  csv_path = tmp_path / "t.csv"
+  csv_path.write_text("text,label\nfine day,1\nshort row\n")
+  with pytest.raises(ConfigError, match=r"t.csv:3 has no value in column 'label'"):
+    tasks.load_task(ft_config(cache_dir, "task.name=csv", f"task.files={csv_path}", "task.text_columns=text"))
+  latin = tmp_path / "latin.csv"
+  latin.write_bytes("text,label\ncaf\xe9,1\n".encode("latin-1"))
+  with pytest.raises(ConfigError, match=r"latin.csv is not UTF-8 text \(byte 14\)") as e:
+    tasks.load_task(ft_config(cache_dir, "task.name=csv", f"task.files={latin}", "task.text_columns=text"))
+  assert "\n" not in str(e.value)

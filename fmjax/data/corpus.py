@@ -23,6 +23,7 @@ import glob
 import hashlib
 import inspect
 import json
+import logging
 import os
 import re
 import sys
@@ -48,6 +49,8 @@ def _assign_splits(docs: list[tuple[str, str]]) -> dict[str, list[tuple[str, str
   held = [h % 100 < HELD_OUT_PERCENT for h in hashes]
   if len(docs) >= 2 and not any(held):
     held[min(range(len(docs)), key=hashes.__getitem__)] = True
+  if len(docs) >= 2 and all(held):  # and one is trained on
+    held[max(range(len(docs)), key=hashes.__getitem__)] = False
   return {"train": [d for d, h in zip(docs, held) if not h],
           "validation": [d for d, h in zip(docs, held) if h]}
 
@@ -128,29 +131,43 @@ def files_fingerprint(paths: list[str], feature: str) -> str:
 
 
 def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
-  """(key, text) for every document in the files; see the module docstring for what a document is."""
-  from fmjax.config_lib import ConfigError
+  """(key, text) for every document in the files; see the module docstring for what a document is.
 
+  JSONL records whose field is null carry no text: they are skipped, and counted in one log line.
+  """
+  from fmjax.config_lib import ConfigError
+  from fmjax.data import sources
+
+  nulls, first_null = 0, ""
   for path in paths:
-    with open(path, encoding="utf-8") as f:
-      if path.endswith(".jsonl"):
-        for i, line in enumerate(f):
-          if not line.strip():
-            continue
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix the line or remove it") from None
-          if not isinstance(record, dict) or feature not in record:
-            keys = sorted(record) if isinstance(record, dict) else []
-            raise ConfigError(f"{path}:{i + 1} has no field {feature!r}; set data.feature to one of {keys}")
-          text = str(record[feature]).strip()
-          if text:
-            yield f"{path}:{i}", text
-      else:
-        for i, block in enumerate(_BLANK_LINES.split(f.read())):
-          if block.strip():
-            yield f"{path}:{i}", block.strip()
+    try:
+      with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+          for i, line in enumerate(f):
+            if not line.strip():
+              continue
+            try:
+              record = json.loads(line)
+            except json.JSONDecodeError as e:
+              raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix the line or remove it") from None
+            if not isinstance(record, dict) or feature not in record:
+              keys = sorted(record) if isinstance(record, dict) else []
+              raise ConfigError(f"{path}:{i + 1} has no field {feature!r}; set data.feature to one of {keys}")
+            if record[feature] is None:
+              nulls, first_null = nulls + 1, first_null or f"{path}:{i + 1}"
+              continue
+            text = str(record[feature]).strip()
+            if text:
+              yield f"{path}:{i}", text
+        else:
+          for i, block in enumerate(_BLANK_LINES.split(f.read())):
+            if block.strip():
+              yield f"{path}:{i}", block.strip()
+    except UnicodeDecodeError:
+      raise sources.not_utf8(path) from None
+  if nulls:
+    logging.getLogger("fmjax").warning("skipped %d record(s) whose %r is null (the first at %s)", nulls, feature,
+                                       first_null)
 
 
 class TextFiles(tfds.core.GeneratorBasedBuilder):

@@ -156,12 +156,12 @@ class Loader:
 
   def __init__(self, config, split: str = "train", sharding=None, batch_size: int | None = None,
                shuffle: bool | None = None, *, process_index: int | None = None,
-               process_count: int | None = None):
+               process_count: int | None = None, tok: tokenizers_lib.Tokenizer | None = None):
     if split not in ("train", "eval"):
       raise ConfigError(f"split must be 'train' or 'eval', got {split!r}")
     self.config = config
     self.split = split
-    self.path = packing.prepare(config)
+    self.path = packing.prepare(config, tok)
     self.tokenizer = tokenizers_lib.load_tokenizer(os.path.join(self.path, "tokenizer"))
     self.data = PackedSplit(os.path.join(self.path, split), config.data.seq_len, self.tokenizer)
     self.batch_size = int(batch_size or config.train.batch_size)
@@ -215,12 +215,17 @@ class Loader:
 
   def host_batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the global batch for `step`, as numpy arrays."""
-    fields = self.data.rows(self.dataset_rows(step))
+    rows_b = self.dataset_rows(step)
+    fields = self.data.rows(rows_b)
     if self.objective == "mlm":
       d = self.config.data
       tokens_BT = fields.pop("tokens")
+      # Train masks change with the step (dynamic masking); an eval row keeps one mask, keyed by the
+      # row itself, so held-out figures do not depend on the batch size that groups the rows.
+      held_out = self.split == "eval" and not self.shuffle
       fields.update(masking.mask_batch(
-          tokens_BT, fields["segment_ids"], seed=self.seed, step=step, rows_B=self.rows_b,
+          tokens_BT, fields["segment_ids"], seed=self.seed, step=0 if held_out else step,
+          rows_B=rows_b if held_out else self.rows_b,
           special_ids=self.tokenizer.special_ids, vocab_size=self.tokenizer.vocab_size,
           mask_id=self.tokenizer.mask_id, rate=d.mask_rate, max_predictions=d.max_predictions))
     if self.num_runs:
@@ -294,8 +299,9 @@ def make_loader(config, split: str = "train", sharding=None, batch_size: int | N
                 shuffle: bool | None = None, **kwargs) -> Loader:
   """A `Loader` for `split` ('train' or 'eval'); prepares the cache first if it is missing.
 
-  batch_size is the global batch (default config.train.batch_size). kwargs: process_index and
-  process_count to simulate one host of several (for tests).
+  batch_size is the global batch (default config.train.batch_size). kwargs: `tok`, the tokenizer
+  (a run's own; default the config's), and process_index and process_count to simulate one host
+  of several (for tests).
   """
   return Loader(config, split, sharding, batch_size, shuffle, **kwargs)
 

@@ -93,13 +93,17 @@ def is_prepared(path: str) -> bool:
   return os.path.exists(os.path.join(path, "meta.json"))
 
 
-def prepare(config) -> str:
-  """Tokenises, packs and caches the train and eval splits; idempotent; returns the cache directory."""
+def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
+  """Tokenises, packs and caches the train and eval splits; idempotent; returns the cache directory.
+
+  `tok`: the tokenizer to use (a run's own, `get_tokenizer(config, workdir)`); default the config's.
+  """
   sources.check_config(config)
   if config.train.objective == "mlm" and config.data.max_predictions > config.data.seq_len:
     raise ConfigError(f"data.max_predictions={config.data.max_predictions} exceeds data.seq_len="
                       f"{config.data.seq_len}; lower it")
-  tok = tokenizers_lib.get_tokenizer(config)
+  if tok is None:
+    tok = tokenizers_lib.get_tokenizer(config)
   path = cache_path(config, tok)
   if is_prepared(path):
     return path

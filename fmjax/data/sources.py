@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -24,6 +25,19 @@ _READ_CHUNK = 1024
 def cache_root(config) -> str:
   """The cache directory: config.data.cache_dir, or ~/.cache/fmjax."""
   return os.path.abspath(os.path.expanduser(config.data.cache_dir or "~/.cache/fmjax"))
+
+
+def not_utf8(path: str) -> ConfigError:
+  """The one-line error for an input file that is not UTF-8, naming the offset of its first bad byte."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    raw.decode("utf-8")
+    where = ""
+  except UnicodeDecodeError as e:
+    where = f" (byte {e.start})"
+  return ConfigError(f"{path} is not UTF-8 text{where}; input files must be UTF-8: convert it, e.g. "
+                     f"`iconv -f latin1 -t utf-8 {path} > new_file`")
 
 
 def _is_remote(path: str) -> bool:
@@ -47,7 +61,8 @@ def _split_names(spec: str) -> list[str]:
 
 
 def check_config(config) -> None:
-  """Checks the data settings that can be checked without reading any text; raises ConfigError."""
+  """Checks the data settings before a run creates anything (reads no more than two text_files
+  documents, downloads nothing); raises ConfigError."""
   d = config.data
   if d.seq_len > config.model.max_len:
     raise ConfigError(f"data.seq_len={d.seq_len} is longer than the model allows (model.max_len="
@@ -65,9 +80,54 @@ def check_config(config) -> None:
       raise ConfigError("data.dataset='text_files' needs data.files: comma-separated globs of .txt/.jsonl files")
     if not corpus.resolve_files(d.files):
       raise ConfigError(f"data.files={d.files!r} matches no .txt or .jsonl file; fix the globs")
+    _check_documents(corpus.resolve_files(d.files), d.feature, d.files)
   elif d.dataset == "fmjax_corpus":
     if d.feature != "text":
       raise ConfigError(f"dataset 'fmjax_corpus' has no feature {d.feature!r}; set data.feature to 'text'")
+  else:  # a TFDS dataset: known by name, with the feature (read from its code: no download)
+    builder = _builder(config)
+    _feature_name(config, builder)
+  t = d.tokenizer
+  if t.kind not in ("bpe", "wordpiece", "unigram", "hf"):
+    raise ConfigError(f"data.tokenizer.kind={t.kind!r} is not one of ['bpe', 'wordpiece', 'unigram', 'hf']")
+  if t.kind == "bpe":
+    from fmjax.data import pii
+    least = 256 + 1 + (len(pii.PLACEHOLDERS) if d.pii_scrub else 0) + 1  # bytes, specials, one merge
+    if t.vocab_size < least:
+      raise ConfigError(f"data.tokenizer.vocab_size={t.vocab_size} leaves byte-level BPE no merges beside its 256 "
+                        f"bytes and special tokens; use at least {least} (e.g. 2048)")
+
+_DOC_COUNTS: dict = {}  # files fingerprint -> documents found (at most 2), so huge files are read once
+
+
+def _check_documents(paths: list[str], feature: str, spec: str) -> None:
+  """A text_files corpus needs two documents: one to train on, one held out."""
+  from fmjax.data import corpus
+  key = corpus.files_fingerprint(paths, feature)
+  if key not in _DOC_COUNTS:
+    _DOC_COUNTS[key] = sum(1 for _ in itertools.islice(corpus.file_documents(paths, feature), 2))
+  if _DOC_COUNTS[key] == 0:
+    raise ConfigError(f"data.files={spec!r} holds no text (empty corpus); point it at non-empty files")
+  if _DOC_COUNTS[key] < 2:
+    raise ConfigError(f"data.files={spec!r} holds 1 document, and text_files needs at least 2 (about 10% are held "
+                      "out for eval): separate a .txt file's documents with blank lines, or give .jsonl lines")
+
+
+def _download(config, builder) -> None:
+  """Downloads and prepares a TFDS dataset that is not prepared yet; a failure is one line."""
+  if builder.is_prepared():
+    return
+  name = config.data.dataset
+  try:
+    builder.download_and_prepare()
+  except ConfigError:
+    raise
+  except Exception as e:  # no network, a manual download, a missing Beam...: TFDS raises many kinds
+    why = (str(e).strip().splitlines() or [""])[0][:200]
+    where = f"data.data_dir={config.data.data_dir!r}" if config.data.data_dir else "the default TFDS data_dir"
+    raise ConfigError(f"dataset {name!r} is not prepared in {where} and could not be downloaded or prepared here "
+                      f"({type(e).__name__}: {why}); prepare it on a machine with internet (`tfds build {name} "
+                      "--data_dir=DIR`) and pass --config.data.data_dir=DIR") from None
 
 
 def _builder(config):
@@ -178,8 +238,7 @@ def documents(config, split: str) -> Iterator[str]:
           yield text
     return
   import tensorflow_datasets as tfds
-  if not builder.is_prepared():
-    builder.download_and_prepare()
+  _download(config, builder)
   for record in tfds.as_numpy(builder.as_dataset(split=spec, shuffle_files=False)):
     text = _as_text(record[feature])
     if text.strip():

@@ -113,6 +113,13 @@ def resolve_tokenizer_path(config, workdir: str):
   return config
 
 
+def _from_file(path: str) -> hf.Tokenizer:
+  try:
+    return hf.Tokenizer.from_file(path)
+  except Exception as e:  # the Rust side raises a bare Exception for a file it cannot parse
+    raise ConfigError(f"{path} is not a valid tokenizer.json ({e}); copy it again from where it came from") from None
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
   """Loads a tokenizer saved by `Tokenizer.save` (or any directory with a tokenizer.json)."""
   path = os.path.join(directory, "tokenizer.json")
@@ -123,7 +130,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
   if os.path.exists(meta):
     with open(meta) as f:
       kind = json.load(f).get("kind", "hf")
-  return Tokenizer(hf.Tokenizer.from_file(path), kind)
+  return Tokenizer(_from_file(path), kind)
 
 
 def load_hf(path: str) -> Tokenizer:
@@ -141,7 +148,10 @@ def load_hf(path: str) -> Tokenizer:
         return load_hf(os.path.join(path, name))
     vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
     if os.path.exists(vocab) and os.path.exists(merges):
-      tok = hf.Tokenizer(models.BPE.from_file(vocab, merges))
+      try:
+        tok = hf.Tokenizer(models.BPE.from_file(vocab, merges))
+      except Exception as e:  # pylint: disable=broad-except
+        raise ConfigError(f"{vocab} + {merges} are not a valid GPT-2 vocabulary ({e}); copy them again") from None
       tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
       tok.decoder = decoders.ByteLevel()
       if tok.token_to_id(EOS) is not None:
@@ -149,7 +159,7 @@ def load_hf(path: str) -> Tokenizer:
       return Tokenizer(tok, "hf")
     raise ConfigError(f"{path!r} has no tokenizer.json, vocab.txt or vocab.json + merges.txt")
   if path.endswith(".json"):
-    return Tokenizer(hf.Tokenizer.from_file(path), "hf")
+    return Tokenizer(_from_file(path), "hf")
   if path.endswith(".txt"):
     with open(path, encoding="utf-8") as f:
       vocab = [line.rstrip("\n") for line in f]
@@ -208,12 +218,19 @@ def _capped(texts: Iterable[str]) -> Iterator[str]:
       return
 
 
-def get_tokenizer(config) -> Tokenizer:
-  """The tokenizer for `config`: HF files for kind 'hf', else trained on the train split (cached)."""
+def get_tokenizer(config, workdir: str | None = None) -> Tokenizer:
+  """The tokenizer for `config`: HF files for kind 'hf', else trained on the train split (cached).
+
+  With `workdir`, the run's own tokenizer (`workdir/tokenizer`, `save_run_tokenizer`) wins when it
+  has one: a run keeps the token ids it started with, whatever its corpus files became since.
+  """
   from fmjax.data import pii, sources
 
   t = config.data.tokenizer
-  if t.kind == "hf":
+  own = os.path.join(workdir, RUN_TOKENIZER) if workdir else None
+  if own and os.path.exists(os.path.join(own, "tokenizer.json")):
+    tok = load_tokenizer(own)
+  elif t.kind == "hf":
     tok = load_hf(t.path)
   else:
     sources.check_config(config)
@@ -240,6 +257,16 @@ def get_tokenizer(config) -> Tokenizer:
       _save_atomic(tok, directory)
   _check_fits(config, tok)
   return tok
+
+
+def save_run_tokenizer(tok: Tokenizer, workdir: str) -> None:
+  """Keeps `tok` as the run's own tokenizer, `workdir/tokenizer` (what `get_tokenizer(config, workdir)` reads)."""
+  own = os.path.join(workdir, RUN_TOKENIZER)
+  if os.path.exists(os.path.join(own, "tokenizer.json")):
+    if load_tokenizer(own).identity() == tok.identity():
+      return
+    shutil.rmtree(own)  # left by a fresh start that never saved a checkpoint: this start's settings win
+  _save_atomic(tok, own)
 
 
 def _save_atomic(tok: Tokenizer, directory: str) -> None:
