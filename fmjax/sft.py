@@ -59,27 +59,17 @@ def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "
     raise ConfigError(f"{key}={spec!r} matches no file; pass --config.{key}=PATH.jsonl "
                       f"(rows of {{\"{prompt_key}\": ..., \"{completion_key}\": ...}})")
   out, nulls, first_null = [], 0, ""
+  from fmjax.data import sources
   for path in paths:
-    try:
-      with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-          if not line.strip():
-            continue
-          try:
-            row = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix or remove the line") from None
-          if not isinstance(row, dict) or completion_key not in row:
-            have = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise ConfigError(f"{path}:{i + 1} has no {completion_key!r} field (has {have}); set "
-                              "sft.prompt_key / sft.completion_key to the file's field names")
-          if row[completion_key] is None:  # nothing to learn; str() would make it the text "None"
-            nulls, first_null = nulls + 1, first_null or f"{path}:{i + 1}"
-            continue
-          out.append((str(row.get(prompt_key, "") or ""), str(row[completion_key])))
-    except UnicodeDecodeError:
-      from fmjax.data import sources
-      raise sources.not_utf8(path) from None
+    for line, row in sources.jsonl_records(path):
+      if not isinstance(row, dict) or completion_key not in row:
+        have = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ConfigError(f"{path}:{line} has no {completion_key!r} field (has {have}); set "
+                          "sft.prompt_key / sft.completion_key to the file's field names")
+      if row[completion_key] is None:  # nothing to learn; str() would make it the text "None"
+        nulls, first_null = nulls + 1, first_null or f"{path}:{line}"
+        continue
+      out.append((str(row.get(prompt_key, "") or ""), str(row[completion_key])))
   if nulls:
     log.warning("skipped %d row(s) whose %r is null (the first at %s)", nulls, completion_key, first_null)
   return out

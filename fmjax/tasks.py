@@ -233,23 +233,15 @@ def pydoc_family_examples(cache_dir: str = "") -> list[Example]:
 
 def _read_records(path: str) -> list[tuple[int, dict]]:
   """(line number, record) of each record of a .jsonl, .csv or .tsv file."""
+  from fmjax.data import sources
+  if path.endswith(".jsonl"):
+    return list(sources.jsonl_records(path))
   try:
-    if path.endswith(".jsonl"):
-      with open(path, encoding="utf-8") as f:
-        records = []
-        for i, line in enumerate(f):
-          if line.strip():
-            try:
-              records.append((i + 1, json.loads(line)))
-            except json.JSONDecodeError as e:
-              raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix or remove the line") from None
-        return records
     if path.endswith((".csv", ".tsv")):
       with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
         return [(reader.line_num, record) for record in reader]
   except UnicodeDecodeError:
-    from fmjax.data import sources
     raise sources.not_utf8(path) from None
   raise ConfigError(f"task file {path!r} must end in .csv, .tsv or .jsonl")
 

@@ -606,19 +606,25 @@ def _wait_for_line(proc, prefix: str, timeout: float = 60.0) -> str:
   raise AssertionError(f"no {prefix!r} line from the worker:\n{''.join(lines)[-3000:]}")
 
 
-def test_sigterm_saves_at_next_step_and_exits_zero(tmp_path):
-  proc = subprocess.Popen([sys.executable, __file__, "preempt_loop", str(tmp_path)], env=_worker_env(1),
+def _signalled_worker(mode: str, directory, signum) -> tuple[int, str, int]:
+  """(exit code, output, step it had reached) of a worker loop sent `signum` once it is stepping."""
+  proc = subprocess.Popen([sys.executable, __file__, mode, str(directory)], env=_worker_env(1),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     ready = _wait_for_line(proc, "step ")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=60)
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert proc.returncode == 0, out[-3000:]
+  return proc.returncode, out, int(ready.split()[1])
+
+
+def test_sigterm_saves_at_next_step_and_exits_zero(tmp_path):
+  code, out, reached = _signalled_worker("preempt_loop", tmp_path, signal.SIGTERM)
+  assert code == 0, out[-3000:]
   saved = int(re.search(r"^saved (\d+)$", out, re.M).group(1))
-  assert saved >= int(ready.split()[1])  # stopped at a step boundary after the signal, not before
+  assert saved >= reached  # stopped at a step boundary after the signal, not before
   ck = ckpt_lib.Checkpointer(tmp_path)
   assert ck.latest_step() == saved
   x = ck.restore(saved, {"params": {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}}, items=("params",))
@@ -629,19 +635,11 @@ def test_sigterm_saves_at_next_step_and_exits_zero(tmp_path):
 
 def test_ctrl_c_saves_at_next_step_and_exits_130_with_how_to_resume(tmp_path):
   # The worker runs its loop as `fmjax train` does (watcher, save at the stop step, close) under cli.main.
-  proc = subprocess.Popen([sys.executable, __file__, "interrupt_cli", str(tmp_path)], env=_worker_env(1),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  try:
-    ready = _wait_for_line(proc, "step ")
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 130, out[-3000:]
+  code, out, reached = _signalled_worker("interrupt_cli", tmp_path, signal.SIGINT)
+  assert code == 130, out[-3000:]
   ck = ckpt_lib.Checkpointer(tmp_path)
   saved = ck.latest_step()
-  assert saved is not None and saved >= int(ready.split()[1]), out[-3000:]  # at a step boundary after Ctrl-C
+  assert saved is not None and saved >= reached, out[-3000:]  # at a step boundary after Ctrl-C
   assert f"interrupted: saved step {saved} to {tmp_path}; rerun the same command to resume from there" in out
   assert "press Ctrl-C again to abort at once" in out and "Traceback" not in out
   x = ck.restore(saved, {"params": {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}}, items=("params",))

@@ -22,7 +22,6 @@ import ast
 import glob
 import hashlib
 import inspect
-import json
 import logging
 import os
 import re
@@ -140,31 +139,26 @@ def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
 
   nulls, first_null = 0, ""
   for path in paths:
+    if path.endswith(".jsonl"):
+      for line, record in sources.jsonl_records(path):
+        if not isinstance(record, dict) or feature not in record:
+          keys = sorted(record) if isinstance(record, dict) else []
+          raise ConfigError(f"{path}:{line} has no field {feature!r}; set data.feature to one of {keys}")
+        if record[feature] is None:
+          nulls, first_null = nulls + 1, first_null or f"{path}:{line}"
+          continue
+        text = str(record[feature]).strip()
+        if text:
+          yield f"{path}:{line - 1}", text
+      continue
     try:
       with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-          for i, line in enumerate(f):
-            if not line.strip():
-              continue
-            try:
-              record = json.loads(line)
-            except json.JSONDecodeError as e:
-              raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix the line or remove it") from None
-            if not isinstance(record, dict) or feature not in record:
-              keys = sorted(record) if isinstance(record, dict) else []
-              raise ConfigError(f"{path}:{i + 1} has no field {feature!r}; set data.feature to one of {keys}")
-            if record[feature] is None:
-              nulls, first_null = nulls + 1, first_null or f"{path}:{i + 1}"
-              continue
-            text = str(record[feature]).strip()
-            if text:
-              yield f"{path}:{i}", text
-        else:
-          for i, block in enumerate(_BLANK_LINES.split(f.read())):
-            if block.strip():
-              yield f"{path}:{i}", block.strip()
+        blocks = _BLANK_LINES.split(f.read())
     except UnicodeDecodeError:
       raise sources.not_utf8(path) from None
+    for i, block in enumerate(blocks):
+      if block.strip():
+        yield f"{path}:{i}", block.strip()
   if nulls:
     logging.getLogger("fmjax").warning("skipped %d record(s) whose %r is null (the first at %s)", nulls, feature,
                                        first_null)

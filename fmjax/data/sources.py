@@ -27,6 +27,23 @@ def cache_root(config) -> str:
   return os.path.abspath(os.path.expanduser(config.data.cache_dir or "~/.cache/fmjax"))
 
 
+def jsonl_records(path: str) -> Iterator[tuple[int, Any]]:
+  """(line number, record) for each non-blank line of a JSONL file; a line that is not JSON, or a
+  file that is not UTF-8, is one ConfigError naming it. What a record must hold is the caller's."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      for i, line in enumerate(f):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix the line or remove it") from None
+        yield i + 1, record
+  except UnicodeDecodeError:
+    raise not_utf8(path) from None
+
+
 def not_utf8(path: str) -> ConfigError:
   """The one-line error for an input file that is not UTF-8, naming the offset of its first bad byte."""
   with open(path, "rb") as f:
