@@ -247,6 +247,13 @@ def adopt_pretrain_settings(config, init_from: str) -> list[str]:
       if key in config.data.tokenizer and value != config.data.tokenizer[key]:
         changed.append(f"data.tokenizer.{key}={value!r}")
         config.data.tokenizer[key] = value
+    # The tokenizer the run saved (train keeps it in its workdir) is its ids exactly; rebuilt from
+    # the corpus settings it could differ, once those files changed.
+    own = os.path.abspath(os.path.join(init_from, data.RUN_TOKENIZER))
+    if config.data.tokenizer.kind != "hf" and os.path.exists(os.path.join(own, "tokenizer.json")):
+      vocab = data.load_hf(own).vocab_size
+      config.data.tokenizer.update(kind="hf", path=own, vocab_size=vocab)
+      changed.append(f"data.tokenizer=hf:{own}")
   return changed
 
 

@@ -263,8 +263,8 @@ def adopt_tokenizer(config, workdir: str, source: dict | None):
   resuming = os.path.isdir(own_tok)
   if resuming:
     tok = data.load_tokenizer(own_tok)
-  elif config.init_from:
-    tok = data.get_tokenizer(ml_collections.ConfigDict(source))
+  elif config.init_from:  # the tokenizer init_from saved, if it did: its ids exactly
+    tok = data.get_tokenizer(ml_collections.ConfigDict(source), config.init_from)
   elif config.data.tokenizer.kind == "hf":
     tok = data.get_tokenizer(config)
   else:

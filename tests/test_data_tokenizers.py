@@ -130,3 +130,12 @@ def test_a_run_keeps_its_tokenizer_when_its_corpus_changes(tmp_path):
     checkpointer.close()
   text.unlink()  # generate needs no corpus: the run's own tokenizer is in its workdir
   assert generate.load_run(workdir)[2].identity() == first.identity()
+  # Nor do fine-tuning and SFT from the run: they read the tokenizer it saved.
+  from fmjax import config_lib, finetune, sft
+  shape = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.vocab_size=512",
+           "model.max_len=256"]
+  ft = config_lib.load_config("configs/finetune_cls.py:model=gpt", shape)
+  assert any(c.startswith("data.tokenizer=hf:") for c in finetune.adopt_pretrain_settings(ft, workdir))
+  assert data.get_tokenizer(ft).identity() == first.identity()
+  tuned = sft.adopt_init_from(config_lib.load_config("configs/sft.py", [f"init_from={workdir}"]), str(tmp_path / "s"))
+  assert tuned.identity() == first.identity()
