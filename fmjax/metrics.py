@@ -31,10 +31,23 @@ def peak_flops_per_device() -> float | None:
   return None
 
 
+class _StdoutHandler(logging.StreamHandler):
+  """Writes each record to `sys.stdout` as it is then, so a redirect made after setup (a notebook,
+  a test's capture) is followed and a stream closed since is never written to."""
+
+  @property
+  def stream(self):
+    return sys.stdout
+
+  @stream.setter
+  def stream(self, value):
+    del value  # always the current sys.stdout
+
+
 def setup_logging() -> None:
   """fmjax's own log lines go to stdout with a time stamp; library chatter is quietened."""
   if not log.handlers:
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     log.addHandler(handler)
     log.propagate = False

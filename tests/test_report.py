@@ -27,6 +27,26 @@ def run_records(final_eval=4.0):
   return recs
 
 
+def test_log_lines_follow_stdout_as_it_is_now(capsys):
+  """fmjax's log handler writes to the current sys.stdout: a stream it was set up with and that was
+  closed since (a test's capture, a notebook cell) is never written to."""
+  import io
+  import sys
+
+  from fmjax import metrics
+  first, before = io.StringIO(), sys.stdout
+  sys.stdout = first
+  try:
+    metrics.setup_logging()
+    metrics.log.info("into the first stream")
+  finally:
+    sys.stdout = before
+  first.close()
+  metrics.log.info("into the stream of now")
+  out, err = capsys.readouterr()
+  assert "into the stream of now" in out and "Logging error" not in err, err
+
+
 def test_read_metrics_merges_steps_last_wins_and_skips_torn_line(tmp_path):
   write_metrics(tmp_path, run_records(), tail='{"step": 25, "train/lo')
   records = report.read_metrics(str(tmp_path))
