@@ -140,10 +140,14 @@ def _write_error(e: BaseException) -> str | None:
   return None
 
 
+_failed_reads = False  # a restore failed on a damaged step: its other reads end with nobody to hear them
+
+
 def _quiet_reads_after_a_failed_restore() -> None:
   """Once a restore fails, Orbax closes its event loop while tensorstore still completes the other
-  reads; their callbacks then print "Event loop is closed" tracebacks through sys.excepthook after
-  the one-line error. Only that error is dropped; every other one reaches the previous hook."""
+  reads: their callbacks print "Event loop is closed" tracebacks through sys.excepthook, and their
+  coroutines, collected unawaited, print through sys.unraisablehook (at exit too). After the
+  one-line damage error those say nothing more; every other error reaches the previous hooks."""
   previous = sys.excepthook
   if getattr(previous, "fmjax_quiet", False):
     return
@@ -153,16 +157,15 @@ def _quiet_reads_after_a_failed_restore() -> None:
       return
     previous(kind, value, tb)
 
-  hook.fmjax_quiet = True
-  sys.excepthook = hook
   previous_unraisable = sys.unraisablehook
 
   def unraisable(info):
-    if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
+    if _failed_reads or (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"):
       return
     previous_unraisable(info)
 
-  sys.unraisablehook = unraisable
+  hook.fmjax_quiet = True
+  sys.excepthook, sys.unraisablehook = hook, unraisable
 
 
 def _damage(e: BaseException, step_dir: epath.Path) -> str | None:
@@ -431,7 +434,9 @@ class Checkpointer:
         cause = cause.__cause__
       if reason is None:
         raise
-      std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)  # the other reads' failures, logged at exit
+      global _failed_reads
+      _failed_reads = True
+      std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)  # "exception was never retrieved"
       raise self._damaged(step, reason) from e
 
   def _saved_items(self, step: int) -> set[str]:

@@ -199,20 +199,6 @@ def _user_errors() -> tuple[type, ...]:
   return tuple(errors)
 
 
-def _silence_stderr_at_exit() -> None:
-  """After a failed restore, tensorstore may still complete reads while Python shuts down and print
-  "Event loop is closed" tracebacks below the one-line error; the error said all there is."""
-  import atexit
-
-  def silence():
-    sys.stderr.flush()
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    os.close(null)
-
-  atexit.register(silence)
-
-
 def out_of_memory_message(e: BaseException) -> str | None:
   """One line for XLA's out-of-memory error (at compile or run time); None for any other error."""
   if not isinstance(e, RuntimeError):
@@ -287,8 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     code = COMMANDS[name][0](rest)
   except _user_errors() as e:
     print(f"error: {e}", file=sys.stderr)
-    if type(e).__name__ == "CheckpointDamagedError":
-      _silence_stderr_at_exit()
     return 2
   except KeyboardInterrupt as e:  # 130 = 128 + SIGINT; a first Ctrl-C in a step loop saves first (RunInterrupted)
     print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)

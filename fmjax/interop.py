@@ -667,11 +667,8 @@ def label_names(workdir: str, step: int) -> tuple[str, ...]:
 def run_tokenizer(workdir: str, config):
   """The tokenizer of a run: `workdir/tokenizer/` if present, else the one its config names."""
   from fmjax import data
-  local = os.path.join(workdir, data.RUN_TOKENIZER)
-  if os.path.exists(os.path.join(local, "tokenizer.json")):
-    return data.load_tokenizer(local)
   try:
-    return data.get_tokenizer(config)
+    return data.get_tokenizer(config, workdir)
   except ConfigError as e:
     raise ConfigError(f"cannot load the run's tokenizer ({e})") from None
 

@@ -513,7 +513,7 @@ def _adopt_tokenizer(config, workdir: str):
     if not os.path.isdir(source_config.data.get("cache_dir") or "/nonexistent"):
       source_config.data.cache_dir = config.data.cache_dir
     try:
-      tok = data.get_tokenizer(source_config)
+      tok = data.get_tokenizer(source_config, config.init_from)  # the one init_from saved, where it did
     except ConfigError as e:
       raise ConfigError(f"this run needs the tokenizer of init_from={config.init_from}, whose ids its params know, "
                         f"but it cannot be rebuilt here ({e}); pass it as data.tokenizer.kind=hf "

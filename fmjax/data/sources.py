@@ -114,6 +114,7 @@ def check_config(config) -> None:
       raise ConfigError(f"data.tokenizer.vocab_size={t.vocab_size} leaves byte-level BPE no merges beside its 256 "
                         f"bytes and special tokens; use at least {least} (e.g. 2048)")
 
+
 _DOC_COUNTS: dict = {}  # files fingerprint -> documents found (at most 2), so huge files are read once
 
 
