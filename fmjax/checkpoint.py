@@ -46,6 +46,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 import fmjax
+from fmjax import files
 from fmjax.models import STACK_KEY
 
 ITEMS = ("params", "opt_state")
@@ -183,8 +184,8 @@ def _damage(e: BaseException, step_dir: epath.Path) -> str | None:
   if match is None:
     return None
   # The most specific file of the step it names (the error also quotes the spec it opened).
-  files = [f.rstrip("\\") for f in re.findall(r'"([^"]+)"', text) if f.startswith(str(step_dir) + "/")]
-  where = os.path.relpath(max(files, key=len), str(step_dir)) if files else _first_line(e, 120)
+  named = [f.rstrip("\\") for f in re.findall(r'"([^"]+)"', text) if f.startswith(str(step_dir) + "/")]
+  where = os.path.relpath(max(named, key=len), str(step_dir)) if named else _first_line(e, 120)
   return f"{match.group(1)} reading {where}"
 
 
@@ -236,8 +237,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, every_steps: int = 0, every_minutes: float = 0.0,
                keep: int = 3, keep_period: int = 0, async_save: bool = True, owner: bool = False):
-    path = str(directory)
-    self.directory = epath.Path(path if "://" in path else os.path.abspath(path))
+    self.directory = files.path(directory)
     self.every_steps = int(every_steps)
     self.every_minutes = float(every_minutes)
     self._decision: tuple[int, bool] | None = None

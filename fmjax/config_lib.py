@@ -218,9 +218,8 @@ def to_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def save_json(config: ml_collections.ConfigDict, path: str) -> None:
-  with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(path + ".tmp", path)
+  from fmjax import files
+  files.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _one_of(name: str, value: Any, options: Iterable[Any]) -> None:

@@ -14,24 +14,22 @@ other splits).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import jax
 
-from fmjax import finetune, generate, metrics as metrics_lib, sharding, train
+from fmjax import files, finetune, generate, metrics as metrics_lib, sharding, train
 from fmjax.config_lib import ConfigError
 
 log = metrics_lib.log
 
 
 def _read_config(workdir: str) -> dict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  saved = files.read_json(os.path.join(workdir, "config.json"))
+  if saved is None:
     raise ConfigError(f"{workdir} has no config.json; pass the --workdir of a `fmjax train`, `sft` or "
                       "`finetune` run")
-  with open(path) as f:
-    return json.load(f)
+  return saved
 
 
 def _finetune_metrics(workdir: str, split: str, batches: int | None, step: int | None) -> dict:
@@ -86,13 +84,10 @@ def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: 
   else:
     raise ConfigError(f"{workdir}/config.json is not an fmjax run's; pass the --workdir of `fmjax train`, `sft` "
                       "or `finetune`")
-  result = {"workdir": os.path.abspath(workdir), **result}
+  result = {"workdir": str(files.path(workdir)), **result}
   if jax.process_index() == 0:
     name = "eval.json" if split == "eval" else f"eval_{split}.json"
-    path = os.path.join(workdir, name)
-    with open(path + ".tmp", "w") as f:
-      json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    files.write_json(os.path.join(workdir, name), result, indent=1)
   return result
 
 

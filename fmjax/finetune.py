@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 from typing import Sequence
@@ -31,7 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from fmjax import config_lib, metrics as metrics_lib, models, objectives, optim, peft, sharding, tasks, train
+from fmjax import config_lib, files, metrics as metrics_lib, models, objectives, optim, peft, sharding, tasks, train
 from fmjax.config_lib import ConfigError
 
 log = metrics_lib.log
@@ -191,7 +190,7 @@ def _eval_batches(rows: dict, batch_size: int):
 
 def _checkpoint_dir(path: str) -> str:
   sub = os.path.join(path, "checkpoints")
-  return sub if os.path.isdir(sub) else path
+  return sub if files.isdir(sub) else path
 
 
 def is_classifier_run(saved_config) -> bool:
@@ -202,11 +201,8 @@ def is_classifier_run(saved_config) -> bool:
 def _saved_config(init_from: str) -> dict | None:
   """init_from's config.json, its tokenizer path resolved against init_from (a run's own tokenizer/)."""
   from fmjax import data
-  path = os.path.join(init_from, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return data.resolve_tokenizer_path(json.load(f), init_from)
-  return None
+  saved = files.read_json(os.path.join(init_from, "config.json"))
+  return data.resolve_tokenizer_path(saved, init_from) if saved is not None else None
 
 
 # Not scan_layers: the checkpoint restores into either layer layout.
@@ -221,7 +217,7 @@ def adopt_pretrain_settings(config, init_from: str) -> list[str]:
   """
   from fmjax import data
   from fmjax.checkpoint import CheckpointMismatchError
-  if not os.path.isdir(init_from):
+  if not files.isdir(init_from):
     raise ConfigError(f"init_from={init_from!r} does not exist; pass the --workdir of a `fmjax train` run")
   saved = _saved_config(init_from)
   if saved is None:
@@ -249,8 +245,9 @@ def adopt_pretrain_settings(config, init_from: str) -> list[str]:
         config.data.tokenizer[key] = value
     # The tokenizer the run saved (train keeps it in its workdir) is its ids exactly; rebuilt from
     # the corpus settings it could differ, once those files changed.
-    own = os.path.abspath(os.path.join(init_from, data.RUN_TOKENIZER))
-    if config.data.tokenizer.kind != "hf" and os.path.exists(os.path.join(own, "tokenizer.json")):
+    own = os.path.join(init_from, data.RUN_TOKENIZER)
+    if config.data.tokenizer.kind != "hf" and files.exists(os.path.join(own, "tokenizer.json")):
+      own = files.local_copy(own)
       vocab = data.load_hf(own).vocab_size
       config.data.tokenizer.update(kind="hf", path=own, vocab_size=vocab)
       changed.append(f"data.tokenizer=hf:{own}")
@@ -439,7 +436,7 @@ def run(config, workdir: str) -> dict:
   batch_sharding = sharding.batch_sharding(mesh)
   tx, spec, make = setup(config, task, mesh)
   # A workdir with checkpoints resumes them and needs no init_from checkpoint; a new one checks it now.
-  new_run = not os.path.isdir(os.path.join(workdir, "checkpoints"))
+  new_run = not files.isdir(os.path.join(workdir, "checkpoints"))
   init_step = source_step(config, spec, init_from) if init_from and new_run else None
   tok = data.get_tokenizer(config)
   if tok.vocab_size > config.model.vocab_size:
@@ -450,7 +447,7 @@ def run(config, workdir: str) -> dict:
            "regression" if task.is_regression else f"{task.num_classes} classes", config.finetune.peft,
            f"{trainable:,}", f"{total:,}", 100.0 * trainable / total)
   cfg_dict = config_lib.to_dict(config)
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   lock = ckpt_lib.lock_workdir(workdir)  # one training per workdir, until this returns or raises
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
                                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
@@ -509,20 +506,17 @@ def run(config, workdir: str) -> dict:
   if looped.preempted:
     return result  # results.json marks a finished run; rerunning the same command resumes this one
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, RESULTS_FILE + ".tmp"), "w") as f:
-      json.dump(result, f, indent=1)
-    os.replace(os.path.join(workdir, RESULTS_FILE + ".tmp"), os.path.join(workdir, RESULTS_FILE))
+    files.write_json(os.path.join(workdir, RESULTS_FILE), result, indent=1)
   return result
 
 
 def _finetune_config(workdir: str):
   """(config, task) of a finetune workdir, from its config.json."""
   from fmjax import data
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  saved = files.read_json(os.path.join(workdir, "config.json"))
+  if saved is None:
     raise ConfigError(f"{workdir} has no config.json; pass the --workdir of a `fmjax finetune` run")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(data.resolve_tokenizer_path(json.load(f), workdir))
+  config = ml_collections.ConfigDict(data.resolve_tokenizer_path(saved, workdir))
   if not is_classifier_run(config):
     raise ConfigError(f"{workdir} is not a `fmjax finetune` workdir (its config.json has no task/finetune); "
                       "pass the --workdir of a `fmjax finetune` run")
@@ -597,11 +591,9 @@ def summarize(root: str, runs: Sequence) -> dict:
   groups: dict[tuple, list[dict]] = {}  # (task, arm: the settings other than the rate, setting) -> results
   for run in runs:
     name, entry = (run.name, dict(run.entry)) if hasattr(run, "entry") else (run["name"], run["entry"])
-    path = os.path.join(root, name, RESULTS_FILE)
-    if not os.path.exists(path):
+    result = files.read_json(os.path.join(root, name, RESULTS_FILE))
+    if result is None:
       continue
-    with open(path) as f:
-      result = json.load(f)
     fixed = {k: v for k, v in entry.items() if not sweep.is_seed_key(k) and k not in ("config", "command", "task.name")}
     arm = sweep.run_name({k: v for k, v in fixed.items() if k not in _RATE_KEYS})
     groups.setdefault((result["task"], arm, sweep.run_name(fixed)), []).append(result)

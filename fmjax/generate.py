@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from functools import partial
 from typing import Any
@@ -26,6 +25,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from fmjax import files
 from fmjax.config_lib import ConfigError
 
 
@@ -46,10 +46,10 @@ def restore_run(workdir: str, step: int | None = None, *, split_batch: bool = Fa
   """
   from fmjax import checkpoint as ckpt_lib, data, finetune, optim, sharding, train
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  saved = files.read_json(path)
+  if saved is None:
     raise ConfigError(f"{workdir} has no config.json; pass the --workdir of a finished `fmjax train` run")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(data.resolve_tokenizer_path(json.load(f), workdir))
+  config = ml_collections.ConfigDict(data.resolve_tokenizer_path(saved, workdir))
   if "model" not in config or "train" not in config:
     raise ConfigError(f"{path} is not the config of an fmjax run; pass the --workdir of `fmjax train`")
   if finetune.is_classifier_run(config):

@@ -43,6 +43,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from fmjax import files
 from fmjax.config_lib import ConfigError
 
 # HF model_type -> fmjax model.family.
@@ -522,13 +523,10 @@ def read_hf_tokenizer(model_dir: str):
 
 
 def _read_json(path: str, what: str) -> dict:
-  if not os.path.exists(path):
+  value = files.read_json(path)
+  if value is None:
     raise ConfigError(f"{os.path.dirname(path) or '.'} has no {os.path.basename(path)}; {what}")
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); copy it again") from None
+  return value
 
 
 def _repo_config(family: str) -> str | None:
@@ -637,7 +635,7 @@ def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.C
   from fmjax import checkpoint as ckpt_lib
   config = read_run_config(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  if not files.isdir(ckpt_dir):
     raise ConfigError(f"{workdir} holds no checkpoints/ directory; train first or pass another --workdir")
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir)
   try:

@@ -14,6 +14,8 @@ import time
 
 import jax
 
+from fmjax import files
+
 log = logging.getLogger("fmjax")
 
 # Peak dense bf16 FLOP/s per chip, for MFU. Matched by substring of device_kind.
@@ -54,6 +56,17 @@ def setup_logging() -> None:
   log.setLevel(logging.INFO)
   for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  absl = logging.getLogger("absl")
+  if not any(isinstance(f, _UnpreparedDatasetNote) for f in absl.filters):
+    absl.addFilter(_UnpreparedDatasetNote())
+
+
+class _UnpreparedDatasetNote(logging.Filter):
+  """Drops TFDS's warning that a dataset not prepared yet has no dataset_info.json: fmjax
+  prepares it, or says in one line why it cannot."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "has no dataset_info.json" not in record.getMessage()
 
 
 def _tensorboard_writer(logdir: str):
@@ -77,13 +90,14 @@ class MetricsWriter:
     self.is_chief = jax.process_index() == 0
     self.total_steps = total_steps
     self.start_time, self.start_step = time.time(), start_step
-    self._jsonl = self._tb = self._bar = self._wandb = None
+    self._jsonl = self._tb = self._bar = self._wandb = self._mirror = None
     if not self.is_chief:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    # A bucket workdir gets these files whole every 30 s and at close (`files.Mirror`).
+    self._mirror = files.Mirror(workdir, names=("metrics.jsonl",))
+    self._jsonl = open(os.path.join(self._mirror.root, "metrics.jsonl"), "a")
     try:
-      self._tb = _tensorboard_writer(os.path.join(workdir, "tb"))
+      self._tb = _tensorboard_writer(os.path.join(self._mirror.root, "tb"))
     except ImportError:  # TensorBoard is optional; JSONL is the record
       self._tb = None
     interactive = sys.stderr.isatty() and jax.process_count() == 1 and not os.environ.get("CI")
@@ -94,7 +108,7 @@ class MetricsWriter:
       try:
         import wandb
         mode = os.environ.get("WANDB_MODE", "offline")
-        self._wandb = wandb.init(name=run_name, config=config_dict, dir=workdir, mode=mode)
+        self._wandb = wandb.init(name=run_name, config=config_dict, dir=self._mirror.root, mode=mode)
       except Exception as e:  # W&B must never stop a run
         log.warning("W&B disabled: %s", e)
 
@@ -109,6 +123,7 @@ class MetricsWriter:
         self._tb.add_scalar(k, v, step)
     if self._wandb is not None:
       self._wandb.log(scalars, step=step)
+    self._mirror.sync()
 
   def eta_seconds(self, step: int) -> float:
     done = step - self.start_step
@@ -151,11 +166,12 @@ class MetricsWriter:
       self._tb.close()
     if self._wandb is not None:
       self._wandb.finish()
+    if self._mirror is not None:
+      self._mirror.close()
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
 
 
 class StepProfiler:
@@ -180,7 +196,8 @@ class StepProfiler:
     """Called with the state at `step`, before the update that makes step + 1 is queued."""
     if step == self.first and not self.active:
       jax.block_until_ready(state)
-      jax.profiler.start_trace(self.logdir)
+      self._mirror = files.Mirror(self.logdir)  # a bucket's trace is copied there once it is written
+      jax.profiler.start_trace(self._mirror.root)
       self.active = True
 
   def after_update(self, step: int, state) -> None:
@@ -196,5 +213,6 @@ class StepProfiler:
       return
     self.active = False
     jax.profiler.stop_trace()
+    self._mirror.close()
     self.say(f"profile of updates {self.first + 1}-{self.done} written to {self.logdir}; view it in "
              f"TensorBoard's Profile tab (tensorboard --logdir {self.logdir}) or XProf")

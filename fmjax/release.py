@@ -37,12 +37,11 @@ import difflib
 import hashlib
 import json
 import os
-import shutil
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from fmjax import finetune, interop
+from fmjax import files, finetune, interop
 from fmjax.config_lib import ConfigError
 
 REQUIRED_FIELDS = ("license", "intended_use", "limitations", "use_restrictions", "data_licenses")
@@ -116,17 +115,15 @@ def eval_results(workdir: str, step: int | None = None) -> tuple[int | None, dic
   """
   path = os.path.join(workdir, "metrics.jsonl")
   found_step, found = None, {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill: skip it
-          continue
-        evals = {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")}
-        at = row.get("step", -1)
-        if evals and (step is None or at <= step) and (found_step is None or at >= found_step):
-          found_step, found = at, evals
+  for line in (files.read_text(path).splitlines() if files.exists(path) else ()):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a kill: skip it
+      continue
+    evals = {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")}
+    at = row.get("step", -1)
+    if evals and (step is None or at <= step) and (found_step is None or at >= found_step):
+      found_step, found = at, evals
   return found_step, found
 
 
@@ -293,8 +290,8 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
 def sha256sums(directory: str) -> str:
   """`<sha256>  <relative path>` for every file under `directory`, sorted (sha256sum -c format)."""
   lines = []
-  for root, _, files in os.walk(directory):
-    for name in files:
+  for root, _, names in os.walk(directory):
+    for name in names:
       path = os.path.join(root, name)
       rel = os.path.relpath(path, directory)
       if rel == "SHA256SUMS":
@@ -346,7 +343,7 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
     interop.export_params(params, config.model, os.path.join(staging, "hf"), tokenizer,
                           interop.label_names(workdir, step))
     run_dir = os.path.join(staging, "fmjax")
-    shutil.copytree(os.path.join(workdir, "checkpoints", str(step)), os.path.join(run_dir, "checkpoints", str(step)))
+    files.copy_tree(os.path.join(workdir, "checkpoints", str(step)), os.path.join(run_dir, "checkpoints", str(step)))
     tokenizer.save(os.path.join(run_dir, data.RUN_TOKENIZER))
     run_config = json.loads(config.to_json_best_effort())
     # The bundle carries its tokenizer, so the copied run no longer needs the training corpus for it;
@@ -356,8 +353,8 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
     with open(os.path.join(run_dir, "config.json"), "w") as f:
       json.dump(run_config, f, indent=2, sort_keys=True)
     for name in ("metrics.jsonl", interop.IMPORT_INFO):
-      if os.path.exists(os.path.join(workdir, name)):
-        shutil.copy2(os.path.join(workdir, name), os.path.join(run_dir, name))
+      if files.exists(os.path.join(workdir, name)):
+        files.path(os.path.join(workdir, name)).copy(files.path(os.path.join(run_dir, name)))
     with open(os.path.join(staging, "data_report.json"), "w") as f:
       json.dump(report, f, indent=2)
     with open(os.path.join(staging, "MODEL_CARD.md"), "w") as f:

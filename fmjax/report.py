@@ -19,6 +19,7 @@ import math
 import os
 from typing import Sequence
 
+from fmjax import files
 from fmjax.config_lib import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
@@ -31,17 +32,16 @@ def read_metrics(workdir: str) -> list[dict]:
   A line cut short by a kill mid-write is skipped rather than failing the whole report.
   """
   path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  if not files.exists(path):
     return []
   by_step: dict[int, dict] = {}
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(record, dict) and "step" in record:
-        by_step.setdefault(int(record["step"]), {}).update(record)
+  for line in files.read_text(path).splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(record, dict) and "step" in record:
+      by_step.setdefault(int(record["step"]), {}).update(record)
   return [by_step[s] for s in sorted(by_step)]
 
 
@@ -131,12 +131,13 @@ def format_markdown(records: Sequence[dict], title: str) -> str:
 
 
 def report(workdir: str, out: str | None = None) -> list[str]:
-  """Writes the report for a run's workdir (or a sweep root) into `out` (default: the workdir)."""
-  out = out or workdir
+  """Writes the report for a run's workdir (or a sweep root) into `out` (default: the workdir; for a
+  bucket workdir, `./<run name>-report`)."""
+  out = out or (f"{os.path.basename(workdir.rstrip('/'))}-report" if files.is_remote(workdir) else workdir)
   records = read_metrics(workdir)
   if not records:
     from fmjax import sweep
-    if os.path.exists(os.path.join(workdir, sweep.RUNS_FILE)):
+    if files.exists(os.path.join(workdir, sweep.RUNS_FILE)):
       return _sweep_report(workdir, out)
     raise ConfigError(f"no {METRICS_FILE} (or {sweep.RUNS_FILE}) in {workdir}; pass the --workdir of a train run "
                       "or a sweep")

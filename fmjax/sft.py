@@ -25,7 +25,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import itertools
-import json
 import os
 
 import jax
@@ -34,7 +33,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from fmjax import config_lib, metrics as metrics_lib, optim, sharding, train
+from fmjax import config_lib, files, metrics as metrics_lib, optim, sharding, train
 from fmjax.config_lib import ConfigError
 from fmjax.data import packing
 
@@ -209,11 +208,7 @@ def make_loaders(config, tok, batch_sharding, rows=None) -> tuple[RowLoader, Row
 
 
 def _read_config(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(os.path.join(workdir, "config.json"))
 
 
 def adopt_shape(config, workdir: str) -> dict | None:
@@ -223,11 +218,11 @@ def adopt_shape(config, workdir: str) -> dict | None:
   max_len is lowered to it: the pretrained position table decides, not the size preset. Reads only.
   """
   from fmjax import data
-  source = _read_config(workdir) if os.path.isdir(os.path.join(workdir, data.RUN_TOKENIZER)) else None
+  source = _read_config(workdir) if files.isdir(os.path.join(workdir, data.RUN_TOKENIZER)) else None
   where = workdir
   if source is None and config.init_from:
     where = config.init_from
-    if not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
+    if not files.isdir(os.path.join(config.init_from, "checkpoints")):
       raise ConfigError(f"init_from={config.init_from!r} holds no checkpoints/; pass the --workdir of a "
                         "`fmjax train` run")
     source = _read_config(config.init_from)
@@ -260,9 +255,9 @@ def adopt_tokenizer(config, workdir: str, source: dict | None):
   the workdir's copy, `tokenizer` relative to the workdir. Reads only: `run` saves the copy."""
   from fmjax import data
   own_tok = os.path.join(workdir, data.RUN_TOKENIZER)
-  resuming = os.path.isdir(own_tok)
+  resuming = files.isdir(own_tok)
   if resuming:
-    tok = data.load_tokenizer(own_tok)
+    tok = data.load_tokenizer(files.local_copy(own_tok))
   elif config.init_from:  # the tokenizer init_from saved, if it did: its ids exactly
     tok = data.get_tokenizer(ml_collections.ConfigDict(source), config.init_from)
   elif config.data.tokenizer.kind == "hf":
@@ -321,7 +316,7 @@ def run(config, workdir: str) -> dict:
   tok = adopt_tokenizer(config, workdir, source)
   rows = load_rows(config, tok)
   own_tok = os.path.join(workdir, data.RUN_TOKENIZER)
-  if config.init_from and not os.path.isdir(own_tok):
+  if config.init_from and not files.isdir(own_tok):
     source_ckpt = ckpt_lib.Checkpointer(os.path.join(config.init_from, "checkpoints"))
     try:
       source_ckpt.source_step(config.get("init_from_step", 0), config.init_from)
@@ -333,7 +328,7 @@ def run(config, workdir: str) -> dict:
   tx = optim.make_optimizer(config)
   spec = train.state_spec(config, mesh, tx)
   cfg_dict = config_lib.to_dict(config)
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   lock = ckpt_lib.lock_workdir(workdir)  # one training per workdir, until this returns or raises
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
@@ -342,8 +337,8 @@ def run(config, workdir: str) -> dict:
   try:
     resume = train._check_resume(checkpointer, spec, cfg_dict)  # pylint: disable=protected-access
     if jax.process_index() == 0:
-      if not os.path.isdir(own_tok):
-        tok.save(own_tok)
+      if not files.isdir(own_tok):
+        data.save_run_tokenizer(tok, workdir)
       config_lib.save_json(config, os.path.join(workdir, "config.json"))
     train_loader, eval_loader = make_loaders(config, tok, batch_sharding, rows)
     skipped = 0

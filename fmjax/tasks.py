@@ -338,18 +338,24 @@ def _files_task(tc) -> Task:
 def _glue_task(name: str, tc, data_dir: str) -> Task:
   import tensorflow_datasets as tfds
   import tensorflow_datasets.text.glue  # noqa: F401  registers glue/* (STACK.md gotcha 8)
+  from fmjax.data import sources
 
   features, num_classes, metrics, val_split = GLUE[name]
   tfds_name = "glue/mnli" if name == "mnli_mismatched" else f"glue/{name}"
   splits, names = {}, ()
+  try:
+    builder = tfds.builder(tfds_name, data_dir=data_dir or None)
+  except Exception:  # pylint: disable=broad-except
+    builder = None  # tfds.load below says why, in one line
+  if builder is not None:
+    sources.check_downloadable(tfds_name, builder, data_dir)
   for ours, theirs in (("train", "train"), ("validation", val_split)):
     try:
       ds, info = tfds.load(tfds_name, split=theirs, data_dir=data_dir or None, with_info=True)
     except Exception as e:  # no network here, most often: one line that says where to prepare it
       why = (str(e).strip().splitlines() or [""])[0][:200]
       raise ConfigError(f"dataset {tfds_name!r} could not be loaded or downloaded ({type(e).__name__}: {why}); "
-                        f"prepare it on a machine with internet (`tfds build {tfds_name} --data_dir=DIR`) and pass "
-                        "--config.data.data_dir=DIR") from None
+                        f"{sources.prepare_elsewhere(tfds_name)}") from None
     names = tuple(getattr(info.features["label"], "names", None) or ())  # none for stsb's scores
     examples = []
     for record in tfds.as_numpy(ds):

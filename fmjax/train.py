@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import re
@@ -27,7 +26,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from fmjax import config_lib, metrics as metrics_lib, objectives, optim, sharding
+from fmjax import config_lib, files, metrics as metrics_lib, objectives, optim, sharding
 from fmjax.config_lib import ConfigError
 
 log = metrics_lib.log
@@ -219,9 +218,9 @@ def run(config, workdir: str) -> dict:
   from fmjax.data import sources
   metrics_lib.setup_logging()
   config_lib.validate(config, jax.device_count())
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not files.isdir(os.path.join(workdir, "checkpoints")):
     sources.check_config(config)  # a bad data setting on a fresh start leaves no workdir behind
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
 
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -242,7 +241,7 @@ def run(config, workdir: str) -> dict:
     resume = _check_resume(checkpointer, spec, cfg_dict, workdir)
     if source_tokenizer is not None:
       if jax.process_index() == 0:
-        source_tokenizer.save(config.data.tokenizer.path)
+        data.save_run_tokenizer(source_tokenizer, workdir)
       multihost_utils.sync_global_devices("fmjax: init_from tokenizer saved")
     if jax.process_index() == 0:
       config_lib.save_json(ml_collections.ConfigDict(cfg_dict), os.path.join(workdir, "config.json"))
@@ -255,7 +254,7 @@ def run(config, workdir: str) -> dict:
                         f"{config.model.vocab_size}; raise model.vocab_size")
     recorded = str(resume[1].get("tokenizer", "")) if resume is not None else ""
     if (_TOKENIZER_ID.fullmatch(recorded) and recorded != tokenizer.identity()
-        and not os.path.isdir(os.path.join(workdir, data.RUN_TOKENIZER))):  # rebuilt: it must be the same one
+        and not files.isdir(os.path.join(workdir, data.RUN_TOKENIZER))):  # rebuilt: it must be the same one
       raise ConfigError(f"{workdir} trained with tokenizer {recorded}, and the data settings now "
                         f"build another ({tokenizer.identity()}); restore {workdir}/{data.RUN_TOKENIZER} or the "
                         "original corpus, or use a new --workdir")
@@ -497,17 +496,16 @@ def _adopt_tokenizer(config, workdir: str):
   when that directory still has to be written (after the resume check), else None.
   """
   from fmjax import data
-  path = os.path.join(config.init_from, "config.json")
-  if not os.path.exists(path):
+  source = files.read_json(os.path.join(config.init_from, "config.json"))
+  if source is None:
     return None  # _init_from names what is missing
-  with open(path) as f:
-    source = data.resolve_tokenizer_path(json.load(f), config.init_from)
+  source = data.resolve_tokenizer_path(source, config.init_from)
   if _tokenizer_identity(source) == _tokenizer_identity(config_lib.to_dict(config)):
     return None
   own = os.path.join(workdir, data.RUN_TOKENIZER)
   tok = None
-  if os.path.exists(os.path.join(own, "tokenizer.json")):  # a rerun: written by its first start
-    vocab = data.load_hf(own).vocab_size
+  if files.exists(os.path.join(own, "tokenizer.json")):  # a rerun: written by its first start
+    vocab = data.load_hf(files.local_copy(own)).vocab_size
   else:
     source_config = ml_collections.ConfigDict(source)
     if not os.path.isdir(source_config.data.get("cache_dir") or "/nonexistent"):

@@ -42,6 +42,14 @@ class CudaLowering:
 
 
 @pytest.fixture
+def tfds_online(monkeypatch):
+  """Under `tfds.testing.mock_data` a dataset downloads nothing, but fmjax first checks that an
+  unprepared dataset's download hosts resolve (no network here): they do, for these tests."""
+  from fmjax.data import sources
+  monkeypatch.setattr(sources, "_resolves", lambda host: True)
+
+
+@pytest.fixture
 def as_if_on_an_h100():
   """Lets the cuDNN attention path trace and lower for CUDA on this CPU (nothing runs), as
   `fmjax plan --gpu` does: fmjax compiles for a GPU, and cuDNN's version and compute-capability

@@ -98,7 +98,7 @@ def test_text_files_txt_and_jsonl_with_held_out_split(tmp_path):
   assert sources.corpus_identity(config, "train") != before
 
 
-def test_tfds_dataset_by_name_through_mock_data(tmp_path):
+def test_tfds_dataset_by_name_through_mock_data(tmp_path, tfds_online):
   config = tiny("gpt", tmp_path, **{"data.dataset": "lm1b", "data.seq_len": 16, "data.tokenizer.vocab_size": 300})
   with tfds.testing.mock_data(num_examples=40):
     docs = list(sources.documents(config, "train"))
@@ -124,7 +124,7 @@ def test_tfds_dataset_by_name_through_mock_data(tmp_path):
     ({"data.dataset": "text_files", "data.files": "/nonexistent/*.txt"}, "matches no .txt or .jsonl file"),
     ({"data.dataset": "text_files", "data.files": "EMPTY"}, "empty corpus"),
 ])
-def test_bad_input_is_one_clear_line_and_no_cache(tmp_path, over, match):
+def test_bad_input_is_one_clear_line_and_no_cache(tmp_path, over, match, tfds_online):
   if over.get("data.files") == "EMPTY":
     (tmp_path / "empty.txt").write_text("\n\n   \n")
     over = {**over, "data.files": str(tmp_path / "empty.txt")}
@@ -176,8 +176,8 @@ def test_bad_data_settings_fail_before_a_workdir_exists(tmp_path, over, match):
   assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "w")
 
 
-def test_a_dataset_that_cannot_be_downloaded_is_one_line(tmp_path, monkeypatch):
-  """No network: TFDS's download error becomes one line that says where to prepare the dataset."""
+def test_a_dataset_that_cannot_be_downloaded_is_one_line(tmp_path, monkeypatch, tfds_online):
+  """A download that fails once begun (here its hosts resolve): TFDS's error becomes one line that says where to prepare the dataset."""
   config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "lm1b", "data.data_dir": str(tmp_path)})
   builder_cls = type(sources._builder(config))
   def offline(*args, **kwargs):
@@ -187,3 +187,35 @@ def test_a_dataset_that_cannot_be_downloaded_is_one_line(tmp_path, monkeypatch):
                      r".*`tfds build lm1b --data_dir=DIR`") as e:
     data.prepare(config)
   assert "\n" not in str(e.value)
+
+
+def test_an_unreachable_tfds_download_fails_at_once_before_any_workdir(tmp_path, monkeypatch):
+  """Offline, TFDS retries each URL for about 3.5 minutes before it gives up; fmjax asks DNS first."""
+  from fmjax import finetune, tasks, train
+  asked = []
+  monkeypatch.setattr(sources, "_resolves", lambda host: asked.append(host) and False)
+  for proxy in sources._PROXY_VARS:
+    monkeypatch.delenv(proxy, raising=False)
+  config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "lm1b", "data.data_dir": str(tmp_path)})
+  with pytest.raises(config_lib.ConfigError, match=r"dataset 'lm1b' is not prepared in data.data_dir=.*no address "
+                     r"for www.statmt.org: no network\?\); prepare it on a machine with internet \(`tfds build lm1b "
+                     r"--data_dir=DIR`\)") as e:
+    train.run(config, str(tmp_path / "run"))
+  assert "\n" not in str(e.value) and asked == ["www.statmt.org"]
+  assert not os.path.exists(tmp_path / "run")
+
+  glue = config_lib.load_config(os.path.join(HERE, "..", "configs", "finetune_cls.py") + ":task=glue/sst2",
+                                [f"data.cache_dir={tmp_path / 'cache'}", f"data.data_dir={tmp_path}"])
+  with pytest.raises(config_lib.ConfigError, match=r"dataset 'glue/sst2' is not prepared .*\(no address for "):
+    tasks.load_task(glue)
+  with pytest.raises(config_lib.ConfigError, match=r"no address for "):
+    finetune.run(glue, str(tmp_path / "ft"))
+  assert not os.path.exists(tmp_path / "ft")
+
+  # Behind a proxy the proxy resolves names, so TFDS is left to try; a host that resolves passes too.
+  builder = sources._builder(config)
+  monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+  sources.check_downloadable("lm1b", builder, str(tmp_path))
+  monkeypatch.delenv("HTTPS_PROXY")
+  monkeypatch.setattr(sources, "_resolves", lambda host: True)
+  sources.check_downloadable("lm1b", builder, str(tmp_path))

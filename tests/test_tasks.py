@@ -63,7 +63,7 @@ def test_offline_task_has_real_labelled_text_and_a_stable_split(cache_dir):
     ("stsb", True, 0, ("pearson", "spearman")),
     ("mnli", True, 3, ("accuracy",)),
 ])
-def test_glue_through_tfds_mock_data(cache_dir, name, pair, num_classes, metrics):
+def test_glue_through_tfds_mock_data(cache_dir, name, pair, num_classes, metrics, tfds_online):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=6):
     task = tasks.load_task(ft_config(cache_dir, arg=f"task=glue/{name}"))
@@ -82,7 +82,7 @@ def test_glue_through_tfds_mock_data(cache_dir, name, pair, num_classes, metrics
   assert set(result) == set(metrics) and all(v == pytest.approx(1.0) for v in result.values())
 
 
-def test_glue_head_size_mismatch_is_one_line(cache_dir):
+def test_glue_head_size_mismatch_is_one_line(cache_dir, tfds_online):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=4):
     with pytest.raises(ConfigError, match=r"has 3 classes but task.num_classes=2") as e:

@@ -13,7 +13,9 @@ import itertools
 import json
 import os
 import re
+import socket
 import sys
+import urllib.parse
 from typing import Any, Iterator
 
 from fmjax.config_lib import ConfigError
@@ -104,6 +106,7 @@ def check_config(config) -> None:
   else:  # a TFDS dataset: known by name, with the feature (read from its code: no download)
     builder = _builder(config)
     _feature_name(config, builder)
+    check_downloadable(d.dataset, builder, d.data_dir)
   t = d.tokenizer
   if t.kind not in ("bpe", "wordpiece", "unigram", "hf"):
     raise ConfigError(f"data.tokenizer.kind={t.kind!r} is not one of ['bpe', 'wordpiece', 'unigram', 'hf']")
@@ -131,11 +134,50 @@ def _check_documents(paths: list[str], feature: str, spec: str) -> None:
                       "out for eval): separate a .txt file's documents with blank lines, or give .jsonl lines")
 
 
+def prepare_elsewhere(name: str) -> str:
+  """What to do about a TFDS dataset that cannot be prepared on this machine."""
+  return (f"prepare it on a machine with internet (`tfds build {name} --data_dir=DIR`) and pass "
+          "--config.data.data_dir=DIR")
+
+
+_PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
+
+
+def _resolves(host: str) -> bool:
+  try:
+    socket.getaddrinfo(host, None)
+    return True
+  except (OSError, UnicodeError):  # socket.gaierror is an OSError
+    return False
+
+
+def check_downloadable(name: str, builder, data_dir: str) -> None:
+  """Fails in one line when an unprepared TFDS dataset cannot be downloaded because none of its
+  download hosts resolves here (no network): TFDS's own retries take minutes to say so.
+
+  Downloads nothing. Prepared datasets, datasets that list no URLs, and machines behind a proxy
+  (which resolves names itself) are left to TFDS.
+  """
+  if builder.is_prepared() or any(os.environ.get(v) for v in _PROXY_VARS):
+    return
+  try:
+    urls = list(builder.url_infos or ())  # from the checksums TFDS ships with the dataset's code
+  except Exception:  # pylint: disable=broad-except
+    return
+  hosts = sorted({urllib.parse.urlparse(u).hostname for u in urls} - {None})[:3]
+  if not hosts or any(_resolves(h) for h in hosts):
+    return
+  where = f"data.data_dir={data_dir!r}" if data_dir else "the default TFDS data_dir"
+  raise ConfigError(f"dataset {name!r} is not prepared in {where}, and this machine cannot reach where it downloads "
+                    f"from (no address for {' or '.join(hosts)}: no network?); {prepare_elsewhere(name)}")
+
+
 def _download(config, builder) -> None:
   """Downloads and prepares a TFDS dataset that is not prepared yet; a failure is one line."""
   if builder.is_prepared():
     return
   name = config.data.dataset
+  check_downloadable(name, builder, config.data.data_dir)
   try:
     builder.download_and_prepare()
   except ConfigError:
@@ -144,8 +186,7 @@ def _download(config, builder) -> None:
     why = (str(e).strip().splitlines() or [""])[0][:200]
     where = f"data.data_dir={config.data.data_dir!r}" if config.data.data_dir else "the default TFDS data_dir"
     raise ConfigError(f"dataset {name!r} is not prepared in {where} and could not be downloaded or prepared here "
-                      f"({type(e).__name__}: {why}); prepare it on a machine with internet (`tfds build {name} "
-                      "--data_dir=DIR`) and pass --config.data.data_dir=DIR") from None
+                      f"({type(e).__name__}: {why}); {prepare_elsewhere(name)}") from None
 
 
 def _builder(config):

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 import tokenizers as hf
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from fmjax import files
 from fmjax.config_lib import ConfigError
 
 EOS = "<|endoftext|>"
@@ -105,11 +106,12 @@ def resolve_tokenizer_path(config, workdir: str):
   if not tok or tok["kind"] != "hf" or not tok["path"]:
     return config
   path, own = os.path.expanduser(tok["path"]), os.path.join(workdir, RUN_TOKENIZER)
-  if not os.path.isabs(path) and os.path.exists(os.path.join(workdir, path)):
-    tok["path"] = os.path.abspath(os.path.join(workdir, path))
+  under = os.path.join(workdir, path)
+  if not os.path.isabs(path) and not files.is_remote(path) and files.exists(under):
+    tok["path"] = files.local_copy(under)
   elif (os.path.isabs(path) and not os.path.exists(path) and os.path.basename(os.path.normpath(path)) == RUN_TOKENIZER
-        and os.path.exists(os.path.join(own, "tokenizer.json"))):
-    tok["path"] = os.path.abspath(own)
+        and files.exists(os.path.join(own, "tokenizer.json"))):
+    tok["path"] = files.local_copy(own)
   return config
 
 
@@ -228,10 +230,10 @@ def get_tokenizer(config, workdir: str | None = None) -> Tokenizer:
 
   t = config.data.tokenizer
   own = os.path.join(workdir, RUN_TOKENIZER) if workdir else None
-  if own and os.path.exists(os.path.join(own, "tokenizer.json")):
-    tok = load_tokenizer(own)
+  if own and files.exists(os.path.join(own, "tokenizer.json")):
+    tok = load_tokenizer(files.local_copy(own))
   elif t.kind == "hf":
-    tok = load_hf(t.path)
+    tok = load_hf(files.local_copy(t.path) if files.is_remote(t.path) else t.path)
   else:
     sources.check_config(config)
     extra = tuple(pii.PLACEHOLDERS.values()) if config.data.pii_scrub else ()
@@ -262,10 +264,15 @@ def get_tokenizer(config, workdir: str | None = None) -> Tokenizer:
 def save_run_tokenizer(tok: Tokenizer, workdir: str) -> None:
   """Keeps `tok` as the run's own tokenizer, `workdir/tokenizer` (what `get_tokenizer(config, workdir)` reads)."""
   own = os.path.join(workdir, RUN_TOKENIZER)
-  if os.path.exists(os.path.join(own, "tokenizer.json")):
-    if load_tokenizer(own).identity() == tok.identity():
+  if files.exists(os.path.join(own, "tokenizer.json")):
+    if load_tokenizer(files.local_copy(own)).identity() == tok.identity():
       return
-    shutil.rmtree(own)  # left by a fresh start that never saved a checkpoint: this start's settings win
+    files.path(own).rmtree()  # left by a fresh start that never saved a checkpoint: this start's settings win
+  if files.is_remote(own):  # a bucket: tokenizer.json, written last, marks it whole
+    with tempfile.TemporaryDirectory() as tmp:
+      tok.save(tmp)
+      files.copy_tree(tmp, own)
+    return
   _save_atomic(tok, own)
 
 

@@ -1,0 +1,129 @@
+"""A workdir in a bucket (`gs://`), as on a pod: everything a run keeps goes to the workdir.
+
+GCS is not reachable here, so `gs://fmjax-test/` is backed by a local directory through
+`files.path`, the one place fmjax turns a workdir path into a file-system path (Orbax's
+checkpoints included). Every other rule of a remote path holds: it is no local path (a write
+through `open` or `os.makedirs` would make a `./gs:` directory, which the fixture rejects), and
+a run's logs reach it only as whole files (`files.Mirror`).
+"""
+
+import json
+import os
+
+import pytest
+from etils import epath
+
+from fmjax import config_lib, data, evaluate, files, finetune, generate, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "gs://fmjax-test"
+TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.d_ff=128", "model.vocab_size=512",
+        "data.tokenizer.vocab_size=512", "data.seq_len=32", "train.batch_size=8", "train.log_every=1",
+        "train.eval_every=2", "train.eval_batches=1", "train.progress_bar=false", "optim.warmup_steps=1",
+        "checkpoint.every_steps=2", "checkpoint.keep=0", "checkpoint.async_save=false"]
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """`gs://fmjax-test/...` stored under tmp_path/bucket; the test runs in tmp_path/cwd."""
+  root = tmp_path / "bucket"
+  root.mkdir()
+  real = files.path
+
+  def path(p):
+    p = str(p)
+    if p.startswith(BUCKET + "/"):
+      return epath.Path(str(root / p[len(BUCKET) + 1:]))
+    return real(p)
+
+  monkeypatch.setattr(files, "path", path)
+  (tmp_path / "cwd").mkdir()
+  monkeypatch.chdir(tmp_path / "cwd")
+  yield root
+  assert not os.path.exists(tmp_path / "cwd" / "gs:"), "something was written to a local ./gs: directory"
+
+
+def gpt(cache_dir, *extra):
+  return config_lib.load_config(os.path.join(REPO, "configs", "gpt.py") + ":tiny",
+                                TINY + [f"data.cache_dir={cache_dir}", *extra])
+
+
+def rows(path) -> list[dict]:
+  return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def test_a_run_keeps_everything_in_its_bucket_workdir_and_resumes_from_it(bucket, tmp_path):
+  workdir = f"{BUCKET}/runs/gpt"
+  first = train.run(gpt(tmp_path / "cache", "train.steps=2"), workdir)
+  run = bucket / "runs" / "gpt"
+  assert first["step"] == 2
+  assert json.load(open(run / "config.json"))["train"]["steps"] == 2
+  assert (run / "tokenizer" / "tokenizer.json").exists() and (run / "checkpoints" / "2").is_dir()
+  assert [r["step"] for r in rows(run / "metrics.jsonl") if "train/loss" in r] == [1, 2]
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(run / "tb"))
+
+  # A new VM: only the bucket is left. The run resumes from it and appends to its metrics.
+  second = train.run(gpt(tmp_path / "cache", "train.steps=4"), workdir)
+  assert second["step"] == 4
+  assert [r["step"] for r in rows(run / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3, 4]
+  assert [r["step"] for r in rows(run / "metrics.jsonl") if "eval/loss" in r] == [2, 4]
+  assert len([n for n in os.listdir(run / "tb") if n.startswith("events")]) == 2
+
+  # Commands that read a run read it from the bucket: its params, and its tokenizer.
+  restored = generate.restore_run(workdir)
+  assert restored.step == 4
+  saved = data.load_tokenizer(str(run / "tokenizer"))
+  assert data.get_tokenizer(restored.config, workdir).identity() == saved.identity()
+  config = gpt(tmp_path / "other_cache")
+  adopted = finetune.adopt_pretrain_settings(config, workdir)
+  assert any(a.startswith("data.tokenizer=hf:") for a in adopted)
+  assert os.path.exists(os.path.join(config.data.tokenizer.path, "tokenizer.json"))
+  assert not files.is_remote(config.data.tokenizer.path)
+
+  # Fine-tuning from the bucket run into the bucket; `fmjax eval` of it writes there too.
+  task = tmp_path / "task.jsonl"
+  task.write_text("".join(json.dumps({"text": f"{w} number {i}", "label": w}) + "\n"
+                          for i in range(24) for w in ("cat", "dog")))
+  cls = config_lib.load_config(os.path.join(REPO, "configs", "finetune_cls.py") + ":task=jsonl,model=gpt", [
+      *TINY, f"data.cache_dir={tmp_path / 'cache'}", f"task.files={task}", "task.text_columns=text",
+      "train.steps=1", f"init_from={workdir}"])
+  result = finetune.run(cls, f"{BUCKET}/runs/cls")
+  assert json.load(open(bucket / "runs" / "cls" / "results.json"))["label_names"] == result["label_names"]
+  evaluate.run(f"{BUCKET}/runs/cls")
+  assert "accuracy" in json.load(open(bucket / "runs" / "cls" / "eval.json"))
+
+
+def test_mirror_copies_only_what_changed(bucket):
+  mirror = files.Mirror(f"{BUCKET}/m", names=("log.txt",), every_seconds=3600)
+  with open(os.path.join(mirror.root, "log.txt"), "a") as f:
+    f.write("one\n")
+  mirror.sync()  # within every_seconds: nothing yet
+  assert not (bucket / "m" / "log.txt").exists()
+  mirror.sync(force=True)
+  assert (bucket / "m" / "log.txt").read_text() == "one\n"
+  os.makedirs(os.path.join(mirror.root, "tb", "plugins"))
+  with open(os.path.join(mirror.root, "tb", "plugins", "trace.pb"), "w") as f:
+    f.write("trace")
+  (bucket / "m" / "log.txt").write_text("edited in the bucket\n")  # unchanged locally: not copied again
+  mirror.close()
+  assert (bucket / "m" / "log.txt").read_text() == "edited in the bucket\n"
+  assert (bucket / "m" / "tb" / "plugins" / "trace.pb").read_text() == "trace"
+  assert not os.path.exists(mirror.root)
+
+  again = files.Mirror(f"{BUCKET}/m", names=("log.txt", "absent.txt"))  # a resumed run starts from the bucket's
+  assert open(os.path.join(again.root, "log.txt")).read() == "edited in the bucket\n"
+  assert not os.path.exists(os.path.join(again.root, "absent.txt"))
+  again.close()
+
+
+def test_local_copy_and_json_of_bucket_files(bucket):
+  files.write_json(f"{BUCKET}/d/a.json", {"x": 1})
+  assert files.read_json(f"{BUCKET}/d/a.json") == {"x": 1} and files.read_json(f"{BUCKET}/d/none.json") is None
+  (bucket / "d" / "bad.json").write_text("{")
+  with pytest.raises(config_lib.ConfigError, match=r"bad.json is not valid JSON"):
+    files.read_json(f"{BUCKET}/d/bad.json")
+  local = files.local_copy(f"{BUCKET}/d")
+  assert not files.is_remote(local) and json.load(open(os.path.join(local, "a.json"))) == {"x": 1}
+  assert files.local_copy(f"{BUCKET}/d") == local  # once per process
+  one = files.local_copy(f"{BUCKET}/d/a.json")
+  assert os.path.basename(one) == "a.json" and json.load(open(one)) == {"x": 1}
