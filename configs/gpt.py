@@ -47,6 +47,7 @@ def get_config(arg: str = "tiny"):
     c.model.dtype = "float32"
     c.data.seq_len = min(c.data.seq_len, 128)
     c.train.update(batch_size=8, steps=20, log_every=5, eval_every=10, eval_batches=2)
+    c.optim.warmup_steps = 2  # a tenth of the run: the rate reaches optim.lr and decays
     c.checkpoint.every_steps = 10
   return c
 

@@ -307,6 +307,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if not 0.0 < d.mask_rate < 1.0 or d.max_predictions < 1:
       raise ConfigError(f"data.mask_rate={d.mask_rate} must be in (0, 1) and data.max_predictions="
                         f"{d.max_predictions} at least 1: masked LM learns from the masked positions only")
+    needed = round(d.mask_rate * d.seq_len)
+    if d.max_predictions < needed:  # each row masks at most max_predictions positions
+      raise ConfigError(f"data.max_predictions={d.max_predictions} masks at most "
+                        f"{100 * d.max_predictions / d.seq_len:.1f}% of a row of data.seq_len={d.seq_len}, not "
+                        f"data.mask_rate={d.mask_rate}; set data.max_predictions={needed} (BERT: 20 at 128, 80 at 512)")
   if "mesh" in config:
     from fmjax import sharding  # local: keeps config parsing free of device state
     sharding.validate_mesh(config, num_devices)

@@ -185,8 +185,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
   max_len = int(model.wpe.embedding.shape[0]) if max_len is None else max_len
   b, longest = len(prompts), max(len(p) for p in prompts)
   if longest + max_new_tokens > max_len:
-    raise ConfigError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                      f"max_len {max_len}; shorten the prompt or lower --max_new_tokens")
+    raise ConfigError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds {max_len}, the "
+                      "positions the model was trained on; shorten the prompt or lower --max_new_tokens")
   tokens = np.zeros((b, longest), np.int32)
   segments = np.zeros((b, longest), np.int32)  # 0 = left padding, which no real token attends
   positions = np.zeros((b, longest), np.int32)
@@ -212,8 +212,12 @@ def _mlm_logits(model, tokens_BT, mlm_positions_BM, vocab_size):
   return mask_vocab(model(tokens_BT, mlm_positions_BM=mlm_positions_BM), vocab_size)
 
 
-def fill_mask(model, tokenizer, text: str, *, top_k: int = 5, mask_token: str = "[MASK]") -> list[list[tuple[str, float]]]:
-  """For each `[MASK]` in `text`, the top-k (token, probability) predictions of a BERT, over the tokenizer's ids."""
+def fill_mask(model, tokenizer, text: str, *, top_k: int = 5, mask_token: str = "[MASK]",
+              max_len: int | None = None) -> list[list[tuple[str, float]]]:
+  """For each `[MASK]` in `text`, the top-k (token, probability) predictions of a BERT, over the tokenizer's ids.
+
+  `max_len` (default: the position table) is the longest input, [CLS] and [SEP] included.
+  """
   pieces = text.split(mask_token)
   if len(pieces) < 2:
     raise ConfigError(f"fill-mask text needs at least one {mask_token}")
@@ -226,6 +230,10 @@ def fill_mask(model, tokenizer, text: str, *, top_k: int = 5, mask_token: str = 
       mask_positions.append(len(ids))
       ids.append(tokenizer.mask_id)
   ids.append(tokenizer.sep_id)
+  max_len = int(model.position_embeddings.embedding.shape[0]) if max_len is None else max_len
+  if len(ids) > max_len:
+    raise ConfigError(f"the text is {len(ids)} tokens with [CLS] and [SEP], longer than {max_len}, the positions the "
+                      "model was trained on; shorten it")
   tokens_1T = jnp.asarray([ids], jnp.int32)
   logits_1MV = _mlm_logits(model, tokens_1T, jnp.asarray([mask_positions], jnp.int32),
                            vocab_size=int(tokenizer.vocab_size))
@@ -249,14 +257,27 @@ def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens
   if family == "gpt":
     if text or not prompts:
       raise ConfigError(f"{workdir} holds a GPT: pass --prompt=TEXT (repeatable); --text is for BERT fill-mask")
-    # An empty prompt starts from the document separator, as a new document does in training.
+    # An empty prompt starts from the document separator, which ends every document in training.
     ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
     outs = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                    eos_id=tok.eos_id, max_len=config.model.max_len, vocab_size=tok.vocab_size)
+                    eos_id=tok.eos_id, max_len=trained_positions(config, workdir), vocab_size=tok.vocab_size)
     return [tok.decode(o) for o in outs]
   if prompts or not text:
     raise ConfigError(f"{workdir} holds a BERT: pass --text=\"... [MASK] ...\"; --prompt is for GPT sampling")
-  return fill_mask(model, tok, text, top_k=top_k or 5)
+  return fill_mask(model, tok, text, top_k=top_k or 5, max_len=trained_positions(config, workdir))
+
+
+def trained_positions(config, workdir: str) -> int:
+  """How many positions a run's training used: its rows of data.seq_len, within the position table.
+
+  The table's rows past them (`configs/gpt.py:tiny` has 256 for rows of 128) keep their initial
+  values, so neither sampling nor fill-mask reaches them. An imported model was trained on its
+  whole table.
+  """
+  from fmjax import interop
+  if files.exists(os.path.join(workdir, interop.IMPORT_INFO)):
+    return int(config.model.max_len)
+  return min(int(config.model.max_len), int(config.data.seq_len))
 
 
 def cli(argv: list[str]) -> int:

@@ -110,6 +110,14 @@ def _micro_batches(batch: dict, accum: int) -> dict:
   return jax.tree.map(split, batch)
 
 
+def _updates_applied(opt_state, step):
+  """The optimizer's own update count, which its schedule reads: a skipped (non-finite) update
+  leaves it as it was, as optax does, so after skips it trails `step`."""
+  counts = [v for path, v in jax.tree_util.tree_leaves_with_path(opt_state)
+            if getattr(path[-1], "name", None) == "count"]
+  return counts[0] if counts else step
+
+
 def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
   """Returns the pure `train_step(state, batch) -> (state, metrics)`."""
   loss_fn = loss_fn or objectives.get_loss_fn(config)
@@ -154,7 +162,7 @@ def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
       new_params, new_opt = keep(new_params, params), keep(new_opt, state["opt_state"])
     new_state = {"step": step + 1, "params": new_params, "opt_state": new_opt}
     metrics = {"loss": loss, "accuracy": aux["correct_sum"] / denom, "grad_norm": grad_norm,
-               "lr": schedule(step), "tokens": aux["weight_sum"], "nonfinite": 1.0 - finite.astype(jnp.float32)}
+               "lr": schedule(_updates_applied(state["opt_state"], step)), "tokens": aux["weight_sum"], "nonfinite": 1.0 - finite.astype(jnp.float32)}
     return new_state, metrics
 
   return train_step
@@ -279,6 +287,9 @@ def run(config, workdir: str) -> dict:
       skipped = int(saved_meta.get("skipped_steps", 0))
       note = f"; config changes since that save: {', '.join(harmless)}" if harmless else ""
       log.info("Resumed from step %d of %s (%s)%s", step0, checkpointer.directory, where, note)
+      rate = _rate_change(saved_meta.get("config", {}), config, step0)
+      if rate:
+        log.warning("%s", rate)
     start = int(state["step"])
 
     tokenizer_id = tokenizer.identity()
@@ -335,6 +346,8 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
                                      run_name=config.name, config_dict=config_lib.to_dict(config))
   profiler = metrics_lib.StepProfiler(os.path.join(workdir, "tb"), config.train.get("profile_start", 0),
                                       config.train.get("profile_steps", 0), start, writer.message)
+  if start == 0 and _short_warmup_note(config):
+    writer.message(_short_warmup_note(config))
   watcher = None
   last_train, last_eval, preempted = {}, {}, False
   t_last, step_last = time.time(), start
@@ -440,6 +453,31 @@ def _diverged_message(step: int, in_a_row: int, saved: list[int], workdir: str) 
     return f"{what}, and no checkpoint before them was saved. Lower optim.lr and start again in a new --workdir"
   return (f"{what}. Lower optim.lr and go on from step {before[-1]}, the last checkpoint before them: "
           f"--config.init_from={workdir} --config.init_from_step={before[-1]} in a new --workdir")
+
+
+def _short_warmup_note(config) -> str:
+  """A note when the warmup outlasts the run, so the rate never reaches optim.lr nor decays."""
+  total, warmup = config.train.steps, config.optim.warmup_steps
+  if warmup < total:
+    return ""
+  last = float(optim.make_schedule(config.optim, total)(total - 1))
+  return (f"optim.warmup_steps={warmup} is not below train.steps={total}: the rate never reaches "
+          f"optim.lr={config.optim.lr:g} (the last update runs at {last:.3g}); lower optim.warmup_steps")
+
+
+def _rate_change(before: dict, config, step: int) -> str:
+  """A note when the learning rate at `step` differs from the saved run's schedule (a resume with
+  more train.steps, say, rebuilds the decay over the new length, so the rate jumps)."""
+  try:
+    old_schedule = optim.make_schedule(ml_collections.ConfigDict(before["optim"]), before["train"]["steps"])
+  except (KeyError, TypeError):
+    return ""
+  old = float(old_schedule(step))
+  new = float(optim.make_schedule(config.optim, config.train.steps)(step))
+  if math.isclose(old, new, rel_tol=1e-3, abs_tol=1e-12):
+    return ""
+  return (f"the learning rate at step {step} is now {new:.3g}, where the saved run's schedule gave {old:.3g}: "
+          f"the schedule is rebuilt for train.steps={config.train.steps} and this config's optim.*")
 
 
 def _recorded_config(config, workdir: str) -> dict:

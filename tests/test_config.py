@@ -105,6 +105,8 @@ def test_cli_workdir_and_override_mistakes_are_one_line(tmp_path, capsys):
     ("gpt", ["train.eval_batches=-1"], "train.eval_batches=-1 must be at least 0"),
     ("bert", ["data.mask_rate=1.5"], r"data.mask_rate=1.5 must be in \(0, 1\)"),
     ("bert", ["data.max_predictions=0"], "data.max_predictions=0 at least 1"),
+    ("bert", ["data.seq_len=512", "model.max_len=512"], r"data.max_predictions=20 masks at most 3.9% of a row of "
+     r"data.seq_len=512, not data.mask_rate=0.15; set data.max_predictions=77"),
     ("gpt", ["mesh.data=1", "mesh.fsdp=3"], "model.d_model=128 does not divide by mesh.fsdp=3"),
     ("gpt", ["mesh.data=1", "mesh.tensor=3"], "model.vocab_size=2048 does not divide by mesh.tensor=3"),
 ])

@@ -128,7 +128,7 @@ def test_eos_stops_a_row_and_max_len_is_checked(gpts):
   first = uncached_greedy(model, prompt, 3)
   eos = first[-1]
   assert generate.generate(model, [prompt], 3, temperature=0.0, eos_id=eos) == [first[:first.index(eos)]]
-  with pytest.raises(config_lib.ConfigError, match="exceeds the model's max_len 64"):
+  with pytest.raises(config_lib.ConfigError, match="exceeds 64, the positions the model was trained on"):
     generate.generate(model, [prompt], 62, temperature=0.0)
 
 
@@ -214,3 +214,23 @@ def test_sampling_and_fill_mask_never_pick_ids_beyond_the_tokenizer(gpts, tmp_pa
     results = generate.run(str(workdir), **kw)
     assert len(results) == 2 and small.decoded and max(small.decoded) < 40, (family, small.decoded)
     monkeypatch.undo()
+
+
+def test_generation_stays_within_the_positions_training_used(tmp_path_factory, tmp_path):
+  """The tiny configs' position tables have 256 rows for rows of 128 tokens: rows past 128 never trained."""
+  import shutil
+  from fmjax import interop
+  workdir, config = make_workdir(tmp_path_factory, "gpt")
+  trained = config.data.seq_len
+  assert trained < config.model.max_len
+  with pytest.raises(config_lib.ConfigError, match=f"exceeds {trained}, the positions the model was trained on"):
+    generate.run(str(workdir), prompts=["The for"], max_new_tokens=trained, temperature=0.0)
+  assert len(generate.run(str(workdir), prompts=["x"], max_new_tokens=trained - 8, temperature=0.0)) == 1
+  bert_dir, bert = make_workdir(tmp_path_factory, "bert")
+  with pytest.raises(config_lib.ConfigError, match=f"longer than {bert.data.seq_len}, the positions the model"):
+    generate.run(str(bert_dir), text="word " * bert.data.seq_len + "[MASK].")
+  # An imported model was trained on its whole position table.
+  imported = tmp_path / "imported"
+  shutil.copytree(workdir, imported)
+  (imported / interop.IMPORT_INFO).write_text("{}")
+  assert generate.trained_positions(config, str(imported)) == config.model.max_len

@@ -71,7 +71,7 @@ def test_grad_accumulation_matches_full_batch():
 
 
 def test_nonfinite_step_is_skipped_bitwise():
-  config = tiny("gpt", "train.nan_policy=skip")
+  config = tiny("gpt", "train.nan_policy=skip", "optim.schedule=linear", "optim.warmup_steps=10")
   spec, state, step, bs = setup(config)
   good = bench.synthetic_batch(config, seed=1)
   bad = dict(good, loss_weights=good["loss_weights"].copy())
@@ -84,6 +84,11 @@ def test_nonfinite_step_is_skipped_bitwise():
   after = jax.tree.map(np.asarray, {k: state[k] for k in ("params", "opt_state")})
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(a, b)
+  # The optimizer's schedule did not advance with the skipped update: the rate logged is the one applied.
+  with jax.set_mesh(spec.mesh):
+    _, m = step(state, jax.tree.map(lambda x: jax.device_put(x, bs), good))
+  schedule = optim.make_schedule(config.optim, config.train.steps)
+  assert float(m["lr"]) == pytest.approx(float(schedule(1))) != pytest.approx(float(schedule(2)))
 
 
 def test_weight_decay_mask():
@@ -177,3 +182,17 @@ def test_train_step_lowers_for_cuda_with_cudnn_attention(family, overrides, as_i
     assert "segment_lengths" in batch and h100.cudnn_calls(step.trace(state, batch)) == h100.PACKED
     ids_only = {k: v for k, v in batch.items() if k not in ("segment_lengths", "segment_offsets")}
     assert h100.cudnn_calls(step.trace(state, ids_only)) == h100.MASKED
+
+
+def test_schedule_notes_for_a_warmup_longer_than_the_run_and_a_resume_that_moves_the_rate():
+  config = tiny("gpt", "train.steps=20", "optim.warmup_steps=50")
+  assert "optim.warmup_steps=50 is not below train.steps=20: the rate never reaches" in train._short_warmup_note(config)
+  assert train._short_warmup_note(tiny("gpt", "train.steps=20", "optim.warmup_steps=2")) == ""
+  for size in ("tiny", "small"):  # runlocal runs reach their rate and decay
+    local = config_lib.load_config(f"configs/gpt.py:{size},runlocal")
+    assert train._short_warmup_note(local) == "" and local.optim.warmup_steps < local.train.steps
+  cosine = ("optim.schedule=cosine", "optim.warmup_steps=2")
+  saved = config_lib.to_dict(tiny("gpt", "train.steps=20", *cosine))
+  assert train._rate_change(saved, tiny("gpt", "train.steps=20", *cosine), 10) == ""
+  longer = train._rate_change(saved, tiny("gpt", "train.steps=40", *cosine), 10)
+  assert longer.startswith("the learning rate at step 10 is now") and "train.steps=40" in longer
