@@ -257,8 +257,8 @@ def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens
   if family == "gpt":
     if text or not prompts:
       raise ConfigError(f"{workdir} holds a GPT: pass --prompt=TEXT (repeatable); --text is for BERT fill-mask")
-    # An empty prompt starts from the document separator, which ends every document in training.
-    ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
+    # Every prompt opens a document as training does: with the EOS that separates documents.
+    ids = [[tok.eos_id] + tok.encode(p) for p in prompts]
     outs = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     eos_id=tok.eos_id, max_len=trained_positions(config, workdir), vocab_size=tok.vocab_size)
     return [tok.decode(o) for o in outs]

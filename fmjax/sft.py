@@ -75,9 +75,10 @@ def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "
 
 
 def encode_example(tok, prompt: str, completion: str) -> tuple[list[int], int]:
-  """(ids, number of prompt ids): prompt + completion + EOS. An empty prompt starts from EOS,
-  the document separator of pretraining, so the first completion token has a context too."""
-  prompt_ids = tok.encode(prompt) if prompt else [tok.eos_id]
+  """(ids, number of prompt ids): EOS + prompt + completion + EOS. The leading EOS opens a
+  document as in pretraining (`fmjax generate` starts every prompt with it), so an empty prompt's
+  first completion token has a context too."""
+  prompt_ids = [tok.eos_id] + tok.encode(prompt)
   return prompt_ids + tok.encode(completion) + [tok.eos_id], len(prompt_ids)
 
 

@@ -142,11 +142,14 @@ def test_clm_packing_segments_and_weights(gpt):
     x, seg, pos, w = b["inputs"], b["segment_ids"], b["positions"], b["loss_weights"]
     np.testing.assert_array_equal(b["targets"][:, :-1], x[:, 1:])
     assert (seg > 0).all()  # documents fill every row: no padding at all
-    np.testing.assert_array_equal(w, (x != eos).astype(np.float32))  # never predict across a document boundary
-    after_eos = np.zeros_like(x, bool)
-    after_eos[:, 1:] = x[:, :-1] == eos
-    np.testing.assert_array_equal(pos == 0, after_eos | (np.arange(x.shape[1]) == 0))
-    np.testing.assert_array_equal(np.diff(seg, axis=1), after_eos[:, 1:].astype(np.int32))
+    np.testing.assert_array_equal(w, 1.0)  # every next token counts, EOS (the end) and after it (a start)
+    # Each EOS opens the next document's segment as its BOS: position 0, a new segment id. So the
+    # EOS -> first token target is within a document, and the last token -> EOS one is predicted
+    # from its own document only.
+    opens = x == eos
+    np.testing.assert_array_equal(pos == 0, opens | (np.arange(x.shape[1]) == 0))
+    np.testing.assert_array_equal(np.diff(seg, axis=1), opens[:, 1:].astype(np.int32))
+    assert (seg[:, 0] == 1).all()
     np.testing.assert_array_equal(b["token_types"], 0)
   assert loader.data.meta["pad_fraction"] < 0.01
 

@@ -154,7 +154,9 @@ def test_top_k_and_top_p_masks():
 def test_generate_cli_gpt_sampling_and_bert_fill_mask(tmp_path_factory, capsys):
   gpt_dir, _ = make_workdir(tmp_path_factory, "gpt")
   model, config, tok = generate.load_run(str(gpt_dir))
-  want = tok.decode(generate.generate(model, [tok.encode("The for")], 5, temperature=0.0, eos_id=tok.eos_id)[0])
+  # `fmjax generate` opens every prompt with EOS, as a document opens in training.
+  want = tok.decode(generate.generate(model, [[tok.eos_id] + tok.encode("The for")], 5, temperature=0.0,
+                                      eos_id=tok.eos_id)[0])
   capsys.readouterr()  # TFDS's own messages from building the tokenizer's corpus
   assert cli.main(["generate", f"--workdir={gpt_dir}", "--prompt=The for", "--prompt=x", "--max_new_tokens=5",
                    "--temperature=0"]) == 0

@@ -24,16 +24,17 @@ def test_prompt_tokens_carry_zero_loss_weight_and_rows_pack_apart():
   tok = CharTokenizer()
   examples = [sft.encode_example(tok, "ab", "XY"), sft.encode_example(tok, "c", "Z"),
               sft.encode_example(tok, "", "hello world")]
-  assert examples[0] == ([97, 98, 88, 89, 0], 2) and examples[2][0][0] == tok.eos_id
+  # EOS opens each example, as it opens a document in pretraining and every `fmjax generate` prompt.
+  assert examples[0] == ([0, 97, 98, 88, 89, 0], 3) and examples[2][0][:2] == [tok.eos_id, ord("h")]
   rows = sft.pack_rows(examples, 8)
-  # "abXY" + EOS (4 slots) and "cZ" + EOS (2 slots) share row 0; the 12-slot row is cut at 8.
+  # EOS "abXY" EOS (5 slots) and EOS "cZ" EOS (3 slots) fill row 0; the 12-slot row is cut at 8.
   assert rows["inputs"].shape == (2, 8)
-  np.testing.assert_array_equal(rows["inputs"][0], [97, 98, 88, 89, 99, 90, 0, 0])
-  np.testing.assert_array_equal(rows["targets"][0], [98, 88, 89, 0, 90, 0, 0, 0])
+  np.testing.assert_array_equal(rows["inputs"][0], [0, 97, 98, 88, 89, 0, 99, 90])
+  np.testing.assert_array_equal(rows["targets"][0], [97, 98, 88, 89, 0, 99, 90, 0])
   # Weight 1 exactly where the target is a completion token or the EOS after it.
-  np.testing.assert_array_equal(rows["loss_weights"][0], [0, 1, 1, 1, 1, 1, 0, 0])
-  np.testing.assert_array_equal(rows["segment_ids"][0], [1, 1, 1, 1, 2, 2, 0, 0])
-  np.testing.assert_array_equal(rows["positions"][0], [0, 1, 2, 3, 0, 1, 0, 0])
+  np.testing.assert_array_equal(rows["loss_weights"][0], [0, 0, 1, 1, 1, 0, 1, 1])
+  np.testing.assert_array_equal(rows["segment_ids"][0], [1, 1, 1, 1, 1, 2, 2, 2])
+  np.testing.assert_array_equal(rows["positions"][0], [0, 1, 2, 3, 4, 0, 1, 2])
   np.testing.assert_array_equal(rows["loss_weights"][1], np.ones(8))
   unpacked = sft.pack_rows(examples, 8, pack=False)
   assert unpacked["inputs"].shape == (3, 8) and unpacked["segment_ids"].max() == 1

@@ -80,10 +80,11 @@ class PackedSplit:
     x_BT1 = np.asarray(self.tokens[ids_B[:, None] * self.T + self._offsets_T1], dtype=np.int32)
     inputs_BT, targets_BT = x_BT1[:, :-1], x_BT1[:, 1:]
     eos_BT = inputs_BT == self.tok.eos_id
-    # A document's EOS belongs to it; the position after an EOS starts the next segment, so the
-    # EOS -> next-document target is the one that crosses segments and gets weight 0.
-    seg_BT = (1 + np.cumsum(eos_BT, axis=1, dtype=np.int32) - eos_BT).astype(np.int32)
-    weights_BT = (~eos_BT).astype(np.float32)
+    # The EOS between two documents opens the second one's segment, as its BOS: EOS -> first token
+    # is learnt within that document (what an empty prompt asks for), and the last token -> EOS
+    # ("the document ends here") is predicted from its own document alone. Every target counts.
+    seg_BT = (1 + np.cumsum(eos_BT, axis=1, dtype=np.int32) - eos_BT[:, :1]).astype(np.int32)
+    weights_BT = np.ones(inputs_BT.shape, np.float32)
     if pad_B.any():
       inputs_BT[pad_B] = self.tok.pad_id
       targets_BT[pad_B] = self.tok.pad_id
@@ -308,7 +309,7 @@ def make_loader(config, split: str = "train", sharding=None, batch_size: int | N
 
 def unigram_baseline(config) -> float:
   """Cross-entropy (nats/token) on the eval split of an add-one-smoothed unigram model fit on train,
-  over the positions the loss uses (CLM: next tokens within a document; MLM: non-special tokens)."""
+  over the positions the loss uses (CLM: every next token; MLM: non-special tokens)."""
   path = packing.prepare(config)
   tok = tokenizers_lib.load_tokenizer(os.path.join(path, "tokenizer"))
   V = tok.vocab_size
@@ -318,7 +319,7 @@ def unigram_baseline(config) -> float:
     if data.layout == "stream":
       n = data.num_rows * data.T
       stream = np.asarray(data.tokens[:n + 1], dtype=np.int64)
-      return stream[1:][stream[:-1] != tok.eos_id]
+      return stream[1:]
     tokens = np.asarray(data.tokens, dtype=np.int64)
     keep = (np.asarray(data.segment_ids) > 0) & ~np.isin(tokens, sorted(tok.special_ids))
     return tokens[keep]

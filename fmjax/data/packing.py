@@ -7,7 +7,8 @@ Layout of a cache directory <cache_dir>/datasets/<dataset>-<objective>-<seq_len>
   train/, eval/        meta.json plus raw little-endian arrays, read with np.memmap:
     CLM: tokens.bin    one stream [N] of all documents, each followed by EOS. Row r of the
                        loader is stream[r*T : r*T + T + 1] (inputs and shifted targets), so
-                       documents run across rows and nothing is padded.
+                       documents run across rows and nothing is padded. In a row, an EOS opens
+                       the next document's segment (as its BOS).
     MLM: tokens.bin, segment_ids.bin, token_types.bin   [R, T] rows of packed
                        [CLS] A [SEP] B [SEP] segments (A/B: a document chunk split at a random
                        point), several per row, the rest padded with segment id 0.
@@ -31,7 +32,7 @@ from fmjax.config_lib import ConfigError
 from fmjax.data import pii, sources
 from fmjax.data import tokenizers as tokenizers_lib
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an EOS opens the next document's segment (its count of segments per row)
 _ENCODE_CHUNK = 512
 # The most runs of segment ids a row may have for batches to carry them (`segment_runs`), so that
 # cuDNN attention takes its packed layout; a split with a longer row takes its mask path.
@@ -207,7 +208,7 @@ class _StreamWriter:
     self.n = 0
     self.pending = []
     self.end = 0  # stream length once `pending` is written
-    # Row r's inputs are stream[r*T : r*T + T]; an EOS there at index < T - 1 starts another
+    # Row r's inputs are stream[r*T : r*T + T]; an EOS there at index > 0 starts another
     # segment in the row. EOS positions only grow, so one running count per row is enough.
     self.row, self.row_segments, self.max_segments = 0, 1, 1
 
@@ -221,7 +222,7 @@ class _StreamWriter:
     if row != self.row:
       self.max_segments = max(self.max_segments, self.row_segments)
       self.row, self.row_segments = row, 1
-    self.row_segments += at < self.T - 1
+    self.row_segments += at > 0
 
   def _flush(self):
     if self.pending:
