@@ -207,6 +207,7 @@ def _saved_config(init_from: str) -> dict | None:
 
 # Not scan_layers: the checkpoint restores into either layer layout.
 _SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len", "type_vocab_size")
+_ADOPTED_MODEL_KEYS = ("layer_norm_eps",)  # not shapes, but the trunk's numbers depend on them: taken from init_from
 
 
 def adopt_pretrain_settings(config, init_from: str) -> list[str]:
@@ -235,6 +236,10 @@ def adopt_pretrain_settings(config, init_from: str) -> list[str]:
                                   "a checkpoint of this model")
   changed = []
   with config.unlocked():
+    for key in _ADOPTED_MODEL_KEYS:
+      if key in saved.get("model", {}) and saved["model"][key] != config.model[key]:
+        changed.append(f"model.{key}={saved['model'][key]!r}")
+        config.model[key] = saved["model"][key]
     for key in data.CORPUS_KEYS:  # init_from's tokenizer: the ids its trunk knows
       if key in saved.get("data", {}) and saved["data"][key] != config.data[key]:
         changed.append(f"data.{key}={saved['data'][key]!r}")
@@ -461,7 +466,7 @@ def run(config, workdir: str) -> dict:
       state = train.init_state(config, spec, tx, make)
       if init_from:
         if adopted:
-          log.info("tokenizer settings from init_from: %s", ", ".join(adopted))
+          log.info("settings from init_from: %s", ", ".join(adopted))
         init_step = source_step(config, spec, init_from) if init_step is None else init_step
         state = load_trunk(config, spec, state, init_from, init_step)
         origin = {"start": "init_from", "init_from": init_from, "init_from_step": init_step}

@@ -230,7 +230,7 @@ def fill_mask(model, tokenizer, text: str, *, top_k: int = 5, mask_token: str = 
       mask_positions.append(len(ids))
       ids.append(tokenizer.mask_id)
   ids.append(tokenizer.sep_id)
-  max_len = int(model.position_embeddings.embedding.shape[0]) if max_len is None else max_len
+  max_len = int(model.embeddings.position_embeddings.embedding.shape[0]) if max_len is None else max_len
   if len(ids) > max_len:
     raise ConfigError(f"the text is {len(ids)} tokens with [CLS] and [SEP], longer than {max_len}, the positions the "
                       "model was trained on; shorten it")

@@ -671,11 +671,13 @@ def run_tokenizer(workdir: str, config):
     raise ConfigError(f"cannot load the run's tokenizer ({e})") from None
 
 
-def _export_tokenizer(tokenizer, model_cfg, out: str, classifier: bool = False) -> None:
+def _export_tokenizer(tokenizer, model_cfg, out: str, classifier: bool = False, max_length: int | None = None) -> None:
   """tokenizer.json (+ vocab files) and tokenizer_config.json that `AutoTokenizer` loads.
 
   BERT's adds [CLS]/[SEP] and token types; a GPT classifier's (`classifier`) ends each text with
-  <eos> and pads with `_export_pad_id`, as `finetune.encode` builds its rows.
+  <eos> and pads with `_export_pad_id`, as `finetune.encode` builds its rows. Its
+  `model_max_length` is `max_length` (a classifier's rows: truncating there, HF scores what
+  fine-tuning and `fmjax eval` did), else the position table.
   """
   import tokenizers as hf_tok
   tok = hf_tok.Tokenizer.from_str(tokenizer.hf.to_str())  # a copy: the post-processor is HF-only
@@ -707,14 +709,18 @@ def _export_tokenizer(tokenizer, model_cfg, out: str, classifier: bool = False) 
                     mask_token=token(tokenizer.mask_id))
   specials = {k: v for k, v in specials.items() if v is not None}
   with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_cfg.max_len,
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length or model_cfg.max_len,
                "model_input_names": input_names, **specials}, f, indent=2)
   with open(os.path.join(out, "special_tokens_map.json"), "w") as f:
     json.dump(specials, f, indent=2)
 
 
-def export_params(params: Mapping, model_cfg, out: str, tokenizer=None, label_names: Sequence[str] = ()) -> str:
-  """Writes config.json, model.safetensors and (given one) the tokenizer files of `params` to `out`."""
+def export_params(params: Mapping, model_cfg, out: str, tokenizer=None, label_names: Sequence[str] = (),
+                  max_length: int | None = None) -> str:
+  """Writes config.json, model.safetensors and (given one) the tokenizer files of `params` to `out`.
+
+  `max_length`: the rows a classifier was fine-tuned on (data.seq_len), its tokenizer's truncation.
+  """
   from safetensors.numpy import save_file
   tensors = params_to_hf(params, model_cfg)
   num_labels = int(np.shape(normalise_keys(dict(params))["classifier"]["kernel"])[-1]) if "classifier" in params \
@@ -731,7 +737,8 @@ def export_params(params: Mapping, model_cfg, out: str, tokenizer=None, label_na
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
   os.chmod(os.path.join(out, "model.safetensors"), 0o644)  # as readable as the files beside it
   if tokenizer is not None:
-    _export_tokenizer(tokenizer, model_cfg, out, classifier=bool(num_labels))
+    _export_tokenizer(tokenizer, model_cfg, out, classifier=bool(num_labels),
+                      max_length=max_length if num_labels else None)
   return out
 
 
@@ -772,7 +779,7 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> 
   params = from_finetune(params, config)
   tokenizer = run_tokenizer(workdir, config)
   with staged_dir(out, ".exporting") as staging:
-    export_params(params, config.model, staging, tokenizer, label_names(workdir, step))
+    export_params(params, config.model, staging, tokenizer, label_names(workdir, step), config.data.seq_len)
   return out
 
 

@@ -31,6 +31,9 @@ from fmjax.config_lib import ConfigError
 
 MODES = ("none", "lora", "adapter", "bitfit", "head")
 HEAD = "head"  # the task head's attribute: always trainable
+# BERT's pooler (the [CLS] pooling's tanh(W h)) trains with the head: masked-LM pretraining never
+# trains it (BERT's own came from next-sentence prediction), so frozen it would stay random.
+POOLER = ("trunk", "pooler")
 LORA_LEAVES = ("lora_a", "lora_b")
 
 
@@ -161,7 +164,7 @@ def _is_norm(keys) -> bool:
 
 def is_trainable(keys: tuple[str, ...], mode: str) -> bool:
   """Whether the parameter at `keys` trains under `mode`."""
-  if mode == "none" or keys[0] == HEAD:
+  if mode == "none" or keys[0] == HEAD or keys[:2] == POOLER:
     return True
   if mode == "lora":
     return keys[-1] in LORA_LEAVES

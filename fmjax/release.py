@@ -341,7 +341,7 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
   with interop.staged_dir(out, ".releasing") as staging:
     os.makedirs(staging)
     interop.export_params(params, config.model, os.path.join(staging, "hf"), tokenizer,
-                          interop.label_names(workdir, step))
+                          interop.label_names(workdir, step), config.data.seq_len)
     run_dir = os.path.join(staging, "fmjax")
     files.copy_tree(os.path.join(workdir, "checkpoints", str(step)), os.path.join(run_dir, "checkpoints", str(step)))
     tokenizer.save(os.path.join(run_dir, data.RUN_TOKENIZER))

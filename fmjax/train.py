@@ -370,15 +370,19 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
       writer.message(f"step {step}: non-finite loss, update skipped ({skipped} skipped so far)")
     m["skipped_steps"] = skipped
     last_train = m
+    first = step == start + 1  # this process's first update compiled the step: its time is no speed
     if step % config.train.log_every == 0 or step == total:
       now = time.time()
-      rate = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
-      m["tokens_per_sec"] = rate
-      if peak:
-        m["mfu"] = rate * flops_per_token / (peak * jax.device_count())
+      if not first:
+        rate = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+        m["tokens_per_sec"] = rate
+        if peak:
+          m["mfu"] = rate * flops_per_token / (peak * jax.device_count())
       writer.write(step, m, prefix="train/")
       writer.progress(step, m)
       t_last, step_last = now, step
+    elif first:
+      t_last, step_last = time.time(), step
 
   if start >= total:
     writer.message(f"step {start} already reaches train.steps={total}: nothing to train; raise train.steps to "

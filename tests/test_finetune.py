@@ -94,7 +94,8 @@ def _params(workdir, item_tree):
 
 def test_init_from_loads_trunk_only_and_resumes(pretrained, files, tmp_path):
   workdir = str(tmp_path / "ft")
-  # Head-only fine-tuning: the trunk must come out of training exactly as the pretraining run saved it.
+  # Head-only fine-tuning: the trunk must come out of training exactly as the pretraining run saved it,
+  # but for BERT's pooler, which trains with the head (masked-LM pretraining never trains it).
   config = ft_config(files, f"init_from={pretrained}", "finetune.peft=head")
   result, log = _run_logged(config, workdir)
   assert result["start"] == "init_from" and result["step"] == 2
@@ -103,7 +104,9 @@ def test_init_from_loads_trunk_only_and_resumes(pretrained, files, tmp_path):
   assert "trainable (" in log and f"{result['trainable_params']:,} of {result['total_params']:,}" in log
   pre, ft = _params(pretrained, None), _params(workdir, None)
   assert set(ft) == {"trunk", "head"} and "mlm_transform" not in ft["trunk"]
-  jax.tree.map(np.testing.assert_array_equal, ft["trunk"], {k: v for k, v in pre.items() if not k.startswith("mlm")})
+  jax.tree.map(np.testing.assert_array_equal, {k: v for k, v in ft["trunk"].items() if k != "pooler"},
+               {k: v for k, v in pre.items() if not k.startswith("mlm") and k != "pooler"})
+  assert not np.array_equal(ft["trunk"]["pooler"]["kernel"], pre["pooler"]["kernel"])
   with open(os.path.join(workdir, finetune.RESULTS_FILE)) as f:
     saved = json.load(f)
   assert saved["task"] == "jsonl" and 0.0 <= saved["eval"]["accuracy"] <= 1.0
@@ -272,6 +275,8 @@ def test_a_gpt_classifier_has_no_head_bias_and_exports(files, tmp_path):
   assert hf["id2label"] == {"0": "animal", "1": "other"} and hf["label2id"] == {"animal": 0, "other": 1}
   assert "problem_type" not in hf
   assert os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777 == 0o644
+  with open(os.path.join(out, "tokenizer_config.json")) as f:  # HF truncates where fine-tuning did
+    assert json.load(f)["model_max_length"] == config.data.seq_len < config.model.max_len
   # A BERT head without a bias exports with a zero one (its logits unchanged).
   workdir = str(tmp_path / "bert")
   finetune.run(ft_config(files, "train.steps=1", "finetune.head_bias=false", "data.tokenizer.kind=hf",

@@ -231,6 +231,10 @@ def test_generation_stays_within_the_positions_training_used(tmp_path_factory, t
   bert_dir, bert = make_workdir(tmp_path_factory, "bert")
   with pytest.raises(config_lib.ConfigError, match=f"longer than {bert.data.seq_len}, the positions the model"):
     generate.run(str(bert_dir), text="word " * bert.data.seq_len + "[MASK].")
+  model, _, tok = generate.load_run(str(bert_dir))  # the function alone: its position table is the limit
+  assert len(generate.fill_mask(model, tok, "The [MASK] statement.")) == 1
+  with pytest.raises(config_lib.ConfigError, match=f"longer than {bert.model.max_len}, the positions"):
+    generate.fill_mask(model, tok, "word " * bert.model.max_len + "[MASK].")
   # An imported model was trained on its whole position table.
   imported = tmp_path / "imported"
   shutil.copytree(workdir, imported)

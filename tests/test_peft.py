@@ -113,10 +113,11 @@ def test_trainable_counts():
   config = tiny("bert", "finetune.peft=lora", f"finetune.lora_rank={r}")
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(finetune.model_factory(config, C)), nnx.Param))
   trainable, total = peft.count(abstract, "lora")
-  # qkv: D*r + r*3D; out: D*r + r*D; per layer 6Dr, plus the head D*C + C.
-  assert trainable == L * 6 * D * r + D * C + C
+  # qkv: D*r + r*3D; out: D*r + r*D; per layer 6Dr, plus the pooler D*D + D (masked-LM pretraining
+  # never trains it) and the head D*C + C.
+  assert trainable == L * 6 * D * r + D * D + D + D * C + C
   head_only, total_head = peft.count(abstract, "head")
-  assert head_only == D * C + C and total_head == total
+  assert head_only == D * D + D + D * C + C and total_head == total
   assert peft.count(abstract, "none") == (total, total)
 
 

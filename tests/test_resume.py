@@ -480,6 +480,7 @@ def test_loop_reads_metrics_after_queueing_the_next_update(cache_dir, monkeypatc
   config = load(cache_dir)
   rows = {r["step"]: r for r in metrics_rows(tmp_path) if "train/tokens_per_sec" in r}
   assert rows[4]["train/tokens_per_sec"] > config.train.batch_size * config.data.seq_len / 0.8, rows[4]
+  assert 1 not in rows and 2 in rows  # the first update compiles: no rate is logged for it, and none counts it
 
 
 def test_profile_traces_the_chosen_updates_into_tensorboard(cache_dir, tmp_path, traced_steps):
