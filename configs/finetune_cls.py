@@ -37,6 +37,8 @@ def get_config(arg: str = "task=pydoc_family"):
       validation_files="",      # csv/jsonl: held-out files; empty = hash split of `files`
       text_columns=("sentence",),
       label_column="label",
+      positive_label="",        # two classes: the label F1 scores; empty = the one the other negates
+                                # (equivalent, not_equivalent), else the second in sorted order
       # -1: from the task (csv/jsonl: integer labels are class ids, strings are class names; numbers
       # that are not all integers, e.g. 0.26, are refused: set 0); 0: regression; checked against the labels
       num_classes=-1,
@@ -58,7 +60,8 @@ def get_config(arg: str = "task=pydoc_family"):
   c.model.dropout = 0.1
   c.data.seq_len = 128
   c.train.update(batch_size=32, steps=300, log_every=25, eval_every=100, seed=0)
-  # BERT's fine-tuning recipe (Devlin et al., 2019): small rate, 10% warmup, linear decay to 0.
+  # BERT's fine-tuning recipe (Devlin et al., 2019): small rate, 10% warmup (of these 300 steps: set
+  # optim.warmup_steps with train.steps), linear decay to 0.
   c.optim.update(lr=1e-3 if size in ("tiny", "mini") else 3e-5, schedule="linear", warmup_steps=30,
                  min_lr_ratio=0.0, weight_decay=0.01, clip_norm=1.0)
   if c.finetune.peft != "none":

@@ -720,7 +720,8 @@ _HARMLESS = {
 
 
 # Keys added since a checkpoint was saved, and the value its run had without them.
-_BEFORE_THE_KEY = {"finetune.head_bias": True}  # classifier heads all had a bias
+# Classifier heads all had a bias; task.positive_label="" is the default (F1's class from the labels).
+_BEFORE_THE_KEY = {"finetune.head_bias": True, "task.positive_label": ""}
 
 
 def _flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -6,8 +6,8 @@
   fine-tuning        the task's official metrics (fmjax.finetune.evaluate) on a task split
                      (--split=eval is its validation split; --batches counts batches of train.batch_size examples)
 
-The numbers are those of the train loop's eval (same step function and batches) over the whole
-split by default. They are printed and written to `workdir/eval.json` (`eval_<split>.json` for
+The numbers are those of the train loop's eval (same step function and batches), over the whole
+split by default, where a pretraining run's loop scored only its first `train.eval_batches`. They are printed and written to `workdir/eval.json` (`eval_<split>.json` for
 other splits).
 """
 

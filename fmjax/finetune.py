@@ -391,7 +391,7 @@ def task_metrics(task: tasks.Task, logits_NC: np.ndarray, labels_N: np.ndarray) 
     z = logits_NC - logits_NC.max(-1, keepdims=True)
     logp_NC = z - np.log(np.exp(z).sum(-1, keepdims=True))
     loss = float(-np.mean(logp_NC[np.arange(len(labels_N)), labels_N.astype(np.int64)]))
-  return {**tasks.compute_metrics(task.metrics, preds, labels_N), "loss": loss}
+  return {**tasks.compute_metrics(task.metrics, preds, labels_N, task.positive), "loss": loss}
 
 
 def _eval(predict, params, rows, task, config, batch_sharding) -> dict:
@@ -449,7 +449,9 @@ def run(config, workdir: str) -> dict:
   trainable, total = peft.count(spec.abstract["params"], config.finetune.peft)
   log.info("task %s: %d train / %d validation examples, %s; peft=%s: %s of %s parameters trainable (%.2f%%)",
            task.name, len(task.splits["train"]), len(task.splits["validation"]),
-           "regression" if task.is_regression else f"{task.num_classes} classes", config.finetune.peft,
+           "regression" if task.is_regression else f"{task.num_classes} classes" + (
+               f" (F1 of {task.label_names[task.positive]!r})" if "f1" in task.metrics and task.label_names else ""),
+           config.finetune.peft,
            f"{trainable:,}", f"{total:,}", 100.0 * trainable / total)
   cfg_dict = config_lib.to_dict(config)
   files.makedirs(workdir)
@@ -475,7 +477,18 @@ def run(config, workdir: str) -> dict:
         log.info("Started from scratch: random trunk and head (no init_from)")
     if jax.process_index() == 0:
       config_lib.save_json(config, os.path.join(workdir, "config.json"))
-    rows = {s: encode(task.splits[s], tok, config.model.family, config.data.seq_len) for s in ("train", "validation")}
+    also = [s for s in task.splits if s.startswith("validation_")]  # more dev sets, e.g. MNLI's mismatched
+    rows = {s: encode(task.splits[s], tok, config.model.family, config.data.seq_len)
+            for s in ("train", "validation", *also)}
+
+    def evaluate(params) -> dict:
+      """The task's metrics on its validation split, and on each further dev set with its name as suffix."""
+      m = _eval(predict, params, rows["validation"], task, config, batch_sharding)
+      for split in also:
+        more = _eval(predict, params, rows[split], task, config, batch_sharding)
+        m.update({f"{k}_{split.removeprefix('validation_')}": v for k, v in more.items() if k != "loss"})
+      return m
+
     n_train = len(rows["train"]["labels"])
     seed = config.train.seed * 1_000_003 + config.data.seed
     batches = (_to_device({k: v[batch_indices(n_train, config.train.batch_size, seed, step)]
@@ -492,7 +505,7 @@ def run(config, workdir: str) -> dict:
       looped = train.loop(
           config, state, batches, train_step, checkpointer=checkpointer, workdir=workdir, meta=meta,
           skipped=int(resume[1].get("skipped_steps", 0)) if resume is not None else 0,
-          evaluate=lambda params: _eval(predict, params, rows["validation"], task, config, batch_sharding),
+          evaluate=evaluate,
           eval_message=lambda m: f"{task.name} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
   finally:
     try:
@@ -504,6 +517,8 @@ def run(config, workdir: str) -> dict:
   if task.is_regression:
     train_metrics.pop("accuracy", None)  # checkpoints saved before it was dropped
   result = {"task": task.name, "label_names": list(task.label_names), "main_metric": task.main_metric,
+            **({"f1_positive_label": task.label_names[task.positive]} if "f1" in task.metrics and task.label_names
+               else {}),
             "eval": looped.eval, "train": train_metrics,
             "step": int(looped.state["step"]), **origin, "resumed_from": resume[0] if resume is not None else None,
             "peft": config.finetune.peft, "trainable_params": trainable, "total_params": total,

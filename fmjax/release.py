@@ -235,7 +235,8 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
   lines += [_table([
       ("Objective", objective),
       ("Steps", f"{step} (of {t.get('steps', '?')} planned)"),
-      ("Tokens seen", f"{step * batch * seq_len:,} (steps x batch {batch} x sequence {seq_len}, packed rows)"),
+      ("Tokens seen", f"{step * batch * seq_len:,} (steps x batch {batch} x sequence {seq_len}, "
+                      + ("padded examples)" if "task" in config else "packed rows)")),
       ("Optimizer", f"AdamW, lr {config.optim.lr}, {config.optim.schedule} schedule, "
                     f"weight decay {config.optim.weight_decay}" if "optim" in config else "n/a"),
       ("PII scrubbing", "on" if report["pii_scrub"] else "off")], ("", "")), ""]
@@ -255,9 +256,12 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
   lines += ["## Evaluation", ""]
   eval_step, metrics = evals
   if metrics:
-    title = (f"Held-out results at step {eval_step} (from metrics.jsonl):" if eval_step == step else
+    # A pretraining run scores only train.eval_batches batches as it trains; fine-tuning, the whole split.
+    scope = ("the whole validation split" if "task" in config else
+             f"the first {t.get('eval_batches', '?')} batches of the eval split; `fmjax eval` scores all of it")
+    title = (f"Held-out results at step {eval_step} (from metrics.jsonl; {scope}):" if eval_step == step else
              f"No evaluation at the released step {step}; the latest before it, at step {eval_step} "
-             "(from metrics.jsonl):")
+             f"(from metrics.jsonl; {scope}):")
     lines += [title, "",
               _table([(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in sorted(metrics.items())],
                      ("Metric", "Value")), ""]

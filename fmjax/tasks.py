@@ -27,6 +27,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 import sysconfig
 from typing import Sequence
@@ -74,6 +75,7 @@ class Task:
   metrics: tuple[str, ...]
   splits: dict[str, list[Example]]
   label_names: tuple[str, ...] = ()
+  positive: int = 1  # the class F1 scores (two classes): the names' second unless the labels say otherwise
 
   @property
   def is_regression(self) -> bool:
@@ -112,11 +114,12 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
   return float((a * b).sum() / denom) if denom > 0 else 0.0
 
 
-def compute_metrics(names: Sequence[str], predictions, labels) -> dict[str, float]:
+def compute_metrics(names: Sequence[str], predictions, labels, positive: int = 1) -> dict[str, float]:
   """GLUE's metrics of class ids (or regression scores) against labels.
 
-  f1 is the F1 of class 1 (mrpc, qqp); matthews is the Matthews correlation (cola); pearson
-  and spearman compare scores (stsb). A metric with an undefined denominator is 0.
+  f1 is the F1 of class `positive` (mrpc, qqp: 1, the paraphrase); matthews is the Matthews
+  correlation (cola); pearson and spearman compare scores (stsb). A metric with an undefined
+  denominator is 0.
   """
   p, y = np.asarray(predictions), np.asarray(labels)
   out = {}
@@ -124,10 +127,10 @@ def compute_metrics(names: Sequence[str], predictions, labels) -> dict[str, floa
     if name == "accuracy":
       out[name] = float(np.mean(p == y)) if len(y) else 0.0
     elif name in ("f1", "matthews"):
-      tp = float(np.sum((p == 1) & (y == 1)))
-      fp = float(np.sum((p == 1) & (y != 1)))
-      fn = float(np.sum((p != 1) & (y == 1)))
-      tn = float(np.sum((p != 1) & (y != 1)))
+      tp = float(np.sum((p == positive) & (y == positive)))
+      fp = float(np.sum((p == positive) & (y != positive)))
+      fn = float(np.sum((p != positive) & (y == positive)))
+      tn = float(np.sum((p != positive) & (y != positive)))
       if name == "f1":
         out[name] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
       else:
@@ -147,7 +150,7 @@ def evaluate(task: Task, predictions, split: str = "validation") -> dict[str, fl
   labels = [label for _, label in task.splits[split]]
   if len(labels) != len(predictions):
     raise ValueError(f"{len(predictions)} predictions for {len(labels)} {split} examples of {task.name}")
-  return compute_metrics(task.metrics, predictions, labels)
+  return compute_metrics(task.metrics, predictions, labels, task.positive)
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -329,7 +332,26 @@ def _files_task(tc) -> Task:
   num_classes = int(tc.num_classes) if tc.num_classes != -1 else len(names)
   metrics = ("pearson", "spearman") if num_classes == 0 else ("accuracy", "f1") if num_classes == 2 else \
       ("accuracy",)
-  return Task(tc.name, text_columns, num_classes, metrics, splits, names)
+  return Task(tc.name, text_columns, num_classes, metrics, splits, names,
+              positive_class(names, str(tc.get("positive_label", "")), tc.files) if num_classes == 2 else 1)
+
+
+_NEGATIVE = re.compile(r"^(not|non|no|un|in|dis)[\s_-]?", re.IGNORECASE)
+
+
+def positive_class(names: Sequence[str], positive_label: str, where: str) -> int:
+  """The class id that F1 scores for two class names: `task.positive_label` if given, else the one
+  the other negates (`equivalent` of `not_equivalent`, `duplicate` of `not_duplicate`), else 1."""
+  if positive_label:
+    if positive_label not in names:
+      raise ConfigError(f"task.positive_label={positive_label!r} is not a label of {where}; use one of {list(names)}")
+    return list(names).index(positive_label)
+  for i, name in enumerate(names):
+    other = names[1 - i]
+    match = _NEGATIVE.match(other)
+    if match and other[match.end():].lower() == name.lower():
+      return i
+  return 1
 
 
 # ----------------------------------------------------------------------------- GLUE
@@ -349,7 +371,9 @@ def _glue_task(name: str, tc, data_dir: str) -> Task:
     builder = None  # tfds.load below says why, in one line
   if builder is not None:
     sources.check_downloadable(tfds_name, builder, data_dir)
-  for ours, theirs in (("train", "train"), ("validation", val_split)):
+  # MNLI's run also scores its mismatched dev set, as `accuracy_mismatched`: one model, both numbers.
+  more = ("validation_mismatched",) if name == "mnli" else ()
+  for ours, theirs in (("train", "train"), ("validation", val_split), *((s, s) for s in more)):
     try:
       ds, info = tfds.load(tfds_name, split=theirs, data_dir=data_dir or None, with_info=True)
     except Exception as e:  # no network here, most often: one line that says where to prepare it

@@ -465,3 +465,14 @@ def test_an_exported_bert_classifier_returns_token_types_and_fmjax_logits_for_pa
   types = enc["token_type_ids"].numpy()
   assert types.max() == 1
   np.testing.assert_array_equal(types, rows["token_types"][:, :types.shape[1]])
+
+
+def test_an_mnli_run_scores_both_dev_sets(files, tmp_path, tfds_online):
+  """MNLI-m and -mm are one model's two numbers (as in BERT's table), not two fine-tunings."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config = ft_config(files, "train.steps=1", "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}",
+                     arg="task=glue/mnli")
+  with tfds.testing.mock_data(num_examples=8):
+    result = finetune.run(config, str(tmp_path / "mnli"))
+  assert set(result["eval"]) == {"accuracy", "accuracy_mismatched", "loss"}
+  assert 0.0 <= result["eval"]["accuracy_mismatched"] <= 1.0

@@ -29,6 +29,29 @@ def test_classification_metrics_match_hand_computed_values():
   assert tasks.compute_metrics(("matthews", "f1"), [0, 0, 0], [0, 0, 0]) == {"matthews": 0.0, "f1": 0.0}
 
 
+def test_f1_scores_the_class_the_labels_call_positive(tmp_path):
+  pred = [1, 1, 0, 0, 1, 0, 1, 1]
+  gold = [1, 0, 0, 0, 1, 1, 1, 0]  # for class 0: tp 2, fp 1, fn 2
+  assert tasks.compute_metrics(("f1",), pred, gold, positive=0)["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 2))
+  assert tasks.compute_metrics(("matthews",), pred, gold, positive=0) == tasks.compute_metrics(("matthews",), pred, gold)
+  # Sorted, the negation comes second; F1 still scores the paraphrase, not "not_equivalent".
+  assert tasks.positive_class(("equivalent", "not_equivalent"), "", "f") == 0
+  assert tasks.positive_class(("duplicate", "not duplicate"), "", "f") == 0
+  assert tasks.positive_class(("acceptable", "unacceptable"), "", "f") == 0
+  assert tasks.positive_class(("neg", "pos"), "", "f") == 1 and tasks.positive_class(("neg", "pos"), "neg", "f") == 0
+  with pytest.raises(ConfigError, match=r"task.positive_label='yes' is not a label of f; use one of \['neg', 'pos'\]"):
+    tasks.positive_class(("neg", "pos"), "yes", "f")
+  path = tmp_path / "pairs.jsonl"  # every prediction "equivalent": its F1 is the one MRPC reports
+  path.write_text("".join(json.dumps({"sentence": f"s{i}", "label": "equivalent" if i % 5 else "not_equivalent"})
+                          + "\n" for i in range(50)))
+  task = tasks.load_task(ft_config(tmp_path, f"task.files={path}", arg="task=jsonl"))
+  assert task.label_names == ("equivalent", "not_equivalent") and task.positive == 0
+  all_equivalent = [0.0] * len(task.splits["validation"])
+  f1 = tasks.evaluate(task, all_equivalent)["f1"]
+  share = sum(y == 0 for _, y in task.splits["validation"]) / len(all_equivalent)
+  assert f1 == pytest.approx(2 * share / (1 + share)) and f1 > 0
+
+
 def test_correlations_match_scipy_golden_values():
   # scipy.stats.pearsonr / spearmanr on these values (spearman with tied ranks averaged).
   pred = [0.5, 1.0, 1.0, 2.5, 3.0, 4.0]
