@@ -126,6 +126,7 @@ def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
   schedule = optim.make_schedule(config.optim, config.train.steps)
   skip_nonfinite = config.train.nan_policy == "skip"
   base_key = jax.random.key(config.train.seed + 1)
+  peft_mode = config.finetune.get("peft", "none") if "finetune" in config else "none"
 
   def micro_grads(params, micro_batch, key):
     def f(p):
@@ -133,6 +134,12 @@ def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
       rngs = None if deterministic else nnx.Rngs(dropout=key)
       return loss_fn(model, micro_batch, deterministic=deterministic, rngs=rngs)
     (_, aux), grads = jax.value_and_grad(f, has_aux=True)(params)
+    if peft_mode != "none":
+      # A frozen parameter's gradient is zero: XLA then drops the matmuls that computed it, and the
+      # gradient norm (logged, clipped, checked for NaN) is the trained parameters' alone.
+      from fmjax import peft
+      grads = jax.tree.map(lambda g, trains: g if trains else jnp.zeros_like(g), grads,
+                           peft.trainable_mask(params, peft_mode))
     return grads, aux
 
   def train_step(state, batch):

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -187,3 +188,27 @@ def test_peft_on_the_mlp_input_layer_is_live(mode):
   want = mlp.proj(jax.nn.gelu(mlp.fc(x), approximate=False))  # the layer as a whole, then GELU
   np.testing.assert_allclose(np.asarray(mlp(x)), np.asarray(want), atol=1e-5)
   assert np.abs(np.asarray(mlp.fc(x) - base(x))).max() > 1e-2  # the PEFT term is not zero
+
+
+def test_frozen_parameters_get_no_gradient_work():
+  """Head-only and LoRA steps skip the frozen weights' gradient matmuls, and their grad_norm is
+  the trained parameters' alone (what clipping sees)."""
+  flops = {}
+  for mode in ("none", "lora", "head"):
+    config = tiny("bert", f"finetune.peft={mode}")
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    make = finetune.model_factory(config, C)
+    tx = optim.make_optimizer(config, trainable=lambda p, mode=mode: peft.trainable_mask(p, mode))
+    spec = train.state_spec(config, mesh, tx, make)
+    state = train.init_state(config, spec, tx, make)
+    step = jax.jit(train.make_train_step(config, spec.graphdef, tx, finetune.loss_fn))
+    b = batch()
+    with jax.set_mesh(mesh):
+      flops[mode] = step.lower(state, b).compile().cost_analysis()["flops"]
+      _, m = step(state, b)
+    model = nnx.merge(spec.graphdef, state["params"])
+    grads = nnx.grad(lambda model: finetune.loss_fn(model, b)[0] / np.sum(b["weights"]))(model)
+    trained = [g for (path, g) in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(grads))[0]
+               if peft.is_trainable(peft._keys(path), mode)]
+    np.testing.assert_allclose(float(m["grad_norm"]), float(optax.global_norm(trained)), rtol=1e-4)
+  assert flops["head"] < 0.6 * flops["none"] and flops["lora"] < 0.85 * flops["none"], flops
