@@ -79,14 +79,18 @@ def write_text(p, text: str) -> None:
   os.replace(tmp, p)
 
 
+_WRITTEN_LAST = ("meta.json", "tokenizer.json")
+
+
 def copy_tree(src, dst) -> None:
   """Copies directory `src` with everything under it into `dst`, either side local or remote.
 
-  In each directory `tokenizer.json` goes last, so a reader that finds it finds the files beside it.
+  In each directory the files that mark it whole (`meta.json`, `tokenizer.json`) go last, after
+  its subdirectories, so a reader that finds them finds everything beside them.
   """
   src, dst = path(src), path(dst)
   dst.mkdir(parents=True, exist_ok=True)
-  for item in sorted(src.iterdir(), key=lambda f: f.name == "tokenizer.json"):
+  for item in sorted(src.iterdir(), key=lambda f: f.name in _WRITTEN_LAST):
     if item.is_dir():
       copy_tree(item, dst / item.name)
     else:

@@ -423,7 +423,7 @@ def load_task(config) -> Task:
 
 def _cache_dir(config) -> str:
   from fmjax.data import sources
-  return sources.cache_root(config)
+  return sources.local_cache_root(config)
 
 
 def check_labels(task: Task, declared: int = -1) -> None:

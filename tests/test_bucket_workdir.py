@@ -127,3 +127,28 @@ def test_local_copy_and_json_of_bucket_files(bucket):
   assert files.local_copy(f"{BUCKET}/d") == local  # once per process
   one = files.local_copy(f"{BUCKET}/d/a.json")
   assert os.path.basename(one) == "a.json" and json.load(open(one)) == {"x": 1}
+
+
+def test_a_bucket_cache_dir_prepares_once_for_every_host(bucket, tmp_path, monkeypatch):
+  """data.cache_dir in a bucket: the first host's tokenizer and packed dataset are copied there, and
+  a new host (a pod recreated after preemption) copies them down instead of reading the corpus."""
+  from fmjax.data import sources
+  monkeypatch.setenv("HOME", str(tmp_path / "host1"))
+  config = gpt(f"{BUCKET}/cache")
+  tok = data.get_tokenizer(config)
+  path = data.prepare(config, tok)
+  assert path.startswith(str(tmp_path / "host1" / ".cache" / "fmjax" / "buckets"))
+  name = os.path.basename(path)
+  assert (bucket / "cache" / "datasets" / name / "meta.json").exists()
+  assert any((bucket / "cache" / "tokenizers").glob("*/tokenizer.json"))
+
+  monkeypatch.setenv("HOME", str(tmp_path / "host2"))  # a new host: an empty disk, and no corpus reads allowed
+  def no_corpus(*args, **kwargs):
+    raise AssertionError("the corpus was read again")
+  monkeypatch.setattr(sources, "documents", no_corpus)
+  again = data.prepare(config, data.get_tokenizer(config))
+  assert again.startswith(str(tmp_path / "host2")) and os.path.basename(again) == name
+  for split in ("train", "eval"):
+    assert open(os.path.join(again, split, "tokens.bin"), "rb").read() == \
+        open(os.path.join(path, split, "tokens.bin"), "rb").read()
+  assert data.make_loader(config, "train", batch_size=2, tok=tok).host_batch(0)["inputs"].shape == (2, 32)

@@ -85,7 +85,7 @@ def cache_path(config, tok: tokenizers_lib.Tokenizer) -> str:
       "tokenizer": tok.identity(), "seq_len": config.data.seq_len, "objective": config.train.objective,
       "version": FORMAT_VERSION})
   slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.data.dataset)
-  return os.path.join(sources.cache_root(config), "datasets",
+  return os.path.join(sources.local_cache_root(config), "datasets",
                       f"{slug}-{config.train.objective}-{config.data.seq_len}-{key}")
 
 
@@ -106,6 +106,8 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
   if tok is None:
     tok = tokenizers_lib.get_tokenizer(config)
   path = cache_path(config, tok)
+  rel = os.path.relpath(path, sources.local_cache_root(config))
+  sources.fetch_shared(config, rel, "meta.json")  # data.cache_dir in a bucket: prepared once, for every host
   if is_prepared(path):
     return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -130,6 +132,7 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
         raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+  sources.share(config, rel)
   return path
 
 

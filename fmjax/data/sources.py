@@ -13,11 +13,14 @@ import itertools
 import json
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import urllib.parse
 from typing import Any, Iterator
 
+from fmjax import files
 from fmjax.config_lib import ConfigError
 
 OURS = ("fmjax_corpus", "text_files")
@@ -25,8 +28,52 @@ _READ_CHUNK = 1024
 
 
 def cache_root(config) -> str:
-  """The cache directory: config.data.cache_dir, or ~/.cache/fmjax."""
-  return os.path.abspath(os.path.expanduser(config.data.cache_dir or "~/.cache/fmjax"))
+  """The cache directory: config.data.cache_dir (a local path or a bucket), or ~/.cache/fmjax."""
+  root = config.data.cache_dir or "~/.cache/fmjax"
+  return root if files.is_remote(root) else os.path.abspath(os.path.expanduser(root))
+
+
+def local_cache_root(config) -> str:
+  """Where this host reads caches: `cache_root`, or for a bucket its local copy under ~/.cache/fmjax/buckets/.
+
+  A pod's hosts lose their disks with their VMs. With data.cache_dir in a bucket, a prepared
+  dataset or trained tokenizer is copied there once (`share`) and down to each new host
+  (`fetch_shared`) instead of being made again from the corpus.
+  """
+  root = cache_root(config)
+  if not files.is_remote(root):
+    return root
+  return os.path.join(os.path.expanduser("~/.cache/fmjax"), "buckets", re.sub(r"[^A-Za-z0-9_.-]+", "_", root))
+
+
+def fetch_shared(config, rel: str, marker: str) -> str:
+  """The local directory of cache entry `rel` (e.g. `datasets/<name>`). From a bucket cache_dir it
+  is copied down once the bucket holds it whole: its `marker` file, written last, is there."""
+  local = os.path.join(local_cache_root(config), rel)
+  root = cache_root(config)
+  if not files.is_remote(root) or os.path.exists(os.path.join(local, marker)):
+    return local
+  remote = os.path.join(root, rel)
+  if files.exists(os.path.join(remote, marker)):
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(local))
+    try:
+      files.copy_tree(remote, tmp)
+      os.rename(tmp, local)
+    except OSError:
+      if not os.path.exists(os.path.join(local, marker)):  # another process of this host fetched it first: fine
+        raise
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  return local
+
+
+def share(config, rel: str) -> None:
+  """Copies this host's cache entry `rel` to a bucket cache_dir (process 0; its marker file last)."""
+  import jax
+  root = cache_root(config)
+  if files.is_remote(root) and jax.process_index() == 0:
+    files.copy_tree(os.path.join(local_cache_root(config), rel), os.path.join(root, rel))
 
 
 def jsonl_records(path: str) -> Iterator[tuple[int, Any]]:
@@ -196,7 +243,7 @@ def _builder(config):
   d = config.data
   if d.dataset in OURS:
     from fmjax.data import corpus
-    data_dir = d.data_dir or os.path.join(cache_root(config), "tfds")
+    data_dir = d.data_dir or os.path.join(local_cache_root(config), "tfds")
     if d.dataset == "fmjax_corpus":
       return corpus.FmjaxCorpus(data_dir=data_dir, file_format="array_record")
     return corpus.TextFiles(paths=corpus.resolve_files(d.files), feature=d.feature, data_dir=data_dir,

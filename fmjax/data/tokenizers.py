@@ -240,7 +240,8 @@ def get_tokenizer(config, workdir: str | None = None) -> Tokenizer:
     key = sources.identity_hash({"corpus": sources.corpus_identity(config, "train"), "kind": t.kind,
                                  "vocab_size": t.vocab_size, "objective": config.train.objective,
                                  "extra": extra, "version": 1})
-    directory = os.path.join(sources.cache_root(config), "tokenizers", f"{t.kind}-{t.vocab_size}-{key}")
+    rel = os.path.join("tokenizers", f"{t.kind}-{t.vocab_size}-{key}")
+    directory = sources.fetch_shared(config, rel, "tokenizer.json")  # from a bucket cache_dir, if it has it
     if os.path.exists(os.path.join(directory, "tokenizer.json")):
       tok = load_tokenizer(directory)
     else:
@@ -257,6 +258,7 @@ def get_tokenizer(config, workdir: str | None = None) -> Tokenizer:
         raise ConfigError(f"dataset {config.data.dataset!r} split {config.data.train_split!r} has no text "
                           "(empty corpus); check data.dataset, data.files and data.train_split")
       _save_atomic(tok, directory)
+      sources.share(config, rel)
   _check_fits(config, tok)
   return tok
 
