@@ -386,6 +386,7 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       eval_batches=8,           # 0: no held-out evaluation during training
       nan_policy="abort",       # abort | skip
       progress_bar=True,
+      wandb=False,              # also log to Weights & Biases (offline unless WANDB_MODE says otherwise)
       profile_steps=0,          # >0: trace this many updates with jax.profiler into <workdir>/tb
       profile_start=5,          # ... from this step on (never the run's first update, which compiles)
   ))

@@ -84,7 +84,7 @@ def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: 
   else:
     raise ConfigError(f"{workdir}/config.json is not an fmjax run's; pass the --workdir of `fmjax train`, `sft` "
                       "or `finetune`")
-  result = {"workdir": str(files.path(workdir)), **result}
+  result = {"workdir": files.absolute(workdir), **result}
   if jax.process_index() == 0:
     name = "eval.json" if split == "eval" else f"eval_{split}.json"
     files.write_json(os.path.join(workdir, name), result, indent=1)

@@ -12,7 +12,7 @@ and copied to the bucket now and then (`Mirror`); files read by libraries that w
 
 from __future__ import annotations
 
-import hashlib
+import atexit
 import json
 import os
 import shutil
@@ -28,8 +28,13 @@ def is_remote(path) -> bool:
 
 def path(p) -> epath.Path:
   """An epath for `p`: object-store URIs as they are, local paths made absolute."""
+  return epath.Path(absolute(p))
+
+
+def absolute(p) -> str:
+  """`p` as a string that names it from anywhere: an object-store URI as it is, a local path absolute."""
   p = str(p)
-  return epath.Path(p if is_remote(p) else os.path.abspath(os.path.expanduser(p)))
+  return p if is_remote(p) else os.path.abspath(os.path.expanduser(p))
 
 
 def exists(p) -> bool:
@@ -97,27 +102,35 @@ def copy_tree(src, dst) -> None:
       item.copy(dst / item.name, overwrite=True)
 
 
+_COPIES: dict[str, str] = {}  # remote path -> its local copy, for this process
+_COPIES_DIR: list[str] = []    # the temporary directory that holds them, removed at exit
+
+
 def local_copy(p) -> str:
   """A local path with the contents of file or directory `p`: `p` itself (absolute) when it is
-  local, else a copy under the temporary directory, made once per process."""
+  local, else a copy under a temporary directory, made once per process (`forget` drops it)."""
   if not is_remote(p):
-    return os.path.abspath(os.path.expanduser(str(p)))
-  base = os.path.join(tempfile.gettempdir(), f"fmjax-{os.getpid()}")
-  local = os.path.join(base, hashlib.sha256(str(p).encode()).hexdigest()[:16], os.path.basename(str(p).rstrip("/")))
-  if not os.path.exists(local):
-    tmp = tempfile.mkdtemp(dir=_made(base))
-    if isdir(p):
-      copy_tree(p, tmp)
-    else:
-      path(p).copy(path(os.path.join(tmp, "file")))
-      tmp = os.path.join(tmp, "file")
-    os.renames(tmp, local)
+    return absolute(p)
+  key = str(p).rstrip("/")
+  if key in _COPIES and os.path.exists(_COPIES[key]):
+    return _COPIES[key]
+  if not _COPIES_DIR:
+    _COPIES_DIR.append(tempfile.mkdtemp(prefix="fmjax-copies-"))
+    atexit.register(shutil.rmtree, _COPIES_DIR[0], True)
+  local = os.path.join(tempfile.mkdtemp(dir=_COPIES_DIR[0]), os.path.basename(key))
+  if isdir(key):
+    copy_tree(key, local)
+  else:
+    path(key).copy(path(local))
+  _COPIES[key] = local
   return local
 
 
-def _made(directory: str) -> str:
-  os.makedirs(directory, exist_ok=True)
-  return directory
+def forget(p) -> None:
+  """Drops the local copy of `p` (its bucket files changed): the next `local_copy` reads them again."""
+  local = _COPIES.pop(str(p).rstrip("/"), None)
+  if local:
+    shutil.rmtree(os.path.dirname(local), ignore_errors=True)
 
 
 class Mirror:
@@ -156,12 +169,15 @@ class Mirror:
     for directory, _, names in os.walk(self.root):
       for name in names:
         rel = os.path.relpath(os.path.join(directory, name), self.root)
-        stamp = self._stamp(rel)
-        if self._synced.get(rel) != stamp:
-          target = path(self.workdir) / rel
-          target.parent.mkdir(parents=True, exist_ok=True)
-          path(os.path.join(self.root, rel)).copy(target, overwrite=True)
-          self._synced[rel] = stamp
+        try:
+          stamp = self._stamp(rel)
+          if self._synced.get(rel) != stamp:
+            target = path(self.workdir) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path(os.path.join(self.root, rel)).copy(target, overwrite=True)
+            self._synced[rel] = stamp
+        except FileNotFoundError:  # gone since the walk (a temporary file, a dangling link): nothing to keep
+          continue
 
   def close(self) -> None:
     """Copies what changed to the workdir and removes the staging directory."""

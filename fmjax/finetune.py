@@ -250,9 +250,8 @@ def adopt_pretrain_settings(config, init_from: str) -> list[str]:
         config.data.tokenizer[key] = value
     # The tokenizer the run saved (train keeps it in its workdir) is its ids exactly; rebuilt from
     # the corpus settings it could differ, once those files changed.
-    own = os.path.join(init_from, data.RUN_TOKENIZER)
+    own = files.absolute(os.path.join(init_from, data.RUN_TOKENIZER))  # absolute, or in a bucket
     if config.data.tokenizer.kind != "hf" and files.exists(os.path.join(own, "tokenizer.json")):
-      own = files.local_copy(own)
       vocab = data.load_hf(own).vocab_size
       config.data.tokenizer.update(kind="hf", path=own, vocab_size=vocab)
       changed.append(f"data.tokenizer=hf:{own}")

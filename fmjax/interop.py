@@ -38,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
@@ -536,7 +537,7 @@ def _repo_config(family: str) -> str | None:
 
 
 def _empty_or_missing(path: str) -> bool:
-  return not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))
+  return not files.exists(path) or (files.isdir(path) and not any(files.path(path).iterdir()))
 
 
 def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
@@ -552,7 +553,7 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
   import jax.numpy as jnp
   from fmjax import checkpoint as ckpt_lib, config_lib, data, metrics, optim
 
-  model_dir, workdir = os.path.abspath(os.path.expanduser(model_dir)), os.path.abspath(os.path.expanduser(workdir))
+  model_dir, workdir = os.path.abspath(os.path.expanduser(model_dir)), files.absolute(workdir)
   if not os.path.isdir(model_dir):
     raise ConfigError(f"--model_dir={model_dir} is not a directory")
   if not _empty_or_missing(workdir):
@@ -590,9 +591,7 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
   params = jax.tree.map(lambda x: jnp.asarray(x, config.model.param_dtype), params)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params)}
 
-  staging = workdir.rstrip("/") + ".importing"
-  shutil.rmtree(staging, ignore_errors=True)
-  try:
+  with staged_dir(workdir, ".importing") as staging:
     os.makedirs(staging)
     tokenizer.save(os.path.join(staging, data.RUN_TOKENIZER))
     config_lib.save_json(config, os.path.join(staging, "config.json"))
@@ -605,11 +604,6 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
             "imported_from": model_dir, "metrics": {}}
     checkpointer.save(0, state, meta, force=True)
     checkpointer.close()
-    if os.path.isdir(workdir):
-      os.rmdir(workdir)  # empty (checked above)
-    os.rename(staging, workdir)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
   for note in notes:
     metrics.log.info("import-hf: %s", note)
   return config
@@ -772,7 +766,7 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> 
   """Exports a workdir's checkpoint (latest or `step`) as a Hugging Face model directory `out`."""
   if fmt != "hf":
     raise ConfigError(f"--format={fmt!r} is not supported; use --format=hf")
-  out = os.path.abspath(os.path.expanduser(out))
+  out = files.absolute(out)
   if not _empty_or_missing(out):
     raise ConfigError(f"--out={out} already exists and is not empty; choose a new directory")
   config, params, step = load_params(workdir, step)
@@ -785,7 +779,16 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> 
 
 @contextlib.contextmanager
 def staged_dir(out: str, suffix: str):
-  """Yields a scratch directory that becomes `out` only if the block succeeds (nothing half-written)."""
+  """Yields a scratch directory (not yet made) that becomes `out` only if the block succeeds, so
+  nothing is left half-written. A bucket `out` is staged on this machine and copied up at the end."""
+  if files.is_remote(out):
+    scratch = tempfile.mkdtemp(prefix="fmjax-staging-")
+    try:
+      yield os.path.join(scratch, "out")
+      files.copy_tree(os.path.join(scratch, "out"), out)
+    finally:
+      shutil.rmtree(scratch, ignore_errors=True)
+    return
   staging = out.rstrip("/") + suffix
   shutil.rmtree(staging, ignore_errors=True)
   try:
@@ -814,7 +817,7 @@ def cli_import(argv: list[str]) -> int:
   config = import_hf(args.model_dir, args.workdir, args.config, overrides)
   m = config.model
   print(f"imported {m.family} ({m.num_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}) into "
-        f"{os.path.abspath(args.workdir)}")
+        f"{files.absolute(args.workdir)}")
   return 0
 
 

@@ -157,6 +157,15 @@ class MetricsWriter:
     else:
       log.info(text)
 
+  def sync(self) -> None:
+    """Copies the logs to a bucket workdir now (`files.Mirror`); nothing for a local one."""
+    if self._jsonl is not None:
+      self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+    if self._mirror is not None:
+      self._mirror.sync(force=True)
+
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()

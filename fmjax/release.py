@@ -309,11 +309,7 @@ def sha256sums(directory: str) -> str:
 
 
 def _imported_info(workdir: str) -> dict | None:
-  path = os.path.join(workdir, interop.IMPORT_INFO)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(os.path.join(workdir, interop.IMPORT_INFO))
 
 
 def release(workdir: str, out: str, *, card_path: str | None = None, step: int | None = None,
@@ -324,8 +320,7 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
   the bundle is written, and the bundle is written under a temporary name and renamed at the end.
   """
   from fmjax import data
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  out = os.path.abspath(os.path.expanduser(out))
+  workdir, out = files.absolute(workdir), files.absolute(out)
   config = interop.read_run_config(workdir)
   imported = _imported_info(workdir)
   card = read_card(config, card_path)

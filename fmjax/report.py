@@ -134,6 +134,8 @@ def report(workdir: str, out: str | None = None) -> list[str]:
   """Writes the report for a run's workdir (or a sweep root) into `out` (default: the workdir; for a
   bucket workdir, `./<run name>-report`)."""
   out = out or (f"{os.path.basename(workdir.rstrip('/'))}-report" if files.is_remote(workdir) else workdir)
+  if files.is_remote(out):
+    raise ConfigError(f"--out={out} is in a bucket; write the report to a local directory (and copy it up)")
   records = read_metrics(workdir)
   if not records:
     from fmjax import sweep
@@ -172,7 +174,7 @@ def _sweep_report(root: str, out: str) -> list[str]:
     from fmjax import finetune
     # summarize reads `join(first arg, name)/results.json` and writes into its first arg: absolute
     # run paths make it read the runs in `root` and write into `out`.
-    paths += finetune.summarize(out, [{"name": os.path.abspath(os.path.join(root, r["name"])), "entry": r["entry"]}
+    paths += finetune.summarize(out, [{"name": files.absolute(os.path.join(root, r["name"])), "entry": r["entry"]}
                                       for r in runs])["paths"]
   return paths
 
@@ -181,7 +183,8 @@ def cli(argv: list[str]) -> int:
   """`fmjax report --workdir=W [--out=DIR]`."""
   p = argparse.ArgumentParser(prog="fmjax report")
   p.add_argument("--workdir", required=True, help="a train run's workdir, or a sweep root")
-  p.add_argument("--out", default="", help="where to write (default: the workdir)")
+  p.add_argument("--out", default="", help="a local directory to write to (default: the workdir; for a bucket "
+                 "workdir, ./<name>-report)")
   args = p.parse_args(argv)
   for path in report(args.workdir, args.out or None):
     print(path)

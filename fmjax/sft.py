@@ -258,7 +258,7 @@ def adopt_tokenizer(config, workdir: str, source: dict | None):
   own_tok = os.path.join(workdir, data.RUN_TOKENIZER)
   resuming = files.isdir(own_tok)
   if resuming:
-    tok = data.load_tokenizer(files.local_copy(own_tok))
+    tok = data.load_tokenizer(own_tok)
   elif config.init_from:  # the tokenizer init_from saved, if it did: its ids exactly
     tok = data.get_tokenizer(ml_collections.ConfigDict(source), config.init_from)
   elif config.data.tokenizer.kind == "hf":

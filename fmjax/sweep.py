@@ -39,7 +39,7 @@ import sys
 import time
 from typing import Any, Iterable, Sequence, TextIO
 
-from fmjax import config_lib
+from fmjax import config_lib, files
 from fmjax.config_lib import ConfigError
 
 DONE_MARKER = "SWEEP_DONE"
@@ -225,9 +225,19 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   if print_commands:
     for run in runs:
       print(shlex.join(run.argv(root)), file=out)
+    # Where the runs go (a bucket, for launched runs), the sweep's list of them: `fmjax report
+    # --workdir=ROOT` builds the results table from it once they ran.
+    try:
+      files.makedirs(root)
+      _write_runs_file(runs, root)
+    except OSError as e:  # the commands are what was asked for; the list is a convenience
+      print(f"sweep: {root}/{RUNS_FILE} not written ({e}); `fmjax report --workdir={root}` needs it", file=sys.stderr)
     return {"runs": runs, "failed": [], "preempted": [], "not_started": [], "skipped": [], "table": None}
   if parallel < 1:
     raise ConfigError(f"--parallel must be at least 1, got {parallel}")
+  if files.is_remote(root):
+    raise ConfigError(f"--workdir={root}: the local runner keeps a sweep's logs and state beside its runs on this "
+                      "machine; use a local --workdir, or --print_commands to launch the runs into the bucket")
   os.makedirs(root, exist_ok=True)
   _write_runs_file(runs, root)
   skipped = [r for r in runs if is_finished(r, root)]
@@ -328,16 +338,15 @@ def _program() -> tuple[str, ...]:
 def _write_runs_file(runs: Sequence[Run], root: str) -> None:
   data = [{"name": r.name, "spec": r.spec, "command": r.command, "overrides": list(r.overrides),
            "entry": {k: v for k, v in r.entry}} for r in runs]
-  path = os.path.join(root, RUNS_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(data, f, indent=1, default=repr)
-  os.replace(path + ".tmp", path)
+  files.write_text(os.path.join(root, RUNS_FILE), json.dumps(data, indent=1, default=repr))
 
 
 def read_runs_file(root: str) -> list[dict]:
   """The runs a sweep root holds, as written when the sweep started (name, spec, overrides, entry)."""
-  with open(os.path.join(root, RUNS_FILE)) as f:
-    return json.load(f)
+  runs = files.read_json(os.path.join(root, RUNS_FILE))
+  if runs is None:
+    raise ConfigError(f"{root} holds no {RUNS_FILE}; pass the --workdir of a `fmjax sweep`")
+  return runs
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -385,9 +394,9 @@ def aggregate(root: str, runs: Sequence[Run] | Sequence[dict]) -> Table:
   for run in runs:
     name, entry = (run.name, dict(run.entry)) if isinstance(run, Run) else (run["name"], run["entry"])
     workdir = os.path.join(root, name)
-    status = ("done" if os.path.exists(os.path.join(workdir, DONE_MARKER)) else _last_status(workdir) or
-              ("partial" if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else
-               "not started" if not os.path.exists(workdir) else "missing"))
+    status = ("done" if files.exists(os.path.join(workdir, DONE_MARKER)) else _last_status(workdir) or
+              ("partial" if files.exists(os.path.join(workdir, "metrics.jsonl")) else
+               "not started" if not files.exists(workdir) else "missing"))
     rows.append({"name": name, "entry": entry, "status": status, **final_metrics(workdir)})
   by_group: dict[str, list[dict]] = {}
   for row in rows:
@@ -406,9 +415,8 @@ def aggregate(root: str, runs: Sequence[Run] | Sequence[dict]) -> Table:
 def _last_status(workdir: str) -> str | None:
   """`preempted` or `failed` as the sweep saw the run's last exit; None when it has not seen one."""
   try:
-    with open(os.path.join(workdir, STATUS_MARKER)) as f:
-      return json.load(f).get("status")
-  except (OSError, json.JSONDecodeError):
+    return (files.read_json(os.path.join(workdir, STATUS_MARKER)) or {}).get("status")
+  except (OSError, ConfigError, AttributeError):
     return None
 
 

@@ -350,7 +350,8 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
   tokens_per_step = config.train.batch_size * config.data.seq_len
   peak = metrics_lib.peak_flops_per_device() if flops_per_token else None
   writer = metrics_lib.MetricsWriter(workdir, total, start, progress_bar=config.train.progress_bar,
-                                     run_name=config.name, config_dict=config_lib.to_dict(config))
+                                     use_wandb=bool(config.train.get("wandb", False)), run_name=config.name,
+                                     config_dict=config_lib.to_dict(config))
   profiler = metrics_lib.StepProfiler(os.path.join(workdir, "tb"), config.train.get("profile_start", 0),
                                       config.train.get("profile_steps", 0), start, writer.message)
   if start == 0 and _short_warmup_note(config):
@@ -418,6 +419,8 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
         saved = {"step": step, **meta(step), "fmjax_version": __import__("fmjax").__version__,
                  "metrics": last_train, "skipped_steps": skipped}
         checkpointer.save(step, state, saved, force=stop or step == total)
+      if eval_due or save_due:
+        writer.sync()  # a bucket workdir's logs are never behind its checkpoints
       t_last += time.time() - paused  # train/tokens_per_sec counts training time only, not eval or saving
       if step == total:
         break
@@ -554,7 +557,7 @@ def _adopt_tokenizer(config, workdir: str):
   own = os.path.join(workdir, data.RUN_TOKENIZER)
   tok = None
   if files.exists(os.path.join(own, "tokenizer.json")):  # a rerun: written by its first start
-    vocab = data.load_hf(files.local_copy(own)).vocab_size
+    vocab = data.load_hf(own).vocab_size
   else:
     source_config = ml_collections.ConfigDict(source)
     if not os.path.isdir(source_config.data.get("cache_dir") or "/nonexistent"):

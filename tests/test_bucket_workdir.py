@@ -37,6 +37,7 @@ def bucket(tmp_path, monkeypatch):
     return real(p)
 
   monkeypatch.setattr(files, "path", path)
+  monkeypatch.setattr(files, "_COPIES", {})  # another test's bucket files are not this one's
   (tmp_path / "cwd").mkdir()
   monkeypatch.chdir(tmp_path / "cwd")
   yield root
@@ -77,8 +78,8 @@ def test_a_run_keeps_everything_in_its_bucket_workdir_and_resumes_from_it(bucket
   config = gpt(tmp_path / "other_cache")
   adopted = finetune.adopt_pretrain_settings(config, workdir)
   assert any(a.startswith("data.tokenizer=hf:") for a in adopted)
-  assert os.path.exists(os.path.join(config.data.tokenizer.path, "tokenizer.json"))
-  assert not files.is_remote(config.data.tokenizer.path)
+  assert config.data.tokenizer.path == f"{workdir}/tokenizer"  # read through a local copy, recorded as it is
+  assert data.get_tokenizer(config).identity() == saved.identity()
 
   # Fine-tuning from the bucket run into the bucket; `fmjax eval` of it writes there too.
   task = tmp_path / "task.jsonl"
@@ -89,6 +90,12 @@ def test_a_run_keeps_everything_in_its_bucket_workdir_and_resumes_from_it(bucket
       "train.steps=1", f"init_from={workdir}"])
   result = finetune.run(cls, f"{BUCKET}/runs/cls")
   assert json.load(open(bucket / "runs" / "cls" / "results.json"))["label_names"] == result["label_names"]
+  # The run records init_from's tokenizer where it lives, not this process's local copy of it,
+  # so the same command resumes (here: finds the run finished) on this machine or any other.
+  recorded = json.load(open(bucket / "runs" / "cls" / "config.json"))["data"]["tokenizer"]["path"]
+  assert recorded == f"{workdir}/tokenizer"
+  files.forget(recorded)
+  assert finetune.run(cls, f"{BUCKET}/runs/cls")["resumed_from"] == 1
   evaluate.run(f"{BUCKET}/runs/cls")
   assert "accuracy" in json.load(open(bucket / "runs" / "cls" / "eval.json"))
 
@@ -105,6 +112,7 @@ def test_mirror_copies_only_what_changed(bucket):
   with open(os.path.join(mirror.root, "tb", "plugins", "trace.pb"), "w") as f:
     f.write("trace")
   (bucket / "m" / "log.txt").write_text("edited in the bucket\n")  # unchanged locally: not copied again
+  os.symlink(os.path.join(mirror.root, "gone"), os.path.join(mirror.root, "dangling"))  # e.g. a W&B run link
   mirror.close()
   assert (bucket / "m" / "log.txt").read_text() == "edited in the bucket\n"
   assert (bucket / "m" / "tb" / "plugins" / "trace.pb").read_text() == "trace"
@@ -152,3 +160,41 @@ def test_a_bucket_cache_dir_prepares_once_for_every_host(bucket, tmp_path, monke
     assert open(os.path.join(again, split, "tokens.bin"), "rb").read() == \
         open(os.path.join(path, split, "tokens.bin"), "rb").read()
   assert data.make_loader(config, "train", batch_size=2, tok=tok).host_batch(0)["inputs"].shape == (2, 32)
+
+
+def test_sweeps_and_exports_with_bucket_paths(bucket, tmp_path, capsys):
+  from fmjax import interop, report, sweep
+  spec = os.path.join(REPO, "configs", "gpt.py") + ":tiny"
+  entries = sweep.product({"optim.lr": [1e-3, 1e-2]})
+  # Launched runs: the commands, and the list of runs in the bucket, from which `fmjax report` builds the table.
+  sweep.run_sweep(spec, entries, f"{BUCKET}/sweep", print_commands=True)
+  assert (bucket / "sweep" / sweep.RUNS_FILE).exists()
+  written = report.report(f"{BUCKET}/sweep", str(tmp_path / "rep"))
+  table = open(next(p for p in written if p.endswith("sweep.md"))).read()
+  assert "optim.lr=0.001" in table and "not started" in table
+  with pytest.raises(config_lib.ConfigError, match="the local runner keeps a sweep's logs"):
+    sweep.run_sweep(spec, entries, f"{BUCKET}/sweep2")
+  with pytest.raises(config_lib.ConfigError, match="is in a bucket; write the report to a local directory"):
+    report.report(f"{BUCKET}/sweep", f"{BUCKET}/rep")
+
+  # A run trained into the bucket exports into the bucket, and import-hf writes a bucket workdir.
+  workdir = f"{BUCKET}/runs/gpt"
+  train.run(gpt(tmp_path / "cache", "train.steps=1", "train.eval_batches=0"), workdir)
+  interop.export(workdir, f"{BUCKET}/hf")
+  assert (bucket / "hf" / "model.safetensors").exists() and (bucket / "hf" / "tokenizer.json").exists()
+  with pytest.raises(config_lib.ConfigError, match="already exists and is not empty"):
+    interop.export(workdir, f"{BUCKET}/hf")
+  interop.import_hf(str(bucket / "hf"), f"{BUCKET}/imported")
+  assert (bucket / "imported" / "config.json").exists() and (bucket / "imported" / "checkpoints" / "0").is_dir()
+  assert generate.restore_run(f"{BUCKET}/imported").step == 0
+
+
+def test_the_logs_reach_the_bucket_at_each_eval_and_save_not_only_at_the_end(bucket):
+  from fmjax import metrics
+  writer = metrics.MetricsWriter(f"{BUCKET}/w", total_steps=10, progress_bar=False)
+  writer.write(1, {"loss": 2.0}, prefix="train/")  # within 30 s of the start: not copied yet
+  assert not (bucket / "w" / "metrics.jsonl").exists()
+  writer.write(2, {"loss": 1.5}, prefix="eval/")
+  writer.sync()  # what the loop does after an eval or a save
+  assert [json.loads(l)["step"] for l in (bucket / "w" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+  writer.close()

@@ -87,13 +87,15 @@ def test_bad_sweep_key_fails_before_anything_runs(tmp_path):
     sweep.run_sweep(GPT, [{"optim.lr": 1e-3}], str(root), base_overrides=["trian.steps=3"])
 
 
-def test_print_commands_runs_nothing(tmp_path):
+def test_print_commands_runs_nothing_and_keeps_the_list_of_runs(tmp_path):
   out = io.StringIO()
   sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3, 1e-2]}), str(tmp_path / "s"), print_commands=True, out=out)
   lines = out.getvalue().splitlines()
   assert lines == [f"fmjax train --config={GPT} --workdir={tmp_path}/s/optim.lr=0.001 --config.optim.lr=0.001",
                    f"fmjax train --config={GPT} --workdir={tmp_path}/s/optim.lr=0.01 --config.optim.lr=0.01"]
-  assert not (tmp_path / "s").exists()
+  # It runs nothing, but keeps the list of runs, from which `fmjax report` builds their table.
+  assert os.listdir(tmp_path / "s") == [sweep.RUNS_FILE]
+  assert [r["name"] for r in sweep.read_runs_file(str(tmp_path / "s"))] == ["optim.lr=0.001", "optim.lr=0.01"]
 
 
 def test_mean_std():

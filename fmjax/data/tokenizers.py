@@ -108,10 +108,10 @@ def resolve_tokenizer_path(config, workdir: str):
   path, own = os.path.expanduser(tok["path"]), os.path.join(workdir, RUN_TOKENIZER)
   under = os.path.join(workdir, path)
   if not os.path.isabs(path) and not files.is_remote(path) and files.exists(under):
-    tok["path"] = files.local_copy(under)
+    tok["path"] = files.absolute(under)  # absolute, or the bucket's path: loading copies it down
   elif (os.path.isabs(path) and not os.path.exists(path) and os.path.basename(os.path.normpath(path)) == RUN_TOKENIZER
         and files.exists(os.path.join(own, "tokenizer.json"))):
-    tok["path"] = files.local_copy(own)
+    tok["path"] = files.absolute(own)
   return config
 
 
@@ -123,7 +123,8 @@ def _from_file(path: str) -> hf.Tokenizer:
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
-  """Loads a tokenizer saved by `Tokenizer.save` (or any directory with a tokenizer.json)."""
+  """Loads a tokenizer saved by `Tokenizer.save` (or any directory with a tokenizer.json), local or in a bucket."""
+  directory = files.local_copy(directory) if files.is_remote(directory) else directory
   path = os.path.join(directory, "tokenizer.json")
   if not os.path.exists(path):
     raise ConfigError(f"no tokenizer.json in {directory!r}; point at a directory written by Tokenizer.save")
@@ -137,7 +138,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
 
 def load_hf(path: str) -> Tokenizer:
   """Loads Hugging Face tokenizer files: tokenizer.json, BERT vocab.txt, or GPT-2 vocab.json + merges.txt."""
-  path = os.path.expanduser(path)
+  path = files.local_copy(path) if files.is_remote(path) else os.path.expanduser(path)
   if not path:
     raise ConfigError("data.tokenizer.kind='hf' needs data.tokenizer.path (tokenizer.json, vocab.txt or a "
                       "directory with vocab.json + merges.txt)")
@@ -231,9 +232,9 @@ def get_tokenizer(config, workdir: str | None = None) -> Tokenizer:
   t = config.data.tokenizer
   own = os.path.join(workdir, RUN_TOKENIZER) if workdir else None
   if own and files.exists(os.path.join(own, "tokenizer.json")):
-    tok = load_tokenizer(files.local_copy(own))
+    tok = load_tokenizer(own)
   elif t.kind == "hf":
-    tok = load_hf(files.local_copy(t.path) if files.is_remote(t.path) else t.path)
+    tok = load_hf(t.path)
   else:
     sources.check_config(config)
     extra = tuple(pii.PLACEHOLDERS.values()) if config.data.pii_scrub else ()
@@ -267,13 +268,15 @@ def save_run_tokenizer(tok: Tokenizer, workdir: str) -> None:
   """Keeps `tok` as the run's own tokenizer, `workdir/tokenizer` (what `get_tokenizer(config, workdir)` reads)."""
   own = os.path.join(workdir, RUN_TOKENIZER)
   if files.exists(os.path.join(own, "tokenizer.json")):
-    if load_tokenizer(files.local_copy(own)).identity() == tok.identity():
+    if load_tokenizer(own).identity() == tok.identity():
       return
     files.path(own).rmtree()  # left by a fresh start that never saved a checkpoint: this start's settings win
+    files.forget(own)
   if files.is_remote(own):  # a bucket: tokenizer.json, written last, marks it whole
     with tempfile.TemporaryDirectory() as tmp:
       tok.save(tmp)
       files.copy_tree(tmp, own)
+    files.forget(own)
     return
   _save_atomic(tok, own)
 
