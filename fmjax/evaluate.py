@@ -7,8 +7,8 @@
                      (--split=eval is its validation split; --batches counts batches of train.batch_size examples)
 
 The numbers are those of the train loop's eval (same step function and batches), over the whole
-split by default, where a pretraining run's loop scored only its first `train.eval_batches`. They are printed and written to `workdir/eval.json` (`eval_<split>.json` for
-other splits).
+split by default, where a pretraining run's loop scored only its first `train.eval_batches`.
+They are printed and written to `workdir/eval.json` (`eval_<split>.json` for other splits).
 """
 
 from __future__ import annotations

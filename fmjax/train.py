@@ -169,7 +169,8 @@ def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
       new_params, new_opt = keep(new_params, params), keep(new_opt, state["opt_state"])
     new_state = {"step": step + 1, "params": new_params, "opt_state": new_opt}
     metrics = {"loss": loss, "accuracy": aux["correct_sum"] / denom, "grad_norm": grad_norm,
-               "lr": schedule(_updates_applied(state["opt_state"], step)), "tokens": aux["weight_sum"], "nonfinite": 1.0 - finite.astype(jnp.float32)}
+               "lr": schedule(_updates_applied(state["opt_state"], step)), "tokens": aux["weight_sum"],
+               "nonfinite": 1.0 - finite.astype(jnp.float32)}
     return new_state, metrics
 
   return train_step

@@ -177,7 +177,7 @@ def test_bad_data_settings_fail_before_a_workdir_exists(tmp_path, over, match):
 
 
 def test_a_dataset_that_cannot_be_downloaded_is_one_line(tmp_path, monkeypatch, tfds_online):
-  """A download that fails once begun (here its hosts resolve): TFDS's error becomes one line that says where to prepare the dataset."""
+  """A download that fails once begun (its hosts resolve): TFDS's error becomes one line saying where to prepare it."""
   config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "lm1b", "data.data_dir": str(tmp_path)})
   builder_cls = type(sources._builder(config))
   def offline(*args, **kwargs):

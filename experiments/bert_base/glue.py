@@ -8,8 +8,8 @@
 The sweep runs the 8 GLUE tasks of README.md's table x learning rates {2e-5, 3e-5, 5e-5} (the
 paper's grid, less 4e-5) x seeds {0, 1, 2} (72 runs); an MNLI run scores both its dev sets
 (`accuracy`, `accuracy_mismatched`), so MNLI-m and -mm come from the same models as in the paper.
-`fmjax sweep` writes finetune.md with the best rate per task on the dev set, mean ± std over seeds. GLUE is read through TFDS from `data.data_dir`
-(e.g. `--config.data.data_dir=gs://BUCKET/tfds`).
+`fmjax sweep` writes finetune.md with the best rate per task on the dev set, mean ± std over
+seeds. GLUE is read through TFDS from `data.data_dir` (e.g. `--config.data.data_dir=gs://BUCKET/tfds`).
 """
 
 import math
