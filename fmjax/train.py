@@ -227,8 +227,21 @@ def run(config, workdir: str) -> dict:
   A workdir that already holds checkpoints resumes from the newest committed one (after checking
   that the config and the saved arrays fit), else training starts from scratch. SIGTERM saves at
   the next step boundary and returns with `preempted=True`; a non-finite loss aborts or skips
-  the step per `train.nan_policy`.
+  the step per `train.nan_policy`. A start that fails in a setting (ConfigError) before its first
+  checkpoint removes the workdir it created: nothing was saved, and a rerun starts clean.
   """
+  created = not files.exists(workdir)
+  try:
+    return _run(config, workdir)
+  except ConfigError:
+    checkpoints = files.path(os.path.join(workdir, "checkpoints"))
+    if (created and jax.process_index() == 0 and files.exists(workdir)
+        and not (checkpoints.is_dir() and any(checkpoints.iterdir()))):
+      files.path(workdir).rmtree()
+    raise
+
+
+def _run(config, workdir: str) -> dict:
   from fmjax import checkpoint as ckpt_lib, data  # local: heavy, and only the loop's
 
   from fmjax.data import sources

@@ -219,3 +219,20 @@ def test_an_unreachable_tfds_download_fails_at_once_before_any_workdir(tmp_path,
   monkeypatch.delenv("HTTPS_PROXY")
   monkeypatch.setattr(sources, "_resolves", lambda host: True)
   sources.check_downloadable("lm1b", builder, str(tmp_path))
+
+
+def test_a_start_that_fails_after_creating_its_workdir_removes_it(tmp_path, monkeypatch):
+  """E.g. a dataset whose download fails once begun: nothing was saved, so nothing is left."""
+  from fmjax import train
+  def failing_prepare(*args, **kwargs):
+    raise config_lib.ConfigError("dataset 'x' could not be downloaded")
+  monkeypatch.setattr(data, "prepare", failing_prepare)
+  write_corpus(tmp_path / "corpus")
+  config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "text_files", "data.files": str(tmp_path / "corpus" / "*.txt")})
+  with pytest.raises(config_lib.ConfigError, match="could not be downloaded"):
+    train.run(config, str(tmp_path / "new"))
+  assert not os.path.exists(tmp_path / "new")
+  (tmp_path / "mine").mkdir()  # a directory the user made is theirs: it stays
+  with pytest.raises(config_lib.ConfigError):
+    train.run(config, str(tmp_path / "mine"))
+  assert os.path.isdir(tmp_path / "mine")
