@@ -692,6 +692,12 @@ def _export_tokenizer(tokenizer, model_cfg, out: str, classifier: bool = False, 
     eos = token(tokenizer.eos_id)
     tok.post_processor = hf_tok.processors.TemplateProcessing(
         single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tokenizer.eos_id)])
+  elif model_cfg.family == "gpt" and tokenizer.eos_id is not None:
+    # A language model's text opens with <eos>, as every document does in fmjax's training and
+    # every `fmjax generate` prompt (add_special_tokens=False leaves it out).
+    eos = token(tokenizer.eos_id)
+    tok.post_processor = hf_tok.processors.TemplateProcessing(
+        single=f"{eos} $A", pair=f"{eos} $A $B", special_tokens=[(eos, tokenizer.eos_id)])
   tok.save(os.path.join(out, "tokenizer.json"))
   if tokenizer.kind in ("bpe", "wordpiece") or type(tok.model).__name__ in ("BPE", "WordPiece"):
     tok.model.save(out)  # vocab.json + merges.txt, or vocab.txt: for the slow tokenizer classes

@@ -282,11 +282,31 @@ def test_export_of_an_imported_workdir_round_trips_every_tensor(gpt_dir, gpt_wor
   assert set(exported) == set(original)
   for name in original:
     np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
-  # The exported tokenizer loads in transformers and encodes like fmjax's.
+  # The exported tokenizer loads in transformers and encodes like fmjax's, opening the text with
+  # <eos> as `fmjax generate` opens a prompt (and training a document).
   auto = transformers.AutoTokenizer.from_pretrained(out)
   text = "def f(x):\n    return x  # the answer is 42"
-  assert auto(text)["input_ids"] == bpe.encode(text)
+  assert auto(text)["input_ids"] == [bpe.eos_id] + bpe.encode(text)
+  assert auto(text, add_special_tokens=False)["input_ids"] == bpe.encode(text)
   assert auto.eos_token == tok_lib.EOS
+
+
+def test_exported_gpt_generates_in_transformers_what_fmjax_generate_does(gpt_workdir, tmp_path):
+  """Greedy decoding from a text prompt: transformers with the exported model and tokenizer (which
+  opens the prompt with <eos>, as `fmjax generate` does) continues it with fmjax's tokens."""
+  import torch
+  out = interop.export(str(gpt_workdir), str(tmp_path / "hf"))
+  prompt = "The with statement"
+  ours = generate.run(str(gpt_workdir), prompts=[prompt], max_new_tokens=8, temperature=0.0)[0]
+  auto = transformers.AutoTokenizer.from_pretrained(out)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  enc = auto(prompt, return_tensors="pt")
+  with torch.no_grad():
+    ids = hf_model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=auto.eos_token_id)
+  new = ids[0, enc["input_ids"].shape[1]:].tolist()
+  if auto.eos_token_id in new:  # fmjax cuts a completion before its first <eos>
+    new = new[:new.index(auto.eos_token_id)]
+  assert auto.decode(new) == ours
 
 
 def test_imported_workdir_still_works_after_a_move(gpt_dir, tmp_path, bpe):
