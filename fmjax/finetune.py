@@ -449,7 +449,7 @@ def run(config, workdir: str) -> dict:
   log.info("task %s: %d train / %d validation examples, %s; peft=%s: %s of %s parameters trainable (%.2f%%)",
            task.name, len(task.splits["train"]), len(task.splits["validation"]),
            "regression" if task.is_regression else f"{task.num_classes} classes" + (
-               f" (F1 of {task.label_names[task.positive]!r})" if "f1" in task.metrics and task.label_names else ""),
+               f" (F1 of {task.f1_positive_label!r})" if task.f1_positive_label else ""),
            config.finetune.peft,
            f"{trainable:,}", f"{total:,}", 100.0 * trainable / total)
   cfg_dict = config_lib.to_dict(config)
@@ -516,8 +516,7 @@ def run(config, workdir: str) -> dict:
   if task.is_regression:
     train_metrics.pop("accuracy", None)  # checkpoints saved before it was dropped
   result = {"task": task.name, "label_names": list(task.label_names), "main_metric": task.main_metric,
-            **({"f1_positive_label": task.label_names[task.positive]} if "f1" in task.metrics and task.label_names
-               else {}),
+            **({"f1_positive_label": task.f1_positive_label} if task.f1_positive_label else {}),
             "eval": looped.eval, "train": train_metrics,
             "step": int(looped.state["step"]), **origin, "resumed_from": resume[0] if resume is not None else None,
             "peft": config.finetune.peft, "trainable_params": trainable, "total_params": total,

@@ -108,22 +108,17 @@ def missing_fields(card: Mapping[str, Any], sources: list[str]) -> list[str]:
 
 
 def eval_results(workdir: str, step: int | None = None) -> tuple[int | None, dict[str, float]]:
-  """(eval step, metrics) of the last row of metrics.jsonl that holds `eval/*` values at or before `step`.
+  """(eval step, metrics) of the last step of metrics.jsonl with `eval/*` values at or before `step`.
 
   The eval step may be earlier than `step` (no eval at the released step): the card then says so.
-  A rerun writes its rows again; the last row of a step wins.
+  A rerun writes its rows again; the last value logged for a step wins.
   """
-  path = os.path.join(workdir, "metrics.jsonl")
+  from fmjax import report  # its reader: rows merged per step (the last value wins), torn lines skipped
   found_step, found = None, {}
-  for line in (files.read_text(path).splitlines() if files.exists(path) else ()):
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:  # a line cut short by a kill: skip it
-      continue
-    evals = {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")}
-    at = row.get("step", -1)
-    if evals and (step is None or at <= step) and (found_step is None or at >= found_step):
-      found_step, found = at, evals
+  for record in report.read_metrics(workdir):
+    evals = {k[len("eval/"):]: v for k, v in record.items() if k.startswith("eval/")}
+    if evals and (step is None or record["step"] <= step):
+      found_step, found = record["step"], evals
   return found_step, found
 
 

@@ -338,7 +338,7 @@ def _program() -> tuple[str, ...]:
 def _write_runs_file(runs: Sequence[Run], root: str) -> None:
   data = [{"name": r.name, "spec": r.spec, "command": r.command, "overrides": list(r.overrides),
            "entry": {k: v for k, v in r.entry}} for r in runs]
-  files.write_text(os.path.join(root, RUNS_FILE), json.dumps(data, indent=1, default=repr))
+  files.write_json(os.path.join(root, RUNS_FILE), data, indent=1, default=repr)
 
 
 def read_runs_file(root: str) -> list[dict]:

@@ -89,6 +89,11 @@ class Task:
   def main_metric(self) -> str:
     return self.metrics[0]
 
+  @property
+  def f1_positive_label(self) -> str | None:
+    """The name of the class F1 scores; None when the task reports no F1 or has no class names."""
+    return self.label_names[self.positive] if "f1" in self.metrics and self.label_names else None
+
 
 # ----------------------------------------------------------------------------- metrics
 
