@@ -58,17 +58,24 @@ def target_platform() -> str:
   return _TARGET_PLATFORM[-1] if _TARGET_PLATFORM else jax.default_backend()
 
 
-def resolve_kernel(name: str, dtype=None, lengths: tuple[int, ...] = ()) -> str:
+def resolve_kernel(name: str, dtype=None, lengths: tuple[int, ...] = (), dropout: bool = False) -> str:
   """Maps "auto" to the platform's fast kernel: cudnn on GPU, splash on TPU, xla on CPU.
 
   "auto" never picks a kernel that cannot run the case: cuDNN flash attention takes only
-  half-precision inputs, and splash only query and key `lengths` that are multiples of 128, so
-  those fall back to xla rather than failing. Naming a kernel keeps its own checks.
+  half-precision inputs, splash only query and key `lengths` that are multiples of 128, and
+  neither drops attention probabilities (`dropout`), so those fall back to xla rather than
+  failing. Naming a kernel keeps its own checks.
   """
   if name != "auto":
     if name not in KERNELS:
       raise AttentionError(f"unknown attention kernel {name!r}; use one of {('auto',) + KERNELS}")
+    if dropout and name != "xla":
+      raise AttentionError(f"attention kernel {name!r} has no attention-probability dropout; set "
+                           "model.attention=auto (xla while dropout is on) or model.attention_dropout=0")
     return name
+  if dropout:
+    _note_dropout_fallback(target_platform())
+    return "xla"
   platform = target_platform()
   if platform == "gpu" and (dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
     return "cudnn"
@@ -84,6 +91,14 @@ def _note_fallback(lengths: tuple[int, ...]) -> None:
   logging.getLogger("fmjax").info(
       "attention=auto runs xla, not splash, for sequence lengths %s: splash needs multiples of %d",
       lengths, SPLASH_MIN_BLOCK)
+
+
+@functools.lru_cache(maxsize=None)
+def _note_dropout_fallback(platform: str) -> None:
+  if platform != "cpu":
+    logging.getLogger("fmjax").info(
+        "attention=auto runs xla, not the fused kernel, while model.attention_dropout > 0 (training); "
+        "set model.attention_dropout=0 for the fused kernel")
 
 
 def make_mask(segment_ids_BT, segment_ids_BS, *, causal: bool, T: int, S: int, q_offset=None):
@@ -102,14 +117,20 @@ def make_mask(segment_ids_BT, segment_ids_BS, *, causal: bool, T: int, S: int, q
   return mask
 
 
-def _xla_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS, q_offset=None):
+def _xla_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS, q_offset=None,
+                   dropout_rate: float = 0.0, dropout_key=None):
   T, S, K = q_BTHK.shape[1], k_BSHK.shape[1], q_BTHK.shape[-1]
   logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
   logits_BHTS = logits_BHTS * (1.0 / math.sqrt(K))
   mask = make_mask(segment_ids_BT, segment_ids_BS, causal=causal, T=T, S=S, q_offset=q_offset)
   if mask is not None:
     logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
-  probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1).astype(v_BSHK.dtype)
+  probs_BHTS = jax.nn.softmax(logits_BHTS, axis=-1)
+  if dropout_rate > 0.0:
+    # Inverted dropout on the probabilities (as BERT and GPT-2 train): a row no longer sums to 1.
+    keep_BHTS = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, probs_BHTS.shape)
+    probs_BHTS = jnp.where(keep_BHTS, probs_BHTS * (1.0 / (1.0 - dropout_rate)), 0.0)
+  probs_BHTS = probs_BHTS.astype(v_BSHK.dtype)
   return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
 
 
@@ -255,7 +276,7 @@ _IMPLS = {"xla": _xla_attention, "cudnn": _cudnn_attention, "splash": _splash_at
 
 
 def attention(q_BTHK, k_BSHK, v_BSHK, *, causal: bool, segment_ids_BT=None, segment_ids_BS=None,
-              kernel: str = "xla", q_offset=None):
+              kernel: str = "xla", q_offset=None, dropout_rate: float = 0.0, dropout_key=None):
   """Scaled dot-product attention over projected heads; returns out_BTHK in q's dtype.
 
   Args:
@@ -266,9 +287,14 @@ def attention(q_BTHK, k_BSHK, v_BSHK, *, causal: bool, segment_ids_BT=None, segm
     segment_ids_BS: ids of the keys; defaults to segment_ids_BT (self-attention).
     kernel: "xla", "cudnn", "splash" or "auto" (see `resolve_kernel`).
     q_offset: key index of the first query for a KV cache (see `make_mask`); "xla" kernel only.
+    dropout_rate, dropout_key: drop attention probabilities at this rate with this key (training);
+      a rate of 0 or no key means none. "xla" kernel only ("auto" picks it).
   """
-  kernel = resolve_kernel(kernel, q_BTHK.dtype, (q_BTHK.shape[1], k_BSHK.shape[1]))
+  dropout = dropout_rate > 0.0 and dropout_key is not None
+  kernel = resolve_kernel(kernel, q_BTHK.dtype, (q_BTHK.shape[1], k_BSHK.shape[1]), dropout=dropout)
   extra = {}
+  if dropout:
+    extra.update(dropout_rate=float(dropout_rate), dropout_key=dropout_key)
   if isinstance(segment_ids_BT, Packing):
     if kernel == "cudnn" and segment_ids_BS is None:  # self-attention: the runs are the keys' too
       extra["packing"] = segment_ids_BT

@@ -106,7 +106,8 @@ def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_pat
     mem = None
   from fmjax import attention, models
   n_params = models.param_count(nnx.eval_shape(train.model_factory(config)))
-  kernel = attention.resolve_kernel(config.model.attention, config.model.dtype, (config.data.seq_len,) * 2)
+  kernel = attention.resolve_kernel(config.model.attention, config.model.dtype, (config.data.seq_len,) * 2,
+                                     dropout=config.model.get("attention_dropout", 0.0) > 0)
   result = {
       "config": config.name, "device": dev.device_kind, "num_devices": jax.device_count(),
       "batch_size": config.train.batch_size, "seq_len": config.data.seq_len, "params": n_params,

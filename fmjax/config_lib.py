@@ -262,8 +262,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       raise ConfigError(f"model.{key} must be positive, got {m[key]}")
   if m.d_model % m.num_heads:
     raise ConfigError(f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}")
-  if not 0.0 <= m.dropout < 1.0:
-    raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+  for key in ("dropout", "attention_dropout"):
+    if not 0.0 <= m.get(key, 0.0) < 1.0:
+      raise ConfigError(f"model.{key} must be in [0, 1), got {m[key]}")
+  if m.get("attention_dropout", 0.0) > 0 and m.attention in ("cudnn", "splash"):
+    raise ConfigError(f"model.attention={m.attention} has no attention-probability dropout; set model.attention=auto "
+                      "(the fused kernel for eval, xla while training) or model.attention_dropout=0")
   if not 0.0 < m.get("init_std", 0.02) < math.inf:
     raise ConfigError(f"model.init_std must be positive, got {m.init_std}")
   if "train" in config and "task" not in config and "objective" in config.train:
@@ -346,7 +350,8 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       max_len=1024 if family == "gpt" else 512,
       type_vocab_size=2,
       layer_norm_eps=1e-5 if family == "gpt" else 1e-12,
-      dropout=0.0,
+      dropout=0.0,             # embeddings and each residual branch
+      attention_dropout=0.0,   # attention probabilities (training runs the xla kernel while > 0)
       attention="auto",        # auto | xla | cudnn | splash
       dtype="float32",          # compute dtype; params stay in param_dtype
       param_dtype="float32",

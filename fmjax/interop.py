@@ -380,7 +380,7 @@ def model_settings_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     return dict(family="gpt", vocab_size=hf.get("vocab_size", 50257), num_layers=hf.get("n_layer", 12),
                 d_model=d, num_heads=hf.get("n_head", 12), d_ff=hf.get("n_inner") or 4 * d,
                 max_len=hf.get("n_positions", 1024), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                dropout=float(hf.get("resid_pdrop", 0.1)))
+                dropout=float(hf.get("resid_pdrop", 0.1)), attention_dropout=float(hf.get("attn_pdrop", 0.1)))
   _require(hf.get("hidden_act", "gelu") == "gelu",
            f"hidden_act={hf.get('hidden_act')!r}; fmjax's BERT uses exact (erf) GELU")
   _require(hf.get("position_embedding_type", "absolute") == "absolute",
@@ -391,7 +391,8 @@ def model_settings_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
               d_model=hf.get("hidden_size", 768), num_heads=hf.get("num_attention_heads", 12),
               d_ff=hf.get("intermediate_size", 3072), max_len=hf.get("max_position_embeddings", 512),
               type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-              dropout=float(hf.get("hidden_dropout_prob", 0.1)))
+              dropout=float(hf.get("hidden_dropout_prob", 0.1)),
+              attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)))
 
 
 GPT_CLASSIFIER_PAD = "<pad>"
@@ -429,15 +430,16 @@ def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None,
     cfg = dict(model_type="gpt2", architectures=archs, vocab_size=m.vocab_size, n_positions=m.max_len,
                n_embd=m.d_model, n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.d_ff,
                activation_function="gelu_new", layer_norm_epsilon=m.layer_norm_eps, resid_pdrop=m.dropout,
-               embd_pdrop=m.dropout, attn_pdrop=0.0, initializer_range=m.init_std, scale_attn_weights=True,
-               tie_word_embeddings=True)
+               embd_pdrop=m.dropout, attn_pdrop=m.get("attention_dropout", 0.0), initializer_range=m.init_std,
+               scale_attn_weights=True, tie_word_embeddings=True)
   else:
     # A classifier's weights hold no MLM head: it is a sequence classifier only.
     archs = ["BertForSequenceClassification"] if num_labels else ["BertForMaskedLM"]
     cfg = dict(model_type="bert", architectures=archs, vocab_size=m.vocab_size, hidden_size=m.d_model,
                num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, intermediate_size=m.d_ff,
                hidden_act="gelu", max_position_embeddings=m.max_len, type_vocab_size=m.type_vocab_size,
-               layer_norm_eps=m.layer_norm_eps, hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=0.0,
+               layer_norm_eps=m.layer_norm_eps, hidden_dropout_prob=m.dropout,
+               attention_probs_dropout_prob=m.get("attention_dropout", 0.0),
                initializer_range=m.init_std, position_embedding_type="absolute", tie_word_embeddings=True)
   if num_labels:
     names = [str(n) for n in label_names]

@@ -226,6 +226,7 @@ class _Common:
     # and the sequence lengths (`attention.resolve_kernel`).
     self.kernel = cfg.attention
     self.head_dim = cfg.d_model // cfg.num_heads
+    self.attention_dropout = float(cfg.get("attention_dropout", 0.0))  # absent from older runs' configs
 
 
 class SelfAttention(nnx.Module):
@@ -241,6 +242,7 @@ class SelfAttention(nnx.Module):
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
     self.causal = causal
     self.kernel = c.kernel
+    self.dropout_rate = c.attention_dropout
     self.qkv = Dense((D,), (3, H, K), ("embed", None, "heads", "kv"), std=cfg.init_std, **kw)
     self.out = Dense((H, K), (D,), ("heads", "kv", "embed"), std=out_std, **kw)
 
@@ -250,10 +252,12 @@ class SelfAttention(nnx.Module):
     qkv_BT3HK = _constrain(self.qkv(x_BTD), ("batch", "length", None, "heads", None))
     return qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
 
-  def __call__(self, x_BTD, segment_ids_BT):
+  def __call__(self, x_BTD, segment_ids_BT, dropout_key=None):
+    """dropout_key: drop attention probabilities at model.attention_dropout (training); None: none."""
     q_BTHK, k_BTHK, v_BTHK = self._qkv(x_BTD)
     out_BTHK = attention_lib.attention(q_BTHK, k_BTHK, v_BTHK, causal=self.causal,
-                                       segment_ids_BT=segment_ids_BT, kernel=self.kernel)
+                                       segment_ids_BT=segment_ids_BT, kernel=self.kernel,
+                                       dropout_rate=self.dropout_rate, dropout_key=dropout_key)
     out_BTHK = checkpoint_name(out_BTHK, "attention_out")
     return self.out(out_BTHK)
 
@@ -304,8 +308,8 @@ class GPTBlock(nnx.Module):
     self.mlp = MLP(c, approximate_gelu=True, out_std=out_std, rngs=rngs)
 
   def __call__(self, x_BTD, segment_ids_BT, key, deterministic: bool):
-    x_BTD = x_BTD + _dropout(self.attn(self.ln_1(x_BTD), segment_ids_BT), self.dropout, _fold(key, 0),
-                             deterministic)
+    a_BTD = self.attn(self.ln_1(x_BTD), segment_ids_BT, None if deterministic else _fold(key, 2))
+    x_BTD = x_BTD + _dropout(a_BTD, self.dropout, _fold(key, 0), deterministic)
     x_BTD = x_BTD + _dropout(self.mlp(self.ln_2(x_BTD)), self.dropout, _fold(key, 1), deterministic)
     return _constrain(x_BTD, ("batch", "length", None))
 
@@ -336,7 +340,8 @@ class BERTBlock(nnx.Module):
     self.output_ln = LayerNorm(cfg.d_model, **kw)
 
   def __call__(self, x_BTD, segment_ids_BT, key, deterministic: bool):
-    a_BTD = _dropout(self.attention(x_BTD, segment_ids_BT), self.dropout, _fold(key, 0), deterministic)
+    a_BTD = self.attention(x_BTD, segment_ids_BT, None if deterministic else _fold(key, 2))
+    a_BTD = _dropout(a_BTD, self.dropout, _fold(key, 0), deterministic)
     x_BTD = self.attention_ln(x_BTD + a_BTD)
     m_BTD = _dropout(self.mlp(x_BTD), self.dropout, _fold(key, 1), deterministic)
     x_BTD = self.output_ln(x_BTD + m_BTD)
@@ -404,10 +409,12 @@ class Layers(nnx.Module):
 
 
 def _dropout_key(rngs: nnx.Rngs | None, deterministic: bool, rate: float):
+  """The model's dropout key for this call; `rate` is the largest of its dropout rates."""
   if deterministic or rate == 0.0:
     return None
   if rngs is None:
-    raise ValueError("deterministic=False with model.dropout > 0 needs rngs=nnx.Rngs(dropout=key)")
+    raise ValueError("deterministic=False with model.dropout or model.attention_dropout > 0 needs "
+                     "rngs=nnx.Rngs(dropout=key)")
   return rngs.dropout()
 
 
@@ -427,6 +434,7 @@ class GPT(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     c = _Common(cfg)
     self.dropout = float(cfg.dropout)
+    self.attention_dropout = c.attention_dropout
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
     self.wte = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), std=cfg.init_std, **kw)
     self.wpe = Embed(cfg.max_len, cfg.d_model, (None, "embed"), std=cfg.init_std, **kw)
@@ -436,7 +444,7 @@ class GPT(nnx.Module):
   def hidden(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, deterministic=True, rngs=None):
     """Final-LN hidden states h_BTD in the compute dtype."""
     positions_BT = _default_positions(tokens_BT, positions_BT)
-    key = _dropout_key(rngs, deterministic, self.dropout)
+    key = _dropout_key(rngs, deterministic, max(self.dropout, self.attention_dropout))
     x_BTD = self.wte(tokens_BT) + self.wpe(positions_BT)
     x_BTD = _constrain(_dropout(x_BTD, self.dropout, _fold(key, 0), deterministic), ("batch", "length", None))
     x_BTD = self.h(x_BTD, segment_ids_BT, _fold(key, 1), deterministic)
@@ -509,6 +517,7 @@ class BERT(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     c = _Common(cfg)
     self.dropout = float(cfg.dropout)
+    self.attention_dropout = c.attention_dropout
     D = cfg.d_model
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
     self.embeddings = BERTEmbeddings(c, rngs=rngs)
@@ -522,7 +531,7 @@ class BERT(nnx.Module):
     positions_BT = _default_positions(tokens_BT, positions_BT)
     if token_types_BT is None:
       token_types_BT = jnp.zeros_like(tokens_BT)
-    key = _dropout_key(rngs, deterministic, self.dropout)
+    key = _dropout_key(rngs, deterministic, max(self.dropout, self.attention_dropout))
     x_BTD = self.embeddings(tokens_BT, token_types_BT, positions_BT)
     x_BTD = _constrain(_dropout(x_BTD, self.dropout, _fold(key, 0), deterministic), ("batch", "length", None))
     return self.encoder(x_BTD, segment_ids_BT, _fold(key, 1), deterministic)

@@ -396,7 +396,8 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   # lowered to its Mosaic kernel and never Pallas interpret mode; cuDNN), not this host's.
   platform = "tpu" if topology else "gpu" if gpu else devices[0].platform
   with attention.compiling_for(platform):
-    kernel = attention.resolve_kernel(config.model.attention, config.model.dtype, (config.data.seq_len,) * 2)
+    kernel = attention.resolve_kernel(config.model.attention, config.model.dtype, (config.data.seq_len,) * 2,
+                                     dropout=config.model.get("attention_dropout", 0.0) > 0)
   analytic_temp = analytic_temp_bytes(config, mesh_sizes, param_bytes, kernel)
   memory = {"params": param_bytes, "optimizer": opt_bytes, "batch": batch_bytes,
             "temp_analytic": analytic_temp,

@@ -122,7 +122,7 @@ def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
   """Returns the pure `train_step(state, batch) -> (state, metrics)`."""
   loss_fn = loss_fn or objectives.get_loss_fn(config)
   accum = config.train.grad_accum
-  deterministic = config.model.dropout == 0.0
+  deterministic = config.model.dropout == 0.0 and config.model.get("attention_dropout", 0.0) == 0.0
   schedule = optim.make_schedule(config.optim, config.train.steps)
   skip_nonfinite = config.train.nan_policy == "skip"
   base_key = jax.random.key(config.train.seed + 1)

@@ -77,6 +77,52 @@ def test_no_segments_means_one_segment():
 
 
 @pytest.mark.parametrize("causal", [True, False])
+def test_attention_dropout_drops_probabilities_and_rescales_the_rest(causal):
+  """With v = identity the output is the probability matrix itself: each allowed entry is dropped
+  (0) or kept and scaled by 1/(1-rate), masked entries stay 0, and about `rate` of them drop."""
+  rate = 0.25
+  q, k, _ = _qkv()
+  eye_BSHK = jnp.broadcast_to(jnp.eye(T)[None, :, None, :], (B, T, H, T))  # K = T: value j is one-hot at j
+  run = lambda **kw: np.asarray(attn.attention(q, k, eye_BSHK, causal=causal, segment_ids_BT=SEGMENTS_BT,
+                                               kernel="xla", **kw))
+  probs_BTHS = run()
+  np.testing.assert_array_equal(run(dropout_rate=rate), probs_BTHS)  # no key: no dropout (eval)
+  np.testing.assert_array_equal(run(dropout_rate=0.0, dropout_key=jax.random.key(0)), probs_BTHS)
+  dropped_BTHS = run(dropout_rate=rate, dropout_key=jax.random.key(0))
+  np.testing.assert_array_equal(dropped_BTHS, run(dropout_rate=rate, dropout_key=jax.random.key(0)))
+  assert not np.array_equal(dropped_BTHS, run(dropout_rate=rate, dropout_key=jax.random.key(1)))
+  allowed = probs_BTHS > 0
+  np.testing.assert_array_equal(dropped_BTHS[~allowed], 0.0)  # other segments and the future stay unseen
+  kept = dropped_BTHS[allowed] != 0
+  np.testing.assert_allclose(dropped_BTHS[allowed][kept], probs_BTHS[allowed][kept] / (1 - rate), rtol=1e-5)
+  assert abs(1 - kept.mean() - rate) < 0.01  # ~ 2e5 allowed entries
+
+
+def test_attention_dropout_is_unbiased():
+  """Averaged over keys, dropped attention converges to the plain output (inverted dropout)."""
+  q, k, v = _qkv()
+  plain = attn.attention(q, k, v, causal=True, segment_ids_BT=SEGMENTS_BT, kernel="xla")
+  keys = jax.random.split(jax.random.key(7), 400)
+  mean = jax.jit(jax.vmap(lambda key: attn.attention(q, k, v, causal=True, segment_ids_BT=SEGMENTS_BT,
+                                                     kernel="xla", dropout_rate=0.5, dropout_key=key)))(keys)
+  err = np.abs(np.asarray(mean.mean(0) - plain))
+  one = np.abs(np.asarray(mean[0] - plain))
+  assert err.mean() < 0.1 * one.mean()  # 400 draws: about 1/20 of one draw's deviation
+
+
+def test_attention_dropout_takes_the_xla_kernel():
+  with attn.compiling_for("gpu"):
+    assert attn.resolve_kernel("auto", jnp.bfloat16) == "cudnn"
+    assert attn.resolve_kernel("auto", jnp.bfloat16, dropout=True) == "xla"
+    with pytest.raises(attn.AttentionError, match="attention_dropout=0"):
+      attn.resolve_kernel("cudnn", jnp.bfloat16, dropout=True)
+  with attn.compiling_for("tpu"):
+    assert attn.resolve_kernel("auto", jnp.bfloat16, (128, 128), dropout=True) == "xla"
+    with pytest.raises(attn.AttentionError, match="no attention-probability dropout"):
+      attn.resolve_kernel("splash", jnp.bfloat16, dropout=True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
 def test_splash_matches_xla(causal):
   q, k, v = _qkv(1)
 

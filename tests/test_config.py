@@ -102,6 +102,9 @@ def test_cli_workdir_and_override_mistakes_are_one_line(tmp_path, capsys):
     ("gpt", ["optim.b2=2"], r"optim.b2=2.0 must be in \[0, 1\)"),
     ("gpt", ["optim.warmup_steps=-5"], "optim.warmup_steps=-5 must be at least 0"),
     ("gpt", ["model.init_std=-1"], "model.init_std must be positive"),
+    ("gpt", ["model.attention_dropout=1.0"], r"model.attention_dropout must be in \[0, 1\), got 1.0"),
+    ("bert", ["model.attention_dropout=0.1", "model.attention=splash"], "model.attention=splash has no "
+     "attention-probability dropout; set model.attention=auto"),
     ("gpt", ["train.eval_batches=-1"], "train.eval_batches=-1 must be at least 0"),
     ("bert", ["data.mask_rate=1.5"], r"data.mask_rate=1.5 must be in \(0, 1\)"),
     ("bert", ["data.max_predictions=0"], "data.max_predictions=0 at least 1"),

@@ -72,7 +72,7 @@ def _bert_config(vocab, layers=2, **kw):
 @pytest.fixture(scope="module")
 def gpt_dir(tmp_path_factory, bpe):
   d = tmp_path_factory.mktemp("hf_gpt2")
-  model = _gpt2(bpe.vocab_size)
+  model = _gpt2(bpe.vocab_size, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.05)  # the two rates distinguishable
   model.save_pretrained(d)
   _write_tokenizer_files(bpe, d, "GPT2Tokenizer")
   return d, model
@@ -282,6 +282,12 @@ def test_export_of_an_imported_workdir_round_trips_every_tensor(gpt_dir, gpt_wor
   assert set(exported) == set(original)
   for name in original:
     np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+  # The training recipe travels both ways too: hidden and attention-probability dropout.
+  model_cfg = interop.read_run_config(str(gpt_workdir)).model
+  assert (model_cfg.dropout, model_cfg.attention_dropout) == (0.1, 0.05)
+  hf_in, hf_out = (json.loads((d / "config.json").read_text()) for d in (gpt_dir[0], out))
+  assert {k: hf_out[k] for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")} == {
+      k: hf_in[k] for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
   # The exported tokenizer loads in transformers and encodes like fmjax's, opening the text with
   # <eos> as `fmjax generate` opens a prompt (and training a document).
   auto = transformers.AutoTokenizer.from_pretrained(out)
@@ -359,7 +365,7 @@ def _compare_grads(ours_hf, theirs, unused=()):
 def _model_config(family, hf_model):
   config = config_lib.base_config(family)
   config.model.update(interop.model_settings_from_hf(hf_model.config.to_dict()))
-  config.model.update(attention="xla", dropout=0.0)
+  config.model.update(attention="xla", dropout=0.0, attention_dropout=0.0)
   return config
 
 

@@ -70,14 +70,17 @@ def assert_trees_close(a, b, atol):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0), a, b)
 
 
-def test_gpt_is_causal():
-  """d loss(position t) / d (position embedding of a later position) is exactly zero."""
-  model = build("gpt")
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_gpt_is_causal(dropout):
+  """d loss(position t) / d (position embedding of a later position) is exactly zero, in training
+  with dropout (hidden and attention probabilities) too."""
+  model = build("gpt", dropout=dropout, attention_dropout=dropout)
   toks = tokens()
   t = 10
 
   def loss_at_t(m):
-    logits_BTV = m(toks)
+    rngs = nnx.Rngs(dropout=jax.random.key(4)) if dropout else None
+    logits_BTV = m(toks, deterministic=not dropout, rngs=rngs)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV[:, t], toks[:, t + 1]).sum()
 
   grad_LD = nnx.jit(nnx.grad(loss_at_t))(model).wpe.embedding[...]
@@ -116,12 +119,14 @@ def test_remat_matches_no_remat(family, remat):
   assert_trees_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(grads_r), atol=1e-6)
 
 
-@pytest.mark.parametrize("family,remat,dropout", [("gpt", "none", 0.2), ("bert", "full", 0.0)])
+@pytest.mark.parametrize("family,remat,dropout", [("gpt", "none", 0.2), ("bert", "full", 0.0), ("bert", "dots", 0.1)])
 def test_scan_matches_unrolled(family, remat, dropout):
-  """Same weights via stack_layers give the same loss and grads; dropout draws the same masks."""
+  """Same weights via stack_layers give the same loss and grads; dropout (hidden and attention
+  probabilities) draws the same masks, recomputed identically under remat."""
   toks = tokens()
-  unrolled = build(family, remat=remat, dropout=dropout)
-  scanned = build(family, seed=5, scan_layers=True, remat=remat, dropout=dropout)
+  kw = dict(remat=remat, dropout=dropout, attention_dropout=dropout)
+  unrolled = build(family, **kw)
+  scanned = build(family, seed=5, scan_layers=True, **kw)
   stacked = models.stack_layers(params(unrolled))
   assert_trees_close(models.unstack_layers(stacked), params(unrolled), atol=0)
   load(scanned, stacked)
@@ -160,10 +165,11 @@ def test_bf16_compute_is_close_to_f32(family):
 
 
 @pytest.mark.parametrize("family", ["gpt", "bert"])
-def test_dropout(family):
+@pytest.mark.parametrize("which", ["dropout", "attention_dropout"])
+def test_dropout(family, which):
   toks = tokens()
   plain = forward(build(family), toks)
-  model = build(family, dropout=0.3)
+  model = build(family, **{which: 0.3})
   np.testing.assert_array_equal(forward(model, toks, deterministic=True), plain)
   a = forward(model, toks, deterministic=False, rngs=nnx.Rngs(dropout=1))
   b = forward(model, toks, deterministic=False, rngs=nnx.Rngs(dropout=1))

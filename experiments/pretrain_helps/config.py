@@ -28,7 +28,7 @@ def get_config(arg: str = ""):
   c.init_from_step = PRETRAIN_STEP  # read only by the pretrained arm (init_from=PRETRAIN)
   # MLM trains neither [CLS]'s output nor the pooler; the average of the token states it does train.
   c.finetune.pooling = "mean"
-  c.model.dropout = 0.0  # as in pretraining (configs/bert.py:tiny)
+  c.model.update(dropout=0.0, attention_dropout=0.0)  # as in pretraining (configs/bert.py:tiny)
   return c
 
 
