@@ -63,6 +63,8 @@ class Classifier(nnx.Module):
   Pooling (`finetune.pooling`): cls = tanh(pooler(h[CLS])) as in BERT; last = the last non-pad
   token's hidden state (GPT); mean = the average over non-pad tokens. MLM trains neither [CLS]'s
   output nor the pooler, so a briefly pretrained BERT can transfer better through mean pooling.
+  Rows may be padded on either side (segment id 0): positions count from each row's first real
+  token and [CLS] is that token, so a left-padded row gives the logits of its right-padded twin.
   The head has a bias unless `finetune.head_bias` is false (GPT's default, as Hugging Face's
   GPT2ForSequenceClassification `score` has none, so the classifier exports); runs saved before
   the key existed had one.
@@ -81,22 +83,25 @@ class Classifier(nnx.Module):
                              dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
 
   def __call__(self, tokens_BT, *, token_types_BT=None, segment_ids_BT=None, deterministic=True, rngs=None):
-    """float32 logits_BC."""
+    """float32 logits_BC. segment_ids_BT: 1 on real tokens, 0 on padding (either side); None: no padding."""
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
+    real_BT = segment_ids_BT != 0
+    index_T = jnp.arange(tokens_BT.shape[1])
+    first_B = jnp.argmax(real_BT, axis=1)  # 0 for a row without a real token
+    positions_BT = jnp.maximum(index_T[None] - first_B[:, None], 0)
+    types = {"token_types_BT": token_types_BT} if self.family == "bert" else {}
+    h_BTD = self.trunk.hidden(tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                              deterministic=deterministic, rngs=rngs, **types)
     if self.pooling == "cls":
-      _, pooled_BD = self.trunk.encode(tokens_BT, token_types_BT=token_types_BT, segment_ids_BT=segment_ids_BT,
-                                       deterministic=deterministic, rngs=rngs)
+      pooled_BD = self.trunk.pool(h_BTD, first_B)
+    elif self.pooling == "last":
+      last_B = jnp.max(jnp.where(real_BT, index_T[None], 0), axis=1)
+      pooled_BD = jnp.take_along_axis(h_BTD, last_B[:, None, None], axis=1)[:, 0]
     else:
-      types = {"token_types_BT": token_types_BT} if self.family == "bert" else {}
-      h_BTD = self.trunk.hidden(tokens_BT, segment_ids_BT=segment_ids_BT, deterministic=deterministic, rngs=rngs,
-                                **types)
-      real_BT = segment_ids_BT != 0
-      if self.pooling == "last":
-        last_B = jnp.maximum(jnp.sum(real_BT, axis=1) - 1, 0)
-        pooled_BD = jnp.take_along_axis(h_BTD, last_B[:, None, None], axis=1)[:, 0]
-      else:
-        w_BT1 = real_BT[..., None].astype(jnp.float32)
-        pooled_BD = (jnp.sum(h_BTD.astype(jnp.float32) * w_BT1, axis=1)
-                     / jnp.maximum(jnp.sum(w_BT1, axis=1), 1.0)).astype(h_BTD.dtype)
+      w_BT1 = real_BT[..., None].astype(jnp.float32)
+      pooled_BD = (jnp.sum(h_BTD.astype(jnp.float32) * w_BT1, axis=1)
+                   / jnp.maximum(jnp.sum(w_BT1, axis=1), 1.0)).astype(h_BTD.dtype)
     key = None if deterministic or self.dropout == 0.0 else rngs.dropout()
     pooled_BD = models._dropout(pooled_BD, self.dropout, key, deterministic)
     return self.head(pooled_BD).astype(jnp.float32)

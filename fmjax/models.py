@@ -545,8 +545,12 @@ class BERT(nnx.Module):
              deterministic=True, rngs=None):
     """(h_BTD, pooled_BD): encoder output and tanh(dense(first token)) for classifiers."""
     h_BTD = self._hidden(tokens_BT, token_types_BT, positions_BT, segment_ids_BT, deterministic, rngs)
-    pooled_BD = jnp.tanh(self.pooler(h_BTD[:, 0]))
-    return h_BTD, pooled_BD
+    return h_BTD, self.pool(h_BTD)
+
+  def pool(self, h_BTD, cls_B=None):
+    """tanh(dense(h at [CLS])): BERT's pooled output, [CLS] at position 0 or at cls_B in each row."""
+    cls_BD = h_BTD[:, 0] if cls_B is None else jnp.take_along_axis(h_BTD, cls_B[:, None, None], axis=1)[:, 0]
+    return jnp.tanh(self.pooler(cls_BD))
 
   def mlm_features(self, h_BTD, mlm_positions_BM=None):
     """The head's transform (dense, exact GELU, LN) of h at mlm_positions_BM (all positions if

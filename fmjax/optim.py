@@ -22,7 +22,12 @@ def decay_mask(params):
 
 
 def make_schedule(optim_cfg, total_steps: int) -> Callable[[jax.Array], jax.Array]:
-  """Linear warmup to `lr`, then cosine / linear decay to `lr * min_lr_ratio`, rsqrt or constant."""
+  """Linear warmup to `lr`, then cosine / linear decay to `lr * min_lr_ratio`, rsqrt or constant.
+
+  The rate of update `s` (from 0) is schedule(s). With a warmup that is lr * s / warmup_steps, so
+  the first update runs at rate 0, as in BERT's and Hugging Face's schedules: it moves no parameter
+  but starts Adam's moments from a real gradient.
+  """
   peak, warmup = optim_cfg.lr, int(optim_cfg.warmup_steps)
   floor = peak * optim_cfg.min_lr_ratio
   decay_steps = max(int(total_steps) - warmup, 1)

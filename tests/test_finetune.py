@@ -327,6 +327,27 @@ def test_gpt_head_pools_the_last_real_token(files):
   np.testing.assert_allclose(padded[0], base[0], atol=1e-6)  # pad tokens never reach the head
 
 
+@pytest.mark.parametrize("arg,pooling", [("task=jsonl", "cls"), ("task=jsonl", "mean"), ("task=jsonl,model=gpt", "auto")])
+def test_a_left_padded_row_gives_the_logits_of_its_right_padded_twin(files, arg, pooling):
+  """Direct callers may pad either side (a Hugging Face tokenizer with padding_side="left"):
+  positions start at the first real token and [CLS] / the last token are found, not assumed."""
+  config = ft_config(files, "model.dropout=0.0", "model.attention_dropout=0.0", f"finetune.pooling={pooling}",
+                     arg=arg)
+  model = finetune.model_factory(config, 3)()
+  model.head.kernel[...] = model.head.kernel[...] * 100  # logits of order 1, so a wrong token shows
+  run = nnx.jit(lambda m, t, types, seg: m(t, token_types_BT=types, segment_ids_BT=seg))
+  tokens = np.array([[2, 6, 7, 3, 8, 3, 0, 0, 0], [2, 6, 7, 8, 9, 10, 11, 3, 0]], np.int32)
+  types = np.array([[0, 0, 0, 0, 1, 1, 0, 0, 0], [0] * 9], np.int32)
+  seg = (np.arange(9) < np.array([[6], [8]])).astype(np.int32)
+  left = lambda a: np.stack([np.roll(row, int((s == 0).sum())) for row, s in zip(a, seg)])
+  right_BC = np.asarray(run(model, tokens, types, seg))
+  left_BC = np.asarray(run(model, left(tokens), left(types), left(seg)))
+  np.testing.assert_allclose(left_BC, right_BC, atol=1e-4)
+  assert not np.allclose(right_BC[0], right_BC[1], atol=1e-2)  # the rows differ: not a constant head
+  unpadded = np.asarray(run(model, tokens[1:, :8], types[1:, :8], None))  # no segment ids: no padding
+  np.testing.assert_allclose(unpadded[0], right_BC[1], atol=1e-4)
+
+
 def test_mean_pooling_averages_real_tokens_and_drops_the_pooler(files):
   config = ft_config(files, "model.dropout=0.0", "finetune.pooling=mean")
   model = finetune.model_factory(config, 3)()
