@@ -10,7 +10,7 @@ papers report for it:
                  docstrings and reference topics only, never these docstrings.
   glue/<name>    (or just <name>) every GLUE task via TFDS `glue/*`, with its official metric:
                  accuracy, F1 + accuracy (mrpc, qqp), Matthews correlation (cola),
-                 Pearson/Spearman (stsb).
+                 Spearman + Pearson (stsb); the first is the headline a sweep tunes by.
   csv / jsonl    local files (`task.files`, `task.validation_files`) with declared
                  `task.text_columns` and `task.label_column`.
 
@@ -38,13 +38,15 @@ from fmjax.config_lib import ConfigError
 
 Example = tuple[tuple[str, ...], float]
 
-# name: (text features, num_classes (0 = regression), metrics, validation split)
+# name: (text features, num_classes (0 = regression), metrics, validation split). The first metric
+# is the task's headline, which a sweep picks each task's rate by: BERT's GLUE table (Devlin et al.,
+# 2019) reports F1 for QQP and MRPC, Spearman for STS-B and Matthews for CoLA.
 GLUE = {
     "cola": (("sentence",), 2, ("matthews",), "validation"),
     "sst2": (("sentence",), 2, ("accuracy",), "validation"),
     "mrpc": (("sentence1", "sentence2"), 2, ("f1", "accuracy"), "validation"),
     "qqp": (("question1", "question2"), 2, ("f1", "accuracy"), "validation"),
-    "stsb": (("sentence1", "sentence2"), 0, ("pearson", "spearman"), "validation"),
+    "stsb": (("sentence1", "sentence2"), 0, ("spearman", "pearson"), "validation"),
     "mnli": (("premise", "hypothesis"), 3, ("accuracy",), "validation_matched"),
     "mnli_mismatched": (("premise", "hypothesis"), 3, ("accuracy",), "validation_mismatched"),
     "qnli": (("question", "sentence"), 2, ("accuracy",), "validation"),

@@ -84,7 +84,7 @@ def test_offline_task_has_real_labelled_text_and_a_stable_split(cache_dir):
     ("sst2", False, 2, ("accuracy",)),
     ("mrpc", True, 2, ("f1", "accuracy")),
     ("cola", False, 2, ("matthews",)),
-    ("stsb", True, 0, ("pearson", "spearman")),
+    ("stsb", True, 0, ("spearman", "pearson")),  # Spearman first: BERT's headline for STS-B
     ("mnli", True, 3, ("accuracy",)),
 ])
 def test_glue_through_tfds_mock_data(cache_dir, name, pair, num_classes, metrics, tfds_online):
