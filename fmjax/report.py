@@ -158,7 +158,8 @@ def report(workdir: str, out: str | None = None) -> list[str]:
   curves = {k: v for k, v in curves.items() if v[0]}
   if curves:
     paths.append(plot_curves(curves, os.path.join(out, "loss.png"), ylabel="loss", title=name))
-  others = [k for k in keys if k.startswith("train/") and k not in ("train/loss", "train/nonfinite", "train/tokens")]
+  flat = ("train/loss", "train/nonfinite", "train/targets", "train/tokens")  # train/tokens: older runs' targets
+  others = [k for k in keys if k.startswith("train/") and k not in flat]
   if others:
     paths.append(_plot_grid(records, others, os.path.join(out, "train.png")))
   return paths

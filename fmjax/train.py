@@ -168,8 +168,10 @@ def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
       new_params, new_opt = keep(new_params, params), keep(new_opt, state["opt_state"])
     new_state = {"step": step + 1, "params": new_params, "opt_state": new_opt}
+    # `targets`: the loss-bearing positions of the step's batch (masked positions for MLM), which the
+    # loss averages over; tokens_per_sec counts every row token the step reads.
     metrics = {"loss": loss, "accuracy": aux["correct_sum"] / denom, "grad_norm": grad_norm,
-               "lr": schedule(_updates_applied(state["opt_state"], step)), "tokens": aux["weight_sum"],
+               "lr": schedule(_updates_applied(state["opt_state"], step)), "targets": aux["weight_sum"],
                "nonfinite": 1.0 - finite.astype(jnp.float32)}
     return new_state, metrics
 
@@ -514,8 +516,8 @@ def _recorded_config(config, workdir: str) -> dict:
   from fmjax import data
   cfg = config_lib.to_dict(config)
   tok = cfg.get("data", {}).get("tokenizer", {})
-  own = os.path.abspath(os.path.join(workdir, data.RUN_TOKENIZER))
-  if tok.get("kind") == "hf" and tok.get("path") and os.path.abspath(tok["path"]) == own:
+  own = files.absolute(os.path.join(workdir, data.RUN_TOKENIZER))
+  if tok.get("kind") == "hf" and tok.get("path") and files.absolute(tok["path"]) == own:
     tok["path"] = data.RUN_TOKENIZER
   return cfg
 
