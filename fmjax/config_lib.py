@@ -279,6 +279,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                         f"(model.family={m.family} learns with {want!r}); set train.objective={want}")
   if "data" in config:
     d = config.data
+    _one_of("data.bucket_reads", d.get("bucket_reads", "auto"), ("auto", "copy", "remote"))
     if d.seq_len > m.max_len:
       raise ConfigError(f"data.seq_len={d.seq_len} is longer than the model allows "
                         f"(model.max_len={m.max_len}); lower data.seq_len or raise model.max_len")
@@ -369,7 +370,8 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       eval_split="validation",
       seq_len=128,
       seed=0,
-      cache_dir="",             # default: ~/.cache/fmjax
+      cache_dir="",             # default: ~/.cache/fmjax; a bucket (gs://) is shared by every host
+      bucket_reads="auto",      # bucket cache_dir: copy | remote (ranged reads) | auto (copy if they fit)
       tokenizer=ml_collections.ConfigDict(dict(
           kind="bpe" if family == "gpt" else "wordpiece",  # bpe | wordpiece | unigram | hf
           vocab_size=8192,

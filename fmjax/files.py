@@ -87,8 +87,9 @@ def write_text(p, text: str) -> None:
 _WRITTEN_LAST = ("meta.json", "tokenizer.json")
 
 
-def copy_tree(src, dst) -> None:
-  """Copies directory `src` with everything under it into `dst`, either side local or remote.
+def copy_tree(src, dst, leave_out=frozenset()) -> None:
+  """Copies directory `src` with everything under it into `dst`, either side local or remote,
+  except files named in `leave_out` (at any depth).
 
   In each directory the files that mark it whole (`meta.json`, `tokenizer.json`) go last, after
   its subdirectories, so a reader that finds them finds everything beside them.
@@ -97,8 +98,8 @@ def copy_tree(src, dst) -> None:
   dst.mkdir(parents=True, exist_ok=True)
   for item in sorted(src.iterdir(), key=lambda f: f.name in _WRITTEN_LAST):
     if item.is_dir():
-      copy_tree(item, dst / item.name)
-    else:
+      copy_tree(item, dst / item.name, leave_out)
+    elif item.name not in leave_out:
       item.copy(dst / item.name, overwrite=True)
 
 

@@ -162,6 +162,42 @@ def test_a_bucket_cache_dir_prepares_once_for_every_host(bucket, tmp_path, monke
   assert data.make_loader(config, "train", batch_size=2, tok=tok).host_batch(0)["inputs"].shape == (2, 32)
 
 
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_a_host_whose_disk_cannot_hold_a_bucket_cache_reads_its_arrays_in_place(bucket, tmp_path, monkeypatch,
+                                                                                 family):
+  """A corpus larger than a host's disk (C4 on a TPU VM) stays in the bucket: the host copies the
+  small files and reads each batch's rows by ranges, and gets the batches a full copy gives."""
+  import shutil
+  import numpy as np
+  from fmjax.data import sources
+  spec = os.path.join(REPO, "configs", f"{family}.py") + ":tiny"
+  config = config_lib.load_config(spec, TINY + [f"data.cache_dir={BUCKET}/cache"])
+  monkeypatch.setenv("HOME", str(tmp_path / "host1"))
+  tok = data.get_tokenizer(config)
+  loaders = lambda: [data.make_loader(config, split, batch_size=3, tok=tok) for split in ("train", "eval")]
+  copied = loaders()
+  assert not copied[0].data.in_bucket
+
+  monkeypatch.setenv("HOME", str(tmp_path / "host2"))
+  real = shutil.disk_usage
+  monkeypatch.setattr(sources.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))  # a small disk
+  in_place = loaders()
+  assert in_place[0].data.in_bucket and in_place[1].data.in_bucket
+  assert in_place[0].path.startswith(str(tmp_path / "host2"))
+  assert not [f for _, _, fs in os.walk(in_place[0].path) for f in fs if f.endswith(".bin")]
+  for ours, theirs in zip(in_place, copied):
+    for step in (0, 1, theirs.num_batches - 1):  # eval's last batch holds padding rows
+      a, b = ours.host_batch(step), theirs.host_batch(step)
+      assert a.keys() == b.keys()
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} at step {step}")
+
+  monkeypatch.setenv("HOME", str(tmp_path / "host3"))
+  with config.unlocked():
+    config.data.bucket_reads = "copy"  # the user's choice wins over the disk's size
+  assert not loaders()[0].data.in_bucket
+
+
 def test_sweeps_and_exports_with_bucket_paths(bucket, tmp_path, capsys):
   from fmjax import interop, report, sweep
   spec = os.path.join(REPO, "configs", "gpt.py") + ":tiny"

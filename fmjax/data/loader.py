@@ -22,9 +22,11 @@ from typing import Iterator
 
 import numpy as np
 
+from fmjax import files
 from fmjax.config_lib import ConfigError
 from fmjax.data import masking
 from fmjax.data import packing
+from fmjax.data import sources
 from fmjax.data import tokenizers as tokenizers_lib
 
 
@@ -39,37 +41,97 @@ def _stop_prefetchers():
     thread.join(timeout=30)
 
 
-class PackedSplit:
-  """One prepared split as memory-mapped arrays; `rows(ids)` gives unmasked batch fields."""
+class _LocalArray:
+  """A raw little-endian array file on this host's disk, memory-mapped."""
 
-  def __init__(self, directory: str, seq_len: int, tok: tokenizers_lib.Tokenizer):
+  def __init__(self, path: str, dtype):
+    self.array = np.memmap(path, dtype=dtype, mode="r")
+
+  def spans(self, starts_B: np.ndarray, length: int) -> np.ndarray:
+    """[B, length] elements from each start."""
+    return self.array[starts_B[:, None] + np.arange(length, dtype=np.int64)]
+
+  def whole(self) -> np.ndarray:
+    return self.array
+
+
+class _BucketArray:
+  """A raw array file left in a bucket (`data.bucket_reads`): each span is one ranged read, the
+  spans of a batch in parallel, each thread with its own open file."""
+
+  THREADS = 16
+
+  def __init__(self, path: str, dtype):
+    from concurrent.futures import ThreadPoolExecutor
+    self.path, self.dtype = path, np.dtype(dtype)
+    self._local = threading.local()
+    self._pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="fmjax-bucket-read")
+
+  def _file(self):
+    f = getattr(self._local, "file", None)
+    if f is None:
+      f = self._local.file = files.path(self.path).open("rb")
+    return f
+
+  def _span(self, start: int, length: int) -> np.ndarray:
+    f = self._file()
+    f.seek(start * self.dtype.itemsize)
+    raw = f.read(length * self.dtype.itemsize)
+    if len(raw) != length * self.dtype.itemsize:
+      raise ConfigError(f"{self.path} ends before element {start + length}: the bucket's cache entry is "
+                        "incomplete; delete it there (and in data.cache_dir on each host) to prepare it again")
+    return np.frombuffer(raw, self.dtype)
+
+  def spans(self, starts_B: np.ndarray, length: int) -> np.ndarray:
+    return np.stack(list(self._pool.map(lambda start: self._span(int(start), length), starts_B)))
+
+  def whole(self) -> np.ndarray:
+    return np.frombuffer(files.path(self.path).read_bytes(), self.dtype)
+
+
+class PackedSplit:
+  """One prepared split; `rows(ids)` gives unmasked batch fields.
+
+  The arrays are memory-mapped from `directory`, or, where it lacks them, read by ranges from
+  `bucket_directory`, the same entry in a bucket `data.cache_dir` (`data.bucket_reads`).
+  """
+
+  def __init__(self, directory: str, seq_len: int, tok: tokenizers_lib.Tokenizer,
+               bucket_directory: str | None = None):
     with open(os.path.join(directory, "meta.json")) as f:
       self.meta = json.load(f)
     self.T = seq_len
     self.tok = tok
-    dtype = np.dtype(self.meta["dtype"])
     self.num_rows = self.meta["num_rows"]
     self.layout = self.meta["layout"]
-    if self.layout == "stream":
-      self.tokens = np.memmap(os.path.join(directory, "tokens.bin"), dtype=dtype, mode="r")
-      self._offsets_T1 = np.arange(seq_len + 1, dtype=np.int64)
-    else:
-      shape = (self.num_rows, seq_len)
-      self.tokens = np.memmap(os.path.join(directory, "tokens.bin"), dtype=dtype, mode="r", shape=shape)
-      self.segment_ids = np.memmap(os.path.join(directory, "segment_ids.bin"), dtype=np.uint16, mode="r",
-                                   shape=shape)
-      self.token_types = np.memmap(os.path.join(directory, "token_types.bin"), dtype=np.uint8, mode="r",
-                                   shape=shape)
+    dtypes = {"tokens": np.dtype(self.meta["dtype"])}
+    if self.layout != "stream":
+      dtypes.update(segment_ids=np.uint16, token_types=np.uint8)
+    self.arrays = {}
+    for name, dtype in dtypes.items():
+      local = os.path.join(directory, f"{name}.bin")
+      if os.path.exists(local):
+        self.arrays[name] = _LocalArray(local, dtype)
+      elif bucket_directory is not None:
+        self.arrays[name] = _BucketArray(os.path.join(bucket_directory, f"{name}.bin"), dtype)
+      else:
+        raise ConfigError(f"{directory} has no {name}.bin: the prepared cache is incomplete; delete "
+                          f"{os.path.dirname(directory)} to prepare it again")
+    self.in_bucket = any(isinstance(a, _BucketArray) for a in self.arrays.values())
+
+  def whole(self, name: str) -> np.ndarray:
+    """All of array `name` (flat)."""
+    return self.arrays[name].whole()
 
   def rows(self, ids_B: np.ndarray) -> dict[str, np.ndarray]:
     """Fields of dataset rows `ids_B`; rows with id -1 are all padding (eval's last batch)."""
     pad_B = ids_B < 0
-    ids_B = np.where(pad_B, 0, ids_B)
+    ids_B = np.where(pad_B, 0, ids_B).astype(np.int64)
     if self.layout == "stream":
       return self._clm_rows(ids_B, pad_B)
-    tokens_BT = np.asarray(self.tokens[ids_B], dtype=np.int32)
-    seg_BT = np.asarray(self.segment_ids[ids_B], dtype=np.int32)
-    types_BT = np.asarray(self.token_types[ids_B], dtype=np.int32)
+    starts_B = ids_B * self.T
+    tokens_BT, seg_BT, types_BT = (np.asarray(self.arrays[name].spans(starts_B, self.T), dtype=np.int32)
+                                   for name in ("tokens", "segment_ids", "token_types"))
     if pad_B.any():
       tokens_BT[pad_B] = self.tok.pad_id
       seg_BT[pad_B] = 0
@@ -77,7 +139,8 @@ class PackedSplit:
     return {"tokens": tokens_BT, "segment_ids": seg_BT, "positions": _positions(seg_BT), "token_types": types_BT}
 
   def _clm_rows(self, ids_B, pad_B):
-    x_BT1 = np.asarray(self.tokens[ids_B[:, None] * self.T + self._offsets_T1], dtype=np.int32)
+    # Row r is stream[r*T : r*T + T + 1]: its inputs and, shifted by one, its targets.
+    x_BT1 = np.asarray(self.arrays["tokens"].spans(ids_B * self.T, self.T + 1), dtype=np.int32)
     inputs_BT, targets_BT = x_BT1[:, :-1], x_BT1[:, 1:]
     eos_BT = inputs_BT == self.tok.eos_id
     # The EOS between two documents opens the second one's segment, as its BOS: EOS -> first token
@@ -164,7 +227,8 @@ class Loader:
     self.split = split
     self.path = packing.prepare(config, tok)
     self.tokenizer = tokenizers_lib.load_tokenizer(os.path.join(self.path, "tokenizer"))
-    self.data = PackedSplit(os.path.join(self.path, split), config.data.seq_len, self.tokenizer)
+    self.data = PackedSplit(os.path.join(self.path, split), config.data.seq_len, self.tokenizer,
+                            sources.bucket_entry(config, self.path, split))
     self.batch_size = int(batch_size or config.train.batch_size)
     self.seq_len = config.data.seq_len
     self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
@@ -315,13 +379,13 @@ def unigram_baseline(config) -> float:
   V = tok.vocab_size
 
   def targets(split):
-    data = PackedSplit(os.path.join(path, split), config.data.seq_len, tok)
+    data = PackedSplit(os.path.join(path, split), config.data.seq_len, tok, sources.bucket_entry(config, path, split))
     if data.layout == "stream":
       n = data.num_rows * data.T
-      stream = np.asarray(data.tokens[:n + 1], dtype=np.int64)
+      stream = np.asarray(data.whole("tokens")[:n + 1], dtype=np.int64)
       return stream[1:]
-    tokens = np.asarray(data.tokens, dtype=np.int64)
-    keep = (np.asarray(data.segment_ids) > 0) & ~np.isin(tokens, sorted(tok.special_ids))
+    tokens = np.asarray(data.whole("tokens"), dtype=np.int64)
+    keep = (np.asarray(data.whole("segment_ids")) > 0) & ~np.isin(tokens, sorted(tok.special_ids))
     return tokens[keep]
 
   counts_V = np.bincount(targets("train"), minlength=V).astype(np.float64)

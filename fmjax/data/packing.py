@@ -32,6 +32,7 @@ from fmjax.config_lib import ConfigError
 from fmjax.data import pii, sources
 from fmjax.data import tokenizers as tokenizers_lib
 
+ARRAY_FILES = ("tokens.bin", "segment_ids.bin", "token_types.bin")  # a split's bulk, beside its meta.json
 FORMAT_VERSION = 2  # 2: an EOS opens the next document's segment (its count of segments per row)
 _ENCODE_CHUNK = 512
 # The most runs of segment ids a row may have for batches to carry them (`segment_runs`), so that
@@ -107,7 +108,8 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
     tok = tokenizers_lib.get_tokenizer(config)
   path = cache_path(config, tok)
   rel = os.path.relpath(path, sources.local_cache_root(config))
-  sources.fetch_shared(config, rel, "meta.json")  # data.cache_dir in a bucket: prepared once, for every host
+  # data.cache_dir in a bucket: prepared once, for every host (its arrays copied or read in place).
+  sources.fetch_shared(config, rel, "meta.json", bulk=ARRAY_FILES)
   if is_prepared(path):
     return path
   os.makedirs(os.path.dirname(path), exist_ok=True)

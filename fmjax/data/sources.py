@@ -46,9 +46,17 @@ def local_cache_root(config) -> str:
   return os.path.join(os.path.expanduser("~/.cache/fmjax"), "buckets", re.sub(r"[^A-Za-z0-9_.-]+", "_", root))
 
 
-def fetch_shared(config, rel: str, marker: str) -> str:
+BUCKET_READS = ("auto", "copy", "remote")
+
+
+def fetch_shared(config, rel: str, marker: str, bulk: tuple[str, ...] = ()) -> str:
   """The local directory of cache entry `rel` (e.g. `datasets/<name>`). From a bucket cache_dir it
-  is copied down once the bucket holds it whole: its `marker` file, written last, is there."""
+  is copied down once the bucket holds it whole: its `marker` file, written last, is there.
+
+  Files named in `bulk` (a packed dataset's arrays) are copied too, or left in the bucket for the
+  loader to read by ranges (`bucket_entry`), as `data.bucket_reads` says: `copy`, `remote`, or
+  `auto`, which copies them when they take at most half of this host's free disk.
+  """
   local = os.path.join(local_cache_root(config), rel)
   root = cache_root(config)
   if not files.is_remote(root) or os.path.exists(os.path.join(local, marker)):
@@ -56,9 +64,10 @@ def fetch_shared(config, rel: str, marker: str) -> str:
   remote = os.path.join(root, rel)
   if files.exists(os.path.join(remote, marker)):
     os.makedirs(os.path.dirname(local), exist_ok=True)
+    leave_out = frozenset() if not bulk or _copy_bulk(config, remote, os.path.dirname(local), bulk) else frozenset(bulk)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(local))
     try:
-      files.copy_tree(remote, tmp)
+      files.copy_tree(remote, tmp, leave_out)
       os.rename(tmp, local)
     except OSError:
       if not os.path.exists(os.path.join(local, marker)):  # another process of this host fetched it first: fine
@@ -66,6 +75,31 @@ def fetch_shared(config, rel: str, marker: str) -> str:
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
   return local
+
+
+def _copy_bulk(config, remote: str, local_dir: str, bulk: tuple[str, ...]) -> bool:
+  """Whether this host copies the `bulk` files of bucket entry `remote` to its disk (see `fetch_shared`)."""
+  import logging
+  mode = config.data.get("bucket_reads", "auto")
+  if mode != "auto":
+    return mode == "copy"
+  size = sum(f.stat().length for d in files.path(remote).iterdir() if d.is_dir()
+             for f in d.iterdir() if f.name in bulk)
+  free = shutil.disk_usage(local_dir).free
+  copy = size <= free // 2
+  logging.getLogger("fmjax").info(
+      "%s: %.1f GB of arrays, %.1f GB free on this host: %s (data.bucket_reads=auto; copy or remote to choose)",
+      remote, size / 1e9, free / 1e9, "copying them" if copy else "reading them from the bucket by ranges")
+  return copy
+
+
+def bucket_entry(config, local_entry: str, *parts: str) -> str | None:
+  """The bucket path of local cache entry `local_entry` (joined with `parts`), where data.cache_dir
+  is a bucket; else None."""
+  root = cache_root(config)
+  if not files.is_remote(root):
+    return None
+  return os.path.join(root, os.path.relpath(local_entry, local_cache_root(config)), *parts)
 
 
 def share(config, rel: str) -> None:
