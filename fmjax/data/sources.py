@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -46,9 +47,6 @@ def local_cache_root(config) -> str:
   return os.path.join(os.path.expanduser("~/.cache/fmjax"), "buckets", re.sub(r"[^A-Za-z0-9_.-]+", "_", root))
 
 
-BUCKET_READS = ("auto", "copy", "remote")
-
-
 def fetch_shared(config, rel: str, marker: str, bulk: tuple[str, ...] = ()) -> str:
   """The local directory of cache entry `rel` (e.g. `datasets/<name>`). From a bucket cache_dir it
   is copied down once the bucket holds it whole: its `marker` file, written last, is there.
@@ -79,7 +77,6 @@ def fetch_shared(config, rel: str, marker: str, bulk: tuple[str, ...] = ()) -> s
 
 def _copy_bulk(config, remote: str, local_dir: str, bulk: tuple[str, ...]) -> bool:
   """Whether this host copies the `bulk` files of bucket entry `remote` to its disk (see `fetch_shared`)."""
-  import logging
   mode = config.data.get("bucket_reads", "auto")
   if mode != "auto":
     return mode == "copy"
