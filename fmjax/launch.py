@@ -284,11 +284,29 @@ def _capacity_flags(spec: LaunchSpec) -> list[str]:
   return {"on-demand": [], "spot": ["--spot"], "reserved": ["--reserved"]}[spec.capacity]
 
 
+def _reclaim(spec: LaunchSpec, acc: Accelerator) -> list[str]:
+  """A check before `create`: a TPU of this name that was preempted (or a queued resource that was
+  suspended or failed) still holds the name until deleted, so it is deleted and created again, which
+  is how spot capacity comes back; one in any other state stops the plan in one line."""
+  if _queued(spec):
+    kind, state_format, dead = "queued-resources", "--format=value(state.state)", "SUSPENDED|FAILED"
+  else:
+    kind, state_format, dead = "tpu-vm", "--format=value(state)", "PREEMPTED|TERMINATED"
+  describe = _script_join(["gcloud", "compute", "tpus", kind, "describe", spec.name, *_where(spec), state_format])
+  delete = _script_join(_delete(spec, acc)[0])
+  script = (f'state=$({describe} 2>/dev/null) || exit 0; case $state in "") ;; '
+            f'{dead}) echo "{kind} {spec.name} is $state: deleting it to create it again" >&2; {delete};; '
+            f'*) echo "{kind} {spec.name} already exists ($state): fmjax launch setup and run use it as it is, '
+            f'fmjax launch delete removes it" >&2; exit 1;; esac')
+  return ["bash", "-c", script]
+
+
 def _create(spec: LaunchSpec, acc: Accelerator) -> list[list[str]]:
   runtime = spec.runtime or acc.family.runtime
+  reclaim = _reclaim(spec, acc)
   if not _queued(spec):
-    return [["gcloud", "compute", "tpus", "tpu-vm", "create", spec.name, *_where(spec),
-             f"--accelerator-type={acc.name}", f"--version={runtime}", *_capacity_flags(spec)]]
+    return [reclaim, ["gcloud", "compute", "tpus", "tpu-vm", "create", spec.name, *_where(spec),
+                      f"--accelerator-type={acc.name}", f"--version={runtime}", *_capacity_flags(spec)]]
   if spec.num_slices > 1:
     nodes = [f"--node-count={spec.num_slices}", f"--node-prefix={spec.name}"]
   else:
@@ -302,7 +320,7 @@ def _create(spec: LaunchSpec, acc: Accelerator) -> list[list[str]]:
   wait = (f"while true; do state=$({describe}) || exit 1; case $state in "
           f"ACTIVE) exit 0;; FAILED|SUSPENDED) echo \"queued resource {spec.name} is $state\" >&2; exit 1;; "
           f"esac; echo \"queued resource {spec.name}: $state, waiting\"; sleep 60; done")
-  return [create, ["bash", "-c", wait]]
+  return [reclaim, create, ["bash", "-c", wait]]
 
 
 def _ssh(spec: LaunchSpec, node: str, remote: str | None, worker: str = "all") -> list[str]:
@@ -457,8 +475,9 @@ def _xpk_create(spec: LaunchSpec) -> list[str]:
   # JobSet gives each pod its MEGASCALE_* and TPU worker settings, so only ours go here.
   cmd += [f"--env={item}" for item in _env_items(worker_env(spec))]
   if spec.max_restarts:
-    # A preempted run saves and exits 143 (user code, to xpk); restarted, it resumes from there.
-    cmd += [f"--max-restarts={spec.max_restarts}", "--restart-on-user-code-failure"]
+    # A preempted run saves and exits 143; xpk restarts a workload on exit codes 42 and 127-255 by
+    # default (its --restart-on-exit-codes), and the restarted run resumes from the workdir.
+    cmd += [f"--max-restarts={spec.max_restarts}"]
   train = shlex.join(train_argv(spec))
   if spec.docker_image:
     cmd += [f"--docker-image={spec.docker_image}", f"--command={train}"]

@@ -17,8 +17,9 @@ pick_python() {
 if [ ! -x .venv/bin/python ]; then
   if ! py=$(pick_python); then
     # TPU VM images are Ubuntu 22.04, whose python3 is 3.10; its universe archive has 3.11.
-    sudo apt-get update -qq
-    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11 python3.11-venv
+    # Right after boot unattended-upgrades may hold the dpkg lock: wait for it rather than fail.
+    sudo apt-get -o DPkg::Lock::Timeout=600 update -qq
+    sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq python3.11 python3.11-venv
     py=python3.11
   fi
   "$py" -m venv .venv

@@ -92,7 +92,8 @@ def test_plan_is_what_the_golden_shows():
   spec = launch.LaunchSpec(name="p", accelerator="v5p-128", zone="z", project="pr", config="configs/gpt.py:small",
                            workdir="gs://b/run", num_slices=2, capacity="spot")
   cmds = launch.plan_commands(spec, "all")
-  create = cmds[0]
+  reclaim, create = cmds[0], cmds[1]
+  assert reclaim[:2] == ["bash", "-c"] and "queued-resources describe p " in reclaim[2]
   assert create[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
   assert {"--node-count=2", "--node-prefix=p", "--spot", "--accelerator-type=v5p-128",
           "--runtime-version=v2-alpha-tpuv5"} <= set(create)
@@ -103,13 +104,14 @@ def test_plan_is_what_the_golden_shows():
     assert "MEGASCALE_NUM_SLICES=2" in script and "--config.mesh.dcn_data=2" in script
     assert "JAX_COMPILATION_CACHE_DIR=gs://b/jax_compilation_cache" in script
   queued = launch.plan_commands(dataclasses.replace(spec, num_slices=1, queued=True), "create")
-  assert "--node-id=p" in queued[0] and not any(a.startswith("--node-count") for a in queued[0])
+  assert "--node-id=p" in queued[1] and not any(a.startswith("--node-count") for a in queued[1])
   assert launch.plan_commands(dataclasses.replace(spec, num_slices=1, queued=True), "delete") == [
       ["gcloud", "compute", "tpus", "queued-resources", "delete", "p", "--zone=z", "--project=pr", "--force",
        "--quiet"]]
   single = launch.plan_commands(launch.LaunchSpec(name="s", accelerator="v4-8", zone="z", project="pr"), "create")
-  assert single == [["gcloud", "compute", "tpus", "tpu-vm", "create", "s", "--zone=z", "--project=pr",
-                     "--accelerator-type=v4-8", "--version=tpu-ubuntu2204-base"]]
+  assert single[1:] == [["gcloud", "compute", "tpus", "tpu-vm", "create", "s", "--zone=z", "--project=pr",
+                         "--accelerator-type=v4-8", "--version=tpu-ubuntu2204-base"]]
+  assert "tpu-vm describe s --zone=z --project=pr \"--format=value(state)\"" in single[0][2]
 
 
 @pytest.mark.parametrize("name,chips,hosts", [
@@ -125,8 +127,14 @@ def test_accelerator_table(name, chips, hosts):
 
 FAKE = """#!/bin/sh
 { printf '%s' "$(basename "$0")"; for a in "$@"; do printf '\\t%s' "$a"; done; printf '\\n'; } >> "$FAKE_LOG"
+# A TPU's state is $FAKE_STATE until this log shows it created (then a queued resource is ACTIVE);
+# without FAKE_STATE nothing of the name exists yet (describe fails).
 case "$*" in
-  *"queued-resources describe"*) echo ACTIVE ;;
+  *"queued-resources describe"*)
+    if grep -q "queued-resources.create" "$FAKE_LOG"; then echo ACTIVE
+    elif [ -n "$FAKE_STATE" ]; then echo "$FAKE_STATE"; else exit 1; fi ;;
+  *"tpu-vm describe"*"value(state)"*)
+    if [ -n "$FAKE_STATE" ]; then echo "$FAKE_STATE"; else exit 1; fi ;;
   *"tpu-vm describe"*) echo 10.1.2.3 ;;
 esac
 if [ -n "$FAKE_FAIL" ]; then
@@ -147,6 +155,7 @@ def fake_tools(tmp_path, monkeypatch):
   log = tmp_path / "calls.log"
   monkeypatch.setenv("FAKE_LOG", str(log))
   monkeypatch.delenv("FAKE_FAIL", raising=False)
+  monkeypatch.delenv("FAKE_STATE", raising=False)
   monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
   code = tmp_path / "code"
   (code / "launch").mkdir(parents=True)
@@ -179,6 +188,7 @@ def test_execute_runs_commands_in_order(fake_tools, capsys):
   assert [c for c in recorded if c[1:] in [d[1:] for d in direct]] == direct
   kinds = [" ".join(c[1:5]) + " " + (c[5] if len(c) > 5 else "") for c in recorded]
   assert kinds == [
+      f"compute tpus queued-resources describe {name}",      # nothing of the name to reclaim
       f"compute tpus queued-resources create {name}",
       f"compute tpus queued-resources describe {name}",      # the wait until ACTIVE
       f"compute tpus tpu-vm scp /tmp/fmjax-{name}.tar.gz",
@@ -191,7 +201,7 @@ def test_execute_runs_commands_in_order(fake_tools, capsys):
       f"compute tpus tpu-vm ssh {name}-1",
       f"compute tpus queued-resources delete {name}",
   ]
-  for slice_id, idx in ((0, 7), (1, 9)):
+  for slice_id, idx in ((0, 8), (1, 10)):
     remote = next(a for a in recorded[idx] if a.startswith("--command="))
     assert f"MEGASCALE_SLICE_ID={slice_id} " in remote
     assert "MEGASCALE_COORDINATOR_ADDRESS=10.1.2.3:8081 " in remote   # filled in by the shell
@@ -235,11 +245,12 @@ def test_execute_xpk(fake_tools, capsys):
        "--command=fmjax train --config=configs/gpt.py:small --workdir=gs://b/w1"],
       ["xpk", "workload", "delete", "--cluster=c1", "--workload=w1", *WHERE],
   ]
-  # Restarts: a run preempted on GKE saves and exits 143, which xpk counts as user code.
+  # Restarts: a run preempted on GKE saves and exits 143.
   assert launch.cli(["xpk", *argv, "--max-restarts=5", "--execute"]) == 0
   create = calls()[-1]
+  # xpk restarts on exit codes 42 and 127-255 by default, 143 among them: the count is all it needs.
   assert create[create.index("--env=JAX_COMPILATION_CACHE_DIR=gs://b/jax_compilation_cache") + 1:][:2] == [
-      "--max-restarts=5", "--restart-on-user-code-failure"]
+      "--max-restarts=5", "--docker-image=gcr.io/me/fmjax:1"]
   assert launch.cli(["xpk", *argv, "--max-restarts=-1"]) == 2
   assert "--max-restarts must be 0 or more" in capsys.readouterr().err
 
@@ -253,7 +264,30 @@ def test_execute_stops_at_first_failure(fake_tools, capsys, monkeypatch):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: command failed with exit code 3: gcloud compute tpus tpu-vm "
                                              "create t1 ")
-  assert len(calls()) == 1  # no tar, scp or ssh after the failed create
+  assert [c[3:5] for c in calls()] == [["tpu-vm", "describe"], ["tpu-vm", "create"]]  # no tar, scp or ssh after it
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_a_preempted_tpu_is_deleted_and_created_again_and_a_live_one_is_left_alone(fake_tools, capfd,
+                                                                                    monkeypatch, queued):
+  """Spot capacity comes back by delete and create: a preempted TPU (a suspended queued resource)
+  still holds its name, so `create` after a preemption would fail without the check before it."""
+  _, calls = fake_tools
+  kind = "queued-resources" if queued else "tpu-vm"
+  argv = ["create", "--tpu=t1", "--accelerator=v4-8", *WHERE, "--spot", "--execute", *(["--queued"] if queued else [])]
+  monkeypatch.setenv("FAKE_STATE", "SUSPENDED" if queued else "PREEMPTED")
+  assert launch.cli(argv) == 0, capfd.readouterr().err
+  steps = [c[3:5] for c in calls()]
+  assert steps[:3] == [[kind, "describe"], [kind, "delete"], [kind, "create"]], steps
+  assert ("--force" in calls()[1]) == queued
+  assert "is " + ("SUSPENDED" if queued else "PREEMPTED") + ": deleting it to create it again" in capfd.readouterr().err
+
+  log = fake_tools[0].parent / "calls_live.log"
+  monkeypatch.setenv("FAKE_LOG", str(log))
+  monkeypatch.setenv("FAKE_STATE", "READY")
+  assert launch.cli(argv) == 1
+  assert f"{kind} t1 already exists (READY): fmjax launch setup and run use it as it is" in capfd.readouterr().err
+  assert [line.split("\t")[3:5] for line in log.read_text().splitlines()] == [[kind, "describe"]]  # nothing else
 
 
 def test_execute_without_tool_on_path_creates_nothing(tmp_path, monkeypatch, capsys):
