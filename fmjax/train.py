@@ -229,18 +229,27 @@ def run(config, workdir: str) -> dict:
   A workdir that already holds checkpoints resumes from the newest committed one (after checking
   that the config and the saved arrays fit), else training starts from scratch. SIGTERM saves at
   the next step boundary and returns with `preempted=True`; a non-finite loss aborts or skips
-  the step per `train.nan_policy`. A start that fails in a setting (ConfigError) before its first
-  checkpoint removes the workdir it created: nothing was saved, and a rerun starts clean.
+  the step per `train.nan_policy`. A start that fails before it trains (a setting, out of memory
+  in the compile, Ctrl-C) removes the workdir it created: nothing was saved, and a rerun starts
+  clean, never from what the failed start had written (its tokenizer, its config.json). A run
+  that logged training steps keeps its workdir, so its losses stay to read.
   """
   created = not files.exists(workdir)
   try:
     return _run(config, workdir)
-  except ConfigError:
-    checkpoints = files.path(os.path.join(workdir, "checkpoints"))
-    if (created and jax.process_index() == 0 and files.exists(workdir)
-        and not (checkpoints.is_dir() and any(checkpoints.iterdir()))):
+  except BaseException:
+    if created and jax.process_index() == 0 and files.exists(workdir) and not _kept_anything(workdir):
       files.path(workdir).rmtree()
     raise
+
+
+def _kept_anything(workdir: str) -> bool:
+  """Whether a workdir holds a checkpoint or logged training metrics."""
+  checkpoints = files.path(os.path.join(workdir, "checkpoints"))
+  if checkpoints.is_dir() and any(checkpoints.iterdir()):
+    return True
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  return files.exists(metrics) and '"train/' in files.read_text(metrics)
 
 
 def _run(config, workdir: str) -> dict:
@@ -265,7 +274,8 @@ def _run(config, workdir: str) -> dict:
       keep_period=config.checkpoint.keep_period, async_save=config.checkpoint.async_save, owner=True)
   batches = None
   try:
-    source_tokenizer = _adopt_tokenizer(config, workdir) if config.get("init_from") else None
+    resuming = checkpointer.latest_step() is not None
+    source_tokenizer = _adopt_tokenizer(config, workdir, resuming) if config.get("init_from") else None
     cfg_dict = _recorded_config(config, workdir)
     # Before any data work: a workdir of another run fails now, not after the dataset is tokenised,
     # and its config.json is left as it was.
@@ -556,12 +566,14 @@ def _tokenizer_identity(cfg: dict) -> dict:
   return {"tokenizer": tok, "corpus": corpus, "objective": cfg.get("train", {}).get("objective")}
 
 
-def _adopt_tokenizer(config, workdir: str):
+def _adopt_tokenizer(config, workdir: str, resuming: bool):
   """Continued pretraining (`init_from`) must read the ids the source's embeddings know.
 
   Where this run's data settings would build another tokenizer (e.g. a BPE trained on the new
   corpus), `data.tokenizer` points at `workdir/tokenizer` instead. Returns the source's tokenizer
-  when that directory still has to be written (after the resume check), else None.
+  when that directory still has to be written (after the resume check), else None. Only a
+  resume (`resuming`: the workdir has a checkpoint) trusts a `workdir/tokenizer` already there;
+  one left by a start that never saved may be another init_from's.
   """
   from fmjax import data
   source = files.read_json(os.path.join(config.init_from, "config.json"))
@@ -572,7 +584,7 @@ def _adopt_tokenizer(config, workdir: str):
     return None
   own = os.path.join(workdir, data.RUN_TOKENIZER)
   tok = None
-  if files.exists(os.path.join(own, "tokenizer.json")):  # a rerun: written by its first start
+  if resuming and files.exists(os.path.join(own, "tokenizer.json")):  # written by the run's first start
     vocab = data.load_hf(own).vocab_size
   else:
     source_config = ml_collections.ConfigDict(source)

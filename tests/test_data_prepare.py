@@ -236,3 +236,37 @@ def test_a_start_that_fails_after_creating_its_workdir_removes_it(tmp_path, monk
   with pytest.raises(config_lib.ConfigError):
     train.run(config, str(tmp_path / "mine"))
   assert os.path.isdir(tmp_path / "mine")
+
+
+def test_a_rerun_after_a_failed_start_takes_its_own_init_froms_tokenizer(tmp_path, monkeypatch):
+  """A start from init_from=A that fails before training leaves A's tokenizer in a directory the
+  user made; the rerun from B must read B's ids, not the leftover (a resume alone trusts it)."""
+  from fmjax import train
+  write_corpus(tmp_path / "corpus")
+
+  def config(vocab, **kw):
+    return tiny("gpt", tmp_path / "cache", **{
+        "data.dataset": "text_files", "data.files": str(tmp_path / "corpus" / "a.txt"), "data.tokenizer.vocab_size": vocab,
+        "data.seq_len": 16, "train.batch_size": 8, "train.steps": 1, "train.eval_batches": 0,
+        "train.progress_bar": False, "checkpoint.async_save": False, **kw})
+
+  for name, vocab in (("a", 300), ("b", 320)):
+    train.run(config(vocab), str(tmp_path / name))
+  identity = lambda run: data.load_tokenizer(str(tmp_path / run / "tokenizer")).identity()
+  assert identity("a") != identity("b")
+
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+  real_prepare = data.prepare
+  monkeypatch.setattr(data, "prepare", out_of_memory)
+  (tmp_path / "w").mkdir()
+  with pytest.raises(RuntimeError, match="out of memory"):
+    train.run(config(280, init_from=str(tmp_path / "a")), str(tmp_path / "w"))
+  assert identity("w") == identity("a")  # what the failed start wrote
+  with pytest.raises(RuntimeError, match="out of memory"):  # not only a setting: any failure before training
+    train.run(config(280, init_from=str(tmp_path / "a")), str(tmp_path / "new"))
+  assert not os.path.exists(tmp_path / "new")
+
+  monkeypatch.setattr(data, "prepare", real_prepare)
+  train.run(config(280, init_from=str(tmp_path / "b")), str(tmp_path / "w"))
+  assert identity("w") == identity("b")
