@@ -249,6 +249,25 @@ def _check_optim(o) -> None:
     raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be at least 0")
 
 
+_COMMAND_OF = {"finetune": ("task", "a fine-tuning (classification)"), "sft": ("sft", "an SFT")}
+
+
+def check_command(config, command: str) -> None:
+  """One line when a config goes to the wrong command: a fine-tuning config (it has `task`) is for
+  `fmjax finetune`, an SFT config (`sft`) for `fmjax sft`, a pretraining config for `fmjax train`."""
+  kind = next((c for c, (section, _) in _COMMAND_OF.items() if section in config), "train")
+  if kind == command:
+    return
+  if kind == "train":
+    section, what = _COMMAND_OF[command]
+    raise ConfigError(f"`fmjax {command}` needs {what} config (with a `{section}` section, e.g. "
+                      f"configs/{'finetune_cls' if command == 'finetune' else 'sft'}.py); this one is a pretraining "
+                      "config: run it with `fmjax train`")
+  section, what = _COMMAND_OF[kind]
+  raise ConfigError(f"this is {what} config (it has the `{section}` section): run it with `fmjax {kind}`, "
+                    f"not `fmjax {command}`")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Checks values that would otherwise fail deep inside a compile; raises ConfigError."""
   m = config.model

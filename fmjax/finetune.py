@@ -435,6 +435,7 @@ def run(config, workdir: str) -> dict:
   """
   from fmjax import checkpoint as ckpt_lib, data
 
+  config_lib.check_command(config, "finetune")
   metrics_lib.setup_logging()
   config_lib.validate(config, jax.device_count())
   config = ml_collections.ConfigDict(config.to_dict())  # our own copy: init_from may set tokenizer keys

@@ -308,6 +308,7 @@ def run(config, workdir: str) -> dict:
   """SFT per `config` in `workdir`; returns the last train and eval (completion-token) metrics."""
   from fmjax import checkpoint as ckpt_lib, data
 
+  config_lib.check_command(config, "sft")
   metrics_lib.setup_logging()
   if config.train.objective != "clm":
     raise ConfigError("SFT trains with the causal LM loss; set train.objective=clm")

@@ -234,6 +234,7 @@ def run(config, workdir: str) -> dict:
   clean, never from what the failed start had written (its tokenizer, its config.json). A run
   that logged training steps keeps its workdir, so its losses stay to read.
   """
+  config_lib.check_command(config, "train")
   created = not files.exists(workdir)
   try:
     return _run(config, workdir)

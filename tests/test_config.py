@@ -182,3 +182,19 @@ def test_cli_unknown_command():
                                   "configs/sft.py"])
 def test_experiment_configs_load_and_validate(spec):
   config_lib.load_config(spec)
+
+
+@pytest.mark.parametrize("command,spec,error", [
+    ("train", "finetune_cls.py", "this is a fine-tuning (classification) config (it has the `task` section): run it "
+     "with `fmjax finetune`, not `fmjax train`"),
+    ("train", "sft.py", "this is an SFT config (it has the `sft` section): run it with `fmjax sft`"),
+    ("finetune", "bert.py:tiny", "`fmjax finetune` needs a fine-tuning (classification) config (with a `task` section"),
+    ("sft", "gpt.py:tiny", "`fmjax sft` needs an SFT config (with a `sft` section, e.g. configs/sft.py); this one is "
+     "a pretraining config: run it with `fmjax train`"),
+])
+def test_a_config_run_by_the_wrong_command_is_one_line_and_leaves_nothing(command, spec, error, tmp_path, capsys):
+  """Once `fmjax train` pretrained a fine-tuning config to the end, and the other way round a traceback."""
+  code = cli.main([command, f"--config=configs/{spec}", f"--workdir={tmp_path / 'w'}"])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and err.startswith("error: ") and error in err and "\n" not in err, err
+  assert not os.path.exists(tmp_path / "w")
