@@ -125,10 +125,37 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
     raise ConfigError(f"{path}: get_config must return a ConfigDict with a `model` section (and the others of "
                       f"config_lib.base_config(family), which it should start from), got {type(config).__name__}")
   config = ml_collections.ConfigDict(config)
+  _check_keys(config, path)
   apply_overrides(config, overrides)
   config.lock()
   validate(config)
   return config
+
+
+# Sections a config adds to base_config's: fine-tuning's and SFT's own settings.
+COMMAND_SECTIONS = ("task", "finetune", "sft")
+
+
+def _check_keys(config: ml_collections.ConfigDict, path: str) -> None:
+  """A key that get_config sets and nothing reads (`c.model.num_layer = 3`) is a typo: before, it was
+  kept beside the real key, and the default trained."""
+  def keys(d, prefix=""):
+    for k, v in d.items():
+      if isinstance(v, (dict, ml_collections.ConfigDict)):
+        yield from keys(v, f"{prefix}{k}.")
+      else:
+        yield f"{prefix}{k}"
+  known = set(keys(base_config(str(config.model.get("family", "gpt"))).to_dict()))
+  sections = {k.split(".")[0] for k in known} | set(COMMAND_SECTIONS)
+  for key in keys(config.to_dict()):
+    if key in known or key.split(".")[0] in COMMAND_SECTIONS:
+      continue
+    head, _, leaf = key.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == head]
+    hint = _suggest(leaf, siblings) if head in sections or head.split(".")[0] in sections else _suggest(
+        key.split(".")[0], sections)
+    raise ConfigError(f"{path}: get_config sets {key!r}, which is not an fmjax setting{hint} (configs start from "
+                      "config_lib.base_config(family); a new key is a typo)")
 
 
 def _suggest(key: str, options: Iterable[str]) -> str:

@@ -198,3 +198,23 @@ def test_a_config_run_by_the_wrong_command_is_one_line_and_leaves_nothing(comman
   err = capsys.readouterr().err.strip()
   assert code == 2 and err.startswith("error: ") and error in err and "\n" not in err, err
   assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("line,error", [
+    ("c.model.num_layer = 3", "get_config sets 'model.num_layer', which is not an fmjax setting; did you mean "
+     "'num_layers'"),
+    ("c.train.update(step=5)", "get_config sets 'train.step', which is not an fmjax setting; did you mean 'steps'"),
+    ("c.data.tokenizer.vocab = 5", "'data.tokenizer.vocab', which is not an fmjax setting; did you mean 'vocab_size'"),
+    ("c.trian = dict(steps=5)", "get_config sets 'trian.steps', which is not an fmjax setting; did you mean 'train'"),
+])
+def test_a_typo_inside_a_config_file_is_refused(tmp_path, line, error):
+  """The lock covers overrides; a key that get_config itself misspells was once kept beside the real
+  one, and the default trained (a 2-layer model for `num_layer = 3`)."""
+  path = tmp_path / "mine.py"
+  path.write_text("from fmjax import config_lib\n\ndef get_config(arg=None):\n"
+                  "  c = config_lib.base_config('gpt')\n"
+                  f"  {line}\n  return c\n")
+  with pytest.raises(ConfigError, match=re.escape(error)):
+    config_lib.load_config(str(path))
+  path.write_text(path.read_text().replace(line, "c.task = dict(name='mine')  # a command's own section"))
+  assert config_lib.load_config(str(path)).task.name == "mine"
