@@ -58,6 +58,7 @@ def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "
     raise ConfigError(f"{key}={spec!r} matches no file; pass --config.{key}=PATH.jsonl "
                       f"(rows of {{\"{prompt_key}\": ..., \"{completion_key}\": ...}})")
   out, nulls, first_null = [], 0, ""
+  unprompted, other_fields = 0, set()  # rows without prompt_key, and what else they hold
   from fmjax.data import sources
   for path in paths:
     for line, row in sources.jsonl_records(path):
@@ -68,9 +69,19 @@ def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "
       if row[completion_key] is None:  # nothing to learn; str() would make it the text "None"
         nulls, first_null = nulls + 1, first_null or f"{path}:{line}"
         continue
+      if prompt_key not in row:
+        unprompted += 1
+        other_fields.update(k for k in row if k != completion_key)
       out.append((str(row.get(prompt_key, "") or ""), str(row[completion_key])))
   if nulls:
     log.warning("skipped %d row(s) whose %r is null (the first at %s)", nulls, completion_key, first_null)
+  if out and unprompted == len(out) and other_fields:
+    # Every prompt would be dropped, while the rows plainly hold one under another name.
+    raise ConfigError(f"no row of {key}={spec!r} has a {prompt_key!r} field (they have {sorted(other_fields)} "
+                      f"beside {completion_key!r}); set sft.prompt_key to the prompt's field name")
+  if unprompted:
+    log.warning("%d of %d row(s) have no %r field: they train on their completion alone", unprompted, len(out),
+                prompt_key)
   return out
 
 
