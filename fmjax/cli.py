@@ -215,9 +215,10 @@ def out_of_memory_message(e: BaseException) -> str | None:
   if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ and "jax" in sys.modules:
     if sys.modules["jax"].default_backend() == "gpu":
       gpu = ", or let XLA take more than its default 75% of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)"
-  return (f"out of device memory ({detail}); lower train.batch_size (raise train.grad_accum to keep the "
-          "global batch), set model.remat=dots_no_batch or full, or shard the state over more devices "
-          f"with mesh.fsdp{gpu}; `fmjax plan` shows what a step needs per device before a run")
+  return (f"out of device memory ({detail}); raise train.grad_accum (train.batch_size is the global batch: "
+          "batch_size / grad_accum rows go through at once, and the batch stays), set model.remat=dots_no_batch "
+          f"or full, or shard the state over more devices with mesh.fsdp{gpu}; `fmjax plan` shows what a step "
+          "needs per device before a run")
 
 
 COMPILING = ("train", "finetune", "sft", "bench", "eval", "generate", "plan")  # commands that compile steps

@@ -138,7 +138,9 @@ def test_cli_out_of_memory_is_one_line():
   lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert lines[0].startswith("error: out of device memory (") and "549755813888 bytes" in lines[0]
-  assert "train.batch_size" in lines[0] and "fmjax plan" in lines[0]
+  # batch_size is the global batch: the advice keeps it and splits it (grad_accum), never halves it.
+  assert "raise train.grad_accum" in lines[0] and "lower train.batch_size" not in lines[0]
+  assert "fmjax plan" in lines[0]
 
 
 @pytest.mark.parametrize("text,detail", [
