@@ -39,6 +39,7 @@ import json
 import os
 from typing import Any, Iterator, Mapping
 
+import ml_collections
 import numpy as np
 
 from fmjax import files, finetune, interop
@@ -57,13 +58,20 @@ def data_sources(config, imported: Mapping | None = None) -> list[str]:
   if imported is not None:
     return []  # fmjax never saw the data of imported weights; the card declares what it knows
   d = config.data
+  before = []
+  if "sft" in config and config.get("init_from"):
+    # SFT's data.files are its rows; the trunk it started from learnt from init_from's corpus.
+    source = config.init_from
+    saved = files.read_json(os.path.join(source, "config.json")) if files.isdir(source) else None
+    before = (data_sources(ml_collections.ConfigDict(saved), _imported_info(source)) if saved is not None
+              else [f"init_from:{source}"])
   out = ([f"text_files:{g.strip()}" for g in str(d.files).split(",") if g.strip()] if d.dataset == "text_files"
          else [d.dataset])
   if finetune.is_classifier_run(config):  # the trunk's pretraining data, then the task's
     t = config.task
     out += ([f"task_files:{g.strip()}" for g in str(t.files).split(",") if g.strip()]
             if t.name in ("csv", "jsonl", "files") else [f"task:{t.name}"])
-  return out
+  return list(dict.fromkeys(before + out))
 
 
 def _scrubbed(config) -> bool:

@@ -9,6 +9,7 @@ workdirs are laid out the same way from their configs, without training.
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -255,10 +256,16 @@ def test_release_of_an_sft_run_scans_its_prompts_and_completions(run, tmp_path):
   cfg["data"]["files"] = str(rows)
   cfg["sft"] = {"prompt_key": "prompt", "completion_key": "completion", "eval_files": "", "eval_percent": 10,
                 "pack": True}
+  [pretraining] = release.data_sources(interop.read_run_config(str(workdir)))
+  cfg["init_from"] = str(workdir)  # the trunk's own data comes first: it was trained on it too
   (copy / "config.json").write_text(json.dumps(cfg))
   card = tmp_path / "card.json"
   card.write_text(json.dumps(dict(CARD, data_licenses={f"text_files:{rows}": "CC0"})))
+  with pytest.raises(ConfigError, match=re.escape(pretraining)):
+    release.release(str(copy), str(tmp_path / "out"), card_path=str(card), pii_sample=4)
+  card.write_text(json.dumps(dict(CARD, data_licenses={f"text_files:{rows}": "CC0", pretraining: "PSF-2.0"})))
   out = release.release(str(copy), str(tmp_path / "out"), card_path=str(card), pii_sample=4)
+  assert f"| {pretraining} | PSF-2.0 |" in open(os.path.join(out, "MODEL_CARD.md")).read()
   report = json.loads(open(os.path.join(out, "data_report.json")).read())
   assert report["pii_counts"] == {"CARD": 0, "EMAIL": 4, "IP_ADDRESS": 0, "PHONE": 4}
   assert report["sample"]["documents"] == 4 and "(prompt, completion) rows" in report["sample"]["method"]
