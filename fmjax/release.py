@@ -89,9 +89,13 @@ def read_card(config, card_path: str | None) -> dict[str, Any]:
                         f"({', '.join(REQUIRED_FIELDS)})")
     try:
       with open(card_path) as f:
-        card.update(json.load(f))
+        fields = json.load(f)
     except json.JSONDecodeError as e:
       raise ConfigError(f"--card={card_path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(fields, dict):
+      raise ConfigError(f"--card={card_path} holds a JSON {type(fields).__name__}; it must be one object of model "
+                        f"card fields ({', '.join(REQUIRED_FIELDS)})")
+    card.update(fields)
   known = REQUIRED_FIELDS + OPTIONAL_FIELDS
   for key in card:
     if key not in known:
@@ -277,7 +281,8 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
             f"Use restrictions: {card['use_restrictions']}", ""]
   for key, title in (("authors", "Authors"), ("citation", "Citation"), ("contact", "Contact")):
     if card.get(key):
-      lines += [f"## {title}", "", str(card[key]), ""]
+      value = card[key]
+      lines += [f"## {title}", "", ", ".join(map(str, value)) if isinstance(value, list) else str(value), ""]
   auto = ("AutoModelForSequenceClassification" if "classifier" in params else
           "AutoModelForCausalLM" if m.family == "gpt" else "AutoModelForMaskedLM")
   use = "fmjax eval --workdir=fmjax" if finetune.is_classifier_run(config) else "fmjax generate --workdir=fmjax"

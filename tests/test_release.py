@@ -29,7 +29,8 @@ MODEL = ["model.vocab_size=384", "model.d_model=32", "model.num_heads=4", "model
          "model.attention=xla"]
 CARD = {"license": "apache-2.0", "intended_use": "Research on tiny language models.",
         "limitations": "Tiny and trained on very little text; it produces nonsense.",
-        "use_restrictions": "Not for any decision about people.", "model_name": "tiny-gpt-test"}
+        "use_restrictions": "Not for any decision about people.", "model_name": "tiny-gpt-test",
+        "authors": ["A. Researcher", "B. Engineer"]}
 
 
 def _documents():
@@ -124,7 +125,8 @@ def test_model_card_is_filled_from_the_run_and_the_card(bundle, run):
                    f"| Steps | {STEP} (of 40 planned) |", f"{STEP * BATCH * SEQ:,} (steps x batch {BATCH}",
                    f"| text_files:{files} | PSF-2.0 |", "EMAIL 5", "PHONE 5", "Held-out results at step 20",
                    "| loss | 5.2500 |", "| accuracy | 0.1250 |", CARD["intended_use"], CARD["limitations"],
-                   "License: apache-2.0", CARD["use_restrictions"], "| PII scrubbing | on |"):
+                   "License: apache-2.0", CARD["use_restrictions"], "| PII scrubbing | on |",
+                   "## Authors\n\nA. Researcher, B. Engineer\n"):
     assert expected in text, expected
   assert "perplexity" not in text  # only the last eval row is reported
 
@@ -165,6 +167,10 @@ def test_card_typo_gets_a_suggestion(run, tmp_path):
   card = _card(tmp_path, files, licence="mit")
   with pytest.raises(ConfigError, match="unknown model card field 'licence'; did you mean 'license'"):
     release.release(str(workdir), str(tmp_path / "out"), card_path=card)
+  listed = tmp_path / "list.json"
+  listed.write_text('[{"license": "mit"}]')
+  with pytest.raises(ConfigError, match=r"list.json holds a JSON list; it must be one object of model card fields"):
+    release.release(str(workdir), str(tmp_path / "out"), card_path=str(listed))
 
 
 def test_release_of_imported_weights_says_the_data_is_unknown(run, tmp_path):
