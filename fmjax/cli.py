@@ -278,13 +278,26 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt as e:  # 130 = 128 + SIGINT; a first Ctrl-C in a step loop saves first (RunInterrupted)
     print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
     return 130
-  except RuntimeError as e:  # XLA's errors are RuntimeErrors; only running out of memory is the user's
-    message = out_of_memory_message(e)
+  except Exception as e:  # XLA's errors are RuntimeErrors: only running out of memory is the user's
+    message = out_of_memory_message(e) or storage_error_message(e)
     if message is None:
       raise
     print(f"error: {message}", file=sys.stderr)
     return 2
   return int(code or 0)
+
+
+def storage_error_message(e: BaseException) -> str | None:
+  """One line for a bucket path that cannot be read or written (no network, no credentials, no such
+  bucket): TensorFlow's file system, which gs:// paths go through, raises an OpError; None otherwise."""
+  tf = sys.modules.get("tensorflow")
+  errors = getattr(tf, "errors", None)
+  if errors is None or not isinstance(e, errors.OpError):
+    return None
+  first = (str(getattr(e, "message", "") or e).strip().splitlines() or [""])[0]
+  first = first[:300] + ("..." if len(first) > 300 else "")
+  return (f"a bucket path failed ({type(e).__name__}: {first}); check the path, this machine's network and its "
+          "credentials (`gcloud auth application-default login`, or the VM's service account)")
 
 
 if __name__ == "__main__":

@@ -220,3 +220,17 @@ def test_a_typo_inside_a_config_file_is_refused(tmp_path, line, error):
     config_lib.load_config(str(path))
   path.write_text(path.read_text().replace(line, "c.task = dict(name='mine')  # a command's own section"))
   assert config_lib.load_config(str(path)).task.name == "mine"
+
+
+def test_an_unreachable_bucket_is_one_line(monkeypatch, capsys):
+  """gs:// paths go through TensorFlow's file system; without network or credentials it raises an
+  OpError, which was a 30-line traceback."""
+  tf = pytest.importorskip("tensorflow")
+  error = tf.errors.FailedPreconditionError(None, None, "Error executing an HTTP request: libcurl code 6 meaning "
+                                            "'Couldn't resolve host name'\n\twhen reading gs://b/run/config.json")
+  monkeypatch.setattr("fmjax.evaluate.run", lambda *a, **k: (_ for _ in ()).throw(error))
+  assert cli.main(["eval", "--workdir=gs://b/run"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: a bucket path failed (FailedPreconditionError: Error "
+                                                   "executing an HTTP request: libcurl code 6")
+  assert "credentials" in err
