@@ -285,7 +285,8 @@ def _run(config, workdir: str) -> dict:
       if jax.process_index() == 0:
         data.save_run_tokenizer(source_tokenizer, workdir)
       multihost_utils.sync_global_devices("fmjax: init_from tokenizer saved")
-    if jax.process_index() == 0:
+    # A rerun with train.steps at or below the saved step trains nothing: config.json keeps the run's own.
+    if jax.process_index() == 0 and not (resume is not None and resume[0] >= config.train.steps):
       config_lib.save_json(ml_collections.ConfigDict(cfg_dict), os.path.join(workdir, "config.json"))
 
     # A run keeps the tokenizer it started with (workdir/tokenizer): a resume never rebuilds it

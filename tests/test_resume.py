@@ -649,6 +649,8 @@ def test_init_from_keeps_the_source_tokenizer(reference, cache_dir, tmp_path):
   with capture_log() as lines:
     assert train.run(load(cache_dir, *overrides, "train.steps=2"), str(workdir))["step"] == 3
   assert any("step 3 already reaches train.steps=2: nothing to train" in l for l in lines), lines
+  with open(workdir / "config.json") as f:
+    assert json.load(f)["train"]["steps"] == 3  # the run's own config stays: it trained to step 3
 
 
 def test_init_from_starts_at_step_zero_with_the_source_params(reference, cache_dir):
