@@ -8,6 +8,7 @@ attention is counted in full for BERT's bidirectional attention as well as GPT's
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import jax
@@ -66,6 +67,8 @@ def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_pat
   """
   if steps < 1 or warmup < 1:  # the first warm-up step compiles; the timed ones must not
     raise ConfigError(f"--steps={steps} and --warmup={warmup} must each be at least 1")
+  if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
+    raise ConfigError(f"--json={json_path}: its directory does not exist; create it or pass another path")
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)

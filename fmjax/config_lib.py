@@ -331,6 +331,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                         f"(model.max_len={m.max_len}); lower data.seq_len or raise model.max_len")
     if d.seq_len <= 1:
       raise ConfigError(f"data.seq_len must be at least 2, got {d.seq_len}")
+  if "checkpoint" in config:
+    ck = config.checkpoint
+    for key in ("every_steps", "every_minutes", "keep", "keep_period"):
+      if ck.get(key, 0) < 0:
+        raise ConfigError(f"checkpoint.{key}={ck[key]} must be at least 0 (0 turns it off)")
   if "train" in config:
     t = config.train
     if t.batch_size <= 0 or t.steps < 0:

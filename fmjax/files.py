@@ -87,6 +87,16 @@ def write_text(p, text: str) -> None:
 _WRITTEN_LAST = ("meta.json", "tokenizer.json")
 
 
+def make_temp_dir(parent: str) -> str:
+  """A new hidden directory in `parent`, to fill and then rename into place, with the permissions
+  a plain mkdir gives: tempfile's 0700 would make a shared cache entry unreadable to the others."""
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)
+  return tmp
+
+
 def copy_tree(src, dst, leave_out=frozenset()) -> None:
   """Copies directory `src` with everything under it into `dst`, either side local or remote,
   except files named in `leave_out` (at any depth).

@@ -106,7 +106,10 @@ class MetricsWriter:
       self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
     if use_wandb:
       try:
-        import wandb
+        try:
+          import wandb
+        except ImportError:
+          raise ImportError("wandb is not installed here; `pip install wandb` to log to W&B") from None
         mode = os.environ.get("WANDB_MODE", "offline")
         self._wandb = wandb.init(name=run_name, config=config_dict, dir=self._mirror.root, mode=mode)
       except Exception as e:  # W&B must never stop a run

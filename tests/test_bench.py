@@ -58,6 +58,11 @@ def test_bad_segments_is_one_line(capsys):
     code = cli.main(["bench", "--config=configs/gpt.py:tiny", *flags] + TINY)
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "must each be at least 1" in err, err
+  # Checked before the benchmark runs, not after it has.
+  code = cli.main(["bench", "--config=configs/gpt.py:tiny", "--json=/nonexistent/dir/x.json"] + TINY)
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and err == "error: --json=/nonexistent/dir/x.json: its directory does not exist; create it or " \
+      "pass another path", err
 
 
 def test_commands_keep_compiled_programs_in_a_persistent_cache(tmp_path):

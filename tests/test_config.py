@@ -106,6 +106,7 @@ def test_cli_workdir_and_override_mistakes_are_one_line(tmp_path, capsys):
     ("bert", ["model.attention_dropout=0.1", "model.attention=splash"], "model.attention=splash has no "
      "attention-probability dropout; set model.attention=auto"),
     ("gpt", ["train.eval_batches=-1"], "train.eval_batches=-1 must be at least 0"),
+    ("gpt", ["checkpoint.every_steps=-5"], r"checkpoint.every_steps=-5 must be at least 0 \(0 turns it off\)"),
     ("bert", ["data.mask_rate=1.5"], r"data.mask_rate=1.5 must be in \(0, 1\)"),
     ("bert", ["data.max_predictions=0"], "data.max_predictions=0 at least 1"),
     ("bert", ["data.seq_len=512", "model.max_len=512"], r"data.max_predictions=20 masks at most 3.9% of a row of "

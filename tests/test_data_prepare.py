@@ -1,5 +1,6 @@
 """prepare(): cache keys, idempotence, atomicity, TFDS by name (mocked), local files, and bad-input errors."""
 
+import glob
 import json
 import os
 
@@ -52,6 +53,14 @@ def test_prepare_is_idempotent_and_keyed(cache_dir):
   assert data.prepare(config) == path and os.path.getmtime(os.path.join(path, "meta.json")) == stamp
   meta = json.load(open(os.path.join(path, "meta.json")))
   assert meta["splits"]["train"]["num_rows"] > 1000 and meta["splits"]["eval"]["num_rows"] >= 50
+  # Filled under a temporary name and renamed: with a plain directory's permissions, not tempfile's
+  # 0700, so others sharing data.cache_dir can read it.
+  umask = os.umask(0)
+  os.umask(umask)
+  entries = [path, *glob.glob(os.path.join(str(cache_dir), "tokenizers", "*"))]
+  assert len(entries) >= 2  # the dataset and the tokenizer trained for it
+  for entry in entries:
+    assert os.stat(entry).st_mode & 0o777 == 0o777 & ~umask, entry
   for key, value in (("data.seq_len", 64), ("train.objective", "mlm"), ("data.eval_split", "train")):
     other = tiny("gpt", cache_dir, **{key: value})
     if key == "train.objective":

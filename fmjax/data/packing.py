@@ -23,11 +23,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 
 import numpy as np
 
+from fmjax import files
 from fmjax.config_lib import ConfigError
 from fmjax.data import pii, sources
 from fmjax.data import tokenizers as tokenizers_lib
@@ -113,7 +113,7 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
   if is_prepared(path):
     return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
+  tmp = files.make_temp_dir(os.path.dirname(path))
   try:
     meta = {"dataset": config.data.dataset, "objective": config.train.objective, "seq_len": config.data.seq_len,
             "train": sources.corpus_identity(config, "train"), "eval": sources.corpus_identity(config, "eval"),

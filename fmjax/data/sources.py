@@ -17,7 +17,6 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 import urllib.parse
 from typing import Any, Iterator
 
@@ -63,7 +62,7 @@ def fetch_shared(config, rel: str, marker: str, bulk: tuple[str, ...] = ()) -> s
   if files.exists(os.path.join(remote, marker)):
     os.makedirs(os.path.dirname(local), exist_ok=True)
     leave_out = frozenset() if not bulk or _copy_bulk(config, remote, os.path.dirname(local), bulk) else frozenset(bulk)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(local))
+    tmp = files.make_temp_dir(os.path.dirname(local))
     try:
       files.copy_tree(remote, tmp, leave_out)
       os.rename(tmp, local)

@@ -283,7 +283,7 @@ def save_run_tokenizer(tok: Tokenizer, workdir: str) -> None:
 
 def _save_atomic(tok: Tokenizer, directory: str) -> None:
   os.makedirs(os.path.dirname(directory), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(directory))
+  tmp = files.make_temp_dir(os.path.dirname(directory))
   try:
     tok.save(tmp)
     os.rename(tmp, directory)
