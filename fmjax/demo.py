@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
       preds = generate.fill_mask(model, tok, text, top_k=5)
       print(f"\nBERT fill-mask: {text}")
       for i, cands in enumerate(preds):
-        print("  [MASK] -> " + ", ".join(f"{w!r} {p:.2f}" for w, p in cands))
+        print("  [MASK] -> " + ", ".join(f"{w!r} {p:.2g}" for w, p in cands))
   print("\nHeld-out loss (nats/token) vs the unigram baseline of the same tokenizer:")
   print(f"  {'model':<6} {'objective':<9} {'held-out':>9} {'unigram':>9} {'ppl':>8} {'accuracy':>9}")
   for family, obj, loss, base, acc in rows:

@@ -302,5 +302,5 @@ def cli(argv: list[str]) -> int:
       print("-" * 40)
   else:
     for cands in results:
-      print("[MASK] -> " + ", ".join(f"{w!r} {prob:.3f}" for w, prob in cands))
+      print("[MASK] -> " + ", ".join(f"{w!r} {prob:.2g}" for w, prob in cands))
   return 0
