@@ -64,6 +64,27 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint whose parameter paths or shapes do not fit the model being restored."""
 
 
+# Model settings that decide the parameter arrays (not scan_layers: either layer layout restores).
+SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len", "type_vocab_size")
+
+
+def check_same_model(saved: Mapping, model_cfg, source: str) -> None:
+  """One line when `source` (an init_from, whose config.json is `saved`) holds another model than
+  `model_cfg` builds: the family and sizes that differ, before any array is read."""
+  from fmjax.config_lib import ConfigError
+  if "model" not in saved and ("model_type" in saved or "architectures" in saved):
+    raise ConfigError(f"init_from={source} is a Hugging Face model directory; import it first (`fmjax import-hf "
+                      f"--model_dir={source} --workdir=W`) and pass --config.init_from=W")
+  theirs = {k: saved.get("model", {}).get(k) for k in SHAPE_KEYS}
+  ours = {k: model_cfg.get(k) for k in SHAPE_KEYS}
+  diff = [k for k in SHAPE_KEYS if theirs[k] != ours[k]]
+  if diff:
+    fmt = lambda d: ", ".join(f"{k}={d[k]}" for k in diff)
+    raise CheckpointMismatchError(f"init_from={source} holds a {theirs['family']} model ({fmt(theirs)}) but this "
+                                  f"config builds {ours['family']} ({fmt(ours)}); set those model.* values or use "
+                                  "a checkpoint of this model")
+
+
 class CheckpointSaveError(RuntimeError):
   """A save that did not reach disk."""
 

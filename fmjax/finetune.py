@@ -210,8 +210,6 @@ def _saved_config(init_from: str) -> dict | None:
   return data.resolve_tokenizer_path(saved, init_from) if saved is not None else None
 
 
-# Not scan_layers: the checkpoint restores into either layer layout.
-_SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len", "type_vocab_size")
 _ADOPTED_MODEL_KEYS = ("layer_norm_eps",)  # not shapes, but the trunk's numbers depend on them: taken from init_from
 
 
@@ -222,7 +220,7 @@ def adopt_pretrain_settings(config, init_from: str) -> list[str]:
   checkpoint of another family or size.
   """
   from fmjax import data
-  from fmjax.checkpoint import CheckpointMismatchError
+  from fmjax.checkpoint import check_same_model
   if not files.isdir(init_from):
     raise ConfigError(f"init_from={init_from!r} does not exist; pass the --workdir of a `fmjax train` run")
   saved = _saved_config(init_from)
@@ -231,14 +229,7 @@ def adopt_pretrain_settings(config, init_from: str) -> list[str]:
   if is_classifier_run(saved):
     raise ConfigError(f"init_from={init_from} is a `fmjax finetune` (classifier) workdir; pass the --workdir of a "
                       "pretraining (`fmjax train`) or `fmjax sft` run, whose language model holds the trunk to load")
-  theirs = {k: saved.get("model", {}).get(k) for k in _SHAPE_KEYS}
-  ours = {k: config.model[k] for k in _SHAPE_KEYS}
-  diff = [k for k in _SHAPE_KEYS if theirs[k] != ours[k]]
-  if diff:
-    fmt = lambda d: ", ".join(f"{k}={d[k]}" for k in diff)
-    raise CheckpointMismatchError(f"init_from={init_from} holds a {theirs['family']} model ({fmt(theirs)}) but this "
-                                  f"config builds {ours['family']} ({fmt(ours)}); set those model.* values or use "
-                                  "a checkpoint of this model")
+  check_same_model(saved, config.model, init_from)
   changed = []
   with config.unlocked():
     for key in _ADOPTED_MODEL_KEYS:

@@ -276,6 +276,10 @@ def _run(config, workdir: str) -> dict:
   batches = None
   try:
     resuming = checkpointer.latest_step() is not None
+    if config.get("init_from") and not resuming:
+      source = files.read_json(os.path.join(config.init_from, "config.json"))  # None: _init_from names it
+      if source is not None:  # another family or size: one line, before its tokenizer or arrays are read
+        ckpt_lib.check_same_model(source, config.model, config.init_from)
     source_tokenizer = _adopt_tokenizer(config, workdir, resuming) if config.get("init_from") else None
     cfg_dict = _recorded_config(config, workdir)
     # Before any data work: a workdir of another run fails now, not after the dataset is tokenised,

@@ -184,6 +184,19 @@ def test_checkpoint_of_another_size_or_family_is_one_line(pretrained, files, tmp
                  str(tmp_path / "b"))
   assert "\n" not in str(e.value)
   assert not os.path.exists(tmp_path / "a" / "checkpoints" / "2")
+  # Continued pretraining checks the same, before it reads the source's tokenizer or arrays (it
+  # once advised another tokenizer kind, then printed every mismatched array).
+  from fmjax import train
+  gpt = config_lib.load_config("configs/gpt.py:tiny", [f"init_from={pretrained}", f"data.cache_dir={files['cache']}"])
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"holds a bert model .*but this config builds gpt") as e:
+    train.run(gpt, str(tmp_path / "c"))
+  assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "c")
+  hf = tmp_path / "hf"  # what `fmjax export` or a Hugging Face download holds
+  hf.mkdir()
+  (hf / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+  with pytest.raises(ConfigError, match=rf"init_from={hf} is a Hugging Face model directory; import it first "
+                                        rf"\(`fmjax import-hf --model_dir={hf} --workdir=W`\)"):
+    finetune.run(ft_config(files, f"init_from={hf}"), str(tmp_path / "d"))
 
 
 def test_a_classifier_workdir_is_no_init_from_and_a_refused_start_touches_nothing(finetuned, files, tmp_path):
