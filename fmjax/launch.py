@@ -220,12 +220,33 @@ def validate(spec: LaunchSpec, mode: str) -> Accelerator | None:
       raise LaunchError("--config=configs/NAME.py[:args] is required to run training")
     if not spec.workdir:
       raise LaunchError("--workdir=gs://BUCKET/PATH is required to run training")
+    _check_config_path(spec)
+  ships_code = (mode in ("setup", "all") and not spec.git_repo) or (mode == "xpk" and not spec.docker_image)
+  if ships_code and not all(os.path.exists(os.path.join(spec.code_dir, f)) for f in ("pyproject.toml", "fmjax")):
+    raise LaunchError(f"--code-dir={spec.code_dir} is not an fmjax checkout (no pyproject.toml and fmjax/ there), "
+                      "and it is what the workers get: run the launcher from the repository or pass --code-dir=REPO")
   hosts = (acc.hosts if acc else 1) * spec.num_slices
   if spec.workdir and not spec.workdir.startswith("gs://") and (hosts > 1 or mode.startswith("xpk")):
     where = "GKE pods" if mode.startswith("xpk") else f"all {hosts} hosts"
     raise LaunchError(f"--workdir={spec.workdir!r} must be a gs:// path: {where} write checkpoints and "
                       "metrics there, so it must be shared storage (e.g. --workdir=gs://BUCKET/run)")
   return acc
+
+
+def _check_config_path(spec: LaunchSpec) -> None:
+  """The workers run `--config` from their copy of --code-dir: it must name a file there, relative."""
+  from fmjax import config_lib
+  path, arg = config_lib.split_config_spec(spec.config)
+  code = os.path.abspath(spec.code_dir)
+  if os.path.isabs(path):
+    inside = os.path.commonpath([os.path.abspath(path), code]) == code
+    rel = os.path.relpath(path, code) + (f":{arg}" if arg is not None else "")
+    hint = f"--config={rel}" if inside else f"a config inside --code-dir={spec.code_dir}"
+    raise LaunchError(f"--config={path} is a path on this machine; the workers run from their copy of --code-dir, "
+                      f"so name it relative to that: {hint}")
+  if not os.path.isfile(os.path.join(code, path)):
+    raise LaunchError(f"--config={path} is not a file in --code-dir={spec.code_dir}, the code the workers get; "
+                      "put the config there and name it relative to it")
 
 
 def check_config(spec: LaunchSpec) -> None:
@@ -238,7 +259,7 @@ def check_config(spec: LaunchSpec) -> None:
   from fmjax import config_lib
   acc = parse_accelerator(spec.accelerator)
   path, arg = config_lib.split_config_spec(spec.config)
-  module = config_lib.load_module(path)
+  module = config_lib.load_module(os.path.join(spec.code_dir, path))  # the file the workers will run
   if not hasattr(module, "get_config"):
     raise config_lib.ConfigError(f"{path} has no get_config(arg) function")
   config = ml_collections.ConfigDict(module.get_config(arg) if arg is not None else module.get_config())

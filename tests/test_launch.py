@@ -7,6 +7,7 @@ diff and regenerate them with `FMJAX_UPDATE_GOLDEN=1 pytest tests/test_launch.py
 import dataclasses
 import fnmatch
 import os
+import shutil
 import pathlib
 import shlex
 import stat
@@ -157,9 +158,12 @@ def fake_tools(tmp_path, monkeypatch):
   monkeypatch.delenv("FAKE_FAIL", raising=False)
   monkeypatch.delenv("FAKE_STATE", raising=False)
   monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-  code = tmp_path / "code"
+  code = tmp_path / "code"  # a checkout as the workers get it: the package, its configs, a marker
   (code / "launch").mkdir(parents=True)
   (code / "launch" / "marker.txt").write_text("shipped")
+  (code / "pyproject.toml").write_text("[project]\nname = 'fmjax'\n")
+  (code / "fmjax").mkdir()
+  shutil.copytree(os.path.join(os.path.dirname(__file__), os.pardir, "configs"), code / "configs")
 
   def calls():
     return [line.split("\t") for line in log.read_text().splitlines()] if log.exists() else []
@@ -228,8 +232,8 @@ def test_setup_tarball_leaves_out_workdirs_wheels_builds_and_dockerignored(fake_
     listing = subprocess.run(["tar", "-tzf", str(tarball)], capture_output=True, text=True, check=True).stdout
   finally:
     tarball.unlink(missing_ok=True)
-  files = sorted(l for l in listing.splitlines() if not l.endswith("/"))
-  assert files == ["./.dockerignore", "./launch/marker.txt"]
+  files = sorted(l for l in listing.splitlines() if not l.endswith("/") and not l.startswith("./configs/"))
+  assert files == ["./.dockerignore", "./launch/marker.txt", "./pyproject.toml"]
 
 
 def test_execute_xpk(fake_tools, capsys):
@@ -337,6 +341,16 @@ BASE = ["run", "--tpu=t1", "--config=configs/gpt.py:small", "--workdir=gs://b/r"
     (["run", "--tpu=t1", "--config=configs/gpt.py:small", "--workdir=/tmp/run", "--accelerator=v4-32", *WHERE],
      "error: --workdir='/tmp/run' must be a gs:// path: all 4 hosts write checkpoints and metrics there, so it "
      "must be shared storage (e.g. --workdir=gs://BUCKET/run)"),
+    (["run", "--tpu=t1", f"--config={REPO / 'configs' / 'gpt.py'}:small", "--workdir=gs://b/r", "--accelerator=v4-8",
+      *WHERE],
+     "error: --config=*/configs/gpt.py is a path on this machine; the workers run from their copy of --code-dir, so "
+     "name it relative to that: --config=configs/gpt.py:small"),
+    (["run", "--tpu=t1", "--config=configs/nope.py", "--workdir=gs://b/r", "--accelerator=v4-8", *WHERE],
+     "error: --config=configs/nope.py is not a file in --code-dir=., the code the workers get; put the config "
+     "there and name it relative to it"),
+    (["setup", "--tpu=t1", "--accelerator=v4-8", "--code-dir=/tmp", *WHERE],
+     "error: --code-dir=/tmp is not an fmjax checkout (no pyproject.toml and fmjax/ there), and it is what the "
+     "workers get: run the launcher from the repository or pass --code-dir=REPO"),
     (["create", "--tpu=My_TPU", "--accelerator=v4-8", *WHERE],
      "error: --tpu='My_TPU' is not a valid name: use lower-case letters, digits and dashes, starting with a "
      "letter (at most 40 characters)"),
