@@ -320,10 +320,12 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> tuple[li
     # SIGTERM lets `train` save a checkpoint, so rerunning the sweep resumes every run.
     for proc in active:
       proc.terminate()
-    for proc, (_, log, _) in active.items():
+    for proc, (run, log, _) in active.items():
       proc.wait()
       log.close()
-    raise
+      _mark_status(run, root, "preempted", proc.returncode)
+    raise KeyboardInterrupt("the running runs saved where they were; rerun the same sweep command to resume "
+                            "them") from None
   finally:
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
