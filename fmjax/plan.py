@@ -72,7 +72,10 @@ def parse_mesh(text: str) -> dict[str, int]:
   for part in filter(None, (p.strip() for p in text.split(","))):
     axis, _, value = part.partition("=")
     if axis not in sizes:
-      close = difflib.get_close_matches(axis, MESH_AXES, n=1)
+      # Other codebases' names for the same axes first (dp, tp, ...), then spelling.
+      alias = {"dp": "data", "tp": "tensor", "mp": "tensor", "model": "tensor",
+               "dcn": "dcn_data", "slice": "dcn_data"}.get(axis)
+      close = [alias] if alias else difflib.get_close_matches(axis, MESH_AXES, n=1)
       hint = f"; did you mean {close[0]!r}?" if close else f"; the axes are {', '.join(MESH_AXES)}"
       raise PlanError(f"unknown mesh axis {axis!r} in --mesh={text}{hint}")
     try:

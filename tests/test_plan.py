@@ -112,6 +112,9 @@ def test_bad_topology_is_one_clear_line(name, match):
 def test_bad_mesh_and_too_many_devices():
   with pytest.raises(plan.PlanError, match="did you mean 'fsdp'"):
     plan.parse_mesh("fsd=4")
+  for other, ours in (("dp", "data"), ("tp", "tensor")):  # other codebases' names: the axis, not the spelling
+    with pytest.raises(plan.PlanError, match=f"did you mean '{ours}'"):
+      plan.parse_mesh(f"{other}=4")
   with pytest.raises(plan.PlanError, match="needs 16 devices but 8"):
     plan.plan(tiny(), mesh="data=4,fsdp=4")
 
