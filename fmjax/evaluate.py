@@ -5,6 +5,8 @@
   SFT                the same on the completion tokens of the held-out JSONL rows
   fine-tuning        the task's official metrics (fmjax.finetune.evaluate) on a task split
                      (--split=eval is its validation split; --batches counts batches of train.batch_size examples)
+  --task=NAME        zero-shot multiple choice of a GPT run (HellaSwag, PIQA, ARC, a JSONL file):
+                     acc and acc_norm (fmjax.zeroshot), written to `eval_<task>.json`
 
 The numbers are those of the train loop's eval (same step function and batches), over the whole
 split by default, where a pretraining run's loop scored only its first `train.eval_batches`.
@@ -91,16 +93,37 @@ def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: 
   return result
 
 
+def run_task(workdir: str, task: str, *, split: str | None = None, limit: int = 0, step: int | None = None) -> dict:
+  """Zero-shot multiple choice (`fmjax.zeroshot`) of a GPT run; also written to eval_<task>.json."""
+  from fmjax import zeroshot
+  result = {"workdir": files.absolute(workdir), **zeroshot.run(workdir, task, split=split, limit=limit, step=step)}
+  if jax.process_index() == 0:
+    name = task.split(":", 1)[0]  # jsonl:PATH -> eval_jsonl.json
+    files.write_json(os.path.join(workdir, f"eval_{name}.json"), result, indent=1)
+  return result
+
+
 def cli(argv: list[str]) -> int:
-  """`fmjax eval --workdir=W [--split=eval|train] [--batches=N] [--step=S]`."""
+  """`fmjax eval --workdir=W [--split=eval|train] [--batches=N] [--step=S] [--task=NAME [--limit=N]]`."""
   p = argparse.ArgumentParser(prog="fmjax eval")
   p.add_argument("--workdir", required=True, help="a `fmjax train`, `sft` or `finetune` workdir")
-  p.add_argument("--split", default="eval", help="eval (held-out, default) or train; fine-tuning: a task split")
+  p.add_argument("--split", default=None, help="eval (held-out, default) or train; fine-tuning and --task: a "
+                 "split of the task")
   p.add_argument("--batches", type=int, default=None, help="batches to score, the first ones in order "
                  "(default: the whole eval split)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--task", default="", help="zero-shot multiple choice for a GPT run: hellaswag, piqa, arc_easy, "
+                 "arc_challenge, continuation (its own held-out documents) or jsonl:PATH (fmjax.zeroshot)")
+  p.add_argument("--limit", type=int, default=0, help="with --task: score the first N items only (0: all)")
   args = p.parse_args(argv)
-  result = run(args.workdir, split=args.split, batches=args.batches, step=args.step)
+  if args.limit < 0:
+    raise ConfigError(f"--limit must be 0 (all items) or more, got {args.limit}")
+  if args.task:
+    result = run_task(args.workdir, args.task, split=args.split, limit=args.limit, step=args.step)
+    print(f"{args.workdir} {result['task']} ({result['split']}, {result['items']} items, step {result['step']}): "
+          f"acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  (chance {result['chance']:.4f})")
+    return 0
+  result = run(args.workdir, split=args.split or "eval", batches=args.batches, step=args.step)
   skip = {"workdir", "split"}
   print(f"{args.workdir} ({result['split']}): " + "  ".join(
       f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items() if k not in skip))

@@ -1,0 +1,267 @@
+"""Zero-shot multiple choice for a causal LM: `fmjax eval --workdir=W --task=hellaswag`.
+
+An item is a context and N candidate continuations. The model scores each continuation by the sum
+of its tokens' log-probabilities after the context (the context opened with <eos>, as fmjax opens
+every document), and answers with the highest:
+
+  acc        the choice with the largest log-likelihood
+  acc_norm   the choice with the largest log-likelihood per byte of its text, so a long ending is
+             not penalised for its length (the figure GPT-2-size models are usually compared on
+             for HellaSwag)
+
+Tasks (TFDS by name; `data_dir` as in pretraining):
+  hellaswag                    `hellaswag`, validation: "<activity>: <context>", 4 endings
+  piqa                         `piqa`, validation: "Question: <goal>\\nAnswer:", 2 solutions
+  arc_easy / arc_challenge     `ai2_arc/ARC-Easy|ARC-Challenge`, test: "Question: ...\\nAnswer:", 3-5 answers
+  jsonl:PATH                   one {"context": str, "choices": [str, ...], "label": int} per line
+  continuation                 the run's own held-out documents (its eval split, offline for any
+                               corpus): the opening words of a document, and four next spans of
+                               words, its own and those of three other documents at the same place
+
+A context longer than the run's trained positions loses its start; a continuation is never cut.
+Shapes: B rows a batch, T positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fmjax import files
+from fmjax.config_lib import ConfigError
+
+# name: (TFDS name, default split)
+TFDS_TASKS = {
+    "hellaswag": ("hellaswag", "validation"),
+    "piqa": ("piqa", "validation"),
+    "arc_easy": ("ai2_arc/ARC-Easy", "test"),
+    "arc_challenge": ("ai2_arc/ARC-Challenge", "test"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  context: str
+  choices: tuple[str, ...]
+  label: int
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _hellaswag_clean(text: str) -> str:
+  """WikiHow items carry markup ("[title]", "[step]"): a title ends a sentence, other tags go."""
+  text = text.strip().replace(" [title]", ". ")
+  text = re.sub(r"\[[^\]]*\]", "", text)
+  return re.sub(r"\s+", " ", text).strip()
+
+
+def _hellaswag(record) -> Item:
+  context = _hellaswag_clean(f"{_text(record['activity_label'])}: {_text(record['context'])}")
+  return Item(context, tuple(" " + _hellaswag_clean(_text(e)) for e in record["endings"]), int(record["label"]))
+
+
+def _piqa(record) -> Item:
+  return Item(f"Question: {_text(record['goal']).strip()}\nAnswer:",
+              (" " + _text(record["sol1"]).strip(), " " + _text(record["sol2"]).strip()), int(record["label"]))
+
+
+def _arc(record) -> Item:
+  labels = [int(x) for x in record["choices"]["label"]]
+  answer = int(record["answerKey"])
+  if answer not in labels:
+    raise ValueError("an ARC item whose answer is none of its choices")
+  return Item(f"Question: {_text(record['question']).strip()}\nAnswer:",
+              tuple(" " + _text(t).strip() for t in record["choices"]["text"]), labels.index(answer))
+
+
+_PARSERS = {"hellaswag": _hellaswag, "piqa": _piqa, "arc_easy": _arc, "arc_challenge": _arc}
+
+
+def _tfds_items(task: str, split: str | None, data_dir: str, limit: int) -> tuple[str, list[Item]]:
+  import tensorflow_datasets as tfds
+  from fmjax.data import sources
+  name, default_split = TFDS_TASKS[task]
+  split = split or default_split
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except Exception:  # pylint: disable=broad-except
+    builder = None  # tfds.load below says why, in one line
+  if builder is not None:
+    sources.check_downloadable(name, builder, data_dir)
+  try:
+    ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
+  except Exception as e:  # no network here, most often: one line that says where to prepare it
+    why = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ConfigError(f"dataset {name!r} split {split!r} could not be loaded or downloaded ({type(e).__name__}: "
+                      f"{why}); {sources.prepare_elsewhere(name)}") from None
+  if limit:
+    ds = ds.take(limit)
+  return split, [_PARSERS[task](r) for r in tfds.as_numpy(ds)]
+
+
+def _jsonl_items(path: str, limit: int) -> list[Item]:
+  from fmjax.data import sources
+  if not os.path.isfile(path):
+    raise ConfigError(f"--task=jsonl:{path}: no such file; one {{\"context\": ..., \"choices\": [...], "
+                      "\"label\": i}} per line")
+  items = []
+  for line, row in sources.jsonl_records(path):
+    ok = (isinstance(row, dict) and isinstance(row.get("context"), str) and isinstance(row.get("choices"), list)
+          and len(row["choices"]) >= 2 and all(isinstance(c, str) and c for c in row["choices"])
+          and isinstance(row.get("label"), int) and 0 <= row["label"] < len(row["choices"]))
+    if not ok:
+      raise ConfigError(f"{path}:{line} is not {{\"context\": str, \"choices\": [two or more non-empty str], "
+                        "\"label\": index of the right one}}")
+    items.append(Item(row["context"], tuple(row["choices"]), row["label"]))
+    if limit and len(items) >= limit:
+      break
+  return items
+
+
+CONTINUATION_CONTEXT_WORDS, CONTINUATION_WORDS, CONTINUATION_ITEMS = 24, 12, 500
+
+
+def _continuation_items(config, limit: int) -> list[Item]:
+  """Items from the eval split's documents of at least 36 words (see the module docstring); the
+  right span sits at position i % 4, and item i's distractors are documents i+1..i+3's spans."""
+  from fmjax.data import sources
+  need = CONTINUATION_CONTEXT_WORDS + CONTINUATION_WORDS
+  docs = []
+  for text in sources.documents(config, "eval"):
+    words = text.split()
+    if len(words) >= need:
+      docs.append(words)
+      if len(docs) >= (limit or CONTINUATION_ITEMS) + 3:
+        break
+  if len(docs) < 4:
+    raise ConfigError(f"the eval split of data.dataset={config.data.dataset} has {len(docs)} documents of {need}+ "
+                      "words; the continuation task needs 4 or more")
+  n = min(len(docs) - 3, limit or CONTINUATION_ITEMS)
+  span = lambda words: " " + " ".join(words[CONTINUATION_CONTEXT_WORDS:need])
+  items = []
+  for i in range(n):
+    others = [span(docs[i + k]) for k in (1, 2, 3)]
+    label = i % 4
+    items.append(Item(" ".join(docs[i][:CONTINUATION_CONTEXT_WORDS]),
+                      tuple(others[:label] + [span(docs[i])] + others[label:]), label))
+  return items
+
+
+def load_items(task: str, *, split: str | None = None, data_dir: str = "", limit: int = 0,
+               config=None) -> tuple[str, list[Item]]:
+  """(split, items) of a task named as in the module docstring; at most `limit` items (0: all).
+  `continuation` reads the documents of `config`'s eval split."""
+  if task.startswith("jsonl:"):
+    return split or "file", _jsonl_items(task[len("jsonl:"):], limit)
+  if task == "continuation":
+    if split not in (None, "eval"):
+      raise ConfigError(f"--task=continuation reads the run's eval split; drop --split={split}")
+    return "eval", _continuation_items(config, limit)
+  if task not in TFDS_TASKS:
+    import difflib
+    close = difflib.get_close_matches(task, list(TFDS_TASKS), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"unknown zero-shot task {task!r}; {hint}use one of {', '.join(TFDS_TASKS)}, continuation "
+                      "or jsonl:PATH")
+  return _tfds_items(task, split, data_dir, limit)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def encode_rows(tok, items: Sequence[Item], max_len: int) -> dict[str, np.ndarray]:
+  """One row per (item, choice), in order: inputs, targets, weights (1 on the choice's tokens),
+  segment ids (0 on padding), [R, T] with T the longest row rounded up to 16, at most `max_len`."""
+  seqs = []
+  for item in items:
+    context = [tok.eos_id] + tok.encode(item.context)
+    for choice in item.choices:
+      cont = tok.encode(choice)
+      seq = (context + cont)[-(max_len + 1):]  # the context's start goes first
+      seqs.append((seq, min(len(cont), len(seq) - 1)))
+  T = min(max_len, -(-max(len(s) - 1 for s, _ in seqs) // 16) * 16)
+  R = len(seqs)
+  rows = {"inputs": np.zeros((R, T), np.int32), "targets": np.zeros((R, T), np.int32),
+          "weights": np.zeros((R, T), np.float32), "segment_ids": np.zeros((R, T), np.int32)}
+  for r, (seq, n_cont) in enumerate(seqs):
+    n = len(seq) - 1
+    rows["inputs"][r, :n] = seq[:-1]
+    rows["targets"][r, :n] = seq[1:]
+    rows["weights"][r, n - n_cont:n] = 1.0
+    rows["segment_ids"][r, :n] = 1
+  return rows
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _row_logliks(graphdef, params, inputs_BT, targets_BT, weights_BT, segment_ids_BT):
+  model = nnx.merge(graphdef, params)
+  logits_BTV = model(inputs_BT, segment_ids_BT=segment_ids_BT).astype(jnp.float32)
+  target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  logp_BT = target_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
+  return jnp.sum(logp_BT * weights_BT, axis=-1)
+
+
+def score(model, tok, items: Sequence[Item], *, max_len: int, batch_size: int = 32) -> list[np.ndarray]:
+  """Each item's continuation log-likelihoods (one float per choice), batch_size rows at a time."""
+  rows = encode_rows(tok, items, max_len)
+  graphdef, params = nnx.split(model)
+  R = len(rows["inputs"])
+  out = []
+  for start in range(0, R, batch_size):
+    chunk = {k: v[start:start + batch_size] for k, v in rows.items()}
+    n = len(chunk["inputs"])
+    if n < batch_size:  # one shape for every batch: one compile
+      chunk = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
+    logliks_B = _row_logliks(graphdef, params, chunk["inputs"], chunk["targets"], chunk["weights"],
+                             chunk["segment_ids"])
+    out.append(np.asarray(logliks_B)[:n])
+  flat = np.concatenate(out)
+  result, at = [], 0
+  for item in items:
+    result.append(flat[at:at + len(item.choices)])
+    at += len(item.choices)
+  return result
+
+
+def metrics(items: Sequence[Item], logliks: Sequence[np.ndarray]) -> dict[str, float]:
+  """acc, acc_norm (log-likelihood per byte of the choice), and the chance level of the items."""
+  right = [int(np.argmax(ll)) == item.label for item, ll in zip(items, logliks)]
+  per_byte = [ll / np.array([max(len(c.encode("utf-8")), 1) for c in item.choices])
+              for item, ll in zip(items, logliks)]
+  right_norm = [int(np.argmax(ll)) == item.label for item, ll in zip(items, per_byte)]
+  return {"acc": float(np.mean(right)), "acc_norm": float(np.mean(right_norm)),
+          "chance": float(np.mean([1 / len(item.choices) for item in items])), "items": len(items)}
+
+
+def run(workdir: str, task: str, *, split: str | None = None, limit: int = 0, step: int | None = None,
+        batch_size: int = 32) -> dict:
+  """Scores `task` with `workdir`'s causal LM (checkpoint `step`, default the latest)."""
+  from fmjax import data, generate
+  saved = files.read_json(os.path.join(workdir, "config.json"))
+  if saved is not None and saved.get("model", {}).get("family") == "bert":
+    raise ConfigError(f"{workdir} holds a BERT (masked LM); zero-shot multiple choice scores a causal LM's "
+                      "continuations: pass the --workdir of a GPT run")
+  restored = generate.restore_run(workdir, step)  # a classifier workdir is refused there
+  config = restored.config
+  split, items = load_items(task, split=split, data_dir=str(config.data.get("data_dir", "")), limit=limit,
+                            config=config)
+  if not items:
+    raise ConfigError(f"--task={task} split {split!r} holds no items")
+  model = nnx.merge(restored.spec.graphdef, restored.params)
+  logliks = score(model, data.get_tokenizer(config, workdir), items,
+                  max_len=generate.trained_positions(config, workdir), batch_size=batch_size)
+  return {"task": task, "split": split, "step": restored.step, **metrics(items, logliks)}

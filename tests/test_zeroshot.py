@@ -1,0 +1,139 @@
+"""Zero-shot multiple choice: continuation log-likelihoods against a direct computation, the
+metrics, the task formats, and `fmjax eval --task` end to end."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fmjax import cli, config_lib, models, train, zeroshot
+from fmjax.config_lib import ConfigError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class ByteTokenizer:
+  """Ids 1..100 from characters; 0 is <eos>."""
+  eos_id = 0
+
+  def encode(self, text):
+    return [ord(c) % 100 + 1 for c in text]
+
+
+ITEMS = [
+    zeroshot.Item("The cat sat on the", (" mat.", " moon, which was far away.", " roof"), 0),
+    zeroshot.Item("x" * 80 + " and then", (" it ended", " nothing"), 1),  # longer than max_len: its start goes
+    zeroshot.Item("", (" a", " bb"), 1),
+]
+
+
+def test_scores_are_the_continuations_log_likelihoods():
+  cfg = config_lib.base_config("gpt").model
+  cfg.update(vocab_size=128, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=64, attention="xla",
+             init_std=0.2)
+  model = models.build_model(cfg, rngs=nnx.Rngs(0))
+  tok, max_len = ByteTokenizer(), 32
+  # batch_size 3 over 7 rows: the last batch is padded, and rows of different items share batches.
+  got = zeroshot.score(model, tok, ITEMS, max_len=max_len, batch_size=3)
+  for item, logliks in zip(ITEMS, got):
+    assert logliks.shape == (len(item.choices),)
+    for choice, loglik in zip(item.choices, logliks):
+      cont = tok.encode(choice)
+      seq = ([tok.eos_id] + tok.encode(item.context) + cont)[-(max_len + 1):]
+      logp_TV = jax.nn.log_softmax(model(jnp.asarray([seq[:-1]]))[0], axis=-1)
+      want = sum(float(logp_TV[t, seq[t + 1]]) for t in range(len(seq) - 1 - len(cont), len(seq) - 1))
+      np.testing.assert_allclose(loglik, want, rtol=1e-5, atol=1e-4)
+  assert len({round(float(x), 3) for ll in got for x in ll}) > 5  # not one number for every choice
+
+
+def test_acc_picks_the_total_and_acc_norm_the_per_byte_likelihood():
+  items = [zeroshot.Item("q", (" short", " a much longer answer"), 1),
+           zeroshot.Item("q", (" yes", " no"), 0)]
+  # Item 0: the long right answer loses on total log-likelihood but wins per byte.
+  logliks = [np.array([-6.0, -10.0]), np.array([-1.0, -2.0])]
+  m = zeroshot.metrics(items, logliks)
+  assert m == {"acc": 0.5, "acc_norm": 1.0, "chance": 0.5, "items": 2}
+
+
+def test_task_formats():
+  hella = zeroshot._hellaswag({"activity_label": b"Making a cake", "context": b"She mixes the flour [title] then",
+                               "endings": [b"bakes it [step] well.", b"eats the bowl."], "label": 0})
+  assert hella == zeroshot.Item("Making a cake: She mixes the flour. then", (" bakes it well.", " eats the bowl."), 0)
+  arc = zeroshot._arc({"question": b"What melts ice?", "answerKey": 2,
+                       "choices": {"label": [0, 1, 2], "text": [b"cold", b"dark", b"heat"]}})
+  assert arc == zeroshot.Item("Question: What melts ice?\nAnswer:", (" cold", " dark", " heat"), 2)
+  with pytest.raises(ConfigError, match="unknown zero-shot task 'hellaswg'; did you mean 'hellaswag'"):
+    zeroshot.load_items("hellaswg")
+
+
+def test_piqa_through_tfds(tfds_online, tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=5):
+    split, items = zeroshot.load_items("piqa", data_dir=str(tmp_path), limit=3)
+  assert split == "validation" and len(items) == 3
+  assert all(i.context.startswith("Question: ") and i.context.endswith("\nAnswer:") for i in items)
+  assert all(len(i.choices) == 2 and i.label in (0, 1) for i in items)
+
+
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory):
+  """A GPT workdir: one step on a small text corpus."""
+  root = tmp_path_factory.mktemp("zeroshot")
+  rng = np.random.default_rng(0)
+  words = "the cat dog sat ran on under mat roof a big small red".split()
+  (root / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words, 40)) for _ in range(120)) + "\n")
+  config = config_lib.load_config(os.path.join(HERE, os.pardir, "configs", "gpt.py") + ":tiny", [
+      "data.dataset=text_files", f"data.files={root / 'corpus.txt'}", f"data.cache_dir={root / 'cache'}",
+      "data.tokenizer.vocab_size=300", "model.vocab_size=384", "data.seq_len=32", "train.batch_size=8",
+      "train.steps=1", "train.eval_batches=0", "train.progress_bar=false", "checkpoint.async_save=false"])
+  train.run(config, str(root / "gpt"))
+  return root
+
+
+def test_eval_task_through_the_cli(gpt_run, capsys):
+  items = gpt_run / "items.jsonl"
+  items.write_text("".join(json.dumps({"context": f"the cat sat on the {w}", "choices": [" mat", " roof", " red"],
+                                       "label": i % 3}) + "\n" for i, w in enumerate(["big", "small", "red", "a"])))
+  workdir = gpt_run / "gpt"
+  assert cli.main(["eval", f"--workdir={workdir}", f"--task=jsonl:{items}", "--limit=3"]) == 0
+  out = capsys.readouterr().out
+  assert "(file, 3 items, step 1): acc " in out and "(chance 0.3333)" in out
+  saved = json.loads((workdir / "eval_jsonl.json").read_text())
+  assert saved["items"] == 3 and saved["step"] == 1 and 0.0 <= saved["acc"] <= 1.0
+  assert saved == {"workdir": str(workdir), **zeroshot.run(str(workdir), f"jsonl:{items}", limit=3)}
+
+
+def test_eval_task_mistakes_are_one_line(gpt_run, tmp_path, capsys):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps({"context": "c", "choices": [" a", " b"], "label": 2}) + "\n")
+  bert = tmp_path / "bert"
+  bert.mkdir()
+  (bert / "config.json").write_text(json.dumps({"model": {"family": "bert"}, "train": {}}))
+  for argv, error in (
+      ([f"--workdir={gpt_run / 'gpt'}", f"--task=jsonl:{bad}"], f"{bad}:1 is not {{\"context\": str, \"choices\""),
+      ([f"--workdir={gpt_run / 'gpt'}", "--task=jsonl:/nonexistent.jsonl"], "--task=jsonl:/nonexistent.jsonl: no such"),
+      ([f"--workdir={gpt_run / 'gpt'}", "--task=piqa", "--limit=-1"], "--limit must be 0 (all items) or more"),
+      ([f"--workdir={bert}", "--task=piqa"], "holds a BERT (masked LM); zero-shot multiple choice scores a causal"),
+  ):
+    assert cli.main(["eval", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and error in err, err
+
+
+def test_the_continuation_task_is_built_from_the_runs_held_out_documents(gpt_run):
+  from fmjax import generate
+  from fmjax.data import sources
+  config = generate.restore_run(str(gpt_run / "gpt")).config
+  split, items = zeroshot.load_items("continuation", config=config, limit=6)
+  held_out = [d.split() for d in sources.documents(config, "eval") if len(d.split()) >= 36]
+  assert split == "eval" and len(items) == 6
+  for i, item in enumerate(items):
+    assert item.label == i % 4 and len(item.choices) == 4 and len(set(item.choices)) == 4
+    assert item.context == " ".join(held_out[i][:24])
+    assert item.choices[item.label] == " " + " ".join(held_out[i][24:36])
+  result = zeroshot.run(str(gpt_run / "gpt"), "continuation", limit=6)
+  assert result["items"] == 6 and result["chance"] == 0.25 and result["split"] == "eval"
