@@ -15,8 +15,8 @@ Tasks (TFDS by name; `data_dir` as in pretraining):
   arc_easy / arc_challenge     `ai2_arc/ARC-Easy|ARC-Challenge`, test: "Question: ...\\nAnswer:", 3-5 answers
   jsonl:PATH                   one {"context": str, "choices": [str, ...], "label": int} per line
   continuation                 the run's own held-out documents (its eval split, offline for any
-                               corpus): the opening words of a document, and four next spans of
-                               words, its own and those of three other documents at the same place
+                               corpus), cut into 36-word passages: a passage's first 24 words, and
+                               four 12-word spans to follow them, its own and three other passages'
 
 A context longer than the run's trained positions loses its start; a continuation is never cut.
 Shapes: B rows a batch, T positions, V vocabulary.
@@ -132,32 +132,34 @@ def _jsonl_items(path: str, limit: int) -> list[Item]:
   return items
 
 
-CONTINUATION_CONTEXT_WORDS, CONTINUATION_WORDS, CONTINUATION_ITEMS = 24, 12, 500
+CONTINUATION_CONTEXT_WORDS, CONTINUATION_WORDS, CONTINUATION_ITEMS = 24, 12, 1000
 
 
 def _continuation_items(config, limit: int) -> list[Item]:
-  """Items from the eval split's documents of at least 36 words (see the module docstring); the
-  right span sits at position i % 4, and item i's distractors are documents i+1..i+3's spans."""
+  """Items from the eval split's documents (see the module docstring): each document's successive
+  36-word passages, in order; the right span sits at position i % 4, and item i's distractors are
+  the spans of the passages a quarter, a half and three quarters of the way round the list."""
   from fmjax.data import sources
   need = CONTINUATION_CONTEXT_WORDS + CONTINUATION_WORDS
-  docs = []
+  cap = limit or CONTINUATION_ITEMS
+  passages = []
   for text in sources.documents(config, "eval"):
     words = text.split()
-    if len(words) >= need:
-      docs.append(words)
-      if len(docs) >= (limit or CONTINUATION_ITEMS) + 3:
-        break
-  if len(docs) < 4:
-    raise ConfigError(f"the eval split of data.dataset={config.data.dataset} has {len(docs)} documents of {need}+ "
-                      "words; the continuation task needs 4 or more")
-  n = min(len(docs) - 3, limit or CONTINUATION_ITEMS)
-  span = lambda words: " " + " ".join(words[CONTINUATION_CONTEXT_WORDS:need])
+    passages += [words[at:at + need] for at in range(0, len(words) - need + 1, need)]
+    if len(passages) >= cap:
+      break
+  passages = passages[:cap]
+  n = len(passages)
+  if n < 4:
+    raise ConfigError(f"the eval split of data.dataset={config.data.dataset} has {n} passages of {need} words; "
+                      "the continuation task needs 4 or more")
+  span = lambda words: " " + " ".join(words[CONTINUATION_CONTEXT_WORDS:])
   items = []
   for i in range(n):
-    others = [span(docs[i + k]) for k in (1, 2, 3)]
+    others = [span(passages[(i + k * max(n // 4, 1)) % n]) for k in (1, 2, 3)]
     label = i % 4
-    items.append(Item(" ".join(docs[i][:CONTINUATION_CONTEXT_WORDS]),
-                      tuple(others[:label] + [span(docs[i])] + others[label:]), label))
+    items.append(Item(" ".join(passages[i][:CONTINUATION_CONTEXT_WORDS]),
+                      tuple(others[:label] + [span(passages[i])] + others[label:]), label))
   return items
 
 

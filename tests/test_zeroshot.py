@@ -129,11 +129,12 @@ def test_the_continuation_task_is_built_from_the_runs_held_out_documents(gpt_run
   from fmjax.data import sources
   config = generate.restore_run(str(gpt_run / "gpt")).config
   split, items = zeroshot.load_items("continuation", config=config, limit=6)
-  held_out = [d.split() for d in sources.documents(config, "eval") if len(d.split()) >= 36]
+  passages = [w[at:at + 36] for d in sources.documents(config, "eval") for w in [d.split()]
+              for at in range(0, len(w) - 35, 36)]
   assert split == "eval" and len(items) == 6
   for i, item in enumerate(items):
     assert item.label == i % 4 and len(item.choices) == 4 and len(set(item.choices)) == 4
-    assert item.context == " ".join(held_out[i][:24])
-    assert item.choices[item.label] == " " + " ".join(held_out[i][24:36])
+    assert item.context == " ".join(passages[i][:24])
+    assert item.choices[item.label] == " " + " ".join(passages[i][24:36])
   result = zeroshot.run(str(gpt_run / "gpt"), "continuation", limit=6)
   assert result["items"] == 6 and result["chance"] == 0.25 and result["split"] == "eval"
