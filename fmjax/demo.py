@@ -2,7 +2,8 @@
 
 Both train on fmjax_corpus (CPython's reference documentation and standard-library
 docstrings, which every Python install carries), then the held-out loss is printed beside
-the unigram baseline of the same tokenizer, with a generated sample and a fill-mask.
+the unigram baseline of the same tokenizer, with a generated sample, a fill-mask and the GPT's
+zero-shot multiple choice on its own held-out passages (`fmjax eval --task=continuation`).
 
   python -m fmjax.demo [--workdir=DIR] [--steps=N]
 """
@@ -17,7 +18,7 @@ import time
 
 import jax
 
-from fmjax import config_lib, data, generate, train
+from fmjax import config_lib, data, generate, train, zeroshot
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
       out = generate.generate(model, [tok.encode(prompt)], 40, temperature=0.8, top_k=40, seed=0,
                               eos_id=tok.eos_id, max_len=config.model.max_len)[0]
       print(f"\nGPT sample (temperature 0.8, top-k 40):\n  {prompt}{tok.decode(out)}")
+      choice = zeroshot.run(workdir, "continuation")
+      print(f"\nGPT zero-shot, which of 4 spans continues a held-out passage: acc {choice['acc']:.3f} over "
+            f"{choice['items']} passages (chance {choice['chance']:.2f})")
     else:
       text = "The [MASK] statement is used to iterate over the elements of a sequence."
       preds = generate.fill_mask(model, tok, text, top_k=5)
