@@ -110,7 +110,12 @@ def _tfds_items(task: str, split: str | None, data_dir: str, limit: int) -> tupl
                       f"{why}); {sources.prepare_elsewhere(name)}") from None
   if limit:
     ds = ds.take(limit)
-  return split, [_PARSERS[task](r) for r in tfds.as_numpy(ds)]
+  items = [_PARSERS[task](r) for r in tfds.as_numpy(ds)]
+  for i, item in enumerate(items):
+    if len(item.choices) < 2 or not 0 <= item.label < len(item.choices) or not all(item.choices):
+      raise ConfigError(f"dataset {name!r} split {split!r} item {i} has {len(item.choices)} choices and label "
+                        f"{item.label}; is the prepared dataset damaged? prepare it again")
+  return split, items
 
 
 def _jsonl_items(path: str, limit: int) -> list[Item]:
