@@ -353,6 +353,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if traced and first >= t.steps:
       raise ConfigError(f"train.profile_start={first} is not before train.steps={t.steps}, so nothing would "
                         "be traced; lower train.profile_start")
+    if t.get("zeroshot_limit", 0) < 0:
+      raise ConfigError(f"train.zeroshot_limit={t.zeroshot_limit} must be at least 0 (0: every item)")
     if t.get("eval_batches", 0) < 0:
       raise ConfigError(f"train.eval_batches={t.eval_batches} must be at least 0 (0: no held-out evaluation)")
     _check_optim(config.optim)
@@ -445,6 +447,8 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       nan_policy="abort",       # abort | skip
       progress_bar=True,
       wandb=False,              # also log to Weights & Biases (offline unless WANDB_MODE says otherwise)
+      zeroshot_tasks="",        # GPT: zero-shot tasks scored at each eval, e.g. "continuation,hellaswag"
+      zeroshot_limit=500,       # items of each zero-shot task per eval (0: all)
       profile_steps=0,          # >0: trace this many updates with jax.profiler into <workdir>/tb
       profile_start=5,          # ... from this step on (never the run's first update, which compiles)
   ))

@@ -211,6 +211,40 @@ def evaluate(eval_step, params, loader, num_batches: int) -> dict:
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": totals["correct_sum"] / w}
 
 
+def _zeroshot_tasks(config, tok) -> list[tuple]:
+  """(name, items, encoded rows) of each `train.zeroshot_tasks` task, scored at every eval."""
+  from fmjax import zeroshot
+  tasks = []
+  for name in zeroshot.check_tasks(config):
+    _, items = zeroshot.load_items(name, data_dir=str(config.data.data_dir), limit=int(config.train.zeroshot_limit),
+                                   config=config)
+    tasks.append((name.split(":", 1)[0], items, zeroshot.encode_rows(tok, items, config.data.seq_len)))
+  return tasks
+
+
+def _held_out(config, graphdef, eval_step, eval_loader, zeroshot_tasks) -> Callable[[dict], dict] | None:
+  """The loop's `evaluate`: held-out loss (train.eval_batches) and each zero-shot task's acc; None
+  when there is neither (no held-out figures, rather than zeros)."""
+  from fmjax import zeroshot
+  if config.train.eval_batches <= 0 and not zeroshot_tasks:
+    return None
+
+  def run(params) -> dict:
+    out = evaluate(eval_step, params, eval_loader, config.train.eval_batches) if config.train.eval_batches > 0 else {}
+    for name, items, rows in zeroshot_tasks:
+      logliks = zeroshot.score_rows(graphdef, params, rows, items, batch_size=config.train.batch_size)
+      scores = zeroshot.metrics(items, logliks)
+      out.update({f"{name}_acc": scores["acc"], f"{name}_acc_norm": scores["acc_norm"]})
+    return out
+  return run
+
+
+def _eval_message(m: dict) -> str:
+  parts = [f"eval loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}  acc {m['accuracy']:.3f}"] if "loss" in m else []
+  parts += [f"{k.removesuffix('_acc')} acc {v:.3f}" for k, v in m.items() if k.endswith("_acc")]
+  return "  ".join(parts)
+
+
 # ----------------------------------------------------------------------------- loop
 
 
@@ -259,6 +293,8 @@ def _run(config, workdir: str) -> dict:
   from fmjax.data import sources
   metrics_lib.setup_logging()
   config_lib.validate(config, jax.device_count())
+  from fmjax import zeroshot
+  zeroshot.check_tasks(config)
   if not files.isdir(os.path.join(workdir, "checkpoints")):
     sources.check_config(config)  # a bad data setting on a fresh start leaves no workdir behind
   files.makedirs(workdir)
@@ -312,6 +348,7 @@ def _run(config, workdir: str) -> dict:
     data.prepare(config, tokenizer)
     train_loader = data.make_loader(config, "train", sharding=batch_sharding, tok=tokenizer)
     eval_loader = data.make_loader(config, "eval", sharding=batch_sharding, tok=tokenizer)
+    zeroshot_tasks = _zeroshot_tasks(config, tokenizer)  # loaded now: a task that cannot load fails before training
 
     where = f"mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} process(es)"
     if resume is None and config.get("init_from"):
@@ -339,9 +376,8 @@ def _run(config, workdir: str) -> dict:
       result = loop(
           config, state, (batch for _, batch in batches), train_step, checkpointer=checkpointer, workdir=workdir,
           meta=meta, skipped=skipped, flops_per_token=flops_per_token(config),
-          evaluate=(lambda params: evaluate(eval_step, params, eval_loader, config.train.eval_batches))
-          if config.train.eval_batches > 0 else None,  # 0: no held-out figures, rather than zeros
-          eval_message=lambda m: f"eval loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}  acc {m['accuracy']:.3f}")
+          evaluate=_held_out(config, spec.graphdef, eval_step, eval_loader, zeroshot_tasks),
+          eval_message=_eval_message)
   finally:
     if batches is not None:
       batches.close()  # stops the prefetch thread before the process may exit

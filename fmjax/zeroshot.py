@@ -222,10 +222,23 @@ def _row_logliks(graphdef, params, inputs_BT, targets_BT, weights_BT, segment_id
   return jnp.sum(logp_BT * weights_BT, axis=-1)
 
 
+def _to_host(x) -> np.ndarray:
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))  # a pod: every host gets every row
+
+
 def score(model, tok, items: Sequence[Item], *, max_len: int, batch_size: int = 32) -> list[np.ndarray]:
   """Each item's continuation log-likelihoods (one float per choice), batch_size rows at a time."""
-  rows = encode_rows(tok, items, max_len)
   graphdef, params = nnx.split(model)
+  return score_rows(graphdef, params, encode_rows(tok, items, max_len), items, batch_size=batch_size)
+
+
+def score_rows(graphdef, params, rows: dict[str, np.ndarray], items: Sequence[Item], *,
+               batch_size: int) -> list[np.ndarray]:
+  """`score` over rows already encoded (`encode_rows`), with a model's graphdef and params (which may
+  be sharded over a mesh, as a training run's are: every process passes the same rows)."""
   R = len(rows["inputs"])
   out = []
   for start in range(0, R, batch_size):
@@ -235,7 +248,7 @@ def score(model, tok, items: Sequence[Item], *, max_len: int, batch_size: int = 
       chunk = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
     logliks_B = _row_logliks(graphdef, params, chunk["inputs"], chunk["targets"], chunk["weights"],
                              chunk["segment_ids"])
-    out.append(np.asarray(logliks_B)[:n])
+    out.append(_to_host(logliks_B)[:n])
   flat = np.concatenate(out)
   result, at = [], 0
   for item in items:
@@ -252,6 +265,18 @@ def metrics(items: Sequence[Item], logliks: Sequence[np.ndarray]) -> dict[str, f
   right_norm = [int(np.argmax(ll)) == item.label for item, ll in zip(items, per_byte)]
   return {"acc": float(np.mean(right)), "acc_norm": float(np.mean(right_norm)),
           "chance": float(np.mean([1 / len(item.choices) for item in items])), "items": len(items)}
+
+
+def check_tasks(config) -> list[str]:
+  """The zero-shot tasks a training run scores at each eval (`train.zeroshot_tasks`, comma-separated)."""
+  names = [t.strip() for t in str(config.train.get("zeroshot_tasks", "")).split(",") if t.strip()]
+  for name in names:
+    if not (name in TFDS_TASKS or name == "continuation" or name.startswith("jsonl:")):
+      load_items(name)  # the one-line "unknown task" error
+  if names and config.model.family != "gpt":
+    raise ConfigError(f"train.zeroshot_tasks={config.train.zeroshot_tasks!r} scores a causal LM's continuations; "
+                      f"this run trains a {config.model.family}: leave it empty")
+  return names
 
 
 def run(workdir: str, task: str, *, split: str | None = None, limit: int = 0, step: int | None = None,

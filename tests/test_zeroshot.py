@@ -138,3 +138,25 @@ def test_the_continuation_task_is_built_from_the_runs_held_out_documents(gpt_run
     assert item.choices[item.label] == " " + " ".join(passages[i][24:36])
   result = zeroshot.run(str(gpt_run / "gpt"), "continuation", limit=6)
   assert result["items"] == 6 and result["chance"] == 0.25 and result["split"] == "eval"
+
+
+def test_a_training_run_scores_its_zero_shot_tasks_at_each_eval(gpt_run, tmp_path):
+  """train.zeroshot_tasks: scored with the run's sharded params at every eval, as `fmjax eval
+  --task` scores the saved checkpoint afterwards."""
+  config = config_lib.load_config(os.path.join(HERE, os.pardir, "configs", "gpt.py") + ":tiny", [
+      "data.dataset=text_files", f"data.files={gpt_run / 'corpus.txt'}", f"data.cache_dir={gpt_run / 'cache'}",
+      "data.tokenizer.vocab_size=300", "model.vocab_size=384", "data.seq_len=32", "train.batch_size=8",
+      "train.steps=4", "train.eval_every=2", "train.eval_batches=1", "train.progress_bar=false",
+      "checkpoint.async_save=false", "train.zeroshot_tasks=continuation", "train.zeroshot_limit=12"])
+  workdir = tmp_path / "run"
+  result = train.run(config, str(workdir))
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl") if "eval/continuation_acc" in line]
+  assert [r["step"] for r in rows] == [2, 4] and "eval/loss" in rows[0]
+  after = zeroshot.run(str(workdir), "continuation", limit=12)
+  assert (result["eval"]["continuation_acc"], result["eval"]["continuation_acc_norm"]) == (
+      after["acc"], after["acc_norm"])
+  bert = config_lib.load_config(os.path.join(HERE, os.pardir, "configs", "bert.py") + ":tiny",
+                                ["train.zeroshot_tasks=continuation"])
+  with pytest.raises(ConfigError, match="scores a causal LM's continuations; this run trains a bert"):
+    train.run(bert, str(tmp_path / "bert"))
+  assert not os.path.exists(tmp_path / "bert")
