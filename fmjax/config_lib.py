@@ -132,8 +132,9 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   return config
 
 
-# Sections a config adds to base_config's: fine-tuning's and SFT's own settings.
-COMMAND_SECTIONS = ("task", "finetune", "sft")
+# Sections a config adds to base_config's: fine-tuning's and SFT's own settings, and `release`, the
+# model card fields `fmjax release` reads (free-form).
+COMMAND_SECTIONS = ("task", "finetune", "sft", "release")
 
 
 def _check_keys(config: ml_collections.ConfigDict, path: str) -> None:

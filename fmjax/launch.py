@@ -244,7 +244,7 @@ def _check_config_path(spec: LaunchSpec) -> None:
     hint = f"--config={rel}" if inside else f"a config inside --code-dir={spec.code_dir}"
     raise LaunchError(f"--config={path} is a path on this machine; the workers run from their copy of --code-dir, "
                       f"so name it relative to that: {hint}")
-  if not os.path.isfile(os.path.join(code, path)):
+  if not spec.git_repo and not spec.docker_image and not os.path.isfile(os.path.join(code, path)):
     raise LaunchError(f"--config={path} is not a file in --code-dir={spec.code_dir}, the code the workers get; "
                       "put the config there and name it relative to it")
 
@@ -255,16 +255,13 @@ def check_config(spec: LaunchSpec) -> None:
   Catches a misspelt key or a batch that does not divide the pod's data-parallel size here,
   before a TPU is paid for.
   """
-  import ml_collections
   from fmjax import config_lib
   acc = parse_accelerator(spec.accelerator)
   path, arg = config_lib.split_config_spec(spec.config)
-  module = config_lib.load_module(os.path.join(spec.code_dir, path))  # the file the workers will run
-  if not hasattr(module, "get_config"):
-    raise config_lib.ConfigError(f"{path} has no get_config(arg) function")
-  config = ml_collections.ConfigDict(module.get_config(arg) if arg is not None else module.get_config())
-  config_lib.apply_overrides(config, _train_overrides(spec))
-  config.lock()
+  local = os.path.join(spec.code_dir, path)  # the file the workers run, where this machine has it
+  local = local if os.path.isfile(local) else path
+  config = config_lib.load_config(local + (f":{arg}" if arg is not None else ""), _train_overrides(spec))
+  config_lib.check_command(config, "train")
   config_lib.validate(config, num_devices=acc.chips * spec.num_slices)
 
 
@@ -317,8 +314,8 @@ def _reclaim(spec: LaunchSpec, acc: Accelerator) -> list[str]:
   delete = _script_join(_delete(spec, acc)[0])
   script = (f'state=$({describe} 2>/dev/null) || exit 0; case $state in "") ;; '
             f'{dead}) echo "{kind} {spec.name} is $state: deleting it to create it again" >&2; {delete};; '
-            f'*) echo "{kind} {spec.name} already exists ($state): fmjax launch setup and run use it as it is, '
-            f'fmjax launch delete removes it" >&2; exit 1;; esac')
+            f'*) echo "{kind} {spec.name} already exists ($state): when it is ready, fmjax launch setup and run '
+            f'use it as it is; fmjax launch delete removes it" >&2; exit 1;; esac')
   return ["bash", "-c", script]
 
 

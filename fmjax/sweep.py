@@ -153,7 +153,7 @@ def check(runs: Sequence[Run]) -> None:
   config_lib.load_config(first.spec, shared)
   for run in runs:
     try:
-      config_lib.load_config(run.spec, run.overrides)
+      config_lib.check_command(config_lib.load_config(run.spec, run.overrides), run.command)
     except ConfigError as e:
       raise ConfigError(f"sweep run {run.name}: {e}") from None
 

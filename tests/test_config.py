@@ -219,8 +219,10 @@ def test_a_typo_inside_a_config_file_is_refused(tmp_path, line, error):
                   f"  {line}\n  return c\n")
   with pytest.raises(ConfigError, match=re.escape(error)):
     config_lib.load_config(str(path))
-  path.write_text(path.read_text().replace(line, "c.task = dict(name='mine')  # a command's own section"))
-  assert config_lib.load_config(str(path)).task.name == "mine"
+  path.write_text(path.read_text().replace(line, "c.task = dict(name='mine')  # a command's own section\n"
+                                                 "  c.release = dict(license='mit')  # model card fields, free-form"))
+  config = config_lib.load_config(str(path))
+  assert config.task.name == "mine" and config.release.license == "mit"
 
 
 def test_an_unreachable_bucket_is_one_line(monkeypatch, capsys):

@@ -290,7 +290,8 @@ def test_a_preempted_tpu_is_deleted_and_created_again_and_a_live_one_is_left_alo
   monkeypatch.setenv("FAKE_LOG", str(log))
   monkeypatch.setenv("FAKE_STATE", "READY")
   assert launch.cli(argv) == 1
-  assert f"{kind} t1 already exists (READY): fmjax launch setup and run use it as it is" in capfd.readouterr().err
+  assert f"{kind} t1 already exists (READY): when it is ready, fmjax launch setup and run use it as it is" in \
+      capfd.readouterr().err
   assert [line.split("\t")[3:5] for line in log.read_text().splitlines()] == [[kind, "describe"]]  # nothing else
 
 
@@ -345,6 +346,9 @@ BASE = ["run", "--tpu=t1", "--config=configs/gpt.py:small", "--workdir=gs://b/r"
       *WHERE],
      "error: --config=*/configs/gpt.py is a path on this machine; the workers run from their copy of --code-dir, so "
      "name it relative to that: --config=configs/gpt.py:small"),
+    (["run", "--tpu=t1", "--config=configs/finetune_cls.py", "--workdir=gs://b/r", "--accelerator=v4-8", *WHERE],
+     "error: this is a fine-tuning (classification) config (it has the `task` section): run it with `fmjax "
+     "finetune`, not `fmjax train`"),
     (["run", "--tpu=t1", "--config=configs/nope.py", "--workdir=gs://b/r", "--accelerator=v4-8", *WHERE],
      "error: --config=configs/nope.py is not a file in --code-dir=., the code the workers get; put the config "
      "there and name it relative to it"),
