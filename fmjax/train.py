@@ -270,10 +270,12 @@ def run(config, workdir: str) -> dict:
   """
   config_lib.check_command(config, "train")
   created = not files.exists(workdir)
-  try:
-    return _run(config, workdir)
+  locked = []  # set once this start holds the workdir's lock: a second start that lost the race for
+  try:         # a new workdir must not remove the first one's
+    return _run(config, workdir, locked)
   except BaseException:
-    if created and jax.process_index() == 0 and files.exists(workdir) and not _kept_anything(workdir):
+    if (created and jax.process_index() == 0 and files.exists(workdir) and not _kept_anything(workdir)
+        and (locked or not any(files.path(workdir).iterdir()))):
       files.path(workdir).rmtree()
     raise
 
@@ -287,7 +289,7 @@ def _kept_anything(workdir: str) -> bool:
   return files.exists(metrics) and '"train/' in files.read_text(metrics)
 
 
-def _run(config, workdir: str) -> dict:
+def _run(config, workdir: str, locked: list) -> dict:
   from fmjax import checkpoint as ckpt_lib, data  # local: heavy, and only the loop's
 
   from fmjax.data import sources
@@ -305,6 +307,7 @@ def _run(config, workdir: str) -> dict:
   spec = state_spec(config, mesh, tx)
   cfg_dict = config_lib.to_dict(config)
   lock = ckpt_lib.lock_workdir(workdir)  # one training per workdir, until this returns or raises
+  locked.append(True)
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
       every_minutes=config.checkpoint.every_minutes, keep=config.checkpoint.keep,

@@ -279,3 +279,30 @@ def test_a_rerun_after_a_failed_start_takes_its_own_init_froms_tokenizer(tmp_pat
   monkeypatch.setattr(data, "prepare", real_prepare)
   train.run(config(280, init_from=str(tmp_path / "b")), str(tmp_path / "w"))
   assert identity("w") == identity("b")
+
+
+def test_a_start_that_loses_the_lock_of_a_new_workdir_leaves_it_to_the_winner(tmp_path, monkeypatch):
+  """Two starts on one new workdir: the second finds it locked; its clean-up must not remove the
+  workdir the first is training in (it did: both had seen it missing)."""
+  import subprocess
+  import sys
+  from fmjax import train
+  from fmjax.data import sources
+  workdir = tmp_path / "w"
+  holder = ("import os, sys, time\nfrom fmjax import checkpoint as c\nos.makedirs(sys.argv[1])\n"
+            "lock = c.lock_workdir(sys.argv[1]); print('locked', flush=True); time.sleep(60)\n")
+  procs = []
+  real = sources.check_config
+
+  def first_start_meanwhile(config):  # this start has seen no workdir; another takes it now
+    procs.append(subprocess.Popen([sys.executable, "-c", holder, str(workdir)], stdout=subprocess.PIPE, text=True))
+    assert procs[0].stdout.readline().strip() == "locked"
+    return real(config)
+  monkeypatch.setattr(sources, "check_config", first_start_meanwhile)
+  try:
+    with pytest.raises(config_lib.ConfigError, match="another fmjax process is training in"):
+      train.run(tiny("gpt", tmp_path / "cache"), str(workdir))
+    assert os.path.isdir(workdir)
+  finally:
+    for proc in procs:
+      proc.kill()
