@@ -218,6 +218,13 @@ def _zeroshot_tasks(config, tok) -> list[tuple]:
   for name in zeroshot.check_tasks(config):
     _, items = zeroshot.load_items(name, data_dir=str(config.data.data_dir), limit=int(config.train.zeroshot_limit),
                                    config=config)
+    items, skipped = zeroshot.fitting(tok, items, config.data.seq_len)
+    if skipped:
+      log.info("train.zeroshot_tasks: %d of %d %s items have a choice longer than data.seq_len=%d: left out",
+               skipped, skipped + len(items), name, config.data.seq_len)
+    if not items:
+      raise ConfigError(f"train.zeroshot_tasks: every {name} item has a choice longer than data.seq_len="
+                        f"{config.data.seq_len}; drop the task or raise data.seq_len")
     tasks.append((name.split(":", 1)[0], items, zeroshot.encode_rows(tok, items, config.data.seq_len)))
   return tasks
 

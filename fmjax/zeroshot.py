@@ -5,9 +5,10 @@ of its tokens' log-probabilities after the context (the context opened with <eos
 every document), and answers with the highest:
 
   acc        the choice with the largest log-likelihood
-  acc_norm   the choice with the largest log-likelihood per byte of its text, so a long ending is
-             not penalised for its length (the figure GPT-2-size models are usually compared on
-             for HellaSwag)
+  acc_norm   the choice with the largest log-likelihood per character of its text (without the
+             space that joins it to the context), so a long ending is not penalised for its
+             length: lm-evaluation-harness's acc_norm, the HellaSwag figure GPT-2-size models are
+             usually compared on
 
 Tasks (TFDS by name; `data_dir` as in pretraining):
   hellaswag                    `hellaswag`, validation: "<activity>: <context>", 4 endings
@@ -18,7 +19,8 @@ Tasks (TFDS by name; `data_dir` as in pretraining):
                                corpus), cut into 36-word passages: a passage's first 24 words, and
                                four 12-word spans to follow them, its own and three other passages'
 
-A context longer than the run's trained positions loses its start; a continuation is never cut.
+A context longer than the run's trained positions loses its start; an item with a choice longer
+than those positions is left out (and counted as `skipped`), never scored on part of a choice.
 Shapes: B rows a batch, T positions, V vocabulary.
 """
 
@@ -257,12 +259,23 @@ def score_rows(graphdef, params, rows: dict[str, np.ndarray], items: Sequence[It
   return result
 
 
+def _chars(choice: str) -> int:
+  """The length acc_norm divides by: the choice's characters, less the space that joins it on."""
+  return max(len(choice[1:] if choice.startswith(" ") else choice), 1)
+
+
+def fitting(tok, items: Sequence[Item], max_len: int) -> tuple[list[Item], int]:
+  """The items whose every choice fits in `max_len` positions after at least one context token,
+  and how many were left out."""
+  kept = [item for item in items if all(len(tok.encode(c)) <= max_len for c in item.choices)]
+  return kept, len(items) - len(kept)
+
+
 def metrics(items: Sequence[Item], logliks: Sequence[np.ndarray]) -> dict[str, float]:
-  """acc, acc_norm (log-likelihood per byte of the choice), and the chance level of the items."""
+  """acc, acc_norm (log-likelihood per character of the choice), and the chance level of the items."""
   right = [int(np.argmax(ll)) == item.label for item, ll in zip(items, logliks)]
-  per_byte = [ll / np.array([max(len(c.encode("utf-8")), 1) for c in item.choices])
-              for item, ll in zip(items, logliks)]
-  right_norm = [int(np.argmax(ll)) == item.label for item, ll in zip(items, per_byte)]
+  per_char = [ll / np.array([_chars(c) for c in item.choices]) for item, ll in zip(items, logliks)]
+  right_norm = [int(np.argmax(ll)) == item.label for item, ll in zip(items, per_char)]
   return {"acc": float(np.mean(right)), "acc_norm": float(np.mean(right_norm)),
           "chance": float(np.mean([1 / len(item.choices) for item in items])), "items": len(items)}
 
@@ -294,6 +307,10 @@ def run(workdir: str, task: str, *, split: str | None = None, limit: int = 0, st
   if not items:
     raise ConfigError(f"--task={task} split {split!r} holds no items")
   model = nnx.merge(restored.spec.graphdef, restored.params)
-  logliks = score(model, data.get_tokenizer(config, workdir), items,
-                  max_len=generate.trained_positions(config, workdir), batch_size=batch_size)
-  return {"task": task, "split": split, "step": restored.step, **metrics(items, logliks)}
+  tok, max_len = data.get_tokenizer(config, workdir), generate.trained_positions(config, workdir)
+  items, skipped = fitting(tok, items, max_len)
+  if not items:
+    raise ConfigError(f"every item of --task={task} has a choice longer than the {max_len} positions this run "
+                      "trained")
+  logliks = score(model, tok, items, max_len=max_len, batch_size=batch_size)
+  return {"task": task, "split": split, "step": restored.step, **metrics(items, logliks), "skipped": skipped}

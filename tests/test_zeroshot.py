@@ -50,13 +50,20 @@ def test_scores_are_the_continuations_log_likelihoods():
   assert len({round(float(x), 3) for ll in got for x in ll}) > 5  # not one number for every choice
 
 
-def test_acc_picks_the_total_and_acc_norm_the_per_byte_likelihood():
+def test_acc_picks_the_total_and_acc_norm_the_per_character_likelihood():
   items = [zeroshot.Item("q", (" short", " a much longer answer"), 1),
-           zeroshot.Item("q", (" yes", " no"), 0)]
-  # Item 0: the long right answer loses on total log-likelihood but wins per byte.
-  logliks = [np.array([-6.0, -10.0]), np.array([-1.0, -2.0])]
+           zeroshot.Item("q", (" yes", " no"), 0),
+           # lm-evaluation-harness divides by the choice's characters without the joining space, not
+           # by bytes: -4.0 / 4 beats -3.3 / 3 per character, where per byte (-3.3 / 6) it would lose.
+           zeroshot.Item("q", (" ééé", " abcd"), 1)]
+  logliks = [np.array([-6.0, -10.0]), np.array([-1.0, -2.0]), np.array([-3.3, -4.0])]
   m = zeroshot.metrics(items, logliks)
-  assert m == {"acc": 0.5, "acc_norm": 1.0, "chance": 0.5, "items": 2}
+  assert m == {"acc": 1 / 3, "acc_norm": 1.0, "chance": 0.5, "items": 3}
+
+
+def test_items_with_a_choice_longer_than_the_positions_are_left_out():
+  items = [zeroshot.Item("c", (" ab", " " + "x" * 40), 0), zeroshot.Item("c", (" ab", " cd"), 1)]
+  assert zeroshot.fitting(ByteTokenizer(), items, 32) == ([items[1]], 1)
 
 
 def test_task_formats():
