@@ -294,7 +294,12 @@ def storage_error_message(e: BaseException) -> str | None:
   errors = getattr(tf, "errors", None)
   if errors is None or not isinstance(e, errors.OpError):
     return None
-  first = (str(getattr(e, "message", "") or e).strip().splitlines() or [""])[0]
+  text = str(getattr(e, "message", "") or e)
+  remote = any(s in text for s in ("gs://", "s3://", "libcurl", "HTTP request", "metadata.google"))
+  access = isinstance(e, (errors.UnavailableError, errors.PermissionDeniedError, errors.UnauthenticatedError))
+  if not (remote or access):  # a local file's error (a damaged TFRecord, say) is not the network's
+    return None
+  first = (text.strip().splitlines() or [""])[0]
   first = first[:300] + ("..." if len(first) > 300 else "")
   return (f"a bucket path failed ({type(e).__name__}: {first}); check the path, this machine's network and its "
           "credentials (`gcloud auth application-default login`, or the VM's service account)")

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 
 from etils import epath
 
@@ -90,11 +91,13 @@ _WRITTEN_LAST = ("meta.json", "tokenizer.json")
 def make_temp_dir(parent: str) -> str:
   """A new hidden directory in `parent`, to fill and then rename into place, with the permissions
   a plain mkdir gives: tempfile's 0700 would make a shared cache entry unreadable to the others."""
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)
-  return tmp
+  while True:  # os.mkdir applies the process umask, as a plain mkdir does
+    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex[:12]}")
+    try:
+      os.mkdir(tmp)
+      return tmp
+    except FileExistsError:
+      continue
 
 
 def copy_tree(src, dst, leave_out=frozenset()) -> None:

@@ -237,3 +237,8 @@ def test_an_unreachable_bucket_is_one_line(monkeypatch, capsys):
   assert err.count("\n") == 1 and err.startswith("error: a bucket path failed (FailedPreconditionError: Error "
                                                    "executing an HTTP request: libcurl code 6")
   assert "credentials" in err
+  # A local file's TensorFlow error (a damaged record) is a bug to see whole, not the network's.
+  local = tf.errors.DataLossError(None, None, "corrupted record at 12 in /data/x.tfrecord")
+  monkeypatch.setattr("fmjax.evaluate.run", lambda *a, **k: (_ for _ in ()).throw(local))
+  with pytest.raises(tf.errors.DataLossError):
+    cli.main(["eval", "--workdir=/tmp/run"])
