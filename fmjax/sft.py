@@ -46,6 +46,12 @@ SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_siz
 # ----------------------------------------------------------------------------- data
 
 
+# Field names that hold a prompt in common SFT files: rows with one of them and no sft.prompt_key
+# are refused rather than trained on their completions alone.
+_PROMPT_NAMES = frozenset({"prompt", "question", "input", "inputs", "instruction", "query", "context", "source",
+                           "user", "text"})
+
+
 def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "completion", *,
                   key: str = "data.files") -> list[tuple[str, str]]:
   """(prompt, completion) pairs from comma-separated JSONL paths or globs, in file order.
@@ -71,14 +77,15 @@ def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "
         continue
       if prompt_key not in row:
         unprompted += 1
-        other_fields.update(k for k in row if k != completion_key)
+        other_fields.update(k for k, v in row.items() if k != completion_key and isinstance(v, str))
       out.append((str(row.get(prompt_key, "") or ""), str(row[completion_key])))
   if nulls:
     log.warning("skipped %d row(s) whose %r is null (the first at %s)", nulls, completion_key, first_null)
-  if out and unprompted == len(out) and other_fields:
+  likely = sorted(other_fields & _PROMPT_NAMES)
+  if out and unprompted == len(out) and likely:
     # Every prompt would be dropped, while the rows plainly hold one under another name.
-    raise ConfigError(f"no row of {key}={spec!r} has a {prompt_key!r} field (they have {sorted(other_fields)} "
-                      f"beside {completion_key!r}); set sft.prompt_key to the prompt's field name")
+    raise ConfigError(f"no row of {key}={spec!r} has a {prompt_key!r} field, but they have {likely}; set "
+                      "sft.prompt_key to the prompt's field name")
   if unprompted:
     log.warning("%d of %d row(s) have no %r field: they train on their completion alone", unprompted, len(out),
                 prompt_key)

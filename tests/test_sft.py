@@ -50,11 +50,12 @@ def test_bad_jsonl_gets_one_line(tmp_path):
     sft.read_examples(str(tmp_path / "none*.jsonl"))
   # The prompt under another name: every prompt would be dropped without a word (as it once was).
   path.write_text('{"question": "a", "completion": "b"}\n{"question": "c", "completion": "d"}\n')
-  with pytest.raises(ConfigError, match=r"no row of data.files='.*x.jsonl' has a 'prompt' field \(they have "
-                                        r"\['question'\] beside 'completion'\); set sft.prompt_key"):
+  with pytest.raises(ConfigError, match=r"no row of data.files='.*x.jsonl' has a 'prompt' field, but they have "
+                                        r"\['question'\]; set sft.prompt_key"):
     sft.read_examples(str(path))
   assert sft.read_examples(str(path), prompt_key="question") == [("a", "b"), ("c", "d")]
-  path.write_text('{"completion": "b"}\n')  # completions alone: plain language modelling, no prompt to miss
+  # Completions alone (with metadata): plain language modelling, no prompt to miss.
+  path.write_text('{"completion": "b", "id": "row-1", "n": 3}\n')
   assert sft.read_examples(str(path)) == [("", "b")]
   # A missing eval file names sft.eval_files, the key that is wrong.
   good = tmp_path / "good.jsonl"
