@@ -13,7 +13,6 @@ base|...; peft=none|lora|adapter|bitfit|head. The model settings must match the 
 import os
 
 from fmjax import config_lib
-import ml_collections
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,32 +30,8 @@ def get_config(arg: str = "task=pydoc_family"):
   task = kv.get("task", "pydoc_family")
   c.name = f"finetune_{task.replace('/', '_')}_{c.name}"
   c.init_from = ""  # a `fmjax train` workdir: its trunk is loaded, the head is new
-  c.task = ml_collections.ConfigDict(dict(
-      name=task,
-      files="",                 # csv/jsonl: comma-separated paths or globs
-      validation_files="",      # csv/jsonl: held-out files; empty = hash split of `files`
-      text_columns=("sentence",),
-      label_column="label",
-      positive_label="",        # two classes: the label F1 scores; empty = the one the other negates
-                                # (equivalent, not_equivalent), else the second in sorted order
-      # -1: from the task (csv/jsonl: integer labels are class ids, strings are class names; numbers
-      # that are not all integers, e.g. 0.26, are refused: set 0); 0: regression; checked against the labels
-      num_classes=-1,
-      validation_percent=20,    # hash split when a task has no validation split of its own
-      max_train_examples=0,     # >0: train on a fixed subset of this many examples (label-scarce runs)
-  ))
-  c.finetune = ml_collections.ConfigDict(dict(
-      peft=kv.get("peft", "none"),  # none | lora | adapter | bitfit | head
-      pooling="auto",           # auto (BERT: cls, GPT: last) | cls | last | mean (average of non-pad tokens)
-      # A bias in the new head: BERT's classifier has one; Hugging Face's GPT2ForSequenceClassification
-      # `score` has none, so a GPT head without one is what `fmjax export` can write.
-      head_bias=family == "bert",
-      lora_rank=8,
-      lora_alpha=16.0,
-      lora_targets=("attention.qkv", "attention.out", "attn.qkv", "attn.out"),
-      adapter_dim=16,
-      adapter_targets=("attention.out", "attn.out", "mlp.proj"),
-  ))
+  c.task = config_lib.task_section(task)
+  c.finetune = config_lib.finetune_section(family, kv.get("peft", "none"))
   # BERT's fine-tuning dropout, on hidden states and attention probabilities alike (training then
   # runs the xla attention kernel; model.attention_dropout=0 keeps the fused one).
   c.model.update(dropout=0.1, attention_dropout=0.1)

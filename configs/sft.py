@@ -15,8 +15,6 @@ is lowered to that max_len, and the log says so: the pretrained position table c
 
 import os
 
-import ml_collections
-
 from fmjax import config_lib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,13 +26,7 @@ def get_config(arg: str = "tiny"):
   c.init_from = ""  # a `fmjax train` workdir (GPT): its latest params are the starting point
   c.data.dataset = "text_files"  # SFT reads data.files itself as (prompt, completion) JSONL
   c.data.files = ""
-  c.sft = ml_collections.ConfigDict(dict(
-      prompt_key="prompt",
-      completion_key="completion",
-      eval_files="",        # held-out JSONL; empty = hold out eval_percent% of data.files by a hash of each row
-      eval_percent=10,
-      pack=True,            # pack several rows per sequence (segment ids keep them apart); False = one per row
-  ))
+  c.sft = config_lib.sft_section()
   c.model.dropout = 0.0
   c.train.update(batch_size=16, steps=200, log_every=10, eval_every=50)
   # A fine-tuning schedule: a lower rate than pretraining, short warmup, linear decay to 0.

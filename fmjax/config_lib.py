@@ -132,9 +132,55 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   return config
 
 
-# Sections a config adds to base_config's: fine-tuning's and SFT's own settings, and `release`, the
-# model card fields `fmjax release` reads (free-form).
-COMMAND_SECTIONS = ("task", "finetune", "sft", "release")
+def task_section(name: str = "pydoc_family") -> ml_collections.ConfigDict:
+  """`fmjax finetune`'s task settings (configs/finetune_cls.py)."""
+  return ml_collections.ConfigDict(dict(
+      name=name,
+      files="",                 # csv/jsonl: comma-separated paths or globs
+      validation_files="",      # csv/jsonl: held-out files; empty = hash split of `files`
+      text_columns=("sentence",),
+      label_column="label",
+      positive_label="",        # two classes: the label F1 scores; empty = the one the other negates
+                                # (equivalent, not_equivalent), else the second in sorted order
+      # -1: from the task (csv/jsonl: integer labels are class ids, strings are class names; numbers
+      # that are not all integers, e.g. 0.26, are refused: set 0); 0: regression; checked against the labels
+      num_classes=-1,
+      validation_percent=20,    # hash split when a task has no validation split of its own
+      max_train_examples=0,     # >0: train on a fixed subset of this many examples (label-scarce runs)
+  ))
+
+
+def finetune_section(family: str = "bert", peft: str = "none") -> ml_collections.ConfigDict:
+  """`fmjax finetune`'s model settings: PEFT, pooling, the new head (configs/finetune_cls.py)."""
+  return ml_collections.ConfigDict(dict(
+      peft=peft,                # none | lora | adapter | bitfit | head
+      pooling="auto",           # auto (BERT: cls, GPT: last) | cls | last | mean (average of non-pad tokens)
+      # A bias in the new head: BERT's classifier has one; Hugging Face's GPT2ForSequenceClassification
+      # `score` has none, so a GPT head without one is what `fmjax export` can write.
+      head_bias=family == "bert",
+      lora_rank=8,
+      lora_alpha=16.0,
+      lora_targets=("attention.qkv", "attention.out", "attn.qkv", "attn.out"),
+      adapter_dim=16,
+      adapter_targets=("attention.out", "attn.out", "mlp.proj"),
+  ))
+
+
+def sft_section() -> ml_collections.ConfigDict:
+  """`fmjax sft`'s settings (configs/sft.py)."""
+  return ml_collections.ConfigDict(dict(
+      prompt_key="prompt",
+      completion_key="completion",
+      eval_files="",        # held-out JSONL; empty = hold out eval_percent% of data.files by a hash of each row
+      eval_percent=10,
+      pack=True,            # pack several rows per sequence (segment ids keep them apart); False = one per row
+  ))
+
+
+# Sections a config may add to base_config's, and their settings; `release` (the model card fields
+# `fmjax release` reads) is free-form.
+COMMAND_SECTIONS = {"task": task_section, "finetune": finetune_section, "sft": sft_section}
+FREE_SECTIONS = ("release",)
 
 
 def _check_keys(config: ml_collections.ConfigDict, path: str) -> None:
@@ -147,9 +193,12 @@ def _check_keys(config: ml_collections.ConfigDict, path: str) -> None:
       else:
         yield f"{prefix}{k}"
   known = set(keys(base_config(str(config.model.get("family", "gpt"))).to_dict()))
-  sections = {k.split(".")[0] for k in known} | set(COMMAND_SECTIONS)
+  for name, section in COMMAND_SECTIONS.items():
+    if name in config:
+      known |= {f"{name}.{k}" for k in keys(section().to_dict())}
+  sections = {k.split(".")[0] for k in known} | set(COMMAND_SECTIONS) | set(FREE_SECTIONS)
   for key in keys(config.to_dict()):
-    if key in known or key.split(".")[0] in COMMAND_SECTIONS:
+    if key in known or key.split(".")[0] in FREE_SECTIONS:
       continue
     head, _, leaf = key.rpartition(".")
     siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == head]
