@@ -2,7 +2,8 @@
 
   fmjax finetune --config=configs/finetune_cls.py:task=pydoc_family \
       --config.init_from=workdirs/bert_tiny --workdir=workdirs/ft_pydoc
-  fmjax finetune --config=configs/finetune_cls.py:task=glue/sst2,size=base,peft=lora --config.init_from=... --workdir=...
+  fmjax finetune --config=configs/finetune_cls.py:task=glue/sst2,size=base,peft=lora \
+      --config.init_from=... --workdir=...
   fmjax sweep --config=configs/finetune_cls.py --config.init_from=workdirs/bert_tiny --workdir=workdirs/ft_sweep
 
 Args (comma list): task=pydoc_family | glue/<name> | csv | jsonl; model=bert|gpt; size=tiny|mini|small|

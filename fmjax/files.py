@@ -88,6 +88,32 @@ def write_text(p, text: str) -> None:
 _WRITTEN_LAST = ("meta.json", "tokenizer.json")
 
 
+def _fsspec_filesystem(scheme: str):
+  """fsspec's file system for an object-store scheme, or None where it is not installed (gcsfs for gs://)."""
+  try:
+    import fsspec
+    return fsspec.filesystem(scheme)
+  except (ImportError, ValueError):
+    return None
+
+
+_RANGE_FS: dict[str, object] = {}
+
+
+def range_filesystem(p):
+  """fsspec's file system for bucket path `p`, whose `cat_file(path, start, end)` is one exact ranged
+  read, where it is installed (`pip install gcsfs`); else None, and the caller reads through the
+  file's own reader (TensorFlow's, for gs://, fetches at least 512 KiB a read)."""
+  scheme = str(p).split("://", 1)[0]
+  if scheme not in _RANGE_FS:
+    _RANGE_FS[scheme] = _fsspec_filesystem(scheme)
+    if _RANGE_FS[scheme] is None:
+      import logging
+      logging.getLogger("fmjax").info("reading %s:// by ranges through TensorFlow's files, which fetch 512 KiB a "
+                                      "read; `pip install gcsfs` (fmjax[gcs]) for exact ranged reads", scheme)
+  return _RANGE_FS[scheme]
+
+
 def make_temp_dir(parent: str) -> str:
   """A new hidden directory in `parent`, to fill and then rename into place, with the permissions
   a plain mkdir gives: tempfile's 0700 would make a shared cache entry unreadable to the others."""

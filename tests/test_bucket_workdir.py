@@ -37,6 +37,7 @@ def bucket(tmp_path, monkeypatch):
     return real(p)
 
   monkeypatch.setattr(files, "path", path)
+  monkeypatch.setattr(files, "_RANGE_FS", {"gs": None})  # ranged reads go through files.path too, as without gcsfs
   monkeypatch.setattr(files, "_COPIES", {})  # another test's bucket files are not this one's
   (tmp_path / "cwd").mkdir()
   monkeypatch.chdir(tmp_path / "cwd")

@@ -273,3 +273,22 @@ def test_unigram_baseline(gpt):
 def test_bad_batch_split(gpt):
   with pytest.raises(config_lib.ConfigError, match="does not split evenly"):
     data.make_loader(gpt, sharding=data_sharding(), batch_size=12)
+
+
+def test_bucket_arrays_are_read_by_exact_ranges_where_fsspec_has_the_file_system():
+  """With gcsfs installed a bucket array's spans are ranged reads (`cat_file(start, end)`); fsspec's
+  in-memory file system stands in for a bucket here."""
+  fsspec = pytest.importorskip("fsspec")
+  from fmjax.data import loader
+  stream = np.arange(1000, dtype=np.uint16)
+  fs = fsspec.filesystem("memory")
+  fs.pipe("memory://fmjax-test/tokens.bin", stream.tobytes())
+  reads = []
+  real = fs.cat_file
+  fs.cat_file = lambda p, start=None, end=None, **kw: reads.append(end - start) or real(p, start=start, end=end, **kw)
+  array = loader._BucketArray("memory://fmjax-test/tokens.bin", np.uint16)
+  starts = np.array([0, 500, 990 - 7, 31])
+  np.testing.assert_array_equal(array.spans(starts, 8), stream[starts[:, None] + np.arange(8)])
+  assert reads == [16] * 4  # each span one read of exactly its bytes
+  with pytest.raises(config_lib.ConfigError, match="ends before element 1001"):
+    array.spans(np.array([993]), 8)

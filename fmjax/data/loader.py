@@ -64,6 +64,7 @@ class _BucketArray:
   def __init__(self, path: str, dtype):
     from concurrent.futures import ThreadPoolExecutor
     self.path, self.dtype = path, np.dtype(dtype)
+    self._fs = files.range_filesystem(path)  # exact ranged reads (gcsfs), or None: the file's own reader
     self._local = threading.local()
     self._pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="fmjax-bucket-read")
 
@@ -74,9 +75,13 @@ class _BucketArray:
     return f
 
   def _span(self, start: int, length: int) -> np.ndarray:
-    f = self._file()
-    f.seek(start * self.dtype.itemsize)
-    raw = f.read(length * self.dtype.itemsize)
+    first, size = start * self.dtype.itemsize, length * self.dtype.itemsize
+    if self._fs is not None:
+      raw = self._fs.cat_file(self.path, start=first, end=first + size)
+    else:
+      f = self._file()
+      f.seek(first)
+      raw = f.read(size)
     if len(raw) != length * self.dtype.itemsize:
       raise ConfigError(f"{self.path} ends before element {start + length}: the bucket's cache entry is "
                         "incomplete; delete it there (and in data.cache_dir on each host) to prepare it again")
