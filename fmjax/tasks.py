@@ -372,21 +372,10 @@ def _glue_task(name: str, tc, data_dir: str) -> Task:
   features, num_classes, metrics, val_split = GLUE[name]
   tfds_name = "glue/mnli" if name == "mnli_mismatched" else f"glue/{name}"
   splits, names = {}, ()
-  try:
-    builder = tfds.builder(tfds_name, data_dir=data_dir or None)
-  except Exception:  # pylint: disable=broad-except
-    builder = None  # tfds.load below says why, in one line
-  if builder is not None:
-    sources.check_downloadable(tfds_name, builder, data_dir)
   # MNLI's run also scores its mismatched dev set, as `accuracy_mismatched`: one model, both numbers.
   more = ("validation_mismatched",) if name == "mnli" else ()
   for ours, theirs in (("train", "train"), ("validation", val_split), *((s, s) for s in more)):
-    try:
-      ds, info = tfds.load(tfds_name, split=theirs, data_dir=data_dir or None, with_info=True)
-    except Exception as e:  # no network here, most often: one line that says where to prepare it
-      why = (str(e).strip().splitlines() or [""])[0][:200]
-      raise ConfigError(f"dataset {tfds_name!r} could not be loaded or downloaded ({type(e).__name__}: {why}); "
-                        f"{sources.prepare_elsewhere(tfds_name)}") from None
+    ds, info = sources.load_tfds(tfds_name, theirs, data_dir, with_info=True)
     names = tuple(getattr(info.features["label"], "names", None) or ())  # none for stsb's scores
     examples = []
     for record in tfds.as_numpy(ds):

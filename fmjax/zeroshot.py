@@ -98,18 +98,7 @@ def _tfds_items(task: str, split: str | None, data_dir: str, limit: int) -> tupl
   from fmjax.data import sources
   name, default_split = TFDS_TASKS[task]
   split = split or default_split
-  try:
-    builder = tfds.builder(name, data_dir=data_dir or None)
-  except Exception:  # pylint: disable=broad-except
-    builder = None  # tfds.load below says why, in one line
-  if builder is not None:
-    sources.check_downloadable(name, builder, data_dir)
-  try:
-    ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
-  except Exception as e:  # no network here, most often: one line that says where to prepare it
-    why = (str(e).strip().splitlines() or [""])[0][:200]
-    raise ConfigError(f"dataset {name!r} split {split!r} could not be loaded or downloaded ({type(e).__name__}: "
-                      f"{why}); {sources.prepare_elsewhere(name)}") from None
+  ds = sources.load_tfds(name, split, data_dir, shuffle_files=False)
   if limit:
     ds = ds.take(limit)
   items = [_PARSERS[task](r) for r in tfds.as_numpy(ds)]

@@ -228,6 +228,24 @@ def _resolves(host: str) -> bool:
     return False
 
 
+def load_tfds(name: str, split: str, data_dir: str, **kwargs):
+  """`tfds.load(name, split=...)` of a dataset outside the pretraining path (a task's), checked the
+  same way: a dataset that is not prepared here and cannot be downloaded is one ConfigError line."""
+  import tensorflow_datasets as tfds
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except Exception:  # pylint: disable=broad-except
+    builder = None  # tfds.load below says why, in one line
+  if builder is not None:
+    check_downloadable(name, builder, data_dir)
+  try:
+    return tfds.load(name, split=split, data_dir=data_dir or None, **kwargs)
+  except Exception as e:  # no network here, most often: one line that says where to prepare it
+    why = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ConfigError(f"dataset {name!r} split {split!r} could not be loaded or downloaded ({type(e).__name__}: "
+                      f"{why}); {prepare_elsewhere(name)}") from None
+
+
 def check_downloadable(name: str, builder, data_dir: str) -> None:
   """Fails in one line when an unprepared TFDS dataset cannot be downloaded because none of its
   download hosts resolves here (no network): TFDS's own retries take minutes to say so.
