@@ -239,7 +239,8 @@ def _held_out(config, graphdef, eval_step, eval_loader, zeroshot_tasks) -> Calla
   def run(params) -> dict:
     out = evaluate(eval_step, params, eval_loader, config.train.eval_batches) if config.train.eval_batches > 0 else {}
     for name, items, rows in zeroshot_tasks:
-      logliks = zeroshot.score_rows(graphdef, params, rows, items, batch_size=config.train.batch_size)
+      logliks = zeroshot.score_rows(graphdef, params, rows, items,  # a micro-batch of rows: it fits as training does
+                                    batch_size=config.train.batch_size // config.train.grad_accum)
       scores = zeroshot.metrics(items, logliks)
       out.update({f"{name}_acc": scores["acc"], f"{name}_acc_norm": scores["acc_norm"]})
     return out
