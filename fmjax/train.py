@@ -211,20 +211,14 @@ def evaluate(eval_step, params, loader, num_batches: int) -> dict:
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": totals["correct_sum"] / w}
 
 
-def _zeroshot_tasks(config, tok) -> list[tuple]:
-  """(name, items, encoded rows) of each `train.zeroshot_tasks` task, scored at every eval."""
+def _zeroshot_tasks(config, tok, names: list[str]) -> list[tuple]:
+  """(name, items, encoded rows) of each `train.zeroshot_tasks` task (`names`), scored at every eval."""
   from fmjax import zeroshot
   tasks = []
-  for name in zeroshot.check_tasks(config):
+  for name in names:
     _, items = zeroshot.load_items(name, data_dir=str(config.data.data_dir), limit=int(config.train.zeroshot_limit),
                                    config=config)
-    items, skipped = zeroshot.fitting(tok, items, config.data.seq_len)
-    if skipped:
-      log.info("train.zeroshot_tasks: %d of %d %s items have a choice longer than data.seq_len=%d: left out",
-               skipped, skipped + len(items), name, config.data.seq_len)
-    if not items:
-      raise ConfigError(f"train.zeroshot_tasks: every {name} item has a choice longer than data.seq_len="
-                        f"{config.data.seq_len}; drop the task or raise data.seq_len")
+    items, _ = zeroshot.fitting(tok, items, config.data.seq_len, name)
     tasks.append((name.split(":", 1)[0], items, zeroshot.encode_rows(tok, items, config.data.seq_len)))
   return tasks
 
@@ -304,7 +298,7 @@ def _run(config, workdir: str, locked: list) -> dict:
   metrics_lib.setup_logging()
   config_lib.validate(config, jax.device_count())
   from fmjax import zeroshot
-  zeroshot.check_tasks(config)
+  zeroshot_names = zeroshot.check_tasks(config)
   if not files.isdir(os.path.join(workdir, "checkpoints")):
     sources.check_config(config)  # a bad data setting on a fresh start leaves no workdir behind
   files.makedirs(workdir)
@@ -359,7 +353,7 @@ def _run(config, workdir: str, locked: list) -> dict:
     data.prepare(config, tokenizer)
     train_loader = data.make_loader(config, "train", sharding=batch_sharding, tok=tokenizer)
     eval_loader = data.make_loader(config, "eval", sharding=batch_sharding, tok=tokenizer)
-    zeroshot_tasks = _zeroshot_tasks(config, tokenizer)  # loaded now: a task that cannot load fails before training
+    zeroshot_tasks = _zeroshot_tasks(config, tokenizer, zeroshot_names)  # loaded now: a task that cannot load fails before training
 
     where = f"mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} process(es)"
     if resume is None and config.get("init_from"):

@@ -253,10 +253,17 @@ def _chars(choice: str) -> int:
   return max(len(choice[1:] if choice.startswith(" ") else choice), 1)
 
 
-def fitting(tok, items: Sequence[Item], max_len: int) -> tuple[list[Item], int]:
+def fitting(tok, items: Sequence[Item], max_len: int, task: str = "") -> tuple[list[Item], int]:
   """The items whose every choice fits in `max_len` positions after at least one context token,
-  and how many were left out."""
+  and how many were left out (logged); none fitting is one ConfigError line."""
   kept = [item for item in items if all(len(tok.encode(c)) <= max_len for c in item.choices)]
+  if not kept:
+    raise ConfigError(f"every item of task {task!r} has a choice longer than the {max_len} positions scored "
+                      "(the run's trained positions, or data.seq_len in training); drop the task or use longer rows")
+  if len(kept) < len(items):
+    import logging
+    logging.getLogger("fmjax").info("%s: %d of %d items have a choice longer than %d positions: left out", task,
+                                    len(items) - len(kept), len(items), max_len)
   return kept, len(items) - len(kept)
 
 
@@ -297,9 +304,6 @@ def run(workdir: str, task: str, *, split: str | None = None, limit: int = 0, st
     raise ConfigError(f"--task={task} split {split!r} holds no items")
   model = nnx.merge(restored.spec.graphdef, restored.params)
   tok, max_len = data.get_tokenizer(config, workdir), generate.trained_positions(config, workdir)
-  items, skipped = fitting(tok, items, max_len)
-  if not items:
-    raise ConfigError(f"every item of --task={task} has a choice longer than the {max_len} positions this run "
-                      "trained")
+  items, skipped = fitting(tok, items, max_len, task)
   logliks = score(model, tok, items, max_len=max_len, batch_size=batch_size)
   return {"task": task, "split": split, "step": restored.step, **metrics(items, logliks), "skipped": skipped}
