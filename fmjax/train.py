@@ -353,7 +353,8 @@ def _run(config, workdir: str, locked: list) -> dict:
     data.prepare(config, tokenizer)
     train_loader = data.make_loader(config, "train", sharding=batch_sharding, tok=tokenizer)
     eval_loader = data.make_loader(config, "eval", sharding=batch_sharding, tok=tokenizer)
-    zeroshot_tasks = _zeroshot_tasks(config, tokenizer, zeroshot_names)  # loaded now: a task that cannot load fails before training
+    # Loaded now: a zero-shot task that cannot load fails before training.
+    zeroshot_tasks = _zeroshot_tasks(config, tokenizer, zeroshot_names)
 
     where = f"mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} process(es)"
     if resume is None and config.get("init_from"):
