@@ -733,16 +733,23 @@ _BREAKING_PREFIXES = ("model.", "data.", "optim.", "train.objective", "train.bat
 # Exceptions to the above: where things run, how fast, or optimizer hyperparameters that leave the
 # state's structure alone (reported to the user, not refused).
 _HARMLESS = {
-    "data.prefetch", "data.cache_dir", "data.data_dir",
+    "data.prefetch", "data.cache_dir", "data.data_dir", "data.bucket_reads", "data.prepare_workers",
     "model.attention", "model.remat", "model.scan_layers",  # restore converts the layer layout
+    "model.fused_loss_chunk",  # the same loss, computed in chunks
     "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio", "optim.weight_decay",
     "optim.b1", "optim.b2", "optim.eps", "optim.clip_norm",
 }
 
 
-# Keys added since a checkpoint was saved, and the value its run had without them.
-# Classifier heads all had a bias; task.positive_label="" is the default (F1's class from the labels).
-_BEFORE_THE_KEY = {"finetune.head_bias": True, "task.positive_label": ""}
+# Keys added to a breaking section since fmjax's first runs, and the value that does what a run
+# saved before the key did, so that such a run resumes (a new key needs its entry here; a test
+# holds the list). Classifier heads all had a bias; F1's class came from the labels; one part
+# per split is what a cache made before parts holds, found under the default's cache key.
+_BEFORE_THE_KEY = {
+    "finetune.head_bias": True, "task.positive_label": "", "task.max_train_examples": 0,
+    "finetune.pooling": "auto", "optim.mu_dtype": "float32", "model.attention_dropout": 0.0,
+    "init_from_step": 0, "data.shard_docs": 65536,
+}
 
 
 def _flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -376,6 +376,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if "data" in config:
     d = config.data
     _one_of("data.bucket_reads", d.get("bucket_reads", "auto"), ("auto", "copy", "remote"))
+    if d.get("shard_docs", 1) < 1 or d.get("prepare_workers", 0) < 0:
+      raise ConfigError(f"data.shard_docs={d.get('shard_docs')} must be at least 1 and data.prepare_workers="
+                        f"{d.get('prepare_workers')} at least 0 (0: one process per CPU core, at most 32)")
     if d.seq_len > m.max_len:
       raise ConfigError(f"data.seq_len={d.seq_len} is longer than the model allows "
                         f"(model.max_len={m.max_len}); lower data.seq_len or raise model.max_len")
@@ -475,6 +478,8 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       seed=0,
       cache_dir="",             # default: ~/.cache/fmjax; a bucket (gs://) is shared by every host
       bucket_reads="auto",      # bucket cache_dir: copy | remote (ranged reads) | auto (copy if they fit)
+      shard_docs=65536,         # prepare: records a part of a split holds; parts are made in parallel
+      prepare_workers=0,        # prepare: processes making parts on each host (0: one per core, at most 32)
       tokenizer=ml_collections.ConfigDict(dict(
           kind="bpe" if family == "gpt" else "wordpiece",  # bpe | wordpiece | unigram | hf
           vocab_size=8192,

@@ -783,3 +783,37 @@ def _worker_main(mode: str, directory: str, port: str | None = None, process_id:
 
 if __name__ == "__main__":
   _worker_main(*sys.argv[1:])
+
+
+CONFIGS = ["configs/gpt.py:tiny", "configs/bert.py:tiny", "configs/finetune_cls.py", "configs/sft.py"]
+
+
+def test_every_key_added_since_the_first_runs_says_what_those_runs_did():
+  """A run saved before a config key existed resumes: the key counts as the value that does what
+  the run did then (checkpoint._BEFORE_THE_KEY), not as a change to its model or data."""
+  from fmjax import config_lib
+  first = set(json.load(open(os.path.join(REPO, "tests", "golden", "first_runs_breaking_keys.json"))))
+  for spec in CONFIGS:
+    config = config_lib.load_config(os.path.join(REPO, spec), [])
+    flat = ckpt_lib._flatten_config(config)
+    new = sorted(k for k in flat if ckpt_lib._is_breaking(k) and k not in first | set(ckpt_lib._BEFORE_THE_KEY))
+    assert not new, (f"{spec}: config keys {new} are new and would stop every older run from resuming: add each to "
+                     "checkpoint._BEFORE_THE_KEY with the value that does what runs saved before it did")
+  # A pretraining run saved before all of them, with today's defaults, resumes without a word.
+  for spec in CONFIGS[:2]:
+    config = config_lib.load_config(os.path.join(REPO, spec), []).to_dict()
+    old = json.loads(json.dumps(config))
+    for key in ckpt_lib._BEFORE_THE_KEY:
+      *parents, leaf = key.split(".")
+      node = old
+      for p in parents:
+        node = node.get(p, {})
+      node.pop(leaf, None)
+    for key in ("data.bucket_reads", "data.prepare_workers"):  # harmless: where and how fast
+      old["data"].pop(key.split(".")[1])
+    assert ckpt_lib.config_changes(old, config)[0] == [], spec
+  # A fine-tuning run from before attention dropout trained without it: today's 0.1 is a change.
+  tuned = config_lib.load_config(os.path.join(REPO, "configs", "finetune_cls.py"), []).to_dict()
+  before = json.loads(json.dumps(tuned))
+  before["model"].pop("attention_dropout")
+  assert ckpt_lib.config_changes(before, tuned)[0] == ["model.attention_dropout: 0.0 -> 0.1"]

@@ -157,7 +157,7 @@ def test_clm_packing_segments_and_weights(gpt):
 def test_clm_cache_holds_the_documents_exactly(gpt):
   path = data.prepare(gpt)
   tok = data.load_tokenizer(os.path.join(path, "tokenizer"))
-  stream = np.fromfile(os.path.join(path, "eval", "tokens.bin"), dtype=np.uint16)
+  stream = np.fromfile(os.path.join(path, "eval", "part-00000", "tokens.bin"), dtype=np.uint16)
   assert stream[-1] == tok.eos_id
   cut = np.flatnonzero(stream == tok.eos_id)
   decoded = [tok.decode(d) for d in np.split(stream, cut + 1)[:-1]]

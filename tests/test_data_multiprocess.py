@@ -1,6 +1,7 @@
 """Two real JAX processes on 127.0.0.1 feed a sharded jitted step from their own rows; the result
 equals the single-process value."""
 
+import hashlib
 import json
 import os
 import socket
@@ -45,6 +46,48 @@ WORKER = textwrap.dedent("""
         break
     print("RESULT " + json.dumps({"rows": rows, "sums": out}), flush=True)
 """)
+
+BUCKET_WORKER = textwrap.dedent("""
+    import hashlib, json, os, sys
+    port, pid, bucket, home = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    os.environ["HOME"] = home  # each host its own disk: only the bucket is shared
+    import jax
+    jax.config.update("jax_num_cpu_devices", 2)
+    jax.config.update("jax_platforms", "cpu")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                               initialization_timeout=60)
+    import numpy as np
+    from etils import epath
+    from fmjax import files
+    from fmjax.data import packing
+    import fmjax.data as data
+    real = files.path
+    files.path = lambda p: (epath.Path(bucket + str(p)[len("gs://fmjax-test"):])
+                            if str(p).startswith("gs://fmjax-test/") else real(p))
+    files._RANGE_FS["gs"] = None
+    packing._POLL_SECONDS = 0.2
+    made, write = [], packing._write_part
+    packing._write_part = lambda *a: made.append(list(a[2:4])) or write(*a)
+    sys.path.insert(0, "tests")
+    from test_data_multiprocess import prepare_config, rows_digest
+    config = prepare_config("gs://fmjax-test/cache")
+    digests = {split: rows_digest(data.make_loader(config, split, batch_size=2).data) for split in ("train", "eval")}
+    print("RESULT " + json.dumps({"made": made, "digests": digests}), flush=True)
+""")
+
+
+def prepare_config(cache_dir):
+  config = tiny_config(cache_dir)
+  config.data.shard_docs = 50
+  config.data.prepare_workers = 1
+  config.data.seq_len = 32
+  return config
+
+
+def rows_digest(split) -> str:
+  rows = split.rows(np.arange(split.num_rows))
+  return hashlib.sha256(b"".join(np.ascontiguousarray(rows[k]).tobytes() for k in sorted(rows))).hexdigest()
+
 
 def tiny_config(cache_dir):
   config = config_lib.load_module(os.path.join(ROOT, "configs", "gpt.py")).get_config("tiny")
@@ -97,3 +140,39 @@ def test_two_processes_feed_the_same_global_batch(tmp_path_factory):
   for r in results:
     for s in STEPS:
       np.testing.assert_array_equal(np.array(r["sums"][str(s)], np.float32), expected[s])
+
+
+def test_two_hosts_prepare_a_bucket_cache_together(tmp_path):
+  """data.cache_dir in a bucket: each of two processes (each its own disk) makes its share of the
+  parts, straight into the bucket, and both read the rows one process makes alone."""
+  config = prepare_config(tmp_path / "alone")
+  expected = {split: rows_digest(data.make_loader(config, split, batch_size=2).data) for split in ("train", "eval")}
+  (tmp_path / "bucket").mkdir()
+  script = tmp_path / "worker.py"
+  script.write_text(BUCKET_WORKER)
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(tmp_path / "bucket"),
+                             str(tmp_path / f"host{i}")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  results = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=120)
+      assert p.returncode == 0, err[-3000:]
+      results.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT ")))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for r in results:
+    assert r["digests"] == expected
+  made = [sorted(map(tuple, r["made"])) for r in results]
+  assert made[0] and made[1] and not set(made[0]) & set(made[1])  # each its own share
+  (entry,) = (tmp_path / "bucket" / "cache" / "datasets").iterdir()
+  parts = json.load(open(entry / "train" / "meta.json"))["parts"]
+  assert len(parts) >= 3 and sorted(made[0] + made[1]) == sorted(
+      [("train", k) for k in range(len(parts))] + [("eval", 0)])
+  for i in range(2):  # the scratch space each host made its parts in is gone
+    assert not list((tmp_path / f"host{i}").glob("**/.tmp-*"))

@@ -71,23 +71,64 @@ def test_prepare_is_idempotent_and_keyed(cache_dir):
   assert data.prepare(same) == path
 
 
-def test_interrupted_prepare_leaves_nothing_readable(tmp_path, monkeypatch):
-  config = tiny("gpt", tmp_path)
-  real = packing._write_split
+def arrays(path) -> dict[str, bytes]:
+  """Every array file of a prepared cache, by its path in the entry."""
+  return {os.path.relpath(f, path): open(f, "rb").read() for f in sorted(glob.glob(f"{path}/*/**/*.bin",
+                                                                                   recursive=True))}
 
-  def dies_on_eval(config, tok, split, directory):
-    if split == "eval":
+
+def test_interrupted_prepare_leaves_nothing_readable_and_keeps_its_finished_parts(tmp_path, monkeypatch):
+  config = tiny("gpt", tmp_path / "a", **{"data.shard_docs": 100, "data.prepare_workers": 1})
+  real, made = packing._write_part, []
+
+  def dies_on_the_third_part(config, tok, split, part, records, store):
+    if len(made) == 2:
       raise KeyboardInterrupt
-    return real(config, tok, split, directory)
+    made.append((split, part))
+    return real(config, tok, split, part, records, store)
 
-  monkeypatch.setattr(packing, "_write_split", dies_on_eval)
+  monkeypatch.setattr(packing, "_write_part", dies_on_the_third_part)
   with pytest.raises(KeyboardInterrupt):
     data.prepare(config)
-  assert os.listdir(tmp_path / "datasets") == []  # no half cache, no temp dir
-  monkeypatch.undo()
+  (store,) = glob.glob(str(tmp_path / "a" / "datasets" / "*"))
+  assert store.endswith(".parts") and not packing.is_prepared(store)  # nothing a run reads
+  assert sorted(os.listdir(os.path.join(store, "train"))) == ["part-00000", "part-00001"]  # no half part either
+
+  made.clear()
+  monkeypatch.setattr(packing, "_write_part", lambda *a: made.append(a[2:4]) or real(*a))
   path = data.prepare(config)
-  assert os.listdir(tmp_path / "datasets") == [os.path.basename(path)]
-  assert packing.is_prepared(path)
+  assert os.listdir(tmp_path / "a" / "datasets") == [os.path.basename(path)]
+  assert packing.is_prepared(path) and ("train", 0) not in made and ("train", 1) not in made and ("train", 2) in made
+  meta = json.load(open(os.path.join(path, "train", "meta.json")))
+  assert [p["name"] for p in meta["parts"]] == [f"part-{k:05d}" for k in range(len(meta["parts"]))]
+  assert len(meta["parts"]) == -(-sources.record_count(config, "train") // 100) >= 3
+  # The same cache as one prepare that was never stopped.
+  assert arrays(path) == arrays(data.prepare(tiny("gpt", tmp_path / "b", **{"data.shard_docs": 100,
+                                                                         "data.prepare_workers": 1})))
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_parts_made_by_a_pool_of_processes_equal_those_made_in_one(tmp_path, family):
+  """The parts of a split do not depend on who made them; batches read across their boundaries."""
+  over = {"data.shard_docs": 64, "data.seq_len": 32}
+  one = data.prepare(tiny(family, tmp_path / "one", **over, **{"data.prepare_workers": 1}))
+  if family == "gpt":  # the pool costs seconds of process start-up: once is enough
+    pool = data.prepare(tiny(family, tmp_path / "pool", **over, **{"data.prepare_workers": 2}))
+    assert os.path.basename(pool) == os.path.basename(one) and arrays(pool) == arrays(one)
+  meta = json.load(open(os.path.join(one, "train", "meta.json")))
+  assert len(meta["parts"]) >= 3 and meta["num_rows"] == sum(p["num_rows"] for p in meta["parts"])
+  split = data.make_loader(tiny(family, tmp_path / "one", **over), "train", batch_size=2).data
+  ids = np.arange(meta["num_rows"])
+  got = split.rows(ids)["inputs" if family == "gpt" else "tokens"]
+  first = 0
+  for p in meta["parts"]:  # row r of the split is row r - first of its part
+    part = np.fromfile(os.path.join(one, "train", p["name"], "tokens.bin"), dtype=meta["dtype"])
+    want = [part[r * 32:r * 32 + 32] for r in range(p["num_rows"])]
+    np.testing.assert_array_equal(got[first:first + p["num_rows"]], want)
+    first += p["num_rows"]
+  shuffled = np.random.default_rng(0).permutation(ids)  # rows of several parts in one call, in any order
+  for key, value in split.rows(shuffled).items():
+    np.testing.assert_array_equal(value, split.rows(ids)[key][shuffled], err_msg=key)
 
 
 def test_text_files_txt_and_jsonl_with_held_out_split(tmp_path):
@@ -306,3 +347,19 @@ def test_a_start_that_loses_the_lock_of_a_new_workdir_leaves_it_to_the_winner(tm
   finally:
     for proc in procs:
       proc.kill()
+
+
+def test_parts_read_through_tf_data_equal_those_read_by_index(tmp_path, monkeypatch):
+  """A dataset TFDS prepared as TFRecord has no random access: each part reads its records through
+  a split spec of their own (`train[100:200]`), and gets what indexing the records gives."""
+  from fmjax.data import corpus
+  over = {"data.shard_docs": 100, "data.prepare_workers": 1, "data.train_split": "train[:90%]+validation[:5]"}
+  by_index = data.prepare(tiny("gpt", tmp_path / "index", **over))
+  config = tiny("gpt", tmp_path / "tf_data", **over)
+  as_tfrecord = lambda config: corpus.FmjaxCorpus(data_dir=str(tmp_path / "tfds"), file_format="tfrecord")
+  monkeypatch.setattr(sources, "_builder", as_tfrecord)
+  monkeypatch.setattr(corpus.FmjaxCorpus, "as_data_source", lambda *a, **k: 1 / 0)  # as for TFRecord
+  assert sources.record_count(config, "train") == 286
+  assert sources._sub_spec(sources._builder(config), "train[:90%]+validation[:5]", 250, 290) == \
+      "train[250:281]+validation[0:5]"  # 281 = 90% of the 312 train records
+  assert arrays(data.prepare(config)) == arrays(by_index)

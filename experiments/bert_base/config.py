@@ -6,7 +6,7 @@
   fmjax train --config=experiments/bert_base/config.py:phase=2 \
       --config.init_from=gs://BUCKET/bert_base/phase1 --workdir=gs://BUCKET/bert_base/phase2
   # GLUE: tasks x learning rates x seeds, fine-tuned from phase 2 (glue.py)
-  fmjax sweep --config=experiments/bert_base/glue.py \
+  fmjax sweep --config=experiments/bert_base/glue.py --print_commands \
       --config.init_from=gs://BUCKET/bert_base/phase2 --workdir=gs://BUCKET/bert_base/glue
 
 The rate follows one schedule over all 1M steps, as in the paper: 10k steps of warmup to 1e-4, then

@@ -1,6 +1,6 @@
 """GLUE fine-tuning of BERT-base as in Devlin et al. (2019): batch 32, 3 epochs, 10% warmup, seq 128.
 
-  fmjax sweep --config=experiments/bert_base/glue.py \
+  fmjax sweep --config=experiments/bert_base/glue.py --print_commands \
       --config.init_from=gs://BUCKET/bert_base/phase2 --workdir=gs://BUCKET/bert_base/glue
   fmjax finetune --config=experiments/bert_base/glue.py:task=glue/rte \
       --config.init_from=gs://BUCKET/bert_base/phase2 --workdir=gs://BUCKET/bert_base/rte

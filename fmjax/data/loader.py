@@ -47,6 +47,9 @@ class _LocalArray:
   def __init__(self, path: str, dtype):
     self.array = np.memmap(path, dtype=dtype, mode="r")
 
+  def span(self, start: int, length: int) -> np.ndarray:
+    return self.array[start:start + length]
+
   def spans(self, starts_B: np.ndarray, length: int) -> np.ndarray:
     """[B, length] elements from each start."""
     return self.array[starts_B[:, None] + np.arange(length, dtype=np.int64)]
@@ -57,16 +60,24 @@ class _LocalArray:
 
 class _BucketArray:
   """A raw array file left in a bucket (`data.bucket_reads`): each span is one ranged read, the
-  spans of a batch in parallel, each thread with its own open file."""
+  spans of a batch in parallel (threads shared by every such file), each thread with its own open file."""
 
   THREADS = 16
+  _pool = None
+  _pool_lock = threading.Lock()
 
   def __init__(self, path: str, dtype):
-    from concurrent.futures import ThreadPoolExecutor
     self.path, self.dtype = path, np.dtype(dtype)
     self._fs = files.range_filesystem(path)  # exact ranged reads (gcsfs), or None: the file's own reader
     self._local = threading.local()
-    self._pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="fmjax-bucket-read")
+
+  @classmethod
+  def pool(cls):
+    with cls._pool_lock:
+      if cls._pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+        cls._pool = ThreadPoolExecutor(cls.THREADS, thread_name_prefix="fmjax-bucket-read")
+      return cls._pool
 
   def _file(self):
     f = getattr(self._local, "file", None)
@@ -74,7 +85,8 @@ class _BucketArray:
       f = self._local.file = files.path(self.path).open("rb")
     return f
 
-  def _span(self, start: int, length: int) -> np.ndarray:
+  def span(self, start: int, length: int) -> np.ndarray:
+    """`length` elements from `start`: one ranged read."""
     first, size = start * self.dtype.itemsize, length * self.dtype.itemsize
     if self._fs is not None:
       raw = self._fs.cat_file(self.path, start=first, end=first + size)
@@ -88,7 +100,7 @@ class _BucketArray:
     return np.frombuffer(raw, self.dtype)
 
   def spans(self, starts_B: np.ndarray, length: int) -> np.ndarray:
-    return np.stack(list(self._pool.map(lambda start: self._span(int(start), length), starts_B)))
+    return np.stack(list(self.pool().map(lambda start: self.span(int(start), length), starts_B)))
 
   def whole(self) -> np.ndarray:
     return np.frombuffer(files.path(self.path).read_bytes(), self.dtype)
@@ -97,7 +109,8 @@ class _BucketArray:
 class PackedSplit:
   """One prepared split; `rows(ids)` gives unmasked batch fields.
 
-  The arrays are memory-mapped from `directory`, or, where it lacks them, read by ranges from
+  The split's rows are those of its parts in order (`packing`). Each part's arrays are
+  memory-mapped from under `directory`, or, where it lacks them, read by ranges from
   `bucket_directory`, the same entry in a bucket `data.cache_dir` (`data.bucket_reads`).
   """
 
@@ -112,30 +125,44 @@ class PackedSplit:
     dtypes = {"tokens": np.dtype(self.meta["dtype"])}
     if self.layout != "stream":
       dtypes.update(segment_ids=np.uint16, token_types=np.uint8)
-    self.arrays = {}
-    for name, dtype in dtypes.items():
-      local = os.path.join(directory, f"{name}.bin")
-      if os.path.exists(local):
-        self.arrays[name] = _LocalArray(local, dtype)
-      elif bucket_directory is not None:
-        self.arrays[name] = _BucketArray(os.path.join(bucket_directory, f"{name}.bin"), dtype)
-      else:
-        raise ConfigError(f"{directory} has no {name}.bin: the prepared cache is incomplete; delete "
-                          f"{os.path.dirname(directory)} to prepare it again")
-    self.in_bucket = any(isinstance(a, _BucketArray) for a in self.arrays.values())
+    # A cache made before parts is one part: the split directory itself.
+    parts = self.meta.get("parts") or [{"name": "", "num_rows": self.num_rows}]
+    self.parts = [{name: self._array(directory, bucket_directory, part["name"], name, dtype)
+                   for name, dtype in dtypes.items()} for part in parts]
+    self.part_rows_P = np.array([part["num_rows"] for part in parts], np.int64)
+    self.first_row_P = np.concatenate([[0], np.cumsum(self.part_rows_P)[:-1]])
+    self.in_bucket = any(isinstance(a, _BucketArray) for part in self.parts for a in part.values())
 
-  def whole(self, name: str) -> np.ndarray:
-    """All of array `name` (flat)."""
-    return self.arrays[name].whole()
+  @staticmethod
+  def _array(directory, bucket_directory, part: str, name: str, dtype):
+    local = os.path.join(directory, part, f"{name}.bin")
+    if os.path.exists(local):
+      return _LocalArray(local, dtype)
+    if bucket_directory is not None:
+      return _BucketArray(os.path.join(bucket_directory, part, f"{name}.bin"), dtype)
+    raise ConfigError(f"{os.path.join(directory, part)} has no {name}.bin: the prepared cache is incomplete; "
+                      f"delete {os.path.dirname(directory)} to prepare it again")
+
+  def targets(self) -> np.ndarray:
+    """The tokens the loss reads, in order (CLM: every row's targets; MLM: every real token)."""
+    pieces = []
+    for part, rows in zip(self.parts, self.part_rows_P):
+      if self.layout == "stream":
+        pieces.append(np.asarray(part["tokens"].whole()[1:rows * self.T + 1], np.int64))
+      else:
+        tokens = np.asarray(part["tokens"].whole(), np.int64)
+        pieces.append(tokens[(np.asarray(part["segment_ids"].whole()) > 0)
+                             & ~np.isin(tokens, sorted(self.tok.special_ids))])
+    return np.concatenate(pieces)
 
   def rows(self, ids_B: np.ndarray) -> dict[str, np.ndarray]:
     """Fields of dataset rows `ids_B`; rows with id -1 are all padding (eval's last batch)."""
     pad_B = ids_B < 0
     ids_B = np.where(pad_B, 0, ids_B).astype(np.int64)
     if self.layout == "stream":
-      return self._clm_rows(ids_B, pad_B)
-    starts_B = ids_B * self.T
-    tokens_BT, seg_BT, types_BT = (np.asarray(self.arrays[name].spans(starts_B, self.T), dtype=np.int32)
+      # Row r is stream[r*T : r*T + T + 1]: its inputs and, shifted by one, its targets.
+      return self._clm_rows(self._spans("tokens", ids_B, self.T + 1), pad_B)
+    tokens_BT, seg_BT, types_BT = (self._spans(name, ids_B, self.T)
                                    for name in ("tokens", "segment_ids", "token_types"))
     if pad_B.any():
       tokens_BT[pad_B] = self.tok.pad_id
@@ -143,9 +170,23 @@ class PackedSplit:
       types_BT[pad_B] = 0
     return {"tokens": tokens_BT, "segment_ids": seg_BT, "positions": _positions(seg_BT), "token_types": types_BT}
 
-  def _clm_rows(self, ids_B, pad_B):
-    # Row r is stream[r*T : r*T + T + 1]: its inputs and, shifted by one, its targets.
-    x_BT1 = np.asarray(self.arrays["tokens"].spans(ids_B * self.T, self.T + 1), dtype=np.int32)
+  def _spans(self, name: str, ids_B: np.ndarray, length: int) -> np.ndarray:
+    """[B, length] int32 elements of array `name` from the start of each row, read from its part."""
+    if len(self.parts) == 1:
+      return np.asarray(self.parts[0][name].spans(ids_B * self.T, length), dtype=np.int32)
+    part_B = np.searchsorted(self.first_row_P, ids_B, side="right") - 1
+    starts_B = (ids_B - self.first_row_P[part_B]) * self.T
+    if self.in_bucket:  # each row one ranged read, all of them at once whichever parts they are in
+      arrays_B = [self.parts[p][name] for p in part_B]
+      return np.stack(list(_BucketArray.pool().map(lambda a, start: a.span(int(start), length), arrays_B,
+                                                   starts_B))).astype(np.int32)
+    out_BL = np.empty((len(ids_B), length), np.int32)
+    for p in np.unique(part_B):
+      sel_B = part_B == p
+      out_BL[sel_B] = self.parts[p][name].spans(starts_B[sel_B], length)
+    return out_BL
+
+  def _clm_rows(self, x_BT1, pad_B):
     inputs_BT, targets_BT = x_BT1[:, :-1], x_BT1[:, 1:]
     eos_BT = inputs_BT == self.tok.eos_id
     # The EOS between two documents opens the second one's segment, as its BOS: EOS -> first token
@@ -384,14 +425,8 @@ def unigram_baseline(config) -> float:
   V = tok.vocab_size
 
   def targets(split):
-    data = PackedSplit(os.path.join(path, split), config.data.seq_len, tok, sources.bucket_entry(config, path, split))
-    if data.layout == "stream":
-      n = data.num_rows * data.T
-      stream = np.asarray(data.whole("tokens")[:n + 1], dtype=np.int64)
-      return stream[1:]
-    tokens = np.asarray(data.whole("tokens"), dtype=np.int64)
-    keep = (np.asarray(data.whole("segment_ids")) > 0) & ~np.isin(tokens, sorted(tok.special_ids))
-    return tokens[keep]
+    return PackedSplit(os.path.join(path, split), config.data.seq_len, tok,
+                       sources.bucket_entry(config, path, split)).targets()
 
   counts_V = np.bincount(targets("train"), minlength=V).astype(np.float64)
   logp_V = np.log(counts_V + 1.0) - np.log(counts_V.sum() + V)

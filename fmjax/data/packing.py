@@ -4,25 +4,31 @@ Layout of a cache directory <cache_dir>/datasets/<dataset>-<objective>-<seq_len>
   meta.json            what was prepared (written last: a directory without it is never read)
   tokenizer/           the tokenizer the ids belong to
   pii_counts.json      what PII scrubbing replaced, per split (when data.pii_scrub)
-  train/, eval/        meta.json plus raw little-endian arrays, read with np.memmap:
-    CLM: tokens.bin    one stream [N] of all documents, each followed by EOS. Row r of the
-                       loader is stream[r*T : r*T + T + 1] (inputs and shifted targets), so
+  train/, eval/        meta.json (the split's counts and its parts) and part-00000/, part-00001/, ...:
+                       records [k*S, (k+1)*S) of the split, S = data.shard_docs, each packed on
+                       its own into its own rows, in raw little-endian arrays read with np.memmap:
+    CLM: tokens.bin    one stream [N] of the part's documents, each followed by EOS. Row r of
+                       the part is stream[r*T : r*T + T + 1] (inputs and shifted targets), so
                        documents run across rows and nothing is padded. In a row, an EOS opens
                        the next document's segment (as its BOS).
     MLM: tokens.bin, segment_ids.bin, token_types.bin   [R, T] rows of packed
                        [CLS] A [SEP] B [SEP] segments (A/B: a document chunk split at a random
                        point), several per row, the rest padded with segment id 0.
-Everything is written into a temporary directory that is renamed into place at the end, so an
-interrupted prepare leaves nothing a later run would read.
+                       (Caches made before parts hold these files in train/ and eval/ directly.)
+The split's rows are its parts' rows in order. A part is complete once its meta.json is written,
+and the entry once its meta.json is: an interrupted prepare leaves nothing a run would read, and
+the next one keeps the parts already made (in <entry>.parts/, or in the bucket).
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -35,6 +41,8 @@ from fmjax.data import tokenizers as tokenizers_lib
 ARRAY_FILES = ("tokens.bin", "segment_ids.bin", "token_types.bin")  # a split's bulk, beside its meta.json
 FORMAT_VERSION = 2  # 2: an EOS opens the next document's segment (its count of segments per row)
 _ENCODE_CHUNK = 512
+SHARD_DOCS = 65536  # default data.shard_docs: records a part of a split holds
+log = logging.getLogger("fmjax")
 # The most runs of segment ids a row may have for batches to carry them (`segment_runs`), so that
 # cuDNN attention takes its packed layout; a split with a longer row takes its mask path.
 MAX_RUNS = 16
@@ -79,15 +87,22 @@ def segment_runs(segment_ids_BT: np.ndarray, num_runs: int) -> dict[str, np.ndar
   return {"segment_lengths": lengths_BR, "segment_offsets": offsets_BR1}
 
 
+def shard_docs(config) -> int:
+  """Records a part of a split holds (`data.shard_docs`; absent from older runs' configs)."""
+  return int(config.data.get("shard_docs", SHARD_DOCS))
+
+
 def cache_path(config, tok: tokenizers_lib.Tokenizer) -> str:
   """The cache directory for `config` with tokenizer `tok` (whether or not it exists yet)."""
-  key = sources.identity_hash({
+  ident = {
       "train": sources.corpus_identity(config, "train"), "eval": sources.corpus_identity(config, "eval"),
       "tokenizer": tok.identity(), "seq_len": config.data.seq_len, "objective": config.train.objective,
-      "version": FORMAT_VERSION})
+      "version": FORMAT_VERSION}
+  if shard_docs(config) != SHARD_DOCS:  # parts of another size hold other rows; the default keeps older keys
+    ident["shard_docs"] = shard_docs(config)
   slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.data.dataset)
   return os.path.join(sources.local_cache_root(config), "datasets",
-                      f"{slug}-{config.train.objective}-{config.data.seq_len}-{key}")
+                      f"{slug}-{config.train.objective}-{config.data.seq_len}-{sources.identity_hash(ident)}")
 
 
 def is_prepared(path: str) -> bool:
@@ -99,6 +114,12 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
   """Tokenises, packs and caches the train and eval splits; idempotent; returns the cache directory.
 
   `tok`: the tokenizer to use (a run's own, `get_tokenizer(config, workdir)`); default the config's.
+
+  Each split is cut into parts of `data.shard_docs` records, tokenised and packed on their own
+  (by `data.prepare_workers` processes) and kept as they finish, so an interrupted prepare
+  starts again where it stopped. The parts do not depend on who made them: with data.cache_dir
+  in a bucket every host of a pod makes its share of them, straight into the bucket, and no host
+  needs the disk for the whole dataset.
   """
   sources.check_config(config)
   if config.train.objective == "mlm" and config.data.max_predictions > config.data.seq_len:
@@ -113,34 +134,218 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
   if is_prepared(path):
     return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = files.make_temp_dir(os.path.dirname(path))
+  bucket = sources.bucket_entry(config, path)
   try:
-    meta = {"dataset": config.data.dataset, "objective": config.train.objective, "seq_len": config.data.seq_len,
-            "train": sources.corpus_identity(config, "train"), "eval": sources.corpus_identity(config, "eval"),
-            "tokenizer_kind": tok.kind, "vocab_size": tok.vocab_size, "version": FORMAT_VERSION, "splits": {}}
-    pii_counts = {}
-    for split in ("train", "eval"):
-      stats, counts = _write_split(config, tok, split, os.path.join(tmp, split))
-      meta["splits"][split] = stats
-      pii_counts[split] = dict(counts)
-    tok.save(os.path.join(tmp, "tokenizer"))
-    if config.data.pii_scrub:
-      _write_json(os.path.join(tmp, "pii_counts.json"), pii_counts)
-    _write_json(os.path.join(tmp, "meta.json"), meta)
-    try:
-      os.rename(tmp, path)
-    except OSError:
-      if not is_prepared(path):  # another process finished the same cache first: use theirs
-        raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  sources.share(config, rel)
+    if bucket is None:
+      _prepare_here(config, tok, path)
+    else:
+      _prepare_in_bucket(config, tok, bucket, os.path.dirname(path))
+  except OSError:
+    if not is_prepared(path):  # another process of this host finished the same cache first: use theirs
+      raise
+  if bucket is not None:
+    sources.fetch_shared(config, rel, "meta.json", bulk=ARRAY_FILES)
   return path
 
 
-def _write_json(path: str, obj) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+def _plan(config) -> list[tuple[str, int, tuple[int, int] | None]]:
+  """(split, part, records) of every part to make: a split's records cut every data.shard_docs
+  (records None: a split of unknown size, made as one part)."""
+  jobs, per = [], shard_docs(config)
+  for split in ("train", "eval"):
+    n = sources.record_count(config, split)
+    if n is None:
+      jobs.append((split, 0, None))
+      continue
+    jobs.extend((split, k, (start, min(start + per, n))) for k, start in enumerate(range(0, max(n, 1), per)))
+  return jobs
+
+
+def _part_dir(store: str, split: str, part: int) -> str:
+  return os.path.join(store, split, f"part-{part:05d}")
+
+
+def _prepare_here(config, tok, path: str) -> None:
+  """Makes every part in `<path>.parts` (keeping those an earlier attempt finished), then the
+  split and entry metadata, and renames it to `path`."""
+  store = path + ".parts"
+  jobs = _plan(config)
+  todo = [job for job in jobs if not is_prepared(_part_dir(store, job[0], job[1]))]
+  if len(todo) < len(jobs):
+    log.info("%s: %d of %d parts were made by an earlier prepare; making the other %d", path, len(jobs) - len(todo),
+             len(jobs), len(todo))
+  for _ in _make_parts(config, tok, todo, store):
+    pass
+  try:
+    _finish(config, tok, store, jobs)
+  except ConfigError:  # no text, or too little for a row: nothing here is worth keeping
+    shutil.rmtree(store, ignore_errors=True)
+    raise
+  os.rename(store, path)
+
+
+def _prepare_in_bucket(config, tok, bucket: str, scratch_parent: str) -> None:
+  """Every host makes its share of the parts (every process_count-th) in scratch space under
+  `scratch_parent` and copies each to bucket entry `bucket` as it finishes; process 0 then writes
+  the metadata, meta.json last."""
+  import jax
+  if files.exists(os.path.join(bucket, "meta.json")):
+    return
+  jobs = _plan(config)
+  index, count = jax.process_index(), jax.process_count()
+  mine = [job for i, job in enumerate(jobs) if i % count == index]
+  made = _in_threads(files.exists, [os.path.join(_part_dir(bucket, split, part), "meta.json") for split, part, _ in mine])
+  todo = [job for job, done in zip(mine, made) if not done]
+  scratch = files.make_temp_dir(scratch_parent)
+  try:
+    for split, part in _make_parts(config, tok, todo, scratch):
+      local = _part_dir(scratch, split, part)
+      files.copy_tree(local, _part_dir(bucket, split, part))
+      shutil.rmtree(local)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+  markers = [os.path.join(_part_dir(bucket, split, part), "meta.json") for split, part, _ in jobs]
+  seen = set()
+
+  def finished() -> int:  # each marker is looked for until it is found, in parallel (thousands for C4)
+    unseen = [m for m in markers if m not in seen]
+    seen.update(m for m, found in zip(unseen, _in_threads(files.exists, unseen)) if found)
+    return len(seen)
+
+  _wait_for(finished, len(markers), f"parts of {bucket} from the other hosts")
+  if index == 0:
+    _finish(config, tok, bucket, jobs)
+  else:
+    _wait_for(lambda: int(files.exists(os.path.join(bucket, "meta.json"))), 1, f"{bucket}/meta.json from process 0")
+
+
+_POLL_SECONDS = 10.0
+
+
+def _in_threads(fn, items: list) -> list:
+  """[fn(item) for item in items], 16 at a time: many small reads of a bucket (a part's metadata each)."""
+  from concurrent.futures import ThreadPoolExecutor
+  with ThreadPoolExecutor(16, thread_name_prefix="fmjax-prepare") as pool:
+    return list(pool.map(fn, items))
+
+
+def _wait_for(count_fn, total: int, what: str) -> None:
+  """Waits until count_fn() reaches `total`, saying so each minute."""
+  said = time.time()
+  while (done := count_fn()) < total:
+    if time.time() - said >= 60:
+      log.info("waiting for %s: %d of %d", what, done, total)
+      said = time.time()
+    time.sleep(_POLL_SECONDS)
+
+
+def _make_parts(config, tok, jobs, store: str):
+  """Makes the parts `jobs` under `store`, in this process or a pool of data.prepare_workers
+  processes; yields (split, part) of each as it is complete."""
+  workers = _workers(config, jobs)
+  bar = _progress(len(jobs))
+  try:
+    if workers == 1:
+      for split, part, records in jobs:
+        stats = _write_part(config, tok, split, part, records, store)
+        bar.update(1)
+        bar.set_postfix_str(f"{stats['num_text_tokens'] / max(stats['seconds'], 1e-9):,.0f} tok/s")
+        yield split, part
+      return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+    log.info("preparing %d parts with %d processes (data.prepare_workers)", len(jobs), workers)
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)  # each process's tokenizer threads
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                               initargs=(threads,))
+    finished = False
+    try:
+      futures = {pool.submit(_write_part, config.to_dict(), tok, split, part, records, store): (split, part)
+                 for split, part, records in jobs}
+      for future in as_completed(futures):
+        try:
+          future.result()
+        except BrokenProcessPool:
+          raise ConfigError(f"a prepare process died (out of memory?) while {workers} made parts at once; the "
+                            "parts already made are kept: run again with a lower data.prepare_workers") from None
+        bar.update(1)
+        yield futures[future]
+      finished = True
+    finally:
+      if not finished:  # an error or Ctrl-C: stop now, the parts in the making with it (finished ones stay)
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+          process.terminate()
+      pool.shutdown(wait=True, cancel_futures=True)
+  finally:
+    bar.close()
+
+
+_MOST_WORKERS = 32  # data.prepare_workers=0 on a host with more cores: each process holds TF and a tokenizer
+
+
+def _workers(config, jobs) -> int:
+  """Processes to prepare `jobs` with: data.prepare_workers (0: one per CPU core, at most 32);
+  this process alone where each split is one part, as small datasets are."""
+  if len(jobs) <= 2:
+    return 1
+  wanted = int(config.data.get("prepare_workers", 0)) or min(len(os.sched_getaffinity(0)), _MOST_WORKERS)
+  return max(1, min(wanted, len(jobs)))
+
+
+def _worker_init(threads: int) -> None:
+  os.environ["RAYON_NUM_THREADS"] = str(threads)  # HF tokenizers' batch threads, before their first use
+
+
+def _finish(config, tok, store: str, jobs) -> None:
+  """Writes the tokenizer, the PII counts and each split's metadata beside the parts in `store`
+  (local or a bucket), and the entry's meta.json last."""
+  meta = {"dataset": config.data.dataset, "objective": config.train.objective, "seq_len": config.data.seq_len,
+          "train": sources.corpus_identity(config, "train"), "eval": sources.corpus_identity(config, "eval"),
+          "tokenizer_kind": tok.kind, "vocab_size": tok.vocab_size, "version": FORMAT_VERSION,
+          "shard_docs": shard_docs(config), "splits": {}}
+  pii_counts = {}
+  for split in ("train", "eval"):
+    parts = [part for s, part, _ in jobs if s == split]
+    stats_P = _in_threads(files.read_json, [os.path.join(_part_dir(store, split, part), "meta.json")
+                                            for part in parts])
+    meta["splits"][split] = stats = _split_stats(config, split, parts, stats_P)
+    files.write_json(os.path.join(store, split, "meta.json"), stats, indent=2, sort_keys=True)
+    pii_counts[split] = dict(sum((collections.Counter(s.pop("pii", {})) for s in stats_P), collections.Counter()))
+  if files.is_remote(store):
+    local = tempfile.mkdtemp(prefix="fmjax-tokenizer-")
+    try:
+      tok.save(local)
+      files.copy_tree(local, os.path.join(store, "tokenizer"))
+    finally:
+      shutil.rmtree(local, ignore_errors=True)
+  else:
+    tok.save(os.path.join(store, "tokenizer"))
+  if config.data.pii_scrub:
+    files.write_json(os.path.join(store, "pii_counts.json"), pii_counts, indent=2, sort_keys=True)
+  files.write_json(os.path.join(store, "meta.json"), meta, indent=2, sort_keys=True)
+
+
+def _split_stats(config, split: str, parts: list[int], stats_P: list[dict]) -> dict:
+  """A split's metadata from its parts'; a split with no text or no whole row is one ConfigError."""
+  T = config.data.seq_len
+  num_docs = sum(s["num_docs"] for s in stats_P)
+  num_tokens = sum(s["num_text_tokens"] for s in stats_P)
+  num_rows = sum(s["num_rows"] for s in stats_P)
+  if num_docs == 0:
+    raise ConfigError(f"dataset {config.data.dataset!r} split {sources.split_spec(config, split)!r} has no "
+                      "text (empty corpus); check data.dataset, data.files and the split names")
+  if num_rows == 0:
+    raise ConfigError(f"the {split} split has {num_tokens} tokens, not enough for one row of data.seq_len={T}; "
+                      "lower data.seq_len or use more text")
+  stats = {"layout": stats_P[0]["layout"], "dtype": stats_P[0]["dtype"], "num_rows": num_rows, "num_docs": num_docs,
+           "num_text_tokens": num_tokens, "max_segments": max(s["max_segments"] for s in stats_P),
+           "pad_fraction": round(sum(s["pad_fraction"] * s["num_rows"] for s in stats_P) / num_rows, 5),
+           "seconds": round(sum(s["seconds"] for s in stats_P), 3),
+           "parts": [{"name": f"part-{part:05d}", "num_rows": s["num_rows"]} for part, s in zip(parts, stats_P)]}
+  if stats["layout"] == "stream":
+    stats["num_stream_tokens"] = sum(s["num_stream_tokens"] for s in stats_P)
+  return stats
 
 
 def token_dtype(vocab_size: int):
@@ -148,16 +353,16 @@ def token_dtype(vocab_size: int):
   return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
-def _progress(split: str):
+def _progress(parts: int):
   from tqdm.auto import tqdm
   # disable=None: quiet when stderr is not a terminal (logs on pods, tests).
-  return tqdm(desc=f"prepare {split}", unit="tok", unit_scale=True, disable=None, leave=False)
+  return tqdm(total=parts, desc="prepare", unit="part", disable=None, leave=False)
 
 
-def _token_chunks(config, tok, split: str, counts: collections.Counter):
+def _token_chunks(config, tok, split: str, records, counts: collections.Counter):
   """Yields lists of token-id lists, a chunk of documents at a time."""
   batch = []
-  for text in sources.documents(config, split):
+  for text in sources.documents(config, split, records):
     if config.data.pii_scrub:
       text, found = pii.scrub(text)
       counts.update(found)
@@ -169,39 +374,46 @@ def _token_chunks(config, tok, split: str, counts: collections.Counter):
     yield tok.encode_batch(batch)
 
 
-def _write_split(config, tok, split: str, directory: str) -> tuple[dict, collections.Counter]:
-  os.makedirs(directory)
-  counts = collections.Counter()
-  dtype = token_dtype(tok.vocab_size)
-  T = config.data.seq_len
-  start, num_docs, num_tokens = time.time(), 0, 0
-  bar = _progress(split)
-  if config.train.objective == "clm":
-    writer = _StreamWriter(directory, dtype, T, tok.eos_id)
-  else:
-    writer = _RowWriter(directory, dtype, T, tok)
+def _write_part(config, tok, split: str, part: int, records, store: str) -> dict:
+  """Tokenises and packs records `records` of `split` into part `part` of `store` (a local
+  directory; filled under a temporary name and renamed, its meta.json last); returns its stats.
+
+  A part starts its own rows (and, for MLM, its own A/B split points), so it is the same whichever
+  process makes it. `config` may be a plain dict (in a worker process).
+  """
+  if isinstance(config, dict):
+    import ml_collections
+    config = ml_collections.ConfigDict(config)
+  target = _part_dir(store, split, part)
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  directory = files.make_temp_dir(os.path.dirname(target))
   try:
-    for chunk in _token_chunks(config, tok, split, counts):
+    counts = collections.Counter()
+    dtype = token_dtype(tok.vocab_size)
+    T = config.data.seq_len
+    start, num_docs, num_tokens = time.time(), 0, 0
+    if config.train.objective == "clm":
+      writer = _StreamWriter(directory, dtype, T, tok.eos_id)
+    else:
+      writer = _RowWriter(directory, dtype, T, tok, seed=part)
+    for chunk in _token_chunks(config, tok, split, records, counts):
       for ids in chunk:
         if ids:
           writer.add(ids)
           num_docs += 1
           num_tokens += len(ids)
-      bar.update(sum(len(ids) for ids in chunk))
-      bar.set_postfix_str(f"{num_tokens / max(time.time() - start, 1e-9):,.0f} tok/s")
     stats = writer.close()
+    stats.update(num_docs=num_docs, num_text_tokens=num_tokens, dtype=np.dtype(dtype).name,
+                 seconds=round(time.time() - start, 3), records=list(records) if records else None, pii=dict(counts))
+    files.write_json(os.path.join(directory, "meta.json"), stats, indent=2, sort_keys=True)
+    try:
+      os.rename(directory, target)
+    except OSError:
+      if not is_prepared(target):  # made by another process of this host: the same part
+        raise
+    return stats
   finally:
-    bar.close()
-  if num_docs == 0:
-    raise ConfigError(f"dataset {config.data.dataset!r} split {sources.split_spec(config, split)!r} has no "
-                      "text (empty corpus); check data.dataset, data.files and the split names")
-  if stats["num_rows"] == 0:
-    raise ConfigError(f"the {split} split has {num_tokens} tokens, not enough for one row of data.seq_len={T}; "
-                      "lower data.seq_len or use more text")
-  stats.update(num_docs=num_docs, num_text_tokens=num_tokens, dtype=np.dtype(dtype).name,
-               seconds=round(time.time() - start, 3))
-  _write_json(os.path.join(directory, "meta.json"), stats)
-  return stats, counts
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 class _StreamWriter:
@@ -249,11 +461,12 @@ class _StreamWriter:
 class _RowWriter:
   """MLM: packs [CLS] A [SEP] B [SEP] segments greedily, in order, into rows of T."""
 
-  def __init__(self, directory, dtype, T, tok):
+  def __init__(self, directory, dtype, T, tok, seed: int = 0):
     self.files = {k: open(os.path.join(directory, f"{k}.bin"), "wb")
                   for k in ("tokens", "segment_ids", "token_types")}
     self.dtype, self.T, self.tok = dtype, T, tok
-    self.rng = np.random.Generator(np.random.Philox(key=0))  # A/B split points; fixed, so the cache is reproducible
+    # A/B split points, drawn from the part's own key: the cache is the same whoever makes each part.
+    self.rng = np.random.Generator(np.random.Philox(key=seed))
     self.rows = 0
     self.real = 0
     self.max_segments = 1

@@ -79,8 +79,13 @@ def _copy_bulk(config, remote: str, local_dir: str, bulk: tuple[str, ...]) -> bo
   mode = config.data.get("bucket_reads", "auto")
   if mode != "auto":
     return mode == "copy"
-  size = sum(f.stat().length for d in files.path(remote).iterdir() if d.is_dir()
-             for f in d.iterdir() if f.name in bulk)
+  def sizes(directory):  # the bulk files at any depth (a split's parts, or a cache made before parts)
+    for f in directory.iterdir():
+      if f.is_dir():
+        yield from sizes(f)
+      elif f.name in bulk:
+        yield f.stat().length
+  size = sum(sizes(files.path(remote)))
   free = shutil.disk_usage(local_dir).free
   copy = size <= free // 2
   logging.getLogger("fmjax").info(
@@ -366,8 +371,8 @@ def _as_text(value) -> str:
   return str(value)
 
 
-def documents(config, split: str) -> Iterator[str]:
-  """Yields the non-empty documents of a split ('train' or 'eval') as str, in a fixed order."""
+def _open_split(config, split: str):
+  """(builder, feature, spec, data source or None) of a split, its dataset built or checked first."""
   check_config(config)
   builder = _builder(config)
   feature = _feature_name(config, builder)
@@ -378,22 +383,65 @@ def documents(config, split: str) -> Iterator[str]:
   try:
     source = builder.as_data_source(split=spec)
   except Exception:  # pylint: disable=broad-except
-    source = None  # not array_record (or not prepared): go through tf.data below
+    source = None  # not array_record (or not prepared): read through tf.data
+  return builder, feature, spec, source
+
+
+def record_count(config, split: str) -> int | None:
+  """How many records a split holds (empty ones included), or None where TFDS does not know."""
+  builder, _, spec, source = _open_split(config, split)
   if source is not None:
-    for start in range(0, len(source), _READ_CHUNK):
-      idx = list(range(start, min(start + _READ_CHUNK, len(source))))
+    return len(source)
+  _download(config, builder)
+  try:
+    return int(builder.info.splits[spec].num_examples) or None
+  except Exception:  # pylint: disable=broad-except
+    return None  # sizes unknown (a mocked dataset): read as one range
+
+
+def _sub_spec(builder, spec: str, start: int, stop: int) -> str:
+  """The TFDS split spec of records [start, stop) of `spec` (`train[:90%]+validation` included)."""
+  import tensorflow_datasets as tfds
+  pieces, at = [], 0
+  for ins in tfds.core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits):
+    lo = ins.from_ or 0
+    hi = builder.info.splits[ins.splitname].num_examples if ins.to is None else ins.to
+    a, b = max(start, at), min(stop, at + hi - lo)
+    if a < b:
+      pieces.append(f"{ins.splitname}[{lo + a - at}:{lo + b - at}]")
+    at += hi - lo
+  return "+".join(pieces)
+
+
+def documents(config, split: str, records: tuple[int, int] | None = None) -> Iterator[str]:
+  """Yields the non-empty documents of a split ('train' or 'eval') as str, in a fixed order.
+
+  `records`: only those of records [start, stop) (`record_count` counts them), so that several
+  processes can each read a part of a split.
+  """
+  builder, feature, spec, source = _open_split(config, split)
+  if source is not None:
+    start, stop = records or (0, len(source))
+    for first in range(start, min(stop, len(source)), _READ_CHUNK):
+      idx = list(range(first, min(first + _READ_CHUNK, stop, len(source))))
       try:
-        records = source.__getitems__(idx)  # one batched read from array_record
+        batch = source.__getitems__(idx)  # one batched read from array_record
       except (AttributeError, TypeError):
-        records = [source[i] for i in idx]
-      for record in records:
+        batch = [source[i] for i in idx]
+      for record in batch:
         text = _as_text(record[feature])
         if text.strip():
           yield text
     return
   import tensorflow_datasets as tfds
   _download(config, builder)
-  for record in tfds.as_numpy(builder.as_dataset(split=spec, shuffle_files=False)):
+  if records is not None:
+    spec = _sub_spec(builder, spec, *records)
+    if not spec:
+      return
+  # One file at a time (TFDS interleaves 16 by default): records come in their index order, as above.
+  in_order = tfds.ReadConfig(interleave_cycle_length=1)
+  for record in tfds.as_numpy(builder.as_dataset(split=spec, shuffle_files=False, read_config=in_order)):
     text = _as_text(record[feature])
     if text.strip():
       yield text
