@@ -136,6 +136,8 @@ def report(workdir: str, out: str | None = None) -> list[str]:
   out = out or (f"{os.path.basename(workdir.rstrip('/'))}-report" if files.is_remote(workdir) else workdir)
   if files.is_remote(out):
     raise ConfigError(f"--out={out} is in a bucket; write the report to a local directory (and copy it up)")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ConfigError(f"--out={out} is a file; give a directory for the report")
   records = read_metrics(workdir)
   if not records:
     from fmjax import sweep

@@ -14,8 +14,10 @@ Two keys are not config keys: `config` sets the `get_config` arg of that run (`{
 pairs join them, and a key that both give differently is refused) and `command` names the
 subcommand (default `train`, e.g. `finetune`). Each run lives in `ROOT/<name>`, where the name spells its overrides
 (`optim.lr=0.001,train.seed=1`). A run that exited cleanly leaves a `SWEEP_DONE` marker holding its
-command and is skipped next time; any other run is simply started again (losing the markers of its
-last exit first), and `train` resumes it from its own checkpoint. A run that saved and stopped on
+command and resolved config, and is skipped next time while both are the same (an edited config file
+or another override runs it again); any other run is simply started again (losing the markers of its
+last exit first), and `train` resumes it from its own checkpoint. One sweep at a time runs in a root.
+A `--config.a.b=v` override of a key the sweep sets per run is refused, since the run's value would win. A run that saved and stopped on
 SIGTERM (exit code 143) is reported as preempted, not finished; SIGTERM to the sweep itself is passed
 on to its runs, which save first, and the runs still queued are reported as not started.
 At the end the final losses go to `ROOT/sweep.md` and `ROOT/sweep.csv` (status done, preempted,
@@ -113,9 +115,14 @@ def expand(base_spec: str, entries: Iterable[dict[str, Any]], base_overrides: Se
   """Turns sweep entries into named runs; base overrides (from the command line) apply to all."""
   path, base_arg = config_lib.split_config_spec(base_spec)
   runs, seen = [], {}
+  given = {o.split("=", 1)[0]: o for o in base_overrides}
   for entry in entries:
     if not isinstance(entry, dict):
       raise ConfigError(f"get_sweep() must return a list of dicts of overrides, got an entry {entry!r}")
+    both = sorted(given.keys() & (entry.keys() - set(RESERVED_KEYS)))
+    if both:  # the run's own value would win, silently
+      raise ConfigError(f"the sweep sets {', '.join(both)} per run, so --config.{given[both[0]]} would be "
+                        f"overridden; drop it from the command line, or change get_sweep()")
     arg = _merge_args(base_arg, entry["config"]) if "config" in entry else base_arg
     spec = path if arg is None else f"{path}:{arg}"
     overrides = tuple(base_overrides) + tuple(
@@ -143,19 +150,24 @@ def _merge_args(base: str | None, entry: Any) -> str:
   return ",".join((flags or base_flags) + [f"{k}={v}" for k, v in {**base_kv, **kv}.items()])
 
 
-def check(runs: Sequence[Run]) -> None:
-  """Loads every run's config, so a bad key or value fails (with "did you mean") before anything runs.
+def check(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
+  """Loads every run's config, so a bad key or value fails (with "did you mean") before anything
+  runs; returns each run's `flat_config` by name.
 
   The overrides shared by all runs are checked first, so their error does not name one run.
   """
   first = runs[0]
   shared = first.overrides[:len(first.overrides) - sum(k not in RESERVED_KEYS for k, _ in first.entry)]
   config_lib.load_config(first.spec, shared)
+  configs = {}
   for run in runs:
     try:
-      config_lib.check_command(config_lib.load_config(run.spec, run.overrides), run.command)
+      config = config_lib.load_config(run.spec, run.overrides)
+      config_lib.check_command(config, run.command)
     except ConfigError as e:
       raise ConfigError(f"sweep run {run.name}: {e}") from None
+    configs[run.name] = flat_config(config)
+  return configs
 
 
 def load_sweep(base_spec: str) -> list[dict[str, Any]]:
@@ -170,22 +182,44 @@ def load_sweep(base_spec: str) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- running
 
 
-def is_finished(run: Run, root: str) -> bool:
-  """True when this exact command already exited cleanly in `root/name`."""
+def flat_config(config) -> dict[str, Any]:
+  """`{"a.b": value}` of a config, as JSON gives it back (what a run's done marker records)."""
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        yield from walk(value, f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}", value
+  return dict(walk(json.loads(json.dumps(config.to_dict(), default=str)), ""))
+
+
+def is_finished(run: Run, root: str, config: dict[str, Any] | None = None) -> bool:
+  """True when the run already exited cleanly in `root/name` with the same command and, where
+  `config` (its `flat_config`) is given, the same config: a value changed since (the config file
+  edited, an override added) runs it again, while a key that exists only on one side (added by a
+  newer fmjax) does not. Markers from before configs were recorded compare the command line."""
   marker = os.path.join(root, run.name, DONE_MARKER)
   if not os.path.exists(marker):
     return False
   with open(marker) as f:
     try:
-      return json.load(f).get("argv") == run.argv(root)
+      done = json.load(f)
     except json.JSONDecodeError:
       return False
+  if config is None or "config" not in done:
+    return done.get("argv") == run.argv(root)
+  return done.get("command") == run.command and not _changed(done["config"], config)
 
 
-def _mark_done(run: Run, root: str, seconds: float) -> None:
+def _changed(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+  return [f"{k}: {before[k]!r} -> {now[k]!r}" for k in sorted(before.keys() & now.keys()) if before[k] != now[k]]
+
+
+def _mark_done(run: Run, root: str, seconds: float, config: dict[str, Any] | None = None) -> None:
   path = os.path.join(root, run.name, DONE_MARKER)
   with open(path + ".tmp", "w") as f:
-    json.dump({"argv": run.argv(root), "seconds": round(seconds, 1)}, f)
+    json.dump({"argv": run.argv(root), "command": run.command, "seconds": round(seconds, 1),
+               **({"config": config} if config is not None else {})}, f)
   os.replace(path + ".tmp", path)
 
 
@@ -221,7 +255,7 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   """
   out = out or sys.stdout
   runs = expand(base_spec, entries, base_overrides, subcommand)
-  check(runs)
+  configs = check(runs)
   if print_commands:
     for run in runs:
       print(shlex.join(run.argv(root)), file=out)
@@ -238,12 +272,24 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   if files.is_remote(root):
     raise ConfigError(f"--workdir={root}: the local runner keeps a sweep's logs and state beside its runs on this "
                       "machine; use a local --workdir, or --print_commands to launch the runs into the bucket")
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise ConfigError(f"--workdir={root} is a file; give a directory for the sweep's runs")
   os.makedirs(root, exist_ok=True)
-  _write_runs_file(runs, root)
-  skipped = [r for r in runs if is_finished(r, root)]
-  todo = [r for r in runs if r not in skipped]
-  print(f"sweep: {len(runs)} runs in {root} ({len(skipped)} already finished), {parallel} at a time", file=out)
-  failed, saved, unsaved, not_started = _run_all(todo, root, parallel, out)
+  lock = _lock(root)
+  try:
+    _write_runs_file(runs, root)
+    skipped = [r for r in runs if is_finished(r, root, configs[r.name])]
+    todo = [r for r in runs if r not in skipped]
+    again = [r for r in todo if os.path.exists(os.path.join(root, r.name, DONE_MARKER))]
+    print(f"sweep: {len(runs)} runs in {root} ({len(skipped)} already finished), {parallel} at a time", file=out)
+    for run in again:
+      with open(os.path.join(root, run.name, DONE_MARKER)) as f:
+        before = json.load(f).get("config") or {}
+      why = "; ".join(_changed(before, configs[run.name])[:3]) or "another command"
+      print(f"  {run.name} finished with another config ({why}): running it again", file=out)
+    failed, saved, unsaved, not_started = _run_all(todo, root, parallel, out, configs)
+  finally:
+    lock.close()
   table = aggregate(root, runs)
   paths = write_outputs(table, root)
   print(format_markdown(table), file=out)
@@ -265,7 +311,28 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
           "skipped": skipped, "table": table}
 
 
-def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> tuple[list[Run], ...]:
+def _lock(root: str):
+  """Holds `root/.sweep.lock` for this sweep (released when it exits, however it exits); a second
+  sweep into the same root fails in one line rather than restarting the first one's runs."""
+  import fcntl
+  f = open(os.path.join(root, ".sweep.lock"), "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    pid = f.read().strip() or "?"
+    f.close()
+    raise ConfigError(f"another fmjax sweep (pid {pid}) is running in {root}; wait for it to end or stop it, "
+                      "then run this one (finished runs are skipped)") from None
+  f.seek(0)
+  f.truncate()
+  f.write(str(os.getpid()))
+  f.flush()
+  return f
+
+
+def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO,
+             configs: dict[str, dict[str, Any]] | None = None) -> tuple[list[Run], ...]:
   """Runs `todo`, `parallel` at a time; returns the runs that failed, those preempted (saved), those
   that SIGTERM stopped before they could save, and those it kept from starting."""
   from fmjax.cli import PREEMPTED_EXIT_CODE
@@ -301,7 +368,7 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> tuple[li
         run, log, t0 = active.pop(proc)
         log.close()
         if proc.returncode == 0:
-          _mark_done(run, root, time.time() - t0)
+          _mark_done(run, root, time.time() - t0, (configs or {}).get(run.name))
           print(f"  done    {run.name} ({time.time() - t0:.0f} s)", file=out, flush=True)
         elif proc.returncode == PREEMPTED_EXIT_CODE:
           preempted.append(run)
@@ -320,12 +387,16 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO) -> tuple[li
     # SIGTERM lets `train` save a checkpoint, so rerunning the sweep resumes every run.
     for proc in active:
       proc.terminate()
+    saved, unsaved = [], []
     for proc, (run, log, _) in active.items():
       proc.wait()
       log.close()
       _mark_status(run, root, "preempted", proc.returncode)
-    raise KeyboardInterrupt("the running runs saved where they were; rerun the same sweep command to resume "
-                            "them") from None
+      # 143: saved on SIGTERM; 130: saved on the Ctrl-C the run got too. Anything else stopped it while it started.
+      (saved if proc.returncode in (PREEMPTED_EXIT_CODE, 130) else unsaved).append(run.name)
+    said = ([f"{', '.join(saved)} saved and stopped"] if saved else []) + (
+        [f"{', '.join(unsaved)} stopped while starting (nothing saved)"] if unsaved else [])
+    raise KeyboardInterrupt("; ".join(said + ["rerun the same sweep command to resume"])) from None
   finally:
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)

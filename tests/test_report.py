@@ -97,6 +97,9 @@ def test_report_without_metrics_is_one_clear_error(tmp_path, capsys):
   assert cli.main(["report", f"--workdir={tmp_path}"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: no metrics.jsonl")
+  (tmp_path / "a_file").write_text("")
+  assert cli.main(["report", f"--workdir={tmp_path}", f"--out={tmp_path}/a_file"]) == 2
+  assert capsys.readouterr().err.strip() == f"error: --out={tmp_path}/a_file is a file; give a directory for the report"
 
 
 def test_report_on_sweep_root_into_out_has_the_plot(tmp_path):

@@ -153,6 +153,77 @@ def test_finished_means_same_command(tmp_path):
   assert longer.name == run.name and not sweep.is_finished(longer, root)
 
 
+def test_finished_means_same_command_and_config(tmp_path, monkeypatch):
+  """A finished run is skipped while its config is the same; an edited config file reruns it."""
+  root = str(tmp_path / "root")
+  run = sweep.expand(GPT, [{"optim.lr": 1e-3}])[0]
+  config = sweep.check([run])[run.name]
+  os.makedirs(os.path.join(root, run.name))
+  sweep._mark_done(run, root, 1.0, config)
+  assert sweep.is_finished(run, root, config)
+  monkeypatch.chdir(tmp_path)
+  assert sweep.is_finished(run, "root", config)  # the same root, spelled another way
+  assert sweep.is_finished(run, root, {**config, "data.some_new_key": 1})  # a key a newer fmjax added
+  assert not sweep.is_finished(run, root, {**config, "train.steps": config["train.steps"] * 2})
+
+
+def test_an_edited_config_file_reruns_its_finished_runs(tmp_path, monkeypatch):
+  spec = tmp_path / "mine.py"
+  source = open(os.path.join(os.path.dirname(__file__), "..", "configs", "gpt.py")).read()
+  spec.write_text(source)
+  _fake_runs(monkeypatch, "import sys; sys.exit(0)")
+  root = str(tmp_path / "sweep")
+  entries = sweep.product({"optim.lr": [1e-3, 1e-2]})
+  assert len(sweep.run_sweep(f"{spec}:tiny", entries, root, out=io.StringIO())["skipped"]) == 0
+  assert len(sweep.run_sweep(f"{spec}:tiny", entries, root, out=io.StringIO())["skipped"]) == 2
+  spec.write_text(source.replace("def get_config(arg", "def _get_config(arg") + """
+
+def get_config(arg=None):
+  c = _get_config(arg)
+  c.train.steps += 1
+  return c
+""")
+  out = io.StringIO()
+  result = sweep.run_sweep(f"{spec}:tiny", entries, root, out=out)
+  assert not result["skipped"] and "finished with another config (train.steps: " in out.getvalue()
+
+
+def test_the_sweep_refuses_what_would_be_ignored_or_clash(tmp_path, monkeypatch):
+  with pytest.raises(ConfigError, match=r"the sweep sets optim.lr per run, so --config.optim.lr=0.5 would be "
+                                        r"overridden"):
+    sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3]}), str(tmp_path), base_overrides=["optim.lr=0.5"])
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(ConfigError, match="is a file; give a directory"):
+    sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3]}), str(tmp_path / "a_file"))
+  # A second sweep into a root that one is running in stops at once and names the first.
+  root = tmp_path / "busy"
+  root.mkdir()
+  first = sweep._lock(str(root))
+  with pytest.raises(ConfigError, match=rf"another fmjax sweep \(pid {os.getpid()}\) is running in {root}"):
+    sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3]}), str(root))
+  first.close()
+  _fake_runs(monkeypatch, "import sys; sys.exit(0)")
+  assert not sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3]}), str(root), out=io.StringIO())["failed"]
+
+
+def test_ctrl_c_says_which_runs_saved(tmp_path, monkeypatch):
+  # lr=0.001 saves on SIGTERM (exit 143), as `train` does in its step loop; lr=0.01 is still starting.
+  _fake_runs(monkeypatch, "import signal, sys, time; "
+             "'--config.optim.lr=0.001' in sys.argv and signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
+             "open(sys.argv[3][len('--workdir='):] + '/up', 'w'); time.sleep(60)")
+  root = str(tmp_path)
+
+  def ctrl_c_when_running():
+    while not all(os.path.exists(os.path.join(root, n, "up")) for n in ("optim.lr=0.001", "optim.lr=0.01")):
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+
+  threading.Thread(target=ctrl_c_when_running, daemon=True).start()
+  with pytest.raises(KeyboardInterrupt, match=r"^optim.lr=0.001 saved and stopped; optim.lr=0.01 stopped while "
+                                              r"starting \(nothing saved\); rerun the same sweep command"):
+    sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3, 1e-2]}), root, parallel=2, out=io.StringIO())
+
+
 def _fake_runs(monkeypatch, script: str) -> None:
   """Each run becomes `python -c script <its arguments>`."""
   monkeypatch.setattr(sweep, "_program", lambda: (sys.executable, "-c", script))

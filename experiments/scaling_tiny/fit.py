@@ -106,7 +106,14 @@ def plot(runs, env, loss_fit, n_fit, path):
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, help="the sweep root of scaling_tiny")
+  p.add_argument("--allow_unfinished", action="store_true", help="fit runs that have not finished too")
   args = p.parse_args(argv)
+  unfinished = [r["name"] for r in sweep.read_runs_file(args.workdir)
+                if not os.path.exists(os.path.join(args.workdir, r["name"], sweep.DONE_MARKER))]
+  if unfinished and not args.allow_unfinished:
+    raise SystemExit(f"{len(unfinished)} run(s) of {args.workdir} have not finished ({', '.join(unfinished[:4])}"
+                     f"{' ...' if len(unfinished) > 4 else ''}): rerun the sweep command to finish them, or pass "
+                     "--allow_unfinished to fit what they logged")
   runs = load_runs(args.workdir)
   if len(runs) < 2:
     raise SystemExit(f"need at least 2 finished runs with eval losses in {args.workdir}; run the sweep first")
