@@ -248,22 +248,34 @@ def fill_mask(model, tokenizer, text: str, *, top_k: int = 5, mask_token: str = 
 # ----------------------------------------------------------------------------- entry points
 
 
-def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens: int = 64,
-        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+_SAMPLING = {"max_new_tokens": 64, "temperature": 1.0, "top_p": 1.0, "seed": 0}  # GPT only; None: not given
+
+
+def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens: int | None = None,
+        temperature: float | None = None, top_k: int = 0, top_p: float | None = None, seed: int | None = None,
         step: int | None = None) -> list:
-  """`fmjax generate` as a function: completions (str) for GPT prompts, or fill-mask predictions for BERT."""
+  """`fmjax generate` as a function: completions (str) for GPT prompts, or fill-mask predictions for BERT.
+
+  The sampling settings (`_SAMPLING` gives their defaults) are GPT's; fill-mask refuses them.
+  """
+  given = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 seed=seed).items() if v is not None}
   model, config, tok = load_run(workdir, step)
   family = config.model.family
   if family == "gpt":
     if text or not prompts:
       raise ConfigError(f"{workdir} holds a GPT: pass --prompt=TEXT (repeatable); --text is for BERT fill-mask")
+    sampling = {**_SAMPLING, **given}
     # Every prompt opens a document as training does: with the EOS that separates documents.
     ids = [[tok.eos_id] + tok.encode(p) for p in prompts]
-    outs = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                    eos_id=tok.eos_id, max_len=trained_positions(config, workdir), vocab_size=tok.vocab_size)
+    outs = generate(model, ids, sampling.pop("max_new_tokens"), top_k=top_k, **sampling, eos_id=tok.eos_id,
+                    max_len=trained_positions(config, workdir), vocab_size=tok.vocab_size)
     return [tok.decode(o) for o in outs]
   if prompts or not text:
     raise ConfigError(f"{workdir} holds a BERT: pass --text=\"... [MASK] ...\"; --prompt is for GPT sampling")
+  if given:
+    raise ConfigError(f"{workdir} holds a BERT, whose fill-mask shows the most likely words: "
+                      f"{', '.join('--' + k for k in given)} are for GPT sampling; drop them (--top_k sets how many)")
   return fill_mask(model, tok, text, top_k=top_k or 5, max_len=trained_positions(config, workdir))
 
 
@@ -286,12 +298,12 @@ def cli(argv: list[str]) -> int:
   p.add_argument("--workdir", required=True, help="a `fmjax train` or `fmjax sft` workdir")
   p.add_argument("--prompt", action="append", default=[], help="GPT prompt; repeat for a batch")
   p.add_argument("--text", default="", help="BERT fill-mask text with one or more [MASK]")
-  p.add_argument("--max_new_tokens", type=int, default=64)
-  p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+  p.add_argument("--max_new_tokens", type=int, default=None, help="GPT (default 64)")
+  p.add_argument("--temperature", type=float, default=None, help="GPT: 0 = greedy (default 1)")
   p.add_argument("--top_k", type=int, default=0, help="GPT: keep the k most likely tokens (0 = all); "
                  "BERT: predictions shown per [MASK] (default 5)")
-  p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--top_p", type=float, default=None, help="GPT: nucleus sampling mass (default 1 = off)")
+  p.add_argument("--seed", type=int, default=None, help="GPT sampling (default 0)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   args = p.parse_args(argv)
   results = run(args.workdir, prompts=args.prompt, text=args.text, max_new_tokens=args.max_new_tokens,

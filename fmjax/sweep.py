@@ -56,6 +56,12 @@ _MAX_NAME = 180
 
 def product(*axes: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
   """Cartesian product: each axis is `{key: [values]}`; keys of one axis vary together (zipped)."""
+  seen = set()
+  for axis in axes:
+    if seen & axis.keys():
+      raise ConfigError(f"sweep.product: {', '.join(sorted(seen & axis.keys()))} is in more than one axis; give each "
+                        "key one axis")
+    seen |= axis.keys()
   entries = [{}]
   for axis in axes:
     entries = [{**e, **z} for e in entries for z in zip(axis)]
@@ -150,7 +156,7 @@ def _merge_args(base: str | None, entry: Any) -> str:
   return ",".join((flags or base_flags) + [f"{k}={v}" for k, v in {**base_kv, **kv}.items()])
 
 
-def check(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
+def check(runs: Sequence[Run], root: str | None = None) -> dict[str, dict[str, Any]]:
   """Loads every run's config, so a bad key or value fails (with "did you mean") before anything
   runs; returns each run's `flat_config` by name.
 
@@ -167,6 +173,14 @@ def check(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
     except ConfigError as e:
       raise ConfigError(f"sweep run {run.name}: {e}") from None
     configs[run.name] = flat_config(config)
+  # A local init_from that is not there fails every run that reads it, each after the runs before it:
+  # say so now (one a run of this sweep makes, or a bucket path, is left to the run).
+  for run in runs:
+    source = str(configs[run.name].get("init_from") or "")
+    inside = root is not None and files.absolute(source).startswith(files.absolute(root).rstrip("/") + "/")
+    if source and not files.is_remote(source) and not inside and not files.isdir(source):
+      raise ConfigError(f"sweep run {run.name}: init_from={source!r} does not exist (read from {os.getcwd()}); "
+                        "pass the --workdir of a `fmjax train` run")
   return configs
 
 
@@ -255,7 +269,7 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   """
   out = out or sys.stdout
   runs = expand(base_spec, entries, base_overrides, subcommand)
-  configs = check(runs)
+  configs = check(runs, root)
   if print_commands:
     for run in runs:
       print(shlex.join(run.argv(root)), file=out)

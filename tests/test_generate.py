@@ -172,6 +172,10 @@ def test_generate_cli_gpt_sampling_and_bert_fill_mask(tmp_path_factory, capsys):
 
   assert cli.main(["generate", f"--workdir={bert_dir}", "--prompt=x"]) == 2
   assert "holds a BERT: pass --text" in capsys.readouterr().err
+  # Sampling settings mean nothing to fill-mask: said, not ignored.
+  assert cli.main(["generate", f"--workdir={bert_dir}", "--text=The [MASK] here.", "--temperature=0.5",
+                   "--seed=3"]) == 2
+  assert "--temperature, --seed are for GPT sampling; drop them" in capsys.readouterr().err
 
 
 def test_a_finetune_workdir_is_refused_in_one_line(tmp_path):

@@ -34,6 +34,11 @@ def test_product_and_zip():
     sweep.zip({"optim.lr": [1, 2]}, {"train.seed": [5]})
 
 
+def test_a_key_in_two_axes_of_a_product_is_refused():
+  with pytest.raises(ConfigError, match="train.steps is in more than one axis"):
+    sweep.product({"train.steps": [16, 32]}, {"train.steps": [64]})
+
+
 def test_run_names_show_overrides_and_are_filesystem_safe():
   assert sweep.run_name({"optim.lr": 0.001, "train.seed": 1}) == "optim.lr=0.001,train.seed=1"
   assert sweep.run_name({}) == "base"
@@ -192,6 +197,9 @@ def test_the_sweep_refuses_what_would_be_ignored_or_clash(tmp_path, monkeypatch)
   with pytest.raises(ConfigError, match=r"the sweep sets optim.lr per run, so --config.optim.lr=0.5 would be "
                                         r"overridden"):
     sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3]}), str(tmp_path), base_overrides=["optim.lr=0.5"])
+  with pytest.raises(ConfigError, match=r"init_from='/no/such/run' does not exist \(read from "):
+    sweep.run_sweep("configs/finetune_cls.py", sweep.load_sweep("configs/finetune_cls.py"), str(tmp_path),
+                    base_overrides=["init_from=/no/such/run"])
   (tmp_path / "a_file").write_text("")
   with pytest.raises(ConfigError, match="is a file; give a directory"):
     sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3]}), str(tmp_path / "a_file"))
