@@ -11,16 +11,21 @@
 The numbers are those of the train loop's eval (same step function and batches), over the whole
 split by default, where a pretraining run's loop scored only its first `train.eval_batches`.
 They are printed and written to `workdir/eval.json` (`eval_<split>.json` for other splits).
+
+`--config.data.KEY=V` scores a pretraining run on other text with its own tokenizer: another
+corpus's held-out split (`--config.data.dataset=wikipedia/20230601.en`), or its own files after
+they moved (`--config.data.files=NEW_GLOB`). The result goes to `eval_data.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Sequence
 
 import jax
 
-from fmjax import files, finetune, generate, metrics as metrics_lib, sharding, train
+from fmjax import config_lib, files, finetune, generate, metrics as metrics_lib, sharding, train
 from fmjax.config_lib import ConfigError
 
 log = metrics_lib.log
@@ -43,12 +48,40 @@ def _finetune_metrics(workdir: str, split: str, batches: int | None, step: int |
   return {"split": task_split, **finetune.evaluate(workdir, split=task_split, step=step, batches=batches)}
 
 
-def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None) -> dict:
+def check_data_overrides(overrides: Sequence[str]) -> None:
+  """`fmjax eval --config.data.KEY=V`: the held-out data to score may change, nothing else."""
+  for item in overrides:
+    key = item.split("=", 1)[0].strip().removeprefix("config.")
+    if not key.startswith("data.") or key.startswith("data.tokenizer."):
+      raise ConfigError(f"fmjax eval takes --config.data.* overrides only (the text to score: data.dataset, "
+                        f"data.files, data.eval_split ...), got --config.{key}; the model, its tokenizer and its "
+                        "step come from the run")
+
+
+def _with_data(config, workdir: str, overrides: Sequence[str]):
+  """The run's config with `overrides` of its data (`check_data_overrides`), checked."""
+  if not overrides:
+    return config
+  if "sft" in config:
+    raise ConfigError(f"{workdir} is an SFT run, which scores its own rows; --config.data.* is for pretraining runs")
+  seq_len = config.data.seq_len
+  config_lib.apply_overrides(config, overrides)
+  from fmjax import interop
+  if config.data.seq_len > seq_len and not files.exists(os.path.join(workdir, interop.IMPORT_INFO)):
+    raise ConfigError(f"data.seq_len={config.data.seq_len} is longer than the rows {workdir} trained on ({seq_len}); "
+                      "the positions past them are untrained: use at most that")
+  from fmjax.data import sources
+  sources.check_config(config)
+  return config
+
+
+def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None,
+                data_overrides: Sequence[str] = ()) -> dict:
   from fmjax import data, sft
   if split not in ("eval", "train"):
     raise ConfigError(f"--split must be 'eval' or 'train' for a pretraining or SFT run, got {split!r}")
   restored = generate.restore_run(workdir, step, split_batch=True)
-  config, spec, params = restored.config, restored.spec, restored.params
+  config, spec, params = _with_data(restored.config, workdir, data_overrides), restored.spec, restored.params
   batch_sharding = sharding.batch_sharding(spec.mesh)
   tok = data.get_tokenizer(config, workdir)  # the run's own tokenizer, whatever its corpus files became
   if "sft" in config:
@@ -72,23 +105,32 @@ def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None)
                         in_shardings=(spec.shardings["params"], batch_sharding),
                         out_shardings=sharding.replicated(spec.mesh))
     result = train.evaluate(eval_step, params, loader, batches)
-  return {"split": split, "objective": config.train.objective, "scored": what, "batches": batches,
+  given = {"data_overrides": list(data_overrides), "dataset": config.data.dataset} if data_overrides else {}
+  return {"split": split, **given, "objective": config.train.objective, "scored": what, "batches": batches,
           "batch_size": config.train.batch_size, "seq_len": config.data.seq_len, "step": restored.step, **result}
 
 
-def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: int | None = None) -> dict:
-  """Metrics of `workdir`'s checkpoint (`step`, default the latest) on `split`; also written to eval.json."""
+def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: int | None = None,
+        data_overrides: Sequence[str] = ()) -> dict:
+  """Metrics of `workdir`'s checkpoint (`step`, default the latest) on `split`; also written to eval.json.
+
+  `data_overrides` (`data.KEY=V`) score a pretraining run on other text (another corpus, or its own
+  files where they moved), with its own tokenizer; the result goes to eval_data.json instead.
+  """
+  check_data_overrides(data_overrides)
   config = _read_config(workdir)
   if finetune.is_classifier_run(config):
+    if data_overrides:
+      raise ConfigError(f"{workdir} is a fine-tuning run, scored on its task; --config.data.* is for pretraining runs")
     result = _finetune_metrics(workdir, split, batches, step)
   elif "model" in config and "train" in config:
-    result = _lm_metrics(workdir, split, batches, step)
+    result = _lm_metrics(workdir, split, batches, step, data_overrides)
   else:
     raise ConfigError(f"{workdir}/config.json is not an fmjax run's; pass the --workdir of `fmjax train`, `sft` "
                       "or `finetune`")
   result = {"workdir": files.absolute(workdir), **result}
   if jax.process_index() == 0:
-    name = "eval.json" if split == "eval" else f"eval_{split}.json"
+    name = ("eval_data" if data_overrides else "eval") + ("" if split == "eval" else f"_{split}") + ".json"
     files.write_json(os.path.join(workdir, name), result, indent=1)
   return result
 
@@ -104,7 +146,10 @@ def run_task(workdir: str, task: str, *, split: str | None = None, limit: int = 
 
 
 def cli(argv: list[str]) -> int:
-  """`fmjax eval --workdir=W [--split=eval|train] [--batches=N] [--step=S] [--task=NAME [--limit=N]]`."""
+  """`fmjax eval --workdir=W [--split=eval|train] [--batches=N] [--step=S] [--config.data.KEY=V ...]
+  [--task=NAME [--limit=N]]`."""
+  argv, overrides = config_lib.split_overrides(argv)
+  check_data_overrides(overrides)
   p = argparse.ArgumentParser(prog="fmjax eval")
   p.add_argument("--workdir", required=True, help="a `fmjax train`, `sft` or `finetune` workdir")
   p.add_argument("--split", default=None, help="eval (held-out, default) or train; fine-tuning and --task: a "
@@ -118,13 +163,16 @@ def cli(argv: list[str]) -> int:
   args = p.parse_args(argv)
   if args.limit < 0:
     raise ConfigError(f"--limit must be 0 (all items) or more, got {args.limit}")
+  if args.task and overrides:
+    raise ConfigError("--config.data.* overrides are for perplexity on other text, not --task; drop one of them")
   if args.task:
     result = run_task(args.workdir, args.task, split=args.split, limit=args.limit, step=args.step)
     print(f"{args.workdir} {result['task']} ({result['split']}, {result['items']} items, step {result['step']}): "
           f"acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  (chance {result['chance']:.4f})")
     return 0
-  result = run(args.workdir, split=args.split or "eval", batches=args.batches, step=args.step)
-  skip = {"workdir", "split"}
+  result = run(args.workdir, split=args.split or "eval", batches=args.batches, step=args.step,
+               data_overrides=overrides)
+  skip = {"workdir", "split", "data_overrides"}
   print(f"{args.workdir} ({result['split']}): " + "  ".join(
       f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items() if k not in skip))
   return 0

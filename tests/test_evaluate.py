@@ -1,6 +1,8 @@
 """`fmjax eval`: held-out perplexity and MLM accuracy from a checkpoint, checked against a direct computation."""
 
 import json
+import os
+import re
 import math
 
 import jax.numpy as jnp
@@ -50,3 +52,32 @@ def test_eval_rejects_what_it_cannot_score(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"name": "x"}))
   with pytest.raises(ConfigError, match="is not an fmjax run"):
     evaluate.run(str(tmp_path))
+
+
+def test_eval_scores_other_text_with_config_data_overrides(tmp_path_factory, tmp_path, capsys):
+  """A run whose corpus files moved (or another corpus) is scored with --config.data.*, with the
+  run's own tokenizer: the moved files score exactly as they did in place."""
+  import shutil
+  workdir, config = make_workdir(tmp_path_factory, "gpt")
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  corpus = os.path.dirname(config.data.files.split(",")[0])
+  shutil.copytree(corpus, tmp_path / "moved")
+  saved = json.loads((run / "config.json").read_text())
+  saved["data"]["files"] = "/no/longer/here/*.txt"
+  (run / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ConfigError, match="matches no .txt or .jsonl file"):
+    evaluate.run(str(run), batches=2)
+  moved = evaluate.run(str(run), batches=2, data_overrides=[f"data.files={tmp_path}/moved/*.txt"])
+  assert moved["loss"] == evaluate.run(str(workdir), batches=2)["loss"]
+  assert moved["data_overrides"] == [f"data.files={tmp_path}/moved/*.txt"] and (run / "eval_data.json").exists()
+  # Another corpus: the offline fmjax_corpus's held-out split.
+  assert cli.main(["eval", f"--workdir={run}", "--batches=1", "--config.data.dataset=fmjax_corpus"]) == 0
+  assert "dataset fmjax_corpus" in capsys.readouterr().out
+  # Only the data may change.
+  for bad, match in ((["--config.model.num_layers=1"], "takes --config.data.\\* overrides only"),
+                     (["--config.data.tokenizer.kind=bpe"], "takes --config.data.\\* overrides only"),
+                     (["--config.data.files=x", "--task=continuation"], "not --task"),
+                     ([f"--config.data.seq_len={2 * config.data.seq_len}"], "longer than the rows")):
+    assert cli.main(["eval", f"--workdir={run}", *bad]) == 2
+    assert re.search(match, capsys.readouterr().err), bad

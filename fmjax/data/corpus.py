@@ -138,7 +138,11 @@ def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
   from fmjax.data import sources
 
   nulls, first_null = 0, ""
+  # Keys (TFDS orders records by them) name files relative to the corpus's own directory, so a
+  # corpus moved elsewhere comes out in the same order.
+  base = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
   for path in paths:
+    key = os.path.relpath(path, base)
     if path.endswith(".jsonl"):
       for line, record in sources.jsonl_records(path):
         if not isinstance(record, dict) or feature not in record:
@@ -149,7 +153,7 @@ def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
           continue
         text = str(record[feature]).strip()
         if text:
-          yield f"{path}:{line - 1}", text
+          yield f"{key}:{line - 1}", text
       continue
     try:
       with open(path, encoding="utf-8") as f:
@@ -158,7 +162,7 @@ def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
       raise sources.not_utf8(path) from None
     for i, block in enumerate(blocks):
       if block.strip():
-        yield f"{path}:{i}", block.strip()
+        yield f"{key}:{i}", block.strip()
   if nulls:
     logging.getLogger("fmjax").warning("skipped %d record(s) whose %r is null (the first at %s)", nulls, feature,
                                        first_null)
