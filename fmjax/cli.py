@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -89,6 +90,11 @@ def cmd_data(argv):
     raise ConfigError(usage)
   _, config = _load("fmjax data prepare", argv[1:], False)
   path = data.prepare(config)
+  meta = json.load(open(os.path.join(path, "meta.json")))
+  for split in ("train", "eval"):  # what the cache holds, beside its path (stdout: the path alone)
+    s = meta["splits"][split]
+    print(f"{split}: {s['num_docs']:,} documents, {s['num_text_tokens']:,} tokens, {s['num_rows']:,} rows of "
+          f"{meta['seq_len']} in {len(s.get('parts') or [0])} part(s)", file=sys.stderr)
   print(path)
 
 
