@@ -914,24 +914,17 @@ def lock_workdir(workdir: str) -> WorkdirLock:
   from fmjax.config_lib import ConfigError
   lock, holder = WorkdirLock(), None
   if _is_primary() and "://" not in str(workdir):
-    f = open(os.path.join(workdir, LOCK_FILE), "a+")
     try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      f.seek(0)
-      holder = f.read().strip() or "pid unknown"
-      f.close()
+      got = files.try_lock(os.path.join(workdir, LOCK_FILE), f"pid {os.getpid()} on {socket.gethostname()}\n")
     except OSError as e:
-      f.close()
       if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         raise
       logging.warning("%s cannot be locked (%s); make sure no other run trains there", workdir, e.strerror)
     else:
-      f.seek(0)
-      f.truncate()
-      f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-      f.flush()
-      lock = WorkdirLock(f)
+      if isinstance(got, str):
+        holder = got or "pid unknown"
+      else:
+        lock = WorkdirLock(got)
   busy = holder is not None
   if jax.process_count() > 1:  # every host stops, not only process 0
     busy = bool(multihost_utils.broadcast_one_to_all(np.int32(busy)))

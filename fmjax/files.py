@@ -114,6 +114,29 @@ def range_filesystem(p):
   return _RANGE_FS[scheme]
 
 
+def try_lock(p: str, holder: str):
+  """An exclusive `flock` on local file `p`: returns the open file that holds it, with `holder`
+  written in it, or, when another process holds it, the text that one wrote (a str). Raises
+  OSError where the file system has no locks. The lock goes with the process, however it ends."""
+  import fcntl
+  f = open(p, "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    text = f.read().strip()
+    f.close()
+    return text
+  except OSError:
+    f.close()
+    raise
+  f.seek(0)
+  f.truncate()
+  f.write(holder)
+  f.flush()
+  return f
+
+
 def make_temp_dir(parent: str) -> str:
   """A new hidden directory in `parent`, to fill and then rename into place, with the permissions
   a plain mkdir gives: tempfile's 0700 would make a shared cache entry unreadable to the others."""

@@ -328,21 +328,11 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
 def _lock(root: str):
   """Holds `root/.sweep.lock` for this sweep (released when it exits, however it exits); a second
   sweep into the same root fails in one line rather than restarting the first one's runs."""
-  import fcntl
-  f = open(os.path.join(root, ".sweep.lock"), "a+")
-  try:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
-    f.seek(0)
-    pid = f.read().strip() or "?"
-    f.close()
-    raise ConfigError(f"another fmjax sweep (pid {pid}) is running in {root}; wait for it to end or stop it, "
-                      "then run this one (finished runs are skipped)") from None
-  f.seek(0)
-  f.truncate()
-  f.write(str(os.getpid()))
-  f.flush()
-  return f
+  got = files.try_lock(os.path.join(root, ".sweep.lock"), str(os.getpid()))
+  if isinstance(got, str):
+    raise ConfigError(f"another fmjax sweep (pid {got or '?'}) is running in {root}; wait for it to end or stop it, "
+                      "then run this one (finished runs are skipped)")
+  return got
 
 
 def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO,
