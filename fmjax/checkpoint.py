@@ -743,8 +743,9 @@ _HARMLESS = {
 
 # Keys added to a breaking section since fmjax's first runs, and the value that does what a run
 # saved before the key did, so that such a run resumes (a new key needs its entry here; a test
-# holds the list). Classifier heads all had a bias; F1's class came from the labels; one part
-# per split is what a cache made before parts holds, found under the default's cache key.
+# holds the list). Classifier heads all had a bias; F1's class came from the labels. The default
+# data.shard_docs keeps the cache key, so such a run goes on with the cache it made; where that
+# cache was made again since, in parts, `train` says its rows past the first part differ.
 _BEFORE_THE_KEY = {
     "finetune.head_bias": True, "task.positive_label": "", "task.max_train_examples": 0,
     "finetune.pooling": "auto", "optim.mu_dtype": "float32", "model.attention_dropout": 0.0,

@@ -376,9 +376,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if "data" in config:
     d = config.data
     _one_of("data.bucket_reads", d.get("bucket_reads", "auto"), ("auto", "copy", "remote"))
-    if d.get("shard_docs", 1) < 1 or d.get("prepare_workers", 0) < 0:
-      raise ConfigError(f"data.shard_docs={d.get('shard_docs')} must be at least 1 and data.prepare_workers="
-                        f"{d.get('prepare_workers')} at least 0 (0: one process per CPU core, at most 32)")
+    if d.get("shard_docs", 1) < 1:
+      raise ConfigError(f"data.shard_docs={d.shard_docs} must be at least 1 (records in each part of a split)")
+    if d.get("prepare_workers", 0) < 0:
+      raise ConfigError(f"data.prepare_workers={d.prepare_workers} must be at least 0 (0: one process per CPU "
+                        "core, at most 32)")
     if d.seq_len > m.max_len:
       raise ConfigError(f"data.seq_len={d.seq_len} is longer than the model allows "
                         f"(model.max_len={m.max_len}); lower data.seq_len or raise model.max_len")

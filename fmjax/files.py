@@ -79,7 +79,7 @@ def write_text(p, text: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)  # a no-op in an object store, where folders are names
     target.write_text(text)
     return
-  tmp = f"{p}.tmp"
+  tmp = f"{p}.{uuid.uuid4().hex[:8]}.tmp"  # its own name: two processes may write the same file at once
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, p)
@@ -114,14 +114,15 @@ def range_filesystem(p):
   return _RANGE_FS[scheme]
 
 
-def try_lock(p: str, holder: str):
+def try_lock(p: str, holder: str, wait: bool = False):
   """An exclusive `flock` on local file `p`: returns the open file that holds it, with `holder`
-  written in it, or, when another process holds it, the text that one wrote (a str). Raises
-  OSError where the file system has no locks. The lock goes with the process, however it ends."""
+  written in it, or, when another process holds it, the text that one wrote (a str; with `wait`,
+  waits for it instead). Raises OSError where the file system has no locks. The lock goes with
+  the process, however it ends."""
   import fcntl
   f = open(p, "a+")
   try:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
   except BlockingIOError:
     f.seek(0)
     text = f.read().strip()

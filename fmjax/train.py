@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 import optax
 from flax import nnx
@@ -350,7 +351,7 @@ def _run(config, workdir: str, locked: list) -> dict:
       data.save_run_tokenizer(tokenizer, workdir)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("fmjax: run tokenizer saved")
-    data.prepare(config, tokenizer)
+    data_id = _check_data(data.prepare(config, tokenizer), resume)
     train_loader = data.make_loader(config, "train", sharding=batch_sharding, tok=tokenizer)
     eval_loader = data.make_loader(config, "eval", sharding=batch_sharding, tok=tokenizer)
     # Loaded now: a zero-shot task that cannot load fails before training.
@@ -375,7 +376,7 @@ def _run(config, workdir: str, locked: list) -> dict:
     start = int(state["step"])
 
     tokenizer_id = tokenizer.identity()
-    meta = lambda step: {"config": cfg_dict, "data_position": step, "tokenizer": tokenizer_id}
+    meta = lambda step: {"config": cfg_dict, "data_position": step, "tokenizer": tokenizer_id, "data": data_id}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
       train_step, eval_step = compile_steps(config, spec, tx, batch_sharding)
       batches = train_loader.iterate(start)
@@ -612,6 +613,29 @@ def _tokenizer_identity(cfg: dict) -> dict:
   tok = dict(data.get("tokenizer", {}))
   corpus = {} if tok.get("kind") == "hf" else {k: data.get(k) for k in CORPUS_KEYS}
   return {"tokenizer": tok, "corpus": corpus, "objective": cfg.get("train", {}).get("objective")}
+
+
+def _check_data(path: str, resume) -> str:
+  """The prepared cache's fingerprint (`data.packing.fingerprint`), checked: every host must have
+  the same rows, and a resumed run is told when they are not the ones it trained on."""
+  from fmjax.data import packing
+  fingerprint = packing.fingerprint(path)
+  if jax.process_count() > 1:
+    mine = np.frombuffer(bytes.fromhex(fingerprint)[:8], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)
+    if (every != every[0]).any():
+      raise ConfigError(f"the hosts prepared different data (fingerprints differ; this host's cache is {path}): "
+                        "their corpus files or caches differ; set data.cache_dir to a bucket all hosts share, or "
+                        "delete the hosts' caches so they prepare them again alike")
+  if resume is not None:
+    saved = resume[1].get("data")
+    if saved and saved != fingerprint:
+      log.warning("%s holds other rows than those this run trained on (prepared again since, or another corpus): "
+                  "its batches after the resume are not the ones the run would have seen", path)
+    elif not saved and packing.multi_part(path):
+      log.warning("%s was prepared in parts, and this run's checkpoint is older than parts: if its cache was made "
+                  "again since, batches after the resume differ from those it would have seen", path)
+  return fingerprint
 
 
 def _adopt_tokenizer(config, workdir: str, resuming: bool):

@@ -4,6 +4,7 @@ equals the single-process value."""
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -68,6 +69,10 @@ BUCKET_WORKER = textwrap.dedent("""
     packing._POLL_SECONDS = 0.2
     made, write = [], packing._write_part
     packing._write_part = lambda *a: made.append(list(a[2:4])) or write(*a)
+    if sys.argv[5:] == ["fail"] and pid == 1:
+      def broken(*a):
+        raise OSError("No space left on device")
+      packing._write_part = broken
     sys.path.insert(0, "tests")
     from test_data_multiprocess import prepare_config, rows_digest
     config = prepare_config("gs://fmjax-test/cache")
@@ -176,3 +181,30 @@ def test_two_hosts_prepare_a_bucket_cache_together(tmp_path):
       [("train", k) for k in range(len(parts))] + [("eval", 0)])
   for i in range(2):  # the scratch space each host made its parts in is gone
     assert not list((tmp_path / f"host{i}").glob("**/.tmp-*"))
+
+
+def test_a_host_that_fails_to_prepare_stops_the_others(tmp_path):
+  """One host's prepare fails (its disk is full): it says so in the bucket, and the host waiting
+  for its parts stops with that line instead of waiting for ever."""
+  (tmp_path / "bucket").mkdir()
+  script = tmp_path / "worker.py"
+  script.write_text(BUCKET_WORKER)
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(tmp_path / "bucket"),
+                             str(tmp_path / f"host{i}"), "fail"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  errors = []
+  try:
+    for p in procs:
+      _, err = p.communicate(timeout=120)
+      assert p.returncode != 0
+      errors.append(err.strip().splitlines()[-1])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert errors[1] == "OSError: No space left on device"
+  assert re.fullmatch(r".*process 1 stopped preparing gs://fmjax-test/cache/datasets/\S+: OSError: No space left on "
+                      r"device", errors[0]), errors[0]

@@ -1,6 +1,7 @@
 """prepare(): cache keys, idempotence, atomicity, TFDS by name (mocked), local files, and bad-input errors."""
 
 import glob
+import time
 import json
 import os
 
@@ -363,3 +364,73 @@ def test_parts_read_through_tf_data_equal_those_read_by_index(tmp_path, monkeypa
   assert sources._sub_spec(sources._builder(config), "train[:90%]+validation[:5]", 250, 290) == \
       "train[250:281]+validation[0:5]"  # 281 = 90% of the 312 train records
   assert arrays(data.prepare(config)) == arrays(by_index)
+
+
+def test_two_processes_preparing_one_cache_take_turns(tmp_path, monkeypatch):
+  """Processes of one host that prepare the same entry at once (every process of a multi-process
+  run calls prepare): one makes it, the other waits and uses it; nothing half made is left."""
+  import threading
+  config = tiny("gpt", tmp_path, **{"data.shard_docs": 100, "data.prepare_workers": 1})
+  tok = data.get_tokenizer(config)
+  data.prepare(tiny("gpt", tmp_path, **{"data.shard_docs": 100, "data.prepare_workers": 1,
+                                        "data.seq_len": 64}))  # builds the TFDS corpus once, outside the race
+  real, made = packing._write_part, []
+
+  def slow(*args):
+    made.append(args[2:4])
+    time.sleep(0.2)
+    return real(*args)
+
+  monkeypatch.setattr(packing, "_write_part", slow)
+  # What a killed worker of an earlier attempt left behind.
+  leftover = os.path.join(packing.cache_path(config, tok) + ".parts", "train", ".tmp-killed")
+  os.makedirs(leftover)
+  paths = []
+  threads = [threading.Thread(target=lambda: paths.append(data.prepare(config, tok))) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(paths) == 2 and paths[0] == paths[1] and packing.is_prepared(paths[0])
+  assert len(made) == len(set(made)) == sum(len(s["parts"]) for s in json.load(open(
+      os.path.join(paths[0], "meta.json")))["splits"].values())  # each part made once
+  entries = os.listdir(tmp_path / "datasets")
+  assert os.path.basename(paths[0]) in entries and not [e for e in entries if e.endswith((".parts", ".lock"))]
+  assert not glob.glob(os.path.join(paths[0], "*", ".tmp-*"))
+
+
+def test_a_part_whose_records_hold_no_tokens_is_skipped(tmp_path):
+  """Records the tokenizer turns into nothing (control characters, for WordPiece) make parts with
+  no rows; the loader and the unigram baseline read around them."""
+  blocks = write_corpus(tmp_path / "corpus")
+  with open(tmp_path / "corpus" / "c.jsonl", "w") as f:
+    for _ in range(10):
+      f.write(json.dumps({"body": "\u0007\u0007"}) + "\n")
+  config = tiny("bert", tmp_path / "cache", **{
+      "data.dataset": "text_files", "data.files": f"{tmp_path}/corpus/*.jsonl", "data.feature": "body",
+      "data.seq_len": 32, "data.tokenizer.vocab_size": 300, "data.shard_docs": 1, "data.prepare_workers": 1})
+  path = data.prepare(config)
+  parts = [p for s in json.load(open(os.path.join(path, "meta.json")))["splits"].values() for p in s["parts"]]
+  assert any(p["num_rows"] == 0 for p in parts) and len(blocks)
+  loader = data.make_loader(config, "train", batch_size=4)
+  assert loader.host_batch(0)["segment_ids"].shape == (4, 32)
+  assert 0 < data.unigram_baseline(config) < 10
+
+
+def test_a_resume_on_other_rows_is_told(tmp_path, caplog):
+  """A checkpoint records its cache's fingerprint; resuming on a cache with other rows says so."""
+  from fmjax import train
+  one = data.prepare(tiny("gpt", tmp_path, **{"data.prepare_workers": 1}))
+  parts = data.prepare(tiny("gpt", tmp_path, **{"data.shard_docs": 100, "data.prepare_workers": 1}))
+  fingerprint = train._check_data(one, None)
+  assert fingerprint != packing.fingerprint(parts)
+  with caplog.at_level("WARNING", logger="fmjax"):
+    assert train._check_data(one, (5, {"data": fingerprint}, [])) == fingerprint
+    assert not [r for r in caplog.records if r.name == "fmjax"]
+    train._check_data(parts, (5, {"data": fingerprint}, []))
+    assert "holds other rows than those this run trained on" in caplog.text
+    caplog.clear()
+    train._check_data(one, (5, {}, []))  # a checkpoint from before fingerprints, on a cache of one part
+    assert not [r for r in caplog.records if r.name == "fmjax"]
+    train._check_data(parts, (5, {}, []))
+    assert "this run's checkpoint is older than parts" in caplog.text

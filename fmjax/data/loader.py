@@ -125,8 +125,9 @@ class PackedSplit:
     dtypes = {"tokens": np.dtype(self.meta["dtype"])}
     if self.layout != "stream":
       dtypes.update(segment_ids=np.uint16, token_types=np.uint8)
-    # A cache made before parts is one part: the split directory itself.
-    parts = self.meta.get("parts") or [{"name": "", "num_rows": self.num_rows}]
+    # A cache made before parts is one part: the split directory itself. A part with no rows (its
+    # records held no text, or too little for a row) is left out: there is nothing to map.
+    parts = [p for p in self.meta.get("parts") or [{"name": "", "num_rows": self.num_rows}] if p["num_rows"] > 0]
     self.parts = [{name: self._array(directory, bucket_directory, part["name"], name, dtype)
                    for name, dtype in dtypes.items()} for part in parts]
     self.part_rows_P = np.array([part["num_rows"] for part in parts], np.int64)

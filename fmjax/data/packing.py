@@ -23,11 +23,14 @@ the next one keeps the parts already made (in <entry>.parts/, or in the bucket).
 from __future__ import annotations
 
 import collections
+import contextlib
+import glob
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 
@@ -148,6 +151,23 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
   return path
 
 
+def fingerprint(path: str) -> str:
+  """What a prepared cache's rows are, in short: its splits' layouts, dtypes and row counts part
+  by part. Two caches with other rows (another corpus, another format) have another fingerprint."""
+  with open(os.path.join(path, "meta.json")) as f:
+    splits = json.load(f)["splits"]
+  shape = {split: [s["layout"], s["dtype"], s["num_rows"], [p["num_rows"] for p in s.get("parts") or []]]
+           for split, s in sorted(splits.items())}
+  return sources.identity_hash(shape)
+
+
+def multi_part(path: str) -> bool:
+  """Whether a split of the cache at `path` has more than one part (its rows differ from those a
+  cache made before parts held, past the first part)."""
+  with open(os.path.join(path, "meta.json")) as f:
+    return any(len(s.get("parts") or []) > 1 for s in json.load(f)["splits"].values())
+
+
 def _plan(config) -> list[tuple[str, int, tuple[int, int] | None]]:
   """(split, part, records) of every part to make: a split's records cut every data.shard_docs
   (records None: a split of unknown size, made as one part)."""
@@ -167,8 +187,43 @@ def _part_dir(store: str, split: str, part: int) -> str:
 
 def _prepare_here(config, tok, path: str) -> None:
   """Makes every part in `<path>.parts` (keeping those an earlier attempt finished), then the
-  split and entry metadata, and renames it to `path`."""
+  split and entry metadata, and renames it to `path`. Processes of one host that prepare the
+  same entry take turns (a lock beside it): the later ones find it made."""
   store = path + ".parts"
+  lock_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+  lock = _lock_entry(lock_path, path)
+  try:
+    if is_prepared(path):
+      shutil.rmtree(store, ignore_errors=True)
+      return
+    _make_here(config, tok, path, store)
+  finally:
+    if lock is not None:
+      if is_prepared(path):  # whoever waits on it finds the entry made; a later process needs no lock
+        with contextlib.suppress(OSError):
+          os.remove(lock_path)
+      lock.close()
+
+
+def _lock_entry(lock_path: str, path: str):
+  """Holds `lock_path` for cache entry `path`, waiting while another process holds it; None where
+  the file system has no locks."""
+  holder = f"pid {os.getpid()} on {socket.gethostname()}"
+  try:
+    got = files.try_lock(lock_path, holder)
+    if isinstance(got, str):
+      log.info("%s is being prepared by another process (%s); waiting for it", path, got or "pid unknown")
+      got = files.try_lock(lock_path, holder, wait=True)
+    return got
+  except OSError as e:
+    log.warning("%s cannot be locked (%s); make sure no other process prepares it", lock_path, e.strerror)
+    return None
+
+
+def _make_here(config, tok, path: str, store: str) -> None:
+  for split in ("train", "eval"):  # what a killed process left half written
+    for leftover in glob.glob(os.path.join(store, split, ".tmp-*")):
+      shutil.rmtree(leftover, ignore_errors=True)
   jobs = _plan(config)
   todo = [job for job in jobs if not is_prepared(_part_dir(store, job[0], job[1]))]
   if len(todo) < len(jobs):
@@ -187,12 +242,38 @@ def _prepare_here(config, tok, path: str) -> None:
 def _prepare_in_bucket(config, tok, bucket: str, scratch_parent: str) -> None:
   """Every host makes its share of the parts (every process_count-th) in scratch space under
   `scratch_parent` and copies each to bucket entry `bucket` as it finishes; process 0 then writes
-  the metadata, meta.json last."""
+  the metadata, meta.json last. A host that fails says so in the bucket, and the others stop too."""
   import jax
   if files.exists(os.path.join(bucket, "meta.json")):
     return
-  jobs = _plan(config)
   index, count = jax.process_index(), jax.process_count()
+  attempt = _attempt(count)
+  try:
+    _make_in_bucket(config, tok, bucket, scratch_parent, index, count, attempt)
+  except BaseException as e:
+    if not isinstance(e, _OtherHostFailed):
+      try:  # best effort: the others are waiting for this host's parts
+        files.write_text(os.path.join(bucket, f".failed-{attempt}-{index}"), f"{type(e).__name__}: {e}"[:500])
+      except Exception:  # pylint: disable=broad-except
+        pass
+    raise
+
+
+class _OtherHostFailed(ConfigError):
+  pass
+
+
+def _attempt(count: int) -> str:
+  """An id all processes of this run share (process 0's), naming its failure markers."""
+  mine = int.from_bytes(os.urandom(4), "little")
+  if count > 1:
+    from jax.experimental import multihost_utils
+    mine = int(multihost_utils.broadcast_one_to_all(np.uint32(mine)))
+  return f"{mine:08x}"
+
+
+def _make_in_bucket(config, tok, bucket, scratch_parent, index, count, attempt) -> None:
+  jobs = _plan(config)
   mine = [job for i, job in enumerate(jobs) if i % count == index]
   made = _in_threads(files.exists, [os.path.join(_part_dir(bucket, split, part), "meta.json") for split, part, _ in mine])
   todo = [job for job, done in zip(mine, made) if not done]
@@ -212,11 +293,17 @@ def _prepare_in_bucket(config, tok, bucket: str, scratch_parent: str) -> None:
     seen.update(m for m, found in zip(unseen, _in_threads(files.exists, unseen)) if found)
     return len(seen)
 
-  _wait_for(finished, len(markers), f"parts of {bucket} from the other hosts")
+  def failed() -> None:
+    for marker in files.path(bucket).glob(f".failed-{attempt}-*"):
+      raise _OtherHostFailed(f"process {marker.name.rsplit('-', 1)[1]} stopped preparing {bucket}: "
+                             f"{marker.read_text()}")
+
+  _wait_for(finished, len(markers), f"parts of {bucket} from the other hosts", failed)
   if index == 0:
     _finish(config, tok, bucket, jobs)
   else:
-    _wait_for(lambda: int(files.exists(os.path.join(bucket, "meta.json"))), 1, f"{bucket}/meta.json from process 0")
+    _wait_for(lambda: int(files.exists(os.path.join(bucket, "meta.json"))), 1, f"{bucket}/meta.json from process 0",
+              failed)
 
 
 _POLL_SECONDS = 10.0
@@ -229,10 +316,11 @@ def _in_threads(fn, items: list) -> list:
     return list(pool.map(fn, items))
 
 
-def _wait_for(count_fn, total: int, what: str) -> None:
-  """Waits until count_fn() reaches `total`, saying so each minute."""
+def _wait_for(count_fn, total: int, what: str, check=lambda: None) -> None:
+  """Waits until count_fn() reaches `total`, saying so each minute; `check()` may raise to stop."""
   said = time.time()
   while (done := count_fn()) < total:
+    check()
     if time.time() - said >= 60:
       log.info("waiting for %s: %d of %d", what, done, total)
       said = time.time()

@@ -289,6 +289,9 @@ def _download(config, builder) -> None:
                       f"({type(e).__name__}: {why}); {prepare_elsewhere(name)}") from None
 
 
+_TEXT_FILES: dict = {}  # (data_dir, feature, files fingerprint) -> its TextFiles builder
+
+
 def _builder(config):
   """The TFDS builder for config.data.dataset; unknown names fail with close matches."""
   import tensorflow_datasets as tfds
@@ -299,8 +302,14 @@ def _builder(config):
     data_dir = d.data_dir or os.path.join(local_cache_root(config), "tfds")
     if d.dataset == "fmjax_corpus":
       return corpus.FmjaxCorpus(data_dir=data_dir, file_format="array_record")
-    return corpus.TextFiles(paths=corpus.resolve_files(d.files), feature=d.feature, data_dir=data_dir,
-                            file_format="array_record")
+    paths = corpus.resolve_files(d.files)
+    key = (data_dir, d.feature, corpus.files_fingerprint(paths, d.feature))
+    if key in _TEXT_FILES:  # each part of a prepare asks for it, and TFDS logs each one it makes
+      return _TEXT_FILES[key]
+    builder = corpus.TextFiles(paths=paths, feature=d.feature, data_dir=data_dir, file_format="array_record")
+    if builder.is_prepared():  # kept once its dataset info is on disk (an unprepared one's would go stale)
+      _TEXT_FILES[key] = builder
+    return builder
   namespaced = ":" in d.dataset.split("/")[0]  # community datasets, e.g. huggingface:imdb
   # Checking the name locally first: an unknown name would otherwise send TFDS looking on the network.
   names = list(tfds.list_builders(with_community_datasets=False))
