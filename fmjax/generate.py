@@ -1,6 +1,6 @@
 """Sampling from GPT with a KV cache, and fill-mask with BERT, from a run's workdir.
 
-  fmjax generate --workdir=W --prompt="The for statement" [--prompt=...] [--max_new_tokens=64]
+  fmjax generate --workdir=W --prompt="The for statement" [--prompt=...] [--prompt_file=F] [--max_new_tokens=64]
                  [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0]      # GPT; temperature 0 = greedy
   fmjax generate --workdir=W --text="The [MASK] statement is used to ..."  # BERT fill-mask
 
@@ -297,6 +297,7 @@ def cli(argv: list[str]) -> int:
   p = argparse.ArgumentParser(prog="fmjax generate")
   p.add_argument("--workdir", required=True, help="a `fmjax train` or `fmjax sft` workdir")
   p.add_argument("--prompt", action="append", default=[], help="GPT prompt; repeat for a batch")
+  p.add_argument("--prompt_file", default="", help="GPT prompts, one a line (blank lines skipped), after any --prompt")
   p.add_argument("--text", default="", help="BERT fill-mask text with one or more [MASK]")
   p.add_argument("--max_new_tokens", type=int, default=None, help="GPT (default 64)")
   p.add_argument("--temperature", type=float, default=None, help="GPT: 0 = greedy (default 1)")
@@ -306,6 +307,12 @@ def cli(argv: list[str]) -> int:
   p.add_argument("--seed", type=int, default=None, help="GPT sampling (default 0)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   args = p.parse_args(argv)
+  if args.prompt_file:
+    if not files.exists(args.prompt_file):
+      raise ConfigError(f"--prompt_file={args.prompt_file} does not exist")
+    args.prompt += [line.rstrip("\n") for line in files.read_text(args.prompt_file).splitlines() if line.strip()]
+    if not args.prompt:
+      raise ConfigError(f"--prompt_file={args.prompt_file} holds no prompt (one a line)")
   results = run(args.workdir, prompts=args.prompt, text=args.text, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, step=args.step)
   if args.prompt:

@@ -12,14 +12,17 @@
 Two keys are not config keys: `config` sets the `get_config` arg of that run (`{"config":
 "small"}` runs `configs/gpt.py:small`; its flags replace those of `--config`, its `key=value`
 pairs join them, and a key that both give differently is refused) and `command` names the
-subcommand (default `train`, e.g. `finetune`). Each run lives in `ROOT/<name>`, where the name spells its overrides
-(`optim.lr=0.001,train.seed=1`). A run that exited cleanly leaves a `SWEEP_DONE` marker holding its
-command and resolved config, and is skipped next time while both are the same (an edited config file
-or another override runs it again); any other run is simply started again (losing the markers of its
-last exit first), and `train` resumes it from its own checkpoint. One sweep at a time runs in a root.
-A `--config.a.b=v` override of a key the sweep sets per run is refused, since the run's value would win. A run that saved and stopped on
-SIGTERM (exit code 143) is reported as preempted, not finished; SIGTERM to the sweep itself is passed
-on to its runs, which save first, and the runs still queued are reported as not started.
+subcommand (default `train`, e.g. `finetune`). Each run lives in `ROOT/<name>`, where the name
+spells its overrides (`optim.lr=0.001,train.seed=1`). A `--config.a.b=v` override of a key the
+sweep sets per run is refused, since the run's value would win.
+
+A run that exited cleanly leaves a `SWEEP_DONE` marker holding its command and resolved config,
+and is skipped next time while both are the same (an edited config file or another override runs
+it again). Any other run is simply started again (losing the markers of its last exit first), and
+`train` resumes it from its own checkpoint. One sweep at a time runs in a root. A run that saved
+and stopped on SIGTERM (exit code 143) is reported as preempted, not finished; SIGTERM to the
+sweep itself is passed on to its runs, which save first, and the runs still queued are reported
+as not started.
 At the end the final losses go to `ROOT/sweep.md` and `ROOT/sweep.csv` (status done, preempted,
 failed, partial or not started; mean ± std over seeds when runs differ only in a `*seed` key) and
 eval loss curves to `ROOT/sweep_eval_loss.png`.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -125,6 +129,10 @@ def expand(base_spec: str, entries: Iterable[dict[str, Any]], base_overrides: Se
   for entry in entries:
     if not isinstance(entry, dict):
       raise ConfigError(f"get_sweep() must return a list of dicts of overrides, got an entry {entry!r}")
+    for key in entry:
+      close = difflib.get_close_matches(key, RESERVED_KEYS, n=1, cutoff=0.8) if "." not in key else []
+      if key not in RESERVED_KEYS and close:
+        raise ConfigError(f"sweep entry key {key!r} is not a config key; did you mean {close[0]!r}?")
     both = sorted(given.keys() & (entry.keys() - set(RESERVED_KEYS)))
     if both:  # the run's own value would win, silently
       raise ConfigError(f"the sweep sets {', '.join(both)} per run, so --config.{given[both[0]]} would be "

@@ -162,6 +162,12 @@ def test_generate_cli_gpt_sampling_and_bert_fill_mask(tmp_path_factory, capsys):
                    "--temperature=0"]) == 0
   out = capsys.readouterr().out
   assert out.startswith("The for" + want + "\n") and out.count("-" * 40) == 2
+  prompts = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+  prompts.write_text("x\n\nThe for\n")  # one a line; blank lines skipped
+  assert cli.main(["generate", f"--workdir={gpt_dir}", f"--prompt_file={prompts}", "--max_new_tokens=5",
+                   "--temperature=0"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("-" * 40) == 2 and "\nThe for" + want + "\n" in out
 
   bert_dir, _ = make_workdir(tmp_path_factory, "bert")
   capsys.readouterr()

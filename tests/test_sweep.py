@@ -34,9 +34,11 @@ def test_product_and_zip():
     sweep.zip({"optim.lr": [1, 2]}, {"train.seed": [5]})
 
 
-def test_a_key_in_two_axes_of_a_product_is_refused():
+def test_a_key_in_two_axes_of_a_product_or_a_misspelt_command_is_refused():
   with pytest.raises(ConfigError, match="train.steps is in more than one axis"):
     sweep.product({"train.steps": [16, 32]}, {"train.steps": [64]})
+  with pytest.raises(ConfigError, match="sweep entry key 'comand' is not a config key; did you mean 'command'"):
+    sweep.expand(GPT, [{"comand": "finetune", "optim.lr": 1e-3}])
 
 
 def test_run_names_show_overrides_and_are_filesystem_safe():

@@ -152,13 +152,13 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
 
 
 def fingerprint(path: str) -> str:
-  """What a prepared cache's rows are, in short: its splits' layouts, dtypes and row counts part
-  by part. Two caches with other rows (another corpus, another format) have another fingerprint."""
+  """A prepared cache's counts, hashed: per split its layout, dtype, documents, tokens and rows,
+  part by part. Another corpus, or the same one cut into other parts, counts differently."""
   with open(os.path.join(path, "meta.json")) as f:
     splits = json.load(f)["splits"]
-  shape = {split: [s["layout"], s["dtype"], s["num_rows"], [p["num_rows"] for p in s.get("parts") or []]]
-           for split, s in sorted(splits.items())}
-  return sources.identity_hash(shape)
+  counts = {split: [s["layout"], s["dtype"], s.get("num_docs"), s.get("num_text_tokens"), s["num_rows"],
+                    [p["num_rows"] for p in s.get("parts") or []]] for split, s in sorted(splits.items())}
+  return sources.identity_hash(counts)
 
 
 def multi_part(path: str) -> bool:
@@ -275,7 +275,8 @@ def _attempt(count: int) -> str:
 def _make_in_bucket(config, tok, bucket, scratch_parent, index, count, attempt) -> None:
   jobs = _plan(config)
   mine = [job for i, job in enumerate(jobs) if i % count == index]
-  made = _in_threads(files.exists, [os.path.join(_part_dir(bucket, split, part), "meta.json") for split, part, _ in mine])
+  made = _in_threads(files.exists, [os.path.join(_part_dir(bucket, split, part), "meta.json")
+                                    for split, part, _ in mine])
   todo = [job for job, done in zip(mine, made) if not done]
   scratch = files.make_temp_dir(scratch_parent)
   try:
