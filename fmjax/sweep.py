@@ -124,7 +124,7 @@ def expand(base_spec: str, entries: Iterable[dict[str, Any]], base_overrides: Se
            subcommand: str = "train") -> list[Run]:
   """Turns sweep entries into named runs; base overrides (from the command line) apply to all."""
   path, base_arg = config_lib.split_config_spec(base_spec)
-  runs, seen = [], {}
+  runs, seen, sorted_seen = [], {}, {}
   given = {o.split("=", 1)[0]: o for o in base_overrides}
   for entry in entries:
     if not isinstance(entry, dict):
@@ -144,7 +144,11 @@ def expand(base_spec: str, entries: Iterable[dict[str, Any]], base_overrides: Se
     name = run_name(entry)
     if name in seen:
       raise ConfigError(f"sweep entries {seen[name]} and {entry} share the run name {name!r}; make them differ")
-    seen[name] = entry
+    canonical = json.dumps(entry, sort_keys=True, default=repr)
+    if canonical in sorted_seen:
+      raise ConfigError(f"sweep entries {sorted_seen[canonical]} and {entry} are the same run with their keys in "
+                        "another order; drop one")
+    seen[name] = sorted_seen[canonical] = entry
     runs.append(Run(name, spec, overrides, tuple(entry.items()), str(entry.get("command", subcommand))))
   if not runs:
     raise ConfigError("the sweep is empty; get_sweep() returned no entries")

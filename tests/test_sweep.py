@@ -39,6 +39,8 @@ def test_a_key_in_two_axes_of_a_product_or_a_misspelt_command_is_refused():
     sweep.product({"train.steps": [16, 32]}, {"train.steps": [64]})
   with pytest.raises(ConfigError, match="sweep entry key 'comand' is not a config key; did you mean 'command'"):
     sweep.expand(GPT, [{"comand": "finetune", "optim.lr": 1e-3}])
+  with pytest.raises(ConfigError, match="are the same run with their keys in another order"):
+    sweep.expand(GPT, [{"optim.lr": 1e-3, "train.seed": 1}, {"train.seed": 1, "optim.lr": 1e-3}])
 
 
 def test_run_names_show_overrides_and_are_filesystem_safe():
