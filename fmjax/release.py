@@ -37,12 +37,12 @@ import difflib
 import hashlib
 import json
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import ml_collections
 import numpy as np
 
-from fmjax import files, finetune, interop
+from fmjax import config_lib, files, finetune, interop
 from fmjax.config_lib import ConfigError
 
 REQUIRED_FIELDS = ("license", "intended_use", "limitations", "use_restrictions", "data_licenses")
@@ -320,16 +320,32 @@ def _imported_info(workdir: str) -> dict | None:
   return files.read_json(os.path.join(workdir, interop.IMPORT_INFO))
 
 
+MOVED_DATA_KEYS = ("data.files", "data.data_dir")  # where a run's training text is now, if it moved
+
+
+def _moved(config, moved: Sequence[str]):
+  """`config` with `moved` (`data.files=...`, `data.data_dir=...`) applied: the same training text,
+  found where it is now."""
+  for item in moved:
+    key = item.split("=", 1)[0].strip().removeprefix("config.")
+    if key not in MOVED_DATA_KEYS:
+      raise ConfigError(f"fmjax release takes --config.data.files or --config.data.data_dir only (where the run's "
+                        f"training text is now), got --config.{key}")
+  config_lib.apply_overrides(config, moved)
+  return config
+
+
 def release(workdir: str, out: str, *, card_path: str | None = None, step: int | None = None,
-            pii_sample: int = DEFAULT_PII_SAMPLE) -> str:
+            pii_sample: int = DEFAULT_PII_SAMPLE, moved: Sequence[str] = ()) -> str:
   """Writes the release bundle of `workdir`'s checkpoint (latest or `step`) to `out`; returns `out`.
 
   Everything that can fail (card fields, checkpoint, tokenizer, training data) is checked before
   the bundle is written, and the bundle is written under a temporary name and renamed at the end.
+  `moved` says where the training text is now (`data.files=NEW_GLOB`), when it moved since.
   """
   from fmjax import data
   workdir, out = files.absolute(workdir), files.absolute(out)
-  config = interop.read_run_config(workdir)
+  config = _moved(interop.read_run_config(workdir), moved)
   imported = _imported_info(workdir)
   card = read_card(config, card_path)
   missing = missing_fields(card, data_sources(config, imported))
@@ -340,6 +356,7 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
     raise ConfigError(f"--out={out} already exists and is not empty; choose a new directory")
 
   config, params, step = interop.load_params(workdir, step)
+  config = _moved(config, moved)
   params = interop.from_finetune(params, config)  # as `fmjax export`: LoRA merged, the head as classifier
   tokenizer = interop.run_tokenizer(workdir, config)
   report = pii_report(config, pii_sample, imported)
@@ -372,8 +389,10 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
 
 
 def cli(argv: list[str]) -> int:
-  """`fmjax release --workdir=W --out=DIR [--card=card.json] [--step=N] [--pii_sample=1000]`."""
+  """`fmjax release --workdir=W --out=DIR [--card=card.json] [--step=N] [--pii_sample=1000]
+  [--config.data.files=NEW_GLOB]`."""
   import argparse
+  argv, moved = config_lib.split_overrides(argv)
   p = argparse.ArgumentParser(prog="fmjax release")
   p.add_argument("--workdir", required=True, help="fmjax run directory (config.json + checkpoints/)")
   p.add_argument("--out", required=True, help="new directory for the bundle")
@@ -381,5 +400,6 @@ def cli(argv: list[str]) -> int:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--pii_sample", type=int, default=DEFAULT_PII_SAMPLE, help="training documents to scan for PII")
   args = p.parse_args(argv)
-  print(release(args.workdir, args.out, card_path=args.card, step=args.step, pii_sample=args.pii_sample))
+  print(release(args.workdir, args.out, card_path=args.card, step=args.step, pii_sample=args.pii_sample,
+                moved=moved))
   return 0

@@ -333,3 +333,26 @@ def test_release_of_a_finetune_run_exports_as_export_does(tmp_path):
   with pytest.raises(ConfigError, match="bottleneck adapters have no Hugging Face counterpart"):
     release.release(str(adapter), str(tmp_path / "out3"), card_path=card)
   assert not (tmp_path / "out3").exists()
+
+
+def test_release_of_a_run_whose_text_files_moved(run, tmp_path, capsys):
+  """The PII report reads the training text: where it moved, --config.data.files says where it is now."""
+  workdir, _, _, files = run
+  moved_run = tmp_path / "run"
+  shutil.copytree(workdir, moved_run)
+  saved = json.loads((moved_run / "config.json").read_text())
+  saved["data"]["files"] = "/no/longer/here/*.txt"
+  (moved_run / "config.json").write_text(json.dumps(saved))
+  shutil.copytree(os.path.dirname(files), tmp_path / "moved")
+  now = f"{tmp_path}/moved/*.txt"
+  card = _card(tmp_path, now)
+  assert cli.main(["release", f"--workdir={moved_run}", f"--out={tmp_path}/a", f"--card={card}",
+                   "--pii_sample=5"]) == 2
+  assert "/no/longer/here/*.txt" in capsys.readouterr().err  # the run's own path, gone
+  assert cli.main(["release", f"--workdir={moved_run}", f"--out={tmp_path}/b", f"--card={card}", "--pii_sample=5",
+                   f"--config.data.files={now}"]) == 0
+  report = json.loads((tmp_path / "b" / "data_report.json").read_text())
+  assert report["sample"]["documents"] == 5 and report["pii_counts"]["EMAIL"] == 5
+  assert cli.main(["release", f"--workdir={moved_run}", f"--out={tmp_path}/c", f"--card={card}",
+                   "--config.data.dataset=lm1b"]) == 2
+  assert "takes --config.data.files or --config.data.data_dir only" in capsys.readouterr().err
