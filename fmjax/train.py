@@ -338,6 +338,8 @@ def _run(config, workdir: str, locked: list) -> dict:
     # A run keeps the tokenizer it started with (workdir/tokenizer): a resume never rebuilds it
     # from data settings whose files may have changed since.
     tokenizer = data.get_tokenizer(config, workdir if resume is not None else None)
+    if jax.process_count() > 1:
+      tokenizer = _process_0s(tokenizer)
     if tokenizer.vocab_size > config.model.vocab_size:
       raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
                         f"{config.model.vocab_size}; raise model.vocab_size")
@@ -613,6 +615,24 @@ def _tokenizer_identity(cfg: dict) -> dict:
   tok = dict(data.get("tokenizer", {}))
   corpus = {} if tok.get("kind") == "hf" else {k: data.get(k) for k in CORPUS_KEYS}
   return {"tokenizer": tok, "corpus": corpus, "objective": cfg.get("train", {}).get("objective")}
+
+
+def _process_0s(tokenizer):
+  """Process 0's tokenizer, on every process. Each host trains one when none is cached, and
+  training is not the same in every process for every kind (WordPiece ties fall in another order);
+  hosts with different token ids would prepare different data."""
+  from tokenizers import Tokenizer as HFTokenizer
+  from fmjax import data
+  mine = tokenizer.hf.to_str().encode()
+  size = int(multihost_utils.broadcast_one_to_all(np.int64(len(mine))))
+  buffer = np.zeros(size, np.uint8)
+  if jax.process_index() == 0:
+    buffer[:] = np.frombuffer(mine, np.uint8)
+  theirs = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8))
+  if theirs == mine:
+    return tokenizer
+  log.info("using process 0's tokenizer (this host trained another one)")
+  return data.Tokenizer(HFTokenizer.from_str(theirs.decode()), tokenizer.kind)
 
 
 def _check_data(path: str, resume) -> str:

@@ -208,3 +208,43 @@ def test_a_host_that_fails_to_prepare_stops_the_others(tmp_path):
   assert errors[1] == "OSError: No space left on device"
   assert re.fullmatch(r".*process 1 stopped preparing gs://fmjax-test/cache/datasets/\S+: OSError: No space left on "
                       r"device", errors[0]), errors[0]
+
+
+TOKENIZER_WORKER = textwrap.dedent("""
+    import sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 2)
+    jax.config.update("jax_platforms", "cpu")
+    port, pid = sys.argv[1], int(sys.argv[2])
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                               initialization_timeout=60)
+    from fmjax import train
+    from fmjax.data import tokenizers
+    texts = ["the cat sat on the mat", "a dog ran in the park", "the dog and the cat"] * 20
+    mine = tokenizers.train(texts, "wordpiece", 60 + 10 * pid, "mlm")  # each host trained another one
+    print("RESULT", mine.identity(), train._process_0s(mine).identity(), flush=True)
+""")
+
+
+def test_every_host_takes_process_0s_tokenizer(tmp_path):
+  """Hosts that trained different tokenizers (WordPiece ties fall in another order in each process)
+  all use process 0's, so their token ids, and the data prepared with them, agree."""
+  script = tmp_path / "worker.py"
+  script.write_text(TOKENIZER_WORKER)
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  results = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=90)
+      assert p.returncode == 0, err[-3000:]
+      results.append(next(l for l in out.splitlines() if l.startswith("RESULT ")).split()[1:])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  (own0, used0), (own1, used1) = results
+  assert own0 != own1 and used0 == used1 == own0

@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 
@@ -347,7 +348,7 @@ def _make_parts(config, tok, jobs, store: str):
     log.info("preparing %d parts with %d processes (data.prepare_workers)", len(jobs), workers)
     threads = max(1, len(os.sched_getaffinity(0)) // workers)  # each process's tokenizer threads
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-                               initargs=(threads,))
+                               initargs=(threads, os.getpid()))
     finished = False
     try:
       futures = {pool.submit(_write_part, config.to_dict(), tok, split, part, records, store): (split, part)
@@ -382,8 +383,14 @@ def _workers(config, jobs) -> int:
   return max(1, min(wanted, len(jobs)))
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent: int) -> None:
   os.environ["RAYON_NUM_THREADS"] = str(threads)  # HF tokenizers' batch threads, before their first use
+  if sys.platform.startswith("linux"):  # a parent killed outright (SIGKILL, OOM) takes its workers with it
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+  if os.getppid() != parent:  # it died before the line above
+    os._exit(1)
 
 
 def _finish(config, tok, store: str, jobs) -> None:
