@@ -145,7 +145,14 @@ def test_a_bucket_cache_dir_prepares_once_for_every_host(bucket, tmp_path, monke
   monkeypatch.setenv("HOME", str(tmp_path / "host1"))
   config = gpt(f"{BUCKET}/cache")
   tok = data.get_tokenizer(config)
+  # What a prepare killed on this host left: its scratch space, named by its (now gone) pid.
+  import subprocess
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  killed = os.path.join(sources.local_cache_root(config), "datasets", f".prepare-{gone.pid}", "train", ".tmp-x")
+  os.makedirs(killed)
   path = data.prepare(config, tok)
+  assert not os.path.exists(os.path.dirname(os.path.dirname(killed)))
   assert path.startswith(str(tmp_path / "host1" / ".cache" / "fmjax" / "buckets"))
   name = os.path.basename(path)
   assert (bucket / "cache" / "datasets" / name / "meta.json").exists()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -153,12 +154,15 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
 
 
 def fingerprint(path: str) -> str:
-  """A prepared cache's counts, hashed: per split its layout, dtype, documents, tokens and rows,
-  part by part. Another corpus, or the same one cut into other parts, counts differently."""
+  """A prepared cache's tokenizer and counts, hashed: per split its layout, dtype, documents,
+  tokens and rows, part by part. Another corpus, or the same one cut into other parts, counts
+  differently."""
   with open(os.path.join(path, "meta.json")) as f:
     splits = json.load(f)["splits"]
   counts = {split: [s["layout"], s["dtype"], s.get("num_docs"), s.get("num_text_tokens"), s["num_rows"],
                     [p["num_rows"] for p in s.get("parts") or []]] for split, s in sorted(splits.items())}
+  with open(os.path.join(path, "tokenizer", "tokenizer.json"), "rb") as f:  # two vocabularies count alike
+    counts["tokenizer"] = hashlib.sha256(f.read()).hexdigest()
   return sources.identity_hash(counts)
 
 
@@ -279,7 +283,12 @@ def _make_in_bucket(config, tok, bucket, scratch_parent, index, count, attempt) 
   made = _in_threads(files.exists, [os.path.join(_part_dir(bucket, split, part), "meta.json")
                                     for split, part, _ in mine])
   todo = [job for job, done in zip(mine, made) if not done]
-  scratch = files.make_temp_dir(scratch_parent)
+  for leftover in glob.glob(os.path.join(scratch_parent, ".prepare-*")):  # of a process killed mid-prepare
+    if not _alive(int(leftover.rsplit("-", 1)[1])):
+      shutil.rmtree(leftover, ignore_errors=True)
+  scratch = os.path.join(scratch_parent, f".prepare-{os.getpid()}")  # this host's other processes have theirs
+  shutil.rmtree(scratch, ignore_errors=True)
+  os.makedirs(scratch)
   try:
     for split, part in _make_parts(config, tok, todo, scratch):
       local = _part_dir(scratch, split, part)
@@ -309,6 +318,16 @@ def _make_in_bucket(config, tok, bucket, scratch_parent, index, count, attempt) 
 
 
 _POLL_SECONDS = 10.0
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
 
 
 def _in_threads(fn, items: list) -> list:
@@ -357,8 +376,9 @@ def _make_parts(config, tok, jobs, store: str):
         try:
           future.result()
         except BrokenProcessPool:
-          raise ConfigError(f"a prepare process died (out of memory?) while {workers} made parts at once; the "
-                            "parts already made are kept: run again with a lower data.prepare_workers") from None
+          raise ConfigError(f"a prepare process died while {workers} made parts at once: out of memory (run again "
+                            "with a lower data.prepare_workers; the parts made are kept), or a script that calls "
+                            "fmjax without `if __name__ == \"__main__\":` (processes start by importing it)") from None
         bar.update(1)
         yield futures[future]
       finished = True
