@@ -115,6 +115,35 @@ def free_port():
     return s.getsockname()[1]
 
 
+def run_two(script_text: str, directory, args, timeout: float = 120) -> list[tuple[int, str, str]]:
+  """Runs `script_text` as 2 JAX processes on 127.0.0.1 (argv: port, process id, *args(i));
+  returns each one's (exit code, stdout, stderr)."""
+  script = directory / "worker.py"
+  script.write_text(script_text)
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), *map(str, args(i))], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    runs = []
+    for p in procs:
+      out, err = p.communicate(timeout=timeout)
+      runs.append((p.returncode, out, err))
+    return runs
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+
+def result(out: str, err: str):
+  """The JSON a worker printed after RESULT."""
+  lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+  assert lines, err[-3000:]
+  return json.loads(lines[-1].removeprefix("RESULT "))
+
+
 def test_two_processes_feed_the_same_global_batch(tmp_path_factory):
   cache = tmp_path_factory.getbasetemp() / "fmjax_data_cache"
   config = tiny_config(cache)
@@ -123,24 +152,8 @@ def test_two_processes_feed_the_same_global_batch(tmp_path_factory):
   loader = data.make_loader(config, sharding=NamedSharding(mesh, P("data", None)))
   expected = {s: np.asarray(jax.jit(step_fn)(loader.global_batch(s))) for s in STEPS}
 
-  script = tmp_path_factory.mktemp("mp") / "worker.py"
-  script.write_text(WORKER)
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  port = free_port()
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(cache)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  results = []
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=90)
-      assert p.returncode == 0, err[-3000:]
-      line = next(l for l in out.splitlines() if l.startswith("RESULT "))
-      results.append(json.loads(line.removeprefix("RESULT ")))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  runs = run_two(WORKER, tmp_path_factory.mktemp("mp"), lambda i: [cache], timeout=90)
+  results = [result(out, err) for _, out, err in runs]
   assert results[0]["rows"] == list(range(8)) and results[1]["rows"] == list(range(8, 16))
   for r in results:
     for s in STEPS:
@@ -153,24 +166,8 @@ def test_two_hosts_prepare_a_bucket_cache_together(tmp_path):
   config = prepare_config(tmp_path / "alone")
   expected = {split: rows_digest(data.make_loader(config, split, batch_size=2).data) for split in ("train", "eval")}
   (tmp_path / "bucket").mkdir()
-  script = tmp_path / "worker.py"
-  script.write_text(BUCKET_WORKER)
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  port = free_port()
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(tmp_path / "bucket"),
-                             str(tmp_path / f"host{i}")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  results = []
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=120)
-      assert p.returncode == 0, err[-3000:]
-      results.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT ")))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  runs = run_two(BUCKET_WORKER, tmp_path, lambda i: [tmp_path / "bucket", tmp_path / f"host{i}"])
+  results = [result(out, err) for _, out, err in runs]
   for r in results:
     assert r["digests"] == expected
   made = [sorted(map(tuple, r["made"])) for r in results]
@@ -180,38 +177,23 @@ def test_two_hosts_prepare_a_bucket_cache_together(tmp_path):
   assert len(parts) >= 3 and sorted(made[0] + made[1]) == sorted(
       [("train", k) for k in range(len(parts))] + [("eval", 0)])
   for i in range(2):  # the scratch space each host made its parts in is gone
-    assert not list((tmp_path / f"host{i}").glob("**/.tmp-*"))
+    assert not list((tmp_path / f"host{i}").glob("**/.tmp-*")) + list((tmp_path / f"host{i}").glob("**/.prepare-*"))
 
 
 def test_a_host_that_fails_to_prepare_stops_the_others(tmp_path):
   """One host's prepare fails (its disk is full): it says so in the bucket, and the host waiting
   for its parts stops with that line instead of waiting for ever."""
   (tmp_path / "bucket").mkdir()
-  script = tmp_path / "worker.py"
-  script.write_text(BUCKET_WORKER)
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  port = free_port()
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(tmp_path / "bucket"),
-                             str(tmp_path / f"host{i}"), "fail"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  errors = []
-  try:
-    for p in procs:
-      _, err = p.communicate(timeout=120)
-      assert p.returncode != 0
-      errors.append(err.strip().splitlines()[-1])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  runs = run_two(BUCKET_WORKER, tmp_path, lambda i: [tmp_path / "bucket", tmp_path / f"host{i}", "fail"])
+  assert all(code != 0 for code, _, _ in runs)
+  errors = [err.strip().splitlines()[-1] for _, _, err in runs]
   assert errors[1] == "OSError: No space left on device"
   assert re.fullmatch(r".*process 1 stopped preparing gs://fmjax-test/cache/datasets/\S+: OSError: No space left on "
                       r"device", errors[0]), errors[0]
 
 
 TOKENIZER_WORKER = textwrap.dedent("""
-    import sys
+    import json, sys
     import jax
     jax.config.update("jax_num_cpu_devices", 2)
     jax.config.update("jax_platforms", "cpu")
@@ -222,29 +204,13 @@ TOKENIZER_WORKER = textwrap.dedent("""
     from fmjax.data import tokenizers
     texts = ["the cat sat on the mat", "a dog ran in the park", "the dog and the cat"] * 20
     mine = tokenizers.train(texts, "wordpiece", 60 + 10 * pid, "mlm")  # each host trained another one
-    print("RESULT", mine.identity(), train._process_0s(mine).identity(), flush=True)
+    print("RESULT " + json.dumps([mine.identity(), train._process_0s(mine).identity()]), flush=True)
 """)
 
 
 def test_every_host_takes_process_0s_tokenizer(tmp_path):
   """Hosts that trained different tokenizers (WordPiece ties fall in another order in each process)
   all use process 0's, so their token ids, and the data prepared with them, agree."""
-  script = tmp_path / "worker.py"
-  script.write_text(TOKENIZER_WORKER)
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  port = free_port()
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  results = []
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=90)
-      assert p.returncode == 0, err[-3000:]
-      results.append(next(l for l in out.splitlines() if l.startswith("RESULT ")).split()[1:])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  results = [result(out, err) for _, out, err in run_two(TOKENIZER_WORKER, tmp_path, lambda i: [], timeout=90)]
   (own0, used0), (own1, used1) = results
   assert own0 != own1 and used0 == used1 == own0
