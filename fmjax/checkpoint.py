@@ -753,20 +753,6 @@ _BEFORE_THE_KEY = {
 }
 
 
-def _flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
-  if hasattr(cfg, "to_dict"):
-    cfg = cfg.to_dict()
-  out = {}
-  for key, value in cfg.items():
-    if hasattr(value, "to_dict"):
-      value = value.to_dict()
-    if isinstance(value, Mapping):
-      out.update(_flatten_config(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def _normalise(value: Any) -> Any:
   # Saved configs went through JSON: tuples came back as lists.
   return json.loads(json.dumps(value, default=str))
@@ -787,7 +773,8 @@ def config_changes(saved_cfg: Mapping[str, Any], new_cfg: Mapping[str, Any]) -> 
   finetune.*, sft.*, init_from); everything else (steps, logging, eval, checkpoint, mesh, lr) is
   harmless and only worth reporting.
   """
-  saved, new = _flatten_config(saved_cfg), _flatten_config(new_cfg)
+  from fmjax import config_lib
+  saved, new = config_lib.flatten(saved_cfg), config_lib.flatten(new_cfg)
   breaking, harmless = [], []
   for key in sorted(saved.keys() | new.keys()):
     old_v = _normalise(saved.get(key, _BEFORE_THE_KEY.get(key, "<unset>")))

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import traceback
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import ml_collections
 
@@ -288,6 +288,21 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
       node = node[p]
     with node.unlocked() if node.is_locked else contextlib.nullcontext():
       node[leaf] = value
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+  """`{"a.b": value}` of a config (a ConfigDict or nested dicts, such as a saved config.json)."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  out = {}
+  for key, value in config.items():
+    if hasattr(value, "to_dict"):
+      value = value.to_dict()
+    if isinstance(value, Mapping):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:

@@ -210,13 +210,7 @@ def load_sweep(base_spec: str) -> list[dict[str, Any]]:
 
 def flat_config(config) -> dict[str, Any]:
   """`{"a.b": value}` of a config, as JSON gives it back (what a run's done marker records)."""
-  def walk(node, prefix):
-    for key, value in node.items():
-      if isinstance(value, dict):
-        yield from walk(value, f"{prefix}{key}.")
-      else:
-        yield f"{prefix}{key}", value
-  return dict(walk(json.loads(json.dumps(config.to_dict(), default=str)), ""))
+  return config_lib.flatten(json.loads(json.dumps(config.to_dict(), default=str)))
 
 
 def is_finished(run: Run, root: str, config: dict[str, Any] | None = None) -> bool:

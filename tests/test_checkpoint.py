@@ -795,7 +795,7 @@ def test_every_key_added_since_the_first_runs_says_what_those_runs_did():
   first = set(json.load(open(os.path.join(REPO, "tests", "golden", "first_runs_breaking_keys.json"))))
   for spec in CONFIGS:
     config = config_lib.load_config(os.path.join(REPO, spec), [])
-    flat = ckpt_lib._flatten_config(config)
+    flat = config_lib.flatten(config)
     new = sorted(k for k in flat if ckpt_lib._is_breaking(k) and k not in first | set(ckpt_lib._BEFORE_THE_KEY))
     assert not new, (f"{spec}: config keys {new} are new and would stop every older run from resuming: add each to "
                      "checkpoint._BEFORE_THE_KEY with the value that does what runs saved before it did")

@@ -33,7 +33,6 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -428,15 +427,7 @@ def _finish(config, tok, store: str, jobs) -> None:
     meta["splits"][split] = stats = _split_stats(config, split, parts, stats_P)
     files.write_json(os.path.join(store, split, "meta.json"), stats, indent=2, sort_keys=True)
     pii_counts[split] = dict(sum((collections.Counter(s.pop("pii", {})) for s in stats_P), collections.Counter()))
-  if files.is_remote(store):
-    local = tempfile.mkdtemp(prefix="fmjax-tokenizer-")
-    try:
-      tok.save(local)
-      files.copy_tree(local, os.path.join(store, "tokenizer"))
-    finally:
-      shutil.rmtree(local, ignore_errors=True)
-  else:
-    tok.save(os.path.join(store, "tokenizer"))
+  tok.save(os.path.join(store, "tokenizer"))
   if config.data.pii_scrub:
     files.write_json(os.path.join(store, "pii_counts.json"), pii_counts, indent=2, sort_keys=True)
   files.write_json(os.path.join(store, "meta.json"), meta, indent=2, sort_keys=True)

@@ -75,7 +75,13 @@ class Tokenizer:
     return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
 
   def save(self, directory: str) -> None:
-    """Writes tokenizer.json (loadable by HF) and fmjax's small metadata file."""
+    """Writes tokenizer.json (loadable by HF) and fmjax's small metadata file, locally or into a
+    bucket (there through a local copy, tokenizer.json last: it marks the directory whole)."""
+    if files.is_remote(directory):
+      with tempfile.TemporaryDirectory() as tmp:
+        self.save(tmp)
+        files.copy_tree(tmp, directory)
+      return
     os.makedirs(directory, exist_ok=True)
     self.hf.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, _META), "w") as f:
@@ -273,9 +279,7 @@ def save_run_tokenizer(tok: Tokenizer, workdir: str) -> None:
     files.path(own).rmtree()  # left by a fresh start that never saved a checkpoint: this start's settings win
     files.forget(own)
   if files.is_remote(own):  # a bucket: tokenizer.json, written last, marks it whole
-    with tempfile.TemporaryDirectory() as tmp:
-      tok.save(tmp)
-      files.copy_tree(tmp, own)
+    tok.save(own)
     files.forget(own)
     return
   _save_atomic(tok, own)
