@@ -130,6 +130,11 @@ def _scan(directory: epath.Path) -> tuple[dict[int, epath.Path], list[epath.Path
   return committed, torn
 
 
+def saved_steps(directory: str) -> list[int]:
+  """Committed checkpoint steps under `directory` (a run's `checkpoints/`), ascending; [] when none."""
+  return sorted(_scan(epath.Path(directory))[0])
+
+
 def _remove(paths: Iterable[epath.Path], directory: epath.Path) -> None:
   paths = list(paths)
   if not paths:

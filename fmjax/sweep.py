@@ -436,9 +436,11 @@ def read_runs_file(root: str) -> list[dict]:
 
 
 def final_metrics(workdir: str) -> dict:
-  """Last logged step, train loss and eval loss of a workdir (NaN where missing)."""
-  from fmjax import report
-  result = {"step": 0, "train_loss": math.nan, "eval_loss": math.nan}
+  """Last logged step, newest saved step (None without a checkpoint), train loss and eval loss of a
+  workdir (NaN where missing). After a preemption the two steps differ: a rerun resumes from `saved`."""
+  from fmjax import checkpoint, report
+  saved = checkpoint.saved_steps(os.path.join(workdir, "checkpoints")) if files.exists(workdir) else []
+  result = {"step": 0, "saved": saved[-1] if saved else None, "train_loss": math.nan, "eval_loss": math.nan}
   for record in report.read_metrics(workdir):
     result["step"] = max(result["step"], record["step"])
     if "train/loss" in record:
@@ -509,6 +511,10 @@ def _fmt(x: float, std: float | None = None) -> str:
   return f"{x:.4f}" if std is None or math.isnan(std) else f"{x:.4f} ± {std:.4f}"
 
 
+def _saved(row: dict) -> str:
+  return "–" if row["saved"] is None else str(row["saved"])
+
+
 def format_markdown(table: Table) -> str:
   """Markdown: the seed-group table (when there is one), then one row per run."""
   lines = []
@@ -517,9 +523,9 @@ def format_markdown(table: Table) -> str:
     lines += [f"| {g['group']} | {g['n']} | {_fmt(g['train_loss_mean'], g['train_loss_std'])} | "
               f"{_fmt(g['eval_loss_mean'], g['eval_loss_std'])} |" for g in table.groups]
     lines.append("")
-  lines += ["| run | status | step | final train loss | final eval loss |", "|---|---|---|---|---|"]
-  lines += [f"| {r['name']} | {r['status']} | {r['step']} | {_fmt(r['train_loss'])} | {_fmt(r['eval_loss'])} |"
-            for r in table.rows]
+  lines += ["| run | status | step | saved | final train loss | final eval loss |", "|---|---|---|---|---|---|"]
+  lines += [f"| {r['name']} | {r['status']} | {r['step']} | {_saved(r)} | {_fmt(r['train_loss'])} | "
+            f"{_fmt(r['eval_loss'])} |" for r in table.rows]
   return "\n".join(lines)
 
 
@@ -534,10 +540,10 @@ def write_outputs(table: Table, root: str, out: str | None = None) -> list[str]:
   keys = list(dict.fromkeys(k for r in table.rows for k in r["entry"]))
   with open(paths[1], "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["name", *keys, "status", "step", "train_loss", "eval_loss"])
+    w.writerow(["name", *keys, "status", "step", "saved_step", "train_loss", "eval_loss"])
     for r in table.rows:
       w.writerow([r["name"], *(r["entry"].get(k, "") for k in keys), r["status"], r["step"],
-                  r["train_loss"], r["eval_loss"]])
+                  "" if r["saved"] is None else r["saved"], r["train_loss"], r["eval_loss"]])
   if table.groups:
     paths.append(os.path.join(out, "sweep_groups.csv"))
     with open(paths[-1], "w", newline="") as f:

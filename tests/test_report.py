@@ -87,8 +87,8 @@ def test_report_on_sweep_root_aggregates(tmp_path):
   paths = report.report(str(tmp_path))
   assert any(p.endswith("sweep_eval_loss.png") for p in paths)
   md = (tmp_path / "sweep.md").read_text()
-  assert "| optim.lr=0.001 | partial | 20 | 4.2000 | 4.0000 |" in md
-  assert "| optim.lr=0.003 | partial | 20 | 4.2000 | 3.5000 |" in md
+  assert "| optim.lr=0.001 | partial | 20 | – | 4.2000 | 4.0000 |" in md
+  assert "| optim.lr=0.003 | partial | 20 | – | 4.2000 | 3.5000 |" in md
 
 
 def test_report_without_metrics_is_one_clear_error(tmp_path, capsys):
@@ -111,7 +111,7 @@ def test_report_on_sweep_root_into_out_has_the_plot(tmp_path):
   paths = report.report(str(root), str(out))
   assert sorted(paths) == sorted(str(out / n) for n in ("sweep.md", "sweep.csv", "sweep_eval_loss.png"))
   assert (out / "sweep_eval_loss.png").read_bytes().startswith(PNG_MAGIC)
-  assert "| optim.lr=0.001 | partial | 20 | 4.2000 | 4.0000 |" in (out / "sweep.md").read_text()
+  assert "| optim.lr=0.001 | partial | 20 | – | 4.2000 | 4.0000 |" in (out / "sweep.md").read_text()
   assert not (root / "sweep.md").exists()
 
 

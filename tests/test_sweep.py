@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from fmjax import cli, config_lib, data, sweep
+from fmjax import checkpoint as ckpt_lib, cli, config_lib, data, sweep
 from fmjax.config_lib import ConfigError
 
 GPT = "configs/gpt.py:tiny"
@@ -243,7 +243,14 @@ def _fake_runs(monkeypatch, script: str) -> None:
 
 def test_preempted_run_is_not_marked_done_and_a_rerun_starts_it(tmp_path, monkeypatch):
   # A run that saved and stopped on SIGTERM exits 143; one that finished exits 0.
-  _fake_runs(monkeypatch, "import sys; sys.exit(143 if '--config.optim.lr=0.001' in sys.argv else 0)")
+  # The preempted one logged step 5 and saved step 7 (and left an unfinished save of step 9) on its way out.
+  _fake_runs(monkeypatch, "import json, os, sys\n"
+             "if '--config.optim.lr=0.001' not in sys.argv: sys.exit(0)\n"
+             "w = sys.argv[3][len('--workdir='):]\n"
+             "open(w + '/metrics.jsonl', 'w').write(json.dumps({'step': 5, 'train/loss': 2.5}) + '\\n')\n"
+             "[os.makedirs(f'{w}/checkpoints/{s}', exist_ok=True) for s in (3, 7, 9)]\n"
+             f"[open(f'{{w}}/checkpoints/{{s}}/{ckpt_lib.COMMIT_MARKER}', 'w') for s in (3, 7)]\n"
+             "sys.exit(143)")
   root = str(tmp_path)
   entries = sweep.product({"optim.lr": [1e-3, 1e-2]})
   out = io.StringIO()
@@ -251,7 +258,8 @@ def test_preempted_run_is_not_marked_done_and_a_rerun_starts_it(tmp_path, monkey
   assert [r.name for r in result["preempted"]] == ["optim.lr=0.001"] and not result["failed"]
   assert "PREEMPTED optim.lr=0.001" in out.getvalue() and "rerun" in out.getvalue()
   assert [r["status"] for r in result["table"].rows] == ["preempted", "done"]
-  assert "| optim.lr=0.001 | preempted | 0 |" in open(os.path.join(root, "sweep.md")).read()
+  md = open(os.path.join(root, "sweep.md")).read()
+  assert "| optim.lr=0.001 | preempted | 5 | 7 | 2.5000 |" in md and "| optim.lr=0.01 | done | 0 | – |" in md
   result = sweep.run_sweep(GPT, entries, root, parallel=2, out=io.StringIO())
   assert [r.name for r in result["skipped"]] == ["optim.lr=0.01"]
   assert [r.name for r in result["preempted"]] == ["optim.lr=0.001"]  # started again, not skipped
@@ -269,7 +277,7 @@ def test_a_failed_rerun_of_a_finished_run_is_not_done(tmp_path, monkeypatch):
   assert [r["status"] for r in result["table"].rows] == ["failed"]
   assert not os.path.exists(os.path.join(root, "optim.lr=0.001", sweep.DONE_MARKER))
   assert "| optim.lr=0.001 | failed | 20 |" in open(os.path.join(root, "sweep.md")).read()
-  assert ",failed,20," in open(os.path.join(root, "sweep.csv")).read()
+  assert ",failed,20,," in open(os.path.join(root, "sweep.csv")).read()
 
 
 def test_sigterm_to_the_sweep_reaches_its_runs(tmp_path, monkeypatch):
@@ -351,7 +359,7 @@ def test_local_sweep_runs_and_skips_finished(tmp_path, sweep_cache_dir, monkeypa
   result = sweep.run_sweep(GPT, entries, root, parallel=2, base_overrides=base, out=out)
   assert not result["failed"], out.getvalue()
   rows = result["table"].rows
-  assert [r["status"] for r in rows] == ["done", "done"] and all(r["step"] == 4 for r in rows)
+  assert [r["status"] for r in rows] == ["done", "done"] and all(r["step"] == r["saved"] == 4 for r in rows)
   assert all(math.isfinite(r["eval_loss"]) and math.isfinite(r["train_loss"]) for r in rows)
   for name in ("sweep.md", "sweep.csv", "sweep_eval_loss.png", "sweep.json"):
     assert os.path.exists(os.path.join(root, name)), name
