@@ -495,7 +495,8 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       seed=0,
       cache_dir="",             # default: ~/.cache/fmjax; a bucket (gs://) is shared by every host
       bucket_reads="auto",      # bucket cache_dir: copy | remote (ranged reads) | auto (copy if they fit)
-      shard_docs=65536,         # prepare: records a part of a split holds; parts are made in parallel
+      shard_docs=65536,         # prepare: records a part of a split holds (TFRecord: whole files, at least
+                                # this many); parts are made in parallel
       prepare_workers=0,        # prepare: processes making parts on each host (0: one per core, at most 32)
       tokenizer=ml_collections.ConfigDict(dict(
           kind="bpe" if family == "gpt" else "wordpiece",  # bpe | wordpiece | unigram | hf

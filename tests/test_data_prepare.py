@@ -1,6 +1,7 @@
 """prepare(): cache keys, idempotence, atomicity, TFDS by name (mocked), local files, and bad-input errors."""
 
 import glob
+import itertools
 import time
 import json
 import os
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from fmjax import config_lib
+from fmjax import config_lib, files
 import fmjax.data as data
 from fmjax.data import packing
 from fmjax.data import sources
@@ -350,20 +351,70 @@ def test_a_start_that_loses_the_lock_of_a_new_workdir_leaves_it_to_the_winner(tm
       proc.kill()
 
 
-def test_parts_read_through_tf_data_equal_those_read_by_index(tmp_path, monkeypatch):
-  """A dataset TFDS prepared as TFRecord has no random access: each part reads its records through
-  a split spec of their own (`train[100:200]`), and gets what indexing the records gives."""
+def test_parts_read_through_tf_data_begin_where_files_begin_and_equal_those_read_by_index(tmp_path, monkeypatch):
+  """A dataset TFDS prepared as TFRecord has no random access: a read that starts inside a file
+  reads it from its start. Its parts are whole files (at least data.shard_docs records each), each
+  read through a split spec of its own (`train[78:156]`), and hold what indexing the records gives."""
+  import tensorflow_datasets as tfds
   from fmjax.data import corpus
   over = {"data.shard_docs": 100, "data.prepare_workers": 1, "data.train_split": "train[:90%]+validation[:5]"}
-  by_index = data.prepare(tiny("gpt", tmp_path / "index", **over))
   config = tiny("gpt", tmp_path / "tf_data", **over)
   as_tfrecord = lambda config: corpus.FmjaxCorpus(data_dir=str(tmp_path / "tfds"), file_format="tfrecord")
+  as_tfrecord(None).download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=4))
+  lengths = as_tfrecord(None).info.splits["train"].shard_lengths
+  assert len(lengths) == 4 and sum(lengths) == 312, lengths
+  by_index = data.prepare(tiny("gpt", tmp_path / "index", **over))
   monkeypatch.setattr(sources, "_builder", as_tfrecord)
   monkeypatch.setattr(corpus.FmjaxCorpus, "as_data_source", lambda *a, **k: 1 / 0)  # as for TFRecord
   assert sources.record_count(config, "train") == 286
   assert sources._sub_spec(sources._builder(config), "train[:90%]+validation[:5]", 250, 290) == \
       "train[250:281]+validation[0:5]"  # 281 = 90% of the 312 train records
-  assert arrays(data.prepare(config)) == arrays(by_index)
+  starts = list(itertools.accumulate([0] + lengths[:-1])) + [281]  # the 5 validation records begin a piece
+  assert sources.file_starts(config, "train") == starts
+  plan = [records for split, _, records in packing._plan(config) if split == "train"]
+  cuts = packing._cuts(starts, 286, 100)
+  assert [a for a, _ in plan] == cuts and set(cuts) <= set(starts) and len(plan) < len(starts)
+  assert all(b - a >= 100 for a, b in plan[:-1]) and plan[-1][1] == 286
+  for a, b in plan:  # no read skips records to reach its first
+    spec = sources._sub_spec(sources._builder(config), "train[:90%]+validation[:5]", a, b)
+    read = sources._builder(config).info.splits[spec].file_instructions
+    assert read and all(f.skip == 0 for f in read), (spec, read)
+  tf_data = data.prepare(config)
+  monkeypatch.undo()  # the same cuts, read by index
+  monkeypatch.setattr(sources, "file_starts", lambda config, split: starts if split == "train" else None)
+  assert arrays(tf_data) == arrays(data.prepare(tiny("gpt", tmp_path / "index_cut_alike", **over)))
+  assert arrays(tf_data) != arrays(by_index)  # a sanity check: other cuts, other rows
+
+
+def test_a_part_cut_elsewhere_by_an_earlier_prepare_is_made_again(tmp_path, monkeypatch):
+  config = tiny("gpt", tmp_path / "a", **{"data.shard_docs": 100, "data.prepare_workers": 1})
+  want = arrays(data.prepare(config))
+  real, made = packing._write_part, []
+
+  def dies_on_the_third_part(*args):
+    if len(made) == 2:
+      raise KeyboardInterrupt
+    made.append(args[3])
+    return real(*args)
+
+  other = tiny("gpt", tmp_path / "b", **{"data.shard_docs": 100, "data.prepare_workers": 1})
+  monkeypatch.setattr(packing, "_write_part", dies_on_the_third_part)
+  monkeypatch.setattr(sources, "file_starts", lambda config, split: [0, 150])  # an older cut of train
+  with pytest.raises(KeyboardInterrupt):
+    data.prepare(other)
+  assert made == [0, 1]
+  monkeypatch.undo()
+  got = data.prepare(other)  # part 0 holds records [0, 150), not [0, 100): made again, as part 1 is
+  assert arrays(got) == want
+  # The same in a bucket (here a local directory), where a part counts as made by its meta.json.
+  bucket, tok = str(tmp_path / "bucket" / "entry"), data.get_tokenizer(other)
+  monkeypatch.setattr(sources, "file_starts", lambda config, split: [0, 150])
+  packing._prepare_in_bucket(other, tok, bucket, str(tmp_path / "scratch"))
+  assert files.read_json(f"{bucket}/train/part-00000/meta.json")["records"] == [0, 150]
+  os.remove(f"{bucket}/meta.json")  # as if stopped before process 0 finished
+  monkeypatch.undo()
+  packing._prepare_in_bucket(other, tok, bucket, str(tmp_path / "scratch"))
+  assert arrays(bucket) == want
 
 
 def test_two_processes_preparing_one_cache_take_turns(tmp_path, monkeypatch):

@@ -5,8 +5,9 @@ Layout of a cache directory <cache_dir>/datasets/<dataset>-<objective>-<seq_len>
   tokenizer/           the tokenizer the ids belong to
   pii_counts.json      what PII scrubbing replaced, per split (when data.pii_scrub)
   train/, eval/        meta.json (the split's counts and its parts) and part-00000/, part-00001/, ...:
-                       records [k*S, (k+1)*S) of the split, S = data.shard_docs, each packed on
-                       its own into its own rows, in raw little-endian arrays read with np.memmap:
+                       records [k*S, (k+1)*S) of the split, S = data.shard_docs (for a TFRecord
+                       dataset: whole files, at least S records a part), each packed on its own
+                       into its own rows, in raw little-endian arrays read with np.memmap:
     CLM: tokens.bin    one stream [N] of the part's documents, each followed by EOS. Row r of
                        the part is stream[r*T : r*T + T + 1] (inputs and shifted targets), so
                        documents run across rows and nothing is padded. In a row, an EOS opens
@@ -173,16 +174,38 @@ def multi_part(path: str) -> bool:
 
 
 def _plan(config) -> list[tuple[str, int, tuple[int, int] | None]]:
-  """(split, part, records) of every part to make: a split's records cut every data.shard_docs
-  (records None: a split of unknown size, made as one part)."""
+  """(split, part, records) of every part to make: a split's records cut every data.shard_docs,
+  or, for a split read through tf.data (TFRecord), only where its files begin, once a part holds
+  data.shard_docs records (so each file is read once). records None: a split of unknown size,
+  made as one part."""
   jobs, per = [], shard_docs(config)
   for split in ("train", "eval"):
     n = sources.record_count(config, split)
     if n is None:
       jobs.append((split, 0, None))
       continue
-    jobs.extend((split, k, (start, min(start + per, n))) for k, start in enumerate(range(0, max(n, 1), per)))
+    cuts = _cuts(sources.file_starts(config, split), n, per)
+    jobs.extend((split, k, (a, b)) for k, (a, b) in enumerate(zip(cuts, cuts[1:] + [n])))
   return jobs
+
+
+def _cuts(file_starts: list[int] | None, n: int, per: int) -> list[int]:
+  """Where the parts of a split of `n` records begin: every `per` records, or at the first file
+  start at least `per` records past the previous cut."""
+  if file_starts is None:
+    return list(range(0, max(n, 1), per))
+  cuts = [0]
+  for start in file_starts:
+    if per <= start - cuts[-1] and start < n:
+      cuts.append(start)
+  return cuts
+
+
+def _made(store: str, split: str, part: int, records) -> bool:
+  """Whether part `part` of `store` (local or a bucket) is complete and holds records `records`
+  (a prepare of an older fmjax may have cut the split elsewhere)."""
+  meta = files.read_json(os.path.join(_part_dir(store, split, part), "meta.json"))
+  return meta is not None and meta.get("records") == (list(records) if records else None)
 
 
 def _part_dir(store: str, split: str, part: int) -> str:
@@ -229,7 +252,9 @@ def _make_here(config, tok, path: str, store: str) -> None:
     for leftover in glob.glob(os.path.join(store, split, ".tmp-*")):
       shutil.rmtree(leftover, ignore_errors=True)
   jobs = _plan(config)
-  todo = [job for job in jobs if not is_prepared(_part_dir(store, job[0], job[1]))]
+  todo = [job for job in jobs if not _made(store, *job)]
+  for split, part, _ in todo:  # what a prepare cut elsewhere left (an older fmjax's)
+    shutil.rmtree(_part_dir(store, split, part), ignore_errors=True)
   if len(todo) < len(jobs):
     log.info("%s: %d of %d parts were made by an earlier prepare; making the other %d", path, len(jobs) - len(todo),
              len(jobs), len(todo))
@@ -279,9 +304,11 @@ def _attempt(count: int) -> str:
 def _make_in_bucket(config, tok, bucket, scratch_parent, index, count, attempt) -> None:
   jobs = _plan(config)
   mine = [job for i, job in enumerate(jobs) if i % count == index]
-  made = _in_threads(files.exists, [os.path.join(_part_dir(bucket, split, part), "meta.json")
-                                    for split, part, _ in mine])
-  todo = [job for job, done in zip(mine, made) if not done]
+  todo = [job for job, done in zip(mine, _in_threads(lambda job: _made(bucket, *job), mine)) if not done]
+  for split, part, _ in todo:  # a part an older fmjax cut elsewhere counts as made by its meta.json: not any more
+    stale = files.path(_part_dir(bucket, split, part)) / "meta.json"
+    if stale.exists():
+      stale.unlink()
   for leftover in glob.glob(os.path.join(scratch_parent, ".prepare-*")):  # of a process killed mid-prepare
     if not _alive(int(leftover.rsplit("-", 1)[1])):
       shutil.rmtree(leftover, ignore_errors=True)
@@ -295,12 +322,11 @@ def _make_in_bucket(config, tok, bucket, scratch_parent, index, count, attempt) 
       shutil.rmtree(local)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
-  markers = [os.path.join(_part_dir(bucket, split, part), "meta.json") for split, part, _ in jobs]
   seen = set()
 
-  def finished() -> int:  # each marker is looked for until it is found, in parallel (thousands for C4)
-    unseen = [m for m in markers if m not in seen]
-    seen.update(m for m, found in zip(unseen, _in_threads(files.exists, unseen)) if found)
+  def finished() -> int:  # each part is looked for until it is found, in parallel (thousands for C4)
+    unseen = [job for job in jobs if job not in seen]
+    seen.update(job for job, found in zip(unseen, _in_threads(lambda job: _made(bucket, *job), unseen)) if found)
     return len(seen)
 
   def failed() -> None:
@@ -308,7 +334,7 @@ def _make_in_bucket(config, tok, bucket, scratch_parent, index, count, attempt) 
       raise _OtherHostFailed(f"process {marker.name.rsplit('-', 1)[1]} stopped preparing {bucket}: "
                              f"{marker.read_text()}")
 
-  _wait_for(finished, len(markers), f"parts of {bucket} from the other hosts", failed)
+  _wait_for(finished, len(jobs), f"parts of {bucket} from the other hosts", failed)
   if index == 0:
     _finish(config, tok, bucket, jobs)
   else:

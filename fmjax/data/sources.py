@@ -408,6 +408,36 @@ def record_count(config, split: str) -> int | None:
     return None  # sizes unknown (a mocked dataset): read as one range
 
 
+def file_starts(config, split: str) -> list[int] | None:
+  """Where a split read through tf.data begins each of its files (and each piece of a spec like
+  `train[:90%]+validation`), as ascending record indices of the split, 0 first.
+
+  None for a split read by index (array_record), or where TFDS does not know its files' lengths.
+  A TFRecord file has no index: a read that starts inside one reads it from its start, so parts
+  that begin only where files begin read the input once.
+  """
+  builder, _, spec, source = _open_split(config, split)
+  if source is not None:
+    return None
+  import tensorflow_datasets as tfds
+  _download(config, builder)
+  starts, at = {0}, 0
+  try:
+    for ins in tfds.core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits):
+      info = builder.info.splits[ins.splitname]
+      lengths = list(info.shard_lengths)
+      if sum(lengths) != info.num_examples:
+        return None  # sizes unknown (a mocked dataset)
+      lo = ins.from_ or 0
+      hi = info.num_examples if ins.to is None else ins.to
+      starts.add(at)
+      starts.update(at + c - lo for c in itertools.accumulate(lengths[:-1]) if lo < c < hi)
+      at += hi - lo
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return sorted(starts)
+
+
 def _sub_spec(builder, spec: str, start: int, stop: int) -> str:
   """The TFDS split spec of records [start, stop) of `spec` (`train[:90%]+validation` included)."""
   import tensorflow_datasets as tfds
