@@ -101,17 +101,22 @@ class Embed(nnx.Module):
   def __call__(self, ids_BT):
     # Gather from a replicated copy: SPMD cannot partition a gather from a table sharded on
     # (vocab, embed) into batch-sharded rows without a full rematerialisation.
-    table = _constrain(self.embedding[...].astype(self.dtype), (None, None))
-    if table.shape[0] <= ONE_HOT_MAX_ROWS:
+    if self.embedding.shape[0] <= ONE_HOT_MAX_ROWS:
+      table = _constrain(self.embedding[...].astype(self.dtype), (None, None))
       # Small tables (positions, token types): a one-hot matmul is exact and its gradient is a
       # matmul too, where a gather's gradient is a scatter-add that serialises on the few rows
       # every token hits (2 token types for 32k tokens).
       onehot_BTN = jax.nn.one_hot(ids_BT, table.shape[0], dtype=table.dtype)
       # Output in the compute dtype (exact: one term per sum), so the table's gradient is a
-      # compute-dtype matmul too rather than a float32 one.
+      # compute-dtype matmul too (float32 accumulation) rather than a float32 one.
       out_BTD = jnp.einsum("btn,nd->btd", onehot_BTN, table)
       return _constrain(out_BTD, ("batch", "length", None))
-    return _constrain(jnp.take(table, ids_BT, axis=0), ("batch", "length", None))
+    # Gather in the parameter dtype, then cast: the gradient is a scatter-add that sums a row's
+    # cotangents over every position its token holds, in the dtype of what was gathered. In
+    # bfloat16 a row that thousands of positions share ([MASK], [CLS], EOS, "the") would be
+    # rounded at every add, its gradient off by several percent; in float32 it is exact to 1e-7.
+    table = _constrain(self.embedding[...], (None, None))
+    return _constrain(jnp.take(table, ids_BT, axis=0).astype(self.dtype), ("batch", "length", None))
 
   def attend(self, x_BxD):
     # Compute-dtype matmul, float32 accumulation and output: the loss needs f32 logits.
