@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -18,19 +19,27 @@ from fmjax import files
 
 log = logging.getLogger("fmjax")
 
-# Peak dense bf16 FLOP/s per chip, for MFU. Matched by substring of device_kind.
-PEAK_FLOPS = (
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
-    ("v6", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12),
+# Per device: (pattern, peak dense bf16 FLOP/s for MFU, HBM GiB a program can use), matched in
+# order against jax's device_kind ("TPU v5 lite", "NVIDIA H100 80GB HBM3") or an accelerator or
+# topology name ("v5litepod-16", "v5p:2x2x1", "h100x8"), so the more specific names come first.
+# JAX names v5p "TPU v5"; on v2 and v3 a device is one of a chip's two cores.
+DEVICES = (
+    (r"v6 lite|v6e", 918e12, 32), (r"v5 lite|v5e|v5litepod", 197e12, 16), (r"v5p|tpu v5\b", 459e12, 95),
+    (r"\bv4\b", 275e12, 32), (r"\bv3\b", 61.5e12, 16), (r"\bv2\b", 22.5e12, 8),
+    (r"h100 pcie", 756e12, 79.1), (r"h100 nvl", 835e12, 87.5), (r"\bh200", 989e12, 139), (r"\bh100", 989e12, 79.1),
+    (r"a100.*40gb", 312e12, 39.4), (r"\ba100", 312e12, 79.1), (r"\bl40s\b", 362e12, 44.4), (r"\bl4\b", 121e12, 22),
 )
 
 
+def device_spec(kind: str) -> tuple[float, float] | None:
+  """(peak bf16 FLOP/s, HBM GiB) of a device kind or accelerator name; None when unknown (CPU)."""
+  low = kind.lower()
+  return next(((flops, gib) for pattern, flops, gib in DEVICES if re.search(pattern, low)), None)
+
+
 def peak_flops_per_device() -> float | None:
-  kind = jax.devices()[0].device_kind
-  for key, flops in PEAK_FLOPS:
-    if key.lower() in kind.lower():
-      return flops
-  return None
+  spec = device_spec(jax.devices()[0].device_kind)
+  return spec and spec[0]
 
 
 class _StdoutHandler(logging.StreamHandler):

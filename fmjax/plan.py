@@ -38,15 +38,6 @@ from fmjax.config_lib import ConfigError
 GiB = 2**30
 MiB = 2**20
 
-# HBM per device in GiB, matched by substring of `device_kind` (first match wins) or by the
-# name a user types. JAX shows one device per chip on these TPUs.
-HBM_GIB = (
-    ("v5 lite", 16), ("v5e", 16), ("v5litepod", 16),
-    ("v6 lite", 32), ("v6e", 32),
-    ("v5p", 95), ("tpu v5", 95),
-    ("v4", 32),
-    ("h200", 141), ("h100", 80), ("a100-sxm4-40gb", 40), ("a100", 80), ("l4", 24),
-)
 # Cloud TPU accelerator prefixes -> the generation names libtpu's topology strings use.
 _LIBTPU_FAMILY = {"v4": "v4", "v5litepod": "v5e", "v5p": "v5p", "v6e": "v6e"}
 _TOPOLOGY_RE = re.compile(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})")
@@ -58,8 +49,9 @@ class PlanError(ConfigError):
 
 def hbm_gib_for(kind: str) -> float | None:
   """HBM per device for a device kind or accelerator name, or None when unknown (e.g. CPU)."""
-  low = kind.lower()
-  return next((float(g) for key, g in HBM_GIB if key in low), None)
+  from fmjax import metrics
+  spec = metrics.device_spec(kind)
+  return spec and float(spec[1])
 
 
 # ----------------------------------------------------------------------------- targets

@@ -5,10 +5,11 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from fmjax import bench, cli, config_lib, models
+from fmjax import bench, cli, config_lib, metrics, models, plan
 
 TINY = ["--config.model.num_layers=2", "--config.model.d_model=64", "--config.model.num_heads=4",
         "--config.model.d_ff=128", "--config.model.vocab_size=512", "--config.data.seq_len=64",
@@ -30,6 +31,27 @@ def test_bench_prints_and_writes_every_figure(family, segments, capsys, tmp_path
   assert r["segments_per_row"] == segments and r["batch_size"] == 8 and r["seq_len"] == 64
   assert r["tokens_per_sec"] == pytest.approx(8 * 64 / r["step_time_s"])
   assert r["compile_time_s"] > 0 and np.isfinite(r["loss"])
+
+
+@pytest.mark.parametrize("kind,tflops,gib", [
+    ("TPU v4", 275, 32), ("TPU v5 lite", 197, 16), ("TPU v5", 459, 95), ("TPU v6 lite", 918, 32), ("TPU v3", 61.5, 16),
+    ("NVIDIA H100 80GB HBM3", 989, 79.1), ("NVIDIA H100 PCIe", 756, 79.1), ("NVIDIA H100 NVL", 835, 87.5),
+    ("NVIDIA H200", 989, 139), ("NVIDIA A100-SXM4-40GB", 312, 39.4), ("NVIDIA A100 80GB PCIe", 312, 79.1),
+    ("NVIDIA L4", 121, 22), ("NVIDIA L40S", 362, 44.4), ("v5litepod-16", 197, 16), ("v5p:2x2x1", 459, 95),
+    ("NVIDIA GH200 480GB", None, None), ("cpu", None, None)], ids=lambda x: str(x))
+def test_device_specs_by_the_names_jax_gives(kind, tflops, gib):
+  # JAX names v5p "TPU v5"; "L40S" holds "L4" and "H100 PCIe" "H100", with other peaks.
+  spec = metrics.device_spec(kind)
+  assert spec == (None if tflops is None else (tflops * 1e12, gib))
+  assert plan.hbm_gib_for(kind) == (None if gib is None else gib)
+
+
+def test_bench_mfu_is_tokens_per_second_times_flops_per_token_over_the_peak(capsys, monkeypatch):
+  monkeypatch.setattr(metrics, "peak_flops_per_device", lambda: 2e12)  # a made-up peak: CPU has none
+  r = bench.run(config_lib.load_config("configs/gpt.py:tiny", [a[len("--config."):] for a in TINY]), steps=2,
+                warmup=1)
+  assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * r["flops_per_token"] / (2e12 * jax.device_count()))
+  assert f"{100 * r['mfu']:.1f}% of 2 TF/s per device" in capsys.readouterr().out
 
 
 def test_bench_profile_traces_further_steps(capsys, tmp_path, traced_steps):
