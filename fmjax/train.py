@@ -343,6 +343,8 @@ def _run(config, workdir: str, locked: list) -> dict:
     if tokenizer.vocab_size > config.model.vocab_size:
       raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
                         f"{config.model.vocab_size}; raise model.vocab_size")
+    if resume is None and (note := _unused_vocab_note(config, tokenizer.vocab_size)):
+      log.warning("%s", note)
     recorded = str(resume[1].get("tokenizer", "")) if resume is not None else ""
     if (_TOKENIZER_ID.fullmatch(recorded) and recorded != tokenizer.identity()
         and not files.isdir(os.path.join(workdir, data.RUN_TOKENIZER))):  # rebuilt: it must be the same one
@@ -544,6 +546,16 @@ def _diverged_message(step: int, in_a_row: int, saved: list[int], workdir: str) 
     return f"{what}, and no checkpoint before them was saved. Lower optim.lr and start again in a new --workdir"
   return (f"{what}. Lower optim.lr and go on from step {before[-1]}, the last checkpoint before them: "
           f"--config.init_from={workdir} --config.init_from_step={before[-1]} in a new --workdir")
+
+
+def _unused_vocab_note(config, tokenizer_ids: int) -> str:
+  """A warning when model.vocab_size exceeds the tokenizer's ids by more than padding to 128 does."""
+  V = config.model.vocab_size
+  if V - tokenizer_ids < 128:
+    return ""
+  return (f"model.vocab_size={V} leaves {V - tokenizer_ids} rows no token id uses (the tokenizer has {tokenizer_ids} "
+          f"ids): they cost compute and start the loss {math.log(V / tokenizer_ids):.2f} nats higher; set "
+          f"model.vocab_size={-(-tokenizer_ids // 128) * 128} (a multiple of 128)")
 
 
 def _short_warmup_note(config) -> str:

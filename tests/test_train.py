@@ -184,6 +184,15 @@ def test_train_step_lowers_for_cuda_with_cudnn_attention(family, overrides, as_i
     assert h100.cudnn_calls(step.trace(state, ids_only)) == h100.MASKED
 
 
+def test_a_model_vocabulary_far_above_the_tokenizers_is_a_warning():
+  # A tokenizer of 32000 ids under GPT-2's 50304 rows: 18304 rows no id reaches.
+  big = tiny("gpt", "model.vocab_size=50304")
+  assert train._unused_vocab_note(big, 32000) == (
+      "model.vocab_size=50304 leaves 18304 rows no token id uses (the tokenizer has 32000 ids): they cost compute "
+      "and start the loss 0.45 nats higher; set model.vocab_size=32000 (a multiple of 128)")
+  assert train._unused_vocab_note(big, 50257) == ""  # GPT-2's own, padded to a multiple of 128
+
+
 def test_schedule_notes_for_a_warmup_longer_than_the_run_and_a_resume_that_moves_the_rate():
   config = tiny("gpt", "train.steps=20", "optim.warmup_steps=50")
   assert "optim.warmup_steps=50 is not below train.steps=20: the rate never reaches" in train._short_warmup_note(config)
