@@ -362,15 +362,22 @@ class Layers(nnx.Module):
     if cfg.remat != "none" and cfg.remat not in REMAT_POLICIES:
       raise ConfigError(f"model.remat={cfg.remat!r} is not one of {['none', *REMAT_POLICIES]}")
     self.remat = cfg.remat
-    if self.scan:
-      @nnx.split_rngs(splits=cfg.num_layers)
-      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def create(r):
-        return make_block(r)
+    blocks = [make_block(rngs) for _ in range(cfg.num_layers)]
+    if not self.scan:
+      self.blocks = nnx.List(blocks)
+      return
+    # Stacked from the blocks the unrolled layout makes, so that a seed initialises both layouts
+    # (and whatever the model draws after them) alike: the layout is a speed setting only.
+    graphdef, state = nnx.split(blocks[0])
+    stacked = jax.tree.map(lambda *x_L: jnp.stack(x_L), *(nnx.to_pure_dict(nnx.state(b)) for b in blocks))
 
-      self.blocks = create(rngs)
-    else:
-      self.blocks = nnx.List([make_block(rngs) for _ in range(cfg.num_layers)])
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stack(layer_values):
+      layer = jax.tree.map(lambda x: x, state)  # a copy: one block's variables and their metadata
+      nnx.replace_by_pure_dict(layer, layer_values)
+      return nnx.merge(graphdef, layer)
+
+    self.blocks = stack(stacked)
 
   def __call__(self, x_BTD, segment_ids_BT, key, deterministic: bool):
     def body(block, x_BTD, layer_key):

@@ -137,6 +137,14 @@ def test_scan_matches_unrolled(family, remat, dropout):
   assert_trees_close(nnx.to_pure_dict(grads_u), models.unstack_layers(nnx.to_pure_dict(grads_s)), atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_a_seed_initialises_both_layer_layouts_alike(family):
+  # scan_layers is a speed setting: with it the blocks, and what the model draws after them (BERT's
+  # pooler and MLM transform), start from the same numbers as without it.
+  stacked = models.stack_layers(params(build(family, seed=7)))
+  assert_trees_close(params(build(family, seed=7, scan_layers=True)), stacked, atol=0)
+
+
 def test_bert_mlm_positions_gather_before_head():
   model = build("bert")
   toks = tokens()
