@@ -122,18 +122,22 @@ def test_attention_dropout_takes_the_xla_kernel():
       attn.resolve_kernel("splash", jnp.bfloat16, dropout=True)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_splash_matches_xla(causal):
-  q, k, v = _qkv(1)
+@pytest.mark.parametrize("causal,blocks", [(True, 1), (False, 1), (True, 3)])
+def test_splash_matches_xla(causal, blocks):
+  # blocks=3: T=384, three of the kernel's 128-blocks, documents running across block edges.
+  q, k, v = (jax.random.normal(key, (B, blocks * T, H, K)) for key in jax.random.split(jax.random.key(1), 3))
+  long_BT = jnp.array([[1] * 140 + [2] * 200 + [3] * 20 + [0] * 24, [1] * 384], jnp.int32)
+  segment_ids_BT = long_BT if blocks > 1 else SEGMENTS_BT
 
   def run(kernel):
     def loss(q, k, v):
-      out = attn.attention(q, k, v, causal=causal, segment_ids_BT=SEGMENTS_BT, kernel=kernel)
+      out = attn.attention(q, k, v, causal=causal, segment_ids_BT=segment_ids_BT, kernel=kernel)
       return jnp.sum(out * jnp.cos(jnp.arange(K))), out
     return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
   (_, out_ref), grads_ref = run("xla")
   (_, out), grads = run("splash")
+  assert out.shape == (B, blocks * T, H, K)
   np.testing.assert_allclose(out, out_ref, atol=1e-5)
   for g, g_ref in zip(grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, atol=2e-5)

@@ -3,6 +3,8 @@
 Shape legend: B batch, T sequence, D model, V vocab, M masked positions.
 """
 
+import contextlib
+import io
 import os
 
 import jax
@@ -110,9 +112,21 @@ def test_packed_segments_do_not_attend_across(family):
   assert not np.allclose(out[0, 12:26], out2[0, 12:26])
 
 
+def saved_for_backward(model, toks) -> int:
+  """How many arrays the forward pass keeps for the backward one."""
+  graphdef, state = nnx.split(model)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    jax.ad_checkpoint.print_saved_residuals(lambda s: nnx.merge(graphdef, s)(toks).sum(), state)
+  return len(out.getvalue().splitlines())
+
+
 @pytest.mark.parametrize("family,remat", [("gpt", "full"), ("gpt", "save_attention_out"), ("bert", "dots")])
 def test_remat_matches_no_remat(family, remat):
   toks = tokens()
+  # The policy is in force: the forward keeps fewer arrays than without remat, all the more for "full".
+  kept = {r: saved_for_backward(build(family, remat=r), toks) for r in ("none", remat, "full")}
+  assert kept["none"] > kept[remat] >= kept["full"], kept
   loss, grads = loss_and_grads(build(family), toks)
   loss_r, grads_r = loss_and_grads(build(family, remat=remat), toks)
   np.testing.assert_allclose(loss, loss_r, atol=1e-6)
