@@ -12,7 +12,8 @@ they are only printed, one per line, quoted so that they can be pasted into a sh
   fmjax launch xpk --cluster=my-gke --workload=gpt2 --accelerator=v5p-128 --num-slices=2 \\
       --zone=us-east5-a --project=my-proj --config=configs/gpt.py:small --workdir=gs://my-bucket/gpt2
 
-Modes: `create` (TPU VM, or a queued resource with --queued / --num-slices > 1), `setup` (copy the
+Modes: `create` (a queued resource for --spot, --queued or --num-slices > 1, else a TPU VM; one
+of the name that is already there is reused, so re-running a plan resumes it), `setup` (copy the
 code to every worker and install it), `run` (start training on every worker, detached), `logs`
 (copy each worker's log to the workdir and show worker 0's tail), `delete`, `all` (create, setup,
 run) and `xpk` (GKE workload create, or `xpk --delete`). The same plan is available from Python:
@@ -43,6 +44,11 @@ TAR_EXCLUDES = (".git", ".venv", "__pycache__", "*.egg-info", "workdirs", ".whl"
 # Multislice: the port of the megascale (DCN) coordinator on slice 0's first worker. Ray's
 # TPU support and xpk's JobSets use the same default.
 MEGASCALE_PORT = 8081
+# Waiting for a TPU: seconds between looks at its state, and how many looks in a row may fail (a
+# network blip, a laptop that slept through an hours-long spot wait) before the wait gives up.
+POLL_S = 60
+DESCRIBE_TRIES = 5
+RETRY_S = 30
 
 
 class LaunchError(ValueError):
@@ -152,7 +158,7 @@ class LaunchSpec:
   workdir: str = ""
   overrides: tuple[str, ...] = ()     # `a.b=v`, passed on as `--config.a.b=v`
   capacity: str = "on-demand"         # on-demand | spot | reserved
-  queued: bool = False                # a queued resource instead of a plain TPU VM create
+  queued: bool | None = None          # a queued resource instead of a plain TPU VM; None: for spot / multislice
   num_slices: int = 1                 # > 1: multislice through a queued resource
   runtime: str = ""                   # TPU software version; default per TPU generation
   code_dir: str = "."                 # what `setup` tars and copies (the repository root)
@@ -171,12 +177,26 @@ class LaunchSpec:
 
 
 def resolve(spec: LaunchSpec, environ: dict | None = None) -> LaunchSpec:
-  """Fills project and zone from gcloud's environment variables when not given."""
+  """Fills project and zone, when not given, from gcloud's environment variables, then from gcloud's own
+  config (`gcloud config set project ...`), which is where most users keep them."""
   environ = os.environ if environ is None else environ
   return dataclasses.replace(
       spec,
-      project=spec.project or environ.get("CLOUDSDK_CORE_PROJECT", ""),
-      zone=spec.zone or environ.get("CLOUDSDK_COMPUTE_ZONE", ""))
+      project=spec.project or environ.get("CLOUDSDK_CORE_PROJECT", "") or _gcloud_config("project"),
+      zone=spec.zone or environ.get("CLOUDSDK_COMPUTE_ZONE", "") or _gcloud_config("compute/zone"))
+
+
+def _gcloud_config(key: str) -> str:
+  """`gcloud config get-value KEY`, or "" when unset or when gcloud is missing (a dry run needs no gcloud)."""
+  if shutil.which("gcloud") is None:
+    return ""
+  try:
+    result = subprocess.run(["gcloud", "config", "get-value", key], capture_output=True, text=True, timeout=60)
+  except (OSError, subprocess.SubprocessError):
+    return ""
+  # An unset key prints nothing on stdout ("(unset)" goes to stderr).
+  value = result.stdout.strip() if result.returncode == 0 else ""
+  return "" if value == "(unset)" else value
 
 
 def validate(spec: LaunchSpec, mode: str) -> Accelerator | None:
@@ -194,15 +214,21 @@ def validate(spec: LaunchSpec, mode: str) -> Accelerator | None:
                       "dashes, starting with a letter (at most 40 characters)")
   optional = mode in ("logs", "delete", "xpk-delete") and not spec.accelerator
   acc = None if optional else parse_accelerator(spec.accelerator)
+  # `gcloud config set` is only worth naming where gcloud is there to read it back.
+  has_gcloud = shutil.which("gcloud") is not None
   if not spec.project:
-    raise LaunchError("no project: pass --project=PROJECT or set CLOUDSDK_CORE_PROJECT "
-                      "(`gcloud config set project PROJECT` does not reach this launcher)")
+    raise LaunchError("no project: pass --project=PROJECT or set CLOUDSDK_CORE_PROJECT"
+                      + (" (or run `gcloud config set project PROJECT`)" if has_gcloud else ""))
   if not spec.zone:
-    raise LaunchError("no zone: pass --zone=ZONE (e.g. us-east5-a) or set CLOUDSDK_COMPUTE_ZONE")
+    raise LaunchError("no zone: pass --zone=ZONE (e.g. us-east5-a) or set CLOUDSDK_COMPUTE_ZONE"
+                      + (" (or run `gcloud config set compute/zone ZONE`)" if has_gcloud else ""))
   if spec.capacity not in ("on-demand", "spot", "reserved"):
     raise LaunchError(f"capacity {spec.capacity!r} is not one of on-demand, spot, reserved")
   if spec.num_slices < 1:
     raise LaunchError(f"--num-slices must be at least 1, got {spec.num_slices}")
+  if spec.queued is False and spec.num_slices > 1:
+    raise LaunchError(f"--no-queued cannot make --num-slices={spec.num_slices}: Cloud TPU creates multislice only "
+                      "through a queued resource; drop --no-queued")
   if spec.max_restarts < 0:
     raise LaunchError(f"--max-restarts must be 0 or more, got {spec.max_restarts}")
   if mode.startswith("xpk") and not spec.cluster:
@@ -283,8 +309,11 @@ def plan_commands(spec: LaunchSpec, mode: str = "all") -> list[list[str]]:
 
 
 def _queued(spec: LaunchSpec) -> bool:
-  # Cloud TPU provisions multislice only through queued resources.
-  return spec.queued or spec.num_slices > 1
+  """Queued resources for multislice (Cloud TPU makes it no other way) and, unless --no-queued, for spot:
+  a plain spot `tpu-vm create` fails at once when capacity is short, a queued request waits for it."""
+  if spec.num_slices > 1:
+    return True
+  return spec.capacity == "spot" if spec.queued is None else spec.queued
 
 
 def _nodes(spec: LaunchSpec) -> list[str]:
@@ -302,43 +331,67 @@ def _capacity_flags(spec: LaunchSpec) -> list[str]:
   return {"on-demand": [], "spot": ["--spot"], "reserved": ["--reserved"]}[spec.capacity]
 
 
-def _reclaim(spec: LaunchSpec, acc: Accelerator) -> list[str]:
-  """A check before `create`: a TPU of this name that was preempted (or a queued resource that was
-  suspended or failed) still holds the name until deleted, so it is deleted and created again, which
-  is how spot capacity comes back; one in any other state stops the plan in one line."""
-  if _queued(spec):
-    kind, state_format, dead = "queued-resources", "--format=value(state.state)", "SUSPENDED|FAILED"
-  else:
-    kind, state_format, dead = "tpu-vm", "--format=value(state)", "PREEMPTED|TERMINATED"
-  describe = _script_join(["gcloud", "compute", "tpus", kind, "describe", spec.name, *_where(spec), state_format])
-  delete = _script_join(_delete(spec, acc)[0])
-  script = (f'state=$({describe} 2>/dev/null) || exit 0; case $state in "") ;; '
-            f'{dead}) echo "{kind} {spec.name} is $state: deleting it to create it again" >&2; {delete};; '
-            f'*) echo "{kind} {spec.name} already exists ($state): when it is ready, fmjax launch setup and run '
-            f'use it as it is; fmjax launch delete removes it" >&2; exit 1;; esac')
-  return ["bash", "-c", script]
+@dataclasses.dataclass(frozen=True)
+class _Lifecycle:
+  """The states of what `create` makes, as `gcloud ... describe` names them, grouped by what `create` does."""
+  kind: str        # gcloud's group: tpu-vm | queued-resources
+  what: str        # its name in messages
+  state_format: str
+  ready: str       # setup can start
+  pending: str     # on its way to `ready`: reused and waited for
+  dead: str        # holds the name but will not come back: deleted and created again
+  hopeless: str    # a wait ends here: it will not become `ready`
+
+
+_TPU_VM = _Lifecycle("tpu-vm", "TPU VM", "--format=value(state)", "READY", "CREATING|STARTING|RESTARTING",
+                     "PREEMPTED|TERMINATED", "PREEMPTED|TERMINATED|STOPPING|STOPPED|DELETING")
+_QUEUED = _Lifecycle("queued-resources", "queued resource", "--format=value(state.state)", "ACTIVE",
+                     "CREATING|ACCEPTED|WAITING_FOR_RESOURCES|PROVISIONING", "SUSPENDED|FAILED",
+                     "SUSPENDED|FAILED|SUSPENDING|DELETING")
 
 
 def _create(spec: LaunchSpec, acc: Accelerator) -> list[list[str]]:
+  """Creates the TPU VM or queued resource unless one of the name is already there, then waits until it is ready.
+
+  Re-running `create` (or `all`) picks up where an interrupted or preempted plan stopped: one that is live
+  (creating, waiting for capacity, ready) is reused; a preempted TPU or a suspended or failed queued
+  resource still holds the name until deleted, so it is deleted and created again, which is how spot
+  capacity comes back; any other state (stopped, being deleted) stops the plan in one line.
+  """
   runtime = spec.runtime or acc.family.runtime
-  reclaim = _reclaim(spec, acc)
   if not _queued(spec):
-    return [reclaim, ["gcloud", "compute", "tpus", "tpu-vm", "create", spec.name, *_where(spec),
-                      f"--accelerator-type={acc.name}", f"--version={runtime}", *_capacity_flags(spec)]]
-  if spec.num_slices > 1:
-    nodes = [f"--node-count={spec.num_slices}", f"--node-prefix={spec.name}"]
+    life = _TPU_VM
+    create = ["gcloud", "compute", "tpus", "tpu-vm", "create", spec.name, *_where(spec),
+              f"--accelerator-type={acc.name}", f"--version={runtime}", *_capacity_flags(spec)]
   else:
-    nodes = [f"--node-id={spec.name}"]
-  create = ["gcloud", "compute", "tpus", "queued-resources", "create", spec.name, *_where(spec),
-            f"--accelerator-type={acc.name}", f"--runtime-version={runtime}", *nodes,
-            *_capacity_flags(spec)]
-  # `queued-resources create` returns once the request is queued; setup needs ACTIVE nodes.
-  describe = _script_join(["gcloud", "compute", "tpus", "queued-resources", "describe", spec.name,
-                            *_where(spec), "--format=value(state.state)"])
-  wait = (f"while true; do state=$({describe}) || exit 1; case $state in "
-          f"ACTIVE) exit 0;; FAILED|SUSPENDED) echo \"queued resource {spec.name} is $state\" >&2; exit 1;; "
-          f"esac; echo \"queued resource {spec.name}: $state, waiting\"; sleep 60; done")
-  return [reclaim, create, ["bash", "-c", wait]]
+    life = _QUEUED
+    if spec.num_slices > 1:
+      nodes = [f"--node-count={spec.num_slices}", f"--node-prefix={spec.name}"]
+    else:
+      nodes = [f"--node-id={spec.name}"]
+    # `queued-resources create` returns once the request is queued; setup needs ACTIVE nodes.
+    create = ["gcloud", "compute", "tpus", "queued-resources", "create", spec.name, *_where(spec),
+              f"--accelerator-type={acc.name}", f"--runtime-version={runtime}", *nodes, *_capacity_flags(spec)]
+  describe = _script_join(["gcloud", "compute", "tpus", life.kind, "describe", spec.name, *_where(spec),
+                           life.state_format])
+  delete = _script_join(_delete(spec, acc)[0])
+  it = f"{life.what} {spec.name}"
+  ensure = (f'state=$({describe} 2>/dev/null) || state=""; case $state in "") ;; '
+            f'{life.dead}) echo "{it} is $state: deleting it to create it again" >&2; {delete} || exit;; '
+            f'{life.pending}) echo "{it} already exists ($state): not creating it again, waiting until it is '
+            f'{life.ready}" >&2; exit 0;; '
+            f'{life.ready}) echo "{it} already exists and is {life.ready}: using it as it is" >&2; exit 0;; '
+            f'*) echo "{it} is $state, which create cannot use: run the same command again once that changes, or '
+            f'remove it with fmjax launch delete" >&2; exit 1;; esac; exec {_script_join(create)}')
+  wait = (f'fails=0; while true; do if state=$({describe}); then fails=0; else fails=$((fails + 1)); '
+          f'if [ $fails -ge {DESCRIBE_TRIES} ]; then echo "could not read the state of {it} {DESCRIBE_TRIES} '
+          f'times in a row: run the same command again to go on waiting" >&2; exit 1; fi; '
+          f'echo "{it}: describe failed ($fails of {DESCRIBE_TRIES}), trying again in {RETRY_S}s" >&2; '
+          f'sleep {RETRY_S}; continue; fi; case $state in {life.ready}) exit 0;; '
+          f'{life.hopeless}) echo "{it} is $state, so it will not become {life.ready}: run the same command again '
+          f'(a preempted, suspended or failed one is created again)" >&2; exit 1;; esac; '
+          f'echo "{it}: $state, waiting"; sleep {POLL_S}; done')
+  return [["bash", "-c", ensure], ["bash", "-c", wait]]
 
 
 def _ssh(spec: LaunchSpec, node: str, remote: str | None, worker: str = "all") -> list[str]:
@@ -564,8 +617,8 @@ def _parser() -> argparse.ArgumentParser:
 
   def common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--accelerator", default="", help="TPU type, e.g. v5p-128, v4-32, v5litepod-16, v6e-256")
-    q.add_argument("--zone", default="", help="default: $CLOUDSDK_COMPUTE_ZONE")
-    q.add_argument("--project", default="", help="default: $CLOUDSDK_CORE_PROJECT")
+    q.add_argument("--zone", default="", help="default: $CLOUDSDK_COMPUTE_ZONE, else gcloud's compute/zone")
+    q.add_argument("--project", default="", help="default: $CLOUDSDK_CORE_PROJECT, else gcloud's project")
     q.add_argument("--num-slices", type=int, default=1, help="> 1: multislice (a queued resource on TPU VMs)")
     q.add_argument("--config", default="", help="configs/NAME.py[:args] for `fmjax train`")
     q.add_argument("--workdir", default="", help="gs://BUCKET/PATH (required for multi-host runs)")
@@ -586,7 +639,9 @@ def _parser() -> argparse.ArgumentParser:
     cap = q.add_mutually_exclusive_group()
     cap.add_argument("--spot", action="store_true", help="spot capacity (can be preempted)")
     cap.add_argument("--reserved", action="store_true", help="the project's reserved capacity")
-    q.add_argument("--queued", action="store_true", help="request through a queued resource")
+    q.add_argument("--queued", action=argparse.BooleanOptionalAction, default=None,
+                   help="request through a queued resource, which waits for capacity (default: yes with --spot "
+                        "or --num-slices > 1, else no; --no-queued makes a spot TPU VM directly)")
     q.add_argument("--runtime", default="", help="TPU software version; default per TPU generation")
     q.add_argument("--git-repo", default="", help="workers clone this repository instead of a tarball")
     q.add_argument("--git-ref", default="", help="branch, tag or commit to check out (with --git-repo)")

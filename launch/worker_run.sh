@@ -21,7 +21,8 @@ if [ -f "$pid_file" ]; then
   old=$(cat "$pid_file")
   if kill -0 "$old" 2>/dev/null; then
     echo "worker $(hostname): stopping the previous run (pid $old)"
-    kill "$old"
+    # It may exit between the check and the kill; under set -e a failed kill would abort this start.
+    kill "$old" 2>/dev/null || true
     for _ in $(seq 60); do kill -0 "$old" 2>/dev/null || break; sleep 1; done
     kill -9 "$old" 2>/dev/null || true
   fi

@@ -27,6 +27,7 @@ GOLDEN_CASES = {
         ["--tpu=bert-base", "--accelerator=v6e-8", *WHERE, "--config=configs/bert.py:base",
          "--workdir=/home/me/runs/bert"],
         ("create", "setup", "run", "logs", "delete")),
+    # Spot asks for a queued resource by default: it waits for capacity where a plain create fails.
     "spot_v5p_128": (
         ["--tpu=gpt2-small", "--accelerator=v5p-128", "--spot", *WHERE, "--config=configs/gpt.py:small",
          "--workdir=gs://my-bucket/gpt2", "--git-repo=https://github.com/me/fmjax.git", "--git-ref=v0.1",
@@ -45,11 +46,20 @@ GOLDEN_CASES = {
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-  """Goldens must not depend on the caller's gcloud defaults or directory."""
+def _clean_env(monkeypatch, tmp_path):
+  """Goldens must not depend on the caller's gcloud defaults (environment or `gcloud config`) or directory."""
   monkeypatch.delenv("CLOUDSDK_CORE_PROJECT", raising=False)
   monkeypatch.delenv("CLOUDSDK_COMPUTE_ZONE", raising=False)
+  monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud_config"))  # a real gcloud finds nothing set
   monkeypatch.chdir(REPO)
+
+
+def _created(cmds):
+  """The create command, which runs inside the check of the name (`exec` at its end), so that a re-run
+  reuses a live TPU instead of failing on the name."""
+  check = cmds[0]
+  assert check[:2] == ["bash", "-c"], check
+  return shlex.split(check[2].rsplit("; exec ", 1)[1])
 
 
 def _dry_run(capsys, argv):
@@ -93,8 +103,9 @@ def test_plan_is_what_the_golden_shows():
   spec = launch.LaunchSpec(name="p", accelerator="v5p-128", zone="z", project="pr", config="configs/gpt.py:small",
                            workdir="gs://b/run", num_slices=2, capacity="spot")
   cmds = launch.plan_commands(spec, "all")
-  reclaim, create = cmds[0], cmds[1]
-  assert reclaim[:2] == ["bash", "-c"] and "queued-resources describe p " in reclaim[2]
+  check, wait, create = cmds[0], cmds[1], _created(cmds)
+  assert check[:2] == ["bash", "-c"] and "queued-resources describe p " in check[2]
+  assert wait[:2] == ["bash", "-c"] and "ACTIVE) exit 0;;" in wait[2]
   assert create[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
   assert {"--node-count=2", "--node-prefix=p", "--spot", "--accelerator-type=v5p-128",
           "--runtime-version=v2-alpha-tpuv5"} <= set(create)
@@ -104,15 +115,16 @@ def test_plan_is_what_the_golden_shows():
     assert f"ssh p-{i} " in script and f"MEGASCALE_SLICE_ID={i} " in script
     assert "MEGASCALE_NUM_SLICES=2" in script and "--config.mesh.dcn_data=2" in script
     assert "JAX_COMPILATION_CACHE_DIR=gs://b/jax_compilation_cache" in script
-  queued = launch.plan_commands(dataclasses.replace(spec, num_slices=1, queued=True), "create")
-  assert "--node-id=p" in queued[1] and not any(a.startswith("--node-count") for a in queued[1])
+  queued = _created(launch.plan_commands(dataclasses.replace(spec, num_slices=1, queued=True), "create"))
+  assert "--node-id=p" in queued and not any(a.startswith("--node-count") for a in queued)
   assert launch.plan_commands(dataclasses.replace(spec, num_slices=1, queued=True), "delete") == [
       ["gcloud", "compute", "tpus", "queued-resources", "delete", "p", "--zone=z", "--project=pr", "--force",
        "--quiet"]]
   single = launch.plan_commands(launch.LaunchSpec(name="s", accelerator="v4-8", zone="z", project="pr"), "create")
-  assert single[1:] == [["gcloud", "compute", "tpus", "tpu-vm", "create", "s", "--zone=z", "--project=pr",
-                         "--accelerator-type=v4-8", "--version=tpu-ubuntu2204-base"]]
+  assert _created(single) == ["gcloud", "compute", "tpus", "tpu-vm", "create", "s", "--zone=z", "--project=pr",
+                              "--accelerator-type=v4-8", "--version=tpu-ubuntu2204-base"]
   assert "tpu-vm describe s --zone=z --project=pr \"--format=value(state)\"" in single[0][2]
+  assert len(single) == 2 and "READY) exit 0;;" in single[1][2]  # a reused TPU VM may still be CREATING
 
 
 @pytest.mark.parametrize("name,chips,hosts", [
@@ -128,15 +140,22 @@ def test_accelerator_table(name, chips, hosts):
 
 FAKE = """#!/bin/sh
 { printf '%s' "$(basename "$0")"; for a in "$@"; do printf '\\t%s' "$a"; done; printf '\\n'; } >> "$FAKE_LOG"
-# A TPU's state is $FAKE_STATE until this log shows it created (then a queued resource is ACTIVE);
-# without FAKE_STATE nothing of the name exists yet (describe fails).
+# The n-th look at a TPU's state (this one included) gets the n-th word of $FAKE_STATE (the last
+# word once they run out) until this log shows the TPU created: then a queued resource is ACTIVE
+# and a TPU VM READY. Without FAKE_STATE nothing of the name exists yet (describe fails). The
+# looks whose numbers $FAKE_FLAKY lists fail as a network error would.
 case "$*" in
-  *"queued-resources describe"*)
-    if grep -q "queued-resources.create" "$FAKE_LOG"; then echo ACTIVE
-    elif [ -n "$FAKE_STATE" ]; then echo "$FAKE_STATE"; else exit 1; fi ;;
-  *"tpu-vm describe"*"value(state)"*)
-    if [ -n "$FAKE_STATE" ]; then echo "$FAKE_STATE"; else exit 1; fi ;;
+  *"describe"*"value(state"*)
+    n=$(grep -c "describe.*value(state" "$FAKE_LOG")
+    case " $FAKE_FLAKY " in *" $n "*) echo "ERROR: (gcloud) network is unreachable" >&2; exit 1 ;; esac
+    if grep -q "queued-resources.create" "$FAKE_LOG"; then echo ACTIVE; exit 0; fi
+    if grep -q "tpu-vm.create" "$FAKE_LOG"; then echo READY; exit 0; fi
+    [ -n "$FAKE_STATE" ] || exit 1
+    i=1; for state in $FAKE_STATE; do [ $i -ge $n ] && break; i=$((i + 1)); done
+    echo "$state"; exit 0 ;;
   *"tpu-vm describe"*) echo 10.1.2.3 ;;
+  *"config get-value project"*) echo "$FAKE_PROJECT" ;;
+  *"config get-value compute/zone"*) echo "$FAKE_ZONE" ;;
 esac
 if [ -n "$FAKE_FAIL" ]; then
   case "$*" in *"$FAKE_FAIL"*) exit 3 ;; esac
@@ -149,14 +168,15 @@ exit 0
 def fake_tools(tmp_path, monkeypatch):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  for tool in ("gcloud", "xpk"):
+  for tool in ("gcloud", "xpk", "sleep"):  # a fake sleep: the waits' pauses are logged, not slept
     path = bin_dir / tool
     path.write_text(FAKE)
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
   log = tmp_path / "calls.log"
   monkeypatch.setenv("FAKE_LOG", str(log))
   monkeypatch.delenv("FAKE_FAIL", raising=False)
-  monkeypatch.delenv("FAKE_STATE", raising=False)
+  for var in ("FAKE_STATE", "FAKE_FLAKY", "FAKE_PROJECT", "FAKE_ZONE"):
+    monkeypatch.delenv(var, raising=False)
   monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
   code = tmp_path / "code"  # a checkout as the workers get it: the package, its configs, a marker
   (code / "launch").mkdir(parents=True)
@@ -266,33 +286,114 @@ def test_execute_stops_at_first_failure(fake_tools, capsys, monkeypatch):
           "--execute"]
   assert launch.cli(argv) == 1
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("error: command failed with exit code 3: gcloud compute tpus tpu-vm "
-                                             "create t1 ")
-  assert [c[3:5] for c in calls()] == [["tpu-vm", "describe"], ["tpu-vm", "create"]]  # no tar, scp or ssh after it
+  # The create runs inside the check of the name (a re-run reuses a live TPU), so the line names that script.
+  assert len(err) == 1 and err[0].startswith("error: command failed with exit code 3: bash -c ")
+  assert "exec gcloud compute tpus tpu-vm create t1 " in err[0]
+  assert [c[3:5] for c in calls()] == [["tpu-vm", "describe"], ["tpu-vm", "create"]]  # no wait, tar, scp or ssh
 
 
 @pytest.mark.parametrize("queued", [False, True])
-def test_a_preempted_tpu_is_deleted_and_created_again_and_a_live_one_is_left_alone(fake_tools, capfd,
-                                                                                    monkeypatch, queued):
+def test_a_preempted_tpu_is_deleted_and_created_again_and_a_live_one_is_reused(fake_tools, capfd, monkeypatch,
+                                                                              queued):
   """Spot capacity comes back by delete and create: a preempted TPU (a suspended queued resource)
   still holds its name, so `create` after a preemption would fail without the check before it."""
   _, calls = fake_tools
   kind = "queued-resources" if queued else "tpu-vm"
-  argv = ["create", "--tpu=t1", "--accelerator=v4-8", *WHERE, "--spot", "--execute", *(["--queued"] if queued else [])]
+  # --spot alone asks for a queued resource now; --no-queued keeps the plain spot TPU VM case tested.
+  argv = ["create", "--tpu=t1", "--accelerator=v4-8", *WHERE, "--spot", "--execute",
+          "--queued" if queued else "--no-queued"]
   monkeypatch.setenv("FAKE_STATE", "SUSPENDED" if queued else "PREEMPTED")
   assert launch.cli(argv) == 0, capfd.readouterr().err
   steps = [c[3:5] for c in calls()]
-  assert steps[:3] == [[kind, "describe"], [kind, "delete"], [kind, "create"]], steps
+  assert steps == [[kind, "describe"], [kind, "delete"], [kind, "create"], [kind, "describe"]], steps
   assert ("--force" in calls()[1]) == queued
   assert "is " + ("SUSPENDED" if queued else "PREEMPTED") + ": deleting it to create it again" in capfd.readouterr().err
 
+  # A live one (the plan was interrupted after create) is used as it is: re-running the plan resumes it.
+  ready = "ACTIVE" if queued else "READY"
   log = fake_tools[0].parent / "calls_live.log"
   monkeypatch.setenv("FAKE_LOG", str(log))
-  monkeypatch.setenv("FAKE_STATE", "READY")
+  monkeypatch.setenv("FAKE_STATE", ready)
+  assert launch.cli(argv) == 0
+  what = "queued resource" if queued else "TPU VM"
+  assert f"{what} t1 already exists and is {ready}: using it as it is\n" in capfd.readouterr().err
+  assert [line.split("\t")[3:5] for line in log.read_text().splitlines()] == [[kind, "describe"]] * 2  # no create
+
+  # One that will not become ready stops the plan in one line, and nothing is created or deleted.
+  log.unlink()
+  monkeypatch.setenv("FAKE_STATE", "DELETING")
   assert launch.cli(argv) == 1
-  assert f"{kind} t1 already exists (READY): when it is ready, fmjax launch setup and run use it as it is" in \
-      capfd.readouterr().err
-  assert [line.split("\t")[3:5] for line in log.read_text().splitlines()] == [[kind, "describe"]]  # nothing else
+  err = capfd.readouterr().err
+  assert f"{what} t1 is DELETING, which create cannot use: run the same command again once that changes, " \
+         "or remove it with fmjax launch delete\n" in err
+  assert [line.split("\t")[3:5] for line in log.read_text().splitlines()] == [[kind, "describe"]]
+
+
+@pytest.mark.parametrize("states,queued", [
+    ("WAITING_FOR_RESOURCES WAITING_FOR_RESOURCES PROVISIONING ACTIVE", True),
+    ("CREATING CREATING READY", False)])
+def test_rerunning_all_resumes_a_tpu_that_is_still_on_its_way(fake_tools, capfd, monkeypatch, states, queued):
+  """`all` stopped during a long spot wait (Ctrl-C, a closed laptop) left the request queued: running the
+  same command again waits for that request instead of stopping at its name or making a second one."""
+  code, calls = fake_tools
+  monkeypatch.setenv("FAKE_STATE", states)
+  argv = ["all", "--tpu=t1", "--accelerator=v4-8", *WHERE, "--config=configs/gpt.py:tiny", "--workdir=gs://b/r",
+          f"--code-dir={code}", "--spot", "--execute", "--queued" if queued else "--no-queued"]
+  try:
+    assert launch.cli(argv) == 0, capfd.readouterr().err
+  finally:
+    pathlib.Path("/tmp/fmjax-t1.tar.gz").unlink(missing_ok=True)
+  kind, what = ("queued-resources", "queued resource") if queued else ("tpu-vm", "TPU VM")
+  first = states.split()[0]
+  assert f"{what} t1 already exists ({first}): not creating it again, waiting until it is" in capfd.readouterr().err
+  d = f"{kind} describe"
+  steps = [c[0] if c[0] == "sleep" else " ".join(c[3:5]) for c in calls()]
+  # The check of the name, then the wait (a pause after each look but the last), then setup and run.
+  assert steps == [d, d, "sleep"] + ([d, "sleep"] if queued else []) + [d, "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh"]
+  assert {tuple(c) for c in calls() if c[0] == "sleep"} == {("sleep", str(launch.POLL_S))}
+
+
+def test_waiting_outlasts_a_few_failed_looks_at_the_state(fake_tools, capfd, monkeypatch):
+  """An hours-long spot wait sees network blips and laptop sleeps: a failed describe is tried again after
+  a pause, and only DESCRIBE_TRIES failures in a row end the wait, with one line on how to go on."""
+  _, calls = fake_tools
+  argv = ["create", "--tpu=t1", "--accelerator=v5p-128", *WHERE, "--spot", "--queued", "--execute"]
+  monkeypatch.setenv("FAKE_FLAKY", "2 3")  # the wait's first two looks (look 1 is the check of the name)
+  assert launch.cli(argv) == 0, capfd.readouterr().err
+  assert [c[0] if c[0] == "sleep" else " ".join(c[3:5]) for c in calls()] == [
+      "queued-resources describe", "queued-resources create", "queued-resources describe", "sleep",
+      "queued-resources describe", "sleep", "queued-resources describe"]
+  assert [c for c in calls() if c[0] == "sleep"] == [["sleep", str(launch.RETRY_S)]] * 2
+  assert "queued resource t1: describe failed (2 of 5), trying again in 30s" in capfd.readouterr().err
+
+  log = fake_tools[0].parent / "calls_down.log"
+  monkeypatch.setenv("FAKE_LOG", str(log))
+  monkeypatch.setenv("FAKE_FLAKY", " ".join(str(n) for n in range(2, 2 + launch.DESCRIBE_TRIES)))
+  assert launch.cli(argv) == 1
+  err = capfd.readouterr().err
+  assert f"could not read the state of queued resource t1 {launch.DESCRIBE_TRIES} times in a row: run the same " \
+         "command again to go on waiting\n" in err
+  tries = [line for line in err.splitlines() if line.startswith("queued resource t1: describe failed (")]
+  assert len(tries) == launch.DESCRIBE_TRIES - 1  # no pause after the last
+
+
+def test_spot_asks_for_a_queued_resource_unless_told_not_to(capsys):
+  """A plain spot `tpu-vm create` fails at once when capacity is short (Cloud TPU docs, Manage TPU
+  resources); a queued resource waits for it, so it is what --spot gets unless --no-queued."""
+  argv = ["create", "--tpu=t1", "--accelerator=v5p-128", *WHERE, "--spot"]
+  out = _dry_run(capsys, argv)
+  assert "exec gcloud compute tpus queued-resources create t1 " in out and "--node-id=t1 --spot" in out
+  assert _dry_run(capsys, ["delete", *argv[1:]]).startswith("gcloud compute tpus queued-resources delete t1 ")
+  out = _dry_run(capsys, [*argv, "--no-queued"])
+  assert "exec gcloud compute tpus tpu-vm create t1 " in out and "queued-resources" not in out
+  # On-demand and reserved capacity keep the plain create unless --queued.
+  assert "tpu-vm create t1 " in _dry_run(capsys, argv[:-1])
+  assert "queued-resources create t1 " in _dry_run(capsys, [*argv[:-1], "--reserved", "--queued"])
+  assert launch.cli([*argv, "--no-queued", "--num-slices=2"]) == 2
+  assert capsys.readouterr().err == ("error: --no-queued cannot make --num-slices=2: Cloud TPU creates multislice "
+                                     "only through a queued resource; drop --no-queued\n")
+  assert launch.cli(["create", "--help"]) == 0
+  assert "(default: yes with --spot" in " ".join(capsys.readouterr().out.split())
 
 
 def test_execute_without_tool_on_path_creates_nothing(tmp_path, monkeypatch, capsys):
@@ -315,7 +416,75 @@ def test_worker_run_script_detaches_and_logs(tmp_path):
     subprocess.run(["sleep", "0.05"])
   assert pid > 0
   assert (tmp_path / "fmjax_logs" / "train.log").read_text() == "step 1 loss 2.5\n"
-  assert subprocess.run(["bash", "-n", str(REPO / "launch" / "worker_setup.sh")]).returncode == 0
+  for name in ("worker_setup.sh", "worker_run.sh"):
+    assert subprocess.run(["bash", "-n", str(REPO / "launch" / name)]).returncode == 0, name
+
+
+def test_worker_run_starts_when_the_old_run_exits_before_it_is_killed(tmp_path):
+  """The previous run can exit between the script's `kill -0` and its `kill`; under `set -e` the failed
+  kill must not abort the new start. A `kill` function (BASH_ENV) reports a gone process alive once."""
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  (tmp_path / "fmjax_logs").mkdir()
+  (tmp_path / "fmjax_logs" / "train.pid").write_text(f"{gone.pid}\n")
+  (tmp_path / "kill.sh").write_text(
+      'kill() { if [ "$1" = -0 ] && [ ! -e "$HOME/seen" ]; then : > "$HOME/seen"; return 0; fi; builtin kill "$@"; }\n')
+  env = dict(os.environ, HOME=str(tmp_path), BASH_ENV=str(tmp_path / "kill.sh"))
+  result = subprocess.run(["bash", str(REPO / "launch" / "worker_run.sh"), "true"], env=env, capture_output=True,
+                          text=True, timeout=30)
+  assert result.returncode == 0, result.stderr
+  assert f"stopping the previous run (pid {gone.pid})" in result.stdout and "started pid" in result.stdout
+  assert int((tmp_path / "fmjax_logs" / "train.pid").read_text()) != gone.pid
+
+
+# A Python for worker_setup.sh as Debian ships it: `-m venv` leaves a bin/python without pip (and fails)
+# until the interpreter's pythonX.Y-venv package is installed; the fake apt-get installs it.
+FAKE_PY = """#!/bin/sh
+case "$1" in
+  -c) exit 0 ;;
+  --version) echo "Python 3.13.0" ;;
+  -m)
+    if [ "$2" = venv ]; then
+      mkdir -p "$3/bin" && cp "$0" "$3/bin/python"
+      [ -e "$FAKE_ROOT/python3.13-venv" ] && { : > "$3/bin/pip"; exit 0; }
+      echo "ensurepip is not available: apt install python3.13-venv" >&2; exit 1
+    fi
+    [ "$2" = pip ] && [ -e "$(dirname "$0")/pip" ] && exit 0
+    echo "No module named pip" >&2; exit 1 ;;
+esac
+"""
+FAKE_APT = """#!/bin/sh
+echo "apt-get $*" >> "$FAKE_ROOT/apt.log"
+for a in "$@"; do case "$a" in *-venv) : > "$FAKE_ROOT/$a" ;; esac; done
+"""
+
+
+def test_worker_setup_makes_a_venv_without_pip_again(tmp_path):
+  """A venv made while pythonX.Y-venv was missing has bin/python but no pip; setup must make it again
+  (installing the picked interpreter's venv package) rather than fail on "No module named pip" forever."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, text in (("python3.13", FAKE_PY), ("apt-get", FAKE_APT), ("sudo", '#!/bin/sh\nexec env "$@"\n')):
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  work = tmp_path / "fmjax"
+  (work / ".venv" / "bin").mkdir(parents=True)
+  shutil.copy(bin_dir / "python3.13", work / ".venv" / "bin" / "python")  # left by a failed `-m venv`: no pip
+  env = dict(os.environ, FAKE_ROOT=str(tmp_path), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+  def setup():
+    return subprocess.run(["bash", str(REPO / "launch" / "worker_setup.sh")], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=60)
+  result = setup()
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert ".venv has no working pip" in result.stdout and "Python 3.13.0 in" in result.stdout
+  assert (work / ".venv" / "bin" / "pip").exists()
+  assert "install -y -qq python3.13-venv" in (tmp_path / "apt.log").read_text()
+  # Once it works it is kept: no message, no apt-get.
+  (tmp_path / "apt.log").unlink()
+  result = setup()
+  assert result.returncode == 0 and "no working pip" not in result.stdout, result.stderr
+  assert not (tmp_path / "apt.log").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,8 +504,7 @@ BASE = ["run", "--tpu=t1", "--config=configs/gpt.py:small", "--workdir=gs://b/r"
     (BASE + ["--accelerator=tpu-v9-8", *WHERE],
      "error: unknown TPU accelerator type 'tpu-v9-8' (known types: v4-N, v5litepod-N, v5p-N, v6e-N)"),
     (BASE + ["--accelerator=v4-32", "--zone=us-central2-b"],
-     "error: no project: pass --project=PROJECT or set CLOUDSDK_CORE_PROJECT "
-     "(`gcloud config set project PROJECT` does not reach this launcher)"),
+     "error: no project: pass --project=PROJECT or set CLOUDSDK_CORE_PROJECT"),
     (BASE + ["--accelerator=v4-32", "--project=p"],
      "error: no zone: pass --zone=ZONE (e.g. us-east5-a) or set CLOUDSDK_COMPUTE_ZONE"),
     (["run", "--tpu=t1", "--config=configs/gpt.py:small", "--workdir=/tmp/run", "--accelerator=v4-32", *WHERE],
@@ -364,7 +532,8 @@ BASE = ["run", "--tpu=t1", "--config=configs/gpt.py:small", "--workdir=gs://b/r"
     (BASE + ["--accelerator=v5p-128", *WHERE, "--config.train.batch_size=100"],
      "error: train.batch_size=100 *64*"),
 ])
-def test_bad_input_is_one_line(argv, expected, capsys):
+def test_bad_input_is_one_line(argv, expected, capsys, tmp_path, monkeypatch):
+  monkeypatch.setenv("PATH", str(tmp_path))  # a machine without gcloud: no `gcloud config` to fall back on
   assert launch.cli(argv + ["--execute"]) == 2
   captured = capsys.readouterr()
   assert captured.out == ""
@@ -387,6 +556,27 @@ def test_project_and_zone_default_from_gcloud_env(monkeypatch, capsys):
   # An explicit flag wins over the environment.
   out = _dry_run(capsys, ["delete", "--tpu=t1", "--accelerator=v5litepod-16", "--project=flag-proj"])
   assert "--project=flag-proj" in out and "env-proj" not in out
+
+
+def test_project_and_zone_default_from_gcloud_config(fake_tools, monkeypatch, capsys):
+  """Most users set them once with `gcloud config set project/compute/zone`; the launcher reads those back
+  when neither a flag nor gcloud's environment variable gives them."""
+  _, calls = fake_tools
+  monkeypatch.setenv("FAKE_PROJECT", "cfg-proj")
+  monkeypatch.setenv("FAKE_ZONE", "us-central2-b")
+  out = _dry_run(capsys, ["delete", "--tpu=t1", "--accelerator=v4-8"])
+  assert out == "gcloud compute tpus tpu-vm delete t1 --zone=us-central2-b --project=cfg-proj --quiet\n"
+  assert calls() == [["gcloud", "config", "get-value", "project"], ["gcloud", "config", "get-value", "compute/zone"]]
+  # Flags and the environment win, without asking gcloud.
+  monkeypatch.setenv("CLOUDSDK_CORE_PROJECT", "env-proj")
+  out = _dry_run(capsys, ["delete", "--tpu=t1", "--accelerator=v4-8", "--zone=europe-west4-a"])
+  assert out == "gcloud compute tpus tpu-vm delete t1 --zone=europe-west4-a --project=env-proj --quiet\n"
+  assert len(calls()) == 2
+  # Set nowhere: the error names `gcloud config set` too, since gcloud is there to read it.
+  monkeypatch.setenv("FAKE_ZONE", "")
+  assert launch.cli(["delete", "--tpu=t1", "--accelerator=v4-8"]) == 2
+  assert capsys.readouterr().err == ("error: no zone: pass --zone=ZONE (e.g. us-east5-a) or set CLOUDSDK_COMPUTE_ZONE "
+                                     "(or run `gcloud config set compute/zone ZONE`)\n")
 
 
 def test_bad_input_raises_value_error_from_python_api():
