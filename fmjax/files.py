@@ -85,7 +85,7 @@ def write_text(p, text: str) -> None:
   os.replace(tmp, p)
 
 
-_WRITTEN_LAST = ("meta.json", "tokenizer.json")
+_WRITTEN_LAST = ("meta.json", "tokenizer.json", "SHA256SUMS")
 
 
 def _fsspec_filesystem(scheme: str):
@@ -154,8 +154,9 @@ def copy_tree(src, dst, leave_out=frozenset()) -> None:
   """Copies directory `src` with everything under it into `dst`, either side local or remote,
   except files named in `leave_out` (at any depth).
 
-  In each directory the files that mark it whole (`meta.json`, `tokenizer.json`) go last, after
-  its subdirectories, so a reader that finds them finds everything beside them.
+  In each directory the files that mark it whole (`meta.json`, `tokenizer.json`, a release's
+  `SHA256SUMS`) go last, after its subdirectories, so a reader that finds them finds everything
+  beside them.
   """
   src, dst = path(src), path(dst)
   dst.mkdir(parents=True, exist_ok=True)

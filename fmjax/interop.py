@@ -621,14 +621,13 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(data.resolve_tokenizer_path(cfg, workdir))
 
 
-def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
-  """(config, params, step) of a workdir: the params exactly as saved, whatever their tree.
-
-  Unlike `generate.load_run` this needs no model to restore into, so checkpoints with extra
-  subtrees (a classifier head) load too.
-  """
-  import jax
+def run_config_at(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
+  """(config, step) of a workdir's checkpoint `step` (default: the latest): the config that checkpoint
+  recorded, its tokenizer path resolved against the workdir. config.json is the latest start's (a
+  resume with other settings rewrites it, even one that fails before it saves): it stands in only
+  for checkpoints that recorded none."""
   from fmjax import checkpoint as ckpt_lib
+  from fmjax import data
   config = read_run_config(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not files.isdir(ckpt_dir):
@@ -638,6 +637,26 @@ def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.C
     step = checkpointer.latest_step() if step is None else step
     if step is None:
       raise ConfigError(f"{workdir} holds no checkpoint yet; train first or pass another --workdir")
+    saved = checkpointer.restore_meta(step).get("config")
+  finally:
+    checkpointer.close()
+  if isinstance(saved, dict) and saved:
+    config = ml_collections.ConfigDict(data.resolve_tokenizer_path(saved, workdir))
+  return config, step
+
+
+def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
+  """(config, params, step) of a workdir: the params exactly as saved, whatever their tree, and the
+  config their checkpoint recorded (`run_config_at`).
+
+  Unlike `generate.load_run` this needs no model to restore into, so checkpoints with extra
+  subtrees (a classifier head) load too.
+  """
+  import jax
+  from fmjax import checkpoint as ckpt_lib
+  config, step = run_config_at(workdir, step)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     meta = checkpointer.item_metadata(step, "params")
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), meta,
@@ -648,14 +667,20 @@ def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.C
   return config, normalise_keys(jax.device_get(params)), step
 
 
-def label_names(workdir: str, step: int) -> tuple[str, ...]:
-  """The class names a fine-tuning run's checkpoint `step` recorded (empty: none recorded, or not a classifier)."""
+def checkpoint_meta(workdir: str, step: int) -> dict:
+  """The JSON metadata a run saved with checkpoint `step` (config, data position, a fine-tuning
+  run's label names and init_from)."""
   from fmjax import checkpoint as ckpt_lib
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
-    return tuple(checkpointer.restore_meta(step).get("label_names") or ())
+    return checkpointer.restore_meta(step)
   finally:
     checkpointer.close()
+
+
+def label_names(workdir: str, step: int) -> tuple[str, ...]:
+  """The class names a fine-tuning run's checkpoint `step` recorded (empty: none recorded, or not a classifier)."""
+  return tuple(checkpoint_meta(workdir, step).get("label_names") or ())
 
 
 def run_tokenizer(workdir: str, config):
@@ -672,8 +697,9 @@ def _export_tokenizer(tokenizer, model_cfg, out: str, classifier: bool = False, 
 
   BERT's adds [CLS]/[SEP] and token types; a GPT classifier's (`classifier`) ends each text with
   <eos> and pads with `_export_pad_id`, as `finetune.encode` builds its rows. Its
-  `model_max_length` is `max_length` (a classifier's rows: truncating there, HF scores what
-  fine-tuning and `fmjax eval` did), else the position table.
+  `model_max_length` is `max_length`, the positions training used (a classifier's rows:
+  truncating there, HF scores what fine-tuning and `fmjax eval` did; an LM's rows, past which its
+  position table was never trained), else the position table.
   """
   import tokenizers as hf_tok
   tok = hf_tok.Tokenizer.from_str(tokenizer.hf.to_str())  # a copy: the post-processor is HF-only
@@ -721,7 +747,8 @@ def export_params(params: Mapping, model_cfg, out: str, tokenizer=None, label_na
                   max_length: int | None = None) -> str:
   """Writes config.json, model.safetensors and (given one) the tokenizer files of `params` to `out`.
 
-  `max_length`: the rows a classifier was fine-tuned on (data.seq_len), its tokenizer's truncation.
+  `max_length`: the positions training used (`generate.trained_positions`), the tokenizer's
+  `model_max_length`; the config keeps the whole position table.
   """
   from safetensors.numpy import save_file
   tensors = params_to_hf(params, model_cfg)
@@ -739,8 +766,7 @@ def export_params(params: Mapping, model_cfg, out: str, tokenizer=None, label_na
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
   os.chmod(os.path.join(out, "model.safetensors"), 0o644)  # as readable as the files beside it
   if tokenizer is not None:
-    _export_tokenizer(tokenizer, model_cfg, out, classifier=bool(num_labels),
-                      max_length=max_length if num_labels else None)
+    _export_tokenizer(tokenizer, model_cfg, out, classifier=bool(num_labels), max_length=max_length)
   return out
 
 
@@ -777,11 +803,13 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> 
   out = files.absolute(out)
   if not _empty_or_missing(out):
     raise ConfigError(f"--out={out} already exists and is not empty; choose a new directory")
+  from fmjax import generate
   config, params, step = load_params(workdir, step)
   params = from_finetune(params, config)
   tokenizer = run_tokenizer(workdir, config)
   with staged_dir(out, ".exporting") as staging:
-    export_params(params, config.model, staging, tokenizer, label_names(workdir, step), config.data.seq_len)
+    export_params(params, config.model, staging, tokenizer, label_names(workdir, step),
+                  generate.trained_positions(config, workdir))
   return out
 
 

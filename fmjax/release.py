@@ -10,12 +10,13 @@ The bundle:
   DIR/data_report.json  PII scan (`fmjax.data.pii.scan`) of a sample of the training data: counts
                         per kind, sample size, whether scrubbing was on in training. The data is
                         what the run trained on: the pretraining text, an SFT run's (prompt,
-                        completion) rows, a fine-tuning run's task examples
+                        completion) rows, a fine-tuning run's task examples; for a run that
+                        started from another fmjax run (init_from), that run's report as well
   DIR/hf/               Hugging Face weights, config and tokenizer, as `fmjax export` writes them
                         (a fine-tuning run's LoRA merged, its head as the HF classifier)
   DIR/fmjax/            the fmjax checkpoint step, its config.json (tokenizer at fmjax/tokenizer/,
-                        recorded relative to fmjax/, so the bundle may move) and metrics.jsonl:
-                        a workdir `generate`/`eval`/`finetune` read
+                        recorded relative to fmjax/, so the bundle may move) and metrics.jsonl
+                        up to that step: a workdir `generate`/`eval`/`finetune` read
   DIR/SHA256SUMS        the SHA-256 of every other file (`sha256sum -c SHA256SUMS`)
 
 What fmjax cannot know (license, intended use, ...) comes from `--card=card.json`, or from a
@@ -37,6 +38,7 @@ import difflib
 import hashlib
 import json
 import os
+import sys
 from typing import Any, Iterator, Mapping, Sequence
 
 import ml_collections
@@ -153,8 +155,15 @@ def training_texts(config) -> tuple[Iterator[str], str, str]:
   return sources.documents(config, "train"), config.data.train_split, "documents of the train split"
 
 
+def _init_from_run(config) -> str | None:
+  """The fmjax run a fine-tuning or SFT run started from (its `init_from`), when it is one."""
+  source = str(config.get("init_from") or "") if hasattr(config, "get") else ""
+  return source if source and files.exists(os.path.join(source, "config.json")) else None
+
+
 def pii_report(config, sample_docs: int, imported: Mapping | None = None) -> dict[str, Any]:
-  """The PII scan of the first `sample_docs` training documents (in the data's fixed order)."""
+  """The PII scan of the first `sample_docs` training documents (in the data's fixed order); for a
+  run that started from another fmjax run (`init_from`), that run's report too, under `init_from`."""
   from fmjax.data import pii
   report = {"sources": data_sources(config, imported), "pii_scrub": _scrubbed(config),
             "kinds": sorted(pii.PLACEHOLDERS)}
@@ -162,6 +171,9 @@ def pii_report(config, sample_docs: int, imported: Mapping | None = None) -> dic
     report.update(sample=None, pii_counts=None,
                   note=f"weights imported from {imported.get('source')}; fmjax has no record of their training data")
     return report
+  if (source := _init_from_run(config)) is not None:  # the trunk learnt from that run's data first
+    before = interop.read_run_config(source)
+    report["init_from"] = {"workdir": source, **pii_report(before, sample_docs, _imported_info(source))}
   docs, chars, counts = 0, 0, {k: 0 for k in sorted(pii.PLACEHOLDERS)}
   try:
     texts, split, what = training_texts(config)
@@ -211,9 +223,20 @@ def _table(rows, header) -> str:
   return "\n".join(lines)
 
 
+def _pii_line(report: Mapping[str, Any]) -> str:
+  if report.get("pii_counts") is None:
+    return f"No PII scan: {report['note']}."
+  sample = report["sample"]
+  return (f"PII scan of {sample['documents']} documents ({sample['characters']:,} characters; {sample['method']}): "
+          + ", ".join(f"{k} {v}" for k, v in report["pii_counts"].items())
+          + f". {report['note'][0].upper()}{report['note'][1:]}.")
+
+
 def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Mapping[str, Any],
-               evals: tuple[int | None, dict], imported: Mapping | None) -> str:
-  """MODEL_CARD.md text."""
+               evals: tuple[int | None, dict], imported: Mapping | None, positions: int | None = None,
+               init_step: int | None = None) -> str:
+  """MODEL_CARD.md text. `positions`: how many positions training used (default the table's);
+  `init_step`: the step of the `init_from` run the run started from."""
   m = config.model
   total, no_pos = _param_counts(params)
   name = card.get("model_name") or config.name
@@ -227,7 +250,9 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
       ("Architecture", arch + heads), ("Layers", m.num_layers), ("Model width (d_model)", m.d_model),
       ("Attention heads", m.num_heads), ("MLP width (d_ff)", m.d_ff),
       ("Vocabulary", f"{m.vocab_size} (model rows; the tokenizer may use fewer)"),
-      ("Max sequence length", m.max_len), ("Parameters", f"{total:,} ({no_pos:,} without position embeddings)"),
+      ("Max sequence length", m.max_len if positions in (None, m.max_len) else
+       f"{positions} (trained; the position table has {m.max_len} rows, those past {positions} untrained)"),
+      ("Parameters", f"{total:,} ({no_pos:,} without position embeddings)"),
       ("Parameter dtype", m.param_dtype)], ("", "")), ""]
 
   t = config.get("train") or {}
@@ -239,9 +264,13 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
   if imported is not None:
     lines += [f"Weights imported from Hugging Face ({imported.get('model_type')}: {imported.get('source')}); "
               f"fmjax trained them for {step} step(s) after that.", ""]
+  planned = t.get("steps")
+  started = ([("Started from", f"`{config.init_from}`" + (f", step {init_step}" if init_step is not None else ""))]
+             if config.get("init_from") else [])
   lines += [_table([
-      ("Objective", objective),
-      ("Steps", f"{step} (of {t.get('steps', '?')} planned)"),
+      ("Objective", objective), *started,
+      ("Steps", f"{step} (of {planned or '?'} planned" + ("; the run had not finished" if planned and step < planned
+                                                           else "") + ")"),
       ("Tokens seen", f"{step * batch * seq_len:,} (steps x batch {batch} x sequence {seq_len}, "
                       + ("padded examples)" if "task" in config else "packed rows)")),
       ("Optimizer", f"AdamW, lr {config.optim.lr}, {config.optim.schedule} schedule, "
@@ -252,13 +281,12 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
   licenses = dict(card.get("data_licenses") or {})
   sources = report["sources"] or list(licenses)
   lines += [_table([(s, licenses.get(s, "not declared")) for s in sources], ("Source", "Declared license")), ""]
-  if report.get("pii_counts") is not None:
-    sample = report["sample"]
-    lines += [f"PII scan of {sample['documents']} documents ({sample['characters']:,} characters; "
-              f"{sample['method']}): " + ", ".join(f"{k} {v}" for k, v in report["pii_counts"].items())
-              + f". {report['note'][0].upper()}{report['note'][1:]}. Details: `data_report.json`.", ""]
-  else:
-    lines += [f"No PII scan: {report['note']}.", ""]
+  lines += [_pii_line(report) + " Details: `data_report.json`.", ""]
+  before = report.get("init_from")
+  while before:  # the data the trunk learnt from first, run by run
+    lines += [f"Before that, the run it started from (`{before['workdir']}`, sources "
+              f"{', '.join(before['sources']) or 'unknown'}): {_pii_line(before)}", ""]
+    before = before.get("init_from")
 
   lines += ["## Evaluation", ""]
   eval_step, metrics = evals
@@ -339,53 +367,107 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
             pii_sample: int = DEFAULT_PII_SAMPLE, moved: Sequence[str] = ()) -> str:
   """Writes the release bundle of `workdir`'s checkpoint (latest or `step`) to `out`; returns `out`.
 
-  Everything that can fail (card fields, checkpoint, tokenizer, training data) is checked before
-  the bundle is written, and the bundle is written under a temporary name and renamed at the end.
+  The bundle describes that checkpoint: the config it recorded (not a later start's config.json),
+  its metrics up to its step. A checkpoint with non-finite weights is refused; an unfinished run
+  is released with a warning. Everything that can fail (card fields, checkpoint, tokenizer,
+  training data) is checked before the bundle is written, and the bundle is written under a
+  temporary name and renamed at the end (to a bucket: copied up, SHA256SUMS last).
   `moved` says where the training text is now (`data.files=NEW_GLOB`), when it moved since.
   """
-  from fmjax import data
+  from fmjax import checkpoint as ckpt_lib
+  from fmjax import data, generate
   workdir, out = files.absolute(workdir), files.absolute(out)
-  config = _moved(interop.read_run_config(workdir), moved)
+  if pii_sample < 1:
+    raise ConfigError(f"--pii_sample={pii_sample} must be at least 1 (training documents the PII report scans)")
+  config, step = interop.run_config_at(workdir, step)  # the config checkpoint `step` recorded
+  config = _moved(config, moved)
   imported = _imported_info(workdir)
   card = read_card(config, card_path)
   missing = missing_fields(card, data_sources(config, imported))
   if missing:
     where = f"--card={card_path}" if card_path else "a --card=card.json file (or config.release)"
     raise ConfigError(f"release refused: fill in these model card fields in {where}: {', '.join(missing)}")
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+  if not interop._empty_or_missing(out):
     raise ConfigError(f"--out={out} already exists and is not empty; choose a new directory")
+  if (out.rstrip("/") + "/").startswith(workdir.rstrip("/") + "/"):
+    raise ConfigError(f"--out={out} is inside the run's --workdir={workdir}; choose a directory outside it")
 
-  config, params, step = interop.load_params(workdir, step)
-  config = _moved(config, moved)
+  _, params, _ = interop.load_params(workdir, step)
+  if bad := _non_finite(params):
+    good = [s for s in ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")) if s < step]
+    raise ConfigError(f"release refused: checkpoint step {step} holds non-finite parameters ({bad}); release an "
+                      f"earlier step with --step" + (f" (saved: {', '.join(map(str, good))})" if good else ""))
+  planned = (config.get("train") or {}).get("steps")
+  if planned and step < planned:
+    print(f"warning: releasing step {step} of the {planned} train.steps planned: the run has not finished "
+          "(the model card says so)", file=sys.stderr)
   params = interop.from_finetune(params, config)  # as `fmjax export`: LoRA merged, the head as classifier
   tokenizer = interop.run_tokenizer(workdir, config)
   report = pii_report(config, pii_sample, imported)
   evals = eval_results(workdir, step)
+  meta = interop.checkpoint_meta(workdir, step)
+  positions = generate.trained_positions(config, workdir)
 
-  with interop.staged_dir(out, ".releasing") as staging:
-    os.makedirs(staging)
-    interop.export_params(params, config.model, os.path.join(staging, "hf"), tokenizer,
-                          interop.label_names(workdir, step), config.data.seq_len)
-    run_dir = os.path.join(staging, "fmjax")
-    files.copy_tree(os.path.join(workdir, "checkpoints", str(step)), os.path.join(run_dir, "checkpoints", str(step)))
-    tokenizer.save(os.path.join(run_dir, data.RUN_TOKENIZER))
-    run_config = json.loads(config.to_json_best_effort())
-    # The bundle carries its tokenizer, so the copied run no longer needs the training corpus for it;
-    # the path is relative to fmjax/ (data.resolve_tokenizer_path), so the bundle may move.
-    if isinstance(run_config.get("data", {}).get("tokenizer"), dict):
-      run_config["data"]["tokenizer"].update(kind="hf", path=data.RUN_TOKENIZER)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-      json.dump(run_config, f, indent=2, sort_keys=True)
-    for name in ("metrics.jsonl", interop.IMPORT_INFO):
-      if files.exists(os.path.join(workdir, name)):
-        files.path(os.path.join(workdir, name)).copy(files.path(os.path.join(run_dir, name)))
-    with open(os.path.join(staging, "data_report.json"), "w") as f:
-      json.dump(report, f, indent=2)
-    with open(os.path.join(staging, "MODEL_CARD.md"), "w") as f:
-      f.write(model_card(config, card, step=step, params=params, report=report, evals=evals, imported=imported))
-    with open(os.path.join(staging, "SHA256SUMS"), "w") as f:
-      f.write(sha256sums(staging))
+  try:
+    with interop.staged_dir(out, ".releasing") as staging:
+      os.makedirs(staging)
+      interop.export_params(params, config.model, os.path.join(staging, "hf"), tokenizer,
+                            tuple(meta.get("label_names") or ()), positions)
+      run_dir = os.path.join(staging, "fmjax")
+      files.copy_tree(os.path.join(workdir, "checkpoints", str(step)),
+                      os.path.join(run_dir, "checkpoints", str(step)))
+      tokenizer.save(os.path.join(run_dir, data.RUN_TOKENIZER))
+      run_config = json.loads(config.to_json_best_effort())
+      # The bundle carries its tokenizer, so the copied run no longer needs the training corpus for it;
+      # the path is relative to fmjax/ (data.resolve_tokenizer_path), so the bundle may move.
+      if isinstance(run_config.get("data", {}).get("tokenizer"), dict):
+        run_config["data"]["tokenizer"].update(kind="hf", path=data.RUN_TOKENIZER)
+      with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(run_config, f, indent=2, sort_keys=True)
+      _copy_metrics(workdir, run_dir, step)
+      if imported is not None:
+        files.path(os.path.join(workdir, interop.IMPORT_INFO)).copy(
+            files.path(os.path.join(run_dir, interop.IMPORT_INFO)))
+      with open(os.path.join(staging, "data_report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+      with open(os.path.join(staging, "MODEL_CARD.md"), "w") as f:
+        f.write(model_card(config, card, step=step, params=params, report=report, evals=evals, imported=imported,
+                           positions=positions, init_step=meta.get("init_from_step")))
+      with open(os.path.join(staging, "SHA256SUMS"), "w") as f:  # a bucket gets it last: the bundle is whole
+        f.write(sha256sums(staging))
+  except OSError as e:
+    if not files.is_remote(out):
+      raise
+    raise ConfigError(f"could not write the bundle to {out} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "check the bucket and your credentials, remove what was written there, and run again") from None
   return out
+
+
+def _non_finite(params) -> str:
+  """The first parameter holding NaN or infinity, by its path; "" when all are finite."""
+  def walk(tree, path):
+    for k, v in tree.items():
+      if isinstance(v, Mapping):
+        yield from walk(v, path + (str(k),))
+      elif not np.isfinite(np.asarray(v)).all():
+        yield "/".join(path + (str(k),))
+  return next(walk(params, ()), "")
+
+
+def _copy_metrics(workdir: str, run_dir: str, step: int) -> None:
+  """The run's metrics.jsonl up to the released step: the bundle's `fmjax report` ends where its model does."""
+  source = os.path.join(workdir, "metrics.jsonl")
+  if not files.exists(source):
+    return
+  kept = []
+  for line in files.read_text(source).splitlines():
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line + "\n")
+    except (ValueError, KeyError, TypeError):  # a line torn by a kill
+      continue
+  with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+    f.writelines(kept)
 
 
 def cli(argv: list[str]) -> int:

@@ -74,6 +74,13 @@ def _save(workdir, config, params, step):
   checkpointer.close()
 
 
+def _record_config(workdir, cfg):
+  """A run whose config is `cfg`: in config.json and in what each of its checkpoints recorded."""
+  (workdir / "config.json").write_text(json.dumps(cfg))
+  for meta in workdir.glob("checkpoints/*/meta/metadata"):
+    meta.write_text(json.dumps(dict(json.loads(meta.read_text()), config=cfg)))
+
+
 def _card(tmp_path, files, **changes):
   card = dict(CARD, data_licenses={f"text_files:{files}": "PSF-2.0"})
   card.update(changes)
@@ -122,7 +129,10 @@ def test_model_card_is_filled_from_the_run_and_the_card(bundle, run):
   n = models.param_count(models.abstract_model(config.model))
   n_no_pos = models.param_count(models.abstract_model(config.model), exclude_positions=True)
   for expected in ("# tiny-gpt-test", "GPT-2-style decoder", "| Layers | 2 |", f"{n:,} ({n_no_pos:,} without",
-                   f"| Steps | {STEP} (of 40 planned) |", f"{STEP * BATCH * SEQ:,} (steps x batch {BATCH}",
+                   f"| Steps | {STEP} (of 40 planned; the run had not finished) |",
+                   f"{STEP * BATCH * SEQ:,} (steps x batch {BATCH}",
+                   f"| Max sequence length | {SEQ} (trained; the position table has 64 rows, those past {SEQ} "
+                   "untrained) |",
                    f"| text_files:{files} | PSF-2.0 |", "EMAIL 5", "PHONE 5", "Held-out results at step 20",
                    "| loss | 5.2500 |", "| accuracy | 0.1250 |", CARD["intended_use"], CARD["limitations"],
                    "License: apache-2.0", CARD["use_restrictions"], "| PII scrubbing | on |",
@@ -139,7 +149,51 @@ def test_bundled_checkpoint_is_a_loadable_workdir_and_hf_weights_load(bundle, ru
                                 np.asarray(params["wte"]["embedding"]))
   hf = json.loads((bundle / "hf" / "config.json").read_text())
   assert hf["model_type"] == "gpt2" and hf["architectures"] == ["GPT2LMHeadModel"] and hf["vocab_size"] == 384
-  assert hf["eos_token_id"] == tokenizer.eos_id
+  assert hf["eos_token_id"] == tokenizer.eos_id and hf["n_positions"] == 64
+  # The tokenizer truncates where training stopped: the position table's rows past it are untrained.
+  assert json.loads((bundle / "hf" / "tokenizer_config.json").read_text())["model_max_length"] == SEQ
+
+
+def test_release_describes_its_checkpoint_not_a_later_start(run, tmp_path, capsys):
+  """A resume with other settings rewrites config.json, even one that fails before it saves: the
+  card and the bundle keep what the released checkpoint recorded. An unfinished run is released
+  with a warning."""
+  workdir, config, _, files = run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  later = json.loads((copy / "config.json").read_text())
+  later["optim"]["lr"], later["train"]["steps"] = 1e30, 80
+  (copy / "config.json").write_text(json.dumps(later))
+  assert cli.main(["release", f"--workdir={copy}", f"--out={tmp_path / 'out'}", f"--card={_card(tmp_path, files)}",
+                   "--pii_sample=2"]) == 0
+  assert capsys.readouterr().err.strip() == ("warning: releasing step 20 of the 40 train.steps planned: the run has "
+                                             "not finished (the model card says so)")
+  text = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+  assert f"lr {config.optim.lr}," in text and "1e+30" not in text and "of 40 planned" in text
+  bundled = json.loads((tmp_path / "out" / "fmjax" / "config.json").read_text())
+  assert bundled["optim"]["lr"] == config.optim.lr and bundled["train"]["steps"] == 40
+
+
+def test_release_refuses_non_finite_weights_an_out_inside_the_run_and_no_pii_sample(run, tmp_path):
+  workdir, config, params, files = run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  _save(copy, config, jax.tree.map(lambda x: x * jnp.nan, params), STEP + 10)  # diverged, and saved
+  with open(copy / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"step": STEP + 10, "train/loss": float("nan")}) + "\n")
+  card = _card(tmp_path, files)
+  with pytest.raises(ConfigError, match=rf"checkpoint step {STEP + 10} holds non-finite parameters \(\S+\); "
+                                        rf"release an earlier step with --step \(saved: {STEP}\)"):
+    release.release(str(copy), str(tmp_path / "out"), card_path=card, pii_sample=2)
+  assert not (tmp_path / "out").exists()
+  out = release.release(str(copy), str(tmp_path / "out"), card_path=card, pii_sample=2, step=STEP)
+  # Its metrics end with the released step: `fmjax report` on the bundle shows that model's losses.
+  assert max(json.loads(l)["step"] for l in open(os.path.join(out, "fmjax", "metrics.jsonl"))) == STEP
+  with pytest.raises(ConfigError, match="is inside the run's --workdir"):
+    release.release(str(copy), str(copy / "release"), card_path=card, pii_sample=2, step=STEP)
+  with pytest.raises(ConfigError, match="--pii_sample=0 must be at least 1"):
+    release.release(str(copy), str(tmp_path / "out2"), card_path=card, pii_sample=0)
+  assert not (copy / "release").exists() and not (tmp_path / "out2").exists()
 
 
 def test_release_refuses_missing_card_fields_with_the_list(run, tmp_path, capsys):
@@ -264,7 +318,7 @@ def test_release_of_an_sft_run_scans_its_prompts_and_completions(run, tmp_path):
                 "pack": True}
   [pretraining] = release.data_sources(interop.read_run_config(str(workdir)))
   cfg["init_from"] = str(workdir)  # the trunk's own data comes first: it was trained on it too
-  (copy / "config.json").write_text(json.dumps(cfg))
+  _record_config(copy, cfg)
   card = tmp_path / "card.json"
   card.write_text(json.dumps(dict(CARD, data_licenses={f"text_files:{rows}": "CC0"})))
   with pytest.raises(ConfigError, match=re.escape(pretraining)):
@@ -275,6 +329,11 @@ def test_release_of_an_sft_run_scans_its_prompts_and_completions(run, tmp_path):
   report = json.loads(open(os.path.join(out, "data_report.json")).read())
   assert report["pii_counts"] == {"CARD": 0, "EMAIL": 4, "IP_ADDRESS": 0, "PHONE": 4}
   assert report["sample"]["documents"] == 4 and "(prompt, completion) rows" in report["sample"]["method"]
+  # The run it started from is scanned too: its trunk learnt from that text first.
+  assert report["init_from"]["workdir"] == str(workdir) and report["init_from"]["pii_scrub"] is True
+  assert report["init_from"]["pii_counts"]["EMAIL"] == 4 and report["init_from"]["sources"] == [pretraining]
+  assert f"Before that, the run it started from (`{workdir}`, sources {pretraining}): PII scan of 4 documents" in \
+      open(os.path.join(out, "MODEL_CARD.md")).read()
   # data.pii_scrub=true is a pretraining setting: SFT trained on its rows as they are.
   assert report["pii_scrub"] is False and "scrubbing was off" in report["note"]
   assert "| PII scrubbing | off |" in open(os.path.join(out, "MODEL_CARD.md")).read()
@@ -342,7 +401,7 @@ def test_release_of_a_run_whose_text_files_moved(run, tmp_path, capsys):
   shutil.copytree(workdir, moved_run)
   saved = json.loads((moved_run / "config.json").read_text())
   saved["data"]["files"] = "/no/longer/here/*.txt"
-  (moved_run / "config.json").write_text(json.dumps(saved))
+  _record_config(moved_run, saved)
   shutil.copytree(os.path.dirname(files), tmp_path / "moved")
   now = f"{tmp_path}/moved/*.txt"
   card = _card(tmp_path, now)
