@@ -120,9 +120,11 @@ def format_markdown(records: Sequence[dict], title: str) -> str:
   lines = [f"# {title}", ""]
   for key in ("train/loss", "eval/loss"):
     steps, values = series(records, key)
+    finite = [i for i, v in enumerate(values) if math.isfinite(v)]  # a NaN is never the best
     if values:
-      best = min(range(len(values)), key=values.__getitem__)
-      lines.append(f"- {key}: final {values[-1]:.4f} at step {steps[-1]}; best {values[best]:.4f} at step {steps[best]}")
+      best = min(finite, key=values.__getitem__) if finite else None
+      lines.append(f"- {key}: final {values[-1]:.4f} at step {steps[-1]}"
+                   + (f"; best {values[best]:.4f} at step {steps[best]}" if best is not None else ""))
   lines += ["", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
   by_step = {r["step"]: r for r in records}
   for step in _table_steps(sorted(by_step)):

@@ -129,3 +129,11 @@ def test_report_on_finetune_sweep_root_writes_finetune_md(tmp_path):
   assert str(out / "finetune.md") in paths and str(out / "finetune.csv") in paths
   assert "| pydoc_family | accuracy | optim.lr=0.001 | 2 | 60.0 ± 14.1 |" in (out / "finetune.md").read_text()
   assert not (root / "finetune.md").exists()
+
+
+def test_best_loss_skips_a_non_finite_one():
+  records = [{"step": 1, "train/loss": float("nan")}, {"step": 2, "train/loss": 3.0}, {"step": 3, "train/loss": 2.5},
+             {"step": 4, "eval/loss": float("nan")}]
+  md = report.format_markdown(records, "run")
+  assert "- train/loss: final 2.5000 at step 3; best 2.5000 at step 3" in md
+  assert "- eval/loss: final nan at step 4\n" in md  # no finite value: no best
