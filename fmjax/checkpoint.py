@@ -291,11 +291,19 @@ class Checkpointer:
                 "meta": ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
+  @classmethod
+  def of_run(cls, config, workdir: str) -> "Checkpointer":
+    """The checkpoints a training run (`train`, `finetune`, `sft`) writes in `workdir`, as its
+    `checkpoint` section says."""
+    c = config.checkpoint
+    return cls(os.path.join(workdir, "checkpoints"), every_steps=c.every_steps, every_minutes=c.every_minutes,
+               keep=c.keep, keep_period=c.keep_period, async_save=c.async_save, owner=True)
+
   # --------------------------------------------------------------------------- listing
 
   def all_steps(self) -> list[int]:
     """Committed checkpoint steps, ascending."""
-    return sorted(_scan(self.directory)[0])
+    return saved_steps(self.directory)
 
   def source_step(self, step: int, source: str) -> int:
     """The step to read from another run (`init_from`): `step`, or the newest when it is 0.

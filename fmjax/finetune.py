@@ -452,9 +452,7 @@ def run(config, workdir: str) -> dict:
   cfg_dict = config_lib.to_dict(config)
   files.makedirs(workdir)
   lock = ckpt_lib.lock_workdir(workdir)  # one training per workdir, until this returns or raises
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
-                                       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
-                                       owner=True)
+  checkpointer = ckpt_lib.Checkpointer.of_run(config, workdir)
   try:
     resume = train._check_resume(checkpointer, spec, cfg_dict)
     if resume is not None:

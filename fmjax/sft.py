@@ -28,7 +28,6 @@ import itertools
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -300,22 +299,9 @@ def adopt_init_from(config, workdir: str):
 
 def init_from_pretrained(config, spec: train.StateSpec, tx, init_from: str) -> dict:
   """Train state whose params are `init_from`'s checkpoint (newest, or `init_from_step`), step 0, fresh optimizer."""
-  from fmjax import checkpoint as ckpt_lib
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(init_from, "checkpoints"))
-  try:
-    step = checkpointer.source_step(config.get("init_from_step", 0), init_from)
-    with jax.set_mesh(spec.mesh):
-      params = checkpointer.restore(step, {"params": spec.abstract["params"]}, items=("params",))["params"]
-  finally:
-    checkpointer.close()
-
-  def create(params):
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-  with jax.set_mesh(spec.mesh), nnx.logical_axis_rules(spec.rules):
-    state = jax.jit(create, out_shardings=spec.shardings)(params)
+  state, step = train.init_from_checkpoint(init_from, spec, tx, config.get("init_from_step", 0))
   log.info("Initialised from %s step %d: all %d parameter arrays loaded; optimizer state fresh",
-           init_from, step, len(jax.tree.leaves(params)))
+           init_from, step, len(jax.tree.leaves(state["params"])))
   return state
 
 
@@ -350,10 +336,7 @@ def run(config, workdir: str) -> dict:
   cfg_dict = config_lib.to_dict(config)
   files.makedirs(workdir)
   lock = ckpt_lib.lock_workdir(workdir)  # one training per workdir, until this returns or raises
-  checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
-      every_minutes=config.checkpoint.every_minutes, keep=config.checkpoint.keep,
-      keep_period=config.checkpoint.keep_period, async_save=config.checkpoint.async_save, owner=True)
+  checkpointer = ckpt_lib.Checkpointer.of_run(config, workdir)
   try:
     resume = train._check_resume(checkpointer, spec, cfg_dict)  # pylint: disable=protected-access
     if jax.process_index() == 0:

@@ -308,13 +308,9 @@ def _run(config, workdir: str, locked: list) -> dict:
   batch_sharding = sharding.batch_sharding(mesh)
   tx = optim.make_optimizer(config)
   spec = state_spec(config, mesh, tx)
-  cfg_dict = config_lib.to_dict(config)
   lock = ckpt_lib.lock_workdir(workdir)  # one training per workdir, until this returns or raises
   locked.append(True)
-  checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
-      every_minutes=config.checkpoint.every_minutes, keep=config.checkpoint.keep,
-      keep_period=config.checkpoint.keep_period, async_save=config.checkpoint.async_save, owner=True)
+  checkpointer = ckpt_lib.Checkpointer.of_run(config, workdir)
   batches = None
   try:
     resuming = checkpointer.latest_step() is not None
@@ -363,8 +359,8 @@ def _run(config, workdir: str, locked: list) -> dict:
 
     where = f"mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} process(es)"
     if resume is None and config.get("init_from"):
-      state, skipped = _init_from(config.init_from, spec, tx, config.init_from_step), 0
-      log.info("Initialised from %s: its params, a fresh optimizer, step 0 (%s)", config.init_from, where)
+      (state, read), skipped = init_from_checkpoint(config.init_from, spec, tx, config.init_from_step), 0
+      log.info("Initialised from %s step %d: its params, a fresh optimizer, step 0 (%s)", config.init_from, read, where)
     elif resume is None:
       state, skipped = init_state(config, spec, tx), 0
       log.info("Started from scratch (%s)", where)
@@ -706,26 +702,24 @@ def _adopt_tokenizer(config, workdir: str, resuming: bool):
   return tok
 
 
-def _init_from(source: str, spec: StateSpec, tx, source_step: int = 0) -> dict:
-  """Step 0 with another run's params (e.g. phase 2 of a two-phase pretraining): its newest or `source_step`."""
+def init_from_checkpoint(source: str, spec: StateSpec, tx, source_step: int = 0) -> tuple[dict, int]:
+  """(state, step read): step 0 with another run's params (its newest checkpoint, or `source_step`)
+  and a fresh optimizer: phase 2 of a two-phase pretraining, SFT from a pretrained run."""
   from fmjax import checkpoint as ckpt_lib
   source_ckpt = ckpt_lib.Checkpointer(os.path.join(source, "checkpoints"))
   try:
     step = source_ckpt.source_step(source_step, source)
-    ckpt_lib.check_compatible(source_ckpt, step, spec.abstract, items=("params",))
     with jax.set_mesh(spec.mesh):
       params = source_ckpt.restore(step, spec.abstract, items=("params",))["params"]
   finally:
     source_ckpt.close()
-  with jax.set_mesh(spec.mesh):
+  with jax.set_mesh(spec.mesh), nnx.logical_axis_rules(spec.rules):
     opt_state = jax.jit(tx.init, out_shardings=spec.shardings["opt_state"])(params)
   step0 = jax.device_put(jnp.zeros((), jnp.int32), spec.shardings["step"])
-  return {"step": step0, "params": params, "opt_state": opt_state}
+  return {"step": step0, "params": params, "opt_state": opt_state}, step
 
 
 def _restore(checkpointer, spec: StateSpec, step: int) -> dict:
-  """Reads `step`'s params and optimizer state straight into this run's shardings (any mesh)."""
+  """Reads `step`'s params and optimizer state (and its step) straight into this run's shardings (any mesh)."""
   with jax.set_mesh(spec.mesh):
-    state = checkpointer.restore(step, spec.abstract, items=("params", "opt_state"))
-  state["step"] = jax.device_put(jnp.asarray(step, jnp.int32), spec.shardings["step"])
-  return state
+    return checkpointer.restore(step, spec.abstract, items=("params", "opt_state"))

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax import checkpoint as ckpt_lib
+from fmjax import config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TX = optax.adamw(1e-3, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
@@ -169,7 +170,11 @@ def test_partial_restore_reads_the_trunk_for_a_new_head(tmp_path):
 
 
 def test_keep_last_k_plus_every_period_and_should_save(tmp_path):
-  ck = ckpt_lib.Checkpointer(tmp_path, every_steps=2, keep=2, keep_period=4, async_save=True)
+  # A run's checkpointer takes its config's whole checkpoint section: fine-tuning's too.
+  config = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "finetune_cls.py"), [
+      "checkpoint.every_steps=2", "checkpoint.keep=2", "checkpoint.keep_period=4", "checkpoint.every_minutes=90"])
+  ck = ckpt_lib.Checkpointer.of_run(config, str(tmp_path))
+  assert ck.every_minutes == 90 and ck.directory == tmp_path / "checkpoints"
   state = {"params": {"w": jnp.zeros(3)}, "opt_state": (optax.EmptyState(),)}
   saved = [step for step in range(1, 15) if ck.save(step, {**state, "params": {"w": jnp.full(3, step)}}, {})]
   assert saved == [2, 4, 6, 8, 10, 12, 14]

@@ -660,9 +660,9 @@ def test_init_from_starts_at_step_zero_with_the_source_params(reference, cache_d
   mesh = sharding.make_mesh(config)
   tx = optim.make_optimizer(config)
   spec = train.state_spec(config, mesh, tx)
-  state = train._init_from(reference, spec, tx)
+  state, read = train.init_from_checkpoint(reference, spec, tx)
   source = saved_state(reference, max(committed_steps(reference)))
-  assert int(state["step"]) == 0
+  assert int(state["step"]) == 0 and read == max(committed_steps(reference))
   got, want = jax.tree.leaves(state["params"]), jax.tree.leaves(source["params"])  # saved keys are strings
   assert len(got) == len(want)
   for a, b in zip(got, want):
@@ -670,9 +670,10 @@ def test_init_from_starts_at_step_zero_with_the_source_params(reference, cache_d
   fresh = jax.tree.map(np.asarray, jax.jit(tx.init)(state["params"]))
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state["opt_state"]), fresh)
   with pytest.raises(ConfigError, match="holds no checkpoint"):
-    train._init_from(os.path.join(reference, "nowhere"), spec, tx)
+    train.init_from_checkpoint(os.path.join(reference, "nowhere"), spec, tx)
   # init_from_step picks an older checkpoint of the source run.
   first = min(committed_steps(reference))
-  older = train._init_from(reference, spec, tx, first)
+  older, read = train.init_from_checkpoint(reference, spec, tx, first)
+  assert read == first
   for a, b in zip(jax.tree.leaves(older["params"]), jax.tree.leaves(saved_state(reference, first)["params"])):
     np.testing.assert_array_equal(np.asarray(a), b)
