@@ -431,7 +431,7 @@ class Checkpointer:
       self._closed = True
       self._manager.close()
     if self._interrupted_step is not None:
-      _stopped_by_ctrl_c(None)
+      _set_ctrl_c_step(None)
       raise RunInterrupted(f"saved step {self._interrupted_step} to {self.directory}; rerun the same command "
                            "to resume from there")
 
@@ -806,7 +806,7 @@ def config_changes(saved_cfg: Mapping[str, Any], new_cfg: Mapping[str, Any]) -> 
 _ctrl_c_step: int | None = None
 
 
-def _stopped_by_ctrl_c(step: int | None) -> None:
+def _set_ctrl_c_step(step: int | None) -> None:
   global _ctrl_c_step
   _ctrl_c_step = step
 
@@ -825,7 +825,7 @@ class PreemptionWatcher:
   def __init__(self):
     self.received: list[int] = []  # the signals caught, in order
     self._previous: dict[int, Any] = {}
-    _stopped_by_ctrl_c(None)
+    _set_ctrl_c_step(None)
     # JAX's preemption notifier owns SIGTERM once a distributed client exists: a Python handler
     # would replace it and the hosts would never learn of the notice. A Ctrl-C there reaches only
     # the hosts it is typed into, which could not agree on a step: it interrupts as usual.
@@ -870,7 +870,7 @@ class PreemptionWatcher:
       reason, stop = local, bool(local)
     if stop:
       logging.warning("%s: stopping at step %d", "Ctrl-C" if reason == signal.SIGINT else "Preemption", step)
-      _stopped_by_ctrl_c(int(step) if reason == signal.SIGINT else None)
+      _set_ctrl_c_step(int(step) if reason == signal.SIGINT else None)
     return bool(stop)
 
   def close(self) -> None:

@@ -222,12 +222,7 @@ def parse_value(text: str, current: Any) -> Any:
     if low in ("false", "0", "no"):
       return False
     raise ConfigError(f"expected true/false, got {text!r}")
-  if isinstance(current, str) or current is None:
-    if current is None:
-      try:
-        return ast.literal_eval(text)
-      except (ValueError, SyntaxError):
-        return text
+  if isinstance(current, str):
     return text
   if isinstance(current, int):
     try:
@@ -362,10 +357,11 @@ def check_command(config, command: str) -> None:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Checks values that would otherwise fail deep inside a compile; raises ConfigError."""
+  from fmjax import attention, models
   m = config.model
   _one_of("model.family", m.family, ("gpt", "bert"))
-  _one_of("model.attention", m.attention, ("auto", "xla", "cudnn", "splash"))
-  _one_of("model.remat", m.remat, ("none", "full", "dots", "dots_no_batch", "save_attention_out"))
+  _one_of("model.attention", m.attention, ("auto", *attention.KERNELS))
+  _one_of("model.remat", m.remat, ("none", *models.REMAT_POLICIES))
   _one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
   _one_of("model.param_dtype", m.param_dtype, ("float32", "bfloat16"))
   for key in ("num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len"):

@@ -539,7 +539,9 @@ class BERT(nnx.Module):
     self.mlm_ln = LayerNorm(D, eps=cfg.layer_norm_eps, **kw)
     self.mlm_bias = _param(rngs, nnx.initializers.zeros, (cfg.vocab_size,), ("vocab",), c.param_dtype)
 
-  def _hidden(self, tokens_BT, token_types_BT, positions_BT, segment_ids_BT, deterministic, rngs):
+  def hidden(self, tokens_BT, *, token_types_BT=None, positions_BT=None, segment_ids_BT=None,
+             deterministic=True, rngs=None):
+    """Encoder output h_BTD in the compute dtype (no pooler)."""
     positions_BT = _default_positions(tokens_BT, positions_BT)
     if token_types_BT is None:
       token_types_BT = jnp.zeros_like(tokens_BT)
@@ -548,15 +550,11 @@ class BERT(nnx.Module):
     x_BTD = _constrain(_dropout(x_BTD, self.dropout, _fold(key, 0), deterministic), ("batch", "length", None))
     return self.encoder(x_BTD, segment_ids_BT, _fold(key, 1), deterministic)
 
-  def hidden(self, tokens_BT, *, token_types_BT=None, positions_BT=None, segment_ids_BT=None,
-             deterministic=True, rngs=None):
-    """Encoder output h_BTD in the compute dtype (no pooler)."""
-    return self._hidden(tokens_BT, token_types_BT, positions_BT, segment_ids_BT, deterministic, rngs)
-
   def encode(self, tokens_BT, *, token_types_BT=None, positions_BT=None, segment_ids_BT=None,
              deterministic=True, rngs=None):
     """(h_BTD, pooled_BD): encoder output and tanh(dense(first token)) for classifiers."""
-    h_BTD = self._hidden(tokens_BT, token_types_BT, positions_BT, segment_ids_BT, deterministic, rngs)
+    h_BTD = self.hidden(tokens_BT, token_types_BT=token_types_BT, positions_BT=positions_BT,
+                        segment_ids_BT=segment_ids_BT, deterministic=deterministic, rngs=rngs)
     return h_BTD, self.pool(h_BTD)
 
   def pool(self, h_BTD, cls_B=None):
@@ -577,7 +575,8 @@ class BERT(nnx.Module):
 
     Gathering before the head means the transform and the V-wide decoder run on M positions only.
     """
-    h_BTD = self._hidden(tokens_BT, token_types_BT, positions_BT, segment_ids_BT, deterministic, rngs)
+    h_BTD = self.hidden(tokens_BT, token_types_BT=token_types_BT, positions_BT=positions_BT,
+                        segment_ids_BT=segment_ids_BT, deterministic=deterministic, rngs=rngs)
     x_BMD = self.mlm_features(h_BTD, mlm_positions_BM)
     return self.embeddings.word_embeddings.attend(x_BMD) + self.mlm_bias[...].astype(jnp.float32)
 

@@ -112,7 +112,8 @@ def fused_cross_entropy(x_BXD, w_VD, b_V, targets_BX, weights_BX, chunk: int):
 
 
 def clm_loss(model, batch, *, deterministic: bool = True, rngs=None, fused_chunk: int = 0):
-  """Next-token loss; `batch['loss_weights']` masks padding and cross-document targets.
+  """Next-token loss; `batch['loss_weights']` zeroes the targets that carry none (padding rows, and
+  in SFT the prompt's).
 
   With `fused_chunk` > 0 the tied LM head and the loss run chunk by chunk
   (`fused_lm_head_loss`), which is faster and far leaner for large vocabularies.

@@ -285,8 +285,9 @@ def analytic_temp_bytes(config, mesh_sizes: dict[str, int], param_bytes: int, ke
   top: float32, or one chunk in the compute dtype with the fused loss. Tensor parallelism
   divides all of it.
   """
+  from fmjax import sharding
   m, t = config.model, config.data.seq_len
-  dp = mesh_sizes["dcn_data"] * mesh_sizes["data"] * mesh_sizes["fsdp"]
+  dp = sharding.data_parallel_size(mesh_sizes)
   tp = mesh_sizes["tensor"]
   rows = max(1, config.train.batch_size // config.train.grad_accum // dp)
   tokens = rows * t
@@ -375,7 +376,7 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
 
   config_lib.validate(config, num_devices)
   mesh_sizes = sharding.mesh_shape(config, num_devices)
-  dp = mesh_sizes["dcn_data"] * mesh_sizes["data"] * mesh_sizes["fsdp"]
+  dp = sharding.data_parallel_size(mesh_sizes)
   tx = optim.make_optimizer(config)
   param_leaves, opt_leaves = layout(config, mesh_sizes, tx)
   abstract = models.abstract_model(config.model)

@@ -13,7 +13,6 @@ import math
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax.config_lib import ConfigError
@@ -43,9 +42,9 @@ def mesh_shape(config, num_devices: int | None = None) -> dict[str, int]:
   return sizes
 
 
-def data_parallel_size(config, num_devices: int | None = None) -> int:
-  s = mesh_shape(config, num_devices)
-  return s["dcn_data"] * s["data"] * s["fsdp"]
+def data_parallel_size(sizes: dict[str, int]) -> int:
+  """How many ways a mesh of `sizes` (`mesh_shape`) splits the batch."""
+  return math.prod(sizes[a] for a in BATCH_AXES)
 
 
 def validate_mesh(config, num_devices: int | None = None) -> None:
@@ -60,7 +59,7 @@ def validate_mesh(config, num_devices: int | None = None) -> None:
     fixed = {a: int(config.mesh[a]) for a in MESH_AXES}
     num_devices = math.prod(abs(s) for s in fixed.values())
   sizes = mesh_shape(config, num_devices)
-  dp = sizes["dcn_data"] * sizes["data"] * sizes["fsdp"]
+  dp = data_parallel_size(sizes)
   # The batch is checked against the real data-parallel size, after the mesh is checked against
   # the real devices: on a machine with fewer devices that is the error worth reading first.
   if "train" in config and not at_load:
@@ -131,9 +130,3 @@ def _validate_rules(config) -> None:
 def logical_rules(config) -> tuple:
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                for name, axes in config.logical_axis_rules)
-
-
-def state_shardings(abstract_state, mesh: Mesh, rules) -> object:
-  """NamedShardings for a pytree of nnx Variables / arrays carrying logical axis names."""
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    return nnx.get_named_sharding(abstract_state, mesh)

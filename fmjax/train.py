@@ -264,9 +264,10 @@ def run(config, workdir: str) -> dict:
   """Pretrains per `config` in `workdir`; returns the last train and eval metrics.
 
   A workdir that already holds checkpoints resumes from the newest committed one (after checking
-  that the config and the saved arrays fit), else training starts from scratch. SIGTERM saves at
-  the next step boundary and returns with `preempted=True`; a non-finite loss aborts or skips
-  the step per `train.nan_policy`. A start that fails before it trains (a setting, out of memory
+  that the config and the saved arrays fit); else, with `init_from`, training starts from that
+  run's params and a fresh optimizer; else from scratch. SIGTERM saves at the next step boundary
+  and returns with `preempted=True`; a non-finite loss aborts or skips the step per
+  `train.nan_policy`. A start that fails before it trains (a setting, out of memory
   in the compile, Ctrl-C) removes the workdir it created: nothing was saved, and a rerun starts
   clean, never from what the failed start had written (its tokenizer, its config.json). A run
   that logged training steps keeps its workdir, so its losses stay to read.
@@ -429,8 +430,8 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
                                      config_dict=config_lib.to_dict(config))
   profiler = metrics_lib.StepProfiler(os.path.join(workdir, "tb"), config.train.get("profile_start", 0),
                                       config.train.get("profile_steps", 0), start, writer.message)
-  if start == 0 and _short_warmup_note(config):
-    writer.message(_short_warmup_note(config))
+  if start == 0 and (note := _short_warmup_note(config)):
+    writer.message(note)
   watcher = None
   last_train, last_eval, preempted = {}, {}, False
   t_last, step_last = time.time(), start
