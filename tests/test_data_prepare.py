@@ -417,6 +417,31 @@ def test_a_part_cut_elsewhere_by_an_earlier_prepare_is_made_again(tmp_path, monk
   assert arrays(bucket) == want
 
 
+def test_two_processes_building_the_tfds_corpus_at_once_take_turns(tmp_path):
+  """A sweep's runs, or two prepares, on a cache whose TFDS corpus is not built yet: one builds it,
+  the other waits and reads it (TFDS alone failed the second one's rename)."""
+  import threading
+  config = tiny("gpt", tmp_path)
+  builders = [sources._builder(config) for _ in range(2)]
+  assert builders[0] is not builders[1] and not builders[0].is_prepared()
+  start, errors = threading.Barrier(2), []
+
+  def build(builder):
+    start.wait()
+    try:
+      sources._prepare_ours(config, builder)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=build, args=(b,)) for b in builders]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors
+  assert [b.info.splits["train"].num_examples for b in builders] == [312, 312]
+
+
 def test_two_processes_preparing_one_cache_take_turns(tmp_path, monkeypatch):
   """Processes of one host that prepare the same entry at once (every process of a multi-process
   run calls prepare): one makes it, the other waits and uses it; nothing half made is left."""

@@ -7,6 +7,7 @@ no TensorFlow needed) and falls back to `builder.as_dataset` for datasets prepar
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import itertools
@@ -496,8 +497,25 @@ def _prepare_ours(config, builder) -> None:
     paths = corpus.resolve_files(config.data.files)
     if next(corpus.file_documents(paths, config.data.feature), None) is None:
       raise ConfigError(f"data.files={config.data.files!r} holds no text (empty corpus); point it at non-empty files")
-  tfds.disable_progress_bar()
+  # Processes that build it at once (a sweep's runs, two prepares) take turns: the later ones
+  # find it built, where TFDS would fail the second rename of its temporary directory.
+  data_dir = str(builder.data_dir)
+  lock = None
+  if not files.is_remote(data_dir):
+    parent, version = os.path.split(data_dir)
+    os.makedirs(parent, exist_ok=True)
+    with contextlib.suppress(OSError):  # a file system without locks: as before
+      lock = files.try_lock(os.path.join(parent, f".{version}.lock"), f"pid {os.getpid()} on {socket.gethostname()}",
+                            wait=True)
   try:
-    builder.download_and_prepare()
+    if builder.is_prepared():  # by the process that held the lock: read what it wrote
+      builder.info.read_from_directory(data_dir)
+      return
+    tfds.disable_progress_bar()
+    try:
+      builder.download_and_prepare()
+    finally:
+      tfds.enable_progress_bar()
   finally:
-    tfds.enable_progress_bar()
+    if lock is not None:
+      lock.close()
