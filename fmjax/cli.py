@@ -21,6 +21,7 @@ import sys
 from fmjax.config_lib import ConfigError
 
 PREEMPTED_EXIT_CODE = 143  # saved and stopped on SIGTERM: rerun the same command to resume
+INTERRUPTED_EXIT_CODE = 130  # stopped by Ctrl-C (SIGINT), saved first when it came in the step loop
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   except KeyboardInterrupt as e:  # 130 = 128 + SIGINT; a first Ctrl-C in a step loop saves first (RunInterrupted)
     print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
-    return 130
+    return INTERRUPTED_EXIT_CODE
   except Exception as e:  # XLA's errors are RuntimeErrors: only running out of memory is the user's
     message = out_of_memory_message(e) or storage_error_message(e)
     if message is None:

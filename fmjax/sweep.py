@@ -345,7 +345,7 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO,
              configs: dict[str, dict[str, Any]] | None = None) -> tuple[list[Run], ...]:
   """Runs `todo`, `parallel` at a time; returns the runs that failed, those preempted (saved), those
   that SIGTERM stopped before they could save, and those it kept from starting."""
-  from fmjax.cli import PREEMPTED_EXIT_CODE
+  from fmjax.cli import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
   queue, active, failed, preempted, unsaved = list(todo), {}, [], [], []
   stopping = []  # set by SIGTERM: start nothing new, pass it on, wait for the runs to save
 
@@ -380,7 +380,7 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO,
         if proc.returncode == 0:
           _mark_done(run, root, time.time() - t0, (configs or {}).get(run.name))
           print(f"  done    {run.name} ({time.time() - t0:.0f} s)", file=out, flush=True)
-        elif proc.returncode == PREEMPTED_EXIT_CODE:
+        elif proc.returncode in (PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE):  # SIGTERM or SIGINT: saved
           preempted.append(run)
           _mark_status(run, root, "preempted", proc.returncode)
           print(f"  preempted {run.name} (saved; a rerun resumes it)", file=out, flush=True)
@@ -403,7 +403,7 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO,
       log.close()
       _mark_status(run, root, "preempted", proc.returncode)
       # 143: saved on SIGTERM; 130: saved on the Ctrl-C the run got too. Anything else stopped it while it started.
-      (saved if proc.returncode in (PREEMPTED_EXIT_CODE, 130) else unsaved).append(run.name)
+      (saved if proc.returncode in (PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE) else unsaved).append(run.name)
     said = ([f"{', '.join(saved)} saved and stopped"] if saved else []) + (
         [f"{', '.join(unsaved)} stopped while starting (nothing saved)"] if unsaved else [])
     raise KeyboardInterrupt("; ".join(said + ["rerun the same sweep command to resume"])) from None
@@ -479,10 +479,14 @@ def aggregate(root: str, runs: Sequence[Run] | Sequence[dict]) -> Table:
   for run in runs:
     name, entry = (run.name, dict(run.entry)) if isinstance(run, Run) else (run["name"], run["entry"])
     workdir = os.path.join(root, name)
+    metrics = final_metrics(workdir)
+    # A run this sweep did not start (--print_commands: a pod ran it) has no markers: it is done
+    # once it saved its last step.
     status = ("done" if files.exists(os.path.join(workdir, DONE_MARKER)) else _last_status(workdir) or
-              ("partial" if files.exists(os.path.join(workdir, "metrics.jsonl")) else
+              ("done" if _saved_its_last_step(workdir, metrics["saved"]) else
+               "partial" if files.exists(os.path.join(workdir, "metrics.jsonl")) else
                "not started" if not files.exists(workdir) else "missing"))
-    rows.append({"name": name, "entry": entry, "status": status, **final_metrics(workdir)})
+    rows.append({"name": name, "entry": entry, "status": status, **metrics})
   by_group: dict[str, list[dict]] = {}
   for row in rows:
     key = run_name({k: v for k, v in row["entry"].items() if not is_seed_key(k)})
@@ -495,6 +499,17 @@ def aggregate(root: str, runs: Sequence[Run] | Sequence[dict]) -> Table:
       groups.append({"group": key, "n": len(members), "train_loss_mean": train_m, "train_loss_std": train_s,
                      "eval_loss_mean": eval_m, "eval_loss_std": eval_s})
   return Table(rows, groups)
+
+
+def _saved_its_last_step(workdir: str, saved: int | None) -> bool:
+  """Whether a run's newest checkpoint is the train.steps its config.json plans."""
+  if saved is None:
+    return False
+  try:
+    planned = ((files.read_json(os.path.join(workdir, "config.json")) or {}).get("train") or {}).get("steps")
+  except (OSError, ConfigError, AttributeError):
+    return False
+  return isinstance(planned, int) and 0 < planned <= saved
 
 
 def _last_status(workdir: str) -> str | None:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fmjax import cli, report, sweep
+from fmjax import checkpoint as ckpt_lib, cli, report, sweep
 from fmjax.config_lib import ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -84,11 +84,17 @@ def test_report_on_sweep_root_aggregates(tmp_path):
   sweep._write_runs_file(runs, str(tmp_path))
   write_metrics(tmp_path / runs[0].name, run_records(final_eval=4.0))
   write_metrics(tmp_path / runs[1].name, run_records(final_eval=3.5))
+  # As a pod runs a printed command: the second run saved its last step (train.steps=20), the
+  # first only step 10 of them.
+  for run, saved in zip(runs, (10, 20)):
+    (tmp_path / run.name / "config.json").write_text(json.dumps({"train": {"steps": 20}}))
+    (tmp_path / run.name / "checkpoints" / str(saved)).mkdir(parents=True)
+    (tmp_path / run.name / "checkpoints" / str(saved) / ckpt_lib.COMMIT_MARKER).write_text("")
   paths = report.report(str(tmp_path))
   assert any(p.endswith("sweep_eval_loss.png") for p in paths)
   md = (tmp_path / "sweep.md").read_text()
-  assert "| optim.lr=0.001 | partial | 20 | – | 4.2000 | 4.0000 |" in md
-  assert "| optim.lr=0.003 | partial | 20 | – | 4.2000 | 3.5000 |" in md
+  assert "| optim.lr=0.001 | partial | 20 | 10 | 4.2000 | 4.0000 |" in md
+  assert "| optim.lr=0.003 | done | 20 | 20 | 4.2000 | 3.5000 |" in md
 
 
 def test_report_without_metrics_is_one_clear_error(tmp_path, capsys):

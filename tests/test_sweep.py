@@ -242,9 +242,10 @@ def _fake_runs(monkeypatch, script: str) -> None:
 
 
 def test_preempted_run_is_not_marked_done_and_a_rerun_starts_it(tmp_path, monkeypatch):
-  # A run that saved and stopped on SIGTERM exits 143; one that finished exits 0.
+  # A run that saved and stopped on SIGTERM exits 143, on Ctrl-C 130; one that finished exits 0.
   # The preempted one logged step 5 and saved step 7 (and left an unfinished save of step 9) on its way out.
   _fake_runs(monkeypatch, "import json, os, sys\n"
+             "if '--config.optim.lr=0.1' in sys.argv: sys.exit(130)\n"
              "if '--config.optim.lr=0.001' not in sys.argv: sys.exit(0)\n"
              "w = sys.argv[3][len('--workdir='):]\n"
              "open(w + '/metrics.jsonl', 'w').write(json.dumps({'step': 5, 'train/loss': 2.5}) + '\\n')\n"
@@ -252,17 +253,17 @@ def test_preempted_run_is_not_marked_done_and_a_rerun_starts_it(tmp_path, monkey
              f"[open(f'{{w}}/checkpoints/{{s}}/{ckpt_lib.COMMIT_MARKER}', 'w') for s in (3, 7)]\n"
              "sys.exit(143)")
   root = str(tmp_path)
-  entries = sweep.product({"optim.lr": [1e-3, 1e-2]})
+  entries = sweep.product({"optim.lr": [1e-3, 1e-2, 1e-1]})
   out = io.StringIO()
   result = sweep.run_sweep(GPT, entries, root, parallel=2, out=out)
-  assert [r.name for r in result["preempted"]] == ["optim.lr=0.001"] and not result["failed"]
+  assert [r.name for r in result["preempted"]] == ["optim.lr=0.001", "optim.lr=0.1"] and not result["failed"]
   assert "PREEMPTED optim.lr=0.001" in out.getvalue() and "rerun" in out.getvalue()
-  assert [r["status"] for r in result["table"].rows] == ["preempted", "done"]
+  assert [r["status"] for r in result["table"].rows] == ["preempted", "done", "preempted"]
   md = open(os.path.join(root, "sweep.md")).read()
   assert "| optim.lr=0.001 | preempted | 5 | 7 | 2.5000 |" in md and "| optim.lr=0.01 | done | 0 | – |" in md
   result = sweep.run_sweep(GPT, entries, root, parallel=2, out=io.StringIO())
   assert [r.name for r in result["skipped"]] == ["optim.lr=0.01"]
-  assert [r.name for r in result["preempted"]] == ["optim.lr=0.001"]  # started again, not skipped
+  assert [r.name for r in result["preempted"]] == ["optim.lr=0.001", "optim.lr=0.1"]  # started again, not skipped
 
 
 def test_a_failed_rerun_of_a_finished_run_is_not_done(tmp_path, monkeypatch):
