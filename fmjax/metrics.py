@@ -43,22 +43,30 @@ def peak_flops_per_device() -> float | None:
 
 
 class _StdoutHandler(logging.StreamHandler):
-  """Writes each record to `sys.stdout` as it is then, so a redirect made after setup (a notebook,
-  a test's capture) is followed and a stream closed since is never written to."""
+  """Writes each record to `sys.stdout` (or `sys.stderr`) as it is then, so a redirect made after
+  setup (a notebook, a test's capture) is followed and a stream closed since is never written to."""
+
+  def __init__(self, name: str = "stdout"):
+    self.name_of_stream = name
+    super().__init__()
 
   @property
   def stream(self):
-    return sys.stdout
+    return getattr(sys, self.name_of_stream)
 
   @stream.setter
   def stream(self, value):
-    del value  # always the current sys.stdout
+    del value  # always the current sys.stdout / sys.stderr
 
 
-def setup_logging() -> None:
-  """fmjax's own log lines go to stdout with a time stamp; library chatter is quietened."""
+def setup_logging(stream: str = "stdout") -> None:
+  """fmjax's own log lines go to stdout (or `stream="stderr"`, for a command whose stdout is its
+  result) with a time stamp; library chatter is quietened."""
+  ours = [h for h in log.handlers if isinstance(h, _StdoutHandler)]
+  for handler in ours:
+    handler.name_of_stream = stream
   if not log.handlers:
-    handler = _StdoutHandler()
+    handler = _StdoutHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     log.addHandler(handler)
     log.propagate = False

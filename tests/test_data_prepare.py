@@ -2,9 +2,11 @@
 
 import glob
 import itertools
-import time
 import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -77,6 +79,47 @@ def arrays(path) -> dict[str, bytes]:
   """Every array file of a prepared cache, by its path in the entry."""
   return {os.path.relpath(f, path): open(f, "rb").read() for f in sorted(glob.glob(f"{path}/*/**/*.bin",
                                                                                    recursive=True))}
+
+
+def test_prepare_command_prints_the_path_alone_on_stdout_and_its_notes_on_stderr(tmp_path, monkeypatch, capsys):
+  from fmjax import cli
+  argv = ["data", "prepare", f"--config={HERE}/../configs/gpt.py:tiny", f"--config.data.cache_dir={tmp_path}",
+          "--config.data.shard_docs=100", "--config.data.prepare_workers=1"]
+  real = packing._write_part
+
+  def dies_on_the_third_part(*args):
+    if args[3] == 2:
+      raise KeyboardInterrupt
+    return real(*args)
+
+  monkeypatch.setattr(packing, "_write_part", dies_on_the_third_part)
+  assert cli.main(argv) == 130
+  assert capsys.readouterr().err.strip().endswith(
+      "interrupted: the parts made so far are kept: rerun the same command to go on")
+  monkeypatch.undo()
+  assert cli.main(argv) == 0
+  out, err = capsys.readouterr()
+  assert out.strip().count("\n") == 0 and packing.is_prepared(out.strip())  # a script may read the path
+  assert "2 of 5 parts were made by an earlier prepare; making the other 3" in err, err
+  assert "train: 312 documents" in err and "in 4 part(s)" in err
+
+
+def test_a_script_without_a_main_guard_stops_in_one_line_rather_than_hang(tmp_path):
+  # Prepare workers start by importing the script that started them (spawn): its unguarded call
+  # would prepare again in each of them and wait for ever on the parent's lock.
+  script = tmp_path / "no_guard.py"
+  script.write_text(f"""import sys
+sys.path.insert(0, {os.path.join(HERE, '..')!r})
+from fmjax import config_lib, data
+config = config_lib.load_config({os.path.join(HERE, '..', 'configs', 'gpt.py')!r} + ":tiny", [
+    "data.cache_dir={tmp_path / 'cache'}", "data.shard_docs=100", "data.prepare_workers=2"])
+print(data.prepare(config))
+""")
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+  assert proc.returncode != 0, proc.stdout
+  assert ("error: the script that called fmjax ran again in a prepare worker process: put its fmjax calls under "
+          "`if __name__ == \"__main__\":`, or set data.prepare_workers=1") in proc.stderr, proc.stderr[-2000:]
+  assert "ConfigError: a prepare process died while 2 made parts at once" in proc.stderr  # the script's own error
 
 
 def test_interrupted_prepare_leaves_nothing_readable_and_keeps_its_finished_parts(tmp_path, monkeypatch):

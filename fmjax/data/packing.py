@@ -126,6 +126,7 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
   in a bucket every host of a pod makes its share of them, straight into the bucket, and no host
   needs the disk for the whole dataset.
   """
+  _refuse_in_a_worker()
   sources.check_config(config)
   if config.train.objective == "mlm" and config.data.max_predictions > config.data.seq_len:
     raise ConfigError(f"data.max_predictions={config.data.max_predictions} exceeds data.seq_len="
@@ -395,8 +396,12 @@ def _make_parts(config, tok, jobs, store: str):
                                initargs=(threads, os.getpid()))
     finished = False
     try:
-      futures = {pool.submit(_write_part, config.to_dict(), tok, split, part, records, store): (split, part)
-                 for split, part, records in jobs}
+      os.environ[_WORKER_ENV] = "1"  # what the workers inherit as they start (on the submits below)
+      try:
+        futures = {pool.submit(_write_part, config.to_dict(), tok, split, part, records, store): (split, part)
+                   for split, part, records in jobs}
+      finally:
+        os.environ.pop(_WORKER_ENV, None)
       for future in as_completed(futures):
         try:
           future.result()
@@ -414,6 +419,18 @@ def _make_parts(config, tok, jobs, store: str):
       pool.shutdown(wait=True, cancel_futures=True)
   finally:
     bar.close()
+
+
+_WORKER_ENV = "FMJAX_PREPARE_WORKER"  # set in the pool's processes, which import the script that started them
+
+
+def _refuse_in_a_worker() -> None:
+  """A prepare worker imports the main script first (spawn): one whose fmjax calls are not under
+  `if __name__ == "__main__":` would prepare again there and wait for ever on its parent's lock."""
+  # There the script runs as module `__mp_main__`, before the worker is set up.
+  if os.environ.get(_WORKER_ENV) and "__mp_main__" in sys.modules:
+    raise SystemExit("error: the script that called fmjax ran again in a prepare worker process: put its fmjax "
+                     "calls under `if __name__ == \"__main__\":`, or set data.prepare_workers=1")
 
 
 _MOST_WORKERS = 32  # data.prepare_workers=0 on a host with more cores: each process holds TF and a tokenizer
