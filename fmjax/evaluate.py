@@ -71,6 +71,7 @@ def _with_data(config, workdir: str, overrides: Sequence[str]):
     raise ConfigError(f"data.seq_len={config.data.seq_len} is longer than the rows {workdir} trained on ({seq_len}); "
                       "the positions past them are untrained: use at most that")
   from fmjax.data import sources
+  config_lib.validate(config)  # the values `train` would refuse (data.shard_docs=0, a mask rate that overflows)
   sources.check_config(config)
   return config
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from functools import partial
 from typing import Any
 
@@ -218,7 +219,7 @@ def fill_mask(model, tokenizer, text: str, *, top_k: int = 5, mask_token: str = 
 
   `max_len` (default: the position table) is the longest input, [CLS] and [SEP] included.
   """
-  pieces = text.split(mask_token)
+  pieces = re.split(re.escape(mask_token), text, flags=re.IGNORECASE)  # [mask] as well
   if len(pieces) < 2:
     raise ConfigError(f"fill-mask text needs at least one {mask_token}")
   ids = [tokenizer.cls_id]
@@ -276,6 +277,8 @@ def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens
   if given:
     raise ConfigError(f"{workdir} holds a BERT, whose fill-mask shows the most likely words: "
                       f"{', '.join('--' + k for k in given)} are for GPT sampling; drop them (--top_k sets how many)")
+  if top_k < 0:
+    raise ConfigError(f"--top_k={top_k}: give how many predictions to show per [MASK] (default 5)")
   return fill_mask(model, tok, text, top_k=top_k or 5, max_len=trained_positions(config, workdir))
 
 
@@ -308,9 +311,14 @@ def cli(argv: list[str]) -> int:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   args = p.parse_args(argv)
   if args.prompt_file:
-    if not files.exists(args.prompt_file):
-      raise ConfigError(f"--prompt_file={args.prompt_file} does not exist")
-    args.prompt += [line.rstrip("\n") for line in files.read_text(args.prompt_file).splitlines() if line.strip()]
+    if not files.exists(args.prompt_file) or files.isdir(args.prompt_file):
+      raise ConfigError(f"--prompt_file={args.prompt_file} is not a file; give a text file of prompts, one a line")
+    try:
+      text = files.read_text(args.prompt_file)
+    except UnicodeDecodeError:
+      from fmjax.data import sources
+      raise sources.not_utf8(files.local_copy(args.prompt_file)) from None
+    args.prompt += [line.rstrip("\n") for line in text.splitlines() if line.strip()]
     if not args.prompt:
       raise ConfigError(f"--prompt_file={args.prompt_file} holds no prompt (one a line)")
   results = run(args.workdir, prompts=args.prompt, text=args.text, max_new_tokens=args.max_new_tokens,

@@ -78,6 +78,7 @@ def test_eval_scores_other_text_with_config_data_overrides(tmp_path_factory, tmp
   for bad, match in ((["--config.model.num_layers=1"], "takes --config.data.\\* overrides only"),
                      (["--config.data.tokenizer.kind=bpe"], "takes --config.data.\\* overrides only"),
                      (["--config.data.files=x", "--task=continuation"], "not --task"),
-                     ([f"--config.data.seq_len={2 * config.data.seq_len}"], "longer than the rows")):
+                     ([f"--config.data.seq_len={2 * config.data.seq_len}"], "longer than the rows"),
+                     (["--config.data.shard_docs=0"], "data.shard_docs=0 must be at least 1")):
     assert cli.main(["eval", f"--workdir={run}", *bad]) == 2
     assert re.search(match, capsys.readouterr().err), bad

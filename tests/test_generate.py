@@ -168,6 +168,12 @@ def test_generate_cli_gpt_sampling_and_bert_fill_mask(tmp_path_factory, capsys):
                    "--temperature=0"]) == 0
   out = capsys.readouterr().out
   assert out.count("-" * 40) == 2 and "\nThe for" + want + "\n" in out
+  latin1 = prompts.parent / "latin1.txt"
+  latin1.write_bytes("caf\xe9\n".encode("latin1"))
+  for bad, said in ((latin1, "is not UTF-8 text (byte 3)"), (prompts.parent, "is not a file")):
+    assert cli.main(["generate", f"--workdir={gpt_dir}", f"--prompt_file={bad}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and err.count("\n") == 0, err
 
   bert_dir, _ = make_workdir(tmp_path_factory, "bert")
   capsys.readouterr()
@@ -175,6 +181,11 @@ def test_generate_cli_gpt_sampling_and_bert_fill_mask(tmp_path_factory, capsys):
                    "--top_k=3"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 2 and all(line.startswith("[MASK] -> ") and line.count("'") == 6 for line in lines)
+
+  assert cli.main(["generate", f"--workdir={bert_dir}", "--text=The [mask] statement.", "--top_k=2"]) == 0
+  assert capsys.readouterr().out.count("[MASK] -> ") == 1  # the mask token in lower case too
+  assert cli.main(["generate", f"--workdir={bert_dir}", "--text=The [MASK] here.", "--top_k=-1"]) == 2
+  assert "--top_k=-1: give how many predictions to show per [MASK]" in capsys.readouterr().err
 
   assert cli.main(["generate", f"--workdir={bert_dir}", "--prompt=x"]) == 2
   assert "holds a BERT: pass --text" in capsys.readouterr().err
