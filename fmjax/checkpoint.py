@@ -754,6 +754,12 @@ _HARMLESS = {
 }
 
 
+# Where a pretraining run's text files are: a corpus that moved resumes from its new place. Its
+# cache is keyed by the files' contents, and `train` warns when the rows it reads differ from
+# those the run trained on. (An SFT or fine-tuning run's files are its examples: breaking there.)
+_WHERE_THE_TEXT_IS = ("data.files",)
+
+
 # Keys added to a breaking section since fmjax's first runs, and the value that does what a run
 # saved before the key did, so that such a run resumes (a new key needs its entry here; a test
 # holds the list). Classifier heads all had a bias; F1's class came from the labels. The default
@@ -795,7 +801,8 @@ def config_changes(saved_cfg: Mapping[str, Any], new_cfg: Mapping[str, Any]) -> 
     if old_v == new_v or (isinstance(old_v, float) and isinstance(new_v, float)
                           and math.isnan(old_v) and math.isnan(new_v)):
       continue
-    (breaking if _is_breaking(key) else harmless).append(f"{key}: {old_v!r} -> {new_v!r}")
+    moved = key in _WHERE_THE_TEXT_IS and "sft" not in new_cfg and "task" not in new_cfg
+    (breaking if _is_breaking(key) and not moved else harmless).append(f"{key}: {old_v!r} -> {new_v!r}")
   return breaking, harmless
 
 

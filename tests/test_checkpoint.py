@@ -364,6 +364,12 @@ def test_config_changes_classification():
   assert ckpt_lib.config_changes(old_run, {**tuned, "finetune": {"peft": "none", "head_bias": True}}) == ([], [])
   breaking, _ = ckpt_lib.config_changes(old_run, {**tuned, "finetune": {"peft": "none", "head_bias": False}})
   assert breaking == ["finetune.head_bias: True -> False"]
+  # A pretraining corpus that moved resumes (train warns if its rows differ); an SFT run's files are its rows.
+  files = {**saved, "data": {**saved["data"], "files": "/old/*.txt"}}
+  moved = {**files, "data": {**files["data"], "files": "/new/*.txt"}}
+  assert ckpt_lib.config_changes(files, moved) == ([], ["data.files: '/old/*.txt' -> '/new/*.txt'"])
+  assert ckpt_lib.config_changes({**files, "sft": {}}, {**moved, "sft": {}})[0] == [
+      "data.files: '/old/*.txt' -> '/new/*.txt'"]
 
 
 def test_async_save_error_surfaces(tmp_path, monkeypatch):

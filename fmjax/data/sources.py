@@ -181,7 +181,8 @@ def check_config(config) -> None:
     if not d.files:
       raise ConfigError("data.dataset='text_files' needs data.files: comma-separated globs of .txt/.jsonl files")
     if not corpus.resolve_files(d.files):
-      raise ConfigError(f"data.files={d.files!r} matches no .txt or .jsonl file; fix the globs")
+      raise ConfigError(f"data.files={d.files!r} matches no .txt or .jsonl file; fix the globs (text that moved: "
+                        "--config.data.files=NEW_GLOB)")
     _check_documents(corpus.resolve_files(d.files), d.feature, d.files)
   elif d.dataset == "fmjax_corpus":
     if d.feature != "text":
