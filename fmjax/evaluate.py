@@ -141,7 +141,8 @@ def run_task(workdir: str, task: str, *, split: str | None = None, limit: int = 
   from fmjax import zeroshot
   result = {"workdir": files.absolute(workdir), **zeroshot.run(workdir, task, split=split, limit=limit, step=step)}
   if jax.process_index() == 0:
-    name = task.split(":", 1)[0]  # jsonl:PATH -> eval_jsonl.json
+    kind, _, path = task.partition(":")  # jsonl:PATH -> eval_jsonl_<file name>.json, one per file
+    name = f"{kind}_{os.path.splitext(os.path.basename(path))[0]}" if path else kind
     files.write_json(os.path.join(workdir, f"eval_{name}.json"), result, indent=1)
   return result
 
@@ -151,7 +152,9 @@ def cli(argv: list[str]) -> int:
   [--task=NAME [--limit=N]]`."""
   argv, overrides = config_lib.split_overrides(argv)
   check_data_overrides(overrides)
-  p = argparse.ArgumentParser(prog="fmjax eval")
+  p = argparse.ArgumentParser(prog="fmjax eval", epilog="--config.data.KEY=V (dataset, files, data_dir, eval_split, "
+                              "seq_len, ...): score a pretraining run's held-out perplexity on other text, or on "
+                              "its own files where they moved, with the run's tokenizer (written to eval_data.json)")
   p.add_argument("--workdir", required=True, help="a `fmjax train`, `sft` or `finetune` workdir")
   p.add_argument("--split", default=None, help="eval (held-out, default) or train; fine-tuning and --task: a "
                  "split of the task")

@@ -112,15 +112,16 @@ def _jsonl_items(path: str, limit: int) -> list[Item]:
   from fmjax.data import sources
   if not os.path.isfile(path):
     raise ConfigError(f"--task=jsonl:{path}: no such file; one {{\"context\": ..., \"choices\": [...], "
-                      "\"label\": i}} per line")
+                      "\"label\": i} per line")
   items = []
   for line, row in sources.jsonl_records(path):
     ok = (isinstance(row, dict) and isinstance(row.get("context"), str) and isinstance(row.get("choices"), list)
           and len(row["choices"]) >= 2 and all(isinstance(c, str) and c for c in row["choices"])
-          and isinstance(row.get("label"), int) and 0 <= row["label"] < len(row["choices"]))
+          and isinstance(row.get("label"), int) and not isinstance(row["label"], bool)
+          and 0 <= row["label"] < len(row["choices"]))
     if not ok:
       raise ConfigError(f"{path}:{line} is not {{\"context\": str, \"choices\": [two or more non-empty str], "
-                        "\"label\": index of the right one}}")
+                        "\"label\": index of the right one}")
     items.append(Item(row["context"], tuple(row["choices"]), row["label"]))
     if limit and len(items) >= limit:
       break

@@ -109,7 +109,7 @@ def test_eval_task_through_the_cli(gpt_run, capsys):
   assert cli.main(["eval", f"--workdir={workdir}", f"--task=jsonl:{items}", "--limit=3"]) == 0
   out = capsys.readouterr().out
   assert "(file, 3 items, step 1): acc " in out and "(chance 0.3333)" in out
-  saved = json.loads((workdir / "eval_jsonl.json").read_text())
+  saved = json.loads((workdir / "eval_jsonl_items.json").read_text())  # one file per task file
   assert saved["items"] == 3 and saved["step"] == 1 and 0.0 <= saved["acc"] <= 1.0
   assert saved == {"workdir": str(workdir), **zeroshot.run(str(workdir), f"jsonl:{items}", limit=3)}
 
@@ -117,11 +117,14 @@ def test_eval_task_through_the_cli(gpt_run, capsys):
 def test_eval_task_mistakes_are_one_line(gpt_run, tmp_path, capsys):
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps({"context": "c", "choices": [" a", " b"], "label": 2}) + "\n")
+  boolean = tmp_path / "boolean.jsonl"  # true is no index
+  boolean.write_text(json.dumps({"context": "c", "choices": [" a", " b"], "label": True}) + "\n")
   bert = tmp_path / "bert"
   bert.mkdir()
   (bert / "config.json").write_text(json.dumps({"model": {"family": "bert"}, "train": {}}))
   for argv, error in (
       ([f"--workdir={gpt_run / 'gpt'}", f"--task=jsonl:{bad}"], f"{bad}:1 is not {{\"context\": str, \"choices\""),
+      ([f"--workdir={gpt_run / 'gpt'}", f"--task=jsonl:{boolean}"], "\"label\": index of the right one}\n"),
       ([f"--workdir={gpt_run / 'gpt'}", "--task=jsonl:/nonexistent.jsonl"], "--task=jsonl:/nonexistent.jsonl: no such"),
       ([f"--workdir={gpt_run / 'gpt'}", "--task=piqa", "--limit=-1"], "--limit must be 0 (all items) or more"),
       ([f"--workdir={bert}", "--task=piqa"], "holds a BERT (masked LM); zero-shot multiple choice scores a causal"),
