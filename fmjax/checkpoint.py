@@ -801,7 +801,7 @@ def config_changes(saved_cfg: Mapping[str, Any], new_cfg: Mapping[str, Any]) -> 
     if old_v == new_v or (isinstance(old_v, float) and isinstance(new_v, float)
                           and math.isnan(old_v) and math.isnan(new_v)):
       continue
-    moved = key in _WHERE_THE_TEXT_IS and "sft" not in new_cfg and "task" not in new_cfg
+    moved = key in _WHERE_THE_TEXT_IS and not any(k.split(".")[0] in ("sft", "task") for k in new)
     (breaking if _is_breaking(key) and not moved else harmless).append(f"{key}: {old_v!r} -> {new_v!r}")
   return breaking, harmless
 

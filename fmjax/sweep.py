@@ -196,6 +196,27 @@ def check(runs: Sequence[Run], root: str | None = None) -> dict[str, dict[str, A
   return configs
 
 
+def _refuse_other_setups(runs: Sequence[Run], root: str, configs: dict[str, dict[str, Any]]) -> None:
+  """A config edited so that runs which saved checkpoints now have another model or data setup:
+  each would fail as it started, after the ones before it. Said once, before any starts. (Runs
+  with init_from take their model and tokenizer from it as they start: they check for themselves.)"""
+  from fmjax import checkpoint
+  clashes = []
+  for run in runs:
+    workdir = os.path.join(root, run.name)
+    if configs[run.name].get("init_from"):
+      continue
+    saved = files.read_json(os.path.join(workdir, "config.json")) if os.path.isdir(workdir) else None
+    if saved is not None and checkpoint.saved_steps(os.path.join(workdir, "checkpoints")):
+      breaking = checkpoint.config_changes(saved, configs[run.name])[0]
+      if breaking:
+        clashes.append(f"{run.name} ({'; '.join(breaking[:2])})")
+  if clashes:
+    raise ConfigError(f"{len(clashes)} run(s) in {root} saved checkpoints of another setup than the sweep now "
+                      f"gives them: {', '.join(clashes[:3])}{' ...' if len(clashes) > 3 else ''}; use a new "
+                      "--workdir for the changed sweep, or put the config back")
+
+
 def load_sweep(base_spec: str) -> list[dict[str, Any]]:
   """Calls `get_sweep()` next to `get_config` in the config file."""
   path, _ = config_lib.split_config_spec(base_spec)
@@ -297,6 +318,7 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   os.makedirs(root, exist_ok=True)
   lock = _lock(root)
   try:
+    _refuse_other_setups(runs, root, configs)
     _write_runs_file(runs, root)
     skipped = [r for r in runs if is_finished(r, root, configs[r.name])]
     todo = [r for r in runs if r not in skipped]

@@ -368,7 +368,8 @@ def test_config_changes_classification():
   files = {**saved, "data": {**saved["data"], "files": "/old/*.txt"}}
   moved = {**files, "data": {**files["data"], "files": "/new/*.txt"}}
   assert ckpt_lib.config_changes(files, moved) == ([], ["data.files: '/old/*.txt' -> '/new/*.txt'"])
-  assert ckpt_lib.config_changes({**files, "sft": {}}, {**moved, "sft": {}})[0] == [
+  sft = {"sft": {"eval_percent": 10}}
+  assert ckpt_lib.config_changes({**files, **sft}, {**moved, **sft})[0] == [
       "data.files: '/old/*.txt' -> '/new/*.txt'"]
 
 

@@ -369,6 +369,14 @@ def test_local_sweep_runs_and_skips_finished(tmp_path, sweep_cache_dir, monkeypa
   result = sweep.run_sweep(GPT, entries, root, parallel=2, base_overrides=base, out=io.StringIO())
   assert len(result["skipped"]) == 2 and not result["failed"]
   assert logs == {r.name: open(os.path.join(root, r.name, "log.txt")).read() for r in result["runs"]}
+  # The config edited into another model: refused once, before any run starts (each would fail).
+  table = open(os.path.join(root, "sweep.md")).read()
+  wider = [o for o in base if not o.startswith("model.d_ff=")] + ["model.d_ff=256"]
+  with pytest.raises(ConfigError, match=r"2 run\(s\) in .* saved checkpoints of another setup than the sweep now "
+                                        r"gives them: optim.lr=0.001 \(model.d_ff: \d+ -> 256\)"):
+    sweep.run_sweep(GPT, entries, root, parallel=2, base_overrides=wider, out=io.StringIO())
+  assert open(os.path.join(root, "sweep.md")).read() == table
+  assert logs == {r.name: open(os.path.join(root, r.name, "log.txt")).read() for r in result["runs"]}
 
 
 # --------------------------------------------------------------------------- experiments/bert_base
