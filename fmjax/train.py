@@ -332,48 +332,14 @@ def _run(config, workdir: str, locked: list) -> dict:
     if jax.process_index() == 0 and not (resume is not None and resume[0] >= config.train.steps):
       config_lib.save_json(ml_collections.ConfigDict(cfg_dict), os.path.join(workdir, "config.json"))
 
-    # A run keeps the tokenizer it started with (workdir/tokenizer): a resume never rebuilds it
-    # from data settings whose files may have changed since.
-    tokenizer = data.get_tokenizer(config, workdir if resume is not None else None)
-    if jax.process_count() > 1:
-      tokenizer = _process_0s(tokenizer)
-    if tokenizer.vocab_size > config.model.vocab_size:
-      raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
-                        f"{config.model.vocab_size}; raise model.vocab_size")
-    if resume is None and (note := _unused_vocab_note(config, tokenizer.vocab_size)):
-      log.warning("%s", note)
-    recorded = str(resume[1].get("tokenizer", "")) if resume is not None else ""
-    if (_TOKENIZER_ID.fullmatch(recorded) and recorded != tokenizer.identity()
-        and not files.isdir(os.path.join(workdir, data.RUN_TOKENIZER))):  # rebuilt: it must be the same one
-      raise ConfigError(f"{workdir} trained with tokenizer {recorded}, and the data settings now "
-                        f"build another ({tokenizer.identity()}); restore {workdir}/{data.RUN_TOKENIZER} or the "
-                        "original corpus, or use a new --workdir")
-    if jax.process_index() == 0:
-      data.save_run_tokenizer(tokenizer, workdir)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("fmjax: run tokenizer saved")
+    tokenizer = _run_tokenizer(config, workdir, resume)
     data_id = _check_data(data.prepare(config, tokenizer), resume)
     train_loader = data.make_loader(config, "train", sharding=batch_sharding, tok=tokenizer)
     eval_loader = data.make_loader(config, "eval", sharding=batch_sharding, tok=tokenizer)
     # Loaded now: a zero-shot task that cannot load fails before training.
     zeroshot_tasks = _zeroshot_tasks(config, tokenizer, zeroshot_names)
 
-    where = f"mesh {dict(mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} process(es)"
-    if resume is None and config.get("init_from"):
-      (state, read), skipped = init_from_checkpoint(config.init_from, spec, tx, config.init_from_step), 0
-      log.info("Initialised from %s step %d: its params, a fresh optimizer, step 0 (%s)", config.init_from, read, where)
-    elif resume is None:
-      state, skipped = init_state(config, spec, tx), 0
-      log.info("Started from scratch (%s)", where)
-    else:
-      step0, saved_meta, harmless = resume
-      state = _restore(checkpointer, spec, step0)
-      skipped = int(saved_meta.get("skipped_steps", 0))
-      note = f"; config changes since that save: {', '.join(harmless)}" if harmless else ""
-      log.info("Resumed from step %d of %s (%s)%s", step0, checkpointer.directory, where, note)
-      rate = _rate_change(saved_meta.get("config", {}), config, step0)
-      if rate:
-        log.warning("%s", rate)
+    state, skipped = _start_state(config, spec, tx, checkpointer, resume)
     start = int(state["step"])
 
     tokenizer_id = tokenizer.identity()
@@ -395,6 +361,55 @@ def _run(config, workdir: str, locked: list) -> dict:
     finally:
       lock.release()
   return result.summary()
+
+
+def _run_tokenizer(config, workdir: str, resume):
+  """The tokenizer a run trains with, checked against the model and what the run recorded, and
+  saved into the workdir (every host takes process 0's)."""
+  from fmjax import data
+  # A run keeps the tokenizer it started with (workdir/tokenizer): a resume never rebuilds it
+  # from data settings whose files may have changed since.
+  tokenizer = data.get_tokenizer(config, workdir if resume is not None else None)
+  if jax.process_count() > 1:
+    tokenizer = _process_0s(tokenizer)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
+                      f"{config.model.vocab_size}; raise model.vocab_size")
+  if resume is None and (note := _unused_vocab_note(config, tokenizer.vocab_size)):
+    log.warning("%s", note)
+  recorded = str(resume[1].get("tokenizer", "")) if resume is not None else ""
+  if (_TOKENIZER_ID.fullmatch(recorded) and recorded != tokenizer.identity()
+      and not files.isdir(os.path.join(workdir, data.RUN_TOKENIZER))):  # rebuilt: it must be the same one
+    raise ConfigError(f"{workdir} trained with tokenizer {recorded}, and the data settings now "
+                      f"build another ({tokenizer.identity()}); restore {workdir}/{data.RUN_TOKENIZER} or the "
+                      "original corpus, or use a new --workdir")
+  if jax.process_index() == 0:
+    data.save_run_tokenizer(tokenizer, workdir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("fmjax: run tokenizer saved")
+  return tokenizer
+
+
+def _start_state(config, spec: StateSpec, tx, checkpointer, resume) -> tuple[dict, int]:
+  """(state, steps skipped so far): the run's own checkpoint (resume), else `init_from`'s params,
+  else a fresh initialisation."""
+  where = f"mesh {dict(spec.mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} process(es)"
+  if resume is None and config.get("init_from"):
+    (state, read), skipped = init_from_checkpoint(config.init_from, spec, tx, config.init_from_step), 0
+    log.info("Initialised from %s step %d: its params, a fresh optimizer, step 0 (%s)", config.init_from, read, where)
+  elif resume is None:
+    state, skipped = init_state(config, spec, tx), 0
+    log.info("Started from scratch (%s)", where)
+  else:
+    step0, saved_meta, harmless = resume
+    state = _restore(checkpointer, spec, step0)
+    skipped = int(saved_meta.get("skipped_steps", 0))
+    note = f"; config changes since that save: {', '.join(harmless)}" if harmless else ""
+    log.info("Resumed from step %d of %s (%s)%s", step0, checkpointer.directory, where, note)
+    rate = _rate_change(saved_meta.get("config", {}), config, step0)
+    if rate:
+      log.warning("%s", rate)
+  return state, skipped
 
 
 @dataclasses.dataclass
