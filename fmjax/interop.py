@@ -621,11 +621,12 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(data.resolve_tokenizer_path(cfg, workdir))
 
 
-def run_config_at(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
-  """(config, step) of a workdir's checkpoint `step` (default: the latest): the config that checkpoint
-  recorded, its tokenizer path resolved against the workdir. config.json is the latest start's (a
-  resume with other settings rewrites it, even one that fails before it saves): it stands in only
-  for checkpoints that recorded none."""
+def run_config_at(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int, dict]:
+  """(config, step, metadata) of a workdir's checkpoint `step` (default: the latest): the config that
+  checkpoint recorded, its tokenizer path resolved against the workdir, and all it recorded (a
+  fine-tuning run's label names and init_from too). config.json is the latest start's (a resume
+  with other settings rewrites it, even one that fails before it saves): it stands in only for
+  checkpoints that recorded none."""
   from fmjax import checkpoint as ckpt_lib
   from fmjax import data
   config = read_run_config(workdir)
@@ -637,24 +638,23 @@ def run_config_at(workdir: str, step: int | None = None) -> tuple[ml_collections
     step = checkpointer.latest_step() if step is None else step
     if step is None:
       raise ConfigError(f"{workdir} holds no checkpoint yet; train first or pass another --workdir")
-    saved = checkpointer.restore_meta(step).get("config")
+    meta = checkpointer.restore_meta(step)
   finally:
     checkpointer.close()
+  saved = meta.get("config")
   if isinstance(saved, dict) and saved:
     config = ml_collections.ConfigDict(data.resolve_tokenizer_path(saved, workdir))
-  return config, step
+  return config, step, meta
 
 
-def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
-  """(config, params, step) of a workdir: the params exactly as saved, whatever their tree, and the
-  config their checkpoint recorded (`run_config_at`).
+def read_params(workdir: str, step: int) -> dict:
+  """The params of a workdir's checkpoint `step` exactly as saved, whatever their tree.
 
   Unlike `generate.load_run` this needs no model to restore into, so checkpoints with extra
   subtrees (a classifier head) load too.
   """
   import jax
   from fmjax import checkpoint as ckpt_lib
-  config, step = run_config_at(workdir, step)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -664,23 +664,14 @@ def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.C
     params = checkpointer.restore(step, {"params": abstract}, items=("params",))["params"]
   finally:
     checkpointer.close()
-  return config, normalise_keys(jax.device_get(params)), step
+  return normalise_keys(jax.device_get(params))
 
 
-def checkpoint_meta(workdir: str, step: int) -> dict:
-  """The JSON metadata a run saved with checkpoint `step` (config, data position, a fine-tuning
-  run's label names and init_from)."""
-  from fmjax import checkpoint as ckpt_lib
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    return checkpointer.restore_meta(step)
-  finally:
-    checkpointer.close()
-
-
-def label_names(workdir: str, step: int) -> tuple[str, ...]:
-  """The class names a fine-tuning run's checkpoint `step` recorded (empty: none recorded, or not a classifier)."""
-  return tuple(checkpoint_meta(workdir, step).get("label_names") or ())
+def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
+  """(config, params, step) of a workdir's checkpoint (default: the latest): `run_config_at`'s
+  config and `read_params`."""
+  config, step, _ = run_config_at(workdir, step)
+  return config, read_params(workdir, step), step
 
 
 def run_tokenizer(workdir: str, config):
@@ -804,11 +795,11 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> 
   if not _empty_or_missing(out):
     raise ConfigError(f"--out={out} already exists and is not empty; choose a new directory")
   from fmjax import generate
-  config, params, step = load_params(workdir, step)
-  params = from_finetune(params, config)
+  config, step, meta = run_config_at(workdir, step)
+  params = from_finetune(read_params(workdir, step), config)
   tokenizer = run_tokenizer(workdir, config)
   with staged_dir(out, ".exporting") as staging:
-    export_params(params, config.model, staging, tokenizer, label_names(workdir, step),
+    export_params(params, config.model, staging, tokenizer, tuple(meta.get("label_names") or ()),
                   generate.trained_positions(config, workdir))
   return out
 

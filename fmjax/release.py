@@ -200,18 +200,9 @@ def pii_report(config, sample_docs: int, imported: Mapping | None = None) -> dic
 
 
 def _param_counts(params) -> tuple[int, int]:
-  leaves = []
-
-  def walk(tree, path):
-    for k, v in tree.items():
-      if isinstance(v, Mapping):
-        walk(v, path + (k,))
-      else:
-        leaves.append((path + (k,), int(np.prod(np.shape(v)))))
-  walk(params, ())
-  total = sum(n for _, n in leaves)
-  positions = sum(n for p, n in leaves if any(str(k) in ("wpe", "position_embeddings") for k in p))
-  return total, total - positions
+  sizes = {path: int(np.prod(np.shape(v))) for path, v in config_lib.flatten(params).items()}
+  positions = sum(n for path, n in sizes.items() if set(path.split(".")) & {"wpe", "position_embeddings"})
+  return sum(sizes.values()), sum(sizes.values()) - positions
 
 
 # ----------------------------------------------------------------------------- the card
@@ -379,7 +370,7 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
   workdir, out = files.absolute(workdir), files.absolute(out)
   if pii_sample < 1:
     raise ConfigError(f"--pii_sample={pii_sample} must be at least 1 (training documents the PII report scans)")
-  config, step = interop.run_config_at(workdir, step)  # the config checkpoint `step` recorded
+  config, step, meta = interop.run_config_at(workdir, step)  # the config checkpoint `step` recorded
   config = _moved(config, moved)
   imported = _imported_info(workdir)
   card = read_card(config, card_path)
@@ -392,7 +383,7 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
   if (out.rstrip("/") + "/").startswith(workdir.rstrip("/") + "/"):
     raise ConfigError(f"--out={out} is inside the run's --workdir={workdir}; choose a directory outside it")
 
-  _, params, _ = interop.load_params(workdir, step)
+  params = interop.read_params(workdir, step)
   if bad := _non_finite(params):
     good = [s for s in ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")) if s < step]
     raise ConfigError(f"release refused: checkpoint step {step} holds non-finite parameters ({bad}); release an "
@@ -405,7 +396,6 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
   tokenizer = interop.run_tokenizer(workdir, config)
   report = pii_report(config, pii_sample, imported)
   evals = eval_results(workdir, step)
-  meta = interop.checkpoint_meta(workdir, step)
   positions = generate.trained_positions(config, workdir)
 
   try:
@@ -445,13 +435,7 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
 
 def _non_finite(params) -> str:
   """The first parameter holding NaN or infinity, by its path; "" when all are finite."""
-  def walk(tree, path):
-    for k, v in tree.items():
-      if isinstance(v, Mapping):
-        yield from walk(v, path + (str(k),))
-      elif not np.isfinite(np.asarray(v)).all():
-        yield "/".join(path + (str(k),))
-  return next(walk(params, ()), "")
+  return next((path for path, v in config_lib.flatten(params).items() if not np.isfinite(np.asarray(v)).all()), "")
 
 
 def _copy_metrics(workdir: str, run_dir: str, step: int) -> None:
