@@ -8,16 +8,17 @@ they are only printed, one per line, quoted so that they can be pasted into a sh
       --config=configs/gpt.py:small --workdir=gs://my-bucket/gpt2 --execute
   fmjax launch logs --tpu=gpt2 --accelerator=v5p-128 --zone=us-east5-a --project=my-proj \\
       --workdir=gs://my-bucket/gpt2
-  fmjax launch delete --tpu=gpt2 --accelerator=v5p-128 --zone=us-east5-a --project=my-proj --execute
+  fmjax launch delete --tpu=gpt2 --zone=us-east5-a --project=my-proj --execute
   fmjax launch xpk --cluster=my-gke --workload=gpt2 --accelerator=v5p-128 --num-slices=2 \\
       --zone=us-east5-a --project=my-proj --config=configs/gpt.py:small --workdir=gs://my-bucket/gpt2
 
 Modes: `create` (a queued resource for --spot, --queued or --num-slices > 1, else a TPU VM; one
 of the name that is already there is reused, so re-running a plan resumes it), `setup` (copy the
 code to every worker and install it), `run` (start training on every worker, detached), `logs`
-(copy each worker's log to the workdir and show worker 0's tail), `delete`, `all` (create, setup,
-run) and `xpk` (GKE workload create, or `xpk --delete`). The same plan is available from Python:
-`plan_commands(spec, mode)` and `run(spec, mode, execute=...)`.
+(copy each worker's log to the workdir and show worker 0's tail), `delete` (the queued resource or
+TPU VM of the name, whichever is there), `all` (create, setup, run) and `xpk` (GKE workload create,
+or `xpk --delete`). The same plan is available from Python: `plan_commands(spec, mode)` and
+`run(spec, mode, execute=...)`.
 """
 
 from __future__ import annotations
@@ -374,7 +375,7 @@ def _create(spec: LaunchSpec, acc: Accelerator) -> list[list[str]]:
               f"--accelerator-type={acc.name}", f"--runtime-version={runtime}", *nodes, *_capacity_flags(spec)]
   describe = _script_join(["gcloud", "compute", "tpus", life.kind, "describe", spec.name, *_where(spec),
                            life.state_format])
-  delete = _script_join(_delete(spec, acc)[0])
+  delete = _script_join(_delete_argv(spec, life))
   it = f"{life.what} {spec.name}"
   ensure = (f'state=$({describe} 2>/dev/null) || state=""; case $state in "") ;; '
             f'{life.dead}) echo "{it} is $state: deleting it to create it again" >&2; {delete} || exit;; '
@@ -532,12 +533,29 @@ def _logs(spec: LaunchSpec, acc: Accelerator) -> list[list[str]]:
   return commands
 
 
+def _delete_argv(spec: LaunchSpec, life: _Lifecycle) -> list[str]:
+  # --force deletes a queued resource's nodes with it.
+  force = ["--force"] if life is _QUEUED else []
+  return ["gcloud", "compute", "tpus", life.kind, "delete", spec.name, *_where(spec), *force, "--quiet"]
+
+
 def _delete(spec: LaunchSpec, acc: Accelerator) -> list[list[str]]:
-  if _queued(spec):
-    # --force deletes the queued resource's nodes with it.
-    return [["gcloud", "compute", "tpus", "queued-resources", "delete", spec.name, *_where(spec),
-             "--force", "--quiet"]]
-  return [["gcloud", "compute", "tpus", "tpu-vm", "delete", spec.name, *_where(spec), "--quiet"]]
+  """Deletes what `create` made of the name, whatever flags `create` was given.
+
+  It looks: the queued resource of the name if there is one (with its nodes), else the TPU VM. The
+  queued resource goes first because its single node is a TPU VM of the same name, and deleting only
+  that would leave the request behind. Deleting by the flags instead would miss a spot TPU made with
+  --no-queued (or a queued one made without --spot) and leave it running.
+  """
+  def found(life: _Lifecycle) -> str:
+    describe = ["gcloud", "compute", "tpus", life.kind, "describe", spec.name, *_where(spec), life.state_format]
+    return f"{_script_join(describe)} >/dev/null 2>&1"
+  vm_describe = _script_join(["gcloud", "compute", "tpus", "tpu-vm", "describe", spec.name, *_where(spec)])
+  script = (f"if {found(_QUEUED)}; then exec {_script_join(_delete_argv(spec, _QUEUED))}; "
+            f"elif {found(_TPU_VM)}; then exec {_script_join(_delete_argv(spec, _TPU_VM))}; fi; "
+            f'echo "found no queued resource or TPU VM named {spec.name} in {spec.zone} of project {spec.project}, '
+            f'so nothing was deleted; if it is there, {vm_describe} says why it could not be read" >&2; exit 1')
+  return [["bash", "-c", script]]
 
 
 def _xpk_create(spec: LaunchSpec) -> list[str]:

@@ -117,9 +117,14 @@ def test_plan_is_what_the_golden_shows():
     assert "JAX_COMPILATION_CACHE_DIR=gs://b/jax_compilation_cache" in script
   queued = _created(launch.plan_commands(dataclasses.replace(spec, num_slices=1, queued=True), "create"))
   assert "--node-id=p" in queued and not any(a.startswith("--node-count") for a in queued)
-  assert launch.plan_commands(dataclasses.replace(spec, num_slices=1, queued=True), "delete") == [
-      ["gcloud", "compute", "tpus", "queued-resources", "delete", "p", "--zone=z", "--project=pr", "--force",
-       "--quiet"]]
+  deletes = [launch.plan_commands(dataclasses.replace(spec, num_slices=n, queued=q), "delete")
+             for n, q in ((1, True), (2, None), (1, False))]
+  assert deletes[0] == deletes[1] == deletes[2]  # one plan, whatever create was given
+  (delete,) = deletes[0]
+  assert delete[:2] == ["bash", "-c"] and delete[2].index("queued-resources describe p ") < delete[2].index(
+      "tpu-vm describe p ")
+  assert "exec gcloud compute tpus queued-resources delete p --zone=z --project=pr --force --quiet;" in delete[2]
+  assert "exec gcloud compute tpus tpu-vm delete p --zone=z --project=pr --quiet;" in delete[2]
   single = launch.plan_commands(launch.LaunchSpec(name="s", accelerator="v4-8", zone="z", project="pr"), "create")
   assert _created(single) == ["gcloud", "compute", "tpus", "tpu-vm", "create", "s", "--zone=z", "--project=pr",
                               "--accelerator-type=v4-8", "--version=tpu-ubuntu2204-base"]
@@ -142,14 +147,16 @@ FAKE = """#!/bin/sh
 { printf '%s' "$(basename "$0")"; for a in "$@"; do printf '\\t%s' "$a"; done; printf '\\n'; } >> "$FAKE_LOG"
 # The n-th look at a TPU's state (this one included) gets the n-th word of $FAKE_STATE (the last
 # word once they run out) until this log shows the TPU created: then a queued resource is ACTIVE
-# and a TPU VM READY. Without FAKE_STATE nothing of the name exists yet (describe fails). The
+# and a TPU VM READY (a queued resource's node as well). Without FAKE_STATE nothing of the name exists yet (describe fails). The
 # looks whose numbers $FAKE_FLAKY lists fail as a network error would.
 case "$*" in
   *"describe"*"value(state"*)
     n=$(grep -c "describe.*value(state" "$FAKE_LOG")
     case " $FAKE_FLAKY " in *" $n "*) echo "ERROR: (gcloud) network is unreachable" >&2; exit 1 ;; esac
-    if grep -q "queued-resources.create" "$FAKE_LOG"; then echo ACTIVE; exit 0; fi
-    if grep -q "tpu-vm.create" "$FAKE_LOG"; then echo READY; exit 0; fi
+    case "$*" in  # a queued resource's node is a TPU VM too
+      *queued-resources*) if grep -q "queued-resources.create" "$FAKE_LOG"; then echo ACTIVE; exit 0; fi ;;
+      *) if grep -q "tpu-vm.create\\|queued-resources.create" "$FAKE_LOG"; then echo READY; exit 0; fi ;;
+    esac
     [ -n "$FAKE_STATE" ] || exit 1
     i=1; for state in $FAKE_STATE; do [ $i -ge $n ] && break; i=$((i + 1)); done
     echo "$state"; exit 0 ;;
@@ -223,6 +230,7 @@ def test_execute_runs_commands_in_order(fake_tools, capsys):
       f"compute tpus tpu-vm ssh {name}-0",
       f"compute tpus tpu-vm describe {name}-0",
       f"compute tpus tpu-vm ssh {name}-1",
+      f"compute tpus queued-resources describe {name}",      # delete finds the queued resource by its name
       f"compute tpus queued-resources delete {name}",
   ]
   for slice_id, idx in ((0, 8), (1, 10)):
@@ -329,6 +337,28 @@ def test_a_preempted_tpu_is_deleted_and_created_again_and_a_live_one_is_reused(f
   assert [line.split("\t")[3:5] for line in log.read_text().splitlines()] == [[kind, "describe"]]
 
 
+def test_delete_finds_what_create_made_whatever_flags_it_is_given(fake_tools, capfd, monkeypatch):
+  """A spot TPU made with --no-queued is a plain TPU VM. Deleting by the flags, `delete --spot` would ask
+  for a queued resource that is not there, fail, and leave the TPU running."""
+  _, calls = fake_tools
+  where = ["--tpu=t1", *WHERE]
+  assert launch.cli(["create", *where, "--accelerator=v4-8", "--spot", "--no-queued", "--execute"]) == 0
+  made = len(calls())
+  assert launch.cli(["delete", *where, "--spot", "--execute"]) == 0, capfd.readouterr().err
+  assert [c[3:5] for c in calls()[made:]] == [["queued-resources", "describe"], ["tpu-vm", "describe"],
+                                              ["tpu-vm", "delete"]]
+  # Nothing of the name (a wrong zone, say): one line that says so, exit 1, nothing deleted.
+  monkeypatch.setenv("FAKE_LOG", str(fake_tools[0].parent / "calls_none.log"))
+  capfd.readouterr()
+  assert launch.cli(["delete", *where, "--execute"]) == 1
+  err = capfd.readouterr().err.splitlines()
+  zone, project = (w.split("=")[1] for w in WHERE)
+  assert err[0] == (f"found no queued resource or TPU VM named t1 in {zone} of project {project}, so nothing was "
+                    f"deleted; if it is there, gcloud compute tpus tpu-vm describe t1 --zone={zone} "
+                    f"--project={project} says why it could not be read")
+  assert err[1].startswith("error: command failed with exit code 1: bash -c ")
+
+
 @pytest.mark.parametrize("states,queued", [
     ("WAITING_FOR_RESOURCES WAITING_FOR_RESOURCES PROVISIONING ACTIVE", True),
     ("CREATING CREATING READY", False)])
@@ -383,7 +413,6 @@ def test_spot_asks_for_a_queued_resource_unless_told_not_to(capsys):
   argv = ["create", "--tpu=t1", "--accelerator=v5p-128", *WHERE, "--spot"]
   out = _dry_run(capsys, argv)
   assert "exec gcloud compute tpus queued-resources create t1 " in out and "--node-id=t1 --spot" in out
-  assert _dry_run(capsys, ["delete", *argv[1:]]).startswith("gcloud compute tpus queued-resources delete t1 ")
   out = _dry_run(capsys, [*argv, "--no-queued"])
   assert "exec gcloud compute tpus tpu-vm create t1 " in out and "queued-resources" not in out
   # On-demand and reserved capacity keep the plain create unless --queued.
@@ -552,7 +581,7 @@ def test_project_and_zone_default_from_gcloud_env(monkeypatch, capsys):
   monkeypatch.setenv("CLOUDSDK_CORE_PROJECT", "env-proj")
   monkeypatch.setenv("CLOUDSDK_COMPUTE_ZONE", "europe-west4-a")
   out = _dry_run(capsys, ["delete", "--tpu=t1", "--accelerator=v5litepod-16"])
-  assert out == "gcloud compute tpus tpu-vm delete t1 --zone=europe-west4-a --project=env-proj --quiet\n"
+  assert "exec gcloud compute tpus tpu-vm delete t1 --zone=europe-west4-a --project=env-proj --quiet;" in out
   # An explicit flag wins over the environment.
   out = _dry_run(capsys, ["delete", "--tpu=t1", "--accelerator=v5litepod-16", "--project=flag-proj"])
   assert "--project=flag-proj" in out and "env-proj" not in out
@@ -564,13 +593,13 @@ def test_project_and_zone_default_from_gcloud_config(fake_tools, monkeypatch, ca
   _, calls = fake_tools
   monkeypatch.setenv("FAKE_PROJECT", "cfg-proj")
   monkeypatch.setenv("FAKE_ZONE", "us-central2-b")
-  out = _dry_run(capsys, ["delete", "--tpu=t1", "--accelerator=v4-8"])
-  assert out == "gcloud compute tpus tpu-vm delete t1 --zone=us-central2-b --project=cfg-proj --quiet\n"
+  out = _dry_run(capsys, ["delete", "--tpu=t1"])
+  assert "exec gcloud compute tpus tpu-vm delete t1 --zone=us-central2-b --project=cfg-proj --quiet;" in out
   assert calls() == [["gcloud", "config", "get-value", "project"], ["gcloud", "config", "get-value", "compute/zone"]]
   # Flags and the environment win, without asking gcloud.
   monkeypatch.setenv("CLOUDSDK_CORE_PROJECT", "env-proj")
   out = _dry_run(capsys, ["delete", "--tpu=t1", "--accelerator=v4-8", "--zone=europe-west4-a"])
-  assert out == "gcloud compute tpus tpu-vm delete t1 --zone=europe-west4-a --project=env-proj --quiet\n"
+  assert "exec gcloud compute tpus tpu-vm delete t1 --zone=europe-west4-a --project=env-proj --quiet;" in out
   assert len(calls()) == 2
   # Set nowhere: the error names `gcloud config set` too, since gcloud is there to read it.
   monkeypatch.setenv("FAKE_ZONE", "")
