@@ -6,7 +6,7 @@ import pytest
 
 from fmjax import config_lib
 import fmjax.data as data
-from fmjax.data import corpus
+from fmjax.data import corpus, pii
 from fmjax.data import tokenizers as tokenizers_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,6 +51,25 @@ def test_wordpiece_specials_and_save_load(docs, tmp_path):
   back = data.load_tokenizer(str(tmp_path))
   assert back.kind == "wordpiece" and back.identity() == tok.identity()
   assert back.encode(docs[5]) == tok.encode(docs[5])
+
+
+@pytest.mark.parametrize("kind,objective", [("bpe", "clm"), ("wordpiece", "mlm"), ("unigram", "clm"),
+                                            ("unigram", "mlm")])
+def test_a_special_tokens_name_in_text_is_read_as_text(docs, kind, objective):
+  """A document that quotes `<|endoftext|>` or `[SEP]` must not get the EOS or SEP id there: packing
+  would open a new document inside it (GPT) or break `[CLS] A [SEP] B [SEP]` (BERT). The PII
+  placeholders, which the scrubber writes into the text, stay one token each."""
+  tok = tokenizers_lib.train(docs + ["write to <EMAIL> or <PHONE>"] * 5, kind, 600, objective,
+                             tuple(pii.PLACEHOLDERS.values()))
+  text = "GPT-2 ends documents with <|endoftext|>; BERT joins [CLS] A [SEP] B [SEP] and predicts [MASK]. <EMAIL>"
+  ids = tok.encode(text)
+  assert not set(ids) & (tok.special_ids - {tok.unk_id}), [tok.hf.id_to_token(i) for i in ids]
+  assert ids.count(tok.hf.token_to_id("<EMAIL>")) == 1
+  assert tok.encode_batch([text, "x"]) == [ids, tok.encode("x")]
+  if kind == "bpe":
+    assert tok.decode(ids) == text
+  else:
+    assert "endoftext" in tok.decode(ids).lower()
 
 
 def test_hf_files_load(docs, tmp_path):

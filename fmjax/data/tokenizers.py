@@ -52,18 +52,24 @@ class Tokenizer:
     # are special to HF (kept whole) but are ordinary text to the model.
     self.special_ids = {i for i in (self.eos_id, self.cls_id, self.sep_id, self.mask_id, self.unk_id, pad)
                         if i is not None}
+    self._reader = _reading_specials_as_text(tok)  # what `encode` uses
 
   @property
   def vocab_size(self) -> int:
     return self.hf.get_vocab_size(with_added_tokens=True)
 
   def encode(self, text: str) -> list[int]:
-    """Token ids of `text`, without any added special tokens."""
-    return self.hf.encode(text, add_special_tokens=False).ids
+    """Token ids of `text`, without any added special tokens.
+
+    Text is only ever text: a special token's name written in it (`<|endoftext|>`, `[SEP]`) is read
+    as those characters, not as the token, so a document that quotes one is not cut in two. Special
+    ids come only from the code that places them (packing, fill-mask, fine-tuning pairs).
+    """
+    return self._reader.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     """`encode` over many texts at once (parallel in Rust)."""
-    return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+    return [e.ids for e in self._reader.encode_batch(texts, add_special_tokens=False)]
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
     """Text of `ids`; for byte-level BPE, decode(encode(s)) == s."""
@@ -119,6 +125,33 @@ def resolve_tokenizer_path(config, workdir: str):
         and files.exists(os.path.join(own, "tokenizer.json"))):
     tok["path"] = files.absolute(own)
   return config
+
+
+def _reading_specials_as_text(tok: hf.Tokenizer) -> hf.Tokenizer:
+  """A copy of `tok` that encodes special tokens' names in text as ordinary text.
+
+  The PII placeholders (`<EMAIL>`) are special to HF only so that they stay whole; in the copy they
+  are plain added tokens, which stay whole too. Ids, vocabulary and `tok` itself (whose definition
+  keys the caches) are unchanged.
+  """
+  from fmjax.data import pii
+  spec = json.loads(tok.to_str())
+  placeholders = set(pii.PLACEHOLDERS.values())
+  specials = set()
+  for added in spec.get("added_tokens") or []:
+    if added["content"] in placeholders:
+      added["special"] = False
+    elif added.get("special"):
+      specials.add(added["content"])
+  model = spec.get("model") or {}
+  if model.get("type") == "Unigram":
+    # A unigram vocabulary holds the specials as pieces too: priced out, the text's own pieces win.
+    unk = model.get("unk_id")
+    model["vocab"] = [[piece, -1e4 if piece in specials and i != unk else score]
+                      for i, (piece, score) in enumerate(model["vocab"])]
+  reader = hf.Tokenizer.from_str(json.dumps(spec))
+  reader.encode_special_tokens = True
+  return reader
 
 
 def _from_file(path: str) -> hf.Tokenizer:
