@@ -750,7 +750,7 @@ _HARMLESS = {
     "model.attention", "model.remat", "model.scan_layers",  # restore converts the layer layout
     "model.fused_loss_chunk",  # the same loss, computed in chunks
     "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio", "optim.weight_decay",
-    "optim.b1", "optim.b2", "optim.eps", "optim.clip_norm",
+    "optim.b1", "optim.b2", "optim.eps", "optim.clip_norm",  # but turning clipping on or off breaks
 }
 
 
@@ -775,6 +775,11 @@ _BEFORE_THE_KEY = {
 def _normalise(value: Any) -> Any:
   # Saved configs went through JSON: tuples came back as lists.
   return json.loads(json.dumps(value, default=str))
+
+
+def _clips(clip_norm: Any) -> bool:
+  """Whether `optim.clip_norm` puts a clipping stage (a slot of the optimizer state) in the chain."""
+  return isinstance(clip_norm, (int, float)) and clip_norm > 0
 
 
 def _is_breaking(key: str) -> bool:
@@ -802,7 +807,12 @@ def config_changes(saved_cfg: Mapping[str, Any], new_cfg: Mapping[str, Any]) -> 
                           and math.isnan(old_v) and math.isnan(new_v)):
       continue
     moved = key in _WHERE_THE_TEXT_IS and not any(k.split(".")[0] in ("sft", "task") for k in new)
-    (breaking if _is_breaking(key) and not moved else harmless).append(f"{key}: {old_v!r} -> {new_v!r}")
+    change = f"{key}: {old_v!r} -> {new_v!r}"
+    if key == "optim.clip_norm" and _clips(old_v) != _clips(new_v):
+      breaking.append(f"{change} (clipping turned {'on' if _clips(new_v) else 'off'}: the optimizer state "
+                      "has another structure)")
+      continue
+    (breaking if _is_breaking(key) and not moved else harmless).append(change)
   return breaking, harmless
 
 

@@ -371,6 +371,14 @@ def test_config_changes_classification():
   sft = {"sft": {"eval_percent": 10}}
   assert ckpt_lib.config_changes({**files, **sft}, {**moved, **sft})[0] == [
       "data.files: '/old/*.txt' -> '/new/*.txt'"]
+  # Another clipping threshold is a hyperparameter; clipping on or off adds or drops a slot of the
+  # optimizer state, which a resume could not restore.
+  clipped = {**saved, "optim": {**saved["optim"], "clip_norm": 1.0}}
+  with_clip = lambda c: {**saved, "optim": {**saved["optim"], "clip_norm": c}}
+  assert ckpt_lib.config_changes(clipped, with_clip(0.5)) == ([], ["optim.clip_norm: 1.0 -> 0.5"])
+  assert ckpt_lib.config_changes(clipped, with_clip(0.0))[0] == [
+      "optim.clip_norm: 1.0 -> 0.0 (clipping turned off: the optimizer state has another structure)"]
+  assert [key(b) for b in ckpt_lib.config_changes(with_clip(0), clipped)[0]] == ["optim.clip_norm"]
 
 
 def test_async_save_error_surfaces(tmp_path, monkeypatch):
