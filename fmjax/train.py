@@ -433,7 +433,8 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
   is what the checkpoint records besides the step, the last train metrics and the number of
   skipped updates. Writes metrics.jsonl (train/ and eval/ keys) under `workdir`; SIGTERM saves
   at the next step boundary and returns with `preempted=True`; a non-finite update aborts or is
-  skipped per `train.nan_policy`, and is never checkpointed. `train.profile_steps` > 0 traces that
+  skipped per `train.nan_policy`, and is never checkpointed (a save due while updates are being
+  skipped waits for the next finite one). `train.profile_steps` > 0 traces that
   many updates from `train.profile_start` into `workdir/tb` (`metrics.StepProfiler`).
   """
   from fmjax import checkpoint as ckpt_lib
@@ -451,6 +452,7 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
   last_train, last_eval, preempted = {}, {}, False
   t_last, step_last = time.time(), start
   in_a_row = 0  # non-finite updates since the last finite one
+  deferred = False  # a save fell due inside a run of skipped updates: made once an update is finite
 
   def record(step: int, device_metrics: dict) -> None:
     """Host side of the update that made `step`: non-finite policy, logging."""
@@ -497,10 +499,16 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
       stop = start < step < total and watcher.should_stop(step)
       every = config.train.eval_every  # 0: at the end only
       eval_due = evaluate is not None and step > start and ((every and step % every == 0) or step == total)
-      save_due = step > start and (stop or step == total or checkpointer.should_save(step))
+      save_due = step > start and (stop or step == total or deferred or checkpointer.should_save(step))
       if pending is not None and (eval_due or save_due):
         record(step, pending)
         pending = None
+      if save_due and in_a_row and not (stop or step == total):
+        # The params of skipped updates are those that just failed: saving them would let `keep`
+        # delete the checkpoints from before, the ones a diverged run goes back to.
+        if not deferred:
+          writer.message(f"step {step}: checkpoint put off until an update is finite again")
+        deferred, save_due = True, False
       paused = time.time()
       if eval_due:
         last_eval = evaluate(state["params"])
@@ -509,7 +517,8 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
       if save_due:
         saved = {"step": step, **meta(step), "fmjax_version": __import__("fmjax").__version__,
                  "metrics": last_train, "skipped_steps": skipped}
-        checkpointer.save(step, state, saved, force=stop or step == total)
+        checkpointer.save(step, state, saved, force=stop or step == total or deferred)
+        deferred = False
       if eval_due or save_due:
         writer.sync()  # a bucket workdir's logs are never behind its checkpoints
       t_last += time.time() - paused  # train/tokens_per_sec counts training time only, not eval or saving

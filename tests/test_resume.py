@@ -413,8 +413,17 @@ def test_nan_skip_stops_once_the_params_diverged(cache_dir, monkeypatch, tmp_pat
   _poison(monkeypatch, set(range(5, 40)))  # from the 6th update on
   with pytest.raises(train.NonFiniteLossError, match=r"10 non-finite updates in a row up to step 15: the params of "
                                                      r"step 5 diverged\. .* go on from step 4, the last checkpoint"):
-    train.run(load(cache_dir, "train.nan_policy=skip", "train.steps=40"), str(tmp_path))
-  assert committed_steps(tmp_path) == [4, 8, 12]  # 8 and 12 hold step 5's params: every update since was skipped
+    train.run(load(cache_dir, "train.nan_policy=skip", "train.steps=40", "checkpoint.keep=1"), str(tmp_path))
+  # Saves 8 and 12 fell due inside the run of skipped updates and were put off: saved, they would
+  # hold step 5's params, and keep=1 would have deleted step 4, the one to go back to.
+  assert committed_steps(tmp_path) == [4]
+
+
+def test_nan_skip_puts_a_save_off_until_an_update_is_finite(cache_dir, monkeypatch, tmp_path, capsys):
+  _poison(monkeypatch, {3})  # the 4th update, which makes step 4, a save step
+  train.run(load(cache_dir, "train.nan_policy=skip", "train.steps=6"), str(tmp_path))
+  assert committed_steps(tmp_path) == [5, 6]
+  assert "step 4: checkpoint put off until an update is finite again" in capsys.readouterr().out
 
 
 def test_nan_skip_leaves_state_bitwise_unchanged(cache_dir, monkeypatch, tmp_path):
