@@ -828,6 +828,36 @@ def _set_ctrl_c_step(step: int | None) -> None:
   _ctrl_c_step = step
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM while a run was starting (its data, restore or compile), before a step loop could take it."""
+  exit_code = 143  # as for a preemption that saved: a rerun goes on
+
+
+@contextlib.contextmanager
+def sigterm_stops_the_start():
+  """Within it, SIGTERM raises `Terminated` at once, where the run is, so a preemption or a scheduler
+  that stops a run before its step loop begins ends it as a Ctrl-C would: a workdir it created and
+  saved nothing in is removed, and the command says so in one line. The step loop's
+  PreemptionWatcher takes SIGTERM over while it runs, to save first. Where JAX's preemption service
+  owns SIGTERM (a pod), or off the main thread, nothing changes.
+  """
+  if PreemptionWatcher._jax_owns_sigterm():
+    yield
+    return
+  def stop(signum, frame):
+    raise Terminated("SIGTERM before the step loop could save: nothing new was saved; rerun the same command "
+                     "to go on")
+  try:
+    previous = signal.signal(signal.SIGTERM, stop)
+  except ValueError:  # not the main thread
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 class PreemptionWatcher:
   """Turns SIGTERM and a first Ctrl-C (SIGINT) into a clean stop at the next step boundary.
 

@@ -6,7 +6,8 @@
 
 A user mistake ends in one line on stderr (`error: ...`) and exit code 2. A run stopped by
 SIGTERM saves, then exits with code 143 (128 + SIGTERM, as a shell reports a process the signal
-ended): it is not finished, and rerunning the same command resumes it.
+ended): it is not finished, and rerunning the same command resumes it. A SIGTERM before the step
+loop begins (preparing data, restoring, compiling) stops the run at once, with the same code.
 """
 
 from __future__ import annotations
@@ -73,11 +74,18 @@ def _exit_code(result: dict) -> int:
   return PREEMPTED_EXIT_CODE if result.get("preempted") else 0
 
 
+def _train(run, config, workdir: str) -> int:
+  """`run(config, workdir)` (train, finetune, sft) stopped cleanly by a SIGTERM at any point."""
+  from fmjax import checkpoint
+  with checkpoint.sigterm_stops_the_start():
+    return _exit_code(run(config, workdir))
+
+
 def cmd_train(argv):
   from fmjax import train
   maybe_initialize_distributed()
   args, config = _load("fmjax train", argv, True)
-  return _exit_code(train.run(config, args.workdir))
+  return _train(train.run, config, args.workdir)
 
 
 def cmd_data(argv):
@@ -158,14 +166,14 @@ def cmd_finetune(argv):
   from fmjax import finetune
   maybe_initialize_distributed()
   args, config = _load("fmjax finetune", argv, True)
-  return _exit_code(finetune.run(config, args.workdir))
+  return _train(finetune.run, config, args.workdir)
 
 
 def cmd_sft(argv):
   from fmjax import sft
   maybe_initialize_distributed()
   args, config = _load("fmjax sft", argv, True)
-  return _exit_code(sft.run(config, args.workdir))
+  return _train(sft.run, config, args.workdir)
 
 
 def cmd_generate(argv):
@@ -288,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt as e:  # 130 = 128 + SIGINT; a first Ctrl-C in a step loop saves first (RunInterrupted)
-    print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
-    return INTERRUPTED_EXIT_CODE
+    code = getattr(e, "exit_code", INTERRUPTED_EXIT_CODE)  # 143 for a SIGTERM (checkpoint.Terminated)
+    what = "stopped" if code == PREEMPTED_EXIT_CODE else "interrupted"
+    print(f"{what}: {e}" if str(e) else what, file=sys.stderr)
+    return code
   except Exception as e:  # XLA's errors are RuntimeErrors: only running out of memory is the user's
     message = out_of_memory_message(e) or storage_error_message(e)
     if message is None:

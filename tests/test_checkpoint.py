@@ -543,6 +543,28 @@ def test_second_training_in_a_workdir_fails_at_once(tmp_path, capsys, monkeypatc
   ckpt_lib.lock_workdir(str(tmp_path / "run")).release()  # ...and let it go
 
 
+@pytest.mark.parametrize("command", ["train", "finetune", "sft"])
+def test_sigterm_while_a_run_starts_stops_it_in_one_line(tmp_path, capsys, monkeypatch, command):
+  """A preemption or a scheduler can stop a run before its step loop watches for SIGTERM (while it
+  prepares data, restores or compiles): the run stops there, as after a Ctrl-C, and exits 143."""
+  from fmjax import cli
+  before = signal.getsignal(signal.SIGTERM)
+  real = ckpt_lib.Checkpointer.latest_step
+
+  def latest_step(self):
+    os.kill(os.getpid(), signal.SIGTERM)  # handled in this (main) thread before the next lines run
+    return real(self)
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "latest_step", latest_step)
+  assert cli.main([command, *_run_args(command, tmp_path)]) == cli.PREEMPTED_EXIT_CODE
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      "stopped: SIGTERM before the step loop could save: nothing new was saved; rerun the same command to go on")
+  assert ckpt_lib.saved_steps(str(tmp_path / "run" / "checkpoints")) == []
+  if command == "train":  # a start that saved nothing leaves no workdir behind
+    assert not os.path.exists(tmp_path / "run")
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_second_ctrl_c_aborts_and_sigterm_after_ctrl_c_is_a_preemption(tmp_path):
   watcher = ckpt_lib.PreemptionWatcher()
   try:
