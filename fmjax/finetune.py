@@ -137,7 +137,7 @@ def loss_fn(model, batch, *, deterministic=True, rngs=None, regression=False):
 def encode(examples: Sequence[tasks.Example], tok, family: str, seq_len: int) -> dict[str, np.ndarray]:
   """Token rows of the examples: BERT [CLS] a [SEP] (b [SEP]), GPT a <eos> (b <eos>); right-padded.
 
-  Pairs that don't fit lose tokens from the longer text first.
+  Texts that don't fit lose tokens from their ends, as HF's `longest_first` truncation does (`_fit_lengths`).
   """
   n = len(examples)
   inputs = np.full((n, seq_len), tok.pad_id, np.int32)
@@ -150,9 +150,7 @@ def encode(examples: Sequence[tasks.Example], tok, family: str, seq_len: int) ->
   budget = seq_len - len(prefix) - num_texts
   for r in range(n):
     parts = [list(p[r]) for p in pieces]
-    while sum(map(len, parts)) > budget:
-      longest = max(range(len(parts)), key=lambda i: len(parts[i]))
-      parts[longest].pop()
+    parts = [part[:keep] for part, keep in zip(parts, _fit_lengths([len(part) for part in parts], budget))]
     ids, tt = list(prefix), [0] * len(prefix)
     for i, part in enumerate(parts):
       ids += part + [sep]
@@ -161,6 +159,24 @@ def encode(examples: Sequence[tasks.Example], tok, family: str, seq_len: int) ->
   labels = np.array([y for _, y in examples], np.float32)
   return {"inputs": inputs, "token_types": types, "segment_ids": seg, "labels": labels,
           "weights": np.ones((n,), np.float32)}
+
+
+def _fit_lengths(lengths: list[int], budget: int) -> list[int]:
+  """How many tokens each of one or two texts keeps within `budget`, as HF's `longest_first` truncation
+  (the exported tokenizer's) decides: a pair keeps its shorter text whole when the longer one can shrink
+  to the rest of the budget; else each keeps half, and an odd budget's extra token goes to the text that
+  was longer (the second, when they were equal).
+  """
+  if sum(lengths) <= budget:
+    return list(lengths)
+  if len(lengths) == 1:
+    return [budget]
+  n_a, n_b = lengths
+  short = min(n_a, n_b)
+  if 2 * short > budget:
+    short = budget // 2
+  long = budget - short
+  return [long, short] if n_a > n_b else [short, long]
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:

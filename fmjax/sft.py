@@ -156,12 +156,13 @@ def load_rows(config, tok) -> dict[str, dict[str, np.ndarray] | None]:
   out = {}
   for split, examples in (("train", train_ex), ("eval", eval_ex)):
     encoded = [encode_example(tok, p, c) for p, c in examples]
-    # A prompt that fills the whole row leaves no completion token to learn from.
-    kept = [e for e in encoded if e[1] < config.data.seq_len]
+    # Targets are ids[1:seq_len + 1]: a prompt of seq_len ids (its EOS included) still leaves the row's last
+    # target to the first completion token; a longer one leaves no completion token to learn from.
+    kept = [e for e in encoded if e[1] <= config.data.seq_len]
     cut = sum(len(ids) - 1 > config.data.seq_len for ids, _ in kept)
     if len(kept) < len(encoded) or cut:
-      log.info("SFT %s: dropped %d rows whose prompt fills data.seq_len=%d; cut %d completions at the row end",
-               split, len(encoded) - len(kept), config.data.seq_len, cut)
+      log.info("SFT %s: dropped %d rows whose prompt (with its EOS) is longer than data.seq_len=%d; cut %d "
+               "completions at the row end", split, len(encoded) - len(kept), config.data.seq_len, cut)
     out[split] = pack_rows(kept, config.data.seq_len, pack=config.sft.pack) if kept else None
   return out
 

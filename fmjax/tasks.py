@@ -382,7 +382,8 @@ def _glue_task(name: str, tc, data_dir: str) -> Task:
       texts = tuple(_text(record[f]) for f in features)
       examples.append((texts, float(record["label"])))
     splits[ours] = examples
-  return Task(f"glue/{name}", features, num_classes, metrics, splits, names)
+  positive = positive_class(names, str(tc.get("positive_label", "")), f"glue/{name}") if num_classes == 2 else 1
+  return Task(f"glue/{name}", features, num_classes, metrics, splits, names, positive)
 
 
 def _text(value) -> str:

@@ -19,8 +19,10 @@ Tasks (TFDS by name; `data_dir` as in pretraining):
                                corpus), cut into 36-word passages: a passage's first 24 words, and
                                four 12-word spans to follow them, its own and three other passages'
 
-A context longer than the run's trained positions loses its start; an item with a choice longer
-than those positions is left out (and counted as `skipped`), never scored on part of a choice.
+Whitespace that ends a context is scored with each choice, as lm-evaluation-harness does ("used to "
++ "iterate" as "used to" + " iterate"). A context longer than the run's trained positions loses its
+start; an item with a choice longer than those positions is left out (and counted as `skipped`),
+never scored on part of a choice.
 Shapes: B rows a batch, T positions, V vocabulary.
 """
 
@@ -181,14 +183,24 @@ def load_items(task: str, *, split: str | None = None, data_dir: str = "", limit
 # ----------------------------------------------------------------------------- scoring
 
 
+def _continuation(item: Item, choice: str) -> str:
+  """The text whose tokens score `choice`: the whitespace that ends the item's context, then the choice.
+
+  As in lm-evaluation-harness: a BPE splits "used to " + "iterate" into a lone space token and word pieces,
+  where running text has "used to" + " iterate". A context that ends in no whitespace (every built-in
+  task's) leaves the choice as it is.
+  """
+  return item.context[len(item.context.rstrip()):] + choice
+
+
 def encode_rows(tok, items: Sequence[Item], max_len: int) -> dict[str, np.ndarray]:
-  """One row per (item, choice), in order: inputs, targets, weights (1 on the choice's tokens),
+  """One row per (item, choice), in order: inputs, targets, weights (1 on the choice's tokens: `_continuation`'s),
   segment ids (0 on padding), [R, T] with T the longest row rounded up to 16, at most `max_len`."""
   seqs = []
   for item in items:
-    context = [tok.eos_id] + tok.encode(item.context)
+    context = [tok.eos_id] + tok.encode(item.context.rstrip())
     for choice in item.choices:
-      cont = tok.encode(choice)
+      cont = tok.encode(_continuation(item, choice))
       seq = (context + cont)[-(max_len + 1):]  # the context's start goes first
       seqs.append((seq, min(len(cont), len(seq) - 1)))
   T = min(max_len, -(-max(len(s) - 1 for s, _ in seqs) // 16) * 16)
@@ -256,7 +268,7 @@ def _chars(choice: str) -> int:
 def fitting(tok, items: Sequence[Item], max_len: int, task: str = "") -> tuple[list[Item], int]:
   """The items whose every choice fits in `max_len` positions after at least one context token,
   and how many were left out (logged); none fitting is one ConfigError line."""
-  kept = [item for item in items if all(len(tok.encode(c)) <= max_len for c in item.choices)]
+  kept = [item for item in items if all(len(tok.encode(_continuation(item, c))) <= max_len for c in item.choices)]
   if not kept:
     raise ConfigError(f"every item of task {task!r} has a choice longer than the {max_len} positions scored "
                       "(the run's trained positions, or data.seq_len in training); drop the task or use longer rows")

@@ -322,6 +322,38 @@ def test_encode_sentence_pairs():
   np.testing.assert_array_equal(gpt["inputs"][0], [11, 12, 7, 0, 0])
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+def test_pair_truncation_matches_the_exported_tokenizer(files, tmp_path, family):
+  """A pair that doesn't fit keeps the tokens HF's `longest_first` keeps: with both texts cut, an odd
+  budget's extra token goes to the text that was longer, to the second when they were equal."""
+  transformers = pytest.importorskip("transformers")
+  from fmjax import interop
+  from fmjax.data import tokenizers as tok_lib
+  if family == "bert":
+    tok = tok_lib.load_hf(files["vocab"])  # one token a word
+  else:
+    rng = np.random.default_rng(3)
+    tok = tok_lib.train([" ".join(rng.choice(WORDS, size=8)) for _ in range(200)], "bpe", 300, "clm")
+  model_cfg = config_lib.base_config(family).model
+  rng = np.random.default_rng(0)
+  # (words in a, words in b): neither, the first, the second, or both too long; equal lengths too.
+  lengths = [(3, 4), (14, 2), (2, 14), (5, 9), (9, 5), (8, 7), (7, 8), (8, 8), (12, 12)]
+  pairs = [(" ".join(rng.choice(WORDS, na)), " ".join(rng.choice(WORDS, nb))) for na, nb in lengths]
+  for seq_len in (12, 13):  # BERT's budget for the texts is seq_len - 3, GPT's seq_len - 2: odd and even both
+    out = str(tmp_path / str(seq_len))
+    os.makedirs(out)
+    interop._export_tokenizer(tok, model_cfg, out, classifier=True, max_length=seq_len)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    rows = finetune.encode([(p, 0.0) for p in pairs], tok, family, seq_len)
+    for r, (a, b) in enumerate(pairs):
+      theirs = hf_tok(a, b, truncation=True)
+      real = rows["segment_ids"][r] == 1
+      lengths = (seq_len, len(tok.encode(a)), len(tok.encode(b)))
+      assert rows["inputs"][r][real].tolist() == theirs["input_ids"], lengths
+      if family == "bert":
+        assert rows["token_types"][r][real].tolist() == theirs["token_type_ids"]
+
+
 def test_gpt_head_pools_the_last_real_token(files):
   config = ft_config(files, "model.dropout=0.0", arg="task=jsonl,model=gpt")
   graphdef, params = nnx.split(finetune.model_factory(config, 4)())

@@ -41,6 +41,25 @@ def test_prompt_tokens_carry_zero_loss_weight_and_rows_pack_apart():
   assert unpacked["loss_weights"].sum() == rows["loss_weights"].sum()
 
 
+def test_a_prompt_of_exactly_seq_len_ids_keeps_its_first_completion_target(tmp_path, caplog):
+  """Inputs are ids[:T] and targets ids[1:T + 1]: a prompt of T ids (EOS included) leaves the row's last
+  target to the first completion token; a prompt of T + 1 ids leaves none, and its row is dropped."""
+  T = 8
+  path = tmp_path / "x.jsonl"
+  path.write_text(json.dumps({"prompt": "p" * (T - 1), "completion": "XY"}) + "\n"
+                  + json.dumps({"prompt": "q" * T, "completion": "Z"}) + "\n")
+  config = config_lib.load_config("configs/sft.py", [f"data.files={path}", f"sft.eval_files={path}",
+                                                     f"data.seq_len={T}"])
+  with caplog.at_level(logging.INFO, logger="fmjax"):
+    rows = sft.load_rows(config, CharTokenizer())["train"]
+  assert rows["inputs"].shape == (1, T)
+  np.testing.assert_array_equal(rows["inputs"][0], [0] + [ord("p")] * (T - 1))
+  np.testing.assert_array_equal(rows["targets"][0], [ord("p")] * (T - 1) + [ord("X")])
+  np.testing.assert_array_equal(rows["loss_weights"][0], [0] * (T - 1) + [1])
+  assert (f"SFT train: dropped 1 rows whose prompt (with its EOS) is longer than data.seq_len={T}; cut 1 "
+          "completions at the row end") in caplog.text
+
+
 def test_bad_jsonl_gets_one_line(tmp_path):
   path = tmp_path / "x.jsonl"
   path.write_text('{"prompt": "a", "answer": "b"}\n')

@@ -114,6 +114,27 @@ def test_glue_head_size_mismatch_is_one_line(cache_dir, tfds_online):
   assert "\n" not in str(e.value)
 
 
+def test_glue_f1_scores_task_positive_label(cache_dir, tfds_online):
+  """MRPC's F1 scores `equivalent` unless task.positive_label names the other class; a label that is
+  not MRPC's fails in one line, as for csv/jsonl tasks."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=8):
+    default = tasks.load_task(ft_config(cache_dir, arg="task=glue/mrpc"))
+    flipped = tasks.load_task(ft_config(cache_dir, "task.positive_label=not_equivalent", arg="task=glue/mrpc"))
+    with pytest.raises(ConfigError, match=r"task.positive_label='paraphrase' is not a label of glue/mrpc; "
+                       r"use one of \['not_equivalent', 'equivalent'\]") as e:
+      tasks.load_task(ft_config(cache_dir, "task.positive_label=paraphrase", arg="task=glue/mrpc"))
+  assert "\n" not in str(e.value)
+  assert (default.positive, default.f1_positive_label) == (1, "equivalent")
+  assert (flipped.positive, flipped.f1_positive_label) == (0, "not_equivalent")
+  gold = np.array([y for _, y in flipped.splits["validation"]])
+  preds = np.zeros_like(gold)  # every prediction "not_equivalent": F1 of class 0 is 2s / (1 + s), s its share
+  share = np.mean(gold == 0)
+  assert 0 < share < 1, "mock labels should hold both classes"
+  assert tasks.evaluate(flipped, preds)["f1"] == pytest.approx(2 * share / (1 + share))
+  assert tasks.evaluate(default, preds)["f1"] == 0.0
+
+
 def _write_jsonl(path, records):
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
   return str(path)

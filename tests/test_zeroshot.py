@@ -50,6 +50,27 @@ def test_scores_are_the_continuations_log_likelihoods():
   assert len({round(float(x), 3) for ll in got for x in ll}) > 5  # not one number for every choice
 
 
+def test_a_contexts_trailing_whitespace_is_scored_with_the_choice():
+  """As in lm-evaluation-harness: "sat on the " + "mat" is tokenised as "sat on the" + " mat", not as a lone
+  space token and a word piece; both spellings of an item give the same rows, and fitting counts those tokens."""
+  from fmjax.data import tokenizers as tok_lib
+  rng = np.random.default_rng(0)
+  words = "the cat sat on mat roof a big small red".split()
+  tok = tok_lib.train([" ".join(rng.choice(words, 12)) for _ in range(200)], "bpe", 300, "clm")
+  assert tok.encode("sat on the ")[-1:] == tok.encode(" ") and len(tok.encode(" mat")) == 1  # what goes wrong
+  trailing = [zeroshot.Item("the cat sat on the ", ("mat", "big roof"), 0),
+              zeroshot.Item("the big cat\n ", ("sat", "small"), 1)]
+  leading = [zeroshot.Item("the cat sat on the", (" mat", " big roof"), 0),
+             zeroshot.Item("the big cat", ("\n sat", "\n small"), 1)]
+  got, want = zeroshot.encode_rows(tok, trailing, 32), zeroshot.encode_rows(tok, leading, 32)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  assert got["weights"][0].sum() == 1  # " mat" is one token
+  # "sat" is one token, "\nsat" two: with one position to score in, only the item without the newline fits.
+  items = [zeroshot.Item("the cat\n", ("sat", "on"), 0), zeroshot.Item("the cat", (" sat", " on"), 0)]
+  assert zeroshot.fitting(tok, items, 1) == (items[1:], 1)
+
+
 def test_acc_picks_the_total_and_acc_norm_the_per_character_likelihood():
   items = [zeroshot.Item("q", (" short", " a much longer answer"), 1),
            zeroshot.Item("q", (" yes", " no"), 0),
