@@ -130,6 +130,23 @@ def _scan(directory: epath.Path) -> tuple[dict[int, epath.Path], list[epath.Path
   return committed, torn
 
 
+def _torn(directory: epath.Path) -> list[epath.Path]:
+  """The unfinished saves an owner removes (`_scan`'s torn).
+
+  One save is in flight at a time, so a save cut short leaves at most one step directory without
+  the commit marker past the committed ones. Several such are no interrupted save (checkpoints
+  copied without their markers, say), and are refused rather than deleted.
+  """
+  torn = _scan(directory)[1]
+  steps = sorted(int(p.name) for p in torn if p.name.isdigit())
+  if len(steps) > 1:
+    raise CheckpointDamagedError(
+        f"{directory} holds steps {steps} without Orbax's commit marker ({COMMIT_MARKER}) after every committed "
+        f"step; a save cut short leaves one such step, not {len(steps)}, so none was deleted: if they are complete "
+        f"copies, put the marker back in each (touch {directory}/STEP/{COMMIT_MARKER}), else delete them")
+  return torn
+
+
 def saved_steps(directory: str) -> list[int]:
   """Committed checkpoint steps under `directory` (a run's `checkpoints/`), ascending; [] when none."""
   return sorted(_scan(epath.Path(directory))[0])
@@ -275,7 +292,7 @@ class Checkpointer:
     if _is_primary():
       self.directory.mkdir(parents=True, exist_ok=True)
       if self._owner:
-        _remove(_scan(self.directory)[1], self.directory)
+        _remove(_torn(self.directory), self.directory)
     if self._owner and jax.process_count() > 1:  # others must not list the directory while process 0 cleans it
       multihost_utils.sync_global_devices("fmjax_checkpointer_init")
     policies = [ocp.checkpoint_managers.LatestN(keep if keep > 0 else None)]
@@ -324,7 +341,7 @@ class Checkpointer:
     committed, torn = _scan(self.directory)
     # A save in flight looks torn until it commits: only clean up when none is running.
     if torn and self._owner and _is_primary() and not self._manager.is_saving_in_progress():
-      _remove(torn, self.directory)
+      _remove(_torn(self.directory), self.directory)
     return max(committed) if committed else None
 
   # --------------------------------------------------------------------------- saving

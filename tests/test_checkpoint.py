@@ -249,6 +249,13 @@ def test_readers_never_delete_unfinished_saves(tmp_path):
   reader.close()
   assert sorted(os.listdir(unmarked)) == ["3", "5"]
 
+  # A run started there cannot take them for one interrupted save (there is one at a time): it
+  # refuses in one line, before it deletes anything.
+  with pytest.raises(ckpt_lib.CheckpointDamagedError, match=r"holds steps \[3, 5\] without Orbax's commit marker "
+                                                            r".* so none was deleted"):
+    ckpt_lib.Checkpointer(unmarked, owner=True)
+  assert sorted(os.listdir(unmarked)) == ["3", "5"]
+
 
 def test_elastic_restore_onto_other_meshes(tmp_path):
   mesh8 = make_mesh((8,), ("data",))
