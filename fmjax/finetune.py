@@ -270,6 +270,22 @@ def adopt_pretrain_settings(config, init_from: str) -> list[str]:
   return changed
 
 
+def _run_tokenizer(config, workdir: str):
+  """The run's tokenizer, kept in `workdir/tokenizer` (`run` saves it), so that the run's eval, export
+  and release do not depend on where init_from's workdir is. A run that started before fine-tuning
+  runs kept one goes on reading the tokenizer its config names."""
+  from fmjax import checkpoint as ckpt_lib, data
+  own = os.path.join(workdir, data.RUN_TOKENIZER)
+  if files.exists(os.path.join(own, "tokenizer.json")):
+    tok = data.load_tokenizer(own)
+  else:
+    tok = data.get_tokenizer(config)
+    if ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")):
+      return tok
+  config.data.tokenizer.update(kind="hf", path=data.RUN_TOKENIZER, vocab_size=tok.vocab_size)
+  return tok
+
+
 def _tree_get(tree: dict, keys: tuple):
   for k in keys:
     tree = tree[k]
@@ -455,7 +471,7 @@ def run(config, workdir: str) -> dict:
   # A workdir with checkpoints resumes them and needs no init_from checkpoint; a new one checks it now.
   new_run = not files.isdir(os.path.join(workdir, "checkpoints"))
   init_step = source_step(config, spec, init_from) if init_from and new_run else None
-  tok = data.get_tokenizer(config)
+  tok = _run_tokenizer(config, workdir)
   if tok.vocab_size > config.model.vocab_size:
     raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}")
   trainable, total = peft.count(spec.abstract["params"], config.finetune.peft)
@@ -486,6 +502,8 @@ def run(config, workdir: str) -> dict:
         origin = {"start": "scratch"}
         log.info("Started from scratch: random trunk and head (no init_from)")
     if jax.process_index() == 0:
+      if config.data.tokenizer.path == data.RUN_TOKENIZER:
+        data.save_run_tokenizer(tok, workdir)
       config_lib.save_json(config, os.path.join(workdir, "config.json"))
     also = [s for s in task.splits if s.startswith("validation_")]  # more dev sets, e.g. MNLI's mismatched
     rows = {s: encode(task.splits[s], tok, config.model.family, config.data.seq_len)

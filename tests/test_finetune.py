@@ -119,6 +119,9 @@ def test_init_from_loads_trunk_only_and_resumes(pretrained, files, tmp_path):
   from fmjax import evaluate
   metrics = evaluate.run(workdir)
   assert 0.0 <= metrics["accuracy"] <= 1.0, metrics
+  # The run keeps its own tokenizer: its eval, export and release do not need init_from where it was.
+  recorded = json.load(open(os.path.join(workdir, "config.json")))["data"]["tokenizer"]
+  assert recorded["path"] == "tokenizer" and os.path.exists(os.path.join(workdir, "tokenizer", "tokenizer.json"))
 
 
 def test_lora_from_a_scanned_pretraining_run(files, tmp_path):
