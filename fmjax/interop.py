@@ -25,7 +25,8 @@ Conventions of the exported model:
     `score` (last non-pad token; HF's score has no bias, so a non-zero bias is refused). The
     exported tokenizer encodes as `finetune.encode` does (BERT [CLS] a [SEP] b [SEP] with token
     types, GPT a <eos> b <eos>), so HF's logits of its output equal fmjax's.
-  * LoRA fine-tunes must be merged first: any parameter without an HF counterpart is refused.
+  * A LoRA fine-tune is merged into its dense kernels on export (`from_finetune`); any other
+    parameter without an HF counterpart (adapters) and a mean-pooling classifier are refused.
 
 Shape legend: D model, H heads, K head dim, F mlp, V vocab, C classes.
 """
