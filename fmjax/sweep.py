@@ -174,6 +174,7 @@ def check(runs: Sequence[Run], root: str | None = None) -> dict[str, dict[str, A
 
   The overrides shared by all runs are checked first, so their error does not name one run.
   """
+  from fmjax import checkpoint
   first = runs[0]
   shared = first.overrides[:len(first.overrides) - sum(k not in RESERVED_KEYS for k, _ in first.entry)]
   config_lib.load_config(first.spec, shared)
@@ -193,6 +194,12 @@ def check(runs: Sequence[Run], root: str | None = None) -> dict[str, dict[str, A
     if source and not files.is_remote(source) and not inside and not files.isdir(source):
       raise ConfigError(f"sweep run {run.name}: init_from={source!r} does not exist (read from {os.getcwd()}); "
                         "pass the --workdir of a `fmjax train` run")
+    step = int(configs[run.name].get("init_from_step") or 0)
+    if source and step and not files.is_remote(source) and not inside:
+      saved = checkpoint.saved_steps(os.path.join(source, "checkpoints"))
+      if step not in saved:
+        raise ConfigError(f"sweep run {run.name}: init_from={source} has no checkpoint at init_from_step={step}; "
+                          f"it holds steps {saved} (0 takes the newest)")
   return configs
 
 
@@ -264,9 +271,17 @@ def _mark_done(run: Run, root: str, seconds: float, config: dict[str, Any] | Non
   os.replace(path + ".tmp", path)
 
 
-def _mark_status(run: Run, root: str, status: str, returncode: int) -> None:
+def _mark_status(run: Run, root: str, status: str, returncode: int, reason: str = "") -> None:
   with open(os.path.join(root, run.name, STATUS_MARKER), "w") as f:
-    json.dump({"status": status, "exit": returncode}, f)
+    json.dump({"status": status, "exit": returncode, **({"reason": reason} if reason else {})}, f)
+
+
+def _reason(log_path: str, limit: int = 300) -> str:
+  """Why a run failed, from its log: its last `error: ...` line (every user mistake ends in one),
+  else its last line (a traceback's exception)."""
+  lines = [line.strip() for line in _tail(log_path, 50).splitlines() if line.strip()]
+  line = next((l for l in reversed(lines) if l.startswith("error:")), lines[-1] if lines else "")
+  return line[:limit] + ("..." if len(line) > limit else "")
 
 
 def _clear_markers(run: Run, root: str) -> None:
@@ -413,7 +428,7 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO,
           print(f"  stopped {run.name} (SIGTERM while it was starting; a rerun starts it)", file=out, flush=True)
         else:
           failed.append(run)
-          _mark_status(run, root, "failed", proc.returncode)
+          _mark_status(run, root, "failed", proc.returncode, _reason(os.path.join(root, run.name, "log.txt")))
           print(f"  failed  {run.name} (exit {proc.returncode})", file=out, flush=True)
   except KeyboardInterrupt:
     # SIGTERM lets `train` save a checkpoint, so rerunning the sweep resumes every run.
@@ -504,11 +519,13 @@ def aggregate(root: str, runs: Sequence[Run] | Sequence[dict]) -> Table:
     metrics = final_metrics(workdir)
     # A run this sweep did not start (--print_commands: a pod ran it) has no markers: it is done
     # once it saved its last step.
-    status = ("done" if files.exists(os.path.join(workdir, DONE_MARKER)) else _last_status(workdir) or
+    last = {} if files.exists(os.path.join(workdir, DONE_MARKER)) else _last_status(workdir)
+    status = ("done" if files.exists(os.path.join(workdir, DONE_MARKER)) else last.get("status") or
               ("done" if _saved_its_last_step(workdir, metrics["saved"]) else
                "partial" if files.exists(os.path.join(workdir, "metrics.jsonl")) else
                "not started" if not files.exists(workdir) else "missing"))
-    rows.append({"name": name, "entry": entry, "status": status, **metrics})
+    reason = last.get("reason", "") if status == "failed" else ""
+    rows.append({"name": name, "entry": entry, "status": status, "reason": reason, **metrics})
   by_group: dict[str, list[dict]] = {}
   for row in rows:
     key = run_name({k: v for k, v in row["entry"].items() if not is_seed_key(k)})
@@ -534,12 +551,14 @@ def _saved_its_last_step(workdir: str, saved: int | None) -> bool:
   return isinstance(planned, int) and 0 < planned <= saved
 
 
-def _last_status(workdir: str) -> str | None:
-  """`preempted` or `failed` as the sweep saw the run's last exit; None when it has not seen one."""
+def _last_status(workdir: str) -> dict:
+  """How the sweep saw the run's last exit: {"status": preempted | failed, "exit", "reason" (failed)};
+  {} when it has not seen one."""
   try:
-    return (files.read_json(os.path.join(workdir, STATUS_MARKER)) or {}).get("status")
-  except (OSError, ConfigError, AttributeError):
-    return None
+    last = files.read_json(os.path.join(workdir, STATUS_MARKER))
+  except (OSError, ConfigError):
+    return {}
+  return last if isinstance(last, dict) else {}
 
 
 def _fmt(x: float, std: float | None = None) -> str:
@@ -563,6 +582,10 @@ def format_markdown(table: Table) -> str:
   lines += ["| run | status | step | saved | final train loss | final eval loss |", "|---|---|---|---|---|---|"]
   lines += [f"| {r['name']} | {r['status']} | {r['step']} | {_saved(r)} | {_fmt(r['train_loss'])} | "
             f"{_fmt(r['eval_loss'])} |" for r in table.rows]
+  failed = [r for r in table.rows if r.get("reason")]
+  if failed:
+    lines += ["", "Failed runs, with the last line of each one's log.txt:", ""]
+    lines += [f"- {r['name']}: `{r['reason']}`" for r in failed]
   return "\n".join(lines)
 
 
@@ -577,10 +600,10 @@ def write_outputs(table: Table, root: str, out: str | None = None) -> list[str]:
   keys = list(dict.fromkeys(k for r in table.rows for k in r["entry"]))
   with open(paths[1], "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["name", *keys, "status", "step", "saved_step", "train_loss", "eval_loss"])
+    w.writerow(["name", *keys, "status", "step", "saved_step", "train_loss", "eval_loss", "failure"])
     for r in table.rows:
       w.writerow([r["name"], *(r["entry"].get(k, "") for k in keys), r["status"], r["step"],
-                  "" if r["saved"] is None else r["saved"], r["train_loss"], r["eval_loss"]])
+                  "" if r["saved"] is None else r["saved"], r["train_loss"], r["eval_loss"], r.get("reason", "")])
   if table.groups:
     paths.append(os.path.join(out, "sweep_groups.csv"))
     with open(paths[-1], "w", newline="") as f:

@@ -204,6 +204,13 @@ def test_the_sweep_refuses_what_would_be_ignored_or_clash(tmp_path, monkeypatch)
   with pytest.raises(ConfigError, match=r"init_from='/no/such/run' does not exist \(read from "):
     sweep.run_sweep("configs/finetune_cls.py", sweep.load_sweep("configs/finetune_cls.py"), str(tmp_path),
                     base_overrides=["init_from=/no/such/run"])
+  # An init_from step that is not there would fail every run that reads it, one after another.
+  os.makedirs(tmp_path / "pre" / "checkpoints" / "5")
+  (tmp_path / "pre" / "checkpoints" / "5" / ckpt_lib.COMMIT_MARKER).write_text("")
+  with pytest.raises(ConfigError, match=r"init_from=\S+/pre has no checkpoint at init_from_step=10000; it holds "
+                                        r"steps \[5\] \(0 takes the newest\)"):
+    sweep.run_sweep("configs/finetune_cls.py", sweep.load_sweep("configs/finetune_cls.py"), str(tmp_path / "ft"),
+                    base_overrides=[f"init_from={tmp_path / 'pre'}", "init_from_step=10000"])
   (tmp_path / "a_file").write_text("")
   with pytest.raises(ConfigError, match="is a file; give a directory"):
     sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3]}), str(tmp_path / "a_file"))
@@ -272,13 +279,17 @@ def test_a_failed_rerun_of_a_finished_run_is_not_done(tmp_path, monkeypatch):
   root = str(tmp_path)
   entries = sweep.product({"optim.lr": [1e-3]})
   _fake_run(root, sweep.expand(GPT, entries)[0], 2.0, 3.0)
-  _fake_runs(monkeypatch, "import sys; sys.exit(1)")
+  _fake_runs(monkeypatch, "import sys; print('step 3 ...'); print(\"error: data.files='x' matches no file\", "
+             "file=sys.stderr); print('a log line after it'); sys.exit(2)")
   result = sweep.run_sweep(GPT, entries, root, base_overrides=["train.steps=8"], out=io.StringIO())
   assert [r.name for r in result["failed"]] == ["optim.lr=0.001"] and not result["skipped"]
   assert [r["status"] for r in result["table"].rows] == ["failed"]
   assert not os.path.exists(os.path.join(root, "optim.lr=0.001", sweep.DONE_MARKER))
-  assert "| optim.lr=0.001 | failed | 20 |" in open(os.path.join(root, "sweep.md")).read()
-  assert ",failed,20,," in open(os.path.join(root, "sweep.csv")).read()
+  md = open(os.path.join(root, "sweep.md")).read()
+  assert "| optim.lr=0.001 | failed | 20 |" in md
+  # Why it failed stays in the tables once the sweep's own output is gone.
+  assert "- optim.lr=0.001: `error: data.files='x' matches no file`" in md
+  assert ",failed,20,,2.0,3.0,error: data.files='x' matches no file" in open(os.path.join(root, "sweep.csv")).read()
 
 
 def test_sigterm_to_the_sweep_reaches_its_runs(tmp_path, monkeypatch):
