@@ -149,7 +149,7 @@ def _torn(directory: epath.Path) -> list[epath.Path]:
 
 def saved_steps(directory: str) -> list[int]:
   """Committed checkpoint steps under `directory` (a run's `checkpoints/`), ascending; [] when none."""
-  return sorted(_scan(epath.Path(directory))[0])
+  return sorted(_scan(files.path(directory))[0])
 
 
 def _remove(paths: Iterable[epath.Path], directory: epath.Path) -> None:
