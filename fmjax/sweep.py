@@ -195,7 +195,9 @@ def check(runs: Sequence[Run], root: str | None = None) -> dict[str, dict[str, A
       raise ConfigError(f"sweep run {run.name}: init_from={source!r} does not exist (read from {os.getcwd()}); "
                         "pass the --workdir of a `fmjax train` run")
     step = int(configs[run.name].get("init_from_step") or 0)
-    if source and step and not files.is_remote(source) and not inside:
+    started = root is not None and not files.is_remote(root) and checkpoint.saved_steps(
+        os.path.join(root, run.name, "checkpoints"))
+    if source and step and not files.is_remote(source) and not inside and not started:  # a started run resumes
       saved = checkpoint.saved_steps(os.path.join(source, "checkpoints"))
       if step not in saved:
         raise ConfigError(f"sweep run {run.name}: init_from={source} has no checkpoint at init_from_step={step}; "
@@ -276,10 +278,15 @@ def _mark_status(run: Run, root: str, status: str, returncode: int, reason: str 
     json.dump({"status": status, "exit": returncode, **({"reason": reason} if reason else {})}, f)
 
 
-def _reason(log_path: str, limit: int = 300) -> str:
-  """Why a run failed, from its log: its last `error: ...` line (every user mistake ends in one),
-  else its last line (a traceback's exception)."""
-  lines = [line.strip() for line in _tail(log_path, 50).splitlines() if line.strip()]
+def _newest_save(workdir: str) -> int | None:
+  from fmjax import checkpoint
+  return max(checkpoint.saved_steps(os.path.join(workdir, "checkpoints")), default=None)
+
+
+def _reason(log_path: str, offset: int = 0, limit: int = 300) -> str:
+  """Why a run failed, from its log past `offset` (this attempt's part): its last `error: ...` line
+  (every user mistake ends in one), else its last line (a traceback's exception)."""
+  lines = [line.strip() for line in _tail(log_path, 50, offset).splitlines() if line.strip()]
   line = next((l for l in reversed(lines) if l.startswith("error:")), lines[-1] if lines else "")
   return line[:limit] + ("..." if len(line) > limit else "")
 
@@ -293,12 +300,15 @@ def _clear_markers(run: Run, root: str) -> None:
       pass
 
 
-def _tail(path: str, n: int = 5) -> str:
+def _tail(path: str, n: int = 5, offset: int = 0, most: int = 1 << 16) -> str:
+  """The last `n` lines of a log past byte `offset`, reading at most its last `most` bytes."""
   try:
-    with open(path, errors="replace") as f:
-      return "".join(f.readlines()[-n:])
+    with open(path, "rb") as f:
+      f.seek(max(offset, f.seek(0, os.SEEK_END) - most))
+      text = f.read().decode("utf-8", errors="replace")
   except OSError:
     return ""
+  return "".join(text.splitlines(keepends=True)[-n:])
 
 
 def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, parallel: int = 1,
@@ -406,41 +416,45 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO,
         os.makedirs(workdir, exist_ok=True)
         _clear_markers(run, root)
         log = open(os.path.join(workdir, "log.txt"), "a")
+        start = (log.tell(), _newest_save(workdir))  # this attempt's part of the log; the save it starts from
         proc = subprocess.Popen(run.argv(root, _program()), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
-        active[proc] = (run, log, time.time())
+        active[proc] = (run, log, time.time(), start)
         print(f"  started {run.name}", file=out, flush=True)
       time.sleep(0.2)
       for proc in [p for p in active if p.poll() is not None]:
-        run, log, t0 = active.pop(proc)
+        run, log, t0, (offset, newest) = active.pop(proc)
         log.close()
+        workdir = os.path.join(root, run.name)
+        stopped = proc.returncode in (PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE) or (
+            stopping and proc.returncode == -signal.SIGTERM)
         if proc.returncode == 0:
           _mark_done(run, root, time.time() - t0, (configs or {}).get(run.name))
           print(f"  done    {run.name} ({time.time() - t0:.0f} s)", file=out, flush=True)
-        elif proc.returncode in (PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE):  # SIGTERM or SIGINT: saved
+        elif stopped and _newest_save(workdir) != newest:  # SIGTERM or SIGINT in the step loop: it saved
           preempted.append(run)
           _mark_status(run, root, "preempted", proc.returncode)
           print(f"  preempted {run.name} (saved; a rerun resumes it)", file=out, flush=True)
-        elif stopping and proc.returncode == -signal.SIGTERM:
-          # Our SIGTERM came before the run's step loop took it over: not finished, not failed.
+        elif stopped:
+          # Stopped before its step loop could save (preparing data, compiling): not finished, not failed.
           unsaved.append(run)
           _mark_status(run, root, "preempted", proc.returncode)
           print(f"  stopped {run.name} (SIGTERM while it was starting; a rerun starts it)", file=out, flush=True)
         else:
           failed.append(run)
-          _mark_status(run, root, "failed", proc.returncode, _reason(os.path.join(root, run.name, "log.txt")))
+          _mark_status(run, root, "failed", proc.returncode, _reason(os.path.join(workdir, "log.txt"), offset))
           print(f"  failed  {run.name} (exit {proc.returncode})", file=out, flush=True)
   except KeyboardInterrupt:
     # SIGTERM lets `train` save a checkpoint, so rerunning the sweep resumes every run.
     for proc in active:
       proc.terminate()
     saved, unsaved = [], []
-    for proc, (run, log, _) in active.items():
+    for proc, (run, log, _, (_, newest)) in active.items():
       proc.wait()
       log.close()
       _mark_status(run, root, "preempted", proc.returncode)
-      # 143: saved on SIGTERM; 130: saved on the Ctrl-C the run got too. Anything else stopped it while it started.
-      (saved if proc.returncode in (PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE) else unsaved).append(run.name)
+      # It saved on SIGTERM (or the Ctrl-C it got too) in its step loop, or stopped while it started.
+      (saved if _newest_save(os.path.join(root, run.name)) != newest else unsaved).append(run.name)
     said = ([f"{', '.join(saved)} saved and stopped"] if saved else []) + (
         [f"{', '.join(unsaved)} stopped while starting (nothing saved)"] if unsaved else [])
     raise KeyboardInterrupt("; ".join(said + ["rerun the same sweep command to resume"])) from None

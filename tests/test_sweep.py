@@ -227,8 +227,7 @@ def test_the_sweep_refuses_what_would_be_ignored_or_clash(tmp_path, monkeypatch)
 
 def test_ctrl_c_says_which_runs_saved(tmp_path, monkeypatch):
   # lr=0.001 saves on SIGTERM (exit 143), as `train` does in its step loop; lr=0.01 is still starting.
-  _fake_runs(monkeypatch, "import signal, sys, time; "
-             "'--config.optim.lr=0.001' in sys.argv and signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
+  _fake_runs(monkeypatch, "import os, signal, sys, time\n" + SAVE_ON_SIGTERM.replace("install", "'--config.optim.lr=0.001' in sys.argv") +
              "open(sys.argv[3][len('--workdir='):] + '/up', 'w'); time.sleep(60)")
   root = str(tmp_path)
 
@@ -241,6 +240,16 @@ def test_ctrl_c_says_which_runs_saved(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt, match=r"^optim.lr=0.001 saved and stopped; optim.lr=0.01 stopped while "
                                               r"starting \(nothing saved\); rerun the same sweep command"):
     sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3, 1e-2]}), root, parallel=2, out=io.StringIO())
+
+
+# A fake run's step loop: on SIGTERM it saves a checkpoint and exits 143, as `train` does (when `install` holds).
+SAVE_ON_SIGTERM = (
+    "def save(*a):\n"
+    "  d = sys.argv[3][len('--workdir='):] + '/checkpoints/1'\n"
+    "  os.makedirs(d, exist_ok=True)\n"
+    f"  open(d + '/{ckpt_lib.COMMIT_MARKER}', 'w')\n"
+    "  sys.exit(143)\n"
+    "if install: signal.signal(signal.SIGTERM, save)\n")
 
 
 def _fake_runs(monkeypatch, script: str) -> None:
@@ -294,9 +303,8 @@ def test_a_failed_rerun_of_a_finished_run_is_not_done(tmp_path, monkeypatch):
 
 def test_sigterm_to_the_sweep_reaches_its_runs(tmp_path, monkeypatch):
   # Runs that save on SIGTERM, as `train` does; the second one is still queued when it comes.
-  _fake_runs(monkeypatch, "import signal, sys, time; "
-             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); open(sys.argv[3][len('--workdir='):] + '/up', 'w'); "
-             "time.sleep(60)")
+  _fake_runs(monkeypatch, "import os, signal, sys, time\n" + SAVE_ON_SIGTERM.replace("install", "True") +
+             "open(sys.argv[3][len('--workdir='):] + '/up', 'w'); time.sleep(60)")
   root = str(tmp_path)
   entries = sweep.product({"optim.lr": [1e-3, 1e-2]})
 
@@ -319,9 +327,12 @@ def test_sigterm_to_the_sweep_reaches_its_runs(tmp_path, monkeypatch):
           "command to resume") in out.getvalue()
 
 
-def test_sigterm_while_a_run_is_starting_is_not_a_failure(tmp_path, monkeypatch, capsys):
-  # The run has no SIGTERM handler yet (its step loop installs it), so SIGTERM kills it: exit -15.
-  _fake_runs(monkeypatch, "import sys, time; open(sys.argv[3][len('--workdir='):] + '/up', 'w'); time.sleep(60)")
+@pytest.mark.parametrize("on_sigterm", ["", "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "])
+def test_sigterm_while_a_run_is_starting_is_not_a_failure(tmp_path, monkeypatch, capsys, on_sigterm):
+  # A run that SIGTERM stops before its step loop saves nothing: killed by it (exit -15), or, as
+  # `fmjax train` does, stopped in one line with exit 143. Either way nothing was saved.
+  _fake_runs(monkeypatch, "import signal, sys, time; " + on_sigterm +
+             "open(sys.argv[3][len('--workdir='):] + '/up', 'w'); time.sleep(60)")
   root = str(tmp_path)
   monkeypatch.setattr(sweep, "load_sweep", lambda spec: sweep.product({"optim.lr": [1e-3, 1e-2]}))
 
