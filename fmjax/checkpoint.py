@@ -858,10 +858,14 @@ def sigterm_stops_the_start():
   PreemptionWatcher takes SIGTERM over while it runs, to save first. Where JAX's preemption service
   owns SIGTERM (a pod), or off the main thread, nothing changes.
   """
+  global _step_loop_began
   if PreemptionWatcher._jax_owns_sigterm():
     yield
     return
   def stop(signum, frame):
+    if _step_loop_began:  # the loop ended (it saved its last step): let the save in flight land
+      logging.warning("SIGTERM after the step loop: finishing the last save first")
+      return
     raise Terminated("SIGTERM before the step loop could save: nothing new was saved; rerun the same command "
                      "to go on")
   try:
@@ -869,10 +873,14 @@ def sigterm_stops_the_start():
   except ValueError:  # not the main thread
     yield
     return
+  _step_loop_began = False
   try:
     yield
   finally:
     signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+_step_loop_began = False  # set by a PreemptionWatcher: SIGTERM is the step loop's to take from then on
 
 
 class PreemptionWatcher:
@@ -887,9 +895,11 @@ class PreemptionWatcher:
   """
 
   def __init__(self):
+    global _step_loop_began
     self.received: list[int] = []  # the signals caught, in order
     self._previous: dict[int, Any] = {}
     _set_ctrl_c_step(None)
+    _step_loop_began = True
     # JAX's preemption notifier owns SIGTERM once a distributed client exists: a Python handler
     # would replace it and the hosts would never learn of the notice. A Ctrl-C there reaches only
     # the hosts it is typed into, which could not agree on a step: it interrupts as usual.

@@ -572,6 +572,21 @@ def test_sigterm_while_a_run_starts_stops_it_in_one_line(tmp_path, capsys, monke
   assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_sigterm_after_the_step_loop_lets_the_last_save_land():
+  """Once a step loop ran, it saved what it had: a SIGTERM while its last async save is waited on is
+  noted, not raised (that would cut the save short and say nothing was saved)."""
+  before = signal.getsignal(signal.SIGTERM)
+  with ckpt_lib.sigterm_stops_the_start():
+    with pytest.raises(ckpt_lib.Terminated):
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(1)
+    watcher = ckpt_lib.PreemptionWatcher()  # the step loop
+    watcher.close()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_second_ctrl_c_aborts_and_sigterm_after_ctrl_c_is_a_preemption(tmp_path):
   watcher = ckpt_lib.PreemptionWatcher()
   try:
