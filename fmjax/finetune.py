@@ -276,11 +276,12 @@ def _run_tokenizer(config, workdir: str):
   runs kept one goes on reading the tokenizer its config names."""
   from fmjax import checkpoint as ckpt_lib, data
   own = os.path.join(workdir, data.RUN_TOKENIZER)
-  if files.exists(os.path.join(own, "tokenizer.json")):
+  resuming = bool(ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")))
+  if resuming and files.exists(os.path.join(own, "tokenizer.json")):
     tok = data.load_tokenizer(own)
-  else:
+  else:  # a new run (one a failed start left a tokenizer for: this start's settings win, and replace it)
     tok = data.get_tokenizer(config)
-    if ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")):
+    if resuming:
       return tok
   config.data.tokenizer.update(kind="hf", path=data.RUN_TOKENIZER, vocab_size=tok.vocab_size)
   return tok

@@ -230,6 +230,14 @@ def _read_config(workdir: str) -> dict | None:
   return files.read_json(os.path.join(workdir, "config.json"))
 
 
+def _resuming(workdir: str) -> bool:
+  """Whether `workdir` holds an SFT run to resume: its own tokenizer and a checkpoint. A tokenizer
+  that a start which never saved left behind is not the run's: the new start's init_from wins."""
+  from fmjax import checkpoint as ckpt_lib, data
+  return files.isdir(os.path.join(workdir, data.RUN_TOKENIZER)) and bool(
+      ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")))
+
+
 def adopt_shape(config, workdir: str) -> dict | None:
   """Takes the model shape from the run the params come from; returns that run's config.json (None: none).
 
@@ -237,7 +245,7 @@ def adopt_shape(config, workdir: str) -> dict | None:
   max_len is lowered to it: the pretrained position table decides, not the size preset. Reads only.
   """
   from fmjax import data
-  source = _read_config(workdir) if files.isdir(os.path.join(workdir, data.RUN_TOKENIZER)) else None
+  source = _read_config(workdir) if _resuming(workdir) else None
   where = workdir
   if source is None and config.init_from:
     where = config.init_from
@@ -274,7 +282,7 @@ def adopt_tokenizer(config, workdir: str, source: dict | None):
   the workdir's copy, `tokenizer` relative to the workdir. Reads only: `run` saves the copy."""
   from fmjax import data
   own_tok = os.path.join(workdir, data.RUN_TOKENIZER)
-  resuming = files.isdir(own_tok)
+  resuming = _resuming(workdir)
   if resuming:
     tok = data.load_tokenizer(own_tok)
   elif config.init_from:  # the tokenizer init_from saved, if it did: its ids exactly
@@ -322,8 +330,8 @@ def run(config, workdir: str) -> dict:
   config_lib.validate(config, jax.device_count())
   tok = adopt_tokenizer(config, workdir, source)
   rows = load_rows(config, tok)
-  own_tok = os.path.join(workdir, data.RUN_TOKENIZER)
-  if config.init_from and not files.isdir(own_tok):
+  resuming = _resuming(workdir)
+  if config.init_from and not resuming:
     source_ckpt = ckpt_lib.Checkpointer(os.path.join(config.init_from, "checkpoints"))
     try:
       source_ckpt.source_step(config.get("init_from_step", 0), config.init_from)
@@ -341,8 +349,8 @@ def run(config, workdir: str) -> dict:
   try:
     resume = train._check_resume(checkpointer, spec, cfg_dict)  # pylint: disable=protected-access
     if jax.process_index() == 0:
-      if not files.isdir(own_tok):
-        data.save_run_tokenizer(tok, workdir)
+      if not resuming:
+        data.save_run_tokenizer(tok, workdir)  # replaces one a start that never saved left
       config_lib.save_json(config, os.path.join(workdir, "config.json"))
     train_loader, eval_loader = make_loaders(config, tok, batch_sharding, rows)
     skipped = 0

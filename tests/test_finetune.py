@@ -12,6 +12,7 @@ from flax import nnx
 
 from fmjax import checkpoint as ckpt_lib, cli, config_lib, finetune, metrics as metrics_lib, models, sweep
 from fmjax.config_lib import ConfigError
+import fmjax.data as data
 
 MODEL = ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.vocab_size=128",
          "model.max_len=32"]
@@ -141,6 +142,17 @@ def test_lora_from_a_scanned_pretraining_run(files, tmp_path):
       for k in keys:
         node = node[k] if k in node else node["base"][k]  # a LoRA-wrapped layer keeps its kernel under base
       np.testing.assert_array_equal(node, x, err_msg=f"layer {i} {keys}")
+
+
+def test_a_tokenizer_a_failed_start_left_is_replaced_by_this_starts(pretrained, files, tmp_path):
+  """A start that never saved (out of memory, a NaN, a preemption while compiling) may leave its
+  tokenizer behind; a new start there, from another init_from, must train with its own ids."""
+  workdir = tmp_path / "ft"
+  stale = data.load_hf(files["vocab"])
+  stale.hf.add_tokens(["zzstale"])
+  stale.save(str(workdir / "tokenizer"))
+  finetune.run(ft_config(files, f"init_from={pretrained}", "train.steps=1"), str(workdir))
+  assert data.load_tokenizer(str(workdir / "tokenizer")).identity() == data.load_hf(files["vocab"]).identity()
 
 
 def test_init_from_step_picks_a_checkpoint_or_names_the_ones_there(pretrained, files, tmp_path):
