@@ -20,6 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
     ("+33 1 23 45 67 89 or +15551234567", "<PHONE> or <PHONE>", "PHONE"),
     ("toll-free 1-800-555-0199, (020) 7946 0958", "toll-free <PHONE>, <PHONE>", "PHONE"),
     ("mail josé.pérez@example.com", "mail <EMAIL>", "EMAIL"),
+    ("联系support@example.com", "联系<EMAIL>", "EMAIL"),  # no spaces between the words before it
+    ("us 555 123-4567", "us <PHONE>", "PHONE"),
     ("card 4111 1111 1111 1111 ok", "card <CARD> ok", "CARD"),
     ("card 4012-8888-8888-1881", "card <CARD>", "CARD"),
     ("host 192.168.0.1:80", "host <IP_ADDRESS>:80", "IP_ADDRESS"),
@@ -38,6 +40,7 @@ def test_scrub_replaces(text, expected, kind):
     # Lists of numbers are not phone numbers, and the decimals of a number are not a card.
     "the years 1990 1995 2000", "sizes 100 200 300 bytes", "subnet 192.168.100", "555-1234",
     "0.1 + 0.2 gives 0.30000000000000004 and 4111111111111111.5 is a float",
+    "signed: +3.140000, +000000120, x = +1234567, +2023-12-04",
 ])
 def test_scrub_leaves_ordinary_text(text):
   assert pii.scrub(text) == (text, {})

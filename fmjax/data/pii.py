@@ -15,21 +15,28 @@ from typing import Iterable
 
 PLACEHOLDERS = {"EMAIL": "<EMAIL>", "CARD": "<CARD>", "IP_ADDRESS": "<IP_ADDRESS>", "PHONE": "<PHONE>"}
 
-_EMAIL = re.compile(r"(?<![\w.+-])[\w.%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![\w-])")
+# The local part in Latin letters (accented ones too), digits and . _ % + -; a name in another script
+# directly before it (Chinese or Japanese text has no spaces) is not taken into the address.
+_LOCAL = "A-Za-z0-9\u00C0-\u024F._%+-"
+_EMAIL = re.compile(rf"(?<![{_LOCAL}])[{_LOCAL}]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{{2,}}(?![\w-])")
 # 13-19 digits, optionally grouped by single spaces or dashes; not the decimals of a number (0.4111...).
 _CARD = re.compile(r"(?<![\w.-])\d(?:[ -]?\d){12,18}(?![\w-]|\.\d)")
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
-# Numbers that are written as phone numbers: international ones with their `+` (+44 20 7946 0958,
-# +33 1 23 45 67 89, +15551234567), ones with an area code in brackets ((555) 123-4567), and North
-# American 3-3-4 groups joined by one dash or dot throughout (555-123-4567, 1-800-555-0199). Groups
-# joined by spaces alone are not taken without the `+` or brackets: lists of numbers look like that.
+# Numbers written as phone numbers:
+#   international, a country code (no leading 0) and then groups set apart by spaces or dashes
+#   (+44 20 7946 0958, +33 1 23 45 67 89, +1 (555) 123-4567), or 10-15 digits in one (+15551234567);
+#   an area code in brackets: (555) 123-4567, (020) 7946 0958;
+#   North American 3-3-4 groups: 555-123-4567, 555.123.4567, 555 123-4567, 1-800-555-0199.
+# Groups set apart by spaces alone, and a `+` before a decimal or a date (+3.14, +2023-12-04), are
+# not taken: lists of numbers and signed numbers look like that.
 _PHONE = re.compile(
     r"(?<![\w+.-])(?<!\d )"
-    r"(?:\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{1,8}){1,5}"
+    r"(?:\+[1-9]\d{0,2}(?:[ -]?\(\d{1,4}\))?(?:[ -]\d{1,8}){2,5}"
+    r"|\+[1-9]\d{9,14}"
     r"|\(\d{2,4}\)[ .-]?\d{3,4}[ .-]\d{3,4}"
-    r"|(?:1[.-])?\d{3}(?P<sep>[.-])\d{3}(?P=sep)\d{4})"
-    r"(?!\w|[ .-]\d)")
+    r"|(?:1[.-])?\d{3}(?:(?P<sep>[.-])\d{3}(?P=sep)|[ ]\d{3}-)\d{4})"
+    r"(?![\w.]\d|\w|[ -]\d)")
 
 
 def _luhn_ok(digits: str) -> bool:
