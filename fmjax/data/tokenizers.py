@@ -15,6 +15,7 @@ move; whoever reads a run's config.json calls `resolve_tokenizer_path(config, wo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -52,7 +53,11 @@ class Tokenizer:
     # are special to HF (kept whole) but are ordinary text to the model.
     self.special_ids = {i for i in (self.eos_id, self.cls_id, self.sep_id, self.mask_id, self.unk_id, pad)
                         if i is not None}
-    self._reader = _reading_specials_as_text(tok)  # what `encode` uses
+
+  @functools.cached_property
+  def _reader(self) -> hf.Tokenizer:
+    """What `encode` uses (`_reading_specials_as_text`), made on first use."""
+    return _reading_specials_as_text(self.hf)
 
   @property
   def vocab_size(self) -> int:
