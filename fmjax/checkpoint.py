@@ -289,10 +289,12 @@ class Checkpointer:
     self._closed = False
     self._owner = bool(owner)
     self._interrupted_step: int | None = None  # a Ctrl-C stopped the run here (`close` raises)
+    # Every process looks (a refusal must stop all of a pod's hosts, not leave them waiting below);
+    # process 0 cleans up.
+    torn = _torn(self.directory) if self._owner else []
     if _is_primary():
       self.directory.mkdir(parents=True, exist_ok=True)
-      if self._owner:
-        _remove(_torn(self.directory), self.directory)
+      _remove(torn, self.directory)
     if self._owner and jax.process_count() > 1:  # others must not list the directory while process 0 cleans it
       multihost_utils.sync_global_devices("fmjax_checkpointer_init")
     policies = [ocp.checkpoint_managers.LatestN(keep if keep > 0 else None)]
