@@ -533,7 +533,7 @@ def run(config, workdir: str) -> dict:
       predict = make_predict(spec, batch_sharding)
       looped = train.loop(
           config, state, batches, train_step, checkpointer=checkpointer, workdir=workdir, meta=meta,
-          skipped=int(resume[1].get("skipped_steps", 0)) if resume is not None else 0,
+          resumed=resume[1] if resume is not None else None,
           evaluate=evaluate,
           eval_message=lambda m: f"{task.name} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
   finally:

@@ -353,10 +353,8 @@ def run(config, workdir: str) -> dict:
         data.save_run_tokenizer(tok, workdir)  # replaces one a start that never saved left
       config_lib.save_json(config, os.path.join(workdir, "config.json"))
     train_loader, eval_loader = make_loaders(config, tok, batch_sharding, rows)
-    skipped = 0
     if resume is not None:
       state = train._restore(checkpointer, spec, resume[0])  # pylint: disable=protected-access
-      skipped = int(resume[1].get("skipped_steps", 0))
       log.info("Resumed from step %d of %s", resume[0], checkpointer.directory)
     elif config.init_from:
       state = init_from_pretrained(config, spec, tx, config.init_from)
@@ -373,7 +371,7 @@ def run(config, workdir: str) -> dict:
           lambda params: train.evaluate(eval_step, params, eval_loader, eval_loader.num_batches))
       result = train.loop(
           config, state, (train_loader.global_batch(s) for s in itertools.count(int(state["step"]))), train_step,
-          checkpointer=checkpointer, workdir=workdir, meta=meta, skipped=skipped, evaluate=evaluate,
+          checkpointer=checkpointer, workdir=workdir, meta=meta, resumed=resume[1] if resume is not None else None, evaluate=evaluate,
           flops_per_token=train.flops_per_token(config),
           eval_message=lambda m: (f"eval completion loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}  "
                                   f"acc {m['accuracy']:.3f}"))

@@ -17,7 +17,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -339,7 +339,7 @@ def _run(config, workdir: str, locked: list) -> dict:
     # Loaded now: a zero-shot task that cannot load fails before training.
     zeroshot_tasks = _zeroshot_tasks(config, tokenizer, zeroshot_names)
 
-    state, skipped = _start_state(config, spec, tx, checkpointer, resume)
+    state, resumed = _start_state(config, spec, tx, checkpointer, resume)
     start = int(state["step"])
 
     tokenizer_id = tokenizer.identity()
@@ -349,7 +349,7 @@ def _run(config, workdir: str, locked: list) -> dict:
       batches = train_loader.iterate(start)
       result = loop(
           config, state, (batch for _, batch in batches), train_step, checkpointer=checkpointer, workdir=workdir,
-          meta=meta, skipped=skipped, flops_per_token=flops_per_token(config),
+          meta=meta, resumed=resumed, flops_per_token=flops_per_token(config),
           evaluate=_held_out(config, spec.graphdef, eval_step, eval_loader, zeroshot_tasks),
           eval_message=_eval_message)
   finally:
@@ -390,26 +390,25 @@ def _run_tokenizer(config, workdir: str, resume):
   return tokenizer
 
 
-def _start_state(config, spec: StateSpec, tx, checkpointer, resume) -> tuple[dict, int]:
-  """(state, steps skipped so far): the run's own checkpoint (resume), else `init_from`'s params,
-  else a fresh initialisation."""
+def _start_state(config, spec: StateSpec, tx, checkpointer, resume) -> tuple[dict, dict | None]:
+  """(state, the meta of the checkpoint resumed, None for a new start): the run's own checkpoint
+  (resume), else `init_from`'s params, else a fresh initialisation."""
   where = f"mesh {dict(spec.mesh.shape)}, {jax.device_count()} devices, {jax.process_count()} process(es)"
   if resume is None and config.get("init_from"):
-    (state, read), skipped = init_from_checkpoint(config.init_from, spec, tx, config.init_from_step), 0
+    (state, read), saved_meta = init_from_checkpoint(config.init_from, spec, tx, config.init_from_step), None
     log.info("Initialised from %s step %d: its params, a fresh optimizer, step 0 (%s)", config.init_from, read, where)
   elif resume is None:
-    state, skipped = init_state(config, spec, tx), 0
+    state, saved_meta = init_state(config, spec, tx), None
     log.info("Started from scratch (%s)", where)
   else:
     step0, saved_meta, harmless = resume
     state = _restore(checkpointer, spec, step0)
-    skipped = int(saved_meta.get("skipped_steps", 0))
     note = f"; config changes since that save: {', '.join(harmless)}" if harmless else ""
     log.info("Resumed from step %d of %s (%s)%s", step0, checkpointer.directory, where, note)
     rate = _rate_change(saved_meta.get("config", {}), config, step0)
     if rate:
       log.warning("%s", rate)
-  return state, skipped
+  return state, saved_meta
 
 
 @dataclasses.dataclass
@@ -425,13 +424,14 @@ class LoopResult:
 
 def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpointer, workdir: str,
          meta: Callable[[int], dict], evaluate: Callable[[dict], dict] | None, eval_message: Callable[[dict], str],
-         skipped: int = 0, flops_per_token: float | None = None) -> LoopResult:
+         resumed: Mapping | None = None, flops_per_token: float | None = None) -> LoopResult:
   """The step loop of `fmjax train`, `sft` and `finetune`: from `state`'s step to `train.steps`.
 
   `batches` yields the batch of each step from the state's step on. `evaluate(params)` returns
   held-out metrics (None: no eval split), `eval_message` says them in one line, and `meta(step)`
-  is what the checkpoint records besides the step, the last train metrics and the number of
-  skipped updates. Writes metrics.jsonl (train/ and eval/ keys) under `workdir`; SIGTERM saves
+  is what the checkpoint records besides the step, the last train metrics and the count of
+  skipped updates (in all and in a row, which `resumed`, the meta of the checkpoint a resumed run
+  started from, carries on). Writes metrics.jsonl (train/ and eval/ keys) under `workdir`; SIGTERM saves
   at the next step boundary and returns with `preempted=True`; a non-finite update aborts or is
   skipped per `train.nan_policy`, and is never checkpointed (a save due while updates are being
   skipped waits for the next finite one). `train.profile_steps` > 0 traces that
@@ -451,7 +451,8 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
   watcher = None
   last_train, last_eval, preempted = {}, {}, False
   t_last, step_last = time.time(), start
-  in_a_row = 0  # non-finite updates since the last finite one
+  skipped = int((resumed or {}).get("skipped_steps", 0))
+  in_a_row = int((resumed or {}).get("nonfinite_in_a_row", 0))  # non-finite updates since the last finite one
   deferred = False  # a save fell due inside a run of skipped updates: made once an update is finite
 
   def record(step: int, device_metrics: dict) -> None:
@@ -516,7 +517,7 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
         writer.message(f"step {step}: {eval_message(last_eval)}")
       if save_due:
         saved = {"step": step, **meta(step), "fmjax_version": __import__("fmjax").__version__,
-                 "metrics": last_train, "skipped_steps": skipped}
+                 "metrics": last_train, "skipped_steps": skipped, "nonfinite_in_a_row": in_a_row}
         checkpointer.save(step, state, saved, force=stop or step == total or deferred)
         deferred = False
       if eval_due or save_due:

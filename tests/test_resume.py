@@ -419,6 +419,16 @@ def test_nan_skip_stops_once_the_params_diverged(cache_dir, monkeypatch, tmp_pat
   assert committed_steps(tmp_path) == [4]
 
 
+def test_nan_skip_counts_a_run_of_skipped_updates_across_a_resume(cache_dir, monkeypatch, tmp_path):
+  """A run stopped inside a run of skipped updates goes on counting it when resumed: it stops where
+  the straight run would, naming the same steps."""
+  _poison(monkeypatch, set(range(5, 40)))
+  train.run(load(cache_dir, "train.nan_policy=skip", "train.steps=8"), str(tmp_path))  # saves 8, 3 skipped in a row
+  with pytest.raises(train.NonFiniteLossError, match=r"10 non-finite updates in a row up to step 15: the params of "
+                                                     r"step 5 diverged\. .* go on from step 4, the last checkpoint"):
+    train.run(load(cache_dir, "train.nan_policy=skip", "train.steps=40"), str(tmp_path))
+
+
 def test_nan_skip_puts_a_save_off_until_an_update_is_finite(cache_dir, monkeypatch, tmp_path, capsys):
   _poison(monkeypatch, {3})  # the 4th update, which makes step 4, a save step
   train.run(load(cache_dir, "train.nan_policy=skip", "train.steps=6"), str(tmp_path))
