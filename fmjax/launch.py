@@ -551,10 +551,11 @@ def _delete(spec: LaunchSpec, acc: Accelerator) -> list[list[str]]:
     describe = ["gcloud", "compute", "tpus", life.kind, "describe", spec.name, *_where(spec), life.state_format]
     return f"{_script_join(describe)} >/dev/null 2>&1"
   vm_describe = _script_join(["gcloud", "compute", "tpus", "tpu-vm", "describe", spec.name, *_where(spec)])
+  none = (f"found no queued resource or TPU VM named {spec.name} in {spec.zone} of project {spec.project}, so "
+          f"nothing was deleted; if it is there, {vm_describe} says why it could not be read")
   script = (f"if {found(_QUEUED)}; then exec {_script_join(_delete_argv(spec, _QUEUED))}; "
             f"elif {found(_TPU_VM)}; then exec {_script_join(_delete_argv(spec, _TPU_VM))}; fi; "
-            f'echo "found no queued resource or TPU VM named {spec.name} in {spec.zone} of project {spec.project}, '
-            f'so nothing was deleted; if it is there, {vm_describe} says why it could not be read" >&2; exit 1')
+            f"echo {shlex.quote(none)} >&2; exit 1")
   return [["bash", "-c", script]]
 
 
@@ -598,7 +599,9 @@ def run(spec: LaunchSpec, mode: str = "all", execute: bool = False, out: TextIO 
     for cmd in commands:
       print(shlex.join(cmd), file=out)
     return commands
-  missing = sorted({c[0] for c in commands if shutil.which(c[0]) is None})
+  # A `bash -c` script calls gcloud inside: it needs it as much as a plain gcloud command does.
+  tools = {c[0] for c in commands} | {"gcloud" for c in commands if c[0] == "bash" and "gcloud " in c[-1]}
+  missing = sorted(t for t in tools if shutil.which(t) is None)
   if missing:
     hints = {"gcloud": "install the Google Cloud CLI", "xpk": "pip install xpk"}
     raise LaunchError(f"{', '.join(missing)} not found on PATH; "

@@ -426,11 +426,16 @@ def test_spot_asks_for_a_queued_resource_unless_told_not_to(capsys):
 
 
 def test_execute_without_tool_on_path_creates_nothing(tmp_path, monkeypatch, capsys):
+  bash = shutil.which("bash")
   monkeypatch.setenv("PATH", str(tmp_path))
   argv = ["xpk", "--cluster=c", "--workload=w", "--accelerator=v6e-256", *WHERE, "--config=configs/gpt.py:small",
           "--workdir=gs://b/w", "--execute"]
   assert launch.cli(argv) == 2
   assert capsys.readouterr().err == "error: xpk not found on PATH; pip install xpk\n"
+  # `delete` and `create` are bash scripts that call gcloud: without it they say so, not "nothing found".
+  os.symlink(bash, tmp_path / "bash")
+  assert launch.cli(["delete", "--tpu=t1", *WHERE, "--execute"]) == 2
+  assert capsys.readouterr().err == "error: gcloud not found on PATH; install the Google Cloud CLI\n"
 
 
 def test_worker_run_script_detaches_and_logs(tmp_path):
