@@ -539,6 +539,11 @@ def _delete_argv(spec: LaunchSpec, life: _Lifecycle) -> list[str]:
   return ["gcloud", "compute", "tpus", life.kind, "delete", spec.name, *_where(spec), *force, "--quiet"]
 
 
+def _in_double_quotes(text: str) -> str:
+  """`text` as it goes between a shell's double quotes: backslash, quote, $ and backtick escaped."""
+  return "".join("\\" + ch if ch in '\\"$`' else ch for ch in text)
+
+
 def _delete(spec: LaunchSpec, acc: Accelerator) -> list[list[str]]:
   """Deletes what `create` made of the name, whatever flags `create` was given.
 
@@ -555,7 +560,7 @@ def _delete(spec: LaunchSpec, acc: Accelerator) -> list[list[str]]:
           f"nothing was deleted; if it is there, {vm_describe} says why it could not be read")
   script = (f"if {found(_QUEUED)}; then exec {_script_join(_delete_argv(spec, _QUEUED))}; "
             f"elif {found(_TPU_VM)}; then exec {_script_join(_delete_argv(spec, _TPU_VM))}; fi; "
-            f"echo {shlex.quote(none)} >&2; exit 1")
+            f'echo "{_in_double_quotes(none)}" >&2; exit 1')
   return [["bash", "-c", script]]
 
 
