@@ -723,6 +723,11 @@ def check_compatible(checkpointer: Checkpointer, step: int, abstract_state: Mapp
   for name in items:
     saved_tree = checkpointer.item_metadata(step, name)
     if saved_tree is None:
+      if name == "opt_state":  # params alone (a release's or an import's checkpoint): nothing to resume
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {checkpointer.directory} holds no optimizer state, so a run cannot resume "
+            "it; to train from its params, start a new --workdir with --config.init_from=<the workdir it is in> "
+            "(in Python: restore items=('params',))")
       raise CheckpointMismatchError(f"checkpoint step {step} in {checkpointer.directory} has no {name!r} "
                                     "item; restore only the items it has (e.g. items=('params',))")
     expected = _shapes(abstract_state[name])

@@ -168,11 +168,12 @@ def _merge_args(base: str | None, entry: Any) -> str:
   return ",".join((flags or base_flags) + [f"{k}={v}" for k, v in {**base_kv, **kv}.items()])
 
 
-def check(runs: Sequence[Run], root: str | None = None) -> dict[str, dict[str, Any]]:
+def check(runs: Sequence[Run], root: str | None = None, running: bool = False) -> dict[str, dict[str, Any]]:
   """Loads every run's config, so a bad key or value fails (with "did you mean") before anything
   runs; returns each run's `flat_config` by name.
 
-  The overrides shared by all runs are checked first, so their error does not name one run.
+  The overrides shared by all runs are checked first, so their error does not name one run. With
+  `running` (the runs start now, here), an init_from must already hold the init_from_step they read.
   """
   from fmjax import checkpoint
   first = runs[0]
@@ -195,9 +196,9 @@ def check(runs: Sequence[Run], root: str | None = None) -> dict[str, dict[str, A
       raise ConfigError(f"sweep run {run.name}: init_from={source!r} does not exist (read from {os.getcwd()}); "
                         "pass the --workdir of a `fmjax train` run")
     step = int(configs[run.name].get("init_from_step") or 0)
-    started = root is not None and not files.is_remote(root) and checkpoint.saved_steps(
-        os.path.join(root, run.name, "checkpoints"))
-    if source and step and not files.is_remote(source) and not inside and not started:  # a started run resumes
+    if not (running and source and step) or files.is_remote(source) or inside or root is None or files.is_remote(root):
+      continue
+    if not checkpoint.saved_steps(os.path.join(root, run.name, "checkpoints")):  # a started run resumes its own
       saved = checkpoint.saved_steps(os.path.join(source, "checkpoints"))
       if step not in saved:
         raise ConfigError(f"sweep run {run.name}: init_from={source} has no checkpoint at init_from_step={step}; "
@@ -321,7 +322,7 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   """
   out = out or sys.stdout
   runs = expand(base_spec, entries, base_overrides, subcommand)
-  configs = check(runs, root)
+  configs = check(runs, root, running=not print_commands)
   if print_commands:
     for run in runs:
       print(shlex.join(run.argv(root)), file=out)
