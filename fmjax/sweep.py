@@ -280,8 +280,12 @@ def _mark_status(run: Run, root: str, status: str, returncode: int, reason: str 
 
 
 def _newest_save(workdir: str) -> int | None:
+  """A run's newest committed checkpoint; None when it has none, or they cannot be listed."""
   from fmjax import checkpoint
-  return max(checkpoint.saved_steps(os.path.join(workdir, "checkpoints")), default=None)
+  try:
+    return max(checkpoint.saved_steps(os.path.join(workdir, "checkpoints")), default=None)
+  except OSError:
+    return None
 
 
 def _reason(log_path: str, offset: int = 0, limit: int = 300) -> str:
@@ -305,7 +309,8 @@ def _tail(path: str, n: int = 5, offset: int = 0, most: int = 1 << 16) -> str:
   """The last `n` lines of a log past byte `offset`, reading at most its last `most` bytes."""
   try:
     with open(path, "rb") as f:
-      f.seek(max(offset, f.seek(0, os.SEEK_END) - most))
+      size = f.seek(0, os.SEEK_END)
+      f.seek(max(offset if offset <= size else 0, size - most))  # a log cut short since: read what it holds
       text = f.read().decode("utf-8", errors="replace")
   except OSError:
     return ""
@@ -389,11 +394,27 @@ def _lock(root: str):
   return got
 
 
+def _ended(run: Run, root: str, returncode: int, start: tuple[int, int | None], seconds: float,
+           configs: dict[str, dict[str, Any]] | None, stopping: bool) -> str:
+  """How a run's process ended, marked in its workdir: done, saved (stopped after a save: a rerun
+  resumes it), unsaved (stopped before its step loop could save) or failed. `start`: where this
+  attempt's part of its log begins, and its newest save when it started."""
+  from fmjax.cli import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
+  workdir = os.path.join(root, run.name)
+  if returncode == 0:
+    _mark_done(run, root, seconds, (configs or {}).get(run.name))
+    return "done"
+  if returncode in (PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE) or (stopping and returncode == -signal.SIGTERM):
+    _mark_status(run, root, "preempted", returncode)
+    return "saved" if _newest_save(workdir) != start[1] else "unsaved"
+  _mark_status(run, root, "failed", returncode, _reason(os.path.join(workdir, "log.txt"), start[0]))
+  return "failed"
+
+
 def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO,
              configs: dict[str, dict[str, Any]] | None = None) -> tuple[list[Run], ...]:
   """Runs `todo`, `parallel` at a time; returns the runs that failed, those preempted (saved), those
   that SIGTERM stopped before they could save, and those it kept from starting."""
-  from fmjax.cli import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
   queue, active, failed, preempted, unsaved = list(todo), {}, [], [], []
   stopping = []  # set by SIGTERM: start nothing new, pass it on, wait for the runs to save
 
@@ -424,40 +445,26 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO,
         print(f"  started {run.name}", file=out, flush=True)
       time.sleep(0.2)
       for proc in [p for p in active if p.poll() is not None]:
-        run, log, t0, (offset, newest) = active.pop(proc)
+        run, log, t0, start = active.pop(proc)
         log.close()
-        workdir = os.path.join(root, run.name)
-        stopped = proc.returncode in (PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE) or (
-            stopping and proc.returncode == -signal.SIGTERM)
-        if proc.returncode == 0:
-          _mark_done(run, root, time.time() - t0, (configs or {}).get(run.name))
-          print(f"  done    {run.name} ({time.time() - t0:.0f} s)", file=out, flush=True)
-        elif stopped and _newest_save(workdir) != newest:  # SIGTERM or SIGINT in the step loop: it saved
-          preempted.append(run)
-          _mark_status(run, root, "preempted", proc.returncode)
-          print(f"  preempted {run.name} (saved; a rerun resumes it)", file=out, flush=True)
-        elif stopped:
-          # Stopped before its step loop could save (preparing data, compiling): not finished, not failed.
-          unsaved.append(run)
-          _mark_status(run, root, "preempted", proc.returncode)
-          print(f"  stopped {run.name} (SIGTERM while it was starting; a rerun starts it)", file=out, flush=True)
-        else:
-          failed.append(run)
-          _mark_status(run, root, "failed", proc.returncode, _reason(os.path.join(workdir, "log.txt"), offset))
-          print(f"  failed  {run.name} (exit {proc.returncode})", file=out, flush=True)
+        how = _ended(run, root, proc.returncode, start, time.time() - t0, configs, stopping=bool(stopping))
+        {"failed": failed, "saved": preempted, "unsaved": unsaved}.get(how, []).append(run)
+        print({"done": f"  done    {run.name} ({time.time() - t0:.0f} s)",
+               "saved": f"  preempted {run.name} (saved; a rerun resumes it)",
+               "unsaved": f"  stopped {run.name} (SIGTERM while it was starting; a rerun starts it)",
+               "failed": f"  failed  {run.name} (exit {proc.returncode})"}[how], file=out, flush=True)
   except KeyboardInterrupt:
     # SIGTERM lets `train` save a checkpoint, so rerunning the sweep resumes every run.
     for proc in active:
       proc.terminate()
-    saved, unsaved = [], []
-    for proc, (run, log, _, (_, newest)) in active.items():
+    ended = {"saved": [], "unsaved": [], "done": [], "failed": []}
+    for proc, (run, log, t0, start) in active.items():
       proc.wait()
       log.close()
-      _mark_status(run, root, "preempted", proc.returncode)
-      # It saved on SIGTERM (or the Ctrl-C it got too) in its step loop, or stopped while it started.
-      (saved if _newest_save(os.path.join(root, run.name)) != newest else unsaved).append(run.name)
-    said = ([f"{', '.join(saved)} saved and stopped"] if saved else []) + (
-        [f"{', '.join(unsaved)} stopped while starting (nothing saved)"] if unsaved else [])
+      ended[_ended(run, root, proc.returncode, start, time.time() - t0, configs, stopping=True)].append(run.name)
+    words = {"saved": "saved and stopped", "unsaved": "stopped while starting (nothing saved)", "done": "finished",
+             "failed": "failed"}
+    said = [f"{', '.join(names)} {words[how]}" for how, names in ended.items() if names]
     raise KeyboardInterrupt("; ".join(said + ["rerun the same sweep command to resume"])) from None
   finally:
     if previous is not None:

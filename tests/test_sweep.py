@@ -438,3 +438,12 @@ def test_bert_base_phases_follow_one_1m_step_schedule():
     assert float(s1(s)) == pytest.approx(paper(s), rel=1e-5, abs=1e-12), s
   for s in (0, 1, 50_000, 99_999, 100_000):
     assert float(s2(s)) == pytest.approx(paper(900_000 + s), rel=1e-5, abs=1e-12), s
+
+
+def test_a_failures_reason_survives_a_log_cut_short_and_unlistable_checkpoints(tmp_path):
+  log = tmp_path / "log.txt"
+  log.write_text("step 1\nerror: data.files='x' matches no file\n")
+  assert sweep._reason(str(log), offset=10_000) == "error: data.files='x' matches no file"  # rotated since it began
+  assert sweep._reason(str(log), offset=7) == "error: data.files='x' matches no file"
+  (tmp_path / "checkpoints").write_text("")  # not a directory: listing it fails
+  assert sweep._newest_save(str(tmp_path)) is None
