@@ -871,7 +871,8 @@ def sigterm_stops_the_start():
     return
   def stop(signum, frame):
     if _step_loop_began:  # the loop ended (it saved its last step): let the save in flight land
-      logging.warning("SIGTERM after the step loop: finishing the last save first")
+      logging.warning("SIGTERM after the step loop: finishing the last save first (a second SIGTERM stops at once)")
+      signal.signal(signal.SIGTERM, signal.SIG_DFL)
       return
     raise Terminated("SIGTERM before the step loop could save: nothing new was saved; rerun the same command "
                      "to go on")

@@ -584,6 +584,7 @@ def test_sigterm_after_the_step_loop_lets_the_last_save_land():
     watcher.close()
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.1)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second one ends the process, as usual
   assert signal.getsignal(signal.SIGTERM) is before
 
 
