@@ -21,7 +21,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
     ("toll-free 1-800-555-0199, (020) 7946 0958", "toll-free <PHONE>, <PHONE>", "PHONE"),
     ("mail josé.pérez@example.com", "mail <EMAIL>", "EMAIL"),
     ("联系support@example.com", "联系<EMAIL>", "EMAIL"),  # no spaces between the words before it
-    ("us 555 123-4567", "us <PHONE>", "PHONE"),
+    ("+44 (0)20 7946 0958, +1.555.123.4567 or +91-9876543210", "<PHONE>, <PHONE> or <PHONE>", "PHONE"),
+    ("иван.петров@example.ru, 张伟@example.cn; メールはinfo@example.jpまで", "<EMAIL>, <EMAIL>; メールは<EMAIL>まで",
+     "EMAIL"),
     ("card 4111 1111 1111 1111 ok", "card <CARD> ok", "CARD"),
     ("card 4012-8888-8888-1881", "card <CARD>", "CARD"),
     ("host 192.168.0.1:80", "host <IP_ADDRESS>:80", "IP_ADDRESS"),
@@ -40,7 +42,8 @@ def test_scrub_replaces(text, expected, kind):
     # Lists of numbers are not phone numbers, and the decimals of a number are not a card.
     "the years 1990 1995 2000", "sizes 100 200 300 bytes", "subnet 192.168.100", "555-1234",
     "0.1 + 0.2 gives 0.30000000000000004 and 4111111111111111.5 is a float",
-    "signed: +3.140000, +000000120, x = +1234567, +2023-12-04",
+    "signed: +3.140000, +000000120, x = +1234567, +2023-12-04, +1 200 000",
+    "batch sizes 128 256-1024, hidden 512 768-3072",
 ])
 def test_scrub_leaves_ordinary_text(text):
   assert pii.scrub(text) == (text, {})

@@ -15,27 +15,29 @@ from typing import Iterable
 
 PLACEHOLDERS = {"EMAIL": "<EMAIL>", "CARD": "<CARD>", "IP_ADDRESS": "<IP_ADDRESS>", "PHONE": "<PHONE>"}
 
-# The local part in Latin letters (accented ones too), digits and . _ % + -; a name in another script
-# directly before it (Chinese or Japanese text has no spaces) is not taken into the address.
-_LOCAL = "A-Za-z0-9\u00C0-\u024F._%+-"
-_EMAIL = re.compile(rf"(?<![{_LOCAL}])[{_LOCAL}]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{{2,}}(?![\w-])")
+# Scripts written without spaces between words (Chinese, Japanese, Korean): a local part is either
+# a run of them or a run of other word characters, so an address written straight after a word in
+# one of them ("联系support@example.com") does not take that word in.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+_EMAIL = re.compile(rf"(?:(?<![^\W{_CJK}])(?<![.%+-])(?:[^\W{_CJK}]|[.%+-])+|(?<![{_CJK}])[{_CJK}]+)"
+                    rf"@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{{2,}}(?![A-Za-z0-9-])")
 # 13-19 digits, optionally grouped by single spaces or dashes; not the decimals of a number (0.4111...).
 _CARD = re.compile(r"(?<![\w.-])\d(?:[ -]?\d){12,18}(?![\w-]|\.\d)")
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 # Numbers written as phone numbers:
-#   international, a country code (no leading 0) and then groups set apart by spaces or dashes
-#   (+44 20 7946 0958, +33 1 23 45 67 89, +1 (555) 123-4567), or 10-15 digits in one (+15551234567);
+#   international: a country code (no leading 0), perhaps a trunk or area code in brackets, and
+#   digits in up to six groups set apart by spaces, dots or dashes (+44 20 7946 0958,
+#   +44 (0)20 7946 0958, +1.555.123.4567, +91-9876543210, +15551234567), 9-15 digits in all;
 #   an area code in brackets: (555) 123-4567, (020) 7946 0958;
-#   North American 3-3-4 groups: 555-123-4567, 555.123.4567, 555 123-4567, 1-800-555-0199.
-# Groups set apart by spaces alone, and a `+` before a decimal or a date (+3.14, +2023-12-04), are
-# not taken: lists of numbers and signed numbers look like that.
+#   North American 3-3-4 groups joined by one dash or dot throughout: 555-123-4567, 1-800-555-0199.
+# Groups set apart by spaces alone without a `+` or brackets are not taken: lists of numbers look
+# like that; nor are shorter signed numbers (+3.140000, +1234567, +2023-12-04).
 _PHONE = re.compile(
     r"(?<![\w+.-])(?<!\d )"
-    r"(?:\+[1-9]\d{0,2}(?:[ -]?\(\d{1,4}\))?(?:[ -]\d{1,8}){2,5}"
-    r"|\+[1-9]\d{9,14}"
+    r"(?:\+[1-9]\d{0,2}(?:[ .-]?\(\d{1,4}\))?[ .-]?\d{1,10}(?:[ .-]\d{1,10}){0,5}"
     r"|\(\d{2,4}\)[ .-]?\d{3,4}[ .-]\d{3,4}"
-    r"|(?:1[.-])?\d{3}(?:(?P<sep>[.-])\d{3}(?P=sep)|[ ]\d{3}-)\d{4})"
+    r"|(?:1[.-])?\d{3}(?P<sep>[.-])\d{3}(?P=sep)\d{4})"
     r"(?![\w.]\d|\w|[ -]\d)")
 
 
@@ -71,7 +73,7 @@ def _ipv6(m: re.Match) -> str | None:
 
 def _phone(m: re.Match) -> str | None:
   digits = re.sub(r"\D", "", m.group())
-  return "PHONE" if 7 <= len(digits) <= 15 else None
+  return "PHONE" if (9 if m.group().startswith("+") else 7) <= len(digits) <= 15 else None
 
 
 # Order matters: cards before phones (a phone pattern can eat part of a card number), IPv4 before phones.
