@@ -371,7 +371,8 @@ def run(config, workdir: str) -> dict:
           lambda params: train.evaluate(eval_step, params, eval_loader, eval_loader.num_batches))
       result = train.loop(
           config, state, (train_loader.global_batch(s) for s in itertools.count(int(state["step"]))), train_step,
-          checkpointer=checkpointer, workdir=workdir, meta=meta, resumed=resume[1] if resume is not None else None, evaluate=evaluate,
+          checkpointer=checkpointer, workdir=workdir, meta=meta, resumed=resume[1] if resume is not None else None,
+          evaluate=evaluate,
           flops_per_token=train.flops_per_token(config),
           eval_message=lambda m: (f"eval completion loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}  "
                                   f"acc {m['accuracy']:.3f}"))

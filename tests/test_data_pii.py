@@ -22,8 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
     ("mail josé.pérez@example.com", "mail <EMAIL>", "EMAIL"),
     ("联系support@example.com", "联系<EMAIL>", "EMAIL"),  # no spaces between the words before it
     ("+44 (0)20 7946 0958, +1.555.123.4567 or +91-9876543210", "<PHONE>, <PHONE> or <PHONE>", "PHONE"),
-    ("иван.петров@example.ru, 张伟@example.cn; メールはinfo@example.jpまで", "<EMAIL>, <EMAIL>; メールは<EMAIL>まで",
-     "EMAIL"),
+    ("иван.петров@example.ru, 张伟@example.cn; メールはinfo@example.jpまで",
+     "<EMAIL>, <EMAIL>; メールは<EMAIL>まで", "EMAIL"),
     ("card 4111 1111 1111 1111 ok", "card <CARD> ok", "CARD"),
     ("card 4012-8888-8888-1881", "card <CARD>", "CARD"),
     ("host 192.168.0.1:80", "host <IP_ADDRESS>:80", "IP_ADDRESS"),

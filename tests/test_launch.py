@@ -147,8 +147,8 @@ FAKE = """#!/bin/sh
 { printf '%s' "$(basename "$0")"; for a in "$@"; do printf '\\t%s' "$a"; done; printf '\\n'; } >> "$FAKE_LOG"
 # The n-th look at a TPU's state (this one included) gets the n-th word of $FAKE_STATE (the last
 # word once they run out) until this log shows the TPU created: then a queued resource is ACTIVE
-# and a TPU VM READY (a queued resource's node as well). Without FAKE_STATE nothing of the name exists yet (describe fails). The
-# looks whose numbers $FAKE_FLAKY lists fail as a network error would.
+# and a TPU VM READY (a queued resource's node as well). Without FAKE_STATE nothing of the name
+# exists yet (describe fails). The looks whose numbers $FAKE_FLAKY lists fail as a network error would.
 case "$*" in
   *"describe"*"value(state"*)
     n=$(grep -c "describe.*value(state" "$FAKE_LOG")
