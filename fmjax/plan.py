@@ -74,6 +74,8 @@ def parse_mesh(text: str) -> dict[str, int]:
       sizes[axis] = int(value)
     except ValueError:
       raise PlanError(f"--mesh={text}: {axis} needs an integer size, e.g. {axis}=4") from None
+    if sizes[axis] == 0 or sizes[axis] < -1:
+      raise PlanError(f"--mesh={text}: {axis}={sizes[axis]}; a size is positive, or -1 for the devices left")
   return sizes
 
 
@@ -93,11 +95,22 @@ def topology_name(name: str) -> tuple[str, int]:
   from fmjax import launch
   match = _TOPOLOGY_RE.fullmatch(name)
   if match:
-    return name, math.prod(int(d) for d in match.group(2).split("x"))
+    dims = [int(d) for d in match.group(2).split("x")]
+    ndim = 3 if match.group(1) in ("v4", "v5p") else 2
+    if len(dims) != ndim or 0 in dims:
+      raise PlanError(f"TPU topology {name!r}: {match.group(1)} chips form a {ndim}-D grid of positive sizes "
+                      f"(e.g. {match.group(1)}:{'x'.join(['4'] * ndim)}), or pass an accelerator type (e.g. "
+                      f"{'v5p-128' if ndim == 3 else 'v6e-64'})")
+    return name, math.prod(dims)
   if ":" in name:
     family = name.split(":")[0]
     close = difflib.get_close_matches(family, ("v4", "v5e", "v5p", "v6e"), n=1)
-    hint = f"did you mean {close[0] + ':' + name.split(':', 1)[1]!r}?" if close else "the generations are v4, v5e, v5p, v6e"
+    if family in ("v4", "v5e", "v5p", "v6e"):  # the shape is what is wrong
+      hint = f"{family} takes {3 if family in ('v4', 'v5p') else 2} sizes"
+    elif close:
+      hint = f"did you mean {close[0] + ':' + name.split(':', 1)[1]!r}?"
+    else:
+      hint = "the generations are v4, v5e, v5p, v6e"
     raise PlanError(f"unknown TPU topology {name!r}: write GEN:AxB[xC] (e.g. v5p:4x4x4) or an accelerator type "
                     f"(e.g. v5p-128); {hint}")
   try:
@@ -499,6 +512,9 @@ def format_plan(p: dict) -> str:
     verdict = "FITS" if p["fits"] else "DOES NOT FIT"
     lines.append(f"  fits            {verdict}: {100 * use:.0f}% of {p['hbm_gib']:g} GiB HBM per device "
                  f"({p['hbm_source']})" + (" (tight: XLA needs headroom)" if p["fits"] and use > 0.9 else ""))
+    if not p["fits"]:
+      lines.append("                  to fit: raise train.grad_accum (fewer rows at once, the same batch), set "
+                   "model.remat=dots_no_batch or full, or shard the state over more devices (mesh.fsdp)")
   lines.append("  parameter shardings (per-device shard):")
   width = max(len(g["group"]) for g in p["groups"])
   for g in p["groups"]:

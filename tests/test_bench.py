@@ -85,6 +85,9 @@ def test_bad_segments_is_one_line(capsys):
   err = capsys.readouterr().err.strip()
   assert code == 2 and err == "error: --json=/nonexistent/dir/x.json: its directory does not exist; create it or " \
       "pass another path", err
+  code = cli.main(["bench", "--config=configs/gpt.py:tiny", f"--json={os.getcwd()}"] + TINY)  # a directory
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and err.startswith(f"error: --json={os.getcwd()} is a directory; pass a file path"), err
 
 
 def test_commands_keep_compiled_programs_in_a_persistent_cache(tmp_path):

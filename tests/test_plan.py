@@ -53,6 +53,7 @@ def test_plan_numbers_are_consistent(fsdp_plan):
 def test_plan_fit_verdict_and_groups(fsdp_plan):
   _, p = fsdp_plan
   assert p["fits"] is False and "DOES NOT FIT" in plan.format_plan(p)
+  assert "to fit: raise train.grad_accum" in plan.format_plan(p)  # and says what to change
   groups = {g["group"]: g for g in p["groups"]}
   fc = groups["h/blocks/*/mlp/fc/kernel"]
   assert fc["count"] == 2 and fc["shape"] == (64, 256) and fc["shard_shape"] == (16, 256)
@@ -102,6 +103,9 @@ def test_topology_names(name, expected):
     ("v5p-100", "did you mean 'v5p-64' or 'v5p-128'|did you mean .*v5p-"),
     ("v5q:2x2", "did you mean 'v5p:2x2'"),
     ("tpu", "unknown TPU accelerator type 'tpu'"),
+    ("v5p:0x4x4", "v5p chips form a 3-D grid of positive sizes"),  # once a division by zero
+    ("v5p:4x4", "v5p chips form a 3-D grid"), ("v6e:4x4x4", "v6e chips form a 2-D grid"),
+    ("v5p:4x4x4x4", "v5p takes 3 sizes$"),  # not a "did you mean" of itself
 ])
 def test_bad_topology_is_one_clear_line(name, match):
   with pytest.raises(plan.PlanError, match=match) as e:
@@ -117,6 +121,9 @@ def test_bad_mesh_and_too_many_devices():
       plan.parse_mesh(f"{other}=4")
   with pytest.raises(plan.PlanError, match="needs 16 devices but 8"):
     plan.plan(tiny(), mesh="data=4,fsdp=4")
+  for size in ("0", "-2"):  # 0 once cut the device list to none
+    with pytest.raises(plan.PlanError, match=f"data={size}; a size is positive, or -1 for the devices left"):
+      plan.parse_mesh(f"data={size}")
 
 
 def _cuda_plugin() -> bool:
