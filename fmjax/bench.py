@@ -68,7 +68,8 @@ def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_pat
   if steps < 1 or warmup < 1:  # the first warm-up step compiles; the timed ones must not
     raise ConfigError(f"--steps={steps} and --warmup={warmup} must each be at least 1")
   if json_path and os.path.isdir(json_path):
-    raise ConfigError(f"--json={json_path} is a directory; pass a file path, e.g. {os.path.join(json_path, 'bench.json')}")
+    raise ConfigError(f"--json={json_path} is a directory; pass a file path, e.g. "
+                      f"{os.path.join(json_path, 'bench.json')}")
   if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
     raise ConfigError(f"--json={json_path}: its directory does not exist; create it or pass another path")
   config_lib.validate(config, jax.device_count())
