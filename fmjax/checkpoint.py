@@ -147,6 +147,18 @@ def _torn(directory: epath.Path) -> list[epath.Path]:
   return torn
 
 
+def pick_source_step(saved: Sequence[int], step: int, source: str) -> int:
+  """The step to read from another run (`init_from`) that saved `saved`: `step`, or the newest when
+  it is 0. Raises ConfigError (one line) when that run holds no checkpoint or not that step."""
+  from fmjax.config_lib import ConfigError
+  if not saved:
+    raise ConfigError(f"init_from={source} holds no checkpoint; train there first or point at another run")
+  if step and step not in saved:
+    raise ConfigError(f"init_from={source} has no checkpoint at init_from_step={step}; it holds steps "
+                      f"{list(saved)} (0 takes the newest)")
+  return step or max(saved)
+
+
 def saved_steps(directory: str) -> list[int]:
   """Committed checkpoint steps under `directory` (a run's `checkpoints/`), ascending; [] when none."""
   return sorted(_scan(files.path(directory))[0])
@@ -325,18 +337,8 @@ class Checkpointer:
     return saved_steps(self.directory)
 
   def source_step(self, step: int, source: str) -> int:
-    """The step to read from another run (`init_from`): `step`, or the newest when it is 0.
-
-    Raises ConfigError (one line) when that run holds no checkpoint or not that step.
-    """
-    from fmjax.config_lib import ConfigError
-    latest = self.latest_step()
-    if latest is None:
-      raise ConfigError(f"init_from={source} holds no checkpoint; train there first or point at another run")
-    if step and step not in (steps := self.all_steps()):
-      raise ConfigError(f"init_from={source} has no checkpoint at init_from_step={step}; it holds steps "
-                        f"{steps} (0 takes the newest)")
-    return step or latest
+    """`pick_source_step` over this directory's steps."""
+    return pick_source_step(self.all_steps(), step, source)
 
   def latest_step(self) -> int | None:
     """The newest committed step, or None; an owner also removes unfinished saves."""

@@ -270,13 +270,12 @@ def adopt_pretrain_settings(config, init_from: str) -> list[str]:
   return changed
 
 
-def _run_tokenizer(config, workdir: str):
+def _run_tokenizer(config, workdir: str, resuming: bool):
   """The run's tokenizer, kept in `workdir/tokenizer` (`run` saves it), so that the run's eval, export
   and release do not depend on where init_from's workdir is. A run that started before fine-tuning
   runs kept one goes on reading the tokenizer its config names."""
-  from fmjax import checkpoint as ckpt_lib, data
+  from fmjax import data
   own = os.path.join(workdir, data.RUN_TOKENIZER)
-  resuming = bool(ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")))
   if resuming and files.exists(os.path.join(own, "tokenizer.json")):
     tok = data.load_tokenizer(own)
   else:  # a new run (one a failed start left a tokenizer for: this start's settings win, and replace it)
@@ -470,9 +469,9 @@ def run(config, workdir: str) -> dict:
   batch_sharding = sharding.batch_sharding(mesh)
   tx, spec, make = setup(config, task, mesh)
   # A workdir with checkpoints resumes them and needs no init_from checkpoint; a new one checks it now.
-  new_run = not files.isdir(os.path.join(workdir, "checkpoints"))
-  init_step = source_step(config, spec, init_from) if init_from and new_run else None
-  tok = _run_tokenizer(config, workdir)
+  resuming = bool(ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")))
+  init_step = source_step(config, spec, init_from) if init_from and not resuming else None
+  tok = _run_tokenizer(config, workdir, resuming)
   if tok.vocab_size > config.model.vocab_size:
     raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}")
   trainable, total = peft.count(spec.abstract["params"], config.finetune.peft)

@@ -173,7 +173,8 @@ def check(runs: Sequence[Run], root: str | None = None, running: bool = False) -
   runs; returns each run's `flat_config` by name.
 
   The overrides shared by all runs are checked first, so their error does not name one run. With
-  `running` (the runs start now, here), an init_from must already hold the init_from_step they read.
+  `running` (the runs start now, here), a local init_from must already hold the checkpoint a run
+  that has none of its own would read.
   """
   from fmjax import checkpoint
   first = runs[0]
@@ -189,20 +190,21 @@ def check(runs: Sequence[Run], root: str | None = None, running: bool = False) -
     configs[run.name] = flat_config(config)
   # A local init_from that is not there fails every run that reads it, each after the runs before it:
   # say so now (one a run of this sweep makes, or a bucket path, is left to the run).
+  listed = {}  # init_from -> its saved steps
   for run in runs:
     source = str(configs[run.name].get("init_from") or "")
     inside = root is not None and files.absolute(source).startswith(files.absolute(root).rstrip("/") + "/")
     if source and not files.is_remote(source) and not inside and not files.isdir(source):
       raise ConfigError(f"sweep run {run.name}: init_from={source!r} does not exist (read from {os.getcwd()}); "
                         "pass the --workdir of a `fmjax train` run")
-    step = int(configs[run.name].get("init_from_step") or 0)
-    if not (running and source and step) or files.is_remote(source) or inside or root is None or files.is_remote(root):
-      continue
-    if not checkpoint.saved_steps(os.path.join(root, run.name, "checkpoints")):  # a started run resumes its own
-      saved = checkpoint.saved_steps(os.path.join(source, "checkpoints"))
-      if step not in saved:
-        raise ConfigError(f"sweep run {run.name}: init_from={source} has no checkpoint at init_from_step={step}; "
-                          f"it holds steps {saved} (0 takes the newest)")
+    local = source and not files.is_remote(source) and not inside and root and not files.is_remote(root)
+    if running and local and not checkpoint.saved_steps(os.path.join(root, run.name, "checkpoints")):
+      if source not in listed:
+        listed[source] = checkpoint.saved_steps(os.path.join(source, "checkpoints"))
+      try:
+        checkpoint.pick_source_step(listed[source], int(configs[run.name].get("init_from_step") or 0), source)
+      except ConfigError as e:
+        raise ConfigError(f"sweep run {run.name}: {e}") from None
   return configs
 
 
