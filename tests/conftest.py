@@ -15,10 +15,15 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
 
-# Many tests compile the same tiny programs; a session-wide persistent cache compiles each once.
+# Many tests compile the same tiny programs; a session-wide persistent cache compiles each once,
+# and goes when the session ends.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="fmjax_test_jit_"))
+_jit_cache = tempfile.mkdtemp(prefix="fmjax_test_jit_")
+atexit.register(shutil.rmtree, _jit_cache, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _jit_cache)
 os.environ["FMJAX_COMPILATION_CACHE"] = "off"  # commands run as subprocesses compile afresh, as before
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
