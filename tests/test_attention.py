@@ -3,6 +3,8 @@
 Shape legend: B batch, T sequence, H heads, K head dim, R runs of segment ids a row.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -278,6 +280,18 @@ def test_cudnn_path_lowers_for_cuda(causal, as_if_on_an_h100):
 
   assert calls(_packing(SEGMENTS_BT)) == h100.PACKED
   assert calls(SEGMENTS_BT) == h100.MASKED
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_kernels_scale_and_mask_as_the_reference_does(causal, as_if_on_an_h100):
+  """Off a GPU, read off the lowering what cuDNN is told: scale 1/sqrt(K), and its causal mask exactly
+  when the attention is causal, on the packed path and on the mask path."""
+  q = jax.ShapeDtypeStruct((B, T, H, 64), jnp.bfloat16)
+  for seg in (_packing(SEGMENTS_BT), SEGMENTS_BT):
+    f = jax.jit(lambda q, k, v, seg: attn.attention(q, k, v, causal=causal, segment_ids_BT=seg, kernel="cudnn"))
+    text = f.trace(q, q, q, seg).lower(lowering_platforms=("cuda",)).as_text()
+    assert {float(x) for x in re.findall(r"fmha_scale\\22: ([-0-9.e]+)", text)} == {1 / 8}
+    assert set(re.findall(r"mask_type\\22: \\22(\w+)", text)) == {"CAUSAL" if causal else "NO_MASK"}
 
 
 def test_cudnn_off_gpu_is_a_clear_error():

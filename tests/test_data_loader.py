@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax import config_lib
 import fmjax.data as data
-from fmjax.data import packing, sources
+from fmjax.data import masking, packing, sources
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -91,6 +91,17 @@ def test_cache_counts_the_most_segments_a_row(family, gpt, bert, monkeypatch):
   monkeypatch.setattr(packing, "MAX_RUNS", loader.num_runs - 1)
   loader = data.make_loader(config)
   assert loader.num_runs == 0 and "segment_lengths" not in loader.host_batch(0)
+
+
+def test_stream_cache_counts_no_segment_for_an_eos_that_opens_a_row(tmp_path):
+  """Rows of 4 from documents ending at EOS (0): an EOS in a row's first slot opens the row, no new segment."""
+  writer = packing._StreamWriter(str(tmp_path), np.uint16, 4, 0)
+  for doc in ([1, 2, 3, 4], [5, 6, 7], [8, 9], [10, 11, 12, 13, 14]):
+    writer.add(doc)
+  stats = writer.close()
+  stream = np.fromfile(tmp_path / "tokens.bin", np.uint16)
+  np.testing.assert_array_equal(stream[:16].reshape(4, 4), [[1, 2, 3, 4], [0, 5, 6, 7], [0, 8, 9, 0], [10, 11, 12, 13]])
+  assert stats["num_rows"] == 4 and stats["max_segments"] == 2  # row 2 only: [0 8 9 | 0]
 
 
 def test_cache_from_before_the_segment_count_says_so(gpt, monkeypatch, caplog):
@@ -270,6 +281,17 @@ def test_unigram_baseline(gpt):
   assert data.unigram_baseline(gpt) == baseline
 
 
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_unigram_baseline_counts_the_targets_the_loss_reads(family, gpt, bert):
+  split = data.make_loader({"gpt": gpt, "bert": bert}[family]).data
+  rows = split.rows(np.arange(split.num_rows))
+  if family == "gpt":
+    want = rows["targets"]
+  else:
+    want = rows["tokens"][(rows["segment_ids"] > 0) & ~np.isin(rows["tokens"], sorted(split.tok.special_ids))]
+  np.testing.assert_array_equal(split.targets(), want.ravel())
+
+
 def test_bad_batch_split(gpt):
   with pytest.raises(config_lib.ConfigError, match="does not split evenly"):
     data.make_loader(gpt, sharding=data_sharding(), batch_size=12)
@@ -292,3 +314,23 @@ def test_bucket_arrays_are_read_by_exact_ranges_where_fsspec_has_the_file_system
   assert reads == [16] * 4  # each span one read of exactly its bytes
   with pytest.raises(config_lib.ConfigError, match="ends before element 1001"):
     array.spans(np.array([993]), 8)
+
+
+def test_masking_rounds_counts_changes_with_the_step_and_replaces_from_the_whole_vocabulary():
+  """Each row predicts round(rate * candidates) tokens (Python's round, as BERT's reference does), at least 1
+  and at most M; another step masks other positions; random replacements cover every non-special id."""
+  rng = np.random.default_rng(0)
+  B, T, V, special = 512, 64, 1000, tuple(range(0, 1000, 2))  # every even id is special
+  candidates_B = rng.integers(1, T + 1, B)
+  tokens_BT = 2 * rng.integers(0, V // 2, (B, T)) + 1
+  seg_BT = (np.arange(T)[None] < candidates_B[:, None]).astype(np.int32)
+  kw = dict(seed=0, rows_B=np.arange(B), special_ids=special, vocab_size=V, mask_id=0, rate=0.15, max_predictions=8)
+  out = masking.mask_batch(tokens_BT, seg_BT, step=0, **kw)
+  np.testing.assert_array_equal(out["mlm_weights"].sum(1), [min(max(round(0.15 * c), 1), 8) for c in candidates_B])
+  other = masking.mask_batch(tokens_BT, seg_BT, step=1, **kw)
+  assert (other["mlm_positions"] != out["mlm_positions"]).any(1).mean() > 0.5
+  w_BM = out["mlm_weights"].astype(bool)
+  new = out["inputs"][np.arange(B)[:, None], out["mlm_positions"]][w_BM]
+  replaced = new[(new != 0) & (new != out["mlm_targets"][w_BM])]
+  counts = np.histogram(replaced, bins=4, range=(0, V))[0]
+  assert len(replaced) > 100 and counts.min() > 0.15 * len(replaced) and (replaced % 2 == 1).all(), counts

@@ -261,3 +261,28 @@ def test_generation_stays_within_the_positions_training_used(tmp_path_factory, t
   shutil.copytree(workdir, imported)
   (imported / interop.IMPORT_INFO).write_text("{}")
   assert generate.trained_positions(config, str(imported)) == config.model.max_len
+
+
+def test_identical_rows_draw_independently_at_the_tempered_frequencies():
+  probs = np.array([0.5, 0.25, 0.15, 0.1])
+  logits = jnp.log(jnp.asarray(np.tile(probs, (4000, 1)), jnp.float32))
+  for temperature in (0.5, 2.0):
+    draws = np.asarray(generate.sample_logits(logits, jax.random.key(0), temperature=temperature))
+    want = probs ** (1 / temperature) / (probs ** (1 / temperature)).sum()
+    np.testing.assert_allclose(np.bincount(draws, minlength=4) / len(draws), want, atol=0.03)
+
+
+def test_each_generated_token_is_a_fresh_draw(gpts):
+  """An untrained model's next-token distribution is near uniform over 512 ids: independent draws rarely repeat."""
+  (out,) = generate.generate(gpts[False], [[5, 17, 99]], 24, temperature=1.0, seed=0)
+  assert len(out) == 24 and len(set(out)) > 16, out
+
+
+def test_greedy_generation_puts_each_new_token_one_position_past_the_last(gpts):
+  """Position embeddings scaled up until they decide the argmax: the cached loop continues each left-padded
+  prompt exactly as full forward passes of the unpadded prompt do."""
+  model = nnx.clone(gpts[False])
+  model.wpe.embedding[...] = model.wpe.embedding[...] * 50
+  prompts = [[5, 17, 99, 3, 250], [7], [300, 301]]
+  for prompt, out in zip(prompts, generate.generate(model, prompts, 8, temperature=0.0)):
+    assert out == uncached_greedy(model, prompt, 8), prompt

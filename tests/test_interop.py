@@ -496,3 +496,13 @@ def test_corrupt_hf_files_are_one_line_naming_the_file(gpt_dir, tmp_path):
   with pytest.raises(ConfigError, match=r"tokenizer.json is not a valid tokenizer.json") as e:
     interop.read_hf_tokenizer(str(broken))
   assert "\n" not in str(e.value)
+
+
+def test_layer_norm_epsilon_comes_from_the_hf_config_and_goes_back_to_it():
+  for hf, key in ((transformers.GPT2Config(layer_norm_epsilon=1e-3), "layer_norm_epsilon"),
+                  (transformers.BertConfig(layer_norm_eps=1e-3), "layer_norm_eps")):
+    settings = interop.model_settings_from_hf(hf.to_dict())
+    assert settings["layer_norm_eps"] == 1e-3, hf.model_type
+    model_cfg = config_lib.base_config(settings["family"]).model
+    model_cfg.update(settings)
+    assert interop.hf_config(model_cfg)[key] == 1e-3

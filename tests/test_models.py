@@ -221,6 +221,30 @@ def test_dropout(family, which):
     forward(model, toks, deterministic=False)
 
 
+def test_residual_dropout_zeroes_at_its_rate_and_rescales_what_it_keeps():
+  x_BD = jnp.full((64, 64), 2.0)
+  y_BD = np.asarray(models._dropout(x_BD, 0.25, jax.random.key(0), deterministic=False))
+  kept = y_BD != 0
+  np.testing.assert_allclose(y_BD[kept], 2.0 / 0.75, rtol=1e-6)  # inverted dropout: the expectation stays x
+  assert abs(kept.mean() - 0.75) < 0.02
+  np.testing.assert_array_equal(models._dropout(x_BD, 0.25, None, deterministic=True), x_BD)
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_every_residual_dropout_of_a_forward_pass_draws_its_own_mask(family, monkeypatch):
+  """The embeddings' dropout and each block's two (after attention, after the MLP): five keys, all different."""
+  keys = []
+  real = models._dropout
+
+  def recording(x, rate, key, deterministic):
+    keys.append(np.asarray(jax.random.key_data(key)).tobytes())
+    return real(x, rate, key, deterministic)
+
+  monkeypatch.setattr(models, "_dropout", recording)
+  build(family, dropout=0.1)(tokens(), deterministic=False, rngs=nnx.Rngs(dropout=0))
+  assert len(keys) == 1 + 2 * 2 and len(set(keys)) == len(keys)
+
+
 def test_gpt_hidden_and_head_compose():
   model = build("gpt")
   toks = tokens()

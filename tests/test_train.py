@@ -1,11 +1,18 @@
 """The train step: learning, golden loss, accumulation, NaN policy, shardings on 8 fake devices."""
 
+import itertools
+import math
+import time
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
-from fmjax import bench, config_lib, optim, sharding, train
+from fmjax import bench, config_lib, metrics as metrics_lib, models, objectives, optim, sharding, train
 
 
 def tiny(family, *overrides, devices=1):
@@ -205,3 +212,209 @@ def test_schedule_notes_for_a_warmup_longer_than_the_run_and_a_resume_that_moves
   assert train._rate_change(saved, tiny("gpt", "train.steps=20", *cosine), 10) == ""
   longer = train._rate_change(saved, tiny("gpt", "train.steps=40", *cosine), 10)
   assert longer.startswith("the learning rate at step 10 is now") and "train.steps=40" in longer
+
+
+def _numpy_cross_entropy(logits, targets, weights):
+  """(summed nll, weight, correct) and d(nll sum / weight)/d logits, in float64."""
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  probs = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
+  nll = -np.log(np.take_along_axis(probs, targets[..., None], -1)[..., 0])
+  correct = logits.argmax(-1) == targets
+  onehot = np.eye(logits.shape[-1])[targets]
+  sums = ((nll * weights).sum(), weights.sum(), (correct * weights).sum())
+  return sums, (probs - onehot) * weights[..., None] / weights.sum()
+
+
+def test_losses_and_fused_head_weight_each_target_against_numpy():
+  """cross_entropy and the fused LM head sum loss and correct predictions by weight (zero and fractional
+  weights, and a last chunk padded), and the fused head's gradients scale with the incoming cotangent."""
+  rng = np.random.default_rng(0)
+  h_BXD, w_VD, b_V = (rng.normal(size=s).astype(np.float32) for s in ((2, 5, 8), (11, 8), (11,)))
+  logits_BXV = h_BXD @ w_VD.T + b_V
+  targets_BX = np.where(np.arange(5) % 2 == 0, logits_BXV.argmax(-1), rng.integers(0, 11, (2, 5))).astype(np.int32)
+  weights_BX = np.array([[1, 0, 1, 0.5, 0], [0, 1, 1, 1, 0.25]], np.float32)
+  want, dlogits_BXV = _numpy_cross_entropy(logits_BXV, targets_BX, weights_BX)
+  assert want[2] not in (0.0, float((logits_BXV.argmax(-1) == targets_BX).sum()))
+  np.testing.assert_allclose(objectives.cross_entropy(jnp.asarray(logits_BXV), targets_BX, weights_BX), want, rtol=1e-5)
+  fused = lambda h, w, b: objectives.fused_cross_entropy(h, w, b, targets_BX, weights_BX, chunk=4)
+  np.testing.assert_allclose(fused(h_BXD, w_VD, b_V), want, rtol=1e-5)
+  mean_loss = lambda h, w, b: (lambda loss, weight, _: loss / weight)(*fused(h, w, b))
+  dh, dw, db = jax.grad(mean_loss, argnums=(0, 1, 2))(h_BXD, w_VD, b_V)
+  np.testing.assert_allclose(dh, dlogits_BXV @ w_VD, atol=1e-5)
+  np.testing.assert_allclose(dw, dlogits_BXV.reshape(-1, 11).T @ h_BXD.reshape(-1, 8), atol=1e-5)
+  np.testing.assert_allclose(db, dlogits_BXV.sum((0, 1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("fused_chunk", [0, 16])
+def test_clm_loss_of_a_packed_row_is_the_sum_over_its_documents_alone(fused_chunk):
+  """Two documents packed into one row (positions restarting at the second) score as each would
+  in a row of its own: no position, segment or attention leaks between them."""
+  config = tiny("gpt")
+  model = models.build_model(config.model, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  inputs, targets = (rng.integers(0, 256, 32).astype(np.int32) for _ in range(2))
+  first = np.arange(32) < 12
+  packed = {"inputs": inputs[None], "targets": targets[None], "segment_ids": np.where(first, 1, 2)[None],
+            "positions": np.where(first, np.arange(32), np.arange(32) - 12)[None], "loss_weights": np.ones((1, 32))}
+  alone = {k: np.zeros((2, 32), v.dtype) for k, v in packed.items()}
+  for row, (start, n) in enumerate(((0, 12), (12, 20))):
+    for k in ("inputs", "targets"):
+      alone[k][row, :n] = packed[k][0, start:start + n]
+    alone["segment_ids"][row, :n], alone["positions"][row, :n], alone["loss_weights"][row, :n] = 1, np.arange(n), 1
+  loss = lambda batch: objectives.clm_loss(model, {k: jnp.asarray(v) for k, v in batch.items()},
+                                           fused_chunk=fused_chunk)[1]
+  got, want = loss(packed), loss(alone)
+  assert float(want["weight_sum"]) == float(got["weight_sum"]) == 32
+  np.testing.assert_allclose(float(got["loss_sum"]), float(want["loss_sum"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused_chunk", [0, 4])
+def test_mlm_loss_reads_the_token_types_positions_and_weights_of_its_batch(fused_chunk):
+  config = tiny("bert")
+  model = models.build_model(config.model, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(0, 256, (2, 32)), "token_types": (np.arange(32) >= 10)[None].repeat(2, 0),
+           "segment_ids": np.where(np.arange(32) < 20, 1, 2)[None].repeat(2, 0),
+           "positions": np.where(np.arange(32) < 20, np.arange(32), np.arange(32) - 20)[None].repeat(2, 0),
+           "mlm_positions": np.array([[1, 11, 25], [3, 15, 0]]), "mlm_targets": rng.integers(0, 256, (2, 3)),
+           "mlm_weights": np.array([[1, 1, 1], [1, 1, 0]], np.float32)}
+  batch = {k: jnp.asarray(v, jnp.float32 if k == "mlm_weights" else jnp.int32) for k, v in batch.items()}
+  logits_BMV = model(batch["inputs"], token_types_BT=batch["token_types"], positions_BT=batch["positions"],
+                     segment_ids_BT=batch["segment_ids"], mlm_positions_BM=batch["mlm_positions"])
+  want, _ = _numpy_cross_entropy(np.asarray(logits_BMV), np.asarray(batch["mlm_targets"]),
+                                 np.asarray(batch["mlm_weights"]))
+  _, aux = objectives.mlm_loss(model, batch, fused_chunk=fused_chunk)
+  np.testing.assert_allclose([float(aux[k]) for k in ("loss_sum", "weight_sum", "correct_sum")], want, rtol=1e-5)
+
+
+def test_optimizer_clips_then_runs_adamw_decaying_kernels_only_against_numpy():
+  config = tiny("gpt", "optim.lr=0.1", "optim.b1=0.8", "optim.b2=0.9", "optim.eps=1e-3", "optim.weight_decay=0.5",
+                "optim.clip_norm=1.0")
+  tx = optim.make_optimizer(config)
+  rng = np.random.default_rng(0)
+  params = {"fc": {"kernel": rng.normal(size=(3, 2)), "bias": rng.normal(size=2)}, "ln": {"scale": np.ones(2)},
+            "wte": {"embedding": rng.normal(size=(2, 2))}}
+  params = jax.tree.map(lambda x: x.astype(np.float32), params)
+  # Global norms 5 (clipped to 1), 0.3 and 3 (clipped).
+  grads = [jax.tree.map(lambda x: (x * n / np.sqrt(14.0)).astype(np.float32), jax.tree.map(np.ones_like, params))
+           for n in (5.0, 0.3, 3.0)]
+  grads[1]["fc"]["bias"] = -grads[1]["fc"]["bias"]
+  update = jax.jit(tx.update)
+  state, got = tx.init(params), params
+  want = jax.tree.map(np.float64, params)
+  m = v = jax.tree.map(np.zeros_like, want)
+  for t, g in enumerate(grads, 1):
+    updates, state = update(g, state, got)
+    got = optax.apply_updates(got, updates)
+    norm = np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(g)))
+    g = jax.tree.map(lambda x: np.float64(x) * min(1.0, 1.0 / norm), g)
+    m = jax.tree.map(lambda m, g: 0.8 * m + 0.2 * g, m, g)
+    v = jax.tree.map(lambda v, g: 0.9 * v + 0.1 * g * g, v, g)
+    adam = jax.tree.map(lambda m, v: (m / (1 - 0.8 ** t)) / (np.sqrt(v / (1 - 0.9 ** t)) + 1e-3), m, v)
+    want = {k: {n: want[k][n] - 0.1 * (adam[k][n] + 0.5 * want[k][n] * (n == "kernel")) for n in want[k]}
+            for k in want}
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "rsqrt", "constant"])
+def test_schedule_warms_up_from_zero_then_decays_to_the_floor_at_the_last_step(kind):
+  config = tiny("gpt", f"optim.schedule={kind}", "optim.lr=2.0", "optim.warmup_steps=4", "optim.min_lr_ratio=0.1")
+  schedule = optim.make_schedule(config.optim, 20)
+
+  def want(s):
+    if s < 4:
+      return 2.0 * s / 4
+    done = min((s - 4) / 16, 1.0)
+    return 2.0 * {"cosine": 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)), "linear": 1 - 0.9 * done,
+                  "rsqrt": math.sqrt(4 / s), "constant": 1.0}[kind]
+
+  for s in range(24):
+    assert float(schedule(s)) == pytest.approx(want(s), rel=1e-5, abs=1e-7), s
+
+
+def test_grad_accumulation_averages_over_targets_when_micro_batches_carry_different_numbers():
+  config = tiny("gpt", *LINEAR_ADAM)
+  batch = bench.synthetic_batch(config, seed=1)
+  batch["loss_weights"][1::2, 8:] = 0.0  # the second of two micro-batches (odd rows) has a quarter of the targets
+  one, l1 = run_steps(config, 2, batch)
+  two, l2 = run_steps(tiny("gpt", "train.grad_accum=2", *LINEAR_ADAM), 2, batch)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(two["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_every_dropout_of_every_micro_batch_and_step_draws_its_own_mask(monkeypatch):
+  """Two steps of two micro-batches, each forward pass with five dropouts (embeddings, two a layer): 20 keys."""
+  keys = []
+  real = models._dropout
+
+  def recording(x, rate, key, deterministic):
+    jax.debug.callback(lambda k: keys.append(np.asarray(k).tobytes()), jax.random.key_data(key))
+    return real(x, rate, key, deterministic)
+
+  monkeypatch.setattr(models, "_dropout", recording)
+  config = tiny("gpt", "model.dropout=0.1", "train.grad_accum=2")
+  spec, state, _, bs = setup(config)
+  step_fn = jax.jit(train.make_train_step(config, spec.graphdef, optim.make_optimizer(config)))
+  with jax.set_mesh(spec.mesh):
+    batch = jax.tree.map(lambda x: jax.device_put(x, bs), bench.synthetic_batch(config, seed=1))
+    for step in (0, 1):
+      jax.block_until_ready(step_fn(dict(state, step=jnp.asarray(step, jnp.int32)), batch))
+  jax.effects_barrier()
+  assert len(keys) == 2 * 2 * 5 and len(set(keys)) == len(keys)
+
+
+def test_evaluate_averages_over_every_target_of_the_batches_it_reads():
+  aux = [{"loss_sum": 6.0, "weight_sum": 2.0, "correct_sum": 1.0},
+         {"loss_sum": 1.0, "weight_sum": 8.0, "correct_sum": 4.0},
+         {"loss_sum": 9.0, "weight_sum": 1.0, "correct_sum": 1.0}]  # past the loader's last batch: never read
+  loader = types.SimpleNamespace(num_batches=2, global_batch=lambda step: step)
+  got = train.evaluate(lambda params, step: aux[step], None, loader, 5)
+  assert got == pytest.approx({"loss": 0.7, "perplexity": math.exp(0.7), "accuracy": 0.5})
+
+
+class _NoSaves:
+  """What the step loop asks of a Checkpointer, saving nothing."""
+
+  def should_save(self, step):
+    return False
+
+  def save(self, *args, **kwargs):
+    return False
+
+  def wait(self):
+    pass
+
+  def latest_step(self):
+    return None
+
+  def all_steps(self):
+    return []
+
+
+def test_loop_logs_throughput_mfu_and_eta_by_a_clock_of_one_second_an_update(tmp_path, monkeypatch):
+  """Logged every 2 updates of 1 s each: tokens/s is a step's tokens, MFU that times the FLOPs per token over
+  every device's peak, and the ETA the steps left at the pace so far."""
+  clock = [0.0]
+  fake_time = types.SimpleNamespace(time=lambda: clock[0], strftime=time.strftime, gmtime=time.gmtime)
+  monkeypatch.setattr(train, "time", fake_time)
+  monkeypatch.setattr(metrics_lib, "time", fake_time)
+  monkeypatch.setattr(metrics_lib, "peak_flops_per_device", lambda: 1e12)
+
+  def train_step(state, batch):
+    clock[0] += 1.0
+    return {"step": state["step"] + 1}, {"loss": 1.0, "nonfinite": 0.0}
+
+  config = tiny("gpt", "train.steps=6", "train.log_every=2", "train.progress_bar=false")
+  train.loop(config, {"step": 0}, itertools.repeat({}), train_step, checkpointer=_NoSaves(), workdir=str(tmp_path),
+             meta=lambda step: {}, evaluate=None, eval_message=str, flops_per_token=100.0)
+  rows = {r["step"]: r for r in metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))}
+  tokens = config.train.batch_size * config.data.seq_len
+  assert sorted(rows) == [2, 4, 6] and rows[4]["train/tokens_per_sec"] == tokens
+  assert rows[4]["train/mfu"] == pytest.approx(tokens * 100.0 / (1e12 * jax.device_count()))
+  writer = metrics_lib.MetricsWriter(str(tmp_path / "eta"), 100, start_step=20, progress_bar=False)
+  clock[0] += 10.0
+  assert writer.eta_seconds(30) == pytest.approx(70.0)  # 10 steps in 10 s, 70 to go
+  writer.close()
