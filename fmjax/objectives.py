@@ -8,10 +8,12 @@ Legend: B batch, T sequence, M masked positions per row, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from fmjax import attention
 
@@ -102,12 +104,44 @@ def _fused_bwd(chunk, residuals, cotangents):
 fused_lm_head_loss.defvjp(_fused_fwd, _fused_bwd)
 
 
+def _row_axes(n_rows: int, batch_rows: int) -> tuple[str, ...]:
+  """Mesh axes to split the loss's rows over: those the batch is sharded on, then any other axis
+  (tensor, or one the batch did not divide) while the rows still divide evenly."""
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = attention.logical_spec(("batch",), (batch_rows,))
+  axes = () if spec is None or spec[0] is None else (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
+  for name in mesh.axis_names:
+    if name not in axes and mesh.shape[name] > 1 and n_rows % (math.prod(mesh.shape[a] for a in axes)
+                                                                * mesh.shape[name]) == 0:
+      axes += (name,)
+  return axes
+
+
 def fused_cross_entropy(x_BXD, w_VD, b_V, targets_BX, weights_BX, chunk: int):
   """`cross_entropy` of the logits `x @ w.T (+ b)` through `fused_lm_head_loss`: same outputs,
-  no [B, X, V] logits."""
+  no [B, X, V] logits.
+
+  Under a mesh each device runs the chunked loop over its own rows only (`shard_map`), with the
+  head's weight whole; left to SPMD partitioning, a scan over rows sharded on the batch gathers
+  every row onto every device and computes the head once per device, or all-reduces each
+  chunk's logits when the weight is sharded on D.
+  """
   d = x_BXD.shape[-1]
-  loss, correct = fused_lm_head_loss(x_BXD.reshape(-1, d), w_VD, b_V, targets_BX.reshape(-1),
-                                     weights_BX.reshape(-1), chunk)
+  x_ND, t_N, wt_N = x_BXD.reshape(-1, d), targets_BX.reshape(-1), weights_BX.reshape(-1)
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = () if mesh.empty or mesh.size == 1 else _row_axes(x_ND.shape[0], x_BXD.shape[0])
+  if not axes:
+    loss, correct = fused_lm_head_loss(x_ND, w_VD, b_V, t_N, wt_N, chunk)
+    return loss, jnp.sum(weights_BX), correct
+
+  def local(x_ND, w_VD, t_N, wt_N, *b_V):
+    loss, correct = fused_lm_head_loss(x_ND, w_VD, b_V[0] if b_V else None, t_N, wt_N, chunk)
+    return jax.lax.psum(loss, axes), jax.lax.psum(correct, axes)
+
+  rows, bias = P(axes), () if b_V is None else (b_V,)
+  # check_vma=False: the transpose then sums the weight's gradient over the devices itself.
+  loss, correct = jax.shard_map(local, in_specs=(rows, P(), rows, rows) + (P(),) * len(bias),
+                                out_specs=(P(), P()), check_vma=False)(x_ND, w_VD, t_N, wt_N, *bias)
   return loss, jnp.sum(weights_BX), correct
 
 

@@ -296,7 +296,7 @@ def analytic_temp_bytes(config, mesh_sizes: dict[str, int], param_bytes: int, ke
   2022 count 34*D + 5*H*T bytes at 16 bits with dropout masks). Remat keeps only each layer's
   input and recomputes one layer at a time. The LM head's logits and their gradient come on
   top: float32, or one chunk in the compute dtype with the fused loss. Tensor parallelism
-  divides all of it.
+  divides all of it but the fused loss's copy of the head.
   """
   from fmjax import sharding
   m, t = config.model, config.data.seq_len
@@ -314,8 +314,11 @@ def analytic_temp_bytes(config, mesh_sizes: dict[str, int], param_bytes: int, ke
   else:  # the dots policies keep matmul outputs: about half of a layer's activations
     acts = m.num_layers * per_layer / 2 + per_layer
   logit_rows = rows * (config.data.max_predictions if config.train.objective == "mlm" else t)
-  if m.fused_loss_chunk:  # one chunk of logits and of their gradient at a time, compute dtype
-    logits = 2 * min(logit_rows, m.fused_loss_chunk) * m.vocab_size * act_bytes / tp
+  if m.fused_loss_chunk:
+    # Each device loops over its own rows (split over tensor too) with the whole head: one chunk of
+    # logits and of their gradient in the compute dtype, the head's weight and its float32 gradient.
+    logits = 2 * min(math.ceil(logit_rows / tp), m.fused_loss_chunk) * m.vocab_size * act_bytes
+    logits += m.vocab_size * m.d_model * (act_bytes + 4 + (4 if dp * tp > 1 else 0))
   else:
     logits = 3 * logit_rows * m.vocab_size * 4 / tp
   return int(param_bytes + acts + logits)

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import re
 import time
 import types
 
@@ -11,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmjax import bench, config_lib, metrics as metrics_lib, models, objectives, optim, sharding, train
 
@@ -147,6 +149,55 @@ def test_sharded_step_matches_one_device(family, mesh):
   _, ref = run_steps(tiny(family), 2)
   _, losses = run_steps(tiny(family, f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}"), 2)
   np.testing.assert_allclose(losses, ref, rtol=2e-5)
+
+
+_COLLECTIVE = re.compile(r"= (\S+) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
+
+
+def _loop_bodies_and_collectives(hlo: str):
+  """{computation: [(op, result type)]} of the collectives in each, and the while-loop bodies."""
+  found, bodies, name = {}, set(), None
+  for line in hlo.splitlines():
+    head = re.match(r"(?:ENTRY )?%(\S+) \(", line)
+    if head and line.rstrip().endswith("{"):
+      name = head.group(1)
+    bodies.update(re.findall(r"while\(.*body=%([\w.\-]+)", line))
+    if (m := _COLLECTIVE.search(line)):
+      found.setdefault(name, []).append((m.group(2), m.group(1)))
+  return bodies, found
+
+
+@pytest.mark.parametrize("mesh,bias", [((1, 4, 2), False), ((8, 1, 1), True), ((2, 1, 4), True)])
+def test_fused_loss_runs_each_devices_rows_alone_on_a_mesh(mesh, bias):
+  """On 8 devices the chunked head loops over each device's own rows: no collective inside the loop, none
+  moves the hidden states, and loss and gradients equal one device's (data, fsdp and tensor axes)."""
+  B, T, D, V, chunk = 16, 32, 32, 300, 16  # 64 rows a device at most: several chunks
+  rng = np.random.default_rng(0)
+  x, w, b = (jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32) for s in ((B, T, D), (V, D), (V,)))
+  t, wt = rng.integers(0, V, (B, T)), jnp.asarray(rng.random((B, T)) > 0.2, jnp.float32)
+
+  def mean_loss(x, w, b):
+    loss, weight, _ = objectives.fused_cross_entropy(x, w, b if bias else None, t, wt, chunk)
+    return loss / weight
+
+  grad = jax.value_and_grad(mean_loss, argnums=(0, 1, 2))
+  want = grad(x, w, b)
+  d, f, tp = mesh
+  config = tiny("gpt", f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={tp}")
+  m = sharding.make_mesh(config, jax.devices()[:8])
+  with jax.set_mesh(m), nnx.logical_axis_rules(config.logical_axis_rules):
+    rows = NamedSharding(m, P(("dcn_data", "data", "fsdp")))
+    args = (jax.device_put(x, rows), jax.device_put(w, NamedSharding(m, P("tensor", "fsdp"))), b)
+    compiled = jax.jit(grad).lower(*args).compile()
+    got = compiled(*args)
+  for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-5, atol=1e-6)
+  bodies, found = _loop_bodies_and_collectives(compiled.as_text())
+  assert bodies, "the chunked loop is gone: the test no longer covers it"
+  assert not [c for body in bodies for c in found.get(body, [])]
+  gathered = [shape for ops in found.values() for op, shape in ops if op == "all-gather"]
+  size = lambda shape: math.prod(int(n) for n in re.findall(r"\d+", shape.split("{")[0].split("[")[1]))
+  assert all(size(s) <= V * D for s in gathered), gathered  # the head's weight, never the B*T*D hidden states
 
 
 @pytest.mark.parametrize("family,chunk", [("gpt", 48), ("bert", 20), ("bert", 4096)])
