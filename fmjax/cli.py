@@ -13,6 +13,7 @@ loop begins (preparing data, restoring, compiling) stops the run at once, with t
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import json
 import os
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     import difflib
     close = difflib.get_close_matches(name, COMMANDS, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    print(f"error: unknown command {name!r}{hint}\n{usage()}", file=sys.stderr)
+    print(f"error: unknown command {name!r}{hint} (`fmjax --help` lists the commands)", file=sys.stderr)
     return 2
   try:
     if name in COMPILING and not any(a in ("-h", "--help") for a in rest):
@@ -301,12 +302,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{what}: {e}" if str(e) else what, file=sys.stderr)
     return code
   except Exception as e:  # XLA's errors are RuntimeErrors: only running out of memory is the user's
-    message = out_of_memory_message(e) or storage_error_message(e)
+    message = out_of_memory_message(e) or storage_error_message(e) or file_error_message(e)
     if message is None:
       raise
     print(f"error: {message}", file=sys.stderr)
     return 2
   return int(code or 0)
+
+
+def file_error_message(e: BaseException) -> str | None:
+  """One line for a path the system refused (read-only, not a directory, no permission, disk full);
+  None for any other error, an OSError with no path included (that one is not the user's to fix)."""
+  if not isinstance(e, OSError) or not e.filename:
+    return None
+  fix = {errno.ENOSPC: "free space there, or pass a path on another disk",
+         errno.EDQUOT: "free space there, or pass a path on another disk",
+         errno.ENOTDIR: "a part of the path is a file: pass a path under a directory",
+         errno.EISDIR: "pass a file's path, not a directory's"}.get(e.errno, "pass a path this user can write "
+                                                                              "(--workdir, --out, data.cache_dir)")
+  return f"{e.strerror or type(e).__name__}: {e.filename}; {fix}"
 
 
 def storage_error_message(e: BaseException) -> str | None:

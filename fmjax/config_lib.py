@@ -60,6 +60,9 @@ def size_arg(arg: str | None, sizes: Iterable[str], family: str) -> tuple[str, b
 def load_module(path: str):
   if not os.path.exists(path):
     raise ConfigError(f"config file {path!r} does not exist; pass --config=configs/NAME.py[:args]")
+  if os.path.isdir(path) or not path.endswith(".py"):
+    raise ConfigError(f"--config={path} is not a Python config file; pass --config=configs/NAME.py[:args] (a run's "
+                      "config.json is read by the commands that take --workdir alone, e.g. fmjax eval)")
   spec = importlib.util.spec_from_file_location(
       "fmjax_user_config_" + os.path.basename(path).removesuffix(".py"), path)
   module = importlib.util.module_from_spec(spec)
@@ -342,6 +345,11 @@ _COMMAND_OF = {"finetune": ("task", "a fine-tuning (classification)"), "sft": ("
 def check_command(config, command: str) -> None:
   """One line when a config goes to the wrong command: a fine-tuning config (it has `task`) is for
   `fmjax finetune`, an SFT config (`sft`) for `fmjax sft`, a pretraining config for `fmjax train`."""
+  if command not in ("train", *_COMMAND_OF):
+    known = ("train", *_COMMAND_OF)
+    close = difflib.get_close_matches(command, known, n=1)
+    raise ConfigError(f"command {command!r} is not one of {', '.join(known)}"
+                      + (f"; did you mean {close[0]!r}?" if close else ""))
   kind = next((c for c, (section, _) in _COMMAND_OF.items() if section in config), "train")
   if kind == command:
     return

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Sequence
 
 import jax
@@ -132,7 +133,7 @@ def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: 
   result = {"workdir": files.absolute(workdir), **result}
   if jax.process_index() == 0:
     name = ("eval_data" if data_overrides else "eval") + ("" if split == "eval" else f"_{split}") + ".json"
-    files.write_json(os.path.join(workdir, name), result, indent=1)
+    _write_result(os.path.join(workdir, name), result)
   return result
 
 
@@ -143,8 +144,16 @@ def run_task(workdir: str, task: str, *, split: str | None = None, limit: int = 
   if jax.process_index() == 0:
     kind, _, path = task.partition(":")  # jsonl:PATH -> eval_jsonl_<file name>.json, one per file
     name = f"{kind}_{os.path.splitext(os.path.basename(path))[0]}" if path else kind
-    files.write_json(os.path.join(workdir, f"eval_{name}.json"), result, indent=1)
+    _write_result(os.path.join(workdir, f"eval_{name}.json"), result)
   return result
+
+
+def _write_result(path: str, result: dict) -> None:
+  """Writes the metrics beside the run; where the run cannot be written they are printed all the same."""
+  try:
+    files.write_json(path, result, indent=1)
+  except OSError as e:
+    print(f"warning: could not write {path} ({e.strerror or e}); the metrics are on stdout only", file=sys.stderr)
 
 
 def cli(argv: list[str]) -> int:

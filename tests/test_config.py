@@ -1,5 +1,6 @@
 """Configs: sizes, locking with "did you mean", up-front validation, CLI errors."""
 
+import errno
 import os
 import re
 import subprocess
@@ -174,8 +175,34 @@ def test_out_of_memory_message(text, detail, monkeypatch, capsys):
     cli.main(["bench", "--config=configs/gpt.py:tiny"])
 
 
-def test_cli_unknown_command():
+def test_cli_unknown_command(capsys):
   assert cli.main(["trian"]) == 2
+  assert capsys.readouterr().err.strip() == "error: unknown command 'trian'; did you mean 'train'? (`fmjax --help` " \
+                                            "lists the commands)"
+
+
+@pytest.mark.parametrize("config", ["configs", "tests/golden/first_runs_breaking_keys.json"])
+def test_a_config_that_is_not_a_python_file_is_one_line(config, tmp_path, capsys):
+  assert cli.main(["train", f"--config={config}", f"--workdir={tmp_path / 'w'}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == f"error: --config={config} is not a Python config file; pass --config=configs/NAME.py[:args] (a " \
+                "run's config.json is read by the commands that take --workdir alone, e.g. fmjax eval)", err
+
+
+@pytest.mark.parametrize("errno_,fix", [(errno.ENOTDIR, "a part of the path is a file"),
+                                        (errno.EROFS, "pass a path this user can write"),
+                                        (errno.ENOSPC, "free space there")])
+def test_a_path_the_system_refuses_is_one_line_naming_it(errno_, fix, monkeypatch, capsys):
+  def refused(*args, **kwargs):
+    raise OSError(errno_, os.strerror(errno_), "/runs/x/.lock")
+
+  monkeypatch.setattr("fmjax.train.run", refused)
+  assert cli.main(["train", "--config=configs/gpt.py:tiny", "--workdir=/runs/x"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"error: {os.strerror(errno_)}: /runs/x/.lock; {fix}") and "\n" not in err, err
+  monkeypatch.setattr("fmjax.train.run", lambda *a: (_ for _ in ()).throw(OSError("no path: not the user's")))
+  with pytest.raises(OSError, match="not the user's"):
+    cli.main(["train", "--config=configs/gpt.py:tiny", "--workdir=/runs/x"])
 
 
 @pytest.mark.parametrize("spec", ["experiments/bert_base/config.py:phase=1", "experiments/bert_base/config.py:phase=2",

@@ -1,5 +1,6 @@
 """`fmjax eval`: held-out perplexity and MLM accuracy from a checkpoint, checked against a direct computation."""
 
+import errno
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fmjax import cli, data, evaluate, generate, objectives
+from fmjax import cli, data, evaluate, files, generate, objectives
 from fmjax.config_lib import ConfigError
 from test_generate import make_workdir
 
@@ -44,6 +45,24 @@ def test_eval_matches_direct_loss_and_writes_eval_json(tmp_path_factory, family,
   assert abs(result["loss"] - math.log(512)) < 0.5
   # By default the whole held-out split is scored.
   assert evaluate.run(str(workdir))["batches"] == num_batches
+
+
+def test_eval_on_a_run_it_cannot_write_prints_its_metrics_and_says_so(tmp_path_factory, monkeypatch, capsys):
+  workdir, _ = make_workdir(tmp_path_factory, "gpt")
+
+  real = files.write_json
+
+  def read_only(path, *args, **kwargs):
+    if path.startswith(str(workdir)):
+      raise OSError(errno.EROFS, "Read-only file system", path)
+    return real(path, *args, **kwargs)
+
+  monkeypatch.setattr("fmjax.files.write_json", read_only)
+  assert cli.main(["eval", f"--workdir={workdir}", "--batches=1"]) == 0
+  out, err = capsys.readouterr()
+  assert "perplexity" in out
+  assert err.strip() == f"warning: could not write {workdir}/eval.json (Read-only file system); the metrics are " \
+                        "on stdout only"
 
 
 def test_eval_rejects_what_it_cannot_score(tmp_path):
