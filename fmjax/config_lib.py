@@ -363,6 +363,14 @@ def check_command(config, command: str) -> None:
                     f"not `fmjax {command}`")
 
 
+MAX_STEPS = 2**31 - 1  # the step counter is an int32 on the device
+
+
+def _check_seed(key: str, seed) -> None:
+  if not 0 <= seed < 2**32:
+    raise ConfigError(f"{key}={seed} must be in [0, 2**32)")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Checks values that would otherwise fail deep inside a compile; raises ConfigError."""
   from fmjax import attention, models
@@ -383,8 +391,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if m.get("attention_dropout", 0.0) > 0 and m.attention in ("cudnn", "splash"):
     raise ConfigError(f"model.attention={m.attention} has no attention-probability dropout; set model.attention=auto "
                       "(the fused kernel for eval, xla while training) or model.attention_dropout=0")
-  if not 0.0 < m.get("init_std", 0.02) < math.inf:
-    raise ConfigError(f"model.init_std must be positive, got {m.init_std}")
+  if not 0.0 < m.get("init_std", 0.02) <= 1.0:
+    raise ConfigError(f"model.init_std must be in (0, 1] (GPT-2 and BERT use 0.02), got {m.init_std}")
+  if not 0.0 < m.get("layer_norm_eps", 1e-5) < 1.0:
+    raise ConfigError(f"model.layer_norm_eps must be in (0, 1) (GPT-2 uses 1e-5, BERT 1e-12), got {m.layer_norm_eps}")
+  if m.family == "bert" and m.get("type_vocab_size", 2) < 1:
+    raise ConfigError(f"model.type_vocab_size={m.type_vocab_size} must be at least 1 (BERT uses 2: sentence A and B)")
   if "train" in config and "task" not in config and "objective" in config.train:
     # Pretraining and SFT: a decoder learns the next token, an encoder the masked ones (each sees
     # what the other's loss would hide: a bidirectional model reads the token it is asked for).
@@ -405,15 +417,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                         f"(model.max_len={m.max_len}); lower data.seq_len or raise model.max_len")
     if d.seq_len <= 1:
       raise ConfigError(f"data.seq_len must be at least 2, got {d.seq_len}")
+    if d.get("prefetch", 0) < 0:
+      raise ConfigError(f"data.prefetch={d.prefetch} must be at least 0 (batches prepared ahead; 0: none)")
+    _check_seed("data.seed", d.get("seed", 0))
   if "checkpoint" in config:
     ck = config.checkpoint
     for key in ("every_steps", "every_minutes", "keep", "keep_period"):
-      if ck.get(key, 0) < 0:
+      if not 0 <= ck.get(key, 0) < math.inf:
         raise ConfigError(f"checkpoint.{key}={ck[key]} must be at least 0 (0 turns it off)")
   if "train" in config:
     t = config.train
     if t.batch_size <= 0 or t.steps < 0:
       raise ConfigError("train.batch_size must be positive and train.steps non-negative")
+    if t.steps > MAX_STEPS:
+      raise ConfigError(f"train.steps={t.steps} is beyond the {MAX_STEPS:,} steps a run can count (int32)")
+    _check_seed("train.seed", t.get("seed", 0))
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
       raise ConfigError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
     _one_of("train.nan_policy", t.nan_policy, ("abort", "skip"))
