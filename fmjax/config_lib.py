@@ -363,6 +363,20 @@ def check_command(config, command: str) -> None:
                     f"not `fmjax {command}`")
 
 
+ARCHITECTURE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len")
+
+
+def check_saved(saved, path: str) -> dict:
+  """A run's recorded config (config.json, or the one a checkpoint holds), refused in one line
+  when it lacks what rebuilding the model needs (a damaged or hand-edited file)."""
+  model = saved.get("model") if isinstance(saved, dict) else None
+  missing = ["model"] if not isinstance(model, dict) else [f"model.{k}" for k in ARCHITECTURE_KEYS if k not in model]
+  if missing:
+    raise ConfigError(f"{path} has no {', '.join(missing)}: it is damaged or not an fmjax run's; copy it again "
+                      "from where the run was made")
+  return saved
+
+
 MAX_STEPS = 2**31 - 1  # the step counter is an int32 on the device
 
 

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from fmjax import files
+from fmjax import config_lib, files
 from fmjax.config_lib import ConfigError
 
 
@@ -50,9 +50,9 @@ def restore_run(workdir: str, step: int | None = None, *, split_batch: bool = Fa
   saved = files.read_json(path)
   if saved is None:
     raise ConfigError(f"{workdir} has no config.json; pass the --workdir of a finished `fmjax train` run")
-  config = ml_collections.ConfigDict(data.resolve_tokenizer_path(saved, workdir))
-  if "model" not in config or "train" not in config:
+  if not isinstance(saved, dict) or "model" not in saved or "train" not in saved:
     raise ConfigError(f"{path} is not the config of an fmjax run; pass the --workdir of `fmjax train`")
+  config = ml_collections.ConfigDict(data.resolve_tokenizer_path(config_lib.check_saved(saved, path), workdir))
   if finetune.is_classifier_run(config):
     raise ConfigError(f"{workdir} is a `fmjax finetune` (classifier) workdir, which has no language-model head; "
                       "pass the --workdir of a pretraining (`fmjax train`) or `fmjax sft` run "

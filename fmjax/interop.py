@@ -45,7 +45,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from fmjax import files
+from fmjax import config_lib, files
 from fmjax.config_lib import ConfigError
 
 # HF model_type -> fmjax model.family.
@@ -554,7 +554,7 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
   """
   import jax
   import jax.numpy as jnp
-  from fmjax import checkpoint as ckpt_lib, config_lib, data, metrics, optim
+  from fmjax import checkpoint as ckpt_lib, data, metrics, optim
 
   model_dir, workdir = os.path.abspath(os.path.expanduser(model_dir)), files.absolute(workdir)
   if not os.path.isdir(model_dir):
@@ -618,7 +618,8 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config.json of a workdir, its tokenizer path resolved against the workdir."""
   from fmjax import data
-  cfg = _read_json(os.path.join(workdir, "config.json"), "pass the --workdir of an fmjax run")
+  path = os.path.join(workdir, "config.json")
+  cfg = config_lib.check_saved(_read_json(path, "pass the --workdir of an fmjax run"), path)
   return ml_collections.ConfigDict(data.resolve_tokenizer_path(cfg, workdir))
 
 
@@ -644,6 +645,7 @@ def run_config_at(workdir: str, step: int | None = None) -> tuple[ml_collections
     checkpointer.close()
   saved = meta.get("config")
   if isinstance(saved, dict) and saved:
+    saved = config_lib.check_saved(saved, f"{ckpt_dir}/{step}'s recorded config")
     config = ml_collections.ConfigDict(data.resolve_tokenizer_path(saved, workdir))
   return config, step, meta
 

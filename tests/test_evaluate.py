@@ -5,6 +5,7 @@ import json
 import os
 import re
 import math
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +64,19 @@ def test_eval_on_a_run_it_cannot_write_prints_its_metrics_and_says_so(tmp_path_f
   assert "perplexity" in out
   assert err.strip() == f"warning: could not write {workdir}/eval.json (Read-only file system); the metrics are " \
                         "on stdout only"
+
+
+def test_a_run_config_missing_an_architecture_key_is_one_line(tmp_path_factory, tmp_path, capsys):
+  workdir, _ = make_workdir(tmp_path_factory, "gpt")
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  saved = json.loads((copy / "config.json").read_text())
+  del saved["model"]["d_ff"]
+  (copy / "config.json").write_text(json.dumps(saved))
+  for argv in (["eval", f"--workdir={copy}"], ["export", f"--workdir={copy}", f"--out={tmp_path / 'hf'}"]):
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"error: {copy}/config.json has no model.d_ff: it is damaged or not " \
+                                              "an fmjax run's; copy it again from where the run was made"
 
 
 def test_eval_rejects_what_it_cannot_score(tmp_path):

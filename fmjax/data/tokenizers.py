@@ -175,8 +175,12 @@ def load_tokenizer(directory: str) -> Tokenizer:
   kind = "hf"
   meta = os.path.join(directory, _META)
   if os.path.exists(meta):
-    with open(meta) as f:
-      kind = json.load(f).get("kind", "hf")
+    try:
+      with open(meta) as f:
+        kind = json.load(f).get("kind", "hf")
+    except (ValueError, AttributeError):
+      raise ConfigError(f"{meta} is damaged (not a JSON object); copy the tokenizer directory again from where the "
+                        "run was made") from None
   return Tokenizer(_from_file(path), kind)
 
 
