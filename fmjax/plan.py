@@ -446,6 +446,9 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
       "params": n_params, "params_without_positions": n_no_pos,
       "flops_per_token": fpt, "tokens_per_step": tokens_per_step, "flops_per_step": fpt * tokens_per_step,
       "xla_flops_per_step": xla_flops, "memory": memory, "peak_bytes": peak,
+      # XLA's cost analysis counts a loop's body once and a Pallas kernel as no FLOPs.
+      "xla_flops_lower_bound": bool(config.model.scan_layers or config.model.fused_loss_chunk
+                                    or config.train.grad_accum > 1 or kernel == "splash"),
       "hbm_gib": hbm_gib, "hbm_source": hbm_source,
       "fits": None if hbm_gib is None else peak <= hbm_gib * GiB,
       "groups": groups(param_leaves), "notes": notes,
@@ -494,7 +497,9 @@ def format_plan(p: dict) -> str:
       f"  attention       {p['attention']}",
       f"  FLOPs/token     6*N + 12*L*D*T = {p['flops_per_token']:.4g}",
       f"  FLOPs/step      {p['flops_per_step']:.4g} ({p['tokens_per_step']:,} tokens)"
-      + (f"; XLA cost analysis {p['xla_flops_per_step']:.4g}" if p["xla_flops_per_step"] else ""),
+      + (f"; XLA cost analysis {p['xla_flops_per_step']:.4g}" if p["xla_flops_per_step"] else "")
+      + (" (a lower bound: it counts a loop's body once, a Pallas kernel as 0)"
+         if p["xla_flops_per_step"] and p.get("xla_flops_lower_bound") else ""),
       f"  memory per device ({'compiled' if p['compiled'] else 'ANALYTIC ESTIMATE'}):",
       f"    parameters    {_b(mem['params'])}",
       f"    optimizer     {_b(mem['optimizer'])}",

@@ -33,6 +33,10 @@ def test_plan_numbers_are_consistent(fsdp_plan):
   assert p["flops_per_step"] == p["flops_per_token"] * 16 * 32
   # XLA's own count of the step agrees with the formula to within attention/softmax details.
   assert 0.7 < p["xla_flops_per_step"] / p["flops_per_step"] < 1.4
+  assert not p["xla_flops_lower_bound"] and "a lower bound" not in plan.format_plan(p)
+  looped = plan.plan(tiny("model.scan_layers=true", "model.num_layers=8"), mesh="data=8")  # one layer of 8 counted
+  assert looped["xla_flops_per_step"] / looped["flops_per_step"] < 0.7
+  assert "(a lower bound: it counts a loop's body once, a Pallas kernel as 0)" in plan.format_plan(looped)
   mem = p["memory"]
   for key in ("params", "optimizer", "batch", "temp", "arguments", "peak", "temp_analytic"):
     assert mem[key] > 0, key
