@@ -29,7 +29,8 @@ _MAX_TABLE_ROWS = 25
 def read_metrics(workdir: str) -> list[dict]:
   """Records of `workdir/metrics.jsonl` merged per step (last value wins), sorted by step; [] if absent.
 
-  A line cut short by a kill mid-write is skipped rather than failing the whole report.
+  A line cut short by a kill mid-write is skipped rather than failing the whole report, and so is
+  one that is not a record of a step (no integer `step`); scalars that are not numbers are dropped.
   """
   path = os.path.join(workdir, METRICS_FILE)
   if not files.exists(path):
@@ -40,8 +41,10 @@ def read_metrics(workdir: str) -> list[dict]:
       record = json.loads(line)
     except json.JSONDecodeError:
       continue
-    if isinstance(record, dict) and "step" in record:
-      by_step.setdefault(int(record["step"]), {}).update(record)
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+      continue
+    by_step.setdefault(record["step"], {}).update(
+        (k, v) for k, v in record.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool))
   return [by_step[s] for s in sorted(by_step)]
 
 
@@ -135,6 +138,8 @@ def format_markdown(records: Sequence[dict], title: str) -> str:
 def report(workdir: str, out: str | None = None) -> list[str]:
   """Writes the report for a run's workdir (or a sweep root) into `out` (default: the workdir; for a
   bucket workdir, `./<run name>-report`)."""
+  if not files.is_remote(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir} is not a directory; pass the --workdir of a train run or a sweep")
   out = out or (f"{os.path.basename(workdir.rstrip('/'))}-report" if files.is_remote(workdir) else workdir)
   if files.is_remote(out):
     raise ConfigError(f"--out={out} is in a bucket; write the report to a local directory (and copy it up)")
@@ -145,6 +150,9 @@ def report(workdir: str, out: str | None = None) -> list[str]:
     from fmjax import sweep
     if files.exists(os.path.join(workdir, sweep.RUNS_FILE)):
       return _sweep_report(workdir, out)
+    if files.exists(os.path.join(workdir, METRICS_FILE)):
+      raise ConfigError(f"{workdir}/{METRICS_FILE} holds no step's record (each line is a JSON object with an "
+                        "integer step); pass the --workdir of a train run or a sweep")
     raise ConfigError(f"no {METRICS_FILE} (or {sweep.RUNS_FILE}) in {workdir}; pass the --workdir of a train run "
                       "or a sweep")
   os.makedirs(out, exist_ok=True)

@@ -106,6 +106,18 @@ def test_report_without_metrics_is_one_clear_error(tmp_path, capsys):
   (tmp_path / "a_file").write_text("")
   assert cli.main(["report", f"--workdir={tmp_path}", f"--out={tmp_path}/a_file"]) == 2
   assert capsys.readouterr().err.strip() == f"error: --out={tmp_path}/a_file is a file; give a directory for the report"
+  with pytest.raises(ConfigError, match="--workdir=.*/a_file is not a directory"):
+    report.report(str(tmp_path / "a_file"))
+  (tmp_path / "metrics.jsonl").write_text('garbage\n{"a": 1}\n{"step": "x"}\n[1]\n')
+  with pytest.raises(ConfigError, match=r"metrics.jsonl holds no step's record \(each line is a JSON object"):
+    report.report(str(tmp_path))
+
+
+def test_report_skips_records_of_the_wrong_types(tmp_path):
+  write_metrics(tmp_path, run_records(), tail='{"step": "x", "loss": 1}\n{"step": 5, "train/loss": [1], "note": null}')
+  records = report.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records] == [5, 10, 15, 20] and records[0]["train/loss"] != [1] and "note" not in records[0]
+  assert len(report.report(str(tmp_path))) >= 3
 
 
 def test_report_on_sweep_root_into_out_has_the_plot(tmp_path):
