@@ -148,6 +148,8 @@ def test_eval_task_mistakes_are_one_line(gpt_run, tmp_path, capsys):
       ([f"--workdir={gpt_run / 'gpt'}", f"--task=jsonl:{boolean}"], "\"label\": index of the right one}\n"),
       ([f"--workdir={gpt_run / 'gpt'}", "--task=jsonl:/nonexistent.jsonl"], "--task=jsonl:/nonexistent.jsonl: no such"),
       ([f"--workdir={gpt_run / 'gpt'}", "--task=piqa", "--limit=-1"], "--limit must be 0 (all items) or more"),
+      ([f"--workdir={gpt_run / 'gpt'}", "--task=continuation", "--limit=3"], "a limit of 3 (--limit, or "
+       "train.zeroshot_limit) is below the 4 passages the continuation task needs"),
       ([f"--workdir={bert}", "--task=piqa"], "holds a BERT (masked LM); zero-shot multiple choice scores a causal"),
   ):
     assert cli.main(["eval", *argv]) == 2
@@ -191,3 +193,9 @@ def test_a_training_run_scores_its_zero_shot_tasks_at_each_eval(gpt_run, tmp_pat
   with pytest.raises(ConfigError, match="scores a causal LM's continuations; this run trains a bert"):
     train.run(bert, str(tmp_path / "bert"))
   assert not os.path.exists(tmp_path / "bert")
+
+
+def test_the_continuation_task_of_an_sft_run_says_where_to_score_instead():
+  config = config_lib.load_config("configs/sft.py")
+  with pytest.raises(ConfigError, match="an SFT run has none; score its init_from run, or pass --task=jsonl:FILE"):
+    zeroshot.load_items("continuation", config=config)
