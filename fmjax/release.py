@@ -104,6 +104,17 @@ def read_card(config, card_path: str | None) -> dict[str, Any]:
       close = difflib.get_close_matches(key, known, n=1)
       hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(known)}"
       raise ConfigError(f"unknown model card field {key!r}{hint}")
+  for key, value in card.items():
+    if key == "data_licenses":
+      ok = isinstance(value, Mapping) and all(isinstance(v, str) for v in value.values())
+      want = "an object of source: license strings"
+    elif key in ("authors", "contact"):
+      ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+      want = "a string or a list of strings"
+    else:
+      ok, want = isinstance(value, str), "a string"
+    if not ok and value is not None:
+      raise ConfigError(f"model card field {key!r} must be {want}, got {json.dumps(value)}")
   return card
 
 
@@ -255,13 +266,14 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
   if imported is not None:
     lines += [f"Weights imported from Hugging Face ({imported.get('model_type')}: {imported.get('source')}); "
               f"fmjax trained them for {step} step(s) after that.", ""]
-  planned = t.get("steps")
+  planned = _planned_steps(config, step, imported)
   started = ([("Started from", f"`{config.init_from}`" + (f", step {init_step}" if init_step is not None else ""))]
              if config.get("init_from") else [])
   lines += [_table([
       ("Objective", objective), *started,
-      ("Steps", f"{step} (of {planned or '?'} planned" + ("; the run had not finished" if planned and step < planned
-                                                           else "") + ")"),
+      ("Steps", f"{step} (the imported weights, untrained here)" if imported is not None and planned is None else
+                f"{step} (of {planned or '?'} planned" + ("; the run had not finished" if planned and step < planned
+                                                          else "") + ")"),
       ("Tokens seen", f"{step * batch * seq_len:,} (steps x batch {batch} x sequence {seq_len}, "
                       + ("padded examples)" if "task" in config else "packed rows)")),
       ("Optimizer", f"AdamW, lr {config.optim.lr}, {config.optim.schedule} schedule, "
@@ -335,6 +347,14 @@ def sha256sums(directory: str) -> str:
   return "\n".join(sorted(lines, key=lambda l: l.split("  ", 1)[1])) + "\n"
 
 
+def _planned_steps(config, step: int, imported: Mapping | None) -> int | None:
+  """The steps the run meant to train; None for imported weights fmjax has not trained (their config's
+  train.steps is a default, not a plan)."""
+  if imported is not None and step == 0:
+    return None
+  return (config.get("train") or {}).get("steps")
+
+
 def _imported_info(workdir: str) -> dict | None:
   return files.read_json(os.path.join(workdir, interop.IMPORT_INFO))
 
@@ -388,7 +408,7 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
     good = [s for s in ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")) if s < step]
     raise ConfigError(f"release refused: checkpoint step {step} holds non-finite parameters ({bad}); release an "
                       f"earlier step with --step" + (f" (saved: {', '.join(map(str, good))})" if good else ""))
-  planned = (config.get("train") or {}).get("steps")
+  planned = _planned_steps(config, step, imported)
   if planned and step < planned:
     print(f"warning: releasing step {step} of the {planned} train.steps planned: the run has not finished "
           "(the model card says so)", file=sys.stderr)

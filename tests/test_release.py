@@ -225,6 +225,13 @@ def test_card_typo_gets_a_suggestion(run, tmp_path):
   listed.write_text('[{"license": "mit"}]')
   with pytest.raises(ConfigError, match=r"list.json holds a JSON list; it must be one object of model card fields"):
     release.release(str(workdir), str(tmp_path / "out"), card_path=str(listed))
+  for field, value, want in (("license", ["mit"], 'must be a string, got \\["mit"\\]'),
+                             ("use_restrictions", True, "must be a string, got true"),
+                             ("authors", [1], "must be a string or a list of strings"),
+                             ("data_licenses", {"x": 1}, "must be an object of source: license strings")):
+    with pytest.raises(ConfigError, match=f"model card field '{field}' {want}"):
+      release.release(str(workdir), str(tmp_path / "out"), card_path=_card(tmp_path, files, **{field: value}))
+  assert not os.path.exists(tmp_path / "out")
 
 
 def test_release_of_imported_weights_says_the_data_is_unknown(run, tmp_path):
@@ -303,6 +310,10 @@ def test_card_reports_the_eval_of_the_released_step(run, tmp_path):
                             report={"sources": [], "pii_counts": None, "note": "n/a", "pii_scrub": False},
                             evals=(10, {"loss": 5.9}), imported=None)
   assert "No evaluation at the released step 15; the latest before it, at step 10" in card
+  imported = release.model_card(config, dict(CARD, data_licenses={}), step=0, params=params,
+                                report={"sources": [], "pii_counts": None, "note": "n/a", "pii_scrub": False},
+                                evals=(None, {}), imported={"source": "/models/gpt2", "model_type": "gpt2"})
+  assert "| Steps | 0 (the imported weights, untrained here) |" in imported and "not finished" not in imported
 
 
 def test_release_of_an_sft_run_scans_its_prompts_and_completions(run, tmp_path):
