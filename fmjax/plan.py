@@ -57,12 +57,19 @@ def hbm_gib_for(kind: str) -> float | None:
 # ----------------------------------------------------------------------------- targets
 
 
+MAX_FAKE_DEVICES = 1024  # beyond this, compiling for fake CPU devices takes too long: plan a --topology
+
+
 def parse_mesh(text: str) -> dict[str, int]:
   """`data=2,fsdp=4` -> {"dcn_data": 1, "data": 2, "fsdp": 4, "tensor": 1}; -1 fills the rest."""
   from fmjax.sharding import MESH_AXES
   sizes = {a: 1 for a in MESH_AXES}
+  given = set()
   for part in filter(None, (p.strip() for p in text.split(","))):
     axis, _, value = part.partition("=")
+    if axis in given:
+      raise PlanError(f"--mesh={text} gives {axis} twice; give each axis once")
+    given.add(axis)
     if axis not in sizes:
       # Other codebases' names for the same axes first (dp, tp, ...), then spelling.
       alias = {"dp": "data", "tp": "tensor", "mp": "tensor", "model": "tensor",
@@ -350,6 +357,10 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   notes = []
   if mesh is not None:
     sizes = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
+    dropped = [f"{a}={config.mesh[a]}" for a, n in sizes.items() if n == 1 and config.mesh.get(a, 1) not in (1, -1)]
+    if dropped:
+      notes.append(f"--mesh gives the whole mesh: the config's {', '.join(dropped)} is 1 here (add it to --mesh to "
+                   "keep it)")
     config.mesh.update(sizes)
 
   target, libtpu_name, compiled_ok = "", None, True
@@ -414,10 +425,18 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   memory = {"params": param_bytes, "optimizer": opt_bytes, "batch": batch_bytes,
             "temp_analytic": analytic_temp,
             "peak_analytic": param_bytes + opt_bytes + batch_bytes + analytic_temp}
-  xla_flops = None
+  xla_flops, refused = None, None
   if compiled_ok:
-    with compiling_for_gpu() if gpu else attention.compiling_for(platform):
-      compiled = compile_step(config, devices)
+    try:
+      with compiling_for_gpu() if gpu else attention.compiling_for(platform):
+        compiled = compile_step(config, devices)
+    except Exception as e:  # pylint: disable=broad-except
+      refused = _out_of_memory_at_compile(e)  # a TPU compiler refuses a program that cannot fit
+      if refused is None:
+        raise
+      compiled_ok = False
+      notes.append(f"the compiler refused the step ({refused}): the memory below is the ANALYTIC ESTIMATE")
+  if compiled_ok:
     stats = compiled.memory_analysis()
     code = getattr(stats, "generated_code_size_in_bytes", 0)
     memory.update(arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
@@ -450,9 +469,18 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
       "xla_flops_lower_bound": bool(config.model.scan_layers or config.model.fused_loss_chunk
                                     or config.train.grad_accum > 1 or kernel == "splash"),
       "hbm_gib": hbm_gib, "hbm_source": hbm_source,
-      "fits": None if hbm_gib is None else peak <= hbm_gib * GiB,
+      "fits": False if refused else None if hbm_gib is None else peak <= hbm_gib * GiB,
       "groups": groups(param_leaves), "notes": notes,
   }
+
+
+def _out_of_memory_at_compile(e: BaseException) -> str | None:
+  """The line of a compile error that says the program does not fit in device memory; None otherwise."""
+  line = next((l for l in str(e).splitlines() if re.search(r"RESOURCE_EXHAUSTED|out of memory", l, re.I)), None)
+  if line is None:
+    return None
+  line = re.sub(r"^\s*(RESOURCE_EXHAUSTED|INTERNAL):\s*", "", line).strip()
+  return line[:200] + ("..." if len(line) > 200 else "")
 
 
 def compile_step(config, devices):
@@ -516,10 +544,13 @@ def format_plan(p: dict) -> str:
   if p["fits"] is None:
     lines.append("  fits            unknown: no HBM figure for this device; pass --hbm_gib")
   else:
-    use = p["peak_bytes"] / (p["hbm_gib"] * GiB)
-    verdict = "FITS" if p["fits"] else "DOES NOT FIT"
-    lines.append(f"  fits            {verdict}: {100 * use:.0f}% of {p['hbm_gib']:g} GiB HBM per device "
-                 f"({p['hbm_source']})" + (" (tight: XLA needs headroom)" if p["fits"] and use > 0.9 else ""))
+    if p["hbm_gib"] is None:  # the compiler refused the step
+      lines.append("  fits            DOES NOT FIT: the compiler refused the step (see the note)")
+    else:
+      use = p["peak_bytes"] / (p["hbm_gib"] * GiB)
+      verdict = "FITS" if p["fits"] else "DOES NOT FIT"
+      lines.append(f"  fits            {verdict}: {100 * use:.0f}% of {p['hbm_gib']:g} GiB HBM per device "
+                   f"({p['hbm_source']})" + (" (tight: XLA needs headroom)" if p["fits"] and use > 0.9 else ""))
     if not p["fits"]:
       lines.append("                  to fit: raise train.grad_accum (fewer rows at once, the same batch), set "
                    "model.remat=dots_no_batch or full, or shard the state over more devices (mesh.fsdp)")
@@ -550,6 +581,9 @@ def cli(argv: list[str]) -> int:
   devices = None
   if args.mesh:
     wanted = math.prod(abs(s) for s in parse_mesh(args.mesh).values())
+    if wanted > MAX_FAKE_DEVICES and len(jax.devices()) < wanted:
+      raise PlanError(f"--mesh={args.mesh} needs {wanted:,} devices, more than the {MAX_FAKE_DEVICES} CPU devices "
+                      "a plan fakes; plan a pod with --topology=v5p-N (or --gpu=h100xN)")
     try:  # a CPU host plans a pod-sized mesh on fake devices; only possible before JAX starts
       jax.config.update("jax_num_cpu_devices", max(wanted, 1))
     except RuntimeError:

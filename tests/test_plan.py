@@ -128,6 +128,12 @@ def test_bad_mesh_and_too_many_devices():
   for size in ("0", "-2"):  # 0 once cut the device list to none
     with pytest.raises(plan.PlanError, match=f"data={size}; a size is positive, or -1 for the devices left"):
       plan.parse_mesh(f"data={size}")
+  with pytest.raises(plan.PlanError, match="--mesh=data=2,data=4 gives data twice"):
+    plan.parse_mesh("data=2,data=4")
+  with pytest.raises(plan.PlanError, match="needs 100,000 devices, more than the 1024 CPU devices a plan fakes"):
+    plan.cli(["--config=configs/gpt.py:tiny", "--mesh=data=100000"])
+  p = plan.plan(tiny("mesh.data=2", "mesh.tensor=2"), mesh="data=4")
+  assert p["mesh"]["tensor"] == 1 and any("the config's tensor=2 is 1 here" in n for n in p["notes"])
 
 
 def _cuda_plugin() -> bool:
@@ -176,3 +182,21 @@ def test_plan_compiles_for_a_tpu_topology(seq_len, kernel):
   assert p["mesh"]["fsdp"] == 4 and p["hbm_gib"] == 95 and p["fits"] is True
   assert p["memory"]["temp"] > 0 and p["memory"]["params"] > 0
   assert p["attention"] == kernel
+
+
+def test_a_step_the_compiler_refuses_for_memory_is_a_plan_that_does_not_fit(monkeypatch):
+  """A TPU compiler refuses a program that cannot fit: the plan says DOES NOT FIT with the estimate and
+  what to change (it was an error telling the user to run plan)."""
+  def refuse(config, devices):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 108.09G of "
+                                     "95.74G hbm. Exceeded hbm capacity by 12.35G.\nmore detail")
+
+  monkeypatch.setattr(plan, "compile_step", refuse)
+  p = plan.plan(tiny(), mesh="data=2")
+  text = plan.format_plan(p)
+  assert p["fits"] is False and not p["compiled"] and "memory per device (ANALYTIC ESTIMATE)" in text
+  assert "the compiler refused the step (Ran out of memory in memory space hbm. Used 108.09G of 95.74G hbm." in text
+  assert "DOES NOT FIT" in text and "to fit: raise train.grad_accum" in text
+  monkeypatch.setattr(plan, "compile_step", lambda *a: (_ for _ in ()).throw(ValueError("a bug")))
+  with pytest.raises(ValueError, match="a bug"):
+    plan.plan(tiny(), mesh="data=2")
