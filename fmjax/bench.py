@@ -65,6 +65,7 @@ def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_pat
   tab, XProf, and a Perfetto `*.trace.json.gz`), apart from the timed ones so tracing costs them
   nothing. Each step is a `StepTraceAnnotation`.
   """
+  config_lib.check_pretraining_step(config, "bench")
   if steps < 1 or warmup < 1:  # the first warm-up step compiles; the timed ones must not
     raise ConfigError(f"--steps={steps} and --warmup={warmup} must each be at least 1")
   if json_path and os.path.isdir(json_path):

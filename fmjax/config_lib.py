@@ -342,6 +342,14 @@ def _check_optim(o) -> None:
 _COMMAND_OF = {"finetune": ("task", "a fine-tuning (classification)"), "sft": ("sft", "an SFT")}
 
 
+def check_pretraining_step(config, command: str) -> None:
+  """`fmjax bench` and `fmjax plan` build the pretraining (or SFT) step: a fine-tuning config's
+  classifier step is another program, refused rather than silently replaced by its trunk's."""
+  if "task" in config:
+    raise ConfigError(f"`fmjax {command}` measures the pretraining step, not a fine-tuning config's classifier; "
+                      f"pass the pretraining config of the model it starts from (e.g. configs/bert.py:base)")
+
+
 def check_command(config, command: str) -> None:
   """One line when a config goes to the wrong command: a fine-tuning config (it has `task`) is for
   `fmjax finetune`, an SFT config (`sft`) for `fmjax sft`, a pretraining config for `fmjax train`."""

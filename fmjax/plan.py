@@ -353,6 +353,7 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   import jax
   from fmjax import attention, models, optim, sharding
 
+  config_lib.check_pretraining_step(config, "plan")
   config = ml_collections.ConfigDict(config_lib.to_dict(config))  # an unlocked copy: the plan edits it
   notes = []
   if mesh is not None:

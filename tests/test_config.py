@@ -281,3 +281,10 @@ def test_an_unreachable_bucket_is_one_line(monkeypatch, capsys):
   monkeypatch.setattr("fmjax.evaluate.run", lambda *a, **k: (_ for _ in ()).throw(local))
   with pytest.raises(tf.errors.DataLossError):
     cli.main(["eval", "--workdir=/tmp/run"])
+
+
+@pytest.mark.parametrize("command", ["bench", "plan"])
+def test_bench_and_plan_refuse_a_fine_tuning_config(command, capsys):
+  assert cli.main([command, "--config=configs/finetune_cls.py"]) == 2
+  assert capsys.readouterr().err.startswith(f"error: `fmjax {command}` measures the pretraining step, not a "
+                                            "fine-tuning config's classifier")
