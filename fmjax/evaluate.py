@@ -174,6 +174,8 @@ def cli(argv: list[str]) -> int:
                  "arc_challenge, continuation (its own held-out documents) or jsonl:PATH (fmjax.zeroshot)")
   p.add_argument("--limit", type=int, default=0, help="with --task: score the first N items only (0: all)")
   args = p.parse_args(argv)
+  if not args.workdir.strip():
+    raise ConfigError("--workdir is empty; pass the --workdir of a `fmjax train`, `sft` or `finetune` run")
   if args.limit < 0:
     raise ConfigError(f"--limit must be 0 (all items) or more, got {args.limit}")
   if args.task and overrides:

@@ -250,7 +250,9 @@ def test_null_text_non_utf8_and_one_document_corpora_are_one_line(tmp_path, capl
   assert len(docs) == 12 and "None" not in docs  # a JSON null is no text, never the string "None"
   assert any("skipped 1 record(s) whose 'text' is null" in r.getMessage() for r in caplog.records)
   cases = [("latin1.txt", "first block\n\ncaf\xe9 au lait\n".encode("latin-1"), r"latin1.txt is not UTF-8 text \(byte 16\)"),
-           ("one.txt", b"one single huge line of text " * 1000, "holds 1 document, and text_files needs at least 2")]
+           ("one.txt", b"one single huge line of text " * 1000, "holds 1 document, and text_files needs at least 2"),
+           ("list.jsonl", b'{"text": "a b c"}\n["a", "b"]\n', r"list.jsonl:2 is a JSON list, not an object; each line"),
+           ("num.jsonl", b'{"text": "a b c"}\n{"text": 5}\n', r"num.jsonl:2: 'text' is a JSON int, not text; fix the")]
   for name, raw, match in cases:
     (tmp_path / name).write_bytes(raw)
     bad = tiny("gpt", tmp_path / "cache", **{"data.dataset": "text_files", "data.files": str(tmp_path / name)})

@@ -87,6 +87,9 @@ def test_hf_files_load(docs, tmp_path):
     assert loaded.encode(text) == bpe.encode(text)
     assert loaded.decode(loaded.encode(text)) == text
   assert loaded.eos_id == bpe.eos_id
+  for half in ("vocab.json", "merges.txt"):
+    with pytest.raises(config_lib.ConfigError, match="is half of a GPT-2 vocabulary; point it at the directory"):
+      data.load_hf(str(gpt2_dir / half))
 
   wp = tokenizers_lib.train(docs, "wordpiece", 500, "mlm")
   bert_dir = tmp_path / "bert"

@@ -145,13 +145,18 @@ def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
     key = os.path.relpath(path, base)
     if path.endswith(".jsonl"):
       for line, record in sources.jsonl_records(path):
-        if not isinstance(record, dict) or feature not in record:
-          keys = sorted(record) if isinstance(record, dict) else []
-          raise ConfigError(f"{path}:{line} has no field {feature!r}; set data.feature to one of {keys}")
+        if not isinstance(record, dict):
+          raise ConfigError(f"{path}:{line} is a JSON {type(record).__name__}, not an object; each line of a .jsonl "
+                            f"corpus is one object with the text in its {feature!r} field")
+        if feature not in record:
+          raise ConfigError(f"{path}:{line} has no field {feature!r}; set data.feature to one of {sorted(record)}")
         if record[feature] is None:
           nulls, first_null = nulls + 1, first_null or f"{path}:{line}"
           continue
-        text = str(record[feature]).strip()
+        if not isinstance(record[feature], str):
+          raise ConfigError(f"{path}:{line}: {feature!r} is a JSON {type(record[feature]).__name__}, not text; fix "
+                            "the record, or set data.feature to the field that holds the text")
+        text = record[feature].strip()
         if text:
           yield f"{key}:{line - 1}", text
       continue

@@ -209,6 +209,9 @@ def load_hf(path: str) -> Tokenizer:
         tok.add_special_tokens([EOS])
       return Tokenizer(tok, "hf")
     raise ConfigError(f"{path!r} has no tokenizer.json, vocab.txt or vocab.json + merges.txt")
+  if os.path.basename(path) in ("vocab.json", "merges.txt"):
+    raise ConfigError(f"data.tokenizer.path={path!r} is half of a GPT-2 vocabulary; point it at the directory that "
+                      "holds vocab.json and merges.txt")
   if path.endswith(".json"):
     return Tokenizer(_from_file(path), "hf")
   if path.endswith(".txt"):
