@@ -482,6 +482,20 @@ def run(config, workdir: str) -> dict:
            config.finetune.peft,
            f"{trainable:,}", f"{total:,}", 100.0 * trainable / total)
   cfg_dict = config_lib.to_dict(config)
+
+  def fresh_start() -> tuple[dict, dict]:
+    state = train.init_state(config, spec, tx, make)
+    if not init_from:
+      log.info("Started from scratch: random trunk and head (no init_from)")
+      return state, {"start": "scratch"}
+    if adopted:
+      log.info("settings from init_from: %s", ", ".join(adopted))
+    step = source_step(config, spec, init_from) if init_step is None else init_step
+    return load_trunk(config, spec, state, init_from, step), {"start": "init_from", "init_from": init_from,
+                                                              "init_from_step": step}
+
+  # A new run reads init_from's arrays now: a damaged checkpoint refuses the start before the workdir is made.
+  fresh = None if resuming else fresh_start()
   files.makedirs(workdir)
   lock = ckpt_lib.lock_workdir(workdir)  # one training per workdir, until this returns or raises
   checkpointer = ckpt_lib.Checkpointer.of_run(config, workdir)
@@ -491,16 +505,7 @@ def run(config, workdir: str) -> dict:
       state, origin = train._restore(checkpointer, spec, resume[0]), _origin(resume[1])
       log.info("Resumed from step %d of %s", resume[0], checkpointer.directory)
     else:
-      state = train.init_state(config, spec, tx, make)
-      if init_from:
-        if adopted:
-          log.info("settings from init_from: %s", ", ".join(adopted))
-        init_step = source_step(config, spec, init_from) if init_step is None else init_step
-        state = load_trunk(config, spec, state, init_from, init_step)
-        origin = {"start": "init_from", "init_from": init_from, "init_from_step": init_step}
-      else:
-        origin = {"start": "scratch"}
-        log.info("Started from scratch: random trunk and head (no init_from)")
+      state, origin = fresh if fresh is not None else fresh_start()
     if jax.process_index() == 0:
       if config.data.tokenizer.path == data.RUN_TOKENIZER:
         data.save_run_tokenizer(tok, workdir)

@@ -146,6 +146,8 @@ def apply(model: nnx.Module, fcfg, rngs: nnx.Rngs) -> nnx.Module:
     for path, layer in match_targets(model, fcfg.lora_targets):
       _replace(model, path, LoRADense(layer, rank=fcfg.lora_rank, alpha=fcfg.lora_alpha, rngs=rngs))
   else:
+    if fcfg.adapter_dim <= 0:
+      raise ConfigError(f"finetune.adapter_dim must be positive, got {fcfg.adapter_dim}")
     for path, layer in match_targets(model, fcfg.adapter_targets):
       _replace(model, path, AdapterDense(layer, dim=fcfg.adapter_dim, rngs=rngs))
   return model

@@ -143,6 +143,9 @@ def _held_out(prompt: str, completion: str, percent: int) -> bool:
 def load_rows(config, tok) -> dict[str, dict[str, np.ndarray] | None]:
   """Packed rows of the train and eval splits: eval is `sft.eval_files`, or a hash split of the train files."""
   s = config.sft
+  if not 0 <= s.eval_percent < 100:
+    raise ConfigError(f"sft.eval_percent={s.eval_percent} must be in [0, 100): the share of data.files held out "
+                      "for eval (0: none)")
   train_ex = read_examples(config.data.files, s.prompt_key, s.completion_key)
   if s.eval_files:
     eval_ex = read_examples(s.eval_files, s.prompt_key, s.completion_key, key="sft.eval_files")
@@ -163,6 +166,14 @@ def load_rows(config, tok) -> dict[str, dict[str, np.ndarray] | None]:
     if len(kept) < len(encoded) or cut:
       log.info("SFT %s: dropped %d rows whose prompt (with its EOS) is longer than data.seq_len=%d; cut %d "
                "completions at the row end", split, len(encoded) - len(kept), config.data.seq_len, cut)
+    if encoded and not kept:  # nothing left to learn from (train) or to score (eval, which the config asked for)
+      held_out = split == "eval" and not s.eval_files
+      which = ("training row" if split == "train" else f"row of sft.eval_files={s.eval_files!r}" if s.eval_files
+               else f"held-out eval row (sft.eval_percent={s.eval_percent})")
+      fix = (f"raise data.seq_len (up to model.max_len={config.model.max_len}) or shorten the prompts"
+             if config.data.seq_len < config.model.max_len else "shorten the prompts (data.seq_len is model.max_len)")
+      raise ConfigError(f"every {which} has a prompt longer than data.seq_len={config.data.seq_len} "
+                        f"({len(encoded)} dropped); {fix}" + (", or set sft.eval_percent=0" if held_out else ""))
     out[split] = pack_rows(kept, config.data.seq_len, pack=config.sft.pack) if kept else None
   return out
 
@@ -331,17 +342,13 @@ def run(config, workdir: str) -> dict:
   tok = adopt_tokenizer(config, workdir, source)
   rows = load_rows(config, tok)
   resuming = _resuming(workdir)
-  if config.init_from and not resuming:
-    source_ckpt = ckpt_lib.Checkpointer(os.path.join(config.init_from, "checkpoints"))
-    try:
-      source_ckpt.source_step(config.get("init_from_step", 0), config.init_from)
-    finally:
-      source_ckpt.close()
 
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)
   tx = optim.make_optimizer(config)
   spec = train.state_spec(config, mesh, tx)
+  # Read now, so that a missing or damaged init_from checkpoint refuses the start before the workdir is made.
+  pretrained = init_from_pretrained(config, spec, tx, config.init_from) if config.init_from and not resuming else None
   cfg_dict = config_lib.to_dict(config)
   files.makedirs(workdir)
   lock = ckpt_lib.lock_workdir(workdir)  # one training per workdir, until this returns or raises
@@ -357,7 +364,7 @@ def run(config, workdir: str) -> dict:
       state = train._restore(checkpointer, spec, resume[0])  # pylint: disable=protected-access
       log.info("Resumed from step %d of %s", resume[0], checkpointer.directory)
     elif config.init_from:
-      state = init_from_pretrained(config, spec, tx, config.init_from)
+      state = pretrained if pretrained is not None else init_from_pretrained(config, spec, tx, config.init_from)
     else:
       state = train.init_state(config, spec, tx)
       log.info("Started from scratch (no init_from)")

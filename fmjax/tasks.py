@@ -12,7 +12,9 @@ papers report for it:
                  accuracy, F1 + accuracy (mrpc, qqp), Matthews correlation (cola),
                  Spearman + Pearson (stsb); the first is the headline a sweep tunes by.
   csv / jsonl    local files (`task.files`, `task.validation_files`) with declared
-                 `task.text_columns` and `task.label_column`.
+                 `task.text_columns` and `task.label_column`. The classes are those of the
+                 training labels; `task.num_classes` may declare more (a validation label no
+                 training example has is otherwise refused, as is a column of mostly distinct values).
 
 Splits are deterministic: GLUE and files with a validation file keep their own; otherwise a
 hash of the example text holds out `task.validation_percent` of it.
@@ -264,9 +266,10 @@ def _resolve(spec: str) -> list[str]:
   return paths
 
 
-def _file_examples(paths: list[str], text_columns: tuple[str, ...], label_column: str) -> tuple[list, list]:
-  """(texts, raw labels) from the records of `paths`; missing columns fail with the available ones."""
-  texts, labels = [], []
+def _file_examples(paths: list[str], text_columns: tuple[str, ...], label_column: str) -> tuple[list, list, list]:
+  """(texts, raw labels, `path:line` of each) from the records of `paths`; missing columns fail with the
+  available ones."""
+  texts, labels, places = [], [], []
   for path in paths:
     for i, (line, record) in enumerate(_read_records(path)):
       for column in (*text_columns, label_column):
@@ -280,7 +283,8 @@ def _file_examples(paths: list[str], text_columns: tuple[str, ...], label_column
           raise ConfigError(f"{path}:{line} has no value in column {column!r}; fill it in or remove the record")
       texts.append(tuple(str(record[c]) for c in text_columns))
       labels.append(record[label_column])
-  return texts, labels
+      places.append(f"{path}:{line}")
+  return texts, labels, places
 
 
 def _label_ids(raw: list, num_classes: int, where: str) -> tuple[list[float], tuple[str, ...]]:
@@ -302,7 +306,7 @@ def _label_ids(raw: list, num_classes: int, where: str) -> tuple[list[float], tu
                       "set task.num_classes=0 for regression, or give integer or string class labels")
   if all(_is_int(y) for y in raw):
     ids = [int(float(y)) for y in raw]
-    names = tuple(str(i) for i in range(max(ids) + 1)) if ids else ()
+    names = tuple(str(i) for i in range(max(max(ids) + 1, num_classes))) if ids else ()
   else:
     names = tuple(sorted({str(y) for y in raw}))
     ids = [names.index(str(y)) for y in raw]
@@ -321,16 +325,50 @@ def _is_int(y) -> bool:
   return _is_number(y) and float(y).is_integer() and not isinstance(y, bool)
 
 
+def _check_label_column(train_raw: list, num_classes: int, label_column: str) -> None:
+  """Refuses a label column with more distinct values than half the training examples (and over 10): an id
+  or text column, which would make one class per example, unless task.num_classes declares the classes."""
+  distinct = len({str(y) for y in train_raw})
+  if num_classes == -1 and distinct > max(10, len(train_raw) / 2):
+    raise ConfigError(f"task.label_column={label_column!r} has {distinct} different values in {len(train_raw)} "
+                      "examples of task.files, so it holds no class labels; set task.label_column to the column of "
+                      "the labels (or task.num_classes, if these are classes)")
+
+
+def _check_unseen_labels(train_raw: list, val_raw: list, val_places: list[str], num_classes: int) -> None:
+  """Refuses a validation label that no training example has, which would become a class of its own (a
+  2-class task scored as 3, without its F1), unless task.num_classes counts it among the classes."""
+  if all(_is_int(y) for y in train_raw + val_raw):  # class ids: 0..the largest training id, or the declared head
+    top = max(int(float(y)) for y in train_raw)
+    size = max(top + 1, num_classes)
+    unseen = [(int(float(y)), p) for y, p in zip(val_raw, val_places) if int(float(y)) >= size]
+    needed, shown = max([size - 1] + [y for y, _ in unseen]) + 1, f"0..{top}"
+  else:
+    names = sorted({str(y) for y in train_raw})
+    unseen = [(str(y), p) for y, p in zip(val_raw, val_places) if str(y) not in names]
+    needed = len(names) + len({y for y, _ in unseen})
+    if num_classes == needed:
+      return
+    shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+  if unseen:
+    y, place = unseen[0]
+    raise ConfigError(f"{place} has label {y!r}, which no training example has (labels: {shown}); fix the label, "
+                      f"or set task.num_classes={needed} to keep it as a class")
+
+
 def _files_task(tc) -> Task:
   text_columns = tuple(tc.text_columns)
   if not 1 <= len(text_columns) <= 2:
     raise ConfigError(f"task.text_columns={text_columns} must name one column or a sentence pair")
-  train_texts, train_raw = _file_examples(_resolve(tc.files), text_columns, tc.label_column)
+  train_texts, train_raw, _ = _file_examples(_resolve(tc.files), text_columns, tc.label_column)
   if not train_texts:
     raise ConfigError(f"task.files={tc.files!r} holds no examples")
   val_paths = _resolve(tc.validation_files) if tc.validation_files else []
-  val_texts, val_raw = _file_examples(val_paths, text_columns, tc.label_column)
+  val_texts, val_raw, val_places = _file_examples(val_paths, text_columns, tc.label_column)
   labels, names = _label_ids(train_raw + val_raw, int(tc.num_classes), tc.files)
+  if tc.num_classes != 0:
+    _check_label_column(train_raw, int(tc.num_classes), tc.label_column)
+    _check_unseen_labels(train_raw, val_raw, val_places, int(tc.num_classes))
   train = list(zip(train_texts, labels[:len(train_texts)]))
   if val_paths:
     splits = {"train": train, "validation": list(zip(val_texts, labels[len(train_texts):]))}
@@ -396,6 +434,12 @@ def _text(value) -> str:
 def load_task(config) -> Task:
   """The task named by `config.task.name`, with labels checked against `task.num_classes`."""
   tc = config.task
+  if tc.max_train_examples < 0:
+    raise ConfigError(f"task.max_train_examples={tc.max_train_examples} must be at least 0 (0: every training "
+                      "example)")
+  if not 0 <= tc.validation_percent < 100:
+    raise ConfigError(f"task.validation_percent={tc.validation_percent} must be in [0, 100): the share of the "
+                      "examples held out when the task has no validation split")
   name = tc.name.removeprefix("glue/")
   if tc.name == "pydoc_family":
     examples = pydoc_family_examples(_cache_dir(config))

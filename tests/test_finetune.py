@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -230,6 +231,25 @@ def test_a_classifier_workdir_is_no_init_from_and_a_refused_start_touches_nothin
   from fmjax import sft  # nor is it one for SFT
   with pytest.raises(ConfigError, match=r"is a `fmjax finetune` \(classifier\) workdir"):
     sft.adopt_shape(config_lib.load_config("configs/sft.py", [f"init_from={finetuned}"]), str(new))
+
+
+def test_a_damaged_init_from_refuses_the_start_before_the_workdir_is_made(pretrained, files, tmp_path):
+  """The damaged step was once found after the workdir had config.json, tokenizer/, checkpoints/ and .lock."""
+  damaged = tmp_path / "damaged"
+  shutil.copytree(pretrained, damaged)
+  # Cut short, as a partial copy leaves it: the metadata still reads, the arrays do not.
+  largest = max((p for p in (damaged / "checkpoints").rglob("*") if p.is_file() and p.parent.name == "d"),
+                key=lambda p: p.stat().st_size)
+  os.truncate(largest, largest.stat().st_size // 2)
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "notes.txt").write_text("mine")
+  for workdir in (tmp_path / "new", existing):
+    with pytest.raises(ckpt_lib.CheckpointDamagedError, match=rf"^checkpoint step 5 in {damaged}/checkpoints is "
+                                                              r"damaged") as e:
+      finetune.run(ft_config(files, f"init_from={damaged}"), str(workdir))
+    assert "\n" not in str(e.value)
+  assert not (tmp_path / "new").exists() and os.listdir(existing) == ["notes.txt"]
 
 
 def test_rerunning_a_finished_run_keeps_its_results(finetuned, pretrained, files):

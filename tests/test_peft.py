@@ -132,6 +132,15 @@ def test_target_matching_no_module_lists_module_names():
     finetune.model_factory(tiny("bert", "finetune.peft=prefix"), C)()
 
 
+@pytest.mark.parametrize("size", ["finetune.lora_rank", "finetune.adapter_dim"])
+@pytest.mark.parametrize("value", [0, -4])
+def test_a_lora_rank_or_adapter_dim_below_one_is_one_line(size, value):
+  """adapter_dim=-4 once failed deep in JAX (a negative broadcast shape), 69 lines of traceback."""
+  mode = "lora" if "lora" in size else "adapter"
+  with pytest.raises(ConfigError, match=rf"^{size} must be positive, got {value}$"):
+    finetune.model_factory(tiny("bert", f"finetune.peft={mode}", f"{size}={value}"), C)()
+
+
 def test_lora_finetune_exports_to_transformers(tmp_path):
   """A LoRA fine-tune, merged and exported, gives transformers' BertForSequenceClassification
   the logits of the unmerged fmjax classifier."""

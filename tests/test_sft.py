@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -181,6 +182,62 @@ def test_a_failed_start_leaves_no_trace_in_the_workdir(tmp_path, tmp_path_factor
         sft.run(config, str(workdir))
       assert not (tmp_path / "new").exists(), overrides
       assert os.listdir(existing) == ["notes.txt"], overrides
+
+
+def test_rows_that_all_outgrow_seq_len_or_a_damaged_init_from_refuse_the_start_untouched(tmp_path, tmp_path_factory):
+  """Every prompt longer than data.seq_len once failed with a TypeError in the loader, and a damaged init_from
+  checkpoint was found once the workdir was made: each is one line now, and no workdir is made or changed."""
+  pretrain, _ = make_workdir(tmp_path_factory, "gpt")
+  long = tmp_path / "long.jsonl"
+  long.write_text("".join(json.dumps({"prompt": f"{i} " + "word " * 100, "completion": " ok"}) + "\n"
+                          for i in range(6)))
+  write_jsonl(tmp_path / "good.jsonl", 20)
+  damaged = tmp_path / "damaged"
+  shutil.copytree(pretrain, damaged)
+  # Cut short, as a partial copy leaves it: the metadata still reads, the arrays do not.
+  largest = max((p for p in (damaged / "checkpoints").rglob("*") if p.is_file() and p.parent.name == "d"),
+                key=lambda p: p.stat().st_size)
+  os.truncate(largest, largest.stat().st_size // 2)
+  good = f"data.files={tmp_path / 'good.jsonl'}"
+  cases = [([good, f"init_from={damaged}"], r"^checkpoint step 0 in .*damaged.* is damaged"),
+           ([f"data.files={long}", "sft.eval_percent=0"],
+            r"^every training row has a prompt longer than data.seq_len=32 \(6 dropped\); raise data.seq_len "
+            r"\(up to model.max_len=64\) or shorten the prompts$"),
+           ([good, f"sft.eval_files={long}"],
+            r"^every row of sft.eval_files='.*long.jsonl' has a prompt longer than data.seq_len=32 \(6 dropped\)"),
+           ([good, "sft.eval_percent=-5"], r"^sft.eval_percent=-5 must be in \[0, 100\)")]
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "notes.txt").write_text("mine")
+  for overrides, message in cases:
+    for workdir in (tmp_path / "new", existing):
+      config = config_lib.load_config("configs/sft.py", [f"init_from={pretrain}", "data.seq_len=32", *overrides])
+      with pytest.raises((ConfigError, ValueError), match=message) as e:
+        sft.run(config, str(workdir))
+      assert "\n" not in str(e.value)
+      assert not (tmp_path / "new").exists(), overrides
+      assert os.listdir(existing) == ["notes.txt"], overrides
+
+
+def test_a_held_out_split_whose_prompts_all_outgrow_seq_len_is_refused(tmp_path):
+  """Rows held out by the hash split but all dropped for their length once left the run with no eval, silently."""
+  pick = lambda long, held: next(p for i in range(1000) for p in [("q" * 12 if long else "p") + str(i)]
+                                 if sft._held_out(p, "X", 50) == held)
+  rows = [(pick(True, True), "X"), (pick(False, False), "X")]
+  path = tmp_path / "x.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows))
+  config = config_lib.load_config("configs/sft.py", [f"data.files={path}", "data.seq_len=8", "sft.eval_percent=50"])
+  with pytest.raises(ConfigError, match=r"^every held-out eval row \(sft.eval_percent=50\) has a prompt longer than "
+                                        r"data.seq_len=8 \(1 dropped\); raise data.seq_len \(up to model.max_len=\d+\) "
+                                        r"or shorten the prompts, or set sft.eval_percent=0$"):
+    sft.load_rows(config, CharTokenizer())
+  rows = sft.load_rows(config_lib.load_config("configs/sft.py", [f"data.files={path}", "data.seq_len=16",
+                                                                 "sft.eval_percent=50"]), CharTokenizer())
+  assert len(rows["train"]["inputs"]) == 1 and len(rows["eval"]["inputs"]) == 1
+  for percent in (-5, 100):
+    config = config_lib.load_config("configs/sft.py", [f"data.files={path}", f"sft.eval_percent={percent}"])
+    with pytest.raises(ConfigError, match=rf"^sft.eval_percent={percent} must be in \[0, 100\)"):
+      sft.load_rows(config, CharTokenizer())
 
 
 def test_null_completions_are_skipped_and_non_utf8_is_one_line(tmp_path, caplog):

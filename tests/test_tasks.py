@@ -212,3 +212,53 @@ def test_null_labels_and_non_utf8_files_are_refused_in_one_line(tmp_path, cache_
   with pytest.raises(ConfigError, match=r"latin.csv is not UTF-8 text \(byte 14\)") as e:
     tasks.load_task(ft_config(cache_dir, "task.name=csv", f"task.files={latin}", "task.text_columns=text"))
   assert "\n" not in str(e.value)
+
+
+def test_a_validation_label_no_training_example_has_is_refused_unless_counted(tmp_path, cache_dir):
+  """A stray dev label once became a class of its own: a 2-class task was trained as 3, and lost its F1."""
+  train = _write_jsonl(tmp_path / "train.jsonl", [{"sentence": f"s {i}", "label": ["neg", "pos"][i % 2]}
+                                                  for i in range(20)])
+  dev = _write_jsonl(tmp_path / "dev.jsonl", [{"sentence": "d 0", "label": "pos"}, {"sentence": "d 1", "label": "meh"}])
+  files = ("task.name=jsonl", f"task.files={train}", f"task.validation_files={dev}")
+  for declared in ("-1", "2"):
+    with pytest.raises(ConfigError, match=rf"^{dev}:2 has label 'meh', which no training example has \(labels: neg, "
+                                          r"pos\); fix the label, or set task.num_classes=3 to keep it as a class$"):
+      tasks.load_task(ft_config(cache_dir, *files, f"task.num_classes={declared}"))
+  task = tasks.load_task(ft_config(cache_dir, *files, "task.num_classes=3"))  # declared: a class of its own
+  assert task.label_names == ("meh", "neg", "pos") and task.splits["validation"][1][1] == 0.0
+  # Integer labels are class ids: the head is 0..the largest training id, or task.num_classes.
+  train = _write_jsonl(tmp_path / "train_ids.jsonl", [{"sentence": f"s {i}", "label": i % 2} for i in range(20)])
+  dev = _write_jsonl(tmp_path / "dev_ids.jsonl", [{"sentence": "d 0", "label": 1}, {"sentence": "d 1", "label": 5}])
+  files = ("task.name=jsonl", f"task.files={train}", f"task.validation_files={dev}")
+  for declared in ("-1", "4"):
+    with pytest.raises(ConfigError, match=rf"^{dev}:2 has label 5, which no training example has \(labels: 0..1\); "
+                                          r"fix the label, or set task.num_classes=6 to keep it as a class$"):
+      tasks.load_task(ft_config(cache_dir, *files, f"task.num_classes={declared}"))
+  task = tasks.load_task(ft_config(cache_dir, *files, "task.num_classes=6"))
+  assert task.num_classes == 6 and task.label_names == tuple("012345")
+
+
+def test_a_label_column_of_mostly_distinct_values_is_refused(tmp_path, cache_dir):
+  """task.label_column=sentence once made 80 classes of 80 examples without a word."""
+  rows = [{"sentence": f"review number {i}", "id": i, "label": ["neg", "pos"][i % 2]} for i in range(40)]
+  path = _write_jsonl(tmp_path / "t.jsonl", rows)
+  for column in ("sentence", "id"):
+    with pytest.raises(ConfigError, match=rf"^task.label_column='{column}' has 40 different values in 40 examples of "
+                                          r"task.files, so it holds no class labels; set task.label_column"):
+      tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", f"task.label_column={column}"))
+  assert tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}")).num_classes == 2
+  # Declared, they are classes all the same; a tiny task with a few examples a class is left alone.
+  assert tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.label_column=id",
+                                   "task.num_classes=40")).num_classes == 40
+  tiny = _write_jsonl(tmp_path / "tiny.jsonl", [{"sentence": f"s {i}", "label": f"c{i % 6}"} for i in range(8)])
+  assert tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={tiny}")).num_classes == 6
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task.max_train_examples=-1", r"task.max_train_examples=-1 must be at least 0 \(0: every training example\)"),
+    ("task.validation_percent=150", r"task.validation_percent=150 must be in \[0, 100\)"),
+    ("task.validation_percent=-5", r"task.validation_percent=-5 must be in \[0, 100\)"),
+])
+def test_out_of_range_task_sizes_are_one_line(cache_dir, override, message):
+  with pytest.raises(ConfigError, match=rf"^{message}"):
+    tasks.load_task(ft_config(cache_dir, override))
