@@ -53,7 +53,7 @@ def test_wordpiece_specials_and_save_load(docs, tmp_path):
   assert back.encode(docs[5]) == tok.encode(docs[5])
   for damaged in ("", "[1]"):  # a partial copy of a run's tokenizer/
     (tmp_path / "fmjax_tokenizer.json").write_text(damaged)
-    with pytest.raises(config_lib.ConfigError, match=r"fmjax_tokenizer.json is damaged \(not a JSON object\); copy the "):
+    with pytest.raises(config_lib.ConfigError, match=r"fmjax_tokenizer.json is damaged \(not a JSON object\); copy"):
       data.load_tokenizer(str(tmp_path))
 
 
