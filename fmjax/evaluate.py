@@ -40,23 +40,44 @@ def _read_config(workdir: str) -> dict:
   return saved
 
 
-def _finetune_metrics(workdir: str, split: str, batches: int | None, step: int | None) -> dict:
+def _finetune_metrics(workdir: str, split: str, batches: int | None, step: int | None,
+                      overrides: Sequence[str] = ()) -> dict:
   try:
     from fmjax import finetune
   except ImportError:
     raise ConfigError(f"{workdir} is a fine-tuning run, and this install has no fmjax.finetune to score it") from None
   task_split = "validation" if split == "eval" else split
-  return {"split": task_split, **finetune.evaluate(workdir, split=task_split, step=step, batches=batches)}
+  given = {"data_overrides": list(overrides)} if overrides else {}
+  return {"split": task_split, **given,
+          **finetune.evaluate(workdir, split=task_split, step=step, batches=batches, overrides=overrides)}
+
+
+MOVED_FILE_KEYS = {"finetune": ("task.files", "task.validation_files"), "sft": ("data.files", "sft.eval_files")}
+
+
+def _override_keys(overrides: Sequence[str]) -> list[str]:
+  return [item.split("=", 1)[0].strip().removeprefix("config.") for item in overrides]
 
 
 def check_data_overrides(overrides: Sequence[str]) -> None:
-  """`fmjax eval --config.data.KEY=V`: the held-out data to score may change, nothing else."""
-  for item in overrides:
-    key = item.split("=", 1)[0].strip().removeprefix("config.")
-    if not key.startswith("data.") or key.startswith("data.tokenizer."):
+  """`fmjax eval --config.data.KEY=V`: the held-out data to score may change, nothing else (and for a
+  fine-tuning or SFT run, where its files are now: `MOVED_FILE_KEYS`)."""
+  moved = {k for keys in MOVED_FILE_KEYS.values() for k in keys}
+  for key in _override_keys(overrides):
+    if key not in moved and (not key.startswith("data.") or key.startswith("data.tokenizer.")):
       raise ConfigError(f"fmjax eval takes --config.data.* overrides only (the text to score: data.dataset, "
                         f"data.files, data.eval_split ...), got --config.{key}; the model, its tokenizer and its "
                         "step come from the run")
+
+
+def _check_moved_files(kind: str, workdir: str, overrides: Sequence[str]) -> None:
+  """A fine-tuning or SFT run scores its own data: overrides may only say where its files are now."""
+  allowed = MOVED_FILE_KEYS[kind]
+  for key in _override_keys(overrides):
+    if key not in allowed:
+      raise ConfigError(f"{workdir} is a{'n SFT' if kind == 'sft' else ' fine-tuning'} run, scored on its own "
+                        f"data; it takes --config.{' / --config.'.join(allowed)} (where those files are now), "
+                        f"not --config.{key}")
 
 
 def _with_data(config, workdir: str, overrides: Sequence[str]):
@@ -64,7 +85,13 @@ def _with_data(config, workdir: str, overrides: Sequence[str]):
   if not overrides:
     return config
   if "sft" in config:
-    raise ConfigError(f"{workdir} is an SFT run, which scores its own rows; --config.data.* is for pretraining runs")
+    _check_moved_files("sft", workdir, overrides)
+    config_lib.apply_overrides(config, overrides)
+    return config
+  moved = [k for k in _override_keys(overrides) if not k.startswith("data.")]
+  if moved:
+    raise ConfigError(f"--config.{moved[0]} is for a fine-tuning or SFT run; {workdir} is a pretraining run, which "
+                      "takes --config.data.* (the text to score)")
   seq_len = config.data.seq_len
   config_lib.apply_overrides(config, overrides)
   from fmjax import interop
@@ -122,9 +149,8 @@ def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: 
   check_data_overrides(data_overrides)
   config = _read_config(workdir)
   if finetune.is_classifier_run(config):
-    if data_overrides:
-      raise ConfigError(f"{workdir} is a fine-tuning run, scored on its task; --config.data.* is for pretraining runs")
-    result = _finetune_metrics(workdir, split, batches, step)
+    _check_moved_files("finetune", workdir, data_overrides)
+    result = _finetune_metrics(workdir, split, batches, step, data_overrides)
   elif "model" in config and "train" in config:
     result = _lm_metrics(workdir, split, batches, step, data_overrides)
   else:
@@ -132,7 +158,8 @@ def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: 
                       "or `finetune`")
   result = {"workdir": files.absolute(workdir), **result}
   if jax.process_index() == 0:
-    name = ("eval_data" if data_overrides else "eval") + ("" if split == "eval" else f"_{split}") + ".json"
+    other_text = data_overrides and "model" in config and "task" not in config and "sft" not in config
+    name = ("eval_data" if other_text else "eval") + ("" if split == "eval" else f"_{split}") + ".json"
     _write_result(os.path.join(workdir, name), result)
   return result
 
@@ -163,7 +190,9 @@ def cli(argv: list[str]) -> int:
   check_data_overrides(overrides)
   p = argparse.ArgumentParser(prog="fmjax eval", epilog="--config.data.KEY=V (dataset, files, data_dir, eval_split, "
                               "seq_len, ...): score a pretraining run's held-out perplexity on other text, or on "
-                              "its own files where they moved, with the run's tokenizer (written to eval_data.json)")
+                              "its own files where they moved, with the run's tokenizer (written to eval_data.json); "
+                              "a fine-tuning run takes --config.task.files / task.validation_files and an SFT run "
+                              "--config.data.files / sft.eval_files, where its own files are now")
   p.add_argument("--workdir", required=True, help="a `fmjax train`, `sft` or `finetune` workdir")
   p.add_argument("--split", default=None, help="eval (held-out, default) or train; fine-tuning and --task: a "
                  "split of the task")

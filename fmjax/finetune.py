@@ -562,8 +562,9 @@ def run(config, workdir: str) -> dict:
   return result
 
 
-def _finetune_config(workdir: str):
-  """(config, task) of a finetune workdir, from its config.json."""
+def _finetune_config(workdir: str, overrides: Sequence[str] = ()):
+  """(config, task) of a finetune workdir, from its config.json; `overrides` (`task.files=...`) say where
+  its task files are now."""
   from fmjax import data
   saved = files.read_json(os.path.join(workdir, "config.json"))
   if saved is None:
@@ -573,6 +574,7 @@ def _finetune_config(workdir: str):
     raise ConfigError(f"{workdir} is not a `fmjax finetune` workdir (its config.json has no task/finetune); "
                       "pass the --workdir of a `fmjax finetune` run")
   config.mesh.update(dcn_data=1, data=-1, fsdp=1, tensor=1)
+  config_lib.apply_overrides(config, overrides)
   return config, tasks.load_task(config)
 
 
@@ -600,15 +602,22 @@ def load_finetuned(workdir: str, step: int | None = None):
   return model, config, task
 
 
-def evaluate(workdir: str, split: str = "validation", step: int | None = None, batches: int | None = None) -> dict:
+def evaluate(workdir: str, split: str = "validation", step: int | None = None, batches: int | None = None,
+             overrides: Sequence[str] = ()) -> dict:
   """Task metrics of a finetune workdir's checkpoint on `split` (what `fmjax eval` reports).
 
   `split` is a task split ("eval" means validation); `batches` scores only the first that many
   batches of train.batch_size examples, in order (default: the whole split), as `fmjax eval`
-  does for pretraining runs.
+  does for pretraining runs. `overrides` (`task.files=...`, `task.validation_files=...`) point at
+  the task's files where they moved; their classes must be the ones the run learned.
   """
-  from fmjax import data
-  config, task = _finetune_config(workdir)
+  from fmjax import data, interop
+  config, task = _finetune_config(workdir, overrides)
+  if overrides:
+    learned = interop.run_config_at(workdir, step)[2].get("label_names")
+    if learned and list(learned) != list(task.label_names):
+      raise ConfigError(f"the task files given have the classes {list(task.label_names)}, and {workdir} learned "
+                        f"{list(learned)}; point --config.task.files at the data the run was trained on")
   split = "validation" if split == "eval" else split
   if split not in task.splits:
     raise ConfigError(f"task {task.name} of {workdir} has no split {split!r}; pass --split= one of "

@@ -262,7 +262,8 @@ def _resolve(spec: str) -> list[str]:
   paths = sorted({p for pattern in spec.split(",") if pattern.strip()
                   for p in glob.glob(os.path.expanduser(pattern.strip()))})
   if spec.strip() and not paths:
-    raise ConfigError(f"task.files={spec!r} matches no file; give a path or glob of .csv/.tsv/.jsonl files")
+    raise ConfigError(f"task.files={spec!r} matches no file; give a path or glob of .csv/.tsv/.jsonl files "
+                      "(`fmjax eval` of a run whose files moved takes --config.task.files too)")
   return paths
 
 

@@ -281,6 +281,25 @@ def test_eval_of_a_finetune_workdir_names_its_splits_and_honours_batches(finetun
     evaluate.run(finetuned, batches=0)
 
 
+def test_eval_of_a_finetune_run_whose_task_files_moved_takes_where_they_are_now(finetuned, files, tmp_path):
+  from fmjax import evaluate
+  want = evaluate.run(finetuned)
+  moved = tmp_path / "moved"
+  shutil.copytree(finetuned, moved)
+  saved = json.loads((moved / "config.json").read_text())
+  saved["task"]["files"] = str(tmp_path / "gone.jsonl")
+  (moved / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ConfigError, match="matches no file; .*`fmjax eval` of a run whose files moved takes "
+                                        "--config.task.files too"):
+    evaluate.run(str(moved))
+  got = evaluate.run(str(moved), data_overrides=[f"task.files={files['task']}"])
+  assert got["accuracy"] == want["accuracy"] and got["loss"] == pytest.approx(want["loss"])
+  assert got["data_overrides"] == [f"task.files={files['task']}"] and (moved / "eval.json").exists()
+  with pytest.raises(ConfigError, match="is a fine-tuning run, scored on its own data; it takes --config.task.files "
+                                        "/ --config.task.validation_files .*not --config.data.files"):
+    evaluate.run(str(moved), data_overrides=["data.files=x.txt"])
+
+
 def test_regression_reports_no_accuracy(files, tmp_path):
   rng = np.random.default_rng(1)
   path = tmp_path / "scores.jsonl"

@@ -125,6 +125,16 @@ def test_sft_from_pretrained_loads_params_learns_and_resumes(tmp_path, tmp_path_
   # The workdir stands alone: eval scores the held-out completions as the run did, generate uses its tokenizer.
   held_out = evaluate.run(str(workdir))
   assert held_out["loss"] == pytest.approx(result["eval"]["loss"], rel=1e-5)
+  # Its rows moved too: eval takes where they are now.
+  os.rename(tmp_path / "train.jsonl", tmp_path / "rows.jsonl")
+  with pytest.raises(ConfigError, match="matches no file; pass --config.data.files=PATH.jsonl"):
+    evaluate.run(str(workdir))
+  there = evaluate.run(str(workdir), data_overrides=[f"data.files={tmp_path / 'rows.jsonl'}"])
+  assert there["loss"] == pytest.approx(held_out["loss"], rel=1e-6)
+  with pytest.raises(ConfigError, match="is an SFT run, scored on its own data; it takes --config.data.files / "
+                                        "--config.sft.eval_files"):
+    evaluate.run(str(workdir), data_overrides=["data.dataset=wikitext"])
+  os.rename(tmp_path / "rows.jsonl", tmp_path / "train.jsonl")
   assert isinstance(generate.run(str(workdir), prompts=["3 plus 4 is"], max_new_tokens=3, temperature=0)[0], str)
   # Rerunning the same command resumes the finished run rather than starting over.
   again = sft.run(config_lib.load_config("configs/sft.py", [f"init_from={pretrain}"] + [
