@@ -359,7 +359,8 @@ def _imported_info(workdir: str) -> dict | None:
   return files.read_json(os.path.join(workdir, interop.IMPORT_INFO))
 
 
-MOVED_DATA_KEYS = ("data.files", "data.data_dir")  # where a run's training text is now, if it moved
+# Where a run's training data is now, if it moved: its text, or a fine-tuning run's task files.
+MOVED_DATA_KEYS = ("data.files", "data.data_dir", "task.files", "task.validation_files", "sft.eval_files")
 
 
 def _moved(config, moved: Sequence[str]):
@@ -368,8 +369,8 @@ def _moved(config, moved: Sequence[str]):
   for item in moved:
     key = item.split("=", 1)[0].strip().removeprefix("config.")
     if key not in MOVED_DATA_KEYS:
-      raise ConfigError(f"fmjax release takes --config.data.files or --config.data.data_dir only (where the run's "
-                        f"training text is now), got --config.{key}")
+      raise ConfigError(f"fmjax release takes --config.{', --config.'.join(MOVED_DATA_KEYS)} only (where the "
+                        f"run's training data is now), got --config.{key}")
   config_lib.apply_overrides(config, moved)
   return config
 

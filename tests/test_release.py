@@ -425,4 +425,4 @@ def test_release_of_a_run_whose_text_files_moved(run, tmp_path, capsys):
   assert report["sample"]["documents"] == 5 and report["pii_counts"]["EMAIL"] == 5
   assert cli.main(["release", f"--workdir={moved_run}", f"--out={tmp_path}/c", f"--card={card}",
                    "--config.data.dataset=lm1b"]) == 2
-  assert "takes --config.data.files or --config.data.data_dir only" in capsys.readouterr().err
+  assert "takes --config.data.files, --config.data.data_dir, --config.task.files" in capsys.readouterr().err
