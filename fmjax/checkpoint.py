@@ -190,20 +190,57 @@ def _write_error(e: BaseException) -> str | None:
       return None
     if isinstance(seen, OSError):
       return f"{type(seen).__name__}: {_first_line(seen)}"
-    if re.match(r"^\s*[A-Z_]+: ", str(seen)) and isinstance(seen, (ValueError, RuntimeError)):
-      return _first_line(seen)
+    status = re.match(r"^\s*([A-Z_]+): ", str(seen))
+    if status and isinstance(seen, (ValueError, RuntimeError)):
+      # Tensorstore's line names its database and files first, the OS error last: "No space left on device".
+      code = re.search(r"\[os_error_code='(\d+)'\]", str(seen))
+      return f"{status.group(1)}: {os.strerror(int(code.group(1)))}" if code else _first_line(seen)
     seen = seen.__cause__ or seen.__context__
   return None
+
+
+_logged_write_error: str | None = None  # the last write error Orbax logged (and `_OrbaxWriteErrors` dropped)
+_saving_into: set[str] = set()  # the directories Checkpointers in this process save into
+
+
+class _OrbaxWriteErrors(std_logging.Filter):
+  """Drops the error logs of a failed Orbax write (a traceback from each thread the save ran in,
+  asyncio's "Task exception was never retrieved" for its writes) and keeps their reason: the failed
+  save's CheckpointSaveError says it in one line, naming the step."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    global _logged_write_error
+    exc = record.exc_info[1] if record.exc_info else None
+    reason = _write_error(exc) if exc is not None else None
+    if reason is None:
+      return True
+    # Orbax's code logged it, or its text names a checkpoint directory (a tensorstore future has no traceback).
+    text = f"{record.pathname} {record.getMessage()} {exc}"
+    if f"{os.sep}orbax{os.sep}" not in text and not any(d in text for d in _saving_into):
+      return True
+    _logged_write_error = reason
+    return False
+
+
+def _quiet_failed_writes(directory: epath.Path) -> None:
+  """Orbax's error logs of a failed save into `directory` become its one-line CheckpointSaveError
+  (`_OrbaxWriteErrors`), and the writes still in flight when Orbax closed their event loop end silently."""
+  _saving_into.add(str(directory))
+  for logger in map(std_logging.getLogger, ("absl", "asyncio")):
+    if not any(isinstance(f, _OrbaxWriteErrors) for f in logger.filters):
+      logger.addFilter(_OrbaxWriteErrors())
+  _quiet_closed_event_loops()
 
 
 _failed_reads = False  # a restore failed on a damaged step: its other reads end with nobody to hear them
 
 
-def _quiet_reads_after_a_failed_restore() -> None:
-  """Once a restore fails, Orbax closes its event loop while tensorstore still completes the other
-  reads: their callbacks print "Event loop is closed" tracebacks through sys.excepthook, and their
-  coroutines, collected unawaited, print through sys.unraisablehook (at exit too). After the
-  one-line damage error those say nothing more; every other error reaches the previous hooks."""
+def _quiet_closed_event_loops() -> None:
+  """Once a restore or a save fails, Orbax closes its event loop while tensorstore still completes
+  the other reads or writes: their callbacks print "Event loop is closed" tracebacks through
+  sys.excepthook, and their coroutines, collected unawaited, print through sys.unraisablehook (at
+  exit too). After the one-line damage or save error those say nothing more; every other error
+  reaches the previous hooks."""
   previous = sys.excepthook
   if getattr(previous, "fmjax_quiet", False):
     return
@@ -274,6 +311,25 @@ def _is_abstract_leaf(x: Any) -> bool:
   return isinstance(x, (jax.ShapeDtypeStruct, jax.Array))
 
 
+class _KeepScheduled:
+  """Orbax preservation policy: the newest `n` scheduled checkpoints (None: all), and the newest
+  checkpoint whatever made it.
+
+  Steps in `at_stop` were saved only because the run stopped early (Ctrl-C, a preemption). They
+  do not count toward `n`, and one goes once a newer save lands: stopping a run again and again
+  never evicts its periodic checkpoints.
+  """
+
+  def __init__(self, n: int | None, at_stop: set[int]):
+    self.n, self.at_stop = n, at_stop
+
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+    del context
+    scheduled = [c.step for c in checkpoints if c.step not in self.at_stop]
+    kept = set(scheduled if self.n is None else scheduled[-self.n:])
+    return [c.step in kept or i == len(checkpoints) - 1 for i, c in enumerate(checkpoints)]
+
+
 class Checkpointer:
   """Async Orbax checkpoints of `{"step", "params", "opt_state"}` plus JSON metadata.
 
@@ -282,7 +338,8 @@ class Checkpointer:
     every_steps: `should_save` is true at multiples of this (0: off).
     every_minutes: `should_save` is also true once this many minutes passed since the last save
       (0: off). Process 0's clock decides and its decision is broadcast.
-    keep: how many of the newest checkpoints to keep (0 or less: keep all).
+    keep: how many of the newest scheduled checkpoints to keep (0 or less: keep all); a save made
+      only because the run stops early (`save(at_stop=True)`) is not counted, see `_KeepScheduled`.
     keep_period: also keep every checkpoint whose step is a multiple of this (0: off).
     async_save: write in a background thread; `save` returns once arrays are on the host.
     owner: this process trains in `directory` and holds its workdir lock (`lock_workdir`): it
@@ -309,7 +366,9 @@ class Checkpointer:
       _remove(torn, self.directory)
     if self._owner and jax.process_count() > 1:  # others must not list the directory while process 0 cleans it
       multihost_utils.sync_global_devices("fmjax_checkpointer_init")
-    policies = [ocp.checkpoint_managers.LatestN(keep if keep > 0 else None)]
+    # Every process reads the same committed file, so all of them remove the same steps.
+    self._at_stop = set(self._newest_if_saved_at_stop()) if self._owner else set()
+    policies = [_KeepScheduled(keep if keep > 0 else None, self._at_stop)]
     if keep_period > 0:
       policies.append(ocp.checkpoint_managers.EveryNSteps(keep_period))
     options = ocp.CheckpointManagerOptions(
@@ -329,6 +388,18 @@ class Checkpointer:
     c = config.checkpoint
     return cls(os.path.join(workdir, "checkpoints"), every_steps=c.every_steps, every_minutes=c.every_minutes,
                keep=c.keep, keep_period=c.keep_period, async_save=c.async_save, owner=True)
+
+  def _newest_if_saved_at_stop(self) -> list[int]:
+    """The newest committed step if a stop saved it (`save(at_stop=True)`), else []. Older ones went
+    when a newer save landed; one that a kill in between left behind counts as scheduled."""
+    steps = self.all_steps()
+    if not steps:
+      return []
+    try:
+      meta = ocp.JsonCheckpointHandler().restore(self.directory / str(steps[-1]) / "meta")
+    except Exception:  # pylint: disable=broad-except  # damaged: the restore says so; here it only counts
+      return []
+    return steps[-1:] if isinstance(meta, Mapping) and meta.get("saved_at_stop") else []
 
   # --------------------------------------------------------------------------- listing
 
@@ -363,28 +434,37 @@ class Checkpointer:
     return due
 
   def save(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any], *,
-           force: bool = False) -> bool:
+           force: bool = False, at_stop: bool = False) -> bool:
     """Starts saving `state` ("params", optionally "opt_state") and `meta` at `step`.
 
     Returns False when `step` is not due (see `should_save`) or already saved. Errors of an
-    earlier async save are raised here or by `wait`.
+    earlier async save are raised here or by `wait`. `at_stop=True` (implies `force`): the run
+    stops early here (Ctrl-C, preemption); unless the step is due anyway, the save is out of
+    schedule: kept only while it is the newest, and not counted toward `keep`.
     """
     if self._closed:
       raise RuntimeError("Checkpointer.save called after close()")
     if step == _ctrl_c_step:
       self._interrupted_step = step
-    if not force and not self.should_save(step):
+    if not (force or at_stop) and not self.should_save(step):
       return False
     if step in self._manager.all_steps():
       logging.info("Checkpoint for step %d already exists in %s; not saving again", step, self.directory)
       return False
     if "params" not in state:
       raise ValueError(f"the state to save has no 'params' (keys: {sorted(state)})")
-    meta = _jsonable({"step": int(step), "fmjax_version": fmjax.__version__, **meta})
+    out_of_schedule = at_stop and not self.should_save(step)
+    meta = _jsonable({"step": int(step), "fmjax_version": fmjax.__version__, **meta,
+                      **({"saved_at_stop": True} if out_of_schedule else {})})
     args = {"params": ocp.args.StandardSave(state["params"]), "meta": ocp.args.JsonSave(meta)}
     if "opt_state" in state:
       args["opt_state"] = ocp.args.StandardSave(state["opt_state"])
+    _quiet_failed_writes(self.directory)
     self._check_unverified()  # a step written earlier that did not commit fails the run here
+    global _logged_write_error
+    _logged_write_error = None
+    if out_of_schedule:
+      self._at_stop.add(step)  # before Orbax's save, which applies the preservation policy
     with self._writing([*self._unverified, step]):  # Orbax raises an earlier async save's error here
       self._manager.save(step, args=ocp.args.Composite(**args), force=True)
     self._last_save_time = _now()
@@ -434,10 +514,13 @@ class Checkpointer:
       pending, done = [], self._unverified
     self._unverified = pending
     kept = set(self._manager.all_steps())
-    for step in done:
-      # Steps the keep policy already deleted were committed before (it only drops old ones).
-      if step in kept and not (self.directory / str(step) / COMMIT_MARKER).exists():
-        raise self._save_failed([step], "it was not committed; the log above names the write error")
+    # Steps the keep policy already deleted were committed before (it only drops old ones).
+    failed = [step for step in done if step in kept and not (self.directory / str(step) / COMMIT_MARKER).exists()]
+    if failed:
+      with self._writing(failed):  # the write error itself, where Orbax kept it to raise
+        self._manager.wait_until_finished()
+        self._manager.check_for_errors()
+      raise self._save_failed(failed, _logged_write_error or "it was not committed; the log above names the error")
 
   def close(self) -> None:
     """Waits for pending saves (raising their errors) and releases the manager.
@@ -478,7 +561,7 @@ class Checkpointer:
   @contextlib.contextmanager
   def _reading(self, step: int):
     """Turns Orbax's and tensorstore's errors about missing or broken files of `step` into `_damaged`."""
-    _quiet_reads_after_a_failed_restore()
+    _quiet_closed_event_loops()
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except  # Orbax wraps tensorstore's errors in a bare Exception

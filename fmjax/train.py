@@ -518,7 +518,7 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
       if save_due:
         saved = {"step": step, **meta(step), "fmjax_version": __import__("fmjax").__version__,
                  "metrics": last_train, "skipped_steps": skipped, "nonfinite_in_a_row": in_a_row}
-        checkpointer.save(step, state, saved, force=stop or step == total or deferred)
+        checkpointer.save(step, state, saved, force=stop or step == total or deferred, at_stop=stop)
         deferred = False
       if eval_due or save_due:
         writer.sync()  # a bucket workdir's logs are never behind its checkpoints

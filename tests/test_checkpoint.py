@@ -7,6 +7,7 @@ This file doubles as the worker script of its subprocess tests (`python test_che
 """
 
 import json
+import logging
 import os
 import re
 import signal
@@ -198,6 +199,32 @@ def test_every_minutes_decision(tmp_path, monkeypatch):
   assert not ck.should_save(3) and not ck.save(3, {"params": {"w": jnp.ones(2)}}, {})
   now[0] += 61
   assert ck.should_save(4)
+  ck.close()
+
+
+def test_saves_at_a_stop_never_evict_the_periodic_ones(tmp_path):
+  # Each Ctrl-C or preemption saves one step further on; with keep=2 those saves once pushed out
+  # the periodic checkpoints (30 32 -> 32 33 -> 33 34).
+  w = lambda step: {"params": {"w": jnp.full(2, step)}}
+  checkpointer = lambda: ckpt_lib.Checkpointer(tmp_path, every_steps=10, keep=2, owner=True)
+  ck = checkpointer()
+  assert [s for s in range(1, 33) if ck.save(s, w(s), {}, at_stop=s == 32)] == [10, 20, 30, 32]
+  ck.close()
+  assert ck.all_steps() == [20, 30, 32]
+  for step in (33, 34):  # reruns, each stopped right after it resumed
+    ck = checkpointer()
+    assert ck.latest_step() == step - 1  # a rerun resumes from the newest, the stop's save
+    assert ck.save(step, w(step), {}, at_stop=True)
+    ck.close()
+    assert ck.all_steps() == [20, 30, step]  # the stop's save went once a newer one landed
+  ck = checkpointer()
+  assert ck.restore_meta(34)["saved_at_stop"] and ck.latest_step() == 34
+  assert ck.save(40, w(40), {})
+  ck.wait()
+  assert ck.all_steps() == [30, 40]  # `keep` counts the scheduled saves only
+  assert ck.save(50, w(50), {}, at_stop=True)  # a stop at a step due anyway: a scheduled save
+  ck.wait()
+  assert ck.all_steps() == [40, 50] and "saved_at_stop" not in ck.restore_meta(50)
   ck.close()
 
 
@@ -453,6 +480,44 @@ def test_cli_names_a_failed_save_and_the_intact_steps_in_one_line(tmp_path, monk
   assert err == (f"error: saving checkpoint step 20 to {tmp_path} failed (OSError: [Errno 28] No space left on "
                  "device); the older steps [10] are intact; free space or fix the permissions, then rerun the "
                  "same command to resume from step 10\n")
+
+
+def test_a_full_disk_found_at_the_next_save_names_that_step_in_one_line(tmp_path, monkeypatch, capsys, caplog):
+  # The background write of step 4 fails and the save of step 6 finds it uncommitted: the one line
+  # names step 4 and the OS error at the end of tensorstore's status, and Orbax's tracebacks are gone.
+  from fmjax import cli
+  original = ckpt_lib.ocp.StandardCheckpointHandler.async_save
+
+  class _Failed:
+    def result(self, timeout=None):
+      raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "0.w/0" in OCDBT database at local file "{tmp_path}/4'
+                       '.orbax-checkpoint-tmp/params/": Failed to write 4 bytes to file 12: No space left on device '
+                       "[os_error_code='28']")
+
+  async def failing_async_save(self, *args, **kwargs):
+    return list(await original(self, *args, **kwargs) or []) + [_Failed()]
+
+  def run(argv):
+    ck = ckpt_lib.Checkpointer(tmp_path, every_steps=2, owner=True)
+    try:
+      for step in range(1, 7):
+        if step == 4:
+          monkeypatch.setattr(ckpt_lib.ocp.StandardCheckpointHandler, "async_save", failing_async_save)
+        ck.save(step, {"params": {"w": jnp.ones(4)}}, {})
+        while ck._manager.is_saving_in_progress():  # as in training: the write ends before the next save
+          time.sleep(0.01)
+    finally:
+      ck.close()
+
+  monkeypatch.setitem(cli.COMMANDS, "savetest", (run, ""))
+  assert cli.main(["savetest"]) == 2
+  assert capsys.readouterr().err == (
+      f"error: saving checkpoint step 4 to {tmp_path} failed (RESOURCE_EXHAUSTED: No space left on device); the "
+      "older steps [2] are intact; free space or fix the permissions, then rerun the same command to resume from "
+      "step 2\n")
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # Orbax's tracebacks
+  sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)  # a write that ended after its loop
+  assert capsys.readouterr().err == ""
 
 
 def _damage_rm_arrays(step_dir):

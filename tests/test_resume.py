@@ -436,6 +436,23 @@ def test_nan_skip_puts_a_save_off_until_an_update_is_finite(cache_dir, monkeypat
   assert "step 4: checkpoint put off until an update is finite again" in capsys.readouterr().out
 
 
+def test_reruns_stopped_again_and_again_keep_the_periodic_checkpoints(cache_dir, monkeypatch, tmp_path):
+  # Each rerun is stopped (as by SIGTERM or Ctrl-C) soon after it resumed; keep=2 counts the
+  # periodic saves (every 4 steps) only, and every rerun resumes from the newest save.
+  stop_at = [None]
+  monkeypatch.setattr(ckpt_lib.PreemptionWatcher, "should_stop", lambda self, step: step == stop_at[0])
+  config = load(cache_dir, "train.steps=16", "checkpoint.keep=2")
+  newest = None
+  for stop, kept in ((9, [4, 8, 9]), (10, [4, 8, 10]), (13, [8, 12, 13])):
+    stop_at[0] = stop
+    with capture_log() as lines:
+      train.run(config, str(tmp_path))
+    resumed = [line for line in lines if line.startswith("Resumed")]
+    assert [line.split(" of ")[0] for line in resumed] == ([f"Resumed from step {newest}"] if newest else []), lines
+    assert committed_steps(tmp_path) == kept
+    newest = kept[-1]
+
+
 def test_nan_skip_leaves_state_bitwise_unchanged(cache_dir, monkeypatch, tmp_path):
   _poison(monkeypatch, {1, 4})  # the 2nd and the 5th update
   out = train.run(load(cache_dir, "train.nan_policy=skip", "train.steps=5"), str(tmp_path))
