@@ -235,6 +235,19 @@ def _quiet_failed_writes(directory: epath.Path) -> None:
 _failed_reads = False  # a restore failed on a damaged step: its other reads end with nobody to hear them
 
 
+class _UnreadableStepMetadata(std_logging.Filter):
+  """Drops Orbax's error, logged at every listing, that a step's _CHECKPOINT_METADATA (its save and
+  commit times) does not parse: the step's arrays and fmjax's own `meta` are read apart from it,
+  and a step that cannot be read is named in one line by `_reading`."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to json parse Metadata file")
+
+
+if not any(isinstance(f, _UnreadableStepMetadata) for f in std_logging.getLogger("absl").filters):
+  std_logging.getLogger("absl").addFilter(_UnreadableStepMetadata())
+
+
 def _quiet_closed_event_loops() -> None:
   """Once a restore or a save fails, Orbax closes its event loop while tensorstore still completes
   the other reads or writes: their callbacks print "Event loop is closed" tracebacks through

@@ -73,17 +73,21 @@ def setup_logging(stream: str = "stdout") -> None:
   log.setLevel(logging.INFO)
   for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  # A non-finite loss is the step loop's to report (nan_policy), once, not a warning per scalar.
+  logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
   absl = logging.getLogger("absl")
   if not any(isinstance(f, _UnpreparedDatasetNote) for f in absl.filters):
     absl.addFilter(_UnpreparedDatasetNote())
 
 
 class _UnpreparedDatasetNote(logging.Filter):
-  """Drops TFDS's warning that a dataset not prepared yet has no dataset_info.json: fmjax
-  prepares it, or says in one line why it cannot."""
+  """Drops TFDS's warning that a dataset not prepared yet has no dataset_info.json (fmjax prepares
+  it, or says in one line why it cannot), and its note that text_files' config is a custom one."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return "has no dataset_info.json" not in record.getMessage()
+    message = record.getMessage()
+    # The second: text_files' own files are a BuilderConfig TFDS calls custom, which it is by design.
+    return "has no dataset_info.json" not in message and not message.startswith("Using custom data configuration")
 
 
 def _tensorboard_writer(logdir: str):

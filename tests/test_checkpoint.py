@@ -132,6 +132,23 @@ def test_roundtrip_is_bitwise_and_keeps_tree_types(tmp_path):
   ck.close()
 
 
+def test_an_unreadable_step_metadata_file_is_no_error_at_every_listing(tmp_path, caplog):
+  """Orbax's _CHECKPOINT_METADATA holds a step's save times only: emptied (a partial copy), the step
+  still lists and restores, without an ERROR line each time Orbax reads it."""
+  mesh = make_mesh((8,), ("data",))
+  state = make_state(mesh, DATA_RULES, toy(), step=3)
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
+  ck.save(3, state, {}, force=True)
+  ck.close()
+  (tmp_path / "ckpt" / "3" / "_CHECKPOINT_METADATA").write_text("")
+  with caplog.at_level("WARNING"):
+    ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
+    assert ck.latest_step() == 3 and ck.restore_meta(3)["step"] == 3
+    assert_trees_bitwise_equal(ck.restore(3, spec(mesh, DATA_RULES, toy())), state)
+    ck.close()
+  assert not [r for r in caplog.records if "Metadata file" in r.getMessage()]
+
+
 def test_async_save_snapshots_state_before_it_is_donated(tmp_path):
   # The train step donates the state right after `save` returns; the checkpoint must still
   # hold the values at save time.

@@ -47,6 +47,18 @@ def test_log_lines_follow_stdout_as_it_is_now(capsys):
   assert "into the stream of now" in out and "Logging error" not in err, err
 
 
+def test_library_notes_that_say_nothing_to_a_user_are_dropped(caplog):
+  import logging
+
+  from fmjax import metrics
+  metrics.setup_logging()
+  with caplog.at_level("WARNING"):
+    logging.getLogger("absl").warning("Using custom data configuration: BuilderConfig(name='x')")
+    logging.getLogger("tensorboardX.x2num").warning("NaN or Inf found in input tensor.")
+    logging.getLogger("absl").warning("a warning that stays")
+  assert [r.getMessage() for r in caplog.records] == ["a warning that stays"]
+
+
 def test_read_metrics_merges_steps_last_wins_and_skips_torn_line(tmp_path):
   write_metrics(tmp_path, run_records(), tail='{"step": 25, "train/lo')
   records = report.read_metrics(str(tmp_path))
