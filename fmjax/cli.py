@@ -99,12 +99,15 @@ def cmd_data(argv):
   if not argv or argv[0] != "prepare":
     raise ConfigError(usage)
   _, config = _load("fmjax data prepare", argv[1:], False)
-  from fmjax import metrics
+  from fmjax import checkpoint, metrics
   metrics.setup_logging("stderr")  # its notes (parts kept, waiting for another process); stdout: the path
   try:
-    path = data.prepare(config)
-  except KeyboardInterrupt:
-    raise KeyboardInterrupt("the parts made so far are kept: rerun the same command to go on") from None
+    with checkpoint.sigterm_stops_the_start():  # SIGTERM: as Ctrl-C, with exit code 143
+      path = data.prepare(config)
+  except KeyboardInterrupt as e:
+    stopped = KeyboardInterrupt("the parts made so far are kept: rerun the same command to go on")
+    stopped.exit_code = getattr(e, "exit_code", INTERRUPTED_EXIT_CODE)
+    raise stopped from None
   meta = json.load(open(os.path.join(path, "meta.json")))
   for split in ("train", "eval"):  # what the cache holds, beside its path (stdout: the path alone)
     s = meta["splits"][split]

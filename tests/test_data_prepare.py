@@ -4,6 +4,7 @@ import glob
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -96,6 +97,16 @@ def test_prepare_command_prints_the_path_alone_on_stdout_and_its_notes_on_stderr
   assert cli.main(argv) == 130
   assert capsys.readouterr().err.strip().endswith(
       "interrupted: the parts made so far are kept: rerun the same command to go on")
+
+  def terminated_on_the_third_part(*args):  # a scheduler's SIGTERM, delivered to this process
+    if args[3] == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args)
+
+  monkeypatch.setattr(packing, "_write_part", terminated_on_the_third_part)
+  assert cli.main(argv) == 143  # it once died of the signal, with no line
+  assert capsys.readouterr().err.strip().endswith(
+      "stopped: the parts made so far are kept: rerun the same command to go on")
   monkeypatch.undo()
   assert cli.main(argv) == 0
   out, err = capsys.readouterr()
