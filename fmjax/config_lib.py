@@ -145,8 +145,9 @@ def task_section(name: str = "pydoc_family") -> ml_collections.ConfigDict:
       label_column="label",
       positive_label="",        # two classes: the label F1 scores; empty = the one the other negates
                                 # (equivalent, not_equivalent), else the second in sorted order
-      # -1: from the task (csv/jsonl: integer labels are class ids, strings are class names; numbers
-      # that are not all integers, e.g. 0.26, are refused: set 0); 0: regression; checked against the labels
+      # -1: from the task (csv/jsonl: the training labels; integer labels are class ids, strings are class
+      # names; numbers that are not all integers, e.g. 0.26, are refused: set 0); 0: regression; > 0: the
+      # classes, which may outnumber the training labels (a validation-only label is otherwise refused)
       num_classes=-1,
       validation_percent=20,    # hash split when a task has no validation split of its own
       max_train_examples=0,     # >0: train on a fixed subset of this many examples (label-scarce runs)
