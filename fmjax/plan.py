@@ -139,8 +139,11 @@ def tpu_devices(name: str):
   # Several processes on one host may load libtpu only with this set; the plan never runs on a TPU.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
+  # A v4 chip's two TensorCores run as one device (megacore), as on a real v4; libtpu's default
+  # description has a device per core, half a chip's HBM each.
+  kwargs = {"chip_config_name": "megacore"} if libtpu_name.startswith("v4:") else {}
   try:
-    topo = topologies.get_topology_desc(topology_name=libtpu_name, platform="tpu")
+    topo = topologies.get_topology_desc(topology_name=libtpu_name, platform="tpu", **kwargs)
   except Exception as e:  # libtpu reports a bad shape as a runtime error; keep its first line
     raise PlanError(f"libtpu cannot build topology {libtpu_name!r}: {str(e).splitlines()[0]}") from None
   return list(topo.devices), libtpu_name

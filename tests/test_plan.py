@@ -184,6 +184,13 @@ def test_plan_compiles_for_a_tpu_topology(seq_len, kernel):
   assert p["attention"] == kernel
 
 
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_a_v4_topology_has_a_device_per_chip():
+  """A v4 chip's two cores are one device (megacore) as when it runs: 4 chips, 4 devices of 32 GiB."""
+  devices, name = plan.tpu_devices("v4-8")
+  assert name == "v4:2x2x1" and len(devices) == 4
+
+
 def test_a_step_the_compiler_refuses_for_memory_is_a_plan_that_does_not_fit(monkeypatch):
   """A TPU compiler refuses a program that cannot fit: the plan says DOES NOT FIT with the estimate and
   what to change (it was an error telling the user to run plan)."""
