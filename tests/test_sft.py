@@ -182,14 +182,20 @@ def test_a_failed_start_leaves_no_trace_in_the_workdir(tmp_path, tmp_path_factor
            ([good, f"init_from={tmp_path / 'nowhere'}"], "holds no checkpoints/"),
            ([good, f"init_from={bert}"], "holds a bert model"),
            ([good, f"init_from={untrained}"], "holds no checkpoint;")]
+  _each_refused_leaving_no_trace(tmp_path, pretrain, cases)
+
+
+def _each_refused_leaving_no_trace(tmp_path, pretrain, cases, errors=ConfigError):
+  """Each (overrides, message) start fails in one line, making no workdir and changing none."""
   existing = tmp_path / "existing"
   existing.mkdir()
   (existing / "notes.txt").write_text("mine")
   for overrides, message in cases:
     for workdir in (tmp_path / "new", existing):
       config = config_lib.load_config("configs/sft.py", [f"init_from={pretrain}", "data.seq_len=32", *overrides])
-      with pytest.raises(ConfigError, match=message):
+      with pytest.raises(errors, match=message) as e:
         sft.run(config, str(workdir))
+      assert "\n" not in str(e.value)
       assert not (tmp_path / "new").exists(), overrides
       assert os.listdir(existing) == ["notes.txt"], overrides
 
@@ -216,17 +222,7 @@ def test_rows_that_all_outgrow_seq_len_or_a_damaged_init_from_refuse_the_start_u
            ([good, f"sft.eval_files={long}"],
             r"^every row of sft.eval_files='.*long.jsonl' has a prompt longer than data.seq_len=32 \(6 dropped\)"),
            ([good, "sft.eval_percent=-5"], r"^sft.eval_percent=-5 must be in \[0, 100\)")]
-  existing = tmp_path / "existing"
-  existing.mkdir()
-  (existing / "notes.txt").write_text("mine")
-  for overrides, message in cases:
-    for workdir in (tmp_path / "new", existing):
-      config = config_lib.load_config("configs/sft.py", [f"init_from={pretrain}", "data.seq_len=32", *overrides])
-      with pytest.raises((ConfigError, ValueError), match=message) as e:
-        sft.run(config, str(workdir))
-      assert "\n" not in str(e.value)
-      assert not (tmp_path / "new").exists(), overrides
-      assert os.listdir(existing) == ["notes.txt"], overrides
+  _each_refused_leaving_no_trace(tmp_path, pretrain, cases, errors=(ConfigError, ValueError))
 
 
 def test_a_held_out_split_whose_prompts_all_outgrow_seq_len_is_refused(tmp_path):
