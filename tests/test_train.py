@@ -200,12 +200,16 @@ def test_fused_loss_runs_each_devices_rows_alone_on_a_mesh(mesh, bias):
   assert all(size(s) <= V * D for s in gathered), gathered  # the head's weight, never the B*T*D hidden states
 
 
-@pytest.mark.parametrize("family,chunk", [("gpt", 48), ("bert", 20), ("bert", 4096)])
-def test_fused_loss_matches_full_logits(family, chunk):
+@pytest.mark.parametrize("family,chunk,more", [
+    ("gpt", 48, ()), ("bert", 20, ()), ("bert", 4096, ()),
+    ("gpt", 20, ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.grad_accum=2")),
+    ("bert", 20, ("mesh.data=1", "mesh.fsdp=8"))])
+def test_fused_loss_matches_full_logits(family, chunk, more):
   """The chunked LM-head loss (a fast path) gives the reference loss and the same update: GPT's
-  tied head, BERT's tied decoder with its bias, in several chunks (the last padded) or one."""
+  tied head, BERT's tied decoder with its bias, in several chunks (the last padded) or one, and on
+  meshes where each device loops over its own rows."""
   ref_state, ref = run_steps(tiny(family, *LINEAR_ADAM), 2)
-  state, fused = run_steps(tiny(family, f"model.fused_loss_chunk={chunk}", *LINEAR_ADAM), 2)
+  state, fused = run_steps(tiny(family, f"model.fused_loss_chunk={chunk}", *more, *LINEAR_ADAM), 2)
   np.testing.assert_allclose(fused, ref, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(ref_state["params"]), jax.tree.leaves(state["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
