@@ -406,6 +406,10 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
                    "not equal to, a TPU's or GPU's")
 
   config_lib.validate(config, num_devices)
+  if config.model.scan_layers and config.model.remat == "none":
+    notes.append("scan_layers with model.remat=none stacks every layer's saved activations (on a v5p, 1.6x the "
+                 "temporaries of unrolled layers for GPT-2 124M); a remat policy such as dots_no_batch or "
+                 "save_attention_out is scan's usual pair")
   mesh_sizes = sharding.mesh_shape(config, num_devices)
   dp = sharding.data_parallel_size(mesh_sizes)
   tx = optim.make_optimizer(config)

@@ -37,6 +37,8 @@ def test_plan_numbers_are_consistent(fsdp_plan):
   looped = plan.plan(tiny("model.scan_layers=true", "model.num_layers=8"), mesh="data=8")  # one layer of 8 counted
   assert looped["xla_flops_per_step"] / looped["flops_per_step"] < 0.7
   assert "(a lower bound: it counts a loop's body once, a Pallas kernel as 0)" in plan.format_plan(looped)
+  assert any(n.startswith("scan_layers with model.remat=none stacks every layer's") for n in looped["notes"])
+  assert not any("scan_layers" in n for n in p["notes"])
   mem = p["memory"]
   for key in ("params", "optimizer", "batch", "temp", "arguments", "peak", "temp_analytic"):
     assert mem[key] > 0, key
