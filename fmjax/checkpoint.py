@@ -379,8 +379,12 @@ class Checkpointer:
       _remove(torn, self.directory)
     if self._owner and jax.process_count() > 1:  # others must not list the directory while process 0 cleans it
       multihost_utils.sync_global_devices("fmjax_checkpointer_init")
-    # Every process reads the same committed file, so all of them remove the same steps.
-    self._at_stop = set(self._newest_if_saved_at_stop()) if self._owner else set()
+    # All processes must remove the same steps: process 0's reading of the newest step decides.
+    at_stop = self._newest_if_saved_at_stop() if self._owner else []
+    if self._owner and jax.process_count() > 1:
+      newest = int(multihost_utils.broadcast_one_to_all(np.int64(at_stop[0] if at_stop else -1)))
+      at_stop = [newest] if newest >= 0 else []
+    self._at_stop = set(at_stop)
     policies = [_KeepScheduled(keep if keep > 0 else None, self._at_stop)]
     if keep_period > 0:
       policies.append(ocp.checkpoint_managers.EveryNSteps(keep_period))

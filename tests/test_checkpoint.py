@@ -859,6 +859,29 @@ def test_two_process_preemption_agrees_on_step(tmp_path):
   ck.close()
 
 
+def test_two_processes_agree_on_which_stop_saves_go(tmp_path):
+  # Process 0 deletes what the preservation policy drops, but every process drops the same steps from
+  # its own Orbax listing: if the hosts decided apart, a host's listing would hold steps gone from disk.
+  both = lambda steps: {"disk": steps, "orbax": steps}
+  first = [_reported(out) for out in _run_two("stops2", tmp_path)]
+  assert first[0] == first[1], first  # the same on both hosts
+  assert first[0] == {"saved": [10, 20, 30, 32], "after": both([20, 30, 32])}
+  rerun = [_reported(out) for out in _run_two("stops2_rerun", tmp_path)]  # a restart, on both hosts
+  assert rerun[0] == rerun[1], rerun
+  assert rerun[0] == {"resumed": 32, "after_stop": both([20, 30, 33]),  # 32 went, the periodic ones stayed
+                      "resumed_again": 33, "after_periodic": both([30, 40])}  # keep=2 counts 30 and 40 only
+  assert ckpt_lib.saved_steps(str(tmp_path)) == [30, 40]
+
+
+def _reported(out: str) -> dict:
+  """What a worker saw: its `seen {...}` lines, each a JSON object, merged."""
+  seen = {}
+  for line in re.findall(r"^seen (.*)$", out, re.M):
+    seen.update(json.loads(line))
+  assert seen, out[-3000:]
+  return seen
+
+
 # ----------------------------------------------------------------------------- worker side
 
 
@@ -906,6 +929,40 @@ def _worker_main(mode: str, directory: str, port: str | None = None, process_id:
 
     cli.COMMANDS["toy_train"] = (toy_train, "")
     sys.exit(cli.main(["toy_train"]))
+  if mode in ("stops2", "stops2_rerun"):
+    sharding = NamedSharding(make_mesh((jax.device_count(),), ("data",)), P("data"))
+    value = lambda step: np.arange(8, dtype=np.float32) + step
+    state = lambda step: {"params": {"w": jax.make_array_from_callback((8,), sharding, lambda i: value(step)[i])}}
+    checkpointer = lambda: ckpt_lib.Checkpointer(directory, every_steps=10, keep=2, owner=True)
+
+    def steps(ck):
+      ck.wait()
+      return {"disk": ck.all_steps(), "orbax": sorted(ck._manager.all_steps())}  # Orbax's listing in this process
+
+    def restored(ck, step):
+      w = ck.restore(step, {"params": {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=sharding)}},
+                     items=("params",))["params"]["w"]
+      for shard in w.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), value(step)[shard.index])
+      return step
+
+    ck = checkpointer()
+    if mode == "stops2":
+      saved = [s for s in (10, 15, 20, 30, 32) if ck.save(s, state(s), {}, at_stop=s == 32)]
+      print("seen " + json.dumps({"saved": saved, "after": steps(ck)}), flush=True)
+    else:
+      seen = {"resumed": restored(ck, ck.latest_step())}
+      ck.save(33, state(33), {}, at_stop=True)  # stopped again right after resuming
+      seen["after_stop"] = steps(ck)
+      ck.close()
+      ck = checkpointer()
+      seen["resumed_again"] = restored(ck, ck.latest_step())
+      ck.save(40, state(40), {})
+      seen["after_periodic"] = steps(ck)
+      restored(ck, 40)
+      print("seen " + json.dumps(seen), flush=True)
+    ck.close()
+    return
   values = _two_process_values()
   if mode == "save2":
     arrays, _ = _place(values, make_mesh((8,), ("data",)))
