@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fmjax import cli, config_lib
+from fmjax import cli, config_lib, sharding
 from fmjax.config_lib import ConfigError
 
 
@@ -68,6 +68,19 @@ def test_bad_values_fail_before_compile():
     config_lib.load_config("configs/gpt.py:tiny", ["train.profile_steps=-1"])
   with pytest.raises(ConfigError, match="profile_start=100 is not before train.steps=50, so nothing would be traced"):
     config_lib.load_config("configs/gpt.py:tiny", ["train.steps=50", "train.profile_steps=3", "train.profile_start=100"])
+
+
+def test_a_minus_one_mesh_axis_takes_the_devices_left():
+  config = config_lib.load_config("configs/gpt.py:tiny", ["mesh.data=-1", "mesh.fsdp=2", "mesh.tensor=2"])
+  sizes = sharding.mesh_shape(config, 16)
+  assert sizes == {"dcn_data": 1, "data": 4, "fsdp": 2, "tensor": 2}
+  assert sharding.data_parallel_size(sizes) == 8  # data x fsdp; tensor-parallel devices share rows
+  with pytest.raises(ConfigError, match=r"fixed axes \(4 devices\) do not divide the 6 available"):
+    sharding.mesh_shape(config, 6)
+  # The batch divides by data x fsdp (8 ways on 16 devices), not by data alone.
+  with pytest.raises(ConfigError, match="does not divide by the data-parallel size 8"):
+    config_lib.validate(config_lib.load_config("configs/gpt.py:tiny", [
+        "mesh.data=-1", "mesh.fsdp=2", "mesh.tensor=2", "train.batch_size=12"]), 16)
 
 
 @pytest.mark.parametrize("text,error", [

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fmjax import checkpoint as ckpt_lib, cli, config_lib, finetune, metrics as metrics_lib, models, sweep
+from fmjax import checkpoint as ckpt_lib, cli, config_lib, finetune, metrics as metrics_lib, models, sweep, tasks
 from fmjax.config_lib import ConfigError
 import fmjax.data as data
 
@@ -484,6 +484,28 @@ def test_batches_are_a_pure_function_of_seed_and_step():
   epoch = np.concatenate([finetune.batch_indices(10, 5, seed=3, step=s) for s in range(2)])
   assert sorted(epoch) == list(range(10))  # one epoch visits every example once
   assert not np.array_equal(finetune.batch_indices(10, 5, seed=4, step=0), epoch[:5])
+
+
+def test_each_epoch_is_a_new_permutation():
+  n, B = 10, 4
+  ids = np.concatenate([finetune.batch_indices(n, B, seed=3, step=s) for s in range(5)])  # 2 epochs of 10
+  first, second = ids[:n], ids[n:]
+  assert sorted(first) == sorted(second) == list(range(n))
+  assert not np.array_equal(first, second)  # reshuffled, not the same order every epoch
+
+
+def test_task_metrics_score_the_logits():
+  logits = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 3.0], [0.5, -1.0], [-2.0, 1.0]])
+  labels = np.array([0.0, 0.0, 1.0, 1.0, 1.0])  # predictions 0, 1, 1, 0, 1
+  task = tasks.Task("t", ("text",), 2, ("f1", "accuracy"), {}, ("equivalent", "not_equivalent"), positive=0)
+  m = finetune.task_metrics(task, logits, labels)
+  # F1 of class 0: tp 1 (row 0), fp 1 (row 3), fn 1 (row 1).
+  assert m["f1"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 1)) and m["accuracy"] == pytest.approx(3 / 5)
+  nll = [np.log(np.exp(row).sum()) - row[int(y)] for row, y in zip(logits, labels)]
+  assert m["loss"] == pytest.approx(np.mean(nll))
+  reg = tasks.Task("r", ("text",), 0, ("pearson",), {})
+  scores, gold = np.array([[1.0], [2.0], [4.0]]), np.array([1.5, 2.0, 3.0])
+  assert finetune.task_metrics(reg, scores, gold)["loss"] == pytest.approx((0.25 + 0 + 1) / 3)
 
 
 def test_sweep_summary_reports_mean_and_std_per_task(tmp_path):

@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from fmjax import config_lib, finetune, optim, peft, sharding, train
+from fmjax import config_lib, finetune, models, optim, peft, sharding, train
 from fmjax.config_lib import ConfigError
 
 C = 3  # classes
@@ -65,6 +65,27 @@ def test_lora_merge_equals_unmerged_forward(family):
   np.testing.assert_allclose(logits(plain, b), unmerged, atol=2e-5, rtol=1e-5)
 
 
+def test_lora_dense_adds_the_scaled_low_rank_update():
+  """y = x.W + b + (alpha/r) (x.A).B, B zero at init; merge_lora folds it into W."""
+  D, F, r, alpha = 8, 6, 2, 5.0
+  with nnx.use_eager_sharding(False):
+    base = models.Dense((D,), (F,), (None, None), std=0.5, rngs=nnx.Rngs(params=0))
+    layer = peft.LoRADense(base, rank=r, alpha=alpha, rngs=nnx.Rngs(params=1))
+  layer.bias[...] = jnp.arange(F, dtype=jnp.float32)
+  W, b, A = (np.asarray(p[...], np.float64) for p in (layer.kernel, layer.bias, layer.lora_a))
+  x = np.random.default_rng(0).normal(size=(3, D))
+  assert A.shape == (D, r) and A.std() > 0
+  np.testing.assert_array_equal(np.asarray(layer.lora_b[...]), 0.0)  # starts as the wrapped layer
+  np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x, jnp.float32))), x @ W + b, atol=1e-5)
+  B = np.random.default_rng(1).normal(size=(r, F))
+  layer.lora_b[...] = jnp.asarray(B, jnp.float32)
+  want = x @ W + b + alpha / r * (x @ A @ B)
+  np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x, jnp.float32))), want, rtol=1e-5, atol=1e-5)
+  merged = peft.merge_lora({"kernel": W.astype(np.float32), "bias": b, "lora_a": A, "lora_b": B}, alpha, r)
+  assert set(merged) == {"kernel", "bias"}
+  np.testing.assert_allclose(np.asarray(merged["kernel"]), W + alpha / r * A @ B, rtol=1e-5, atol=1e-5)
+
+
 def test_adapters_start_as_the_identity():
   b = batch()
   plain = logits(finetune.model_factory(tiny(), C)(), b)
@@ -120,6 +141,28 @@ def test_trainable_counts():
   head_only, total_head = peft.count(abstract, "head")
   assert head_only == D * D + D + D * C + C and total_head == total
   assert peft.count(abstract, "none") == (total, total)
+
+
+def test_trainable_counts_of_adapter_and_bitfit():
+  D, F, L, m = 32, 64, 2, 16
+  abstract = lambda mode: nnx.to_pure_dict(nnx.state(
+      nnx.eval_shape(finetune.model_factory(tiny("bert", f"finetune.peft={mode}"), C)), nnx.Param))
+  pooler_and_head = D * D + D + D * C + C
+  # Adapters on attention.out and mlp.proj: down D*m + m, up m*D + D; layer norms (embeddings', two
+  # per layer) train too, scale and bias.
+  adapters = L * 2 * (D * m + m + m * D + D)
+  norms = 2 * D + L * 2 * 2 * D
+  assert peft.count(abstract("adapter"), "adapter")[0] == adapters + norms + pooler_and_head
+  # BitFit: only biases, i.e. qkv 3D, out D, fc F, proj D and two layer-norm biases per layer,
+  # the embeddings' layer-norm bias; no embedding table or layer-norm scale.
+  biases = L * (3 * D + D + F + D + 2 * D) + D
+  assert peft.count(abstract("bitfit"), "bitfit")[0] == biases + pooler_and_head
+
+
+def test_peft_targets_never_wrap_the_task_head():
+  model = finetune.model_factory(tiny("bert", "finetune.peft=lora", "finetune.lora_targets=('*',)"), C)()
+  assert any(isinstance(m, peft.LoRADense) for _, m in nnx.iter_graph(model))
+  assert type(model.head) is models.Dense  # new and fully trained: a low-rank update of it would only add params
 
 
 def test_target_matching_no_module_lists_module_names():

@@ -64,6 +64,18 @@ def test_correlations_match_scipy_golden_values():
     tasks.compute_metrics(("bleu",), [1], [1])
 
 
+def test_hash_split_holds_out_about_the_percent_asked():
+  examples = [((f"sentence {i}", f"other {i % 7}"), float(i % 2)) for i in range(2000)]
+  split = tasks.hash_split(examples, 10)
+  assert 150 <= len(split["validation"]) <= 250  # Binomial(2000, 0.1): 200 +- 13
+  assert sorted(split["train"] + split["validation"]) == sorted(examples) and tasks.hash_split(examples, 10) == split
+  few = tasks.hash_split(examples[:3], 0)  # a tiny task still gets one validation example
+  assert len(few["validation"]) == 1 and len(few["train"]) == 2
+  # The whole text decides: pairs that share their first sentence are split like any others.
+  pairs = tasks.hash_split([(("the same first sentence", f"second {i}"), 0.0) for i in range(200)], 50)
+  assert 50 <= len(pairs["validation"]) <= 150
+
+
 def test_offline_task_has_real_labelled_text_and_a_stable_split(cache_dir):
   task = tasks.load_task(ft_config(cache_dir))
   train, val = task.splits["train"], task.splits["validation"]
@@ -236,6 +248,13 @@ def test_a_validation_label_no_training_example_has_is_refused_unless_counted(tm
       tasks.load_task(ft_config(cache_dir, *files, f"task.num_classes={declared}"))
   task = tasks.load_task(ft_config(cache_dir, *files, "task.num_classes=6"))
   assert task.num_classes == 6 and task.label_names == tuple("012345")
+
+
+def test_integer_labels_name_every_declared_class(tmp_path, cache_dir):
+  """A declared head larger than the training ids names all its classes (an export's id2label needs each)."""
+  path = _write_jsonl(tmp_path / "ids.jsonl", [{"sentence": f"s {i}", "label": i % 2} for i in range(20)])
+  task = tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.num_classes=4"))
+  assert task.num_classes == 4 and task.label_names == ("0", "1", "2", "3")
 
 
 def test_a_label_column_of_mostly_distinct_values_is_refused(tmp_path, cache_dir):

@@ -143,6 +143,16 @@ def test_shard_shapes(mesh):
   assert mu_leaf.sharding.spec == params["h/blocks/0/mlp/fc/kernel"].sharding.spec
 
 
+def test_batch_rows_split_over_every_data_parallel_axis():
+  config = tiny("gpt", "mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2")
+  mesh = sharding.make_mesh(config, jax.devices()[:8])
+  assert sharding.batch_sharding(mesh).shard_shape((8, 32)) == (2, 32)  # 2 x 2 ways; tensor devices share rows
+  # The default rules split the activations' rows the same way.
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_rules(config)):
+    h_BTD = jax.jit(lambda x: models._constrain(x * 2, ("batch", "length", None)))(jnp.ones((8, 32, 4)))
+  assert h_BTD.sharding.shard_shape(h_BTD.shape) == (2, 32, 4)
+
+
 @pytest.mark.parametrize("family,mesh", [("gpt", (1, 4, 2)), ("bert", (2, 1, 4)), ("bert", (1, 8, 1))])
 def test_sharded_step_matches_one_device(family, mesh):
   d, f, t = mesh
