@@ -354,8 +354,8 @@ def check_pretraining_step(config, command: str) -> None:
 def check_command(config, command: str) -> None:
   """One line when a config goes to the wrong command: a fine-tuning config (it has `task`) is for
   `fmjax finetune`, an SFT config (`sft`) for `fmjax sft`, a pretraining config for `fmjax train`."""
-  if command not in ("train", *_COMMAND_OF):
-    known = ("train", *_COMMAND_OF)
+  known = ("train", *_COMMAND_OF)
+  if command not in known:
     close = difflib.get_close_matches(command, known, n=1)
     raise ConfigError(f"command {command!r} is not one of {', '.join(known)}"
                       + (f"; did you mean {close[0]!r}?" if close else ""))

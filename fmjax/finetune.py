@@ -566,10 +566,11 @@ def _finetune_config(workdir: str, overrides: Sequence[str] = ()):
   """(config, task) of a finetune workdir, from its config.json; `overrides` (`task.files=...`) say where
   its task files are now."""
   from fmjax import data
-  saved = files.read_json(os.path.join(workdir, "config.json"))
+  path = os.path.join(workdir, "config.json")
+  saved = files.read_json(path)
   if saved is None:
     raise ConfigError(f"{workdir} has no config.json; pass the --workdir of a `fmjax finetune` run")
-  config = ml_collections.ConfigDict(data.resolve_tokenizer_path(saved, workdir))
+  config = ml_collections.ConfigDict(data.resolve_tokenizer_path(config_lib.check_saved(saved, path), workdir))
   if not is_classifier_run(config):
     raise ConfigError(f"{workdir} is not a `fmjax finetune` workdir (its config.json has no task/finetune); "
                       "pass the --workdir of a `fmjax finetune` run")

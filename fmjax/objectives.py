@@ -104,10 +104,9 @@ def _fused_bwd(chunk, residuals, cotangents):
 fused_lm_head_loss.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _row_axes(n_rows: int, batch_rows: int) -> tuple[str, ...]:
-  """Mesh axes to split the loss's rows over: those the batch is sharded on, then any other axis
+def _row_axes(mesh, n_rows: int, batch_rows: int) -> tuple[str, ...]:
+  """Axes of `mesh` to split the loss's rows over: those the batch is sharded on, then any other axis
   (tensor, or one the batch did not divide) while the rows still divide evenly."""
-  mesh = jax.sharding.get_abstract_mesh()
   spec = attention.logical_spec(("batch",), (batch_rows,))
   axes = () if spec is None or spec[0] is None else (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
   for name in mesh.axis_names:
@@ -129,7 +128,7 @@ def fused_cross_entropy(x_BXD, w_VD, b_V, targets_BX, weights_BX, chunk: int):
   d = x_BXD.shape[-1]
   x_ND, t_N, wt_N = x_BXD.reshape(-1, d), targets_BX.reshape(-1), weights_BX.reshape(-1)
   mesh = jax.sharding.get_abstract_mesh()
-  axes = () if mesh.empty or mesh.size == 1 else _row_axes(x_ND.shape[0], x_BXD.shape[0])
+  axes = () if mesh.empty or mesh.size == 1 else _row_axes(mesh, x_ND.shape[0], x_BXD.shape[0])
   if not axes:
     loss, correct = fused_lm_head_loss(x_ND, w_VD, b_V, t_N, wt_N, chunk)
     return loss, jnp.sum(weights_BX), correct
