@@ -23,6 +23,7 @@ formula, and the output says so.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -433,7 +434,7 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   memory = {"params": param_bytes, "optimizer": opt_bytes, "batch": batch_bytes,
             "temp_analytic": analytic_temp,
             "peak_analytic": param_bytes + opt_bytes + batch_bytes + analytic_temp}
-  xla_flops, refused = None, None
+  xla_flops, refused, comm = None, None, None
   if compiled_ok:
     try:
       with compiling_for_gpu() if gpu else attention.compiling_for(platform):
@@ -451,6 +452,7 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
                   aliased=stats.alias_size_in_bytes, temp=stats.temp_size_in_bytes, code=code,
                   peak=(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
                         + stats.temp_size_in_bytes + code))
+    comm = collectives(compiled.as_text())
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and cost.get("flops"):
@@ -478,8 +480,112 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
                                     or config.train.grad_accum > 1 or kernel == "splash"),
       "hbm_gib": hbm_gib, "hbm_source": hbm_source,
       "fits": False if refused else None if hbm_gib is None else peak <= hbm_gib * GiB,
-      "groups": groups(param_leaves), "notes": notes,
+      "groups": groups(param_leaves), "notes": notes, "collectives": comm,
   }
+
+
+# ----------------------------------------------------------------------------- collectives
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
+_COLLECTIVE = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_CALLEES = re.compile(r"\b(calls|body|condition|to_apply|called_computations|branch_computations)="
+                      r"(\{[^}]*\}|%[\w.\-]+)")
+
+
+def _array_bytes(type_text: str) -> int:
+  return sum(_DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+             for dtype, dims in re.findall(r"\b([a-z]+\d*[a-z\d]*)\[([\d,]*)\]", type_text))
+
+
+def _top_level(type_text: str) -> list[str]:
+  """The elements of a tuple type `(a, (b, c), d)`; `[type_text]` when it is not a tuple."""
+  if not type_text.startswith("("):
+    return [type_text]
+  parts, depth, start = [], 0, 1
+  for i, ch in enumerate(type_text):
+    depth += ch in "([{"
+    depth -= ch in ")]}"
+    if (ch == "," and depth == 1) or depth == 0:
+      parts.append(type_text[start:i].strip())
+      start = i + 1
+    if depth == 0:
+      break
+  return [p for p in parts if p]
+
+
+def _group_size(line: str) -> int:
+  """Devices in each replica group of a collective, from any of the ways XLA prints them."""
+  if m := re.search(r"replica_groups=\{\{([\d,]*)\}", line):
+    return len(m.group(1).split(","))
+  if m := re.search(r"replica_groups=\[\d+,(\d+)\]<=", line):
+    return int(m.group(1))
+  if m := re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\S+)? \{([^}]*)\}", line):
+    sizes = {k.strip("' "): int(v) for k, v in (a.split("=") for a in m.group(1).split(","))}
+    return math.prod(sizes[a.strip("' ")] for a in m.group(2).split(",") if a.strip())
+  if m := re.search(r"source_target_pairs=\{([^}]*)\}", line):
+    return 2
+  return 1
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+  """The collectives a compiled step runs on each device, read from its optimized HLO text.
+
+  For each kind: `count`, `bytes` (the whole buffer: an all-gather's result, a reduce-scatter's or
+  all-reduce's operand) and `sent`, a ring estimate of what each device sends: (n-1)/n of the
+  buffer over a group of n, twice that for an all-reduce, all of it for a collective-permute. A
+  while loop's body counts its known trip count times (once where XLA does not know it); a
+  collective over a group of one, none. A TPU `all-reduce-scatter` fusion, an all-reduce and a
+  slice in the text, is a reduce-scatter.
+  """
+  found, calls, name = collections.defaultdict(list), collections.defaultdict(list), None
+  for line in hlo_text.splitlines():
+    if (m := _COMPUTATION.match(line)) and line.rstrip().endswith("{"):
+      name = m.group(1)
+      continue
+    if name is None:
+      continue
+    trips = 1
+    if " while(" in line and (t := re.search(r'"known_trip_count":\{"n":"(\d+)"', line)):
+      trips = int(t.group(1))
+    for key, names in _CALLEES.findall(line):
+      calls[name] += [(callee, trips if key == "body" else 1) for callee in re.findall(r"%([\w.\-]+)", names)]
+    if not (m := _COLLECTIVE.search(line)):
+      continue
+    type_text, kind, start = m.group(1), m.group(2), m.group(3)
+    n = _group_size(line)
+    if name.startswith("all-reduce-scatter"):
+      kind = "reduce-scatter"  # the result is the whole sum; the fusion's slice keeps 1/n of it
+    parts = _top_level(type_text)
+    if start and len(parts) >= 2:  # (operands, results, ...): async start
+      operand, result = _array_bytes(parts[0]), _array_bytes(parts[1])
+    else:
+      result = _array_bytes(type_text)
+      operand = result * n if kind == "reduce-scatter" and not name.startswith("all-reduce-scatter") else result
+    buffer = result if kind in ("all-gather", "all-to-all") else operand
+    found[name].append((kind, n, buffer))
+
+  entry = next((m.group(1) for l in hlo_text.splitlines() if l.startswith("ENTRY ")
+                for m in [_COMPUTATION.match(l)] if m), None)
+  times: dict[str, int] = collections.Counter()
+  stack = [(entry, 1)] if entry else []
+  while stack:  # every call path from the entry, each multiplying its loops' trip counts
+    comp, k = stack.pop()
+    times[comp] += k
+    stack += [(callee, k * t) for callee, t in calls.get(comp, ())]
+  out: dict[str, dict[str, float]] = {}
+  for comp, ops in found.items():
+    for kind, n, buffer in ops:
+      if n <= 1 or not times.get(comp):
+        continue
+      row = out.setdefault(kind, {"count": 0, "bytes": 0, "sent": 0.0})
+      row["count"] += times[comp]
+      row["bytes"] += times[comp] * buffer
+      share = 1.0 if kind == "collective-permute" else (n - 1) / n * (2 if kind == "all-reduce" else 1)
+      row["sent"] += times[comp] * buffer * share
+  return {kind: out[kind] for kind in COLLECTIVES if kind in out}
 
 
 def _out_of_memory_at_compile(e: BaseException) -> str | None:
@@ -562,6 +668,12 @@ def format_plan(p: dict) -> str:
     if not p["fits"]:
       lines.append("                  to fit: raise train.grad_accum (fewer rows at once, the same batch), set "
                    "model.remat=dots_no_batch or full, or shard the state over more devices (mesh.fsdp)")
+  if p.get("collectives") is not None:
+    comm = p["collectives"]
+    kinds = ", ".join(f"{k} {int(v['count'])} ({_b(v['bytes'])})" for k, v in comm.items())
+    sent = _b(sum(v["sent"] for v in comm.values()))
+    lines.append("  collectives     " + (f"a step, each device: {kinds}; about {sent} sent (ring estimate)"
+                                         if comm else "none"))
   lines.append("  parameter shardings (per-device shard):")
   width = max(len(g["group"]) for g in p["groups"])
   for g in p["groups"]:
@@ -572,22 +684,23 @@ def format_plan(p: dict) -> str:
 
 
 def cli(argv: list[str]) -> int:
-  """`fmjax plan --config=... [--mesh=data=2,fsdp=4 | --topology=v5p-128 | --gpu=h100x8] [--hbm_gib=G]
+  """`fmjax plan --config=... [--mesh=data=2,fsdp=4] [--topology=v5p-128 | --gpu=h100x8] [--hbm_gib=G]
   [--config.a=b ...]`."""
   import jax
   from fmjax.cli import _split_overrides
   rest, overrides = _split_overrides(argv)
   p = argparse.ArgumentParser(prog="fmjax plan")
   p.add_argument("--config", required=True, help="configs/NAME.py[:args]")
+  p.add_argument("--mesh", default=None, help="mesh axis sizes, e.g. data=2,fsdp=4: on this host's devices (faked "
+                 "on a CPU host), or on the --topology or --gpu given")
   target = p.add_mutually_exclusive_group()
-  target.add_argument("--mesh", default=None, help="mesh axis sizes, e.g. data=2,fsdp=4 (fake CPU devices here)")
   target.add_argument("--topology", default=None, help="TPU to compile for: v5p-128 or v5p:4x4x4 (needs libtpu)")
   target.add_argument("--gpu", default=None, help="GPUs to compile for: h100 or h100x8 (needs JAX's CUDA plugin)")
   p.add_argument("--hbm_gib", type=float, default=None, help="HBM per device to judge fit (default: by device)")
   args = p.parse_args(rest)
   config = config_lib.load_config(args.config, overrides)
   devices = None
-  if args.mesh:
+  if args.mesh and not (args.topology or args.gpu):
     wanted = math.prod(abs(s) for s in parse_mesh(args.mesh).values())
     if wanted > MAX_FAKE_DEVICES and len(jax.devices()) < wanted:
       raise PlanError(f"--mesh={args.mesh} needs {wanted:,} devices, more than the {MAX_FAKE_DEVICES} CPU devices "

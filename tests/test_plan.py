@@ -69,6 +69,69 @@ def test_plan_fit_verdict_and_groups(fsdp_plan):
   assert "h/blocks/*/mlp/fc/kernel" in text and "(fsdp, tensor)" in text
 
 
+# Every way the collectives of a step print: sync and async, combined, in loops (nested), a TPU
+# all-reduce-scatter fusion, each form of replica groups, and a group of one, which moves nothing.
+COLLECTIVES_HLO = """HloModule m
+
+%body2 (p: (s32[], bf16[64,8])) -> (s32[], bf16[64,8]) {
+  %ag = bf16[64,8]{1,0} all-gather(%y), channel_id=2, replica_groups=[2,4]<=[8], dimensions={0}
+}
+
+%body (p: (s32[], f32[1024])) -> (s32[], f32[1024]) {
+  %ar = f32[1024]{0} all-reduce(%x), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
+  %inner = (s32[], bf16[64,8]) while(%t), condition=%cond2, body=%body2, backend_config={"known_trip_count":{"n":"5"}}
+}
+
+%all-reduce-scatter (input: f32[400]) -> f32[100] {
+  %ar2 = f32[400]{0} all-reduce(%input), channel_id=3, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}
+  ROOT %ds = f32[100]{0} dynamic-slice(%ar2, %i), dynamic_slice_sizes={100}
+}
+
+%unused (p: f32[8]) -> f32[8] {
+  %never = f32[8]{0} all-reduce(%p), channel_id=9, replica_groups={{0,1}}
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[1024]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %rs = ((f32[768,64]{1,0}), f32[96,64]{1,0}) reduce-scatter-start(%g), channel_id=4, replica_groups={{0,1,2,3,4,5,6,7}}
+  %ag2 = (bf16[16,8]{1,0}, bf16[128,8]{1,0}) all-gather-start(%h), channel_id=5, replica_groups={{0,1,2,3,4,5,6,7}}
+  %f = f32[100]{0} fusion(%z), kind=kCustom, calls=%all-reduce-scatter
+  %one = f32[10]{0} all-reduce(%q), channel_id=6, replica_groups={{0}}, to_apply=%add
+  %perm = f32[256]{0} collective-permute(%r), channel_id=7, source_target_pairs={{0,1},{1,0}}
+  %rsync = f32[32]{0} reduce-scatter(%s), channel_id=8, replica_groups=mesh['axis_0'=2,'axis_1'=4], \
+device_ids=([2,4]T(1,0)) {'axis_0','axis_1'}, dimensions={0}
+}
+"""
+
+
+def test_collectives_read_off_the_compiled_text():
+  got = plan.collectives(COLLECTIVES_HLO)
+  assert list(got) == ["all-gather", "reduce-scatter", "all-reduce", "collective-permute"]
+  # 3 trips of the outer loop; the inner loop's all-gather 3 x 5 times, over groups of 4.
+  assert got["all-reduce"] == {"count": 3, "bytes": 3 * 4096, "sent": 3 * 4096 * 2 * 3 / 4}
+  assert got["all-gather"] == {"count": 16, "bytes": 15 * 1024 + 2048, "sent": 15 * 1024 * 3 / 4 + 2048 * 7 / 8}
+  # An async start's operand (the whole buffer), the TPU fusion's all-reduce, a sync one's result x 8.
+  assert got["reduce-scatter"] == {"count": 3, "bytes": 196608 + 1600 + 1024,
+                                   "sent": 196608 * 7 / 8 + 1600 * 3 / 4 + 1024 * 7 / 8}
+  assert got["collective-permute"] == {"count": 1, "bytes": 1024, "sent": 1024}
+  assert plan.collectives("HloModule m\n\nENTRY %main (a: f32[8]) -> f32[8] {\n}\n") == {}
+
+
+def test_plan_counts_the_collectives_of_each_mesh(fsdp_plan):
+  """Data parallel all-reduces every gradient and gathers nothing; FSDP gathers the parameters; one
+  device has none. The plan prints them, a step on each device."""
+  _, p = fsdp_plan
+  assert "all-gather" in p["collectives"] and "all-reduce" in p["collectives"]
+  dp = plan.plan(tiny(), mesh="data=8")
+  params = dp["memory"]["params"]  # float32, whole on each device
+  assert list(dp["collectives"]) == ["all-reduce"]
+  assert params <= dp["collectives"]["all-reduce"]["bytes"] <= 2 * params
+  text = plan.format_plan(dp)
+  assert "collectives     a step, each device: all-reduce " in text and "sent (ring estimate)" in text
+  one = plan.plan(tiny(), mesh="data=1")
+  assert one["collectives"] == {} and "collectives     none" in plan.format_plan(one)
+
+
 def test_layout_without_devices():
   config = tiny()
   sizes = {"dcn_data": 1, "data": 2, "fsdp": 1, "tensor": 4}
@@ -80,7 +143,7 @@ def test_layout_without_devices():
   assert sum(l.shard_bytes for l in opt) >= 2 * sum(l.shard_bytes for l in params)
 
 
-def test_analytic_fallback_without_libtpu(monkeypatch):
+def test_analytic_fallback_without_libtpu(monkeypatch, capsys):
   monkeypatch.setattr(plan, "tpu_devices", lambda name: (None, plan.topology_name(name)[0]))
   p = plan.plan(tiny("mesh.data=-1"), topology="v5p-16")
   assert not p["compiled"] and p["num_devices"] == 8 and p["hbm_gib"] == 95
@@ -88,6 +151,11 @@ def test_analytic_fallback_without_libtpu(monkeypatch):
   assert p["fits"] is True
   text = plan.format_plan(p)
   assert "ANALYTIC ESTIMATE" in text and "pip install libtpu" in text
+  assert "collectives" not in text  # nothing compiled, nothing to read them from
+  # --mesh lays the mesh out on the topology (it was refused alongside --topology).
+  plan.cli(["--config=configs/gpt.py:tiny", "--topology=v5p-16", "--mesh=data=2,fsdp=4"]
+           + [f"--config.{o}" for o in TINY])
+  assert "on TPU topology v5p:2x2x2 (v5p-16), mesh dcn_data=1 data=2 fsdp=4 tensor=1" in capsys.readouterr().out
   # On a TPU "auto" is splash, which keeps no attention scores, where the lengths allow it.
   assert p["attention"] == "xla" and "attention       xla" in text  # seq 32: not a multiple of 128
   aligned = plan.plan(tiny("mesh.data=-1", "data.seq_len=128", "model.max_len=128"), topology="v5p-16")
