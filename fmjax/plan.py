@@ -525,7 +525,7 @@ def _group_size(line: str) -> int:
   if m := re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\S+)? \{([^}]*)\}", line):
     sizes = {k.strip("' "): int(v) for k, v in (a.split("=") for a in m.group(1).split(","))}
     return math.prod(sizes[a.strip("' ")] for a in m.group(2).split(",") if a.strip())
-  if m := re.search(r"source_target_pairs=\{([^}]*)\}", line):
+  if "source_target_pairs=" in line:
     return 2
   return 1
 
