@@ -233,6 +233,31 @@ def _quiet_failed_writes(directory: epath.Path) -> None:
 
 
 _failed_reads = False  # a restore failed on a damaged step: its other reads end with nobody to hear them
+_reading_from: set[str] = set()  # the directories Checkpointers in this process read steps from
+
+
+class _DamagedStepReads(std_logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for the reads of a damaged step: Orbax
+  reads a step's arrays in concurrent tasks, and when one fails the others' errors are collected
+  unretrieved, at times before the first one reaches `_reading`, which names the damage in one line."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    seen = record.exc_info[1] if record.exc_info else None
+    while seen is not None:
+      text = str(seen)
+      if any(d in text and _damage(seen, epath.Path(d)) for d in _reading_from):
+        return False
+      seen = seen.__cause__ or seen.__context__
+    return True
+
+
+def _quiet_damaged_reads(directory: epath.Path) -> None:
+  """Before a read of `directory`'s steps: a damaged step's other failed reads say nothing (`_DamagedStepReads`)."""
+  _reading_from.add(str(directory))
+  logger = std_logging.getLogger("asyncio")
+  if not any(isinstance(f, _DamagedStepReads) for f in logger.filters):
+    logger.addFilter(_DamagedStepReads())
+  _quiet_closed_event_loops()
 
 
 class _UnreadableStepMetadata(std_logging.Filter):
@@ -578,7 +603,7 @@ class Checkpointer:
   @contextlib.contextmanager
   def _reading(self, step: int):
     """Turns Orbax's and tensorstore's errors about missing or broken files of `step` into `_damaged`."""
-    _quiet_closed_event_loops()
+    _quiet_damaged_reads(self.directory)
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except  # Orbax wraps tensorstore's errors in a bare Exception

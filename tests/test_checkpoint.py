@@ -6,10 +6,13 @@ laid out as the train loop saves it: `{"step", "params": pure dict, "opt_state":
 This file doubles as the worker script of its subprocess tests (`python test_checkpoint.py MODE ...`).
 """
 
+import asyncio
+import gc
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -574,6 +577,38 @@ def test_damaged_step_is_named_with_the_intact_ones_in_one_line(tmp_path, damage
       rf"out of {re.escape(str(tmp_path))} to resume from step 2, or read that step instead \(--step=2, "
       r"init_from_step=2\); the other committed steps are \[1, 2\]$", msg), msg
   assert ckpt_lib.Checkpointer(tmp_path).all_steps() == [1, 2, 3]  # no step moved or deleted behind the user's back
+
+
+def test_the_other_failed_reads_of_a_damaged_step_log_nothing(tmp_path, caplog):
+  """Orbax reads a step's arrays in concurrent tasks; when the step is damaged, the errors of the
+  reads that failed beside the first are logged by asyncio as "never retrieved" once their tasks
+  are collected, at times before the first error reaches fmjax: none of them may show."""
+  ck = ckpt_lib.Checkpointer(tmp_path / "saved", async_save=False, owner=True)
+  for step in (1, 2):
+    ck.save(step, {"params": {"w": jnp.ones(3)}}, {}, force=True)
+  ck.close()
+  directory = tmp_path / "copied"  # as in a resume, which has saved nothing yet
+  shutil.copytree(tmp_path / "saved", directory)
+  caplog.set_level(logging.ERROR, logger="asyncio")  # as before any damaged read in this process
+  damaged = lambda: ValueError(f'OUT_OF_RANGE: Error reading "w/0" in OCDBT database at local file '
+                               f'"{directory}/2/params/"')
+
+  async def read():
+    raise damaged()
+
+  reader = ckpt_lib.Checkpointer(directory)
+  with pytest.raises(ckpt_lib.CheckpointDamagedError, match=r"step 2 .* is damaged \(OUT_OF_RANGE reading params"):
+    with reader._reading(2):
+      loop = asyncio.new_event_loop()
+      other = loop.create_task(read())
+      loop.run_until_complete(asyncio.sleep(0.01))
+      assert other.done()
+      loop.close()
+      del other
+      gc.collect()  # the unretrieved task goes before the first error is raised
+      raise damaged()
+  reader.close()
+  assert "never retrieved" not in caplog.text, caplog.text
 
 
 def test_workdir_lock_is_exclusive_and_names_the_holder(tmp_path):

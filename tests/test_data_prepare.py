@@ -4,6 +4,7 @@ import glob
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -566,3 +567,41 @@ def test_a_resume_on_other_rows_is_told(tmp_path, caplog):
     assert not [r for r in caplog.records if r.name == "fmjax"]
     train._check_data(parts, (5, {}, []))
     assert "this run's checkpoint is older than parts" in caplog.text
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_a_cache_damaged_since_it_was_prepared_is_one_line_or_made_again(tmp_path, family):
+  """A resume reads the cache its run prepared: a file of it cut short, garbled or gone is one line
+  naming the entry to delete (not an IndexError at some batch), and an entry that lost its
+  meta.json is made again, with the same rows."""
+  write_corpus(tmp_path / "corpus")
+  config = tiny(family, tmp_path / "cache", **{
+      "data.dataset": "text_files", "data.files": f"{tmp_path}/corpus/*.jsonl", "data.feature": "body",
+      "data.seq_len": 32, "data.tokenizer.vocab_size": 300, "data.prepare_workers": 1})
+  path = data.prepare(config)
+  pristine, whole = str(tmp_path / "pristine"), arrays(path)
+  shutil.copytree(path, pristine)
+
+  def cut(name, size):
+    with open(os.path.join(path, name), "r+b") as f:
+      f.truncate(size)
+
+  damages = [
+      (lambda: cut("train/part-00000/tokens.bin", 100), "train",
+       r"part-00000/tokens\.bin holds 50 elements where its meta\.json counts \d+: the prepared cache is damaged"),
+      (lambda: cut("meta.json", 20), "fingerprint", r"is damaged \(meta\.json does not parse: "),
+      (lambda: cut("train/meta.json", 20), "train", r"is damaged \(train/meta\.json does not parse: "),
+      (lambda: os.remove(os.path.join(path, "tokenizer", "tokenizer.json")), "fingerprint",
+       r"is damaged \(tokenizer/tokenizer\.json is missing\)"),
+  ]
+  for damage, read, match in damages:
+    damage()
+    with pytest.raises(config_lib.ConfigError, match=match) as e:
+      packing.fingerprint(path) if read == "fingerprint" else data.make_loader(config, "train", batch_size=4)
+    assert "\n" not in str(e.value) and str(e.value).endswith("to prepare it again"), e.value
+    assert path in str(e.value)
+    shutil.rmtree(path)
+    shutil.copytree(pristine, path)
+  os.remove(os.path.join(path, "meta.json"))
+  assert data.prepare(config) == path and arrays(path) == whole
+  assert packing.fingerprint(path) == packing.fingerprint(pristine)

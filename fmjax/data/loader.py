@@ -13,7 +13,6 @@ and resuming at step s needs nothing but s. Which batch rows a host holds comes 
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import queue
@@ -116,8 +115,7 @@ class PackedSplit:
 
   def __init__(self, directory: str, seq_len: int, tok: tokenizers_lib.Tokenizer,
                bucket_directory: str | None = None):
-    with open(os.path.join(directory, "meta.json")) as f:
-      self.meta = json.load(f)
+    self.meta = packing.read_entry(os.path.dirname(directory), os.path.join(os.path.basename(directory), "meta.json"))
     self.T = seq_len
     self.tok = tok
     self.num_rows = self.meta["num_rows"]
@@ -128,16 +126,24 @@ class PackedSplit:
     # A cache made before parts is one part: the split directory itself. A part with no rows (its
     # records held no text, or too little for a row) is left out: there is nothing to map.
     parts = [p for p in self.meta.get("parts") or [{"name": "", "num_rows": self.num_rows}] if p["num_rows"] > 0]
-    self.parts = [{name: self._array(directory, bucket_directory, part["name"], name, dtype)
+    # A stream's row r reads T + 1 tokens from r*T; a row layout holds [rows, T] of each array.
+    extra = 1 if self.layout == "stream" else 0
+    self.parts = [{name: self._array(directory, bucket_directory, part["name"], name, dtype,
+                                     part["num_rows"] * seq_len + extra)
                    for name, dtype in dtypes.items()} for part in parts]
     self.part_rows_P = np.array([part["num_rows"] for part in parts], np.int64)
     self.first_row_P = np.concatenate([[0], np.cumsum(self.part_rows_P)[:-1]])
     self.in_bucket = any(isinstance(a, _BucketArray) for part in self.parts for a in part.values())
 
   @staticmethod
-  def _array(directory, bucket_directory, part: str, name: str, dtype):
+  def _array(directory, bucket_directory, part: str, name: str, dtype, size: int):
+    """Array `name` of `part`, which its meta.json says holds at least `size` elements."""
     local = os.path.join(directory, part, f"{name}.bin")
     if os.path.exists(local):
+      held = os.path.getsize(local) // np.dtype(dtype).itemsize
+      if held < size:  # cut short since it was made (a copy that stopped, a full disk): rows past its end fail
+        raise ConfigError(f"{local} holds {held} elements where its meta.json counts {size}: the prepared cache "
+                          f"is damaged; delete {os.path.dirname(directory)} to prepare it again")
       return _LocalArray(local, dtype)
     if bucket_directory is not None:
       return _BucketArray(os.path.join(bucket_directory, part, f"{name}.bin"), dtype)

@@ -135,6 +135,11 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
     tok = tokenizers_lib.get_tokenizer(config)
   path = cache_path(config, tok)
   rel = os.path.relpath(path, sources.local_cache_root(config))
+  if os.path.isdir(path) and not is_prepared(path):
+    # Entries are renamed into place whole, meta.json in them: this one lost it since, and would
+    # block the rename of the entry made again.
+    log.warning("%s has no meta.json (removed or lost since it was prepared): preparing it again", path)
+    shutil.rmtree(path)
   # data.cache_dir in a bucket: prepared once, for every host (its arrays copied or read in place).
   sources.fetch_shared(config, rel, "meta.json", bulk=ARRAY_FILES)
   if is_prepared(path):
@@ -154,24 +159,35 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
   return path
 
 
+def read_entry(path: str, name: str, parse=json.loads):
+  """`parse` of the bytes of file `name` (e.g. "train/meta.json") in the cache entry at `path`; a
+  file gone or garbled since the entry was prepared is one line naming the entry to delete."""
+  try:
+    with open(os.path.join(path, name), "rb") as f:
+      return parse(f.read())
+  except FileNotFoundError:
+    what = "is missing"
+  except ValueError as e:  # a JSON file cut short or overwritten
+    what = f"does not parse: {e}"
+  raise ConfigError(f"the prepared cache {path} is damaged ({name} {what}); delete it to prepare it again")
+
+
 def fingerprint(path: str) -> str:
   """A prepared cache's tokenizer and counts, hashed: per split its layout, dtype, documents,
   tokens and rows, part by part. Another corpus, or the same one cut into other parts, counts
   differently."""
-  with open(os.path.join(path, "meta.json")) as f:
-    splits = json.load(f)["splits"]
+  splits = read_entry(path, "meta.json")["splits"]
   counts = {split: [s["layout"], s["dtype"], s.get("num_docs"), s.get("num_text_tokens"), s["num_rows"],
                     [p["num_rows"] for p in s.get("parts") or []]] for split, s in sorted(splits.items())}
-  with open(os.path.join(path, "tokenizer", "tokenizer.json"), "rb") as f:  # two vocabularies count alike
-    counts["tokenizer"] = hashlib.sha256(f.read()).hexdigest()
+  # Two vocabularies count alike: the tokenizer's file decides.
+  counts["tokenizer"] = read_entry(path, "tokenizer/tokenizer.json", lambda b: hashlib.sha256(b).hexdigest())
   return sources.identity_hash(counts)
 
 
 def multi_part(path: str) -> bool:
   """Whether a split of the cache at `path` has more than one part (its rows differ from those a
   cache made before parts held, past the first part)."""
-  with open(os.path.join(path, "meta.json")) as f:
-    return any(len(s.get("parts") or []) > 1 for s in json.load(f)["splits"].values())
+  return any(len(s.get("parts") or []) > 1 for s in read_entry(path, "meta.json")["splits"].values())
 
 
 def _plan(config) -> list[tuple[str, int, tuple[int, int] | None]]:
