@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from fmjax import files
+from fmjax import files, report
 
 log = logging.getLogger("fmjax")
 
@@ -117,6 +117,10 @@ class MetricsWriter:
     # A bucket workdir gets these files whole every 30 s and at close (`files.Mirror`).
     self._mirror = files.Mirror(workdir, names=("metrics.jsonl",))
     self._jsonl = open(os.path.join(self._mirror.root, "metrics.jsonl"), "a")
+    # Where this run took over: rows an earlier run logged past it (a kill after the last save, or a
+    # resume from an older checkpoint) are not this run's history (`report.read_metrics`).
+    self._jsonl.write(json.dumps({report.START_KEY: int(start_step)}) + "\n")
+    self._jsonl.flush()
     try:
       self._tb = _tensorboard_writer(os.path.join(self._mirror.root, "tb"))
     except ImportError:  # TensorBoard is optional; JSONL is the record

@@ -461,18 +461,11 @@ def _non_finite(params) -> str:
 
 def _copy_metrics(workdir: str, run_dir: str, step: int) -> None:
   """The run's metrics.jsonl up to the released step: the bundle's `fmjax report` ends where its model does."""
-  source = os.path.join(workdir, "metrics.jsonl")
-  if not files.exists(source):
+  from fmjax import report  # its reader: each step's rows merged, those a later run replaced dropped
+  if not files.exists(os.path.join(workdir, report.METRICS_FILE)):
     return
-  kept = []
-  for line in files.read_text(source).splitlines():
-    try:
-      if json.loads(line)["step"] <= step:
-        kept.append(line + "\n")
-    except (ValueError, KeyError, TypeError):  # a line torn by a kill
-      continue
-  with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
-    f.writelines(kept)
+  with open(os.path.join(run_dir, report.METRICS_FILE), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in report.read_metrics(workdir) if r["step"] <= step)
 
 
 def cli(argv: list[str]) -> int:

@@ -23,12 +23,16 @@ from fmjax import files
 from fmjax.config_lib import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
+START_KEY = "run_started_at_step"  # the record each run's writer opens metrics.jsonl with
 _MAX_TABLE_ROWS = 25
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """Records of `workdir/metrics.jsonl` merged per step (last value wins), sorted by step; [] if absent.
 
+  Each run (a start or a resume) opens with where it took over (`START_KEY`): the steps
+  logged after that point by an earlier run are dropped, since this run trains them again (a kill
+  after the last save) or replaces them (a resume from an older checkpoint, as after a loss spike).
   A line cut short by a kill mid-write is skipped rather than failing the whole report, and so is
   one that is not a record of a step (no integer `step`); scalars that are not numbers are dropped.
   """
@@ -41,7 +45,13 @@ def read_metrics(workdir: str) -> list[dict]:
       record = json.loads(line)
     except json.JSONDecodeError:
       continue
-    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+    if not isinstance(record, dict):
+      continue
+    start = record.get(START_KEY)
+    if isinstance(start, int) and not isinstance(start, bool):
+      by_step = {step: r for step, r in by_step.items() if step <= start}
+      continue
+    if not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
       continue
     by_step.setdefault(record["step"], {}).update(
         (k, v) for k, v in record.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool))

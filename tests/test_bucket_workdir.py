@@ -240,5 +240,6 @@ def test_the_logs_reach_the_bucket_at_each_eval_and_save_not_only_at_the_end(buc
   assert not (bucket / "w" / "metrics.jsonl").exists()
   writer.write(2, {"loss": 1.5}, prefix="eval/")
   writer.sync()  # what the loop does after an eval or a save
-  assert [json.loads(l)["step"] for l in (bucket / "w" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+  rows = [json.loads(l) for l in (bucket / "w" / "metrics.jsonl").read_text().splitlines()]
+  assert rows[0] == {"run_started_at_step": 0} and [r["step"] for r in rows[1:]] == [1, 2]
   writer.close()

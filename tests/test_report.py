@@ -67,6 +67,32 @@ def test_read_metrics_merges_steps_last_wins_and_skips_torn_line(tmp_path):
   assert report.series(records, "eval/loss") == ([10, 20], [5.5, 4.0])
 
 
+def test_read_metrics_keeps_the_history_each_run_continues(tmp_path):
+  """A resume from an older checkpoint (after a loss spike, say) replaces the steps after it: the steps
+  the first run logged past that point and the new one has not reached are not its history (they were
+  kept, so a curve ran on into the abandoned run and a sweep read its final loss)."""
+  start = lambda s: {report.START_KEY: s}
+  first = [{"step": s, "train/loss": 1.0} for s in range(1, 11)] + [{"step": 10, "eval/loss": 9.0}]
+  again = [{"step": s, "train/loss": 2.0} for s in (5, 6)]
+  write_metrics(tmp_path, [start(0)] + first + [start(4)] + again + [start(6)])
+  records = report.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert [r["train/loss"] for r in records] == [1.0] * 4 + [2.0] * 2
+  assert report.series(records, "eval/loss") == ([], [])
+
+
+def test_a_run_opens_its_metrics_with_where_it_took_over(tmp_path):
+  from fmjax import metrics
+  for start, steps in ((0, (1, 2, 3)), (2, (3,))):  # a kill after step 3, whose last save was at 2
+    writer = metrics.MetricsWriter(str(tmp_path), total_steps=4, start_step=start, progress_bar=False)
+    for step in steps:
+      writer.write(step, {"loss": float(start)}, prefix="train/")
+    writer.close()
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert lines[0] == {report.START_KEY: 0} and lines[4] == {report.START_KEY: 2}
+  assert [(r["step"], r["train/loss"]) for r in report.read_metrics(str(tmp_path))] == [(1, 0.0), (2, 0.0), (3, 2.0)]
+
+
 def test_report_writes_table_csv_and_plots(tmp_path):
   write_metrics(tmp_path / "run", run_records())
   paths = report.report(str(tmp_path / "run"), str(tmp_path / "out"))
