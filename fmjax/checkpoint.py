@@ -900,6 +900,7 @@ _HARMLESS = {
     "data.prefetch", "data.cache_dir", "data.data_dir", "data.bucket_reads", "data.prepare_workers",
     "model.attention", "model.remat", "model.scan_layers",  # restore converts the layer layout
     "model.fused_loss_chunk",  # the same loss, computed in chunks
+    "model.dtype",  # the compute dtype: the parameters keep model.param_dtype (bf16 to float32 to chase a NaN)
     "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio", "optim.weight_decay",
     "optim.b1", "optim.b2", "optim.eps", "optim.clip_norm",  # but turning clipping on or off breaks
 }

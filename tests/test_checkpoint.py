@@ -380,7 +380,7 @@ def test_restore_errors_are_clear(tmp_path):
 
 def test_config_changes_classification():
   saved = {"name": "gpt_tiny",
-           "model": {"d_model": 64, "num_layers": 2, "remat": "none"},
+           "model": {"d_model": 64, "num_layers": 2, "remat": "none", "dtype": "bfloat16", "param_dtype": "float32"},
            "data": {"seq_len": 128, "prefetch": 2, "tokenizer": {"vocab_size": 2048}},
            "train": {"steps": 100, "log_every": 10, "eval_every": 50, "batch_size": 8, "seed": 0,
                      "objective": "clm"},
@@ -391,7 +391,7 @@ def test_config_changes_classification():
   assert ckpt_lib.config_changes(saved, same) == ([], [])
 
   new = {**saved,
-         "model": {"d_model": 128, "num_layers": 2, "remat": "full"},
+         "model": {"d_model": 128, "num_layers": 2, "remat": "full", "dtype": "float32", "param_dtype": "bfloat16"},
          "data": {"seq_len": 128, "prefetch": 8, "tokenizer": {"vocab_size": 4096}},
          "train": {**saved["train"], "steps": 200, "log_every": 5, "eval_every": 20, "batch_size": 16,
                    "seed": 1, "objective": "mlm"},
@@ -400,10 +400,10 @@ def test_config_changes_classification():
   breaking, harmless = ckpt_lib.config_changes(saved, new)
   key = lambda s: s.split(":")[0]
   assert [key(b) for b in breaking] == [
-      "data.tokenizer.vocab_size", "model.d_model", "optim.freeze", "train.batch_size", "train.objective",
-      "train.seed"]
+      "data.tokenizer.vocab_size", "model.d_model", "model.param_dtype", "optim.freeze", "train.batch_size",
+      "train.objective", "train.seed"]
   assert [key(h) for h in harmless] == [
-      "checkpoint.every_steps", "checkpoint.keep", "data.prefetch", "model.remat", "optim.lr",
+      "checkpoint.every_steps", "checkpoint.keep", "data.prefetch", "model.dtype", "model.remat", "optim.lr",
       "train.eval_every", "train.log_every", "train.steps"]
   assert "model.d_model: 64 -> 128" in breaking
   assert "optim.freeze: '<unset>' -> 'trunk'" in breaking

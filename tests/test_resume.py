@@ -652,6 +652,20 @@ def test_resume_in_the_other_layer_layout(reference, cache_dir, tmp_path):
   assert_losses_close(workdir, reference, range(9, 17))
 
 
+def test_resume_in_another_compute_dtype(reference, cache_dir, tmp_path):
+  """model.dtype is how the step computes, not what it saves: a run goes on in bfloat16 (or back to
+  float32 to chase a NaN) from the same state, as the log says (it was refused as another model)."""
+  workdir = str(tmp_path)
+  copy_checkpoint(reference, 8, workdir)
+  with capture_log() as lines:
+    train.run(load(cache_dir, "model.dtype=bfloat16", "train.steps=10"), workdir)
+  assert any("Resumed from step 8 " in l and "model.dtype: 'float32' -> 'bfloat16'" in l for l in lines), lines
+  got, ref = step_losses(workdir), step_losses(reference)
+  assert sorted(got) == [9, 10]
+  np.testing.assert_allclose([got[9], got[10]], [ref[9], ref[10]], rtol=2e-2)  # bf16 compute, the same state
+  assert got[9] != ref[9]
+
+
 def test_init_from_keeps_the_source_tokenizer(reference, cache_dir, tmp_path):
   """Continued pretraining on other text reads the token ids the source's params know: the
   source's tokenizer, saved into the workdir, not one trained anew on the new text."""
