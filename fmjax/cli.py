@@ -31,8 +31,16 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   return split_overrides(argv)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage mistakes (a misspelt flag, a value of the wrong type) end in one `error: ...` line
+  and exit code 2, as every other bad input does, rather than the usage text and a line after it."""
+
+  def error(self, message: str):
+    raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def _parser(prog: str, needs_workdir: bool) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=prog)
+  p = ArgumentParser(prog=prog)
   p.add_argument("--config", required=True, help="configs/NAME.py[:args]")
   if needs_workdir:
     p.add_argument("--workdir", required=True, help="where checkpoints, metrics and config.json go")

@@ -383,6 +383,12 @@ def check_saved(saved, path: str) -> dict:
   if missing:
     raise ConfigError(f"{path} has no {', '.join(missing)}: it is damaged or not an fmjax run's; copy it again "
                       "from where the run was made")
+  bad = [] if model["family"] in ("gpt", "bert") else [f"model.family={model['family']!r}"]
+  bad += [f"model.{k}={model[k]!r}" for k in ARCHITECTURE_KEYS[1:]
+          if isinstance(model[k], bool) or not isinstance(model[k], int) or model[k] <= 0]
+  if bad:
+    raise ConfigError(f"{path} has {', '.join(bad)}, where the model needs family gpt or bert and positive whole "
+                      "sizes: it is damaged or hand-edited; copy it again from where the run was made")
   return saved
 
 

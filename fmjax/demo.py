@@ -10,7 +10,6 @@ zero-shot multiple choice on its own held-out passages (`fmjax eval --task=conti
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -22,7 +21,8 @@ from fmjax import config_lib, data, generate, train, zeroshot
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="fmjax demo")
+  from fmjax.cli import ArgumentParser
+  p = ArgumentParser(prog="fmjax demo")
   p.add_argument("--workdir", default=os.path.join("workdirs", "demo"))
   p.add_argument("--steps", type=int, default=0, help="override train.steps for both models")
   args = p.parse_args(argv)

@@ -19,7 +19,6 @@ they moved (`--config.data.files=NEW_GLOB`). The result goes to `eval_data.json`
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Sequence
@@ -186,9 +185,10 @@ def _write_result(path: str, result: dict) -> None:
 def cli(argv: list[str]) -> int:
   """`fmjax eval --workdir=W [--split=eval|train] [--batches=N] [--step=S] [--config.data.KEY=V ...]
   [--task=NAME [--limit=N]]`."""
+  from fmjax.cli import ArgumentParser
   argv, overrides = config_lib.split_overrides(argv)
   check_data_overrides(overrides)
-  p = argparse.ArgumentParser(prog="fmjax eval", epilog="--config.data.KEY=V (dataset, files, data_dir, eval_split, "
+  p = ArgumentParser(prog="fmjax eval", epilog="--config.data.KEY=V (dataset, files, data_dir, eval_split, "
                               "seq_len, ...): score a pretraining run's held-out perplexity on other text, or on "
                               "its own files where they moved, with the run's tokenizer (written to eval_data.json); "
                               "a fine-tuning run takes --config.task.files / task.validation_files and an SFT run "

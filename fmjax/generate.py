@@ -13,7 +13,6 @@ Legend: B batch, P prompt (padded), N new tokens, T sequence, V vocabulary, M ma
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -62,11 +61,14 @@ def restore_run(workdir: str, step: int | None = None, *, split_batch: bool = Fa
     n = max(d for d in range(1, len(devices) + 1) if config.train.batch_size % d == 0)
     devices = devices[:n]
   config.mesh.update(dcn_data=1, data=-1, fsdp=1, tensor=1)
+  no_checkpoint = ConfigError(f"{workdir} holds no checkpoint yet; train first or pass another --workdir")
+  if not files.isdir(os.path.join(workdir, "checkpoints")):  # a reader makes nothing in the run's workdir
+    raise no_checkpoint
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     step = checkpointer.latest_step() if step is None else step
     if step is None:
-      raise ConfigError(f"{workdir} holds no checkpoint yet; train first or pass another --workdir")
+      raise no_checkpoint
     mesh = sharding.make_mesh(config, devices)
     spec = train.state_spec(config, mesh, optim.make_optimizer(config))
     ckpt_lib.check_compatible(checkpointer, step, spec.abstract, items=("params",))
@@ -180,9 +182,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     raise ConfigError("every prompt needs at least one token")
   if max_new_tokens < 1:
     raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-  if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-    raise ConfigError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got temperature={temperature}, "
-                      f"top_p={top_p}, top_k={top_k}")
+  if not 0.0 <= temperature < float("inf") or not 0.0 < top_p <= 1.0 or top_k < 0:  # nan fails both ranges
+    raise ConfigError(f"need a finite temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got "
+                      f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
   max_len = int(model.wpe.embedding.shape[0]) if max_len is None else max_len
   b, longest = len(prompts), max(len(p) for p in prompts)
   if longest + max_new_tokens > max_len:
@@ -297,7 +299,8 @@ def trained_positions(config, workdir: str) -> int:
 
 def cli(argv: list[str]) -> int:
   """`fmjax generate --workdir=W (--prompt=TEXT ... | --text="... [MASK] ...") [sampling flags]`."""
-  p = argparse.ArgumentParser(prog="fmjax generate")
+  from fmjax.cli import ArgumentParser
+  p = ArgumentParser(prog="fmjax generate")
   p.add_argument("--workdir", required=True, help="a `fmjax train` or `fmjax sft` workdir")
   p.add_argument("--prompt", action="append", default=[], help="GPT prompt; repeat for a batch")
   p.add_argument("--prompt_file", default="", help="GPT prompts, one a line (blank lines skipped), after any --prompt")

@@ -835,10 +835,9 @@ def staged_dir(out: str, suffix: str):
 
 def cli_import(argv: list[str]) -> int:
   """`fmjax import-hf --model_dir=DIR --workdir=OUT [--config=configs/X.py[:args]] [--config.a.b=v ...]`."""
-  import argparse
   from fmjax import cli, metrics
   rest, overrides = cli._split_overrides(argv)
-  p = argparse.ArgumentParser(prog="fmjax import-hf")
+  p = cli.ArgumentParser(prog="fmjax import-hf")
   p.add_argument("--model_dir", required=True, help="HF directory: config.json, weights, tokenizer files")
   p.add_argument("--workdir", required=True, help="new fmjax workdir to write")
   p.add_argument("--config", default=None, help="base config (default: configs/gpt.py or configs/bert.py)")
@@ -853,8 +852,8 @@ def cli_import(argv: list[str]) -> int:
 
 def cli_export(argv: list[str]) -> int:
   """`fmjax export --workdir=W --out=DIR [--format=hf] [--step=N]`."""
-  import argparse
-  p = argparse.ArgumentParser(prog="fmjax export")
+  from fmjax.cli import ArgumentParser
+  p = ArgumentParser(prog="fmjax export")
   p.add_argument("--workdir", required=True, help="fmjax run directory (config.json + checkpoints/)")
   p.add_argument("--out", required=True, help="new directory for the Hugging Face files")
   p.add_argument("--format", default="hf", choices=["hf"])

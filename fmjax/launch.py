@@ -611,12 +611,29 @@ def run(spec: LaunchSpec, mode: str = "all", execute: bool = False, out: TextIO 
     hints = {"gcloud": "install the Google Cloud CLI", "xpk": "pip install xpk"}
     raise LaunchError(f"{', '.join(missing)} not found on PATH; "
                       + "; ".join(hints.get(m, f"install {m}") for m in missing))
-  for cmd in commands:
+  for i, cmd in enumerate(commands):
     print(f"+ {shlex.join(cmd)}", file=out, flush=True)
-    returncode = subprocess.run(cmd).returncode
+    try:
+      returncode = subprocess.run(cmd).returncode
+    except KeyboardInterrupt:
+      raise KeyboardInterrupt(_interrupted(spec, mode, i, len(commands))) from None
     if returncode:
       raise CommandFailed(cmd, returncode)
   return commands
+
+
+def _interrupted(spec: LaunchSpec, mode: str, i: int, n: int) -> str:
+  """What a Ctrl-C during command `i` of an executed plan may have left behind, and what to do about it."""
+  if mode == "logs":  # how a --follow ends
+    return ""
+  where, at = f"--zone={spec.zone} --project={spec.project}", f"at command {i + 1} of {n}"
+  if mode in ("delete", "xpk-delete"):
+    return f"{at}; rerun the same command to finish deleting"
+  if mode == "xpk":
+    return (f"{at}: workload {spec.name} may be submitted; `fmjax launch xpk --delete --workload={spec.name} "
+            f"--cluster={spec.cluster} {where}` removes it")
+  return (f"{at}: TPU {spec.name} may exist, and is billed while it does; rerun the same command to go on (it "
+          f"reuses the TPU that is there), or remove it with `fmjax launch delete --tpu={spec.name} {where}`")
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

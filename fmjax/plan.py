@@ -22,7 +22,6 @@ formula, and the output says so.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
@@ -687,9 +686,9 @@ def cli(argv: list[str]) -> int:
   """`fmjax plan --config=... [--mesh=data=2,fsdp=4] [--topology=v5p-128 | --gpu=h100x8] [--hbm_gib=G]
   [--config.a=b ...]`."""
   import jax
-  from fmjax.cli import _split_overrides
+  from fmjax.cli import ArgumentParser, _split_overrides
   rest, overrides = _split_overrides(argv)
-  p = argparse.ArgumentParser(prog="fmjax plan")
+  p = ArgumentParser(prog="fmjax plan")
   p.add_argument("--config", required=True, help="configs/NAME.py[:args]")
   p.add_argument("--mesh", default=None, help="mesh axis sizes, e.g. data=2,fsdp=4: on this host's devices (faked "
                  "on a CPU host), or on the --topology or --gpu given")

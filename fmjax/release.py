@@ -471,9 +471,9 @@ def _copy_metrics(workdir: str, run_dir: str, step: int) -> None:
 def cli(argv: list[str]) -> int:
   """`fmjax release --workdir=W --out=DIR [--card=card.json] [--step=N] [--pii_sample=1000]
   [--config.data.files=NEW_GLOB]`."""
-  import argparse
+  from fmjax.cli import ArgumentParser
   argv, moved = config_lib.split_overrides(argv)
-  p = argparse.ArgumentParser(prog="fmjax release")
+  p = ArgumentParser(prog="fmjax release")
   p.add_argument("--workdir", required=True, help="fmjax run directory (config.json + checkpoints/)")
   p.add_argument("--out", required=True, help="new directory for the bundle")
   p.add_argument("--card", default=None, help="JSON with the model card fields fmjax cannot know")

@@ -12,7 +12,6 @@ twice; the last value logged for a step wins. A sweep root gets `sweep.md`, `swe
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -204,7 +203,8 @@ def _sweep_report(root: str, out: str) -> list[str]:
 
 def cli(argv: list[str]) -> int:
   """`fmjax report --workdir=W [--out=DIR]`."""
-  p = argparse.ArgumentParser(prog="fmjax report")
+  from fmjax.cli import ArgumentParser
+  p = ArgumentParser(prog="fmjax report")
   p.add_argument("--workdir", required=True, help="a train run's workdir, or a sweep root")
   p.add_argument("--out", default="", help="a local directory to write to (default: the workdir; for a bucket "
                  "workdir, ./<name>-report)")

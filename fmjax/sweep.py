@@ -30,7 +30,6 @@ eval loss curves to `ROOT/sweep_eval_loss.png`.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import difflib
@@ -233,9 +232,14 @@ def load_sweep(base_spec: str) -> list[dict[str, Any]]:
   """Calls `get_sweep()` next to `get_config` in the config file."""
   path, _ = config_lib.split_config_spec(base_spec)
   module = config_lib.load_module(path)
-  if not hasattr(module, "get_sweep"):
+  if not callable(getattr(module, "get_sweep", None)):
     raise ConfigError(f"{path} has no get_sweep() function; add one that returns a list of override dicts")
-  return list(module.get_sweep())
+  with config_lib._in_config_file(path, "calling get_sweep()"):  # a bug there: one line naming its line
+    entries = module.get_sweep()
+  if isinstance(entries, (str, bytes, dict)) or not isinstance(entries, Iterable):
+    raise ConfigError(f"{path}: get_sweep() returned {type(entries).__name__}, not a list of override dicts; "
+                      "return e.g. [{\"optim.lr\": 1e-3}, {\"optim.lr\": 3e-3}]")
+  return list(entries)
 
 
 # ----------------------------------------------------------------------------- running
@@ -251,17 +255,25 @@ def is_finished(run: Run, root: str, config: dict[str, Any] | None = None) -> bo
   `config` (its `flat_config`) is given, the same config: a value changed since (the config file
   edited, an override added) runs it again, while a key that exists only on one side (added by a
   newer fmjax) does not. Markers from before configs were recorded compare the command line."""
-  marker = os.path.join(root, run.name, DONE_MARKER)
-  if not os.path.exists(marker):
+  done = _done_record(run, root)
+  if done is None:
     return False
-  with open(marker) as f:
-    try:
-      done = json.load(f)
-    except json.JSONDecodeError:
-      return False
   if config is None or "config" not in done:
     return done.get("argv") == run.argv(root)
   return done.get("command") == run.command and not _changed(done["config"], config)
+
+
+def _done_record(run: Run, root: str) -> dict | None:
+  """What a run's SWEEP_DONE marker holds; None without one, or where it is damaged (cut short,
+  edited): such a run is started again, and resumes from its own checkpoint."""
+  try:
+    with open(os.path.join(root, run.name, DONE_MARKER)) as f:
+      done = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not isinstance(done, dict) or not isinstance(done.get("config", {}), dict):
+    return None
+  return done
 
 
 def _changed(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -328,6 +340,8 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   to `root/name/log.txt`. Finished runs are skipped; the rest (re)start and resume themselves.
   """
   out = out or sys.stdout
+  if not root.strip():  # each run's workdir would be a bare name in the current directory
+    raise ConfigError(f"--workdir={root!r} must name the sweep's directory; pass e.g. --workdir=/tmp/lr_sweep")
   runs = expand(base_spec, entries, base_overrides, subcommand)
   configs = check(runs, root, running=not print_commands)
   if print_commands:
@@ -348,6 +362,10 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
                       "machine; use a local --workdir, or --print_commands to launch the runs into the bucket")
   if os.path.exists(root) and not os.path.isdir(root):
     raise ConfigError(f"--workdir={root} is a file; give a directory for the sweep's runs")
+  files_in_the_way = [r.name for r in runs if os.path.isfile(os.path.join(root, r.name))]
+  if files_in_the_way:
+    raise ConfigError(f"{os.path.join(root, files_in_the_way[0])} is a file, where run {files_in_the_way[0]} keeps its "
+                      "workdir; move it away, or use another --workdir")
   os.makedirs(root, exist_ok=True)
   lock = _lock(root)
   try:
@@ -358,9 +376,11 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
     again = [r for r in todo if os.path.exists(os.path.join(root, r.name, DONE_MARKER))]
     print(f"sweep: {len(runs)} runs in {root} ({len(skipped)} already finished), {parallel} at a time", file=out)
     for run in again:
-      with open(os.path.join(root, run.name, DONE_MARKER)) as f:
-        before = json.load(f).get("config") or {}
-      why = "; ".join(_changed(before, configs[run.name])[:3]) or "another command"
+      done = _done_record(run, root)
+      if done is None:
+        print(f"  {run.name} has a damaged {DONE_MARKER} marker: running it again", file=out)
+        continue
+      why = "; ".join(_changed(done.get("config") or {}, configs[run.name])[:3]) or "another command"
       print(f"  {run.name} finished with another config ({why}): running it again", file=out)
     failed, saved, unsaved, not_started = _run_all(todo, root, parallel, out, configs)
   finally:
@@ -455,8 +475,8 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO,
                "saved": f"  preempted {run.name} (saved; a rerun resumes it)",
                "unsaved": f"  stopped {run.name} (SIGTERM while it was starting; a rerun starts it)",
                "failed": f"  failed  {run.name} (exit {proc.returncode})"}[how], file=out, flush=True)
-  except KeyboardInterrupt:
-    # SIGTERM lets `train` save a checkpoint, so rerunning the sweep resumes every run.
+  except BaseException as e:  # Ctrl-C, or a run that could not start (a full disk): the runs going stop too
+    # SIGTERM lets `train` save a checkpoint, so rerunning the sweep resumes every run; none runs on unwatched.
     for proc in active:
       proc.terminate()
     ended = {"saved": [], "unsaved": [], "done": [], "failed": []}
@@ -467,6 +487,8 @@ def _run_all(todo: list[Run], root: str, parallel: int, out: TextIO,
     words = {"saved": "saved and stopped", "unsaved": "stopped while starting (nothing saved)", "done": "finished",
              "failed": "failed"}
     said = [f"{', '.join(names)} {words[how]}" for how, names in ended.items() if names]
+    if not isinstance(e, KeyboardInterrupt):
+      raise
     raise KeyboardInterrupt("; ".join(said + ["rerun the same sweep command to resume"])) from None
   finally:
     if previous is not None:
@@ -650,9 +672,9 @@ def write_outputs(table: Table, root: str, out: str | None = None) -> list[str]:
 
 def cli(argv: list[str]) -> int:
   """`fmjax sweep --config=... --workdir=ROOT [--parallel=N] [--print_commands] [--config.a=b ...]`."""
-  from fmjax.cli import _split_overrides
+  from fmjax.cli import ArgumentParser, _split_overrides
   rest, overrides = _split_overrides(argv)
-  p = argparse.ArgumentParser(prog="fmjax sweep")
+  p = ArgumentParser(prog="fmjax sweep")
   p.add_argument("--config", required=True, help="configs/NAME.py[:args], with a get_sweep() function")
   p.add_argument("--workdir", required=True, help="sweep root: each run goes to WORKDIR/<run name>")
   p.add_argument("--parallel", type=int, default=1, help="runs at a time (local runner)")

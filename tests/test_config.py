@@ -301,3 +301,23 @@ def test_bench_and_plan_refuse_a_fine_tuning_config(command, capsys):
   assert cli.main([command, "--config=configs/finetune_cls.py"]) == 2
   assert capsys.readouterr().err.startswith(f"error: `fmjax {command}` measures the pretraining step, not a "
                                             "fine-tuning config's classifier")
+
+
+def test_a_recorded_config_with_a_damaged_model_size_is_refused_in_one_line():
+  saved = config_lib.to_dict(config_lib.load_config("configs/gpt.py:tiny"))
+  assert config_lib.check_saved(saved, "config.json") is saved
+  for key, value in (("num_heads", "four"), ("d_model", 0), ("num_layers", 2.5), ("vocab_size", True),
+                     ("family", "llama")):
+    bad = {**saved, "model": {**saved["model"], key: value}}
+    with pytest.raises(ConfigError, match=re.escape(f"config.json has model.{key}={value!r}, where the model needs")):
+      config_lib.check_saved(bad, "config.json")
+
+
+@pytest.mark.parametrize("command", ["eval", "report", "release", "export", "import-hf", "plan", "generate", "sweep"])
+def test_a_misspelt_flag_is_one_line_for_every_command(command, capsys):
+  """Usage mistakes end as every bad input does: one `error:` line and exit code 2 (argparse printed its
+  usage block first)."""
+  assert cli.main([command, "--workdri=/tmp/x"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: fmjax {command}: ") and err.endswith(f"(see fmjax {command} --help)\n"), err
+  assert err.count("\n") == 1, err

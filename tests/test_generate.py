@@ -1,5 +1,6 @@
 """KV-cache decoding, sampling filters, batched left padding, and the `fmjax generate` command."""
 
+import json
 import os
 
 import jax
@@ -203,6 +204,34 @@ def test_a_finetune_workdir_is_refused_in_one_line(tmp_path):
                      r"--workdir of a pretraining \(`fmjax train`\) or `fmjax sft` run") as e:
     generate.run(str(tmp_path), prompts=["hi"])
   assert "\n" not in str(e.value) and os.listdir(tmp_path) == ["config.json"]
+
+
+def test_a_workdir_without_checkpoints_or_with_a_damaged_config_is_one_line_and_left_as_it_was(tmp_path):
+  config = config_lib.load_config("configs/gpt.py:tiny", TINY)
+  config_lib.save_json(config, str(tmp_path / "config.json"))
+  with pytest.raises(config_lib.ConfigError, match=r"holds no checkpoint yet; train first") as e:
+    generate.run(str(tmp_path), prompts=["hi"])
+  assert "\n" not in str(e.value) and os.listdir(tmp_path) == ["config.json"]  # a reader makes no checkpoints/
+  # A hand-edited size is named, before anything is built from it.
+  saved = json.loads((tmp_path / "config.json").read_text())
+  saved["model"]["num_heads"] = "four"
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(config_lib.ConfigError, match=r"config.json has model.num_heads='four', where the model needs "
+                                                   r"family gpt or bert and positive whole sizes") as e:
+    generate.run(str(tmp_path), prompts=["hi"])
+  assert "\n" not in str(e.value)
+
+
+def test_sampling_settings_that_are_not_numbers_are_refused(gpts):
+  for temperature in (float("nan"), float("inf")):
+    with pytest.raises(config_lib.ConfigError, match=rf"need a finite temperature >= 0.*temperature={temperature}"):
+      generate.generate(gpts[False], [[5, 17]], 2, temperature=temperature)
+
+
+def test_usage_mistakes_are_one_line(capsys):
+  assert cli.main(["generate", "--workdir=/tmp/never", "--promt=hi"]) == 2
+  assert capsys.readouterr().err == ("error: fmjax generate: unrecognized arguments: --promt=hi "
+                                     "(see fmjax generate --help)\n")
 
 
 class _SmallTokenizer:

@@ -287,6 +287,21 @@ def test_execute_xpk(fake_tools, capsys):
   assert "--max-restarts must be 0 or more" in capsys.readouterr().err
 
 
+def test_ctrl_c_while_executing_says_what_may_be_left_and_how_to_remove_it(fake_tools, capsys, monkeypatch):
+  from fmjax import cli
+
+  def ctrl_c(cmd, *a, **kw):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(launch.subprocess, "run", ctrl_c)
+  assert cli.main(["launch", "create", "--tpu=t1", "--accelerator=v4-8", *WHERE, "--execute"]) == 130
+  assert capsys.readouterr().err == (
+      "interrupted: at command 1 of 2: TPU t1 may exist, and is billed while it does; rerun the same command to go "
+      "on (it reuses the TPU that is there), or remove it with `fmjax launch delete --tpu=t1 --zone=us-east5-a "
+      "--project=my-proj`\n")
+  assert cli.main(["launch", "logs", "--tpu=t1", *WHERE, "--follow", "--execute"]) == 130
+  assert capsys.readouterr().err == "interrupted\n"  # how a --follow ends: nothing to undo
+
+
 def test_execute_stops_at_first_failure(fake_tools, capsys, monkeypatch):
   _, calls = fake_tools
   monkeypatch.setenv("FAKE_FAIL", "tpu-vm create")

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import sys
@@ -225,6 +226,52 @@ def test_the_sweep_refuses_what_would_be_ignored_or_clash(tmp_path, monkeypatch)
   assert not sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3]}), str(root), out=io.StringIO())["failed"]
 
 
+def test_a_damaged_done_marker_reruns_its_run(tmp_path, monkeypatch):
+  _fake_runs(monkeypatch, "import sys; sys.exit(0)")
+  root = str(tmp_path / "sweep")
+  entries = sweep.product({"optim.lr": [1e-3, 1e-2, 1e-1]})
+  runs = sweep.run_sweep(GPT, entries, root, out=io.StringIO())["runs"]
+  # Cut short, not a JSON object, a config that is not one (a copy cut short, a hand edit): run again.
+  for run, text in zip(runs, ('{"argv": [', "[1]", '{"command": "train", "config": [1]}')):
+    with open(os.path.join(root, run.name, sweep.DONE_MARKER), "w") as f:
+      f.write(text)
+  out = io.StringIO()
+  result = sweep.run_sweep(GPT, entries, root, out=out)
+  assert not result["skipped"] and not result["failed"]
+  assert out.getvalue().count(f"has a damaged {sweep.DONE_MARKER} marker: running it again") == 3
+  assert len(sweep.run_sweep(GPT, entries, root, out=io.StringIO())["skipped"]) == 3
+
+
+def test_a_broken_get_sweep_is_one_line_naming_the_file(tmp_path):
+  # Not a function, no list, or a bug inside it.
+  for i, (body, said) in enumerate((("get_sweep = [{'optim.lr': 1e-3}]", "has no get_sweep() function"),
+                                    ("def get_sweep():\n  return None", "get_sweep() returned NoneType, not a list"),
+                                    ("def get_sweep():\n  return {'optim.lr': [1e-3]}", "returned dict, not a list"),
+                                    ("def get_sweep():\n  return [{'optim.lr': x} for x in lrs]",
+                                     ":2: NameError while calling get_sweep(): name 'lrs' is not defined"))):
+    spec = tmp_path / f"mine{i}.py"
+    spec.write_text(body + "\n")
+    with pytest.raises(ConfigError, match=re.escape(said)) as e:
+      sweep.load_sweep(str(spec))
+    assert "\n" not in str(e.value)
+
+
+def test_an_empty_workdir_is_refused(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # where the runs would have gone
+  for print_commands in (False, True):
+    with pytest.raises(ConfigError, match=r"--workdir='' must name the sweep's directory"):
+      sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3]}), "", print_commands=print_commands, out=io.StringIO())
+  assert os.listdir(tmp_path) == []
+
+
+def test_usage_mistakes_are_one_line(capsys):
+  assert cli.main(["sweep", f"--config={GPT}", "--workdir=/tmp/never", "--parallel=two"]) == 2
+  assert capsys.readouterr().err == ("error: fmjax sweep: argument --parallel: invalid int value: 'two' "
+                                     "(see fmjax sweep --help)\n")
+  assert cli.main(["sweep", f"--config={GPT}", "--workdir=/tmp/never", "config.optim.lr=3"]) == 2
+  assert capsys.readouterr().err.count("\n") == 1
+
+
 def test_ctrl_c_says_which_runs_saved(tmp_path, monkeypatch):
   # lr=0.001 saves on SIGTERM (exit 143), as `train` does in its step loop; lr=0.01 is still starting.
   _fake_runs(monkeypatch, "import os, signal, sys, time\n" + SAVE_ON_SIGTERM.replace("install", "'--config.optim.lr=0.001' in sys.argv") +
@@ -255,6 +302,33 @@ SAVE_ON_SIGTERM = (
 def _fake_runs(monkeypatch, script: str) -> None:
   """Each run becomes `python -c script <its arguments>`."""
   monkeypatch.setattr(sweep, "_program", lambda: (sys.executable, "-c", script))
+
+
+def test_a_run_that_cannot_start_stops_the_sweep_and_its_running_runs_save(tmp_path, monkeypatch):
+  _fake_runs(monkeypatch, "import os, signal, sys, time\n" + SAVE_ON_SIGTERM.replace("install", "True") +
+             "open(sys.argv[3][len('--workdir='):] + '/up', 'w'); time.sleep(60)")
+  root = str(tmp_path)
+  clear = sweep._clear_markers
+
+  def disk_full_for_the_second(run, root_):
+    if run.name == "optim.lr=0.01":
+      while not os.path.exists(os.path.join(root, "optim.lr=0.001", "up")):
+        time.sleep(0.05)
+      raise OSError(28, "No space left on device", os.path.join(root, run.name, "log.txt"))
+    clear(run, root_)
+
+  monkeypatch.setattr(sweep, "_clear_markers", disk_full_for_the_second)
+  with pytest.raises(OSError, match="No space left"):
+    sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3, 1e-2]}), root, parallel=2, out=io.StringIO())
+  # The run already going saved and stopped with the sweep, rather than run on with no sweep to watch it.
+  assert os.path.exists(os.path.join(root, "optim.lr=0.001", "checkpoints", "1"))
+  assert json.load(open(os.path.join(root, "optim.lr=0.001", sweep.STATUS_MARKER)))["status"] == "preempted"
+  # A file where a run's workdir goes: said before anything starts.
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "optim.lr=0.01").write_text("notes")
+  with pytest.raises(ConfigError, match=r"other/optim.lr=0.01 is a file, where run optim.lr=0.01 keeps its workdir"):
+    sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3, 1e-2]}), str(tmp_path / "other"), out=io.StringIO())
+  assert os.listdir(tmp_path / "other") == ["optim.lr=0.01"]
 
 
 def test_preempted_run_is_not_marked_done_and_a_rerun_starts_it(tmp_path, monkeypatch):
