@@ -558,7 +558,9 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     if name.startswith("all-reduce-scatter"):
       kind = "reduce-scatter"  # the result is the whole sum; the fusion's slice keeps 1/n of it
     parts = _top_level(type_text)
-    if start and len(parts) >= 2:  # (operands, results, ...): async start
+    # An async start is typed ((operands), results) or (operand, result, ...), but an all-reduce's
+    # start as its results alone, like a sync collective.
+    if start and len(parts) >= 2 and (parts[0].startswith("(") or kind != "all-reduce"):
       operand, result = _array_bytes(parts[0]), _array_bytes(parts[1])
     else:
       result = _array_bytes(type_text)

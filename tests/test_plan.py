@@ -97,6 +97,7 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   %ag2 = (bf16[16,8]{1,0}, bf16[128,8]{1,0}) all-gather-start(%h), channel_id=5, replica_groups={{0,1,2,3,4,5,6,7}}
   %f = f32[100]{0} fusion(%z), kind=kCustom, calls=%all-reduce-scatter
   %one = f32[10]{0} all-reduce(%q), channel_id=6, replica_groups={{0}}, to_apply=%add
+  %ars = (f32[16]{0}, f32[48]{0}) all-reduce-start(%a, %b), channel_id=10, replica_groups={{0,1}}, to_apply=%add
   %perm = f32[256]{0} collective-permute(%r), channel_id=7, source_target_pairs={{0,1},{1,0}}
   %rsync = f32[32]{0} reduce-scatter(%s), channel_id=8, replica_groups=mesh['axis_0'=2,'axis_1'=4], \
 device_ids=([2,4]T(1,0)) {'axis_0','axis_1'}, dimensions={0}
@@ -107,8 +108,9 @@ device_ids=([2,4]T(1,0)) {'axis_0','axis_1'}, dimensions={0}
 def test_collectives_read_off_the_compiled_text():
   got = plan.collectives(COLLECTIVES_HLO)
   assert list(got) == ["all-gather", "reduce-scatter", "all-reduce", "collective-permute"]
-  # 3 trips of the outer loop; the inner loop's all-gather 3 x 5 times, over groups of 4.
-  assert got["all-reduce"] == {"count": 3, "bytes": 3 * 4096, "sent": 3 * 4096 * 2 * 3 / 4}
+  # 3 trips of the outer loop (and a combined async all-reduce of 64 floats over 2); the inner loop's
+  # all-gather 3 x 5 times, over groups of 4.
+  assert got["all-reduce"] == {"count": 4, "bytes": 3 * 4096 + 256, "sent": 3 * 4096 * 2 * 3 / 4 + 256}
   assert got["all-gather"] == {"count": 16, "bytes": 15 * 1024 + 2048, "sent": 15 * 1024 * 3 / 4 + 2048 * 7 / 8}
   # An async start's operand (the whole buffer), the TPU fusion's all-reduce, a sync one's result x 8.
   assert got["reduce-scatter"] == {"count": 3, "bytes": 196608 + 1600 + 1024,
