@@ -90,8 +90,11 @@ class _UnpreparedDatasetNote(logging.Filter):
     return "has no dataset_info.json" not in message and not message.startswith("Using custom data configuration")
 
 
-def _tensorboard_writer(logdir: str):
-  """A tensorboardX writer, imported without dragging in PyTorch (seconds per run start)."""
+def _tensorboard_writer(logdir: str, start_step: int):
+  """A tensorboardX writer, imported without dragging in PyTorch (seconds per run start).
+
+  It opens with a session start at `start_step + 1`, from which TensorBoard drops what earlier
+  runs logged (as `report.read_metrics` does for metrics.jsonl)."""
   blocked = "torch" not in sys.modules
   if blocked:
     sys.modules["torch"] = None  # makes tensorboardX's optional `import torch` fail fast
@@ -100,7 +103,7 @@ def _tensorboard_writer(logdir: str):
   finally:
     if blocked:
       del sys.modules["torch"]
-  return SummaryWriter(logdir, flush_secs=30)
+  return SummaryWriter(logdir, flush_secs=30, purge_step=start_step + 1)
 
 
 class MetricsWriter:
@@ -122,7 +125,7 @@ class MetricsWriter:
     self._jsonl.write(json.dumps({report.START_KEY: int(start_step)}) + "\n")
     self._jsonl.flush()
     try:
-      self._tb = _tensorboard_writer(os.path.join(self._mirror.root, "tb"))
+      self._tb = _tensorboard_writer(os.path.join(self._mirror.root, "tb"), start_step)
     except ImportError:  # TensorBoard is optional; JSONL is the record
       self._tb = None
     interactive = sys.stderr.isatty() and jax.process_count() == 1 and not os.environ.get("CI")

@@ -81,13 +81,34 @@ def test_read_metrics_keeps_the_history_each_run_continues(tmp_path):
   assert report.series(records, "eval/loss") == ([], [])
 
 
+def _tensorboard_session_starts(logdir) -> list[int]:
+  """Steps of the session starts in a TensorBoard log directory's event files."""
+  from tensorboardX.proto import event_pb2
+  starts = []
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    while data:  # TFRecords: an 8-byte length and its 4-byte CRC, the record, its 4-byte CRC
+      n = int.from_bytes(data[:8], "little")
+      event = event_pb2.Event.FromString(data[12:12 + n])
+      data = data[16 + n:]
+      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+        starts.append(event.step)
+  return starts
+
+
 def test_a_run_opens_its_metrics_with_where_it_took_over(tmp_path):
   from fmjax import metrics
+  starts = []
   for start, steps in ((0, (1, 2, 3)), (2, (3,))):  # a kill after step 3, whose last save was at 2
-    writer = metrics.MetricsWriter(str(tmp_path), total_steps=4, start_step=start, progress_bar=False)
+    writer = metrics.MetricsWriter(str(tmp_path / str(start)), total_steps=4, start_step=start, progress_bar=False)
     for step in steps:
       writer.write(step, {"loss": float(start)}, prefix="train/")
     writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # the one workdir both runs share
+      f.write((tmp_path / str(start) / "metrics.jsonl").read_text())
+    # TensorBoard drops what earlier runs logged from a session start's step on: each writer opens with one.
+    starts += _tensorboard_session_starts(tmp_path / str(start) / "tb")
+  assert starts == [1, 3]
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert lines[0] == {report.START_KEY: 0} and lines[4] == {report.START_KEY: 2}
   assert [(r["step"], r["train/loss"]) for r in report.read_metrics(str(tmp_path))] == [(1, 0.0), (2, 0.0), (3, 2.0)]
