@@ -6,7 +6,8 @@
   fine-tuning        the task's official metrics (fmjax.finetune.evaluate) on a task split
                      (--split=eval is its validation split; --batches counts batches of train.batch_size examples)
   --task=NAME        zero-shot multiple choice of a GPT run (HellaSwag, PIQA, ARC, a JSONL file):
-                     acc and acc_norm (fmjax.zeroshot), written to `eval_<task>.json`
+                     acc and acc_norm (fmjax.zeroshot), written to `eval_<task>.json`; a TFDS task is read
+                     from the run's data.data_dir, or --config.data.data_dir=DIR
 
 The numbers are those of the train loop's eval (same step function and batches), over the whole
 split by default, where a pretraining run's loop scored only its first `train.eval_batches`.
@@ -163,10 +164,13 @@ def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: 
   return result
 
 
-def run_task(workdir: str, task: str, *, split: str | None = None, limit: int = 0, step: int | None = None) -> dict:
-  """Zero-shot multiple choice (`fmjax.zeroshot`) of a GPT run; also written to eval_<task>.json."""
+def run_task(workdir: str, task: str, *, split: str | None = None, limit: int = 0, step: int | None = None,
+             data_dir: str | None = None) -> dict:
+  """Zero-shot multiple choice (`fmjax.zeroshot`) of a GPT run; also written to eval_<task>.json.
+  `data_dir`: where the TFDS task is prepared (default: the run's data.data_dir)."""
   from fmjax import zeroshot
-  result = {"workdir": files.absolute(workdir), **zeroshot.run(workdir, task, split=split, limit=limit, step=step)}
+  result = {"workdir": files.absolute(workdir),
+            **zeroshot.run(workdir, task, split=split, limit=limit, step=step, data_dir=data_dir)}
   if jax.process_index() == 0:
     kind, _, path = task.partition(":")  # jsonl:PATH -> eval_jsonl_<file name>.json, one per file
     name = f"{kind}_{os.path.splitext(os.path.basename(path))[0]}" if path else kind
@@ -207,10 +211,15 @@ def cli(argv: list[str]) -> int:
     raise ConfigError("--workdir is empty; pass the --workdir of a `fmjax train`, `sft` or `finetune` run")
   if args.limit < 0:
     raise ConfigError(f"--limit must be 0 (all items) or more, got {args.limit}")
-  if args.task and overrides:
-    raise ConfigError("--config.data.* overrides are for perplexity on other text, not --task; drop one of them")
+  from fmjax import zeroshot
+  # A TFDS task may be prepared elsewhere than the run's data (`tfds build piqa --data_dir=DIR`).
+  data_dir = [o.split("=", 1)[1] for o in overrides if _override_keys([o]) == ["data.data_dir"]]
+  if args.task and overrides and (args.task not in zeroshot.TFDS_TASKS or len(data_dir) < len(overrides)):
+    raise ConfigError("--config.data.* overrides are for perplexity on other text, not --task (a TFDS task takes "
+                      "--config.data.data_dir, where it is prepared); drop them")
   if args.task:
-    result = run_task(args.workdir, args.task, split=args.split, limit=args.limit, step=args.step)
+    result = run_task(args.workdir, args.task, split=args.split, limit=args.limit, step=args.step,
+                      data_dir=data_dir[-1] if data_dir else None)
     print(f"{args.workdir} {result['task']} ({result['split']}, {result['items']} items, step {result['step']}): "
           f"acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  (chance {result['chance']:.4f})")
     return 0

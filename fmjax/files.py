@@ -63,6 +63,9 @@ def read_json(p):
     return json.loads(read_text(p))
   except json.JSONDecodeError as e:
     raise ConfigError(f"{p} is not valid JSON ({e.msg}, line {e.lineno}); copy it again or remove it") from None
+  except UnicodeDecodeError as e:  # UTF-16, as some Windows editors save
+    raise ConfigError(f"{p} is not UTF-8 text (byte {e.start}); JSON files must be UTF-8: save it as UTF-8 or copy "
+                      "it again") from None
 
 
 def write_json(p, value, **dump_kwargs) -> None:

@@ -310,6 +310,10 @@ def hf_to_params(weights: Mapping[str, np.ndarray], config) -> tuple[dict, dict 
         raise ConfigError(f"weights do not match config.json: {name} has shape {tuple(a.shape)} but the config "
                           f"implies {tuple(want)}; fix config.json or use the weights that belong to it")
     _set(params, entry.path, _to_fmjax(entry, arrays, fm_shape))
+  if missing and not any(n in weights for e in _table(family, model_cfg.num_layers) for n in e.hf):
+    raise ConfigError(f"the checkpoint holds none of the tensors of a {'GPT-2' if family == 'gpt' else 'BERT'} model "
+                      f"(such as {missing[0]}), which its config.json's model_type says it is; use the config.json "
+                      "that belongs to these weights")
   if missing:
     raise ConfigError(f"the checkpoint lacks {len(missing)} tensor(s) a {family} model needs "
                       f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); is it a complete "
@@ -317,6 +321,12 @@ def hf_to_params(weights: Mapping[str, np.ndarray], config) -> tuple[dict, dict 
   _check_tied(weights, params, family)
   used = {n for e in _table(family, model_cfg.num_layers) + _classifier_table(family) for n in e.hf}
   unused = sorted(n for n in weights if n not in used and not n.endswith(_IGNORED))
+  prefix = "transformer.h." if family == "gpt" else "bert.encoder.layer."
+  beyond = [int(n[len(prefix):].split(".")[0]) for n in unused if n.startswith(prefix)
+            and n[len(prefix):].split(".")[0].isdigit()]
+  if beyond:  # importing the first layers only would be another model, silently
+    raise ConfigError(f"weights do not match the config: the checkpoint holds layers up to {prefix}{max(beyond)} but "
+                      f"the config has {model_cfg.num_layers}; fix config.json or use the weights that belong to it")
   if unused:
     notes.append(f"{len(unused)} tensor(s) of the checkpoint have no place in fmjax's {family} and were skipped: "
                  f"{', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}")
@@ -496,16 +506,20 @@ def _torch_load(path: str, safetensors: bool = False) -> dict:
 def read_hf_weights(model_dir: str) -> dict[str, np.ndarray]:
   """All tensors of an HF model directory: model.safetensors (possibly sharded) or pytorch_model.bin."""
   def files_of(index_name):
-    with open(os.path.join(model_dir, index_name)) as f:
-      return sorted(set(json.load(f)["weight_map"].values()))
+    path = os.path.join(model_dir, index_name)
+    index = files.read_json(path)
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+      raise ConfigError(f"{path} has no \"weight_map\" object naming the weight files; it may be truncated or "
+                        "corrupt: download it again")
+    return sorted(set(map(str, index["weight_map"].values())))
 
   for name in HF_WEIGHT_FILES:
     path = os.path.join(model_dir, name)
     if not os.path.exists(path):
       continue
-    files = files_of(name) if name.endswith(".index.json") else [name]
+    shards = files_of(name) if name.endswith(".index.json") else [name]
     weights = {}
-    for file in files:
+    for file in shards:
       full = os.path.join(model_dir, file)
       if file.endswith(".safetensors"):
         weights.update(_load_safetensors(full))
@@ -562,9 +576,18 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
   if not _empty_or_missing(workdir):
     raise ConfigError(f"--workdir={workdir} already exists and is not empty; choose a new directory")
   hf = _read_json(os.path.join(model_dir, "config.json"), "point --model_dir at a Hugging Face model directory")
+  if not isinstance(hf, dict):
+    raise ConfigError(f"{model_dir}/config.json holds a JSON {type(hf).__name__}, not a Hugging Face model config "
+                      "(an object); copy it again from the model's repository")
   settings = model_settings_from_hf(hf)
   family = settings["family"]
   tokenizer = read_hf_tokenizer(model_dir)
+  needs = ((("[CLS]", tokenizer.cls_id), ("[SEP]", tokenizer.sep_id), ("[MASK]", tokenizer.mask_id)) if family == "bert"
+           else (("end-of-text token", tokenizer.eos_id),))
+  lacking = [name for name, i in needs if i is None]
+  if lacking:
+    raise ConfigError(f"the tokenizer in {model_dir} has no {', '.join(lacking)}, which a {hf['model_type']} model "
+                      "needs; the tokenizer files belong to another model: copy the model's own into it")
   weights = read_hf_weights(model_dir)
 
   spec = config_spec or _repo_config(family)
@@ -574,12 +597,21 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
     raise ConfigError(f"--config is a {config.model.family} config but {model_dir} holds a {hf['model_type']} "
                       f"model; pass a {family} config")
   config.name = f"{family}_hf_{os.path.basename(model_dir.rstrip('/'))}"
-  config.model.update(settings)
+  try:
+    config.model.update(settings)
+  except TypeError as e:  # a number written as a string, say
+    raise ConfigError(f"{model_dir}/config.json has a value of the wrong type ({e}); fix config.json") from None
   config.model.update(dtype="float32", param_dtype="float32")
   # Relative to the workdir (data.resolve_tokenizer_path): the workdir may move.
   config.data.tokenizer.update(kind="hf", path=data.RUN_TOKENIZER, vocab_size=tokenizer.vocab_size)
   config.data.seq_len = min(config.data.seq_len, config.model.max_len)
   config_lib.apply_overrides(config, overrides)
+  # The weights are the HF model's: an override of its shape or arithmetic would import another model.
+  changed = [k for k, v in settings.items() if k not in ("dropout", "attention_dropout") and config.model[k] != v]
+  if changed:
+    raise ConfigError(f"--config.model.{changed[0]}={config.model[changed[0]]} contradicts {model_dir}/config.json "
+                      f"({changed[0]}={settings[changed[0]]} there): the weights are that model's; drop the override "
+                      "(model.dtype, attention, scan_layers, remat and the dropout rates may change)")
   config.lock()
   config_lib.validate(config)
   if tokenizer.vocab_size > config.model.vocab_size:

@@ -90,10 +90,12 @@ def read_card(config, card_path: str | None) -> dict[str, Any]:
       raise ConfigError(f"--card={card_path} does not exist; write a JSON file with the model card fields "
                         f"({', '.join(REQUIRED_FIELDS)})")
     try:
-      with open(card_path) as f:
+      with open(card_path, encoding="utf-8") as f:
         fields = json.load(f)
     except json.JSONDecodeError as e:
       raise ConfigError(f"--card={card_path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:  # UTF-16, as PowerShell's `>` and some editors save
+      raise ConfigError(f"--card={card_path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if not isinstance(fields, dict):
       raise ConfigError(f"--card={card_path} holds a JSON {type(fields).__name__}; it must be one object of model "
                         f"card fields ({', '.join(REQUIRED_FIELDS)})")

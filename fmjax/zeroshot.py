@@ -308,8 +308,9 @@ def check_tasks(config) -> list[str]:
 
 
 def run(workdir: str, task: str, *, split: str | None = None, limit: int = 0, step: int | None = None,
-        batch_size: int = 32) -> dict:
-  """Scores `task` with `workdir`'s causal LM (checkpoint `step`, default the latest)."""
+        batch_size: int = 32, data_dir: str | None = None) -> dict:
+  """Scores `task` with `workdir`'s causal LM (checkpoint `step`, default the latest); a TFDS task is read
+  from `data_dir` (default: the run's data.data_dir)."""
   from fmjax import data, generate
   saved = files.read_json(os.path.join(workdir, "config.json"))
   if saved is not None and saved.get("model", {}).get("family") == "bert":
@@ -317,8 +318,8 @@ def run(workdir: str, task: str, *, split: str | None = None, limit: int = 0, st
                       "continuations: pass the --workdir of a GPT run")
   restored = generate.restore_run(workdir, step)  # a classifier workdir is refused there
   config = restored.config
-  split, items = load_items(task, split=split, data_dir=str(config.data.get("data_dir", "")), limit=limit,
-                            config=config)
+  data_dir = str(config.data.get("data_dir", "")) if data_dir is None else data_dir
+  split, items = load_items(task, split=split, data_dir=data_dir, limit=limit, config=config)
   if not items:
     raise ConfigError(f"--task={task} split {split!r} holds no items")
   model = nnx.merge(restored.spec.graphdef, restored.params)

@@ -506,3 +506,60 @@ def test_layer_norm_epsilon_comes_from_the_hf_config_and_goes_back_to_it():
     model_cfg = config_lib.base_config(settings["family"]).model
     model_cfg.update(settings)
     assert interop.hf_config(model_cfg)[key] == 1e-3
+
+
+def _copy_with_config(src, dst, **changes):
+  """A copy of the HF directory `src` whose config.json has `changes`."""
+  shutil.copytree(src, dst)
+  cfg = json.loads((dst / "config.json").read_text())
+  (dst / "config.json").write_text(json.dumps({**cfg, **changes}))
+  return dst
+
+
+def test_overrides_that_would_import_another_model_are_refused(gpt_dir, tmp_path):
+  """The head count splits the same qkv kernel another way, and a layer count below the checkpoint's
+  drops layers: either would import a model with other logits, silently."""
+  for override, match in (("model.num_heads=2", r"--config.model.num_heads=2 contradicts .*config.json \(num_heads=4"),
+                          ("model.layer_norm_eps=0.1", r"layer_norm_eps=0.1 contradicts"),
+                          ("model.num_layers=1", r"num_layers=1 contradicts .*\(num_layers=2 there\)")):
+    with pytest.raises(ConfigError, match=match) as e:
+      interop.import_hf(str(gpt_dir[0]), str(tmp_path / "w"), overrides=[override])
+    assert "\n" not in str(e.value) and not (tmp_path / "w").exists()
+  # A config.json that says fewer layers than the weights hold is the same mismatch.
+  fewer = _copy_with_config(gpt_dir[0], tmp_path / "fewer", n_layer=1)
+  with pytest.raises(ConfigError, match=r"holds layers up to transformer.h.1 but the config has 1; fix config.json"):
+    interop.import_hf(str(fewer), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_damaged_or_mismatched_hf_files_are_one_line(gpt_dir, bert_dir, tmp_path):
+  listed = _copy_with_config(gpt_dir[0], tmp_path / "listed")
+  (listed / "config.json").write_text(json.dumps(["gpt2"]))
+  utf16 = _copy_with_config(gpt_dir[0], tmp_path / "utf16")
+  (utf16 / "config.json").write_text((utf16 / "config.json").read_text(), encoding="utf-16")
+  typed = _copy_with_config(gpt_dir[0], tmp_path / "typed", n_embd="32")
+  sharded = _copy_with_config(gpt_dir[0], tmp_path / "sharded")
+  (sharded / "model.safetensors").rename(sharded / "model-00001-of-00001.safetensors")
+  (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+  swapped = _copy_with_config(gpt_dir[0], tmp_path / "swapped", model_type="bert")  # GPT-2 weights, a BERT config
+  for f in ("vocab.json", "merges.txt"):
+    (swapped / f).unlink()
+  shutil.copy(bert_dir[0] / "vocab.txt", swapped)
+  bpe_bert = _copy_with_config(bert_dir[0], tmp_path / "bpe_bert")  # a BERT with GPT-2's tokenizer files
+  (bpe_bert / "vocab.txt").unlink()
+  for f in ("vocab.json", "merges.txt"):
+    shutil.copy(gpt_dir[0] / f, bpe_bert)
+  for src, match in ((listed, "config.json holds a JSON list, not a Hugging Face model config"),
+                     (utf16, "config.json is not UTF-8 text"),
+                     (typed, "config.json has a value of the wrong type .*'d_model'"),
+                     (sharded, "model.safetensors.index.json has no \"weight_map\""),
+                     (swapped, "holds none of the tensors of a BERT model .*use the config.json that belongs"),
+                     (bpe_bert, r"has no \[CLS\], \[SEP\], \[MASK\], which a bert model needs")):
+    with pytest.raises(ConfigError, match=match) as e:
+      interop.import_hf(str(src), str(tmp_path / "w"))
+    assert "\n" not in str(e.value) and not (tmp_path / "w").exists(), src
+  # The index read right, the sharded checkpoint imports.
+  (sharded / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {"transformer.wte.weight": "model-00001-of-00001.safetensors"}}))
+  interop.import_hf(str(sharded), str(tmp_path / "w"), overrides=["model.attention=xla", "model.dropout=0.0"])
+  assert (tmp_path / "w" / "checkpoints").is_dir()

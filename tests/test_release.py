@@ -234,6 +234,16 @@ def test_card_typo_gets_a_suggestion(run, tmp_path):
   assert not os.path.exists(tmp_path / "out")
 
 
+def test_a_card_saved_as_utf16_is_one_line_through_the_cli(run, tmp_path, capsys):
+  """PowerShell's `>` and some editors write UTF-16."""
+  workdir, _, _, files = run
+  card = tmp_path / "card.json"
+  card.write_text(open(_card(tmp_path, files)).read(), encoding="utf-16")
+  assert cli.main(["release", f"--workdir={workdir}", f"--out={tmp_path / 'out'}", f"--card={card}"]) == 2
+  assert capsys.readouterr().err == f"error: --card={card} is not UTF-8 text (byte 0); save it as UTF-8\n"
+  assert not os.path.exists(tmp_path / "out")
+
+
 def test_release_of_imported_weights_says_the_data_is_unknown(run, tmp_path):
   workdir, _, _, _ = run
   copy = tmp_path / "imported"

@@ -157,6 +157,24 @@ def test_eval_task_mistakes_are_one_line(gpt_run, tmp_path, capsys):
     assert err.count("\n") == 1 and error in err, err
 
 
+def test_a_tfds_task_prepared_elsewhere_is_read_from_config_data_data_dir(gpt_run, tfds_online, monkeypatch, capsys):
+  """The message for a TFDS task not prepared here says to pass --config.data.data_dir=DIR: --task takes it."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from fmjax.data import sources
+  seen, load = [], sources.load_tfds
+  monkeypatch.setattr(sources, "load_tfds", lambda name, split, data_dir, **kw: seen.append(data_dir) or load(
+      name, split, data_dir, **kw))
+  workdir, prepared = gpt_run / "gpt", str(gpt_run / "tfds")
+  with tfds.testing.mock_data(num_examples=5):
+    assert cli.main(["eval", f"--workdir={workdir}", "--task=piqa", "--limit=2",
+                     f"--config.data.data_dir={prepared}"]) == 0
+  assert seen == [prepared] and "piqa (validation, 2 items, step 1): acc " in capsys.readouterr().out
+  # Any other data override (or one for a task not in TFDS) is still refused.
+  for argv in (["--task=piqa", "--config.data.files=x"], ["--task=continuation", f"--config.data.data_dir={prepared}"]):
+    assert cli.main(["eval", f"--workdir={workdir}", *argv]) == 2
+    assert "overrides are for perplexity on other text, not --task" in capsys.readouterr().err
+
+
 def test_the_continuation_task_is_built_from_the_runs_held_out_documents(gpt_run):
   from fmjax import generate
   from fmjax.data import sources
