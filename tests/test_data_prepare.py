@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 
 from fmjax import config_lib, files
 import fmjax.data as data
-from fmjax.data import packing
+from fmjax.data import corpus, packing
 from fmjax.data import sources
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -230,11 +230,19 @@ def test_tfds_dataset_by_name_through_mock_data(tmp_path, tfds_online):
     ({"data.data_dir": "/nonexistent/tfds"}, "does not exist"),
     ({"data.dataset": "text_files", "data.files": "/nonexistent/*.txt"}, "matches no .txt or .jsonl file"),
     ({"data.dataset": "text_files", "data.files": "EMPTY"}, "empty corpus"),
+    ({"data.dataset": "text_files", "data.files": "DIR"}, r"names a directory, not files; give globs of its files, "
+     r"e.g. --config.data.files='.*/corpus/\*\*/\*.txt,.*/corpus/\*\*/\*.jsonl'"),
+    ({"data.tokenizer.path": "vocab.txt"}, "data.tokenizer.path='vocab.txt' is read only with data.tokenizer.kind='hf' "
+     r"\(kind 'wordpiece' trains one on the corpus\)"),
+    ({"data.tokenizer.vocab_size": 0}, "vocab_size=0 leaves a wordpiece vocabulary no room beside its special tokens"),
 ])
 def test_bad_input_is_one_clear_line_and_no_cache(tmp_path, over, match, tfds_online):
   if over.get("data.files") == "EMPTY":
     (tmp_path / "empty.txt").write_text("\n\n   \n")
     over = {**over, "data.files": str(tmp_path / "empty.txt")}
+  if over.get("data.files") == "DIR":  # a folder of text, named as if it were a file
+    write_corpus(tmp_path / "corpus")
+    over = {**over, "data.files": str(tmp_path / "corpus")}
   config = tiny("bert", tmp_path / "cache", **over)
   with tfds.testing.mock_data(num_examples=5):
     with pytest.raises(config_lib.ConfigError, match=match) as e:
@@ -271,6 +279,63 @@ def test_null_text_non_utf8_and_one_document_corpora_are_one_line(tmp_path, capl
     with pytest.raises(config_lib.ConfigError, match=match) as e:
       data.prepare(bad)
     assert "\n" not in str(e.value)
+
+
+def test_unreadable_files_and_a_record_without_the_field_are_one_line_and_a_byte_order_mark_is_read(tmp_path,
+                                                                                                      monkeypatch):
+  blocks = write_corpus(tmp_path / "c")
+  (tmp_path / "c" / "z.txt").write_text("first block\n\nsecond block\n")
+  os.chmod(tmp_path / "c" / "z.txt", 0)
+  real = open
+  def refusing(path, *args, **kwargs):  # as chmod 000 does, also where the tests run as root (root reads anyway)
+    if os.path.basename(str(path)) in ("z.txt", "z.jsonl"):
+      raise PermissionError(13, "Permission denied", str(path))
+    return real(path, *args, **kwargs)
+  monkeypatch.setattr(corpus, "open", refusing, raising=False)
+  monkeypatch.setattr(sources, "open", refusing, raising=False)
+  (tmp_path / "c" / "z.jsonl").write_text('{"body": "a record"}\n')
+  for name in ("z.txt", "z.jsonl"):  # read as TFDS builds the corpus (the first check reads a.txt's two documents)
+    files_glob = f"{tmp_path}/c/a.txt,{tmp_path}/c/{name}"
+    config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "text_files", "data.files": files_glob,
+                                                "data.feature": "body", "data.tokenizer.vocab_size": 300})
+    with pytest.raises(config_lib.ConfigError, match=rf"c/{name} cannot be read \(Permission denied\); make it "
+                       r"readable by this user \(e.g. `chmod a\+r .*`\) or leave it out") as e:
+      data.prepare(config)
+    assert "\n" not in str(e.value)
+  # A record that lacks the field the lines before it have is that record's fault, not data.feature's.
+  rows = [{"body": f"document {i} here"} for i in range(5)] + [{"bdy": "a typo"}]
+  (tmp_path / "typo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "text_files", "data.files": str(tmp_path / "typo.jsonl"),
+                                              "data.feature": "body"})
+  with pytest.raises(config_lib.ConfigError, match=r"typo.jsonl:6 has no field 'body' \(only \['bdy'\]\), though "
+                     "earlier records have it; fix the record or remove it"):
+    list(corpus.file_documents(corpus.resolve_files(config.data.files), "body"))
+  # A .jsonl and a .txt that open with a UTF-8 byte-order mark (as Windows tools write them) are text.
+  (tmp_path / "bom").mkdir()
+  (tmp_path / "bom" / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "c" / "b.jsonl").read_bytes())
+  (tmp_path / "bom" / "a.txt").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "c" / "a.txt").read_bytes())
+  config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "text_files", "data.files": f"{tmp_path}/bom/*",
+                                              "data.feature": "body", "data.tokenizer.vocab_size": 300})
+  docs = list(sources.documents(config, "train")) + list(sources.documents(config, "eval"))
+  assert sorted(docs) == sorted(blocks)
+
+
+@pytest.mark.parametrize("resolves", [False, True])
+def test_a_community_dataset_that_cannot_be_looked_up_is_one_line(tmp_path, monkeypatch, resolves):
+  """TFDS looks `huggingface:` names up on the Hub, prepared or not: offline, ~25 s of retries, then a traceback."""
+  for var in sources._PROXY_VARS:
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setattr(sources, "_resolves", lambda host: resolves)
+  def offline(*args, **kwargs):
+    raise ConnectionError("[Errno -2] Name or service not known")
+  monkeypatch.setattr(tfds, "builder", offline)
+  config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "huggingface:wikitext"})
+  why = ("is looked up on the Hugging Face Hub, and this machine cannot reach it" if not resolves else
+         r"could not be looked up \(ConnectionError: \[Errno -2\] Name or service not known\)")
+  with pytest.raises(config_lib.ConfigError, match=rf"dataset 'huggingface:wikitext' {why}.*; run where it is "
+                     "reachable, or write its text to .jsonl files and use --config.data.dataset=text_files") as e:
+    data.prepare(config)
+  assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "cache")
 
 
 @pytest.mark.parametrize("over, match", [

@@ -126,6 +126,31 @@ def test_tokenizer_too_big_for_model(tmp_path):
     data.get_tokenizer(config)
 
 
+def test_hf_files_that_do_not_fit_name_their_path_in_one_line(docs, tmp_path):
+  bpe_dir = tmp_path / "gpt2"
+  bpe_dir.mkdir()
+  tokenizers_lib.train(docs, "bpe", 400, "clm").hf.model.save(str(bpe_dir))
+  cases = [("bert", {"data.tokenizer.path": str(bpe_dir)}, rf"masked LM needs tokenizer tokens \['\[CLS\]', '\[SEP\]', "
+            rf"'\[MASK\]'\], which the tokenizer of data.tokenizer.path='{bpe_dir}' lacks"),
+           ("gpt", {"data.tokenizer.path": str(bpe_dir), "model.vocab_size": 300},
+            rf"the tokenizer of data.tokenizer.path='{bpe_dir}' has 400 ids but model.vocab_size=300"),
+           ("bert", {"data.tokenizer.path": str(tmp_path / "vocab.txt")},  # a BERT vocabulary saved as latin-1
+            r"vocab.txt is not UTF-8 text \(byte 34\); input files must be UTF-8")]
+  words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "caf\xe9"]
+  (tmp_path / "vocab.txt").write_bytes("\n".join(words).encode("latin-1"))
+  for family, over, match in cases:
+    with pytest.raises(config_lib.ConfigError, match=match) as e:
+      data.get_tokenizer(tiny(family, tmp_path / "cache", **{"data.tokenizer.kind": "hf", **over}))
+    assert "\n" not in str(e.value)
+
+
+def test_a_vocabulary_the_trainer_cannot_make_is_one_line(docs):
+  # Unigram keeps every character of the corpus: 12 pieces cannot hold them (the Rust trainer's bare Exception).
+  with pytest.raises(config_lib.ConfigError, match=r"training a unigram tokenizer of data.tokenizer.vocab_size=12 "
+                     r"failed \(The vocabulary is not large enough to contain all chars\); raise data.tokenizer"):
+    tokenizers_lib.train(docs, "unigram", 12, "mlm")
+
+
 def _small_run(tmp, text_file, steps):
   over = {"model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2, "model.d_ff": 64, "model.vocab_size": 512,
           "data.tokenizer.vocab_size": 512, "data.seq_len": 16, "train.batch_size": 8, "train.steps": steps,

@@ -137,7 +137,7 @@ def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
   from fmjax.config_lib import ConfigError
   from fmjax.data import sources
 
-  nulls, first_null = 0, ""
+  nulls, first_null, has_feature = 0, "", False
   # Keys (TFDS orders records by them) name files relative to the corpus's own directory, so a
   # corpus moved elsewhere comes out in the same order.
   base = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
@@ -148,8 +148,12 @@ def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
         if not isinstance(record, dict):
           raise ConfigError(f"{path}:{line} is a JSON {type(record).__name__}, not an object; each line of a .jsonl "
                             f"corpus is one object with the text in its {feature!r} field")
+        if feature not in record and has_feature:  # the field is right: this record is not
+          raise ConfigError(f"{path}:{line} has no field {feature!r} (only {sorted(record)}), though earlier "
+                            "records have it; fix the record or remove it")
         if feature not in record:
           raise ConfigError(f"{path}:{line} has no field {feature!r}; set data.feature to one of {sorted(record)}")
+        has_feature = True
         if record[feature] is None:
           nulls, first_null = nulls + 1, first_null or f"{path}:{line}"
           continue
@@ -161,10 +165,12 @@ def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
           yield f"{key}:{line - 1}", text
       continue
     try:
-      with open(path, encoding="utf-8") as f:
+      with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows tools write one) is not text
         blocks = _BLANK_LINES.split(f.read())
     except UnicodeDecodeError:
       raise sources.not_utf8(path) from None
+    except PermissionError as e:
+      raise sources.unreadable(path, e) from None
     for i, block in enumerate(blocks):
       if block.strip():
         yield f"{key}:{i}", block.strip()

@@ -116,7 +116,7 @@ def jsonl_records(path: str) -> Iterator[tuple[int, Any]]:
   """(line number, record) for each non-blank line of a JSONL file; a line that is not JSON, or a
   file that is not UTF-8, is one ConfigError naming it. What a record must hold is the caller's."""
   try:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows tools write one) is not text
       for i, line in enumerate(f):
         if not line.strip():
           continue
@@ -127,6 +127,14 @@ def jsonl_records(path: str) -> Iterator[tuple[int, Any]]:
         yield i + 1, record
   except UnicodeDecodeError:
     raise not_utf8(path) from None
+  except PermissionError as e:
+    raise unreadable(path, e) from None
+
+
+def unreadable(path: str, e: OSError) -> ConfigError:
+  """The one-line error for an input file this user may not read."""
+  return ConfigError(f"{path} cannot be read ({e.strerror}); make it readable by this user (e.g. `chmod a+r {path}`) "
+                     "or leave it out of the files given")
 
 
 def not_utf8(path: str) -> ConfigError:
@@ -181,6 +189,10 @@ def check_config(config) -> None:
     if not d.files:
       raise ConfigError("data.dataset='text_files' needs data.files: comma-separated globs of .txt/.jsonl files")
     if not corpus.resolve_files(d.files):
+      folders = [p.strip().rstrip("/") for p in d.files.split(",") if os.path.isdir(os.path.expanduser(p.strip()))]
+      if folders:
+        raise ConfigError(f"data.files={d.files!r} names a directory, not files; give globs of its files, e.g. "
+                          f"--config.data.files='{folders[0]}/**/*.txt,{folders[0]}/**/*.jsonl'")
       raise ConfigError(f"data.files={d.files!r} matches no .txt or .jsonl file; fix the globs (text that moved: "
                         "--config.data.files=NEW_GLOB)")
     _check_documents(corpus.resolve_files(d.files), d.feature, d.files)
@@ -194,12 +206,21 @@ def check_config(config) -> None:
   t = d.tokenizer
   if t.kind not in ("bpe", "wordpiece", "unigram", "hf"):
     raise ConfigError(f"data.tokenizer.kind={t.kind!r} is not one of ['bpe', 'wordpiece', 'unigram', 'hf']")
+  if t.kind != "hf" and t.get("path"):  # else the files named are quietly not the tokenizer the run uses
+    raise ConfigError(f"data.tokenizer.path={t.path!r} is read only with data.tokenizer.kind='hf' (kind {t.kind!r} "
+                      "trains one on the corpus); add --config.data.tokenizer.kind=hf, or drop the path")
+  from fmjax.data import pii
+  placeholders = len(pii.PLACEHOLDERS) if d.pii_scrub else 0
   if t.kind == "bpe":
-    from fmjax.data import pii
-    least = 256 + 1 + (len(pii.PLACEHOLDERS) if d.pii_scrub else 0) + 1  # bytes, specials, one merge
+    least = 256 + 1 + placeholders + 1  # bytes, specials, one merge
     if t.vocab_size < least:
       raise ConfigError(f"data.tokenizer.vocab_size={t.vocab_size} leaves byte-level BPE no merges beside its 256 "
                         f"bytes and special tokens; use at least {least} (e.g. 2048)")
+  elif t.kind in ("wordpiece", "unigram"):
+    least = 5 + placeholders + 1  # at most 5 special tokens, the PII placeholders, one piece of text
+    if t.vocab_size < least:
+      raise ConfigError(f"data.tokenizer.vocab_size={t.vocab_size} leaves a {t.kind} vocabulary no room beside its "
+                        f"special tokens; use at least {least} (e.g. 8192)")
 
 
 _DOC_COUNTS: dict = {}  # files fingerprint -> documents found (at most 2), so huge files are read once
@@ -315,7 +336,9 @@ def _builder(config):
   namespaced = ":" in d.dataset.split("/")[0]  # community datasets, e.g. huggingface:imdb
   # Checking the name locally first: an unknown name would otherwise send TFDS looking on the network.
   names = list(tfds.list_builders(with_community_datasets=False))
-  if namespaced or _base_name(d.dataset) in names:
+  if namespaced:
+    return _community_builder(d.dataset, d.data_dir)
+  if _base_name(d.dataset) in names:
     try:
       return tfds.builder(d.dataset, data_dir=d.data_dir or None)
     except tfds.core.registered.DatasetNotFoundError:
@@ -324,6 +347,26 @@ def _builder(config):
   hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
   raise ConfigError(f"unknown dataset {d.dataset!r}: {hint}Use a TFDS name (tfds.list_builders()), "
                     "'fmjax_corpus' or 'text_files'")
+
+
+def _community_builder(name: str, data_dir: str):
+  """The builder of a community dataset (`huggingface:imdb`), which TFDS looks up over the network
+  even when it is prepared: without one, a failure is one line at once, not a traceback after retries."""
+  import tensorflow_datasets as tfds
+  instead = ("run where it is reachable, or write its text to .jsonl files and use --config.data.dataset=text_files "
+             "--config.data.files=GLOB")
+  if name.startswith("huggingface:") and not any(os.environ.get(v) for v in _PROXY_VARS) and not _resolves(
+      "huggingface.co"):
+    raise ConfigError(f"dataset {name!r} is looked up on the Hugging Face Hub, and this machine cannot reach it (no "
+                      f"address for huggingface.co: no network?); {instead}")
+  try:
+    return tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    why = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ConfigError(f"unknown dataset {name!r} ({why}); check the name against its catalogue") from None
+  except Exception as e:  # pylint: disable=broad-except
+    why = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ConfigError(f"dataset {name!r} could not be looked up ({type(e).__name__}: {why}); {instead}") from None
 
 
 def _feature_name(config, builder) -> str:

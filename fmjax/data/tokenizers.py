@@ -215,8 +215,12 @@ def load_hf(path: str) -> Tokenizer:
   if path.endswith(".json"):
     return Tokenizer(_from_file(path), "hf")
   if path.endswith(".txt"):
-    with open(path, encoding="utf-8") as f:
-      vocab = [line.rstrip("\n") for line in f]
+    from fmjax.data import sources
+    try:
+      with open(path, encoding="utf-8") as f:
+        vocab = [line.rstrip("\n") for line in f]
+    except UnicodeDecodeError:
+      raise sources.not_utf8(path) from None
     # Cased BERT vocabularies hold upper-case word pieces; uncased ones never do.
     lowercase = not any(t[:1].isupper() for t in vocab if not (t.startswith("[") and t.endswith("]")))
     tok = hf.Tokenizer(models.WordPiece.from_file(path, unk_token="[UNK]"))
@@ -258,7 +262,14 @@ def train(texts: Iterable[str], kind: str, vocab_size: int, objective: str,
                                       unk_token=unk, show_progress=False)
   else:
     raise ConfigError(f"data.tokenizer.kind={kind!r} is not one of ['bpe', 'wordpiece', 'unigram', 'hf']")
-  tok.train_from_iterator(_capped(texts), trainer=trainer)
+  try:
+    tok.train_from_iterator(_capped(texts), trainer=trainer)
+  except Exception as e:  # pylint: disable=broad-except
+    if type(e) is not Exception:  # the corpus's own errors (ConfigError...) pass through
+      raise
+    # The Rust trainer raises a bare Exception, e.g. a unigram vocabulary smaller than the corpus's characters.
+    raise ConfigError(f"training a {kind} tokenizer of data.tokenizer.vocab_size={vocab_size} failed ({e}); raise "
+                      "data.tokenizer.vocab_size (e.g. 8192)") from None
   tok.add_special_tokens(specials + list(extra_specials))
   return Tokenizer(tok, kind)
 
@@ -282,10 +293,11 @@ def get_tokenizer(config, workdir: str | None = None) -> Tokenizer:
 
   t = config.data.tokenizer
   own = os.path.join(workdir, RUN_TOKENIZER) if workdir else None
+  what = "the tokenizer"
   if own and files.exists(os.path.join(own, "tokenizer.json")):
-    tok = load_tokenizer(own)
+    tok, what = load_tokenizer(own), f"the run's tokenizer ({own})"
   elif t.kind == "hf":
-    tok = load_hf(t.path)
+    tok, what = load_hf(t.path), f"the tokenizer of data.tokenizer.path={t.path!r}"
   else:
     sources.check_config(config)
     extra = tuple(pii.PLACEHOLDERS.values()) if config.data.pii_scrub else ()
@@ -311,7 +323,7 @@ def get_tokenizer(config, workdir: str | None = None) -> Tokenizer:
                           "(empty corpus); check data.dataset, data.files and data.train_split")
       _save_atomic(tok, directory)
       sources.share(config, rel)
-  _check_fits(config, tok)
+  _check_fits(config, tok, what)
   return tok
 
 
@@ -343,13 +355,14 @@ def _save_atomic(tok: Tokenizer, directory: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_fits(config, tok: Tokenizer) -> None:
+def _check_fits(config, tok: Tokenizer, what: str) -> None:
   if tok.vocab_size > config.model.vocab_size:
-    raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}; "
+    raise ConfigError(f"{what} has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}; "
                       f"raise model.vocab_size to at least {tok.vocab_size}")
   if config.train.objective == "clm" and tok.eos_id is None:
-    raise ConfigError("the tokenizer has no end-of-text token (<|endoftext|>, </s> or [SEP]) for causal LM")
+    raise ConfigError(f"{what} has no end-of-text token (<|endoftext|>, </s> or [SEP]) for causal LM")
   if config.train.objective == "mlm":
     missing = [n for n, i in (("[CLS]", tok.cls_id), ("[SEP]", tok.sep_id), ("[MASK]", tok.mask_id)) if i is None]
     if missing:
-      raise ConfigError(f"masked LM needs tokenizer tokens {missing}; use kind 'wordpiece' or a BERT vocab")
+      raise ConfigError(f"masked LM needs tokenizer tokens {missing}, which {what} lacks; use kind 'wordpiece' or a "
+                        "BERT vocab")
