@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fmjax import files
+from fmjax import config_lib, files
 from fmjax.config_lib import ConfigError
 
 # name: (TFDS name, default split)
@@ -312,8 +312,9 @@ def run(workdir: str, task: str, *, split: str | None = None, limit: int = 0, st
   """Scores `task` with `workdir`'s causal LM (checkpoint `step`, default the latest); a TFDS task is read
   from `data_dir` (default: the run's data.data_dir)."""
   from fmjax import data, generate
-  saved = files.read_json(os.path.join(workdir, "config.json"))
-  if saved is not None and saved.get("model", {}).get("family") == "bert":
+  path = os.path.join(workdir, "config.json")
+  saved = files.read_json(path)
+  if saved is not None and config_lib.check_saved(saved, path)["model"]["family"] == "bert":
     raise ConfigError(f"{workdir} holds a BERT (masked LM); zero-shot multiple choice scores a causal LM's "
                       "continuations: pass the --workdir of a GPT run")
   restored = generate.restore_run(workdir, step)  # a classifier workdir is refused there

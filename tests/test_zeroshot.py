@@ -217,3 +217,10 @@ def test_the_continuation_task_of_an_sft_run_says_where_to_score_instead():
   config = config_lib.load_config("configs/sft.py")
   with pytest.raises(ConfigError, match="an SFT run has none; score its init_from run, or pass --task=jsonl:FILE"):
     zeroshot.load_items("continuation", config=config)
+
+
+def test_a_damaged_config_json_is_one_line(tmp_path):
+  (tmp_path / "config.json").write_text("[1]")  # a list: no run's config
+  with pytest.raises(ConfigError, match=r"config.json has no model: it is damaged or not an fmjax run's") as e:
+    zeroshot.run(str(tmp_path), "continuation")
+  assert "\n" not in str(e.value)
