@@ -74,6 +74,10 @@ def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "
       if row[completion_key] is None:  # nothing to learn; str() would make it the text "None"
         nulls, first_null = nulls + 1, first_null or f"{path}:{line}"
         continue
+      for k in (prompt_key, completion_key):
+        if isinstance(row.get(k), (dict, list)):  # chat messages, say: str() would train on their Python repr
+          raise ConfigError(f"{path}:{line} has a JSON {type(row[k]).__name__} in {k!r}, where SFT takes text; "
+                            "write the prompt and the completion as strings (chat messages flattened into text)")
       if prompt_key not in row:
         unprompted += 1
         other_fields.update(k for k, v in row.items() if k != completion_key and isinstance(v, str))

@@ -28,6 +28,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -249,8 +250,8 @@ def _read_records(path: str) -> list[tuple[int, dict]]:
   if path.endswith(".jsonl"):
     return list(sources.jsonl_records(path))
   try:
-    if path.endswith((".csv", ".tsv")):
-      with open(path, encoding="utf-8", newline="") as f:
+    if path.endswith((".csv", ".tsv")):  # a byte-order mark (Excel's "CSV UTF-8" writes one) is not the first column's
+      with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
         return [(reader.line_num, record) for record in reader]
   except UnicodeDecodeError:
@@ -258,11 +259,11 @@ def _read_records(path: str) -> list[tuple[int, dict]]:
   raise ConfigError(f"task file {path!r} must end in .csv, .tsv or .jsonl")
 
 
-def _resolve(spec: str) -> list[str]:
+def _resolve(spec: str, key: str = "task.files") -> list[str]:
   paths = sorted({p for pattern in spec.split(",") if pattern.strip()
                   for p in glob.glob(os.path.expanduser(pattern.strip()))})
   if spec.strip() and not paths:
-    raise ConfigError(f"task.files={spec!r} matches no file; give a path or glob of .csv/.tsv/.jsonl files "
+    raise ConfigError(f"{key}={spec!r} matches no file; give a path or glob of .csv/.tsv/.jsonl files "
                       "(`fmjax eval` of a run whose files moved takes --config.task.files too)")
   return paths
 
@@ -273,6 +274,9 @@ def _file_examples(paths: list[str], text_columns: tuple[str, ...], label_column
   texts, labels, places = [], [], []
   for path in paths:
     for i, (line, record) in enumerate(_read_records(path)):
+      if not isinstance(record, dict):
+        raise ConfigError(f"{path}:{line} is a JSON {type(record).__name__}, not an object; give each record as "
+                          f"{{\"column\": value, ...}} with the columns {sorted({*text_columns, label_column})}")
       for column in (*text_columns, label_column):
         if column not in record:
           which = "task.label_column" if column == label_column and column not in text_columns else \
@@ -282,6 +286,9 @@ def _file_examples(paths: list[str], text_columns: tuple[str, ...], label_column
         # JSON null, or a CSV row short of this column: no value, which str() would make the text "None".
         if record[column] is None or (column == label_column and not str(record[column]).strip()):
           raise ConfigError(f"{path}:{line} has no value in column {column!r}; fill it in or remove the record")
+        if isinstance(record[column], (dict, list)):  # str() would make its Python repr the text or a class
+          raise ConfigError(f"{path}:{line} has a JSON {type(record[column]).__name__} in column {column!r}, where "
+                            f"{'a label' if column == label_column else 'text'} goes; give a plain value there")
       texts.append(tuple(str(record[c]) for c in text_columns))
       labels.append(record[label_column])
       places.append(f"{path}:{line}")
@@ -301,12 +308,22 @@ def _label_ids(raw: list, num_classes: int, where: str) -> tuple[list[float], tu
     except (TypeError, ValueError):
       raise ConfigError(f"{where}: regression (task.num_classes=0) needs numeric labels, got e.g. "
                         f"{next(y for y in raw if not _is_number(y))!r}") from None
+  kinds = {type(y) for y in raw}
+  if str in kinds and kinds & {int, float} and not all(_is_int(y) for y in raw):
+    number, name = next(y for y in raw if type(y) in (int, float)), next(y for y in raw if isinstance(y, str))
+    raise ConfigError(f"{where}: labels mix numbers (e.g. {number!r}) and strings (e.g. {name!r}), which would be "
+                      "classes of their own; write every label the same way (all class ids or all class names)")
   if raw and all(_is_number(y) and not isinstance(y, bool) for y in raw) and not all(_is_int(y) for y in raw):
     example = next(y for y in raw if not _is_int(y))
     raise ConfigError(f"{where}: labels are numbers that are not all integers (e.g. {example!r}), so not class ids; "
                       "set task.num_classes=0 for regression, or give integer or string class labels")
   if all(_is_int(y) for y in raw):
     ids = [int(float(y)) for y in raw]
+    distinct, top = len(set(ids)), max(ids, default=0)
+    if num_classes < top + 1 and top + 1 > max(100, 10 * distinct):  # a head of a class per id up to the largest
+      raise ConfigError(f"{where}: integer labels run up to {top} but take only {distinct} different values, which "
+                        f"would make a head of {top + 1} classes; renumber the classes 0..{distinct - 1}, give them "
+                        f"as strings, or set task.num_classes={top + 1} if that many classes are meant")
     names = tuple(str(i) for i in range(max(max(ids) + 1, num_classes))) if ids else ()
   else:
     names = tuple(sorted({str(y) for y in raw}))
@@ -361,15 +378,23 @@ def _files_task(tc) -> Task:
   text_columns = tuple(tc.text_columns)
   if not 1 <= len(text_columns) <= 2:
     raise ConfigError(f"task.text_columns={text_columns} must name one column or a sentence pair")
-  train_texts, train_raw, _ = _file_examples(_resolve(tc.files), text_columns, tc.label_column)
+  train_texts, train_raw, train_places = _file_examples(_resolve(tc.files), text_columns, tc.label_column)
   if not train_texts:
     raise ConfigError(f"task.files={tc.files!r} holds no examples")
-  val_paths = _resolve(tc.validation_files) if tc.validation_files else []
+  val_paths = _resolve(tc.validation_files, "task.validation_files") if tc.validation_files else []
   val_texts, val_raw, val_places = _file_examples(val_paths, text_columns, tc.label_column)
   labels, names = _label_ids(train_raw + val_raw, int(tc.num_classes), tc.files)
-  if tc.num_classes != 0:
+  if tc.num_classes == 0:
+    bad = next((i for i, y in enumerate(labels) if not math.isfinite(y)), None)
+    if bad is not None:  # one such label makes every loss and update NaN
+      raise ConfigError(f"{(train_places + val_places)[bad]} has label {(train_raw + val_raw)[bad]!r}, not a finite "
+                        "number, which regression cannot learn; fix the label or remove the record")
+  else:
     _check_label_column(train_raw, int(tc.num_classes), tc.label_column)
     _check_unseen_labels(train_raw, val_raw, val_places, int(tc.num_classes))
+  if tc.label_column in text_columns:  # (a text column named as the labels is refused above, as no labels)
+    raise ConfigError(f"task.label_column={tc.label_column!r} is also one of task.text_columns={text_columns}; "
+                      "the model would read its label: give the text columns without it")
   train = list(zip(train_texts, labels[:len(train_texts)]))
   if val_paths:
     splits = {"train": train, "validation": list(zip(val_texts, labels[len(train_texts):]))}
@@ -441,6 +466,8 @@ def load_task(config) -> Task:
   if not 0 <= tc.validation_percent < 100:
     raise ConfigError(f"task.validation_percent={tc.validation_percent} must be in [0, 100): the share of the "
                       "examples held out when the task has no validation split")
+  if tc.num_classes < -1 or tc.num_classes == 1:
+    raise ConfigError(f"task.num_classes={tc.num_classes} must be -1 (from the labels), 0 (regression) or at least 2")
   name = tc.name.removeprefix("glue/")
   if tc.name == "pydoc_family":
     examples = pydoc_family_examples(_cache_dir(config))

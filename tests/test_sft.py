@@ -77,6 +77,14 @@ def test_bad_jsonl_gets_one_line(tmp_path):
   # Completions alone (with metadata): plain language modelling, no prompt to miss.
   path.write_text('{"completion": "b", "id": "row-1", "n": 3}\n')
   assert sft.read_examples(str(path)) == [("", "b")]
+  # Chat messages (lists of objects) are no text: their Python repr was once trained on.
+  path.write_text('{"prompt": [{"role": "user", "content": "hi"}], "completion": "hello"}\n')
+  with pytest.raises(ConfigError, match=r"x.jsonl:1 has a JSON list in 'prompt', where SFT takes text; write the "
+                                        r"prompt and the completion as strings"):
+    sft.read_examples(str(path))
+  path.write_text('{"prompt": "hi", "completion": {"role": "assistant", "content": "hello"}}\n')
+  with pytest.raises(ConfigError, match=r"x.jsonl:1 has a JSON dict in 'completion'"):
+    sft.read_examples(str(path))
   # A missing eval file names sft.eval_files, the key that is wrong.
   good = tmp_path / "good.jsonl"
   good.write_text('{"prompt": "a", "completion": "b"}\n')

@@ -182,6 +182,14 @@ def test_file_task_errors_are_one_line(tmp_path, cache_dir):
   assert "\n" not in str(e.value)
   with pytest.raises(ConfigError, match="matches no file"):
     tasks.load_task(ft_config(cache_dir, "task.name=csv", f"task.files={tmp_path}/missing*.csv"))
+  # A missing validation file names its own key, not task.files (which is there).
+  with pytest.raises(ConfigError, match=rf"^task.validation_files='{tmp_path}/dev.jsonl' matches no file"):
+    tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.text_columns=sentence",
+                              f"task.validation_files={tmp_path}/dev.jsonl"))
+  # The label among the text columns: the model would read the answer.
+  with pytest.raises(ConfigError, match=r"^task.label_column='label' is also one of task.text_columns=\('sentence', "
+                                        r"'label'\); the model would read its label"):
+    tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.text_columns=sentence,label"))
   with pytest.raises(ConfigError, match="is not one of"):
     tasks.load_task(ft_config(cache_dir, "task.name=glue/sst3"))
 
@@ -277,7 +285,68 @@ def test_a_label_column_of_mostly_distinct_values_is_refused(tmp_path, cache_dir
     ("task.max_train_examples=-1", r"task.max_train_examples=-1 must be at least 0 \(0: every training example\)"),
     ("task.validation_percent=150", r"task.validation_percent=150 must be in \[0, 100\)"),
     ("task.validation_percent=-5", r"task.validation_percent=-5 must be in \[0, 100\)"),
+    ("task.num_classes=-5", r"task.num_classes=-5 must be -1 \(from the labels\), 0 \(regression\) or at least 2$"),
+    ("task.num_classes=1", r"task.num_classes=1 must be -1 \(from the labels\), 0 \(regression\) or at least 2$"),
 ])
 def test_out_of_range_task_sizes_are_one_line(cache_dir, override, message):
   with pytest.raises(ConfigError, match=rf"^{message}"):
     tasks.load_task(ft_config(cache_dir, override))
+
+
+def test_a_regression_label_that_is_not_finite_is_refused_with_its_line(tmp_path, cache_dir):
+  """A "nan" or "inf" score once went into training, and every loss and update after it was NaN."""
+  for bad in ("nan", "inf", "-Infinity"):
+    path = _write_jsonl(tmp_path / "scores.jsonl", [{"sentence": f"s {i}", "label": [0.5, bad][i == 3]}
+                                                    for i in range(10)])
+    with pytest.raises(ConfigError, match=rf"^{path}:4 has label '{bad}', not a finite number, which regression "
+                                          r"cannot learn; fix the label or remove the record$"):
+      tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.num_classes=0"))
+
+
+def test_a_csv_with_a_byte_order_mark_keeps_its_first_column_name(tmp_path, cache_dir):
+  """Excel's "CSV UTF-8" opens with a byte-order mark, which once became part of the first column's name."""
+  path = tmp_path / "excel.csv"
+  path.write_bytes("\ufefftext,label\nfine day,pos\nbad day,neg\nok day,pos\n".encode("utf-8"))
+  task = tasks.load_task(ft_config(cache_dir, "task.name=csv", f"task.files={path}", "task.text_columns=text"))
+  assert task.label_names == ("neg", "pos")
+  assert sorted(t for (t,), _ in task.splits["train"] + task.splits["validation"]) == ["bad day", "fine day", "ok day"]
+
+
+def test_json_lists_and_objects_are_no_texts_labels_or_records(tmp_path, cache_dir):
+  """A list or object under a column was once str()-ed into a text or a class of its own ("{'a': 1}")."""
+  rows = [{"text": f"s {i}", "label": i % 2} for i in range(10)]
+  for column, value in (("text", {"a": 1}), ("label", {"a": 1}), ("label", [1])):
+    path = _write_jsonl(tmp_path / "t.jsonl", rows[:3] + [{**rows[3], column: value}] + rows[4:])
+    kind, what = type(value).__name__, "a label" if column == "label" else "text"
+    with pytest.raises(ConfigError, match=rf"^{path}:4 has a JSON {kind} in column '{column}', where {what} goes"):
+      tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.text_columns=text"))
+  path = tmp_path / "lists.jsonl"
+  path.write_text('["a b", 1]\n')
+  with pytest.raises(ConfigError, match=rf"^{path}:1 is a JSON list, not an object; .* columns \['label', 'text'\]$"):
+    tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.text_columns=text"))
+
+
+def test_labels_that_mix_numbers_and_strings_are_refused(tmp_path, cache_dir):
+  """0/1 in one file and "neg"/"pos" in another once made four classes of two."""
+  rows = [{"sentence": f"s {i}", "label": [0, 1, "neg", "pos"][i % 4]} for i in range(20)]
+  path = _write_jsonl(tmp_path / "t.jsonl", rows)
+  with pytest.raises(ConfigError, match=rf"^{path}: labels mix numbers \(e.g. 0\) and strings \(e.g. 'neg'\)"):
+    tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}"))
+  # Class ids written as numbers in some records and as strings in others are the same ids.
+  ids = _write_jsonl(tmp_path / "ids.jsonl", [{"sentence": f"s {i}", "label": [0, "1"][i % 2]} for i in range(20)])
+  assert tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={ids}")).label_names == ("0", "1")
+
+
+def test_integer_labels_far_beyond_their_count_are_refused_unless_declared(tmp_path, cache_dir):
+  """Labels 0 and 10000000 once made a head of 10000001 classes (and 10**9 ran out of memory)."""
+  rows = [{"sentence": f"s {i}", "label": [0, 10_000_000][i % 2]} for i in range(20)]
+  path = _write_jsonl(tmp_path / "t.jsonl", rows)
+  with pytest.raises(ConfigError, match=rf"^{path}: integer labels run up to 10000000 but take only 2 different "
+                                        r"values, which would make a head of 10000001 classes; renumber"):
+    tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}"))
+  # Ids with a few unused (sentiment140's 0 and 4), or a declared head, are left alone.
+  few = _write_jsonl(tmp_path / "few.jsonl", [{"sentence": f"s {i}", "label": [0, 4][i % 2]} for i in range(20)])
+  assert tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={few}")).num_classes == 5
+  wide = _write_jsonl(tmp_path / "wide.jsonl", [{"sentence": f"s {i}", "label": [0, 150][i % 2]} for i in range(20)])
+  assert tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={wide}",
+                                   "task.num_classes=151")).num_classes == 151
