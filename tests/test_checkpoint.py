@@ -593,19 +593,34 @@ def test_the_other_failed_reads_of_a_damaged_step_log_nothing(tmp_path, caplog):
   damaged = lambda: ValueError(f'OUT_OF_RANGE: Error reading "w/0" in OCDBT database at local file '
                                f'"{directory}/2/params/"')
 
-  async def read():
-    raise damaged()
+  def unretrieved(*errors):
+    """Tasks that fail with the `errors` made, collected with nobody retrieving them."""
+    async def read(error):
+      raise error()
+
+    loop = asyncio.new_event_loop()
+    others = [loop.create_task(read(e)) for e in errors]
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert all(o.done() for o in others)
+    loop.close()
+    del others
+    gc.collect()
+
+  def wrapped():  # as Orbax wraps tensorstore's errors: the damage is the cause
+    e = Exception("reading the step failed")
+    e.__cause__ = damaged()
+    return e
 
   reader = ckpt_lib.Checkpointer(directory)
   with pytest.raises(ckpt_lib.CheckpointDamagedError, match=r"step 2 .* is damaged \(OUT_OF_RANGE reading params"):
     with reader._reading(2):
-      loop = asyncio.new_event_loop()
-      other = loop.create_task(read())
-      loop.run_until_complete(asyncio.sleep(0.01))
-      assert other.done()
-      loop.close()
-      del other
-      gc.collect()  # the unretrieved task goes before the first error is raised
+      # What is no damage of a step, or another directory's, is still told (until the damage is said).
+      unretrieved(lambda: RuntimeError(f"INTERNAL: another failure in {directory}/2"),
+                  lambda: FileNotFoundError(2, "No such file or directory", str(tmp_path / "elsewhere")))
+      told = caplog.text
+      assert f"another failure in {directory}/2" in told and "elsewhere" in told, told
+      caplog.clear()
+      unretrieved(damaged, wrapped)  # the unretrieved tasks go before the first error is raised
       raise damaged()
   reader.close()
   assert "never retrieved" not in caplog.text, caplog.text

@@ -235,6 +235,8 @@ def test_tfds_dataset_by_name_through_mock_data(tmp_path, tfds_online):
     ({"data.tokenizer.path": "vocab.txt"}, "data.tokenizer.path='vocab.txt' is read only with data.tokenizer.kind='hf' "
      r"\(kind 'wordpiece' trains one on the corpus\)"),
     ({"data.tokenizer.vocab_size": 0}, "vocab_size=0 leaves a wordpiece vocabulary no room beside its special tokens"),
+    # 5 special tokens and one piece of text at least:
+    ({"data.tokenizer.vocab_size": 5}, r"vocab_size=5 leaves .* no room .*; use at least 6 \(e.g. 8192\)"),
 ])
 def test_bad_input_is_one_clear_line_and_no_cache(tmp_path, over, match, tfds_online):
   if over.get("data.files") == "EMPTY":
@@ -667,6 +669,17 @@ def test_a_cache_damaged_since_it_was_prepared_is_one_line_or_made_again(tmp_pat
     assert path in str(e.value)
     shutil.rmtree(path)
     shutil.copytree(pristine, path)
+  # The least an array may hold: a stream's last row reads one token past it, a row layout none.
+  split = json.loads(open(os.path.join(path, "train", "meta.json")).read())
+  least = split["parts"][0]["num_rows"] * 32 + (split["layout"] == "stream")
+  itemsize = np.dtype(split["dtype"]).itemsize
+  cut("train/part-00000/tokens.bin", least * itemsize)
+  data.make_loader(config, "train", batch_size=4)
+  cut("train/part-00000/tokens.bin", (least - 1) * itemsize)
+  with pytest.raises(config_lib.ConfigError, match=rf"holds {least - 1} elements where its meta\.json counts {least}:"):
+    data.make_loader(config, "train", batch_size=4)
+  shutil.rmtree(path)
+  shutil.copytree(pristine, path)
   os.remove(os.path.join(path, "meta.json"))
   assert data.prepare(config) == path and arrays(path) == whole
   assert packing.fingerprint(path) == packing.fingerprint(pristine)

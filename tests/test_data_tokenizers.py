@@ -136,11 +136,19 @@ def test_hf_files_that_do_not_fit_name_their_path_in_one_line(docs, tmp_path):
             rf"the tokenizer of data.tokenizer.path='{bpe_dir}' has 400 ids but model.vocab_size=300"),
            ("bert", {"data.tokenizer.path": str(tmp_path / "vocab.txt")},  # a BERT vocabulary saved as latin-1
             r"vocab.txt is not UTF-8 text \(byte 34\); input files must be UTF-8")]
+  # A run's own tokenizer (saved into its workdir) is named as the run's.
+  tokenizers_lib.save_run_tokenizer(tokenizers_lib.load_hf(str(bpe_dir)), str(tmp_path / "run"))
+  own = tmp_path / "run" / tokenizers_lib.RUN_TOKENIZER
+  cases.append(("gpt", {"model.vocab_size": 300},
+                rf"the run's tokenizer \({own}\) has 400 ids but model.vocab_size=300"))
   words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "caf\xe9"]
   (tmp_path / "vocab.txt").write_bytes("\n".join(words).encode("latin-1"))
   for family, over, match in cases:
     with pytest.raises(config_lib.ConfigError, match=match) as e:
-      data.get_tokenizer(tiny(family, tmp_path / "cache", **{"data.tokenizer.kind": "hf", **over}))
+      if "data.tokenizer.path" in over:
+        data.get_tokenizer(tiny(family, tmp_path / "cache", **{"data.tokenizer.kind": "hf", **over}))
+      else:
+        data.get_tokenizer(tiny(family, tmp_path / "cache", **over), str(tmp_path / "run"))
     assert "\n" not in str(e.value)
 
 
@@ -149,6 +157,12 @@ def test_a_vocabulary_the_trainer_cannot_make_is_one_line(docs):
   with pytest.raises(config_lib.ConfigError, match=r"training a unigram tokenizer of data.tokenizer.vocab_size=12 "
                      r"failed \(The vocabulary is not large enough to contain all chars\); raise data.tokenizer"):
     tokenizers_lib.train(docs, "unigram", 12, "mlm")
+  # The corpus's own one-line errors pass through unchanged.
+  def broken():
+    yield from docs[:3]
+    raise config_lib.ConfigError("corpus.jsonl:4 has no field 'text'")
+  with pytest.raises(config_lib.ConfigError, match=r"^corpus.jsonl:4 has no field 'text'$"):
+    tokenizers_lib.train(broken(), "bpe", 400, "clm")
 
 
 def _small_run(tmp, text_file, steps):

@@ -558,6 +558,9 @@ def test_damaged_or_mismatched_hf_files_are_one_line(gpt_dir, bert_dir, tmp_path
     with pytest.raises(ConfigError, match=match) as e:
       interop.import_hf(str(src), str(tmp_path / "w"))
     assert "\n" not in str(e.value) and not (tmp_path / "w").exists(), src
+  (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+  with pytest.raises(ConfigError, match="model.safetensors.index.json has no \"weight_map\" object"):
+    interop.import_hf(str(sharded), str(tmp_path / "w"))
   # The index read right, the sharded checkpoint imports.
   (sharded / "model.safetensors.index.json").write_text(json.dumps(
       {"weight_map": {"transformer.wte.weight": "model-00001-of-00001.safetensors"}}))

@@ -89,6 +89,7 @@ COLLECTIVES_HLO = """HloModule m
 
 %unused (p: f32[8]) -> f32[8] {
   %never = f32[8]{0} all-reduce(%p), channel_id=9, replica_groups={{0,1}}
+  %never2 = f32[8]{0} all-to-all(%p), channel_id=11, replica_groups={{0,1}}
 }
 
 ENTRY %main (a: f32[8]) -> f32[8] {
@@ -97,6 +98,7 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   %ag2 = (bf16[16,8]{1,0}, bf16[128,8]{1,0}) all-gather-start(%h), channel_id=5, replica_groups={{0,1,2,3,4,5,6,7}}
   %f = f32[100]{0} fusion(%z), kind=kCustom, calls=%all-reduce-scatter
   %one = f32[10]{0} all-reduce(%q), channel_id=6, replica_groups={{0}}, to_apply=%add
+  %loss = f32[] all-reduce(%l), channel_id=12, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
   %ars = (f32[16]{0}, f32[48]{0}) all-reduce-start(%a, %b), channel_id=10, replica_groups={{0,1}}, to_apply=%add
   %perm = f32[256]{0} collective-permute(%r), channel_id=7, source_target_pairs={{0,1},{1,0}}
   %rsync = f32[32]{0} reduce-scatter(%s), channel_id=8, replica_groups=mesh['axis_0'=2,'axis_1'=4], \
@@ -108,15 +110,32 @@ device_ids=([2,4]T(1,0)) {'axis_0','axis_1'}, dimensions={0}
 def test_collectives_read_off_the_compiled_text():
   got = plan.collectives(COLLECTIVES_HLO)
   assert list(got) == ["all-gather", "reduce-scatter", "all-reduce", "collective-permute"]
-  # 3 trips of the outer loop (and a combined async all-reduce of 64 floats over 2); the inner loop's
-  # all-gather 3 x 5 times, over groups of 4.
-  assert got["all-reduce"] == {"count": 4, "bytes": 3 * 4096 + 256, "sent": 3 * 4096 * 2 * 3 / 4 + 256}
+  # 3 trips of the outer loop (and a combined async all-reduce of 64 floats over 2, a scalar over 8); the
+  # inner loop's all-gather 3 x 5 times, over groups of 4. A kind only unreached code runs (all-to-all) is none.
+  assert got["all-reduce"] == {"count": 5, "bytes": 3 * 4096 + 256 + 4,
+                               "sent": 3 * 4096 * 2 * 3 / 4 + 256 + 4 * 2 * 7 / 8}
   assert got["all-gather"] == {"count": 16, "bytes": 15 * 1024 + 2048, "sent": 15 * 1024 * 3 / 4 + 2048 * 7 / 8}
   # An async start's operand (the whole buffer), the TPU fusion's all-reduce, a sync one's result x 8.
   assert got["reduce-scatter"] == {"count": 3, "bytes": 196608 + 1600 + 1024,
                                    "sent": 196608 * 7 / 8 + 1600 * 3 / 4 + 1024 * 7 / 8}
   assert got["collective-permute"] == {"count": 1, "bytes": 1024, "sent": 1024}
   assert plan.collectives("HloModule m\n\nENTRY %main (a: f32[8]) -> f32[8] {\n}\n") == {}
+
+
+def test_collectives_of_a_computation_called_from_two_places_count_on_each_path():
+  """A body two loops share runs their trips added: every call path from the entry counts."""
+  hlo = """HloModule m
+
+%shared (p: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %ar = f32[256]{0} all-reduce(%x), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w1 = (s32[], f32[256]) while(%i), condition=%c, body=%shared, backend_config={"known_trip_count":{"n":"2"}}
+  %w2 = (s32[], f32[256]) while(%j), condition=%c, body=%shared, backend_config={"known_trip_count":{"n":"3"}}
+}
+"""
+  assert plan.collectives(hlo) == {"all-reduce": {"count": 5, "bytes": 5 * 1024, "sent": 5 * 1024 * 2 / 2}}
 
 
 def test_plan_counts_the_collectives_of_each_mesh(fsdp_plan):
@@ -130,6 +149,9 @@ def test_plan_counts_the_collectives_of_each_mesh(fsdp_plan):
   assert params <= dp["collectives"]["all-reduce"]["bytes"] <= 2 * params
   text = plan.format_plan(dp)
   assert "collectives     a step, each device: all-reduce " in text and "sent (ring estimate)" in text
+  row = dp["collectives"]["all-reduce"]  # its count and buffer bytes, and what is sent (1.75 x the buffer over 8)
+  assert (f"all-reduce {row['count']} ({plan._b(row['bytes'])}); about {plan._b(row['sent'])} sent (ring estimate)"
+          in text), text
   one = plan.plan(tiny(), mesh="data=1")
   assert one["collectives"] == {} and "collectives     none" in plan.format_plan(one)
 

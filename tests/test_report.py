@@ -71,6 +71,7 @@ def test_read_metrics_keeps_the_history_each_run_continues(tmp_path):
   """A resume from an older checkpoint (after a loss spike, say) replaces the steps after it: the steps
   the first run logged past that point and the new one has not reached are not its history (they were
   kept, so a curve ran on into the abandoned run and a sweep read its final loss)."""
+  assert report.START_KEY == "run_started_at_step"  # the files already written hold this name
   start = lambda s: {report.START_KEY: s}
   first = [{"step": s, "train/loss": 1.0} for s in range(1, 11)] + [{"step": 10, "eval/loss": 9.0}]
   again = [{"step": s, "train/loss": 2.0} for s in (5, 6)]
@@ -173,7 +174,9 @@ def test_report_without_metrics_is_one_clear_error(tmp_path, capsys):
 
 
 def test_report_skips_records_of_the_wrong_types(tmp_path):
-  write_metrics(tmp_path, run_records(), tail='{"step": "x", "loss": 1}\n{"step": 5, "train/loss": [1], "note": null}')
+  # A run start that is not a whole number (a hand edit) drops nothing.
+  write_metrics(tmp_path, run_records(), tail='{"step": "x", "loss": 1}\n{"step": 5, "train/loss": [1], "note": null}\n'
+                '{"run_started_at_step": true}\n{"run_started_at_step": "3"}')
   records = report.read_metrics(str(tmp_path))
   assert [r["step"] for r in records] == [5, 10, 15, 20]
   assert records[0]["train/loss"] == 5.5 and "note" not in records[0]

@@ -247,6 +247,7 @@ def test_a_broken_get_sweep_is_one_line_naming_the_file(tmp_path):
   for i, (body, said) in enumerate((("get_sweep = [{'optim.lr': 1e-3}]", "has no get_sweep() function"),
                                     ("def get_sweep():\n  return None", "get_sweep() returned NoneType, not a list"),
                                     ("def get_sweep():\n  return {'optim.lr': [1e-3]}", "returned dict, not a list"),
+                                    ("def get_sweep():\n  return 'optim.lr=1e-3'", "returned str, not a list"),
                                     ("def get_sweep():\n  return [{'optim.lr': x} for x in lrs]",
                                      ":2: NameError while calling get_sweep(): name 'lrs' is not defined"))):
     spec = tmp_path / f"mine{i}.py"
@@ -258,9 +259,9 @@ def test_a_broken_get_sweep_is_one_line_naming_the_file(tmp_path):
 
 def test_an_empty_workdir_is_refused(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # where the runs would have gone
-  for print_commands in (False, True):
-    with pytest.raises(ConfigError, match=r"--workdir='' must name the sweep's directory"):
-      sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3]}), "", print_commands=print_commands, out=io.StringIO())
+  for print_commands, root in ((False, ""), (True, ""), (False, " ")):
+    with pytest.raises(ConfigError, match=rf"--workdir='{root}' must name the sweep's directory"):
+      sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3]}), root, print_commands=print_commands, out=io.StringIO())
   assert os.listdir(tmp_path) == []
 
 
