@@ -487,7 +487,7 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
 _COLLECTIVE = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _CALLEES = re.compile(r"\b(calls|body|condition|to_apply|called_computations|branch_computations)="
