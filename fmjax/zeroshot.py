@@ -314,7 +314,10 @@ def run(workdir: str, task: str, *, split: str | None = None, limit: int = 0, st
   from fmjax import data, generate
   path = os.path.join(workdir, "config.json")
   saved = files.read_json(path)
-  if saved is not None and config_lib.check_saved(saved, path)["model"]["family"] == "bert":
+  model = saved.get("model") if isinstance(saved, dict) else None
+  if saved is not None and not isinstance(model, dict):
+    config_lib.check_saved(saved, path)  # damaged: one line naming it (the rest is checked on restore)
+  if isinstance(model, dict) and model.get("family") == "bert":
     raise ConfigError(f"{workdir} holds a BERT (masked LM); zero-shot multiple choice scores a causal LM's "
                       "continuations: pass the --workdir of a GPT run")
   restored = generate.restore_run(workdir, step)  # a classifier workdir is refused there
