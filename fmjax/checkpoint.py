@@ -199,6 +199,13 @@ def _write_error(e: BaseException) -> str | None:
   return None
 
 
+def _add_filter_once(kind: type[std_logging.Filter], *loggers: str) -> None:
+  """Installs a `kind` filter on each named logger that has none yet (each save or read asks again)."""
+  for logger in map(std_logging.getLogger, loggers):
+    if not any(isinstance(f, kind) for f in logger.filters):
+      logger.addFilter(kind())
+
+
 _logged_write_error: str | None = None  # the last write error Orbax logged (and `_OrbaxWriteErrors` dropped)
 _saving_into: set[str] = set()  # the directories Checkpointers in this process save into
 
@@ -226,9 +233,7 @@ def _quiet_failed_writes(directory: epath.Path) -> None:
   """Orbax's error logs of a failed save into `directory` become its one-line CheckpointSaveError
   (`_OrbaxWriteErrors`), and the writes still in flight when Orbax closed their event loop end silently."""
   _saving_into.add(str(directory))
-  for logger in map(std_logging.getLogger, ("absl", "asyncio")):
-    if not any(isinstance(f, _OrbaxWriteErrors) for f in logger.filters):
-      logger.addFilter(_OrbaxWriteErrors())
+  _add_filter_once(_OrbaxWriteErrors, "absl", "asyncio")
   _quiet_closed_event_loops()
 
 
@@ -254,9 +259,7 @@ class _DamagedStepReads(std_logging.Filter):
 def _quiet_damaged_reads(directory: epath.Path) -> None:
   """Before a read of `directory`'s steps: a damaged step's other failed reads say nothing (`_DamagedStepReads`)."""
   _reading_from.add(str(directory))
-  logger = std_logging.getLogger("asyncio")
-  if not any(isinstance(f, _DamagedStepReads) for f in logger.filters):
-    logger.addFilter(_DamagedStepReads())
+  _add_filter_once(_DamagedStepReads, "asyncio")
   _quiet_closed_event_loops()
 
 
@@ -269,8 +272,7 @@ class _UnreadableStepMetadata(std_logging.Filter):
     return not record.getMessage().startswith("Failed to json parse Metadata file")
 
 
-if not any(isinstance(f, _UnreadableStepMetadata) for f in std_logging.getLogger("absl").filters):
-  std_logging.getLogger("absl").addFilter(_UnreadableStepMetadata())
+_add_filter_once(_UnreadableStepMetadata, "absl")
 
 
 def _quiet_closed_event_loops() -> None:

@@ -361,11 +361,10 @@ def _community_builder(name: str, data_dir: str):
                       f"address for huggingface.co: no network?); {instead}")
   try:
     return tfds.builder(name, data_dir=data_dir or None)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    why = (str(e).strip().splitlines() or [""])[0][:200]
-    raise ConfigError(f"unknown dataset {name!r} ({why}); check the name against its catalogue") from None
   except Exception as e:  # pylint: disable=broad-except
     why = (str(e).strip().splitlines() or [""])[0][:200]
+    if isinstance(e, tfds.core.registered.DatasetNotFoundError):
+      raise ConfigError(f"unknown dataset {name!r} ({why}); check the name against its catalogue") from None
     raise ConfigError(f"dataset {name!r} could not be looked up ({type(e).__name__}: {why}); {instead}") from None
 
 
