@@ -228,6 +228,8 @@ def test_tfds_dataset_by_name_through_mock_data(tmp_path, tfds_online):
     ({"data.dataset": "glue/sst2"}, r"has no feature 'text'; set data.feature to one of \['idx', 'label', 'sentence'\]"),
     ({"data.seq_len": 512}, "longer than the model allows"),
     ({"data.data_dir": "/nonexistent/tfds"}, "does not exist"),
+    ({"data.data_dir": "FILE"}, "is a file; give the directory that holds the TFDS datasets"),
+    ({"data.cache_dir": "FILE/sub"}, r"data.cache_dir='.*/notes.txt/sub' cannot be made \(Not a directory\)"),
     ({"data.dataset": "text_files", "data.files": "/nonexistent/*.txt"}, "matches no .txt or .jsonl file"),
     ({"data.dataset": "text_files", "data.files": "EMPTY"}, "empty corpus"),
     ({"data.dataset": "text_files", "data.files": "DIR"}, r"names a directory, not files; give globs of its files, "
@@ -245,6 +247,9 @@ def test_bad_input_is_one_clear_line_and_no_cache(tmp_path, over, match, tfds_on
   if over.get("data.files") == "DIR":  # a folder of text, named as if it were a file
     write_corpus(tmp_path / "corpus")
     over = {**over, "data.files": str(tmp_path / "corpus")}
+  if "FILE" in str(over.get("data.data_dir", "")) + str(over.get("data.cache_dir", "")):  # a file where a folder goes
+    (tmp_path / "notes.txt").write_text("not a folder")
+    over = {k: v.replace("FILE", str(tmp_path / "notes.txt")) for k, v in over.items()}
   config = tiny("bert", tmp_path / "cache", **over)
   with tfds.testing.mock_data(num_examples=5):
     with pytest.raises(config_lib.ConfigError, match=match) as e:

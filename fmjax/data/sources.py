@@ -161,6 +161,17 @@ def _path_exists(path: str) -> bool:
   return os.path.isdir(os.path.expanduser(path))
 
 
+def _check_cache_dir(root: str) -> None:
+  """A local cache directory must be one this process can make; found out later, it fails mid-tokenizer."""
+  if files.is_remote(root):
+    return
+  try:
+    os.makedirs(root, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"data.cache_dir={root!r} cannot be made ({e.strerror}); set data.cache_dir to a directory "
+                      "you can write, or leave it empty for ~/.cache/fmjax") from None
+
+
 def _base_name(dataset: str) -> str:
   return dataset.split("/")[0].split(":")[0]
 
@@ -181,6 +192,10 @@ def check_config(config) -> None:
     raise ConfigError(f"data.seq_len={d.seq_len} is too short to pack documents; use at least 8")
   if config.train.objective not in ("clm", "mlm"):
     raise ConfigError(f"train.objective={config.train.objective!r} is not one of ['clm', 'mlm']")
+  _check_cache_dir(cache_root(config))
+  if d.data_dir and not _is_remote(d.data_dir) and os.path.isfile(os.path.expanduser(d.data_dir)):
+    raise ConfigError(f"data.data_dir={d.data_dir!r} is a file; give the directory that holds the TFDS datasets, "
+                      "or leave it empty for the default")
   if d.data_dir and not _path_exists(d.data_dir):
     raise ConfigError(f"data.data_dir={d.data_dir!r} does not exist; create it, fix the path, or leave it "
                       "empty for the default")
