@@ -553,8 +553,19 @@ def _repo_config(family: str) -> str | None:
   return path if os.path.exists(path) else None
 
 
-def _empty_or_missing(path: str) -> bool:
-  return not files.exists(path) or (files.isdir(path) and not any(files.path(path).iterdir()))
+def check_new_dir(path: str, flag: str) -> None:
+  """Refuses a directory a command would write whole (`--out`, an import's `--workdir`) before any work:
+  one that holds files, or one that cannot be made where it is."""
+  if files.exists(path) and not (files.isdir(path) and not any(files.path(path).iterdir())):
+    raise ConfigError(f"{flag}={path} already exists and is not empty; choose a new directory")
+  if files.is_remote(path):
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    why = "is a file" if not os.path.isdir(parent) else "is not writable"
+    raise ConfigError(f"{flag}={path} cannot be made: {parent} {why}; choose a directory elsewhere")
 
 
 def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
@@ -573,8 +584,7 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
   model_dir, workdir = os.path.abspath(os.path.expanduser(model_dir)), files.absolute(workdir)
   if not os.path.isdir(model_dir):
     raise ConfigError(f"--model_dir={model_dir} is not a directory")
-  if not _empty_or_missing(workdir):
-    raise ConfigError(f"--workdir={workdir} already exists and is not empty; choose a new directory")
+  check_new_dir(workdir, "--workdir")
   hf = _read_json(os.path.join(model_dir, "config.json"), "point --model_dir at a Hugging Face model directory")
   if not isinstance(hf, dict):
     raise ConfigError(f"{model_dir}/config.json holds a JSON {type(hf).__name__}, not a Hugging Face model config "
@@ -827,8 +837,7 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> 
   if fmt != "hf":
     raise ConfigError(f"--format={fmt!r} is not supported; use --format=hf")
   out = files.absolute(out)
-  if not _empty_or_missing(out):
-    raise ConfigError(f"--out={out} already exists and is not empty; choose a new directory")
+  check_new_dir(out, "--out")
   from fmjax import generate
   config, step, meta = run_config_at(workdir, step)
   params = from_finetune(read_params(workdir, step), config)

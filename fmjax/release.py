@@ -401,8 +401,7 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
   if missing:
     where = f"--card={card_path}" if card_path else "a --card=card.json file (or config.release)"
     raise ConfigError(f"release refused: fill in these model card fields in {where}: {', '.join(missing)}")
-  if not interop._empty_or_missing(out):
-    raise ConfigError(f"--out={out} already exists and is not empty; choose a new directory")
+  interop.check_new_dir(out, "--out")
   if (out.rstrip("/") + "/").startswith(workdir.rstrip("/") + "/"):
     raise ConfigError(f"--out={out} is inside the run's --workdir={workdir}; choose a directory outside it")
 

@@ -275,6 +275,10 @@ def test_gpt_classifier_export_pads_with_a_padding_row_and_pools_the_eos_like_fm
 
 
 def test_export_of_an_imported_workdir_round_trips_every_tensor(gpt_dir, gpt_workdir, tmp_path, bpe):
+  (tmp_path / "notes.txt").write_text("a file where a folder would go")
+  with pytest.raises(ConfigError, match=rf"^--out={tmp_path}/notes.txt/hf cannot be made: {tmp_path}/notes.txt is "
+                                        "a file; choose a directory elsewhere$"):
+    interop.export(str(gpt_workdir), str(tmp_path / "notes.txt" / "hf"))
   out = tmp_path / "hf"
   assert cli.main(["export", f"--workdir={gpt_workdir}", f"--out={out}", "--format=hf"]) == 0
   original = interop.read_hf_weights(str(gpt_dir[0]))

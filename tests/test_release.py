@@ -191,6 +191,8 @@ def test_release_refuses_non_finite_weights_an_out_inside_the_run_and_no_pii_sam
   assert max(json.loads(l)["step"] for l in open(os.path.join(out, "fmjax", "metrics.jsonl"))) == STEP
   with pytest.raises(ConfigError, match="is inside the run's --workdir"):
     release.release(str(copy), str(copy / "release"), card_path=card, pii_sample=2, step=STEP)
+  with pytest.raises(ConfigError, match="cannot be made: .*/metrics.jsonl is a file"):
+    release.release(str(copy), str(tmp_path / "run" / "metrics.jsonl" / "out"), card_path=card, pii_sample=2)
   with pytest.raises(ConfigError, match="--pii_sample=0 must be at least 1"):
     release.release(str(copy), str(tmp_path / "out2"), card_path=card, pii_sample=0)
   assert not (copy / "release").exists() and not (tmp_path / "out2").exists()
