@@ -328,10 +328,6 @@ def _run(config, workdir: str, locked: list) -> dict:
       if jax.process_index() == 0:
         data.save_run_tokenizer(source_tokenizer, workdir)
       multihost_utils.sync_global_devices("fmjax: init_from tokenizer saved")
-    # A rerun with train.steps at or below the saved step trains nothing: config.json keeps the run's own.
-    if jax.process_index() == 0 and not (resume is not None and resume[0] >= config.train.steps):
-      config_lib.save_json(ml_collections.ConfigDict(cfg_dict), os.path.join(workdir, "config.json"))
-
     tokenizer = _run_tokenizer(config, workdir, resume)
     data_id = _check_data(data.prepare(config, tokenizer), resume)
     train_loader = data.make_loader(config, "train", sharding=batch_sharding, tok=tokenizer)
@@ -341,6 +337,10 @@ def _run(config, workdir: str, locked: list) -> dict:
 
     state, resumed = _start_state(config, spec, tx, checkpointer, resume)
     start = int(state["step"])
+    # Written once the state is read (a damaged step fails before this), and not by a rerun whose
+    # train.steps is at or below the saved step: that trains nothing, and config.json keeps the run's own.
+    if jax.process_index() == 0 and not (resume is not None and resume[0] >= config.train.steps):
+      config_lib.save_json(ml_collections.ConfigDict(cfg_dict), os.path.join(workdir, "config.json"))
 
     tokenizer_id = tokenizer.identity()
     meta = lambda step: {"config": cfg_dict, "data_position": step, "tokenizer": tokenizer_id, "data": data_id}

@@ -361,6 +361,7 @@ def test_a_damaged_newest_step_is_one_line_for_eval_and_resume(reference, cache_
   assert data
   for p in data:
     p.unlink()
+  config_json = (workdir / "config.json").read_text()
   for argv in (["eval", f"--workdir={workdir}"], cli_args(workdir, cache_dir, f"train.steps={N + 2}")):
     out = subprocess.run([sys.executable, "-m", "fmjax.cli", *argv], env=subprocess_env(1), capture_output=True,
                          text=True, timeout=TIMEOUT)
@@ -369,6 +370,22 @@ def test_a_damaged_newest_step_is_one_line_for_eval_and_resume(reference, cache_
     assert not any(noise in out.stderr for noise in ("Traceback", "never retrieved", "Exception ignored")), out.stderr[-3000:]
     assert f"checkpoint step {newest} in {workdir}/checkpoints is damaged" in errors[0], errors[0]
     assert committed_steps(workdir) == committed_steps(reference)
+    assert (workdir / "config.json").read_text() == config_json
+
+
+def test_a_resume_that_fails_reading_arrays_leaves_config_json_as_it_was(reference, cache_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+  """A step whose metadata reads but whose arrays do not (a disk error mid-read, say): the failed
+  start's train.steps is not recorded in config.json."""
+  workdir = tmp_path / "w"
+  shutil.copytree(reference, workdir)
+  def unreadable(self, step, *args, **kwargs):
+    raise ckpt_lib.CheckpointDamagedError(f"checkpoint step {step} is damaged (EIO); move it out")
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "restore", unreadable)
+  config_json = (workdir / "config.json").read_text()
+  line, _ = _one_error_line(capsys, cli.main(cli_args(workdir, cache_dir, f"train.steps={N + 2}")))
+  assert "is damaged (EIO)" in line, line
+  assert (workdir / "config.json").read_text() == config_json
 
 
 # ----------------------------------------------------------------------------- NaN policy
