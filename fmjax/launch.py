@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from typing import Sequence, TextIO
@@ -611,15 +612,30 @@ def run(spec: LaunchSpec, mode: str = "all", execute: bool = False, out: TextIO 
     hints = {"gcloud": "install the Google Cloud CLI", "xpk": "pip install xpk"}
     raise LaunchError(f"{', '.join(missing)} not found on PATH; "
                       + "; ".join(hints.get(m, f"install {m}") for m in missing))
-  for i, cmd in enumerate(commands):
-    print(f"+ {shlex.join(cmd)}", file=out, flush=True)
-    try:
-      returncode = subprocess.run(cmd).returncode
-    except KeyboardInterrupt:
-      raise KeyboardInterrupt(_interrupted(spec, mode, i, len(commands))) from None
-    if returncode:
-      raise CommandFailed(cmd, returncode)
+  def stop(signum, frame):
+    raise Terminated
+  try:  # SIGTERM (a scheduler, a closed session) ends the plan as Ctrl-C does, saying what may be left
+    previous = signal.signal(signal.SIGTERM, stop)
+  except ValueError:  # not the main thread
+    previous = None
+  try:
+    for i, cmd in enumerate(commands):
+      print(f"+ {shlex.join(cmd)}", file=out, flush=True)
+      try:
+        returncode = subprocess.run(cmd).returncode
+      except KeyboardInterrupt as e:
+        raise type(e)(_interrupted(spec, mode, i, len(commands))) from None
+      if returncode:
+        raise CommandFailed(cmd, returncode)
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
   return commands
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM while an executed plan ran; `fmjax` exits with 143, as for any command SIGTERM stopped."""
+  exit_code = 143
 
 
 def _interrupted(spec: LaunchSpec, mode: str, i: int, n: int) -> str:

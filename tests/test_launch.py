@@ -10,6 +10,7 @@ import os
 import shutil
 import pathlib
 import shlex
+import signal
 import stat
 import subprocess
 
@@ -300,6 +301,14 @@ def test_ctrl_c_while_executing_says_what_may_be_left_and_how_to_remove_it(fake_
       "--project=my-proj`\n")
   assert cli.main(["launch", "logs", "--tpu=t1", *WHERE, "--follow", "--execute"]) == 130
   assert capsys.readouterr().err == "interrupted\n"  # how a --follow ends: nothing to undo
+
+  def sigterm(cmd, *a, **kw):  # a scheduler or a closed session stops the plan mid-command
+    os.kill(os.getpid(), signal.SIGTERM)
+  monkeypatch.setattr(launch.subprocess, "run", sigterm)
+  before = signal.getsignal(signal.SIGTERM)
+  assert cli.main(["launch", "create", "--tpu=t1", "--accelerator=v4-8", *WHERE, "--execute"]) == 143
+  assert capsys.readouterr().err.startswith("stopped: at command 1 of 2: TPU t1 may exist, and is billed")
+  assert signal.getsignal(signal.SIGTERM) is before  # the handler goes with the plan
 
 
 def test_execute_stops_at_first_failure(fake_tools, capsys, monkeypatch):
