@@ -903,8 +903,8 @@ _HARMLESS = {
     "model.attention", "model.remat", "model.scan_layers",  # restore converts the layer layout
     "model.fused_loss_chunk",  # the same loss, computed in chunks
     "model.dtype",  # the compute dtype: the parameters keep model.param_dtype (bf16 to float32 to chase a NaN)
-    "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio", "optim.weight_decay",
-    "optim.b1", "optim.b2", "optim.eps", "optim.clip_norm",  # but turning clipping on or off breaks
+    "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio", "optim.decay_fraction",
+    "optim.weight_decay", "optim.b1", "optim.b2", "optim.eps", "optim.clip_norm",  # but turning clipping on or off breaks
 }
 
 
@@ -922,7 +922,7 @@ _WHERE_THE_TEXT_IS = ("data.files",)
 _BEFORE_THE_KEY = {
     "finetune.head_bias": True, "task.positive_label": "", "task.max_train_examples": 0,
     "finetune.pooling": "auto", "optim.mu_dtype": "float32", "model.attention_dropout": 0.0,
-    "init_from_step": 0, "data.shard_docs": 65536,
+    "init_from_step": 0, "data.shard_docs": 65536, "optim.decay_fraction": 0.2,
 }
 
 

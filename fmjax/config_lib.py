@@ -329,6 +329,7 @@ def _check_optim(o) -> None:
       "weight_decay": (0.0, math.inf, True, "finite and >= 0"),
       "clip_norm": (0.0, math.inf, True, "finite and >= 0 (0: no clipping)"),
       "min_lr_ratio": (0.0, 1.0 + 1e-12, True, "in [0, 1]"),
+      "decay_fraction": (0.0, 1.0 + 1e-12, False, "in (0, 1]: the share of train.steps that wsd decays over"),
   }
   for key, (low, high, closed, what) in ranges.items():
     if key not in o:
@@ -479,7 +480,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if t.get("eval_batches", 0) < 0:
       raise ConfigError(f"train.eval_batches={t.eval_batches} must be at least 0 (0: no held-out evaluation)")
     _check_optim(config.optim)
-    _one_of("optim.schedule", config.optim.schedule, ("cosine", "linear", "rsqrt", "constant"))
+    _one_of("optim.schedule", config.optim.schedule, ("cosine", "linear", "rsqrt", "constant", "wsd"))
     _one_of("optim.mu_dtype", config.optim.get("mu_dtype", "float32"), ("float32", "bfloat16"))
   if "data" in config and config.get("train", {}).get("objective") == "mlm" and "task" not in config:
     d = config.data
@@ -578,9 +579,10 @@ def base_config(family: str) -> ml_collections.ConfigDict:
   ))
   c.optim = ml_collections.ConfigDict(dict(
       lr=6e-4 if family == "gpt" else 1e-4,
-      schedule="cosine",        # cosine | linear | rsqrt | constant
+      schedule="cosine",        # cosine | linear | rsqrt | constant | wsd (warmup, stable, then decay)
       warmup_steps=100,
       min_lr_ratio=0.1,
+      decay_fraction=0.2,       # wsd: the last fraction of train.steps, decayed linearly to lr * min_lr_ratio
       weight_decay=0.1 if family == "gpt" else 0.01,
       b1=0.9,
       b2=0.95 if family == "gpt" else 0.999,

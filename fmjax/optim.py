@@ -22,11 +22,14 @@ def decay_mask(params):
 
 
 def make_schedule(optim_cfg, total_steps: int) -> Callable[[jax.Array], jax.Array]:
-  """Linear warmup to `lr`, then cosine / linear decay to `lr * min_lr_ratio`, rsqrt or constant.
+  """Linear warmup to `lr`, then cosine / linear decay to `lr * min_lr_ratio`, rsqrt, constant, or
+  wsd (warmup-stable-decay: `lr` until the last `decay_fraction` of the steps, which decay linearly
+  to the floor).
 
   The rate of update `s` (from 0) is schedule(s). With a warmup that is lr * s / warmup_steps, so
   the first update runs at rate 0, as in BERT's and Hugging Face's schedules: it moves no parameter
-  but starts Adam's moments from a real gradient.
+  but starts Adam's moments from a real gradient. A wsd run resumed with more train.steps keeps the
+  rate it had anywhere in its stable part, so a run may be extended before its decay begins.
   """
   peak, warmup = optim_cfg.lr, int(optim_cfg.warmup_steps)
   floor = peak * optim_cfg.min_lr_ratio
@@ -36,6 +39,10 @@ def make_schedule(optim_cfg, total_steps: int) -> Callable[[jax.Array], jax.Arra
     after = optax.cosine_decay_schedule(peak, decay_steps, alpha=optim_cfg.min_lr_ratio)
   elif kind == "linear":
     after = optax.linear_schedule(peak, floor, decay_steps)
+  elif kind == "wsd":
+    tail = min(max(round(optim_cfg.get("decay_fraction", 0.2) * int(total_steps)), 1), decay_steps)
+    after = optax.join_schedules([optax.constant_schedule(peak), optax.linear_schedule(peak, floor, tail)],
+                                 [decay_steps - tail])
   elif kind == "rsqrt":
     after = lambda s: peak * jax.lax.rsqrt(jnp.maximum(s + warmup, 1.0) / max(warmup, 1))
   else:

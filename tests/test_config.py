@@ -121,6 +121,7 @@ def test_cli_workdir_and_override_mistakes_are_one_line(tmp_path, capsys):
     ("gpt", ["data.prefetch=-1"], "data.prefetch=-1 must be at least 0"),
     ("gpt", ["optim.lr=nan"], "optim.lr=nan must be a finite rate"),
     ("gpt", ["optim.b2=2"], r"optim.b2=2.0 must be in \[0, 1\)"),
+    ("gpt", ["optim.schedule=wsd", "optim.decay_fraction=0"], r"optim.decay_fraction=0.0 must be in \(0, 1\]"),
     ("gpt", ["optim.warmup_steps=-5"], "optim.warmup_steps=-5 must be at least 0"),
     ("gpt", ["model.init_std=-1"], r"model.init_std must be in \(0, 1\] \(GPT-2 and BERT use 0.02\), got -1.0"),
     ("gpt", ["model.attention_dropout=1.0"], r"model.attention_dropout must be in \[0, 1\), got 1.0"),

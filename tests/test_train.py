@@ -277,6 +277,11 @@ def test_schedule_notes_for_a_warmup_longer_than_the_run_and_a_resume_that_moves
   assert train._rate_change(saved, tiny("gpt", "train.steps=20", *cosine), 10) == ""
   longer = train._rate_change(saved, tiny("gpt", "train.steps=40", *cosine), 10)
   assert longer.startswith("the learning rate at step 10 is now") and "train.steps=40" in longer
+  # wsd: a run extended in its stable part goes on at the same rate; once its decay began, it jumps back up.
+  wsd = ("optim.schedule=wsd", "optim.warmup_steps=2", "optim.decay_fraction=0.2")
+  saved = config_lib.to_dict(tiny("gpt", "train.steps=20", *wsd))
+  assert train._rate_change(saved, tiny("gpt", "train.steps=40", *wsd), 15) == ""
+  assert train._rate_change(saved, tiny("gpt", "train.steps=40", *wsd), 17).startswith("the learning rate at step 17")
 
 
 def _numpy_cross_entropy(logits, targets, weights):
@@ -383,7 +388,7 @@ def test_optimizer_clips_then_runs_adamw_decaying_kernels_only_against_numpy():
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["cosine", "linear", "rsqrt", "constant"])
+@pytest.mark.parametrize("kind", ["cosine", "linear", "rsqrt", "constant", "wsd"])
 def test_schedule_warms_up_from_zero_then_decays_to_the_floor_at_the_last_step(kind):
   config = tiny("gpt", f"optim.schedule={kind}", "optim.lr=2.0", "optim.warmup_steps=4", "optim.min_lr_ratio=0.1")
   schedule = optim.make_schedule(config.optim, 20)
@@ -393,7 +398,8 @@ def test_schedule_warms_up_from_zero_then_decays_to_the_floor_at_the_last_step(k
       return 2.0 * s / 4
     done = min((s - 4) / 16, 1.0)
     return 2.0 * {"cosine": 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)), "linear": 1 - 0.9 * done,
-                  "rsqrt": math.sqrt(4 / s), "constant": 1.0}[kind]
+                  "rsqrt": math.sqrt(4 / s), "constant": 1.0,
+                  "wsd": 1 - 0.9 * min(max(s - 16, 0) / 4, 1.0)}[kind]  # the last 20% of 20 steps decay
 
   for s in range(24):
     assert float(schedule(s)) == pytest.approx(want(s), rel=1e-5, abs=1e-7), s
