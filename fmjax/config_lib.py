@@ -537,7 +537,7 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       init_std=0.02,
   ))
   c.data = ml_collections.ConfigDict(dict(
-      dataset="fmjax_corpus",  # a TFDS name, `fmjax_corpus` (offline) or `text_files`
+      dataset="fmjax_corpus",  # a TFDS name, `fmjax_corpus` (offline), `text_files`, or a mixture: NAME=W,NAME=W
       data_dir="",
       files="",                 # text_files: comma-separated globs of .txt / .jsonl
       feature="text",

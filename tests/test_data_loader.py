@@ -3,6 +3,7 @@
 import copy
 import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -12,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fmjax import config_lib
 import fmjax.data as data
 from fmjax.data import masking, packing, sources
+from fmjax.data import tokenizers as tok_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -334,3 +336,75 @@ def test_masking_rounds_counts_changes_with_the_step_and_replaces_from_the_whole
   replaced = new[(new != 0) & (new != out["mlm_targets"][w_BM])]
   counts = np.histogram(replaced, bins=4, range=(0, V))[0]
   assert len(replaced) > 100 and counts.min() > 0.15 * len(replaced) and (replaced % 2 == 1).all(), counts
+
+
+# ----------------------------------------------------------------------------- mixtures
+
+ODD_WORDS = "zebra quartz vortex jigsaw kayak fjord glyph nymph sphinx waltz".split()
+
+
+@pytest.fixture(scope="module")
+def mixture(cache_dir, tmp_path_factory):
+  """fmjax_corpus and a text_files corpus of ten odd words, weighted 3 to 1, batches of 8 rows."""
+  corpus = tmp_path_factory.mktemp("odd_words")
+  rng = np.random.default_rng(0)
+  docs = [" ".join(rng.choice(ODD_WORDS, size=int(rng.integers(30, 80)))) for _ in range(120)]
+  (corpus / "odd.txt").write_text("\n\n".join(docs) + "\n")
+  config = tiny("gpt", cache_dir, **{"data.dataset": "fmjax_corpus=3,text_files=1",
+                                     "data.files": str(corpus / "odd.txt"), "train.batch_size": 8})
+  data.prepare(config)
+  return config
+
+
+def test_a_mixture_gives_each_dataset_its_rows_of_every_batch_in_its_own_epochs(mixture, caplog):
+  with caplog.at_level(logging.INFO, logger="fmjax"):
+    loader = data.make_loader(mixture, "train", sharding=data_sharding())
+  assert "each batch of 8 rows holds 6 of fmjax_corpus (75.0%, weight 75.0%), 2 of text_files (25.0%" in caplog.text
+  m = loader.mixture
+  first, n_odd = int(m["first_C"][1]), int(m["rows_C"][1])
+  assert m["first_C"][0] == 0 and m["rows_C"].sum() == loader.data.num_rows and 8 < n_odd < first
+  np.testing.assert_array_equal(m["c_B"], [0, 0, 1, 0, 0, 0, 1, 0])  # spread over the batch, not in a block
+  steps = -(-n_odd // 2) + 3  # the odd corpus's first epoch, and into its second
+  rows_SB = np.stack([loader.dataset_rows(s) for s in range(steps)])
+  odd_SB = rows_SB >= first
+  assert (odd_SB == (m["c_B"] == 1)).all()  # each row of the batch reads its own dataset, at every step
+  # Its samples s*2 + j: the first n_odd of them are its rows, each once, shuffled; then another order.
+  odd = rows_SB[:, m["c_B"] == 1].reshape(-1) - first
+  assert sorted(odd[:n_odd]) == list(range(n_odd)) and list(odd[:n_odd]) != list(range(n_odd))
+  assert list(odd[n_odd:n_odd + 6]) != list(odd[:6])
+  # fmjax_corpus moves through its own rows at 6 a step, none repeated within its epoch.
+  corpus = rows_SB[:, m["c_B"] == 0].reshape(-1)
+  assert len(set(corpus)) == len(corpus) and corpus.max() < first
+  # The rows read as the text they come from.
+  batch = loader.host_batch(1)
+  for b in np.flatnonzero(m["c_B"] == 1):
+    words = set(loader.tokenizer.decode(batch["inputs"][b]).replace(tok_lib.EOS, " ").split())
+    assert words <= set(ODD_WORDS), words - set(ODD_WORDS)
+  assert not set(loader.tokenizer.decode(batch["inputs"][0]).split()) <= set(ODD_WORDS)
+  # A pure function of the step: a new loader, or two hosts' halves, give the same rows.
+  again = data.make_loader(mixture, "train", sharding=data_sharding())
+  np.testing.assert_array_equal(again.dataset_rows(steps + 5), loader.dataset_rows(steps + 5))
+  halves = [data.make_loader(mixture, "train", sharding=data_sharding(), process_index=p, process_count=2)
+            for p in range(2)]
+  np.testing.assert_array_equal(np.concatenate([h.dataset_rows(7) for h in halves]), loader.dataset_rows(7))
+  assert_batches_equal({k: np.concatenate([h.host_batch(7)[k] for h in halves]) for k in batch}, loader.host_batch(7))
+
+
+def test_a_mixture_holds_out_every_row_of_its_datasets_and_is_keyed_by_its_weights(mixture, cache_dir):
+  held_out = data.make_loader(mixture, "eval", sharding=data_sharding())
+  rows = np.concatenate([held_out.dataset_rows(s) for s in range(held_out.num_batches)])
+  assert sorted(rows[rows >= 0]) == list(range(held_out.data.num_rows))
+  path = data.prepare(mixture)
+  meta = packing.read_entry(path, "meta.json")
+  assert [(m["dataset"], m["share"]) for m in meta["mixture"]] == [("fmjax_corpus", 0.75), ("text_files", 0.25)]
+  even = copy.deepcopy(mixture)
+  even.data.dataset = "fmjax_corpus=1,text_files=1"
+  other = data.prepare(even, held_out.tokenizer)
+  # Other weights: another entry and fingerprint over the same prepared datasets.
+  assert other != path and packing.fingerprint(other) != packing.fingerprint(path)
+  assert [m["entry"] for m in packing.read_entry(other, "meta.json")["mixture"]] == [m["entry"] for m in meta["mixture"]]
+  # A dataset's entry deleted since is made again, and the mixture reads as before.
+  before = packing.fingerprint(path)
+  gone = os.path.join(os.path.dirname(path), meta["mixture"][1]["entry"])
+  shutil.rmtree(gone)
+  assert data.prepare(mixture) == path and os.path.isdir(gone) and packing.fingerprint(path) == before

@@ -229,7 +229,13 @@ def test_tfds_dataset_by_name_through_mock_data(tmp_path, tfds_online):
     ({"data.seq_len": 512}, "longer than the model allows"),
     ({"data.data_dir": "/nonexistent/tfds"}, "does not exist"),
     ({"data.data_dir": "FILE"}, "is a file; give the directory that holds the TFDS datasets"),
-    ({"data.cache_dir": "FILE/sub"}, r"data.cache_dir='.*/notes.txt/sub' cannot be made \(Not a directory\)"),
+    ({"data.dataset": "fmjax_corpus=0,lm1b=1"}, r"'fmjax_corpus=0' is not NAME=WEIGHT with a weight above 0; a "
+     r"mixture names each dataset with its weight, e.g. data.dataset='c4/en:3.1.0=3,wikipedia/20230601.en=1'"),
+    ({"data.dataset": "lm1b=1,lm1b=2"}, "names 'lm1b' twice; give each dataset once, with its weight"),
+    ({"data.dataset": "fmjax_corpus=1,lm1bb=1"}, "unknown dataset 'lm1bb': did you mean 'lm1b'"),
+    ({"data.dataset": "fmjax_corpus=1,lm1b=100"}, r"a batch of 16 rows gives 'fmjax_corpus' \(share 0.0099\) no row; "
+     "raise its weight in data.dataset, or train.batch_size"),
+    ({"data.cache_dir": "FILE/sub"}, r"data.cache_dir='.*/notes.txt/sub' cannot be made \(.*/notes.txt is a file\)"),
     ({"data.dataset": "text_files", "data.files": "/nonexistent/*.txt"}, "matches no .txt or .jsonl file"),
     ({"data.dataset": "text_files", "data.files": "EMPTY"}, "empty corpus"),
     ({"data.dataset": "text_files", "data.files": "DIR"}, r"names a directory, not files; give globs of its files, "

@@ -557,6 +557,22 @@ def test_profile_traces_the_chosen_updates_into_tensorboard(cache_dir, tmp_path,
 # ----------------------------------------------------------------------------- elastic
 
 
+def test_a_mixture_resumes_bitwise(cache_dir, tmp_path):
+  """A mixture's batches are a function of the step too: 2 steps, a resume, 2 more equal 4 straight."""
+  (tmp_path / "odd.txt").write_text("\n\n".join(" ".join(["zebra quartz vortex", "fjord glyph nymph"][i % 2] for _ in
+                                                          range(20 + i)) for i in range(80)) + "\n")
+  mix = ["data.dataset=fmjax_corpus=3,text_files=1", f"data.files={tmp_path / 'odd.txt'}", "train.steps=4",
+         "checkpoint.every_steps=2"]
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train.run(load(cache_dir, *mix), str(straight))
+  copy_checkpoint(straight, 2, resumed)
+  with capture_log() as lines:
+    train.run(load(cache_dir, *mix), str(resumed))
+  assert any(line.startswith("Resumed from step 2 ") for line in lines), lines
+  assert step_losses(resumed) == {s: loss for s, loss in step_losses(straight).items() if s > 2}
+  assert_states_equal(saved_state(resumed, 4), saved_state(straight, 4))
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

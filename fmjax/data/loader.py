@@ -5,9 +5,12 @@ Shapes: B global batch rows, T sequence (data.seq_len), M masked positions (data
 
 Sample g = s*B + b of the global batch (b = row in the batch) is dataset row perm_e(g mod N) with
 epoch e = g // N and perm_e a permutation drawn from Philox keyed by (seed, e): epochs reshuffle,
-and resuming at step s needs nothing but s. Which batch rows a host holds comes from the sharding
-(`addressable_devices_indices_map`), and the global array is assembled with
-`jax.make_array_from_process_local_data`.
+and resuming at step s needs nothing but s. A mixture gives each dataset c a fixed k_c of every
+batch's rows (B times its share, rounded so they sum to B), spread evenly over the batch; its
+j-th of them at step s is its own sample s*k_c + j, drawn the same way from its own rows and
+permutations: each dataset cycles through its epochs at its own pace. Which batch rows a host
+holds comes from the sharding (`addressable_devices_indices_map`), and the global array is
+assembled with `jax.make_array_from_process_local_data`.
 """
 
 from __future__ import annotations
@@ -193,6 +196,22 @@ class PackedSplit:
       out_BL[sel_B] = self.parts[p][name].spans(starts_B[sel_B], length)
     return out_BL
 
+  @classmethod
+  def joined(cls, splits: list[PackedSplit]) -> PackedSplit:
+    """The splits of a mixture's datasets as one: the rows of the first, then of the second, ..."""
+    self = cls.__new__(cls)
+    first = splits[0]
+    self.T, self.tok, self.layout = first.T, first.tok, first.layout
+    self.parts = [part for split in splits for part in split.parts]
+    self.part_rows_P = np.concatenate([split.part_rows_P for split in splits])
+    self.first_row_P = np.concatenate([[0], np.cumsum(self.part_rows_P)[:-1]])
+    self.num_rows = int(self.part_rows_P.sum())
+    most = [split.meta.get("max_segments") for split in splits]
+    self.meta = {"num_rows": self.num_rows, "layout": self.layout,
+                 "max_segments": None if None in most else max(most)}
+    self.in_bucket = any(split.in_bucket for split in splits)
+    return self
+
   def _clm_rows(self, x_BT1, pad_B):
     inputs_BT, targets_BT = x_BT1[:, :-1], x_BT1[:, 1:]
     eos_BT = inputs_BT == self.tok.eos_id
@@ -268,6 +287,19 @@ def _default_sharding(batch_size: int):
   return NamedSharding(Mesh(np.array(devices), ("data",)), P("data", None))
 
 
+def open_split(config, path: str, split: str, tok: tokenizers_lib.Tokenizer) -> tuple[PackedSplit, list]:
+  """The prepared `split` of the cache entry at `path` (a mixture's datasets joined), and for a
+  mixture the (first row, rows, share) of each of its datasets in it; else an empty list."""
+  entries = packing.mixture_entries(path)
+  if entries is None:
+    return PackedSplit(os.path.join(path, split), config.data.seq_len, tok,
+                       sources.bucket_entry(config, path, split)), []
+  splits = [PackedSplit(os.path.join(entry, split), config.data.seq_len, tok,
+                        sources.bucket_entry(config, entry, split)) for entry, _ in entries]
+  firsts = np.concatenate([[0], np.cumsum([s.num_rows for s in splits])[:-1]])
+  return PackedSplit.joined(splits), [(int(f), s.num_rows, share) for f, s, (_, share) in zip(firsts, splits, entries)]
+
+
 class Loader:
   """Deterministic, step-indexed batches of one split; see the module docstring."""
 
@@ -280,8 +312,7 @@ class Loader:
     self.split = split
     self.path = packing.prepare(config, tok)
     self.tokenizer = tokenizers_lib.load_tokenizer(os.path.join(self.path, "tokenizer"))
-    self.data = PackedSplit(os.path.join(self.path, split), config.data.seq_len, self.tokenizer,
-                            sources.bucket_entry(config, self.path, split))
+    self.data, mixture = open_split(config, self.path, split, self.tokenizer)
     self.batch_size = int(batch_size or config.train.batch_size)
     self.seq_len = config.data.seq_len
     self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
@@ -303,16 +334,42 @@ class Loader:
     self.num_runs = packing.runs_to_send(most)
     self._perms = {}
     self._lock = threading.Lock()
+    self.mixture = None
+    if mixture and self.shuffle and split == "train":
+      self._mix_batch(mixture, sources.mixture(config.data.dataset))
 
-  def _permutation(self, epoch: int) -> np.ndarray:
+  def _mix_batch(self, mixture: list[tuple[int, int, float]], names: list[tuple[str, float]]) -> None:
+    """Which dataset each row of a batch reads, and its index among that dataset's rows of the batch."""
+    B = self.batch_size
+    k_C = sources.batch_rows(B, names)
+    # Spread evenly: row j of dataset c sits at (j + 1/2) / k_c of the batch, so each device's and
+    # each micro-batch's rows hold the mixture too.
+    c_B = np.concatenate([np.full(k, c) for c, k in enumerate(k_C)])
+    j_B = np.concatenate([np.arange(k) for k in k_C])
+    order = np.lexsort((c_B, (j_B + 0.5) / k_C[c_B]))
+    self.mixture = {"first_C": np.array([f for f, _, _ in mixture], np.int64),
+                    "rows_C": np.array([n for _, n, _ in mixture], np.int64), "k_C": k_C,
+                    "c_B": c_B[order], "j_B": j_B[order]}
+    if self.rows_b.size and self.rows_b[0] == 0:  # once, from the host holding the first row
+      logging.getLogger("fmjax").info("mixture: each batch of %d rows holds %s", B, ", ".join(
+          f"{k} of {name} ({k / B:.1%}, weight {share:.1%})" for k, (name, share) in zip(k_C, names)))
+
+  def _permutation(self, epoch: int, dataset: int | None = None) -> np.ndarray:
+    """The order of the rows in `epoch`: of the split, or of one `dataset` of a mixture."""
     with self._lock:
-      perm = self._perms.get(epoch)
+      perm = self._perms.get((dataset, epoch))
       if perm is None:
-        rng = np.random.Generator(np.random.Philox(key=np.array([self.seed, epoch], dtype=np.uint64)))
-        perm = rng.permutation(self.data.num_rows)
-        if len(self._perms) >= 2:
-          self._perms.pop(min(self._perms))
-        self._perms[epoch] = perm
+        if dataset is None:
+          rng = np.random.Generator(np.random.Philox(key=np.array([self.seed, epoch], dtype=np.uint64)))
+          perm = rng.permutation(self.data.num_rows)
+        else:
+          rng = np.random.Generator(np.random.Philox(key=np.array([self.seed, epoch], dtype=np.uint64),
+                                                     counter=np.array([0, 0, dataset + 1, 0], dtype=np.uint64)))
+          perm = rng.permutation(int(self.mixture["rows_C"][dataset]))
+        mine = [k for k in self._perms if k[0] == dataset]
+        if len(mine) >= 2:  # the current epoch and the next, of each dataset
+          self._perms.pop(min(mine, key=lambda k: k[1]))
+        self._perms[(dataset, epoch)] = perm
       return perm
 
   def dataset_rows(self, step: int) -> np.ndarray:
@@ -321,6 +378,8 @@ class Loader:
     if self.split == "eval" and not self.shuffle:
       g_b = (step % self.num_batches) * B + self.rows_b
       return np.where(g_b < N, g_b, -1)
+    if self.mixture is not None:
+      return self._mixture_rows(step)
     g_b = step * B + self.rows_b
     if not self.shuffle:
       return g_b % N
@@ -329,6 +388,21 @@ class Loader:
     for e in np.unique(epoch_b):
       sel = epoch_b == e
       out_b[sel] = self._permutation(int(e))[i_b[sel]]
+    return out_b
+
+  def _mixture_rows(self, step: int) -> np.ndarray:
+    m = self.mixture
+    c_b, j_b = m["c_B"][self.rows_b], m["j_B"][self.rows_b]
+    g_b = step * m["k_C"][c_b] + j_b  # the sample of its own dataset each row reads
+    out_b = np.empty_like(g_b)
+    for c in np.unique(c_b):
+      sel = c_b == c
+      N = int(m["rows_C"][c])
+      epoch, i = g_b[sel] // N, g_b[sel] % N
+      rows = np.empty_like(i)
+      for e in np.unique(epoch):
+        rows[epoch == e] = self._permutation(int(e), int(c))[i[epoch == e]]
+      out_b[sel] = m["first_C"][c] + rows
     return out_b
 
   def host_batch(self, step: int) -> dict[str, np.ndarray]:
@@ -432,8 +506,7 @@ def unigram_baseline(config) -> float:
   V = tok.vocab_size
 
   def targets(split):
-    return PackedSplit(os.path.join(path, split), config.data.seq_len, tok,
-                       sources.bucket_entry(config, path, split)).targets()
+    return open_split(config, path, split, tok)[0].targets()
 
   counts_V = np.bincount(targets("train"), minlength=V).astype(np.float64)
   logp_V = np.log(counts_V + 1.0) - np.log(counts_V.sum() + V)

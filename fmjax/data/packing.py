@@ -16,6 +16,9 @@ Layout of a cache directory <cache_dir>/datasets/<dataset>-<objective>-<seq_len>
                        [CLS] A [SEP] B [SEP] segments (A/B: a document chunk split at a random
                        point), several per row, the rest padded with segment id 0.
                        (Caches made before parts hold these files in train/ and eval/ directly.)
+A mixture (data.dataset `NAME=WEIGHT,...`) is cached dataset by dataset, each an entry as above
+made with the mixture's tokenizer, and a small entry mixture-<objective>-<seq_len>-<key>/ that
+holds its meta.json (the datasets' entries and shares) and the tokenizer.
 The split's rows are its parts' rows in order. A part is complete once its meta.json is written,
 and the entry once its meta.json is: an interrupted prepare leaves nothing a run would read, and
 the next one keeps the parts already made (in <entry>.parts/, or in the bucket).
@@ -133,6 +136,8 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
                       f"{config.data.seq_len}; lower it")
   if tok is None:
     tok = tokenizers_lib.get_tokenizer(config)
+  if sources.mixture(config.data.dataset) is not None:
+    return _prepare_mixture(config, tok)
   path = cache_path(config, tok)
   rel = os.path.relpath(path, sources.local_cache_root(config))
   if os.path.isdir(path) and not is_prepared(path):
@@ -159,6 +164,54 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
   return path
 
 
+def _prepare_mixture(config, tok: tokenizers_lib.Tokenizer) -> str:
+  """Prepares each dataset of a mixture with its tokenizer (made again where one went missing), and
+  the mixture's entry, which names them; returns that entry."""
+  shares = sources.mixture(config.data.dataset)
+  entries = [prepare(sources.component(config, name), tok) for name, _ in shares]
+  listed = [{"dataset": name, "share": share, "entry": os.path.basename(entry)}
+            for (name, share), entry in zip(shares, entries)]
+  key = sources.identity_hash({"mixture": listed, "version": FORMAT_VERSION})
+  path = os.path.join(os.path.dirname(entries[0]), f"mixture-{config.train.objective}-{config.data.seq_len}-{key}")
+  if is_prepared(path):
+    return path
+  metas = [read_entry(entry, "meta.json") for entry in entries]
+  splits = {}
+  for split in ("train", "eval"):
+    each = [m["splits"][split] for m in metas]
+    splits[split] = {
+        "layout": each[0]["layout"], "dtype": each[0]["dtype"], "num_rows": sum(s["num_rows"] for s in each),
+        "num_docs": sum(s["num_docs"] for s in each), "num_text_tokens": sum(s["num_text_tokens"] for s in each),
+        "max_segments": None if any(s.get("max_segments") is None for s in each)
+        else max(s["max_segments"] for s in each),
+        "parts": [dict(p, entry=m["entry"]) for m, s in zip(listed, each) for p in s.get("parts") or [{}]]}
+  meta = {"dataset": config.data.dataset, "objective": config.train.objective, "seq_len": config.data.seq_len,
+          "mixture": listed, "tokenizer_kind": tok.kind, "vocab_size": tok.vocab_size, "version": FORMAT_VERSION,
+          "splits": splits}
+  # Written whole under another name and renamed: a reader never sees half of it, and each host (or
+  # process) that makes the same one at once keeps the first.
+  staging = f"{path}.{os.getpid()}.tmp"
+  shutil.rmtree(staging, ignore_errors=True)
+  tok.save(os.path.join(staging, "tokenizer"))
+  files.write_json(os.path.join(staging, "meta.json"), meta, indent=2, sort_keys=True)
+  try:
+    os.rename(staging, path)
+  except OSError:
+    if not is_prepared(path):
+      raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return path
+
+
+def mixture_entries(path: str) -> list[tuple[str, float]] | None:
+  """(entry, share) of each dataset of the mixture entry at `path`; None for one dataset's entry."""
+  listed = read_entry(path, "meta.json").get("mixture")
+  if listed is None:
+    return None
+  return [(os.path.join(os.path.dirname(path), m["entry"]), m["share"]) for m in listed]
+
+
 def read_entry(path: str, name: str, parse=json.loads):
   """`parse` of the bytes of file `name` (e.g. "train/meta.json") in the cache entry at `path`; a
   file gone or garbled since the entry was prepared is one line naming the entry to delete."""
@@ -176,6 +229,9 @@ def fingerprint(path: str) -> str:
   """A prepared cache's tokenizer and counts, hashed: per split its layout, dtype, documents,
   tokens and rows, part by part. Another corpus, or the same one cut into other parts, counts
   differently."""
+  entries = mixture_entries(path)
+  if entries is not None:
+    return sources.identity_hash([[share, fingerprint(entry)] for entry, share in entries])
   splits = read_entry(path, "meta.json")["splits"]
   counts = {split: [s["layout"], s["dtype"], s.get("num_docs"), s.get("num_text_tokens"), s["num_rows"],
                     [p["num_rows"] for p in s.get("parts") or []]] for split, s in sorted(splits.items())}
@@ -187,6 +243,9 @@ def fingerprint(path: str) -> str:
 def multi_part(path: str) -> bool:
   """Whether a split of the cache at `path` has more than one part (its rows differ from those a
   cache made before parts held, past the first part)."""
+  entries = mixture_entries(path)
+  if entries is not None:
+    return any(multi_part(entry) for entry, _ in entries)
   return any(len(s.get("parts") or []) > 1 for s in read_entry(path, "meta.json")["splits"].values())
 
 

@@ -1,4 +1,5 @@
-"""Where documents come from: TFDS datasets by name, the offline `fmjax_corpus`, or local `text_files`.
+"""Where documents come from: TFDS datasets by name, the offline `fmjax_corpus`, or local `text_files`,
+or a weighted mixture of them (`data.dataset="c4/en:3.1.0=3,wikipedia/20230601.en=1"`).
 
 TensorFlow Datasets is imported inside functions only: `import fmjax.data` must work on machines
 without TF/TFDS (the GPU benchmark image). Reading prefers `builder.as_data_source` (array_record,
@@ -8,7 +9,9 @@ no TensorFlow needed) and falls back to `builder.as_dataset` for datasets prepar
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
+import math
 import hashlib
 import itertools
 import json
@@ -162,14 +165,17 @@ def _path_exists(path: str) -> bool:
 
 
 def _check_cache_dir(root: str) -> None:
-  """A local cache directory must be one this process can make; found out later, it fails mid-tokenizer."""
+  """A local cache directory must be one this process can make or write in (found out later, it fails
+  mid-tokenizer); checked without making it, so a refused start leaves nothing behind."""
   if files.is_remote(root):
     return
-  try:
-    os.makedirs(root, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"data.cache_dir={root!r} cannot be made ({e.strerror}); set data.cache_dir to a directory "
-                      "you can write, or leave it empty for ~/.cache/fmjax") from None
+  existing = root
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    why = "is a file" if not os.path.isdir(existing) else "is not writable"
+    raise ConfigError(f"data.cache_dir={root!r} cannot be made ({existing} {why}); set data.cache_dir to a "
+                      "directory you can write, or leave it empty for ~/.cache/fmjax")
 
 
 def _base_name(dataset: str) -> str:
@@ -179,6 +185,52 @@ def _base_name(dataset: str) -> str:
 def _split_names(spec: str) -> list[str]:
   """`train[:90%]+validation` -> ['train', 'validation']."""
   return [re.sub(r"\[.*\]$", "", part.strip()) for part in spec.split("+") if part.strip()]
+
+
+def mixture(dataset: str) -> list[tuple[str, float]] | None:
+  """A mixture's datasets and their shares of each batch (summing to 1), from data.dataset
+  `NAME=WEIGHT,NAME=WEIGHT,...`; None for a single dataset (a name never holds '=')."""
+  if "=" not in dataset:
+    return None
+  example = "e.g. data.dataset='c4/en:3.1.0=3,wikipedia/20230601.en=1'"
+  parts = []
+  for item in dataset.split(","):
+    name, _, weight = item.strip().rpartition("=")
+    try:
+      w = float(weight)
+    except ValueError:
+      w = math.nan
+    if not name or not math.isfinite(w) or w <= 0:
+      raise ConfigError(f"data.dataset={dataset!r}: {item.strip()!r} is not NAME=WEIGHT with a weight above 0; a "
+                        f"mixture names each dataset with its weight, {example}")
+    if name in [n for n, _ in parts]:
+      raise ConfigError(f"data.dataset={dataset!r} names {name!r} twice; give each dataset once, with its weight")
+    parts.append((name, w))
+  total = sum(w for _, w in parts)
+  return [(name, w / total) for name, w in parts]
+
+
+def batch_rows(batch_size: int, shares: list[tuple[str, float]]):
+  """Rows of each batch for each dataset of a mixture: batch_size * share, rounded down, and the
+  rows left over to the largest remainders (ties to the first); a dataset left no row is refused."""
+  import numpy as np
+  exact = batch_size * np.asarray([share for _, share in shares], np.float64)
+  rows = np.floor(exact).astype(np.int64)
+  for c in sorted(range(len(shares)), key=lambda c: rows[c] - exact[c])[:batch_size - int(rows.sum())]:
+    rows[c] += 1
+  if (rows == 0).any():
+    name, share = shares[int(np.argmin(rows))]
+    raise ConfigError(f"a batch of {batch_size} rows gives {name!r} (share {share:.3g}) no row; raise its weight in "
+                      "data.dataset, or train.batch_size")
+  return rows
+
+
+def component(config, name: str):
+  """`config` reading one dataset of its mixture: every other data setting (feature, splits,
+  data_dir, files) is shared by the mixture's datasets."""
+  c = copy.deepcopy(config)
+  c.data.dataset = name
+  return c
 
 
 def check_config(config) -> None:
@@ -199,6 +251,12 @@ def check_config(config) -> None:
   if d.data_dir and not _path_exists(d.data_dir):
     raise ConfigError(f"data.data_dir={d.data_dir!r} does not exist; create it, fix the path, or leave it "
                       "empty for the default")
+  parts = mixture(d.dataset)
+  if parts is not None:
+    batch_rows(config.train.batch_size, parts)
+    for name, _ in parts:
+      check_config(component(config, name))
+    return
   if d.dataset == "text_files":
     from fmjax.data import corpus
     if not d.files:
@@ -416,6 +474,9 @@ def split_spec(config, split: str) -> str:
 def corpus_identity(config, split: str) -> dict[str, Any]:
   """What determines the documents of a split (for cache keys); reads no text."""
   d = config.data
+  parts = mixture(d.dataset)
+  if parts is not None:
+    return {"mixture": [[name, share, corpus_identity(component(config, name), split)] for name, share in parts]}
   ident = {"dataset": d.dataset, "split": split_spec(config, split), "feature": d.feature,
            "pii_scrub": bool(d.pii_scrub)}
   if d.dataset == "text_files":
@@ -515,8 +576,16 @@ def documents(config, split: str, records: tuple[int, int] | None = None) -> Ite
   """Yields the non-empty documents of a split ('train' or 'eval') as str, in a fixed order.
 
   `records`: only those of records [start, stop) (`record_count` counts them), so that several
-  processes can each read a part of a split.
+  processes can each read a part of a split. A mixture's documents come from its datasets in
+  turn, each as often as its share (the tokenizer trains on them in that proportion); a mixture
+  is prepared dataset by dataset, so never read by records.
   """
+  parts = mixture(config.data.dataset)
+  if parts is not None:
+    assert records is None, "a mixture is prepared dataset by dataset"
+    yield from _interleaved([documents(component(config, name), split) for name, _ in parts],
+                            [share for _, share in parts])
+    return
   builder, feature, spec, source = _open_split(config, split)
   if source is not None:
     start, stop = records or (0, len(source))
@@ -543,6 +612,22 @@ def documents(config, split: str, records: tuple[int, int] | None = None) -> Ite
     text = _as_text(record[feature])
     if text.strip():
       yield text
+
+
+def _interleaved(iterators: list[Iterator[str]], shares: list[float]) -> Iterator[str]:
+  """Items of `iterators` in turn, each as often as its share (smooth weighted round robin), until
+  all are spent; one that is spent early leaves the others to go on in their proportions."""
+  credit = [0.0] * len(iterators)
+  live = list(range(len(iterators)))
+  while live:
+    for i in live:
+      credit[i] += shares[i]
+    i = max(live, key=lambda k: credit[k])  # the first of the largest: a fixed order
+    credit[i] -= sum(shares[k] for k in live)
+    try:
+      yield next(iterators[i])
+    except StopIteration:
+      live.remove(i)
 
 
 def _prepare_ours(config, builder) -> None:
