@@ -1,10 +1,12 @@
 """BERT encoder pretrained with masked LM.
 
-  fmjax train --config=configs/bert.py:tiny,runlocal --workdir=/tmp/bert_tiny
-  fmjax train --config=configs/bert.py:base --config.data.dataset=wikipedia/20230601.en --workdir=gs://BUCKET/bert
+  fmjax train --config=configs/bert.py:tiny,runlocal --workdir=workdirs/bert_tiny
+  fmjax train --config=configs/bert.py:base --config.data.dataset=wikipedia/20230601.en \
+      --config.data.train_split='train[:99%]' --config.data.eval_split='train[99%:]' --workdir=gs://BUCKET/bert
 
 Sizes: tiny, mini, small, medium (the compact BERTs of Turc et al., 2019), base (110M), large (340M).
-`runlocal` shrinks batch, sequence and steps so the run finishes on a laptop CPU.
+`runlocal` shrinks batch, sequence and steps so the run finishes on a laptop CPU. Wikipedia has a train split
+only, so its held-out rows are cut from it.
 """
 
 from fmjax import config_lib
@@ -49,5 +51,8 @@ def get_config(arg: str = "tiny"):
 
 
 def get_sweep():
-  """Learning-rate sweep for the tiny model: `fmjax sweep --config=configs/bert.py:tiny,runlocal`."""
+  """Learning-rate sweep for the tiny model:
+
+    fmjax sweep --config=configs/bert.py:tiny,runlocal --workdir=workdirs/bert_sweep
+  """
   return [{"optim.lr": lr} for lr in (5e-4, 1e-3, 2e-3)]

@@ -1,6 +1,6 @@
 """GPT-2-style decoder pretrained with causal LM.
 
-  fmjax train --config=configs/gpt.py:tiny,runlocal --workdir=/tmp/gpt_tiny
+  fmjax train --config=configs/gpt.py:tiny,runlocal --workdir=workdirs/gpt_tiny
   fmjax train --config=configs/gpt.py:small --config.data.dataset=c4/en:3.1.0 --workdir=gs://BUCKET/gpt2
 
 Sizes: tiny, small (GPT-2 124M), medium (350M), large (774M), xl (1.5B).
@@ -53,5 +53,8 @@ def get_config(arg: str = "tiny"):
 
 
 def get_sweep():
-  """Learning-rate sweep for the tiny model: `fmjax sweep --config=configs/gpt.py:tiny,runlocal`."""
+  """Learning-rate sweep for the tiny model:
+
+    fmjax sweep --config=configs/gpt.py:tiny,runlocal --workdir=workdirs/gpt_sweep
+  """
   return [{"optim.lr": lr} for lr in (1e-3, 3e-3, 1e-2)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import time
 
 import jax
@@ -22,7 +23,7 @@ from fmjax import config_lib, data, generate, train, zeroshot
 
 def main(argv: list[str] | None = None) -> int:
   from fmjax.cli import ArgumentParser
-  p = ArgumentParser(prog="fmjax demo")
+  p = ArgumentParser(prog="python -m fmjax.demo")  # `fmjax` has no demo command: name the one that runs it
   p.add_argument("--workdir", default=os.path.join("workdirs", "demo"))
   p.add_argument("--steps", type=int, default=0, help="override train.steps for both models")
   args = p.parse_args(argv)
@@ -65,4 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  try:
+    raise SystemExit(main())
+  except config_lib.ConfigError as e:  # one line, as `fmjax` ends a user mistake
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None

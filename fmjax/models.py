@@ -9,7 +9,7 @@ a leading "layers" axis and run with `nnx.scan`; `stack_layers` / `unstack_layer
 parameter state between the two layouts.
 
 Shape legend: B batch, T sequence, D model, H heads, K head dim, F mlp, V vocab, M masked
-positions, L layers.
+positions, L layers, S KV-cache positions, N rows of a small embedding table; Bx any leading axes.
 """
 
 from __future__ import annotations

@@ -152,6 +152,16 @@ def test_cli_one_line_error():
   assert len(lines) == 1 and "did you mean" in lines[0], proc.stderr
 
 
+def test_demo_flag_mistake_is_one_line_naming_the_demo_command():
+  # `fmjax` has no demo command: the line names `python -m fmjax.demo`, which `make demo` runs.
+  proc = subprocess.run([sys.executable, "-m", "fmjax.demo", "--stepz=3"], capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+  assert lines == ["error: python -m fmjax.demo: unrecognized arguments: --stepz=3 "
+                   "(see python -m fmjax.demo --help)"], proc.stderr
+
+
 def test_cli_out_of_memory_is_one_line():
   # A real XLA allocation failure on this CPU: a 512 GiB MLP weight.
   proc = subprocess.run([sys.executable, "-m", "fmjax.cli", "bench", "--config=configs/gpt.py:tiny",
