@@ -121,12 +121,14 @@ def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None,
       raise ConfigError(f"{workdir} has no held-out SFT rows; set sft.eval_files or sft.eval_percent > 0, or "
                         "pass --split=train")
     what = "completion tokens"
-  else:
-    loader = data.make_loader(config, split, sharding=batch_sharding, shuffle=False, tok=tok)
+  else:  # a mixture's held-out data: each dataset's on its own (train.evaluate)
+    loader = (data.held_out_loaders(config, sharding=batch_sharding, tok=tok) if split == "eval" else
+              data.make_loader(config, split, sharding=batch_sharding, shuffle=False, tok=tok))
     what = "next tokens" if config.train.objective == "clm" else "masked tokens"
+  most = max(one.num_batches for one in (loader.values() if isinstance(loader, dict) else [loader]))
   if batches is None:
-    batches = loader.num_batches if split == "eval" else config.train.eval_batches
-  batches = min(int(batches), loader.num_batches)
+    batches = most if split == "eval" else config.train.eval_batches
+  batches = min(int(batches), most)
   if batches < 1:
     raise ConfigError(f"--batches must be at least 1, got {batches}")
   with jax.set_mesh(spec.mesh):
@@ -201,7 +203,7 @@ def cli(argv: list[str]) -> int:
   p.add_argument("--split", default=None, help="eval (held-out, default) or train; fine-tuning and --task: a "
                  "split of the task")
   p.add_argument("--batches", type=int, default=None, help="batches to score, the first ones in order "
-                 "(default: the whole eval split)")
+                 "(a mixture's: of each of its datasets; default: the whole eval split)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--task", default="", help="zero-shot multiple choice for a GPT run: hellaswag, piqa, arc_easy, "
                  "arc_challenge, continuation (its own held-out documents) or jsonl:PATH (fmjax.zeroshot)")

@@ -4,8 +4,9 @@
   fmjax report --workdir=/tmp/lr_sweep --out=/tmp/rep  # a sweep root: the sweep's table and plot
 
 Outputs: `report.md` (final and best figures, then a table of the logged steps), `metrics.csv`
-(every scalar at every logged step), `loss.png` (train and eval loss vs step) and `train.png`
-(the other train scalars: lr, grad norm, accuracy, tokens/s). A resumed run logs some steps
+(every scalar at every logged step), `loss.png` (train and eval loss vs step, and a mixture's
+held-out loss of each dataset) and `train.png` (the other train scalars: lr, grad norm,
+accuracy, tokens/s). A resumed run logs some steps
 twice; the last value logged for a step wins. A sweep root gets `sweep.md`, `sweep.csv` and
 `sweep_eval_loss.png` instead, and a fine-tuning sweep also `finetune.md` and `finetune.csv`.
 """
@@ -175,7 +176,9 @@ def report(workdir: str, out: str | None = None) -> list[str]:
     w.writerow(["step", *keys])
     for r in records:
       w.writerow([r["step"], *(r.get(k, "") for k in keys)])
-  curves = {k: series(records, k) for k in ("train/loss", "eval/loss")}
+  # A mixture's datasets each have their own held-out loss (eval/<dataset>_loss), drawn beside the rest.
+  mixed = [k for k in keys if k.startswith("eval/") and k.endswith("_loss")]
+  curves = {k: series(records, k) for k in ("train/loss", "eval/loss", *mixed)}
   curves = {k: v for k, v in curves.items() if v[0]}
   if curves:
     paths.append(plot_curves(curves, os.path.join(out, "loss.png"), ylabel="loss", title=name))

@@ -202,14 +202,30 @@ def compile_steps(config, spec: StateSpec, tx, batch_sharding, loss_fn=None):
 
 
 def evaluate(eval_step, params, loader, num_batches: int) -> dict:
-  """Held-out loss, perplexity and token accuracy over the first `num_batches` eval batches."""
-  n = min(num_batches, loader.num_batches) if getattr(loader, "num_batches", None) else num_batches
+  """Held-out loss, perplexity and token accuracy over the first `num_batches` eval batches.
+
+  A mixture's held-out data (`{dataset: loader}`, `data.held_out_loaders`) is scored dataset by
+  dataset, the first `num_batches` of each: the figures are over all of them, and each dataset's
+  own loss is `<dataset>_loss` (its name with '_' for the characters a metric name avoids).
+  """
+  loaders = loader if isinstance(loader, dict) else {"": loader}
   # All batches are queued before any result is read: one device-to-host transfer at the end.
-  per_batch = jax.device_get([eval_step(params, loader.global_batch(step)) for step in range(n)])
-  totals = {k: sum(float(aux[k]) for aux in per_batch) for k in ("loss_sum", "weight_sum", "correct_sum")}
-  w = max(totals["weight_sum"], 1.0)
-  loss = totals["loss_sum"] / w
-  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": totals["correct_sum"] / w}
+  per_batch = jax.device_get({
+      name: [eval_step(params, one.global_batch(step))
+             for step in range(min(num_batches, one.num_batches) if getattr(one, "num_batches", None) else num_batches)]
+      for name, one in loaders.items()})
+
+  def figures(auxes) -> dict:
+    totals = {k: sum(float(aux[k]) for aux in auxes) for k in ("loss_sum", "weight_sum", "correct_sum")}
+    w = max(totals["weight_sum"], 1.0)
+    loss = totals["loss_sum"] / w
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": totals["correct_sum"] / w}
+
+  out = figures([aux for auxes in per_batch.values() for aux in auxes])
+  if len(loaders) > 1:
+    out.update({f"{re.sub(r'[^A-Za-z0-9.]+', '_', name).strip('_')}_loss": figures(auxes)["loss"]
+                for name, auxes in per_batch.items()})
+  return out
 
 
 def _zeroshot_tasks(config, tok, names: list[str]) -> list[tuple]:
@@ -244,6 +260,7 @@ def _held_out(config, graphdef, eval_step, eval_loader, zeroshot_tasks) -> Calla
 
 def _eval_message(m: dict) -> str:
   parts = [f"eval loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}  acc {m['accuracy']:.3f}"] if "loss" in m else []
+  parts += [f"{k.removesuffix('_loss')} loss {v:.4f}" for k, v in m.items() if k.endswith("_loss")]
   parts += [f"{k.removesuffix('_acc')} acc {v:.3f}" for k, v in m.items() if k.endswith("_acc")]
   return "  ".join(parts)
 
@@ -331,7 +348,7 @@ def _run(config, workdir: str, locked: list) -> dict:
     tokenizer = _run_tokenizer(config, workdir, resume)
     data_id = _check_data(data.prepare(config, tokenizer), resume)
     train_loader = data.make_loader(config, "train", sharding=batch_sharding, tok=tokenizer)
-    eval_loader = data.make_loader(config, "eval", sharding=batch_sharding, tok=tokenizer)
+    eval_loader = data.held_out_loaders(config, sharding=batch_sharding, tok=tokenizer)
     # Loaded now: a zero-shot task that cannot load fails before training.
     zeroshot_tasks = _zeroshot_tasks(config, tokenizer, zeroshot_names)
 

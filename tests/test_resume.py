@@ -562,7 +562,7 @@ def test_a_mixture_resumes_bitwise(cache_dir, tmp_path):
   (tmp_path / "odd.txt").write_text("\n\n".join(" ".join(["zebra quartz vortex", "fjord glyph nymph"][i % 2] for _ in
                                                           range(20 + i)) for i in range(80)) + "\n")
   mix = ["data.dataset=fmjax_corpus=3,text_files=1", f"data.files={tmp_path / 'odd.txt'}", "train.steps=4",
-         "checkpoint.every_steps=2"]
+         "checkpoint.every_steps=2", "train.eval_batches=1"]
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   train.run(load(cache_dir, *mix), str(straight))
   copy_checkpoint(straight, 2, resumed)
@@ -571,6 +571,13 @@ def test_a_mixture_resumes_bitwise(cache_dir, tmp_path):
   assert any(line.startswith("Resumed from step 2 ") for line in lines), lines
   assert step_losses(resumed) == {s: loss for s, loss in step_losses(straight).items() if s > 2}
   assert_states_equal(saved_state(resumed, 4), saved_state(straight, 4))
+  # Held out dataset by dataset: each one's loss, and the loss over both between them.
+  held_out = metrics_rows(resumed)[-1]
+  each = [held_out["eval/fmjax_corpus_loss"], held_out["eval/text_files_loss"]]
+  assert min(each) < held_out["eval/loss"] < max(each), held_out
+  from fmjax import evaluate
+  scored = evaluate.run(str(resumed))  # every held-out row of each
+  assert scored["loss"] != held_out["eval/loss"] and {"fmjax_corpus_loss", "text_files_loss"} <= scored.keys()
 
 
 def _free_port() -> int:

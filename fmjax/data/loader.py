@@ -498,6 +498,16 @@ def make_loader(config, split: str = "train", sharding=None, batch_size: int | N
   return Loader(config, split, sharding, batch_size, shuffle, **kwargs)
 
 
+def held_out_loaders(config, sharding=None, batch_size: int | None = None, **kwargs) -> Loader | dict[str, Loader]:
+  """The eval split's loader (unshuffled: every row once); for a mixture, one for each of its
+  datasets, by name, so that each is scored on its own (`make_loader`'s kwargs)."""
+  parts = sources.mixture(config.data.dataset)
+  if parts is None:
+    return make_loader(config, "eval", sharding, batch_size, shuffle=False, **kwargs)
+  return {name: make_loader(sources.component(config, name), "eval", sharding, batch_size, shuffle=False, **kwargs)
+          for name, _ in parts}
+
+
 def unigram_baseline(config) -> float:
   """Cross-entropy (nats/token) on the eval split of an add-one-smoothed unigram model fit on train,
   over the positions the loss uses (CLM: every next token; MLM: non-special tokens)."""
