@@ -121,6 +121,12 @@ def cmd_data(argv):
     s = meta["splits"][split]
     print(f"{split}: {s['num_docs']:,} documents, {s['num_text_tokens']:,} tokens, {s['num_rows']:,} rows of "
           f"{meta['seq_len']} in {len(s.get('parts') or [0])} part(s)", file=sys.stderr)
+  if meta.get("mixture"):
+    from fmjax.data import sources
+    shares = [(m["dataset"], m["share"]) for m in meta["mixture"]]
+    rows = sources.batch_rows(config.train.batch_size, shares)
+    print(f"mixture: each batch of {config.train.batch_size} rows holds "
+          + ", ".join(f"{k} of {name} (weight {share:.1%})" for k, (name, share) in zip(rows, shares)), file=sys.stderr)
   print(path)
 
 

@@ -390,11 +390,23 @@ def test_a_mixture_gives_each_dataset_its_rows_of_every_batch_in_its_own_epochs(
   assert_batches_equal({k: np.concatenate([h.host_batch(7)[k] for h in halves]) for k in batch}, loader.host_batch(7))
 
 
-def test_a_mixture_holds_out_every_row_of_its_datasets_and_is_keyed_by_its_weights(mixture, cache_dir):
+def test_a_mixture_holds_out_every_row_of_its_datasets_and_is_keyed_by_its_weights(mixture, cache_dir, capsys):
   held_out = data.make_loader(mixture, "eval", sharding=data_sharding())
   rows = np.concatenate([held_out.dataset_rows(s) for s in range(held_out.num_batches)])
   assert sorted(rows[rows >= 0]) == list(range(held_out.data.num_rows))
+  apart = data.held_out_loaders(mixture, sharding=data_sharding())  # what training and `fmjax eval` score
+  assert list(apart) == ["fmjax_corpus", "text_files"]
+  assert sum(one.data.num_rows for one in apart.values()) == held_out.data.num_rows
+  from fmjax import cli
+  d = mixture.data
+  assert cli.main(["data", "prepare", "--config=configs/gpt.py:tiny", f"--config.data.dataset={d.dataset}",
+                   f"--config.data.files={d.files}", f"--config.data.cache_dir={d.cache_dir}",
+                   "--config.train.batch_size=8"]) in (0, None)
+  out = capsys.readouterr()
+  assert "mixture: each batch of 8 rows holds 6 of fmjax_corpus (weight 75.0%), 2 of text_files (weight 25.0%)" \
+      in out.err
   path = data.prepare(mixture)
+  assert out.out.strip() == path
   meta = packing.read_entry(path, "meta.json")
   assert [(m["dataset"], m["share"]) for m in meta["mixture"]] == [("fmjax_corpus", 0.75), ("text_files", 0.25)]
   even = copy.deepcopy(mixture)

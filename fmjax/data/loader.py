@@ -504,6 +504,8 @@ def held_out_loaders(config, sharding=None, batch_size: int | None = None, **kwa
   parts = sources.mixture(config.data.dataset)
   if parts is None:
     return make_loader(config, "eval", sharding, batch_size, shuffle=False, **kwargs)
+  if kwargs.get("tok") is None:  # the mixture's, not the one each dataset alone would train
+    kwargs["tok"] = tokenizers_lib.get_tokenizer(config)
   return {name: make_loader(sources.component(config, name), "eval", sharding, batch_size, shuffle=False, **kwargs)
           for name, _ in parts}
 
