@@ -67,8 +67,11 @@ def data_sources(config, imported: Mapping | None = None) -> list[str]:
     saved = files.read_json(os.path.join(source, "config.json")) if files.isdir(source) else None
     before = (data_sources(ml_collections.ConfigDict(saved), _imported_info(source)) if saved is not None
               else [f"init_from:{source}"])
-  out = ([f"text_files:{g.strip()}" for g in str(d.files).split(",") if g.strip()] if d.dataset == "text_files"
-         else [d.dataset])
+  from fmjax.data import sources
+  mixed = sources.mixture(d.dataset)  # a mixture: each of its datasets is a source of its own
+  out = [source for name in ([n for n, _ in mixed] if mixed else [d.dataset])
+         for source in ([f"text_files:{g.strip()}" for g in str(d.files).split(",") if g.strip()]
+                        if name == "text_files" else [name])]
   if finetune.is_classifier_run(config):  # the trunk's pretraining data, then the task's
     t = config.task
     out += ([f"task_files:{g.strip()}" for g in str(t.files).split(",") if g.strip()]

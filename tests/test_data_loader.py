@@ -420,3 +420,10 @@ def test_a_mixture_holds_out_every_row_of_its_datasets_and_is_keyed_by_its_weigh
   gone = os.path.join(os.path.dirname(path), meta["mixture"][1]["entry"])
   shutil.rmtree(gone)
   assert data.prepare(mixture) == path and os.path.isdir(gone) and packing.fingerprint(path) == before
+
+
+def test_a_mixture_reads_its_documents_in_turn_by_weight_until_all_are_spent():
+  """What its tokenizer trains on (and a release scans): each dataset as often as its share."""
+  out = list(sources._interleaved([iter("AAAAAAAAA"), iter("bbbbb")], [0.75, 0.25]))
+  assert "".join(out[:8]).count("b") == 2 and "".join(out[:12]).count("b") == 3  # 3 to 1, evenly spread
+  assert "".join(out) == "AAbAAAbAAAbAbb"  # the first spent, the other goes on to its end

@@ -328,6 +328,12 @@ def test_card_reports_the_eval_of_the_released_step(run, tmp_path):
   assert "| Steps | 0 (the imported weights, untrained here) |" in imported and "not finished" not in imported
 
 
+def test_a_mixture_declares_each_of_its_datasets_as_a_source():
+  config = config_lib.load_config("configs/gpt.py:tiny", ["data.dataset=fmjax_corpus=3,text_files=1",
+                                                          "data.files=/d/a.txt,/d/b.jsonl"])
+  assert release.data_sources(config) == ["fmjax_corpus", "text_files:/d/a.txt", "text_files:/d/b.jsonl"]
+
+
 def test_release_of_an_sft_run_scans_its_prompts_and_completions(run, tmp_path):
   workdir, _, _, _ = run
   copy = tmp_path / "sft"
