@@ -163,12 +163,22 @@ def _has_compute_capability(major: int, minor: int) -> bool:
     return False
 
 
-def _cudnn_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS, packing=None):
-  if target_platform() != "gpu":
+def check_kernel(kernel: str, dtype, lengths: tuple[int, ...] = ()) -> None:
+  """Raises AttentionError where `kernel` (resolved) cannot run on the target platform at this compute
+  dtype and these sequence lengths: what a trace would find, for `fmjax plan` where nothing is traced."""
+  if kernel == "cudnn" and target_platform() != "gpu":
     raise AttentionError("attention kernel 'cudnn' needs a GPU; set model.attention=auto or xla")
-  if q_BTHK.dtype not in (jnp.bfloat16, jnp.float16):
-    raise AttentionError(f"attention kernel 'cudnn' needs bfloat16/float16 compute, got {q_BTHK.dtype}; "
+  if kernel == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    raise AttentionError(f"attention kernel 'cudnn' needs bfloat16/float16 compute, got {jnp.dtype(dtype)}; "
                          "set model.dtype=bfloat16 or model.attention=xla")
+  for n in lengths if kernel == "splash" else ():
+    if n % SPLASH_MIN_BLOCK:
+      raise AttentionError(f"splash attention needs sequence lengths that are a multiple of {SPLASH_MIN_BLOCK}, "
+                           f"got {n}; change data.seq_len or set model.attention=xla")
+
+
+def _cudnn_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS, packing=None):
+  check_kernel("cudnn", q_BTHK.dtype)
   if segment_ids_BT is None:
     return jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, is_causal=causal, implementation="cudnn")
   # `packing` comes only with self-attention (see `attention`).
@@ -193,13 +203,8 @@ def _cudnn_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_
 def _splash_blocks(T: int, S: int):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
-  def block(n):
-    for b in (512, 256, SPLASH_MIN_BLOCK):
-      if n % b == 0:
-        return b
-    raise AttentionError(f"splash attention needs sequence lengths that are a multiple of 128, got {n}; "
-                         "change data.seq_len or set model.attention=xla")
-
+  check_kernel("splash", None, (T, S))
+  block = lambda n: next(b for b in (512, 256, SPLASH_MIN_BLOCK) if n % b == 0)
   bq, bkv = block(T), block(S)
   return sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
                        block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
@@ -212,8 +217,11 @@ def _splash_kernel(T: int, S: int, H: int, causal: bool, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   head_mask = sm.CausalMask((T, S), offset=S - T) if causal else sm.FullMask((T, S))
-  return sk.make_splash_mha(sm.MultiHeadMask([head_mask] * H), block_sizes=_splash_blocks(T, S),
-                            head_shards=1, q_seq_shards=1, interpret=interpret)
+  # The kernel is first made inside a trace (the train step), where its mask arrays would be that
+  # trace's tracers; concrete ones let the next trace (the eval step) reuse it without a leak.
+  with jax.ensure_compile_time_eval():
+    return sk.make_splash_mha(sm.MultiHeadMask([head_mask] * H), block_sizes=_splash_blocks(T, S),
+                              head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _splash_local(q_BTHK, k_BSHK, v_BSHK, seg_BT, seg_BS, *, causal):

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from fmjax import config_lib, metrics as metrics_lib, optim, sharding, train
+from fmjax import config_lib, files, metrics as metrics_lib, optim, sharding, train
 from fmjax.config_lib import ConfigError
 from fmjax.data import packing
 
@@ -73,6 +73,10 @@ def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_pat
                       f"{os.path.join(json_path, 'bench.json')}")
   if json_path and not os.path.isdir(os.path.dirname(os.path.abspath(json_path))):
     raise ConfigError(f"--json={json_path}: its directory does not exist; create it or pass another path")
+  if profile_dir:  # refused now, not after the timed steps (which it would then not print)
+    if files.exists(profile_dir) and not files.isdir(profile_dir):
+      raise ConfigError(f"--profile={profile_dir} is a file; pass a directory for the trace (made if new)")
+    files.makedirs(profile_dir)
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)

@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{what}: {e}" if str(e) else what, file=sys.stderr)
     return code
   except Exception as e:  # XLA's errors are RuntimeErrors: only running out of memory is the user's
-    message = out_of_memory_message(e) or storage_error_message(e) or file_error_message(e)
+    message = (out_of_memory_message(e) or storage_error_message(e) or file_error_message(e)
+               or bucket_library_message(e))
     if message is None:
       raise
     print(f"error: {message}", file=sys.stderr)
@@ -338,6 +339,14 @@ def file_error_message(e: BaseException) -> str | None:
          errno.EISDIR: "pass a file's path, not a directory's"}.get(e.errno, "pass a path this user can write "
                                                                               "(--workdir, --out, data.cache_dir)")
   return f"{e.strerror or type(e).__name__}: {e.filename}; {fix}"
+
+
+def bucket_library_message(e: BaseException) -> str | None:
+  """One line for a bucket path on a machine with no library to reach it (no TensorFlow, as on an ARM
+  host, and no gcsfs): fsspec says "Please install gcsfs to access Google Storage"; None otherwise."""
+  if not isinstance(e, ImportError) or not re.match(r"Please install \S+ to access", str(e)):
+    return None
+  return f"{e} (`pip install 'fmjax[gcs]'` brings gcsfs, for gs:// paths), or pass a local path"
 
 
 def storage_error_message(e: BaseException) -> str | None:

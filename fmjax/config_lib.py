@@ -325,7 +325,9 @@ def _check_optim(o) -> None:
       "lr": (0.0, math.inf, True, "a finite rate >= 0"),
       "b1": (0.0, 1.0, True, "in [0, 1)"),
       "b2": (0.0, 1.0, True, "in [0, 1)"),
-      "eps": (0.0, math.inf, True, "finite and >= 0"),
+      # Adam divides by sqrt(v) + eps: at 0, a parameter with no gradient (a position past data.seq_len,
+      # an unused vocabulary row) updates by 0/0, and the first step is non-finite.
+      "eps": (0.0, math.inf, False, "finite and > 0 (e.g. 1e-8)"),
       "weight_decay": (0.0, math.inf, True, "finite and >= 0"),
       "clip_norm": (0.0, math.inf, True, "finite and >= 0 (0: no clipping)"),
       "min_lr_ratio": (0.0, 1.0 + 1e-12, True, "in [0, 1]"),
@@ -425,6 +427,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(f"model.init_std must be in (0, 1] (GPT-2 and BERT use 0.02), got {m.init_std}")
   if not 0.0 < m.get("layer_norm_eps", 1e-5) < 1.0:
     raise ConfigError(f"model.layer_norm_eps must be in (0, 1) (GPT-2 uses 1e-5, BERT 1e-12), got {m.layer_norm_eps}")
+  if m.get("fused_loss_chunk", 0) < 0:
+    raise ConfigError(f"model.fused_loss_chunk={m.fused_loss_chunk} must be at least 0 (0: whole logits; > 0: "
+                      "tokens a chunk of the fused LM-head loss takes)")
   if m.family == "bert" and m.get("type_vocab_size", 2) < 1:
     raise ConfigError(f"model.type_vocab_size={m.type_vocab_size} must be at least 1 (BERT uses 2: sentence A and B)")
   if "train" in config and "task" not in config and "objective" in config.train:
@@ -454,7 +459,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     ck = config.checkpoint
     for key in ("every_steps", "every_minutes", "keep", "keep_period"):
       if not 0 <= ck.get(key, 0) < math.inf:
-        raise ConfigError(f"checkpoint.{key}={ck[key]} must be at least 0 (0 turns it off)")
+        raise ConfigError(f"checkpoint.{key}={ck[key]} must be at least 0 "
+                          f"({'0 keeps every save' if key == 'keep' else '0 turns it off'})")
   if "train" in config:
     t = config.train
     if t.batch_size <= 0 or t.steps < 0:
@@ -487,6 +493,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if not 0.0 < d.mask_rate < 1.0 or d.max_predictions < 1:
       raise ConfigError(f"data.mask_rate={d.mask_rate} must be in (0, 1) and data.max_predictions="
                         f"{d.max_predictions} at least 1: masked LM learns from the masked positions only")
+    if d.max_predictions > d.seq_len:  # bench and plan draw this many distinct positions a row: a traceback
+      raise ConfigError(f"data.max_predictions={d.max_predictions} exceeds data.seq_len={d.seq_len}; lower it")
     needed = round(d.mask_rate * d.seq_len)
     if d.max_predictions < needed:  # each row masks at most max_predictions positions
       raise ConfigError(f"data.max_predictions={d.max_predictions} masks at most "
@@ -593,5 +601,5 @@ def base_config(family: str) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(dcn_data=1, data=-1, fsdp=1, tensor=1))
   c.logical_axis_rules = DEFAULT_RULES
   c.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps=500, every_minutes=0.0, keep=3, keep_period=0, async_save=True))
+      every_steps=500, every_minutes=0.0, keep=3, keep_period=0, async_save=True))  # keep=0: every save
   return c

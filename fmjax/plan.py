@@ -357,6 +357,8 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   from fmjax import attention, models, optim, sharding
 
   config_lib.check_pretraining_step(config, "plan")
+  if hbm_gib is not None and not hbm_gib > 0:  # before a compile that may take minutes
+    raise PlanError(f"--hbm_gib must be positive, got {hbm_gib}")
   config = ml_collections.ConfigDict(config_lib.to_dict(config))  # an unlocked copy: the plan edits it
   notes = []
   if mesh is not None:
@@ -429,6 +431,8 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   with attention.compiling_for(platform):
     kernel = attention.resolve_kernel(config.model.attention, config.model.dtype, (config.data.seq_len,) * 2,
                                      dropout=config.model.get("attention_dropout", 0.0) > 0)
+    # A kernel named for another platform fails the run's trace; an analytic plan traces nothing.
+    attention.check_kernel(kernel, config.model.dtype, (config.data.seq_len,))
   analytic_temp = analytic_temp_bytes(config, mesh_sizes, param_bytes, kernel)
   memory = {"params": param_bytes, "optimizer": opt_bytes, "batch": batch_bytes,
             "temp_analytic": analytic_temp,
@@ -462,8 +466,6 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   if hbm_gib is None:
     hbm_gib = hbm_gib_for(kind) or (hbm_gib_for(topology or gpu) if topology or gpu else None)
     hbm_source = f"{kind}" if hbm_gib else ""
-  if hbm_gib is not None and hbm_gib <= 0:
-    raise PlanError(f"--hbm_gib must be positive, got {hbm_gib}")
   fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION))
   if platform == "gpu" and hbm_gib and fraction * hbm_gib * GiB < peak <= hbm_gib * GiB:
     notes.append(f"the peak is more than the {fraction:.0%} of a GPU's memory that XLA takes by default; "
@@ -701,11 +703,16 @@ def cli(argv: list[str]) -> int:
   args = p.parse_args(rest)
   config = config_lib.load_config(args.config, overrides)
   devices = None
-  if args.mesh and not (args.topology or args.gpu):
-    wanted = math.prod(abs(s) for s in parse_mesh(args.mesh).values())
+  from fmjax.sharding import MESH_AXES
+  sizes = parse_mesh(args.mesh) if args.mesh else {a: int(config.mesh[a]) for a in MESH_AXES}
+  wanted = math.prod(abs(s) for s in sizes.values())
+  # The mesh of --mesh, else the config's (--config.mesh.data=8); a config that fixes no size (data=-1)
+  # plans on the devices there are.
+  if not (args.topology or args.gpu) and (args.mesh or wanted > 1):
     if wanted > MAX_FAKE_DEVICES and len(jax.devices()) < wanted:
-      raise PlanError(f"--mesh={args.mesh} needs {wanted:,} devices, more than the {MAX_FAKE_DEVICES} CPU devices "
-                      "a plan fakes; plan a pod with --topology=v5p-N (or --gpu=h100xN)")
+      raise PlanError(f"{f'--mesh={args.mesh}' if args.mesh else 'the config mesh'} needs {wanted:,} devices, more "
+                      f"than the {MAX_FAKE_DEVICES} CPU devices a plan fakes; plan a pod with --topology=v5p-N (or "
+                      "--gpu=h100xN)")
     try:  # a CPU host plans a pod-sized mesh on fake devices; only possible before JAX starts
       jax.config.update("jax_num_cpu_devices", max(wanted, 1))
     except RuntimeError:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from fmjax.config_lib import ConfigError
+from fmjax.config_lib import DEFAULT_RULES, ConfigError, _suggest
 
 MESH_AXES = ("dcn_data", "data", "fsdp", "tensor")
 BATCH_AXES = ("dcn_data", "data", "fsdp")
@@ -65,8 +65,10 @@ def validate_mesh(config, num_devices: int | None = None) -> None:
   if "train" in config and not at_load:
     b, accum = config.train.batch_size, config.train.grad_accum
     if (b // accum) % dp:
+      fix = f"use a multiple of {dp}" if accum == 1 else \
+          f"make train.batch_size / train.grad_accum={accum} a multiple of {dp} (lower grad_accum or raise the batch)"
       raise ConfigError(f"train.batch_size={b} (per micro-batch {b // accum}) does not divide by the "
-                        f"data-parallel size {dp} (mesh {sizes}); use a multiple of {dp}")
+                        f"data-parallel size {dp} (mesh {sizes}); {fix}")
   # Every model dimension a rule shards must divide by the product of its mesh axes.
   m = config.model
   dims = {"embed": "d_model", "norm": "d_model", "mlp": "d_ff", "heads": "num_heads", "vocab": "vocab_size",
@@ -125,6 +127,18 @@ def _validate_rules(config) -> None:
       if axis not in MESH_AXES:
         raise ConfigError(f"logical_axis_rules maps {name!r} to {axis!r}, which is not a mesh axis "
                           f"{list(MESH_AXES)}")
+  # The setting replaces the whole list: a parameter's name without a rule is read as a mesh axis (a
+  # traceback at init), and an activation's (batch, length) is silently replicated on every device.
+  known = [name for name, _ in DEFAULT_RULES]
+  for name, _ in rules:
+    if name not in known:
+      raise ConfigError(f"logical_axis_rules names {name!r}, which no model uses (the logical axes are "
+                        f"{', '.join(known)}){_suggest(name, known)}")
+  missing = [name for name in known if name not in {name for name, _ in rules}]
+  if missing:
+    raise ConfigError(f"logical_axis_rules has no rule for {', '.join(missing)}: it replaces the whole list, so "
+                      f"give every logical axis ({', '.join(known)}), None where it is not sharded (the defaults: "
+                      "config_lib.DEFAULT_RULES)")
 
 
 def logical_rules(config) -> tuple:

@@ -301,6 +301,16 @@ def run(config, workdir: str) -> dict:
     raise
 
 
+def _refuse_foreign(workdir: str) -> None:
+  """A fresh start writes workdir/config.json: one there that is no fmjax run's (a Hugging Face model
+  directory's, say) is refused rather than overwritten."""
+  saved = files.read_json(os.path.join(workdir, "config.json"))
+  model = saved.get("model") if isinstance(saved, dict) else None
+  if saved is not None and not (isinstance(model, dict) and model.get("family") in ("gpt", "bert")):
+    raise ConfigError(f"{os.path.join(workdir, 'config.json')} is not an fmjax run's (a Hugging Face model's?), and "
+                      "training there would overwrite it; pass a new --workdir")
+
+
 def _kept_anything(workdir: str) -> bool:
   """Whether a workdir holds a checkpoint or logged training metrics."""
   checkpoints = files.path(os.path.join(workdir, "checkpoints"))
@@ -320,6 +330,7 @@ def _run(config, workdir: str, locked: list) -> dict:
   zeroshot_names = zeroshot.check_tasks(config)
   if not files.isdir(os.path.join(workdir, "checkpoints")):
     sources.check_config(config)  # a bad data setting on a fresh start leaves no workdir behind
+    _refuse_foreign(workdir)
   files.makedirs(workdir)
 
   mesh = sharding.make_mesh(config)
@@ -550,10 +561,12 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
       profiler.before_update(step, state)
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
         state, next_metrics = train_step(state, next(batches))
-      profiler.after_update(step + 1, state)
       if pending is not None:
         record(step, pending)
       pending = next_metrics
+      # After `record`: a window that ends here drains this update, and tokens/s must count that time
+      # (read before it, the rate of the update after the compiling one was millions of tokens/s).
+      profiler.after_update(step + 1, state)
     if not last_eval and evaluate is not None and not preempted:
       last_eval = evaluate(state["params"])  # e.g. resumed a finished run: still report held-out figures
   finally:

@@ -145,6 +145,17 @@ def test_splash_matches_xla(causal, blocks):
     np.testing.assert_allclose(g, g_ref, atol=2e-5)
 
 
+def test_splash_kernel_is_reused_by_a_second_jitted_program():
+  """The train step and then the eval step trace splash at one shape; the kernel cached by the first
+  must hold no tracer of it (before: UnexpectedTracerError at a run's first eval)."""
+  q = jax.random.normal(jax.random.key(2), (1, T, H, K))
+  f = lambda q: attn.attention(q, q, q, causal=True, kernel="splash").sum()
+  grad = jax.jit(jax.grad(f))(q)
+  np.testing.assert_allclose(jax.jit(f)(q), jax.jit(lambda q: attn.attention(q, q, q, causal=True).sum())(q),
+                             rtol=1e-5)
+  assert np.isfinite(grad).all()
+
+
 def test_splash_runs_sharded_under_a_mesh():
   """Splash is wrapped in shard_map over batch and heads; results equal the unsharded kernel."""
   q, k, v = _qkv(2)

@@ -90,6 +90,19 @@ def test_bad_segments_is_one_line(capsys):
   assert code == 2 and err.startswith(f"error: --json={os.getcwd()} is a directory; pass a file path"), err
 
 
+def test_a_profile_path_that_cannot_be_a_directory_is_refused_first(capsys, tmp_path, monkeypatch):
+  """Before: the benchmark ran, then the profiler's traceback, and its figures were never printed."""
+  monkeypatch.setattr(bench.train, "init_state", lambda *a: pytest.fail("ran before refusing --profile"))
+  (tmp_path / "f").write_text("")
+  code = cli.main(["bench", "--config=configs/gpt.py:tiny", f"--profile={tmp_path / 'f'}"] + TINY)
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and err == f"error: --profile={tmp_path / 'f'} is a file; pass a directory for the trace " \
+      "(made if new)", err
+  code = cli.main(["bench", "--config=configs/gpt.py:tiny", f"--profile={tmp_path / 'f' / 'sub'}"] + TINY)
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and err.count("\n") == 0 and "a part of the path is a file" in err, err
+
+
 def test_commands_keep_compiled_programs_in_a_persistent_cache(tmp_path):
   """A rerun loads its programs from ~/.cache/fmjax (or the user's own cache directory)."""
   def bench(home, **extra):

@@ -44,6 +44,11 @@ def test_misspelt_key_suggests():
 def test_bad_values_fail_before_compile():
   with pytest.raises(ConfigError, match="does not divide by the data-parallel size 8"):
     config_lib.validate(config_lib.load_config("configs/gpt.py:tiny", ["train.batch_size=12"]), 8)
+  # 16 is a multiple of 8; its micro-batches of 2 are not: the line says which to change.
+  with pytest.raises(ConfigError, match=r"per micro-batch 2\) does not divide .*; make train.batch_size / "
+                     r"train.grad_accum=8 a multiple of 8 \(lower grad_accum or raise the batch\)"):
+    config_lib.validate(config_lib.load_config("configs/gpt.py:tiny", ["train.batch_size=16", "train.grad_accum=8"]),
+                        8)
   with pytest.raises(ConfigError, match="num_heads=3 does not divide model.d_model=128"):
     config_lib.load_config("configs/gpt.py:tiny", ["model.num_heads=3"])
   with pytest.raises(ConfigError, match="needs 16 devices but 8 are available"):
@@ -68,6 +73,20 @@ def test_bad_values_fail_before_compile():
     config_lib.load_config("configs/gpt.py:tiny", ["train.profile_steps=-1"])
   with pytest.raises(ConfigError, match="profile_start=100 is not before train.steps=50, so nothing would be traced"):
     config_lib.load_config("configs/gpt.py:tiny", ["train.steps=50", "train.profile_steps=3", "train.profile_start=100"])
+
+
+def test_logical_axis_rules_name_every_logical_axis():
+  """The override replaces the whole list: a name it leaves out was a traceback at init (a parameter's)
+  or a silently replicated activation (batch), and a misspelt one a rule nothing reads."""
+  rules = [list(r) for r in config_lib.DEFAULT_RULES]
+  with pytest.raises(ConfigError, match="no rule for length, vocab, mlp, heads, kv, layers, norm: it replaces"):
+    config_lib.load_config("configs/gpt.py:tiny", ["logical_axis_rules=(('batch', 'data'), ('embed', 'fsdp'))"])
+  typo = [["embd", "fsdp"] if name == "embed" else [name, axes] for name, axes in rules]
+  with pytest.raises(ConfigError, match="names 'embd', which no model uses .*did you mean 'embed'"):
+    config_lib.load_config("configs/gpt.py:tiny", [f"logical_axis_rules={typo}"])
+  tensor_vocab = [[name, "tensor" if name == "vocab" else axes] for name, axes in rules]
+  config = config_lib.load_config("configs/gpt.py:tiny", [f"logical_axis_rules={tensor_vocab}"])  # a whole list
+  assert dict(sharding.logical_rules(config))["vocab"] == "tensor"
 
 
 def test_a_minus_one_mesh_axis_takes_the_devices_left():
@@ -122,6 +141,7 @@ def test_cli_workdir_and_override_mistakes_are_one_line(tmp_path, capsys):
     ("gpt", ["optim.lr=nan"], "optim.lr=nan must be a finite rate"),
     ("gpt", ["optim.b2=2"], r"optim.b2=2.0 must be in \[0, 1\)"),
     ("gpt", ["optim.schedule=wsd", "optim.decay_fraction=0"], r"optim.decay_fraction=0.0 must be in \(0, 1\]"),
+    ("gpt", ["optim.eps=0"], r"optim.eps=0.0 must be finite and > 0 \(e.g. 1e-8\)"),
     ("gpt", ["optim.warmup_steps=-5"], "optim.warmup_steps=-5 must be at least 0"),
     ("gpt", ["model.init_std=-1"], r"model.init_std must be in \(0, 1\] \(GPT-2 and BERT use 0.02\), got -1.0"),
     ("gpt", ["model.attention_dropout=1.0"], r"model.attention_dropout must be in \[0, 1\), got 1.0"),
@@ -129,8 +149,11 @@ def test_cli_workdir_and_override_mistakes_are_one_line(tmp_path, capsys):
      "attention-probability dropout; set model.attention=auto"),
     ("gpt", ["train.eval_batches=-1"], "train.eval_batches=-1 must be at least 0"),
     ("gpt", ["checkpoint.every_steps=-5"], r"checkpoint.every_steps=-5 must be at least 0 \(0 turns it off\)"),
+    ("gpt", ["model.fused_loss_chunk=-5"], r"model.fused_loss_chunk=-5 must be at least 0 \(0: whole logits"),
+    ("gpt", ["checkpoint.keep=-1"], r"checkpoint.keep=-1 must be at least 0 \(0 keeps every save\)"),
     ("bert", ["data.mask_rate=1.5"], r"data.mask_rate=1.5 must be in \(0, 1\)"),
     ("bert", ["data.max_predictions=0"], "data.max_predictions=0 at least 1"),
+    ("bert", ["data.max_predictions=200"], "data.max_predictions=200 exceeds data.seq_len=128; lower it"),
     ("bert", ["data.seq_len=512", "model.max_len=512"], r"data.max_predictions=20 masks at most 3.9% of a row of "
      r"data.seq_len=512, not data.mask_rate=0.15; set data.max_predictions=77"),
     ("gpt", ["mesh.data=1", "mesh.fsdp=3"], "model.d_model=128 does not divide by mesh.fsdp=3"),
@@ -286,6 +309,21 @@ def test_a_typo_inside_a_config_file_is_refused(tmp_path, line, error):
     config_lib.load_config(str(path))
   path.write_text(path.read_text().replace(line, "c.release = dict(license='mit')  # model card fields, free-form"))
   assert config_lib.load_config(str(path)).release.license == "mit"
+
+
+def test_a_bucket_path_with_no_library_to_reach_it_is_one_line(monkeypatch, capsys):
+  """Without TensorFlow (an ARM host) and gcsfs, fsspec raises "Please install gcsfs ..." from deep in
+  `files.exists(workdir)`: that was a traceback. Any other ImportError is a bug to see whole."""
+  def missing(*a, **k):
+    raise ImportError("Please install gcsfs to access Google Storage")
+  monkeypatch.setattr("fmjax.train.run", missing)
+  assert cli.main(["train", "--config=configs/gpt.py:tiny", "--workdir=gs://b/run"]) == 2
+  err = capsys.readouterr().err
+  assert err == ("error: Please install gcsfs to access Google Storage (`pip install 'fmjax[gcs]'` brings gcsfs, "
+                 "for gs:// paths), or pass a local path\n")
+  monkeypatch.setattr("fmjax.train.run", lambda *a, **k: __import__("no_such_module_fmjax"))
+  with pytest.raises(ImportError):
+    cli.main(["train", "--config=configs/gpt.py:tiny", "--workdir=gs://b/run"])
 
 
 def test_an_unreachable_bucket_is_one_line(monkeypatch, capsys):

@@ -189,6 +189,22 @@ def test_analytic_fallback_without_libtpu(monkeypatch, capsys):
   assert aligned["memory"]["temp_analytic"] < xla["memory"]["temp_analytic"]
 
 
+def test_an_estimate_refuses_a_kernel_the_target_cannot_run(monkeypatch):
+  """Where nothing is compiled, a kernel named for another platform was planned as if it ran (a cuDNN
+  step "fits" a TPU); the run's trace refuses it, and so does the plan now."""
+  from fmjax import attention
+  monkeypatch.setattr(plan, "tpu_devices", lambda name: (None, plan.topology_name(name)[0]))
+  monkeypatch.setattr(plan, "gpu_devices", lambda name: (None, name))
+  with pytest.raises(attention.AttentionError, match="'cudnn' needs a GPU; set model.attention=auto"):
+    plan.plan(tiny("mesh.data=-1", "model.attention=cudnn"), topology="v5p-16")
+  with pytest.raises(attention.AttentionError, match="'cudnn' needs bfloat16/float16 compute, got float32"):
+    plan.plan(tiny("mesh.data=-1", "model.attention=cudnn"), gpu="h100x8")
+  with pytest.raises(attention.AttentionError, match="multiple of 128, got 32; change data.seq_len"):
+    plan.plan(tiny("mesh.data=-1", "model.attention=splash"), topology="v5p-16")
+  assert plan.plan(tiny("mesh.data=-1", "model.attention=cudnn", "model.dtype=bfloat16"),
+                   gpu="h100x8")["attention"] == "cudnn"
+
+
 @pytest.mark.parametrize("name,expected", [
     ("v5p-128", ("v5p:4x4x4", 64)), ("v5p-8", ("v5p:2x2x1", 4)), ("v4-32", ("v4:2x2x4", 16)),
     ("v5litepod-16", ("v5e:4x4", 16)), ("v6e-8", ("v6e:2x4", 8)), ("v5p:2x2x2", ("v5p:2x2x2", 8)),
@@ -211,6 +227,13 @@ def test_bad_topology_is_one_clear_line(name, match):
   assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("hbm", [0.0, -1.0, float("nan")])
+def test_a_bad_hbm_is_refused_before_the_compile(monkeypatch, hbm):
+  monkeypatch.setattr(plan, "compile_step", lambda *a: pytest.fail("compiled before refusing --hbm_gib"))
+  with pytest.raises(plan.PlanError, match=f"--hbm_gib must be positive, got {hbm}"):
+    plan.plan(tiny(), mesh="data=8", hbm_gib=hbm)
+
+
 def test_bad_mesh_and_too_many_devices():
   with pytest.raises(plan.PlanError, match="did you mean 'fsdp'"):
     plan.parse_mesh("fsd=4")
@@ -228,6 +251,20 @@ def test_bad_mesh_and_too_many_devices():
     plan.cli(["--config=configs/gpt.py:tiny", "--mesh=data=100000"])
   p = plan.plan(tiny("mesh.data=2", "mesh.tensor=2"), mesh="data=4")
   assert p["mesh"]["tensor"] == 1 and any("the config's tensor=2 is 1 here" in n for n in p["notes"])
+
+
+def test_a_config_mesh_is_planned_on_as_many_fake_devices():
+  """`--config.mesh.data=2` on a one-device CPU host, as `--mesh=data=2` is; before, the plan answered
+  "run `fmjax plan` itself (it fakes 2 CPU devices)" to `fmjax plan`."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")  # one CPU device, as a laptop has
+  proc = subprocess.run([sys.executable, "-m", "fmjax.cli", "plan", "--config=configs/gpt.py:tiny",
+                         "--config.mesh.data=2"] + [f"--config.{o}" for o in TINY],
+                        capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 0 and "on 2 x cpu, mesh dcn_data=1 data=2 fsdp=1 tensor=1" in proc.stdout, \
+      proc.stderr[-2000:]
 
 
 def _cuda_plugin() -> bool:

@@ -580,6 +580,23 @@ def test_a_mixture_resumes_bitwise(cache_dir, tmp_path):
   assert scored["loss"] != held_out["eval/loss"] and {"fmjax_corpus_loss", "text_files_loss"} <= scored.keys()
 
 
+def test_tokens_per_sec_counts_the_update_a_profile_window_drains(cache_dir, tmp_path, monkeypatch):
+  """The window's end waits for its last update (and writes the trace): that time is the update's.
+  Read after it, the rate of the update after the compiling one was tokens / ~0 s (millions)."""
+  stop = train.metrics_lib.StepProfiler.stop
+
+  def slow_stop(self):
+    if self.active:
+      time.sleep(1.0)
+    stop(self)
+
+  monkeypatch.setattr(train.metrics_lib.StepProfiler, "stop", slow_stop)
+  config = load(cache_dir, "train.steps=2", "train.profile_start=0", "train.profile_steps=1")
+  train.run(config, str(tmp_path / "w"))
+  rates = [r["train/tokens_per_sec"] for r in metrics_rows(tmp_path / "w") if "train/tokens_per_sec" in r]
+  assert len(rates) == 1 and rates[0] < config.train.batch_size * config.data.seq_len / 1.0, rates
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

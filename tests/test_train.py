@@ -489,3 +489,15 @@ def test_loop_logs_throughput_mfu_and_eta_by_a_clock_of_one_second_an_update(tmp
   clock[0] += 10.0
   assert writer.eta_seconds(30) == pytest.approx(70.0)  # 10 steps in 10 s, 70 to go
   writer.close()
+
+
+def test_a_fresh_start_refuses_a_workdir_whose_config_json_is_another_programs(tmp_path, monkeypatch):
+  """A Hugging Face model directory passed as --workdir: its config.json was overwritten by the run's."""
+  monkeypatch.setattr(train.sharding, "make_mesh", lambda *a: pytest.fail("started before refusing the workdir"))
+  hf = tmp_path / "gpt2"
+  hf.mkdir()
+  (hf / "config.json").write_text('{"model_type": "gpt2", "n_layer": 12}')
+  with pytest.raises(config_lib.ConfigError, match=f"{hf}/config.json is not an fmjax run's .*pass a new --workdir"):
+    train.run(tiny("gpt", devices=jax.device_count()), str(hf))
+  assert (hf / "config.json").read_text() == '{"model_type": "gpt2", "n_layer": 12}'
+  assert sorted(p.name for p in hf.iterdir()) == ["config.json"]
