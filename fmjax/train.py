@@ -539,15 +539,15 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
           writer.message(f"step {step}: checkpoint put off until an update is finite again")
         deferred, save_due = True, False
       paused = time.time()
-      if eval_due:
-        last_eval = evaluate(state["params"])
-        writer.write(step, last_eval, prefix="eval/")
-        writer.message(f"step {step}: {eval_message(last_eval)}")
-      if save_due:
+      if save_due:  # before the eval: an eval that fails (out of memory, say) loses no update
         saved = {"step": step, **meta(step), "fmjax_version": __import__("fmjax").__version__,
                  "metrics": last_train, "skipped_steps": skipped, "nonfinite_in_a_row": in_a_row}
         checkpointer.save(step, state, saved, force=stop or step == total or deferred, at_stop=stop)
         deferred = False
+      if eval_due:
+        last_eval = evaluate(state["params"])
+        writer.write(step, last_eval, prefix="eval/")
+        writer.message(f"step {step}: {eval_message(last_eval)}")
       if eval_due or save_due:
         writer.sync()  # a bucket workdir's logs are never behind its checkpoints
       t_last += time.time() - paused  # train/tokens_per_sec counts training time only, not eval or saving

@@ -557,6 +557,17 @@ def test_profile_traces_the_chosen_updates_into_tensorboard(cache_dir, tmp_path,
 # ----------------------------------------------------------------------------- elastic
 
 
+def test_an_eval_that_fails_comes_after_the_save_of_its_step(cache_dir, tmp_path, monkeypatch):
+  """Eval and save fall on the same step: the save goes first, so a failing eval loses no update."""
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory in the eval step")
+  monkeypatch.setattr(train, "evaluate", out_of_memory)
+  workdir = tmp_path / "w"
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    train.run(load(cache_dir, "train.steps=4", "train.eval_batches=1", "train.eval_every=4"), str(workdir))
+  assert committed_steps(workdir) == [4]
+
+
 def test_a_mixture_resumes_bitwise(cache_dir, tmp_path):
   """A mixture's batches are a function of the step too: 2 steps, a resume, 2 more equal 4 straight."""
   (tmp_path / "odd.txt").write_text("\n\n".join(" ".join(["zebra quartz vortex", "fjord glyph nymph"][i % 2] for _ in
