@@ -395,6 +395,7 @@ class Checkpointer:
     self._decision: tuple[int, bool] | None = None
     self._last_save_time = _now()
     self._unverified: list[int] = []
+    self._listed: set[int] = set()  # committed steps this Checkpointer has seen (`_removed`)
     self._closed = False
     self._owner = bool(owner)
     self._interrupted_step: int | None = None  # a Ctrl-C stopped the run here (`close` raises)
@@ -423,7 +424,15 @@ class Checkpointer:
     # subset of items (a manager that only learns handlers from `save` cannot).
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    make = lambda: ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    try:
+      self._manager = make()
+    except FileNotFoundError as e:
+      # A reader beside a training: a step Orbax listed was deleted (checkpoint.keep) before it read
+      # the step's time. Listing again sees the steps as they are now.
+      if self._owner or not str(e.filename or "").startswith(str(self.directory)):
+        raise
+      self._manager = make()
 
   @classmethod
   def of_run(cls, config, workdir: str) -> "Checkpointer":
@@ -449,15 +458,24 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     """Committed checkpoint steps, ascending."""
-    return saved_steps(self.directory)
+    steps = saved_steps(self.directory)
+    self._listed.update(steps)
+    return steps
 
   def source_step(self, step: int, source: str) -> int:
-    """`pick_source_step` over this directory's steps."""
-    return pick_source_step(self.all_steps(), step, source)
+    """`pick_source_step` over this directory's steps; the newest is process 0's on every host."""
+    saved = self.all_steps()
+    if not step and jax.process_count() > 1:
+      # `source` may still be training: hosts that list it moments apart would each read their shards
+      # of another step, and train on params no checkpoint holds.
+      newest = int(multihost_utils.broadcast_one_to_all(np.int64(max(saved, default=-1))))
+      saved = [newest] if newest >= 0 else []
+    return pick_source_step(saved, step, source)
 
   def latest_step(self) -> int | None:
     """The newest committed step, or None; an owner also removes unfinished saves."""
     committed, torn = _scan(self.directory)
+    self._listed.update(committed)
     # A save in flight looks torn until it commits: only clean up when none is running.
     if torn and self._owner and _is_primary() and not self._manager.is_saving_in_progress():
       _remove(_torn(self.directory), self.directory)
@@ -587,12 +605,25 @@ class Checkpointer:
 
   def _require(self, step: int) -> None:
     if not (self.directory / str(step) / COMMIT_MARKER).exists():
+      if step in self._listed:
+        raise self._removed(step)
       steps = self.all_steps()
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
                               f"(available: {steps if steps else 'none'})")
 
+  def _removed(self, step: int) -> CheckpointDamagedError:
+    """The one-line error for a step that was committed when this listed it, and is gone: nothing is
+    damaged, a run still training there deleted it (its checkpoint.keep) before or while it was read."""
+    newest = self.all_steps()
+    return CheckpointDamagedError(
+        f"checkpoint step {step} in {self.directory} was removed while it was read, by the run still training "
+        f"there (its checkpoint.keep); rerun to read its newest step{f' (now step {newest[-1]})' if newest else ''}"
+        ", or read a step that run keeps (checkpoint.keep_period)")
+
   def _damaged(self, step: int, reason: str) -> CheckpointDamagedError:
     """The one-line error for a committed `step` that cannot be read; no silent fallback to another."""
+    if not (self.directory / str(step) / COMMIT_MARKER).exists():  # it had one when the read began
+      return self._removed(step)
     others = [s for s in self.all_steps() if s != step]
     where = self.directory / str(step)
     if others:
@@ -614,7 +645,8 @@ class Checkpointer:
       while cause is not None and reason is None:  # the first error in the chain that names the damage
         reason = _damage(cause, self.directory / str(step))
         cause = cause.__cause__
-      if reason is None:
+      # Once the step is gone any error may come out of the read (Orbax's of a half-deleted tree, say).
+      if reason is None and (self.directory / str(step) / COMMIT_MARKER).exists():
         raise
       global _failed_reads
       _failed_reads = True

@@ -53,8 +53,9 @@ def read_metrics(workdir: str) -> list[dict]:
       continue
     if not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
       continue
+    # Text (a note a notebook added) is no scalar either: the table, the CSV and the plots take floats.
     by_step.setdefault(record["step"], {}).update(
-        (k, v) for k, v in record.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool))
+        (k, v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
   return [by_step[s] for s in sorted(by_step)]
 
 

@@ -365,8 +365,9 @@ def _run(config, workdir: str, locked: list) -> dict:
 
     state, resumed = _start_state(config, spec, tx, checkpointer, resume)
     start = int(state["step"])
-    # Written once the state is read (a damaged step fails before this), and not by a rerun whose
-    # train.steps is at or below the saved step: that trains nothing, and config.json keeps the run's own.
+    # Only now: a resume that fails before (a damaged step, data.files, data.cache_dir) leaves the
+    # config.json that eval and generate read as it was. A rerun with train.steps at or below the saved
+    # step trains nothing: config.json keeps the run's own.
     if jax.process_index() == 0 and not (resume is not None and resume[0] >= config.train.steps):
       config_lib.save_json(ml_collections.ConfigDict(cfg_dict), os.path.join(workdir, "config.json"))
 
@@ -762,6 +763,8 @@ def init_from_checkpoint(source: str, spec: StateSpec, tx, source_step: int = 0)
   """(state, step read): step 0 with another run's params (its newest checkpoint, or `source_step`)
   and a fresh optimizer: phase 2 of a two-phase pretraining, SFT from a pretrained run."""
   from fmjax import checkpoint as ckpt_lib
+  if not files.isdir(os.path.join(source, "checkpoints")):  # a Checkpointer would make it there (a typo's path)
+    raise ConfigError(f"init_from={source} holds no checkpoints/; pass the --workdir of a `fmjax train` run")
   source_ckpt = ckpt_lib.Checkpointer(os.path.join(source, "checkpoints"))
   try:
     step = source_ckpt.source_step(source_step, source)

@@ -579,6 +579,59 @@ def test_damaged_step_is_named_with_the_intact_ones_in_one_line(tmp_path, damage
   assert ckpt_lib.Checkpointer(tmp_path).all_steps() == [1, 2, 3]  # no step moved or deleted behind the user's back
 
 
+@pytest.mark.parametrize("read", ["restore", "meta", "after listing"])
+def test_a_step_removed_while_it_is_read_is_no_damage(tmp_path, monkeypatch, read):
+  """eval or init_from beside a training: that run's checkpoint.keep may delete the step being read,
+  during the read or after the reader picked it. Nothing is damaged, so the line says to read again;
+  it said to move the step out, or 'no checkpoint for step 1' of a step nobody asked for, or was a traceback."""
+  ck = ckpt_lib.Checkpointer(tmp_path, async_save=False, owner=True)
+  state = {"params": {"w": jnp.arange(3.0)}, "opt_state": {"m": jnp.ones(3)}}
+  for step in (1, 2):
+    ck.save(step, state, {}, force=True)
+  ck.close()
+  reader = ckpt_lib.Checkpointer(tmp_path)
+  orbax_restore = reader._manager.restore
+
+  def removed_meanwhile(step, *args, **kwargs):  # the training's save of step 3 lands, and step 1 goes
+    shutil.rmtree(tmp_path / str(step))
+    return orbax_restore(step, *args, **kwargs)
+
+  if read == "after listing":
+    assert reader.all_steps() == [1, 2]
+    shutil.rmtree(tmp_path / "1")
+  else:
+    monkeypatch.setattr(reader._manager, "restore", removed_meanwhile)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with pytest.raises(ckpt_lib.CheckpointDamagedError) as e:
+    reader.restore_meta(1) if read == "meta" else reader.restore(1, abstract)
+  reader.close()
+  assert str(e.value) == (f"checkpoint step 1 in {tmp_path} was removed while it was read, by the run still "
+                          "training there (its checkpoint.keep); rerun to read its newest step (now step 2), or "
+                          "read a step that run keeps (checkpoint.keep_period)")
+
+
+def test_a_reader_lists_again_when_a_step_goes_as_it_opens(tmp_path, monkeypatch):
+  """Orbax's manager reads the time of each step it lists: a training beside the reader may delete one
+  in between (its checkpoint.keep). That was "error: [Errno 2] No such file or directory: DIR/1"."""
+  ck = ckpt_lib.Checkpointer(tmp_path, async_save=False, owner=True)
+  for step in (1, 2):
+    ck.save(step, {"params": {"w": jnp.ones(3)}}, {}, force=True)
+  ck.close()
+  orbax_manager, opened = ckpt_lib.ocp.CheckpointManager, []
+
+  def step_1_goes(directory, **kwargs):
+    opened.append(directory)
+    if len(opened) == 1:
+      shutil.rmtree(tmp_path / "1")
+      raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "1"))
+    return orbax_manager(directory, **kwargs)
+
+  monkeypatch.setattr(ckpt_lib.ocp, "CheckpointManager", step_1_goes)
+  reader = ckpt_lib.Checkpointer(tmp_path)
+  assert reader.latest_step() == 2 and len(opened) == 2
+  reader.close()
+
+
 def test_the_other_failed_reads_of_a_damaged_step_log_nothing(tmp_path, caplog):
   """Orbax reads a step's arrays in concurrent tasks; when the step is damaged, the errors of the
   reads that failed beside the first are logged by asyncio as "never retrieved" once their tasks
@@ -923,6 +976,17 @@ def test_two_processes_agree_on_which_stop_saves_go(tmp_path):
   assert ckpt_lib.saved_steps(str(tmp_path)) == [30, 40]
 
 
+def test_two_processes_read_the_same_newest_step_of_a_run_still_saving(tmp_path):
+  """init_from a run still training: a save that lands between the hosts' listings must not have
+  each host read its shards of another step (host 1 took step 3 while host 0 took 2)."""
+  ck = ckpt_lib.Checkpointer(tmp_path, async_save=False, owner=True)
+  for step in (1, 2):
+    ck.save(step, {"params": {"w": jnp.ones(2)}}, {}, force=True)
+  ck.close()
+  outs = _run_two("source2", tmp_path)
+  assert [re.search(r"^source (\d+)$", out, re.M).group(1) for out in outs] == ["2", "2"], outs
+
+
 def _reported(out: str) -> dict:
   """What a worker saw: its `seen {...}` lines, each a JSON object, merged."""
   seen = {}
@@ -1011,6 +1075,13 @@ def _worker_main(mode: str, directory: str, port: str | None = None, process_id:
       seen["after_periodic"] = steps(ck)
       restored(ck, 40)
       print("seen " + json.dumps(seen), flush=True)
+    ck.close()
+    return
+  if mode == "source2":
+    ck = ckpt_lib.Checkpointer(directory)
+    if jax.process_index() == 1:
+      ck.all_steps = lambda: [1, 2, 3]  # the source's save of step 3 landed after host 0 listed it
+    print(f"source {ck.source_step(0, directory)}", flush=True)
     ck.close()
     return
   values = _two_process_values()

@@ -176,10 +176,12 @@ def test_report_without_metrics_is_one_clear_error(tmp_path, capsys):
 def test_report_skips_records_of_the_wrong_types(tmp_path):
   # A run start that is not a whole number (a hand edit) drops nothing.
   write_metrics(tmp_path, run_records(), tail='{"step": "x", "loss": 1}\n{"step": 5, "train/loss": [1], "note": null}\n'
-                '{"run_started_at_step": true}\n{"run_started_at_step": "3"}')
+                '{"run_started_at_step": true}\n{"run_started_at_step": "3"}\n'
+                '{"step": 10, "train/loss": "spike", "train/note": "lr halved"}')  # text: was a traceback
   records = report.read_metrics(str(tmp_path))
   assert [r["step"] for r in records] == [5, 10, 15, 20]
   assert records[0]["train/loss"] == 5.5 and "note" not in records[0]
+  assert records[1]["train/loss"] == 5.0 and "train/note" not in records[1]
   assert len(report.report(str(tmp_path))) >= 3
 
 

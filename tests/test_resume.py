@@ -336,6 +336,19 @@ def test_resume_with_other_model_refuses(reference, cache_dir, capsys, spec, ext
   assert _untouched(reference) == before
 
 
+def test_a_resume_that_fails_on_a_harmless_change_keeps_config_json(reference, cache_dir, capsys, tmp_path):
+  """A resume with other settings that cannot start (data.cache_dir names a file) leaves config.json as
+  it was: `eval` and `generate` read it, and failed with that setting too until a resume went through."""
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference, workdir)
+  (tmp_path / "a_file").write_text("")
+  before = _untouched(workdir)
+  line, _ = _one_error_line(capsys, cli.main(cli_args(workdir, cache_dir, f"train.steps={N + 2}",
+                                                      f"data.cache_dir={tmp_path / 'a_file'}")))
+  assert line.startswith(f"error: data.cache_dir='{tmp_path / 'a_file'}' cannot be made"), line
+  assert _untouched(workdir) == before
+
+
 @pytest.mark.parametrize("spec,extra,expect", [
     (GPT, ["model.d_model=128"], "params/h/blocks/0/attn/qkv/kernel: saved (64, 3, 4, 16), model expects (128, 3, 4, 32)"),
     (BERT, ["data.max_predictions=6"], "not in checkpoint, model expects"),
@@ -789,6 +802,7 @@ def test_init_from_starts_at_step_zero_with_the_source_params(reference, cache_d
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state["opt_state"]), fresh)
   with pytest.raises(ConfigError, match="holds no checkpoint"):
     train.init_from_checkpoint(os.path.join(reference, "nowhere"), spec, tx)
+  assert not os.path.exists(os.path.join(reference, "nowhere"))  # a misspelt init_from got a checkpoints/ made
   # init_from_step picks an older checkpoint of the source run.
   first = min(committed_steps(reference))
   older, read = train.init_from_checkpoint(reference, spec, tx, first)
