@@ -171,6 +171,9 @@ def check_kernel(kernel: str, dtype, lengths: tuple[int, ...] = ()) -> None:
   if kernel == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     raise AttentionError(f"attention kernel 'cudnn' needs bfloat16/float16 compute, got {jnp.dtype(dtype)}; "
                          "set model.dtype=bfloat16 or model.attention=xla")
+  if kernel == "splash" and target_platform() == "gpu":  # CPUs run it interpreted so that tests cover it
+    raise AttentionError("attention kernel 'splash' is a TPU kernel: a GPU would run it in Pallas interpret "
+                         "mode, far slower than its own; set model.attention=auto (cudnn) or xla")
   for n in lengths if kernel == "splash" else ():
     if n % SPLASH_MIN_BLOCK:
       raise AttentionError(f"splash attention needs sequence lengths that are a multiple of {SPLASH_MIN_BLOCK}, "

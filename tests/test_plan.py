@@ -201,6 +201,9 @@ def test_an_estimate_refuses_a_kernel_the_target_cannot_run(monkeypatch):
     plan.plan(tiny("mesh.data=-1", "model.attention=cudnn"), gpu="h100x8")
   with pytest.raises(attention.AttentionError, match="multiple of 128, got 32; change data.seq_len"):
     plan.plan(tiny("mesh.data=-1", "model.attention=splash"), topology="v5p-16")
+  # A GPU would run splash interpreted (as a CPU does, for the tests), at a fraction of its speed.
+  with pytest.raises(attention.AttentionError, match="'splash' is a TPU kernel: a GPU would run it in Pallas"):
+    plan.plan(tiny("mesh.data=-1", "model.attention=splash", "data.seq_len=128"), gpu="h100x8")
   assert plan.plan(tiny("mesh.data=-1", "model.attention=cudnn", "model.dtype=bfloat16"),
                    gpu="h100x8")["attention"] == "cudnn"
 
