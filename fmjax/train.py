@@ -495,7 +495,7 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
       if config.train.nan_policy == "abort" or in_a_row >= MAX_SKIPPED_IN_A_ROW:
         checkpointer.wait()  # a save still in flight is the last good checkpoint once it lands
         if config.train.nan_policy == "abort":
-          raise NonFiniteLossError(_nonfinite_message(step, checkpointer.latest_step(), workdir))
+          raise NonFiniteLossError(_nonfinite_message(step, checkpointer.latest_step(), workdir, m.get("lr")))
         raise NonFiniteLossError(_diverged_message(step, in_a_row, checkpointer.all_steps(), workdir))
       skipped += 1
       writer.message(f"step {step}: non-finite loss, update skipped ({skipped} skipped so far)")
@@ -581,8 +581,12 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
   return LoopResult(state, last_train, last_eval, preempted)
 
 
-def _nonfinite_message(step: int, last_good: int | None, workdir: str) -> str:
+def _nonfinite_message(step: int, last_good: int | None, workdir: str, rate: float | None = None) -> str:
   what = f"non-finite loss, gradient or update at step {step}"
+  if rate == 0.0:  # warmup's first update: no rate made it, the forward and backward pass of these params did
+    return (f"{what}, an update at learning rate 0: the model's own loss or gradient is not finite, whatever "
+            "optim.lr is; look at model.dtype (float16 overflows where bfloat16 does not), model.init_std and "
+            "the data")
   if last_good is None:
     return f"{what}; no checkpoint was saved yet. Lower optim.lr (or raise optim.warmup_steps) and rerun"
   return (f"{what}; last good checkpoint: step {last_good} in {workdir}/checkpoints. Lower optim.lr or set "

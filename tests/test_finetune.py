@@ -50,7 +50,8 @@ def finetuned(tmp_path_factory, pretrained, files):
 
 def _pretrain_workdir(workdir, files, *overrides) -> str:
   config = config_lib.load_config("configs/bert.py:tiny", [
-      *MODEL, "data.seq_len=16", "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}", *overrides])
+      *MODEL, "data.seq_len=16", "data.max_predictions=2", "data.tokenizer.kind=hf",
+      f"data.tokenizer.path={files['vocab']}", *overrides])
   params = nnx.to_pure_dict(nnx.state(models.build_model(config.model, rngs=nnx.Rngs(params=7)), nnx.Param))
   checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), async_save=False)
   checkpointer.save(5, {"params": params}, {"config": config_lib.to_dict(config)}, force=True)

@@ -430,6 +430,13 @@ def test_nan_abort_names_step_and_last_good_checkpoint(reference, cache_dir, cap
   assert max(step_losses(tmp_path)) == 5
 
 
+def test_a_non_finite_update_at_rate_0_names_the_model_not_the_rate(cache_dir, capsys, monkeypatch, tmp_path):
+  _poison(monkeypatch, {0})  # warmup's first update runs at rate 0: lowering optim.lr cannot help
+  line, _ = _one_error_line(capsys, cli.main(cli_args(tmp_path, cache_dir)))
+  assert ("non-finite loss, gradient or update at step 1, an update at learning rate 0: the model's own loss or "
+          "gradient is not finite, whatever optim.lr is") in line, line
+
+
 def test_an_overflowing_update_is_non_finite_too(cache_dir, capsys, tmp_path):
   """A rate so high that finite gradients make inf params is caught before anything is saved."""
   line, _ = _one_error_line(capsys, cli.main(cli_args(tmp_path, cache_dir, "optim.lr=1e39", "optim.warmup_steps=0")))
@@ -541,7 +548,7 @@ def test_loop_reads_metrics_after_queueing_the_next_update(cache_dir, monkeypatc
       (3, 3), ("eval", 3, 3),            # step 3 read before its eval, nothing queued beyond it
       (4, 5), (5, 5), ("save", 5, 5),    # 4 read once 5 is queued; 5 read before its save
       (6, 6), ("eval", 6, 6),
-      (7, 7), ("eval", 7, 7), ("save", 7, 7)]  # the last step: eval, then the final save
+      (7, 7), ("save", 7, 7), ("eval", 7, 7)]  # the last step: the final save, then the eval
   # train/tokens_per_sec of steps 4 and 7 (each window holds an eval of 1 s) counts training time only.
   config = load(cache_dir)
   rows = {r["step"]: r for r in metrics_rows(tmp_path) if "train/tokens_per_sec" in r}
