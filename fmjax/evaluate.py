@@ -121,9 +121,8 @@ def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None,
       raise ConfigError(f"{workdir} has no held-out SFT rows; set sft.eval_files or sft.eval_percent > 0, or "
                         "pass --split=train")
     what = "completion tokens"
-  else:  # a mixture's held-out data: each dataset's on its own (train.evaluate)
-    loader = (data.held_out_loaders(config, sharding=batch_sharding, tok=tok) if split == "eval" else
-              data.make_loader(config, split, sharding=batch_sharding, shuffle=False, tok=tok))
+  else:  # a mixture's split: each dataset's rows scored on their own (train.evaluate)
+    loader = data.held_out_loaders(config, sharding=batch_sharding, split=split, tok=tok)
     what = "next tokens" if config.train.objective == "clm" else "masked tokens"
   most = max(one.num_batches for one in (loader.values() if isinstance(loader, dict) else [loader]))
   if batches is None:

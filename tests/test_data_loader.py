@@ -420,6 +420,9 @@ def test_a_mixture_holds_out_every_row_of_its_datasets_and_is_keyed_by_its_weigh
   gone = os.path.join(os.path.dirname(path), meta["mixture"][1]["entry"])
   shutil.rmtree(gone)
   assert data.prepare(mixture) == path and os.path.isdir(gone) and packing.fingerprint(path) == before
+  # So is the mixture's own entry, once it lost its meta.json (a copy cut short): it blocked the rename.
+  os.remove(os.path.join(path, "meta.json"))
+  assert data.prepare(mixture) == path and packing.fingerprint(path) == before
 
 
 def test_a_mixture_reads_its_documents_in_turn_by_weight_until_all_are_spent():

@@ -232,6 +232,8 @@ def test_tfds_dataset_by_name_through_mock_data(tmp_path, tfds_online):
     ({"data.dataset": "fmjax_corpus=0,lm1b=1"}, r"'fmjax_corpus=0' is not NAME=WEIGHT with a weight above 0; a "
      r"mixture names each dataset with its weight, e.g. data.dataset='c4/en:3.1.0=3,wikipedia/20230601.en=1'"),
     ({"data.dataset": "lm1b=1,lm1b=2"}, "names 'lm1b' twice; give each dataset once, with its weight"),
+    ({"data.dataset": "fmjax_corpus=1e308,lm1b=1e308"}, "its weights add up past the largest number; give smaller "
+     "ones in the same proportions"),
     ({"data.dataset": "fmjax_corpus=1,lm1bb=1"}, "unknown dataset 'lm1bb': did you mean 'lm1b'"),
     ({"data.dataset": "fmjax_corpus=1,lm1b=100"}, r"a batch of 16 rows gives 'fmjax_corpus' \(share 0.0099\) no row; "
      "raise its weight in data.dataset, or train.batch_size"),
@@ -292,6 +294,15 @@ def test_null_text_non_utf8_and_one_document_corpora_are_one_line(tmp_path, capl
     with pytest.raises(config_lib.ConfigError, match=match) as e:
       data.prepare(bad)
     assert "\n" not in str(e.value)
+
+
+def test_a_mixture_names_its_dataset_too_short_for_a_row(tmp_path):
+  (tmp_path / "short.txt").write_text("\n\n".join(["kayak fjord", "zebra"] + [f"word{i}" for i in range(5)]) + "\n")
+  config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "fmjax_corpus=3,text_files=1",
+                                              "data.files": str(tmp_path / "short.txt")})
+  with pytest.raises(config_lib.ConfigError, match=r"^dataset 'text_files' split 'train' has \d+ tokens, not enough "
+                     "for one row of data.seq_len=128; lower data.seq_len or use more text$"):
+    data.prepare(config)
 
 
 def test_unreadable_files_and_a_record_without_the_field_are_one_line_and_a_byte_order_mark_is_read(tmp_path,

@@ -609,6 +609,9 @@ def test_a_mixture_resumes_bitwise(cache_dir, tmp_path):
   from fmjax import evaluate
   scored = evaluate.run(str(resumed))  # every held-out row of each
   assert scored["loss"] != held_out["eval/loss"] and {"fmjax_corpus_loss", "text_files_loss"} <= scored.keys()
+  # The train split too: each dataset's first rows (in order, the joined split is its first dataset's alone).
+  on_train = evaluate.run(str(resumed), split="train", batches=1)
+  assert {"fmjax_corpus_loss", "text_files_loss"} <= on_train.keys(), on_train
 
 
 def test_tokens_per_sec_counts_the_update_a_profile_window_drains(cache_dir, tmp_path, monkeypatch):

@@ -342,8 +342,8 @@ class Loader:
     """Which dataset each row of a batch reads, and its index among that dataset's rows of the batch."""
     B = self.batch_size
     k_C = sources.batch_rows(B, names)
-    # Spread evenly: row j of dataset c sits at (j + 1/2) / k_c of the batch, so each device's and
-    # each micro-batch's rows hold the mixture too.
+    # Spread evenly: row j of dataset c sits at (j + 1/2) / k_c of the batch, so each device's rows
+    # hold the mixture too (grad_accum's strided micro-batches need not; their summed gradient does).
     c_B = np.concatenate([np.full(k, c) for c, k in enumerate(k_C)])
     j_B = np.concatenate([np.arange(k) for k in k_C])
     order = np.lexsort((c_B, (j_B + 0.5) / k_C[c_B]))
@@ -498,15 +498,17 @@ def make_loader(config, split: str = "train", sharding=None, batch_size: int | N
   return Loader(config, split, sharding, batch_size, shuffle, **kwargs)
 
 
-def held_out_loaders(config, sharding=None, batch_size: int | None = None, **kwargs) -> Loader | dict[str, Loader]:
-  """The eval split's loader (unshuffled: every row once); for a mixture, one for each of its
-  datasets, by name, so that each is scored on its own (`make_loader`'s kwargs)."""
+def held_out_loaders(config, sharding=None, batch_size: int | None = None, split: str = "eval",
+                     **kwargs) -> Loader | dict[str, Loader]:
+  """The loader of `split` (eval: the held-out rows) to score, unshuffled: its rows in order; for a
+  mixture, one for each of its datasets, by name, so that each is scored on its own (`make_loader`'s
+  kwargs). A mixture's train split read in order would be its first dataset's rows alone."""
   parts = sources.mixture(config.data.dataset)
   if parts is None:
-    return make_loader(config, "eval", sharding, batch_size, shuffle=False, **kwargs)
+    return make_loader(config, split, sharding, batch_size, shuffle=False, **kwargs)
   if kwargs.get("tok") is None:  # the mixture's, not the one each dataset alone would train
     kwargs["tok"] = tokenizers_lib.get_tokenizer(config)
-  return {name: make_loader(sources.component(config, name), "eval", sharding, batch_size, shuffle=False, **kwargs)
+  return {name: make_loader(sources.component(config, name), split, sharding, batch_size, shuffle=False, **kwargs)
           for name, _ in parts}
 
 

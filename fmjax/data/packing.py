@@ -173,6 +173,9 @@ def _prepare_mixture(config, tok: tokenizers_lib.Tokenizer) -> str:
             for (name, share), entry in zip(shares, entries)]
   key = sources.identity_hash({"mixture": listed, "version": FORMAT_VERSION})
   path = os.path.join(os.path.dirname(entries[0]), f"mixture-{config.train.objective}-{config.data.seq_len}-{key}")
+  if os.path.isdir(path) and not is_prepared(path):  # renamed into place whole: it lost its meta.json since
+    log.warning("%s has no meta.json (removed or lost since it was prepared): making it again", path)
+    shutil.rmtree(path)
   if is_prepared(path):
     return path
   metas = [read_entry(entry, "meta.json") for entry in entries]
@@ -561,8 +564,8 @@ def _split_stats(config, split: str, parts: list[int], stats_P: list[dict]) -> d
     raise ConfigError(f"dataset {config.data.dataset!r} split {sources.split_spec(config, split)!r} has no "
                       "text (empty corpus); check data.dataset, data.files and the split names")
   if num_rows == 0:
-    raise ConfigError(f"the {split} split has {num_tokens} tokens, not enough for one row of data.seq_len={T}; "
-                      "lower data.seq_len or use more text")
+    raise ConfigError(f"dataset {config.data.dataset!r} split {sources.split_spec(config, split)!r} has {num_tokens} "
+                      f"tokens, not enough for one row of data.seq_len={T}; lower data.seq_len or use more text")
   stats = {"layout": stats_P[0]["layout"], "dtype": stats_P[0]["dtype"], "num_rows": num_rows, "num_docs": num_docs,
            "num_text_tokens": num_tokens, "max_segments": max(s["max_segments"] for s in stats_P),
            "pad_fraction": round(sum(s["pad_fraction"] * s["num_rows"] for s in stats_P) / num_rows, 5),

@@ -207,6 +207,9 @@ def mixture(dataset: str) -> list[tuple[str, float]] | None:
       raise ConfigError(f"data.dataset={dataset!r} names {name!r} twice; give each dataset once, with its weight")
     parts.append((name, w))
   total = sum(w for _, w in parts)
+  if not math.isfinite(total):  # shares of 0 would give no dataset a row, and the batch no rows at all
+    raise ConfigError(f"data.dataset={dataset!r}: its weights add up past the largest number; give smaller ones in "
+                      f"the same proportions, {example}")
   return [(name, w / total) for name, w in parts]
 
 
