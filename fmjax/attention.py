@@ -214,17 +214,19 @@ def _splash_blocks(T: int, S: int):
                        block_q_dq=bq, block_kv_dq=bkv)
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(T: int, S: int, H: int, causal: bool, interpret: bool):
-  """One splash kernel per (shape, mask) so repeated traces reuse its mask preprocessing."""
+  """The splash kernel of one (shape, mask), made inside the trace that calls it.
+
+  Its mask arrays are that trace's constants. Cached across traces they leaked into the next one
+  (the eval step after the train step); made eagerly they ran on the mesh's devices, which a
+  compile for a TPU topology from a CPU host (`fmjax plan`) does not have. JAX caches the costly
+  part, the mask preprocessing, by mask value.
+  """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   head_mask = sm.CausalMask((T, S), offset=S - T) if causal else sm.FullMask((T, S))
-  # The kernel is first made inside a trace (the train step), where its mask arrays would be that
-  # trace's tracers; concrete ones let the next trace (the eval step) reuse it without a leak.
-  with jax.ensure_compile_time_eval():
-    return sk.make_splash_mha(sm.MultiHeadMask([head_mask] * H), block_sizes=_splash_blocks(T, S),
-                              head_shards=1, q_seq_shards=1, interpret=interpret)
+  return sk.make_splash_mha(sm.MultiHeadMask([head_mask] * H), block_sizes=_splash_blocks(T, S),
+                            head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _splash_local(q_BTHK, k_BSHK, v_BSHK, seg_BT, seg_BS, *, causal):

@@ -25,6 +25,7 @@ import sys
 from typing import Sequence
 
 import jax
+from flax import nnx
 
 from fmjax import config_lib, files, finetune, generate, metrics as metrics_lib, sharding, train
 from fmjax.config_lib import ConfigError
@@ -130,7 +131,8 @@ def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None,
   batches = min(int(batches), most)
   if batches < 1:
     raise ConfigError(f"--batches must be at least 1, got {batches}")
-  with jax.set_mesh(spec.mesh):
+  # The axis rules as in training: a Pallas kernel (splash on a TPU) runs per shard only under them.
+  with jax.set_mesh(spec.mesh), nnx.logical_axis_rules(spec.rules):
     eval_step = jax.jit(train.make_eval_step(config, spec.graphdef),
                         in_shardings=(spec.shardings["params"], batch_sharding),
                         out_shardings=sharding.replicated(spec.mesh))

@@ -580,9 +580,11 @@ def _finetune_config(workdir: str, overrides: Sequence[str] = ()):
 
 
 def _restore_classifier(workdir: str, config, task, step: int | None):
-  """(classifier, step) with the params of `step` (default: the latest) of a finetune workdir."""
+  """(spec, params, step): the classifier's params of `step` (default: the latest) of a finetune workdir."""
   from fmjax import checkpoint as ckpt_lib
-  mesh = sharding.make_mesh(config)
+  # `evaluate` feeds batches of train.batch_size: data parallel over the most devices that split them.
+  n = max(d for d in range(1, jax.device_count() + 1) if config.train.batch_size % d == 0)
+  mesh = sharding.make_mesh(config, jax.devices()[:n])
   _, spec, _ = setup(config, task, mesh)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
@@ -593,14 +595,14 @@ def _restore_classifier(workdir: str, config, task, step: int | None):
       params = checkpointer.restore(step, spec.abstract, items=("params",))["params"]
   finally:
     checkpointer.close()
-  return nnx.merge(spec.graphdef, params), step
+  return spec, params, step
 
 
 def load_finetuned(workdir: str, step: int | None = None):
   """(model, config, task) of a finetune workdir: the classifier with the params of `step` or the latest."""
   config, task = _finetune_config(workdir)
-  model, _ = _restore_classifier(workdir, config, task, step)
-  return model, config, task
+  spec, params, _ = _restore_classifier(workdir, config, task, step)
+  return nnx.merge(spec.graphdef, params), config, task
 
 
 def evaluate(workdir: str, split: str = "validation", step: int | None = None, batches: int | None = None,
@@ -629,13 +631,14 @@ def evaluate(workdir: str, split: str = "validation", step: int | None = None, b
   num_batches = -(-len(examples) // config.train.batch_size)
   batches = num_batches if batches is None else min(int(batches), num_batches)
   examples = examples[:batches * config.train.batch_size]
-  model, step = _restore_classifier(workdir, config, task, step)
+  spec, params, step = _restore_classifier(workdir, config, task, step)
   rows = encode(examples, data.get_tokenizer(config), config.model.family, config.data.seq_len)
-  logits = [np.asarray(model(jnp.asarray(batch["inputs"]), token_types_BT=jnp.asarray(batch["token_types"]),
-                             segment_ids_BT=jnp.asarray(batch["segment_ids"])))[:n]
-            for batch, n in _eval_batches(rows, config.train.batch_size)]
-  return {"step": step, "batches": batches, "examples": len(examples),
-          **task_metrics(task, np.concatenate(logits), rows["labels"])}
+  batch_sharding = sharding.batch_sharding(spec.mesh)
+  # The jitted step of training's evals, under its mesh and axis rules: on several TPU devices splash
+  # attention runs per shard only there (called eagerly, its Mosaic kernel cannot be partitioned).
+  with jax.set_mesh(spec.mesh), nnx.logical_axis_rules(spec.rules):
+    logits = predict_all(make_predict(spec, batch_sharding), params, rows, config.train.batch_size, batch_sharding)
+  return {"step": step, "batches": batches, "examples": len(examples), **task_metrics(task, logits, rows["labels"])}
 
 
 # ----------------------------------------------------------------------------- sweeps

@@ -13,6 +13,7 @@ Legend: B batch, P prompt (padded), N new tokens, T sequence, V vocabulary, M ma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -85,6 +86,19 @@ def load_run(workdir: str, step: int | None = None):
   run_ = restore_run(workdir, step)
   model = nnx.merge(run_.spec.graphdef, run_.params)
   return model, run_.config, data.get_tokenizer(run_.config, workdir)
+
+
+@contextlib.contextmanager
+def on_mesh(model, config):
+  """The mesh the model's params lie on and the run's axis rules: where its train step traced. On several TPU
+  devices splash attention runs per shard only there (XLA cannot partition its Mosaic kernel)."""
+  from fmjax import sharding
+  mesh = getattr(jax.tree.leaves(nnx.state(model, nnx.Param))[0].sharding, "mesh", None)
+  if mesh is None:  # params on one device, not a mesh: nothing to partition
+    yield
+    return
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_rules(config)):
+    yield
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -281,7 +295,8 @@ def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens
                       f"{', '.join('--' + k for k in given)} are for GPT sampling; drop them (--top_k sets how many)")
   if top_k < 0:
     raise ConfigError(f"--top_k={top_k}: give how many predictions to show per [MASK] (default 5)")
-  return fill_mask(model, tok, text, top_k=top_k or 5, max_len=trained_positions(config, workdir))
+  with on_mesh(model, config):  # a text of 128 tokens takes splash on a TPU
+    return fill_mask(model, tok, text, top_k=top_k or 5, max_len=trained_positions(config, workdir))
 
 
 def trained_positions(config, workdir: str) -> int:

@@ -329,5 +329,6 @@ def run(workdir: str, task: str, *, split: str | None = None, limit: int = 0, st
   model = nnx.merge(restored.spec.graphdef, restored.params)
   tok, max_len = data.get_tokenizer(config, workdir), generate.trained_positions(config, workdir)
   items, skipped = fitting(tok, items, max_len, task)
-  logliks = score(model, tok, items, max_len=max_len, batch_size=batch_size)
+  with generate.on_mesh(model, config):  # rows of a multiple of 128 tokens take splash on a TPU
+    logliks = score(model, tok, items, max_len=max_len, batch_size=batch_size)
   return {"task": task, "split": split, "step": restored.step, **metrics(items, logliks), "skipped": skipped}

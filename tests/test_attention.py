@@ -156,6 +156,16 @@ def test_splash_kernel_is_reused_by_a_second_jitted_program():
   assert np.isfinite(grad).all()
 
 
+def test_tracing_splash_for_a_tpu_puts_nothing_on_a_device():
+  """`fmjax plan --topology` traces under a mesh of TPU devices this host cannot run: making the kernel
+  must run nothing (before: its mask arrays were made eagerly, and planning any splash step failed)."""
+  q = jax.ShapeDtypeStruct((B, T, H, K), jnp.bfloat16)
+  f = lambda q: attn.attention(q, q, q, causal=True, kernel="auto").sum()
+  with jax.transfer_guard("disallow"), attn.compiling_for("tpu"):
+    for step in (jax.grad(f), f):  # the train step, then the eval step at the same shape
+      assert "tpu_custom_call" in jax.jit(step).trace(q).lower(lowering_platforms=("tpu",)).as_text()
+
+
 def test_splash_runs_sharded_under_a_mesh():
   """Splash is wrapped in shard_map over batch and heads; results equal the unsharded kernel."""
   q, k, v = _qkv(2)
