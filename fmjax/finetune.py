@@ -583,8 +583,7 @@ def _restore_classifier(workdir: str, config, task, step: int | None):
   """(spec, params, step): the classifier's params of `step` (default: the latest) of a finetune workdir."""
   from fmjax import checkpoint as ckpt_lib
   # `evaluate` feeds batches of train.batch_size: data parallel over the most devices that split them.
-  n = max(d for d in range(1, jax.device_count() + 1) if config.train.batch_size % d == 0)
-  mesh = sharding.make_mesh(config, jax.devices()[:n])
+  mesh = sharding.make_mesh(config, sharding.devices_splitting(config.train.batch_size))
   _, spec, _ = setup(config, task, mesh)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:

@@ -57,10 +57,7 @@ def restore_run(workdir: str, step: int | None = None, *, split_batch: bool = Fa
     raise ConfigError(f"{workdir} is a `fmjax finetune` (classifier) workdir, which has no language-model head; "
                       "pass the --workdir of a pretraining (`fmjax train`) or `fmjax sft` run "
                       "(`fmjax eval` scores a classifier)")
-  devices = jax.devices()
-  if split_batch:
-    n = max(d for d in range(1, len(devices) + 1) if config.train.batch_size % d == 0)
-    devices = devices[:n]
+  devices = sharding.devices_splitting(config.train.batch_size) if split_batch else jax.devices()
   config.mesh.update(dcn_data=1, data=-1, fsdp=1, tensor=1)
   no_checkpoint = ConfigError(f"{workdir} holds no checkpoint yet; train first or pass another --workdir")
   if not files.isdir(os.path.join(workdir, "checkpoints")):  # a reader makes nothing in the run's workdir

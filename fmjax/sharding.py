@@ -47,6 +47,13 @@ def data_parallel_size(sizes: dict[str, int]) -> int:
   return math.prod(sizes[a] for a in BATCH_AXES)
 
 
+def devices_splitting(batch_size: int) -> list:
+  """The first devices, as many as split `batch_size` evenly: a reader's data-parallel mesh, so any
+  device count can score any run's batches."""
+  devices = jax.devices()
+  return devices[:max(d for d in range(1, len(devices) + 1) if batch_size % d == 0)]
+
+
 def validate_mesh(config, num_devices: int | None = None) -> None:
   """Up-front checks that the mesh fits the devices, the batch and the model.
 

@@ -359,13 +359,11 @@ class Loader:
     with self._lock:
       perm = self._perms.get((dataset, epoch))
       if perm is None:
-        if dataset is None:
-          rng = np.random.Generator(np.random.Philox(key=np.array([self.seed, epoch], dtype=np.uint64)))
-          perm = rng.permutation(self.data.num_rows)
-        else:
-          rng = np.random.Generator(np.random.Philox(key=np.array([self.seed, epoch], dtype=np.uint64),
-                                                     counter=np.array([0, 0, dataset + 1, 0], dtype=np.uint64)))
-          perm = rng.permutation(int(self.mixture["rows_C"][dataset]))
+        # A mixture's datasets draw from streams of their own, far apart (the counter's third word);
+        # the split's is the stream from 0.
+        stream = np.array([0, 0, 0 if dataset is None else dataset + 1, 0], dtype=np.uint64)
+        rng = np.random.Generator(np.random.Philox(key=np.array([self.seed, epoch], dtype=np.uint64), counter=stream))
+        perm = rng.permutation(self.data.num_rows if dataset is None else int(self.mixture["rows_C"][dataset]))
         mine = [k for k in self._perms if k[0] == dataset]
         if len(mine) >= 2:  # the current epoch and the next, of each dataset
           self._perms.pop(min(mine, key=lambda k: k[1]))
@@ -383,11 +381,15 @@ class Loader:
     g_b = step * B + self.rows_b
     if not self.shuffle:
       return g_b % N
+    return self._shuffled(g_b, N)
+
+  def _shuffled(self, g_b: np.ndarray, N: int, dataset: int | None = None) -> np.ndarray:
+    """Rows of samples `g_b` of N rows: sample g is row perm_e(g mod N) of epoch e = g // N."""
     epoch_b, i_b = g_b // N, g_b % N
     out_b = np.empty_like(g_b)
     for e in np.unique(epoch_b):
       sel = epoch_b == e
-      out_b[sel] = self._permutation(int(e))[i_b[sel]]
+      out_b[sel] = self._permutation(int(e), dataset)[i_b[sel]]
     return out_b
 
   def _mixture_rows(self, step: int) -> np.ndarray:
@@ -397,12 +399,7 @@ class Loader:
     out_b = np.empty_like(g_b)
     for c in np.unique(c_b):
       sel = c_b == c
-      N = int(m["rows_C"][c])
-      epoch, i = g_b[sel] // N, g_b[sel] % N
-      rows = np.empty_like(i)
-      for e in np.unique(epoch):
-        rows[epoch == e] = self._permutation(int(e), int(c))[i[epoch == e]]
-      out_b[sel] = m["first_C"][c] + rows
+      out_b[sel] = m["first_C"][c] + self._shuffled(g_b[sel], int(m["rows_C"][c]), int(c))
     return out_b
 
   def host_batch(self, step: int) -> dict[str, np.ndarray]:

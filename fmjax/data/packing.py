@@ -118,6 +118,14 @@ def is_prepared(path: str) -> bool:
   return os.path.exists(os.path.join(path, "meta.json"))
 
 
+def _drop_if_it_lost_its_meta(path: str) -> None:
+  """Entries are renamed into place whole, meta.json in them: one without it lost it since, and
+  would block the rename of the entry made again."""
+  if os.path.isdir(path) and not is_prepared(path):
+    log.warning("%s has no meta.json (removed or lost since it was prepared): preparing it again", path)
+    shutil.rmtree(path)
+
+
 def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
   """Tokenises, packs and caches the train and eval splits; idempotent; returns the cache directory.
 
@@ -140,11 +148,7 @@ def prepare(config, tok: tokenizers_lib.Tokenizer | None = None) -> str:
     return _prepare_mixture(config, tok)
   path = cache_path(config, tok)
   rel = os.path.relpath(path, sources.local_cache_root(config))
-  if os.path.isdir(path) and not is_prepared(path):
-    # Entries are renamed into place whole, meta.json in them: this one lost it since, and would
-    # block the rename of the entry made again.
-    log.warning("%s has no meta.json (removed or lost since it was prepared): preparing it again", path)
-    shutil.rmtree(path)
+  _drop_if_it_lost_its_meta(path)
   # data.cache_dir in a bucket: prepared once, for every host (its arrays copied or read in place).
   sources.fetch_shared(config, rel, "meta.json", bulk=ARRAY_FILES)
   if is_prepared(path):
@@ -173,9 +177,7 @@ def _prepare_mixture(config, tok: tokenizers_lib.Tokenizer) -> str:
             for (name, share), entry in zip(shares, entries)]
   key = sources.identity_hash({"mixture": listed, "version": FORMAT_VERSION})
   path = os.path.join(os.path.dirname(entries[0]), f"mixture-{config.train.objective}-{config.data.seq_len}-{key}")
-  if os.path.isdir(path) and not is_prepared(path):  # renamed into place whole: it lost its meta.json since
-    log.warning("%s has no meta.json (removed or lost since it was prepared): making it again", path)
-    shutil.rmtree(path)
+  _drop_if_it_lost_its_meta(path)
   if is_prepared(path):
     return path
   metas = [read_entry(entry, "meta.json") for entry in entries]
