@@ -475,7 +475,7 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
                                      config_dict=config_lib.to_dict(config))
   profiler = metrics_lib.StepProfiler(os.path.join(workdir, "tb"), config.train.get("profile_start", 0),
                                       config.train.get("profile_steps", 0), start, writer.message)
-  if start == 0 and (note := _short_warmup_note(config)):
+  if start == 0 < total and (note := _short_warmup_note(config)):
     writer.message(note)
   watcher = None
   last_train, last_eval, preempted = {}, {}, False
