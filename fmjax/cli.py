@@ -62,12 +62,17 @@ def _load(prog: str, argv: list[str], needs_workdir: bool, extra=None):
 
 
 def maybe_initialize_distributed() -> None:
-  """Joins the other hosts of a pod when the launcher set FMJAX_DISTRIBUTED=1.
+  """Joins the other processes of a run when FMJAX_DISTRIBUTED=1 (the launcher sets it on a pod).
 
-  On Cloud TPU `jax.distributed.initialize()` finds the coordinator and process ids itself;
-  elsewhere JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID give them.
+  On Cloud TPU and in a Slurm job step `jax.distributed.initialize()` finds the coordinator and
+  process ids itself; elsewhere JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID give them.
   """
   if os.environ.get("FMJAX_DISTRIBUTED") != "1":
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")  # set by srun for its step's tasks, not in a batch script
+    if tasks.isdigit() and int(tasks) > 1:
+      print(f"warning: this is task {os.environ.get('SLURM_PROCID', '?')} of a Slurm step of {tasks}, and each "
+            "task trains on its own; set FMJAX_DISTRIBUTED=1 (srun --export=ALL,FMJAX_DISTRIBUTED=1) for one run "
+            "over all of them", file=sys.stderr)
     return
   import jax
   kwargs = {}

@@ -644,3 +644,31 @@ def test_bad_input_raises_value_error_from_python_api():
   with pytest.raises(launch.LaunchError, match="--git-repo and --git-ref go together"):
     launch.plan_commands(launch.LaunchSpec(name="t", accelerator="v4-8", zone="z", project="p", git_ref="main"),
                          "setup")
+
+
+SLURM_TASK = dict(SLURM_JOB_ID="1234", SLURM_STEP_NODELIST="gpu[01-02]", SLURM_NTASKS="16", SLURM_STEP_NUM_TASKS="16",
+                  SLURM_PROCID="9", SLURM_LOCALID="1")
+
+
+def test_a_slurm_step_joins_through_slurms_variables_and_warns_without_fmjax_distributed(monkeypatch, capsys):
+  """A Slurm task with FMJAX_DISTRIBUTED=1 leaves the coordinator, ids and its GPU to JAX's Slurm
+  detection; without it, a step of several tasks warns that each trains alone (a batch script's one
+  process, which srun's step variables do not describe, is not warned)."""
+  import jax
+  from fmjax import cli
+  for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "FMJAX_DISTRIBUTED"):
+    monkeypatch.delenv(key, raising=False)
+  for key, value in SLURM_TASK.items():
+    monkeypatch.setenv(key, value)
+  cli.maybe_initialize_distributed()
+  assert "task 9 of a Slurm step of 16, and each task trains on its own; set FMJAX_DISTRIBUTED=1" in \
+      capsys.readouterr().err
+  monkeypatch.setenv("FMJAX_DISTRIBUTED", "1")
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  cli.maybe_initialize_distributed()
+  assert calls == [{}]  # JAX reads the coordinator (gpu01), 16 processes, id 9 and GPU 1 from Slurm
+  monkeypatch.delenv("FMJAX_DISTRIBUTED")
+  monkeypatch.delenv("SLURM_STEP_NUM_TASKS")  # a batch script's own process
+  cli.maybe_initialize_distributed()
+  assert capsys.readouterr().err == ""
