@@ -291,6 +291,10 @@ def check_config(spec: LaunchSpec) -> None:
   config = config_lib.load_config(local + (f":{arg}" if arg is not None else ""), _train_overrides(spec))
   config_lib.check_command(config, "train")
   config_lib.validate(config, num_devices=acc.chips * spec.num_slices)
+  dcn = int(config.mesh.dcn_data)
+  if spec.num_slices > 1 and dcn not in (-1, spec.num_slices):  # the run would refuse it on the pod
+    raise LaunchError(f"--config.mesh.dcn_data={dcn} but --num-slices={spec.num_slices}: dcn_data spans the "
+                      f"slices, one index each; set it to {spec.num_slices} or leave it out")
 
 
 # ----------------------------------------------------------------------------------------------

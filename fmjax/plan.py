@@ -3,13 +3,16 @@
   fmjax plan --config=configs/gpt.py:small --mesh=data=2,fsdp=4        # 8 fake CPU devices here
   fmjax plan --config=configs/gpt.py:xl --topology=v5p-128            # needs `pip install libtpu`
   fmjax plan --config=configs/gpt.py:xl --topology=v5p:4x4x4 --config.mesh.fsdp=-1 --config.mesh.data=1
+  fmjax plan --config=configs/gpt.py:small --topology=v5p-128 --num-slices=2   # multi-slice: dcn_data=2
 
 The train step is compiled ahead of time from abstract inputs (`jax.ShapeDtypeStruct`s carrying
 their shardings), so no parameter is ever materialised. The plan reports parameter count,
 FLOPs per token (6*N + 12*L*D*T) and per step next to XLA's own count, per-device memory for
 parameters, optimizer state and XLA's temporary buffers (activations, gradients, workspace) from
 `compiled.memory_analysis()`, the sharding of each parameter group, and whether the peak fits the
-device's HBM.
+device's HBM. With `--num-slices=N` the topology is N slices joined over the data-centre network
+(DCN), as `fmjax launch --num-slices=N` makes them; `mesh.dcn_data` spans the slices, and the
+collectives that cross them (the gradient all-reduce) are reported apart from those within a slice.
 
 For a TPU topology the real TPU compiler runs on this host through libtpu
 (`jax.experimental.topologies`), and for `--gpu=h100x8` XLA's GPU compiler through JAX's CUDA
@@ -129,8 +132,12 @@ def topology_name(name: str) -> tuple[str, int]:
   return f"{family}:{'x'.join(map(str, _chip_grid(acc.chips, ndim)))}", acc.chips
 
 
-def tpu_devices(name: str):
-  """(devices, libtpu topology name) of a TPU topology, or (None, name) when libtpu is not installed."""
+def tpu_devices(name: str, num_slices: int = 1):
+  """(devices, libtpu topology name) of a TPU topology, or (None, name) when libtpu is not installed.
+
+  With `num_slices` > 1 the devices are that many copies of the topology joined over the data-centre
+  network (multi-slice), each device carrying its `slice_index`.
+  """
   libtpu_name, _ = topology_name(name)
   try:
     import libtpu  # noqa: F401  (only to learn whether it is there)
@@ -142,6 +149,8 @@ def tpu_devices(name: str):
   # A v4 chip's two TensorCores run as one device (megacore), as on a real v4; libtpu's default
   # description has a device per core, half a chip's HBM each.
   kwargs = {"chip_config_name": "megacore"} if libtpu_name.startswith("v4:") else {}
+  if num_slices > 1:
+    kwargs["num_slices"] = num_slices
   try:
     topo = topologies.get_topology_desc(topology_name=libtpu_name, platform="tpu", **kwargs)
   except Exception as e:  # libtpu reports a bad shape as a runtime error; keep its first line
@@ -345,13 +354,14 @@ def _batch_bytes(config, dp: int) -> int:
 
 
 def plan(config, *, mesh: str | dict | None = None, topology: str | None = None, gpu: str | None = None,
-         hbm_gib: float | None = None, devices=None) -> dict:
+         hbm_gib: float | None = None, devices=None, num_slices: int = 1) -> dict:
   """Plans one train step of `config`; returns a dict of the figures (see `format_plan`).
 
   mesh: `data=2,fsdp=4` (or a dict of axis sizes); without it the config's mesh is used.
   topology: a TPU (`v5p-128` or `v5p:4x4x4`) to compile for instead of this host's devices.
   gpu: GPUs (`h100x8`) to compile for instead of this host's devices.
   hbm_gib: HBM per device to judge "fits" against; default from the device kind or topology.
+  num_slices: slices of `topology` joined over DCN; `mesh.dcn_data` (1 or -1: the slice count) spans them.
   """
   import jax
   from fmjax import attention, models, optim, sharding
@@ -359,23 +369,41 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   config_lib.check_pretraining_step(config, "plan")
   if hbm_gib is not None and not hbm_gib > 0:  # before a compile that may take minutes
     raise PlanError(f"--hbm_gib must be positive, got {hbm_gib}")
+  if num_slices < 1:
+    raise PlanError(f"--num-slices must be at least 1, got {num_slices}")
+  if num_slices > 1 and not topology:
+    raise PlanError(f"--num-slices={num_slices} counts TPU slices: give the slice with --topology (e.g. "
+                    "--topology=v5p-128); on other devices, split the batch with mesh.dcn_data instead")
   config = ml_collections.ConfigDict(config_lib.to_dict(config))  # an unlocked copy: the plan edits it
   notes = []
   if mesh is not None:
     sizes = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
+    if num_slices > 1 and sizes.get("dcn_data", 1) == 1:  # --mesh lays out a slice; dcn_data is the slices
+      sizes["dcn_data"] = num_slices
     dropped = [f"{a}={config.mesh[a]}" for a, n in sizes.items() if n == 1 and config.mesh.get(a, 1) not in (1, -1)]
     if dropped:
       notes.append(f"--mesh gives the whole mesh: the config's {', '.join(dropped)} is 1 here (add it to --mesh to "
                    "keep it)")
     config.mesh.update(sizes)
+  if topology:
+    dcn = int(config.mesh.dcn_data)
+    if dcn in (1, -1):
+      config.mesh.dcn_data = num_slices
+    elif num_slices == 1:
+      raise PlanError(f"mesh.dcn_data={dcn} splits the batch across TPU slices but --topology={topology} is one "
+                      f"slice: add --num-slices={dcn} to plan {dcn} slices of it, or set --config.mesh.dcn_data=1")
+    elif dcn != num_slices:
+      raise PlanError(f"mesh.dcn_data={dcn} but --num-slices={num_slices}: dcn_data spans the slices, one index "
+                      f"each; set --config.mesh.dcn_data={num_slices} (or leave it at 1)")
 
   target, libtpu_name, compiled_ok = "", None, True
   if topology:
-    devices, libtpu_name = tpu_devices(topology)
+    devices, libtpu_name = tpu_devices(topology, num_slices)
     target = f"TPU topology {libtpu_name}" + (f" ({topology})" if topology != libtpu_name else "")
+    target = f"{num_slices} slices of {target}" if num_slices > 1 else target
     if devices is None:
       compiled_ok = False
-      num_devices = topology_name(topology)[1]
+      num_devices = topology_name(topology)[1] * num_slices
       kind = libtpu_name.split(":")[0]
       notes.append("libtpu is not installed, so nothing was compiled: parameter and optimizer bytes are exact, "
                    "temp (activations, gradients) is an ANALYTIC ESTIMATE. `pip install libtpu` for the TPU "
@@ -437,7 +465,7 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   memory = {"params": param_bytes, "optimizer": opt_bytes, "batch": batch_bytes,
             "temp_analytic": analytic_temp,
             "peak_analytic": param_bytes + opt_bytes + batch_bytes + analytic_temp}
-  xla_flops, refused, comm = None, None, None
+  xla_flops, refused, comm, dcn_comm = None, None, None, None
   if compiled_ok:
     try:
       with compiling_for_gpu() if gpu else attention.compiling_for(platform):
@@ -455,12 +483,18 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
                   aliased=stats.alias_size_in_bytes, temp=stats.temp_size_in_bytes, code=code,
                   peak=(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
                         + stats.temp_size_in_bytes + code))
-    comm = collectives(compiled.as_text())
+    hlo = compiled.as_text()
+    comm = collectives(hlo)
+    dcn_comm = collectives(hlo, dcn=True) if num_slices > 1 else None
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and cost.get("flops"):
       xla_flops = float(cost["flops"]) * num_devices  # cost_analysis counts one device's program
   peak = memory.get("peak", memory["peak_analytic"])
+  if num_slices > 1 and not compiled_ok:
+    sent = 2 * (num_slices - 1) / num_slices * param_bytes
+    notes.append(f"across the {num_slices} slices each device all-reduces its gradient shard (as large as its "
+                 f"parameters, {_b(param_bytes)}) over DCN every step: about {_b(sent)} sent (ring estimate)")
 
   hbm_source = "given"
   if hbm_gib is None:
@@ -472,6 +506,7 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
                  "run with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95")
   return {
       "config": config.name, "target": target, "device_kind": kind, "num_devices": num_devices,
+      "num_slices": num_slices,
       "mesh": mesh_sizes, "compiled": compiled_ok, "attention": kernel,
       "params": n_params, "params_without_positions": n_no_pos,
       "flops_per_token": fpt, "tokens_per_step": tokens_per_step, "flops_per_step": fpt * tokens_per_step,
@@ -481,7 +516,7 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
                                     or config.train.grad_accum > 1 or kernel == "splash"),
       "hbm_gib": hbm_gib, "hbm_source": hbm_source,
       "fits": False if refused else None if hbm_gib is None else peak <= hbm_gib * GiB,
-      "groups": groups(param_leaves), "notes": notes, "collectives": comm,
+      "groups": groups(param_leaves), "notes": notes, "collectives": comm, "dcn_collectives": dcn_comm,
   }
 
 
@@ -492,6 +527,11 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16":
                 "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
 _COLLECTIVE = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+# A multi-slice TPU program is one slice's: what crosses slices is a send to the DCN runtime (and its
+# recv), typed (buffer, u32[], token[]), whose target lists the slices it spans first (`{1,2}x{0:3}` for
+# two slices of four devices).
+_DCN_SEND = re.compile(r"= (.+?) send\(.*_xla_megascale_transfer_type=\"(\w+)\"")
+_DCN_SLICES = re.compile(r'_xla_megascale_target="\{([^}]*)\}')
 _CALLEES = re.compile(r"\b(calls|body|condition|to_apply|called_computations|branch_computations)="
                       r"(\{[^}]*\}|%[\w.\-]+)")
 
@@ -531,7 +571,13 @@ def _group_size(line: str) -> int:
   return 1
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+def _id_count(ids: str) -> int:
+  """How many ids a list such as `1,2,5:7` names (a range `a:b` includes b)."""
+  return sum(int(b) - int(a) + 1 if sep else 1
+             for a, sep, b in (part.partition(":") for part in ids.split(",") if part.strip()))
+
+
+def collectives(hlo_text: str, dcn: bool = False) -> dict[str, dict[str, float]]:
   """The collectives a compiled step runs on each device, read from its optimized HLO text.
 
   For each kind: `count`, `bytes` (the whole buffer: an all-gather's result, a reduce-scatter's or
@@ -539,7 +585,9 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
   buffer over a group of n, twice that for an all-reduce, all of it for a collective-permute. A
   while loop's body counts its known trip count times (once where XLA does not know it); a
   collective over a group of one, none. A TPU `all-reduce-scatter` fusion, an all-reduce and a
-  slice in the text, is a reduce-scatter.
+  slice in the text, is a reduce-scatter. With `dcn`, the collectives that cross the slices of a
+  multi-slice TPU program instead (sends to the DCN runtime, over groups of slices); without, those
+  within a slice.
   """
   found, calls, name = collections.defaultdict(list), collections.defaultdict(list), None
   for line in hlo_text.splitlines():
@@ -553,7 +601,12 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
       trips = int(t.group(1))
     for key, names in _CALLEES.findall(line):
       calls[name] += [(callee, trips if key == "body" else 1) for callee in re.findall(r"%([\w.\-]+)", names)]
-    if not (m := _COLLECTIVE.search(line)):
+    if " send(" in line and (m := _DCN_SEND.search(line)):
+      if dcn:
+        slices = _id_count(t.group(1)) if (t := _DCN_SLICES.search(line)) else 2  # at least two
+        found[name].append((m.group(2).lower().replace("_", "-"), slices, _array_bytes(_top_level(m.group(1))[0])))
+      continue
+    if dcn or not (m := _COLLECTIVE.search(line)):
       continue
     type_text, kind, start = m.group(1), m.group(2), m.group(3)
     n = _group_size(line)
@@ -588,7 +641,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
       row["bytes"] += times[comp] * buffer
       share = 1.0 if kind == "collective-permute" else (n - 1) / n * (2 if kind == "all-reduce" else 1)
       row["sent"] += times[comp] * buffer * share
-  return {kind: out[kind] for kind in COLLECTIVES if kind in out}
+  return {kind: out[kind] for kind in sorted(out, key=lambda k: (COLLECTIVES + (k,)).index(k))}
 
 
 def _out_of_memory_at_compile(e: BaseException) -> str | None:
@@ -629,6 +682,13 @@ def _b(n: float) -> str:
 
 def _spec(spec: tuple) -> str:
   return "(" + ", ".join("-" if s is None else s if isinstance(s, str) else "+".join(s) for s in spec) + ")"
+
+
+def _collectives_text(comm: dict, where: str) -> str:
+  if not comm:
+    return "none"
+  kinds = ", ".join(f"{k} {int(v['count'])} ({_b(v['bytes'])})" for k, v in comm.items())
+  return f"{where}a step, each device: {kinds}; about {_b(sum(v['sent'] for v in comm.values()))} sent (ring estimate)"
 
 
 def format_plan(p: dict) -> str:
@@ -672,11 +732,10 @@ def format_plan(p: dict) -> str:
       lines.append("                  to fit: raise train.grad_accum (fewer rows at once, the same batch), set "
                    "model.remat=dots_no_batch or full, or shard the state over more devices (mesh.fsdp)")
   if p.get("collectives") is not None:
-    comm = p["collectives"]
-    kinds = ", ".join(f"{k} {int(v['count'])} ({_b(v['bytes'])})" for k, v in comm.items())
-    sent = _b(sum(v["sent"] for v in comm.values()))
-    lines.append("  collectives     " + (f"a step, each device: {kinds}; about {sent} sent (ring estimate)"
-                                         if comm else "none"))
+    within = "within a slice (ICI), " if p.get("dcn_collectives") is not None else ""
+    lines.append("  collectives     " + _collectives_text(p["collectives"], within))
+  if p.get("dcn_collectives") is not None:
+    lines.append("  across slices   " + _collectives_text(p["dcn_collectives"], "over DCN, "))
   lines.append("  parameter shardings (per-device shard):")
   width = max(len(g["group"]) for g in p["groups"])
   for g in p["groups"]:
@@ -687,8 +746,8 @@ def format_plan(p: dict) -> str:
 
 
 def cli(argv: list[str]) -> int:
-  """`fmjax plan --config=... [--mesh=data=2,fsdp=4] [--topology=v5p-128 | --gpu=h100x8] [--hbm_gib=G]
-  [--config.a=b ...]`."""
+  """`fmjax plan --config=... [--mesh=data=2,fsdp=4] [--topology=v5p-128 [--num-slices=N] | --gpu=h100x8]
+  [--hbm_gib=G] [--config.a=b ...]`."""
   import jax
   from fmjax.cli import ArgumentParser, _split_overrides
   rest, overrides = _split_overrides(argv)
@@ -699,6 +758,8 @@ def cli(argv: list[str]) -> int:
   target = p.add_mutually_exclusive_group()
   target.add_argument("--topology", default=None, help="TPU to compile for: v5p-128 or v5p:4x4x4 (needs libtpu)")
   target.add_argument("--gpu", default=None, help="GPUs to compile for: h100 or h100x8 (needs JAX's CUDA plugin)")
+  p.add_argument("--num-slices", type=int, default=1, help="with --topology: that many slices of it joined over "
+                 "DCN, as `fmjax launch --num-slices` makes them; mesh.dcn_data spans them")
   p.add_argument("--hbm_gib", type=float, default=None, help="HBM per device to judge fit (default: by device)")
   args = p.parse_args(rest)
   config = config_lib.load_config(args.config, overrides)
@@ -726,5 +787,5 @@ def cli(argv: list[str]) -> int:
     except RuntimeError:
       pass
   print(format_plan(plan(config, mesh=args.mesh, topology=args.topology, gpu=args.gpu, hbm_gib=args.hbm_gib,
-                         devices=devices)))
+                         devices=devices, num_slices=args.num_slices)))
   return 0

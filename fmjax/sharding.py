@@ -94,22 +94,29 @@ def validate_mesh(config, num_devices: int | None = None) -> None:
                         f"change that mesh size or the model dimension")
 
 
-def make_mesh(config, devices=None) -> Mesh:
-  """Builds the 4-axis mesh; with dcn_data > 1 the outer axis spans slices (multi-slice)."""
-  devices = jax.devices() if devices is None else devices
+def device_grid(config, devices) -> np.ndarray:
+  """`devices` as an array shaped like the 4-axis mesh. Devices of several slices (multi-slice TPU)
+  lay the `dcn_data` axis across the slices, one slice per index, and the other axes within each."""
   sizes = mesh_shape(config, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
-  if sizes["dcn_data"] > 1 and hasattr(devices[0], "slice_index"):
-    from jax.experimental import mesh_utils
-    ici = (1,) + shape[1:]
-    dcn = (sizes["dcn_data"], 1, 1, 1)
-    array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
-  else:
-    try:
-      from jax.experimental import mesh_utils
-      array = mesh_utils.create_device_mesh(shape, devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):
-      array = np.asarray(devices).reshape(shape)
+  from jax.experimental import mesh_utils
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  # GPUs of several hosts may each report their host's or NVLink domain's index: only a TPU's slices, or a
+  # dcn_data asked for, make the hybrid mesh.
+  if slices > 1 and (sizes["dcn_data"] > 1 or devices[0].platform == "tpu"):
+    if sizes["dcn_data"] != slices:
+      raise ConfigError(f"the devices are {slices} TPU slices but mesh.dcn_data={sizes['dcn_data']}: the "
+                        f"dcn_data axis spans the slices; set --config.mesh.dcn_data={slices}")
+    return mesh_utils.create_hybrid_device_mesh((1,) + shape[1:], (slices, 1, 1, 1), devices=devices)
+  try:
+    return mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    return np.asarray(devices).reshape(shape)
+
+
+def make_mesh(config, devices=None) -> Mesh:
+  """Builds the 4-axis mesh; on several slices `dcn_data` spans them (`device_grid`)."""
+  array = device_grid(config, jax.devices() if devices is None else devices)
   return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

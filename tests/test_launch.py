@@ -116,6 +116,10 @@ def test_plan_is_what_the_golden_shows():
     assert f"ssh p-{i} " in script and f"MEGASCALE_SLICE_ID={i} " in script
     assert "MEGASCALE_NUM_SLICES=2" in script and "--config.mesh.dcn_data=2" in script
     assert "JAX_COMPILATION_CACHE_DIR=gs://b/jax_compilation_cache" in script
+  # A dcn_data that is not the slice count is refused here, not by the run on the pod.
+  with pytest.raises(launch.LaunchError, match=r"^--config.mesh.dcn_data=4 but --num-slices=2: dcn_data spans the "
+                     r"slices, one index each; set it to 2 or leave it out$"):
+    launch.check_config(dataclasses.replace(spec, overrides=("mesh.dcn_data=4", "mesh.data=1", "mesh.fsdp=-1")))
   queued = _created(launch.plan_commands(dataclasses.replace(spec, num_slices=1, queued=True), "create"))
   assert "--node-id=p" in queued and not any(a.startswith("--node-count") for a in queued)
   deletes = [launch.plan_commands(dataclasses.replace(spec, num_slices=n, queued=q), "delete")

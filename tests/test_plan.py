@@ -1,5 +1,6 @@
 """`fmjax plan`: ahead-of-time figures on 8 fake CPU devices, TPU topologies, bad input."""
 
+import dataclasses
 import importlib.util
 import math
 
@@ -156,6 +157,75 @@ def test_plan_counts_the_collectives_of_each_mesh(fsdp_plan):
   assert one["collectives"] == {} and "collectives     none" in plan.format_plan(one)
 
 
+# A two-slice TPU program (as libtpu compiles it, cut down): one slice's program, whose collectives over the
+# slices are sends to the DCN runtime (each with its recv), here in the entry and in a loop of 3 trips.
+DCN_HLO = """HloModule m, num_partitions=4
+
+%body (p: (s32[], f32[16,8,128])) -> (s32[], f32[16,8,128]) {
+  %send.1 = (f32[16,8,128]{2,1,0:T(8,128)}, u32[], token[]) send(%g, %after-all.1), channel_id=5, \
+is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",\
+_xla_host_transfer_rendezvous="all-reduce.4_0",_xla_megascale_reduce_operation="SUM",\
+_xla_megascale_target="{1:4}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %ar = f32[1024]{0} all-reduce(%x), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add
+  %recv = (bf16[576,8,128]{2,1,0:T(8,128)(2,1)}, u32[], token[]) recv(%after-all), channel_id=2, \
+is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",\
+_xla_host_transfer_rendezvous="all-reduce.1_0",_xla_megascale_reduce_operation="SUM",\
+_xla_megascale_target="{1,2,3,4}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %send = (bf16[576,8,128]{2,1,0:T(8,128)(2,1)}, u32[], token[]) send(%ar2, %after-all), channel_id=3, \
+is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",\
+_xla_host_transfer_rendezvous="all-reduce.1_0",_xla_megascale_reduce_operation="SUM",\
+_xla_megascale_target="{1,2,3,4}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %send-done = token[] send-done(%send), channel_id=3, is_host_transfer=true
+  %w = (s32[], f32[16,8,128]) while(%i), condition=%c, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+}
+"""
+
+
+def test_collectives_across_slices_are_read_apart():
+  """Each send to the DCN runtime is one collective over the slices it names (4 here); its recv and the
+  collectives within a slice are not among them, nor they among those within a slice."""
+  big, small = 576 * 8 * 128 * 2, 16 * 8 * 128 * 4
+  assert plan.collectives(DCN_HLO, dcn=True) == {
+      "all-reduce": {"count": 4, "bytes": big + 3 * small, "sent": (big + 3 * small) * 2 * 3 / 4}}
+  assert plan.collectives(DCN_HLO) == {"all-reduce": {"count": 1, "bytes": 4096, "sent": 4096 * 2 * 3 / 4}}
+  assert plan.collectives(COLLECTIVES_HLO, dcn=True) == {}
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeTpu:
+  """What laying out a mesh reads of a device of a multi-slice TPU."""
+  id: int
+  slice_index: int
+  platform: str = "cpu"  # laid out in list order within a slice, as fake CPU devices are
+  device_kind: str = "fake"
+
+
+def test_dcn_data_spans_the_slices():
+  """Devices listed slice after slice or interleaved: each dcn_data index holds one whole slice, the
+  other axes lie within it; a mesh whose dcn_data is not the slice count is refused."""
+  config = tiny("mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2")
+  for order in (range(8), [0, 4, 1, 5, 2, 6, 3, 7]):
+    devices = [FakeTpu(i, i // 4) for i in order]
+    grid = sharding.device_grid(config, devices)
+    assert grid.shape == (2, 1, 2, 2)
+    assert [[d.slice_index for d in row.flat] for row in grid] == [[0] * 4, [1] * 4]
+    assert sorted(d.id for d in grid.flat) == list(range(8))
+  three = [FakeTpu(i, i % 3) for i in range(12)]
+  assert [{d.slice_index for d in row.flat} for row in
+          sharding.device_grid(tiny("mesh.dcn_data=3", "mesh.data=-1"), three)] == [{0}, {1}, {2}]
+  for dcn, platform in (("1", "tpu"), ("4", "cpu")):
+    with pytest.raises(config_lib.ConfigError, match=r"^the devices are 2 TPU slices but mesh.dcn_data=.*; set "
+                       r"--config.mesh.dcn_data=2$"):
+      sharding.device_grid(tiny(f"mesh.dcn_data={dcn}", "mesh.data=-1"),
+                           [FakeTpu(i, i // 4, platform) for i in range(8)])
+  # GPUs of two hosts that report each host's index as theirs: one mesh over both, as asked.
+  grid = sharding.device_grid(tiny("mesh.data=-1"), [FakeTpu(i, i // 4, "gpu") for i in range(8)])
+  assert grid.shape == (1, 8, 1, 1)
+
+
 def test_layout_without_devices():
   config = tiny()
   sizes = {"dcn_data": 1, "data": 2, "fsdp": 1, "tensor": 4}
@@ -168,7 +238,7 @@ def test_layout_without_devices():
 
 
 def test_analytic_fallback_without_libtpu(monkeypatch, capsys):
-  monkeypatch.setattr(plan, "tpu_devices", lambda name: (None, plan.topology_name(name)[0]))
+  monkeypatch.setattr(plan, "tpu_devices", lambda name, num_slices=1: (None, plan.topology_name(name)[0]))
   p = plan.plan(tiny("mesh.data=-1"), topology="v5p-16")
   assert not p["compiled"] and p["num_devices"] == 8 and p["hbm_gib"] == 95
   assert p["peak_bytes"] == p["memory"]["peak_analytic"] > p["memory"]["params"] > 0
@@ -189,11 +259,44 @@ def test_analytic_fallback_without_libtpu(monkeypatch, capsys):
   assert aligned["memory"]["temp_analytic"] < xla["memory"]["temp_analytic"]
 
 
+def test_num_slices_plans_that_many_slices_with_dcn_data_across_them(monkeypatch, capsys):
+  """--num-slices=2 of v5p-16: 16 chips, mesh.dcn_data 2 (from 1 or -1; another size is refused in one line
+  saying what to set), and the estimate says what crosses the slices. It needs a TPU topology."""
+  monkeypatch.setattr(plan, "tpu_devices", lambda name, num_slices=1: (None, plan.topology_name(name)[0]))
+  p = plan.plan(tiny("mesh.data=-1"), topology="v5p-16", num_slices=2)
+  assert p["num_devices"] == 16 and p["num_slices"] == 2 and p["mesh"] == {"dcn_data": 2, "data": 8, "fsdp": 1,
+                                                                              "tensor": 1}
+  assert p["target"] == "2 slices of TPU topology v5p:2x2x2 (v5p-16)" and p["dcn_collectives"] is None
+  one = plan.plan(tiny("mesh.data=-1"), topology="v5p-16")
+  assert p["memory"]["params"] == one["memory"]["params"]  # replicated across the slices, as within one
+  assert any(n.startswith("across the 2 slices each device all-reduces its gradient shard (as large as its "
+                          f"parameters, {plan._b(p['memory']['params'])}) over DCN") for n in p["notes"])
+  assert plan.plan(tiny("mesh.dcn_data=-1", "mesh.data=1", "mesh.fsdp=8"), topology="v5p-16",
+                   num_slices=2)["mesh"]["dcn_data"] == 2
+  plan.cli(["--config=configs/gpt.py:tiny", "--topology=v5p-16", "--num-slices=2", "--mesh=fsdp=-1"]
+           + [f"--config.{o}" for o in TINY])  # --mesh lays out one slice
+  assert "on 2 slices of TPU topology v5p:2x2x2 (v5p-16), mesh dcn_data=2 data=1 fsdp=8 tensor=1" in \
+      capsys.readouterr().out
+  refusals = [
+      (dict(mesh="data=-1,dcn_data=4", num_slices=2), r"mesh.dcn_data=4 but --num-slices=2: dcn_data spans the "
+       r"slices, one index each; set --config.mesh.dcn_data=2 \(or leave it at 1\)"),
+      (dict(mesh="data=-1,dcn_data=2"), r"mesh.dcn_data=2 splits the batch across TPU slices but --topology=v5p-16 "
+       r"is one slice: add --num-slices=2 to plan 2 slices of it, or set --config.mesh.dcn_data=1"),
+      (dict(num_slices=0), "--num-slices must be at least 1, got 0"),
+  ]
+  for kwargs, match in refusals:
+    with pytest.raises(plan.PlanError, match=f"^{match}$"):
+      plan.plan(tiny("mesh.data=-1"), topology="v5p-16", **kwargs)
+  for target in (dict(gpu="h100x8"), dict(mesh="data=8")):
+    with pytest.raises(plan.PlanError, match="--num-slices=2 counts TPU slices: give the slice with --topology"):
+      plan.plan(tiny("mesh.data=-1"), num_slices=2, **target)
+
+
 def test_an_estimate_refuses_a_kernel_the_target_cannot_run(monkeypatch):
   """Where nothing is compiled, a kernel named for another platform was planned as if it ran (a cuDNN
   step "fits" a TPU); the run's trace refuses it, and so does the plan now."""
   from fmjax import attention
-  monkeypatch.setattr(plan, "tpu_devices", lambda name: (None, plan.topology_name(name)[0]))
+  monkeypatch.setattr(plan, "tpu_devices", lambda name, num_slices=1: (None, plan.topology_name(name)[0]))
   monkeypatch.setattr(plan, "gpu_devices", lambda name: (None, name))
   with pytest.raises(attention.AttentionError, match="'cudnn' needs a GPU; set model.attention=auto"):
     plan.plan(tiny("mesh.data=-1", "model.attention=cudnn"), topology="v5p-16")
@@ -323,6 +426,27 @@ def test_a_v4_topology_has_a_device_per_chip():
   """A v4 chip's two cores are one device (megacore) as when it runs: 4 chips, 4 devices of 32 GiB."""
   devices, name = plan.tpu_devices("v4-8")
   assert name == "v4:2x2x1" and len(devices) == 4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_plan_compiles_for_two_slices():
+  """Two v5p:2x2x1 slices joined over DCN: libtpu compiles one slice's program, in which the gradients are
+  all-reduced across the slices (over dcn_data) and everything else stays within the slice."""
+  config = tiny("mesh.data=1", "mesh.fsdp=-1", "data.seq_len=128", "model.max_len=128")
+  p = plan.plan(config, topology="v5p:2x2x1", num_slices=2)
+  assert p["compiled"] and p["num_devices"] == 8 and p["mesh"] == {"dcn_data": 2, "data": 1, "fsdp": 4, "tensor": 1}
+  assert p["attention"] == "splash" and p["fits"] is True
+  devices, _ = plan.tpu_devices("v5p:2x2x1", num_slices=2)
+  mesh = sharding.make_mesh(tiny("mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=-1"), devices)
+  assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
+  # Gradients cross the slices once, each device its fsdp shard (XLA pads and fuses them, so bytes are
+  # at least the parameters'); the within-slice gathers and reduce-scatters of FSDP do not cross.
+  dcn = p["dcn_collectives"]
+  assert list(dcn) == ["all-reduce"] and dcn["all-reduce"]["bytes"] >= p["memory"]["params"]
+  assert {"all-gather", "reduce-scatter"} <= set(p["collectives"])
+  text = plan.format_plan(p)
+  assert "collectives     within a slice (ICI), a step, each device: all-gather" in text
+  assert "across slices   over DCN, a step, each device: all-reduce" in text
 
 
 def test_a_step_the_compiler_refuses_for_memory_is_a_plan_that_does_not_fit(monkeypatch):
