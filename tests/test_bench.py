@@ -108,7 +108,7 @@ def test_commands_keep_compiled_programs_in_a_persistent_cache(tmp_path):
   def bench(home, **extra):
     env = {k: v for k, v in os.environ.items() if k not in ("FMJAX_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")}
     subprocess.run([sys.executable, "-m", "fmjax.cli", "bench", "--config=configs/gpt.py:tiny", "--steps=1",
-                    "--warmup=1"], env={**env, "HOME": str(tmp_path / home), **extra}, check=True,
+                    "--warmup=1"] + TINY, env={**env, "HOME": str(tmp_path / home), **extra}, check=True,
                    capture_output=True, text=True, timeout=300)
 
   default = tmp_path / "home" / ".cache" / "fmjax" / "jax_compilation_cache"

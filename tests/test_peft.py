@@ -256,10 +256,12 @@ def test_frozen_parameters_get_no_gradient_work():
     step = jax.jit(train.make_train_step(config, spec.graphdef, tx, finetune.loss_fn))
     b = batch()
     with jax.set_mesh(mesh):
-      flops[mode] = step.lower(state, b).compile().cost_analysis()["flops"]
-      _, m = step(state, b)
+      compiled = step.lower(state, b).compile()
+      flops[mode] = compiled.cost_analysis()["flops"]
+      _, m = compiled(state, b)
     model = nnx.merge(spec.graphdef, state["params"])
-    grads = nnx.grad(lambda model: finetune.loss_fn(model, b)[0] / np.sum(b["weights"]))(model)
+    # Jitted, as one program: op by op, the full model's gradient took most of this test's time.
+    grads = nnx.jit(nnx.grad(lambda model: finetune.loss_fn(model, b)[0] / np.sum(b["weights"])))(model)
     trained = [g for (path, g) in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(grads))[0]
                if peft.is_trainable(peft._keys(path), mode)]
     np.testing.assert_allclose(float(m["grad_norm"]), float(optax.global_norm(trained)), rtol=1e-4)

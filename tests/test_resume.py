@@ -156,7 +156,8 @@ def copy_checkpoint(src_workdir, step, dst_workdir):
 def subprocess_env(devices: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "FMJAX_"))}
   # Same backend flags as conftest.py: bitwise comparisons need identically compiled programs.
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+  env.update(XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+",
+                              f"--xla_force_host_platform_device_count={devices}", os.environ["XLA_FLAGS"]),
              JAX_PLATFORMS="cpu",
              PYTHONUNBUFFERED="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
              # Runs of the same shapes share compiled programs across processes (results are unchanged).
