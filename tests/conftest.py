@@ -7,10 +7,20 @@ Commands that tests run as subprocesses inherit these flags (some with a device 
 """
 
 import os
+import re
 
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-    os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-    "--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"]))
+# The user's own flags (an xdist worker's are its controller's, already these), less any device count.
+_GIVEN_FLAGS = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """The tests' XLA flags with `devices` fake CPU devices (None: the one CPU device a laptop has), for
+  the tests here and the commands they start, so that both compile their programs alike."""
+  return " ".join(filter(None, [_GIVEN_FLAGS, f"--xla_force_host_platform_device_count={devices}" if devices else "",
+                                "--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"]))
+
+
+os.environ["XLA_FLAGS"] = xla_flags(8)
 
 import jax  # noqa: E402
 
@@ -31,7 +41,6 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-import re  # noqa: E402
 
 import pytest  # noqa: E402
 

@@ -10,6 +10,8 @@ import pytest
 
 from fmjax import config_lib, models, optim, plan, sharding, train
 
+from conftest import xla_flags
+
 TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.d_ff=256", "model.vocab_size=256",
         "data.seq_len=32", "train.batch_size=16"]
 
@@ -226,6 +228,12 @@ def test_dcn_data_spans_the_slices():
   assert grid.shape == (1, 8, 1, 1)
 
 
+@pytest.fixture
+def without_libtpu(monkeypatch):
+  """Plans for a TPU topology as on a host without libtpu: analytic estimates, nothing compiled."""
+  monkeypatch.setattr(plan, "tpu_devices", lambda name, num_slices=1: (None, plan.topology_name(name)[0]))
+
+
 def test_layout_without_devices():
   config = tiny()
   sizes = {"dcn_data": 1, "data": 2, "fsdp": 1, "tensor": 4}
@@ -237,8 +245,7 @@ def test_layout_without_devices():
   assert sum(l.shard_bytes for l in opt) >= 2 * sum(l.shard_bytes for l in params)
 
 
-def test_analytic_fallback_without_libtpu(monkeypatch, capsys):
-  monkeypatch.setattr(plan, "tpu_devices", lambda name, num_slices=1: (None, plan.topology_name(name)[0]))
+def test_analytic_fallback_without_libtpu(without_libtpu, capsys):
   p = plan.plan(tiny("mesh.data=-1"), topology="v5p-16")
   assert not p["compiled"] and p["num_devices"] == 8 and p["hbm_gib"] == 95
   assert p["peak_bytes"] == p["memory"]["peak_analytic"] > p["memory"]["params"] > 0
@@ -259,10 +266,9 @@ def test_analytic_fallback_without_libtpu(monkeypatch, capsys):
   assert aligned["memory"]["temp_analytic"] < xla["memory"]["temp_analytic"]
 
 
-def test_num_slices_plans_that_many_slices_with_dcn_data_across_them(monkeypatch, capsys):
+def test_num_slices_plans_that_many_slices_with_dcn_data_across_them(without_libtpu, capsys):
   """--num-slices=2 of v5p-16: 16 chips, mesh.dcn_data 2 (from 1 or -1; another size is refused in one line
   saying what to set), and the estimate says what crosses the slices. It needs a TPU topology."""
-  monkeypatch.setattr(plan, "tpu_devices", lambda name, num_slices=1: (None, plan.topology_name(name)[0]))
   p = plan.plan(tiny("mesh.data=-1"), topology="v5p-16", num_slices=2)
   assert p["num_devices"] == 16 and p["num_slices"] == 2 and p["mesh"] == {"dcn_data": 2, "data": 8, "fsdp": 1,
                                                                               "tensor": 1}
@@ -292,11 +298,10 @@ def test_num_slices_plans_that_many_slices_with_dcn_data_across_them(monkeypatch
       plan.plan(tiny("mesh.data=-1"), num_slices=2, **target)
 
 
-def test_an_estimate_refuses_a_kernel_the_target_cannot_run(monkeypatch):
+def test_an_estimate_refuses_a_kernel_the_target_cannot_run(without_libtpu, monkeypatch):
   """Where nothing is compiled, a kernel named for another platform was planned as if it ran (a cuDNN
   step "fits" a TPU); the run's trace refuses it, and so does the plan now."""
   from fmjax import attention
-  monkeypatch.setattr(plan, "tpu_devices", lambda name, num_slices=1: (None, plan.topology_name(name)[0]))
   monkeypatch.setattr(plan, "gpu_devices", lambda name: (None, name))
   with pytest.raises(attention.AttentionError, match="'cudnn' needs a GPU; set model.attention=auto"):
     plan.plan(tiny("mesh.data=-1", "model.attention=cudnn"), topology="v5p-16")
@@ -363,11 +368,9 @@ def test_a_config_mesh_is_planned_on_as_many_fake_devices():
   """`--config.mesh.data=2` on a one-device CPU host, as `--mesh=data=2` is; before, the plan answered
   "run `fmjax plan` itself (it fakes 2 CPU devices)" to `fmjax plan`."""
   import os
-  import re
   import subprocess
   import sys
-  # One CPU device, as a laptop has; conftest.py's other flags (a faster compile) stay.
-  env = dict(os.environ, XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ["XLA_FLAGS"]))
+  env = dict(os.environ, XLA_FLAGS=xla_flags())  # one CPU device, as a laptop has
   proc = subprocess.run([sys.executable, "-m", "fmjax.cli", "plan", "--config=configs/gpt.py:tiny",
                          "--config.mesh.data=2"] + [f"--config.{o}" for o in TINY],
                         capture_output=True, text=True, timeout=300, env=env)

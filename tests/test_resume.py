@@ -29,6 +29,8 @@ from fmjax import checkpoint as ckpt_lib, cli, config_lib, optim, sharding, trai
 from fmjax.config_lib import ConfigError
 from fmjax.data import loader as loader_lib
 
+from conftest import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT = os.path.join(REPO, "configs", "gpt.py") + ":tiny"
 BERT = os.path.join(REPO, "configs", "bert.py") + ":tiny"
@@ -156,8 +158,7 @@ def copy_checkpoint(src_workdir, step, dst_workdir):
 def subprocess_env(devices: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "FMJAX_"))}
   # Same backend flags as conftest.py: bitwise comparisons need identically compiled programs.
-  env.update(XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+",
-                              f"--xla_force_host_platform_device_count={devices}", os.environ["XLA_FLAGS"]),
+  env.update(XLA_FLAGS=xla_flags(devices),
              JAX_PLATFORMS="cpu",
              PYTHONUNBUFFERED="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
              # Runs of the same shapes share compiled programs across processes (results are unchanged).

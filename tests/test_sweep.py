@@ -18,6 +18,8 @@ import pytest
 from fmjax import checkpoint as ckpt_lib, cli, config_lib, data, sweep
 from fmjax.config_lib import ConfigError
 
+from conftest import xla_flags
+
 GPT = "configs/gpt.py:tiny"
 
 
@@ -449,8 +451,7 @@ def sweep_cache_dir(tmp_path_factory):
 
 
 def test_local_sweep_runs_and_skips_finished(tmp_path, sweep_cache_dir, monkeypatch):
-  # Runs get one CPU device, not the tests' 8 fake ones; conftest.py's other flags (a faster compile) stay.
-  monkeypatch.setenv("XLA_FLAGS", re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ["XLA_FLAGS"]))
+  monkeypatch.setenv("XLA_FLAGS", xla_flags())  # runs get one CPU device, not the tests' 8 fake ones
   root = str(tmp_path / "lr")
   base = TINY + [f"data.cache_dir={sweep_cache_dir}"]
   entries = sweep.product({"optim.lr": [1e-3, 1e-2]})
