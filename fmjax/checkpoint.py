@@ -963,6 +963,19 @@ def _normalise(value: Any) -> Any:
   return json.loads(json.dumps(value, default=str))
 
 
+def _same_mixture(old: Any, new: Any) -> bool:
+  """Whether two data.dataset values are one mixture written two ways (`a=6,b=2` and `a=3, b=1`)."""
+  from fmjax.config_lib import ConfigError
+  from fmjax.data import sources
+  if not (isinstance(old, str) and isinstance(new, str)):
+    return False
+  try:
+    parts = sources.mixture(new)
+    return parts is not None and sources.mixture(old) == parts
+  except ConfigError:
+    return False
+
+
 def _clips(clip_norm: Any) -> bool:
   """Whether `optim.clip_norm` puts a clipping stage (a slot of the optimizer state) in the chain."""
   return isinstance(clip_norm, (int, float)) and clip_norm > 0
@@ -991,6 +1004,8 @@ def config_changes(saved_cfg: Mapping[str, Any], new_cfg: Mapping[str, Any]) -> 
     new_v = _normalise(new.get(key, "<unset>"))
     if old_v == new_v or (isinstance(old_v, float) and isinstance(new_v, float)
                           and math.isnan(old_v) and math.isnan(new_v)):
+      continue
+    if key == "data.dataset" and _same_mixture(old_v, new_v):
       continue
     moved = key in _WHERE_THE_TEXT_IS and not any(k.split(".")[0] in ("sft", "task") for k in new)
     change = f"{key}: {old_v!r} -> {new_v!r}"

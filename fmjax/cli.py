@@ -131,7 +131,8 @@ def cmd_data(argv):
     shares = [(m["dataset"], m["share"]) for m in meta["mixture"]]
     rows = sources.batch_rows(config.train.batch_size, shares)
     print(f"mixture: each batch of {config.train.batch_size} rows holds "
-          + ", ".join(f"{k} of {name} (weight {share:.1%})" for k, (name, share) in zip(rows, shares)), file=sys.stderr)
+          + ", ".join(f"{k} of {label} (weight {share:.1%})"
+                      for k, label, (_, share) in zip(rows, sources.labels(shares), shares)), file=sys.stderr)
   print(path)
 
 

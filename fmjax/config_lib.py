@@ -546,6 +546,7 @@ def base_config(family: str) -> ml_collections.ConfigDict:
   ))
   c.data = ml_collections.ConfigDict(dict(
       dataset="fmjax_corpus",  # a TFDS name, `fmjax_corpus` (offline), `text_files`, or a mixture: NAME=W,NAME=W
+                                # (NAME(feature=...; eval_split=...)=W: one dataset's own settings)
       data_dir="",
       files="",                 # text_files: comma-separated globs of .txt / .jsonl
       feature="text",

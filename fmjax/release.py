@@ -69,9 +69,9 @@ def data_sources(config, imported: Mapping | None = None) -> list[str]:
               else [f"init_from:{source}"])
   from fmjax.data import sources
   mixed = sources.mixture(d.dataset)  # a mixture: each of its datasets is a source of its own
-  out = [source for name in ([n for n, _ in mixed] if mixed else [d.dataset])
-         for source in ([f"text_files:{g.strip()}" for g in str(d.files).split(",") if g.strip()]
-                        if name == "text_files" else [name])]
+  out = [source for one in ([sources.component(config, item).data for item, _ in mixed] if mixed else [d])
+         for source in ([f"text_files:{g.strip()}" for g in str(one.files).split(",") if g.strip()]
+                        if one.dataset == "text_files" else [one.dataset])]
   if finetune.is_classifier_run(config):  # the trunk's pretraining data, then the task's
     t = config.task
     out += ([f"task_files:{g.strip()}" for g in str(t.files).split(",") if g.strip()]

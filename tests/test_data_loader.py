@@ -425,6 +425,35 @@ def test_a_mixture_holds_out_every_row_of_its_datasets_and_is_keyed_by_its_weigh
   assert data.prepare(mixture) == path and packing.fingerprint(path) == before
 
 
+def test_a_mixtures_datasets_can_have_settings_of_their_own(cache_dir, tmp_path, caplog):
+  """Two sets of local files, one of them .jsonl with its text under another key: each item names its own files
+  and feature, and nothing else of config.data changes."""
+  import json
+  (tmp_path / "odd.txt").write_text("\n\n".join(" ".join(ODD_WORDS[i % 5:] * 6) for i in range(60)) + "\n")
+  other = ["alpha", "beta", "gamma", "delta"]
+  (tmp_path / "notes.jsonl").write_text("".join(json.dumps({"body": " ".join(other[i % 4:] * 9), "text": "zebra"})
+                                                + "\n" for i in range(60)))
+  dataset = f"text_files(files={tmp_path}/*.txt)=1, text_files(feature=body; files={tmp_path}/*.jsonl,{tmp_path}/none*)=1"
+  config = tiny("gpt", cache_dir, **{"data.dataset": dataset, "data.feature": "missing", "data.seq_len": 32,
+                                     "train.batch_size": 8})
+  parts = sources.mixture(dataset)
+  assert [sources.component(config, item).data.feature for item, _ in parts] == ["missing", "body"]
+  with caplog.at_level(logging.INFO, logger="fmjax"):
+    loader = data.make_loader(config, "train", sharding=data_sharding())
+  names = [f"text_files(files={tmp_path}/*.txt)", f"text_files(feature=body; files={tmp_path}/*.jsonl,{tmp_path}/none*)"]
+  assert f"4 of {names[0]} (50.0%" in caplog.text and f"4 of {names[1]} (50.0%" in caplog.text
+  batch, c_B = loader.host_batch(0), loader.mixture["c_B"]
+  for b in range(8):  # each row reads its own item's text: the odd words, or the .jsonl lines' body
+    words = set(loader.tokenizer.decode(batch["inputs"][b]).replace(tok_lib.EOS, " ").split())
+    assert words and words <= set(ODD_WORDS if c_B[b] == 0 else other), (b, words)
+  assert list(data.held_out_loaders(config, sharding=data_sharding())) == names
+  from fmjax import release
+  assert release.data_sources(config) == [f"text_files:{tmp_path}/*.txt", f"text_files:{tmp_path}/*.jsonl",
+                                          f"text_files:{tmp_path}/none*"]
+  # Only the datasets named twice are called by their whole item.
+  assert sources.labels(sources.mixture("lm1b=1,text_files(files=a)=1")) == ["lm1b", "text_files"]
+
+
 def test_a_mixture_reads_its_documents_in_turn_by_weight_until_all_are_spent():
   """What its tokenizer trains on (and a release scans): each dataset as often as its share."""
   out = list(sources._interleaved([iter("AAAAAAAAA"), iter("bbbbb")], [0.75, 0.25]))

@@ -232,8 +232,13 @@ def test_tfds_dataset_by_name_through_mock_data(tmp_path, tfds_online):
     ({"data.dataset": "fmjax_corpus=0,lm1b=1"}, r"'fmjax_corpus=0' is not NAME=WEIGHT with a weight above 0; a "
      r"mixture names each dataset with its weight, e.g. data.dataset='c4/en:3.1.0=3,wikipedia/20230601.en=1'"),
     ({"data.dataset": "lm1b=1,lm1b=2"}, "names 'lm1b' twice; give each dataset once, with its weight"),
-    ({"data.dataset": "fmjax_corpus=1e308,lm1b=1e308"}, "its weights add up past the largest number; give smaller "
-     "ones in the same proportions"),
+    ({"data.dataset": "fmjax_corpus=1,glue/sst2=1"}, r"dataset 'glue/sst2' has no feature 'text'; in a mixture give "
+     r"this dataset its own feature in data.dataset, 'glue/sst2\(feature=...\)=WEIGHT', with feature one of "
+     r"\['idx', 'label', 'sentence'\]"),
+    ({"data.dataset": "fmjax_corpus=1,lm1b(feture=text)=1"}, r"data.dataset item 'lm1b\(feture=text\)': 'feture=text' "
+     r"is not one of its own settings; did you mean 'feature'\? give KEY=VALUE pairs split by ';'"),
+    ({"data.dataset": "fmjax_corpus=1,lm1b(feature=text=1"}, "settings of one dataset go in parentheses after its "
+     "name and before its weight"),
     ({"data.dataset": "fmjax_corpus=1,lm1bb=1"}, "unknown dataset 'lm1bb': did you mean 'lm1b'"),
     ({"data.dataset": "fmjax_corpus=1,lm1b=100"}, r"a batch of 16 rows gives 'fmjax_corpus' \(share 0.0099\) no row; "
      "raise its weight in data.dataset, or train.batch_size"),
@@ -265,6 +270,31 @@ def test_bad_input_is_one_clear_line_and_no_cache(tmp_path, over, match, tfds_on
   assert "\n" not in str(e.value)
   assert not os.path.exists(tmp_path / "cache" / "datasets") or not os.listdir(tmp_path / "cache" / "datasets")
   assert not os.path.exists(tmp_path / "cache" / "tokenizers") or not os.listdir(tmp_path / "cache" / "tokenizers")
+
+
+def test_a_split_one_dataset_of_a_mixture_lacks_is_set_in_its_item(tmp_path):
+  """Wikipedia has a train split only: the message says which setting, and in a mixture, that the item takes it."""
+  import types
+  wiki = "wikipedia/20230601.en"
+  config = tiny("gpt", tmp_path, **{"data.dataset": f"c4/en:3.1.0=3,{wiki}(train_split=train[:99%]; "
+                                    "eval_split=train[99%:])=1"})
+  (c4, _), (item, _) = sources.mixture(config.data.dataset)
+  assert [sources.corpus_identity(sources.component(config, i), "eval")["split"] for i in (c4, item)] == [
+      "validation", "train[99%:]"]
+  assert sources.corpus_identity(config, "train")["mixture"][1][2]["split"] == "train[:99%]"
+  builder = types.SimpleNamespace(info=types.SimpleNamespace(splits={"train": None}))
+  alone = sources.component(config, wiki)
+  with pytest.raises(config_lib.ConfigError, match=r"^dataset 'wikipedia/20230601.en' has no split 'validation'; set "
+                     r"data.eval_split to one of \['train'\] \(a TFDS split spec: e.g. 'train\[99%:\]'\)$"):
+    sources._check_split(alone, builder, "validation", "eval")
+  with pytest.raises(config_lib.ConfigError, match=r"has no split 'validation'; in a mixture give this dataset its "
+                     r"own eval_split in data.dataset, 'wikipedia/20230601.en\(eval_split=...\)=WEIGHT', with "
+                     r"eval_split one of \['train'\] \(a TFDS split spec"):
+    with sources.in_item(wiki):
+      sources._check_split(alone, builder, "validation+test", "eval")
+  with pytest.raises(config_lib.ConfigError, match=r"^data.seq_len"):  # any other error passes as it was
+    with sources.in_item(wiki):
+      raise config_lib.ConfigError("data.seq_len is wrong")
 
 
 def test_fmjax_data_imports_without_tensorflow():

@@ -352,7 +352,8 @@ class Loader:
                     "c_B": c_B[order], "j_B": j_B[order]}
     if self.rows_b.size and self.rows_b[0] == 0:  # once, from the host holding the first row
       logging.getLogger("fmjax").info("mixture: each batch of %d rows holds %s", B, ", ".join(
-          f"{k} of {name} ({k / B:.1%}, weight {share:.1%})" for k, (name, share) in zip(k_C, names)))
+          f"{k} of {label} ({k / B:.1%}, weight {share:.1%})"
+          for k, label, (_, share) in zip(k_C, sources.labels(names), names)))
 
   def _permutation(self, epoch: int, dataset: int | None = None) -> np.ndarray:
     """The order of the rows in `epoch`: of the split, or of one `dataset` of a mixture."""
@@ -505,8 +506,8 @@ def held_out_loaders(config, sharding=None, batch_size: int | None = None, split
     return make_loader(config, split, sharding, batch_size, shuffle=False, **kwargs)
   if kwargs.get("tok") is None:  # the mixture's, not the one each dataset alone would train
     kwargs["tok"] = tokenizers_lib.get_tokenizer(config)
-  return {name: make_loader(sources.component(config, name), split, sharding, batch_size, shuffle=False, **kwargs)
-          for name, _ in parts}
+  return {label: make_loader(sources.component(config, item), split, sharding, batch_size, shuffle=False, **kwargs)
+          for label, (item, _) in zip(sources.labels(parts), parts)}
 
 
 def unigram_baseline(config) -> float:

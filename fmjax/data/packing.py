@@ -172,7 +172,10 @@ def _prepare_mixture(config, tok: tokenizers_lib.Tokenizer) -> str:
   """Prepares each dataset of a mixture with its tokenizer (made again where one went missing), and
   the mixture's entry, which names them; returns that entry."""
   shares = sources.mixture(config.data.dataset)
-  entries = [prepare(sources.component(config, name), tok) for name, _ in shares]
+  entries = []
+  for item, _ in shares:
+    with sources.in_item(item):
+      entries.append(prepare(sources.component(config, item), tok))
   listed = [{"dataset": name, "share": share, "entry": os.path.basename(entry)}
             for (name, share), entry in zip(shares, entries)]
   key = sources.identity_hash({"mixture": listed, "version": FORMAT_VERSION})

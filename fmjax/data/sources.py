@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
-import math
+import fractions
 import hashlib
 import itertools
 import json
@@ -187,30 +187,81 @@ def _split_names(spec: str) -> list[str]:
   return [re.sub(r"\[.*\]$", "", part.strip()) for part in spec.split("+") if part.strip()]
 
 
+# The settings one dataset of a mixture may have of its own: NAME(feature=...; eval_split=...)=WEIGHT.
+ITEM_SETTINGS = ("feature", "train_split", "eval_split", "files", "data_dir")
+
+
+def _items(dataset: str) -> list[str]:
+  """data.dataset cut at the commas outside parentheses (an item's settings may hold commas: files' globs)."""
+  items, depth, start = [], 0, 0
+  for i, ch in enumerate(dataset):
+    depth += {"(": 1, ")": -1}.get(ch, 0)
+    if ch == "," and depth == 0:
+      items.append(dataset[start:i])
+      start = i + 1
+  return items + [dataset[start:]]
+
+
+def item_settings(item: str) -> tuple[str, dict[str, str]]:
+  """(dataset name, its own settings) of a mixture's item `NAME` or `NAME(key=value; key=value)`."""
+  name, paren, rest = item.partition("(")
+  if not paren:
+    return item, {}
+  example = f"e.g. {name.strip()}(feature=text; eval_split=train[99%:])=1"
+  if not rest.endswith(")"):
+    raise ConfigError(f"data.dataset item {item!r}: settings of one dataset go in parentheses after its name and "
+                      f"before its weight, {example}")
+  settings = {}
+  for part in rest[:-1].split(";"):
+    if not part.strip():
+      continue
+    key, eq, value = (s.strip() for s in part.partition("="))
+    if key not in ITEM_SETTINGS or not eq or not value:
+      close = difflib.get_close_matches(key, ITEM_SETTINGS, n=1)
+      hint = f"did you mean {close[0]!r}? " if close and close[0] != key else ""
+      raise ConfigError(f"data.dataset item {item!r}: {part.strip()!r} is not one of its own settings; {hint}give "
+                        f"KEY=VALUE pairs split by ';' with KEY one of {list(ITEM_SETTINGS)}, {example}")
+    if key in settings:
+      raise ConfigError(f"data.dataset item {item!r} sets {key!r} twice; give it once")
+    settings[key] = value
+  return name.strip(), settings
+
+
 def mixture(dataset: str) -> list[tuple[str, float]] | None:
-  """A mixture's datasets and their shares of each batch (summing to 1), from data.dataset
-  `NAME=WEIGHT,NAME=WEIGHT,...`; None for a single dataset (a name never holds '=')."""
+  """A mixture's items and their shares of each batch (summing to 1), from data.dataset
+  `ITEM=WEIGHT,ITEM=WEIGHT,...`; None for a single dataset (a name never holds '=').
+
+  An item is a dataset name, with settings of its own in parentheses where it needs them
+  (`wikipedia/20230601.en(train_split=train[:99%]; eval_split=train[99%:])`); the rest of
+  config.data is shared. Shares are the weights' exact ratios, so that `6,2` is the mixture `3,1`.
+  """
   if "=" not in dataset:
     return None
   example = "e.g. data.dataset='c4/en:3.1.0=3,wikipedia/20230601.en=1'"
   parts = []
-  for item in dataset.split(","):
-    name, _, weight = item.strip().rpartition("=")
+  for raw in _items(dataset):
+    item, _, weight = raw.strip().rpartition("=")
     try:
-      w = float(weight)
-    except ValueError:
-      w = math.nan
-    if not name or not math.isfinite(w) or w <= 0:
-      raise ConfigError(f"data.dataset={dataset!r}: {item.strip()!r} is not NAME=WEIGHT with a weight above 0; a "
+      w = fractions.Fraction(weight.strip())
+    except (ValueError, ZeroDivisionError):
+      w = None
+    if not item.strip() or w is None or w <= 0:
+      raise ConfigError(f"data.dataset={dataset!r}: {raw.strip()!r} is not NAME=WEIGHT with a weight above 0; a "
                         f"mixture names each dataset with its weight, {example}")
-    if name in [n for n, _ in parts]:
-      raise ConfigError(f"data.dataset={dataset!r} names {name!r} twice; give each dataset once, with its weight")
-    parts.append((name, w))
+    name, settings = item_settings(item.strip())
+    item = name + (f"({'; '.join(f'{k}={v}' for k, v in settings.items())})" if settings else "")
+    if item in [n for n, _ in parts]:
+      raise ConfigError(f"data.dataset={dataset!r} names {item!r} twice; give each dataset once, with its weight")
+    parts.append((item, w))
   total = sum(w for _, w in parts)
-  if not math.isfinite(total):  # shares of 0 would give no dataset a row, and the batch no rows at all
-    raise ConfigError(f"data.dataset={dataset!r}: its weights add up past the largest number; give smaller ones in "
-                      f"the same proportions, {example}")
-  return [(name, w / total) for name, w in parts]
+  return [(item, float(w / total)) for item, w in parts]
+
+
+def labels(parts: list[tuple[str, float]]) -> list[str]:
+  """What logs and metrics call each item of a mixture: its dataset's name, or the whole item where
+  two items read one dataset (two sets of text_files)."""
+  names = [item_settings(item)[0] for item, _ in parts]
+  return [name if names.count(name) == 1 else item for name, (item, _) in zip(names, parts)]
 
 
 def batch_rows(batch_size: int, shares: list[tuple[str, float]]):
@@ -228,12 +279,31 @@ def batch_rows(batch_size: int, shares: list[tuple[str, float]]):
   return rows
 
 
-def component(config, name: str):
-  """`config` reading one dataset of its mixture: every other data setting (feature, splits,
-  data_dir, files) is shared by the mixture's datasets."""
+def component(config, item: str):
+  """`config` reading one item of its mixture: its dataset, with the item's own settings (feature,
+  splits, files, data_dir) where it has them, and every other data setting shared."""
   c = copy.deepcopy(config)
+  name, settings = item_settings(item)
   c.data.dataset = name
+  for key, value in settings.items():
+    c.data[key] = value
   return c
+
+
+@contextlib.contextmanager
+def in_item(item: str):
+  """Work on one item of a mixture: a feature or split its dataset lacks is set in that item alone
+  (the shared data.feature may suit the others), and the error says so."""
+  try:
+    yield
+  except ConfigError as e:
+    found = re.search(r"; set data\.(feature|train_split|eval_split) to ", str(e))
+    if found is None:
+      raise
+    name, _ = item_settings(item)
+    raise ConfigError(f"{str(e)[:found.start()]}; in a mixture give this dataset its own {found.group(1)} in "
+                      f"data.dataset, '{name}({found.group(1)}=...)=WEIGHT', with {found.group(1)} "
+                      f"{str(e)[found.end():]}") from None
 
 
 def check_config(config) -> None:
@@ -257,8 +327,9 @@ def check_config(config) -> None:
   parts = mixture(d.dataset)
   if parts is not None:
     batch_rows(config.train.batch_size, parts)
-    for name, _ in parts:
-      check_config(component(config, name))
+    for item, _ in parts:
+      with in_item(item):
+        check_config(component(config, item))
     return
   if d.dataset == "text_files":
     from fmjax.data import corpus
@@ -456,13 +527,14 @@ def _feature_name(config, builder) -> str:
   return config.data.feature
 
 
-def _check_split(config, builder, spec: str) -> None:
+def _check_split(config, builder, spec: str, split: str) -> None:
   available = sorted(builder.info.splits.keys()) if builder.info.splits else []
   if not available:  # unknown until prepared (and under tfds.testing.mock_data); TFDS checks on read
     return
   for name in _split_names(spec):
     if name not in available:
-      raise ConfigError(f"dataset {config.data.dataset!r} has no split {name!r}; available: {available}")
+      raise ConfigError(f"dataset {config.data.dataset!r} has no split {name!r}; set data.{split}_split to one of "
+                        f"{available} (a TFDS split spec: e.g. '{available[0]}[99%:]')")
 
 
 def split_spec(config, split: str) -> str:
@@ -511,7 +583,7 @@ def _open_split(config, split: str):
   spec = split_spec(config, split)
   if config.data.dataset in OURS:
     _prepare_ours(config, builder)
-  _check_split(config, builder, spec)
+  _check_split(config, builder, spec, split)
   try:
     source = builder.as_data_source(split=spec)
   except Exception:  # pylint: disable=broad-except
@@ -586,7 +658,7 @@ def documents(config, split: str, records: tuple[int, int] | None = None) -> Ite
   parts = mixture(config.data.dataset)
   if parts is not None:
     assert records is None, "a mixture is prepared dataset by dataset"
-    yield from _interleaved([documents(component(config, name), split) for name, _ in parts],
+    yield from _interleaved([_item_documents(config, item, split) for item, _ in parts],
                             [share for _, share in parts])
     return
   builder, feature, spec, source = _open_split(config, split)
@@ -615,6 +687,11 @@ def documents(config, split: str, records: tuple[int, int] | None = None) -> Ite
     text = _as_text(record[feature])
     if text.strip():
       yield text
+
+
+def _item_documents(config, item: str, split: str) -> Iterator[str]:
+  with in_item(item):
+    yield from documents(component(config, item), split)
 
 
 def _interleaved(iterators: list[Iterator[str]], shares: list[float]) -> Iterator[str]:
