@@ -62,9 +62,10 @@ def resolve_kernel(name: str, dtype=None, lengths: tuple[int, ...] = (), dropout
   """Maps "auto" to the platform's fast kernel: cudnn on GPU, splash on TPU, xla on CPU.
 
   "auto" never picks a kernel that cannot run the case: cuDNN flash attention takes only
-  half-precision inputs, splash only query and key `lengths` that are multiples of 128, and
-  neither drops attention probabilities (`dropout`), so those fall back to xla rather than
-  failing. Naming a kernel keeps its own checks.
+  half-precision inputs, splash only query and key `lengths` that are multiples of 128 (and, on
+  several TPU devices, a mesh in context to run per shard under), and neither drops attention
+  probabilities (`dropout`), so those fall back to xla rather than failing. Naming a kernel keeps
+  its own checks.
   """
   if name != "auto":
     if name not in KERNELS:
@@ -80,9 +81,15 @@ def resolve_kernel(name: str, dtype=None, lengths: tuple[int, ...] = (), dropout
   if platform == "gpu" and (dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
     return "cudnn"
   if platform == "tpu":
-    if all(n % SPLASH_MIN_BLOCK == 0 for n in lengths):
-      return "splash"
-    _note_fallback(tuple(lengths))
+    if not all(n % SPLASH_MIN_BLOCK == 0 for n in lengths):
+      _note_fallback(tuple(lengths))
+      return "xla"
+    if not _TARGET_PLATFORM and jax.sharding.get_abstract_mesh().empty and jax.device_count() > 1:
+      # Params on several chips and no mesh to run splash per shard under (a notebook's direct call
+      # of fill_mask or zeroshot.score): XLA cannot partition the Mosaic kernel, but it can xla's.
+      _note_no_mesh(jax.device_count())
+      return "xla"
+    return "splash"
   return "xla"
 
 
@@ -91,6 +98,13 @@ def _note_fallback(lengths: tuple[int, ...]) -> None:
   logging.getLogger("fmjax").info(
       "attention=auto runs xla, not splash, for sequence lengths %s: splash needs multiples of %d",
       lengths, SPLASH_MIN_BLOCK)
+
+
+@functools.lru_cache(maxsize=None)
+def _note_no_mesh(devices: int) -> None:
+  logging.getLogger("fmjax").info(
+      "attention=auto runs xla, not splash, outside a mesh on %d TPU devices: for splash, call the model inside "
+      "`with generate.on_mesh(model, config):`", devices)
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,6 +3,7 @@
 Shape legend: B batch, T sequence, H heads, K head dim, R runs of segment ids a row.
 """
 
+import logging
 import re
 
 import jax
@@ -179,6 +180,22 @@ def test_splash_runs_sharded_under_a_mesh():
     out = jax.jit(lambda q, k, v: attn.attention(
         q, k, v, causal=True, segment_ids_BT=SEGMENTS_BT, kernel="splash"))(q, k, v)
   np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_auto_on_several_tpu_chips_without_a_mesh_takes_xla(monkeypatch, caplog):
+  """A notebook's direct fill_mask on a TPU VM: params on 8 chips, no mesh in context. XLA could not
+  partition splash's Mosaic kernel there; inside a mesh (generate.on_mesh, training) splash runs per shard."""
+  monkeypatch.setattr(attn.jax, "default_backend", lambda: "tpu")
+  assert jax.device_count() > 1 and attn.target_platform() == "tpu"
+  with caplog.at_level(logging.INFO, logger="fmjax"):
+    assert attn.resolve_kernel("auto", jnp.bfloat16, (128, 128)) == "xla"
+  assert "outside a mesh on 8 TPU devices" in caplog.text and "generate.on_mesh(model, config)" in caplog.text
+  assert attn.resolve_kernel("splash", jnp.bfloat16, (128, 128)) == "splash"  # named, it is kept
+  mesh = jax.make_mesh((1, 8, 1, 1), ("dcn_data", "data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 4)
+  with jax.set_mesh(mesh):
+    assert attn.resolve_kernel("auto", jnp.bfloat16, (128, 128)) == "splash"
+  with attn.compiling_for("tpu"):  # `fmjax plan --topology` resolves for the topology's mesh
+    assert attn.resolve_kernel("auto", jnp.bfloat16, (128, 128)) == "splash"
 
 
 def test_logical_spec_without_mesh_is_none():
