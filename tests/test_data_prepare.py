@@ -279,6 +279,9 @@ def test_a_split_one_dataset_of_a_mixture_lacks_is_set_in_its_item(tmp_path):
   config = tiny("gpt", tmp_path, **{"data.dataset": f"c4/en:3.1.0=3,{wiki}(train_split=train[:99%]; "
                                     "eval_split=train[99%:])=1"})
   (c4, _), (item, _) = sources.mixture(config.data.dataset)
+  # One mixture however its weights and settings are written: the same items, shares and cache entries.
+  assert sources.mixture(f"c4/en:3.1.0 = 6, {wiki}(eval_split=train[99%:];train_split=train[:99%]) = 2") == [
+      (c4, 0.75), (item, 0.25)]
   assert [sources.corpus_identity(sources.component(config, i), "eval")["split"] for i in (c4, item)] == [
       "validation", "train[99%:]"]
   assert sources.corpus_identity(config, "train")["mixture"][1][2]["split"] == "train[:99%]"

@@ -249,7 +249,8 @@ def mixture(dataset: str) -> list[tuple[str, float]] | None:
       raise ConfigError(f"data.dataset={dataset!r}: {raw.strip()!r} is not NAME=WEIGHT with a weight above 0; a "
                         f"mixture names each dataset with its weight, {example}")
     name, settings = item_settings(item.strip())
-    item = name + (f"({'; '.join(f'{k}={v}' for k, v in settings.items())})" if settings else "")
+    # Written one way (settings in key order) whatever the order given: it keys the item's cache entry.
+    item = name + (f"({'; '.join(f'{k}={v}' for k, v in sorted(settings.items()))})" if settings else "")
     if item in [n for n, _ in parts]:
       raise ConfigError(f"data.dataset={dataset!r} names {item!r} twice; give each dataset once, with its weight")
     parts.append((item, w))
