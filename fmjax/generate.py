@@ -296,17 +296,31 @@ def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens
     return fill_mask(model, tok, text, top_k=top_k or 5, max_len=trained_positions(config, workdir))
 
 
-def trained_positions(config, workdir: str) -> int:
+def trained_positions(config, workdir: str, _seen: frozenset = frozenset()) -> int:
   """How many positions a run's training used: its rows of data.seq_len, within the position table.
 
   The table's rows past them (`configs/gpt.py:tiny` has 256 for rows of 128) keep their initial
   values, so neither sampling nor fill-mask reaches them. An imported model was trained on its
-  whole table.
+  whole table. A language model that started from another run (`init_from`: continued pretraining,
+  SFT) learnt that run's positions first, so shorter rows here do not untrain them (SFT of an
+  imported GPT-2 on rows of 512 still knows all 1024). A classifier's count stays its own rows:
+  its exported tokenizer truncates there, as fine-tuning and `fmjax eval` did.
   """
-  from fmjax import interop
+  from fmjax import finetune, interop
+  max_len = int(config.model.max_len)
   if files.exists(os.path.join(workdir, interop.IMPORT_INFO)):
-    return int(config.model.max_len)
-  return min(int(config.model.max_len), int(config.data.seq_len))
+    return max_len
+  own = min(max_len, int(config.data.seq_len))
+  source = str(config.get("init_from") or "")
+  seen = _seen | {files.absolute(workdir)}
+  if (own >= max_len or not source or finetune.is_classifier_run(config) or files.absolute(source) in seen
+      or not files.exists(os.path.join(source, "config.json"))):
+    return own  # an init_from that moved away: only this run's own rows are known
+  try:
+    before = interop.read_run_config(source)
+  except ConfigError:
+    return own
+  return max(own, min(max_len, trained_positions(before, source, seen)))
 
 
 def cli(argv: list[str]) -> int:

@@ -292,6 +292,38 @@ def test_generation_stays_within_the_positions_training_used(tmp_path_factory, t
   assert generate.trained_positions(config, str(imported)) == config.model.max_len
 
 
+def test_a_run_started_from_another_keeps_the_positions_that_run_trained(tmp_path_factory, tmp_path):
+  """SFT or continued pretraining on shorter rows than init_from's does not untrain its positions."""
+  import shutil
+  from fmjax import interop
+  workdir, config = make_workdir(tmp_path_factory, "gpt")
+  imported = tmp_path / "imported"  # trained (upstream) on its whole table of 64
+  shutil.copytree(workdir, imported)
+  (imported / interop.IMPORT_INFO).write_text("{}")
+
+  def started_from(name, source, seq_len):
+    run_dir = tmp_path / name
+    shutil.copytree(workdir, run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved["data"]["seq_len"], saved["init_from"] = seq_len, str(source)
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    return run_dir, interop.read_run_config(str(run_dir))
+
+  sft_dir, sft = started_from("sft", imported, 16)
+  assert generate.trained_positions(sft, str(sft_dir)) == config.model.max_len
+  # 1 + 1 + 40 tokens: past this run's rows of 16, within the imported model's 64.
+  assert len(generate.run(str(sft_dir), prompts=["x"], max_new_tokens=40, temperature=0.0)) == 1
+  # Through a chain of runs, the longest rows any of them trained on; a source that moved away: its own.
+  again_dir, again = started_from("again", workdir, 16)
+  assert generate.trained_positions(again, str(again_dir)) == config.data.seq_len
+  chained_dir, chained = started_from("chained", sft_dir, 8)
+  assert generate.trained_positions(chained, str(chained_dir)) == config.model.max_len
+  gone_dir, gone = started_from("gone", tmp_path / "nowhere", 16)
+  assert generate.trained_positions(gone, str(gone_dir)) == 16
+  with pytest.raises(config_lib.ConfigError, match="exceeds 16, the positions the model was trained on"):
+    generate.run(str(gone_dir), prompts=["x"], max_new_tokens=40, temperature=0.0)
+
+
 def test_identical_rows_draw_independently_at_the_tempered_frequencies():
   probs = np.array([0.5, 0.25, 0.15, 0.1])
   logits = jnp.log(jnp.asarray(np.tile(probs, (4000, 1)), jnp.float32))
