@@ -60,19 +60,26 @@ def data_sources(config, imported: Mapping | None = None) -> list[str]:
   if imported is not None:
     return []  # fmjax never saw the data of imported weights; the card declares what it knows
   d = config.data
-  before = []
-  if "sft" in config and config.get("init_from"):
+  before, classifier = [], finetune.is_classifier_run(config)
+  trunk_recorded = False  # whether init_from's own record names what the trunk learnt from
+  if ("sft" in config or classifier) and config.get("init_from"):
     # SFT's data.files are its rows; the trunk it started from learnt from init_from's corpus.
     source = config.init_from
     saved = files.read_json(os.path.join(source, "config.json")) if files.isdir(source) else None
-    before = (data_sources(ml_collections.ConfigDict(saved), _imported_info(source)) if saved is not None
-              else [f"init_from:{source}"])
+    trunk_recorded = saved is not None
+    before = (data_sources(ml_collections.ConfigDict(saved), _imported_info(source)) if trunk_recorded
+              else [] if classifier else [f"init_from:{source}"])
   from fmjax.data import sources
-  mixed = sources.mixture(d.dataset)  # a mixture: each of its datasets is a source of its own
-  out = [source for one in ([sources.component(config, item).data for item, _ in mixed] if mixed else [d])
-         for source in ([f"text_files:{g.strip()}" for g in str(one.files).split(",") if g.strip()]
-                        if one.dataset == "text_files" else [one.dataset])]
-  if finetune.is_classifier_run(config):  # the trunk's pretraining data, then the task's
+  out = []
+  # A classifier's data.* are init_from's, copied (finetune.adopt_pretrain_settings): that run's own
+  # record (above) says what its trunk learnt from, and for imported weights it is not the placeholder
+  # corpus their config names. Only where init_from is gone does the copy stand in for it.
+  if not (classifier and trunk_recorded):
+    mixed = sources.mixture(d.dataset)  # a mixture: each of its datasets is a source of its own
+    out = [source for one in ([sources.component(config, item).data for item, _ in mixed] if mixed else [d])
+           for source in ([f"text_files:{g.strip()}" for g in str(one.files).split(",") if g.strip()]
+                          if one.dataset == "text_files" else [one.dataset])]
+  if classifier:  # the trunk's pretraining data, then the task's
     t = config.task
     out += ([f"task_files:{g.strip()}" for g in str(t.files).split(",") if g.strip()]
             if t.name in ("csv", "jsonl", "files") else [f"task:{t.name}"])

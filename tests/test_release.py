@@ -423,6 +423,30 @@ def test_release_of_a_finetune_run_exports_as_export_does(tmp_path):
   assert not (tmp_path / "out3").exists()
 
 
+def test_release_of_a_classifier_of_imported_weights_declares_the_task_only(run, tmp_path):
+  """An imported trunk's config names the placeholder corpus of configs/bert.py, which fine-tuning copies: the
+  trunk never learnt from it, so the card neither lists it nor asks a license for it."""
+  workdir, _, _, files = run
+  imported = tmp_path / "imported"
+  shutil.copytree(workdir, imported)
+  (imported / "import.json").write_text(json.dumps({"source": "/models/bert", "model_type": "bert", "notes": []}))
+  ft, config, _, _ = _finetune_run(tmp_path, "lora")
+  cfg = config_lib.to_dict(config)
+  cfg["init_from"] = str(imported)
+  _record_config(ft, cfg)
+  rows = cfg["task"]["files"]
+  card = tmp_path / "task_only.json"
+  card.write_text(json.dumps(dict(CARD, data_licenses={f"task_files:{rows}": "CC0"})))
+  out = release.release(str(ft), str(tmp_path / "out"), card_path=str(card), pii_sample=3)
+  text = open(os.path.join(out, "MODEL_CARD.md")).read()
+  assert "fmjax_corpus" not in text and f"| task_files:{rows} | CC0 |" in text
+  assert json.loads(open(os.path.join(out, "data_report.json")).read())["sources"] == [f"task_files:{rows}"]
+  # A trunk that fmjax trained: its run's own data, then the task's.
+  cfg["init_from"] = str(workdir)
+  _record_config(ft, cfg)
+  assert release.data_sources(interop.read_run_config(str(ft))) == [f"text_files:{files}", f"task_files:{rows}"]
+
+
 def test_release_of_a_run_whose_text_files_moved(run, tmp_path, capsys):
   """The PII report reads the training text: where it moved, --config.data.files says where it is now."""
   workdir, _, _, files = run
