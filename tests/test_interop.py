@@ -536,6 +536,18 @@ def test_overrides_that_would_import_another_model_are_refused(gpt_dir, tmp_path
   assert not (tmp_path / "w").exists()
 
 
+def test_a_finetuning_or_sft_config_is_refused_naming_the_command_to_run_after(gpt_dir, bert_dir, tmp_path, capsys):
+  """Under such a config the workdir would be a classifier or SFT run that holds a bare LM: `generate`
+  and `finetune --config.init_from=` would refuse it as a classifier, and `eval` find no SFT data."""
+  for model_dir, spec, command in ((bert_dir[0], "configs/finetune_cls.py", "finetune"),
+                                   (gpt_dir[0], "configs/sft.py", "sft")):
+    assert cli.main(["import-hf", f"--model_dir={model_dir}", f"--workdir={tmp_path / 'w'}", f"--config={spec}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is a `fmjax {command}` config" in err, err
+    assert f"fmjax {command} --config={spec} --config.init_from={tmp_path / 'w'}" in err
+    assert not (tmp_path / "w").exists()
+
+
 def test_damaged_or_mismatched_hf_files_are_one_line(gpt_dir, bert_dir, tmp_path):
   listed = _copy_with_config(gpt_dir[0], tmp_path / "listed")
   (listed / "config.json").write_text(json.dumps(["gpt2"]))
