@@ -66,6 +66,8 @@ class CheckpointMismatchError(ValueError):
 
 # Model settings that decide the parameter arrays (not scan_layers: either layer layout restores).
 SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len", "type_vocab_size")
+# Not shapes, but the source's numbers depend on them: a run started from it (init_from) takes them.
+ADOPTED_MODEL_KEYS = ("layer_norm_eps",)
 
 
 def check_same_model(saved: Mapping, model_cfg, source: str) -> None:

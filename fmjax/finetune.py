@@ -226,9 +226,6 @@ def _saved_config(init_from: str) -> dict | None:
   return data.resolve_tokenizer_path(saved, init_from) if saved is not None else None
 
 
-_ADOPTED_MODEL_KEYS = ("layer_norm_eps",)  # not shapes, but the trunk's numbers depend on them: taken from init_from
-
-
 def adopt_pretrain_settings(config, init_from: str) -> list[str]:
   """Checks that init_from holds this model and takes its tokenizer settings; returns what changed.
 
@@ -236,7 +233,7 @@ def adopt_pretrain_settings(config, init_from: str) -> list[str]:
   checkpoint of another family or size.
   """
   from fmjax import data
-  from fmjax.checkpoint import check_same_model
+  from fmjax.checkpoint import ADOPTED_MODEL_KEYS, check_same_model
   if not files.isdir(init_from):
     raise ConfigError(f"init_from={init_from!r} does not exist; pass the --workdir of a `fmjax train` run")
   saved = _saved_config(init_from)
@@ -248,7 +245,7 @@ def adopt_pretrain_settings(config, init_from: str) -> list[str]:
   check_same_model(saved, config.model, init_from)
   changed = []
   with config.unlocked():
-    for key in _ADOPTED_MODEL_KEYS:
+    for key in ADOPTED_MODEL_KEYS:
       if key in saved.get("model", {}) and saved["model"][key] != config.model[key]:
         changed.append(f"model.{key}={saved['model'][key]!r}")
         config.model[key] = saved["model"][key]

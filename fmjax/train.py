@@ -333,6 +333,8 @@ def _run(config, workdir: str, locked: list) -> dict:
     _refuse_foreign(workdir)
   files.makedirs(workdir)
 
+  if config.get("init_from"):
+    _adopt_model_settings(config, config.init_from)  # before the model's graph is built with them
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)
   tx = optim.make_optimizer(config)
@@ -725,6 +727,20 @@ def _check_data(path: str, resume) -> str:
       log.warning("%s was prepared in parts, and this run's checkpoint is older than parts: if its cache was made "
                   "again since, batches after the resume differ from those it would have seen", path)
   return fingerprint
+
+
+def _adopt_model_settings(config, source_dir: str) -> None:
+  """Continued pretraining computes as init_from did: its settings that are no shape but change the
+  numbers (`checkpoint.ADOPTED_MODEL_KEYS`, e.g. an imported model's LayerNorm epsilon) are taken
+  from its config, on a resume too, so that the run's recorded config stays the same."""
+  from fmjax import checkpoint as ckpt_lib
+  source = files.read_json(os.path.join(source_dir, "config.json"))  # None: _init_from names what is missing
+  theirs = source.get("model") if isinstance(source, dict) else None
+  for key in ckpt_lib.ADOPTED_MODEL_KEYS if isinstance(theirs, dict) else ():
+    if key in theirs and theirs[key] != config.model[key]:
+      log.info("model.%s=%r, as init_from=%s computed (not %r)", key, theirs[key], source_dir, config.model[key])
+      with config.unlocked():
+        config.model[key] = theirs[key]
 
 
 def _adopt_tokenizer(config, workdir: str, resuming: bool):

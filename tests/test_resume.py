@@ -796,6 +796,25 @@ def test_init_from_keeps_the_source_tokenizer(reference, cache_dir, tmp_path):
     assert json.load(f)["train"]["steps"] == 3  # the run's own config stays: it trained to step 3
 
 
+def test_init_from_computes_with_the_sources_layer_norm_eps(reference, cache_dir, tmp_path):
+  """An imported model may use another LayerNorm epsilon than the config's default: continued
+  pretraining takes the source's (as fine-tuning does), and a rerun resumes with it."""
+  source = tmp_path / "source"
+  shutil.copytree(reference, source)
+  saved = json.loads((source / "config.json").read_text())
+  saved["model"]["layer_norm_eps"] = 1e-6
+  (source / "config.json").write_text(json.dumps(saved))
+  workdir = tmp_path / "w"
+  config = load(cache_dir, f"init_from={source}", "train.steps=1", "train.eval_batches=0")
+  assert config.model.layer_norm_eps != 1e-6
+  with capture_log() as lines:
+    train.run(config, str(workdir))
+  assert any(f"model.layer_norm_eps=1e-06, as init_from={source} computed" in l for l in lines), lines
+  assert json.loads((workdir / "config.json").read_text())["model"]["layer_norm_eps"] == 1e-6
+  again = load(cache_dir, f"init_from={source}", "train.steps=2", "train.eval_batches=0")
+  assert train.run(again, str(workdir))["step"] == 2  # no "different model/data setup" on the resume
+
+
 def test_init_from_starts_at_step_zero_with_the_source_params(reference, cache_dir):
   """`init_from` (e.g. phase 2 of BERT-style two-phase pretraining): another run's latest params,
   a fresh optimizer, step 0 — and only when the workdir has no checkpoint of its own."""
