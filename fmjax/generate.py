@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 from functools import partial
@@ -79,10 +80,15 @@ def restore_run(workdir: str, step: int | None = None, *, split_batch: bool = Fa
 
 def load_run(workdir: str, step: int | None = None):
   """(model, config, tokenizer) from a workdir written by `fmjax train`; params of `step` or the latest."""
+  return _load(workdir, step)[:3]
+
+
+def _load(workdir: str, step: int | None):
+  """`load_run`'s (model, config, tokenizer), and the step read."""
   from fmjax import data
   run_ = restore_run(workdir, step)
   model = nnx.merge(run_.spec.graphdef, run_.params)
-  return model, run_.config, data.get_tokenizer(run_.config, workdir)
+  return model, run_.config, data.get_tokenizer(run_.config, workdir), run_.step
 
 
 @contextlib.contextmanager
@@ -198,9 +204,13 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
                       f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
   max_len = int(model.wpe.embedding.shape[0]) if max_len is None else max_len
   b, longest = len(prompts), max(len(p) for p in prompts)
+  if longest >= max_len:  # no --max_new_tokens would leave room
+    raise ConfigError(f"the prompt is {longest} tokens, and the model was trained on {max_len} positions: shorten "
+                      f"it to at most {max_len - 1} tokens, to leave room for the new ones")
   if longest + max_new_tokens > max_len:
     raise ConfigError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds {max_len}, the "
-                      "positions the model was trained on; shorten the prompt or lower --max_new_tokens")
+                      f"positions the model was trained on; lower --max_new_tokens to {max_len - longest} or "
+                      "shorten the prompt")
   tokens = np.zeros((b, longest), np.int32)
   segments = np.zeros((b, longest), np.int32)  # 0 = left padding, which no real token attends
   positions = np.zeros((b, longest), np.int32)
@@ -274,7 +284,7 @@ def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens
   """
   given = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                  seed=seed).items() if v is not None}
-  model, config, tok = load_run(workdir, step)
+  model, config, tok, step_read = _load(workdir, step)
   family = config.model.family
   if family == "gpt":
     if text or not prompts:
@@ -292,8 +302,23 @@ def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens
                       f"{', '.join('--' + k for k in given)} are for GPT sampling; drop them (--top_k sets how many)")
   if top_k < 0:
     raise ConfigError(f"--top_k={top_k}: give how many predictions to show per [MASK] (default 5)")
+  _warn_untrained_mlm_head(workdir, step_read)
   with on_mesh(model, config):  # a text of 128 tokens takes splash on a TPU
     return fill_mask(model, tok, text, top_k=top_k or 5, max_len=trained_positions(config, workdir))
+
+
+def _warn_untrained_mlm_head(workdir: str, step: int) -> None:
+  """A BERT imported without its MLM head (a `BertModel`) predicts at random until trained: say so
+  rather than print its guesses as if they meant something."""
+  from fmjax import interop
+  info = files.read_json(os.path.join(workdir, interop.IMPORT_INFO))
+  fresh = [n.split(":")[0] for n in (info or {}).get("notes", []) if str(n).endswith("freshly initialised")
+           and str(n).split(":")[0] in ("mlm_transform", "mlm_ln", "mlm_bias")]
+  if fresh and step == 0:  # the imported step: nothing trained the head since
+    logging.getLogger("fmjax").warning(
+        "%s was imported without its masked-LM head (%s initialised at random, not trained since): fill-mask "
+        "predictions are guesses; train the head first (`fmjax train --config=configs/bert.py:SIZE "
+        "--config.init_from=%s --workdir=NEW`)", workdir, ", ".join(fresh), workdir)
 
 
 def trained_positions(config, workdir: str, _seen: frozenset = frozenset()) -> int:

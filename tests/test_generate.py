@@ -129,8 +129,13 @@ def test_eos_stops_a_row_and_max_len_is_checked(gpts):
   first = uncached_greedy(model, prompt, 3)
   eos = first[-1]
   assert generate.generate(model, [prompt], 3, temperature=0.0, eos_id=eos) == [first[:first.index(eos)]]
-  with pytest.raises(config_lib.ConfigError, match="exceeds 64, the positions the model was trained on"):
+  with pytest.raises(config_lib.ConfigError, match="exceeds 64, the positions the model was trained on; lower "
+                     "--max_new_tokens to 61 or shorten the prompt"):
     generate.generate(model, [prompt], 62, temperature=0.0)
+  # A prompt that fills the positions alone: no --max_new_tokens helps, and the line says so.
+  with pytest.raises(config_lib.ConfigError, match="^the prompt is 64 tokens, and the model was trained on 64 "
+                     "positions: shorten it to at most 63 tokens"):
+    generate.generate(model, [prompt * 21 + [5]], 1, temperature=0.0)
 
 
 def test_top_k_and_top_p_masks():

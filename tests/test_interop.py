@@ -151,7 +151,7 @@ def test_bert_import_mlm_logits_match_with_padding_and_token_types(bert_dir, tmp
   _close(np.asarray(ours)[real], theirs[real])
 
 
-def test_bert_sequence_classifier_trunk_pooler_and_head_parity(tmp_path, wordpiece):
+def test_bert_sequence_classifier_trunk_pooler_and_head_parity(tmp_path, wordpiece, bert_dir, caplog):
   """BertForSequenceClassification: encoder output, pooler and (through `classifier`) logits match."""
   d = tmp_path / "hf_cls"
   hf_model = _perturb(transformers.BertForSequenceClassification(_bert_config(wordpiece.vocab_size, num_labels=3)), 2)
@@ -161,6 +161,14 @@ def test_bert_sequence_classifier_trunk_pooler_and_head_parity(tmp_path, wordpie
   info = json.loads((tmp_path / "w" / interop.IMPORT_INFO).read_text())
   assert any(n.startswith("mlm_transform") for n in info["notes"])  # no MLM head in a classifier: initialised
   model, config, _ = generate.load_run(str(tmp_path / "w"))
+  # Its fill-mask guesses at random until the head is trained, and says so; a BertForMaskedLM's does not.
+  interop.import_hf(str(bert_dir[0]), str(tmp_path / "mlm"), overrides=["model.attention=xla"])
+  for workdir, warned in (("w", True), ("mlm", False)):
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fmjax"):
+      assert len(generate.run(str(tmp_path / workdir), text="a [MASK] b", top_k=2)) == 1
+    assert ("imported without its masked-LM head (mlm_transform, mlm_ln, mlm_bias initialised at random, not "
+            "trained since): fill-mask predictions are guesses" in caplog.text) == warned, caplog.text
 
   ids = _ids(config.model.vocab_size, seed=2)
   h_BTD, pooled_BD = nnx.jit(lambda m, x: m.encode(x))(model, jnp.asarray(ids))
