@@ -267,7 +267,7 @@ def test_sampling_and_fill_mask_never_pick_ids_beyond_the_tokenizer(gpts, tmp_pa
     workdir, _ = make_workdir(tmp_path_factory, family)
     m, config, tok = generate.load_run(str(workdir))
     small = _SmallTokenizer(tok, 40)
-    monkeypatch.setattr(generate, "load_run", lambda *a, small=small, m=m, config=config: (m, config, small))
+    monkeypatch.setattr(generate, "_load", lambda *a, small=small, m=m, config=config: (m, config, small, 1))
     results = generate.run(str(workdir), **kw)
     assert len(results) == 2 and small.decoded and max(small.decoded) < 40, (family, small.decoded)
     monkeypatch.undo()
