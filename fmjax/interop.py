@@ -589,6 +589,9 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
   if not isinstance(hf, dict):
     raise ConfigError(f"{model_dir}/config.json holds a JSON {type(hf).__name__}, not a Hugging Face model config "
                       "(an object); copy it again from the model's repository")
+  if "model_type" not in hf and isinstance(hf.get("model"), dict):  # an fmjax run's own config.json
+    raise ConfigError(f"--model_dir={model_dir} is an fmjax workdir, which needs no import: pass it as --workdir "
+                      "(generate, eval, export) or --config.init_from (train, finetune, sft)")
   settings = model_settings_from_hf(hf)
   family = settings["family"]
   tokenizer = read_hf_tokenizer(model_dir)

@@ -573,7 +573,12 @@ def test_damaged_or_mismatched_hf_files_are_one_line(gpt_dir, bert_dir, tmp_path
   (bpe_bert / "vocab.txt").unlink()
   for f in ("vocab.json", "merges.txt"):
     shutil.copy(gpt_dir[0] / f, bpe_bert)
-  for src, match in ((listed, "config.json holds a JSON list, not a Hugging Face model config"),
+  ours = tmp_path / "fmjax_run"  # an fmjax workdir given where an HF directory goes
+  ours.mkdir()
+  (ours / "config.json").write_text(json.dumps({"model": {"family": "gpt"}, "data": {}}))
+  for src, match in ((ours, r"is an fmjax workdir, which needs no import: pass it as --workdir \(generate, eval, "
+                            r"export\) or --config.init_from"),
+                     (listed, "config.json holds a JSON list, not a Hugging Face model config"),
                      (utf16, "config.json is not UTF-8 text"),
                      (typed, "config.json has a value of the wrong type .*'d_model'"),
                      (sharded, "model.safetensors.index.json has no \"weight_map\""),
