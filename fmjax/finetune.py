@@ -226,20 +226,23 @@ def _saved_config(init_from: str) -> dict | None:
   return data.resolve_tokenizer_path(saved, init_from) if saved is not None else None
 
 
-def adopt_pretrain_settings(config, init_from: str) -> list[str]:
+def adopt_pretrain_settings(config, init_from: str, *, resumed: str = "") -> list[str]:
   """Checks that init_from holds this model and takes its tokenizer settings; returns what changed.
 
   Raises ConfigError for a fine-tuning workdir and CheckpointMismatchError (one line) for a
-  checkpoint of another family or size.
+  checkpoint of another family or size. `resumed`: the workdir of a run to resume, whose config.json
+  holds what init_from gave it when it started: taken from there, it needs init_from no more.
   """
   from fmjax import data
   from fmjax.checkpoint import ADOPTED_MODEL_KEYS, check_same_model
-  if not files.isdir(init_from):
+  if resumed:
+    init_from = resumed
+  elif not files.isdir(init_from):
     raise ConfigError(f"init_from={init_from!r} does not exist; pass the --workdir of a `fmjax train` run")
   saved = _saved_config(init_from)
   if saved is None:
     return []
-  if is_classifier_run(saved):
+  if is_classifier_run(saved) and not resumed:
     raise ConfigError(f"init_from={init_from} is a `fmjax finetune` (classifier) workdir; pass the --workdir of a "
                       "pretraining (`fmjax train`) or `fmjax sft` run, whose language model holds the trunk to load")
   check_same_model(saved, config.model, init_from)
@@ -460,13 +463,15 @@ def run(config, workdir: str) -> dict:
   config_lib.validate(config, jax.device_count())
   config = ml_collections.ConfigDict(config.to_dict())  # our own copy: init_from may set tokenizer keys
   init_from = config.init_from
-  adopted = adopt_pretrain_settings(config, init_from) if init_from else []
+  # A workdir with checkpoints resumes them and needs no init_from checkpoint; a new one checks it now. Its
+  # config.json has the settings init_from gave it, so the same command resumes it once init_from has moved.
+  resuming = bool(ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")))
+  own = resuming and files.exists(os.path.join(workdir, "config.json"))
+  adopted = adopt_pretrain_settings(config, init_from, resumed=workdir if own else "") if init_from else []
   task = tasks.load_task(config)
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)
   tx, spec, make = setup(config, task, mesh)
-  # A workdir with checkpoints resumes them and needs no init_from checkpoint; a new one checks it now.
-  resuming = bool(ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")))
   init_step = source_step(config, spec, init_from) if init_from and not resuming else None
   tok = _run_tokenizer(config, workdir, resuming)
   if tok.vocab_size > config.model.vocab_size:
@@ -640,6 +645,12 @@ def evaluate(workdir: str, split: str = "validation", step: int | None = None, b
 # ----------------------------------------------------------------------------- sweeps
 
 
+def _config_without_task(arg) -> str:
+  """A sweep entry's `config` arg less its task: `task=sst2,peft=lora` -> `peft=lora` (empty: the task alone)."""
+  flags, kv = config_lib.parse_arg(str(arg))
+  return ",".join(flags + [f"{k}={v}" for k, v in kv.items() if k != "task"])
+
+
 def summarize(root: str, runs: Sequence) -> dict:
   """Mean ± std over seeds of each task's metrics per setting, and the best learning rate per task.
 
@@ -655,7 +666,10 @@ def summarize(root: str, runs: Sequence) -> dict:
     result = files.read_json(os.path.join(root, name, RESULTS_FILE))
     if result is None:
       continue
-    fixed = {k: v for k, v in entry.items() if not sweep.is_seed_key(k) and k not in ("config", "command", "task.name")}
+    # A `config` arg's task= is the row's task; its other args (peft=, model=, size=) are settings to compare.
+    fixed = {k: _config_without_task(v) if k == "config" else v for k, v in entry.items()
+             if not sweep.is_seed_key(k) and k not in ("command", "task.name")}
+    fixed = {k: v for k, v in fixed.items() if k != "config" or v}
     arm = sweep.run_name({k: v for k, v in fixed.items() if k not in _RATE_KEYS})
     groups.setdefault((result["task"], arm, sweep.run_name(fixed)), []).append(result)
   rows = []

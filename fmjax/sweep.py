@@ -188,16 +188,19 @@ def check(runs: Sequence[Run], root: str | None = None, running: bool = False) -
       raise ConfigError(f"sweep run {run.name}: {e}") from None
     configs[run.name] = flat_config(config)
   # A local init_from that is not there fails every run that reads it, each after the runs before it:
-  # say so now (one a run of this sweep makes, or a bucket path, is left to the run).
+  # say so now (one a run of this sweep makes, or a bucket path, is left to the run). A run with
+  # checkpoints of its own resumes them (or is done) and reads init_from no more: it may have moved.
   listed = {}  # init_from -> its saved steps
   for run in runs:
     source = str(configs[run.name].get("init_from") or "")
     inside = root is not None and files.absolute(source).startswith(files.absolute(root).rstrip("/") + "/")
+    local = source and not files.is_remote(source) and not inside and root and not files.is_remote(root)
+    if local and checkpoint.saved_steps(os.path.join(root, run.name, "checkpoints")):
+      continue
     if source and not files.is_remote(source) and not inside and not files.isdir(source):
       raise ConfigError(f"sweep run {run.name}: init_from={source!r} does not exist (read from {os.getcwd()}); "
                         "pass the --workdir of a `fmjax train` run")
-    local = source and not files.is_remote(source) and not inside and root and not files.is_remote(root)
-    if running and local and not checkpoint.saved_steps(os.path.join(root, run.name, "checkpoints")):
+    if running and local:
       if source not in listed:
         listed[source] = checkpoint.saved_steps(os.path.join(source, "checkpoints"))
       try:

@@ -192,6 +192,28 @@ def test_preempted_finetune_saves_and_resumes_exactly(files, monkeypatch, tmp_pa
   jax.tree.map(np.testing.assert_array_equal, _params(workdir, None), _params(straight, None))
 
 
+def test_a_preempted_finetune_resumes_after_its_init_from_moved(pretrained, files, monkeypatch, tmp_path):
+  """The run's checkpoint and config.json hold all it took from init_from: rerunning the same command
+  resumes it (as `fmjax sft` does) also once the pretraining workdir has moved or been deleted."""
+  source = str(tmp_path / "pretrain")
+  shutil.copytree(pretrained, source)
+  overrides = (f"init_from={source}", "train.steps=4")
+  straight = str(tmp_path / "straight")
+  finetune.run(ft_config(files, *overrides), straight)
+  workdir = str(tmp_path / "preempted")
+  with monkeypatch.context() as m:
+    m.setattr(ckpt_lib.PreemptionWatcher, "should_stop", lambda self, step: step == 2)
+    assert finetune.run(ft_config(files, *overrides), workdir)["preempted"]
+  os.rename(source, str(tmp_path / "moved"))
+  result, log = _run_logged(ft_config(files, *overrides), workdir)
+  assert not result["preempted"] and result["step"] == 4 and "Resumed from step 2" in log
+  assert result["start"] == "init_from" and result["init_from"] == source
+  jax.tree.map(np.testing.assert_array_equal, _params(workdir, None), _params(straight, None))
+  # A new run still needs its init_from.
+  with pytest.raises(ConfigError, match=r"init_from='.*/pretrain' does not exist"):
+    finetune.run(ft_config(files, *overrides), str(tmp_path / "new"))
+
+
 def test_checkpoint_of_another_size_or_family_is_one_line(pretrained, files, tmp_path):
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"holds a bert model \(d_model=32\).*d_model=64") as e:
     finetune.run(ft_config(files, f"init_from={pretrained}", "model.d_model=64"), str(tmp_path / "a"))
@@ -540,6 +562,27 @@ def test_sweep_summary_tunes_the_rate_per_arm(tmp_path):
   assert "| init_from=pre,optim.lr=0.001 | 2 | 85.0 ± 7.1 |" in best
   assert "| init_from=,optim.lr=0.003 | 2 | 55.0 ± 7.1 |" in best
   assert best.count("| pydoc_family |") == 2
+
+
+def test_sweep_summary_keeps_apart_the_runs_of_other_config_args(tmp_path):
+  """A sweep over `config` args beside the task (peft=, model=, size=) compares those runs: each is an
+  arm with its own rows and best rate, never seeds of one setting. The task= part is the row's task."""
+  entries = sweep.product({"config": ["task=pydoc_family,peft=head", "task=pydoc_family,peft=lora"]},
+                          {"optim.lr": [1e-3, 3e-3]}, {"train.seed": [0, 1]})
+  runs = sweep.expand("configs/finetune_cls.py", [{"command": "finetune", **e} for e in entries])
+  scores = {("peft=head", 1e-3): 0.3, ("peft=head", 3e-3): 0.4, ("peft=lora", 1e-3): 0.8, ("peft=lora", 3e-3): 0.6}
+  for run in runs:
+    entry = dict(run.entry)
+    acc = scores[(entry["config"].split(",")[1], entry["optim.lr"])] + 0.1 * entry["train.seed"]
+    os.makedirs(tmp_path / run.name)
+    with open(tmp_path / run.name / finetune.RESULTS_FILE, "w") as f:
+      json.dump({"task": "pydoc_family", "main_metric": "accuracy", "eval": {"accuracy": acc}}, f)
+  summary = finetune.summarize(str(tmp_path), runs)
+  best = summary["markdown"].split("\n\n")[0]
+  assert "| pydoc_family | accuracy | config=peft=head,optim.lr=0.003 | 2 | 45.0 ± 7.1 |" in best
+  assert "| pydoc_family | accuracy | config=peft=lora,optim.lr=0.001 | 2 | 85.0 ± 7.1 |" in best
+  assert best.count("| pydoc_family |") == 2 and len(summary["rows"]) == 4
+  assert all(row["seeds"] == 2 for row in summary["rows"])
 
 
 

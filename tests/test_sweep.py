@@ -228,6 +228,25 @@ def test_the_sweep_refuses_what_would_be_ignored_or_clash(tmp_path, monkeypatch)
   assert not sweep.run_sweep(GPT, sweep.product({"optim.lr": [1e-3]}), str(root), out=io.StringIO())["failed"]
 
 
+def test_runs_with_checkpoints_of_their_own_need_no_init_from(tmp_path, monkeypatch):
+  """A fine-tuning sweep rerun after its pretraining workdir moved: the runs that saved resume (or are
+  done) without init_from, so only a run that still has to read it is refused, before anything starts."""
+  _fake_runs(monkeypatch, "import sys; sys.exit(0)")
+  root = tmp_path / "ft"
+  entries = [{"command": "finetune", **e} for e in sweep.product({"optim.lr": [1e-3, 3e-3]})]
+  overrides = [f"init_from={tmp_path / 'moved_away'}"]
+  for lr in ("0.001", "0.003"):
+    os.makedirs(root / f"command=finetune,optim.lr={lr}" / "checkpoints" / "300")
+    (root / f"command=finetune,optim.lr={lr}" / "checkpoints" / "300" / ckpt_lib.COMMIT_MARKER).write_text("")
+  result = sweep.run_sweep("configs/finetune_cls.py", entries, str(root), base_overrides=overrides,
+                           out=io.StringIO())
+  assert not result["failed"] and [r["status"] for r in result["table"].rows] == ["done", "done"]
+  with pytest.raises(ConfigError, match=r"sweep run command=finetune,optim.lr=0.01: init_from='\S+/moved_away' "
+                                        r"does not exist"):
+    sweep.run_sweep("configs/finetune_cls.py", entries + [{"command": "finetune", "optim.lr": 1e-2}], str(root),
+                    base_overrides=overrides, out=io.StringIO())
+
+
 def test_a_damaged_done_marker_reruns_its_run(tmp_path, monkeypatch):
   _fake_runs(monkeypatch, "import sys; sys.exit(0)")
   root = str(tmp_path / "sweep")
