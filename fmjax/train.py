@@ -334,7 +334,7 @@ def _run(config, workdir: str, locked: list) -> dict:
   files.makedirs(workdir)
 
   if config.get("init_from"):
-    _adopt_model_settings(config, config.init_from)  # before the model's graph is built with them
+    _adopt_model_settings(config, config.init_from, workdir)  # before the model's graph is built with them
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)
   tx = optim.make_optimizer(config)
@@ -729,16 +729,20 @@ def _check_data(path: str, resume) -> str:
   return fingerprint
 
 
-def _adopt_model_settings(config, source_dir: str) -> None:
+def _adopt_model_settings(config, source_dir: str, workdir: str) -> None:
   """Continued pretraining computes as init_from did: its settings that are no shape but change the
   numbers (`checkpoint.ADOPTED_MODEL_KEYS`, e.g. an imported model's LayerNorm epsilon) are taken
-  from its config, on a resume too, so that the run's recorded config stays the same."""
+  from its config, on a resume too (from the run's own config.json once init_from has moved), so
+  that the run's recorded config stays the same."""
   from fmjax import checkpoint as ckpt_lib
   source = files.read_json(os.path.join(source_dir, "config.json"))  # None: _init_from names what is missing
+  if source is None:
+    source_dir, source = workdir, files.read_json(os.path.join(workdir, "config.json"))
   theirs = source.get("model") if isinstance(source, dict) else None
   for key in ckpt_lib.ADOPTED_MODEL_KEYS if isinstance(theirs, dict) else ():
     if key in theirs and theirs[key] != config.model[key]:
-      log.info("model.%s=%r, as init_from=%s computed (not %r)", key, theirs[key], source_dir, config.model[key])
+      log.info("model.%s=%r, as init_from computed (read from %s/config.json; not %r)", key, theirs[key], source_dir,
+               config.model[key])
       with config.unlocked():
         config.model[key] = theirs[key]
 

@@ -809,10 +809,13 @@ def test_init_from_computes_with_the_sources_layer_norm_eps(reference, cache_dir
   assert config.model.layer_norm_eps != 1e-6
   with capture_log() as lines:
     train.run(config, str(workdir))
-  assert any(f"model.layer_norm_eps=1e-06, as init_from={source} computed" in l for l in lines), lines
+  assert any(f"model.layer_norm_eps=1e-06, as init_from computed (read from {source}/config.json" in l for l in lines), lines
   assert json.loads((workdir / "config.json").read_text())["model"]["layer_norm_eps"] == 1e-6
   again = load(cache_dir, f"init_from={source}", "train.steps=2", "train.eval_batches=0")
   assert train.run(again, str(workdir))["step"] == 2  # no "different model/data setup" on the resume
+  shutil.rmtree(source)  # init_from gone: the run's own config.json says what it computed with
+  assert train.run(load(cache_dir, f"init_from={source}", "train.steps=3", "train.eval_batches=0"),
+                   str(workdir))["step"] == 3
 
 
 def test_init_from_starts_at_step_zero_with_the_source_params(reference, cache_dir):
