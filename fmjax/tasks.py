@@ -505,6 +505,9 @@ def check_labels(task: Task, declared: int = -1) -> None:
     return
   for split, examples in task.splits.items():
     bad = sorted({y for _, y in examples if not (float(y).is_integer() and 0 <= y < task.num_classes)})
+    if bad and min(bad) < 0:  # no class count takes a negative id (-1/1 labels)
+      raise ConfigError(f"task {task.name} split {split} has labels {bad[:5]}, and class ids count from 0; renumber "
+                        "them 0..K-1, or write them as strings (class names, e.g. \"-1\" and \"1\")")
     if bad:
       raise ConfigError(f"task {task.name} split {split} has labels {bad[:5]} outside 0..{task.num_classes - 1} "
                         f"of its {task.num_classes}-class head; fix the labels or task.num_classes")

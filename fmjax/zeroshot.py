@@ -318,7 +318,8 @@ def run(workdir: str, task: str, *, split: str | None = None, limit: int = 0, st
   if saved is not None and not isinstance(model, dict):
     config_lib.check_saved(saved, path)  # damaged: one line naming it (the rest is checked on restore)
   if isinstance(model, dict) and model.get("family") == "bert":
-    raise ConfigError(f"{workdir} holds a BERT (masked LM); zero-shot multiple choice scores a causal LM's "
+    what = "BERT classifier" if "task" in saved else "BERT (masked LM)"
+    raise ConfigError(f"{workdir} holds a {what}; zero-shot multiple choice scores a causal LM's "
                       "continuations: pass the --workdir of a GPT run")
   restored = generate.restore_run(workdir, step)  # a classifier workdir is refused there
   config = restored.config

@@ -180,6 +180,10 @@ def test_file_task_errors_are_one_line(tmp_path, cache_dir):
   with pytest.raises(ConfigError, match=r"labels \[2.0\] outside 0..1 of its 2-class head") as e:
     tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.num_classes=2"))
   assert "\n" not in str(e.value)
+  signs = _write_jsonl(tmp_path / "s.jsonl", [{"sentence": "a b c", "label": -1}, {"sentence": "d e", "label": 1}])
+  with pytest.raises(ConfigError, match=r"labels \[-1.0\], and class ids count from 0; renumber them 0..K-1, or "
+                                        r"write them as strings \(class names"):  # no task.num_classes could help
+    tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={signs}", "task.text_columns=sentence"))
   with pytest.raises(ConfigError, match="matches no file"):
     tasks.load_task(ft_config(cache_dir, "task.name=csv", f"task.files={tmp_path}/missing*.csv"))
   # A missing validation file names its own key, not task.files (which is there).

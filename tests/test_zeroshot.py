@@ -143,6 +143,9 @@ def test_eval_task_mistakes_are_one_line(gpt_run, tmp_path, capsys):
   bert = tmp_path / "bert"
   bert.mkdir()
   (bert / "config.json").write_text(json.dumps({"model": {"family": "bert"}, "train": {}}))
+  classifier = tmp_path / "classifier"
+  classifier.mkdir()
+  (classifier / "config.json").write_text(json.dumps({"model": {"family": "bert"}, "train": {}, "task": {}}))
   for argv, error in (
       ([f"--workdir={gpt_run / 'gpt'}", f"--task=jsonl:{bad}"], f"{bad}:1 is not {{\"context\": str, \"choices\""),
       ([f"--workdir={gpt_run / 'gpt'}", f"--task=jsonl:{boolean}"], "\"label\": index of the right one}\n"),
@@ -151,6 +154,7 @@ def test_eval_task_mistakes_are_one_line(gpt_run, tmp_path, capsys):
       ([f"--workdir={gpt_run / 'gpt'}", "--task=continuation", "--limit=3"], "a limit of 3 (--limit, or "
        "train.zeroshot_limit) is below the 4 passages the continuation task needs"),
       ([f"--workdir={bert}", "--task=piqa"], "holds a BERT (masked LM); zero-shot multiple choice scores a causal"),
+      ([f"--workdir={classifier}", "--task=piqa"], "holds a BERT classifier; zero-shot multiple choice scores a"),
   ):
     assert cli.main(["eval", *argv]) == 2
     err = capsys.readouterr().err
