@@ -172,7 +172,7 @@ def test_csv_and_jsonl_tasks_with_declared_columns(tmp_path, cache_dir):
   assert reg.splits == {"train": [(("fine day",), 0.5), (("bad day",), -1.25)], "validation": [(("ok day",), 0.0)]}
 
 
-def test_file_task_errors_are_one_line(tmp_path, cache_dir):
+def test_file_task_errors_are_one_line(tmp_path, cache_dir, caplog):
   path = _write_jsonl(tmp_path / "t.jsonl", [{"sentence": "a b c", "label": 0}, {"sentence": "d e", "label": 2}])
   with pytest.raises(ConfigError, match=r"no column 'text'.*one of \['label', 'sentence'\]") as e:
     tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.text_columns=text"))
@@ -180,6 +180,12 @@ def test_file_task_errors_are_one_line(tmp_path, cache_dir):
   with pytest.raises(ConfigError, match=r"labels \[2.0\] outside 0..1 of its 2-class head") as e:
     tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.num_classes=2"))
   assert "\n" not in str(e.value)
+  stars = _write_jsonl(tmp_path / "r.jsonl", [{"sentence": f"text {i}", "label": 1 + i % 2} for i in range(20)])
+  with caplog.at_level("WARNING", logger="fmjax"):
+    assert tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={stars}", "task.text_columns=sentence"
+                                     )).num_classes == 3
+  assert ("integer labels run 1..2 and class ids count from 0, so class 0 never occurs and the head has 3 outputs "
+          "(and a two-class task's F1 is not reported); renumber them 0..1" in caplog.text), caplog.text
   signs = _write_jsonl(tmp_path / "s.jsonl", [{"sentence": "a b c", "label": -1}, {"sentence": "d e", "label": 1}])
   with pytest.raises(ConfigError, match=r"labels \[-1.0\], and class ids count from 0; renumber them 0..K-1, or "
                                         r"write them as strings \(class names"):  # no task.num_classes could help
