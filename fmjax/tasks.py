@@ -28,6 +28,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -326,7 +327,6 @@ def _label_ids(raw: list, num_classes: int, where: str) -> tuple[list[float], tu
                         f"as strings, or set task.num_classes={top + 1} if that many classes are meant")
     names = tuple(str(i) for i in range(max(max(ids) + 1, num_classes))) if ids else ()
     if ids and min(ids) == 1 and num_classes == -1:  # star ratings 1..5, or 1/2 for two classes
-      import logging
       logging.getLogger("fmjax").warning(
           "%s: integer labels run 1..%d and class ids count from 0, so class 0 never occurs and the head has %d "
           "outputs%s; renumber them 0..%d, or write them as strings (class names)", where, top, top + 1,
