@@ -232,7 +232,11 @@ def make_loaders(config, tok, batch_sharding, rows=None) -> tuple[RowLoader, Row
   is held out."""
   rows = load_rows(config, tok) if rows is None else rows
   b = config.train.batch_size
-  train_loader = RowLoader(rows["train"], b, batch_sharding, seed=config.data.seed, shuffle=True)
+  # As fine-tuning orders its examples: train.seed too, so that a sweep's seeds are repeats that differ
+  # (the trunk comes from init_from and dropout is off: the order is all a seed changes). train.seed=0
+  # keeps the order data.seed alone gave.
+  seed = config.train.seed * 1_000_003 + config.data.seed
+  train_loader = RowLoader(rows["train"], b, batch_sharding, seed=seed, shuffle=True)
   eval_loader = (RowLoader(rows["eval"], b, batch_sharding, seed=config.data.seed, shuffle=False)
                  if rows["eval"] is not None else None)
   return train_loader, eval_loader

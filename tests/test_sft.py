@@ -265,3 +265,22 @@ def test_null_completions_are_skipped_and_non_utf8_is_one_line(tmp_path, caplog)
   with pytest.raises(ConfigError, match=r"latin.jsonl is not UTF-8 text \(byte 15\)") as e:
     sft.read_examples(str(latin))
   assert "\n" not in str(e.value)
+
+
+def test_train_seed_orders_the_rows_as_fine_tuning_does():
+  """A sweep's seeds are repeats that differ: the trunk comes from init_from and dropout is off, so the
+  row order is all train.seed can change. train.seed=0 keeps data.seed's order."""
+  rows = {"inputs": np.arange(64, dtype=np.int32).reshape(16, 4), "segment_ids": np.ones((16, 4), np.int32),
+          "loss_weights": np.ones((16, 4), np.float32)}
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def order(*overrides):
+    config = config_lib.load_config("configs/sft.py", ["train.batch_size=4", *overrides])
+    train_loader, _ = sft.make_loaders(config, None, sharding, rows={"train": rows, "eval": None})
+    return np.concatenate([train_loader.dataset_rows(s) for s in range(4)])
+
+  seed0, seed1 = order("train.seed=0"), order("train.seed=1")
+  assert sorted(seed0) == sorted(seed1) == list(range(16)) and list(seed0) != list(seed1)
+  by_data_seed = sft.RowLoader(rows, 4, sharding, seed=0, shuffle=True)  # the order before train.seed counted
+  np.testing.assert_array_equal(seed0, np.concatenate([by_data_seed.dataset_rows(s) for s in range(4)]))
+  assert list(order("train.seed=0", "data.seed=3")) != list(seed0)
