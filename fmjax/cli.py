@@ -112,6 +112,8 @@ def cmd_data(argv):
   if not argv or argv[0] != "prepare":
     raise ConfigError(usage)
   _, config = _load("fmjax data prepare", argv[1:], False)
+  from fmjax.data import sources
+  sources.check_held_out_apart(config)  # what it prepares is for training
   from fmjax import checkpoint, metrics
   metrics.setup_logging("stderr")  # its notes (parts kept, waiting for another process); stdout: the path
   try:
@@ -127,7 +129,6 @@ def cmd_data(argv):
     print(f"{split}: {s['num_docs']:,} documents, {s['num_text_tokens']:,} tokens, {s['num_rows']:,} rows of "
           f"{meta['seq_len']} in {len(s.get('parts') or [0])} part(s)", file=sys.stderr)
   if meta.get("mixture"):
-    from fmjax.data import sources
     shares = [(m["dataset"], m["share"]) for m in meta["mixture"]]
     rows = sources.batch_rows(config.train.batch_size, shares)
     print(f"mixture: each batch of {config.train.batch_size} rows holds "

@@ -123,7 +123,12 @@ def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None,
                         "pass --split=train")
     what = "completion tokens"
   else:  # a mixture's split: each dataset's rows scored on their own (train.evaluate)
-    loader = data.held_out_loaders(config, sharding=batch_sharding, split=split, tok=tok)
+    from fmjax.data import sources
+    # Other text's held-out split alone is tokenised, not its train split too (C4's, to score 2 batches).
+    scored = sources.held_out_only(config) if data_overrides and split == "eval" else config
+    loader = data.held_out_loaders(scored, sharding=batch_sharding, split=split, tok=tok)
+    if isinstance(loader, dict):  # named as given (an item's own train_split is in its name)
+      loader = dict(zip(sources.labels(sources.mixture(config.data.dataset)), loader.values()))
     what = "next tokens" if config.train.objective == "clm" else "masked tokens"
   most = max(one.num_batches for one in (loader.values() if isinstance(loader, dict) else [loader]))
   if batches is None:

@@ -330,6 +330,7 @@ def _run(config, workdir: str, locked: list) -> dict:
   zeroshot_names = zeroshot.check_tasks(config)
   if not files.isdir(os.path.join(workdir, "checkpoints")):
     sources.check_config(config)  # a bad data setting on a fresh start leaves no workdir behind
+    sources.check_held_out_apart(config)
     _refuse_foreign(workdir)
   files.makedirs(workdir)
 

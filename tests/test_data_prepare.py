@@ -288,7 +288,8 @@ def test_a_split_one_dataset_of_a_mixture_lacks_is_set_in_its_item(tmp_path):
   builder = types.SimpleNamespace(info=types.SimpleNamespace(splits={"train": None}))
   alone = sources.component(config, wiki)
   with pytest.raises(config_lib.ConfigError, match=r"^dataset 'wikipedia/20230601.en' has no split 'validation'; set "
-                     r"data.eval_split to one of \['train'\] \(a TFDS split spec: e.g. 'train\[99%:\]'\)$"):
+                     r"data.eval_split to one of \['train'\] \(a TFDS split spec: e.g. 'train\[99%:\]', with train_split "
+                     r"cut to the rest, 'train\[:99%\]'\)$"):
     sources._check_split(alone, builder, "validation", "eval")
   with pytest.raises(config_lib.ConfigError, match=r"has no split 'validation'; in a mixture give this dataset its "
                      r"own eval_split in data.dataset, 'wikipedia/20230601.en\(eval_split=...\)=WEIGHT', with "
@@ -298,6 +299,43 @@ def test_a_split_one_dataset_of_a_mixture_lacks_is_set_in_its_item(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"^data.seq_len"):  # any other error passes as it was
     with sources.in_item(wiki):
       raise config_lib.ConfigError("data.seq_len is wrong")
+
+
+def test_a_held_out_split_that_reads_trained_records_is_refused_before_anything_is_made(tmp_path, capsys):
+  """Following 'set data.eval_split to train[99%:]' alone leaves data.train_split=train: every held-out
+  document would be trained on too. Training and `fmjax data prepare` refuse it in one line."""
+  write_corpus(tmp_path / "c")
+  over = {"data.dataset": "text_files", "data.files": str(tmp_path / "c" / "*"), "data.eval_split": "train[90%:]"}
+  config = tiny("gpt", tmp_path / "cache", **over)
+  with pytest.raises(config_lib.ConfigError, match=r"^dataset 'text_files': data.eval_split='train\[90%:\]' reads "
+                     r"records that data.train_split='train' trains on, so held-out figures would be on trained text; "
+                     r"set data.train_split to e.g. 'train\[:90%\]'$"):
+    sources.check_held_out_apart(config)
+  from fmjax import cli
+  argv = ["data", "prepare", "--config=configs/gpt.py:tiny", *(f"--config.{k}={v}" for k, v in over.items()),
+          f"--config.data.cache_dir={tmp_path / 'cache'}"]
+  assert cli.main(argv) == 2
+  assert "set data.train_split to e.g. 'train[:90%]'" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "cache" / "datasets")
+  from fmjax import train
+  with pytest.raises(config_lib.ConfigError, match="reads records that data.train_split='train' trains on"):
+    train.run(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+  # In a mixture, the item that needs it is told to take its own train_split.
+  config.data.update(dataset=f"fmjax_corpus=1,text_files(files={tmp_path}/c/*; eval_split=train)=1",
+                     eval_split="validation")
+  with pytest.raises(config_lib.ConfigError, match=r"in a mixture give this dataset its own train_split in "
+                     r"data.dataset, 'text_files\(train_split=...\)=WEIGHT'"):
+    sources.check_held_out_apart(config)
+  for train_split, eval_split in [("train", "validation"), ("train[:90%]", "train[90%:]"),
+                                  ("train[:100]", "train[100:]"), ("train[10%:]+validation", "train[:10%]"),
+                                  ("train[:-100]", "train[-100:]")]:
+    config.data.update(dataset="text_files", train_split=train_split, eval_split=eval_split)
+    sources.check_held_out_apart(config)  # apart (or, with negative bounds, not known without the split's size)
+  for train_split, eval_split in [("train[:95%]", "train[90%:]"), ("train", "validation+train[:5]"), ("all", "test")]:
+    config.data.update(train_split=train_split, eval_split=eval_split)
+    with pytest.raises(config_lib.ConfigError, match="reads records that data.train_split"):
+      sources.check_held_out_apart(config)
 
 
 def test_fmjax_data_imports_without_tensorflow():
@@ -327,6 +365,26 @@ def test_null_text_non_utf8_and_one_document_corpora_are_one_line(tmp_path, capl
     with pytest.raises(config_lib.ConfigError, match=match) as e:
       data.prepare(bad)
     assert "\n" not in str(e.value)
+
+
+def test_a_jsonl_lone_surrogate_escape_is_replaced_not_a_traceback(tmp_path, caplog):
+  """Scraped text cut inside an emoji keeps half its surrogate pair (`\\ud83d`), which JSON allows
+  and UTF-8 cannot hold: it becomes U+FFFD, and whole pairs stay the characters they are."""
+  (tmp_path / "c").mkdir()
+  lines = [json.dumps({"text": f"document number {i} has a few more words than that"}) for i in range(40)]
+  lines += ['{"text": "cut short \\ud83d here"}', '{"text": "a whole pair \\ud83d\\ude00 here"}']
+  (tmp_path / "c" / "s.jsonl").write_text("\n".join(lines) + "\n")
+  config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "text_files",
+                                              "data.files": str(tmp_path / "c" / "s.jsonl"),
+                                              "data.seq_len": 16, "data.tokenizer.vocab_size": 300})
+  with caplog.at_level("WARNING", logger="fmjax"):
+    path = data.prepare(config)
+  docs = list(sources.documents(config, "train")) + list(sources.documents(config, "eval"))
+  assert len(docs) == 42 and "cut short \ufffd here" in docs and "a whole pair \U0001f600 here" in docs
+  assert any("replaced 1 lone surrogate escape(s)" in r.getMessage() and "s.jsonl:41" in r.getMessage()
+             for r in caplog.records)
+  meta = json.load(open(os.path.join(path, "meta.json")))
+  assert meta["splits"]["train"]["num_docs"] + meta["splits"]["eval"]["num_docs"] == 42
 
 
 def test_a_mixture_names_its_dataset_too_short_for_a_row(tmp_path):

@@ -120,6 +120,33 @@ def test_get_tokenizer_trains_once_and_caches(tmp_path):
   assert len(os.listdir(tmp_path / "tokenizers")) == 2
 
 
+def test_processes_that_train_one_tokenizer_at_once_all_take_the_one_saved_first(docs, tmp_path, monkeypatch):
+  """A sweep's runs start together and each trains the tokenizer; WordPiece comes out differently in
+  each process. The ones that lose the race to save it take the saved one, so all of them prepare
+  (and share) one cache, the one a later run finds."""
+  from fmjax.data import sources
+  config = tiny("bert", tmp_path, **{"data.tokenizer.vocab_size": 600})
+  theirs = tokenizers_lib.train(docs[:60], "wordpiece", 600, "mlm")  # what another process trained
+  real_train, real_fetch, where = tokenizers_lib.train, sources.fetch_shared, []
+
+  def fetch(config, rel, *args, **kwargs):  # the cache entry get_tokenizer saves into
+    where.append(real_fetch(config, rel, *args, **kwargs))
+    return where[-1]
+
+  def train_while_another_saves(*args, **kwargs):
+    mine = real_train(*args, **kwargs)
+    tokenizers_lib._save_atomic(theirs, where[-1])  # the other process saves first
+    return mine
+
+  monkeypatch.setattr(sources, "fetch_shared", fetch)
+  monkeypatch.setattr(tokenizers_lib, "train", train_while_another_saves)
+  tok = data.get_tokenizer(config)
+  assert tok.identity() == theirs.identity()
+  assert tokenizers_lib.load_tokenizer(where[-1]).identity() == theirs.identity()
+  monkeypatch.undo()
+  assert data.get_tokenizer(config).identity() == theirs.identity()  # a later run: the same
+
+
 def test_tokenizer_too_big_for_model(tmp_path):
   config = tiny("bert", tmp_path, **{"model.vocab_size": 1000})
   with pytest.raises(config_lib.ConfigError, match="model.vocab_size"):

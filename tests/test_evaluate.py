@@ -115,3 +115,32 @@ def test_eval_scores_other_text_with_config_data_overrides(tmp_path_factory, tmp
                      (["--config.data.shard_docs=0"], "data.shard_docs=0 must be at least 1")):
     assert cli.main(["eval", f"--workdir={run}", *bad]) == 2
     assert re.search(match, capsys.readouterr().err), bad
+
+
+def test_scoring_another_corpus_tokenises_its_held_out_split_only(tmp_path_factory, tmp_path):
+  """`fmjax eval --config.data.dataset=c4/en:3.1.0` scores C4's validation split: its train split
+  (hundreds of millions of documents) is never tokenised for it, in a mixture's items neither, and
+  the figures keep the names of the datasets as given."""
+  workdir, config = make_workdir(tmp_path_factory, "gpt")
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  data.save_run_tokenizer(data.get_tokenizer(config), str(run))
+  saved = json.loads((run / "config.json").read_text())
+  saved["data"]["cache_dir"] = str(tmp_path / "cache")  # nothing prepared there yet
+  (run / "config.json").write_text(json.dumps(saved))
+
+  def entries():
+    root = tmp_path / "cache" / "datasets"
+    for name in sorted(os.listdir(root)):
+      meta = root / name / "meta.json"
+      if meta.exists() and "mixture" not in json.loads(meta.read_text()):
+        yield name, {k: s["num_docs"] for k, s in json.loads(meta.read_text())["splits"].items()}
+
+  alone = evaluate.run(str(run), batches=1, data_overrides=["data.dataset=fmjax_corpus"])
+  ((name, docs),) = entries()
+  assert name.startswith("fmjax_corpus-") and docs["train"] == docs["eval"] < 100, docs  # 312 in its train split
+  three = "fmjax_corpus=1,text_files=1,text_files(train_split=train)=1"  # the last two named by their whole items
+  mixed = evaluate.run(str(run), batches=1, data_overrides=[f"data.dataset={three}"])
+  assert len(list(entries())) == 2 and all(docs["train"] == docs["eval"] for _, docs in entries())
+  assert mixed["fmjax_corpus_loss"] == alone["loss"]
+  assert mixed["text_files_train_split_train_loss"] == mixed["text_files_loss"]  # the same held-out rows

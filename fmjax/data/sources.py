@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -187,6 +188,74 @@ def _split_names(spec: str) -> list[str]:
   return [re.sub(r"\[.*\]$", "", part.strip()) for part in spec.split("+") if part.strip()]
 
 
+_PIECE = re.compile(r"(?P<name>[^\[\]]+?)(?:\[(?P<lo>-?[\d.]*)(?P<lo_pct>%?):(?P<hi>-?[\d.]*)(?P<hi_pct>%?)\])?")
+
+
+def _ranges(spec: str) -> list[tuple[str, str, float, float]]:
+  """(split, unit, start, stop) of each piece of a TFDS split spec, read without the split's size:
+  unit 'all' (the whole split), '%' or 'abs'; a piece whose records need that size (a negative
+  absolute bound) or that is no plain slice (shards) is left out."""
+  out = []
+  for part in (p.strip() for p in spec.split("+")):
+    m = _PIECE.fullmatch(part)
+    if m is None:
+      continue
+    name = m["name"].strip()
+    if m["lo"] is None:
+      out.append((name, "all", 0.0, math.inf))
+      continue
+    try:
+      lo, hi = float(m["lo"] or 0), None if not m["hi"] else float(m["hi"])
+    except ValueError:
+      continue
+    if m["lo_pct"] or m["hi_pct"]:
+      hi = 100.0 if hi is None else hi
+      out.append((name, "%", lo + 100 * (lo < 0), hi + 100 * (hi < 0)))
+    elif lo >= 0 and (hi is None or hi >= 0):
+      out.append((name, "abs", lo, math.inf if hi is None else hi))
+  return out
+
+
+def _complement(name: str, unit: str, lo: float, hi: float) -> str | None:
+  """The split spec of the records of split `name` outside [lo, hi), where that is one slice."""
+  pct = "%" if unit == "%" else ""
+  end = 100.0 if unit == "%" else math.inf
+  if lo > 0 and hi >= end:
+    return f"{name}[:{lo:g}{pct}]"
+  if lo == 0 and hi < end:
+    return f"{name}[{hi:g}{pct}:]"
+  return None
+
+
+def check_held_out_apart(config) -> None:
+  """The held-out split must hold no record of the train split: `data.eval_split=train[99%:]` beside
+  the default `data.train_split=train` would score the model on text it trained on. Checked for a
+  training run's data (`fmjax eval` may score any split of another corpus); raises ConfigError."""
+  d = config.data
+  parts = mixture(d.dataset)
+  if parts is not None:
+    for item, _ in parts:
+      with in_item(item):
+        check_held_out_apart(component(config, item))
+    return
+  train = _ranges(d.train_split)
+  for name, unit, lo, hi in _ranges(d.eval_split):
+    for t_name, t_unit, t_lo, t_hi in train:
+      if name != t_name and "all" not in (name, t_name):
+        continue
+      if "all" in (unit, t_unit):
+        overlap = lo < hi and t_lo < t_hi
+      else:
+        overlap = unit == t_unit and max(lo, t_lo) < min(hi, t_hi)
+      if not overlap:
+        continue
+      rest = _complement(name, unit, lo, hi) if t_unit == "all" and len(train) == 1 else None
+      instead = f"e.g. {rest!r}" if rest else "the records data.eval_split does not read"
+      raise ConfigError(f"dataset {d.dataset!r}: data.eval_split={d.eval_split!r} reads records that "
+                        f"data.train_split={d.train_split!r} trains on, so held-out figures would be on trained "
+                        f"text; set data.train_split to {instead}")
+
+
 # The settings one dataset of a mixture may have of its own: NAME(feature=...; eval_split=...)=WEIGHT.
 ITEM_SETTINGS = ("feature", "train_split", "eval_split", "files", "data_dir")
 
@@ -288,6 +357,25 @@ def component(config, item: str):
   c.data.dataset = name
   for key, value in settings.items():
     c.data[key] = value
+  return c
+
+
+def held_out_only(config):
+  """`config` whose train split is its held-out split, dataset by dataset (a mixture's items too): what
+  `fmjax eval` prepares to score another corpus's held-out text, since a prepared entry holds both
+  splits and that corpus's train split (all of C4's) is never read."""
+  c = copy.deepcopy(config)
+  c.data.train_split = c.data.eval_split
+  parts = mixture(c.data.dataset)
+  if parts is not None:
+    items = []
+    for item, share in parts:
+      name, settings = item_settings(item)
+      if "train_split" in settings or "eval_split" in settings:  # else the shared one, set above
+        settings["train_split"] = settings.get("eval_split", c.data.eval_split)
+      own = "; ".join(f"{k}={v}" for k, v in sorted(settings.items()))
+      items.append(f"{name}({own})={share!r}" if own else f"{name}={share!r}")
+    c.data.dataset = ",".join(items)
   return c
 
 
@@ -534,8 +622,10 @@ def _check_split(config, builder, spec: str, split: str) -> None:
     return
   for name in _split_names(spec):
     if name not in available:
+      cut = (f"e.g. '{available[0]}[99%:]', with train_split cut to the rest, '{available[0]}[:99%]'"
+             if split == "eval" else f"e.g. '{available[0]}[:99%]'")
       raise ConfigError(f"dataset {config.data.dataset!r} has no split {name!r}; set data.{split}_split to one of "
-                        f"{available} (a TFDS split spec: e.g. '{available[0]}[99%:]')")
+                        f"{available} (a TFDS split spec: {cut})")
 
 
 def split_spec(config, split: str) -> str:

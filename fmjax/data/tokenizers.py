@@ -321,7 +321,11 @@ def get_tokenizer(config, workdir: str | None = None) -> Tokenizer:
       if not seen:
         raise ConfigError(f"dataset {config.data.dataset!r} split {config.data.train_split!r} has no text "
                           "(empty corpus); check data.dataset, data.files and data.train_split")
-      _save_atomic(tok, directory)
+      if not _save_atomic(tok, directory):
+        # Another process trained it at the same time (a sweep's runs starting together) and saved
+        # first: take theirs, so that all of them share its cache. WordPiece and Unigram training
+        # differ from process to process, and ids of another vocabulary would be another dataset.
+        tok = load_tokenizer(directory)
       sources.share(config, rel)
   _check_fits(config, tok, what)
   return tok
@@ -342,15 +346,18 @@ def save_run_tokenizer(tok: Tokenizer, workdir: str) -> None:
   _save_atomic(tok, own)
 
 
-def _save_atomic(tok: Tokenizer, directory: str) -> None:
+def _save_atomic(tok: Tokenizer, directory: str) -> bool:
+  """Saves `tok` to `directory` whole; False where another process saved one there first (kept)."""
   os.makedirs(os.path.dirname(directory), exist_ok=True)
   tmp = files.make_temp_dir(os.path.dirname(directory))
   try:
     tok.save(tmp)
     os.rename(tmp, directory)
+    return True
   except OSError:
-    if not os.path.exists(os.path.join(directory, "tokenizer.json")):  # lost a race to another process: fine
+    if not os.path.exists(os.path.join(directory, "tokenizer.json")):
       raise
+    return False  # lost a race to another process
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
