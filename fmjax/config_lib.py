@@ -577,7 +577,7 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       seed=0,
       log_every=50,
       eval_every=500,           # 0: at the end only
-      eval_batches=8,           # 0: no held-out evaluation during training
+      eval_batches=8,           # held-out batches each eval, read grad_accum micro-batches at a time; 0: none
       nan_policy="abort",       # abort | skip
       progress_bar=True,
       wandb=False,              # also log to Weights & Biases (offline unless WANDB_MODE says otherwise)

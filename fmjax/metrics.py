@@ -106,6 +106,28 @@ def _tensorboard_writer(logdir: str, start_step: int):
   return SummaryWriter(logdir, flush_secs=30, purge_step=start_step + 1)
 
 
+def _ends_mid_line(path: str) -> bool:
+  """Whether the file at `path` exists and its last line has no newline."""
+  try:
+    with open(path, "rb") as f:
+      if f.seek(0, os.SEEK_END) == 0:
+        return False
+      f.seek(-1, os.SEEK_END)
+      return f.read(1) != b"\n"
+  except FileNotFoundError:
+    return False
+
+
+def format_duration(seconds: float) -> str:
+  """`HH:MM:SS`, after the days when there are any (`3d 04:05:06`: a pretraining run's ETA is often
+  days, which a time of day would wrap); `?` when not known."""
+  if seconds != seconds:
+    return "?"
+  days, rest = divmod(int(round(seconds)), 86400)
+  hms = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+  return f"{days}d {hms}" if days else hms
+
+
 class MetricsWriter:
   """Writes scalars to `workdir/metrics.jsonl` and TensorBoard; shows progress."""
 
@@ -119,10 +141,14 @@ class MetricsWriter:
       return
     # A bucket workdir gets these files whole every 30 s and at close (`files.Mirror`).
     self._mirror = files.Mirror(workdir, names=("metrics.jsonl",))
-    self._jsonl = open(os.path.join(self._mirror.root, "metrics.jsonl"), "a")
+    path = os.path.join(self._mirror.root, "metrics.jsonl")
+    # A line an earlier run's kill cut short is ended first: appended to it, this run's start record
+    # would be as unreadable as it, and the rows that record drops would stay in the history.
+    cut = _ends_mid_line(path)
+    self._jsonl = open(path, "a")
     # Where this run took over: rows an earlier run logged past it (a kill after the last save, or a
     # resume from an older checkpoint) are not this run's history (`report.read_metrics`).
-    self._jsonl.write(json.dumps({report.START_KEY: int(start_step)}) + "\n")
+    self._jsonl.write(("\n" if cut else "") + json.dumps({report.START_KEY: int(start_step)}) + "\n")
     self._jsonl.flush()
     try:
       self._tb = _tensorboard_writer(os.path.join(self._mirror.root, "tb"), start_step)
@@ -156,6 +182,11 @@ class MetricsWriter:
       self._wandb.log(scalars, step=step)
     self._mirror.sync()
 
+  def pace_from(self, step: int) -> None:
+    """Times the ETA from now and `step` on: the loop calls it once the run's first update, which
+    compiled (minutes for a large model), is done, as it does for tokens/s."""
+    self.start_time, self.start_step = time.time(), step
+
   def eta_seconds(self, step: int) -> float:
     done = step - self.start_step
     if done <= 0:
@@ -177,8 +208,7 @@ class MetricsWriter:
       self._bar.set_postfix_str(", ".join(parts))
       self._bar.refresh()
     else:
-      eta_s = "?" if eta != eta else time.strftime("%H:%M:%S", time.gmtime(eta))
-      log.info("step %d/%d  %s  ETA %s", step, self.total_steps, "  ".join(parts), eta_s)
+      log.info("step %d/%d  %s  ETA %s", step, self.total_steps, "  ".join(parts), format_duration(eta))
 
   def message(self, text: str) -> None:
     if not self.is_chief:

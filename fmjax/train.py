@@ -242,13 +242,15 @@ def _zeroshot_tasks(config, tok, names: list[str]) -> list[tuple]:
 
 def _held_out(config, graphdef, eval_step, eval_loader, zeroshot_tasks) -> Callable[[dict], dict] | None:
   """The loop's `evaluate`: held-out loss (train.eval_batches) and each zero-shot task's acc; None
-  when there is neither (no held-out figures, rather than zeros)."""
+  when there is neither (no held-out figures, rather than zeros). `eval_loader` reads micro-batches
+  (train.batch_size / train.grad_accum rows): eval_batches batches are grad_accum times as many."""
   from fmjax import zeroshot
   if config.train.eval_batches <= 0 and not zeroshot_tasks:
     return None
+  micro_batches = config.train.eval_batches * config.train.grad_accum
 
   def run(params) -> dict:
-    out = evaluate(eval_step, params, eval_loader, config.train.eval_batches) if config.train.eval_batches > 0 else {}
+    out = evaluate(eval_step, params, eval_loader, micro_batches) if config.train.eval_batches > 0 else {}
     for name, items, rows in zeroshot_tasks:
       logliks = zeroshot.score_rows(graphdef, params, rows, items,  # a micro-batch of rows: it fits as training does
                                     batch_size=config.train.batch_size // config.train.grad_accum)
@@ -362,7 +364,10 @@ def _run(config, workdir: str, locked: list) -> dict:
     tokenizer = _run_tokenizer(config, workdir, resume)
     data_id = _check_data(data.prepare(config, tokenizer), resume)
     train_loader = data.make_loader(config, "train", sharding=batch_sharding, tok=tokenizer)
-    eval_loader = data.held_out_loaders(config, sharding=batch_sharding, tok=tokenizer)
+    # Held-out rows go through as many at once as training's do (train.grad_accum): a batch that only
+    # fits split must not run the device out of memory at the first eval. The same rows are scored.
+    eval_loader = data.held_out_loaders(config, sharding=batch_sharding, tok=tokenizer,
+                                        batch_size=config.train.batch_size // config.train.grad_accum)
     # Loaded now: a zero-shot task that cannot load fails before training.
     zeroshot_tasks = _zeroshot_tasks(config, tokenizer, zeroshot_names)
 
@@ -505,6 +510,8 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
     m["skipped_steps"] = skipped
     last_train = m
     first = step == start + 1  # this process's first update compiled the step: its time is no speed
+    if first:
+      writer.pace_from(step)  # nor a pace for the ETA
     if step % config.train.log_every == 0 or step == total:
       now = time.time()
       if not first:

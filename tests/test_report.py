@@ -115,6 +115,26 @@ def test_a_run_opens_its_metrics_with_where_it_took_over(tmp_path):
   assert [(r["step"], r["train/loss"]) for r in report.read_metrics(str(tmp_path))] == [(1, 0.0), (2, 0.0), (3, 2.0)]
 
 
+def test_a_resume_after_a_kill_that_cut_a_line_short_still_drops_the_steps_it_trains_again(tmp_path):
+  """A kill mid-write leaves metrics.jsonl without its last newline: the resumed run's start record must
+  open a line of its own, not join the cut one (both were then skipped, and the dead run's steps and
+  evals past the resume point stayed in the report)."""
+  from fmjax import metrics
+  write_metrics(tmp_path, [{report.START_KEY: 0}, *({"step": s, "train/loss": 9.0} for s in (5, 10, 15)),
+                           {"step": 15, "eval/loss": 9.0}], tail='{"step": 20, "train/lo')
+  writer = metrics.MetricsWriter(str(tmp_path), total_steps=30, start_step=10, progress_bar=False)
+  writer.write(20, {"loss": 1.0}, prefix="train/")
+  writer.close()
+  records = report.read_metrics(str(tmp_path))
+  assert [(r["step"], r["train/loss"]) for r in records] == [(5, 9.0), (10, 9.0), (20, 1.0)]
+  assert report.series(records, "eval/loss") == ([], [])
+  # A file that ends where a line does, or none at all, gets no blank line.
+  fresh = tmp_path / "fresh"
+  for _ in range(2):
+    metrics.MetricsWriter(str(fresh), total_steps=30, progress_bar=False).close()
+  assert (fresh / "metrics.jsonl").read_text() == f'{{"{report.START_KEY}": 0}}\n' * 2
+
+
 def test_report_writes_table_csv_and_plots(tmp_path):
   write_metrics(tmp_path / "run", run_records())
   paths = report.report(str(tmp_path / "run"), str(tmp_path / "out"))

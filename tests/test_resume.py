@@ -590,6 +590,38 @@ def test_an_eval_that_fails_comes_after_the_save_of_its_step(cache_dir, tmp_path
   assert committed_steps(workdir) == [4]
 
 
+def test_held_out_rows_go_through_in_micro_batches_and_score_as_whole_batches(cache_dir, tmp_path, monkeypatch):
+  """train.grad_accum is there for a batch that fits only split: the eval reads its held-out rows as
+  training does, batch_size / grad_accum at a time (it ran whole batches, so the run that trained ran
+  out of device memory at its first eval), and scores the rows eval_batches whole batches hold."""
+  from fmjax import data
+  traced, figures = [], []
+  real_step, real_evaluate = train.make_eval_step, train.evaluate
+
+  def make_eval_step(config, graphdef, loss_fn=None):
+    step = real_step(config, graphdef, loss_fn)
+    def eval_step(params, batch):
+      traced.append(batch["inputs"].shape)  # at trace time: once a shape
+      return step(params, batch)
+    return eval_step
+
+  def evaluate(eval_step, params, loader, num_batches):
+    got = real_evaluate(eval_step, params, loader, num_batches)
+    whole = data.held_out_loaders(loader.config, sharding=loader.sharding, batch_size=8, tok=loader.tokenizer)
+    figures.append((list(traced), got, real_evaluate(eval_step, params, whole, 3)))
+    return got
+
+  monkeypatch.setattr(train, "make_eval_step", make_eval_step)
+  monkeypatch.setattr(train, "evaluate", evaluate)
+  # Batch 8 in 2 micro-batches of 4 rows, over a data axis of 4.
+  config = load(cache_dir, "train.steps=2", "train.grad_accum=2", "mesh.data=4", "mesh.tensor=2",
+                "train.eval_batches=3", "train.eval_every=2")
+  out = train.run(config, str(tmp_path / "w"))
+  (shapes, got, want), = figures
+  assert shapes == [(4, 32)]
+  assert got == pytest.approx(want, rel=1e-6) and out["eval"] == got
+
+
 def test_a_mixture_resumes_bitwise(cache_dir, tmp_path):
   """A mixture's batches are a function of the step too: 2 steps, a resume, 2 more equal 4 straight."""
   (tmp_path / "odd.txt").write_text("\n\n".join(" ".join(["zebra quartz vortex", "fjord glyph nymph"][i % 2] for _ in

@@ -1,6 +1,7 @@
 """The train step: learning, golden loss, accumulation, NaN policy, shardings on 8 fake devices."""
 
 import itertools
+import logging
 import math
 import re
 import time
@@ -489,6 +490,40 @@ def test_loop_logs_throughput_mfu_and_eta_by_a_clock_of_one_second_an_update(tmp
   clock[0] += 10.0
   assert writer.eta_seconds(30) == pytest.approx(70.0)  # 10 steps in 10 s, 70 to go
   writer.close()
+
+
+def test_eta_is_paced_by_the_updates_after_the_compiling_one_and_counts_days(tmp_path, monkeypatch):
+  """The log line's ETA: the first update (which compiles: 100 s here, then 1 s an update) sets no pace,
+  as for tokens/s, and a run with days to go says so rather than a time of day that wrapped."""
+  clock = [0.0]
+  fake_time = types.SimpleNamespace(time=lambda: clock[0], strftime=time.strftime, gmtime=time.gmtime)
+  monkeypatch.setattr(train, "time", fake_time)
+  monkeypatch.setattr(metrics_lib, "time", fake_time)
+  lines = []
+  handler = logging.Handler()
+  handler.emit = lambda record: lines.append(record.getMessage())
+  metrics_lib.log.addHandler(handler)
+  level = metrics_lib.log.level
+  metrics_lib.log.setLevel(logging.INFO)
+
+  def train_step(state, batch):
+    clock[0] += 100.0 if int(state["step"]) == 0 else 1.0
+    return {"step": state["step"] + 1}, {"loss": 1.0, "nonfinite": 0.0}
+
+  try:
+    config = tiny("gpt", "train.steps=6", "train.log_every=2", "train.progress_bar=false")
+    train.loop(config, {"step": 0}, itertools.repeat({}), train_step, checkpointer=_NoSaves(),
+               workdir=str(tmp_path / "run"), meta=lambda step: {}, evaluate=None, eval_message=str)
+    etas = [line.split("ETA ")[1] for line in lines if line.startswith("step ") and "ETA" in line]
+    assert etas == ["00:00:04", "00:00:02", "00:00:00"]  # 1 s an update (it said 00:03:24 at step 2)
+    writer = metrics_lib.MetricsWriter(str(tmp_path / "long"), 200_000, progress_bar=False)
+    clock[0] += 10.0
+    writer.progress(10, {"loss": 1.0})  # 1 s a step, 199,990 to go
+    writer.close()
+    assert lines[-1].endswith("ETA 2d 07:33:10"), lines[-1]
+  finally:
+    metrics_lib.log.removeHandler(handler)
+    metrics_lib.log.setLevel(level)
 
 
 def test_a_fresh_start_refuses_a_workdir_whose_config_json_is_another_programs(tmp_path, monkeypatch):
