@@ -387,6 +387,20 @@ def test_a_jsonl_lone_surrogate_escape_is_replaced_not_a_traceback(tmp_path, cap
   assert meta["splits"]["train"]["num_docs"] + meta["splits"]["eval"]["num_docs"] == 42
 
 
+def test_every_jsonl_reader_takes_a_lone_surrogate_as_u_fffd(tmp_path, caplog):
+  """Tasks, SFT rows and zero-shot items read .jsonl through one reader: a lone surrogate anywhere in a
+  record (a list of choices, a key) becomes U+FFFD there too, where it failed later with a traceback."""
+  path = tmp_path / "r.jsonl"
+  path.write_text('{"context": "ok", "choices": [" a \\udc00", " b"], "label": 0}\n'
+                  '{"prompt\\ud800": "x", "completion": "a whole pair \\ud83d\\ude00"}\n')
+  with caplog.at_level("WARNING", logger="fmjax"):
+    records = [r for _, r in sources.jsonl_records(str(path))]
+  assert records == [{"context": "ok", "choices": [" a \ufffd", " b"], "label": 0},
+                     {"prompt\ufffd": "x", "completion": "a whole pair \U0001f600"}]
+  assert f"replaced 2 lone surrogate escape(s) (\\ud800-\\udfff without its pair) with U+FFFD (the first at {path}:1)" \
+      in caplog.text, caplog.text
+
+
 def test_a_mixture_names_its_dataset_too_short_for_a_row(tmp_path):
   (tmp_path / "short.txt").write_text("\n\n".join(["kayak fjord", "zebra"] + [f"word{i}" for i in range(5)]) + "\n")
   config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "fmjax_corpus=3,text_files=1",

@@ -36,9 +36,6 @@ HELD_OUT_PERCENT = 10
 _SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__",
               "turtledemo", "ensurepip", "pydoc_data"}
 _BLANK_LINES = re.compile(r"\n[ \t]*\n+")
-# JSON may escape half of a surrogate pair alone (`"\ud83d"`: text cut inside an emoji, common in scraped
-# data); Python reads it into a str that has no UTF-8, which TFDS and the tokenizer need.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _doc_hash(text: str) -> int:
@@ -136,13 +133,12 @@ def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
   """(key, text) for every document in the files; see the module docstring for what a document is.
 
   JSONL records whose field is null carry no text: they are skipped, and counted in one log line.
-  Lone surrogate escapes in them become U+FFFD (the replacement character), counted likewise.
+  (`sources.jsonl_records` replaces lone surrogate escapes with U+FFFD.)
   """
   from fmjax.config_lib import ConfigError
   from fmjax.data import sources
 
   nulls, first_null, has_feature = 0, "", False
-  lone, first_lone = 0, ""
   # Keys (TFDS orders records by them) name files relative to the corpus's own directory, so a
   # corpus moved elsewhere comes out in the same order.
   base = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
@@ -166,9 +162,6 @@ def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
           raise ConfigError(f"{path}:{line}: {feature!r} is a JSON {type(record[feature]).__name__}, not text; fix "
                             "the record, or set data.feature to the field that holds the text")
         text = record[feature].strip()
-        if _LONE_SURROGATE.search(text):
-          text, n = _LONE_SURROGATE.subn("\ufffd", text)
-          lone, first_lone = lone + n, first_lone or f"{path}:{line}"
         if text:
           yield f"{key}:{line - 1}", text
       continue
@@ -185,9 +178,6 @@ def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
   if nulls:
     logging.getLogger("fmjax").warning("skipped %d record(s) whose %r is null (the first at %s)", nulls, feature,
                                        first_null)
-  if lone:
-    logging.getLogger("fmjax").warning("replaced %d lone surrogate escape(s) (\\ud800-\\udfff without its pair) in "
-                                       "%r with U+FFFD (the first at %s)", lone, feature, first_lone)
 
 
 class TextFiles(tfds.core.GeneratorBasedBuilder):

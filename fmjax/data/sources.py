@@ -116,9 +116,29 @@ def share(config, rel: str) -> None:
     files.copy_tree(os.path.join(local_cache_root(config), rel), os.path.join(root, rel))
 
 
+# JSON may escape half of a surrogate pair alone (`"\ud83d"`: text cut inside an emoji, common in scraped
+# data); Python reads it into a str that has no UTF-8, which TFDS, the tokenizer and our caches need.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(value: Any) -> tuple[Any, int]:
+  """`value` (a JSON record) with each lone surrogate in its strings replaced by U+FFFD, and how many."""
+  if isinstance(value, str):
+    return _LONE_SURROGATE.subn("\ufffd", value)
+  if isinstance(value, list):
+    out = [_without_lone_surrogates(v) for v in value]
+    return [v for v, _ in out], sum(n for _, n in out)
+  if isinstance(value, dict):
+    out = [(_without_lone_surrogates(k), _without_lone_surrogates(v)) for k, v in value.items()]
+    return {k: v for (k, _), (v, _) in out}, sum(nk + nv for (_, nk), (_, nv) in out)
+  return value, 0
+
+
 def jsonl_records(path: str) -> Iterator[tuple[int, Any]]:
   """(line number, record) for each non-blank line of a JSONL file; a line that is not JSON, or a
-  file that is not UTF-8, is one ConfigError naming it. What a record must hold is the caller's."""
+  file that is not UTF-8, is one ConfigError naming it. What a record must hold is the caller's.
+  Lone surrogate escapes become U+FFFD (the replacement character), counted in one log line."""
+  lone, first_lone = 0, 0
   try:
     with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows tools write one) is not text
       for i, line in enumerate(f):
@@ -128,11 +148,17 @@ def jsonl_records(path: str) -> Iterator[tuple[int, Any]]:
           record = json.loads(line)
         except json.JSONDecodeError as e:
           raise ConfigError(f"{path}:{i + 1} is not valid JSON ({e.msg}); fix the line or remove it") from None
+        if "\\u" in line and re.search(r"\\u[dD][89a-fA-F]", line):  # the rare line that may hold one
+          record, n = _without_lone_surrogates(record)
+          lone, first_lone = lone + n, first_lone or (i + 1 if n else 0)
         yield i + 1, record
   except UnicodeDecodeError:
     raise not_utf8(path) from None
   except PermissionError as e:
     raise unreadable(path, e) from None
+  if lone:
+    logging.getLogger("fmjax").warning("replaced %d lone surrogate escape(s) (\\ud800-\\udfff without its pair) "
+                                       "with U+FFFD (the first at %s:%d)", lone, path, first_lone)
 
 
 def unreadable(path: str, e: OSError) -> ConfigError:
