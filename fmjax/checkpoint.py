@@ -65,6 +65,7 @@ class CheckpointMismatchError(ValueError):
 
 
 # Model settings that decide the parameter arrays (not scan_layers: either layer layout restores).
+TIME_CHECK_STEPS = 10  # on several hosts, `checkpoint.every_minutes` is checked at multiples of this step
 SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len", "type_vocab_size")
 # Not shapes, but the source's numbers depend on them: a run started from it (init_from) takes them.
 ADOPTED_MODEL_KEYS = ("layer_norm_eps",)
@@ -492,8 +493,11 @@ class Checkpointer:
     due = self.every_steps > 0 and step > 0 and step % self.every_steps == 0
     if not due and self.every_minutes > 0:
       due = _now() - self._last_save_time >= self.every_minutes * 60
-      if jax.process_count() > 1:  # clocks differ between hosts; process 0 decides for all
-        due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+      if jax.process_count() > 1:
+        # Clocks differ between hosts: process 0 decides for all. Its broadcast waits for the step
+        # before it, so the host could not queue the next one while this one runs: asked every
+        # TIME_CHECK_STEPS steps only, a time-based save is a few steps late, never a step slower.
+        due = step % TIME_CHECK_STEPS == 0 and bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
     self._decision = (step, due)
     return due
 

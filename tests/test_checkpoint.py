@@ -931,7 +931,7 @@ def _check_local(restored, values):
 def test_two_processes_save_one_restores_and_back(tmp_path):
   # 2 processes x 4 devices save one sharded state; this process (8 devices) reads it back.
   outs = _run_two("save2", tmp_path / "from2")
-  assert all("timed decision False" in out for out in outs), outs[1][-2000:]
+  assert all("timed decision False False" in out for out in outs), outs[1][-2000:]
   values = _two_process_values()
   mesh = make_mesh((2, 4), ("fsdp", "tensor"))
   ck = ckpt_lib.Checkpointer(tmp_path / "from2")
@@ -1094,7 +1094,8 @@ def _worker_main(mode: str, directory: str, port: str | None = None, process_id:
     timed = ckpt_lib.Checkpointer(directory + "_timed", every_minutes=1.0)
     if jax.process_index() == 1:
       ckpt_lib._now = lambda: time.monotonic() + 3600.0
-    print(f"timed decision {timed.should_save(1)}", flush=True)
+    # Asked at a multiple of TIME_CHECK_STEPS only (a broadcast waits for the step before it).
+    print(f"timed decision {timed.should_save(1)} {timed.should_save(ckpt_lib.TIME_CHECK_STEPS)}", flush=True)
     timed.close()
   elif mode == "restore2":
     ck = ckpt_lib.Checkpointer(directory)
