@@ -227,9 +227,10 @@ class RowLoader:
             for k, v in self.host_batch(step).items()}
 
 
-def make_loaders(config, tok, batch_sharding, rows=None) -> tuple[RowLoader, RowLoader | None]:
+def make_loaders(config, tok, batch_sharding, rows=None, eval_batch_size: int | None = None
+                 ) -> tuple[RowLoader, RowLoader | None]:
   """Train and eval loaders over `config.data.files` (or `rows` of `load_rows`); eval is None when nothing
-  is held out."""
+  is held out. Eval batches hold `eval_batch_size` rows (default train.batch_size)."""
   rows = load_rows(config, tok) if rows is None else rows
   b = config.train.batch_size
   # As fine-tuning orders its examples: train.seed too, so that a sweep's seeds are repeats that differ
@@ -237,7 +238,7 @@ def make_loaders(config, tok, batch_sharding, rows=None) -> tuple[RowLoader, Row
   # keeps the order data.seed alone gave.
   seed = config.train.seed * 1_000_003 + config.data.seed
   train_loader = RowLoader(rows["train"], b, batch_sharding, seed=seed, shuffle=True)
-  eval_loader = (RowLoader(rows["eval"], b, batch_sharding, seed=config.data.seed, shuffle=False)
+  eval_loader = (RowLoader(rows["eval"], eval_batch_size or b, batch_sharding, seed=config.data.seed, shuffle=False)
                  if rows["eval"] is not None else None)
   return train_loader, eval_loader
 
@@ -367,7 +368,10 @@ def run(config, workdir: str) -> dict:
       if not resuming:
         data.save_run_tokenizer(tok, workdir)  # replaces one a start that never saved left
       config_lib.save_json(config, os.path.join(workdir, "config.json"))
-    train_loader, eval_loader = make_loaders(config, tok, batch_sharding, rows)
+    # Held-out rows go through as many at once as training's (train.grad_accum), as in pretraining:
+    # a batch that fits only split must not run out of memory at the first eval.
+    train_loader, eval_loader = make_loaders(config, tok, batch_sharding, rows,
+                                             eval_batch_size=config.train.batch_size // config.train.grad_accum)
     if resume is not None:
       state = train._restore(checkpointer, spec, resume[0])  # pylint: disable=protected-access
       log.info("Resumed from step %d of %s", resume[0], checkpointer.directory)

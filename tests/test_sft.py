@@ -102,14 +102,14 @@ def write_jsonl(path, n=160):
       f.write(json.dumps({"prompt": f"{a} plus {b} is", "completion": f" {a + b}."}) + "\n")
 
 
-def test_sft_from_pretrained_loads_params_learns_and_resumes(tmp_path, tmp_path_factory):
+def test_sft_from_pretrained_loads_params_learns_and_resumes(tmp_path, tmp_path_factory, monkeypatch):
   pretrain, _ = make_workdir(tmp_path_factory, "gpt")
   write_jsonl(tmp_path / "train.jsonl")
   workdir = tmp_path / "sft"
   config = config_lib.load_config("configs/sft.py", [
-      f"init_from={pretrain}", f"data.files={tmp_path / 'train.jsonl'}", "data.seq_len=32", "train.batch_size=8",
+      f"init_from={pretrain}", f"data.files={tmp_path / 'train.jsonl'}", "data.seq_len=32", "train.batch_size=16",
       "train.steps=24", "train.log_every=4", "train.eval_every=24", "train.progress_bar=false", "optim.lr=3e-3",
-      "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.async_save=false"])
+      "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.async_save=false", "train.grad_accum=2"])
 
   # init_from: step-0 params are the pretrained checkpoint's, bit for bit.
   tok = sft.adopt_init_from(config, str(workdir))
@@ -122,7 +122,12 @@ def test_sft_from_pretrained_loads_params_learns_and_resumes(tmp_path, tmp_path_
   assert int(state["step"]) == 0
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), jax.device_get(pretrained))
 
+  made = []  # held-out rows go through grad_accum micro-batches, as training's do (and pretraining's eval)
+  monkeypatch.setattr(sft, "make_loaders", lambda *a, make=sft.make_loaders, **kw: made.append(make(*a, **kw))
+                      or made[-1])
   result = sft.run(config, str(workdir))
+  monkeypatch.undo()
+  assert made[0][1].batch_size == 8 and made[0][0].batch_size == 16
   losses = [m["train/loss"] for m in metrics_lib.read_jsonl(str(workdir / "metrics.jsonl")) if "train/loss" in m]
   assert result["step"] == 24 and losses[-1] < 0.6 * losses[0], losses
   # The tokenizer is recorded relative to the workdir, which may then move: all below reads the moved copy.
@@ -146,9 +151,10 @@ def test_sft_from_pretrained_loads_params_learns_and_resumes(tmp_path, tmp_path_
   assert isinstance(generate.run(str(workdir), prompts=["3 plus 4 is"], max_new_tokens=3, temperature=0)[0], str)
   # Rerunning the same command resumes the finished run rather than starting over.
   again = sft.run(config_lib.load_config("configs/sft.py", [f"init_from={pretrain}"] + [
-      f"data.files={tmp_path / 'train.jsonl'}", "data.seq_len=32", "train.batch_size=8", "train.steps=24",
+      f"data.files={tmp_path / 'train.jsonl'}", "data.seq_len=32", "train.batch_size=16", "train.steps=24",
       "train.log_every=4", "train.eval_every=24", "train.progress_bar=false", "optim.lr=3e-3",
-      "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.async_save=false"]), str(workdir))
+      "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.async_save=false", "train.grad_accum=2"]),
+      str(workdir))
   assert again["step"] == 24 and again["eval"]["loss"] == pytest.approx(result["eval"]["loss"], rel=1e-6)
 
 
