@@ -969,15 +969,24 @@ def _normalise(value: Any) -> Any:
   return json.loads(json.dumps(value, default=str))
 
 
-def _same_mixture(old: Any, new: Any) -> bool:
-  """Whether two data.dataset values are one mixture written two ways (`a=6,b=2` and `a=3, b=1`)."""
+def _same_mixture(old: Any, new: Any, *, but_files: bool = False) -> bool:
+  """Whether two data.dataset values are one mixture written two ways (`a=6,b=2` and `a=3, b=1`);
+  `but_files`: one whose items' own `files` may name other paths (text that moved)."""
   from fmjax.config_lib import ConfigError
   from fmjax.data import sources
+
+  def items(dataset: str):
+    parts = sources.mixture(dataset)
+    if parts is None or not but_files:
+      return parts
+    return [((name, {k: v for k, v in settings.items() if k != "files"}), share)
+            for (name, settings), share in ((sources.item_settings(item), share) for item, share in parts)]
+
   if not (isinstance(old, str) and isinstance(new, str)):
     return False
   try:
-    parts = sources.mixture(new)
-    return parts is not None and sources.mixture(old) == parts
+    parts = items(new)
+    return parts is not None and items(old) == parts
   except ConfigError:
     return False
 
@@ -1013,7 +1022,8 @@ def config_changes(saved_cfg: Mapping[str, Any], new_cfg: Mapping[str, Any]) -> 
       continue
     if key == "data.dataset" and _same_mixture(old_v, new_v):
       continue
-    moved = key in _WHERE_THE_TEXT_IS and not any(k.split(".")[0] in ("sft", "task") for k in new)
+    moved = ((key in _WHERE_THE_TEXT_IS or key == "data.dataset" and _same_mixture(old_v, new_v, but_files=True))
+             and not any(k.split(".")[0] in ("sft", "task") for k in new))
     change = f"{key}: {old_v!r} -> {new_v!r}"
     if key == "optim.clip_norm" and _clips(old_v) != _clips(new_v):
       breaking.append(f"{change} (clipping turned {'on' if _clips(new_v) else 'off'}: the optimizer state "

@@ -425,6 +425,14 @@ def test_config_changes_classification():
   sft = {"sft": {"eval_percent": 10}}
   assert ckpt_lib.config_changes({**files, **sft}, {**moved, **sft})[0] == [
       "data.files: '/old/*.txt' -> '/new/*.txt'"]
+  # So does a mixture whose item's own files moved, written any way; another weight or dataset does not.
+  mix = lambda dataset: {**saved, "data": {**saved["data"], "dataset": dataset}}
+  before = mix("lm1b=3,text_files(files=/old/*.txt; feature=body)=1")
+  assert ckpt_lib.config_changes(before, mix("lm1b=6, text_files(feature=body; files=/new/*.txt)=2")) == ([], [
+      "data.dataset: 'lm1b=3,text_files(files=/old/*.txt; feature=body)=1' -> 'lm1b=6, text_files(feature=body; "
+      "files=/new/*.txt)=2'"])
+  for other in ("lm1b=1,text_files(files=/new/*.txt; feature=body)=1", "lm1b=3,text_files(files=/new/*.txt)=1"):
+    assert ckpt_lib.config_changes(before, mix(other))[0], other
   # Another clipping threshold is a hyperparameter; clipping on or off adds or drops a slot of the
   # optimizer state, which a resume could not restore.
   clipped = {**saved, "optim": {**saved["optim"], "clip_norm": 1.0}}
