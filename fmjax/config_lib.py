@@ -354,6 +354,11 @@ def check_pretraining_step(config, command: str) -> None:
                       f"pass the pretraining config of the model it starts from (e.g. configs/bert.py:base)")
 
 
+def command_of(config) -> str:
+  """The subcommand a config is for: `finetune` (it has `task`), `sft` (it has `sft`), else `train`."""
+  return next((c for c, (section, _) in _COMMAND_OF.items() if section in config), "train")
+
+
 def check_command(config, command: str) -> None:
   """One line when a config goes to the wrong command: a fine-tuning config (it has `task`) is for
   `fmjax finetune`, an SFT config (`sft`) for `fmjax sft`, a pretraining config for `fmjax train`."""
@@ -362,7 +367,7 @@ def check_command(config, command: str) -> None:
     close = difflib.get_close_matches(command, known, n=1)
     raise ConfigError(f"command {command!r} is not one of {', '.join(known)}"
                       + (f"; did you mean {close[0]!r}?" if close else ""))
-  kind = next((c for c, (section, _) in _COMMAND_OF.items() if section in config), "train")
+  kind = command_of(config)
   if kind == command:
     return
   if kind == "train":

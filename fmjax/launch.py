@@ -36,6 +36,7 @@ import sys
 from typing import Sequence, TextIO
 
 MODES = ("create", "setup", "run", "logs", "delete", "all")
+COMMANDS = ("train", "finetune", "sft")  # the fmjax subcommands a launch can run on the workers
 # Where things live on a worker, relative to its home directory (ssh starts there).
 REMOTE_CODE_DIR = "fmjax"
 REMOTE_TARBALL = "fmjax.tar.gz"
@@ -159,6 +160,7 @@ class LaunchSpec:
   config: str = ""
   workdir: str = ""
   overrides: tuple[str, ...] = ()     # `a.b=v`, passed on as `--config.a.b=v`
+  command: str = "train"              # what the workers run: `fmjax train`, `finetune` or `sft`
   capacity: str = "on-demand"         # on-demand | spot | reserved
   queued: bool | None = None          # a queued resource instead of a plain TPU VM; None: for spot / multislice
   num_slices: int = 1                 # > 1: multislice through a queued resource
@@ -243,6 +245,10 @@ def validate(spec: LaunchSpec, mode: str) -> Accelerator | None:
   for item in spec.overrides:
     if "=" not in item:
       raise LaunchError(f"override --config.{item} needs a value: --config.{item}=VALUE")
+  if spec.command not in COMMANDS:
+    close = difflib.get_close_matches(spec.command, COMMANDS, n=1)
+    raise LaunchError(f"--command={spec.command!r} is not one of {', '.join(COMMANDS)}"
+                      + (f"; did you mean {close[0]!r}?" if close else ""))
   if mode in ("run", "all", "xpk"):
     if not spec.config:
       raise LaunchError("--config=configs/NAME.py[:args] is required to run training")
@@ -289,7 +295,11 @@ def check_config(spec: LaunchSpec) -> None:
   local = os.path.join(spec.code_dir, path)  # the file the workers run, where this machine has it
   local = local if os.path.isfile(local) else path
   config = config_lib.load_config(local + (f":{arg}" if arg is not None else ""), _train_overrides(spec))
-  config_lib.check_command(config, "train")
+  try:  # fine-tuning and SFT configs (a GLUE sweep's printed `fmjax finetune` runs) launch with --command
+    config_lib.check_command(config, spec.command)
+  except config_lib.ConfigError as e:
+    kind = config_lib.command_of(config)
+    raise LaunchError(f"{e}; to launch it, pass --command={kind}") from None
   config_lib.validate(config, num_devices=acc.chips * spec.num_slices)
   dcn = int(config.mesh.dcn_data)
   if spec.num_slices > 1 and dcn not in (-1, spec.num_slices):  # the run would refuse it on the pod
@@ -479,8 +489,8 @@ def _train_overrides(spec: LaunchSpec) -> list[str]:
 
 
 def train_argv(spec: LaunchSpec, fmjax: str = "fmjax") -> list[str]:
-  """`fmjax train --config=... --workdir=... --config.a.b=v ...` as run on each worker."""
-  return [fmjax, "train", f"--config={spec.config}", f"--workdir={spec.workdir}",
+  """`fmjax train --config=... --workdir=... --config.a.b=v ...` (or `finetune`, `sft`) as run on each worker."""
+  return [fmjax, spec.command, f"--config={spec.config}", f"--workdir={spec.workdir}",
           *(f"--config.{o.removeprefix('config.')}" for o in _train_overrides(spec))]
 
 
@@ -690,10 +700,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="JAX_COMPILATION_CACHE_DIR; default gs://<workdir bucket>/jax_compilation_cache")
     q.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment; repeatable")
     q.add_argument("--code-dir", default=".", help="the repository to ship (default: the current directory)")
+    q.add_argument("--command", default="train", choices=COMMANDS,
+                   help="the fmjax subcommand the workers run with --config (default: train)")
     q.add_argument("--execute", action="store_true", help="run the commands instead of printing them")
 
   helps = {"create": "create the TPU VM or queued resource", "setup": "copy the code to all workers and install it",
-           "run": "start `fmjax train` on all workers (detached)", "logs": "collect worker logs; show worker 0's tail",
+           "run": "start `fmjax train` (or --command's) on all workers (detached)",
+           "logs": "collect worker logs; show worker 0's tail",
            "delete": "delete the TPU VM or queued resource", "all": "create, setup and run"}
   for mode in MODES:
     q = sub.add_parser(mode, help=helps[mode], allow_abbrev=False)
@@ -728,7 +741,7 @@ def spec_from_args(argv: Sequence[str]) -> tuple[LaunchSpec, str, bool]:
   args = _parser().parse_args(rest)
   spec = LaunchSpec(
       accelerator=args.accelerator, zone=args.zone, project=args.project, config=args.config,
-      workdir=args.workdir, overrides=tuple(overrides), num_slices=args.num_slices,
+      workdir=args.workdir, overrides=tuple(overrides), command=args.command, num_slices=args.num_slices,
       libtpu_init_args=args.libtpu_init_args, compilation_cache=args.compilation_cache,
       env=tuple(args.env), code_dir=args.code_dir)
   if args.mode == "xpk":

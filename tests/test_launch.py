@@ -578,7 +578,11 @@ BASE = ["run", "--tpu=t1", "--config=configs/gpt.py:small", "--workdir=gs://b/r"
      "name it relative to that: --config=configs/gpt.py:small"),
     (["run", "--tpu=t1", "--config=configs/finetune_cls.py", "--workdir=gs://b/r", "--accelerator=v4-8", *WHERE],
      "error: this is a fine-tuning (classification) config (it has the `task` section): run it with `fmjax "
-     "finetune`, not `fmjax train`"),
+     "finetune`, not `fmjax train`; to launch it, pass --command=finetune"),
+    (["run", "--tpu=t1", "--config=configs/gpt.py:small", "--workdir=gs://b/r", "--accelerator=v4-8", "--command=sft",
+      *WHERE],
+     "error: `fmjax sft` needs an SFT config (with a `sft` section, e.g. configs/sft.py); this one is a pretraining "
+     "config: run it with `fmjax train`; to launch it, pass --command=train"),
     (["run", "--tpu=t1", "--config=configs/nope.py", "--workdir=gs://b/r", "--accelerator=v4-8", *WHERE],
      "error: --config=configs/nope.py is not a file in --code-dir=., the code the workers get; put the config "
      "there and name it relative to it"),
@@ -600,6 +604,30 @@ def test_bad_input_is_one_line(argv, expected, capsys, tmp_path, monkeypatch):
   captured = capsys.readouterr()
   assert captured.out == ""
   assert captured.err.count("\n") == 1 and fnmatch.fnmatchcase(captured.err, expected + "\n")
+
+
+def test_command_launches_finetune_and_sft_runs(capsys):
+  """A sweep's printed `fmjax finetune` runs (the GLUE sweep) and SFT go to a pod with --command: the workers run
+  that subcommand with the same --config, --workdir and overrides."""
+  glue = ["--config=experiments/bert_base/glue.py:task=glue/rte", "--workdir=gs://b/glue/rte",
+          "--config.init_from=gs://b/phase2", "--config.optim.lr=2e-05", "--command=finetune", *WHERE]
+  out = _dry_run(capsys, ["run", "--tpu=glue", "--accelerator=v5p-16", *glue])
+  (line,) = out.splitlines()
+  remote = shlex.split(shlex.split(line)[-1].removeprefix("--command="))
+  assert remote[remote.index("launch/worker_run.sh") + 1:] == [
+      ".venv/bin/fmjax", "finetune", "--config=experiments/bert_base/glue.py:task=glue/rte",
+      "--workdir=gs://b/glue/rte", "--config.init_from=gs://b/phase2", "--config.optim.lr=2e-05"]
+  (xpk,) = _dry_run(capsys, ["xpk", "--cluster=c", "--workload=glue", "--accelerator=v5p-16", *glue]).splitlines()
+  assert shlex.split(xpk)[-1].endswith(" && fmjax finetune --config=experiments/bert_base/glue.py:task=glue/rte "
+                                       "--workdir=gs://b/glue/rte --config.init_from=gs://b/phase2 "
+                                       "--config.optim.lr=2e-05")
+  spec = launch.LaunchSpec(name="s", accelerator="v4-8", zone="z", project="p", config="configs/sft.py",
+                           workdir="gs://b/sft", command="sft")
+  launch.check_config(spec)
+  assert launch.train_argv(spec)[:2] == ["fmjax", "sft"]
+  with pytest.raises(launch.LaunchError, match=r"^--command='sfft' is not one of train, finetune, sft; did you mean "
+                                               r"'sft'\?$"):
+    launch.plan_commands(dataclasses.replace(spec, command="sfft"), "run")
 
 
 def test_usage_mistakes_are_one_line_and_help_works(capsys):
