@@ -14,10 +14,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+# The matrices that decay: dense kernels and LoRA's low-rank factors of them (`peft.LoRADense`). Without
+# the factors, optim.weight_decay did nothing to a LoRA fine-tune's adapted weights, only to its head.
+DECAYED = ("kernel", "lora_a", "lora_b")
+
+
 def decay_mask(params):
-  """True for dense kernels; False for norms, biases and embedding tables."""
+  """True for dense kernels and LoRA factors; False for norms, biases and embedding tables."""
   def keep(path, leaf):
-    return str(getattr(path[-1], "key", path[-1])) == "kernel"
+    return str(getattr(path[-1], "key", path[-1])) in DECAYED
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

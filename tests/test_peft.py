@@ -130,6 +130,25 @@ def test_frozen_params_are_bitwise_unchanged(mode):
   assert trained and frozen
 
 
+def test_weight_decay_shrinks_the_lora_factors_as_it_does_kernels():
+  """optim.weight_decay acts on every trained matrix: LoRA's A and B as on the head's kernel, not on biases."""
+  config = tiny("bert", "finetune.peft=lora", "optim.weight_decay=0.5", "optim.clip_norm=0")
+  with nnx.use_eager_sharding(False):  # no mesh here
+    params = params_of(finetune.model_factory(config, C)())
+  params = jax.tree.map(lambda x: x + 1.0, params)  # lora_b starts at 0: decay would leave it there unseen
+  tx = optim.make_optimizer(config, trainable=lambda p: peft.trainable_mask(p, "lora"))
+  zeros = jax.tree.map(jnp.zeros_like, params)  # no gradient: what moves a parameter is its decay alone
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  flat = {"/".join(peft._keys(p)): (np.asarray(u), np.asarray(x)) for (p, u), x in
+          zip(jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(params))}
+  lora = [name for name in flat if name.endswith(("lora_a", "lora_b"))]
+  assert lora and "head/kernel" in flat
+  for name in lora + ["head/kernel"]:
+    np.testing.assert_allclose(flat[name][0], -1e-2 * 0.5 * flat[name][1], rtol=1e-5, err_msg=name)  # -lr wd p
+  for name in ("head/bias", "trunk/encoder/blocks/0/attention/qkv/kernel"):  # a bias; a frozen kernel
+    assert not flat[name][0].any(), name
+
+
 def test_trainable_counts():
   D, L, r = 32, 2, 4
   config = tiny("bert", "finetune.peft=lora", f"finetune.lora_rank={r}")
