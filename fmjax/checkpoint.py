@@ -71,6 +71,19 @@ SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_siz
 ADOPTED_MODEL_KEYS = ("layer_norm_eps",)
 
 
+def adopt_model_settings(config, saved: Mapping) -> list[str]:
+  """Sets `config.model`'s ADOPTED_MODEL_KEYS to those of `saved` (the config.json of the run it
+  starts from); returns `model.KEY=VALUE` for each one that changed."""
+  theirs = saved.get("model") if isinstance(saved, Mapping) else None
+  changed = []
+  for key in ADOPTED_MODEL_KEYS if isinstance(theirs, Mapping) else ():
+    if key in theirs and theirs[key] != config.model[key]:
+      changed.append(f"model.{key}={theirs[key]!r}")
+      with config.unlocked():
+        config.model[key] = theirs[key]
+  return changed
+
+
 def check_same_model(saved: Mapping, model_cfg, source: str) -> None:
   """One line when `source` (an init_from, whose config.json is `saved`) holds another model than
   `model_cfg` builds: the family and sizes that differ, before any array is read."""

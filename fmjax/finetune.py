@@ -234,7 +234,7 @@ def adopt_pretrain_settings(config, init_from: str, *, resumed: str = "") -> lis
   holds what init_from gave it when it started: taken from there, it needs init_from no more.
   """
   from fmjax import data
-  from fmjax.checkpoint import ADOPTED_MODEL_KEYS, check_same_model
+  from fmjax.checkpoint import adopt_model_settings, check_same_model
   if resumed:
     init_from = resumed
   elif not files.isdir(init_from):
@@ -246,12 +246,8 @@ def adopt_pretrain_settings(config, init_from: str, *, resumed: str = "") -> lis
     raise ConfigError(f"init_from={init_from} is a `fmjax finetune` (classifier) workdir; pass the --workdir of a "
                       "pretraining (`fmjax train`) or `fmjax sft` run, whose language model holds the trunk to load")
   check_same_model(saved, config.model, init_from)
-  changed = []
+  changed = adopt_model_settings(config, saved)
   with config.unlocked():
-    for key in ADOPTED_MODEL_KEYS:
-      if key in saved.get("model", {}) and saved["model"][key] != config.model[key]:
-        changed.append(f"model.{key}={saved['model'][key]!r}")
-        config.model[key] = saved["model"][key]
     for key in data.CORPUS_KEYS:  # init_from's tokenizer: the ids its trunk knows
       if key in saved.get("data", {}) and saved["data"][key] != config.data[key]:
         changed.append(f"data.{key}={saved['data'][key]!r}")

@@ -608,12 +608,11 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
   # The workdir holds a pretrained LM: under a fine-tuning or SFT config it would be a classifier or SFT
   # run with no such params, which `generate`, `eval` and `init_from` refuse or misread.
-  section = next((s for s in ("task", "sft") if s in config), None)
-  if section is not None:
-    command = "finetune" if section == "task" else "sft"
-    raise ConfigError(f"--config={spec} is a `fmjax {command}` config (it has the `{section}` section), but "
-                      f"import-hf writes a pretrained model: pass a pretraining config (configs/{family}.py, the "
-                      f"default), then run `fmjax {command} --config={spec} --config.init_from={workdir}`")
+  command = config_lib.command_of(config)
+  if command != "train":
+    raise ConfigError(f"--config={spec} is a `fmjax {command}` config, but import-hf writes a pretrained model: "
+                      f"pass a pretraining config (configs/{family}.py, the default), then run `fmjax {command} "
+                      f"--config={spec} --config.init_from={workdir}`")
   if config.model.family != family:
     raise ConfigError(f"--config is a {config.model.family} config but {model_dir} holds a {hf['model_type']} "
                       f"model; pass a {family} config")

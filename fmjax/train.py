@@ -746,13 +746,8 @@ def _adopt_model_settings(config, source_dir: str, workdir: str) -> None:
   source = files.read_json(os.path.join(source_dir, "config.json"))  # None: _init_from names what is missing
   if source is None:
     source_dir, source = workdir, files.read_json(os.path.join(workdir, "config.json"))
-  theirs = source.get("model") if isinstance(source, dict) else None
-  for key in ckpt_lib.ADOPTED_MODEL_KEYS if isinstance(theirs, dict) else ():
-    if key in theirs and theirs[key] != config.model[key]:
-      log.info("model.%s=%r, as init_from computed (read from %s/config.json; not %r)", key, theirs[key], source_dir,
-               config.model[key])
-      with config.unlocked():
-        config.model[key] = theirs[key]
+  for change in ckpt_lib.adopt_model_settings(config, source):
+    log.info("%s, as init_from computed (read from %s/config.json)", change, source_dir)
 
 
 def _adopt_tokenizer(config, workdir: str, resuming: bool):

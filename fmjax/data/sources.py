@@ -322,6 +322,12 @@ def item_settings(item: str) -> tuple[str, dict[str, str]]:
   return name.strip(), settings
 
 
+def _item(name: str, settings: dict[str, str]) -> str:
+  """A mixture's item written one way, its settings in key order whatever order they came in: it
+  keys the item's cache entry."""
+  return name + (f"({'; '.join(f'{k}={v}' for k, v in sorted(settings.items()))})" if settings else "")
+
+
 def mixture(dataset: str) -> list[tuple[str, float]] | None:
   """A mixture's items and their shares of each batch (summing to 1), from data.dataset
   `ITEM=WEIGHT,ITEM=WEIGHT,...`; None for a single dataset (a name never holds '=').
@@ -343,9 +349,7 @@ def mixture(dataset: str) -> list[tuple[str, float]] | None:
     if not item.strip() or w is None or w <= 0:
       raise ConfigError(f"data.dataset={dataset!r}: {raw.strip()!r} is not NAME=WEIGHT with a weight above 0; a "
                         f"mixture names each dataset with its weight, {example}")
-    name, settings = item_settings(item.strip())
-    # Written one way (settings in key order) whatever the order given: it keys the item's cache entry.
-    item = name + (f"({'; '.join(f'{k}={v}' for k, v in sorted(settings.items()))})" if settings else "")
+    item = _item(*item_settings(item.strip()))
     if item in [n for n, _ in parts]:
       raise ConfigError(f"data.dataset={dataset!r} names {item!r} twice; give each dataset once, with its weight")
     parts.append((item, w))
@@ -399,8 +403,7 @@ def held_out_only(config):
       name, settings = item_settings(item)
       if "train_split" in settings or "eval_split" in settings:  # else the shared one, set above
         settings["train_split"] = settings.get("eval_split", c.data.eval_split)
-      own = "; ".join(f"{k}={v}" for k, v in sorted(settings.items()))
-      items.append(f"{name}({own})={share!r}" if own else f"{name}={share!r}")
+      items.append(f"{_item(name, settings)}={share!r}")
     c.data.dataset = ",".join(items)
   return c
 
