@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+import uuid
 
 import jax
 
@@ -128,6 +129,26 @@ def format_duration(seconds: float) -> str:
   return f"{days}d {hms}" if days else hms
 
 
+WANDB_ID_FILE = "wandb_run_id"  # in the workdir: the W&B run a resume goes on logging to
+
+
+def _wandb_run_id(root: str) -> tuple[str, bool]:
+  """The workdir's W&B run id and whether it had one; a new workdir gets a random one, kept in
+  `root/wandb_run_id` (a hash of the path would join two users' `/tmp/gpt` runs in one project)."""
+  path = os.path.join(root, WANDB_ID_FILE)
+  try:
+    with open(path) as f:
+      run_id = f.read().strip()
+    if run_id:
+      return run_id, True
+  except FileNotFoundError:
+    pass
+  run_id = uuid.uuid4().hex[:12]
+  with open(path, "w") as f:
+    f.write(run_id + "\n")
+  return run_id, False
+
+
 class MetricsWriter:
   """Writes scalars to `workdir/metrics.jsonl` and TensorBoard; shows progress."""
 
@@ -140,7 +161,7 @@ class MetricsWriter:
     if not self.is_chief:
       return
     # A bucket workdir gets these files whole every 30 s and at close (`files.Mirror`).
-    self._mirror = files.Mirror(workdir, names=("metrics.jsonl",))
+    self._mirror = files.Mirror(workdir, names=("metrics.jsonl", WANDB_ID_FILE))
     path = os.path.join(self._mirror.root, "metrics.jsonl")
     # A line an earlier run's kill cut short is ended first: appended to it, this run's start record
     # would be as unreadable as it, and the rows that record drops would stay in the history.
@@ -165,7 +186,12 @@ class MetricsWriter:
         except ImportError:
           raise ImportError("wandb is not installed here; `pip install wandb` to log to W&B") from None
         mode = os.environ.get("WANDB_MODE", "offline")
-        self._wandb = wandb.init(name=run_name, config=config_dict, dir=self._mirror.root, mode=mode)
+        # One W&B run per workdir: a resume appends to it, as it does to metrics.jsonl. Steps the
+        # W&B run already holds (logged after the last save by the run that was stopped) W&B keeps.
+        run_id, resumed = _wandb_run_id(self._mirror.root)
+        self._wandb = wandb.init(name=run_name, config=config_dict, dir=self._mirror.root, mode=mode, id=run_id,
+                                 resume="allow")
+        log.info("W&B run %s %s (%s)", run_id, "resumed" if resumed else "started", mode)
       except Exception as e:  # W&B must never stop a run
         log.warning("W&B disabled: %s", e)
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import sys
 
 import pytest
 
@@ -240,3 +241,36 @@ def test_best_loss_skips_a_non_finite_one():
   md = report.format_markdown(records, "run")
   assert "- train/loss: final 2.5000 at step 3; best 2.5000 at step 3" in md
   assert "- eval/loss: final nan at step 4\n" in md  # no finite value: no best
+
+
+def test_a_resumed_run_goes_on_logging_to_its_wandb_run(tmp_path, monkeypatch):
+  """W&B gets one run per workdir: a resume appends to the run it started (each resume opened a new
+  run before, so a preempted pretraining run was spread over many), and another workdir gets its own."""
+  import types
+
+  from fmjax import metrics
+  inits, logged = [], []
+
+  class Run:
+    def log(self, scalars, step):
+      logged.append((inits[-1]["id"], step, scalars))
+
+    def finish(self):
+      pass
+
+  def init(**kwargs):
+    inits.append(kwargs)
+    return Run()
+
+  monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+  for start, workdir in ((0, "a"), (10, "a"), (0, "b")):
+    writer = metrics.MetricsWriter(str(tmp_path / workdir), total_steps=30, start_step=start, progress_bar=False,
+                                   use_wandb=True, run_name="gpt", config_dict={"x": 1})
+    writer.write(start + 5, {"loss": 1.0}, prefix="train/")
+    writer.close()
+  first, resumed, other = inits
+  assert first["resume"] == resumed["resume"] == "allow" and first["mode"] == "offline"
+  assert first["id"] == resumed["id"] != other["id"]
+  assert (tmp_path / "a" / metrics.WANDB_ID_FILE).read_text().strip() == first["id"]
+  assert logged == [(first["id"], 5, {"train/loss": 1.0}), (first["id"], 15, {"train/loss": 1.0}),
+                    (other["id"], 5, {"train/loss": 1.0})]
