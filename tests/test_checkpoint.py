@@ -970,6 +970,18 @@ def test_two_process_preemption_agrees_on_step(tmp_path):
   ck.close()
 
 
+def test_two_processes_without_jaxs_preemption_service_stop_together(tmp_path):
+  """With JAX's preemption service off, the hosts share a SIGTERM by an all-gather, every
+  TIME_CHECK_STEPS steps (each step it would keep the host from dispatching ahead)."""
+  def sigterm_one_host(procs):
+    _wait_for_line(procs[1], "step ")
+    procs[1].send_signal(signal.SIGTERM)
+
+  outs = _run_two("preempt2_gather", tmp_path, on_ready=sigterm_one_host)
+  steps = [int(re.search(r"^saved (\d+)$", out, re.M).group(1)) for out in outs]
+  assert steps[0] == steps[1] and steps[0] % ckpt_lib.TIME_CHECK_STEPS == 0, steps
+
+
 def test_two_processes_agree_on_which_stop_saves_go(tmp_path):
   # Process 0 deletes what the preservation policy drops, but every process drops the same steps from
   # its own Orbax listing: if the hosts decided apart, a host's listing would hold steps gone from disk.
@@ -1009,10 +1021,12 @@ def _reported(out: str) -> dict:
 
 def _worker_main(mode: str, directory: str, port: str | None = None, process_id: str | None = None):
   jax.config.update("jax_num_cpu_devices", int(os.environ["FMJAX_TEST_DEVICES"]))
+  if mode == "preempt2_gather":
+    jax.config.update("jax_enable_preemption_service", False)
   if port is not None:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                process_id=int(process_id), initialization_timeout=60)
-  if mode == "preempt_loop" or mode == "preempt2":
+  if mode in ("preempt_loop", "preempt2", "preempt2_gather"):
     watcher = ckpt_lib.PreemptionWatcher()
     ck = ckpt_lib.Checkpointer(directory)
     x = jnp.zeros(4)
