@@ -114,10 +114,13 @@ def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None,
   config, spec, params = _with_data(restored.config, workdir, data_overrides), restored.spec, restored.params
   batch_sharding = sharding.batch_sharding(spec.mesh)
   tok = data.get_tokenizer(config, workdir)  # the run's own tokenizer, whatever its corpus files became
+  # Rows go through as many at once as training's (its micro-batches): a run that trained with
+  # train.grad_accum because a whole batch did not fit is scored on the same devices.
+  rows, accum = train.eval_batch_size(config), config.train.grad_accum
   if "sft" in config:
-    train_loader, eval_loader = sft.make_loaders(config, tok, batch_sharding)
-    loader = eval_loader if split == "eval" else sft.RowLoader(train_loader.rows, config.train.batch_size,
-                                                              batch_sharding, seed=config.data.seed, shuffle=False)
+    train_loader, eval_loader = sft.make_loaders(config, tok, batch_sharding, eval_batch_size=rows)
+    loader = eval_loader if split == "eval" else sft.RowLoader(train_loader.rows, rows, batch_sharding,
+                                                              seed=config.data.seed, shuffle=False)
     if loader is None:
       raise ConfigError(f"{workdir} has no held-out SFT rows; set sft.eval_files or sft.eval_percent > 0, or "
                         "pass --split=train")
@@ -126,16 +129,20 @@ def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None,
     from fmjax.data import sources
     # Other text's held-out split alone is tokenised, not its train split too (C4's, to score 2 batches).
     scored = sources.held_out_only(config) if data_overrides and split == "eval" else config
-    loader = data.held_out_loaders(scored, sharding=batch_sharding, split=split, tok=tok)
+    loader = data.held_out_loaders(scored, sharding=batch_sharding, split=split, tok=tok, batch_size=rows)
     if isinstance(loader, dict):  # named as given (an item's own train_split is in its name)
       loader = dict(zip(sources.labels(sources.mixture(config.data.dataset)), loader.values()))
     what = "next tokens" if config.train.objective == "clm" else "masked tokens"
   most = max(one.num_batches for one in (loader.values() if isinstance(loader, dict) else [loader]))
-  if batches is None:
-    batches = most if split == "eval" else config.train.eval_batches
-  batches = min(int(batches), most)
-  if batches < 1:
+  if batches is not None and batches < 1:
     raise ConfigError(f"--batches must be at least 1, got {batches}")
+  if batches is None:  # batches of train.batch_size rows, which go through in `accum` micro-batches
+    batches = most if split == "eval" else config.train.eval_batches * accum
+  else:
+    batches = int(batches) * accum
+  batches = min(batches, most)
+  if batches < 1:
+    raise ConfigError(f"--split={split} of {workdir} has no rows to score")
   # The axis rules as in training: a Pallas kernel (splash on a TPU) runs per shard only under them.
   with jax.set_mesh(spec.mesh), nnx.logical_axis_rules(spec.rules):
     eval_step = jax.jit(train.make_eval_step(config, spec.graphdef),
@@ -144,7 +151,7 @@ def _lm_metrics(workdir: str, split: str, batches: int | None, step: int | None,
     result = train.evaluate(eval_step, params, loader, batches)
   given = {"data_overrides": list(data_overrides), "dataset": config.data.dataset} if data_overrides else {}
   return {"split": split, **given, "objective": config.train.objective, "scored": what, "batches": batches,
-          "batch_size": config.train.batch_size, "seq_len": config.data.seq_len, "step": restored.step, **result}
+          "batch_size": rows, "seq_len": config.data.seq_len, "step": restored.step, **result}
 
 
 def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: int | None = None,
@@ -208,8 +215,9 @@ def cli(argv: list[str]) -> int:
   p.add_argument("--workdir", required=True, help="a `fmjax train`, `sft` or `finetune` workdir")
   p.add_argument("--split", default=None, help="eval (held-out, default) or train; fine-tuning and --task: a "
                  "split of the task")
-  p.add_argument("--batches", type=int, default=None, help="batches to score, the first ones in order "
-                 "(a mixture's: of each of its datasets; default: the whole eval split)")
+  p.add_argument("--batches", type=int, default=None, help="batches of train.batch_size rows to score, the first "
+                 "ones in order (a mixture's: of each of its datasets; default: the whole eval split); they go "
+                 "through in train.grad_accum micro-batches, as in training")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--task", default="", help="zero-shot multiple choice for a GPT run: hellaswag, piqa, arc_easy, "
                  "arc_challenge, continuation (its own held-out documents) or jsonl:PATH (fmjax.zeroshot)")

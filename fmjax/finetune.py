@@ -418,7 +418,7 @@ def task_metrics(task: tasks.Task, logits_NC: np.ndarray, labels_N: np.ndarray) 
 
 
 def _eval(predict, params, rows, task, config, batch_sharding) -> dict:
-  logits_NC = predict_all(predict, params, rows, config.train.batch_size, batch_sharding)
+  logits_NC = predict_all(predict, params, rows, train.eval_batch_size(config), batch_sharding)
   return task_metrics(task, logits_NC, rows["labels"])
 
 
@@ -580,8 +580,8 @@ def _finetune_config(workdir: str, overrides: Sequence[str] = ()):
 def _restore_classifier(workdir: str, config, task, step: int | None):
   """(spec, params, step): the classifier's params of `step` (default: the latest) of a finetune workdir."""
   from fmjax import checkpoint as ckpt_lib
-  # `evaluate` feeds batches of train.batch_size: data parallel over the most devices that split them.
-  mesh = sharding.make_mesh(config, sharding.devices_splitting(config.train.batch_size))
+  # `evaluate` feeds training's micro-batches: data parallel over the most devices that split them.
+  mesh = sharding.make_mesh(config, sharding.devices_splitting(train.eval_batch_size(config)))
   _, spec, _ = setup(config, task, mesh)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
@@ -608,7 +608,7 @@ def evaluate(workdir: str, split: str = "validation", step: int | None = None, b
 
   `split` is a task split ("eval" means validation); `batches` scores only the first that many
   batches of train.batch_size examples, in order (default: the whole split), as `fmjax eval`
-  does for pretraining runs. `overrides` (`task.files=...`, `task.validation_files=...`) point at
+  does for pretraining runs; they go through as training's micro-batches (train.grad_accum). `overrides` (`task.files=...`, `task.validation_files=...`) point at
   the task's files where they moved; their classes must be the ones the run learned.
   """
   from fmjax import data, interop
@@ -634,7 +634,8 @@ def evaluate(workdir: str, split: str = "validation", step: int | None = None, b
   # The jitted step of training's evals, under its mesh and axis rules: on several TPU devices splash
   # attention runs per shard only there (called eagerly, its Mosaic kernel cannot be partitioned).
   with jax.set_mesh(spec.mesh), nnx.logical_axis_rules(spec.rules):
-    logits = predict_all(make_predict(spec, batch_sharding), params, rows, config.train.batch_size, batch_sharding)
+    logits = predict_all(make_predict(spec, batch_sharding), params, rows, train.eval_batch_size(config),
+                         batch_sharding)
   return {"step": step, "batches": batches, "examples": len(examples), **task_metrics(task, logits, rows["labels"])}
 
 

@@ -44,7 +44,8 @@ def restore_run(workdir: str, step: int | None = None, *, split_batch: bool = Fa
   """Params of `step` (default: the latest) of a workdir written by `fmjax train` or `fmjax sft`.
 
   The mesh is pure data parallelism over the devices; with `split_batch` it uses the most devices
-  that split the run's train.batch_size evenly, so any device count can evaluate any run.
+  that split the run's held-out batches (`train.eval_batch_size`) evenly, so any device count can
+  evaluate any run.
   """
   from fmjax import checkpoint as ckpt_lib, data, finetune, optim, sharding, train
   path = os.path.join(workdir, "config.json")
@@ -58,7 +59,7 @@ def restore_run(workdir: str, step: int | None = None, *, split_batch: bool = Fa
     raise ConfigError(f"{workdir} is a `fmjax finetune` (classifier) workdir, which has no language-model head; "
                       "pass the --workdir of a pretraining (`fmjax train`) or `fmjax sft` run "
                       "(`fmjax eval` scores a classifier)")
-  devices = sharding.devices_splitting(config.train.batch_size) if split_batch else jax.devices()
+  devices = sharding.devices_splitting(train.eval_batch_size(config)) if split_batch else jax.devices()
   config.mesh.update(dcn_data=1, data=-1, fsdp=1, tensor=1)
   no_checkpoint = ConfigError(f"{workdir} holds no checkpoint yet; train first or pass another --workdir")
   if not files.isdir(os.path.join(workdir, "checkpoints")):  # a reader makes nothing in the run's workdir

@@ -371,7 +371,7 @@ def run(config, workdir: str) -> dict:
     # Held-out rows go through as many at once as training's (train.grad_accum), as in pretraining:
     # a batch that fits only split must not run out of memory at the first eval.
     train_loader, eval_loader = make_loaders(config, tok, batch_sharding, rows,
-                                             eval_batch_size=config.train.batch_size // config.train.grad_accum)
+                                             eval_batch_size=train.eval_batch_size(config))
     if resume is not None:
       state = train._restore(checkpointer, spec, resume[0])  # pylint: disable=protected-access
       log.info("Resumed from step %d of %s", resume[0], checkpointer.directory)

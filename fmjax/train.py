@@ -240,6 +240,13 @@ def _zeroshot_tasks(config, tok, names: list[str]) -> list[tuple]:
   return tasks
 
 
+def eval_batch_size(config) -> int:
+  """Rows a held-out batch holds: training's micro-batch (train.batch_size / train.grad_accum), so a
+  batch that fits only when split does not run the device out of memory at an eval. The figures are
+  the same (rows are scored on their own)."""
+  return config.train.batch_size // config.train.grad_accum
+
+
 def _held_out(config, graphdef, eval_step, eval_loader, zeroshot_tasks) -> Callable[[dict], dict] | None:
   """The loop's `evaluate`: held-out loss (train.eval_batches) and each zero-shot task's acc; None
   when there is neither (no held-out figures, rather than zeros). `eval_loader` reads micro-batches
@@ -253,7 +260,7 @@ def _held_out(config, graphdef, eval_step, eval_loader, zeroshot_tasks) -> Calla
     out = evaluate(eval_step, params, eval_loader, micro_batches) if config.train.eval_batches > 0 else {}
     for name, items, rows in zeroshot_tasks:
       logliks = zeroshot.score_rows(graphdef, params, rows, items,  # a micro-batch of rows: it fits as training does
-                                    batch_size=config.train.batch_size // config.train.grad_accum)
+                                    batch_size=eval_batch_size(config))
       scores = zeroshot.metrics(items, logliks)
       out.update({f"{name}_acc": scores["acc"], f"{name}_acc_norm": scores["acc_norm"]})
     return out
@@ -367,7 +374,7 @@ def _run(config, workdir: str, locked: list) -> dict:
     # Held-out rows go through as many at once as training's do (train.grad_accum): a batch that only
     # fits split must not run the device out of memory at the first eval. The same rows are scored.
     eval_loader = data.held_out_loaders(config, sharding=batch_sharding, tok=tokenizer,
-                                        batch_size=config.train.batch_size // config.train.grad_accum)
+                                        batch_size=eval_batch_size(config))
     # Loaded now: a zero-shot task that cannot load fails before training.
     zeroshot_tasks = _zeroshot_tasks(config, tokenizer, zeroshot_names)
 

@@ -144,3 +144,28 @@ def test_scoring_another_corpus_tokenises_its_held_out_split_only(tmp_path_facto
   assert len(list(entries())) == 2 and all(docs["train"] == docs["eval"] for _, docs in entries())
   assert mixed["fmjax_corpus_loss"] == alone["loss"]
   assert mixed["text_files_train_split_train_loss"] == mixed["text_files_loss"]  # the same held-out rows
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_a_run_with_grad_accum_is_scored_in_its_micro_batches(tmp_path_factory, tmp_path, family, monkeypatch):
+  """A run that needed train.grad_accum (a whole batch did not fit) is scored as many rows at once as it
+  trained on: `fmjax eval` ran whole batches before, which could run out of memory. The figures are the
+  same, and --batches still counts batches of train.batch_size rows."""
+  from fmjax import train
+  workdir, _ = make_workdir(tmp_path_factory, family)
+  accumulated = tmp_path / "accum"
+  shutil.copytree(workdir, accumulated, ignore=shutil.ignore_patterns("eval*.json"))
+  saved = json.loads((accumulated / "config.json").read_text())
+  batch_size = saved["train"]["batch_size"]
+  saved["train"]["grad_accum"] = 2
+  (accumulated / "config.json").write_text(json.dumps(saved))
+  seen = []
+  real = train.evaluate
+  monkeypatch.setattr(train, "evaluate", lambda step, params, loader, n: seen.append(loader.batch_size) or
+                      real(step, params, loader, n))
+  whole, split = evaluate.run(str(workdir), batches=2), evaluate.run(str(accumulated), batches=2)
+  assert seen == [batch_size, batch_size // 2]
+  assert (whole["batches"], whole["batch_size"]) == (2, batch_size)
+  assert (split["batches"], split["batch_size"]) == (4, batch_size // 2)
+  for key in ("loss", "accuracy"):
+    np.testing.assert_allclose(split[key], whole[key], rtol=1e-6, err_msg=key)

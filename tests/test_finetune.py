@@ -304,6 +304,24 @@ def test_eval_of_a_finetune_workdir_names_its_splits_and_honours_batches(finetun
     evaluate.run(finetuned, batches=0)
 
 
+def test_a_finetune_with_grad_accum_is_scored_in_its_micro_batches(finetuned, tmp_path, monkeypatch):
+  """Examples go through as many at once as training's micro-batches (a run that needed grad_accum
+  ran out of memory on whole ones), with the same metrics; --batches counts train.batch_size examples."""
+  from fmjax import evaluate
+  accumulated = tmp_path / "accum"
+  shutil.copytree(finetuned, accumulated, ignore=shutil.ignore_patterns("eval*.json"))
+  saved = json.loads((accumulated / "config.json").read_text())
+  saved["train"]["grad_accum"] = 2
+  (accumulated / "config.json").write_text(json.dumps(saved))
+  seen, real = [], finetune.predict_all
+  monkeypatch.setattr(finetune, "predict_all", lambda predict, params, rows, batch_size, sharding:
+                      seen.append(batch_size) or real(predict, params, rows, batch_size, sharding))
+  whole, split = evaluate.run(finetuned, batches=2), evaluate.run(str(accumulated), batches=2)
+  assert seen == [8, 4] and whole["examples"] == split["examples"]
+  for key in ("accuracy", "loss"):
+    assert split[key] == pytest.approx(whole[key], rel=1e-6), key
+
+
 def test_eval_of_a_finetune_run_whose_task_files_moved_takes_where_they_are_now(finetuned, files, tmp_path):
   from fmjax import evaluate
   want = evaluate.run(finetuned)
