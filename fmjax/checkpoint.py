@@ -64,8 +64,10 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint whose parameter paths or shapes do not fit the model being restored."""
 
 
+# On several hosts, `checkpoint.every_minutes` and (without JAX's preemption service) a stop signal are
+# checked at multiples of this step: each check is a collective that waits for the steps before it.
+TIME_CHECK_STEPS = 10
 # Model settings that decide the parameter arrays (not scan_layers: either layer layout restores).
-TIME_CHECK_STEPS = 10  # on several hosts, `checkpoint.every_minutes` is checked at multiples of this step
 SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len", "type_vocab_size")
 # Not shapes, but the source's numbers depend on them: a run started from it (init_from) takes them.
 ADOPTED_MODEL_KEYS = ("layer_norm_eps",)
