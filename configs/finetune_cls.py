@@ -8,7 +8,9 @@
 
 Args (comma list): task=pydoc_family | glue/<name> | csv | jsonl; model=bert|gpt; size=tiny|mini|small|
 base|...; peft=none|lora|adapter|bitfit|head. The model settings must match the init_from run
-(its family and size); its tokenizer settings are taken over automatically.
+(its family and size); its tokenizer settings are taken over automatically. Give the PEFT method as the
+`peft=` arg: it also sets the learning rate for it (3x, as few trainable parameters take larger steps),
+which `--config.finetune.peft=...` alone leaves at full fine-tuning's.
 """
 
 import os
