@@ -205,6 +205,126 @@ def test_text_files_txt_and_jsonl_with_held_out_split(tmp_path):
   assert sources.corpus_identity(config, "train") != before
 
 
+def whole_file_documents(paths, feature):
+  """text_files' documents as it made them before it streamed: each .txt file read whole and split by the
+  regex. Keys and splits of caches prepared then must stay those of the streamed reading."""
+  base = os.path.commonpath([os.path.dirname(p) for p in paths])
+  for path in paths:
+    key = os.path.relpath(path, base)
+    if path.endswith(".jsonl"):  # read as ever (one record a line): what changed is how .txt is read
+      for line, record in sources.jsonl_records(path, warn=False):
+        if record[feature] is not None and record[feature].strip():
+          yield f"{key}:{line - 1}", record[feature].strip()
+      continue
+    with open(path, encoding="utf-8-sig") as f:
+      blocks = corpus._BLANK_LINES.split(f.read())
+    yield from ((f"{key}:{i}", block.strip()) for i, block in enumerate(blocks) if block.strip())
+
+
+def streamed_splits(paths, feature, data_dir):
+  """(key, text) of each split as TextFiles hands them to TFDS, in that order."""
+  builder = corpus.TextFiles(paths=paths, feature=feature, data_dir=str(data_dir))
+  return {name: [(key, example["text"]) for key, example in examples]
+          for name, examples in builder._split_generators(None).items()}
+
+
+def test_text_files_streams_the_documents_keys_and_splits_of_whole_file_reads(tmp_path, caplog):
+  c = tmp_path / "c"
+  (c / "sub").mkdir(parents=True)
+  words = "kayak fjord zebra quartz lynx oxide nymph glyph".split()
+  rng = np.random.default_rng(0)
+  line = lambda: " ".join(rng.choice(words, size=int(rng.integers(1, 8))))
+  para = lambda: "\n".join(line() for _ in range(rng.integers(1, 4)))
+  files = {  # each an edge of the blank-line rule, as bytes
+      "lead_trail.txt": f"\n\n \n\n{para()}\n\n\n{para()}\n \t\n\n\n".encode(),
+      "space_lines.txt": f"{para()}\n \n \n \n{para()}\n\t\n\n \n{para()}\n\n  \n\n\t\n{para()}".encode(),
+      "crlf.txt": f"{para()}\r\n\r\n \r\n{para()}\r\n\r\n{para()}\r{para()}\r\r{para()}\r\n".encode(),
+      "bom.txt": b"\xef\xbb\xbf" + f"\n{para()}\n\n{para()}".encode(),
+      "no_newline.txt": f"{para()}\n\n{para()}".encode(),
+      "one_block.txt": "\n".join(para() for _ in range(300)).encode(),
+      "other_space.txt": f"{para()}\n\x0c\n{para()}\n\u2028\n{para()}\n\x85 \n\n\u3000{para()}\n \x0c\n{para()}"
+                       f"\n\t\u3000\n{para()}\n".encode(),
+      "empty.txt": b"", "blank.txt": b" \n\n\t\n",
+      "sub/many.txt": "\n\n".join(para() for _ in range(60)).encode(),
+      "rows.jsonl": b"\xef\xbb\xbf" + "\r\n".join(  # blank lines between the records, and none at the end
+          [json.dumps({"body": text}) for text in ["  a record  ", None, "   ", "cut \ud83d short", para(), ""]]
+          + ["", " ", json.dumps({"body": para()})]).encode(),
+      "sub/more.jsonl": "".join(json.dumps({"body": para(), "id": i}) + "\n" for i in range(40)).encode()}
+  pieces = ["kayak", "fjord zebra", " ", "\t", "\n", "\n", "\r\n", "\r", " \n", "\x0c"]
+  for i in range(20):  # and whatever else these pieces make
+    files[f"sub/random{i}.txt"] = "".join(rng.choice(pieces, size=int(rng.integers(0, 40)))).encode()
+  for name, raw in files.items():
+    (c / name).write_bytes(raw)
+  paths = corpus.resolve_files(f"{c}/**/*")
+  assert len(paths) == len(files)
+  want = corpus._assign_splits(list(whole_file_documents(paths, "body")))
+  assert len(want["train"]) > 50 and len(want["validation"]) > 5
+  with caplog.at_level("WARNING", logger="fmjax"):
+    assert streamed_splits(paths, "body", tmp_path / "tfds") == want
+  # Read three times, the files are told of once (as when they were read once).
+  messages = [r.getMessage() for r in caplog.records]
+  assert sum("skipped 1 record(s) whose 'body' is null" in m for m in messages) == 1, messages
+  assert sum("replaced 1 lone surrogate escape(s)" in m for m in messages) == 1, messages
+
+  # The fallback rules of a corpus that the hash holds out none of, or all of; ties go to the first document.
+  texts = [f"document {i}" for i in range(100)]
+  held, kept = [[t for t in texts if (corpus._doc_hash(t) % 100 < 10) == h][:3] for h in (True, False)]
+  for name, docs in (("held", held), ("kept", kept)):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "a.txt").write_text("\n\n".join(docs[::-1] + docs))  # every document twice
+    (tmp_path / name / "b.txt").write_text("\n\n".join(docs))
+    paths = corpus.resolve_files(f"{tmp_path / name}/*.txt")
+    want = corpus._assign_splits(list(whole_file_documents(paths, "body")))
+    assert want["train"] and want["validation"]
+    assert streamed_splits(paths, "body", tmp_path / "tfds") == want
+
+  # A file edited between the readings of the splits would mix two corpora: refused.
+  builder = corpus.TextFiles(paths=paths, feature="body", data_dir=str(tmp_path / "tfds"))
+  train, validation = builder._split_generators(None).values()
+  list(train)
+  with open(paths[0], "a") as f:
+    f.write("\n\nan edit")
+  with pytest.raises(config_lib.ConfigError, match=r"^data.files changed while 2 file\(s\) were being prepared; "):
+    list(validation)
+
+
+def test_text_files_splits_a_corpus_in_the_memory_of_a_document_not_of_the_corpus(tmp_path):
+  import tracemalloc
+  words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jumbo pianos".split()
+  rng = np.random.default_rng(0)
+  # About 30 MB in documents of about 2 kB (long lines: tracemalloc slows each allocation, hence each line).
+  blocks = ["\n".join(" ".join(rng.choice(words, size=80)) for _ in range(rng.integers(2, 7))) for _ in range(200)]
+  with open(tmp_path / "big.txt", "w") as f:
+    f.write("".join(f"{i} {blocks[i % 200]}\n\n" for i in range(16_000)))  # each document unique
+  with open(tmp_path / "big.jsonl", "w") as f:
+    f.write("".join(json.dumps({"text": f"{i} {blocks[i % 200]}"}) + "\n" for i in range(3_000)))
+  size = os.path.getsize(tmp_path / "big.txt") + os.path.getsize(tmp_path / "big.jsonl")
+  builder = corpus.TextFiles(paths=corpus.resolve_files(f"{tmp_path}/big.*"), feature="text",
+                             data_dir=str(tmp_path / "tfds"))
+  tracemalloc.start()
+  try:
+    counts = {name: sum(1 for _ in examples) for name, examples in builder._split_generators(None).items()}
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert sum(counts.values()) == 19_000 and counts["validation"] > 1_000, counts
+  assert size > 25e6 and peak < size / 50, f"peak {peak / 1e6:.1f} MB reading a corpus of {size / 1e6:.1f} MB"
+
+
+def test_the_offset_of_a_files_first_bad_byte_counts_characters_cut_by_the_chunks_it_is_read_in(tmp_path,
+                                                                                                 monkeypatch):
+  monkeypatch.setattr(sources, "_DECODE_CHUNK", 3)  # cuts the 2-, 3- and 4-byte characters
+  good = "a\u00e9\u20ac\U0001f600b".encode()
+  for bad in (b"\xff", b"\xe9x", b"\xe2\x82", b"\xf0\x9f\x98"):  # a lone byte, a cut character, one cut at the end
+    for raw in (bad + good, good + bad, good * 3 + bad + good):
+      (tmp_path / "x.txt").write_bytes(raw)
+      with pytest.raises(UnicodeDecodeError) as e:
+        raw.decode("utf-8")
+      assert f"x.txt is not UTF-8 text (byte {e.value.start});" in str(sources.not_utf8(str(tmp_path / "x.txt")))
+  (tmp_path / "x.txt").write_bytes(good * 3)
+  assert "x.txt is not UTF-8 text;" in str(sources.not_utf8(str(tmp_path / "x.txt")))
+
+
 def test_tfds_dataset_by_name_through_mock_data(tmp_path, tfds_online):
   config = tiny("gpt", tmp_path, **{"data.dataset": "lm1b", "data.seq_len": 16, "data.tokenizer.vocab_size": 300})
   with tfds.testing.mock_data(num_examples=40):
@@ -354,7 +474,7 @@ def test_null_text_non_utf8_and_one_document_corpora_are_one_line(tmp_path, capl
   with caplog.at_level("WARNING", logger="fmjax"):
     docs = list(sources.documents(config, "train")) + list(sources.documents(config, "eval"))
   assert len(docs) == 12 and "None" not in docs  # a JSON null is no text, never the string "None"
-  assert any("skipped 1 record(s) whose 'text' is null" in r.getMessage() for r in caplog.records)
+  assert sum("skipped 1 record(s) whose 'text' is null" in r.getMessage() for r in caplog.records) == 1  # read thrice
   cases = [("latin1.txt", "first block\n\ncaf\xe9 au lait\n".encode("latin-1"), r"latin1.txt is not UTF-8 text \(byte 16\)"),
            ("one.txt", b"one single huge line of text " * 1000, "holds 1 document, and text_files needs at least 2"),
            ("list.jsonl", b'{"text": "a b c"}\n["a", "b"]\n', r"list.jsonl:2 is a JSON list, not an object; each line"),
@@ -381,8 +501,8 @@ def test_a_jsonl_lone_surrogate_escape_is_replaced_not_a_traceback(tmp_path, cap
     path = data.prepare(config)
   docs = list(sources.documents(config, "train")) + list(sources.documents(config, "eval"))
   assert len(docs) == 42 and "cut short \ufffd here" in docs and "a whole pair \U0001f600 here" in docs
-  assert any("replaced 1 lone surrogate escape(s)" in r.getMessage() and "s.jsonl:41" in r.getMessage()
-             for r in caplog.records)
+  assert sum("replaced 1 lone surrogate escape(s)" in r.getMessage() and "s.jsonl:41" in r.getMessage()
+             for r in caplog.records) == 1
   meta = json.load(open(os.path.join(path, "meta.json")))
   assert meta["splits"]["train"]["num_docs"] + meta["splits"]["eval"]["num_docs"] == 42
 

@@ -10,7 +10,8 @@ minor version, which is part of the builder config name.
 
 text_files: `.jsonl` files give one document per line (field `data.feature`); `.txt` files
 give one document per block of text between blank lines, so one large text file still has
-enough documents for a held-out split.
+enough documents for a held-out split. The files are read a document at a time (once to settle
+the split, then once per split), so a corpus may be larger than the host's memory.
 
 Both hold out documents deterministically by a hash of their text (about 10%, at least one),
 so the split never depends on file order, machine or time.
@@ -28,14 +29,14 @@ import re
 import sys
 import sysconfig
 import tokenize
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import tensorflow_datasets as tfds
 
 HELD_OUT_PERCENT = 10
 _SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__",
               "turtledemo", "ensurepip", "pydoc_data"}
-_BLANK_LINES = re.compile(r"\n[ \t]*\n+")
+_BLANK_LINES = re.compile(r"\n[ \t]*\n+")  # what separates the blocks of a .txt file (`_txt_blocks` reads it by line)
 
 
 def _doc_hash(text: str) -> int:
@@ -52,6 +53,28 @@ def _assign_splits(docs: list[tuple[str, str]]) -> dict[str, list[tuple[str, str
     held[max(range(len(docs)), key=hashes.__getitem__)] = False
   return {"train": [d for d, h in zip(docs, held) if not h],
           "validation": [d for d, h in zip(docs, held) if h]}
+
+
+def _flipped_key(docs: Iterable[tuple[str, str]]) -> str | None:
+  """The key of the one document whose split `_assign_splits`' fallback rules change, read in one pass.
+
+  What lets the split of a large corpus be streamed: a document's split is its hash's, except for this
+  one, so the splits' generators need no more than it to decide, with the same outcome as the list form.
+  """
+  n, any_held, all_held, lowest, highest = 0, False, True, None, None  # (hash, key) of the first lowest / highest
+  for key, text in docs:
+    h = _doc_hash(text)
+    held = h % 100 < HELD_OUT_PERCENT
+    n, any_held, all_held = n + 1, any_held or held, all_held and held
+    if lowest is None or h < lowest[0]:
+      lowest = (h, key)
+    if highest is None or h > highest[0]:
+      highest = (h, key)
+  if n >= 2 and not any_held:
+    return lowest[1]
+  if n >= 2 and all_held:
+    return highest[1]
+  return None
 
 
 def _module_docstring(path: str) -> str | None:
@@ -129,11 +152,36 @@ def files_fingerprint(paths: list[str], feature: str) -> str:
   return h.hexdigest()[:16]
 
 
-def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
-  """(key, text) for every document in the files; see the module docstring for what a document is.
+def _txt_blocks(path: str) -> Iterator[tuple[int, str]]:
+  """(i, stripped text) of each block of a .txt file, read a line at a time, so a file larger than memory is
+  read in the memory of one block.
+
+  The blocks, and their numbers, are exactly those of `_BLANK_LINES.split(whole_file)` (what keys of
+  prepared corpora were made from): a separator is the line break of a line, the next line if it holds
+  only spaces and tabs, and the empty lines right after that one. A line of spaces after them opens the
+  next block, so two such lines in a row make a block of whitespace, which is numbered like any other.
+  """
+  i, lines, after_separator = 0, [], False
+  with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows tools write one) is not text
+    for line in f:  # lines end with "\n" alone (universal newlines), as f.read() gives them
+      if lines and line[0] in " \t\n" and line.lstrip(" \t") == "\n":
+        yield i, "".join(lines).strip()
+        i, lines, after_separator = i + 1, [], True
+      elif after_separator and line == "\n":
+        continue
+      else:
+        lines.append(line)
+        after_separator = False
+  yield i, "".join(lines).strip()
+
+
+def file_documents(paths: list[str], feature: str, warn: bool = True) -> Iterator[tuple[str, str]]:
+  """(key, text) for every document in the files, a document at a time; see the module docstring for what a
+  document is.
 
   JSONL records whose field is null carry no text: they are skipped, and counted in one log line.
-  (`sources.jsonl_records` replaces lone surrogate escapes with U+FFFD.)
+  (`sources.jsonl_records` replaces lone surrogate escapes with U+FFFD.) `warn=False` leaves out
+  these log lines, for a second reading of the same files.
   """
   from fmjax.config_lib import ConfigError
   from fmjax.data import sources
@@ -145,7 +193,7 @@ def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
   for path in paths:
     key = os.path.relpath(path, base)
     if path.endswith(".jsonl"):
-      for line, record in sources.jsonl_records(path):
+      for line, record in sources.jsonl_records(path, warn=warn):
         if not isinstance(record, dict):
           raise ConfigError(f"{path}:{line} is a JSON {type(record).__name__}, not an object; each line of a .jsonl "
                             f"corpus is one object with the text in its {feature!r} field")
@@ -166,16 +214,14 @@ def file_documents(paths: list[str], feature: str) -> Iterator[tuple[str, str]]:
           yield f"{key}:{line - 1}", text
       continue
     try:
-      with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows tools write one) is not text
-        blocks = _BLANK_LINES.split(f.read())
+      for i, text in _txt_blocks(path):
+        if text:
+          yield f"{key}:{i}", text
     except UnicodeDecodeError:
       raise sources.not_utf8(path) from None
     except PermissionError as e:
       raise sources.unreadable(path, e) from None
-    for i, block in enumerate(blocks):
-      if block.strip():
-        yield f"{key}:{i}", block.strip()
-  if nulls:
+  if nulls and warn:
     logging.getLogger("fmjax").warning("skipped %d record(s) whose %r is null (the first at %s)", nulls, feature,
                                        first_null)
 
@@ -200,9 +246,19 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
 
   def _split_generators(self, dl_manager):
-    splits = _assign_splits(list(file_documents(self._paths, self._feature)))
-    return {name: self._generate_examples(docs) for name, docs in splits.items()}
+    # The splits of `_assign_splits`, streamed so that memory holds one document, not the corpus: this
+    # pass reads the files for the one document the fallback rules move; each split reads them again.
+    flipped = _flipped_key(file_documents(self._paths, self._feature))
+    return {name: self._generate_examples(name == "validation", flipped) for name in ("train", "validation")}
 
-  def _generate_examples(self, docs):
-    for key, text in docs:
-      yield key, {"text": text}
+  def _generate_examples(self, held_out: bool, flipped: str | None):
+    from fmjax.config_lib import ConfigError
+
+    for key, text in file_documents(self._paths, self._feature, warn=False):
+      if ((_doc_hash(text) % 100 < HELD_OUT_PERCENT) != (key == flipped)) == held_out:
+        yield key, {"text": text}
+    # Each split read the files apart: an edit meanwhile would leave the splits of two corpora, under
+    # the name of the first.
+    if files_fingerprint(self._paths, self._feature) != self.builder_config.name:
+      raise ConfigError(f"data.files changed while {len(self._paths)} file(s) were being prepared; prepare "
+                        "again once they stay as they are")

@@ -8,6 +8,7 @@ no TensorFlow needed) and falls back to `builder.as_dataset` for datasets prepar
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import copy
 import difflib
@@ -134,10 +135,11 @@ def _without_lone_surrogates(value: Any) -> tuple[Any, int]:
   return value, 0
 
 
-def jsonl_records(path: str) -> Iterator[tuple[int, Any]]:
+def jsonl_records(path: str, warn: bool = True) -> Iterator[tuple[int, Any]]:
   """(line number, record) for each non-blank line of a JSONL file; a line that is not JSON, or a
   file that is not UTF-8, is one ConfigError naming it. What a record must hold is the caller's.
-  Lone surrogate escapes become U+FFFD (the replacement character), counted in one log line."""
+  Lone surrogate escapes become U+FFFD (the replacement character), counted in one log line
+  (`warn=False`: none, for a second reading of the file)."""
   lone, first_lone = 0, 0
   try:
     with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows tools write one) is not text
@@ -156,7 +158,7 @@ def jsonl_records(path: str) -> Iterator[tuple[int, Any]]:
     raise not_utf8(path) from None
   except PermissionError as e:
     raise unreadable(path, e) from None
-  if lone:
+  if lone and warn:
     logging.getLogger("fmjax").warning("replaced %d lone surrogate escape(s) (\\ud800-\\udfff without its pair) "
                                        "with U+FFFD (the first at %s:%d)", lone, path, first_lone)
 
@@ -167,15 +169,26 @@ def unreadable(path: str, e: OSError) -> ConfigError:
                      "or leave it out of the files given")
 
 
+_DECODE_CHUNK = 1 << 20
+
+
 def not_utf8(path: str) -> ConfigError:
-  """The one-line error for an input file that is not UTF-8, naming the offset of its first bad byte."""
+  """The one-line error for an input file that is not UTF-8, naming the offset of its first bad byte.
+
+  Decoded a MiB at a time: the file may be larger than memory."""
+  decoder, done, where = codecs.getincrementaldecoder("utf-8")(), 0, ""
   with open(path, "rb") as f:
-    raw = f.read()
-  try:
-    raw.decode("utf-8")
-    where = ""
-  except UnicodeDecodeError as e:
-    where = f" (byte {e.start})"
+    while True:
+      chunk = f.read(_DECODE_CHUNK)
+      held = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk's end, decoded with this one
+      try:
+        decoder.decode(chunk, final=not chunk)
+      except UnicodeDecodeError as e:
+        where = f" (byte {done - held + e.start})"
+        break
+      if not chunk:
+        break
+      done += len(chunk)
   return ConfigError(f"{path} is not UTF-8 text{where}; input files must be UTF-8: convert it, e.g. "
                      f"`iconv -f latin1 -t utf-8 {path} > new_file`")
 
