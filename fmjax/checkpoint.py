@@ -98,9 +98,13 @@ def check_same_model(saved: Mapping, model_cfg, source: str) -> None:
   diff = [k for k in SHAPE_KEYS if theirs[k] != ours[k]]
   if diff:
     fmt = lambda d: ", ".join(f"{k}={d[k]}" for k in diff)
+    # Another family is another config: setting model.family alone keeps this one's objective and tokenizer.
+    fix = ("set those model.* values" if "family" not in diff or theirs["family"] not in ("gpt", "bert") else
+           f"start from a {theirs['family']} config (configs/{theirs['family']}.py for `fmjax train`, "
+           f"configs/finetune_cls.py:model={theirs['family']} for `fmjax finetune`)")
     raise CheckpointMismatchError(f"init_from={source} holds a {theirs['family']} model ({fmt(theirs)}) but this "
-                                  f"config builds {ours['family']} ({fmt(ours)}); set those model.* values or use "
-                                  "a checkpoint of this model")
+                                  f"config builds {ours['family']} ({fmt(ours)}); {fix} or use a checkpoint of this "
+                                  "model")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -517,13 +521,15 @@ class Checkpointer:
     return due
 
   def save(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any], *,
-           force: bool = False, at_stop: bool = False) -> bool:
+           force: bool = False, at_stop: bool = False, unscheduled: bool = False) -> bool:
     """Starts saving `state` ("params", optionally "opt_state") and `meta` at `step`.
 
     Returns False when `step` is not due (see `should_save`) or already saved. Errors of an
     earlier async save are raised here or by `wait`. `at_stop=True` (implies `force`): the run
     stops early here (Ctrl-C, preemption); unless the step is due anyway, the save is out of
-    schedule: kept only while it is the newest, and not counted toward `keep`.
+    schedule: kept only while it is the newest, and not counted toward `keep`. `unscheduled=True`
+    (with `force` or `at_stop`): out of schedule even when due, for params that must not evict
+    the checkpoints before them (those of updates skipped as non-finite).
     """
     if self._closed:
       raise RuntimeError("Checkpointer.save called after close()")
@@ -536,7 +542,7 @@ class Checkpointer:
       return False
     if "params" not in state:
       raise ValueError(f"the state to save has no 'params' (keys: {sorted(state)})")
-    out_of_schedule = at_stop and not self.should_save(step)
+    out_of_schedule = unscheduled or (at_stop and not self.should_save(step))
     meta = _jsonable({"step": int(step), "fmjax_version": fmjax.__version__, **meta,
                       **({"saved_at_stop": True} if out_of_schedule else {})})
     args = {"params": ocp.args.StandardSave(state["params"]), "meta": ocp.args.JsonSave(meta)}

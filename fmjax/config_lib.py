@@ -381,13 +381,19 @@ def check_command(config, command: str) -> None:
 
 
 ARCHITECTURE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len")
+# What else models.py reads of every run's model section (newer keys it reads with a default).
+MODEL_KEYS_READ = ("layer_norm_eps", "dropout", "init_std", "attention", "dtype", "param_dtype", "remat", "scan_layers")
 
 
 def check_saved(saved, path: str) -> dict:
   """A run's recorded config (config.json, or the one a checkpoint holds), refused in one line
-  when it lacks what rebuilding the model needs (a damaged or hand-edited file)."""
+  when it lacks what rebuilding the model needs, or holds a value no run writes (a damaged or
+  hand-edited file): a value of another type than the setting's, or one `validate` refuses."""
   model = saved.get("model") if isinstance(saved, dict) else None
-  missing = ["model"] if not isinstance(model, dict) else [f"model.{k}" for k in ARCHITECTURE_KEYS if k not in model]
+  needed = ARCHITECTURE_KEYS + MODEL_KEYS_READ + (("type_vocab_size",) if isinstance(model, dict)
+                                                  and model.get("family") == "bert" else ())
+  missing = ["model"] if not isinstance(model, dict) else [f"model.{k}" for k in needed if k not in model]
+  missing += [s for s in ("data", "train") if isinstance(model, dict) and not isinstance(saved.get(s), dict)]
   if missing:
     raise ConfigError(f"{path} has no {', '.join(missing)}: it is damaged or not an fmjax run's; copy it again "
                       "from where the run was made")
@@ -397,7 +403,40 @@ def check_saved(saved, path: str) -> dict:
   if bad:
     raise ConfigError(f"{path} has {', '.join(bad)}, where the model needs family gpt or bert and positive whole "
                       "sizes: it is damaged or hand-edited; copy it again from where the run was made")
+  defaults = base_config(model["family"])
+  for name, section in COMMAND_SECTIONS.items():
+    if name in saved:
+      defaults[name] = section()
+  defaults = defaults.to_dict()
+  try:
+    _check_saved_types(saved, defaults)
+    # Keys absent from older runs' configs read as their defaults, which pass.
+    _check_model(ml_collections.ConfigDict({**defaults["model"], **model}))
+    batch_size, seq_len = saved["train"].get("batch_size", 1), saved["data"].get("seq_len", 2)
+    if batch_size < 1 or seq_len < 2:
+      raise ConfigError(f"train.batch_size={batch_size} and data.seq_len={seq_len}, where a run has at least 1 row "
+                        "of at least 2 tokens")
+  except ConfigError as e:
+    raise ConfigError(f"{path} is damaged or hand-edited (copy it again from where the run was made): {e}") from None
   return saved
+
+
+def _check_saved_types(saved: Mapping, defaults: Mapping, prefix: str = "") -> None:
+  """A recorded value of another type than its setting's default (`"seq_len": "abc"`); keys the
+  defaults lack (older or free-form settings) and nulls are left to the readers."""
+  kinds = ((bool, "true or false", (bool,)), (int, "a whole number", (int,)), (float, "a number", (int, float)),
+           (str, "text", (str,)), ((list, tuple), "a list", (list, tuple)), (Mapping, "a section of settings", (dict,)))
+  for key, default in defaults.items():
+    value = saved.get(key)
+    if key not in saved or value is None:
+      continue
+    want, types = next(((what, types) for kind, what, types in kinds if isinstance(default, kind)), (None, None))
+    if want is None:  # a default of no kind above (None): any value
+      continue
+    if not isinstance(value, types) or (isinstance(value, bool) and not isinstance(default, bool)):
+      raise ConfigError(f"{prefix}{key}={value!r}, where a run records {want}")
+    if isinstance(default, Mapping):
+      _check_saved_types(value, default, f"{prefix}{key}.")
 
 
 MAX_STEPS = 2**31 - 1  # the step counter is an int32 on the device
@@ -408,10 +447,9 @@ def _check_seed(key: str, seed) -> None:
     raise ConfigError(f"{key}={seed} must be in [0, 2**32)")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Checks values that would otherwise fail deep inside a compile; raises ConfigError."""
+def _check_model(m) -> None:
+  """The model section's values: a model of them can be built (a config's, or a run's recorded one)."""
   from fmjax import attention, models
-  m = config.model
   _one_of("model.family", m.family, ("gpt", "bert"))
   _one_of("model.attention", m.attention, ("auto", *attention.KERNELS))
   _one_of("model.remat", m.remat, ("none", *models.REMAT_POLICIES))
@@ -437,6 +475,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                       "tokens a chunk of the fused LM-head loss takes)")
   if m.family == "bert" and m.get("type_vocab_size", 2) < 1:
     raise ConfigError(f"model.type_vocab_size={m.type_vocab_size} must be at least 1 (BERT uses 2: sentence A and B)")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Checks values that would otherwise fail deep inside a compile; raises ConfigError."""
+  m = config.model
+  _check_model(m)
   if "train" in config and "task" not in config and "objective" in config.train:
     # Pretraining and SFT: a decoder learns the next token, an encoder the masked ones (each sees
     # what the other's loss would hide: a bidirectional model reads the token it is asked for).

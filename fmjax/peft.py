@@ -19,6 +19,7 @@ folds LoRA into the base kernels for export.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 
 import jax
@@ -143,6 +144,9 @@ def apply(model: nnx.Module, fcfg, rngs: nnx.Rngs) -> nnx.Module:
   if mode == "lora":
     if fcfg.lora_rank <= 0:
       raise ConfigError(f"finetune.lora_rank must be positive, got {fcfg.lora_rank}")
+    if not 0 < fcfg.lora_alpha < math.inf:  # the update is (alpha/r) (x.A).B: at 0, A and B get no gradient
+      raise ConfigError(f"finetune.lora_alpha must be finite and above 0 (the low-rank update is scaled by "
+                        f"lora_alpha / lora_rank, and at 0 LoRA learns nothing), got {fcfg.lora_alpha}")
     for path, layer in match_targets(model, fcfg.lora_targets):
       _replace(model, path, LoRADense(layer, rank=fcfg.lora_rank, alpha=fcfg.lora_alpha, rngs=rngs))
   else:

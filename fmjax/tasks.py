@@ -351,12 +351,17 @@ def _is_int(y) -> bool:
 
 def _check_label_column(train_raw: list, num_classes: int, label_column: str) -> None:
   """Refuses a label column with more distinct values than half the training examples (and over 10): an id
-  or text column, which would make one class per example, unless task.num_classes declares the classes."""
+  or text column, which would make one class per example, unless task.num_classes declares the classes;
+  and one with a single value, which leaves nothing to learn."""
   distinct = len({str(y) for y in train_raw})
   if num_classes == -1 and distinct > max(10, len(train_raw) / 2):
     raise ConfigError(f"task.label_column={label_column!r} has {distinct} different values in {len(train_raw)} "
                       "examples of task.files, so it holds no class labels; set task.label_column to the column of "
                       "the labels (or task.num_classes, if these are classes)")
+  if distinct == 1:  # a head that always answers that class scores 100% on a validation split cut from these
+    raise ConfigError(f"every training example of task.files has the label {train_raw[0]!r} (task.label_column="
+                      f"{label_column!r}), and a classifier learns nothing from one class; give examples of at least "
+                      "two classes, or set task.label_column to the column of the labels")
 
 
 def _check_unseen_labels(train_raw: list, val_raw: list, val_places: list[str], num_classes: int) -> None:

@@ -560,7 +560,10 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
       if save_due:  # before the eval: an eval that fails (out of memory, say) loses no update
         saved = {"step": step, **meta(step), "fmjax_version": __import__("fmjax").__version__,
                  "metrics": last_train, "skipped_steps": skipped, "nonfinite_in_a_row": in_a_row}
-        checkpointer.save(step, state, saved, force=stop or step == total or deferred, at_stop=stop)
+        # Inside a run of skipped updates (a stop's save or the last one): out of schedule, so that `keep`
+        # never deletes the last good checkpoint for the params that just failed.
+        checkpointer.save(step, state, saved, force=stop or step == total or deferred, at_stop=stop,
+                          unscheduled=in_a_row > 0)
         deferred = False
       if eval_due:
         last_eval = evaluate(state["params"])

@@ -707,7 +707,7 @@ def _run_args(command, tmp_path):
   """A tiny run of `command` that reaches its workdir lock without a dataset to prepare."""
   words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "cat", "dog", "runs", "the", *"abcdefghijklmnopqrst"]
   (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-  rows = [{"text": "the cat runs", "label": 1, "prompt": "1 plus 1 is", "completion": " 2."}] * 16
+  rows = [{"text": "the cat runs", "label": i % 2, "prompt": "1 plus 1 is", "completion": " 2."} for i in range(16)]
   (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   model = ["--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
            "--config.model.d_ff=64", "--config.model.vocab_size=128", "--config.model.max_len=32",

@@ -1,6 +1,7 @@
 """Configs: sizes, locking with "did you mean", up-front validation, CLI errors."""
 
 import errno
+import json
 import os
 import re
 import subprocess
@@ -360,6 +361,49 @@ def test_a_recorded_config_with_a_damaged_model_size_is_refused_in_one_line():
     bad = {**saved, "model": {**saved["model"], key: value}}
     with pytest.raises(ConfigError, match=re.escape(f"config.json has model.{key}={value!r}, where the model needs")):
       config_lib.check_saved(bad, "config.json")
+
+
+@pytest.mark.parametrize("edit,error", [
+    (("data", "seq_len", "abc"), "data.seq_len='abc', where a run records a whole number"),
+    (("train", "batch_size", 8.5), "train.batch_size=8.5, where a run records a whole number"),
+    (("model", "scan_layers", "no"), "model.scan_layers='no', where a run records true or false"),
+    (("optim", "lr", True), "optim.lr=True, where a run records a number"),
+    ((None, "optim", "fast"), "optim='fast', where a run records a section of settings"),
+    (("model", "dtype", "fp16"), r"model.dtype='fp16' is not one of \['float32', 'bfloat16', 'float16'\]"),
+    (("model", "dropout", 1.0), r"model.dropout must be in \[0, 1\), got 1.0"),
+    (("train", "batch_size", 0), "train.batch_size=0 and data.seq_len=128, where a run has at least 1 row of at least "
+     "2 tokens"),
+])
+def test_a_recorded_config_with_a_value_no_run_writes_is_refused_in_one_line(edit, error):
+  """A hand-edited config.json (`"dtype": "fp16"`, `"batch_size": 0`) ended `fmjax eval`, `generate` and
+  `export` in a TypeError or a ZeroDivisionError deep inside them."""
+  saved = config_lib.to_dict(config_lib.load_config("configs/gpt.py:tiny"))
+  section, key, value = edit
+  bad = json.loads(json.dumps(saved))
+  (bad[section] if section else bad)[key] = value
+  with pytest.raises(ConfigError, match=r"^config.json is damaged or hand-edited \(copy it again from where the run "
+                                        rf"was made\): {error}") as e:
+    config_lib.check_saved(bad, "config.json")
+  assert "\n" not in str(e.value)
+
+
+def test_a_recorded_config_missing_what_the_model_reads_is_refused_and_newer_keys_are_not_needed():
+  saved = config_lib.to_dict(config_lib.load_config("configs/bert.py:tiny"))
+  for section, key, missing in (("model", "dropout", "model.dropout"), ("model", "type_vocab_size",
+                                "model.type_vocab_size"), (None, "data", "data"), (None, "train", "train")):
+    bad = json.loads(json.dumps(saved))
+    del (bad[section] if section else bad)[key]
+    with pytest.raises(ConfigError, match=rf"^config.json has no {missing}: it is damaged or not an fmjax run's; copy "
+                                          "it again from where the run was made$"):
+      config_lib.check_saved(bad, "config.json")
+  # A run saved before a key existed (every key the model reads with a default, say) is read as it was.
+  older = json.loads(json.dumps(saved))
+  for key in ("attention_dropout", "fused_loss_chunk"):
+    del older["model"][key]
+  del older["optim"]["mu_dtype"], older["data"]["shard_docs"]
+  assert config_lib.check_saved(older, "config.json") is older
+  tuned = config_lib.to_dict(config_lib.load_config("configs/finetune_cls.py"))  # its task and finetune sections
+  assert config_lib.check_saved(tuned, "config.json") is tuned
 
 
 @pytest.mark.parametrize("command", ["eval", "report", "release", "export", "import-hf", "plan", "generate", "sweep"])

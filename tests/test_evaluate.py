@@ -79,6 +79,24 @@ def test_a_run_config_missing_an_architecture_key_is_one_line(tmp_path_factory, 
                                               "an fmjax run's; copy it again from where the run was made"
 
 
+def test_a_hand_edited_run_config_is_one_line_for_every_reader(tmp_path_factory, tmp_path, capsys):
+  """`"dtype": "fp16"` or `"batch_size": 0` in config.json ended eval and generate in a traceback."""
+  workdir, _ = make_workdir(tmp_path_factory, "gpt")
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  saved = json.loads((copy / "config.json").read_text())
+  for section, key, value, says in (("model", "dtype", "fp16", "model.dtype='fp16' is not one of"),
+                                    ("train", "batch_size", 0, "train.batch_size=0 and data.seq_len")):
+    (copy / "config.json").write_text(json.dumps({**saved, section: {**saved[section], key: value}}))
+    for argv in (["eval", f"--workdir={copy}", "--batches=1"], ["generate", f"--workdir={copy}", "--prompt=hi"],
+                 ["export", f"--workdir={copy}", f"--out={tmp_path / 'hf'}"]):
+      assert cli.main(argv) == 2, argv
+      err = capsys.readouterr().err
+      assert err.startswith(f"error: {copy}/config.json is damaged or hand-edited (copy it again from where the run "
+                            f"was made): {says}") and err.count("\n") == 1, (argv, err)
+  assert not (tmp_path / "hf").exists()
+
+
 def test_eval_rejects_what_it_cannot_score(tmp_path):
   with pytest.raises(ConfigError, match="has no config.json"):
     evaluate.run(str(tmp_path))

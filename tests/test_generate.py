@@ -231,6 +231,9 @@ def test_sampling_settings_that_are_not_numbers_are_refused(gpts):
   for temperature in (float("nan"), float("inf")):
     with pytest.raises(config_lib.ConfigError, match=rf"need a finite temperature >= 0.*temperature={temperature}"):
       generate.generate(gpts[False], [[5, 17]], 2, temperature=temperature)
+  for seed in (-1, 2**32, 10**20):  # 10**20 ended in an OverflowError traceback from JAX
+    with pytest.raises(config_lib.ConfigError, match=rf"^--seed={seed} must be in \[0, 2\*\*32\)$"):
+      generate.generate(gpts[False], [[5, 17]], 2, seed=seed)
 
 
 def test_usage_mistakes_are_one_line(capsys):

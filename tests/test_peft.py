@@ -203,6 +203,16 @@ def test_a_lora_rank_or_adapter_dim_below_one_is_one_line(size, value):
     finetune.model_factory(tiny("bert", f"finetune.peft={mode}", f"{size}={value}"), C)()
 
 
+@pytest.mark.parametrize("value", ["0", "-16", "nan", "inf"])
+def test_a_lora_alpha_that_scales_the_update_away_is_one_line(value):
+  """lora_alpha=0 scales the low-rank update, and so A's and B's gradients, to 0: a LoRA run trained its
+  head alone, without a word."""
+  with pytest.raises(ConfigError, match=r"^finetune.lora_alpha must be finite and above 0 \(the low-rank update is "
+                                        rf"scaled by lora_alpha / lora_rank, and at 0 LoRA learns nothing\), got "
+                                        rf"{float(value)}$"):
+    finetune.model_factory(tiny("bert", "finetune.peft=lora", f"finetune.lora_alpha={value}"), C)()
+
+
 def test_lora_finetune_exports_to_transformers(tmp_path):
   """A LoRA fine-tune, merged and exported, gives transformers' BertForSequenceClassification
   the logits of the unmerged fmjax classifier."""

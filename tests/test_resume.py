@@ -468,6 +468,23 @@ def test_nan_skip_counts_a_run_of_skipped_updates_across_a_resume(cache_dir, mon
     train.run(load(cache_dir, "train.nan_policy=skip", "train.steps=40"), str(tmp_path))
 
 
+def test_a_run_that_ends_inside_skipped_updates_keeps_the_checkpoint_before_them(cache_dir, monkeypatch, tmp_path):
+  """The save at the end of a run (or at a stop) inside a run of skipped updates holds the params that
+  just failed: with checkpoint.keep=1 it once deleted step 4, the last good checkpoint, and the resumed
+  run that then diverged had none to go back to."""
+  _poison(monkeypatch, set(range(5, 40)))  # from the 6th update on
+  skip = ("train.nan_policy=skip", "checkpoint.keep=1")
+  train.run(load(cache_dir, *skip, "train.steps=8"), str(tmp_path))  # saves 8, 3 skipped in a row
+  assert committed_steps(tmp_path) == [4, 8]
+  with pytest.raises(train.NonFiniteLossError, match=r"10 non-finite updates in a row up to step 15: the params of "
+                                                     r"step 5 diverged\. .* go on from step 4, the last checkpoint"):
+    train.run(load(cache_dir, *skip, "train.steps=40"), str(tmp_path))
+  assert committed_steps(tmp_path)[0] == 4
+  monkeypatch.undo()  # the data is fine again: the streak ends, and a finite save counts toward keep=1 again
+  train.run(load(cache_dir, *skip, "train.steps=12"), str(tmp_path))
+  assert committed_steps(tmp_path) == [12]
+
+
 def test_nan_skip_puts_a_save_off_until_an_update_is_finite(cache_dir, monkeypatch, tmp_path, capsys):
   _poison(monkeypatch, {3})  # the 4th update, which makes step 4, a save step
   train.run(load(cache_dir, "train.nan_policy=skip", "train.steps=6"), str(tmp_path))

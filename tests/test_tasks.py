@@ -291,6 +291,22 @@ def test_a_label_column_of_mostly_distinct_values_is_refused(tmp_path, cache_dir
   assert tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={tiny}")).num_classes == 6
 
 
+def test_training_labels_of_one_class_are_refused(tmp_path, cache_dir):
+  """A task file whose examples all had one label trained a one-class head to loss 0 and "accuracy 1.0"."""
+  for label, shown in (("pos", "'pos'"), (1, "1"), (1.0, "1.0")):
+    path = _write_jsonl(tmp_path / "t.jsonl", [{"sentence": f"text {i}", "label": label} for i in range(20)])
+    for declared in ("-1", "2"):
+      with pytest.raises(ConfigError, match=rf"^every training example of task.files has the label {shown} "
+                                            r"\(task.label_column='label'\), and a classifier learns nothing from "
+                                            r"one class; give examples of at least two classes") as e:
+        tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", f"task.num_classes={declared}"))
+      assert "\n" not in str(e.value)
+  # Regression takes any scores; two classes train.
+  assert tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={path}", "task.num_classes=0"))
+  two = _write_jsonl(tmp_path / "two.jsonl", [{"sentence": f"text {i}", "label": i % 2} for i in range(20)])
+  assert tasks.load_task(ft_config(cache_dir, "task.name=jsonl", f"task.files={two}")).num_classes == 2
+
+
 @pytest.mark.parametrize("override, message", [
     ("task.max_train_examples=-1", r"task.max_train_examples=-1 must be at least 0 \(0: every training example\)"),
     ("task.validation_percent=150", r"task.validation_percent=150 must be in \[0, 100\)"),
