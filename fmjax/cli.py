@@ -24,6 +24,7 @@ from fmjax.config_lib import ConfigError
 
 PREEMPTED_EXIT_CODE = 143  # saved and stopped on SIGTERM: rerun the same command to resume
 INTERRUPTED_EXIT_CODE = 130  # stopped by Ctrl-C (SIGINT), saved first when it came in the step loop
+BROKEN_PIPE_EXIT_CODE = 141  # 128 + SIGPIPE: what reads stdout stopped reading
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -114,6 +115,7 @@ def cmd_data(argv):
   _, config = _load("fmjax data prepare", argv[1:], False)
   from fmjax.data import sources
   sources.check_held_out_apart(config)  # what it prepares is for training
+  sources.check_files_read(config)
   from fmjax import checkpoint, metrics
   metrics.setup_logging("stderr")  # its notes (parts kept, waiting for another process); stdout: the path
   try:
@@ -302,6 +304,18 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+  try:
+    code = _main(argv)
+    sys.stdout.flush()  # here, where a broken pipe can still be told apart from an error
+    return code
+  except BrokenPipeError:  # stdout's reader left (`fmjax sweep --print_commands | head`): stop quietly, as `cat` does
+    if not stdout_is_gone():
+      raise
+    return BROKEN_PIPE_EXIT_CODE
+
+
+def _main(argv: list[str] | None) -> int:
+  own_process = argv is None  # the `fmjax` program itself, not a caller in Python (a test, a notebook)
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(usage())
@@ -324,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     code = getattr(e, "exit_code", INTERRUPTED_EXIT_CODE)  # 143 for a SIGTERM (checkpoint.Terminated)
     what = "stopped" if code == PREEMPTED_EXIT_CODE else "interrupted"
     print(f"{what}: {e}" if str(e) else what, file=sys.stderr)
+    if own_process:
+      exit_at_once(code)
     return code
   except Exception as e:  # XLA's errors are RuntimeErrors: only running out of memory is the user's
     message = (out_of_memory_message(e) or storage_error_message(e) or file_error_message(e)
@@ -333,6 +349,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
   return int(code or 0)
+
+
+def exit_at_once(code: int) -> None:
+  """Ends the process with `code` without Python's teardown. A signal can stop a command while XLA still
+  compiles its step on a thread of its own (JAX lets Ctrl-C interrupt the wait for a compile); the teardown
+  would free the devices under that thread, and the process would die of a segmentation fault (exit 139)
+  instead of the 130 or 143 it reports. What the run keeps (its checkpoints, its logs) was closed before."""
+  import logging
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  logging.shutdown()
+  os._exit(code)
+
+
+def stdout_is_gone() -> bool:
+  """True when what reads stdout has closed it (a pipe with no reader polls as an error); stdout then writes to
+  /dev/null, so that the interpreter's last flush does not fail too. False for a broken pipe elsewhere."""
+  import select
+  try:
+    fd = sys.stdout.fileno()
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poll.poll(0)):
+      return False
+  except (AttributeError, OSError, ValueError):  # no real stdout (a test's capture): not a pipe that broke
+    return False
+  os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+  return True
 
 
 def file_error_message(e: BaseException) -> str | None:

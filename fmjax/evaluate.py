@@ -14,8 +14,9 @@ split by default, where a pretraining run's loop scored only its first `train.ev
 They are printed and written to `workdir/eval.json` (`eval_<split>.json` for other splits).
 
 `--config.data.KEY=V` scores a pretraining run on other text with its own tokenizer: another
-corpus's held-out split (`--config.data.dataset=wikipedia/20230601.en`), or its own files after
-they moved (`--config.data.files=NEW_GLOB`). The result goes to `eval_data.json`.
+corpus's held-out split (`--config.data.dataset=wikipedia/20230601.en`; `--config.data.files=GLOB`
+alone: local text files, as `data.dataset=text_files`), or its own files after they moved
+(`--config.data.files=NEW_GLOB`). The result goes to `eval_data.json`.
 """
 
 from __future__ import annotations
@@ -94,12 +95,15 @@ def _with_data(config, workdir: str, overrides: Sequence[str]):
     raise ConfigError(f"--config.{moved[0]} is for a fine-tuning or SFT run; {workdir} is a pretraining run, which "
                       "takes --config.data.* (the text to score)")
   seq_len = config.data.seq_len
+  keys = _override_keys(overrides)
+  from fmjax.data import sources
+  if "data.files" in keys and "data.dataset" not in keys and sources.mixture(config.data.dataset) is None:
+    overrides = ["data.dataset=text_files", *overrides]  # files beside a run of another corpus: score those files
   config_lib.apply_overrides(config, overrides)
   from fmjax import interop
   if config.data.seq_len > seq_len and not files.exists(os.path.join(workdir, interop.IMPORT_INFO)):
     raise ConfigError(f"data.seq_len={config.data.seq_len} is longer than the rows {workdir} trained on ({seq_len}); "
                       "the positions past them are untrained: use at most that")
-  from fmjax.data import sources
   config_lib.validate(config)  # the values `train` would refuse (data.shard_docs=0, a mask rate that overflows)
   sources.check_config(config)
   return config

@@ -340,6 +340,7 @@ def _run(config, workdir: str, locked: list) -> dict:
   if not files.isdir(os.path.join(workdir, "checkpoints")):
     sources.check_config(config)  # a bad data setting on a fresh start leaves no workdir behind
     sources.check_held_out_apart(config)
+    sources.check_files_read(config)
     _refuse_foreign(workdir)
   files.makedirs(workdir)
 

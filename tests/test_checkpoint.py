@@ -765,6 +765,26 @@ def test_sigterm_while_a_run_starts_stops_it_in_one_line(tmp_path, capsys, monke
   assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.parametrize("signalled", ["Terminated", "KeyboardInterrupt"])
+def test_the_fmjax_program_stopped_by_a_signal_exits_without_the_teardown(tmp_path, signalled):
+  """A SIGTERM or Ctrl-C can come while XLA compiles a step on a thread of its own; Python's teardown
+  then freed the devices under it and `fmjax train` died of a segmentation fault (139) instead of
+  exiting 143 or 130. The program skips the teardown (no atexit handler runs) after saying why it stopped."""
+  root = os.path.join(os.path.dirname(__file__), "..")
+  code = ("import atexit, sys; from fmjax import checkpoint, cli, train\n"
+          "atexit.register(print, 'teardown ran')\n"
+          f"def run(config, workdir): raise {'checkpoint.' if signalled == 'Terminated' else ''}{signalled}('x')\n"
+          "train.run = run\n"
+          f"sys.argv = ['fmjax', 'train', '--config=configs/gpt.py:tiny', '--workdir={tmp_path / 'run'}']\n"
+          "sys.exit(cli.main())\n")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                        env={**os.environ, "PYTHONPATH": root}, timeout=120)
+  from fmjax import cli
+  want = cli.PREEMPTED_EXIT_CODE if signalled == "Terminated" else cli.INTERRUPTED_EXIT_CODE
+  assert done.returncode == want and "teardown ran" not in done.stdout, (done.returncode, done.stdout, done.stderr)
+  assert done.stderr.strip().endswith(f"{'stopped' if signalled == 'Terminated' else 'interrupted'}: x")
+
+
 def test_sigterm_after_the_step_loop_lets_the_last_save_land():
   """Once a step loop ran, it saved what it had: a SIGTERM while its last async save is waited on is
   noted, not raised (that would cut the save short and say nothing was saved)."""

@@ -236,6 +236,23 @@ def test_cli_unknown_command(capsys):
                                             "lists the commands)"
 
 
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
+  """`fmjax sweep --print_commands | head -1`: the reader leaves early, and the command stops as `cat` does
+  (exit 141, 128 + SIGPIPE), not in a BrokenPipeError traceback."""
+  (tmp_path / "sweep.py").write_text("from fmjax import config_lib\n\ndef get_config(arg=''):\n  return "
+                                     "config_lib.base_config('gpt')\n\ndef get_sweep():\n  return [{'optim.lr': i / "
+                                     "1e4} for i in range(1, 2000)]\n")
+  root = os.path.join(os.path.dirname(__file__), "..")
+  for argv in (["--help"], ["sweep", f"--config={tmp_path / 'sweep.py'}", f"--workdir={tmp_path / 'runs'}",
+                            "--print_commands"]):
+    read, write = os.pipe()
+    os.close(read)  # a reader that has already gone
+    done = subprocess.run([sys.executable, "-m", "fmjax.cli", *argv], stdout=write, stderr=subprocess.PIPE,
+                          text=True, cwd=root, env={**os.environ, "PYTHONPATH": root}, timeout=120)
+    os.close(write)
+    assert done.returncode == cli.BROKEN_PIPE_EXIT_CODE and "Traceback" not in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("config", ["configs", "tests/golden/first_runs_breaking_keys.json"])
 def test_a_config_that_is_not_a_python_file_is_one_line(config, tmp_path, capsys):
   assert cli.main(["train", f"--config={config}", f"--workdir={tmp_path / 'w'}"]) == 2

@@ -458,6 +458,45 @@ def test_a_held_out_split_that_reads_trained_records_is_refused_before_anything_
       sources.check_held_out_apart(config)
 
 
+def test_data_files_beside_another_dataset_are_refused_before_anything_is_made(tmp_path, capsys):
+  """`--config.data.files=notes/*.txt` without data.dataset=text_files used to train on the config's own
+  dataset (fmjax_corpus), quietly. Training and `fmjax data prepare` refuse it in one line; a mixture's
+  shared data.files (read by its text_files items) is not refused."""
+  write_corpus(tmp_path / "c")
+  config = tiny("gpt", tmp_path / "cache", **{"data.files": str(tmp_path / "c" / "*")})
+  match = (r"^data.files='.*' is read only with data.dataset='text_files' \(data.dataset is 'fmjax_corpus', which "
+           r"would be trained on instead\); add --config.data.dataset=text_files, or drop data.files$")
+  with pytest.raises(config_lib.ConfigError, match=match):
+    sources.check_files_read(config)
+  from fmjax import cli, train
+  assert cli.main(["data", "prepare", "--config=configs/gpt.py:tiny", f"--config.data.files={tmp_path}/c/*",
+                   f"--config.data.cache_dir={tmp_path / 'cache'}"]) == 2
+  assert "add --config.data.dataset=text_files" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "cache" / "datasets")
+  with pytest.raises(config_lib.ConfigError, match=match):
+    train.run(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+  config.data.dataset = "text_files"
+  sources.check_files_read(config)
+  config.data.dataset = "fmjax_corpus=1,text_files=1"
+  sources.check_files_read(config)
+
+
+def test_files_of_a_mixture_item_that_moved_are_named_in_its_item(tmp_path):
+  """A mixture item with files of its own takes their new place in data.dataset (--config.data.files does not
+  reach it), in training's check and in `fmjax eval`'s loaders alike; shared files are still data.files."""
+  config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "text_files(files=/moved/*.txt)=1,fmjax_corpus=1"})
+  item_hint = (r"\(text that moved: give this item its new files in data.dataset, "
+               r"'text_files\(files=NEW_GLOB\)=WEIGHT'\)$")
+  with pytest.raises(config_lib.ConfigError, match=item_hint):
+    sources.check_config(config)
+  with pytest.raises(config_lib.ConfigError, match=item_hint):
+    data.held_out_loaders(config, tok=object())  # the run's tokenizer: never reached, the check comes first
+  config.data.update(dataset="text_files=1,fmjax_corpus=1", files="/moved/*.txt")
+  with pytest.raises(config_lib.ConfigError, match=r"\(text that moved: --config.data.files=NEW_GLOB\)$"):
+    sources.check_config(config)
+
+
 def test_fmjax_data_imports_without_tensorflow():
   import subprocess
   import sys

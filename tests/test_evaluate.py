@@ -135,6 +135,22 @@ def test_eval_scores_other_text_with_config_data_overrides(tmp_path_factory, tmp
     assert re.search(match, capsys.readouterr().err), bad
 
 
+def test_eval_of_data_files_scores_those_files_for_a_run_of_another_corpus(tmp_path_factory, tmp_path, capsys):
+  """README: `fmjax eval --config.data.files=...` scores those files with the run's tokenizer, also for a
+  run trained on another dataset (it used to score that dataset again, quietly, under data.files)."""
+  workdir, config = make_workdir(tmp_path_factory, "gpt")
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  data.save_run_tokenizer(data.get_tokenizer(config), str(run))
+  saved = json.loads((run / "config.json").read_text())
+  saved["data"].update(dataset="fmjax_corpus", files="")
+  (run / "config.json").write_text(json.dumps(saved))
+  assert cli.main(["eval", f"--workdir={run}", "--batches=1", f"--config.data.files={config.data.files}"]) == 0
+  assert "dataset text_files" in capsys.readouterr().out
+  result = json.loads((run / "eval_data.json").read_text())
+  assert result["loss"] == evaluate.run(str(workdir), batches=1)["loss"]
+
+
 def test_scoring_another_corpus_tokenises_its_held_out_split_only(tmp_path_factory, tmp_path):
   """`fmjax eval --config.data.dataset=c4/en:3.1.0` scores C4's validation split: its train split
   (hundreds of millions of documents) is never tokenised for it, in a mixture's items neither, and

@@ -506,8 +506,12 @@ def held_out_loaders(config, sharding=None, batch_size: int | None = None, split
     return make_loader(config, split, sharding, batch_size, shuffle=False, **kwargs)
   if kwargs.get("tok") is None:  # the mixture's, not the one each dataset alone would train
     kwargs["tok"] = tokenizers_lib.get_tokenizer(config)
-  return {label: make_loader(sources.component(config, item), split, sharding, batch_size, shuffle=False, **kwargs)
-          for label, (item, _) in zip(sources.labels(parts), parts)}
+  loaders = {}
+  for label, (item, _) in zip(sources.labels(parts), parts):
+    with sources.in_item(item):  # an item's own setting is fixed in its item: the error says so
+      loaders[label] = make_loader(sources.component(config, item), split, sharding, batch_size, shuffle=False,
+                                   **kwargs)
+  return loaders
 
 
 def unigram_baseline(config) -> float:

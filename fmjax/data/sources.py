@@ -266,6 +266,16 @@ def _complement(name: str, unit: str, lo: float, hi: float) -> str | None:
   return None
 
 
+def check_files_read(config) -> None:
+  """`data.files` is read by `data.dataset=text_files` alone (and by a mixture's items): beside another dataset
+  a run would quietly train on that dataset instead. Checked for a training run's data; raises ConfigError."""
+  d = config.data
+  if d.files and d.dataset != "text_files" and mixture(d.dataset) is None:
+    raise ConfigError(f"data.files={d.files!r} is read only with data.dataset='text_files' (data.dataset is "
+                      f"{d.dataset!r}, which would be trained on instead); add --config.data.dataset=text_files, "
+                      "or drop data.files")
+
+
 def check_held_out_apart(config) -> None:
   """The held-out split must hold no record of the train split: `data.eval_split=train[99%:]` beside
   the default `data.train_split=train` would score the model on text it trained on. Checked for a
@@ -421,6 +431,9 @@ def held_out_only(config):
   return c
 
 
+MOVED_HINT = "(text that moved: --config.data.files=NEW_GLOB)"
+
+
 @contextlib.contextmanager
 def in_item(item: str):
   """Work on one item of a mixture: a feature or split its dataset lacks is set in that item alone
@@ -428,10 +441,14 @@ def in_item(item: str):
   try:
     yield
   except ConfigError as e:
+    name, settings = item_settings(item)
+    if "files" in settings and MOVED_HINT in str(e):  # data.files would not reach an item with files of its own
+      moved = _item(name, {**settings, "files": "NEW_GLOB"})
+      raise ConfigError(str(e).replace(MOVED_HINT, f"(text that moved: give this item its new files in "
+                                                   f"data.dataset, '{moved}=WEIGHT')")) from None
     found = re.search(r"; set data\.(feature|train_split|eval_split) to ", str(e))
     if found is None:
       raise
-    name, _ = item_settings(item)
     raise ConfigError(f"{str(e)[:found.start()]}; in a mixture give this dataset its own {found.group(1)} in "
                       f"data.dataset, '{name}({found.group(1)}=...)=WEIGHT', with {found.group(1)} "
                       f"{str(e)[found.end():]}") from None
@@ -471,8 +488,7 @@ def check_config(config) -> None:
       if folders:
         raise ConfigError(f"data.files={d.files!r} names a directory, not files; give globs of its files, e.g. "
                           f"--config.data.files='{folders[0]}/**/*.txt,{folders[0]}/**/*.jsonl'")
-      raise ConfigError(f"data.files={d.files!r} matches no .txt or .jsonl file; fix the globs (text that moved: "
-                        "--config.data.files=NEW_GLOB)")
+      raise ConfigError(f"data.files={d.files!r} matches no .txt or .jsonl file; fix the globs {MOVED_HINT}")
     _check_documents(corpus.resolve_files(d.files), d.feature, d.files)
   elif d.dataset == "fmjax_corpus":
     if d.feature != "text":
