@@ -4,6 +4,7 @@ import copy
 import logging
 import os
 import shutil
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -104,6 +105,43 @@ def test_stream_cache_counts_no_segment_for_an_eos_that_opens_a_row(tmp_path):
   stream = np.fromfile(tmp_path / "tokens.bin", np.uint16)
   np.testing.assert_array_equal(stream[:16].reshape(4, 4), [[1, 2, 3, 4], [0, 5, 6, 7], [0, 8, 9, 0], [10, 11, 12, 13]])
   assert stats["num_rows"] == 4 and stats["max_segments"] == 2  # row 2 only: [0 8 9 | 0]
+
+
+def test_a_stream_that_ends_on_a_row_boundary_has_no_row_short_of_its_last_target(tmp_path):
+  """Row r reads T + 1 tokens from r*T (its inputs, and one on its targets): a stream of exactly 2T
+  tokens holds one row; a second would read past the end (and the loader would call the cache damaged)."""
+  writer = packing._StreamWriter(str(tmp_path), np.uint16, 4, 0)
+  for doc in ([1, 2, 3], [5, 6, 7]):
+    writer.add(doc)
+  stats = writer.close()
+  assert stats["num_stream_tokens"] == 8 and stats["num_rows"] == 1
+
+
+def test_mlm_segments_pair_a_first_and_a_second_half_cut_at_random_points(tmp_path):
+  """Each chunk of T - 3 tokens of a document becomes [CLS] A [SEP] B [SEP], B non-empty whenever the chunk
+  has two tokens, at a cut drawn anew for each chunk: B is all that token type 1 (its embedding) trains on."""
+  tok = SimpleNamespace(pad_id=0, cls_id=1, sep_id=2)
+  T = 16
+  writer = packing._RowWriter(str(tmp_path), np.uint16, T, tok)
+  docs = [[3], [4, 5]] + [list(range(100 * i, 100 * i + n)) for i, n in enumerate((13, 13, 13, 13, 30), 1)]
+  for doc in docs:
+    writer.add(doc)
+  writer.close()
+  rows = [np.fromfile(tmp_path / f"{name}.bin", dtype).reshape(-1, T)
+          for name, dtype in (("tokens", np.uint16), ("segment_ids", np.uint16), ("token_types", np.uint8))]
+  chunks, cuts = [], []
+  for tokens, seg, types_ in zip(*rows):
+    for s in np.unique(seg[seg > 0]):
+      t, ty = tokens[seg == s], types_[seg == s]
+      seps = np.flatnonzero(t == tok.sep_id)
+      a, b = list(t[1:seps[0]]), list(t[seps[0] + 1:-1])
+      assert t[0] == tok.cls_id and t[-1] == tok.sep_id and len(seps) == (2 if b else 1)
+      assert len(a) >= 1 and (len(b) >= 1 or len(a) == 1), (a, b)  # a chunk of 2 or more tokens has both halves
+      np.testing.assert_array_equal(ty, [0] * (len(a) + 2) + [1] * (len(b) + 1 if b else 0))
+      chunks.append(a + b)
+      cuts.append(len(a))
+  assert chunks == [doc[s:s + T - 3] for doc in docs for s in range(0, len(doc), T - 3)]
+  assert len({cut for chunk, cut in zip(chunks, cuts) if len(chunk) == T - 3}) > 2, cuts
 
 
 def test_cache_from_before_the_segment_count_says_so(gpt, monkeypatch, caplog):

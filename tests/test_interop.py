@@ -199,6 +199,25 @@ def test_pytorch_bin_weights_load_like_safetensors(gpt_dir, tmp_path):
     np.testing.assert_array_equal(from_bin[name], value)
 
 
+def test_bert_weights_with_tf_era_layer_norm_names_and_no_model_prefix_import_with_parity(bert_dir, tmp_path):
+  """Older BERT files (bert-base-uncased's pytorch_model.bin) name LayerNorm params gamma/beta, and a
+  base-model save drops the `bert.` prefix: both import to the same logits."""
+  d, hf_model = bert_dir
+  old = tmp_path / "old"
+  shutil.copytree(d, old, ignore=shutil.ignore_patterns("*.safetensors"))
+  renamed = {}
+  for name, value in hf_model.state_dict().items():
+    if "LayerNorm." in name:
+      name = name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+    renamed[name.removeprefix("bert.")] = value
+  assert any(n.endswith(".gamma") for n in renamed) and not any(n.startswith("bert.") for n in renamed)
+  torch.save(renamed, old / "pytorch_model.bin")
+  interop.import_hf(str(old), str(tmp_path / "w"), overrides=["model.attention=xla"])
+  model, config, _ = generate.load_run(str(tmp_path / "w"))
+  ids = _ids(config.model.vocab_size, seed=2)
+  _close(_logits(model, jnp.asarray(ids)), _hf_logits(hf_model, ids))
+
+
 # ----------------------------------------------------------------------------- export
 
 

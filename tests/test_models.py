@@ -320,6 +320,32 @@ def test_partitioning_names_and_sharded_build(family):
     np.testing.assert_allclose(out, forward(build(family, scan_layers=True), tokens()), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_every_matrix_has_a_logical_axis_the_mesh_shards(family):
+  """A parameter of two or more axes with no sharded logical name sits whole on every device: memory
+  that FSDP and tensor parallelism never divide (BERT's pooler and MLM transform are D x D)."""
+  sharded = {name for name, axes in config_lib.DEFAULT_RULES if axes}
+  state = nnx.state(models.abstract_model(tiny_cfg(family)), nnx.Param)
+  for path, var in nnx.to_flat_state(state):
+    names = var.get_metadata().get("out_sharding") or var.get_metadata().get("sharding_names")
+    if len(var.shape) >= 2:
+      assert set(names) & sharded, (path, names)
+
+
+def test_only_gpts_residual_projections_start_scaled_by_one_over_sqrt_two_layers():
+  """GPT-2's init: the two projections that add into the residual stream in each layer (attn.out,
+  mlp.proj) start at init_std / sqrt(2L), so the stream's variance does not grow with depth; every
+  other matrix, and all of BERT's, at init_std."""
+  std = lambda dense: float(np.std(np.asarray(dense.kernel[...])))
+  gpt = build("gpt", num_layers=4, init_std=0.02).h.blocks[1]
+  for dense, want in ((gpt.attn.out, 0.02 / np.sqrt(8)), (gpt.mlp.proj, 0.02 / np.sqrt(8)),
+                      (gpt.attn.qkv, 0.02), (gpt.mlp.fc, 0.02)):
+    assert std(dense) == pytest.approx(want, rel=0.05)
+  bert = build("bert", num_layers=4, init_std=0.02).encoder.blocks[1]
+  for dense in (bert.attention.out, bert.mlp.proj, bert.attention.qkv, bert.mlp.fc):
+    assert std(dense) == pytest.approx(0.02, rel=0.05)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_layer_norm_vjp_matches_autodiff_and_keeps_no_float32_activations(dtype, capsys):
   """The hand-written LayerNorm backward equals autodiff of the same forward, and what the

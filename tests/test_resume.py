@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
-from fmjax import checkpoint as ckpt_lib, cli, config_lib, optim, sharding, train
+from fmjax import checkpoint as ckpt_lib, cli, config_lib, optim, report, sharding, train
 from fmjax.config_lib import ConfigError
 from fmjax.data import loader as loader_lib
 
@@ -466,6 +466,9 @@ def test_nan_skip_counts_a_run_of_skipped_updates_across_a_resume(cache_dir, mon
   with pytest.raises(train.NonFiniteLossError, match=r"10 non-finite updates in a row up to step 15: the params of "
                                                      r"step 5 diverged\. .* go on from step 4, the last checkpoint"):
     train.run(load(cache_dir, "train.nan_policy=skip", "train.steps=40"), str(tmp_path))
+  # The count of skipped updates goes on too: steps 6 to 14 were all skipped, 3 before the resume.
+  skipped = {r["step"]: r["train/skipped_steps"] for r in metrics_rows(tmp_path) if "train/skipped_steps" in r}
+  assert [skipped[s] for s in (8, 9, 14)] == [3, 4, 9], skipped
 
 
 def test_a_run_that_ends_inside_skipped_updates_keeps_the_checkpoint_before_them(cache_dir, monkeypatch, tmp_path):
@@ -505,6 +508,9 @@ def test_reruns_stopped_again_and_again_keep_the_periodic_checkpoints(cache_dir,
       train.run(config, str(tmp_path))
     resumed = [line for line in lines if line.startswith("Resumed")]
     assert [line.split(" of ")[0] for line in resumed] == ([f"Resumed from step {newest}"] if newest else []), lines
+    # It trained on from there, not from an older save (whose steps, rerun bitwise, no loss would tell apart).
+    starts = [r[report.START_KEY] for r in metrics_rows(tmp_path) if report.START_KEY in r]
+    assert starts[-1] == (newest or 0), starts
     assert committed_steps(tmp_path) == kept
     newest = kept[-1]
 
