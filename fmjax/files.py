@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 
@@ -207,7 +208,9 @@ class Mirror:
   For a local workdir `root` is the workdir and `sync` does nothing. For a remote one, `root` is
   a local staging directory: it starts with the workdir's files of those names (a resumed run
   appends to its metrics.jsonl), and `sync` copies every file that changed since the last copy
-  to the workdir, at most every `every_seconds` unless `force`d.
+  to the workdir, at most every `every_seconds` unless `force`d. That periodic copy runs in a
+  background thread: the step loop calls `sync` at its logging steps, and copying the logs whole
+  to a bucket takes seconds late in a long run, which the devices (all of a pod's) would wait out.
   """
 
   def __init__(self, workdir: str, names: tuple[str, ...] = (), every_seconds: float = 30.0):
@@ -215,6 +218,8 @@ class Mirror:
     self.every_seconds = every_seconds
     self._synced: dict[str, tuple[int, float]] = {}
     self._last = time.monotonic()
+    self._copying: threading.Thread | None = None
+    self._error: BaseException | None = None  # of the last background copy, raised by the next `sync`
     if not self.remote:
       self.root = self.workdir
       os.makedirs(self.root, exist_ok=True)
@@ -231,9 +236,37 @@ class Mirror:
     return st.st_size, st.st_mtime
 
   def sync(self, force: bool = False) -> None:
-    if not self.remote or (not force and time.monotonic() - self._last < self.every_seconds):
+    """Starts copying what changed in the background, when `every_seconds` have passed and no copy
+    is running; with `force`, copies it now, after the copy in flight. Raises what an earlier
+    background copy raised."""
+    if not self.remote:
       return
+    if not force and (time.monotonic() - self._last < self.every_seconds
+                      or (self._copying is not None and self._copying.is_alive())):
+      return
+    self._wait()
     self._last = time.monotonic()
+    if force:
+      self._copy()
+    else:
+      self._copying = threading.Thread(target=self._copy_in_background, name="fmjax-mirror", daemon=True)
+      self._copying.start()
+
+  def _wait(self) -> None:
+    if self._copying is not None:
+      self._copying.join()
+      self._copying = None
+    error, self._error = self._error, None
+    if error is not None:
+      raise error
+
+  def _copy_in_background(self) -> None:
+    try:
+      self._copy()
+    except BaseException as e:  # pylint: disable=broad-except  # the loop's thread raises it
+      self._error = e
+
+  def _copy(self) -> None:
     for directory, _, names in os.walk(self.root):
       for name in names:
         rel = os.path.relpath(os.path.join(directory, name), self.root)

@@ -9,6 +9,7 @@ a run's logs reach it only as whole files (`files.Mirror`).
 
 import json
 import os
+import threading
 
 import pytest
 from etils import epath
@@ -123,6 +124,49 @@ def test_mirror_copies_only_what_changed(bucket):
   assert open(os.path.join(again.root, "log.txt")).read() == "edited in the bucket\n"
   assert not os.path.exists(os.path.join(again.root, "absent.txt"))
   again.close()
+
+
+def test_the_periodic_copy_to_the_bucket_runs_beside_the_step_loop(bucket, monkeypatch):
+  """The loop's logging steps start the copy every 30 s; late in a long run it is seconds of whole files,
+  which the devices would wait out if the loop's thread made it. A forced copy (eval, save, close) waits
+  for the one in flight and copies what changed since; a copy that failed fails the next `sync`."""
+  kind = type(files.path(f"{BUCKET}/m/log.txt"))
+  real_copy, started, release, threads = kind.copy, threading.Event(), threading.Event(), []
+
+  def slow_copy(self, *args, **kwargs):
+    threads.append(threading.current_thread())
+    started.set()
+    if threading.current_thread() is not threading.main_thread():  # (else it would only hang the test)
+      assert release.wait(30)
+    return real_copy(self, *args, **kwargs)
+
+  monkeypatch.setattr(kind, "copy", slow_copy)
+  mirror = files.Mirror(f"{BUCKET}/m", every_seconds=0)
+  log = os.path.join(mirror.root, "log.txt")
+  with open(log, "a") as f:
+    f.write("one\n")
+  mirror.sync()
+  assert started.wait(30) and threads[0] is not threading.main_thread()
+  with open(log, "a") as f:
+    f.write("two\n")
+  mirror.sync()  # one copy at a time: this one is left to the next sync
+  assert len(threads) == 1
+  release.set()
+  mirror.sync(force=True)
+  assert (bucket / "m" / "log.txt").read_text() == "one\ntwo\n"
+
+  def failing_copy(self, *args, **kwargs):
+    raise OSError("bucket unreachable")
+
+  monkeypatch.setattr(kind, "copy", failing_copy)
+  with open(log, "a") as f:
+    f.write("three\n")
+  mirror.sync()
+  with pytest.raises(OSError, match="bucket unreachable"):
+    mirror.sync(force=True)
+  monkeypatch.setattr(kind, "copy", real_copy)
+  mirror.close()
+  assert (bucket / "m" / "log.txt").read_text() == "one\ntwo\nthree\n"
 
 
 def test_local_copy_and_json_of_bucket_files(bucket):

@@ -526,6 +526,74 @@ def test_eta_is_paced_by_the_updates_after_the_compiling_one_and_counts_days(tmp
     metrics_lib.log.setLevel(level)
 
 
+def test_between_evals_and_saves_the_loop_reads_only_metrics_and_compiles_the_step_once(tmp_path, monkeypatch):
+  """On a GPU or TPU a read of a device value (`float`, `int`, `np.asarray`) waits for the device, which then
+  idles until the host queues the next update. The loop reads each update's metrics once, with one
+  `jax.device_get` made after the next update is queued (logging steps included), and nothing else but at
+  evals and saves; neither an eval, a save nor the last update compiles the step again.
+
+  `jax.transfer_guard_device_to_host` guards nothing on the CPU, so reads are caught where each one is made:
+  a jax.Array's host value."""
+  import threading
+  from jax._src import array as jax_array
+  from fmjax import checkpoint as ckpt_lib
+  config = tiny("gpt", "train.steps=9", "train.log_every=2", "train.eval_every=4", "train.progress_bar=false",
+                devices=2)
+  mesh = sharding.make_mesh(config, jax.devices()[:2])
+  tx = optim.make_optimizer(config)
+  spec = train.state_spec(config, mesh, tx)
+  bs = sharding.batch_sharding(mesh)
+  train_step, eval_step = train.compile_steps(config, spec, tx, bs)
+  phase, reads, updates, metric_reads = [], [], [], []
+
+  def during(name, fn):
+    def wrapped(*args, **kwargs):
+      phase.append(name)
+      try:
+        return fn(*args, **kwargs)
+      finally:
+        phase.pop()
+    return wrapped
+
+  host_value = jax_array.ArrayImpl._value
+
+  def read(x):
+    if threading.current_thread() is threading.main_thread():
+      reads.append((len(updates), phase[-1] if phase else "loop" if updates else "start"))
+    return host_value.fget(x)
+
+  def queue(state, batch):
+    updates.append(len(updates) + 1)  # the update queued
+    return train_step(state, batch)
+
+  real_to_host = train._to_host
+
+  def to_host(metrics):
+    metric_reads.append(len(updates))
+    return real_to_host(metrics)
+
+  monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(read))
+  monkeypatch.setattr(train, "_to_host", during("metrics", to_host))
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), every_steps=6)
+  monkeypatch.setattr(checkpointer, "save", during("save", checkpointer.save))
+  with jax.set_mesh(mesh):
+    batch = jax.device_put(bench.synthetic_batch(config, seed=1), bs)
+    loader = types.SimpleNamespace(num_batches=2, global_batch=lambda step: batch)
+    try:
+      train.loop(config, train.init_state(config, spec, tx), itertools.repeat(batch), during("step", queue),
+                 checkpointer=checkpointer, workdir=str(tmp_path), meta=lambda step: {}, eval_message=str,
+                 evaluate=during("eval", lambda params: train.evaluate(eval_step, params, loader, 2)))
+    finally:
+      checkpointer.close()
+  assert checkpointer.all_steps() == [6, 9] and {where for _, where in reads} >= {"metrics", "eval"}
+  # The first update compiles: jit lowers the step's constants (the dropout key) from their device values.
+  stray = [(n, where) for n, where in reads if where not in ("metrics", "eval", "save")]
+  assert set(stray) <= {(0, "start"), (1, "step")}, f"(update queued, where) of reads outside metrics: {stray}"
+  # Update n's metrics are read once, once update n + 1 is queued (or before its state is evaluated or saved).
+  assert metric_reads == [2, 3, 4, 4, 6, 6, 8, 8, 9], metric_reads
+  assert train_step._cache_size() == 1 and eval_step._cache_size() == 1
+
+
 def test_a_fresh_start_refuses_a_workdir_whose_config_json_is_another_programs(tmp_path, monkeypatch):
   """A Hugging Face model directory passed as --workdir: its config.json was overwritten by the run's."""
   monkeypatch.setattr(train.sharding, "make_mesh", lambda *a: pytest.fail("started before refusing the workdir"))
