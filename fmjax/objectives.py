@@ -31,9 +31,9 @@ def cross_entropy(logits_BXV: jax.Array, targets_BX: jax.Array, weights_BX: jax.
 def _fused_forward(h_ND, w_VD, b_V, targets_N, weights_N, chunk: int):
   """Loss, correct count and both gradients, one chunk of rows at a time.
 
-  Only a [chunk, V] block of logits ever exists, in the compute dtype of `h_ND`; the softmax
-  statistics are float32. Gradients are produced in the same pass, so the backward pass is a
-  multiply by the incoming cotangent. `b_V` (BERT's decoder bias) may be None.
+  Only a float32 [chunk, V] block of logits ever exists (the matmul runs in the compute dtype of
+  `h_ND`); the softmax statistics are float32. Gradients are produced in the same pass, so the
+  backward pass is a multiply by the incoming cotangent. `b_V` (BERT's decoder bias) may be None.
   """
   n, d = h_ND.shape
   dtype = h_ND.dtype
@@ -52,10 +52,12 @@ def _fused_forward(h_ND, w_VD, b_V, targets_N, weights_N, chunk: int):
   def body(carry, xs):
     dw_VD, db_V = carry
     h_CD, t_C, wt_C = xs
-    # The matmul writes the compute dtype directly (f32 accumulation inside the kernel): a
-    # float32 [chunk, V] block plus a convert would double the bytes of the largest tensor.
-    logits_CV = jnp.dot(h_CD, w_VD_c.T)
-    l32_CV = logits_CV.astype(jnp.float32)
+    # The matmul writes float32, as `cross_entropy`'s logits are. Rounded to bf16, a logit is off
+    # by up to half a bf16 step of its size, not of its distance from the row's other logits, and a
+    # trained tied head can shift whole rows far from 0: rows at -80 biased the mean loss up by
+    # 0.01 nats and put 10x the float32 logits' error into both gradients (tests/test_train.py).
+    # bf16 logits had bought 0.75% tokens/s (benchmarks/README.md).
+    l32_CV = jnp.dot(h_CD, w_VD_c.T, preferred_element_type=jnp.float32)
     if b_V is not None:
       l32_CV = l32_CV + b_V.astype(jnp.float32)
     lse_C = jax.nn.logsumexp(l32_CV, axis=-1)
