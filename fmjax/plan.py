@@ -1,7 +1,7 @@
 """`fmjax plan`: what a config costs on a mesh or TPU topology, before anything runs.
 
   fmjax plan --config=configs/gpt.py:small --mesh=data=2,fsdp=4        # 8 fake CPU devices here
-  fmjax plan --config=configs/gpt.py:xl --topology=v5p-128            # needs `pip install libtpu`
+  fmjax plan --config=configs/gpt.py:xl --topology=v5p-128    # needs pip install 'jax[tpu]==<JAX version>'
   fmjax plan --config=configs/gpt.py:xl --topology=v5p:4x4x4 --config.mesh.fsdp=-1 --config.mesh.data=1
   fmjax plan --config=configs/gpt.py:small --topology=v5p-128 --num-slices=2   # multi-slice: dcn_data=2
 
@@ -406,8 +406,9 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
       num_devices = topology_name(topology)[1] * num_slices
       kind = libtpu_name.split(":")[0]
       notes.append("libtpu is not installed, so nothing was compiled: parameter and optimizer bytes are exact, "
-                   "temp (activations, gradients) is an ANALYTIC ESTIMATE. `pip install libtpu` for the TPU "
-                   "compiler's own figures")
+                   "temp (activations, gradients) is an ANALYTIC ESTIMATE. `pip install libtpu` (best "
+                   f"`pip install 'jax[tpu]=={jax.__version__}'`, the libtpu of this JAX) for the TPU compiler's "
+                   "own figures")
     else:
       num_devices, kind = len(devices), devices[0].device_kind
   elif gpu:
@@ -483,9 +484,16 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
                   aliased=stats.alias_size_in_bytes, temp=stats.temp_size_in_bytes, code=code,
                   peak=(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
                         + stats.temp_size_in_bytes + code))
-    hlo = compiled.as_text()
-    comm = collectives(hlo)
-    dcn_comm = collectives(hlo, dcn=True) if num_slices > 1 else None
+    try:
+      hlo = compiled.as_text()
+    except Exception as e:  # pylint: disable=broad-except  # a libtpu newer than its JAX cannot print some ops
+      hlo = None
+      why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+      notes.append(f"the compiler could not print its program ({why}), so no collectives are listed; a libtpu "
+                   f"of this JAX's own release prints it: pip install 'jax[tpu]=={jax.__version__}'")
+    if hlo is not None:
+      comm = collectives(hlo)
+      dcn_comm = collectives(hlo, dcn=True) if num_slices > 1 else None
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and cost.get("flops"):

@@ -470,3 +470,28 @@ def test_a_step_the_compiler_refuses_for_memory_is_a_plan_that_does_not_fit(monk
   monkeypatch.setattr(plan, "compile_step", lambda *a: (_ for _ in ()).throw(ValueError("a bug")))
   with pytest.raises(ValueError, match="a bug"):
     plan.plan(tiny(), mesh="data=2")
+
+
+def test_a_compiler_that_cannot_print_its_program_gives_the_plan_without_collectives(monkeypatch):
+  """A libtpu newer than its JAX compiles the step but cannot print some of its ops ("async-update
+  instruction should have 1 operands"): the plan keeps the compiler's memory and says how to get a
+  libtpu that prints it, where it ended in a traceback."""
+  real = plan.compile_step
+
+  class Unprintable:
+    def __init__(self, compiled):
+      self._compiled = compiled
+
+    def __getattr__(self, name):
+      return getattr(self._compiled, name)
+
+    def as_text(self):
+      raise jax.errors.JaxRuntimeError("INTERNAL: async-update instruction should have 1 operands but sees 3\nmore")
+
+  monkeypatch.setattr(plan, "compile_step", lambda config, devices: Unprintable(real(config, devices)))
+  p = plan.plan(tiny(), mesh="data=2,fsdp=4")
+  text = plan.format_plan(p)
+  assert p["compiled"] and p["memory"]["temp"] > 0 and p["collectives"] is None
+  assert (f"the compiler could not print its program (INTERNAL: async-update instruction should have 1 operands but "
+          f"sees 3), so no collectives are listed; a libtpu of this JAX's own release prints it: pip install "
+          f"'jax[tpu]=={jax.__version__}'") in text
