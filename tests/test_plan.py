@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import math
+import re
 
 import jax
 import numpy as np
@@ -495,3 +496,18 @@ def test_a_compiler_that_cannot_print_its_program_gives_the_plan_without_collect
   assert (f"the compiler could not print its program (INTERNAL: async-update instruction should have 1 operands but "
           f"sees 3), so no collectives are listed; a libtpu of this JAX's own release prints it: pip install "
           f"'jax[tpu]=={jax.__version__}'") in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_fsdp_gathers_the_parameters_cast_on_a_tpu():
+  """Parameters are float32 and sharded over fsdp; the TPU compiler casts each shard before the all-gather that
+  makes it whole, so a bfloat16 step gathers 2 bytes a parameter, not 4 (benchmarks/README.md). The step's only
+  float32 collectives are gradient reductions."""
+  from fmjax import attention
+  config = tiny("mesh.data=1", "mesh.fsdp=-1", "model.dtype=bfloat16", "data.seq_len=128", "model.max_len=128",
+                "model.vocab_size=2048")  # over ONE_HOT_MAX_ROWS: the token table is read by a gather
+  devices, _ = plan.tpu_devices("v5p:2x2x1")
+  with attention.compiling_for("tpu"):
+    hlo = plan.compile_step(config, devices).as_text()
+  gathered = [m.group(1) for m in re.finditer(r"= (.+?) all-gather(?:-start)?\(", hlo)]
+  assert gathered and all("bf16[" in t and "f32[" not in t.replace("bf16[", "") for t in gathered), gathered
