@@ -422,18 +422,19 @@ def check_saved(saved, path: str) -> dict:
 
 
 def _check_saved_types(saved: Mapping, defaults: Mapping, prefix: str = "") -> None:
-  """A recorded value of another type than its setting's default (`"seq_len": "abc"`); keys the
-  defaults lack (older or free-form settings) and nulls are left to the readers."""
+  """A recorded value of another type than its setting's default (`"seq_len": "abc"`, or a null,
+  which no run records: the checks after this one and the readers compare it as a number); keys
+  the defaults lack (older or free-form settings) are left to the readers."""
   kinds = ((bool, "true or false", (bool,)), (int, "a whole number", (int,)), (float, "a number", (int, float)),
            (str, "text", (str,)), ((list, tuple), "a list", (list, tuple)), (Mapping, "a section of settings", (dict,)))
   for key, default in defaults.items():
     value = saved.get(key)
-    if key not in saved or value is None:
+    if key not in saved:
       continue
     want, types = next(((what, types) for kind, what, types in kinds if isinstance(default, kind)), (None, None))
     if want is None:  # a default of no kind above (None): any value
       continue
-    if not isinstance(value, types) or (isinstance(value, bool) and not isinstance(default, bool)):
+    if value is None or not isinstance(value, types) or (isinstance(value, bool) and not isinstance(default, bool)):
       raise ConfigError(f"{prefix}{key}={value!r}, where a run records {want}")
     if isinstance(default, Mapping):
       _check_saved_types(value, default, f"{prefix}{key}.")

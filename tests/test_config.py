@@ -385,6 +385,9 @@ def test_a_recorded_config_with_a_damaged_model_size_is_refused_in_one_line():
     (("train", "batch_size", 8.5), "train.batch_size=8.5, where a run records a whole number"),
     (("model", "scan_layers", "no"), "model.scan_layers='no', where a run records true or false"),
     (("optim", "lr", True), "optim.lr=True, where a run records a number"),
+    # A null is no run's value either: the model and batch checks below compared it, a TypeError traceback.
+    (("model", "dropout", None), "model.dropout=None, where a run records a number"),
+    (("train", "batch_size", None), "train.batch_size=None, where a run records a whole number"),
     ((None, "optim", "fast"), "optim='fast', where a run records a section of settings"),
     (("model", "dtype", "fp16"), r"model.dtype='fp16' is not one of \['float32', 'bfloat16', 'float16'\]"),
     (("model", "dropout", 1.0), r"model.dropout must be in \[0, 1\), got 1.0"),

@@ -270,7 +270,14 @@ def check_files_read(config) -> None:
   """`data.files` is read by `data.dataset=text_files` alone (and by a mixture's items): beside another dataset
   a run would quietly train on that dataset instead. Checked for a training run's data; raises ConfigError."""
   d = config.data
-  if d.files and d.dataset != "text_files" and mixture(d.dataset) is None:
+  parts = mixture(d.dataset)
+  if d.files and parts is not None and not any(
+      name == "text_files" and "files" not in settings for name, settings in (item_settings(i) for i, _ in parts)):
+    # A mixture reads the shared data.files in its text_files items only (one with files= of its own reads those).
+    raise ConfigError(f"data.files={d.files!r} is read only by a text_files item of the mixture, and "
+                      f"data.dataset={d.dataset!r} has none that reads it; add one ('...,text_files=WEIGHT'), or drop "
+                      "data.files")
+  if d.files and d.dataset != "text_files" and parts is None:
     raise ConfigError(f"data.files={d.files!r} is read only with data.dataset='text_files' (data.dataset is "
                       f"{d.dataset!r}, which would be trained on instead); add --config.data.dataset=text_files, "
                       "or drop data.files")
