@@ -23,7 +23,7 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/python -m fmjax.demo
 
-# Two workers, each test file on one of them (its module fixtures run once): about 10 minutes on 2 cores.
+# Two workers, each test file on one of them (its module fixtures run once): 5 to 10 minutes on 2 cores.
 TEST_WORKERS ?= 2
 test: install-test
 	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=15
