@@ -1112,9 +1112,9 @@ class PreemptionWatcher:
   `jax.distributed` client JAX's own preemption service catches SIGTERM and
   `reached_preemption_sync_point` picks a step all hosts agree on; otherwise a Python handler
   sets a flag (shared across processes by an all-gather at every TIME_CHECK_STEPS-th step if there
-  are several). A second SIGTERM
-  kills the process as usual; a second Ctrl-C raises KeyboardInterrupt at once. After a Ctrl-C
-  stop the Checkpointer that saved the step raises RunInterrupted from `close`.
+  are several). A second SIGTERM kills the process as usual; a second Ctrl-C raises
+  KeyboardInterrupt at once. After a Ctrl-C stop the Checkpointer that saved the step raises
+  RunInterrupted from `close`.
   """
 
   def __init__(self):

@@ -443,7 +443,8 @@ def _check_saved_types(saved: Mapping, defaults: Mapping, prefix: str = "") -> N
 MAX_STEPS = 2**31 - 1  # the step counter is an int32 on the device
 
 
-def _check_seed(key: str, seed) -> None:
+def check_seed(key: str, seed) -> None:
+  """A seed JAX's keys take: [0, 2**32), as every seed of a run."""
   if not 0 <= seed < 2**32:
     raise ConfigError(f"{key}={seed} must be in [0, 2**32)")
 
@@ -504,7 +505,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       raise ConfigError(f"data.seq_len must be at least 2, got {d.seq_len}")
     if d.get("prefetch", 0) < 0:
       raise ConfigError(f"data.prefetch={d.prefetch} must be at least 0 (batches prepared ahead; 0: none)")
-    _check_seed("data.seed", d.get("seed", 0))
+    check_seed("data.seed", d.get("seed", 0))
   if "checkpoint" in config:
     ck = config.checkpoint
     for key in ("every_steps", "every_minutes", "keep", "keep_period"):
@@ -517,7 +518,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       raise ConfigError("train.batch_size must be positive and train.steps non-negative")
     if t.steps > MAX_STEPS:
       raise ConfigError(f"train.steps={t.steps} is beyond the {MAX_STEPS:,} steps a run can count (int32)")
-    _check_seed("train.seed", t.get("seed", 0))
+    check_seed("train.seed", t.get("seed", 0))
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
       raise ConfigError(f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}")
     _one_of("train.nan_policy", t.nan_policy, ("abort", "skip"))

@@ -608,8 +608,9 @@ def evaluate(workdir: str, split: str = "validation", step: int | None = None, b
 
   `split` is a task split ("eval" means validation); `batches` scores only the first that many
   batches of train.batch_size examples, in order (default: the whole split), as `fmjax eval`
-  does for pretraining runs; they go through as training's micro-batches (train.grad_accum). `overrides` (`task.files=...`, `task.validation_files=...`) point at
-  the task's files where they moved; their classes must be the ones the run learned.
+  does for pretraining runs; they go through as training's micro-batches (train.grad_accum).
+  `overrides` (`task.files=...`, `task.validation_files=...`) point at the task's files where
+  they moved; their classes must be the ones the run learned.
   """
   from fmjax import data, interop
   config, task = _finetune_config(workdir, overrides)

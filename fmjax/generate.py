@@ -203,8 +203,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
   if not 0.0 <= temperature < float("inf") or not 0.0 < top_p <= 1.0 or top_k < 0:  # nan fails both ranges
     raise ConfigError(f"need a finite temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got "
                       f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
-  if not 0 <= seed < 2**32:  # as train.seed; JAX's key takes no seed past 64 bits (an OverflowError)
-    raise ConfigError(f"--seed={seed} must be in [0, 2**32)")
+  config_lib.check_seed("--seed", seed)  # past 64 bits JAX's key fails in an OverflowError
   max_len = int(model.wpe.embedding.shape[0]) if max_len is None else max_len
   b, longest = len(prompts), max(len(p) for p in prompts)
   if longest >= max_len:  # no --max_new_tokens would leave room

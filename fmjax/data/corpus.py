@@ -43,24 +43,11 @@ def _doc_hash(text: str) -> int:
   return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "little")
 
 
-def _assign_splits(docs: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
-  """Hash-based held-out split; the lowest-hash document is held out when none is, so both splits are non-empty."""
-  hashes = [_doc_hash(text) for _, text in docs]
-  held = [h % 100 < HELD_OUT_PERCENT for h in hashes]
-  if len(docs) >= 2 and not any(held):
-    held[min(range(len(docs)), key=hashes.__getitem__)] = True
-  if len(docs) >= 2 and all(held):  # and one is trained on
-    held[max(range(len(docs)), key=hashes.__getitem__)] = False
-  return {"train": [d for d, h in zip(docs, held) if not h],
-          "validation": [d for d, h in zip(docs, held) if h]}
-
-
 def _flipped_key(docs: Iterable[tuple[str, str]]) -> str | None:
-  """The key of the one document whose split `_assign_splits`' fallback rules change, read in one pass.
-
-  What lets the split of a large corpus be streamed: a document's split is its hash's, except for this
-  one, so the splits' generators need no more than it to decide, with the same outcome as the list form.
-  """
+  """The key of the one document whose hash's split is overruled, so that both splits are non-empty:
+  the first lowest-hash document is held out when the hash holds out none, the first highest-hash
+  one trained on when it holds out all; None when neither happens. One pass, in the memory of a
+  document: what lets a large corpus's splits be streamed (`_held_out` decides each document)."""
   n, any_held, all_held, lowest, highest = 0, False, True, None, None  # (hash, key) of the first lowest / highest
   for key, text in docs:
     h = _doc_hash(text)
@@ -75,6 +62,19 @@ def _flipped_key(docs: Iterable[tuple[str, str]]) -> str | None:
   if n >= 2 and all_held:
     return highest[1]
   return None
+
+
+def _held_out(key: str, text: str, flipped: str | None) -> bool:
+  """Whether a document is held out: by its text's hash (about HELD_OUT_PERCENT%), but for `flipped`."""
+  return (_doc_hash(text) % 100 < HELD_OUT_PERCENT) != (key == flipped)
+
+
+def _assign_splits(docs: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+  """The hash-based held-out split of a list of (key, text) documents (the offline corpus)."""
+  flipped = _flipped_key(docs)
+  held = [_held_out(key, text, flipped) for key, text in docs]
+  return {"train": [d for d, h in zip(docs, held) if not h],
+          "validation": [d for d, h in zip(docs, held) if h]}
 
 
 def _module_docstring(path: str) -> str | None:
@@ -246,8 +246,8 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
 
   def _split_generators(self, dl_manager):
-    # The splits of `_assign_splits`, streamed so that memory holds one document, not the corpus: this
-    # pass reads the files for the one document the fallback rules move; each split reads them again.
+    # Streamed so that memory holds one document, not the corpus: this pass reads the files for the
+    # one document whose split `_flipped_key` overrules; each split reads them again.
     flipped = _flipped_key(file_documents(self._paths, self._feature))
     return {name: self._generate_examples(name == "validation", flipped) for name in ("train", "validation")}
 
@@ -255,7 +255,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     from fmjax.config_lib import ConfigError
 
     for key, text in file_documents(self._paths, self._feature, warn=False):
-      if ((_doc_hash(text) % 100 < HELD_OUT_PERCENT) != (key == flipped)) == held_out:
+      if _held_out(key, text, flipped) == held_out:
         yield key, {"text": text}
     # Each split read the files apart: an edit meanwhile would leave the splits of two corpora, under
     # the name of the first.
