@@ -588,7 +588,7 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       dropout=0.0,             # embeddings and each residual branch
       attention_dropout=0.0,   # attention probabilities (training runs the xla kernel while > 0)
       attention="auto",        # auto | xla | cudnn | splash
-      dtype="float32",          # compute dtype; params stay in param_dtype
+      dtype="float32",          # compute dtype (float16 scales the loss dynamically); params stay in param_dtype
       param_dtype="float32",
       remat="none",             # none | full | dots | dots_no_batch | save_attention_out
       scan_layers=False,

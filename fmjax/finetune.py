@@ -500,7 +500,7 @@ def run(config, workdir: str) -> dict:
   try:
     resume = train._check_resume(checkpointer, spec, cfg_dict)
     if resume is not None:
-      state, origin = train._restore(checkpointer, spec, resume[0]), _origin(resume[1])
+      state, origin = train._restore(checkpointer, spec, resume[0], resume[1]), _origin(resume[1])
       log.info("Resumed from step %d of %s", resume[0], checkpointer.directory)
     else:
       state, origin = fresh if fresh is not None else fresh_start()

@@ -373,7 +373,7 @@ def run(config, workdir: str) -> dict:
     train_loader, eval_loader = make_loaders(config, tok, batch_sharding, rows,
                                              eval_batch_size=train.eval_batch_size(config))
     if resume is not None:
-      state = train._restore(checkpointer, spec, resume[0])  # pylint: disable=protected-access
+      state = train._restore(checkpointer, spec, resume[0], resume[1])  # pylint: disable=protected-access
       log.info("Resumed from step %d of %s", resume[0], checkpointer.directory)
     elif config.init_from:
       state = pretrained if pretrained is not None else init_from_pretrained(config, spec, tx, config.init_from)

@@ -1,8 +1,8 @@
 """Pretraining: one loop for masked LM (BERT) and causal LM (GPT).
 
-The state is a plain pytree `{"step", "params", "opt_state"}` with `params` a nested dict
-of arrays; the model's structure lives in a static `graphdef`. `train_step` is one pure
-function, jitted once with explicit shardings and with the state donated. The loop
+The state is a plain pytree `{"step", "params", "opt_state"}` (and "loss_scale" in float16)
+with `params` a nested dict of arrays; the model's structure lives in a static `graphdef`.
+`train_step` is one pure function, jitted once with explicit shardings and with the state donated. The loop
 dispatches step n before reading step n-1's metrics, so the device never waits on logging.
 
 Start order: resume this workdir's checkpoint, else `init_from` a pretrained checkpoint,
@@ -37,6 +37,15 @@ _TOKENIZER_ID = re.compile(r"[0-9a-f]{16}")  # Tokenizer.identity() in checkpoin
 
 
 MAX_SKIPPED_IN_A_ROW = 10  # under nan_policy=skip, this many non-finite updates in a row stop the run
+
+# Dynamic loss scaling, for model.dtype=float16 (whose largest value is 65504). The backward pass
+# differentiates the loss, taken as a mean over the micro-batch's positions, times the scale: small
+# gradients keep their digits and large ones overflow. An update whose gradients overflow while its
+# loss is finite is skipped and the scale halved; after LOSS_SCALE_GROWTH finite updates in a row
+# it doubles. At LOSS_SCALE_MIN the overflow is the gradient's own, and `train.nan_policy` applies.
+LOSS_SCALE_INIT = 2.0 ** 15
+LOSS_SCALE_GROWTH = 2000
+LOSS_SCALE_MIN, LOSS_SCALE_MAX = 1.0, 2.0 ** 24
 
 
 class NonFiniteLossError(RuntimeError):
@@ -84,6 +93,9 @@ def state_spec(config, mesh, tx, make_model: Callable[[], nnx.Module] | None = N
       transform_non_params=lambda _: repl, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding) or masked(x))
   shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings}
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt}
+  if scales_loss(config):
+    shardings["loss_scale"] = {k: repl for k in _LOSS_SCALE_START}
+    abstract["loss_scale"] = {k: jax.ShapeDtypeStruct((), v.dtype) for k, v in _LOSS_SCALE_START.items()}
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return StateSpec(graphdef, abstract, shardings, mesh, rules)
 
@@ -97,7 +109,25 @@ def init_state(config, spec: StateSpec, tx, make_model: Callable[[], nnx.Module]
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
   with jax.set_mesh(spec.mesh), nnx.logical_axis_rules(spec.rules):
-    return jax.jit(create, out_shardings=spec.shardings)()
+    state = jax.jit(create, out_shardings={k: v for k, v in spec.shardings.items() if k != "loss_scale"})()
+  return with_loss_scale(state, spec)
+
+
+def scales_loss(config) -> bool:
+  """Whether the train step scales its loss (float16 compute): its state then holds "loss_scale"."""
+  return config.model.dtype == "float16"
+
+
+_LOSS_SCALE_START = {"scale": np.float32(LOSS_SCALE_INIT), "finite_in_a_row": np.int32(0), "skipped": np.int32(0)}
+
+
+def with_loss_scale(state: dict, spec: StateSpec, saved: Mapping | None = None) -> dict:
+  """`state` with the loss scale `spec` asks for: as a checkpoint's meta recorded it (`saved`), else
+  fresh (a new run, or a resume in float16 of a run saved in another dtype)."""
+  if "loss_scale" not in spec.shardings:
+    return state
+  values = {k: np.asarray((saved or {}).get(k, v), v.dtype) for k, v in _LOSS_SCALE_START.items()}
+  return {**state, "loss_scale": jax.device_put(values, spec.shardings["loss_scale"])}
 
 
 # ----------------------------------------------------------------------------- steps
@@ -128,12 +158,14 @@ def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
   skip_nonfinite = config.train.nan_policy == "skip"
   base_key = jax.random.key(config.train.seed + 1)
   peft_mode = config.finetune.get("peft", "none") if "finetune" in config else "none"
+  scaled = scales_loss(config)
 
-  def micro_grads(params, micro_batch, key):
+  def micro_grads(params, micro_batch, key, scale):
     def f(p):
       model = nnx.merge(graphdef, p)
       rngs = None if deterministic else nnx.Rngs(dropout=key)
-      return loss_fn(model, micro_batch, deterministic=deterministic, rngs=rngs)
+      loss_sum, aux = loss_fn(model, micro_batch, deterministic=deterministic, rngs=rngs)
+      return (loss_sum if scale is None else loss_sum * scale), aux
     (_, aux), grads = jax.value_and_grad(f, has_aux=True)(params)
     if peft_mode != "none":
       # A frozen parameter's gradient is zero: XLA then drops the matmuls that computed it, and the
@@ -146,37 +178,58 @@ def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
   def train_step(state, batch):
     params, step = state["params"], state["step"]
     key = jax.random.fold_in(base_key, step)
+    # The loss is a sum over positions: the scale per position makes `LOSS_SCALE_*` those of a mean.
+    scale = state["loss_scale"]["scale"] / (batch["inputs"].size // accum) if scaled else None
     if accum == 1:
-      grads, aux = micro_grads(params, batch, key)
+      grads, aux = micro_grads(params, batch, key, scale)
     else:
       def body(carry, xs):
         i, mb = xs
-        g, a = micro_grads(params, mb, jax.random.fold_in(key, i))
+        g, a = micro_grads(params, mb, jax.random.fold_in(key, i), scale)
         return jax.tree.map(jnp.add, carry, (g, a)), None
       zeros = jax.tree.map(jnp.zeros_like, params)
       zero_aux = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
       zero_aux = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zero_aux)
       (grads, aux), _ = jax.lax.scan(body, (zeros, zero_aux), (jnp.arange(accum), _micro_batches(batch, accum)))
     denom = jnp.maximum(aux["weight_sum"], 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
+    grads = jax.tree.map(lambda g: g / (denom if scale is None else denom * scale), grads)
     loss = aux["loss_sum"] / denom
     grad_norm = optax.global_norm(grads)
     updates, new_opt = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     # The update too: a rate that overflows it (optim.lr=1e39) turns finite gradients into inf params.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
-    if skip_nonfinite:
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    nonfinite, keep_old = ~finite, (~finite if skip_nonfinite else None)
+    new_state, scale_metrics = {"step": step + 1}, {}
+    if scaled:
+      new_state["loss_scale"], overflow = _next_loss_scale(state["loss_scale"], finite, loss, grad_norm)
+      nonfinite = nonfinite & ~overflow  # not the run's failure: the scale was too large
+      keep_old = ~finite if skip_nonfinite else overflow
+      scale_metrics = {"loss_scale": new_state["loss_scale"]["scale"],
+                       "overflow_skips": new_state["loss_scale"]["skipped"]}
+    if keep_old is not None:
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(keep_old, o, n), new, old)
       new_params, new_opt = keep(new_params, params), keep(new_opt, state["opt_state"])
-    new_state = {"step": step + 1, "params": new_params, "opt_state": new_opt}
+    new_state.update(params=new_params, opt_state=new_opt)
     # `targets`: the loss-bearing positions of the step's batch (masked positions for MLM), which the
     # loss averages over; tokens_per_sec counts every row token the step reads.
     metrics = {"loss": loss, "accuracy": aux["correct_sum"] / denom, "grad_norm": grad_norm,
                "lr": schedule(_updates_applied(state["opt_state"], step)), "targets": aux["weight_sum"],
-               "nonfinite": 1.0 - finite.astype(jnp.float32)}
+               "nonfinite": nonfinite.astype(jnp.float32), **scale_metrics}
     return new_state, metrics
 
   return train_step
+
+
+def _next_loss_scale(ls: dict, finite, loss, grad_norm) -> tuple[dict, Any]:
+  """(the loss scale's next state, whether this update overflowed): halved after an overflow of
+  the gradients alone, doubled after `LOSS_SCALE_GROWTH` finite updates in a row."""
+  overflow = ~finite & jnp.isfinite(loss) & ~jnp.isfinite(grad_norm) & (ls["scale"] > LOSS_SCALE_MIN)
+  grow = finite & (ls["finite_in_a_row"] + 1 >= LOSS_SCALE_GROWTH)
+  scale = jnp.where(overflow, jnp.maximum(ls["scale"] / 2, LOSS_SCALE_MIN),
+                    jnp.where(grow, jnp.minimum(ls["scale"] * 2, LOSS_SCALE_MAX), ls["scale"]))
+  in_a_row = jnp.where(finite & ~grow, ls["finite_in_a_row"] + 1, 0)
+  return {"scale": scale, "finite_in_a_row": in_a_row, "skipped": ls["skipped"] + overflow}, overflow
 
 
 def make_eval_step(config, graphdef, loss_fn: Callable | None = None):
@@ -447,7 +500,7 @@ def _start_state(config, spec: StateSpec, tx, checkpointer, resume) -> tuple[dic
     log.info("Started from scratch (%s)", where)
   else:
     step0, saved_meta, harmless = resume
-    state = _restore(checkpointer, spec, step0)
+    state = _restore(checkpointer, spec, step0, saved_meta)
     note = f"; config changes since that save: {', '.join(harmless)}" if harmless else ""
     log.info("Resumed from step %d of %s (%s)%s", step0, checkpointer.directory, where, note)
     rate = _rate_change(saved_meta.get("config", {}), config, step0)
@@ -561,6 +614,8 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
       if save_due:  # before the eval: an eval that fails (out of memory, say) loses no update
         saved = {"step": step, **meta(step), "fmjax_version": __import__("fmjax").__version__,
                  "metrics": last_train, "skipped_steps": skipped, "nonfinite_in_a_row": in_a_row}
+        if "loss_scale" in state:  # ready: `record` has read this update's metrics
+          saved["loss_scale"] = {k: v.item() for k, v in jax.device_get(state["loss_scale"]).items()}
         # Inside a run of skipped updates (a stop's save or the last one): out of schedule, so that `keep`
         # never deletes the last good checkpoint for the params that just failed.
         checkpointer.save(step, state, saved, force=stop or step == total or deferred, at_stop=stop,
@@ -813,10 +868,12 @@ def init_from_checkpoint(source: str, spec: StateSpec, tx, source_step: int = 0)
   with jax.set_mesh(spec.mesh), nnx.logical_axis_rules(spec.rules):
     opt_state = jax.jit(tx.init, out_shardings=spec.shardings["opt_state"])(params)
   step0 = jax.device_put(jnp.zeros((), jnp.int32), spec.shardings["step"])
-  return {"step": step0, "params": params, "opt_state": opt_state}, step
+  return with_loss_scale({"step": step0, "params": params, "opt_state": opt_state}, spec), step
 
 
-def _restore(checkpointer, spec: StateSpec, step: int) -> dict:
-  """Reads `step`'s params and optimizer state (and its step) straight into this run's shardings (any mesh)."""
+def _restore(checkpointer, spec: StateSpec, step: int, meta: Mapping) -> dict:
+  """Reads `step`'s params and optimizer state (and its step) straight into this run's shardings (any
+  mesh); a float16 run's loss scale comes from `meta`, the checkpoint's."""
   with jax.set_mesh(spec.mesh):
-    return checkpointer.restore(step, spec.abstract, items=("params", "opt_state"))
+    state = checkpointer.restore(step, spec.abstract, items=("params", "opt_state"))
+  return with_loss_scale(state, spec, meta.get("loss_scale"))

@@ -530,6 +530,33 @@ def test_nan_skip_leaves_state_bitwise_unchanged(cache_dir, monkeypatch, tmp_pat
   ck.close()
 
 
+def test_a_float16_run_resumes_its_loss_scale_bitwise(cache_dir, monkeypatch, tmp_path):
+  """A float16 run's loss scale (the scale, the finite updates toward its next doubling, the
+  overflows skipped) goes into each checkpoint's meta: a resumed run goes on as the straight run,
+  bit for bit. A resume in float32 drops it, and one in float16 of a float32 save starts it afresh."""
+  monkeypatch.setattr(train, "LOSS_SCALE_GROWTH", 2)  # a doubling, and so an overflow, every few updates
+  start = 2.0 ** 22  # this model's gradients fit below 2**21: two overflows first
+  monkeypatch.setitem(train._LOSS_SCALE_START, "scale", np.float32(start))
+  fp16 = ("model.dtype=float16", "checkpoint.every_steps=100")
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.run(load(cache_dir, *fp16, "train.steps=10"), straight)
+  train.run(load(cache_dir, *fp16, "train.steps=5"), resumed)
+  train.run(load(cache_dir, *fp16, "train.steps=10"), resumed)
+  assert step_losses(resumed) == step_losses(straight)
+  assert_states_equal(saved_state(resumed, 10), saved_state(straight, 10))
+  meta = lambda workdir, step: ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=0).restore_meta(step)
+  assert meta(resumed, 10)["loss_scale"] == meta(straight, 10)["loss_scale"]
+  assert 0 < meta(resumed, 5)["loss_scale"]["skipped"] < meta(resumed, 10)["loss_scale"]["skipped"]
+
+  train.run(load(cache_dir, "train.steps=12", "checkpoint.every_steps=100"), resumed)  # float32
+  assert "loss_scale" not in meta(resumed, 12)
+  train.run(load(cache_dir, *fp16, "train.steps=14"), resumed)
+  rows = {r["step"]: r for r in metrics_rows(resumed) if "train/loss_scale" in r}
+  assert sorted(rows) == [*range(1, 11), 13, 14]
+  assert rows[13]["train/loss_scale"] in (start, start / 2)  # from the start, one update on
+  assert meta(resumed, 14)["loss_scale"]["skipped"] == rows[14]["train/overflow_skips"] <= 2
+
+
 def test_loop_reads_metrics_after_queueing_the_next_update(cache_dir, monkeypatch, tmp_path):
   """The host reads an update's metrics only once the next update is queued (the device never
   waits on logging), except where that state is evaluated or saved: there they are read first."""

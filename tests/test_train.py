@@ -101,6 +101,71 @@ def test_nonfinite_step_is_skipped_bitwise():
   assert float(m["lr"]) == pytest.approx(float(schedule(1))) != pytest.approx(float(schedule(2)))
 
 
+def _with_scale(state, spec, scale):
+  ls = dict(state["loss_scale"], scale=jax.device_put(np.float32(scale), spec.shardings["loss_scale"]["scale"]))
+  return dict(state, loss_scale=ls)
+
+
+def test_float16_skips_updates_whose_scaled_gradients_overflow_and_grows_the_scale_back(monkeypatch):
+  """In float16 an update whose scaled gradients overflow is skipped, even under the default
+  nan_policy=abort: params, Adam and its count stay bitwise, and the scale halves until they fit.
+  `LOSS_SCALE_GROWTH` finite updates in a row double it again."""
+  monkeypatch.setattr(train, "LOSS_SCALE_GROWTH", 3)
+  config = tiny("gpt", "model.dtype=float16")
+  assert config.train.nan_policy == "abort"
+  spec, state, step, bs = setup(config)
+  assert {k: float(v) for k, v in state["loss_scale"].items()} == {
+      "scale": 2.0 ** 15, "finite_in_a_row": 0, "skipped": 0}
+  state = _with_scale(state, spec, 2.0 ** 40)
+  snapshot = lambda s: jax.tree.map(np.asarray, {k: s[k] for k in ("params", "opt_state")})
+  before = snapshot(state)
+  with jax.set_mesh(spec.mesh):
+    b = jax.tree.map(lambda x: jax.device_put(x, bs), bench.synthetic_batch(config, seed=1))
+    history = []
+    for _ in range(40):
+      scale = float(state["loss_scale"]["scale"])
+      state, m = step(state, b)
+      history.append((scale, int(m["overflow_skips"]), float(m["loss_scale"])))
+      assert float(m["nonfinite"]) == 0.0 and np.isfinite(float(m["loss"]))
+      if history[-1][1] == 1:
+        assert float(m["loss_scale"]) == scale / 2 and int(state["step"]) == 1
+        for a, c in zip(jax.tree.leaves(before), jax.tree.leaves(snapshot(state))):
+          np.testing.assert_array_equal(a, c)
+  overflows = [n > (history[i - 1][1] if i else 0) for i, (_, n, _) in enumerate(history)]
+  assert overflows.index(False) > 10, history  # 2**40 overflowed for many halvings before the gradients fit
+  assert int(train._updates_applied(state["opt_state"], state["step"])) == 40 - sum(overflows)
+  # The rule, update by update: halve on an overflow, double after 3 finite updates in a row.
+  in_a_row = 0
+  for i, ((scale, _, after), overflow) in enumerate(zip(history, overflows)):
+    in_a_row = 0 if overflow else in_a_row + 1
+    want = scale / 2 if overflow else scale * 2 if in_a_row == 3 else scale
+    in_a_row %= 3
+    assert after == want, (i, history)
+  assert any(after > scale for scale, _, after in history), history  # it grew, and overflowed again
+
+
+def test_float16_loss_scaling_keeps_the_small_gradients_digits():
+  """The float16 step with the default scale follows float32's update to 0.5% in every parameter;
+  with the scale far below 1 the gradients lose digits below float16's smallest normal, and the
+  same comparison is off by over 1% (so the scale is applied, and divided out again)."""
+  def update(config, scale=None):
+    spec, state, _, bs = setup(config)
+    if scale is not None:
+      state = _with_scale(state, spec, scale)
+    start = jax.tree.map(np.asarray, state["params"])
+    batch = jax.tree.map(lambda x: jax.device_put(x, bs), bench.synthetic_batch(config, seed=1))
+    step = jax.jit(train.make_train_step(config, spec.graphdef, optim.make_optimizer(config)))
+    # As a GPU rounds: XLA:CPU otherwise keeps some float16 results in float32.
+    state, _ = step.lower(state, batch).compile({"xla_allow_excess_precision": False})(state, batch)
+    return jax.tree.map(lambda new, old: np.asarray(new) - old, state["params"], start)
+
+  want = update(tiny("gpt", *LINEAR_ADAM))
+  worst = lambda got: max(jax.tree.leaves(jax.tree.map(lambda g, w: np.linalg.norm(g - w) / np.linalg.norm(w),
+                                                          got, want)))
+  assert worst(update(tiny("gpt", "model.dtype=float16", *LINEAR_ADAM))) < 0.005
+  assert worst(update(tiny("gpt", "model.dtype=float16", *LINEAR_ADAM), 2.0 ** -4)) > 0.01
+
+
 def test_weight_decay_mask():
   config = tiny("gpt")
   _, state, _, _ = setup(config)
