@@ -3,6 +3,8 @@
 Prints tokens/s, MFU, step time, compile time and peak device memory. FLOPs per token are
 6*N + 12*L*D*T (N = parameters without position embeddings, L layers, D width, T sequence;
 attention is counted in full for BERT's bidirectional attention as well as GPT's).
+
+Shapes: T sequence.
 """
 
 from __future__ import annotations

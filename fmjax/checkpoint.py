@@ -1191,6 +1191,7 @@ class WorkdirLock:
     self._file = file
 
   def release(self) -> None:
+    """Unlocks the workdir for the next training (empties the holder's name first)."""
     if self._file is not None:
       self._file.truncate(0)
       fcntl.flock(self._file, fcntl.LOCK_UN)

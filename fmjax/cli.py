@@ -37,6 +37,7 @@ class ArgumentParser(argparse.ArgumentParser):
   and exit code 2, as every other bad input does, rather than the usage text and a line after it."""
 
   def error(self, message: str):
+    """Raises the usage mistake as a ConfigError: one `error:` line, exit code 2."""
     raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
@@ -97,6 +98,7 @@ def _train(run, config, workdir: str) -> int:
 
 
 def cmd_train(argv):
+  """`fmjax train`: pretraining (`train.run`)."""
   from fmjax import train
   maybe_initialize_distributed()
   args, config = _load("fmjax train", argv, True)
@@ -104,6 +106,7 @@ def cmd_train(argv):
 
 
 def cmd_data(argv):
+  """`fmjax data prepare`: tokenises, packs and caches a config's dataset; prints the cache path."""
   from fmjax import data
   usage = "usage: fmjax data prepare --config=configs/NAME.py[:args] [--config.a.b=v ...]"
   if argv and argv[0] in ("-h", "--help"):
@@ -140,6 +143,7 @@ def cmd_data(argv):
 
 
 def cmd_bench(argv):
+  """`fmjax bench`: the real train step on synthetic data (`bench.run`)."""
   from fmjax import bench
 
   def extra(p):
@@ -155,41 +159,49 @@ def cmd_bench(argv):
 
 
 def cmd_launch(argv):
+  """`fmjax launch`: Cloud TPU / GKE commands (`launch.cli`)."""
   from fmjax import launch
   return launch.cli(argv)
 
 
 def cmd_import_hf(argv):
+  """`fmjax import-hf`: a Hugging Face directory to an fmjax workdir (`interop.cli_import`)."""
   from fmjax import interop
   return interop.cli_import(argv)
 
 
 def cmd_export(argv):
+  """`fmjax export`: an fmjax checkpoint to a Hugging Face directory (`interop.cli_export`)."""
   from fmjax import interop
   return interop.cli_export(argv)
 
 
 def cmd_release(argv):
+  """`fmjax release`: a release bundle (`release.cli`)."""
   from fmjax import release
   return release.cli(argv)
 
 
 def cmd_sweep(argv):
+  """`fmjax sweep`: a config's `get_sweep()` as runs (`sweep.cli`)."""
   from fmjax import sweep
   return sweep.cli(argv)
 
 
 def cmd_plan(argv):
+  """`fmjax plan`: the ahead-of-time report (`plan.cli`)."""
   from fmjax import plan
   return plan.cli(argv)
 
 
 def cmd_report(argv):
+  """`fmjax report`: workdir metrics to a table and plots (`report.cli`)."""
   from fmjax import report
   return report.cli(argv)
 
 
 def cmd_finetune(argv):
+  """`fmjax finetune`: classification from a pretrained trunk, or SFT (`finetune.run`)."""
   from fmjax import finetune
   maybe_initialize_distributed()
   args, config = _load("fmjax finetune", argv, True)
@@ -197,6 +209,7 @@ def cmd_finetune(argv):
 
 
 def cmd_sft(argv):
+  """`fmjax sft`: GPT supervised fine-tuning (`sft.run`)."""
   from fmjax import sft
   maybe_initialize_distributed()
   args, config = _load("fmjax sft", argv, True)
@@ -204,11 +217,13 @@ def cmd_sft(argv):
 
 
 def cmd_generate(argv):
+  """`fmjax generate`: GPT sampling or BERT fill-mask (`generate.cli`)."""
   from fmjax import generate
   return generate.cli(argv)
 
 
 def cmd_eval(argv):
+  """`fmjax eval`: held-out or task metrics of a workdir (`evaluate.cli`)."""
   from fmjax import evaluate
   return evaluate.cli(argv)
 
@@ -224,7 +239,8 @@ COMMANDS = {
     "sweep": (cmd_sweep, "expand a config's get_sweep() into runs: run them locally or print the commands"),
     "plan": (cmd_plan, "ahead-of-time plan on a mesh or TPU topology: params, FLOPs, per-device memory, shardings"),
     "report": (cmd_report, "workdir metrics to a Markdown table, CSV and PNG plots"),
-    "finetune": (cmd_finetune, "fine-tune a pretrained trunk with a new head on a task (full or PEFT)"),
+    "finetune": (cmd_finetune, "fine-tune a pretrained trunk with a new head on a task (full or PEFT); an SFT config: "
+                 "as `sft`"),
     "sft": (cmd_sft, "GPT supervised fine-tuning / continued pretraining on JSONL (prompt, completion)"),
     "eval": (cmd_eval, "held-out perplexity / MLM accuracy (or task metrics) of a workdir's checkpoint"),
     "generate": (cmd_generate, "GPT sampling with a KV cache (greedy, temperature, top-k, top-p); BERT fill-mask"),
@@ -298,12 +314,14 @@ def use_compilation_cache() -> str | None:
 
 
 def usage() -> str:
+  """The `fmjax --help` text: the commands and what each does."""
   lines = ["usage: fmjax COMMAND [--config=configs/X.py[:args]] [--config.a.b=v ...] [--workdir=DIR]", "", "commands:"]
   lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
   return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+  """The `fmjax` program: runs one command; returns its exit code (2 for a user mistake)."""
   try:
     code = _main(argv)
     sys.stdout.flush()  # here, where a broken pipe can still be told apart from an error

@@ -58,6 +58,7 @@ def size_arg(arg: str | None, sizes: Iterable[str], family: str) -> tuple[str, b
 
 
 def load_module(path: str):
+  """Imports a config file by path; a missing or non-Python file is one line."""
   if not os.path.exists(path):
     raise ConfigError(f"config file {path!r} does not exist; pass --config=configs/NAME.py[:args]")
   if os.path.isdir(path) or not path.endswith(".py"):
@@ -255,6 +256,7 @@ def _raise(text, what):
 
 
 def get_path(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  """The value at a dotted key (`train.batch_size`); an unknown key suggests the close ones."""
   node = config
   for i, part in enumerate(dotted.split(".")):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
@@ -305,10 +307,12 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON types."""
   return json.loads(config.to_json_best_effort())
 
 
 def save_json(config: ml_collections.ConfigDict, path: str) -> None:
+  """Writes the config as sorted, indented JSON (a run's config.json)."""
   from fmjax import files
   files.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True))
 
@@ -361,14 +365,15 @@ def command_of(config) -> str:
 
 def check_command(config, command: str) -> None:
   """One line when a config goes to the wrong command: a fine-tuning config (it has `task`) is for
-  `fmjax finetune`, an SFT config (`sft`) for `fmjax sft`, a pretraining config for `fmjax train`."""
+  `fmjax finetune`, an SFT config (`sft`) for `fmjax sft` or `fmjax finetune` (which fine-tunes both
+  ways), a pretraining config for `fmjax train`."""
   known = ("train", *_COMMAND_OF)
   if command not in known:
     close = difflib.get_close_matches(command, known, n=1)
     raise ConfigError(f"command {command!r} is not one of {', '.join(known)}"
                       + (f"; did you mean {close[0]!r}?" if close else ""))
   kind = command_of(config)
-  if kind == command:
+  if kind == command or (command, kind) == ("finetune", "sft"):
     return
   if kind == "train":
     section, what = _COMMAND_OF[command]

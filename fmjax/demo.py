@@ -22,6 +22,7 @@ from fmjax import config_lib, data, generate, train, zeroshot
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Trains the tiny GPT and BERT, then prints their samples and held-out losses."""
   from fmjax.cli import ArgumentParser
   p = ArgumentParser(prog="python -m fmjax.demo")  # `fmjax` has no demo command: name the one that runs it
   p.add_argument("--workdir", default=os.path.join("workdirs", "demo"))

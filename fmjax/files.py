@@ -25,6 +25,7 @@ from etils import epath
 
 
 def is_remote(path) -> bool:
+  """Whether `path` is a bucket URL (gs://...) rather than a local path."""
   return "://" in str(path)
 
 
@@ -40,18 +41,22 @@ def absolute(p) -> str:
 
 
 def exists(p) -> bool:
+  """Whether a local or bucket path exists."""
   return path(p).exists()
 
 
 def isdir(p) -> bool:
+  """Whether a local or bucket path is a directory."""
   return path(p).is_dir()
 
 
 def makedirs(p) -> None:
+  """Creates a directory and its parents (local or bucket); no error if it exists."""
   path(p).mkdir(parents=True, exist_ok=True)
 
 
 def read_text(p) -> str:
+  """The text of a local or bucket file."""
   return path(p).read_text()
 
 
@@ -70,6 +75,7 @@ def read_json(p):
 
 
 def write_json(p, value, **dump_kwargs) -> None:
+  """Writes `value` as JSON to a local or bucket path."""
   write_text(p, json.dumps(value, **dump_kwargs))
 
 

@@ -13,7 +13,7 @@ Heads: BERT classifies or regresses from the pooled [CLS] vector (single sentenc
 [CLS] a [SEP] b [SEP] pairs with token types); GPT from the hidden state of the last non-pad
 token (a <eos> b <eos>).
 
-Legend: B batch, T sequence, D model, C outputs (classes, or 1 for regression).
+Legend: B batch, N rows of a split, T sequence, D model, C outputs (classes, or 1 for regression).
 """
 
 from __future__ import annotations
@@ -450,11 +450,15 @@ def run(config, workdir: str) -> dict:
   (with `init_from`, `init_from_step`) says where the weights began and stays so when a rerun
   resumes the run; `resumed_from` is the step this call resumed from (None: it started the run).
   Everything that can refuse a new run (init_from, task, tokenizer) is checked before the
-  workdir is created, and config.json is written only once the start succeeded.
+  workdir is created, and config.json is written only once the start succeeded. An SFT config
+  (configs/sft.py) runs `sft.run`, as `fmjax sft` does.
   """
   from fmjax import checkpoint as ckpt_lib, data
 
   config_lib.check_command(config, "finetune")
+  if config_lib.command_of(config) == "sft":  # fine-tuning covers SFT too: `fmjax sft` is the same run
+    from fmjax import sft
+    return sft.run(config, workdir)
   metrics_lib.setup_logging()
   config_lib.validate(config, jax.device_count())
   config = ml_collections.ConfigDict(config.to_dict())  # our own copy: init_from may set tokenizer keys

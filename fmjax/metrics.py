@@ -39,6 +39,7 @@ def device_spec(kind: str) -> tuple[float, float] | None:
 
 
 def peak_flops_per_device() -> float | None:
+  """Dense bf16 peak FLOP/s of this host's device kind, for MFU; None when unknown."""
   spec = device_spec(jax.devices()[0].device_kind)
   return spec and spec[0]
 
@@ -196,6 +197,7 @@ class MetricsWriter:
         log.warning("W&B disabled: %s", e)
 
   def write(self, step: int, scalars: dict, *, prefix: str = "") -> None:
+    """Appends one step's scalars to metrics.jsonl, TensorBoard and W&B (chief host only)."""
     if not self.is_chief:
       return
     scalars = {f"{prefix}{k}": float(v) for k, v in scalars.items()}
@@ -214,6 +216,7 @@ class MetricsWriter:
     self.start_time, self.start_step = time.time(), step
 
   def eta_seconds(self, step: int) -> float:
+    """Seconds left to `total_steps` at the pace since `pace_from`; NaN before a step is done."""
     done = step - self.start_step
     if done <= 0:
       return float("nan")
@@ -237,6 +240,7 @@ class MetricsWriter:
       log.info("step %d/%d  %s  ETA %s", step, self.total_steps, "  ".join(parts), format_duration(eta))
 
   def message(self, text: str) -> None:
+    """Logs a line without breaking the progress bar (chief host only)."""
     if not self.is_chief:
       return
     if self._bar is not None:
@@ -254,6 +258,7 @@ class MetricsWriter:
       self._mirror.sync(force=True)
 
   def close(self) -> None:
+    """Closes the bar and the writers, and copies the logs to a bucket workdir."""
     if self._bar is not None:
       self._bar.close()
     if self._jsonl is not None:
@@ -267,6 +272,7 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
+  """The records of a JSONL file (blank lines skipped)."""
   return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
 
 

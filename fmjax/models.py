@@ -142,6 +142,7 @@ class Embed(nnx.Module):
     return _constrain(jnp.take(table, ids_BT, axis=0).astype(self.dtype), ("batch", "length", None))
 
   def attend(self, x_BxD):
+    """The tied LM head: logits_BxV = x @ embedding.T, float32."""
     # Compute-dtype matmul, float32 accumulation and output: the loss needs f32 logits.
     return jnp.einsum("...d,vd->...v", x_BxD.astype(self.dtype), self.embedding[...].astype(self.dtype),
                       preferred_element_type=jnp.float32)

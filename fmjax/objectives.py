@@ -3,7 +3,8 @@
 Each returns summed loss and weight so that gradient accumulation and multi-host means
 stay exact: the mean is taken once, over the whole global batch.
 
-Legend: B batch, T sequence, M masked positions per row, V vocabulary.
+Legend: B batch, T sequence, M masked positions per row, X either (T or M), V vocabulary, D model,
+N the rows B*X flattened, C rows a chunk, S chunks.
 """
 
 from __future__ import annotations

@@ -71,6 +71,7 @@ class LoRADense(models.Dense):
     return self.scale * _contract(h, self.lora_b[...].astype(self.dtype), 1)
 
   def project(self, x):
+    """The frozen projection plus the scaled low-rank update."""
     return super().project(x) + self.lora_delta(x)
 
 

@@ -244,6 +244,7 @@ class Leaf:
 
   @property
   def shard_bytes(self) -> int:
+    """Bytes of one device's shard."""
     import numpy as np
     return math.prod(self.shard_shape) * np.dtype(self.dtype).itemsize
 

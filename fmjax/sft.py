@@ -212,6 +212,7 @@ class RowLoader:
     return out_b
 
   def host_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This step's rows on the host; a pad row (past the split's end) carries no loss."""
     ids_b = self.dataset_rows(step)
     pad_b = ids_b < 0
     batch = {k: v[np.where(pad_b, 0, ids_b)].copy() for k, v in self.rows.items()}

@@ -126,6 +126,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Sharding of an array every device holds whole."""
   return NamedSharding(mesh, P())
 
 
@@ -156,5 +157,6 @@ def _validate_rules(config) -> None:
 
 
 def logical_rules(config) -> tuple:
+  """`config.logical_axis_rules` as the tuples `nnx.logical_axis_rules` takes."""
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                for name, axes in config.logical_axis_rules)

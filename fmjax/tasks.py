@@ -85,14 +85,17 @@ class Task:
 
   @property
   def is_regression(self) -> bool:
+    """Whether the task predicts a number (one output) rather than a class."""
     return self.num_classes == 0
 
   @property
   def num_outputs(self) -> int:
+    """The head's outputs: 1 for regression, else the number of classes."""
     return 1 if self.is_regression else self.num_classes
 
   @property
   def main_metric(self) -> str:
+    """The metric a sweep picks the best run by (the first of `metrics`)."""
     return self.metrics[0]
 
   @property

@@ -56,11 +56,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 def model_factory(config) -> Callable[[], nnx.Module]:
+  """A function that builds the config's model, initialised from `train.seed`."""
   from fmjax import models  # local: models is the heaviest import and tests patch configs first
   return lambda: models.build_model(config.model, rngs=nnx.Rngs(params=config.train.seed))
 
 
 def params_of(model: nnx.Module) -> dict:
+  """A model's parameters as a nested dict of arrays."""
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
@@ -233,6 +235,7 @@ def _next_loss_scale(ls: dict, finite, loss, grad_norm) -> tuple[dict, Any]:
 
 
 def make_eval_step(config, graphdef, loss_fn: Callable | None = None):
+  """Returns the pure `eval_step(params, batch) -> {loss_sum, weight_sum, correct_sum}`."""
   loss_fn = loss_fn or objectives.get_loss_fn(config)
 
   def eval_step(params, batch):
@@ -331,6 +334,7 @@ def _eval_message(m: dict) -> str:
 
 
 def flops_per_token(config) -> float:
+  """Training FLOPs per token of the config's model (`models.flops_per_token`)."""
   from fmjax import models
   return models.flops_per_token(config.model, config.data.seq_len)
 
@@ -511,12 +515,14 @@ def _start_state(config, spec: StateSpec, tx, checkpointer, resume) -> tuple[dic
 
 @dataclasses.dataclass
 class LoopResult:
+  """What `loop` ends with: the state, the last metrics, and whether SIGTERM stopped it."""
   state: dict
   train: dict      # host metrics of the last update
   eval: dict       # the last held-out metrics
   preempted: bool  # stopped early by SIGTERM, after saving
 
   def summary(self) -> dict:
+    """The result `run` returns: last train and eval metrics, step, preempted."""
     return {"train": self.train, "eval": self.eval, "step": int(self.state["step"]), "preempted": self.preempted}
 
 

@@ -53,6 +53,7 @@ TFDS_TASKS = {
 
 @dataclasses.dataclass(frozen=True)
 class Item:
+  """One multiple-choice question: a context, its choices and the right one's index."""
   context: str
   choices: tuple[str, ...]
   label: int

@@ -274,3 +274,27 @@ def test_a_resumed_run_goes_on_logging_to_its_wandb_run(tmp_path, monkeypatch):
   assert (tmp_path / "a" / metrics.WANDB_ID_FILE).read_text().strip() == first["id"]
   assert logged == [(first["id"], 5, {"train/loss": 1.0}), (first["id"], 15, {"train/loss": 1.0}),
                     (other["id"], 5, {"train/loss": 1.0})]
+
+
+@pytest.mark.parametrize("tty,processes,flag,bar", [(True, 1, True, True), (False, 1, True, False),
+                                                    (True, 2, True, False), (True, 1, False, False)])
+def test_a_progress_bar_shows_on_an_interactive_single_host_run_only(tmp_path, monkeypatch, capsys, tty, processes,
+                                                                     flag, bar):
+  """DESIGN.md: a progress bar on interactive single-host runs; a pod, a pipe or train.progress_bar=false gets
+  log lines (step, loss, tokens/s, ETA) instead."""
+  import jax
+  from fmjax import metrics
+  monkeypatch.delenv("CI", raising=False)
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+  monkeypatch.setattr(jax, "process_count", lambda: processes)
+  lines = []
+  monkeypatch.setattr(metrics.log, "info", lambda fmt, *args: lines.append(fmt % args))
+  writer = metrics.MetricsWriter(str(tmp_path), total_steps=10, progress_bar=flag)
+  writer.progress(5, {"loss": 2.5, "tokens_per_sec": 1000.0})
+  writer.close()
+  err = capsys.readouterr().err
+  if bar:
+    assert "5/10" in err and "loss 2.5000, 1,000 tok/s" in err and not lines, (err, lines)
+  else:
+    assert "5/10" not in err and len(lines) == 1 and lines[0].startswith("step 5/10  loss 2.5000  1,000 tok/s  ETA"), \
+        (err, lines)

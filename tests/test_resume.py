@@ -311,6 +311,18 @@ def test_killed_and_resumed_runs_are_bitwise_exact(reference, cache_dir, tmp_pat
   assert_states_equal(saved_state(workdir, N), saved_state(reference, N))
 
 
+def test_a_bert_run_stopped_at_a_save_resumes_bitwise(cache_dir, tmp_path):
+  """The bar holds for MLM too, whose masks (like dropout) are drawn per step: 4 steps, then a resume to 8,
+  equal 8 straight steps in every loss and array."""
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.run(load(cache_dir, "train.steps=8", spec=BERT), straight)
+  train.run(load(cache_dir, "train.steps=4", spec=BERT), resumed)
+  assert committed_steps(resumed) == [4]
+  train.run(load(cache_dir, "train.steps=8", spec=BERT), resumed)
+  assert step_losses(resumed) == step_losses(straight) and sorted(step_losses(straight)) == list(range(1, 9))
+  assert_states_equal(saved_state(resumed, 8), saved_state(straight, 8))
+
+
 # ----------------------------------------------------------------------------- config guard
 
 

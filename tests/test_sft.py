@@ -158,6 +158,23 @@ def test_sft_from_pretrained_loads_params_learns_and_resumes(tmp_path, tmp_path_
   assert again["step"] == 24 and again["eval"]["loss"] == pytest.approx(result["eval"]["loss"], rel=1e-6)
 
 
+def test_fmjax_finetune_runs_an_sft_config_as_fmjax_sft_does(tmp_path, tmp_path_factory):
+  """DESIGN's `finetune` covers SFT: given configs/sft.py it once refused ("run it with `fmjax sft`")."""
+  from fmjax import cli
+  pretrain, _ = make_workdir(tmp_path_factory, "gpt")
+  write_jsonl(tmp_path / "train.jsonl", 40)
+  flags = [f"--config.{o}" for o in (
+      f"init_from={pretrain}", f"data.files={tmp_path / 'train.jsonl'}", "data.seq_len=32", "train.batch_size=8",
+      "train.steps=2", "train.log_every=1", "train.eval_batches=0", "train.progress_bar=false",
+      "optim.warmup_steps=0", "checkpoint.async_save=false")]
+  for command in ("finetune", "sft"):
+    assert cli.main([command, "--config=configs/sft.py", f"--workdir={tmp_path / command}", *flags]) == 0
+  losses = {c: [m["train/loss"] for m in metrics_lib.read_jsonl(str(tmp_path / c / "metrics.jsonl"))
+                if "train/loss" in m] for c in ("finetune", "sft")}
+  assert len(losses["sft"]) == 2 and losses["finetune"] == losses["sft"], losses
+  assert "sft" in json.loads((tmp_path / "finetune" / "config.json").read_text())
+
+
 def test_seq_len_beyond_the_pretrained_max_len_is_lowered_to_it(tmp_path, tmp_path_factory, caplog):
   """configs/sft.py:small asks for 1024 tokens; a tiny init_from (max_len 64) caps the rows at 64, as logged."""
   pretrain, _ = make_workdir(tmp_path_factory, "gpt")

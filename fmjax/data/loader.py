@@ -1,7 +1,8 @@
 """Step-indexed loader over a prepared cache: the global batch of step s is a pure function of
 (data.seed, s, cache); each host reads only its own rows.
 
-Shapes: B global batch rows, T sequence (data.seq_len), M masked positions (data.max_predictions).
+Shapes: B global batch rows, T sequence (data.seq_len), M masked positions (data.max_predictions), L a
+span's length, P parts of a split, C datasets of a mixture, V vocabulary.
 
 Sample g = s*B + b of the global batch (b = row in the batch) is dataset row perm_e(g mod N) with
 epoch e = g // N and perm_e a permutation drawn from Philox keyed by (seed, e): epochs reshuffle,

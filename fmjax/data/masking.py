@@ -1,6 +1,6 @@
 """BERT masking, deterministic per (seed, step, row) through a counter-based hash RNG.
 
-Shapes: B batch rows, T sequence, M = max_predictions.
+Shapes: B batch rows, T sequence, M = max_predictions, N positions drawn for, V vocabulary.
 
 The random numbers for batch row b at step s are a pure function of (seed, s, b, position): a
 splitmix64 hash of those counters. Nothing depends on which host computes the row or on how many

@@ -22,6 +22,8 @@ holds its meta.json (the datasets' entries and shares) and the tokenizer.
 The split's rows are its parts' rows in order. A part is complete once its meta.json is written,
 and the entry once its meta.json is: an interrupted prepare leaves nothing a run would read, and
 the next one keeps the parts already made (in <entry>.parts/, or in the bucket).
+
+Shapes: B rows, T sequence, R runs of equal segment ids a row, N runs of a batch, P parts of a split.
 """
 
 from __future__ import annotations

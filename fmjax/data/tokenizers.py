@@ -61,6 +61,7 @@ class Tokenizer:
 
   @property
   def vocab_size(self) -> int:
+    """Ids the tokenizer can produce, special tokens included."""
     return self.hf.get_vocab_size(with_added_tokens=True)
 
   def encode(self, text: str) -> list[int]:
