@@ -203,6 +203,15 @@ def _gcloud_config(key: str) -> str:
   return "" if value == "(unset)" else value
 
 
+def check_name(what: str, name: str) -> None:
+  """A TPU VM's, queued resource's or xpk workload's name, as Cloud TPU and GKE accept them."""
+  if not name:
+    raise LaunchError(f"{what}=NAME is required")
+  if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", name):
+    raise LaunchError(f"{what}={name!r} is not a valid name: use lower-case letters, digits and "
+                      "dashes, starting with a letter (at most 40 characters)")
+
+
 def validate(spec: LaunchSpec, mode: str) -> Accelerator | None:
   """Checks a resolved spec for `mode`; raises LaunchError before anything is created.
 
@@ -210,12 +219,7 @@ def validate(spec: LaunchSpec, mode: str) -> Accelerator | None:
   """
   if mode not in MODES + ("xpk", "xpk-delete"):
     raise LaunchError(f"unknown launch mode {mode!r}; use one of {', '.join(MODES)} or xpk")
-  what = "--workload" if mode.startswith("xpk") else "--tpu"
-  if not spec.name:
-    raise LaunchError(f"{what}=NAME is required")
-  if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", spec.name):
-    raise LaunchError(f"{what}={spec.name!r} is not a valid name: use lower-case letters, digits and "
-                      "dashes, starting with a letter (at most 40 characters)")
+  check_name("--workload" if mode.startswith("xpk") else "--tpu", spec.name)
   optional = mode in ("logs", "delete", "xpk-delete") and not spec.accelerator
   acc = None if optional else parse_accelerator(spec.accelerator)
   # `gcloud config set` is only worth naming where gcloud is there to read it back.

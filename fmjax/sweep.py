@@ -2,6 +2,7 @@
 
   fmjax sweep --config=configs/gpt.py:tiny,runlocal --workdir=/tmp/lr_sweep --parallel=2
   fmjax sweep --config=configs/gpt.py:tiny --workdir=gs://BUCKET/lr --print_commands
+  fmjax sweep --config=configs/gpt.py:tiny --workdir=gs://BUCKET/lr --launch='all --tpu=lr --accelerator=v5p-8'
 
 `get_sweep()` returns a list of override dicts, e.g. `[{"optim.lr": 1e-3}, {"optim.lr": 3e-3}]`;
 `product` and `zip` build such lists:
@@ -117,6 +118,42 @@ class Run:
     """The command line that runs this run in `root/name`."""
     return [*program, self.command, f"--config={self.spec}", f"--workdir={os.path.join(root, self.name)}",
             *(f"--config.{o}" for o in self.overrides)]
+
+
+def launch_argv(launch: str, index: int, run: Run, root: str) -> list[str]:
+  """The `fmjax launch` command line of a sweep's `index`th run. `launch` is what follows `fmjax
+  launch` for every run: its mode and target (`all --tpu=lr --accelerator=v5p-8 --spot`, `xpk
+  --cluster=C --workload=lr ...`); each run gets a target of its own, NAME-<index>, and the run's
+  command, config, workdir and overrides."""
+  from fmjax import launch as launch_lib
+  args = shlex.split(launch)
+  modes = (*launch_lib.MODES, "xpk")
+  if not args or args[0] not in modes:
+    raise ConfigError(f"--launch={launch!r} must start with a launch mode ({', '.join(modes)}), e.g. "
+                      "--launch='all --tpu=NAME --accelerator=v5p-8' or --launch='xpk --cluster=C --workload=NAME'")
+  flag = "--workload" if args[0] == "xpk" else "--tpu"
+  theirs = [a for a in args if a.split("=", 1)[0] in ("--command", "--workdir") or a.startswith("--config")]
+  if theirs:
+    raise ConfigError(f"--launch sets {theirs[0]}, which the sweep sets per run; give config overrides to "
+                      "fmjax sweep itself")
+  name, kept, i = "", [], 0
+  while i < len(args):
+    if args[i] == flag and i + 1 < len(args):
+      name, i = args[i + 1], i + 2
+      continue
+    if args[i].startswith(flag + "="):
+      name = args[i][len(flag) + 1:]
+    else:
+      kept.append(args[i])
+    i += 1
+  argv = ["fmjax", "launch", *kept, f"{flag}={name}-{index}", f"--command={run.command}",
+          *run.argv(root, program=())[1:]]
+  try:
+    launch_lib.check_name(flag, name and f"{name}-{index}")
+    launch_lib.spec_from_args(argv[2:])
+  except launch_lib.LaunchError as e:
+    raise ConfigError(f"--launch={launch!r}: {e}") from None
+  return argv
 
 
 def expand(base_spec: str, entries: Iterable[dict[str, Any]], base_overrides: Sequence[str] = (),
@@ -336,20 +373,23 @@ def _tail(path: str, n: int = 5, offset: int = 0, most: int = 1 << 16) -> str:
 
 def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, parallel: int = 1,
               subcommand: str = "train", *, base_overrides: Sequence[str] = (), print_commands: bool = False,
-              out: TextIO | None = None) -> dict:
+              launch: str = "", out: TextIO | None = None) -> dict:
   """Runs (or prints) a sweep; returns `{"runs", "failed", "preempted", "not_started", "skipped", "table"}`.
 
   Runs go `parallel` at a time as `python -m fmjax.cli <command> ...` subprocesses, each logging
   to `root/name/log.txt`. Finished runs are skipped; the rest (re)start and resume themselves.
+  `print_commands` prints the runs' commands instead, as `fmjax launch` lines with `launch`
+  (see `launch_argv`).
   """
   out = out or sys.stdout
   if not root.strip():  # each run's workdir would be a bare name in the current directory
     raise ConfigError(f"--workdir={root!r} must name the sweep's directory; pass e.g. --workdir=/tmp/lr_sweep")
   runs = expand(base_spec, entries, base_overrides, subcommand)
   configs = check(runs, root, running=not print_commands)
-  if print_commands:
-    for run in runs:
-      print(shlex.join(run.argv(root)), file=out)
+  if print_commands or launch:
+    lines = [launch_argv(launch, i, run, root) if launch else run.argv(root) for i, run in enumerate(runs)]
+    for argv in lines:
+      print(shlex.join(argv), file=out)
     # Where the runs go (a bucket, for launched runs), the sweep's list of them: `fmjax report
     # --workdir=ROOT` builds the results table from it once they ran.
     try:
@@ -682,10 +722,12 @@ def cli(argv: list[str]) -> int:
   p.add_argument("--workdir", required=True, help="sweep root: each run goes to WORKDIR/<run name>")
   p.add_argument("--parallel", type=int, default=1, help="runs at a time (local runner)")
   p.add_argument("--print_commands", action="store_true", help="print one command per run instead of running")
+  p.add_argument("--launch", default="", metavar="'MODE --tpu=NAME ...'",
+                 help="print one `fmjax launch MODE ...` line per run instead, each run on its own NAME-<index>")
   p.add_argument("--command", default="train", help="subcommand for entries that do not name one")
   args = p.parse_args(rest)
   result = run_sweep(args.config, load_sweep(args.config), args.workdir, args.parallel, args.command,
-                     base_overrides=overrides, print_commands=args.print_commands)
+                     base_overrides=overrides, print_commands=args.print_commands, launch=args.launch)
   if result["failed"]:
     return 1
   from fmjax.cli import PREEMPTED_EXIT_CODE

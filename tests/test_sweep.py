@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import statistics
 import sys
@@ -108,6 +109,39 @@ def test_print_commands_runs_nothing_and_keeps_the_list_of_runs(tmp_path):
   # It runs nothing, but keeps the list of runs, from which `fmjax report` builds their table.
   assert os.listdir(tmp_path / "s") == [sweep.RUNS_FILE]
   assert [r["name"] for r in sweep.read_runs_file(str(tmp_path / "s"))] == ["optim.lr=0.001", "optim.lr=0.01"]
+
+
+def test_launch_prints_one_fmjax_launch_line_per_run_each_on_a_target_of_its_own(tmp_path):
+  from fmjax import launch
+  root = "gs://bucket/lr"
+  entries = [{"optim.lr": 1e-3}, {"optim.lr": 1e-2, "command": "finetune"}]
+  for given, flag in (("all --tpu=lr --accelerator=v5p-8 --spot", "--tpu"),
+                      ("xpk --cluster c --workload lr --accelerator=v5p-8", "--workload")):
+    out = io.StringIO()
+    runs = sweep.expand(GPT, entries, ["train.steps=7"])
+    for i, run in enumerate(runs):
+      print(shlex.join(sweep.launch_argv(given, i, run, root)), file=out)
+    lines = [shlex.split(line) for line in out.getvalue().splitlines()]
+    assert all(argv[:3] == ["fmjax", "launch", given.split()[0]] for argv in lines)
+    for i, (argv, run) in enumerate(zip(lines, runs)):
+      spec, mode, execute = launch.spec_from_args(argv[2:])  # the line `fmjax launch` will parse
+      assert (spec.name, spec.command, spec.config, spec.accelerator, execute) == (
+          f"lr-{i}", run.command, run.spec, "v5p-8", False)
+      assert spec.workdir == f"{root}/{run.name}" and spec.overrides == tuple(run.overrides)
+      assert argv.count(f"{flag}=lr-{i}") == 1 and "lr" not in argv
+  assert lines[1][lines[1].index("--command=finetune") + 1].startswith("--config=")
+
+  run = sweep.expand(GPT, entries[:1])[0]
+  for given, error in (("--tpu=lr", "must start with a launch mode"), ("run --accelerator=v5p-8", "--tpu=NAME is"),
+                       ("run --tpu=Lr", "not a valid name"), ("run --tpu=lr --zone", "expected one argument"),
+                       ("run --tpu=lr --workdir=gs://b/x", "which the sweep sets per run"),
+                       ("run --tpu=lr --config.optim.lr=1", "which the sweep sets per run")):
+    with pytest.raises(ConfigError, match=re.escape(error)):
+      sweep.launch_argv(given, 0, run, root)
+  # Through the command line, printing runs nothing and keeps the list of runs, as --print_commands does.
+  out_root = tmp_path / "s"
+  assert sweep.cli(["--config=" + GPT, f"--workdir={out_root}", "--launch=run --tpu=lr"]) == 0
+  assert os.listdir(out_root) == [sweep.RUNS_FILE]
 
 
 def test_mean_std():
