@@ -37,6 +37,8 @@ VARIANTS = {
     "gpt2_small_b16_seg4": (GPT.format("small"), ["train.batch_size=16"], ["--segments=4"]),
     "gpt2_small_b32_seg4": (GPT.format("small"), ["train.batch_size=32"], ["--segments=4"]),
     "gpt2_small_b32_mubf16": (GPT.format("small"), ["train.batch_size=32", "optim.mu_dtype=bfloat16"]),
+    # float16 compute with its dynamic loss scale (for GPUs without bfloat16); the H100 tells its cost.
+    "gpt2_small_b16_fp16": (GPT.format("small"), ["train.batch_size=16", "model.dtype=float16"]),
     # GPT-2 XL 1.5B at seq 1024; names without `_scan` unroll the 48 layers (its config scans).
     "gpt2_xl_b8_full": (GPT.format("xl"), ["train.batch_size=8", "model.remat=full", UNROLL]),
     "gpt2_xl_b8_dots": (GPT.format("xl"), ["train.batch_size=8", "model.remat=dots_no_batch", UNROLL]),
