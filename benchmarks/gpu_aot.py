@@ -393,8 +393,8 @@ def format_report(report: Report, top: int = 15) -> str:
 
 def main() -> int:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CPU is the only backend that runs; CUDA only compiles
-  from fmjax import cli, config_lib
-  argv, overrides = cli._split_overrides(sys.argv[1:])
+  from fmjax import config_lib
+  argv, overrides = config_lib.split_overrides(sys.argv[1:])
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--config", help="configs/NAME.py[:args]")
   p.add_argument("--attention", help="sets model.attention (xla | cudnn | auto)")

@@ -17,11 +17,11 @@ import os
 import sys
 import tempfile
 
-from fmjax import bench, cli, config_lib
+from fmjax import bench, config_lib
 
 
 def main() -> int:
-  argv, overrides = cli._split_overrides(sys.argv[1:])
+  argv, overrides = config_lib.split_overrides(sys.argv[1:])
   p = argparse.ArgumentParser()
   p.add_argument("--config", required=True)
   p.add_argument("--top", type=int, default=40)

@@ -786,17 +786,13 @@ def _has_shape(x: Any) -> bool:
   return hasattr(x, "shape")
 
 
-def _flatten(tree: Any) -> list:
-  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_has_shape)[0]
-
-
 def _path_keys(path: tuple) -> tuple[str, ...]:
   """A key path as strings: Orbax saves namedtuples as dicts of their fields, tuples as lists."""
   return tuple(map(_key_str, path))
 
 
 def _flat_keys(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
-  return [(_path_keys(path), leaf) for path, leaf in _flatten(tree)]
+  return [(_path_keys(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_has_shape)[0]]
 
 
 def _pick(restored: Any, abstract: Any, plan: Mapping[tuple, tuple]) -> Any:

@@ -27,11 +27,6 @@ INTERRUPTED_EXIT_CODE = 130  # stopped by Ctrl-C (SIGINT), saved first when it c
 BROKEN_PIPE_EXIT_CODE = 141  # 128 + SIGPIPE: what reads stdout stopped reading
 
 
-def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-  from fmjax.config_lib import split_overrides
-  return split_overrides(argv)
-
-
 class ArgumentParser(argparse.ArgumentParser):
   """argparse whose usage mistakes (a misspelt flag, a value of the wrong type) end in one `error: ...` line
   and exit code 2, as every other bad input does, rather than the usage text and a line after it."""
@@ -51,7 +46,7 @@ def _parser(prog: str, needs_workdir: bool) -> argparse.ArgumentParser:
 
 def _load(prog: str, argv: list[str], needs_workdir: bool, extra=None):
   from fmjax import config_lib
-  rest, overrides = _split_overrides(argv)
+  rest, overrides = config_lib.split_overrides(argv)
   p = _parser(prog, needs_workdir)
   if extra:
     extra(p)

@@ -377,14 +377,10 @@ def load_trunk(config, spec: train.StateSpec, state: dict, init_from: str, step:
 # ----------------------------------------------------------------------------- run
 
 
-def _trainable_fn(mode: str):
-  return lambda params: peft.trainable_mask(params, mode)
-
-
 def setup(config, task: tasks.Task, mesh):
   """(tx, spec) of the classifier for `task` on `mesh`."""
   make = model_factory(config, task.num_outputs)
-  tx = optim.make_optimizer(config, trainable=_trainable_fn(config.finetune.peft))
+  tx = optim.make_optimizer(config, trainable=lambda params: peft.trainable_mask(params, config.finetune.peft))
   return tx, train.state_spec(config, mesh, tx, make), make
 
 

@@ -238,15 +238,15 @@ def _mlm_logits(model, tokens_BT, mlm_positions_BM, vocab_size):
   return mask_vocab(model(tokens_BT, mlm_positions_BM=mlm_positions_BM), vocab_size)
 
 
-def fill_mask(model, tokenizer, text: str, *, top_k: int = 5, mask_token: str = "[MASK]",
+def fill_mask(model, tokenizer, text: str, *, top_k: int = 5,
               max_len: int | None = None) -> list[list[tuple[str, float]]]:
   """For each `[MASK]` in `text`, the top-k (token, probability) predictions of a BERT, over the tokenizer's ids.
 
   `max_len` (default: the position table) is the longest input, [CLS] and [SEP] included.
   """
-  pieces = re.split(re.escape(mask_token), text, flags=re.IGNORECASE)  # [mask] as well
+  pieces = re.split(re.escape("[MASK]"), text, flags=re.IGNORECASE)  # [mask] as well
   if len(pieces) < 2:
-    raise ConfigError(f"fill-mask text needs at least one {mask_token}")
+    raise ConfigError("fill-mask text needs at least one [MASK]")
   ids = [tokenizer.cls_id]
   mask_positions = []
   for i, piece in enumerate(pieces):

@@ -722,13 +722,6 @@ def read_params(workdir: str, step: int) -> dict:
   return normalise_keys(jax.device_get(params))
 
 
-def load_params(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
-  """(config, params, step) of a workdir's checkpoint (default: the latest): `run_config_at`'s
-  config and `read_params`."""
-  config, step, _ = run_config_at(workdir, step)
-  return config, read_params(workdir, step), step
-
-
 def run_tokenizer(workdir: str, config):
   """The tokenizer of a run: `workdir/tokenizer/` if present, else the one its config names."""
   from fmjax import data
@@ -887,7 +880,7 @@ def staged_dir(out: str, suffix: str):
 def cli_import(argv: list[str]) -> int:
   """`fmjax import-hf --model_dir=DIR --workdir=OUT [--config=configs/X.py[:args]] [--config.a.b=v ...]`."""
   from fmjax import cli, metrics
-  rest, overrides = cli._split_overrides(argv)
+  rest, overrides = config_lib.split_overrides(argv)
   p = cli.ArgumentParser(prog="fmjax import-hf")
   p.add_argument("--model_dir", required=True, help="HF directory: config.json, weights, tokenizer files")
   p.add_argument("--workdir", required=True, help="new fmjax workdir to write")

@@ -180,14 +180,13 @@ class LaunchSpec:
   max_restarts: int = 0               # restarts of the JobSet after a failure or a preempted (143) exit
 
 
-def resolve(spec: LaunchSpec, environ: dict | None = None) -> LaunchSpec:
+def resolve(spec: LaunchSpec) -> LaunchSpec:
   """Fills project and zone, when not given, from gcloud's environment variables, then from gcloud's own
   config (`gcloud config set project ...`), which is where most users keep them."""
-  environ = os.environ if environ is None else environ
   return dataclasses.replace(
       spec,
-      project=spec.project or environ.get("CLOUDSDK_CORE_PROJECT", "") or _gcloud_config("project"),
-      zone=spec.zone or environ.get("CLOUDSDK_COMPUTE_ZONE", "") or _gcloud_config("compute/zone"))
+      project=spec.project or os.environ.get("CLOUDSDK_CORE_PROJECT", "") or _gcloud_config("project"),
+      zone=spec.zone or os.environ.get("CLOUDSDK_COMPUTE_ZONE", "") or _gcloud_config("compute/zone"))
 
 
 def _gcloud_config(key: str) -> str:

@@ -271,11 +271,6 @@ class MetricsWriter:
       self._mirror.close()
 
 
-def read_jsonl(path: str) -> list[dict]:
-  """The records of a JSONL file (blank lines skipped)."""
-  return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
-
-
 class StepProfiler:
   """Traces `count` updates of a run with `jax.profiler`, from the one that starts at step `first`.
 

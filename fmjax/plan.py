@@ -758,8 +758,8 @@ def cli(argv: list[str]) -> int:
   """`fmjax plan --config=... [--mesh=data=2,fsdp=4] [--topology=v5p-128 [--num-slices=N] | --gpu=h100x8]
   [--hbm_gib=G] [--config.a=b ...]`."""
   import jax
-  from fmjax.cli import ArgumentParser, _split_overrides
-  rest, overrides = _split_overrides(argv)
+  from fmjax.cli import ArgumentParser
+  rest, overrides = config_lib.split_overrides(argv)
   p = ArgumentParser(prog="fmjax plan")
   p.add_argument("--config", required=True, help="configs/NAME.py[:args]")
   p.add_argument("--mesh", default=None, help="mesh axis sizes, e.g. data=2,fsdp=4: on this host's devices (faked "

@@ -94,7 +94,7 @@ def _scrubbed(config) -> bool:
 
 def read_card(config, card_path: str | None) -> dict[str, Any]:
   """Card fields: `config.release` (if the run has one), overridden by `card_path`'s JSON."""
-  card = dict(config.get("release") or {}) if hasattr(config, "get") else {}
+  card = dict(config.get("release") or {})
   if card_path:
     if not os.path.exists(card_path):
       raise ConfigError(f"--card={card_path} does not exist; write a JSON file with the model card fields "
@@ -180,7 +180,7 @@ def training_texts(config) -> tuple[Iterator[str], str, str]:
 
 def _init_from_run(config) -> str | None:
   """The fmjax run a fine-tuning or SFT run started from (its `init_from`), when it is one."""
-  source = str(config.get("init_from") or "") if hasattr(config, "get") else ""
+  source = str(config.get("init_from") or "")
   return source if source and files.exists(os.path.join(source, "config.json")) else None
 
 

@@ -66,7 +66,7 @@ def series(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str, *, ylabel: str,
-                title: str = "", xlabel: str = "step", logx: bool = False) -> str:
+                title: str = "") -> str:
   """Line plot of named (x, y) curves into a PNG; returns the path."""
   import matplotlib
   matplotlib.use("Agg")  # files only: never needs a display
@@ -75,10 +75,8 @@ def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for label, (x, y) in curves.items():
     ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=label)
-  ax.set_xlabel(xlabel)
+  ax.set_xlabel("step")
   ax.set_ylabel(ylabel)
-  if logx:
-    ax.set_xscale("log")
   if title:
     ax.set_title(title)
   ax.grid(alpha=0.3)

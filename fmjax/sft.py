@@ -23,7 +23,6 @@ Legend: N rows, B batch, T sequence.
 from __future__ import annotations
 
 import glob
-import hashlib
 import itertools
 import os
 
@@ -34,7 +33,7 @@ from flax import nnx
 
 from fmjax import config_lib, files, metrics as metrics_lib, optim, sharding, train
 from fmjax.config_lib import ConfigError
-from fmjax.data import packing
+from fmjax.data import packing, sources
 
 log = metrics_lib.log
 # Model keys that decide the parameter tree: always those of the run the params come from.
@@ -64,7 +63,6 @@ def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "
                       f"(rows of {{\"{prompt_key}\": ..., \"{completion_key}\": ...}})")
   out, nulls, first_null = [], 0, ""
   unprompted, other_fields = 0, set()  # rows without prompt_key, and what else they hold
-  from fmjax.data import sources
   for path in paths:
     for line, row in sources.jsonl_records(path):
       if not isinstance(row, dict) or completion_key not in row:
@@ -140,8 +138,7 @@ def pack_rows(examples: list[tuple[list[int], int]], seq_len: int, *, pack: bool
 
 
 def _held_out(prompt: str, completion: str, percent: int) -> bool:
-  digest = hashlib.sha1(f"{prompt}\x1f{completion}".encode("utf-8")).digest()
-  return int.from_bytes(digest[:8], "little") % 100 < percent
+  return sources.text_hash(f"{prompt}\x1f{completion}") % 100 < percent
 
 
 def load_rows(config, tok) -> dict[str, dict[str, np.ndarray] | None]:
@@ -320,11 +317,6 @@ def adopt_tokenizer(config, workdir: str, source: dict | None):
     raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={config.model.vocab_size}; "
                       "raise model.vocab_size")
   return tok
-
-
-def adopt_init_from(config, workdir: str):
-  """Takes the model shape and tokenizer from the run the params come from; returns the tokenizer."""
-  return adopt_tokenizer(config, workdir, adopt_shape(config, workdir))
 
 
 def init_from_pretrained(config, spec: train.StateSpec, tx, init_from: str) -> dict:

@@ -715,8 +715,8 @@ def write_outputs(table: Table, root: str, out: str | None = None) -> list[str]:
 
 def cli(argv: list[str]) -> int:
   """`fmjax sweep --config=... --workdir=ROOT [--parallel=N] [--print_commands] [--config.a=b ...]`."""
-  from fmjax.cli import ArgumentParser, _split_overrides
-  rest, overrides = _split_overrides(argv)
+  from fmjax.cli import ArgumentParser
+  rest, overrides = config_lib.split_overrides(argv)
   p = ArgumentParser(prog="fmjax sweep")
   p.add_argument("--config", required=True, help="configs/NAME.py[:args], with a get_sweep() function")
   p.add_argument("--workdir", required=True, help="sweep root: each run goes to WORKDIR/<run name>")

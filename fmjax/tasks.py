@@ -26,7 +26,6 @@ import ast
 import csv
 import dataclasses
 import glob
-import hashlib
 import json
 import logging
 import math
@@ -39,6 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from fmjax.config_lib import ConfigError
+from fmjax.data import sources
 
 Example = tuple[tuple[str, ...], float]
 
@@ -170,13 +170,9 @@ def evaluate(task: Task, predictions, split: str = "validation") -> dict[str, fl
 # ----------------------------------------------------------------------------- splitting
 
 
-def _hash(text: str) -> int:
-  return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "little")
-
-
 def hash_split(examples: list[Example], percent: int) -> dict[str, list[Example]]:
   """Holds out about `percent`% of the examples by a hash of their text: same split everywhere."""
-  hashes = [_hash("\x1f".join(texts)) for texts, _ in examples]
+  hashes = [sources.text_hash("\x1f".join(texts)) for texts, _ in examples]
   held = [h % 100 < percent for h in hashes]
   if len(examples) >= 2 and not any(held):  # tiny tasks still get a validation example
     held[min(range(len(examples)), key=hashes.__getitem__)] = True
@@ -235,7 +231,7 @@ def pydoc_family_examples(cache_dir: str = "") -> list[Example]:
       per_class.setdefault(labels.pop(), []).append(text)
   examples = []
   for label in sorted(per_class):
-    texts = sorted(per_class[label], key=_hash)[:PYDOC_PER_CLASS]
+    texts = sorted(per_class[label], key=sources.text_hash)[:PYDOC_PER_CLASS]
     examples += [((t,), float(label)) for t in sorted(texts)]
   if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
@@ -250,7 +246,6 @@ def pydoc_family_examples(cache_dir: str = "") -> list[Example]:
 
 def _read_records(path: str) -> list[tuple[int, dict]]:
   """(line number, record) of each record of a .jsonl, .csv or .tsv file."""
-  from fmjax.data import sources
   if path.endswith(".jsonl"):
     return list(sources.jsonl_records(path))
   try:
@@ -445,7 +440,6 @@ def positive_class(names: Sequence[str], positive_label: str, where: str) -> int
 def _glue_task(name: str, tc, data_dir: str) -> Task:
   import tensorflow_datasets as tfds
   import tensorflow_datasets.text.glue  # noqa: F401  registers glue/* (STACK.md gotcha 8)
-  from fmjax.data import sources
 
   features, num_classes, metrics, val_split = GLUE[name]
   tfds_name = "glue/mnli" if name == "mnli_mismatched" else f"glue/{name}"
@@ -484,7 +478,7 @@ def load_task(config) -> Task:
     raise ConfigError(f"task.num_classes={tc.num_classes} must be -1 (from the labels), 0 (regression) or at least 2")
   name = tc.name.removeprefix("glue/")
   if tc.name == "pydoc_family":
-    examples = pydoc_family_examples(_cache_dir(config))
+    examples = pydoc_family_examples(sources.local_cache_root(config))
     task = Task("pydoc_family", ("docstring",), len(PYDOC_FAMILIES), ("accuracy",),
                 hash_split(examples, int(tc.validation_percent)), tuple(PYDOC_FAMILIES))
   elif name in GLUE:
@@ -496,17 +490,12 @@ def load_task(config) -> Task:
     raise ConfigError(f"task.name={tc.name!r} is not one of {options}")
   check_labels(task, int(tc.num_classes))
   if tc.max_train_examples > 0:  # a label-scarce setting: a fixed, hash-ordered subset of the train split
-    keep = sorted(task.splits["train"], key=lambda e: _hash("\x1f".join(e[0])))[:tc.max_train_examples]
-    task.splits["train"] = keep
+    task.splits["train"] = sorted(task.splits["train"],
+                                  key=lambda e: sources.text_hash("\x1f".join(e[0])))[:tc.max_train_examples]
   for split in ("train", "validation"):
     if not task.splits.get(split):
       raise ConfigError(f"task {task.name} has no {split} examples; give more data or task.validation_files")
   return task
-
-
-def _cache_dir(config) -> str:
-  from fmjax.data import sources
-  return sources.local_cache_root(config)
 
 
 def check_labels(task: Task, declared: int = -1) -> None:

@@ -268,7 +268,7 @@ def test_text_files_streams_the_documents_keys_and_splits_of_whole_file_reads(tm
 
   # The fallback rules of a corpus that the hash holds out none of, or all of; ties go to the first document.
   texts = [f"document {i}" for i in range(100)]
-  held, kept = [[t for t in texts if (corpus._doc_hash(t) % 100 < 10) == h][:3] for h in (True, False)]
+  held, kept = [[t for t in texts if (sources.text_hash(t) % 100 < 10) == h][:3] for h in (True, False)]
   for name, docs in (("held", held), ("kept", kept)):
     (tmp_path / name).mkdir()
     (tmp_path / name / "a.txt").write_text("\n\n".join(docs[::-1] + docs))  # every document twice

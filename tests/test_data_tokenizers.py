@@ -229,5 +229,6 @@ def test_a_run_keeps_its_tokenizer_when_its_corpus_changes(tmp_path):
   ft = config_lib.load_config("configs/finetune_cls.py:model=gpt", shape)
   assert any(c.startswith("data.tokenizer=hf:") for c in finetune.adopt_pretrain_settings(ft, workdir))
   assert data.get_tokenizer(ft).identity() == first.identity()
-  tuned = sft.adopt_init_from(config_lib.load_config("configs/sft.py", [f"init_from={workdir}"]), str(tmp_path / "s"))
+  sft_config, sft_dir = config_lib.load_config("configs/sft.py", [f"init_from={workdir}"]), str(tmp_path / "s")
+  tuned = sft.adopt_tokenizer(sft_config, sft_dir, sft.adopt_shape(sft_config, sft_dir))
   assert tuned.identity() == first.identity()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fmjax import checkpoint as ckpt_lib, cli, config_lib, finetune, metrics as metrics_lib, models, sweep, tasks
+from fmjax import checkpoint as ckpt_lib, cli, config_lib, finetune, metrics as metrics_lib, models, report, sweep, tasks
 from fmjax.config_lib import ConfigError
 import fmjax.data as data
 
@@ -356,7 +356,7 @@ def test_regression_reports_no_accuracy(files, tmp_path):
                                   "data.tokenizer.kind=hf", f"data.tokenizer.path={files['vocab']}"), workdir)
   assert "loss" in result["train"] and "accuracy" not in result["train"]
   assert set(result["eval"]) == {"pearson", "spearman", "loss"}
-  logged = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  logged = report.read_metrics(workdir)
   assert any("train/loss" in m for m in logged) and not any("train/accuracy" in m for m in logged)
   from fmjax import evaluate, interop
   assert "accuracy" not in evaluate.run(workdir)

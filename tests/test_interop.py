@@ -129,8 +129,8 @@ def test_import_into_scanned_layers_stacks_the_same_weights(gpt_dir, gpt_workdir
   interop.import_hf(str(gpt_dir[0]), str(tmp_path / "w"), overrides=["model.scan_layers=true"])
   config = interop.read_run_config(str(tmp_path / "w"))
   assert config.model.scan_layers
-  _, scanned, _ = interop.load_params(str(tmp_path / "w"))
-  _, unrolled, _ = interop.load_params(str(gpt_workdir))
+  scanned, unrolled = (interop.read_params(w, interop.run_config_at(w)[1])
+                       for w in (str(tmp_path / "w"), str(gpt_workdir)))
   assert scanned["h"]["blocks"]["attn"]["qkv"]["kernel"].shape == (2, 32, 3, 4, 8)
   jax.tree.map(np.testing.assert_array_equal, scanned, interop.normalise_keys(models.stack_layers(unrolled)))
 
@@ -357,7 +357,8 @@ def test_imported_workdir_still_works_after_a_move(gpt_dir, tmp_path, bpe):
   interop.export(str(moved), str(tmp_path / "hf"))
   assert set(interop.read_hf_weights(str(tmp_path / "hf"))) == set(interop.read_hf_weights(str(gpt_dir[0])))
   sft_config = config_lib.load_config("configs/sft.py", [f"init_from={moved}", "data.seq_len=32"])
-  assert sft.adopt_init_from(sft_config, str(tmp_path / "sft")).vocab_size == bpe.vocab_size
+  sft_dir = str(tmp_path / "sft")
+  assert sft.adopt_tokenizer(sft_config, sft_dir, sft.adopt_shape(sft_config, sft_dir)).vocab_size == bpe.vocab_size
 
 
 def test_exported_bert_tokenizer_adds_cls_and_sep_like_bert(tmp_path, wordpiece):

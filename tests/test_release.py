@@ -278,7 +278,8 @@ def test_moved_bundle_still_generates_evaluates_exports_and_is_an_init_from(run,
   assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 384
   # init_from: SFT and fine-tuning take the moved bundle's tokenizer.
   sft_config = config_lib.load_config(os.path.join(CONFIGS, "sft.py"), [f"init_from={run_dir}", "data.seq_len=32"])
-  assert sft.adopt_init_from(sft_config, str(tmp_path / "sft")).vocab_size == 300
+  sft_dir = str(tmp_path / "sft")
+  assert sft.adopt_tokenizer(sft_config, sft_dir, sft.adopt_shape(sft_config, sft_dir)).vocab_size == 300
   ft_config = config_lib.load_config(os.path.join(CONFIGS, "finetune_cls.py") + ":model=gpt", [
       "model.vocab_size=384", "model.d_model=32", "model.num_heads=4", "model.d_ff=64", "model.max_len=64",
       "data.seq_len=32"])

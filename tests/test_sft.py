@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from fmjax import config_lib, evaluate, generate, metrics as metrics_lib, optim, sharding, sft, train
+from fmjax import config_lib, evaluate, generate, metrics as metrics_lib, optim, report, sharding, sft, train
 from fmjax.config_lib import ConfigError
 from test_generate import make_workdir
 
@@ -112,7 +112,7 @@ def test_sft_from_pretrained_loads_params_learns_and_resumes(tmp_path, tmp_path_
       "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.async_save=false", "train.grad_accum=2"])
 
   # init_from: step-0 params are the pretrained checkpoint's, bit for bit.
-  tok = sft.adopt_init_from(config, str(workdir))
+  tok = sft.adopt_tokenizer(config, str(workdir), sft.adopt_shape(config, str(workdir)))
   assert config.model.d_model == 64 and config.data.tokenizer.kind == "hf" and tok.eos_id is not None
   mesh = sharding.make_mesh(config)  # 8 fake devices, data parallel
   tx = optim.make_optimizer(config)
@@ -128,7 +128,7 @@ def test_sft_from_pretrained_loads_params_learns_and_resumes(tmp_path, tmp_path_
   result = sft.run(config, str(workdir))
   monkeypatch.undo()
   assert made[0][1].batch_size == 8 and made[0][0].batch_size == 16
-  losses = [m["train/loss"] for m in metrics_lib.read_jsonl(str(workdir / "metrics.jsonl")) if "train/loss" in m]
+  losses = [m["train/loss"] for m in report.read_metrics(str(workdir)) if "train/loss" in m]
   assert result["step"] == 24 and losses[-1] < 0.6 * losses[0], losses
   # The tokenizer is recorded relative to the workdir, which may then move: all below reads the moved copy.
   assert json.loads((workdir / "config.json").read_text())["data"]["tokenizer"]["path"] == "tokenizer"
@@ -169,8 +169,8 @@ def test_fmjax_finetune_runs_an_sft_config_as_fmjax_sft_does(tmp_path, tmp_path_
       "optim.warmup_steps=0", "checkpoint.async_save=false")]
   for command in ("finetune", "sft"):
     assert cli.main([command, "--config=configs/sft.py", f"--workdir={tmp_path / command}", *flags]) == 0
-  losses = {c: [m["train/loss"] for m in metrics_lib.read_jsonl(str(tmp_path / c / "metrics.jsonl"))
-                if "train/loss" in m] for c in ("finetune", "sft")}
+  losses = {c: [m["train/loss"] for m in report.read_metrics(str(tmp_path / c)) if "train/loss" in m]
+            for c in ("finetune", "sft")}
   assert len(losses["sft"]) == 2 and losses["finetune"] == losses["sft"], losses
   assert "sft" in json.loads((tmp_path / "finetune" / "config.json").read_text())
 
@@ -183,7 +183,7 @@ def test_seq_len_beyond_the_pretrained_max_len_is_lowered_to_it(tmp_path, tmp_pa
   metrics_lib.log.addHandler(caplog.handler)
   try:
     with caplog.at_level(logging.INFO, logger=metrics_lib.log.name):
-      sft.adopt_init_from(config, str(tmp_path / "sft"))
+      sft.adopt_tokenizer(config, str(tmp_path / "sft"), sft.adopt_shape(config, str(tmp_path / "sft")))
   finally:
     metrics_lib.log.removeHandler(caplog.handler)
   config_lib.validate(config, jax.device_count())

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fmjax import bench, config_lib, metrics as metrics_lib, models, objectives, optim, sharding, train
+from fmjax import bench, config_lib, metrics as metrics_lib, models, objectives, optim, report, sharding, train
 
 
 def tiny(family, *overrides, devices=1):
@@ -574,7 +574,7 @@ def test_loop_logs_throughput_mfu_and_eta_by_a_clock_of_one_second_an_update(tmp
   config = tiny("gpt", "train.steps=6", "train.log_every=2", "train.progress_bar=false")
   train.loop(config, {"step": 0}, itertools.repeat({}), train_step, checkpointer=_NoSaves(), workdir=str(tmp_path),
              meta=lambda step: {}, evaluate=None, eval_message=str, flops_per_token=100.0)
-  rows = {r["step"]: r for r in metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl")) if "step" in r}
+  rows = {r["step"]: r for r in report.read_metrics(str(tmp_path))}
   tokens = config.train.batch_size * config.data.seq_len
   assert sorted(rows) == [2, 4, 6] and rows[4]["train/tokens_per_sec"] == tokens
   assert rows[4]["train/mfu"] == pytest.approx(tokens * 100.0 / (1e12 * jax.device_count()))

@@ -33,14 +33,12 @@ from typing import Iterable, Iterator
 
 import tensorflow_datasets as tfds
 
+from fmjax.data import sources
+
 HELD_OUT_PERCENT = 10
 _SKIP_DIRS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__",
               "turtledemo", "ensurepip", "pydoc_data"}
 _BLANK_LINES = re.compile(r"\n[ \t]*\n+")  # what separates the blocks of a .txt file (`_txt_blocks` reads it by line)
-
-
-def _doc_hash(text: str) -> int:
-  return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "little")
 
 
 def _flipped_key(docs: Iterable[tuple[str, str]]) -> str | None:
@@ -50,7 +48,7 @@ def _flipped_key(docs: Iterable[tuple[str, str]]) -> str | None:
   document: what lets a large corpus's splits be streamed (`_held_out` decides each document)."""
   n, any_held, all_held, lowest, highest = 0, False, True, None, None  # (hash, key) of the first lowest / highest
   for key, text in docs:
-    h = _doc_hash(text)
+    h = sources.text_hash(text)
     held = h % 100 < HELD_OUT_PERCENT
     n, any_held, all_held = n + 1, any_held or held, all_held and held
     if lowest is None or h < lowest[0]:
@@ -66,7 +64,7 @@ def _flipped_key(docs: Iterable[tuple[str, str]]) -> str | None:
 
 def _held_out(key: str, text: str, flipped: str | None) -> bool:
   """Whether a document is held out: by its text's hash (about HELD_OUT_PERCENT%), but for `flipped`."""
-  return (_doc_hash(text) % 100 < HELD_OUT_PERCENT) != (key == flipped)
+  return (sources.text_hash(text) % 100 < HELD_OUT_PERCENT) != (key == flipped)
 
 
 def _assign_splits(docs: list[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
@@ -184,7 +182,6 @@ def file_documents(paths: list[str], feature: str, warn: bool = True) -> Iterato
   these log lines, for a second reading of the same files.
   """
   from fmjax.config_lib import ConfigError
-  from fmjax.data import sources
 
   nulls, first_null, has_feature = 0, "", False
   # Keys (TFDS orders records by them) name files relative to the corpus's own directory, so a

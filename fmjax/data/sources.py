@@ -723,6 +723,11 @@ def identity_hash(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def text_hash(text: str) -> int:
+  """A stable 64-bit hash of a text, the same on every host and Python: what hash splits and orders."""
+  return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "little")
+
+
 def _as_text(value) -> str:
   if isinstance(value, bytes):
     return value.decode("utf-8", errors="replace")
