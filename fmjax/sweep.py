@@ -31,6 +31,7 @@ eval loss curves to `ROOT/sweep_eval_loss.png`.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import difflib
@@ -136,16 +137,13 @@ def launch_argv(launch: str, index: int, run: Run, root: str) -> list[str]:
   if theirs:
     raise ConfigError(f"--launch sets {theirs[0]}, which the sweep sets per run; give config overrides to "
                       "fmjax sweep itself")
-  name, kept, i = "", [], 0
-  while i < len(args):
-    if args[i] == flag and i + 1 < len(args):
-      name, i = args[i + 1], i + 2
-      continue
-    if args[i].startswith(flag + "="):
-      name = args[i][len(flag) + 1:]
-    else:
-      kept.append(args[i])
-    i += 1
+  target = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+  target.add_argument(flag, default="")
+  try:
+    given, kept = target.parse_known_args(args)
+  except argparse.ArgumentError as e:
+    raise ConfigError(f"--launch={launch!r}: {e}") from None
+  name = getattr(given, flag[2:])
   argv = ["fmjax", "launch", *kept, f"{flag}={name}-{index}", f"--command={run.command}",
           *run.argv(root, program=())[1:]]
   try:

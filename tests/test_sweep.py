@@ -134,6 +134,7 @@ def test_launch_prints_one_fmjax_launch_line_per_run_each_on_a_target_of_its_own
   run = sweep.expand(GPT, entries[:1])[0]
   for given, error in (("--tpu=lr", "must start with a launch mode"), ("run --accelerator=v5p-8", "--tpu=NAME is"),
                        ("run --tpu=Lr", "not a valid name"), ("run --tpu=lr --zone", "expected one argument"),
+                       ("run --tpu", "expected one argument"),
                        ("run --tpu=lr --workdir=gs://b/x", "which the sweep sets per run"),
                        ("run --tpu=lr --config.optim.lr=1", "which the sweep sets per run")):
     with pytest.raises(ConfigError, match=re.escape(error)):
