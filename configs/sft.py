@@ -2,8 +2,11 @@
 
   fmjax sft --config=configs/sft.py --config.init_from=workdirs/gpt_tiny \
       --config.data.files=train.jsonl --workdir=workdirs/sft
+  fmjax sft --config=configs/sft.py --config.init_from=workdirs/gpt_tiny \
+      --config.data.files=train.jsonl --config.finetune.peft=lora --workdir=workdirs/sft_lora
   fmjax generate --workdir=workdirs/sft --prompt="..." --temperature=0
   fmjax eval --workdir=workdirs/sft          # completion-token loss on the held-out rows
+  fmjax export --workdir=workdirs/sft_lora --out=hf_sft   # LoRA merged into the kernels
 
 data.files: JSONL rows {"prompt": ..., "completion": ...}; the loss is on the completion tokens
 (and the EOS after them) only. Rows without a prompt are continued pretraining on their text.
@@ -11,6 +14,12 @@ The model's shape and the tokenizer are taken from init_from, so only training s
 here. Arg: a size of configs/gpt.py (tiny default; its model used only without init_from). A
 data.seq_len longer than the init_from model's max_len (e.g. :small's 1024 on a tiny GPT of 256)
 is lowered to that max_len, and the log says so: the pretrained position table cannot grow.
+
+finetune.peft: none (every parameter trains) | lora | adapter | bitfit, with finetune.lora_rank,
+lora_alpha, lora_targets, adapter_dim, adapter_targets as in configs/finetune_cls.py (`head`
+has no head to train here: GPT's output layer is its tied token embeddings). LoRA and adapters
+start where init_from's model is (their update is 0) and run unrolled (model.scan_layers=false).
+Few trainable parameters usually take a larger rate: raise optim.lr with them (3x is a start).
 """
 
 import os
@@ -27,6 +36,7 @@ def get_config(arg: str = "tiny"):
   c.data.dataset = "text_files"  # SFT reads data.files itself as (prompt, completion) JSONL
   c.data.files = ""
   c.sft = config_lib.sft_section()
+  c.finetune = config_lib.peft_section()  # PEFT, as classification's finetune section (its pooling and head aside)
   c.model.dropout = 0.0
   c.train.update(batch_size=16, steps=200, log_every=10, eval_every=50)
   # A fine-tuning schedule: a lower rate than pretraining, short warmup, linear decay to 0.

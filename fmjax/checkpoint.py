@@ -46,7 +46,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 import fmjax
-from fmjax import files
+from fmjax import config_lib, files
 from fmjax.models import STACK_KEY
 
 ITEMS = ("params", "opt_state")
@@ -978,6 +978,8 @@ _BEFORE_THE_KEY = {
     "finetune.head_bias": True, "task.positive_label": "", "task.max_train_examples": 0,
     "finetune.pooling": "auto", "optim.mu_dtype": "float32", "model.attention_dropout": 0.0,
     "init_from_step": 0, "data.shard_docs": 65536, "optim.decay_fraction": 0.2,
+    # An SFT run saved before SFT had a `finetune` section trained every parameter (classifiers always had one).
+    **{f"finetune.{k}": v for k, v in config_lib.peft_section().items()},
 }
 
 

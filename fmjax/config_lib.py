@@ -155,20 +155,37 @@ def task_section(name: str = "pydoc_family") -> ml_collections.ConfigDict:
   ))
 
 
-def finetune_section(family: str = "bert", peft: str = "none") -> ml_collections.ConfigDict:
-  """`fmjax finetune`'s model settings: PEFT, pooling, the new head (configs/finetune_cls.py)."""
+def peft_section(peft: str = "none") -> ml_collections.ConfigDict:
+  """PEFT settings (`fmjax.peft`): `finetune` in configs/sft.py, and the core of `finetune_section`."""
   return ml_collections.ConfigDict(dict(
-      peft=peft,                # none | lora | adapter | bitfit | head
-      pooling="auto",           # auto (BERT: cls, GPT: last) | cls | last | mean (average of non-pad tokens)
-      # A bias in the new head: BERT's classifier has one; Hugging Face's GPT2ForSequenceClassification
-      # `score` has none, so a GPT head without one is what `fmjax export` can write.
-      head_bias=family == "bert",
+      peft=peft,                # none | lora | adapter | bitfit (| head: a classifier's new head only)
       lora_rank=8,
       lora_alpha=16.0,
       lora_targets=("attention.qkv", "attention.out", "attn.qkv", "attn.out"),
       adapter_dim=16,
       adapter_targets=("attention.out", "attn.out", "mlp.proj"),
   ))
+
+
+def finetune_section(family: str = "bert", peft: str = "none") -> ml_collections.ConfigDict:
+  """`fmjax finetune`'s model settings: PEFT, pooling, the new head (configs/finetune_cls.py)."""
+  c = peft_section(peft)
+  c.update(dict(
+      pooling="auto",           # auto (BERT: cls, GPT: last) | cls | last | mean (average of non-pad tokens)
+      # A bias in the new head: BERT's classifier has one; Hugging Face's GPT2ForSequenceClassification
+      # `score` has none, so a GPT head without one is what `fmjax export` can write.
+      head_bias=family == "bert",
+  ))
+  return c
+
+
+def peft_mode(config) -> str:
+  """The config's `finetune.peft`; none for a config (or a run's config.json) without the section."""
+  return (config.get("finetune") or {}).get("peft", "none")
+
+
+# SFT has no new head: its output layer is GPT's token embedding table (tied), which every mode but none freezes.
+SFT_PEFT_MODES = ("none", "lora", "adapter", "bitfit")
 
 
 def sft_section() -> ml_collections.ConfigDict:
@@ -556,6 +573,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       raise ConfigError(f"data.max_predictions={d.max_predictions} masks at most "
                         f"{100 * d.max_predictions / d.seq_len:.1f}% of a row of data.seq_len={d.seq_len}, not "
                         f"data.mask_rate={d.mask_rate}; set data.max_predictions={needed} (BERT: 20 at 128, 80 at 512)")
+  if "sft" in config and peft_mode(config) not in SFT_PEFT_MODES:
+    mode = peft_mode(config)
+    what = ("trains a classifier's new head alone, and SFT has none (GPT's output layer is its tied token "
+            "embeddings)" if mode == "head" else "is not a PEFT method")
+    raise ConfigError(f"finetune.peft={mode!r} {what}; for SFT set finetune.peft= one of {', '.join(SFT_PEFT_MODES)}")
   if "mesh" in config:
     from fmjax import sharding  # local: keeps config parsing free of device state
     sharding.validate_mesh(config, num_devices)

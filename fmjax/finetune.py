@@ -5,9 +5,9 @@
 
 Reuses the pretraining pieces: `train.state_spec` / `init_state` / `compile_steps` with this
 module's model (`Classifier`) and loss. Start order: resume this workdir's checkpoint, else
-`init_from` (params of the trunk only, read by a partial restore; the head and any PEFT
-parameters are initialised), else from scratch; the log says which and lists what was loaded
-and what was initialised.
+`init_from` (params of the trunk only, read by a partial restore, with a LoRA SFT run's LoRA
+merged in; the head and any PEFT parameters are initialised), else from scratch; the log says
+which and lists what was loaded and what was initialised.
 
 Heads: BERT classifies or regresses from the pooled [CLS] vector (single sentences and
 [CLS] a [SEP] b [SEP] pairs with token types); GPT from the hidden state of the last non-pad
@@ -18,7 +18,6 @@ Legend: B batch, N rows of a split, T sequence, D model, C outputs (classes, or 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
@@ -111,9 +110,7 @@ def model_factory(config, num_outputs: int):
   """Builds the classifier with its PEFT parameters; param init follows `train.seed`."""
   def make():
     rngs = nnx.Rngs(params=config.train.seed)
-    # As in models.build_model: without a mesh in context, create the parameters unsharded.
-    no_mesh = jax.sharding.get_abstract_mesh().empty
-    with nnx.use_eager_sharding(False) if no_mesh else contextlib.nullcontext():
+    with models.sharded_if_mesh():
       return peft.apply(Classifier(config, num_outputs, rngs=rngs), config.finetune, rngs)
   return make
 
@@ -325,10 +322,13 @@ def _summary(tree: dict) -> str:
   return ", ".join(parts)
 
 
-def _trunk_abstract(config, spec: train.StateSpec) -> dict:
-  """The classifier's abstract trunk params that a pretraining checkpoint holds."""
+TRUNK = ("trunk",)  # where the pretrained model sits in a classifier's params (SFT's model is all of them: ())
+
+
+def _trunk_abstract(config, spec: train.StateSpec, root: tuple = TRUNK) -> dict:
+  """The abstract params under `root` that a pretraining checkpoint holds: no head, no PEFT parameters."""
   base = _trunk_paths(config)
-  return _subtree(spec.abstract["params"]["trunk"], lambda p: tuple(map(str, p)) in base)
+  return _subtree(_tree_get(spec.abstract["params"], root), lambda p: tuple(map(str, p)) in base)
 
 
 def source_step(config, spec: train.StateSpec, init_from: str) -> int:
@@ -347,29 +347,68 @@ def source_step(config, spec: train.StateSpec, init_from: str) -> int:
   return step
 
 
-def load_trunk(config, spec: train.StateSpec, state: dict, init_from: str, step: int | None = None) -> dict:
-  """Reads the trunk's parameters from init_from's checkpoint (`step`, else `source_step`) into `state`."""
+def _source_lora(checkpointer, step: int, init_from: str) -> ml_collections.ConfigDict | None:
+  """The finetune settings of a LoRA fine-tune's checkpoint (an SFT run's), whose factors merge into its
+  kernels as the trunk loads; None for any other. An adapter fine-tune's adapters fold into no weight: refused."""
+  saved = checkpointer.restore_meta(step).get("config") or {}
+  mode = config_lib.peft_mode(saved)
+  if mode == "adapter":
+    raise ConfigError(f"init_from={init_from} was fine-tuned with finetune.peft=adapter, whose adapters fold into "
+                      "no weight of the model; train it further by resuming that run (its own --workdir)")
+  return ml_collections.ConfigDict(saved["finetune"]) if mode == "lora" else None
+
+
+def _lora_abstract(config, ft, mesh) -> dict:
+  """The LoRA factors (replicated: they are small) that a LoRA fine-tune with settings `ft` saved beside the kernels."""
+  def make():
+    rngs = nnx.Rngs(0)
+    with models.sharded_if_mesh():
+      return peft.apply(models.build_model(config.model, rngs=rngs), ft, rngs)
+  factors = _subtree(train.params_of(nnx.eval_shape(make)), lambda p: str(p[-1]) in peft.LORA_LEAVES)
+  repl = sharding.replicated(mesh)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), factors)
+
+
+def _union(a: dict, b: dict) -> dict:
+  """The leaves of two nested dicts together."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _union(out[k], v) if isinstance(v, dict) and k in out else v
+  return out
+
+
+def load_trunk(config, spec: train.StateSpec, state: dict, init_from: str, step: int | None = None,
+               root: tuple = TRUNK) -> dict:
+  """Reads the trunk's parameters from init_from's checkpoint (`step`, else `source_step`) into `state`
+  under `root`; a LoRA fine-tune's factors are merged into its kernels first (`peft.merge_lora`)."""
   from fmjax import checkpoint as ckpt_lib
   checkpointer = ckpt_lib.Checkpointer(_checkpoint_dir(init_from))
   try:
     if step is None:
       step = checkpointer.source_step(config.get("init_from_step", 0), init_from)
     base = _trunk_paths(config)
-    abstract = _trunk_abstract(config, spec)
+    abstract = _trunk_abstract(config, spec, root)
+    lora = _source_lora(checkpointer, step, init_from)
+    wanted = abstract if lora is None else _union(abstract, _lora_abstract(config, lora, spec.mesh))
     with jax.set_mesh(spec.mesh):
-      loaded = checkpointer.restore(step, {"params": abstract}, items=("params",), partial=True)["params"]
+      loaded = checkpointer.restore(step, {"params": wanted}, items=("params",), partial=True)["params"]
+      if lora is not None:
+        loaded = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding),
+                              peft.merge_lora(loaded, lora.lora_alpha, lora.lora_rank), abstract)
     saved_top = set(checkpointer.item_metadata(step, "params"))
   finally:
     checkpointer.close()
   params = state["params"]
-  trunk = params["trunk"]
+  trunk = _tree_get(params, root)
   for path in _flat_keys(loaded):
     *parents, leaf = path
     _tree_get(trunk, tuple(parents))[leaf] = _tree_get(loaded, path)
-  new = _subtree(params, lambda p: not (p[0] == "trunk" and tuple(map(str, p[1:])) in base))
+  new = _subtree(params, lambda p: not (p[:len(root)] == root and tuple(map(str, p[len(root):])) in base))
   skipped = sorted(saved_top - set(loaded))
-  log.info("init_from %s step %d: loaded trunk %s", init_from, step, _summary(loaded))
-  log.info("initialised: %s", _summary(new))
+  merged = f", its LoRA (rank {lora.lora_rank}) merged into the kernels" if lora is not None else ""
+  log.info("init_from %s step %d: loaded %s%s%s", init_from, step, "trunk " if root else "", _summary(loaded), merged)
+  if new:
+    log.info("initialised: %s", _summary(new))
   log.info("not loaded: %s", ", ".join(skipped + ["opt_state"]))
   return state
 
@@ -380,7 +419,7 @@ def load_trunk(config, spec: train.StateSpec, state: dict, init_from: str, step:
 def setup(config, task: tasks.Task, mesh):
   """(tx, spec) of the classifier for `task` on `mesh`."""
   make = model_factory(config, task.num_outputs)
-  tx = optim.make_optimizer(config, trainable=lambda params: peft.trainable_mask(params, config.finetune.peft))
+  tx = optim.make_optimizer(config)  # frozen per finetune.peft
   return tx, train.state_spec(config, mesh, tx, make), make
 
 

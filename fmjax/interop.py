@@ -810,24 +810,25 @@ def export_params(params: Mapping, model_cfg, out: str, tokenizer=None, label_na
 
 
 def from_finetune(params: dict, config) -> dict:
-  """A fine-tuning run's `{trunk, head}` params as the flat tree export reads: LoRA merged into
-  its kernels, the head as `classifier`. Pretraining params pass through unchanged."""
-  if not ("trunk" in params and "head" in params):
-    return params
+  """A fine-tuning run's params as the flat tree export reads: LoRA merged into its kernels (a
+  classifier's or an SFT run's), a classifier's `{trunk, head}` with the head as `classifier`.
+  Pretraining params pass through unchanged."""
   ft = config.get("finetune") or {}
-  mode = ft.get("peft", "none")
+  mode = config_lib.peft_mode(config)
   if mode == "adapter":
     raise ConfigError("bottleneck adapters have no Hugging Face counterpart; export a run fine-tuned with "
-                      "finetune.peft=lora, bitfit, head or none")
+                      "finetune.peft=lora (merged into the kernels), bitfit, head or none")
+  if mode == "lora":
+    from fmjax import peft
+    params = peft.merge_lora(params, ft["lora_alpha"], ft["lora_rank"])
+  if not ("trunk" in params and "head" in params):
+    return params
   from fmjax import finetune
   pooling = finetune.pooling_of(config)
   if pooling != finetune.POOLINGS[config.model.family][0]:
     raise ConfigError(f"a classifier with finetune.pooling={pooling} has no Hugging Face counterpart (its "
                       "sequence classifiers pool [CLS] for BERT, the last token for GPT); export a run with "
                       "finetune.pooling=auto")
-  if mode == "lora":
-    from fmjax import peft
-    params = peft.merge_lora(params, ft["lora_alpha"], ft["lora_rank"])
   flat = dict(params["trunk"])
   flat["classifier"] = dict(params["head"])
   if "bias" not in flat["classifier"] and config.model.family == "bert":  # finetune.head_bias=false: a zero bias

@@ -605,13 +605,18 @@ class BERT(nnx.Module):
     return self.embeddings.word_embeddings.attend(x_BMD) + self.mlm_bias[...].astype(jnp.float32)
 
 
+def sharded_if_mesh():
+  """Creates parameters sharded under a mesh in context, else unsharded (eager sharding needs a mesh)."""
+  no_mesh = jax.sharding.get_abstract_mesh().empty
+  return nnx.use_eager_sharding(False) if no_mesh else contextlib.nullcontext()
+
+
 def build_model(model_cfg, *, rngs: nnx.Rngs) -> GPT | BERT:
   """GPT or BERT from `config.model`. Without a mesh in context, params are created unsharded."""
   families = {"gpt": GPT, "bert": BERT}
   if model_cfg.family not in families:
     raise ConfigError(f"model.family={model_cfg.family!r} is not one of {list(families)}")
-  no_mesh = jax.sharding.get_abstract_mesh().empty
-  with nnx.use_eager_sharding(False) if no_mesh else contextlib.nullcontext():
+  with sharded_if_mesh():
     return families[model_cfg.family](model_cfg, rngs=rngs)
 
 

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fmjax import config_lib
+
 # The matrices that decay: dense kernels and LoRA's low-rank factors of them (`peft.LoRADense`). Without
 # the factors, optim.weight_decay did nothing to a LoRA fine-tune's adapted weights, only to its head.
 DECAYED = ("kernel", "lora_a", "lora_b")
@@ -58,7 +60,12 @@ def make_schedule(optim_cfg, total_steps: int) -> Callable[[jax.Array], jax.Arra
 
 
 def make_optimizer(config, trainable: Callable | None = None) -> optax.GradientTransformation:
-  """The optimizer for `config.optim`; `trainable(params) -> bool tree` freezes the False leaves."""
+  """The optimizer for `config.optim`; `trainable(params) -> bool tree` freezes the False leaves (by
+  default those that `finetune.peft` freezes, `peft.trainable_mask`)."""
+  mode = config_lib.peft_mode(config)
+  if trainable is None and mode != "none":
+    from fmjax import peft  # local: peft imports the models
+    trainable = lambda params: peft.trainable_mask(params, mode)
   o = config.optim
   schedule = make_schedule(o, config.train.steps)
   parts = []

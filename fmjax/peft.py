@@ -9,11 +9,12 @@ trunk still restores into them) and add their own small ones:
   adapter  AdapterDense on sublayer outputs: y + up(gelu(down(y))), up = 0 at init (Houlsby et
            al., 2019); layer norms train too.
   bitfit   no new parameters: only biases (and the head) train (Ben Zaken et al., 2021).
-  head     only the new task head trains.
+  head     only the new task head trains (classifiers: SFT has none).
 
-`trainable_mask(params, peft)` is the bool tree that `optim.make_optimizer(trainable=...)` uses
-to freeze everything else (frozen leaves get zero updates, no Adam moments). `merge_lora`
-folds LoRA into the base kernels for export.
+Classification (`finetune.Classifier`) and SFT (the GPT itself, `train.model_factory`) both
+apply it from their config's `finetune` section. `trainable_mask(params, peft)` is the bool tree
+that `optim.make_optimizer` uses to freeze everything else (frozen leaves get zero updates, no
+Adam moments). `merge_lora` folds LoRA into the base kernels for export.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from fmjax import models
 from fmjax.config_lib import ConfigError
 
 MODES = ("none", "lora", "adapter", "bitfit", "head")
+WRAPS = ("lora", "adapter")  # the modes that wrap Dense layers with parameters of their own
 HEAD = "head"  # the task head's attribute: always trainable
 # BERT's pooler (the [CLS] pooling's tanh(W h)) trains with the head: masked-LM pretraining never
 # trains it (BERT's own came from next-sentence prediction), so frozen it would stay random.
@@ -138,7 +140,7 @@ def apply(model: nnx.Module, fcfg, rngs: nnx.Rngs) -> nnx.Module:
   mode = fcfg.peft
   if mode not in MODES:
     raise ConfigError(f"finetune.peft={mode!r} is not one of {list(MODES)}")
-  if mode not in ("lora", "adapter"):
+  if mode not in WRAPS:
     return model
   if any(getattr(m, "scan", False) for _, m in nnx.iter_graph(model) if isinstance(m, models.Layers)):
     raise ConfigError(f"finetune.peft={mode} needs unrolled layers; set model.scan_layers=false")

@@ -10,7 +10,9 @@ sequences with segment ids (or padded one per row with `sft.pack=False`), so the
 each other.
 
 Start order: resume this workdir's checkpoint, else `init_from` (the pretrained params; the
-optimizer starts fresh), else from scratch; the log says which. The model's shape and the
+optimizer starts fresh), else from scratch; the log says which. `finetune.peft` trains LoRA,
+adapters or BitFit alone, as classification does: the model is `train.model_factory`'s, which
+every reader of the workdir's config.json (generate, eval, zero-shot) rebuilds alike. The model's shape and the
 tokenizer come from the `init_from` run (a data.seq_len beyond its max_len is lowered to it, and
 logged), and the tokenizer is saved into the workdir (recorded as `tokenizer`, relative to it),
 so `fmjax generate` / `fmjax eval` work on an SFT workdir as on a pretraining one, also after a
@@ -31,7 +33,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from fmjax import config_lib, files, metrics as metrics_lib, optim, sharding, train
+from fmjax import config_lib, files, metrics as metrics_lib, optim, peft, sharding, train
 from fmjax.config_lib import ConfigError
 from fmjax.data import packing, sources
 
@@ -284,6 +286,10 @@ def adopt_shape(config, workdir: str) -> dict | None:
   if source is not None:
     changed = [f"{k}={source['model'][k]}" for k in SHAPE_KEYS if config.model[k] != source["model"][k]]
     config.model.update({k: source["model"][k] for k in SHAPE_KEYS})
+    if config_lib.peft_mode(config) in peft.WRAPS and config.model.scan_layers:
+      # LoRA and adapters wrap each layer's Dense: the stacked checkpoint restores unrolled.
+      config.model.scan_layers = False
+      changed.append(f"scan_layers=False (finetune.peft={config_lib.peft_mode(config)} wraps each layer)")
     if changed:
       log.info("Model shape taken from %s: %s", where, ", ".join(changed))
     if config.data.seq_len > config.model.max_len:
@@ -320,11 +326,12 @@ def adopt_tokenizer(config, workdir: str, source: dict | None):
 
 
 def init_from_pretrained(config, spec: train.StateSpec, tx, init_from: str) -> dict:
-  """Train state whose params are `init_from`'s checkpoint (newest, or `init_from_step`), step 0, fresh optimizer."""
-  state, step = train.init_from_checkpoint(init_from, spec, tx, config.get("init_from_step", 0))
-  log.info("Initialised from %s step %d: all %d parameter arrays loaded; optimizer state fresh",
-           init_from, step, len(jax.tree.leaves(state["params"])))
-  return state
+  """Train state at step 0 with `init_from`'s model (its newest checkpoint, or `init_from_step`; a LoRA SFT
+  run's with its LoRA merged into the kernels) and a fresh optimizer. This run's own PEFT parameters start at
+  their init, where the model computes the checkpoint's function (LoRA's B and the adapters' up are 0)."""
+  from fmjax import finetune
+  state = train.init_state(config, spec, tx)
+  return finetune.load_trunk(config, spec, state, init_from, root=())
 
 
 # ----------------------------------------------------------------------------- loop
@@ -347,8 +354,8 @@ def run(config, workdir: str) -> dict:
 
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)
-  tx = optim.make_optimizer(config)
-  spec = train.state_spec(config, mesh, tx)
+  tx = optim.make_optimizer(config)  # frozen per finetune.peft
+  spec = train.state_spec(config, mesh, tx)  # the model with finetune.peft's parameters
   # Read now, so that a missing or damaged init_from checkpoint refuses the start before the workdir is made.
   pretrained = init_from_pretrained(config, spec, tx, config.init_from) if config.init_from and not resuming else None
   cfg_dict = config_lib.to_dict(config)
@@ -373,8 +380,10 @@ def run(config, workdir: str) -> dict:
     else:
       state = train.init_state(config, spec, tx)
       log.info("Started from scratch (no init_from)")
-    log.info("SFT data: %d train rows, %d eval rows of %d tokens", train_loader.num_rows,
-             eval_loader.num_rows if eval_loader else 0, config.data.seq_len)
+    trainable, total = peft.count(spec.abstract["params"], config_lib.peft_mode(config))
+    log.info("SFT data: %d train rows, %d eval rows of %d tokens; peft=%s: %s of %s parameters trainable (%.2f%%)",
+             train_loader.num_rows, eval_loader.num_rows if eval_loader else 0, config.data.seq_len,
+             config_lib.peft_mode(config), f"{trainable:,}", f"{total:,}", 100.0 * trainable / total)
 
     meta = lambda step: {"config": cfg_dict, "data_position": step, "tokenizer": "hf"}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):

@@ -56,9 +56,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 def model_factory(config) -> Callable[[], nnx.Module]:
-  """A function that builds the config's model, initialised from `train.seed`."""
-  from fmjax import models  # local: models is the heaviest import and tests patch configs first
-  return lambda: models.build_model(config.model, rngs=nnx.Rngs(params=config.train.seed))
+  """A function that builds the config's model, initialised from `train.seed`, with the PEFT parameters
+  of its `finetune.peft` (SFT): every reader of a run's config.json rebuilds the model it trained."""
+  from fmjax import models, peft  # local: models is the heaviest import and tests patch configs first
+
+  def make():
+    rngs = nnx.Rngs(params=config.train.seed)
+    model = models.build_model(config.model, rngs=rngs)
+    if config_lib.peft_mode(config) == "none":
+      return model
+    with models.sharded_if_mesh():  # after the model's own parameters: those draw the keys they always did
+      return peft.apply(model, config.finetune, rngs)
+  return make
 
 
 def params_of(model: nnx.Module) -> dict:
@@ -159,7 +168,7 @@ def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
   schedule = optim.make_schedule(config.optim, config.train.steps)
   skip_nonfinite = config.train.nan_policy == "skip"
   base_key = jax.random.key(config.train.seed + 1)
-  peft_mode = config.finetune.get("peft", "none") if "finetune" in config else "none"
+  peft_mode = config_lib.peft_mode(config)
   scaled = scales_loss(config)
 
   def micro_grads(params, micro_batch, key, scale):

@@ -307,3 +307,138 @@ def test_train_seed_orders_the_rows_as_fine_tuning_does():
   by_data_seed = sft.RowLoader(rows, 4, sharding, seed=0, shuffle=True)  # the order before train.seed counted
   np.testing.assert_array_equal(seed0, np.concatenate([by_data_seed.dataset_rows(s) for s in range(4)]))
   assert list(order("train.seed=0", "data.seed=3")) != list(seed0)
+
+
+
+def _lora_flags(tmp_path, pretrain, steps, *more):
+  return [f"init_from={pretrain}", f"data.files={tmp_path / 'train.jsonl'}", "data.seq_len=32", "train.batch_size=16",
+          f"train.steps={steps}", "train.log_every=1", "train.eval_every=0", "train.progress_bar=false",
+          "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.async_save=false",
+          "checkpoint.every_steps=2", "finetune.peft=lora", *more]
+
+
+def _flat(params) -> dict:
+  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(params))
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+def _host_loss(config, graphdef, params, batch) -> float:
+  from flax import nnx
+  from fmjax import objectives
+  loss_sum, aux = objectives.get_loss_fn(config)(nnx.merge(graphdef, jax.device_get(params)), batch)
+  return float(loss_sum / aux["weight_sum"])
+
+
+def test_lora_sft_trains_the_factors_alone_and_generate_eval_export_read_its_workdir(tmp_path, tmp_path_factory,
+                                                                                       caplog):
+  """LoRA SFT starts as the pretrained model (B = 0) and trains only lora_a/lora_b; generate and eval read its
+  workdir as the model it trained (LoRA unmerged), export writes LoRA merged into the kernels, and a full SFT
+  that starts from it (init_from) starts from those merged weights."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from fmjax import interop, peft
+  pretrain, _ = make_workdir(tmp_path_factory, "gpt")
+  write_jsonl(tmp_path / "train.jsonl")
+  workdir = tmp_path / "lora"
+  config = config_lib.load_config("configs/sft.py", _lora_flags(tmp_path, pretrain, 12))
+  pretrained = generate.restore_run(str(pretrain))
+
+  # At init the LoRA model computes the pretrained one's loss: B = 0 adds exactly nothing.
+  tok = sft.adopt_tokenizer(config, str(workdir), sft.adopt_shape(config, str(workdir)))
+  mesh = sharding.make_mesh(config)
+  tx = optim.make_optimizer(config)
+  spec = train.state_spec(config, mesh, tx)
+  state = sft.init_from_pretrained(config, spec, tx, str(pretrain))
+  batch = sft.make_loaders(config, tok, sharding.batch_sharding(mesh))[0].host_batch(0)
+  assert _host_loss(config, spec.graphdef, state["params"], batch) == _host_loss(
+      pretrained.config, pretrained.spec.graphdef, pretrained.params, batch)
+
+  metrics_lib.log.addHandler(caplog.handler)
+  try:
+    with caplog.at_level(logging.INFO, logger=metrics_lib.log.name):
+      result = sft.run(config, str(workdir))
+  finally:
+    metrics_lib.log.removeHandler(caplog.handler)
+  trainable, total = peft.count(spec.abstract["params"], "lora")
+  assert 0 < trainable < total / 10 and f"peft=lora: {trainable:,} of {total:,} parameters trainable" in caplog.text
+  losses = [m["train/loss"] for m in report.read_metrics(str(workdir)) if "train/loss" in m]
+  assert result["step"] == 12 and losses[-1] < 0.92 * losses[0], losses  # 6.25 to 5.49 on the random trunk
+
+  # Every parameter but the LoRA factors is the pretrained one, bit for bit; the factors moved.
+  tuned = generate.restore_run(str(workdir))
+  before, after = _flat(pretrained.params), _flat(tuned.params)
+  factors = {k for k in after if k.endswith(("['lora_a']", "['lora_b']"))}
+  assert factors and set(after) - factors == set(before)
+  for k in before:
+    np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+  assert all(after[k].any() for k in factors if k.endswith("['lora_b']"))
+
+  # eval and generate rebuild the LoRA model from config.json: eval scores what the run's own eval did.
+  assert evaluate.run(str(workdir))["loss"] == pytest.approx(result["eval"]["loss"], rel=1e-5)
+  assert isinstance(generate.run(str(workdir), prompts=["3 plus 4 is"], max_new_tokens=3, temperature=0)[0], str)
+
+  # The export holds the merged kernels: transformers' logits are the unmerged fmjax model's.
+  out = interop.export(str(workdir), str(tmp_path / "hf"))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  ids = batch["inputs"][:2]
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids).long()).logits.numpy()
+  model, _, _ = generate.load_run(str(workdir))
+  ours = np.asarray(model(jax.numpy.asarray(ids)))[..., :theirs.shape[-1]]
+  np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+  # A full SFT from the LoRA run starts from its merged weights (and trains every parameter).
+  full = config_lib.load_config("configs/sft.py", _lora_flags(tmp_path, workdir, 12, "finetune.peft=none"))
+  sft.adopt_tokenizer(full, str(tmp_path / "full"), sft.adopt_shape(full, str(tmp_path / "full")))
+  full_tx = optim.make_optimizer(full)
+  full_spec = train.state_spec(full, mesh, full_tx)
+  start = sft.init_from_pretrained(full, full_spec, full_tx, str(workdir))["params"]
+  merged = peft.merge_lora(jax.device_get(tuned.params), config.finetune.lora_alpha, config.finetune.lora_rank)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(start), merged)
+
+
+def test_lora_sft_resumes_bitwise(tmp_path, tmp_path_factory):
+  """4 straight LoRA SFT steps equal 2 steps, then the same command with train.steps=4 resuming them."""
+  pretrain, _ = make_workdir(tmp_path_factory, "gpt")
+  write_jsonl(tmp_path / "train.jsonl", 40)
+  run = lambda steps, workdir: sft.run(config_lib.load_config(
+      "configs/sft.py", _lora_flags(tmp_path, pretrain, steps, "train.batch_size=8")), str(tmp_path / workdir))
+  run(4, "straight")
+  run(2, "resumed")
+  assert run(4, "resumed")["step"] == 4
+  losses = {w: [m["train/loss"] for m in report.read_metrics(str(tmp_path / w)) if "train/loss" in m]
+            for w in ("straight", "resumed")}
+  assert len(losses["straight"]) == 4 and losses["resumed"] == losses["straight"], losses
+  straight, resumed = (_flat(generate.restore_run(str(tmp_path / w)).params) for w in ("straight", "resumed"))
+  assert straight.keys() == resumed.keys()
+  for k in straight:
+    np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
+
+
+def test_peft_sft_refusals_are_one_line_and_adapters_run_unrolled(tmp_path, tmp_path_factory):
+  """finetune.peft=head has no head to train in SFT; an adapter SFT run trains (unrolled, from a scanned
+  init_from too) but neither exports nor seeds another run (its adapters fold into no weight)."""
+  from fmjax import interop
+  with pytest.raises(ConfigError, match=r"^finetune.peft='head' trains a classifier's new head alone, and SFT has "
+                                        r"none .*; for SFT set finetune.peft= one of none, lora, adapter, bitfit$"):
+    config_lib.load_config("configs/sft.py", ["finetune.peft=head"])
+  pretrain, _ = make_workdir(tmp_path_factory, "gpt")
+  scanned = tmp_path / "scanned"  # adopt_shape reads only config.json and that checkpoints/ exists
+  (scanned / "checkpoints").mkdir(parents=True)
+  cfg = json.loads((pretrain / "config.json").read_text())
+  cfg["model"]["scan_layers"] = True
+  (scanned / "config.json").write_text(json.dumps(cfg))
+  config = config_lib.load_config("configs/sft.py", [f"init_from={scanned}", "finetune.peft=adapter"])
+  sft.adopt_shape(config, str(tmp_path / "x"))
+  assert not config.model.scan_layers
+
+  write_jsonl(tmp_path / "train.jsonl", 40)
+  adapter = tmp_path / "adapter"
+  sft.run(config_lib.load_config("configs/sft.py", _lora_flags(tmp_path, pretrain, 1, "finetune.peft=adapter",
+                                                               "train.batch_size=8")), str(adapter))
+  with pytest.raises(ConfigError, match="^bottleneck adapters have no Hugging Face counterpart") as e:
+    interop.export(str(adapter), str(tmp_path / "hf"))
+  assert "\n" not in str(e.value)
+  _each_refused_leaving_no_trace(tmp_path, pretrain, [
+      ([f"data.files={tmp_path / 'train.jsonl'}", f"init_from={adapter}"],
+       r"^init_from=.*adapter was fine-tuned with finetune.peft=adapter, whose adapters fold into no weight")])
