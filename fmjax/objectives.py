@@ -100,7 +100,8 @@ def _fused_fwd(h_ND, w_VD, b_V, targets_N, weights_N, chunk):
 def _fused_bwd(chunk, residuals, cotangents):
   dh_ND, dw_VD, db_V = residuals
   g_nll, _ = cotangents
-  scaled = lambda g: None if g is None else g * g_nll.astype(g.dtype)
+  # In float32, rounded once: float16's loss scale over the positions (the cotangent) is seldom a power of two.
+  scaled = lambda g: None if g is None else (g.astype(jnp.float32) * g_nll.astype(jnp.float32)).astype(g.dtype)
   return (scaled(dh_ND), scaled(dw_VD), scaled(db_V), None, None)
 
 

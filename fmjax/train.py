@@ -578,9 +578,10 @@ def loop(config, state: dict, batches: Iterator[dict], train_step, *, checkpoint
       # skip to the end and save them as finished.
       if config.train.nan_policy == "abort" or in_a_row >= MAX_SKIPPED_IN_A_ROW:
         checkpointer.wait()  # a save still in flight is the last good checkpoint once it lands
+        note = _float16_note(m) if scales_loss(config) else ""
         if config.train.nan_policy == "abort":
-          raise NonFiniteLossError(_nonfinite_message(step, checkpointer.latest_step(), workdir, m.get("lr")))
-        raise NonFiniteLossError(_diverged_message(step, in_a_row, checkpointer.all_steps(), workdir))
+          raise NonFiniteLossError(_nonfinite_message(step, checkpointer.latest_step(), workdir, m.get("lr")) + note)
+        raise NonFiniteLossError(_diverged_message(step, in_a_row, checkpointer.all_steps(), workdir) + note)
       skipped += 1
       writer.message(f"step {step}: non-finite loss, update skipped ({skipped} skipped so far)")
     m["skipped_steps"] = skipped
@@ -682,6 +683,19 @@ def _nonfinite_message(step: int, last_good: int | None, workdir: str, rate: flo
     return f"{what}; no checkpoint was saved yet. Lower optim.lr (or raise optim.warmup_steps) and rerun"
   return (f"{what}; last good checkpoint: step {last_good} in {workdir}/checkpoints. Lower optim.lr or set "
           "train.nan_policy=skip, then rerun the same command to resume from that checkpoint")
+
+
+def _float16_note(m: dict) -> str:
+  """What a float16 update that the loss scale did not absorb means: no rate or skip cures float16
+  overflowing in the forward pass, nor gradients that overflow at the smallest scale."""
+  if not math.isfinite(m["loss"]):
+    what = "a loss that is not finite is most often the forward pass overflowing float16 (past 65504)"
+  elif not math.isfinite(m["grad_norm"]):
+    what = f"its gradients overflow float16 even at the smallest loss scale ({LOSS_SCALE_MIN:g})"
+  else:
+    return ""  # finite gradients, a non-finite update: the rate's doing, as the message says
+  return (f" (model.dtype=float16: {what}, which loss scaling cannot fix; model.dtype=bfloat16 or float32 does "
+          "not overflow there, and a rerun with it resumes the same checkpoints)")
 
 
 def _diverged_message(step: int, in_a_row: int, saved: list[int], workdir: str) -> str:

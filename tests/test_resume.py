@@ -569,6 +569,27 @@ def test_a_float16_run_resumes_its_loss_scale_bitwise(cache_dir, monkeypatch, tm
   assert meta(resumed, 14)["loss_scale"]["skipped"] == rows[14]["train/overflow_skips"] <= 2
 
 
+def test_a_float16_run_stopped_by_a_non_finite_update_says_what_float16_does(cache_dir, monkeypatch, tmp_path):
+  """A float16 update the loss scale does not absorb (a non-finite loss, as float16 overflowing in the
+  forward pass makes; or gradients that overflow at the smallest scale) is no matter of the rate or of
+  skipping: the message says so and names the dtypes that do not overflow (it once said only "lower optim.lr")."""
+  fp16 = ("model.dtype=float16", "train.steps=8")
+  with monkeypatch.context() as m:
+    _poison(m, {5})
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 6; .*\(model\.dtype=float16: a loss that is not "
+                                                       r"finite is most often the forward pass overflowing float16"):
+      train.run(load(cache_dir, *fp16), str(tmp_path / "forward"))
+    _poison(m, set(range(5, 40)))
+    with pytest.raises(train.NonFiniteLossError, match=r"10 non-finite updates in a row .*model\.dtype=bfloat16 or "
+                                                       r"float32 does not overflow there"):
+      train.run(load(cache_dir, *fp16, "train.nan_policy=skip", "train.steps=40"), str(tmp_path / "skip"))
+  monkeypatch.setattr(train, "LOSS_SCALE_MIN", 2.0 ** 40)  # a scale at its smallest that still overflows
+  monkeypatch.setitem(train._LOSS_SCALE_START, "scale", np.float32(2.0 ** 40))
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 1; .*gradients overflow float16 even at the smallest "
+                                                     r"loss scale"):
+    train.run(load(cache_dir, *fp16, "optim.warmup_steps=0"), str(tmp_path / "gradients"))
+
+
 def test_loop_reads_metrics_after_queueing_the_next_update(cache_dir, monkeypatch, tmp_path):
   """The host reads an update's metrics only once the next update is queued (the device never
   waits on logging), except where that state is evaluated or saved: there they are read first."""
