@@ -307,10 +307,11 @@ def test_bf16_first_moment_halves_its_memory_and_tracks_float32():
 
 @pytest.mark.parametrize("family,overrides", [
     ("gpt", ()), ("bert", ()), ("gpt", ("model.scan_layers=true", "model.remat=dots_no_batch")),
-    ("gpt", ("model.attention=auto",))])  # "auto" resolves when traced for the GPU, not on this host
+    ("gpt", ("model.attention=auto",)),  # "auto" resolves when traced for the GPU, not on this host
+    ("gpt", ("model.dtype=float16",))])  # with its loss scale
 def test_train_step_lowers_for_cuda_with_cudnn_attention(family, overrides, as_if_on_an_h100):
-  """The whole bf16 train step with model.attention=cudnn lowers for CUDA on packed rows,
-  unrolled or scanned with remat (what runs on an H100; checked for real by the GPU tests):
+  """The whole bf16 (or float16) train step with model.attention=cudnn lowers for CUDA on packed
+  rows, unrolled or scanned with remat (what runs on an H100; checked for real by the GPU tests):
   cuDNN's packed layout when the batch carries the runs of its segment ids, else the mask."""
   h100 = as_if_on_an_h100
   config = tiny(family, "model.dtype=bfloat16", "model.attention=cudnn", *overrides)
