@@ -271,17 +271,18 @@ def layout(config, mesh_sizes: dict[str, int], tx) -> tuple[list[Leaf], list[Lea
   import optax
   from flax import nnx
   from jax.sharding import PartitionSpec as P
-  from fmjax import models, sharding
+  from fmjax import sharding, train
 
   with nnx.logical_axis_rules(sharding.logical_rules(config)):
-    model = models.abstract_model(config.model)
+    model = nnx.eval_shape(train.model_factory(config))  # the run's model: an SFT config's PEFT parameters too
     specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
   params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
                         nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   opt = jax.eval_shape(tx.init, params)
   is_spec = lambda x: isinstance(x, P)
-  opt_specs = optax.tree_map_params(tx, lambda _, s: s, opt, specs, transform_non_params=lambda _: P(),
-                                    is_leaf=is_spec)
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # a parameter finetune.peft freezes has no optimizer state
+  opt_specs = optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, opt, specs,
+                                    transform_non_params=lambda _: P(), is_leaf=lambda x: is_spec(x) or masked(x))
 
   def leaves(tree, spec_tree):
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -365,7 +366,8 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   num_slices: slices of `topology` joined over DCN; `mesh.dcn_data` (1 or -1: the slice count) spans them.
   """
   import jax
-  from fmjax import attention, models, optim, sharding
+  from flax import nnx
+  from fmjax import attention, models, optim, sharding, train
 
   config_lib.check_pretraining_step(config, "plan")
   if hbm_gib is not None and not hbm_gib > 0:  # before a compile that may take minutes
@@ -446,7 +448,7 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
   dp = sharding.data_parallel_size(mesh_sizes)
   tx = optim.make_optimizer(config)
   param_leaves, opt_leaves = layout(config, mesh_sizes, tx)
-  abstract = models.abstract_model(config.model)
+  abstract = nnx.eval_shape(train.model_factory(config))
   n_params = models.param_count(abstract)
   n_no_pos = models.param_count(abstract, exclude_positions=True)
   tokens_per_step = config.train.batch_size * config.data.seq_len

@@ -289,6 +289,7 @@ def adopt_shape(config, workdir: str) -> dict | None:
     if config_lib.peft_mode(config) in peft.WRAPS and config.model.scan_layers:
       # LoRA and adapters wrap each layer's Dense: the stacked checkpoint restores unrolled.
       config.model.scan_layers = False
+      changed = [c for c in changed if not c.startswith("scan_layers=")]
       changed.append(f"scan_layers=False (finetune.peft={config_lib.peft_mode(config)} wraps each layer)")
     if changed:
       log.info("Model shape taken from %s: %s", where, ", ".join(changed))

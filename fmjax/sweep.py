@@ -383,7 +383,7 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   if not root.strip():  # each run's workdir would be a bare name in the current directory
     raise ConfigError(f"--workdir={root!r} must name the sweep's directory; pass e.g. --workdir=/tmp/lr_sweep")
   runs = expand(base_spec, entries, base_overrides, subcommand)
-  configs = check(runs, root, running=not print_commands)
+  configs = check(runs, root, running=not (print_commands or launch))  # printed: they start elsewhere
   if print_commands or launch:
     lines = [launch_argv(launch, i, run, root) if launch else run.argv(root) for i, run in enumerate(runs)]
     for argv in lines:

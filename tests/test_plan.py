@@ -246,6 +246,16 @@ def test_layout_without_devices():
   assert sum(l.shard_bytes for l in opt) >= 2 * sum(l.shard_bytes for l in params)
 
 
+def test_layout_of_a_peft_sft_config_is_the_model_it_trains():
+  """finetune.peft=lora on configs/sft.py: its LoRA factors are parameters, and the optimizer holds moments for them
+  alone (the layout once built the bare GPT, and tripped on the frozen leaves' empty optimizer state)."""
+  config = config_lib.load_config("configs/sft.py", TINY + ["finetune.peft=lora"])
+  sizes = {"dcn_data": 1, "data": 1, "fsdp": 1, "tensor": 1}
+  params, opt = plan.layout(config, sizes, optim.make_optimizer(config))
+  lora = sum(l.shard_bytes for l in params if l.path.endswith(("/lora_a", "/lora_b")))
+  assert 0 < 2 * lora <= sum(l.shard_bytes for l in opt) < 2 * lora + 1024
+
+
 def test_analytic_fallback_without_libtpu(without_libtpu, capsys):
   p = plan.plan(tiny("mesh.data=-1"), topology="v5p-16")
   assert not p["compiled"] and p["num_devices"] == 8 and p["hbm_gib"] == 95

@@ -145,6 +145,18 @@ def test_launch_prints_one_fmjax_launch_line_per_run_each_on_a_target_of_its_own
   assert os.listdir(out_root) == [sweep.RUNS_FILE]
 
 
+def test_printed_or_launched_runs_are_not_held_to_an_init_from_step_here(tmp_path):
+  """--print_commands and --launch start nothing on this machine: the init_from step the runs will read where they
+  run is not looked for here (--launch once did, as for runs started here, and refused a sweep to launch)."""
+  os.makedirs(tmp_path / "pre" / "checkpoints" / "5")
+  (tmp_path / "pre" / "checkpoints" / "5" / ckpt_lib.COMMIT_MARKER).write_text("")
+  for how in ({"print_commands": True}, {"launch": "run --tpu=lr"}):
+    out = io.StringIO()
+    sweep.run_sweep("configs/finetune_cls.py", sweep.load_sweep("configs/finetune_cls.py"), str(tmp_path / "ft"),
+                    base_overrides=[f"init_from={tmp_path / 'pre'}", "init_from_step=10000"], out=out, **how)
+    assert "--config.init_from_step=10000" in out.getvalue(), how
+
+
 def test_mean_std():
   assert sweep.mean_std([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, statistics.stdev([1.0, 2.0, 4.0])))
   mean, std = sweep.mean_std([3.0])
