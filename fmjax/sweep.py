@@ -429,9 +429,11 @@ def run_sweep(base_spec: str, entries: Iterable[dict[str, Any]], root: str, para
   table = aggregate(root, runs)
   paths = write_outputs(table, root)
   print(format_markdown(table), file=out)
-  if any(r.command == "finetune" for r in runs):  # task metrics, mean ± std per task as papers report GLUE
+  # Task metrics, mean ± std per task as papers report GLUE (an SFT config run as `finetune` has no task).
+  tasks = [r for r in runs if r.command == "finetune" and any(k.startswith("task.") for k in configs[r.name])]
+  if tasks:
     from fmjax import finetune
-    summary = finetune.summarize(root, runs)
+    summary = finetune.summarize(root, tasks)
     print(summary["markdown"], file=out)
     paths += summary["paths"]
   print("wrote " + ", ".join(paths), file=out)

@@ -1,5 +1,6 @@
 """GPT SFT: completion-only loss weights, packing, init_from, and a short run that learns."""
 
+import io
 import json
 import logging
 import os
@@ -9,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from fmjax import config_lib, evaluate, generate, metrics as metrics_lib, optim, report, sharding, sft, train
+from fmjax import config_lib, evaluate, generate, metrics as metrics_lib, optim, report, sharding, sft, sweep, train
 from fmjax.config_lib import ConfigError
 from test_generate import make_workdir
 
@@ -167,12 +168,18 @@ def test_fmjax_finetune_runs_an_sft_config_as_fmjax_sft_does(tmp_path, tmp_path_
       f"init_from={pretrain}", f"data.files={tmp_path / 'train.jsonl'}", "data.seq_len=32", "train.batch_size=8",
       "train.steps=2", "train.log_every=1", "train.eval_batches=0", "train.progress_bar=false",
       "optim.warmup_steps=0", "checkpoint.async_save=false")]
-  for command in ("finetune", "sft"):
-    assert cli.main([command, "--config=configs/sft.py", f"--workdir={tmp_path / command}", *flags]) == 0
-  losses = {c: [m["train/loss"] for m in report.read_metrics(str(tmp_path / c)) if "train/loss" in m]
-            for c in ("finetune", "sft")}
+  assert cli.main(["sft", "--config=configs/sft.py", f"--workdir={tmp_path / 'sft'}", *flags]) == 0
+  # As a sweep's `finetune` run: the sweep reports its loss, and no task metrics (SFT has no task).
+  out = io.StringIO()
+  result = sweep.run_sweep("configs/sft.py", [{"train.seed": 0}], str(tmp_path / "sweep"), subcommand="finetune",
+                           base_overrides=[f[len("--config."):] for f in flags], out=out)
+  assert not result["failed"], out.getvalue()
+  workdir = tmp_path / "sweep" / "train.seed=0"
+  losses = {c: [m["train/loss"] for m in report.read_metrics(str(w)) if "train/loss" in m]
+            for c, w in (("finetune", workdir), ("sft", tmp_path / "sft"))}
   assert len(losses["sft"]) == 2 and losses["finetune"] == losses["sft"], losses
-  assert "sft" in json.loads((tmp_path / "finetune" / "config.json").read_text())
+  assert "sft" in json.loads((workdir / "config.json").read_text())
+  assert not (tmp_path / "sweep" / "finetune.md").exists(), out.getvalue()
 
 
 def test_seq_len_beyond_the_pretrained_max_len_is_lowered_to_it(tmp_path, tmp_path_factory, caplog):
