@@ -58,6 +58,27 @@ def synthetic_batch(config, batch_size: int | None = None, seed: int = 0, segmen
   return batch
 
 
+def _memory_stats() -> dict:
+  """The first device's allocator figures (`bytes_in_use`, `peak_bytes_in_use`); {} where the backend has none."""
+  try:
+    return jax.devices()[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  # not every backend reports memory
+    return {}
+
+
+def own_peak_bytes(before: dict, after: dict) -> int | None:
+  """A bench's peak device memory, from the allocator's figures before and after it.
+
+  The allocator's peak is the process's since it began, and no JAX call resets it: in a notebook it
+  holds the earlier runs' and benches' peaks too. It is this bench's only where the bench raised it,
+  less the bytes the process held already; None where it did not (or the backend has no figures).
+  """
+  peak = after.get("peak_bytes_in_use")
+  if not peak or peak <= before.get("peak_bytes_in_use", 0):
+    return None
+  return peak - before.get("bytes_in_use", 0)
+
+
 def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_path: str = "",
         quiet: bool = False, profile_dir: str = "") -> dict:
   """Times `steps` train steps after `warmup` ones on a batch of `segments` documents a row;
@@ -80,6 +101,7 @@ def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_pat
       raise ConfigError(f"--profile={profile_dir} is a file; pass a directory for the trace (made if new)")
     files.makedirs(profile_dir)
   config_lib.validate(config, jax.device_count())
+  memory_before = _memory_stats()  # before this bench's arrays: the process's peak so far, and what it holds
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)
   tx = optim.make_optimizer(config)
@@ -111,12 +133,8 @@ def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_pat
   fpt = train.flops_per_token(config)
   peak = metrics_lib.peak_flops_per_device()
   dev = jax.devices()[0]
-  mem = None
-  try:
-    stats = dev.memory_stats() or {}
-    mem = stats.get("peak_bytes_in_use")
-  except Exception:  # not every backend reports memory
-    mem = None
+  memory_after = _memory_stats()
+  mem = own_peak_bytes(memory_before, memory_after)
   from fmjax import attention, models
   n_params = models.param_count(nnx.eval_shape(train.model_factory(config)))
   kernel = attention.resolve_kernel(config.model.attention, config.model.dtype, (config.data.seq_len,) * 2,
@@ -141,7 +159,13 @@ def run(config, *, steps: int = 10, warmup: int = 2, segments: int = 1, json_pat
     cache = jax.config.jax_compilation_cache_dir
     print(f"  step time     {1e3 * step_s:.1f} ms   compile {compile_s:.1f} s"
           + (f" (or a load from the compilation cache {cache})" if cache else ""))
-    print(f"  peak memory   {result['peak_memory_gib']:.2f} GiB" if mem else "  peak memory   n/a on this backend")
+    if mem:
+      print(f"  peak memory   {result['peak_memory_gib']:.2f} GiB")
+    elif memory_after.get("peak_bytes_in_use"):
+      print(f"  peak memory   n/a: below this process's earlier peak ({memory_after['peak_bytes_in_use'] / 2**30:.2f} "
+            "GiB, of a run or bench before it); bench in a fresh process for its own")
+    else:
+      print("  peak memory   n/a on this backend")
     print(f"  {FLOPS_FORMULA} = {fpt / 1e6:.1f} MFLOPs/token")
     if profile_dir:
       print(f"  profile of {steps} more steps in {profile_dir} (tensorboard --logdir {profile_dir}, Profile tab)")

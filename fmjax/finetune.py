@@ -18,6 +18,7 @@ Legend: B batch, N rows of a split, T sequence, D model, C outputs (classes, or 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -534,9 +535,12 @@ def run(config, workdir: str) -> dict:
   # A new run reads init_from's arrays now: a damaged checkpoint refuses the start before the workdir is made.
   fresh = None if resuming else fresh_start()
   files.makedirs(workdir)
-  lock = ckpt_lib.lock_workdir(workdir)  # one training per workdir, until this returns or raises
-  checkpointer = ckpt_lib.Checkpointer.of_run(config, workdir)
-  try:
+  # Closed in reverse order, each even when one before it raised (a lock left held would refuse this
+  # process's next run in the workdir as another's): pending saves land, then the workdir is unlocked.
+  with contextlib.ExitStack() as closing:
+    closing.enter_context(ckpt_lib.lock_workdir(workdir))  # one training per workdir, until this returns or raises
+    checkpointer = ckpt_lib.Checkpointer.of_run(config, workdir)
+    closing.callback(checkpointer.close)
     resume = train._check_resume(checkpointer, spec, cfg_dict)
     if resume is not None:
       state, origin = train._restore(checkpointer, spec, resume[0], resume[1]), _origin(resume[1])
@@ -577,11 +581,6 @@ def run(config, workdir: str) -> dict:
           resumed=resume[1] if resume is not None else None,
           evaluate=evaluate,
           eval_message=lambda m: f"{task.name} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
-  finally:
-    try:
-      checkpointer.close()
-    finally:
-      lock.release()
   # A rerun of a finished run makes no update: its train metrics are those its last checkpoint saved.
   train_metrics = looped.train or (dict(resume[1].get("metrics") or {}) if resume is not None else {})
   if task.is_regression:

@@ -72,11 +72,14 @@ def setup_logging(stream: str = "stdout") -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     log.addHandler(handler)
     log.propagate = False
-  log.setLevel(logging.INFO)
-  for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  # A non-finite loss is the step loop's to report (nan_policy), once, not a warning per scalar.
-  logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+  # Each run calls this: a level someone set (a notebook quietening fmjax, or asking absl for more) is kept.
+  levels = {"fmjax": logging.INFO, "absl": logging.WARNING, "jax._src": logging.WARNING, "orbax": logging.WARNING,
+            "tensorflow": logging.WARNING,
+            # A non-finite loss is the step loop's to report (nan_policy), once, not a warning per scalar.
+            "tensorboardX.x2num": logging.ERROR}
+  for name, level in levels.items():
+    if logging.getLogger(name).level == logging.NOTSET:
+      logging.getLogger(name).setLevel(level)
   absl = logging.getLogger("absl")
   if not any(isinstance(f, _UnpreparedDatasetNote) for f in absl.filters):
     absl.addFilter(_UnpreparedDatasetNote())

@@ -24,6 +24,8 @@ Legend: N rows, B batch, T sequence.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import glob
 import itertools
 import os
@@ -343,6 +345,9 @@ def run(config, workdir: str) -> dict:
   from fmjax import checkpoint as ckpt_lib, data
 
   config_lib.check_command(config, "sft")
+  # Ours: the shape and tokenizer of init_from (or of the run resumed) are adopted into it, which must not
+  # carry over into the caller's next run of the same config (a notebook's, in another workdir).
+  config = copy.deepcopy(config)
   metrics_lib.setup_logging()
   if config.train.objective != "clm":
     raise ConfigError("SFT trains with the causal LM loss; set train.objective=clm")
@@ -361,9 +366,12 @@ def run(config, workdir: str) -> dict:
   pretrained = init_from_pretrained(config, spec, tx, config.init_from) if config.init_from and not resuming else None
   cfg_dict = config_lib.to_dict(config)
   files.makedirs(workdir)
-  lock = ckpt_lib.lock_workdir(workdir)  # one training per workdir, until this returns or raises
-  checkpointer = ckpt_lib.Checkpointer.of_run(config, workdir)
-  try:
+  # Closed in reverse order, each even when one before it raised (a lock left held would refuse this
+  # process's next run in the workdir as another's): pending saves land, then the workdir is unlocked.
+  with contextlib.ExitStack() as closing:
+    closing.enter_context(ckpt_lib.lock_workdir(workdir))  # one training per workdir, until this returns or raises
+    checkpointer = ckpt_lib.Checkpointer.of_run(config, workdir)
+    closing.callback(checkpointer.close)
     resume = train._check_resume(checkpointer, spec, cfg_dict)  # pylint: disable=protected-access
     if jax.process_index() == 0:
       if not resuming:
@@ -398,9 +406,4 @@ def run(config, workdir: str) -> dict:
           flops_per_token=train.flops_per_token(config),
           eval_message=lambda m: (f"eval completion loss {m['loss']:.4f}  ppl {m['perplexity']:.2f}  "
                                   f"acc {m['accuracy']:.3f}"))
-  finally:
-    try:
-      checkpointer.close()
-    finally:
-      lock.release()
   return result.summary()

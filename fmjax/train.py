@@ -11,6 +11,7 @@ else from scratch; the log says which.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -365,6 +366,9 @@ def run(config, workdir: str) -> dict:
   that logged training steps keeps its workdir, so its losses stay to read.
   """
   config_lib.check_command(config, "train")
+  # Ours: init_from adopts its tokenizer and model settings into it, which must not carry over into the
+  # caller's next run of the same config (a notebook's, in another workdir).
+  config = copy.deepcopy(config)
   created = not files.exists(workdir)
   locked = []  # set once this start holds the workdir's lock: a second start that lost the race for
   try:         # a new workdir must not remove the first one's
@@ -416,11 +420,14 @@ def _run(config, workdir: str, locked: list) -> dict:
   batch_sharding = sharding.batch_sharding(mesh)
   tx = optim.make_optimizer(config)
   spec = state_spec(config, mesh, tx)
-  lock = ckpt_lib.lock_workdir(workdir)  # one training per workdir, until this returns or raises
-  locked.append(True)
-  checkpointer = ckpt_lib.Checkpointer.of_run(config, workdir)
-  batches = None
-  try:
+  # Closed in reverse order, each even when one before it raised: a lock left held (by the frames of a
+  # traceback a notebook keeps) would refuse this process's next run in the workdir as another's.
+  with contextlib.ExitStack() as closing:
+    closing.enter_context(ckpt_lib.lock_workdir(workdir))  # one training per workdir, until this returns or raises
+    locked.append(True)
+    checkpointer = ckpt_lib.Checkpointer.of_run(config, workdir)
+    # Pending async saves (the final or preemption save included) land before we return or raise.
+    closing.callback(checkpointer.close)
     resuming = checkpointer.latest_step() is not None
     if config.get("init_from") and not resuming:
       source = files.read_json(os.path.join(config.init_from, "config.json"))  # None: _init_from names it
@@ -458,19 +465,12 @@ def _run(config, workdir: str, locked: list) -> dict:
     with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
       train_step, eval_step = compile_steps(config, spec, tx, batch_sharding)
       batches = train_loader.iterate(start)
+      closing.callback(batches.close)  # stops the prefetch thread before the process may exit
       result = loop(
           config, state, (batch for _, batch in batches), train_step, checkpointer=checkpointer, workdir=workdir,
           meta=meta, resumed=resumed, flops_per_token=flops_per_token(config),
           evaluate=_held_out(config, spec.graphdef, eval_step, eval_loader, zeroshot_tasks),
           eval_message=_eval_message)
-  finally:
-    if batches is not None:
-      batches.close()  # stops the prefetch thread before the process may exit
-    # Pending async saves (the final or preemption save included) land before we return or raise.
-    try:
-      checkpointer.close()
-    finally:
-      lock.release()
   return result.summary()
 
 

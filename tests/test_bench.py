@@ -54,6 +54,23 @@ def test_bench_mfu_is_tokens_per_second_times_flops_per_token_over_the_peak(caps
   assert f"{100 * r['mfu']:.1f}% of 2 TF/s per device" in capsys.readouterr().out
 
 
+def test_a_second_bench_in_one_process_reports_its_own_peak_memory_or_none(capsys, monkeypatch):
+  """The allocator's peak is the process's: after a bigger bench (or run) in a notebook it is that one's.
+  A bench reports the peak it raised, less what the process held before it, or nothing."""
+  GiB = 2**30
+  figures = iter([{"bytes_in_use": 1 * GiB, "peak_bytes_in_use": 9 * GiB},   # an earlier bench peaked at 9
+                  {"bytes_in_use": 1 * GiB, "peak_bytes_in_use": 9 * GiB},   # this one stayed below
+                  {"bytes_in_use": 1 * GiB, "peak_bytes_in_use": 9 * GiB},
+                  {"bytes_in_use": 1 * GiB, "peak_bytes_in_use": 12 * GiB}])  # this one raised it to 12
+  monkeypatch.setattr(bench, "_memory_stats", lambda: next(figures))  # CPU has no allocator figures
+  config = config_lib.load_config("configs/gpt.py:tiny", [a[len("--config."):] for a in TINY])
+  assert bench.run(config, steps=1, warmup=1)["peak_memory_gib"] is None
+  assert "n/a: below this process's earlier peak (9.00 GiB" in capsys.readouterr().out
+  assert bench.run(config, steps=1, warmup=1)["peak_memory_gib"] == 11
+  assert "peak memory   11.00 GiB" in capsys.readouterr().out
+  assert bench.own_peak_bytes({}, {}) is None and bench.own_peak_bytes({}, {"peak_bytes_in_use": GiB}) == GiB
+
+
 def test_bench_profile_traces_further_steps(capsys, tmp_path, traced_steps):
   code = cli.main(["bench", "--config=configs/gpt.py:tiny", "--steps=2", "--warmup=1",
                    f"--profile={tmp_path}"] + TINY)

@@ -685,3 +685,15 @@ def test_an_mnli_run_scores_both_dev_sets(files, tmp_path, tfds_online):
     result = finetune.run(config, str(tmp_path / "mnli"))
   assert set(result["eval"]) == {"accuracy", "accuracy_mismatched", "loss"}
   assert 0.0 <= result["eval"]["accuracy_mismatched"] <= 1.0
+
+
+def test_a_start_stopped_once_it_holds_the_workdir_lets_the_workdir_go(pretrained, files, tmp_path, monkeypatch):
+  """A notebook keeps the last exception, and with it the frames of the start it stopped: the workdir's
+  lock must not stay held by them, or this process's next run there is refused as another process's."""
+  def ctrl_c(*args):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "of_run", ctrl_c)  # Ctrl-C while the checkpoints open
+  with pytest.raises(KeyboardInterrupt) as kept:
+    finetune.run(ft_config(files, f"init_from={pretrained}"), str(tmp_path / "ft"))
+  ckpt_lib.lock_workdir(str(tmp_path / "ft")).release()  # refused while the lock is held
+  assert kept.value is not None

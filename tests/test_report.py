@@ -60,6 +60,27 @@ def test_library_notes_that_say_nothing_to_a_user_are_dropped(caplog):
   assert [r.getMessage() for r in caplog.records] == ["a warning that stays"]
 
 
+def test_each_runs_logging_setup_keeps_a_level_the_caller_set():
+  """Every run sets logging up again: a notebook that quietened fmjax (or asked absl for more) keeps it."""
+  import logging
+
+  from fmjax import metrics
+  names = ("fmjax", "absl")
+  before = {n: logging.getLogger(n).level for n in names}
+  try:
+    for n in names:
+      logging.getLogger(n).setLevel(logging.NOTSET)
+    metrics.setup_logging()
+    assert [logging.getLogger(n).level for n in names] == [logging.INFO, logging.WARNING]
+    logging.getLogger("fmjax").setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.INFO)
+    metrics.setup_logging()
+    assert [logging.getLogger(n).level for n in names] == [logging.WARNING, logging.INFO]
+  finally:
+    for n, level in before.items():
+      logging.getLogger(n).setLevel(level)
+
+
 def test_read_metrics_merges_steps_last_wins_and_skips_torn_line(tmp_path):
   write_metrics(tmp_path, run_records(), tail='{"step": 25, "train/lo')
   records = report.read_metrics(str(tmp_path))

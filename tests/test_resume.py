@@ -884,9 +884,12 @@ def test_init_from_keeps_the_source_tokenizer(reference, cache_dir, tmp_path):
   text.write_text("\n\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(400)) + "\n")  # 400 documents
   workdir = tmp_path / "w"
   overrides = (f"init_from={reference}", "data.dataset=text_files", f"data.files={text}")
+  config = load(cache_dir, *overrides, "train.steps=2")
+  given = config_lib.to_dict(config)
   with capture_log() as lines:
-    assert train.run(load(cache_dir, *overrides, "train.steps=2"), str(workdir))["step"] == 2
+    assert train.run(config, str(workdir))["step"] == 2
   assert any(l.startswith(f"Tokenizer of {reference} (the ids its params know) in {workdir}") for l in lines), lines
+  assert config_lib.to_dict(config) == given  # adopted into the run's copy: the caller's runs again as it was
   sample = "The with statement opens a quiet river of words."
   source, own = data.get_tokenizer(load(cache_dir)), data.load_hf(str(workdir / "tokenizer"))
   assert own.encode(sample) == source.encode(sample)

@@ -449,3 +449,25 @@ def test_peft_sft_refusals_are_one_line_and_adapters_run_unrolled(tmp_path, tmp_
   _each_refused_leaving_no_trace(tmp_path, pretrain, [
       ([f"data.files={tmp_path / 'train.jsonl'}", f"init_from={adapter}"],
        r"^init_from=.*adapter was fine-tuned with finetune.peft=adapter, whose adapters fold into no weight")])
+
+
+def test_a_config_is_left_as_given_and_a_stopped_start_lets_the_workdir_go(tmp_path, tmp_path_factory, monkeypatch):
+  """From a notebook: the config given runs again as it was (init_from's shape and tokenizer are adopted into the
+  run's own copy), and a start stopped once it holds the workdir leaves no lock with the exception kept."""
+  from fmjax import checkpoint as ckpt_lib
+  pretrain, _ = make_workdir(tmp_path_factory, "gpt")
+  write_jsonl(tmp_path / "train.jsonl", n=40)
+  config = config_lib.load_config("configs/sft.py", [
+      f"init_from={pretrain}", f"data.files={tmp_path / 'train.jsonl'}", "data.seq_len=32", "train.batch_size=8",
+      "train.steps=1", "train.eval_every=1", "train.progress_bar=false", "checkpoint.async_save=false"])
+  given = config_lib.to_dict(config)
+  assert sft.run(config, str(tmp_path / "first"))["step"] == 1
+  assert config_lib.to_dict(config) == given
+
+  def ctrl_c(*args):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "of_run", ctrl_c)  # Ctrl-C while the checkpoints open
+  with pytest.raises(KeyboardInterrupt) as kept:
+    sft.run(config, str(tmp_path / "second"))
+  ckpt_lib.lock_workdir(str(tmp_path / "second")).release()  # refused while the lock is held
+  assert kept.value is not None

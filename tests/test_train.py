@@ -713,3 +713,19 @@ def test_a_fresh_start_refuses_a_workdir_whose_config_json_is_another_programs(t
     train.run(tiny("gpt", devices=jax.device_count()), str(hf))
   assert (hf / "config.json").read_text() == '{"model_type": "gpt2", "n_layer": 12}'
   assert sorted(p.name for p in hf.iterdir()) == ["config.json"]
+
+
+def test_a_start_stopped_once_it_holds_the_workdir_lets_the_workdir_go(tmp_path, monkeypatch):
+  """A notebook keeps the last exception, and with it the frames of the start it stopped: the workdir's
+  lock must not stay held by them, or this process's next run there is refused as another process's."""
+  from fmjax import checkpoint as ckpt_lib
+
+  def ctrl_c(*args):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "of_run", ctrl_c)  # Ctrl-C while the checkpoints open
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  with pytest.raises(KeyboardInterrupt) as kept:
+    train.run(tiny("gpt", f"data.cache_dir={tmp_path / 'cache'}", devices=jax.device_count()), str(workdir))
+  ckpt_lib.lock_workdir(str(workdir)).release()  # "another fmjax process is training" while the lock is held
+  assert kept.value is not None
