@@ -256,26 +256,55 @@ def _quiet_failed_writes(directory: epath.Path) -> None:
   (`_OrbaxWriteErrors`), and the writes still in flight when Orbax closed their event loop end silently."""
   _saving_into.add(str(directory))
   _add_filter_once(_OrbaxWriteErrors, "absl", "asyncio")
+  for logger in map(std_logging.getLogger, ("absl", "asyncio")):  # it keeps a write error's reason, after a
+    logger.filters.sort(key=lambda f: not isinstance(f, _OrbaxWriteErrors))  # damaged read too (`_DamagedStepReads`)
   _quiet_closed_event_loops()
 
 
-_failed_reads = False  # a restore failed on a damaged step: its other reads end with nobody to hear them
 _reading_from: set[str] = set()  # the directories Checkpointers in this process read steps from
+_failed_reads: set[str] = set()  # those where a read failed on a damaged (or removed) step
+_READERS = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorstore{os.sep}")  # the code whose reads outlive a failed one
+
+
+def _from_readers(exc: BaseException | None, obj: Any = None, text: str = "") -> bool:
+  """Whether an error came out of Orbax's or tensorstore's code: a frame of its traceback or its causes',
+  the coroutine or task it was collected with, or a log line's text (a task's repr names its coroutine's file)."""
+  coro = obj.get_coro() if hasattr(obj, "get_coro") else obj
+  files = [text, getattr(getattr(coro, "cr_code", None), "co_filename", "")]
+  seen = set()
+  while exc is not None and id(exc) not in seen and len(seen) < 20:
+    seen.add(id(exc))
+    tb = exc.__traceback__
+    while tb is not None:
+      files.append(tb.tb_frame.f_code.co_filename)
+      tb = tb.tb_next
+    exc = exc.__cause__ or exc.__context__
+  return any(marker in f for f in files for marker in _READERS)
+
+
+def _leftover_read(exc: BaseException | None, obj: Any = None, text: str = "") -> bool:
+  """Whether an error nobody retrieved belongs to a damaged step's reads: it names the damage of a
+  directory being read (at times before the first error reaches `_reading`), or, once a read failed on
+  a damaged step, it came out of Orbax's or tensorstore's code. Any other error is someone else's to see."""
+  seen = exc
+  for _ in range(20):
+    if seen is None:
+      break
+    if any(d in str(seen) and _damage(seen, epath.Path(d)) for d in _reading_from):
+      return True
+    seen = seen.__cause__ or seen.__context__
+  return bool(_failed_reads) and _from_readers(exc, obj, text)
 
 
 class _DamagedStepReads(std_logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for the reads of a damaged step: Orbax
-  reads a step's arrays in concurrent tasks, and when one fails the others' errors are collected
-  unretrieved, at times before the first one reaches `_reading`, which names the damage in one line."""
+  """Drops asyncio's "Task exception was never retrieved" (and "Task was destroyed but it is pending")
+  for the reads of a damaged step: Orbax reads a step's arrays in concurrent tasks, and when one fails
+  the others' errors are collected unretrieved, at times before the first one reaches `_reading`, which
+  names the damage in one line. Other tasks' errors are still logged (`_leftover_read`)."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    seen = record.exc_info[1] if record.exc_info else None
-    while seen is not None:
-      text = str(seen)
-      if any(d in text and _damage(seen, epath.Path(d)) for d in _reading_from):
-        return False
-      seen = seen.__cause__ or seen.__context__
-    return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return not _leftover_read(exc, text=record.getMessage())
 
 
 def _quiet_damaged_reads(directory: epath.Path) -> None:
@@ -318,8 +347,9 @@ def _quiet_closed_event_loops() -> None:
   """Once a restore or a save fails, Orbax closes its event loop while tensorstore still completes
   the other reads or writes: their callbacks print "Event loop is closed" tracebacks through
   sys.excepthook, and their coroutines, collected unawaited, print through sys.unraisablehook (at
-  exit too). After the one-line damage or save error those say nothing more; every other error
-  reaches the previous hooks."""
+  exit too). After the one-line damage or save error those say nothing more, nor do the leftovers of a
+  damaged step's reads (`_leftover_read`); every other error reaches the previous hooks, also in a
+  notebook long after a damaged read."""
   previous = sys.excepthook
   if getattr(previous, "fmjax_quiet", False):
     return
@@ -332,7 +362,9 @@ def _quiet_closed_event_loops() -> None:
   previous_unraisable = sys.unraisablehook
 
   def unraisable(info):
-    if _failed_reads or (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"):
+    if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
+      return
+    if _leftover_read(info.exc_value, info.object, info.err_msg or ""):
       return
     previous_unraisable(info)
 
@@ -692,9 +724,7 @@ class Checkpointer:
       # Once the step is gone any error may come out of the read (Orbax's of a half-deleted tree, say).
       if reason is None and (self.directory / str(step) / COMMIT_MARKER).exists():
         raise
-      global _failed_reads
-      _failed_reads = True
-      std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)  # "exception was never retrieved"
+      _failed_reads.add(str(self.directory))  # its other reads' leftovers say nothing more (`_leftover_read`)
       raise self._damaged(step, reason) from e
 
   def _saved_items(self, step: int) -> set[str]:

@@ -706,6 +706,52 @@ def test_the_other_failed_reads_of_a_damaged_step_log_nothing(tmp_path, caplog):
   assert "never retrieved" not in caplog.text, caplog.text
 
 
+def test_after_a_damaged_read_unrelated_errors_still_show(tmp_path, caplog, monkeypatch):
+  """In a notebook the process outlives a damaged read: its leftovers (Orbax's and tensorstore's) stay
+  quiet, but another object's failed __del__ or another task's unretrieved error is still told; one
+  damaged read silenced them all until the kernel restarted."""
+  told = []
+  monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)  # fmjax's hooks go on again, over `told`
+  monkeypatch.setattr(sys, "unraisablehook", told.append)
+  caplog.set_level(logging.ERROR, logger="asyncio")
+  directory = tmp_path / "run"
+  ck = ckpt_lib.Checkpointer(directory, async_save=False, owner=True)
+  ck.save(1, {"params": {"w": jnp.ones(3)}}, {}, force=True)
+  ck.close()
+  reader = ckpt_lib.Checkpointer(directory)
+  with pytest.raises(ckpt_lib.CheckpointDamagedError, match=r"step 1 .* is damaged \(OUT_OF_RANGE reading params"):
+    with reader._reading(1):
+      raise ValueError(f'OUT_OF_RANGE: Error reading "w/0" in OCDBT database at local file "{directory}/1/params/"')
+  reader.close()
+  orbax = {}  # code as if in Orbax's files: what its reads leave behind
+  exec(compile("async def read():\n  raise RuntimeError('INTERNAL: a read Orbax left')\n"
+               "def finish():\n  raise RuntimeError('INTERNAL: a callback tensorstore left')\n",
+               os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "reads.py"), "exec"), orbax)
+
+  class Unrelated:
+    def __del__(self):
+      raise ValueError("an unrelated __del__ failed")
+
+  async def unrelated():
+    raise KeyError("an unrelated task failed")
+
+  Unrelated()
+  try:
+    orbax["finish"]()
+  except RuntimeError as e:
+    sys.unraisablehook(type("Info", (), {"exc_type": RuntimeError, "exc_value": e, "exc_traceback": e.__traceback__,
+                                         "err_msg": None, "object": None})())
+  loop = asyncio.new_event_loop()
+  tasks = [loop.create_task(unrelated()), loop.create_task(orbax["read"]())]
+  loop.run_until_complete(asyncio.sleep(0.01))
+  loop.close()
+  del tasks
+  gc.collect()
+  assert [str(info.exc_value) for info in told] == ["an unrelated __del__ failed"], told
+  assert "never retrieved" in caplog.text and "an unrelated task failed" in caplog.text, caplog.text
+  assert "a read Orbax left" not in caplog.text, caplog.text
+
+
 def test_workdir_lock_is_exclusive_and_names_the_holder(tmp_path):
   from fmjax.config_lib import ConfigError
   lock = ckpt_lib.lock_workdir(str(tmp_path))
