@@ -573,8 +573,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       raise ConfigError(f"data.max_predictions={d.max_predictions} masks at most "
                         f"{100 * d.max_predictions / d.seq_len:.1f}% of a row of data.seq_len={d.seq_len}, not "
                         f"data.mask_rate={d.mask_rate}; set data.max_predictions={needed} (BERT: 20 at 128, 80 at 512)")
-  if "sft" in config and peft_mode(config) not in SFT_PEFT_MODES:
-    mode = peft_mode(config)
+  mode = peft_mode(config)
+  if "sft" in config and mode not in SFT_PEFT_MODES:
     what = ("trains a classifier's new head alone, and SFT has none (GPT's output layer is its tied token "
             "embeddings)" if mode == "head" else "is not a PEFT method")
     raise ConfigError(f"finetune.peft={mode!r} {what}; for SFT set finetune.peft= one of {', '.join(SFT_PEFT_MODES)}")

@@ -483,8 +483,9 @@ def test_data_files_beside_another_dataset_are_refused_before_anything_is_made(t
   # A mixture with no item that reads the shared data.files (none is text_files, or each has files of its own).
   for dataset in ("fmjax_corpus=1,lm1b=1", f"fmjax_corpus=1,text_files(files={tmp_path}/c/*)=1"):
     config.data.dataset = dataset
-    with pytest.raises(config_lib.ConfigError, match=r"^data.files='.*' is read only by a text_files item of the "
-                                                     r"mixture, and data.dataset='.*' has none that reads it; add one "):
+    with pytest.raises(config_lib.ConfigError, match=r"^data.files='.*' is read only by a text_files item of "
+                                                     r"the mixture, and data.dataset='.*' has none that reads it; "
+                                                     r"add one "):
       sources.check_files_read(config)
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fmjax import checkpoint as ckpt_lib, cli, config_lib, finetune, metrics as metrics_lib, models, report, sweep, tasks
+from fmjax import (checkpoint as ckpt_lib, cli, config_lib, finetune, metrics as metrics_lib, models, report, sweep,
+                   tasks)
 from fmjax.config_lib import ConfigError
 import fmjax.data as data
 
