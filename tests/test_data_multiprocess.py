@@ -203,7 +203,9 @@ TOKENIZER_WORKER = textwrap.dedent("""
     from fmjax import train
     from fmjax.data import tokenizers
     texts = ["the cat sat on the mat", "a dog ran in the park", "the dog and the cat"] * 20
-    mine = tokenizers.train(texts, "wordpiece", 60 + 10 * pid, "mlm")  # each host trained another one
+    # Each host trained another one: the texts differ too, as the vocabulary (47 pieces) stays below
+    # either size and tie orders that happen to agree would train the same one.
+    mine = tokenizers.train(texts + ["zebra quilt"] * pid, "wordpiece", 60 + 10 * pid, "mlm")
     print("RESULT " + json.dumps([mine.identity(), train._process_0s(mine).identity()]), flush=True)
 """)
 
