@@ -5,6 +5,10 @@
 
 Sizes: tiny, small (GPT-2 124M), medium (350M), large (774M), xl (1.5B).
 `runlocal` shrinks batch, sequence and steps so the run finishes on a laptop CPU.
+`llama` makes it Llama's architecture at that size: rotary positions, RMSNorm, a SwiGLU MLP of
+width 8/3 d (rounded up to a multiple of 256), no biases and an untied output layer
+(`fmjax export` writes it as a Hugging Face LlamaForCausalLM). Grouped-query attention is one more
+setting: `--config.model.num_kv_heads=4`.
 """
 
 from fmjax import config_lib
@@ -19,11 +23,15 @@ SIZES = {  # num_layers, d_model, num_heads
 
 
 def get_config(arg: str = "tiny"):
-  size, runlocal = config_lib.size_arg(arg, SIZES, "gpt")
+  size, runlocal = config_lib.size_arg(arg, SIZES, "gpt", extra=("llama",))
+  llama = "llama" in config_lib.parse_arg(arg)[0]
   c = config_lib.base_config("gpt")
-  c.name = f"gpt_{size}"
+  c.name = f"{'llama' if llama else 'gpt'}_{size}"
   layers, d, heads = SIZES[size]
   c.model.update(num_layers=layers, d_model=d, num_heads=heads, d_ff=4 * d)
+  if llama:
+    c.model.update(positions="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False,
+                   d_ff=-(-8 * d // 3 // 256) * 256)
   if size == "tiny":
     c.model.max_len = 256
     c.data.seq_len = 128

@@ -11,8 +11,8 @@ Kernels:
           Hopper or later when the loader computed them (a `Packing`), else as a mask.
   splash  Pallas splash attention (TPU; Pallas interpret mode elsewhere, so CPU tests cover it).
 
-Shape legend: B batch, T query length, S key/value length, H heads, K head dim, R runs of
-segment ids a row.
+Shape legend: B batch, T query length, S key/value length, H heads, G key/value heads, Q query heads
+per key/value head, K head dim, R runs of segment ids a row.
 """
 
 from __future__ import annotations
@@ -133,9 +133,13 @@ def make_mask(segment_ids_BT, segment_ids_BS, *, causal: bool, T: int, S: int, q
 
 def _xla_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS, q_offset=None,
                    dropout_rate: float = 0.0, dropout_key=None):
-  T, S, K = q_BTHK.shape[1], k_BSHK.shape[1], q_BTHK.shape[-1]
-  logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
-  logits_BHTS = logits_BHTS * (1.0 / math.sqrt(K))
+  B, T, H, K = q_BTHK.shape
+  S, G = k_BSHK.shape[1], k_BSHK.shape[2]
+  # Grouped-query attention: the H query heads in G groups of Q = H / G, each group reading one key/value
+  # head (G == H: multi-head). The probabilities keep H on one axis, as dropout draws them.
+  q_BTGQK = q_BTHK.reshape(B, T, G, H // G, K)
+  logits_BHTS = jnp.einsum("btgqk,bsgk->bgqts", q_BTGQK, k_BSHK, preferred_element_type=jnp.float32)
+  logits_BHTS = logits_BHTS.reshape(B, H, T, S) * (1.0 / math.sqrt(K))
   mask = make_mask(segment_ids_BT, segment_ids_BS, causal=causal, T=T, S=S, q_offset=q_offset)
   if mask is not None:
     logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
@@ -144,8 +148,8 @@ def _xla_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_id
     # Inverted dropout on the probabilities (as BERT and GPT-2 train): a row no longer sums to 1.
     keep_BHTS = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, probs_BHTS.shape)
     probs_BHTS = jnp.where(keep_BHTS, probs_BHTS * (1.0 / (1.0 - dropout_rate)), 0.0)
-  probs_BHTS = probs_BHTS.astype(v_BSHK.dtype)
-  return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
+  probs_BGQTS = probs_BHTS.astype(v_BSHK.dtype).reshape(B, G, H // G, T, S)
+  return jnp.einsum("bgqts,bsgk->btgqk", probs_BGQTS, v_BSHK).reshape(B, T, H, v_BSHK.shape[-1])
 
 
 @jax.tree_util.register_dataclass
@@ -285,6 +289,9 @@ def logical_spec(names, shape=None) -> P | None:
 
 
 def _splash_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_ids_BS):
+  if k_BSHK.shape[2] != q_BTHK.shape[2]:  # grouped-query attention: each key/value head read by its group
+    groups = q_BTHK.shape[2] // k_BSHK.shape[2]
+    k_BSHK, v_BSHK = jnp.repeat(k_BSHK, groups, axis=2), jnp.repeat(v_BSHK, groups, axis=2)
   if segment_ids_BT is None:
     segment_ids_BT = jnp.ones(q_BTHK.shape[:2], jnp.int32)
     segment_ids_BS = jnp.ones(k_BSHK.shape[:2], jnp.int32)
@@ -307,7 +314,9 @@ def attention(q_BTHK, k_BSHK, v_BSHK, *, causal: bool, segment_ids_BT=None, segm
   """Scaled dot-product attention over projected heads; returns out_BTHK in q's dtype.
 
   Args:
-    q_BTHK, k_BSHK, v_BSHK: projected queries, keys and values (scale 1/sqrt(K) is applied here).
+    q_BTHK, k_BSHK, v_BSHK: projected queries, keys and values (scale 1/sqrt(K) is applied here);
+      keys and values may have fewer heads G than the queries' H, G dividing H (grouped-query
+      attention: query head h reads key/value head h // (H / G)).
     causal: mask keys after the query position.
     segment_ids_BT: packing ids of the queries (0 = padding), or a `Packing` that carries their
       runs too; None means one segment per row.

@@ -47,7 +47,7 @@ from jax.experimental import multihost_utils
 
 import fmjax
 from fmjax import config_lib, files
-from fmjax.models import STACK_KEY
+from fmjax.models import ARCHITECTURE_DEFAULTS, STACK_KEY
 
 ITEMS = ("params", "opt_state")
 # Orbax (>= 0.12) writes this file last into every step it finalises, on local disks (before the
@@ -1025,6 +1025,8 @@ _BEFORE_THE_KEY = {
     "finetune.head_bias": True, "task.positive_label": "", "task.max_train_examples": 0,
     "finetune.pooling": "auto", "optim.mu_dtype": "float32", "model.attention_dropout": 0.0,
     "init_from_step": 0, "data.shard_docs": 65536, "optim.decay_fraction": 0.2,
+    # Runs saved before the decoder's architecture choices had GPT-2's (and BERT's).
+    **{f"model.{k}": v for k, v in ARCHITECTURE_DEFAULTS.items()},
     # An SFT run saved before SFT had a `finetune` section trained every parameter (classifiers always had one).
     **{f"finetune.{k}": v for k, v in config_lib.peft_section().items()},
 }

@@ -40,15 +40,17 @@ def parse_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
   return flags, kv
 
 
-def size_arg(arg: str | None, sizes: Iterable[str], family: str) -> tuple[str, bool]:
+def size_arg(arg: str | None, sizes: Iterable[str], family: str, extra: tuple[str, ...] = ()) -> tuple[str, bool]:
   """`(size, runlocal)` from a pretraining config's arg: `"small,runlocal"` or `"size=small"`
-  (default tiny); two sizes or anything else is refused rather than ignored."""
+  (default tiny); two sizes or anything else is refused rather than ignored. `extra`: further
+  flags the config reads itself (`parse_arg`)."""
   flags, kv = parse_arg(arg)
   sizes = list(sizes)
-  unknown = [f for f in flags if f not in sizes and f != "runlocal"] + [f"{k}={v}" for k, v in kv.items() if k != "size"]
+  unknown = [f for f in flags if f not in sizes and f != "runlocal" and f not in extra]
+  unknown += [f"{k}={v}" for k, v in kv.items() if k != "size"]
   if unknown:
     raise ConfigError(f"unknown {family} config arg(s) {unknown}; use a size from {sizes} (or size=NAME) "
-                      "and/or runlocal")
+                      f"and/or {' / '.join(('runlocal', *extra))}")
   chosen = [f for f in flags if f in sizes] + ([kv["size"]] if "size" in kv else [])
   if len(chosen) > 1:
     raise ConfigError(f"{family} config arg names {len(chosen)} sizes {chosen}; name one of {sizes}")
@@ -499,6 +501,30 @@ def _check_model(m) -> None:
                       "tokens a chunk of the fused LM-head loss takes)")
   if m.family == "bert" and m.get("type_vocab_size", 2) < 1:
     raise ConfigError(f"model.type_vocab_size={m.type_vocab_size} must be at least 1 (BERT uses 2: sentence A and B)")
+  _check_architecture(m, models)
+
+
+def _check_architecture(m, models) -> None:
+  """The decoder's architecture choices (rotary positions, RMSNorm, SwiGLU, grouped-query attention, biases,
+  an untied head); BERT keeps GPT-2's and the original BERT's."""
+  arch = models.architecture(m)
+  for key, choices in models.ARCHITECTURE_CHOICES.items():
+    _one_of(f"model.{key}", arch[key], choices)
+  changed = [f"model.{k}={arch[k]}" for k, v in models.ARCHITECTURE_DEFAULTS.items() if arch[k] != v]
+  if m.family == "bert" and changed:
+    raise ConfigError(f"{', '.join(changed)} is a decoder choice: BERT has learned positions, LayerNorm, GELU, "
+                      "biases, every head its own keys and a tied head; drop it, or use model.family=gpt")
+  kv_heads = arch["num_kv_heads"]
+  if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 0 or (
+      kv_heads and m.num_heads % kv_heads):
+    raise ConfigError(f"model.num_kv_heads={kv_heads!r} must divide model.num_heads={m.num_heads} (grouped-query "
+                      "attention: each key/value head serves num_heads / num_kv_heads query heads; 0: as many "
+                      "as query heads)")
+  if arch["positions"] == "rope" and (m.d_model // m.num_heads) % 2:
+    raise ConfigError(f"model.positions=rope rotates pairs of each head's {m.d_model // m.num_heads} dimensions, "
+                      "which must be even; change model.num_heads or model.d_model")
+  if not arch["rope_theta"] > 0:
+    raise ConfigError(f"model.rope_theta={arch['rope_theta']} must be positive (Llama uses 10000 or 500000)")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -593,6 +619,7 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("kv", None),
     ("layers", None),
     ("norm", None),
@@ -619,8 +646,16 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat="none",             # none | full | dots | dots_no_batch | save_attention_out
       scan_layers=False,
-      fused_loss_chunk=0,       # >0: tied LM head + loss in chunks of this many tokens (no [B,T,V] logits)
+      fused_loss_chunk=0,       # >0: the LM head + loss in chunks of this many tokens (no [B,T,V] logits)
       init_std=0.02,
+      # The decoder's architecture (GPT-2's below; `configs/gpt.py:SIZE,llama` sets Llama's). BERT keeps these.
+      positions="learned",      # learned (a position table, up to max_len) | rope (rotary, in q and k)
+      rope_theta=10000.0,       # rope: the base of the rotation frequencies
+      norm="layernorm",         # layernorm | rmsnorm (a scale, no centring, no bias)
+      mlp="gelu",               # gelu | swiglu (silu(x W_gate) * x W_up; size d_ff)
+      num_kv_heads=0,           # key/value heads (grouped-query attention, dividing num_heads); 0: num_heads
+      use_bias=True,            # biases in every attention and MLP projection
+      tie_embeddings=True,      # the output layer is the token embedding table (false: an lm_head of its own)
   ))
   c.data = ml_collections.ConfigDict(dict(
       dataset="fmjax_corpus",  # a TFDS name, `fmjax_corpus` (offline), `text_files`, or a mixture: NAME=W,NAME=W

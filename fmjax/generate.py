@@ -204,7 +204,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     raise ConfigError(f"need a finite temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got "
                       f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
   config_lib.check_seed("--seed", seed)  # past 64 bits JAX's key fails in an OverflowError
-  max_len = int(model.wpe.embedding.shape[0]) if max_len is None else max_len
+  max_len = model.max_len if max_len is None else max_len
   b, longest = len(prompts), max(len(p) for p in prompts)
   if longest >= max_len:  # no --max_new_tokens would leave room
     raise ConfigError(f"the prompt is {longest} tokens, and the model was trained on {max_len} positions: shorten "

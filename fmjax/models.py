@@ -1,15 +1,19 @@
 """GPT-2 decoder and BERT encoder in Flax NNX.
 
 Both follow the original architectures closely enough that Hugging Face weights map onto them
-one to one (names in comments). Every parameter carries logical axis names (vocab, embed, mlp,
-heads, kv, layers, norm); the config's `logical_axis_rules` maps them onto the mesh.
+one to one (names in comments). The decoder also takes the choices later decoders made (rotary
+positions, RMSNorm, SwiGLU, grouped-query attention, no biases, an untied head), each a
+`model.*` setting; all of them together are Llama's architecture (`configs/gpt.py:small,llama`).
+Every parameter carries logical axis names (vocab, embed, mlp, heads, kv_heads, kv, layers, norm);
+the config's `logical_axis_rules` maps them onto the mesh.
 
 Layers are either a Python list of blocks (unrolled) or one block whose parameters are stacked on
 a leading "layers" axis and run with `nnx.scan`; `stack_layers` / `unstack_layers` convert a
 parameter state between the two layouts.
 
-Shape legend: B batch, T sequence, D model, H heads, K head dim, F mlp, V vocab, M masked
-positions, L layers, S KV-cache positions, N rows of a small embedding table; Bx any leading axes.
+Shape legend: B batch, T sequence, D model, H heads, G key/value heads, K head dim, F mlp, V vocab,
+J half a head (rotary pairs), M masked positions, L layers, S KV-cache positions, N rows of a small
+embedding table; Bx any leading axes.
 """
 
 from __future__ import annotations
@@ -192,6 +196,32 @@ def _layer_norm_bwd(eps, dtype, residuals, dy):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm(x, scale, eps: float, dtype):
+  """RMSNorm over the last axis in float32 (x / rms(x) * scale, no centring, no bias), output in
+  `dtype`; like `layer_norm`, the backward pass keeps only x and the per-row rstd."""
+  return _rms_norm_fwd(x, scale, eps, dtype)[0]
+
+
+def _rms_norm_fwd(x, scale, eps, dtype):
+  x32 = x.astype(jnp.float32)
+  rstd = jax.lax.optimization_barrier(jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps))
+  return (x32 * rstd * scale.astype(jnp.float32)).astype(dtype), (x, rstd, scale)
+
+
+def _rms_norm_bwd(eps, dtype, residuals, dy):
+  x, rstd, scale = residuals
+  x_hat = x.astype(jnp.float32) * rstd
+  dy32 = dy.astype(jnp.float32)
+  d_scale = (dy32 * x_hat).sum(tuple(range(dy.ndim - 1))).astype(scale.dtype)
+  g = dy32 * scale.astype(jnp.float32)  # d loss / d x_hat
+  dx = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdims=True))
+  return dx.astype(x.dtype), d_scale
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def bias_gelu(h, bias, approximate: bool):
   """gelu(h + bias) in float32, output in h's dtype: GPT-2's tanh approximation or BERT's erf.
@@ -243,11 +273,52 @@ class LayerNorm(nnx.Module):
     return layer_norm(x, self.scale[...], self.bias[...], self.eps, self.dtype)
 
 
+class RMSNorm(nnx.Module):
+  """RMSNorm (a scale, no bias) computed in float32; output in the compute dtype."""
+
+  def __init__(self, features, *, eps, dtype, param_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = _param(rngs, nnx.initializers.ones, (features,), ("norm",), param_dtype)
+
+  def __call__(self, x):
+    return rms_norm(x, self.scale[...], self.eps, self.dtype)
+
+
+# Architecture choices of the decoder, each with the value that is GPT-2's (what runs saved before
+# the setting existed read). BERT takes these values only.
+ARCHITECTURE_DEFAULTS = {"positions": "learned", "rope_theta": 10000.0, "norm": "layernorm", "mlp": "gelu",
+                         "num_kv_heads": 0, "use_bias": True, "tie_embeddings": True}
+ARCHITECTURE_CHOICES = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
+
+
+def architecture(cfg) -> dict:
+  """The model section's architecture choices, with GPT-2's value for any it lacks."""
+  return {k: cfg.get(k, v) for k, v in ARCHITECTURE_DEFAULTS.items()}
+
+
+def rope_tables(positions_BT, head_dim: int, theta: float):
+  """Rotary embedding (cos, sin) [B, T, K/2] in float32 for these positions (HF Llama's frequencies)."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  angles_BTJ = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  return jnp.cos(angles_BTJ), jnp.sin(angles_BTJ)
+
+
+def apply_rope(x_BTHK, rope):
+  """Rotates the halves (x1, x2) of each head by the position's angles, in float32: the rotate-half
+  form Hugging Face's Llama uses, so its q and k kernels map on unpermuted."""
+  cos_BTJ, sin_BTJ = (t[:, :, None, :] for t in rope)
+  x32 = x_BTHK.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  return jnp.concatenate([x1 * cos_BTJ - x2 * sin_BTJ, x2 * cos_BTJ + x1 * sin_BTJ], -1).astype(x_BTHK.dtype)
+
+
 class _Common:
-  """Resolved model config: dtypes and the attention kernel."""
+  """Resolved model config: dtypes, the attention kernel and the architecture choices."""
 
   def __init__(self, cfg):
     self.cfg = cfg
+    self.arch = architecture(cfg)
     self.dtype = jnp.dtype(cfg.dtype)
     self.param_dtype = jnp.dtype(cfg.param_dtype)
     attention_lib.resolve_kernel(cfg.attention, self.dtype)  # an unknown name fails here, not in a trace
@@ -255,44 +326,73 @@ class _Common:
     # and the sequence lengths (`attention.resolve_kernel`).
     self.kernel = cfg.attention
     self.head_dim = cfg.d_model // cfg.num_heads
+    self.num_kv_heads = self.arch["num_kv_heads"] or cfg.num_heads
+    self.use_bias = bool(self.arch["use_bias"])
     self.attention_dropout = float(cfg.get("attention_dropout", 0.0))  # absent from older runs' configs
+
+  def norm(self, features: int, rngs: nnx.Rngs):
+    """The normalisation layer model.norm names."""
+    kw = dict(eps=self.cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+    return RMSNorm(features, **kw) if self.arch["norm"] == "rmsnorm" else LayerNorm(features, **kw)
 
 
 class SelfAttention(nnx.Module):
-  """Fused qkv projection [D -> 3,H,K] with bias, attention, output projection [H,K -> D] with bias.
+  """Fused qkv projection [D -> 3,H,K], attention, output projection [H,K -> D] (biases unless
+  model.use_bias=false).
 
   The qkv kernel (D, 3, H, K) is GPT-2's c_attn (D, 3D) reshaped, or BERT's query/key/value
-  kernels stacked on axis 1; sharding H gives Megatron-style tensor parallelism.
+  kernels stacked on axis 1; sharding H gives Megatron-style tensor parallelism. With fewer
+  key/value heads G than query heads (grouped-query attention) the projections are q [D -> H,K]
+  and kv [D -> 2,G,K]. Rotary positions, when given, turn q and k after the projection.
   """
 
   def __init__(self, c: _Common, *, causal: bool, out_std: float, rngs: nnx.Rngs):
     cfg = c.cfg
-    H, K, D = cfg.num_heads, c.head_dim, cfg.d_model
-    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+    H, G, K, D = cfg.num_heads, c.num_kv_heads, c.head_dim, cfg.d_model
+    kw = dict(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
     self.causal = causal
     self.kernel = c.kernel
     self.dropout_rate = c.attention_dropout
-    self.qkv = Dense((D,), (3, H, K), ("embed", None, "heads", "kv"), std=cfg.init_std, **kw)
+    if G == H:
+      self.qkv = Dense((D,), (3, H, K), ("embed", None, "heads", "kv"), std=cfg.init_std, **kw)
+    else:
+      self.q = Dense((D,), (H, K), ("embed", "heads", "kv"), std=cfg.init_std, **kw)
+      self.kv = Dense((D,), (2, G, K), ("embed", None, "kv_heads", "kv"), std=cfg.init_std, **kw)
     self.out = Dense((H, K), (D,), ("heads", "kv", "embed"), std=out_std, **kw)
 
-  def _qkv(self, x_BTD):
-    # One fused projection, [B, T, 3, H, K]; measured faster end to end on an H100 than emitting
-    # q/k/v on a leading axis, whose layout costs transposes in the backward pass.
-    qkv_BT3HK = _constrain(self.qkv(x_BTD), ("batch", "length", None, "heads", None))
-    return qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
+  @property
+  def kv_heads(self) -> int:
+    """G, the key/value heads (H without grouped-query attention)."""
+    return (self.qkv if hasattr(self, "qkv") else self.kv).kernel.shape[-2]
 
-  def __call__(self, x_BTD, segment_ids_BT, dropout_key=None):
-    """dropout_key: drop attention probabilities at model.attention_dropout (training); None: none."""
-    q_BTHK, k_BTHK, v_BTHK = self._qkv(x_BTD)
+  def _qkv(self, x_BTD, rope):
+    if hasattr(self, "qkv"):
+      # One fused projection, [B, T, 3, H, K]; measured faster end to end on an H100 than emitting
+      # q/k/v on a leading axis, whose layout costs transposes in the backward pass.
+      qkv_BT3HK = _constrain(self.qkv(x_BTD), ("batch", "length", None, "heads", None))
+      q_BTHK, k_BTGK, v_BTGK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
+    else:
+      q_BTHK = _constrain(self.q(x_BTD), ("batch", "length", "heads", None))
+      kv_BT2GK = _constrain(self.kv(x_BTD), ("batch", "length", None, "kv_heads", None))
+      k_BTGK, v_BTGK = kv_BT2GK[:, :, 0], kv_BT2GK[:, :, 1]
+    if rope is not None:
+      q_BTHK, k_BTGK = apply_rope(q_BTHK, rope), apply_rope(k_BTGK, rope)
+    return q_BTHK, k_BTGK, v_BTGK
+
+  def __call__(self, x_BTD, segment_ids_BT, dropout_key=None, rope=None):
+    """dropout_key: drop attention probabilities at model.attention_dropout (training); None: none.
+    rope: (cos, sin) of the positions (`rope_tables`) for rotary positions; None: none."""
+    q_BTHK, k_BTHK, v_BTHK = self._qkv(x_BTD, rope)
     out_BTHK = attention_lib.attention(q_BTHK, k_BTHK, v_BTHK, causal=self.causal,
                                        segment_ids_BT=segment_ids_BT, kernel=self.kernel,
                                        dropout_rate=self.dropout_rate, dropout_key=dropout_key)
     out_BTHK = checkpoint_name(out_BTHK, "attention_out")
     return self.out(out_BTHK)
 
-  def decode(self, x_BTD, segment_ids_BT, k_BSHK, v_BSHK, cache_segment_ids_BS, index):
-    """Attention of T new tokens written at cache slot `index`: (out_BTD, k_BSHK, v_BSHK)."""
-    q_BTHK, k_new_BTHK, v_new_BTHK = self._qkv(x_BTD)
+  def decode(self, x_BTD, segment_ids_BT, k_BSHK, v_BSHK, cache_segment_ids_BS, index, rope=None):
+    """Attention of T new tokens written at cache slot `index`: (out_BTD, k_BSHK, v_BSHK); the cache
+    holds the G key/value heads (rotated, with rotary positions)."""
+    q_BTHK, k_new_BTHK, v_new_BTHK = self._qkv(x_BTD, rope)
     k_BSHK = jax.lax.dynamic_update_slice(k_BSHK, k_new_BTHK.astype(k_BSHK.dtype), (0, index, 0, 0))
     v_BSHK = jax.lax.dynamic_update_slice(v_BSHK, v_new_BTHK.astype(v_BSHK.dtype), (0, index, 0, 0))
     # Slots past index + T are still empty: the causal offset masks them. The fused kernels
@@ -304,17 +404,25 @@ class SelfAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """D -> F, GELU, F -> D, with biases (GPT-2 c_fc/c_proj; BERT intermediate/output)."""
+  """D -> F, GELU, F -> D, with biases (GPT-2 c_fc/c_proj; BERT intermediate/output); or SwiGLU
+  (model.mlp=swiglu): D -> 2,F (gate and up in one kernel), silu(gate) * up, F -> D."""
 
   def __init__(self, c: _Common, *, approximate_gelu: bool, out_std: float, rngs: nnx.Rngs):
     cfg = c.cfg
-    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+    kw = dict(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
     self.approximate = approximate_gelu
-    self.fc = Dense((cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), std=cfg.init_std, **kw)
+    self.swiglu = c.arch["mlp"] == "swiglu"
+    if self.swiglu:
+      self.fc = Dense((cfg.d_model,), (2, cfg.d_ff), ("embed", None, "mlp"), std=cfg.init_std, **kw)
+    else:
+      self.fc = Dense((cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), std=cfg.init_std, **kw)
     self.proj = Dense((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), std=out_std, **kw)
 
   def __call__(self, x_BTD):
     fc = self.fc
+    if self.swiglu:
+      h_BT2F = _constrain(fc(x_BTD), ("batch", "length", None, "mlp")).astype(jnp.float32)
+      return self.proj((jax.nn.silu(h_BT2F[:, :, 0]) * h_BT2F[:, :, 1]).astype(x_BTD.dtype))
     if fc.bias is None or not fc.bias_is_last:
       h_BTF = _constrain(fc(x_BTD), ("batch", "length", "mlp"))
       return self.proj(jax.nn.gelu(h_BTF, approximate=self.approximate))
@@ -327,25 +435,24 @@ class GPTBlock(nnx.Module):
 
   def __init__(self, c: _Common, *, rngs: nnx.Rngs):
     cfg = c.cfg
-    kw = dict(eps=cfg.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
     # GPT-2 scales the residual projections by 1/sqrt(2L): two residual adds per layer.
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     self.dropout = float(cfg.dropout)
-    self.ln_1 = LayerNorm(cfg.d_model, **kw)
+    self.ln_1 = c.norm(cfg.d_model, rngs)
     self.attn = SelfAttention(c, causal=True, out_std=out_std, rngs=rngs)
-    self.ln_2 = LayerNorm(cfg.d_model, **kw)
+    self.ln_2 = c.norm(cfg.d_model, rngs)
     self.mlp = MLP(c, approximate_gelu=True, out_std=out_std, rngs=rngs)
 
-  def __call__(self, x_BTD, segment_ids_BT, key, deterministic: bool):
-    a_BTD = self.attn(self.ln_1(x_BTD), segment_ids_BT, None if deterministic else _fold(key, 2))
+  def __call__(self, x_BTD, segment_ids_BT, key, deterministic: bool, rope=None):
+    a_BTD = self.attn(self.ln_1(x_BTD), segment_ids_BT, None if deterministic else _fold(key, 2), rope)
     x_BTD = x_BTD + _dropout(a_BTD, self.dropout, _fold(key, 0), deterministic)
     x_BTD = x_BTD + _dropout(self.mlp(self.ln_2(x_BTD)), self.dropout, _fold(key, 1), deterministic)
     return _constrain(x_BTD, ("batch", "length", None))
 
-  def decode(self, x_BTD, segment_ids_BT, k_BSHK, v_BSHK, cache_segment_ids_BS, index):
+  def decode(self, x_BTD, segment_ids_BT, k_BSHK, v_BSHK, cache_segment_ids_BS, index, rope=None):
     """The block on T new tokens against this layer's KV cache (inference: no dropout)."""
     a_BTD, k_BSHK, v_BSHK = self.attn.decode(self.ln_1(x_BTD), segment_ids_BT, k_BSHK, v_BSHK,
-                                             cache_segment_ids_BS, index)
+                                             cache_segment_ids_BS, index, rope)
     x_BTD = x_BTD + a_BTD
     x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD))
     return x_BTD, k_BSHK, v_BSHK
@@ -403,9 +510,11 @@ class Layers(nnx.Module):
 
     self.blocks = stack(stacked)
 
-  def __call__(self, x_BTD, segment_ids_BT, key, deterministic: bool):
+  def __call__(self, x_BTD, segment_ids_BT, key, deterministic: bool, rope=None):
+    extra = {} if rope is None else {"rope": rope}
+
     def body(block, x_BTD, layer_key):
-      return block(x_BTD, segment_ids_BT, layer_key, deterministic)
+      return block(x_BTD, segment_ids_BT, layer_key, deterministic, **extra)
 
     if self.remat != "none":
       body = nnx.remat(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
@@ -424,10 +533,10 @@ class Layers(nnx.Module):
       x_BTD = body(block, x_BTD, _fold(key, i))
     return x_BTD
 
-  def decode(self, x_BTD, segment_ids_BT, k_LBSHK, v_LBSHK, cache_segment_ids_BS, index):
+  def decode(self, x_BTD, segment_ids_BT, k_LBSHK, v_LBSHK, cache_segment_ids_BS, index, rope=None):
     """Runs each block's `decode` against its slice of the stacked cache: (x_BTD, k_LBSHK, v_LBSHK)."""
     def body(block, x_BTD, k_BSHK, v_BSHK):
-      return block.decode(x_BTD, segment_ids_BT, k_BSHK, v_BSHK, cache_segment_ids_BS, index)
+      return block.decode(x_BTD, segment_ids_BT, k_BSHK, v_BSHK, cache_segment_ids_BS, index, rope)
 
     if self.scan:
       @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0),
@@ -465,46 +574,62 @@ class GPT(nnx.Module):
 
   Tree (HF GPT2LMHeadModel minus the `transformer.` prefix): wte, wpe, h.blocks[i].{ln_1,
   attn.qkv (c_attn), attn.out (c_proj), ln_2, mlp.fc (c_fc), mlp.proj (c_proj)}, ln_f.
+  With model.positions=rope there is no wpe (q and k are rotated in every layer instead); with
+  model.tie_embeddings=false the output layer is a table of its own, lm_head [V, D].
   """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     c = _Common(cfg)
     self.dropout = float(cfg.dropout)
     self.attention_dropout = c.attention_dropout
+    self.rope = (c.head_dim, float(c.arch["rope_theta"])) if c.arch["positions"] == "rope" else None
+    self.max_len = int(cfg.max_len)  # positions it takes (the learned table's rows; rotary: the setting)
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
     self.wte = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), std=cfg.init_std, **kw)
-    self.wpe = Embed(cfg.max_len, cfg.d_model, (None, "embed"), std=cfg.init_std, **kw)
+    if self.rope is None:
+      self.wpe = Embed(cfg.max_len, cfg.d_model, (None, "embed"), std=cfg.init_std, **kw)
     self.h = Layers(lambda r: GPTBlock(c, rngs=r), cfg, rngs=rngs)
-    self.ln_f = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, **kw)
+    self.ln_f = c.norm(cfg.d_model, rngs)
+    if not c.arch["tie_embeddings"]:
+      self.lm_head = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), std=cfg.init_std, **kw)
+
+  def _embed(self, tokens_BT, positions_BT):
+    """Token (+ learned position) embeddings, and the rotary tables (None without rotary positions)."""
+    if self.rope is None:
+      return self.wte(tokens_BT) + self.wpe(positions_BT), None
+    return self.wte(tokens_BT), rope_tables(positions_BT, *self.rope)
 
   def hidden(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, deterministic=True, rngs=None):
     """Final-LN hidden states h_BTD in the compute dtype."""
     positions_BT = _default_positions(tokens_BT, positions_BT)
     key = _dropout_key(rngs, deterministic, max(self.dropout, self.attention_dropout))
-    x_BTD = self.wte(tokens_BT) + self.wpe(positions_BT)
+    x_BTD, rope = self._embed(tokens_BT, positions_BT)
     x_BTD = _constrain(_dropout(x_BTD, self.dropout, _fold(key, 0), deterministic), ("batch", "length", None))
-    x_BTD = self.h(x_BTD, segment_ids_BT, _fold(key, 1), deterministic)
+    x_BTD = self.h(x_BTD, segment_ids_BT, _fold(key, 1), deterministic, rope)
     return self.ln_f(x_BTD)
 
-  def lm_head(self, h_BxD):
-    """Tied output projection: float32 logits [..., V]."""
-    return self.wte.attend(h_BxD)
+  def head_table(self) -> Embed:
+    """The output layer's [V, D] table: the token embeddings when tied, else lm_head."""
+    return self.lm_head if hasattr(self, "lm_head") else self.wte
+
+  def lm_head_logits(self, h_BxD):
+    """The output projection: float32 logits [..., V]."""
+    return self.head_table().attend(h_BxD)
 
   def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, deterministic=True, rngs=None):
     """Next-token logits_BTV in float32. segment_ids_BT: packing ids (0 = pad); None = one per row."""
     h_BTD = self.hidden(tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
                         deterministic=deterministic, rngs=rngs)
-    return _constrain(self.lm_head(h_BTD), ("batch", "length", "vocab"))
+    return _constrain(self.lm_head_logits(h_BTD), ("batch", "length", "vocab"))
 
   def init_cache(self, batch_size: int, max_len: int) -> dict:
-    """An empty KV cache: k, v [L, B, S, H, K] in the compute dtype, key segment ids [B, S], fill index.
+    """An empty KV cache: k, v [L, B, S, G, K] in the compute dtype, key segment ids [B, S], fill index.
 
     Slots never written keep segment id 0 and sit past the fill index, so no query attends them.
     """
     attn = self.h.blocks[0].attn if not self.h.scan else self.h.blocks.attn
-    H, K = attn.qkv.kernel.shape[-2:]
-    shape = (self.h.num_layers, batch_size, max_len, H, K)
-    return {"k": jnp.zeros(shape, attn.qkv.dtype), "v": jnp.zeros(shape, attn.qkv.dtype),
+    shape = (self.h.num_layers, batch_size, max_len, attn.kv_heads, attn.out.kernel.shape[1])
+    return {"k": jnp.zeros(shape, attn.out.dtype), "v": jnp.zeros(shape, attn.out.dtype),
             "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
   def decode(self, tokens_BT, cache: dict, *, positions_BT, segment_ids_BT=None) -> tuple[jax.Array, dict]:
@@ -517,9 +642,9 @@ class GPT(nnx.Module):
       segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
     index = cache["index"]
     cache_seg_BS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BT.astype(jnp.int32), (0, index))
-    x_BTD = self.wte(tokens_BT) + self.wpe(positions_BT)
-    x_BTD, k, v = self.h.decode(x_BTD, segment_ids_BT, cache["k"], cache["v"], cache_seg_BS, index)
-    logits_BTV = self.lm_head(self.ln_f(x_BTD))
+    x_BTD, rope = self._embed(tokens_BT, positions_BT)
+    x_BTD, k, v = self.h.decode(x_BTD, segment_ids_BT, cache["k"], cache["v"], cache_seg_BS, index, rope)
+    logits_BTV = self.lm_head_logits(self.ln_f(x_BTD))
     new_cache = {"k": k, "v": v, "segment_ids": cache_seg_BS, "index": index + tokens_BT.shape[1]}
     return logits_BTV, new_cache
 

@@ -152,14 +152,14 @@ def clm_loss(model, batch, *, deterministic: bool = True, rngs=None, fused_chunk
   """Next-token loss; `batch['loss_weights']` zeroes the targets that carry none (padding rows, and
   in SFT the prompt's).
 
-  With `fused_chunk` > 0 the tied LM head and the loss run chunk by chunk
+  With `fused_chunk` > 0 the LM head and the loss run chunk by chunk
   (`fused_lm_head_loss`), which is faster and far leaner for large vocabularies.
   """
   kwargs = dict(positions_BT=batch["positions"], segment_ids_BT=attention.packing_of(batch),
                 deterministic=deterministic, rngs=rngs)
   if fused_chunk:
-    loss, weight, correct = fused_cross_entropy(model.hidden(batch["inputs"], **kwargs), model.wte.embedding[...],
-                                                None, batch["targets"], batch["loss_weights"], fused_chunk)
+    loss, weight, correct = fused_cross_entropy(model.hidden(batch["inputs"], **kwargs),
+                                                model.head_table().embedding[...], None, batch["targets"], batch["loss_weights"], fused_chunk)
   else:
     logits_BTV = model(batch["inputs"], **kwargs)
     loss, weight, correct = cross_entropy(logits_BTV, batch["targets"], batch["loss_weights"])

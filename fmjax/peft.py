@@ -115,7 +115,11 @@ def dense_layers(model: nnx.Module) -> list[tuple[tuple, models.Dense]]:
 
 def _matches(path, pattern: str) -> bool:
   s = _path_str(path)
-  return fnmatch.fnmatchcase(s, pattern) or fnmatch.fnmatchcase(s, "*." + pattern)
+  if fnmatch.fnmatchcase(s, pattern) or fnmatch.fnmatchcase(s, "*." + pattern):
+    return True
+  # A pattern for the fused query/key/value projection (`attn.qkv`) names them in grouped-query
+  # attention too, where they are two: q and kv.
+  return pattern.endswith("qkv") and any(_matches(path, pattern[:-3] + part) for part in ("q", "kv"))
 
 
 def match_targets(model: nnx.Module, patterns) -> list[tuple[tuple, models.Dense]]:

@@ -78,16 +78,19 @@ def validate_mesh(config, num_devices: int | None = None) -> None:
                         f"data-parallel size {dp} (mesh {sizes}); {fix}")
   # Every model dimension a rule shards must divide by the product of its mesh axes.
   m = config.model
-  dims = {"embed": "d_model", "norm": "d_model", "mlp": "d_ff", "heads": "num_heads", "vocab": "vocab_size",
-          "kv": None, "layers": "num_layers" if m.get("scan_layers") else ""}
+  dims = {k: (int(m[v]), f"model.{v}") for k, v in
+          (("embed", "d_model"), ("norm", "d_model"), ("mlp", "d_ff"), ("heads", "num_heads"), ("vocab", "vocab_size"))}
+  dims["kv"] = (m.d_model // m.num_heads, "the head size model.d_model/model.num_heads")
+  dims["kv_heads"] = (int(m.get("num_kv_heads", 0)) or int(m.num_heads),
+                      "model.num_kv_heads" if m.get("num_kv_heads", 0) else "model.num_heads (also the key/value heads)")
+  if m.get("scan_layers"):
+    dims["layers"] = (int(m.num_layers), "model.num_layers")
   for name, axes in logical_rules(config):
-    key = dims.get(name, "")
-    if key == "" or axes is None:
+    if name not in dims or axes is None:
       continue
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     ways = math.prod(sizes[a] for a in axes)
-    size, what = (m.d_model // m.num_heads, "the head size model.d_model/model.num_heads") if key is None \
-        else (int(m[key]), f"model.{key}")
+    size, what = dims[name]
     if size % ways:
       mesh = " x ".join(f"mesh.{a}={sizes[a]}" for a in axes)
       raise ConfigError(f"{what}={size} does not divide by {mesh} (logical axis {name!r} is sharded over it); "
@@ -149,7 +152,10 @@ def _validate_rules(config) -> None:
     if name not in known:
       raise ConfigError(f"logical_axis_rules names {name!r}, which no model uses (the logical axes are "
                         f"{', '.join(known)}){_suggest(name, known)}")
-  missing = [name for name in known if name not in {name for name, _ in rules}]
+  # kv_heads names only grouped-query attention's key/value heads: lists written before it may lack it.
+  m = config.get("model", {})
+  grouped = m.get("num_kv_heads", 0) not in (0, m.get("num_heads"))
+  missing = [name for name in known if name not in {name for name, _ in rules} and (name != "kv_heads" or grouped)]
   if missing:
     raise ConfigError(f"logical_axis_rules has no rule for {', '.join(missing)}: it replaces the whole list, so "
                       f"give every logical axis ({', '.join(known)}), None where it is not sharded (the defaults: "

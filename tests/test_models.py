@@ -264,7 +264,7 @@ def test_every_residual_dropout_of_a_forward_pass_draws_its_own_mask(family, mon
 def test_gpt_hidden_and_head_compose():
   model = build("gpt")
   toks = tokens()
-  logits_BTV, composed_BTV = nnx.jit(lambda m, t: (m(t), m.lm_head(m.hidden(t))))(model, toks)
+  logits_BTV, composed_BTV = nnx.jit(lambda m, t: (m(t), m.lm_head_logits(m.hidden(t))))(model, toks)
   np.testing.assert_allclose(composed_BTV, logits_BTV, atol=1e-6)
   # The LM head is tied to the token embedding (no separate output matrix).
   names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
