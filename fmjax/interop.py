@@ -1,4 +1,4 @@
-"""Hugging Face interop: BERT and GPT-2 checkpoints (safetensors) in both directions.
+"""Hugging Face interop: BERT, GPT-2 and Llama checkpoints (safetensors) in both directions.
 
   fmjax import-hf --model_dir=DIR --workdir=OUT [--config=configs/bert.py:base]
   fmjax export --workdir=W --out=DIR [--format=hf]
@@ -9,10 +9,18 @@ pytorch_model.bin, tokenizer files) and writes an fmjax workdir: config.json, a 
 `train` (continued pretraining) accept. Export writes what `transformers`' Auto classes load:
 config.json, model.safetensors and the tokenizer files.
 
-The mapping is one table per family (`_gpt_table`, `_bert_table`): each fmjax parameter is one
-HF tensor, or several stacked on the output axis (BERT's query/key/value). Kernels are stored
-by fmjax as (in..., out...) and flattened to (in, out): GPT-2's Conv1D weights are already (in,
-out); `torch.nn.Linear` weights are (out, in) and are transposed.
+Which HF model a GPT is follows from its architecture settings (`hf_model_type`): GPT-2's (the
+defaults) exports as GPT2LMHeadModel; Llama's (model.positions=rope, norm=rmsnorm, mlp=swiglu;
+any num_kv_heads, rope_theta, use_bias and tie_embeddings) as LlamaForCausalLM; any other mix has
+no HF counterpart and is refused. Import takes gpt2, llama, mistral (without a sliding window
+narrower than its positions: then it is Llama) and bert. fmjax's rotary positions rotate the
+halves of each head as HF's Llama does, so its q and k weights map on unpermuted.
+
+The mapping is one table per model type (`_gpt_table`, `_llama_table`, `_bert_table`): each
+fmjax parameter is one HF tensor, or several stacked on the output axis (BERT's and Llama's
+query/key/value, Llama's gate/up). Kernels are stored by fmjax as (in..., out...) and flattened to
+(in, out): GPT-2's Conv1D weights are already (in, out); `torch.nn.Linear` weights are (out, in)
+and are transposed.
 
 Conventions of the exported model:
   * The vocabulary is exported as the model has it, padding rows included (`vocab_size` in
@@ -22,13 +30,14 @@ Conventions of the exported model:
   * Weights are written in float32 whatever the parameter dtype (bfloat16 -> float32 is exact).
   * A `classifier` subtree `{kernel (D, C), bias (C,)}` becomes BertForSequenceClassification's
     `classifier` (applied to the tanh pooler output, as in BERT) or GPT2ForSequenceClassification's
-    `score` (last non-pad token; HF's score has no bias, so a non-zero bias is refused). The
-    exported tokenizer encodes as `finetune.encode` does (BERT [CLS] a [SEP] b [SEP] with token
-    types, GPT a <eos> b <eos>), so HF's logits of its output equal fmjax's.
+    (LlamaForSequenceClassification's) `score` (last non-pad token; HF's score has no bias, so a
+    non-zero bias is refused). The exported tokenizer encodes as `finetune.encode` does (BERT
+    [CLS] a [SEP] b [SEP] with token types, GPT a <eos> b <eos>), so HF's logits of its output
+    equal fmjax's.
   * A LoRA fine-tune is merged into its dense kernels on export (`from_finetune`); any other
     parameter without an HF counterpart (adapters) and a mean-pooling classifier are refused.
 
-Shape legend: D model, H heads, K head dim, F mlp, V vocab, C classes.
+Shape legend: D model, H heads, G key/value heads, K head dim, F mlp, V vocab, C classes.
 """
 
 from __future__ import annotations
@@ -48,8 +57,15 @@ import numpy as np
 from fmjax import config_lib, files
 from fmjax.config_lib import ConfigError
 
-# HF model_type -> fmjax model.family.
-FAMILIES = {"gpt2": "gpt", "bert": "bert"}
+# HF model_type -> fmjax model.family. Mistral is Llama with a sliding attention window: imported when
+# the window covers every position (`model_settings_from_hf`), exported as Llama.
+FAMILIES = {"gpt2": "gpt", "llama": "gpt", "mistral": "gpt", "bert": "bert"}
+# The decoder architectures (`models.ARCHITECTURE_DEFAULTS` keys) that HF has: GPT-2's, fmjax's defaults,
+# and Llama's, whose biases (attention_bias = mlp_bias), head tying, key/value heads and rope_theta are free.
+GPT2_ARCHITECTURE = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "num_kv_heads": 0, "use_bias": True,
+                     "tie_embeddings": True}
+LLAMA_ARCHITECTURE = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+_HF_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "bert": "BERT"}
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
 IMPORT_INFO = "import.json"  # written into imported workdirs: where the weights came from
@@ -87,6 +103,30 @@ def _gpt_table(num_layers: int) -> list[_Entry]:
                                   (("mlp", "fc"), "mlp.c_fc", 1), (("mlp", "proj"), "mlp.c_proj", 1):
       t += [_Entry(fm + fm_name + ("kernel",), (hf + hf_name + ".weight",), "conv1d", n_in),
             _Entry(fm + fm_name + ("bias",), (hf + hf_name + ".bias",), "vector")]
+  return t
+
+
+def _llama_table(model_cfg) -> list[_Entry]:
+  arch = _decoder_architecture(model_cfg)
+  t = [_Entry(("wte", "embedding"), ("model.embed_tokens.weight",), "copy"),
+       _Entry(("ln_f", "scale"), ("model.norm.weight",), "vector")]
+  if not arch["tie_embeddings"]:
+    t.append(_Entry(("lm_head", "embedding"), ("lm_head.weight",), "copy"))
+  # fmjax fuses q, k, v into one kernel unless grouped-query attention splits them into q and kv.
+  attn = ([(("attn", "q"), ("q_proj",)), (("attn", "kv"), ("k_proj", "v_proj"))] if arch["num_kv_heads"] else
+          [(("attn", "qkv"), ("q_proj", "k_proj", "v_proj"))])
+  for i in range(model_cfg.num_layers):
+    fm, hf = ("h", "blocks", i), f"model.layers.{i}."
+    t += [_Entry(fm + ("ln_1", "scale"), (hf + "input_layernorm.weight",), "vector"),
+          _Entry(fm + ("ln_2", "scale"), (hf + "post_attention_layernorm.weight",), "vector")]
+    dense = [(p, tuple(hf + "self_attn." + n for n in names), 1) for p, names in attn]
+    dense += [(("attn", "out"), (hf + "self_attn.o_proj",), 2),
+              (("mlp", "fc"), (hf + "mlp.gate_proj", hf + "mlp.up_proj"), 1),  # fc's axis 1: 0 gate, 1 up
+              (("mlp", "proj"), (hf + "mlp.down_proj",), 1)]
+    for fm_name, hf_names, n_in in dense:
+      t.append(_Entry(fm + fm_name + ("kernel",), tuple(n + ".weight" for n in hf_names), "linear", n_in))
+      if arch["use_bias"]:
+        t.append(_Entry(fm + fm_name + ("bias",), tuple(n + ".bias" for n in hf_names), "vector"))
   return t
 
 
@@ -129,19 +169,64 @@ def _classifier_table(family: str) -> list[_Entry]:
   return [_Entry(("classifier", "kernel"), ("score.weight",), "linear")]
 
 
-def _table(family: str, num_layers: int) -> list[_Entry]:
-  return _gpt_table(num_layers) if family == "gpt" else _bert_table(num_layers)
+def _decoder_architecture(model_cfg) -> dict:
+  """`models.architecture`, with num_kv_heads 0 also where it equals num_heads (no grouped-query attention)."""
+  from fmjax import models
+  arch = models.architecture(model_cfg)
+  if arch["num_kv_heads"] == model_cfg.num_heads:
+    arch["num_kv_heads"] = 0
+  return arch
+
+
+def _setting(value) -> str:
+  return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def hf_model_type(model_cfg) -> str:
+  """The HF model_type an fmjax model exports as: bert; gpt2 for GPT-2's decoder (fmjax's defaults);
+  llama for rotary positions, RMSNorm and SwiGLU (biases, a tied head, grouped-query attention and
+  rope_theta as they are). Any other decoder has no HF counterpart: a one-line ConfigError naming
+  the settings that differ from GPT-2's and from Llama's."""
+  if model_cfg.family == "bert":
+    return "bert"
+  arch = _decoder_architecture(model_cfg)
+  if all(arch[k] == v for k, v in LLAMA_ARCHITECTURE.items()):
+    return "llama"
+  if all(arch[k] == v for k, v in GPT2_ARCHITECTURE.items()):
+    return "gpt2"
+
+  def differs(want):
+    return ", ".join(f"model.{k}={_setting(arch[k])} (not {_setting(v)})" for k, v in want.items() if arch[k] != v)
+
+  raise ConfigError(f"this decoder has no Hugging Face counterpart: it differs from GPT-2's architecture in "
+                    f"{differs(GPT2_ARCHITECTURE)} and from Llama's in {differs(LLAMA_ARCHITECTURE)}; export takes "
+                    "GPT-2's (the model.* defaults) or Llama's (model.positions=rope, model.norm=rmsnorm, "
+                    "model.mlp=swiglu, as configs/gpt.py:SIZE,llama sets)")
+
+
+def _table(model_cfg) -> list[_Entry]:
+  kind = hf_model_type(model_cfg)
+  if kind == "llama":
+    return _llama_table(model_cfg)
+  return _gpt_table(model_cfg.num_layers) if kind == "gpt2" else _bert_table(model_cfg.num_layers)
 
 
 # Parameters an HF checkpoint may lack (a BertModel or a classifier has no MLM head; a BertModel
 # built without a pooler has none): these keep fmjax's fresh initialisation, and the import says so.
 _OPTIONAL = {"bert": ("pooler", "mlm_transform", "mlm_ln", "mlm_bias")}
+# Language-model heads, which HF's sequence classifiers lack: a classifier's export leaves them out
+# (a fine-tuned Llama keeps its untied lm_head, unused).
+_LM_HEADS = {"bert": ("mlm_transform", "mlm_ln", "mlm_bias"), "llama": ("lm_head",)}
+# Where each model type's weights live, and its layers (a base-model save has no prefix).
+_PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}
+_LAYERS = {"gpt2": "transformer.h.", "llama": "model.layers.", "bert": "bert.encoder.layer."}
 
 
 # Buffers and tied copies in HF checkpoints that carry no information of their own, and BERT's
 # next-sentence head (pretraining only).
 _IGNORED = (".attn.bias", ".attn.masked_bias", "position_ids", "lm_head.weight", "cls.predictions.decoder.weight",
-            "cls.predictions.decoder.bias", "cls.seq_relationship.weight", "cls.seq_relationship.bias")
+            "cls.predictions.decoder.bias", "cls.seq_relationship.weight", "cls.seq_relationship.bias",
+            ".rotary_emb.inv_freq")
 
 
 def _in_out(shape: tuple, n_in: int) -> tuple[int, int]:
@@ -229,19 +314,20 @@ def params_to_hf(params: Mapping, model_cfg) -> dict[str, np.ndarray]:
   params = normalise_keys(dict(params))
   if _is_stacked(params):
     params = models.unstack_layers(params)
-  family = model_cfg.family
-  table = _table(family, model_cfg.num_layers)
+  family, kind = model_cfg.family, hf_model_type(model_cfg)
+  table = _table(model_cfg)
+  known = {e.path for e in table}
   if "classifier" in params:
-    table = table + _classifier_table(family)
+    table = [e for e in table if e.path[0] not in _LM_HEADS.get(kind, ())] + _classifier_table(family)
+    known |= {e.path for e in table} | ({("classifier", "bias")} if family == "gpt" else set())
     head = params["classifier"]
     if not isinstance(head, Mapping) or "kernel" not in head or np.ndim(head["kernel"]) != 2:
       raise ConfigError("params['classifier'] must be {kernel: (D, C), bias: (C,)} to export a "
                         "sequence-classification head")
     if family == "gpt" and "bias" in head and np.any(np.asarray(head["bias"]) != 0):
-      raise ConfigError("GPT2ForSequenceClassification has no bias in its `score` layer, but this classifier's "
+      raise ConfigError(f"{_hf_architecture(kind, True)} has no bias in its `score` layer, but this classifier's "
                         "bias is non-zero; fine-tune the GPT head without one (finetune.head_bias=false, the "
                         "GPT default) to export it")
-  known = {e.path for e in table} | ({("classifier", "bias")} if family == "gpt" else set())
   extra = [_fmt_path(p) for p in _flat_paths(params) if p not in known]
   if extra:
     raise ConfigError(f"{len(extra)} param(s) have no Hugging Face counterpart ({', '.join(extra[:4])}"
@@ -260,9 +346,9 @@ def params_to_hf(params: Mapping, model_cfg) -> dict[str, np.ndarray]:
   return out
 
 
-def _canonical_hf_names(weights: Mapping[str, Any], family: str) -> dict[str, Any]:
+def _canonical_hf_names(weights: Mapping[str, Any], kind: str) -> dict[str, Any]:
   """Adds the model prefix where a base-model checkpoint lacks it and renames old LayerNorm names."""
-  prefix = "transformer." if family == "gpt" else "bert."
+  prefix = _PREFIX[kind]
   heads = ("lm_head.", "cls.", "classifier.", "score.")
   out = {}
   for name, value in weights.items():
@@ -286,14 +372,15 @@ def hf_to_params(weights: Mapping[str, np.ndarray], config) -> tuple[dict, dict 
   from fmjax import models
   from flax import nnx
   model_cfg = config.model
-  family = model_cfg.family
-  weights = _canonical_hf_names(weights, family)
+  family, kind = model_cfg.family, hf_model_type(model_cfg)
+  table = _table(model_cfg)
+  weights = _canonical_hf_names(weights, kind)
   abstract = normalise_keys(nnx.to_pure_dict(nnx.state(models.abstract_model(
       _unrolled(model_cfg)), nnx.Param)))
   params, notes, missing = {}, [], []
   rng = np.random.default_rng(config.train.seed if "train" in config else 0)
   optional = _OPTIONAL.get(family, ())
-  for entry in _table(family, model_cfg.num_layers):
+  for entry in table:
     fm_shape = tuple(_get(abstract, entry.path).shape)
     absent = [n for n in entry.hf if n not in weights]
     if absent:
@@ -310,18 +397,18 @@ def hf_to_params(weights: Mapping[str, np.ndarray], config) -> tuple[dict, dict 
         raise ConfigError(f"weights do not match config.json: {name} has shape {tuple(a.shape)} but the config "
                           f"implies {tuple(want)}; fix config.json or use the weights that belong to it")
     _set(params, entry.path, _to_fmjax(entry, arrays, fm_shape))
-  if missing and not any(n in weights for e in _table(family, model_cfg.num_layers) for n in e.hf):
-    raise ConfigError(f"the checkpoint holds none of the tensors of a {'GPT-2' if family == 'gpt' else 'BERT'} model "
+  if missing and not any(n in weights for e in table for n in e.hf):
+    raise ConfigError(f"the checkpoint holds none of the tensors of a {_HF_NAMES[kind]} model "
                       f"(such as {missing[0]}), which its config.json's model_type says it is; use the config.json "
                       "that belongs to these weights")
   if missing:
     raise ConfigError(f"the checkpoint lacks {len(missing)} tensor(s) a {family} model needs "
                       f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); is it a complete "
-                      f"{'GPT-2' if family == 'gpt' else 'BERT'} checkpoint?")
-  _check_tied(weights, params, family)
-  used = {n for e in _table(family, model_cfg.num_layers) + _classifier_table(family) for n in e.hf}
+                      f"{_HF_NAMES[kind]} checkpoint?")
+  _check_tied(weights, params, kind)
+  used = {n for e in table + _classifier_table(family) for n in e.hf}
   unused = sorted(n for n in weights if n not in used and not n.endswith(_IGNORED))
-  prefix = "transformer.h." if family == "gpt" else "bert.encoder.layer."
+  prefix = _LAYERS[kind]
   beyond = [int(n[len(prefix):].split(".")[0]) for n in unused if n.startswith(prefix)
             and n[len(prefix):].split(".")[0].isdigit()]
   if beyond:  # importing the first layers only would be another model, silently
@@ -350,11 +437,17 @@ def _init_like(path: tuple, shape: tuple, std: float, rng: np.random.Generator) 
   return (np.ones if path[-1] == "scale" else np.zeros)(shape, np.float32)
 
 
-def _check_tied(weights: Mapping, params: dict, family: str) -> None:
-  """fmjax ties the output projection to the input embeddings; refuse checkpoints that untie them."""
-  name, emb = (("lm_head.weight", params["wte"]["embedding"]) if family == "gpt" else
-               ("cls.predictions.decoder.weight", params["embeddings"]["word_embeddings"]["embedding"]))
+def _check_tied(weights: Mapping, params: dict, kind: str) -> None:
+  """A tied output layer is the input embeddings: refuse checkpoints whose output layer differs
+  (fmjax's GPT-2 and BERT always tie it; a Llama config.json says whether it does)."""
+  if "lm_head" in params:  # an untied Llama: its lm_head was imported
+    return
+  name, emb = (("cls.predictions.decoder.weight", params["embeddings"]["word_embeddings"]["embedding"])
+               if kind == "bert" else ("lm_head.weight", params["wte"]["embedding"]))
   if name in weights and not np.allclose(np.asarray(weights[name], np.float32), emb):
+    if kind == "llama":
+      raise ConfigError(f"{name} differs from the input embeddings, but config.json says tie_word_embeddings=true; "
+                        "fix config.json (tie_word_embeddings=false) or use the weights that belong to it")
     raise ConfigError(f"{name} differs from the input embeddings (untied output layer); fmjax models tie them, "
                       "so this checkpoint cannot be imported")
 
@@ -379,7 +472,9 @@ def model_settings_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   if model_type not in FAMILIES:
     archs = ", ".join(hf.get("architectures") or []) or "none listed"
     raise ConfigError(f"unsupported architecture: model_type={model_type!r} (architectures: {archs}); "
-                      f"fmjax imports {' and '.join(FAMILIES)} checkpoints")
+                      f"fmjax imports {', '.join(list(FAMILIES)[:-1])} and {list(FAMILIES)[-1]} checkpoints")
+  if model_type in ("llama", "mistral"):
+    return _llama_settings(hf)
   if model_type == "gpt2":
     d = hf.get("n_embd", 768)
     _require(hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
@@ -391,7 +486,8 @@ def model_settings_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     return dict(family="gpt", vocab_size=hf.get("vocab_size", 50257), num_layers=hf.get("n_layer", 12),
                 d_model=d, num_heads=hf.get("n_head", 12), d_ff=hf.get("n_inner") or 4 * d,
                 max_len=hf.get("n_positions", 1024), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                dropout=float(hf.get("resid_pdrop", 0.1)), attention_dropout=float(hf.get("attn_pdrop", 0.1)))
+                dropout=float(hf.get("resid_pdrop", 0.1)), attention_dropout=float(hf.get("attn_pdrop", 0.1)),
+                **GPT2_ARCHITECTURE)
   _require(hf.get("hidden_act", "gelu") == "gelu",
            f"hidden_act={hf.get('hidden_act')!r}; fmjax's BERT uses exact (erf) GELU")
   _require(hf.get("position_embedding_type", "absolute") == "absolute",
@@ -404,6 +500,41 @@ def model_settings_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
               type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
               dropout=float(hf.get("hidden_dropout_prob", 0.1)),
               attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)))
+
+
+def _llama_settings(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """`model_settings_from_hf` of a Llama (or a Mistral, which is Llama where its window covers every position)."""
+  model_type = hf["model_type"]
+  d, heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
+  kv_heads = hf.get("num_key_value_heads") or heads
+  max_len = hf.get("max_position_embeddings", 2048)
+  _require(hf.get("hidden_act", "silu") == "silu",
+           f"hidden_act={hf.get('hidden_act')!r}; fmjax's SwiGLU gates with silu")
+  head_dim = hf.get("head_dim") or d // heads
+  _require(head_dim * heads == d, f"head_dim={head_dim} with hidden_size={d} and {heads} heads; fmjax's heads are "
+                                  "hidden_size / num_attention_heads wide")
+  # transformers 5 writes rope_parameters; older configs rope_theta and rope_scaling.
+  rope = dict(hf.get("rope_parameters") or {})
+  scaling = hf.get("rope_scaling") or {}
+  theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+  rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+  scaling_type = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, Mapping) else scaling
+  _require(rope_type == "default" and not rope and scaling_type == "default" and
+           set(scaling) <= {"rope_type", "type", "rope_theta"},
+           f"rope_scaling={hf.get('rope_scaling') or hf.get('rope_parameters')}; fmjax's rotary positions are "
+           "unscaled (rope_type default)")
+  attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+  _require(attention_bias == mlp_bias, f"attention_bias={_setting(attention_bias)} with mlp_bias={_setting(mlp_bias)}; "
+                                       "fmjax has biases in every projection or in none (model.use_bias)")
+  window = hf.get("sliding_window") if model_type == "mistral" else None
+  _require(window is None or window >= max_len, f"sliding_window={window} (below max_position_embeddings={max_len}); "
+                                                "fmjax's attention sees every earlier position")
+  return dict(family="gpt", vocab_size=hf.get("vocab_size", 32000), num_layers=hf.get("num_hidden_layers", 32),
+              d_model=d, num_heads=heads, d_ff=hf.get("intermediate_size", 11008), max_len=max_len,
+              layer_norm_eps=hf.get("rms_norm_eps", 1e-6), dropout=0.0,
+              attention_dropout=float(hf.get("attention_dropout", 0.0)), **LLAMA_ARCHITECTURE,
+              rope_theta=float(theta), num_kv_heads=0 if kv_heads == heads else kv_heads, use_bias=attention_bias,
+              tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 
 GPT_CLASSIFIER_PAD = "<pad>"
@@ -436,16 +567,24 @@ def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None,
     specials = {"pad_token_id": _export_pad_id(tokenizer, m.family, bool(num_labels))}
     if m.family == "gpt" and tokenizer.eos_id is not None:
       specials.update(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
-  if m.family == "gpt":
-    archs = ["GPT2ForSequenceClassification"] if num_labels else ["GPT2LMHeadModel"]
+  kind = hf_model_type(m)
+  archs = [_hf_architecture(kind, bool(num_labels))]
+  if kind == "llama":
+    arch = _decoder_architecture(m)
+    cfg = dict(model_type="llama", architectures=archs, vocab_size=m.vocab_size, hidden_size=m.d_model,
+               intermediate_size=m.d_ff, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+               num_key_value_heads=arch["num_kv_heads"] or m.num_heads, head_dim=m.d_model // m.num_heads,
+               hidden_act="silu", max_position_embeddings=m.max_len, rms_norm_eps=m.layer_norm_eps,
+               rope_theta=float(arch["rope_theta"]), rope_scaling=None, attention_bias=bool(arch["use_bias"]),
+               mlp_bias=bool(arch["use_bias"]), attention_dropout=m.get("attention_dropout", 0.0),
+               initializer_range=m.init_std, tie_word_embeddings=bool(arch["tie_embeddings"]))
+  elif kind == "gpt2":
     cfg = dict(model_type="gpt2", architectures=archs, vocab_size=m.vocab_size, n_positions=m.max_len,
                n_embd=m.d_model, n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.d_ff,
                activation_function="gelu_new", layer_norm_epsilon=m.layer_norm_eps, resid_pdrop=m.dropout,
                embd_pdrop=m.dropout, attn_pdrop=m.get("attention_dropout", 0.0), initializer_range=m.init_std,
                scale_attn_weights=True, tie_word_embeddings=True)
   else:
-    # A classifier's weights hold no MLM head: it is a sequence classifier only.
-    archs = ["BertForSequenceClassification"] if num_labels else ["BertForMaskedLM"]
     cfg = dict(model_type="bert", architectures=archs, vocab_size=m.vocab_size, hidden_size=m.d_model,
                num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, intermediate_size=m.d_ff,
                hidden_act="gelu", max_position_embeddings=m.max_len, type_vocab_size=m.type_vocab_size,
@@ -460,8 +599,15 @@ def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None,
     cfg["label2id"] = {n: i for i, n in enumerate(names)}
     if num_labels == 1:  # fmjax's only one-output head: regression, trained with mean squared error
       cfg["problem_type"] = "regression"
-  cfg["dtype"] = "float32"
+  cfg["dtype"] = cfg["torch_dtype"] = "float32"  # the name transformers 5 reads, and the one before it
   return {**cfg, **specials}
+
+
+def _hf_architecture(kind: str, classifier: bool) -> str:
+  """The HF class an export loads as (a classifier's weights hold no LM head: a sequence classifier only)."""
+  if classifier:
+    return {"gpt2": "GPT2", "llama": "Llama", "bert": "Bert"}[kind] + "ForSequenceClassification"
+  return {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}[kind]
 
 
 # ----------------------------------------------------------------------------- reading HF directories
@@ -570,7 +716,7 @@ def check_new_dir(path: str, flag: str) -> None:
 
 def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
               overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-  """Turns an HF BERT / GPT-2 directory into an fmjax workdir with a step-0 checkpoint; returns its config.
+  """Turns an HF BERT / GPT-2 / Llama directory into an fmjax workdir with a step-0 checkpoint; returns its config.
 
   The config starts from `config_spec` (default: configs/gpt.py or configs/bert.py) with the
   model sizes of the HF config.json; `overrides` (`a.b=v`) apply after that. Everything is
@@ -795,8 +941,9 @@ def export_params(params: Mapping, model_cfg, out: str, tokenizer=None, label_na
       else None
   pad_id = None if tokenizer is None else _export_pad_id(tokenizer, model_cfg.family, bool(num_labels))
   if pad_id is not None and pad_id >= model_cfg.vocab_size:  # no padding row for the GPT classifier's pad token
-    wte_VD = tensors["transformer.wte.weight"]
-    tensors["transformer.wte.weight"] = np.concatenate(
+    wte = next(e.hf[0] for e in _table(model_cfg) if e.path == ("wte", "embedding"))
+    wte_VD = tensors[wte]
+    tensors[wte] = np.concatenate(
         [wte_VD, np.zeros((pad_id + 1 - len(wte_VD), wte_VD.shape[1]), wte_VD.dtype)])
     model_cfg = ml_collections.ConfigDict({**model_cfg.to_dict(), "vocab_size": pad_id + 1})
   os.makedirs(out, exist_ok=True)
@@ -844,6 +991,7 @@ def export(workdir: str, out: str, fmt: str = "hf", step: int | None = None) -> 
   check_new_dir(out, "--out")
   from fmjax import generate
   config, step, meta = run_config_at(workdir, step)
+  hf_model_type(config.model)  # a decoder HF lacks is refused before any reading
   params = from_finetune(read_params(workdir, step), config)
   tokenizer = run_tokenizer(workdir, config)
   with staged_dir(out, ".exporting") as staging:
@@ -890,8 +1038,8 @@ def cli_import(argv: list[str]) -> int:
   metrics.setup_logging()
   config = import_hf(args.model_dir, args.workdir, args.config, overrides)
   m = config.model
-  print(f"imported {m.family} ({m.num_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}) into "
-        f"{files.absolute(args.workdir)}")
+  print(f"imported {m.family} ({_HF_NAMES[hf_model_type(m)]} architecture, {m.num_layers} layers, d_model "
+        f"{m.d_model}, vocab {m.vocab_size}) into {files.absolute(args.workdir)}")
   return 0
 
 

@@ -44,7 +44,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from fmjax import config_lib, files, finetune, interop
+from fmjax import config_lib, files, finetune, interop, models
 from fmjax.config_lib import ConfigError
 
 REQUIRED_FIELDS = ("license", "intended_use", "limitations", "use_restrictions", "data_licenses")
@@ -246,6 +246,21 @@ def _pii_line(report: Mapping[str, Any]) -> str:
           + f". {report['note'][0].upper()}{report['note'][1:]}.")
 
 
+def _architecture(m) -> str:
+  """The model card's one-line description of the architecture (the HF model it exports as)."""
+  kind = interop.hf_model_type(m)
+  if kind == "bert":
+    return "BERT encoder (post-LN, learned positions, token types, pooler, tied masked-LM head)"
+  if kind == "gpt2":
+    return "GPT-2-style decoder (pre-LN, learned positions, tied embeddings, causal LM)"
+  arch = models.architecture(m)
+  kv_heads = arch["num_kv_heads"] or m.num_heads
+  attention = f"grouped-query attention ({kv_heads} key/value heads)" if kv_heads != m.num_heads else "attention"
+  return (f"Llama-style decoder (pre-norm RMSNorm, rotary positions (theta {arch['rope_theta']:g}), SwiGLU MLP, "
+          f"{attention}, {'biases' if arch['use_bias'] else 'no biases'}, "
+          f"{'tied' if arch['tie_embeddings'] else 'untied'} embeddings, causal LM)")
+
+
 def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Mapping[str, Any],
                evals: tuple[int | None, dict], imported: Mapping | None, positions: int | None = None,
                init_step: int | None = None) -> str:
@@ -254,9 +269,14 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
   m = config.model
   total, no_pos = _param_counts(params)
   name = card.get("model_name") or config.name
-  arch = ("GPT-2-style decoder (pre-LN, learned positions, tied embeddings, causal LM)" if m.family == "gpt"
-          else "BERT encoder (post-LN, learned positions, token types, pooler, tied masked-LM head)")
+  arch = _architecture(m)
   heads = " + sequence-classification head" if "classifier" in params else ""
+  max_len = m.max_len
+  if positions not in (None, m.max_len):
+    max_len = (f"{positions} (trained; the position table has {m.max_len} rows, those past {positions} untrained)"
+               if models.architecture(m)["positions"] == "learned" else
+               f"{positions} (trained; rotary positions: rows up to model.max_len={m.max_len} run, untrained "
+               f"past {positions})")
   lines = [f"# {name}", ""]
   if card.get("description"):
     lines += [card["description"], ""]
@@ -264,8 +284,7 @@ def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Ma
       ("Architecture", arch + heads), ("Layers", m.num_layers), ("Model width (d_model)", m.d_model),
       ("Attention heads", m.num_heads), ("MLP width (d_ff)", m.d_ff),
       ("Vocabulary", f"{m.vocab_size} (model rows; the tokenizer may use fewer)"),
-      ("Max sequence length", m.max_len if positions in (None, m.max_len) else
-       f"{positions} (trained; the position table has {m.max_len} rows, those past {positions} untrained)"),
+      ("Max sequence length", max_len),
       ("Parameters", f"{total:,} ({no_pos:,} without position embeddings)"),
       ("Parameter dtype", m.param_dtype)], ("", "")), ""]
 
@@ -404,6 +423,7 @@ def release(workdir: str, out: str, *, card_path: str | None = None, step: int |
   if pii_sample < 1:
     raise ConfigError(f"--pii_sample={pii_sample} must be at least 1 (training documents the PII report scans)")
   config, step, meta = interop.run_config_at(workdir, step)  # the config checkpoint `step` recorded
+  interop.hf_model_type(config.model)  # a decoder with no Hugging Face counterpart cannot be released
   config = _moved(config, moved)
   imported = _imported_info(workdir)
   card = read_card(config, card_path)

@@ -8,10 +8,12 @@ Shape legend: B batch, T sequence, V vocab, D model, C classes.
 
 import json
 import os
+import re
 import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -378,6 +380,215 @@ def test_exported_bert_tokenizer_adds_cls_and_sep_like_bert(tmp_path, wordpiece)
   assert pair["token_type_ids"] == [0] * (len(wordpiece.encode(text)) + 2) + [1] * (len(wordpiece.encode("It repeats.")) + 1)
 
 
+# ----------------------------------------------------------------------------- Llama
+
+
+# Llama's architecture (configs/gpt.py:SIZE,llama) at _random_fmjax's size; rope_theta and eps off their
+# defaults, so that a mapping that dropped either would show in the logits.
+LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False, rope_theta=500.0,
+             layer_norm_eps=1e-5)
+
+
+def _llama(vocab, seed=0, layers=2, mistral=False, **kw):
+  """A random HF LlamaForCausalLM (MistralForCausalLM): 4 query heads sharing 2 key/value heads, an untied head."""
+  settings = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+                  rope_theta=500.0, tie_word_embeddings=False)
+  cfg = (transformers.MistralConfig if mistral else transformers.LlamaConfig)(**{**settings, **kw})
+  return _perturb(transformers.AutoModelForCausalLM.from_config(cfg), seed)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, bpe):
+  d = tmp_path_factory.mktemp("hf_llama")
+  model = _llama(bpe.vocab_size, seed=12, attention_dropout=0.05)
+  model.save_pretrained(d)
+  assert (d / "model.safetensors").is_file()
+  _write_tokenizer_files(bpe, d, "GPT2Tokenizer")
+  return d, model
+
+
+@pytest.fixture(scope="module")
+def llama_workdir(tmp_path_factory, llama_dir):
+  workdir = tmp_path_factory.mktemp("imported") / "llama"
+  interop.import_hf(str(llama_dir[0]), str(workdir), overrides=["model.attention=xla"])
+  return workdir
+
+
+def test_llama_import_logits_match_with_grouped_query_attention_and_packed_documents(llama_dir, llama_workdir):
+  hf_model = llama_dir[1]
+  model, config, tokenizer = generate.load_run(str(llama_workdir))
+  m = config.model
+  assert {k: m[k] for k in (*LLAMA, "num_kv_heads", "d_ff", "max_len", "dropout", "attention_dropout")} == dict(
+      LLAMA, num_kv_heads=2, d_ff=48, max_len=64, dropout=0.0, attention_dropout=0.05)
+  assert "wpe" not in nnx.state(model, nnx.Param) and "kv" in nnx.state(model, nnx.Param)["h"]["blocks"][0]["attn"]
+  ids = _ids(tokenizer.vocab_size, seed=12)
+  _close(_logits(model, jnp.asarray(ids)), _hf_logits(hf_model, ids))
+  # Two documents packed in one row: fmjax restarts the rotary positions at the second and keeps it from
+  # attending the first, which gives HF's logits of each document alone.
+  cut = 6
+  positions_BT = np.concatenate([np.arange(cut), np.arange(T - cut)])[None]
+  segments_BT = np.array([[1] * cut + [2] * (T - cut)])
+  packed_BTV = nnx.jit(lambda mdl, x, p, s: mdl(x, positions_BT=p, segment_ids_BT=s))(
+      model, jnp.asarray(ids[:1]), jnp.asarray(positions_BT), jnp.asarray(segments_BT))
+  _close(packed_BTV, np.concatenate([_hf_logits(hf_model, ids[:1, :cut]), _hf_logits(hf_model, ids[:1, cut:])], 1))
+
+
+def test_llama_round_trip_keeps_every_tensor_and_generates_in_transformers_what_fmjax_does(llama_dir, llama_workdir,
+                                                                                             tmp_path, bpe):
+  """The export of the imported workdir is the original checkpoint; greedy decoding (fmjax's KV cache of
+  rotated keys) continues a prompt with transformers' tokens."""
+  import torch
+  out = tmp_path / "hf"
+  assert cli.main(["export", f"--workdir={llama_workdir}", f"--out={out}"]) == 0
+  original, exported = (interop.read_hf_weights(str(d)) for d in (llama_dir[0], out))
+  assert set(exported) == set(original) and "lm_head.weight" in exported
+  for name in original:
+    np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+  hf_in, hf_out = (json.loads((d / "config.json").read_text()) for d in (llama_dir[0], out))
+  same = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "vocab_size", "attention_bias",
+          "mlp_bias", "attention_dropout", "hidden_act", "model_type", "architectures")
+  assert {k: hf_out[k] for k in same} == {k: hf_in[k] for k in same}
+  assert hf_out["rope_theta"] == 500.0 and hf_out["torch_dtype"] == "float32"
+  assert hf_out["bos_token_id"] == hf_out["eos_token_id"] == bpe.eos_id
+
+  prompt = "The with statement"
+  ours = generate.run(str(llama_workdir), prompts=[prompt], max_new_tokens=8, temperature=0.0)[0]
+  auto = transformers.AutoTokenizer.from_pretrained(out)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  enc = auto(prompt, return_tensors="pt")
+  assert enc["input_ids"][0, 0] == bpe.eos_id  # a prompt opens with <eos>, as in `fmjax generate`
+  with torch.no_grad():
+    ids = hf_model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=auto.eos_token_id)
+  new = ids[0, enc["input_ids"].shape[1]:].tolist()
+  if auto.eos_token_id in new:  # fmjax cuts a completion before its first <eos>
+    new = new[:new.index(auto.eos_token_id)]
+  assert auto.decode(new) == ours
+
+
+@pytest.mark.parametrize("kv_heads,tied,use_bias,scan", [(2, False, False, True), (0, True, True, False)],
+                         ids=["grouped_untied_scanned", "tied_with_biases"])
+def test_llama_export_matches_transformers(tmp_path, bpe, kv_heads, tied, use_bias, scan):
+  model, cfg = _random_fmjax("gpt", bpe.vocab_size, seed=13, **dict(LLAMA, tie_embeddings=tied, use_bias=use_bias),
+                             num_kv_heads=kv_heads, scan_layers=scan)
+  interop.export_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg, str(tmp_path), bpe)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  assert type(hf_model).__name__ == "LlamaForCausalLM"
+  hf = json.loads((tmp_path / "config.json").read_text())
+  assert {k: hf[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                             "rms_norm_eps", "rope_theta", "max_position_embeddings", "tie_word_embeddings",
+                             "attention_bias", "mlp_bias")} == dict(
+      num_attention_heads=4, num_key_value_heads=kv_heads or 4, head_dim=8, intermediate_size=64, rms_norm_eps=1e-5,
+      rope_theta=500.0, max_position_embeddings=64, tie_word_embeddings=tied, attention_bias=use_bias,
+      mlp_bias=use_bias)
+  weights = interop.read_hf_weights(str(tmp_path))
+  assert ("lm_head.weight" in weights) != tied
+  assert weights["model.layers.1.self_attn.k_proj.weight"].shape == ((kv_heads or 4) * 8, 32)
+  ids = _ids(bpe.vocab_size, seed=13)
+  _close(_logits(model, jnp.asarray(ids)), _hf_logits(hf_model, ids))
+
+
+@pytest.mark.parametrize("mistral", [False, True], ids=["tied_llama_with_biases", "mistral"])
+def test_tied_llama_with_biases_and_mistral_import_with_parity(bpe, mistral):
+  """A Mistral whose window covers its positions is Llama (sliding_window null: Mistral v0.2 on)."""
+  kw = dict(sliding_window=None) if mistral else dict(tie_word_embeddings=True, num_key_value_heads=4,
+                                                      attention_bias=True, mlp_bias=True)
+  hf_model = _llama(bpe.vocab_size, seed=14, layers=1, mistral=mistral, **kw)
+  config = _model_config("gpt", hf_model)
+  assert (config.model.use_bias, config.model.tie_embeddings, config.model.num_kv_heads) == (
+      (False, False, 2) if mistral else (True, True, 0))
+  model = nnx.merge(nnx.graphdef(models.abstract_model(config.model)), _fmjax_params_from_hf(hf_model, config))
+  ids = _ids(bpe.vocab_size, seed=14)
+  _close(_logits(model, jnp.asarray(ids)), _hf_logits(hf_model, ids))
+  if not mistral:  # an lm_head that is not the embeddings, under tie_word_embeddings=true: another model
+    weights = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"] + 1
+    with pytest.raises(ConfigError, match="lm_head.weight differs from the input embeddings, but config.json says "
+                                          r"tie_word_embeddings=true; fix config.json \(tie_word_embeddings=false\)"):
+      interop.hf_to_params(weights, config)
+
+
+def test_llama_classifier_exports_as_llama_for_sequence_classification_without_its_lm_head(tmp_path, bpe):
+  """A fine-tuned Llama's trunk keeps its (unused) untied lm_head; HF's classifier has none, so it is left out."""
+  model, cfg = _random_fmjax("gpt", bpe.vocab_size, seed=17, **LLAMA, num_kv_heads=2)
+  kernel_DC = np.random.default_rng(17).standard_normal((32, 3)).astype(np.float32)
+  params = dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)), classifier={"kernel": kernel_DC})
+  interop.export_params(params, cfg, str(tmp_path), bpe)
+  hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+  assert type(hf_model).__name__ == "LlamaForSequenceClassification"
+  assert "lm_head.weight" not in interop.read_hf_weights(str(tmp_path))
+  ids = _ids(bpe.vocab_size, seed=17)  # no pad ids: HF pools the last token, as fmjax's GPT head does
+  h_BTD = nnx.jit(lambda m, x: m.hidden(x))(model, jnp.asarray(ids))
+  _close(np.asarray(h_BTD)[:, -1] @ kernel_DC, _hf_logits(hf_model, ids))
+
+
+def test_lora_on_grouped_query_attention_merges_into_the_llama_export(tmp_path, bpe):
+  """LoRA targets `attn.qkv` reach q and kv in grouped-query attention; export merges them into q_proj,
+  k_proj and v_proj, and transformers' logits are the unmerged fmjax model's."""
+  from fmjax import peft
+  model, cfg = _random_fmjax("gpt", bpe.vocab_size, seed=15, **LLAMA, num_kv_heads=2)
+  ft = config_lib.peft_section("lora")
+  ft.lora_rank = 2
+  with models.sharded_if_mesh():
+    peft.apply(model, ft, nnx.Rngs(15))
+  state = nnx.state(model, nnx.Param)
+  rng = np.random.default_rng(15)
+  pure = jax.tree_util.tree_map_with_path(  # B = 0 at init: make the update count
+      lambda p, x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype) if str(p[-1].key) == "lora_b" else x,
+      nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+  attn = pure["h"]["blocks"][0]["attn"]
+  assert all({"lora_a", "lora_b"} <= set(attn[name]) for name in ("q", "kv", "out"))
+  params = interop.from_finetune(pure, ml_collections.ConfigDict({"model": cfg, "finetune": ft}))
+  assert "lora_a" not in params["h"]["blocks"][0]["attn"]["kv"]
+  interop.export_params(params, cfg, str(tmp_path))
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  ids = _ids(bpe.vocab_size, seed=15)
+  _close(_logits(model, jnp.asarray(ids)), _hf_logits(hf_model, ids))
+
+
+@pytest.mark.parametrize("changes,differs", [
+    (dict(positions="rope"), "model.positions=rope (not learned) and from Llama's in model.norm=layernorm (not "
+                             "rmsnorm), model.mlp=gelu (not swiglu);"),
+    (dict(mlp="swiglu"), "model.mlp=swiglu (not gelu) and from Llama's in model.positions=learned (not rope), "
+                         "model.norm=layernorm (not rmsnorm);"),
+    (dict(norm="rmsnorm", use_bias=False, tie_embeddings=False),
+     "model.norm=rmsnorm (not layernorm), model.use_bias=false (not true), model.tie_embeddings=false (not true) and "
+     "from Llama's in model.positions=learned (not rope), model.mlp=gelu (not swiglu);"),
+], ids=["rope_layernorm", "swiglu_learned", "rmsnorm_learned"])
+def test_export_of_a_decoder_hugging_face_lacks_is_one_line_naming_how_it_differs(tmp_path, changes, differs):
+  _, cfg = _random_fmjax("gpt", 128, seed=16, **changes)
+  with pytest.raises(ConfigError, match=r"^this decoder has no Hugging Face counterpart: it differs from GPT-2's "
+                                        rf"architecture in {re.escape(differs)} export takes GPT-2's") as e:
+    interop.export_params({}, cfg, str(tmp_path / "out"))
+  assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_llama_settings_fmjax_lacks_are_refused_in_one_line(llama_dir, tmp_path):
+  hf = json.loads((llama_dir[0] / "config.json").read_text())
+  llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}
+  for changes, match in ((dict(rope_scaling=llama3), r"rope_scaling=\{'rope_type': 'llama3'.*unscaled"),
+                         (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "'linear'.*unscaled"),
+                         (dict(head_dim=16), "head_dim=16 with hidden_size=32 and 4 heads"),
+                         (dict(hidden_act="gelu"), "hidden_act='gelu'; fmjax's SwiGLU gates with silu"),
+                         (dict(attention_bias=True), "attention_bias=true with mlp_bias=false"),
+                         (dict(model_type="mistral", sliding_window=8),
+                          r"sliding_window=8 \(below max_position_embeddings=64\)"),
+                         (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+                          r"model_type='qwen2' \(architectures: Qwen2ForCausalLM\); fmjax imports gpt2, llama, "
+                          "mistral and bert checkpoints")):
+    with pytest.raises(ConfigError, match=match) as e:
+      interop.model_settings_from_hf({**hf, **changes})
+    assert "\n" not in str(e.value)
+  scaled = _copy_with_config(llama_dir[0], tmp_path / "scaled", rope_scaling=llama3)
+  with pytest.raises(ConfigError, match="^unsupported Hugging Face config: rope_scaling="):
+    interop.import_hf(str(scaled), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
 # ----------------------------------------------------------------------------- gradients
 
 
@@ -473,10 +684,10 @@ def test_hf_tokenizer_files_encode_like_transformers(kind, tmp_path, texts, bpe,
 
 
 def test_unsupported_architecture_is_one_clear_line(gpt_dir, tmp_path):
-  src = tmp_path / "llama"
+  src = tmp_path / "t5"
   src.mkdir()
-  (src / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-  with pytest.raises(ConfigError, match=r"unsupported architecture: model_type='llama'.*LlamaForCausalLM") as e:
+  (src / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}))
+  with pytest.raises(ConfigError, match=r"unsupported architecture: model_type='t5'.*T5ForConditionalGeneration") as e:
     interop.import_hf(str(src), str(tmp_path / "w"))
   assert "\n" not in str(e.value)
   assert not (tmp_path / "w").exists()
@@ -532,7 +743,8 @@ def test_corrupt_hf_files_are_one_line_naming_the_file(gpt_dir, tmp_path):
 
 def test_layer_norm_epsilon_comes_from_the_hf_config_and_goes_back_to_it():
   for hf, key in ((transformers.GPT2Config(layer_norm_epsilon=1e-3), "layer_norm_epsilon"),
-                  (transformers.BertConfig(layer_norm_eps=1e-3), "layer_norm_eps")):
+                  (transformers.BertConfig(layer_norm_eps=1e-3), "layer_norm_eps"),
+                  (transformers.LlamaConfig(rms_norm_eps=1e-3), "rms_norm_eps")):
     settings = interop.model_settings_from_hf(hf.to_dict())
     assert settings["layer_norm_eps"] == 1e-3, hf.model_type
     model_cfg = config_lib.base_config(settings["family"]).model

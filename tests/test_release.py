@@ -396,6 +396,27 @@ def _finetune_run(tmp_path, peft_mode):
   return workdir, config, params, str(card)
 
 
+def test_release_of_a_llama_architecture_run_is_a_llama_for_causal_lm_and_its_card_says_so(run, tmp_path):
+  workdir, _, _, files = run
+  llama = tmp_path / "llama"
+  shutil.copytree(workdir / "tokenizer", llama / "tokenizer")
+  config = config_lib.load_config(os.path.join(CONFIGS, "gpt.py") + ":tiny,llama", [
+      *MODEL, "model.num_kv_heads=2", "data.dataset=text_files", f"data.files={files}", f"data.seq_len={SEQ}",
+      f"data.cache_dir={tmp_path / 'cache'}", "data.pii_scrub=true", f"train.batch_size={BATCH}",
+      f"train.steps={STEP}"])
+  config_lib.save_json(config, str(llama / "config.json"))
+  rng = np.random.default_rng(1)
+  abstract = nnx.to_pure_dict(nnx.state(models.abstract_model(config.model), nnx.Param))
+  _save(llama, config, jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), abstract), STEP)
+  out = release.release(str(llama), str(tmp_path / "out"), card_path=_card(tmp_path, files), pii_sample=2)
+  hf = json.loads(open(os.path.join(out, "hf", "config.json")).read())
+  assert (hf["architectures"], hf["num_key_value_heads"], hf["tie_word_embeddings"]) == (["LlamaForCausalLM"], 2, False)
+  text = open(os.path.join(out, "MODEL_CARD.md")).read()
+  assert ("Llama-style decoder (pre-norm RMSNorm, rotary positions (theta 10000), SwiGLU MLP, grouped-query attention "
+          "(2 key/value heads), no biases, untied embeddings, causal LM)") in text
+  assert f"| Max sequence length | {SEQ} (trained; rotary positions:" in text
+
+
 def test_release_of_a_finetune_run_exports_as_export_does(tmp_path):
   from safetensors.numpy import load_file
   workdir, config, params, card = _finetune_run(tmp_path, "lora")

@@ -42,7 +42,7 @@ class Tokenizer:
     self.hf = tok
     self.kind = kind
     get = tok.token_to_id
-    self.eos_id = _first(get, (EOS, "</s>", "[SEP]"))
+    self.eos_id = _first(get, (EOS, "</s>", "<|end_of_text|>", "[SEP]"))  # GPT-2, Llama 2 / Mistral, Llama 3
     self.cls_id = _first(get, ("[CLS]", "<s>"))
     self.sep_id = _first(get, ("[SEP]", "</s>"))
     self.mask_id = _first(get, ("[MASK]", "<mask>"))
