@@ -39,6 +39,11 @@ VARIANTS = {
     "gpt2_small_b32_mubf16": (GPT.format("small"), ["train.batch_size=32", "optim.mu_dtype=bfloat16"]),
     # float16 compute with its dynamic loss scale (for GPUs without bfloat16); the H100 tells its cost.
     "gpt2_small_b16_fp16": (GPT.format("small"), ["train.batch_size=16", "model.dtype=float16"]),
+    # Llama's architecture at GPT-2 124M's width (162M: untied head, SwiGLU, RMSNorm, rotary positions;
+    # configs/gpt.py:small,llama); kv4: grouped-query attention, 4 key/value heads for 12 query heads.
+    "llama_small_b16": (GPT.format("small,llama"), ["train.batch_size=16"]),
+    "llama_small_b16_kv4": (GPT.format("small,llama"), ["train.batch_size=16", "model.num_kv_heads=4"]),
+    "llama_small_b16_scan": (GPT.format("small,llama"), ["train.batch_size=16", "model.scan_layers=true"]),
     # GPT-2 XL 1.5B at seq 1024; names without `_scan` unroll the 48 layers (its config scans).
     "gpt2_xl_b8_full": (GPT.format("xl"), ["train.batch_size=8", "model.remat=full", UNROLL]),
     "gpt2_xl_b8_dots": (GPT.format("xl"), ["train.batch_size=8", "model.remat=dots_no_batch", UNROLL]),

@@ -2,7 +2,8 @@
 
 Prints tokens/s, MFU, step time, compile time and peak device memory. FLOPs per token are
 6*N + 12*L*D*T (N = parameters without position embeddings, L layers, D width, T sequence;
-attention is counted in full for BERT's bidirectional attention as well as GPT's).
+attention is counted in full for BERT's bidirectional attention as well as GPT's). An untied
+output layer's input table is a lookup, as the position table is: N leaves it out too.
 
 Shapes: T sequence.
 """
@@ -21,7 +22,8 @@ from fmjax import config_lib, files, metrics as metrics_lib, optim, sharding, tr
 from fmjax.config_lib import ConfigError
 from fmjax.data import packing
 
-FLOPS_FORMULA = "FLOPs/token = 6*N + 12*L*D*T (N: parameters without position embeddings)"
+FLOPS_FORMULA = ("FLOPs/token = 6*N + 12*L*D*T (N: parameters without position embeddings, nor an untied head's "
+                 "input table)")
 
 
 def synthetic_batch(config, batch_size: int | None = None, seed: int = 0, segments: int = 1) -> dict[str, np.ndarray]:

@@ -260,6 +260,39 @@ def _bias_gelu_bwd(approximate, residuals, dy):
 bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 
 
+@jax.custom_vjp
+def swiglu(h_Bx2F):
+  """silu(gate) * up of the fused projection h [..., 2, F] (gate, up) in float32, output in h's dtype.
+
+  The backward pass recomputes from `h`, the matmul output that exists anyway. Autodiff kept five
+  float32 activations of the MLP's width for it (gate, up, and silu's three), 20 bytes an element
+  of F against h's 4: unrolled, XLA:GPU fused them away, but under `lax.scan` each was stacked
+  across the layers (benchmarks/README.md, Llama-style decoder).
+  """
+  return _swiglu_fwd(h_Bx2F)[0]
+
+
+def _swiglu_fwd(h_Bx2F):
+  h32 = h_Bx2F.astype(jnp.float32)
+  return (jax.nn.silu(h32[..., 0, :]) * h32[..., 1, :]).astype(h_Bx2F.dtype), h_Bx2F
+
+
+def _swiglu_bwd(h_Bx2F, dy_BxF):
+  h32 = h_Bx2F.astype(jnp.float32)
+  gate, up = h32[..., 0, :], h32[..., 1, :]
+  sig = jax.nn.sigmoid(gate)
+  dy_sig = dy_BxF.astype(jnp.float32) * sig
+  # d gate = dy up silu'(gate), silu'(g) = s (1 + g (1 - s)); d up = dy silu(gate). Chosen per element
+  # of [..., 2, F] rather than stacked: XLA computes a concatenation's halves in two kernels, and
+  # then writes the shared sigmoid out in float32 between them.
+  is_gate = jax.lax.broadcasted_iota(jnp.int32, h_Bx2F.shape, h_Bx2F.ndim - 2) == 0
+  factor_Bx2F = jnp.where(is_gate, (up * (1 + gate * (1 - sig)))[..., None, :], gate[..., None, :])
+  return ((factor_Bx2F * dy_sig[..., None, :]).astype(h_Bx2F.dtype),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm computed in float32 whatever the compute dtype; output in the compute dtype."""
 
@@ -421,8 +454,7 @@ class MLP(nnx.Module):
   def __call__(self, x_BTD):
     fc = self.fc
     if self.swiglu:
-      h_BT2F = _constrain(fc(x_BTD), ("batch", "length", None, "mlp")).astype(jnp.float32)
-      return self.proj((jax.nn.silu(h_BT2F[:, :, 0]) * h_BT2F[:, :, 1]).astype(x_BTD.dtype))
+      return self.proj(swiglu(_constrain(fc(x_BTD), ("batch", "length", None, "mlp"))))
     if fc.bias is None or not fc.bias_is_last:
       h_BTF = _constrain(fc(x_BTD), ("batch", "length", "mlp"))
       return self.proj(jax.nn.gelu(h_BTF, approximate=self.approximate))
@@ -764,9 +796,15 @@ def flops_per_token(model_cfg, seq_len: int) -> float:
   """Training FLOPs per token: 6*N + 12*L*D*T, N without position embeddings.
 
   6N is forward + backward of the matmuls; 12*L*D*T the attention scores and weighted sums,
-  counted in full (no causal halving, and bidirectional BERT counted the same).
+  counted in full (no causal halving, and bidirectional BERT counted the same). A tied token
+  table counts once, as the output layer's matmul; an untied head's input table is a lookup like
+  the position table, so N leaves it out too (else MFU would read 27% high for a Llama-style
+  GPT-2 small).
   """
-  n = param_count(abstract_model(model_cfg), exclude_positions=True)
+  model = abstract_model(model_cfg)
+  n = param_count(model, exclude_positions=True)
+  if hasattr(model, "lm_head"):
+    n -= int(np.prod(model.wte.embedding.shape))
   return 6.0 * n + 12.0 * model_cfg.num_layers * model_cfg.d_model * seq_len
 
 

@@ -292,6 +292,18 @@ def test_flops_per_token_excludes_position_embeddings():
   assert models.flops_per_token(cfg, 1024) == 6 * n + 12 * 12 * 768 * 1024
 
 
+def test_flops_per_token_of_an_untied_rope_decoder_counts_the_matmuls_gpt2_has():
+  """No position table, and the untied head's input table is a lookup: N is the weights a token is
+  multiplied by, so a Llama-style GPT-2 small counts what GPT-2 small does (its MLP is as wide)."""
+  gpt = config_lib.load_module(os.path.join(CONFIGS, "gpt.py"))
+  llama, gpt2 = gpt.get_config("small,llama").model, gpt.get_config("small").model
+  D, F, V, L = 768, 2048, 50304, 12
+  layer = 4 * D * D + 3 * D * F + 2 * D  # q, k, v, out; gate, up, down; two RMSNorm scales
+  n = L * layer + D + V * D  # the final norm, the untied head (not the input table)
+  assert models.flops_per_token(llama, 1024) == 6 * n + 12 * L * D * 1024
+  assert abs(models.flops_per_token(llama, 1024) / models.flops_per_token(gpt2, 1024) - 1) < 1e-3
+
+
 @pytest.mark.parametrize("family", ["gpt", "bert"])
 def test_partitioning_names_and_sharded_build(family):
   """Every param uses only the shared logical names; building under a mesh shards heads and mlp."""
@@ -405,3 +417,44 @@ def test_bias_gelu_vjp_matches_autodiff_and_keeps_only_its_input(approximate, dt
   kept = capsys.readouterr().out.strip().splitlines()
   name = {jnp.float32: "f32", jnp.bfloat16: "bf16"}[dtype]
   assert [line for line in kept if "[3,5,64]" in line] == [f"{name}[3,5,64] from the argument h"], kept
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_swiglu_vjp_matches_autodiff_and_keeps_only_its_input(dtype, capsys):
+  """The hand-written SwiGLU backward equals autodiff of silu(gate) * up, and the forward keeps only
+  the fused projection's output h [..., 2, F] for it: autodiff kept five float32 [..., F] arrays."""
+  k = jax.random.split(jax.random.key(2), 2)
+  h = (jax.random.normal(k[0], (3, 5, 2, 64)) * 3).astype(dtype)
+  w = jax.random.normal(k[1], (3, 5, 64))
+
+  def autodiff(h):
+    h32 = h.astype(jnp.float32)
+    return (jax.nn.silu(h32[..., 0, :]) * h32[..., 1, :]).astype(h.dtype)
+
+  def grads(fn):
+    return jax.value_and_grad(lambda h: (fn(h).astype(jnp.float32) * w).sum())(h)
+
+  (v, g), (v_ref, g_ref) = grads(models.swiglu), grads(autodiff)
+  assert float(v) == float(v_ref)
+  assert g.dtype == g_ref.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2  # bf16: the same float32 math, one rounding
+  np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), rtol=tol, atol=tol)
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(lambda h: models.swiglu(h).astype(jnp.float32).sum(), h)
+  kept = capsys.readouterr().out.strip().splitlines()
+  name = {jnp.float32: "f32", jnp.bfloat16: "bf16"}[dtype]
+  assert kept == [f"{name}[3,5,2,64] from the argument h"], kept
+
+
+def test_llama_block_keeps_no_float32_activation_of_the_mlp_width(capsys):
+  """A Llama-style GPT in bfloat16 (SwiGLU, RMSNorm, rotary positions) keeps nothing of the MLP's width
+  in float32 for the backward pass: under `lax.scan` XLA stacks every such residual across the layers."""
+  model = build("gpt", positions="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False,
+                d_ff=96, dtype="bfloat16")
+  graphdef, state = nnx.split(model)
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(
+      lambda s: nnx.merge(graphdef, s)(tokens(), positions_BT=POSITIONS_BT).sum(), state)
+  kept = capsys.readouterr().out.strip().splitlines()
+  assert any(f"bf16[{B},{T},2,96]" in line for line in kept), kept  # h, what the backward recomputes from
+  assert not [line for line in kept if f"f32[{B},{T},96]" in line or f"f32[{B},{T},2,96]" in line], kept
