@@ -510,7 +510,8 @@ def _check_architecture(m, models) -> None:
   arch = models.architecture(m)
   for key, choices in models.ARCHITECTURE_CHOICES.items():
     _one_of(f"model.{key}", arch[key], choices)
-  changed = [f"model.{k}={arch[k]}" for k, v in models.ARCHITECTURE_DEFAULTS.items() if arch[k] != v]
+  changed = [f"model.{k}={str(arch[k]).lower() if isinstance(arch[k], bool) else arch[k]}"
+             for k, v in models.ARCHITECTURE_DEFAULTS.items() if arch[k] != v]
   if m.family == "bert" and changed:
     raise ConfigError(f"{', '.join(changed)} is a decoder choice: BERT has learned positions, LayerNorm, GELU, "
                       "biases, every head its own keys and a tied head; drop it, or use model.family=gpt")

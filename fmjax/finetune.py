@@ -36,8 +36,8 @@ from fmjax.config_lib import ConfigError
 log = metrics_lib.log
 RESULTS_FILE = "results.json"
 _RATE_KEYS = ("optim.lr",)  # what `summarize` picks the best of, per task and per other setting
-# Pretraining-only parameters a classifier drops (the tied GPT head needs nothing extra).
-_PRETRAIN_HEADS = {"bert": ("mlm_transform", "mlm_ln", "mlm_bias"), "gpt": ()}
+# Pretraining-only parameters a classifier drops (a tied GPT head needs nothing extra; an untied one is lm_head).
+_PRETRAIN_HEADS = {"bert": ("mlm_transform", "mlm_ln", "mlm_bias"), "gpt": ("lm_head",)}
 
 
 # ----------------------------------------------------------------------------- model
@@ -77,7 +77,8 @@ class Classifier(nnx.Module):
     self.dropout = float(m.dropout)
     self.trunk = models.build_model(m, rngs=rngs)
     for name in _PRETRAIN_HEADS[m.family] + (("pooler",) if m.family == "bert" and self.pooling != "cls" else ()):
-      delattr(self.trunk, name)
+      if hasattr(self.trunk, name):
+        delattr(self.trunk, name)
     self.head = models.Dense((m.d_model,), (num_outputs,), ("embed", None), std=m.init_std, rngs=rngs,
                              use_bias=bool(config.finetune.get("head_bias", True)),
                              dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
