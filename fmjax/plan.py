@@ -311,15 +311,17 @@ def analytic_temp_bytes(config, mesh_sizes: dict[str, int], param_bytes: int, ke
   """A formula for XLA's temporary buffers in one train step, per device.
 
   Gradients (one copy of the local parameters) plus saved activations. Per token and layer
-  the block keeps about 16*D values (LayerNorm inputs, q/k/v, attention output, the 4*D MLP
-  hidden before and after GELU), plus 2*H*T for attention scores and probabilities unless the
+  the block keeps about 16*D values for GPT-2 (the two norms' inputs and the residual stream, 4*D;
+  q/k/v, 3*D, or D + 2*G*K with G key/value heads; the attention output, D; the MLP hidden before
+  and after GELU, 2*F, or SwiGLU's gate, up and product, 3*F), plus 2*H*T for attention scores and
+  probabilities unless the
   attention `kernel` is a flash kernel (splash, cudnn), which keeps none (Korthikanti et al.,
   2022 count 34*D + 5*H*T bytes at 16 bits with dropout masks). Remat keeps only each layer's
   input and recomputes one layer at a time. The LM head's logits and their gradient come on
   top: float32, or one chunk in the compute dtype with the fused loss. Tensor parallelism
   divides all of it but the fused loss's copy of the head.
   """
-  from fmjax import sharding
+  from fmjax import models, sharding
   m, t = config.model, config.data.seq_len
   dp = sharding.data_parallel_size(mesh_sizes)
   tp = mesh_sizes["tensor"]
@@ -327,7 +329,10 @@ def analytic_temp_bytes(config, mesh_sizes: dict[str, int], param_bytes: int, ke
   tokens = rows * t
   act_bytes = 2 if m.dtype in ("bfloat16", "float16") else 4
   scores = 0 if kernel in ("splash", "cudnn") else 2 * m.num_heads * t
-  per_layer = tokens * (16 * m.d_model + scores) * act_bytes / tp
+  arch = models.architecture(m)
+  kv_width = (arch["num_kv_heads"] or m.num_heads) * (m.d_model // m.num_heads)
+  mlp = (3 if arch["mlp"] == "swiglu" else 2) * m.d_ff
+  per_layer = tokens * (4 * m.d_model + m.d_model + 2 * kv_width + m.d_model + mlp + scores) * act_bytes / tp
   if m.remat == "none":
     acts = m.num_layers * per_layer
   elif m.remat == "full":
