@@ -22,9 +22,11 @@ DECAYED = ("kernel", "lora_a", "lora_b")
 
 
 def decay_mask(params):
-  """True for dense kernels and LoRA factors; False for norms, biases and embedding tables."""
+  """True for dense kernels and LoRA factors, and an untied output layer (`lm_head`, a projection
+  stored as a table); False for norms, biases and embedding tables."""
   def keep(path, leaf):
-    return str(getattr(path[-1], "key", path[-1])) in DECAYED
+    names = [str(getattr(k, "key", k)) for k in path]
+    return names[-1] in DECAYED or names[-2:] == ["lm_head", "embedding"]
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

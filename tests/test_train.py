@@ -19,7 +19,11 @@ from fmjax import bench, config_lib, metrics as metrics_lib, models, objectives,
 
 
 def tiny(family, *overrides, devices=1):
-  c = config_lib.load_config(f"configs/{family}.py:tiny", [
+  """A tiny config of `family`: gpt, bert, or llama (configs/gpt.py:tiny,llama with 2 key/value heads for 4)."""
+  if family == "llama":
+    return tiny("gpt.py:tiny,llama", "model.num_kv_heads=2", *overrides, devices=devices)
+  spec = family if ":" in family else f"{family}.py:tiny"
+  c = config_lib.load_config(f"configs/{spec}", [
       "model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.d_ff=128", "model.vocab_size=256",
       "data.seq_len=32", "data.max_predictions=6", "train.batch_size=8", "train.steps=100",
       "optim.warmup_steps=0", "optim.schedule=constant", f"mesh.data={devices}", *overrides])
@@ -175,6 +179,11 @@ def test_weight_decay_mask():
   for name, decayed in flat.items():
     assert decayed == name.endswith("kernel"), name
   assert not flat["wte/embedding"] and not flat["h/blocks/0/attn/qkv/bias"] and flat["h/blocks/0/mlp/fc/kernel"]
+  # An untied output layer is a projection, stored as a [V, D] table: it decays; the input table does not.
+  _, state, _, _ = setup(tiny("gpt", "model.tie_embeddings=false"))
+  flat = {"/".join(str(getattr(k, "key", k)) for k in p): v
+          for p, v in jax.tree_util.tree_leaves_with_path(optim.decay_mask(state["params"]))}
+  assert flat["lm_head/embedding"] and not flat["wte/embedding"]
 
 
 # Per-device shard shapes for the tiny test GPT (D 64, H 4, K 16, F 128, V 256) under the
@@ -224,6 +233,19 @@ def test_sharded_step_matches_one_device(family, mesh):
   d, f, t = mesh
   _, ref = run_steps(tiny(family), 2)
   _, losses = run_steps(tiny(family, f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}"), 2)
+  np.testing.assert_allclose(losses, ref, rtol=2e-5)
+
+
+def test_grouped_query_attention_shards_its_key_value_heads_over_tensor_and_steps_as_on_one_device():
+  """Llama with 2 key/value heads on fsdp=4 x tensor=2: the kv projection's heads split over tensor as the query
+  heads do (the default rules' kv_heads), and two steps give one device's losses."""
+  state, losses = run_steps(tiny("llama", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"), 2)
+  params = _flat(state["params"])
+  shards = {"h/blocks/0/attn/q/kernel": (16, 2, 16), "h/blocks/0/attn/kv/kernel": (16, 2, 1, 16),
+            "h/blocks/0/mlp/fc/kernel": (16, 2, 64), "lm_head/embedding": (128, 16), "wte/embedding": (128, 16)}
+  for name, shape in shards.items():
+    assert params[name].addressable_shards[0].data.shape == shape, (name, params[name].sharding.spec)
+  _, ref = run_steps(tiny("llama"), 2)
   np.testing.assert_allclose(losses, ref, rtol=2e-5)
 
 
@@ -278,12 +300,13 @@ def test_fused_loss_runs_each_devices_rows_alone_on_a_mesh(mesh, bias):
 
 @pytest.mark.parametrize("family,chunk,more", [
     ("gpt", 48, ()), ("bert", 20, ()), ("bert", 4096, ()),
+    ("llama", 20, ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")),  # its own head, sharded over tensor
     ("gpt", 20, ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.grad_accum=2")),
     ("bert", 20, ("mesh.data=1", "mesh.fsdp=8"))])
 def test_fused_loss_matches_full_logits(family, chunk, more):
   """The chunked LM-head loss (a fast path) gives the reference loss and the same update: GPT's
-  tied head, BERT's tied decoder with its bias, in several chunks (the last padded) or one, and on
-  meshes where each device loops over its own rows."""
+  tied head, BERT's tied decoder with its bias, Llama's untied head, in several chunks (the last padded)
+  or one, and on meshes where each device loops over its own rows."""
   ref_state, ref = run_steps(tiny(family, *LINEAR_ADAM), 2)
   state, fused = run_steps(tiny(family, f"model.fused_loss_chunk={chunk}", *more, *LINEAR_ADAM), 2)
   np.testing.assert_allclose(fused, ref, rtol=1e-5)
@@ -308,7 +331,8 @@ def test_bf16_first_moment_halves_its_memory_and_tracks_float32():
 @pytest.mark.parametrize("family,overrides", [
     ("gpt", ()), ("bert", ()), ("gpt", ("model.scan_layers=true", "model.remat=dots_no_batch")),
     ("gpt", ("model.attention=auto",)),  # "auto" resolves when traced for the GPU, not on this host
-    ("gpt", ("model.dtype=float16",))])  # with its loss scale
+    ("gpt", ("model.dtype=float16",)),  # with its loss scale
+    ("llama", ("model.scan_layers=true",))])  # rotary positions and grouped-query attention, which cuDNN takes
 def test_train_step_lowers_for_cuda_with_cudnn_attention(family, overrides, as_if_on_an_h100):
   """The whole bf16 (or float16) train step with model.attention=cudnn lowers for CUDA on packed
   rows, unrolled or scanned with remat (what runs on an H100; checked for real by the GPU tests):
