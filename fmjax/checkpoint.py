@@ -69,8 +69,10 @@ class CheckpointMismatchError(ValueError):
 TIME_CHECK_STEPS = 10
 # Model settings that decide the parameter arrays (not scan_layers: either layer layout restores).
 SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len", "type_vocab_size")
-# Not shapes, but the source's numbers depend on them: a run started from it (init_from) takes them.
-ADOPTED_MODEL_KEYS = ("layer_norm_eps",)
+# Not shapes, but the source's numbers depend on them: a run started from it (init_from) takes them; and
+# the architecture choices (rotary positions, RMSNorm ...), which decide its parameter tree and its numbers
+# both: a classifier config for a Llama trunk need not repeat them.
+ADOPTED_MODEL_KEYS = ("layer_norm_eps", *ARCHITECTURE_DEFAULTS)
 
 
 def adopt_model_settings(config, saved: Mapping) -> list[str]:
@@ -79,10 +81,14 @@ def adopt_model_settings(config, saved: Mapping) -> list[str]:
   theirs = saved.get("model") if isinstance(saved, Mapping) else None
   changed = []
   for key in ADOPTED_MODEL_KEYS if isinstance(theirs, Mapping) else ():
-    if key in theirs and theirs[key] != config.model[key]:
-      changed.append(f"model.{key}={theirs[key]!r}")
+    # A run saved before an architecture choice existed had GPT-2's.
+    value = theirs.get(key, ARCHITECTURE_DEFAULTS.get(key, config.model.get(key)))
+    if value != config.model.get(key):
+      changed.append(f"model.{key}={value!r}")
       with config.unlocked():
-        config.model[key] = theirs[key]
+        config.model[key] = value
+  if changed:  # e.g. the source's key/value heads against this config's mesh.tensor
+    config_lib.validate(config, jax.device_count())
   return changed
 
 

@@ -605,6 +605,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     what = ("trains a classifier's new head alone, and SFT has none (GPT's output layer is its tied token "
             "embeddings)" if mode == "head" else "is not a PEFT method")
     raise ConfigError(f"finetune.peft={mode!r} {what}; for SFT set finetune.peft= one of {', '.join(SFT_PEFT_MODES)}")
+  if mode == "bitfit" and not m.get("use_bias", True):  # SFT would train nothing, a classifier its head alone
+    raise ConfigError("finetune.peft=bitfit trains the biases alone, and this model has none (model.use_bias=false, "
+                      "as in Llama's architecture); set finetune.peft=lora or adapter")
   if "mesh" in config:
     from fmjax import sharding  # local: keeps config parsing free of device state
     sharding.validate_mesh(config, num_devices)
@@ -706,7 +709,7 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       warmup_steps=100,
       min_lr_ratio=0.1,
       decay_fraction=0.2,       # wsd: the last fraction of train.steps, decayed linearly to lr * min_lr_ratio
-      weight_decay=0.1 if family == "gpt" else 0.01,
+      weight_decay=0.1 if family == "gpt" else 0.01,  # kernels and an untied lm_head; not norms, biases, embeddings
       b1=0.9,
       b2=0.95 if family == "gpt" else 0.999,
       eps=1e-8 if family == "gpt" else 1e-6,

@@ -36,7 +36,8 @@ from fmjax.config_lib import ConfigError
 log = metrics_lib.log
 RESULTS_FILE = "results.json"
 _RATE_KEYS = ("optim.lr",)  # what `summarize` picks the best of, per task and per other setting
-# Pretraining-only parameters a classifier drops (a tied GPT head needs nothing extra; an untied one is lm_head).
+# Pretraining-only parameters a classifier drops: GPT's output layer when untied (tied, it is the token
+# embedding the trunk reads).
 _PRETRAIN_HEADS = {"bert": ("mlm_transform", "mlm_ln", "mlm_bias"), "gpt": ("lm_head",)}
 
 

@@ -660,7 +660,7 @@ class GPT(nnx.Module):
     Slots never written keep segment id 0 and sit past the fill index, so no query attends them.
     """
     attn = self.h.blocks[0].attn if not self.h.scan else self.h.blocks.attn
-    shape = (self.h.num_layers, batch_size, max_len, attn.kv_heads, attn.out.kernel.shape[1])
+    shape = (self.h.num_layers, batch_size, max_len, attn.kv_heads, attn.out.kernel.shape[-2])  # out: [(L,) H, K, D]
     return {"k": jnp.zeros(shape, attn.out.dtype), "v": jnp.zeros(shape, attn.out.dtype),
             "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 

@@ -159,7 +159,8 @@ def clm_loss(model, batch, *, deterministic: bool = True, rngs=None, fused_chunk
                 deterministic=deterministic, rngs=rngs)
   if fused_chunk:
     loss, weight, correct = fused_cross_entropy(model.hidden(batch["inputs"], **kwargs),
-                                                model.head_table().embedding[...], None, batch["targets"], batch["loss_weights"], fused_chunk)
+                                                model.head_table().embedding[...], None, batch["targets"],
+                                                batch["loss_weights"], fused_chunk)
   else:
     logits_BTV = model(batch["inputs"], **kwargs)
     loss, weight, correct = cross_entropy(logits_BTV, batch["targets"], batch["loss_weights"])

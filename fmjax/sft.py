@@ -35,14 +35,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from fmjax import config_lib, files, metrics as metrics_lib, optim, peft, sharding, train
+from fmjax import config_lib, files, metrics as metrics_lib, models, optim, peft, sharding, train
 from fmjax.config_lib import ConfigError
 from fmjax.data import packing, sources
 
 log = metrics_lib.log
 # Model keys that decide the parameter tree: always those of the run the params come from.
 SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len", "type_vocab_size",
-              "layer_norm_eps", "scan_layers")
+              "layer_norm_eps", "scan_layers", *models.ARCHITECTURE_DEFAULTS)
 
 
 # ----------------------------------------------------------------------------- data
@@ -286,8 +286,9 @@ def adopt_shape(config, workdir: str) -> dict | None:
                         "checkpoint (use `fmjax finetune` for BERT)")
     data.resolve_tokenizer_path(source, config.init_from)
   if source is not None:
-    changed = [f"{k}={source['model'][k]}" for k in SHAPE_KEYS if config.model[k] != source["model"][k]]
-    config.model.update({k: source["model"][k] for k in SHAPE_KEYS})
+    theirs = {**models.ARCHITECTURE_DEFAULTS, **source["model"]}  # a run from before a choice existed: GPT-2's
+    changed = [f"{k}={theirs[k]}" for k in SHAPE_KEYS if config.model[k] != theirs[k]]
+    config.model.update({k: theirs[k] for k in SHAPE_KEYS})
     if config_lib.peft_mode(config) in peft.WRAPS and config.model.scan_layers:
       # LoRA and adapters wrap each layer's Dense: the stacked checkpoint restores unrolled.
       config.model.scan_layers = False

@@ -81,8 +81,9 @@ def validate_mesh(config, num_devices: int | None = None) -> None:
   dims = {k: (int(m[v]), f"model.{v}") for k, v in
           (("embed", "d_model"), ("norm", "d_model"), ("mlp", "d_ff"), ("heads", "num_heads"), ("vocab", "vocab_size"))}
   dims["kv"] = (m.d_model // m.num_heads, "the head size model.d_model/model.num_heads")
-  dims["kv_heads"] = (int(m.get("num_kv_heads", 0)) or int(m.num_heads),
-                      "model.num_kv_heads" if m.get("num_kv_heads", 0) else "model.num_heads (also the key/value heads)")
+  grouped = int(m.get("num_kv_heads", 0))
+  dims["kv_heads"] = (grouped or int(m.num_heads),
+                      "model.num_kv_heads" if grouped else "model.num_heads (also the key/value heads)")
   if m.get("scan_layers"):
     dims["layers"] = (int(m.num_layers), "model.num_layers")
   for name, axes in logical_rules(config):

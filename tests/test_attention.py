@@ -125,10 +125,14 @@ def test_attention_dropout_takes_the_xla_kernel():
       attn.resolve_kernel("splash", jnp.bfloat16, dropout=True)
 
 
-@pytest.mark.parametrize("causal,blocks", [(True, 1), (False, 1), (True, 3)])
-def test_splash_matches_xla(causal, blocks):
-  # blocks=3: T=384, three of the kernel's 128-blocks, documents running across block edges.
-  q, k, v = (jax.random.normal(key, (B, blocks * T, H, K)) for key in jax.random.split(jax.random.key(1), 3))
+@pytest.mark.parametrize("causal,blocks,heads,kv_heads", [(True, 1, H, H), (False, 1, H, H), (True, 3, H, H),
+                                                         (True, 1, 4, 2)])
+def test_splash_matches_xla(causal, blocks, heads, kv_heads):
+  # blocks=3: T=384, three of the kernel's 128-blocks, documents running across block edges. 4 heads, 2 key/value
+  # heads: grouped-query attention, query heads 0, 1 reading key/value head 0 and 2, 3 head 1 (in both kernels).
+  keys = jax.random.split(jax.random.key(1), 3)
+  q = jax.random.normal(keys[0], (B, blocks * T, heads, K))
+  k, v = (jax.random.normal(key, (B, blocks * T, kv_heads, K)) for key in keys[1:])
   long_BT = jnp.array([[1] * 140 + [2] * 200 + [3] * 20 + [0] * 24, [1] * 384], jnp.int32)
   segment_ids_BT = long_BT if blocks > 1 else SEGMENTS_BT
 
@@ -140,7 +144,7 @@ def test_splash_matches_xla(causal, blocks):
 
   (_, out_ref), grads_ref = run("xla")
   (_, out), grads = run("splash")
-  assert out.shape == (B, blocks * T, H, K)
+  assert out.shape == (B, blocks * T, heads, K) and grads[1].shape == k.shape
   np.testing.assert_allclose(out, out_ref, atol=1e-5)
   for g, g_ref in zip(grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, atol=2e-5)
@@ -177,9 +181,13 @@ def test_splash_runs_sharded_under_a_mesh():
     assert attn.logical_spec(("batch", None, "heads", None)) == jax.P(("data", "fsdp"), None, "tensor", None)
     # B=2 does not divide over data*fsdp=4: the spec falls back to the axes that divide it.
     assert attn.logical_spec(("batch", None, "heads", None), q.shape) == jax.P("data", None, "tensor", None)
-    out = jax.jit(lambda q, k, v: attn.attention(
-        q, k, v, causal=True, segment_ids_BT=SEGMENTS_BT, kernel="splash"))(q, k, v)
+    run = jax.jit(lambda q, k, v: attn.attention(q, k, v, causal=True, segment_ids_BT=SEGMENTS_BT, kernel="splash"))
+    out = run(q, k, v)
+    # Grouped-query attention: 4 query heads (over tensor=2) reading the 2 key/value heads.
+    q4_BTHK = jnp.concatenate([q, -q], axis=2)
+    out4 = run(q4_BTHK, k, v)
   np.testing.assert_allclose(out, ref, atol=1e-5)
+  np.testing.assert_allclose(out4, attn.attention(q4_BTHK, k, v, causal=True, segment_ids_BT=SEGMENTS_BT), atol=1e-5)
 
 
 def test_auto_on_several_tpu_chips_without_a_mesh_takes_xla(monkeypatch, caplog):
@@ -250,9 +258,10 @@ def _packing(seg_BT, num_runs=packing_lib.MAX_RUNS):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
-@pytest.mark.parametrize("causal", [True, False])
-def test_cudnn_matches_xla(causal):
+@pytest.mark.parametrize("causal,kv_heads", [(True, H), (False, H), (True, 1)])
+def test_cudnn_matches_xla(causal, kv_heads):
   q, k, v = _qkv(3, jnp.bfloat16)
+  k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]  # kv_heads < H: grouped-query attention, which cuDNN takes as is
   # The packed layout (the runs sent along), then the mask path: bare ids, more runs than
   # MAX_RUNS, and an id that comes back after another.
   many_BT = jnp.asarray(np.repeat(np.arange(1, 33), T // 32)[None].repeat(B, 0), jnp.int32)

@@ -16,17 +16,19 @@ TINY = ["--config.model.num_layers=2", "--config.model.d_model=64", "--config.mo
         "--config.train.batch_size=8", "--config.train.grad_accum=1"]
 
 
-@pytest.mark.parametrize("family,segments", [("gpt", 1), ("gpt", 4), ("bert", 2)])
-def test_bench_prints_and_writes_every_figure(family, segments, capsys, tmp_path):
+@pytest.mark.parametrize("spec,segments,extra", [
+    ("gpt.py:tiny", 1, []), ("gpt.py:tiny", 4, []), ("bert.py:tiny", 2, []),
+    ("gpt.py:tiny,llama", 2, ["--config.model.num_kv_heads=2"])])  # rotary positions restart with each segment
+def test_bench_prints_and_writes_every_figure(spec, segments, extra, capsys, tmp_path):
   path = tmp_path / "bench.json"
-  code = cli.main(["bench", f"--config=configs/{family}.py:tiny", "--steps=2", "--warmup=1",
-                   f"--segments={segments}", f"--json={path}"] + TINY)
+  code = cli.main(["bench", f"--config=configs/{spec}", "--steps=2", "--warmup=1",
+                   f"--segments={segments}", f"--json={path}"] + TINY + extra)
   assert code == 0
   out = capsys.readouterr().out
   for label in ("tokens/s", "MFU", "step time", "compile", "peak memory", "FLOPs/token = 6*N + 12*L*D*T"):
     assert label in out, out
   r = json.loads(path.read_text())
-  config = config_lib.load_config(f"configs/{family}.py:tiny", [a[len("--config."):] for a in TINY])
+  config = config_lib.load_config(f"configs/{spec}", [a[len("--config."):] for a in TINY + extra])
   assert r["flops_per_token"] == models.flops_per_token(config.model, 64)
   assert r["segments_per_row"] == segments and r["batch_size"] == 8 and r["seq_len"] == 64
   assert r["tokens_per_sec"] == pytest.approx(8 * 64 / r["step_time_s"])

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fmjax import cli, config_lib, sharding
+from fmjax import cli, config_lib, models, sharding
 from fmjax.config_lib import ConfigError
 
 
@@ -88,6 +88,14 @@ def test_logical_axis_rules_name_every_logical_axis():
   tensor_vocab = [[name, "tensor" if name == "vocab" else axes] for name, axes in rules]
   config = config_lib.load_config("configs/gpt.py:tiny", [f"logical_axis_rules={tensor_vocab}"])  # a whole list
   assert dict(sharding.logical_rules(config))["vocab"] == "tensor"
+  # A list written before grouped-query attention has no kv_heads: fine for a model whose every head has its own
+  # keys and values (num_kv_heads 0 or num_heads), refused for one whose key/value heads would read it.
+  before_gqa = [r for r in tensor_vocab if r[0] != "kv_heads"]
+  for kv_heads in (0, 4):
+    config_lib.load_config("configs/gpt.py:tiny", [f"logical_axis_rules={before_gqa}",
+                                                   f"model.num_kv_heads={kv_heads}"])
+  with pytest.raises(ConfigError, match="^logical_axis_rules has no rule for kv_heads: it replaces the whole list"):
+    config_lib.load_config("configs/gpt.py:tiny,llama", [f"logical_axis_rules={before_gqa}", "model.num_kv_heads=2"])
 
 
 def test_a_minus_one_mesh_axis_takes_the_devices_left():
@@ -159,6 +167,21 @@ def test_cli_workdir_and_override_mistakes_are_one_line(tmp_path, capsys):
      r"data.seq_len=512, not data.mask_rate=0.15; set data.max_predictions=77"),
     ("gpt", ["mesh.data=1", "mesh.fsdp=3"], "model.d_model=128 does not divide by mesh.fsdp=3"),
     ("gpt", ["mesh.data=1", "mesh.tensor=3"], "model.vocab_size=2048 does not divide by mesh.tensor=3"),
+    # The decoder's architecture choices.
+    ("gpt", ["model.norm=batchnorm"], r"model.norm='batchnorm' is not one of \['layernorm', 'rmsnorm'\]"),
+    ("gpt", ["model.positions=alibi"], r"model.positions='alibi' is not one of \['learned', 'rope'\]"),
+    ("gpt", ["model.mlp=relu"], r"model.mlp='relu' is not one of \['gelu', 'swiglu'\]"),
+    ("gpt", ["model.num_kv_heads=3"], r"model.num_kv_heads=3 must divide model.num_heads=4 \(grouped-query"),
+    ("gpt", ["model.num_kv_heads=-2"], r"model.num_kv_heads=-2 must divide model.num_heads=4"),
+    ("gpt", ["model.positions=rope", "model.d_model=120", "model.num_heads=8"],
+     "model.positions=rope rotates pairs of each head's 15 dimensions, which must be even"),
+    ("gpt", ["model.rope_theta=0"], r"model.rope_theta=0.0 must be positive"),
+    ("bert", ["model.positions=rope"], "model.positions=rope is a decoder choice: BERT has learned positions"),
+    ("bert", ["model.num_kv_heads=2", "model.tie_embeddings=false"],
+     "model.num_kv_heads=2, model.tie_embeddings=false is a decoder choice"),
+    # 3 key/value heads for 6 query heads: the query heads split over mesh.tensor=2, the key/value heads cannot.
+    ("gpt", ["model.d_model=96", "model.num_heads=6", "model.num_kv_heads=3", "mesh.data=4", "mesh.tensor=2"],
+     r"^model.num_kv_heads=3 does not divide by mesh.tensor=2 \(logical axis 'kv_heads' is sharded over it\)"),
 ])
 def test_values_that_would_train_wrongly_are_refused(spec, overrides, error):
   """Each of these once ran to the end (or failed deep in a compile): a bidirectional model on
@@ -419,7 +442,7 @@ def test_a_recorded_config_missing_what_the_model_reads_is_refused_and_newer_key
       config_lib.check_saved(bad, "config.json")
   # A run saved before a key existed (every key the model reads with a default, say) is read as it was.
   older = json.loads(json.dumps(saved))
-  for key in ("attention_dropout", "fused_loss_chunk"):
+  for key in ("attention_dropout", "fused_loss_chunk", *models.ARCHITECTURE_DEFAULTS):
     del older["model"][key]
   del older["optim"]["mu_dtype"], older["data"]["shard_docs"]
   assert config_lib.check_saved(older, "config.json") is older

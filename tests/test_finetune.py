@@ -49,8 +49,8 @@ def finetuned(tmp_path_factory, pretrained, files):
   return workdir
 
 
-def _pretrain_workdir(workdir, files, *overrides) -> str:
-  config = config_lib.load_config("configs/bert.py:tiny", [
+def _pretrain_workdir(workdir, files, *overrides, spec="configs/bert.py:tiny") -> str:
+  config = config_lib.load_config(spec, [
       *MODEL, "data.seq_len=16", "data.max_predictions=2", "data.tokenizer.kind=hf",
       f"data.tokenizer.path={files['vocab']}", *overrides])
   params = nnx.to_pure_dict(nnx.state(models.build_model(config.model, rngs=nnx.Rngs(params=7)), nnx.Param))
@@ -698,3 +698,23 @@ def test_a_start_stopped_once_it_holds_the_workdir_lets_the_workdir_go(pretraine
     finetune.run(ft_config(files, f"init_from={pretrained}"), str(tmp_path / "ft"))
   ckpt_lib.lock_workdir(str(tmp_path / "ft")).release()  # refused while the lock is held
   assert kept.value is not None
+
+
+def test_a_classifier_from_a_llama_trunk_takes_its_architecture(files, tmp_path):
+  """A Llama trunk (rotary positions, RMSNorm, SwiGLU, one key/value head, no biases, an untied head) loads into
+  a classifier whose config names none of those: they come from init_from, as its sizes must match."""
+  pretrained = _pretrain_workdir(tmp_path / "pre", files, "model.num_kv_heads=1", spec="configs/gpt.py:tiny,llama")
+  config = ft_config(files, f"init_from={pretrained}", "finetune.peft=head", "data.tokenizer.kind=hf",
+                     f"data.tokenizer.path={files['vocab']}", arg="task=jsonl,model=gpt")
+  result, log = _run_logged(config, str(tmp_path / "ft"))
+  assert result["start"] == "init_from" and result["step"] == 2
+  assert ("settings from init_from: model.positions='rope', model.norm='rmsnorm', model.mlp='swiglu', "
+          "model.num_kv_heads=1, model.use_bias=False, model.tie_embeddings=False") in log
+  assert "not loaded: lm_head, opt_state" in log  # the untied output layer is the pretraining head: dropped
+  pre, ft = _params(pretrained, None), _params(str(tmp_path / "ft"), None)
+  assert set(ft["trunk"]) == {"wte", "h", "ln_f"} and set(ft["trunk"]["h"]["blocks"]["0"]["attn"]) == {"q", "kv", "out"}
+  jax.tree.map(np.testing.assert_array_equal, ft["trunk"], {k: v for k, v in pre.items() if k != "lm_head"})
+  # The source's one key/value head does not split over this config's mesh.tensor=2: one line, before any compile.
+  with pytest.raises(ConfigError, match=r"^model.num_kv_heads=1 does not divide by mesh.tensor=2"):
+    finetune.run(ft_config(files, f"init_from={pretrained}", "mesh.data=4", "mesh.tensor=2",
+                           arg="task=jsonl,model=gpt"), str(tmp_path / "ft2"))

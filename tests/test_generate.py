@@ -17,34 +17,51 @@ TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.d_
         "mesh.data=1"]
 
 
-@pytest.fixture(scope="module")
-def gpts():
-  """Tiny GPTs with unrolled and scanned layers (built once: eager init costs seconds)."""
-  unrolled = models.build_model(config_lib.load_config("configs/gpt.py:tiny", TINY).model, rngs=nnx.Rngs(0))
+# configs/gpt.py:tiny,llama (rotary positions, RMSNorm, SwiGLU, no biases, an untied head), 2 key/value heads for 4.
+SPECS = {"gpt": ("configs/gpt.py:tiny", []), "bert": ("configs/bert.py:tiny", []),
+         "llama": ("configs/gpt.py:tiny,llama", ["model.num_kv_heads=2"])}
+
+
+def _unrolled_and_scanned(family):
+  spec, extra = SPECS[family]
+  unrolled = models.build_model(config_lib.load_config(spec, TINY + extra).model, rngs=nnx.Rngs(0))
   # The scanned model gets the same weights stacked: cheaper than a second eager init.
-  scanned_cfg = config_lib.load_config("configs/gpt.py:tiny", TINY + ["model.scan_layers=true"]).model
+  scanned_cfg = config_lib.load_config(spec, TINY + extra + ["model.scan_layers=true"]).model
   graphdef, state = nnx.split(models.abstract_model(scanned_cfg))
   nnx.replace_by_pure_dict(state, models.stack_layers(nnx.to_pure_dict(nnx.state(unrolled))))
   return {False: unrolled, True: nnx.merge(graphdef, state)}
+
+
+@pytest.fixture(scope="module")
+def gpts():
+  """Tiny GPTs with unrolled and scanned layers (built once: eager init costs seconds)."""
+  return _unrolled_and_scanned("gpt")
+
+
+@pytest.fixture(scope="module")
+def llamas():
+  """`gpts` with Llama's architecture and grouped-query attention."""
+  return _unrolled_and_scanned("llama")
 
 
 def make_workdir(tmp_path_factory, family):
   """A run workdir without training: config.json, a tokenizer and data cache, a step-0 checkpoint.
 
   Built once per test session (tests only read it, or add eval.json) from a few of CPython's own
-  documentation topics as text files.
+  documentation topics as text files. `family`: gpt, bert or llama (`SPECS`).
   """
   import pydoc_data.topics
   root = tmp_path_factory.getbasetemp() / "fmjax_tiny_runs"
   workdir = root / f"{family}_run"
+  spec, extra = SPECS[family]
   if (workdir / "config.json").exists():
-    return workdir, config_lib.load_config(f"configs/{family}.py:tiny", _workdir_overrides(root))
+    return workdir, config_lib.load_config(spec, _workdir_overrides(root) + extra)
   corpus = root / "corpus"
   if not corpus.exists():  # written once: touching the files would change the corpus identity
     corpus.mkdir(parents=True)
     for name in sorted(pydoc_data.topics.topics)[:24]:
       (corpus / f"{name}.txt").write_text(pydoc_data.topics.topics[name])
-  config = config_lib.load_config(f"configs/{family}.py:tiny", _workdir_overrides(root))
+  config = config_lib.load_config(spec, _workdir_overrides(root) + extra)
   data.get_tokenizer(config)
   mesh = sharding.make_mesh(config, jax.devices()[:1])
   tx = optim.make_optimizer(config)
@@ -81,9 +98,13 @@ def uncached_greedy(model, prompt, n, width=16):
   return ids[len(prompt):]
 
 
+@pytest.mark.parametrize("family", ["gpt", "llama"])
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
-def test_cached_logits_equal_uncached_forward_at_every_position(gpts, scan):
-  model = gpts[scan]
+def test_cached_logits_equal_uncached_forward_at_every_position(gpts, llamas, family, scan):
+  """Prefill of left-padded prompts, then one token a step: each position's logits are the full forward
+  pass's, with learned positions and with rotary ones (the cache holds keys already rotated) read by
+  grouped query heads."""
+  model = (gpts if family == "gpt" else llamas)[scan]
   rng = np.random.default_rng(0)
   rows = [rng.integers(1, 512, size=n).tolist() for n in (11, 6)]  # full rows: prompt then teacher-forced tokens
   prompt_lens = (7, 2)
@@ -110,8 +131,9 @@ def test_cached_logits_equal_uncached_forward_at_every_position(gpts, scan):
     np.testing.assert_allclose(np.concatenate(got[b]), want, atol=1e-5, rtol=0)
 
 
-def test_greedy_with_cache_equals_greedy_without_and_ignores_batch_neighbours(gpts):
-  model = gpts[True]
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_greedy_with_cache_equals_greedy_without_and_ignores_batch_neighbours(gpts, llamas, family):
+  model = (gpts if family == "gpt" else llamas)[True]
   prompts = [[5, 17, 99, 3, 250, 8, 41], [7], [300, 301, 302]]
   batched = generate.generate(model, prompts, 6, temperature=0.0)
   for prompt, out in zip(prompts, batched):
@@ -123,8 +145,9 @@ def test_greedy_with_cache_equals_greedy_without_and_ignores_batch_neighbours(gp
   assert generate.generate(model, prompts, 6, temperature=1.0, top_k=20, seed=4) != together  # the seed matters
 
 
-def test_eos_stops_a_row_and_max_len_is_checked(gpts):
-  model = gpts[False]
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_eos_stops_a_row_and_max_len_is_checked(gpts, llamas, family):
+  model = (gpts if family == "gpt" else llamas)[False]  # llama: model.max_len, without a position table
   prompt = [5, 17, 99]
   first = uncached_greedy(model, prompt, 3)
   eos = first[-1]
@@ -199,6 +222,39 @@ def test_generate_cli_gpt_sampling_and_bert_fill_mask(tmp_path_factory, capsys):
   assert cli.main(["generate", f"--workdir={bert_dir}", "--text=The [MASK] here.", "--temperature=0.5",
                    "--seed=3"]) == 2
   assert "--temperature, --seed are for GPT sampling; drop them" in capsys.readouterr().err
+
+
+def test_generate_continues_a_rotary_run_and_stays_within_its_trained_positions(tmp_path_factory, capsys):
+  workdir, config = make_workdir(tmp_path_factory, "llama")
+  model, _, tok = generate.load_run(str(workdir))
+  assert not hasattr(model, "wpe") and model.max_len == config.model.max_len == 64
+  prompt = [tok.eos_id] + tok.encode("The for")
+  want = generate.generate(model, [prompt], 5, temperature=0.0)[0]
+  assert want == uncached_greedy(model, prompt, 5)
+  capsys.readouterr()
+  assert cli.main(["generate", f"--workdir={workdir}", "--prompt=The for", "--max_new_tokens=5",
+                   "--temperature=0"]) == 0
+  assert capsys.readouterr().out.startswith("The for" + tok.decode(want) + "\n")
+  with pytest.raises(config_lib.ConfigError, match=f"exceeds {config.data.seq_len}, the positions the model was "):
+    generate.run(str(workdir), prompts=["The for"], max_new_tokens=config.data.seq_len, temperature=0.0)
+
+
+def test_a_run_saved_before_the_architecture_choices_reads_as_gpt2(tmp_path_factory, tmp_path):
+  """A config.json without model.positions, norm, mlp, num_kv_heads, use_bias, tie_embeddings and rope_theta is a
+  GPT-2 run's: it loads, and generates as it did."""
+  import shutil
+  workdir, _ = make_workdir(tmp_path_factory, "gpt")
+  old = tmp_path / "old"
+  shutil.copytree(workdir, old)
+  saved = json.loads((old / "config.json").read_text())
+  for key in models.ARCHITECTURE_DEFAULTS:
+    del saved["model"][key]
+  (old / "config.json").write_text(json.dumps(saved))
+  model, config, _ = generate.load_run(str(old))
+  assert "positions" not in config.model and hasattr(model, "wpe")
+  now, _, _ = generate.load_run(str(workdir))
+  prompts = [[5, 17, 99], [7]]
+  assert generate.generate(model, prompts, 4, temperature=0.0) == generate.generate(now, prompts, 4, temperature=0.0)
 
 
 def test_a_finetune_workdir_is_refused_in_one_line(tmp_path):

@@ -20,16 +20,18 @@ from fmjax import config_lib, models
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
 B, T, V = 2, 32, 128
-ALLOWED_AXES = {"vocab", "embed", "mlp", "heads", "kv", "layers", "norm", None}
+ALLOWED_AXES = {"vocab", "embed", "mlp", "heads", "kv_heads", "kv", "layers", "norm", None}
+# "llama" below: the GPT with every later decoder choice, and 2 key/value heads for its 4 query heads.
+LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False, num_kv_heads=2)
 # Row 0 packs two documents and padding (ids 1, 2, then 0); row 1 is one document.
 SEGMENTS_BT = jnp.array([[1] * 12 + [2] * 14 + [0] * 6, [1] * T], jnp.int32)
 POSITIONS_BT = jnp.array([list(range(12)) + list(range(14)) + [0] * 6, list(range(T))], jnp.int32)
 
 
 def tiny_cfg(family, **overrides):
-  cfg = config_lib.base_config(family).model
+  cfg = config_lib.base_config("gpt" if family == "llama" else family).model
   cfg.update(vocab_size=V, num_layers=2, d_model=64, num_heads=4, d_ff=128, max_len=64, attention="xla")
-  cfg.update(**overrides)
+  cfg.update({**(LLAMA if family == "llama" else {}), **overrides})
   return cfg
 
 
@@ -72,12 +74,15 @@ def assert_trees_close(a, b, atol):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0), a, b)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_gpt_is_causal(dropout):
-  """d loss(position t) / d (position embedding of a later position) is exactly zero, in training
-  with dropout (hidden and attention probabilities) too."""
-  model = build("gpt", dropout=dropout, attention_dropout=dropout)
-  toks = tokens()
+@pytest.mark.parametrize("family,dropout", [("gpt", 0.0), ("gpt", 0.2), ("llama", 0.2)])
+def test_gpt_is_causal(family, dropout):
+  """d loss(position t) / d (input embedding of a later position) is exactly zero, in training with
+  dropout (hidden and attention probabilities) too: GPT-2's learned positions, and Llama's rotary
+  ones with grouped-query attention."""
+  model = build(family, dropout=dropout, attention_dropout=dropout)
+  # Llama has no position table and an untied head: with each token once in the batch, the token table's
+  # gradient row of token[b, s] is the gradient of position s's input in row b.
+  toks = jax.random.permutation(jax.random.key(1), V)[:B * T].reshape(B, T) if family == "llama" else tokens()
   t = 10
 
   def loss_at_t(m):
@@ -85,7 +90,13 @@ def test_gpt_is_causal(dropout):
     logits_BTV = m(toks, deterministic=not dropout, rngs=rngs)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV[:, t], toks[:, t + 1]).sum()
 
-  grad_LD = nnx.jit(nnx.grad(loss_at_t))(model).wpe.embedding[...]
+  grads = nnx.jit(nnx.grad(loss_at_t))(model)
+  if family == "llama":
+    grad_BTD = grads.wte.embedding[...][toks]
+    assert np.all(np.asarray(grad_BTD[:, t + 1:]) == 0.0)
+    assert np.all(np.abs(np.asarray(grad_BTD[:, : t + 1])).sum(-1) > 0)  # the past does matter
+    return
+  grad_LD = grads.wpe.embedding[...]
   assert np.all(np.asarray(grad_LD[t + 1:]) == 0.0)
   assert np.all(np.abs(np.asarray(grad_LD[: t + 1])).sum(-1) > 0)  # the past does matter
 
@@ -99,7 +110,7 @@ def test_bert_is_bidirectional():
   assert not np.allclose(out[:, 0], out2[:, 0])  # the last token changes the first position
 
 
-@pytest.mark.parametrize("family", ["gpt", "bert"])
+@pytest.mark.parametrize("family", ["gpt", "bert", "llama"])
 def test_packed_segments_do_not_attend_across(family):
   model = build(family)
   toks = tokens()
@@ -110,6 +121,22 @@ def test_packed_segments_do_not_attend_across(family):
   np.testing.assert_array_equal(out[0, 26:], out2[0, 26:])   # padding: bitwise unchanged
   np.testing.assert_array_equal(out[1], out2[1])
   assert not np.allclose(out[0, 12:26], out2[0, 12:26])
+  # Each packed document, with its own positions from 0, reads as it does alone in a row.
+  alone = nnx.jit(lambda m, t: m(t))
+  np.testing.assert_allclose(out[0, :12], alone(model, toks[:1, :12])[0], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out[0, 12:26], alone(model, toks[:1, 12:26])[0], atol=1e-5, rtol=0)
+
+
+def test_rotary_positions_are_relative():
+  """Shifting every position by a constant leaves a rotary model's logits as they were (q.k depends
+  on the distance alone); other distances change them."""
+  model = build("llama")
+  toks = tokens()
+  run = nnx.jit(lambda m, t, p: m(t, positions_BT=p))
+  positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  out = run(model, toks, positions_BT)
+  np.testing.assert_allclose(run(model, toks, positions_BT + 1000), out, atol=2e-5, rtol=0)
+  assert np.abs(np.asarray(run(model, toks, 2 * positions_BT) - out)).max() > 1e-3
 
 
 def saved_for_backward(model, toks) -> int:
@@ -133,7 +160,8 @@ def test_remat_matches_no_remat(family, remat):
   assert_trees_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(grads_r), atol=1e-6)
 
 
-@pytest.mark.parametrize("family,remat,dropout", [("gpt", "none", 0.2), ("bert", "full", 0.0), ("bert", "dots", 0.1)])
+@pytest.mark.parametrize("family,remat,dropout", [("gpt", "none", 0.2), ("bert", "full", 0.0), ("bert", "dots", 0.1),
+                                                  ("llama", "dots", 0.1)])
 def test_scan_matches_unrolled(family, remat, dropout):
   """Same weights via stack_layers give the same loss and grads; dropout (hidden and attention
   probabilities) draws the same masks, recomputed identically under remat."""
@@ -151,7 +179,7 @@ def test_scan_matches_unrolled(family, remat, dropout):
   assert_trees_close(nnx.to_pure_dict(grads_u), models.unstack_layers(nnx.to_pure_dict(grads_s)), atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["gpt", "bert"])
+@pytest.mark.parametrize("family", ["gpt", "bert", "llama"])
 def test_a_seed_initialises_both_layer_layouts_alike(family):
   # scan_layers is a speed setting: with it the blocks, and what the model draws after them (BERT's
   # pooler and MLM transform), start from the same numbers as without it.
@@ -173,7 +201,7 @@ def test_bert_mlm_positions_gather_before_head():
   assert np.all(np.abs(np.asarray(pooled_BD)) <= 1.0)  # tanh pooler
 
 
-@pytest.mark.parametrize("family", ["gpt", "bert"])
+@pytest.mark.parametrize("family", ["gpt", "bert", "llama"])
 def test_bf16_compute_is_close_to_f32(family):
   toks = tokens()
   model32 = build(family, init_std=0.1)  # larger weights so the comparison is not trivially near zero
@@ -261,14 +289,21 @@ def test_every_residual_dropout_of_a_forward_pass_draws_its_own_mask(family, mon
   assert len(keys) == 1 + 2 * 2 and len(set(keys)) == len(keys)
 
 
-def test_gpt_hidden_and_head_compose():
-  model = build("gpt")
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_gpt_hidden_and_head_compose(family):
+  model = build(family)
   toks = tokens()
   logits_BTV, composed_BTV = nnx.jit(lambda m, t: (m(t), m.lm_head_logits(m.hidden(t))))(model, toks)
   np.testing.assert_allclose(composed_BTV, logits_BTV, atol=1e-6)
-  # The LM head is tied to the token embedding (no separate output matrix).
   names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  assert not any("lm_head" in n for n in names) and "wte/embedding" in names
+  if family == "gpt":  # the LM head is tied to the token embedding (no separate output matrix)
+    assert not any("lm_head" in n for n in names) and "wte/embedding" in names and model.head_table() is model.wte
+    return
+  # Llama: an output table of its own, no position table, no biases, RMSNorm's scale alone.
+  assert model.head_table() is model.lm_head and "lm_head/embedding" in names and "wpe/embedding" not in names
+  assert not any(n.endswith("bias") for n in names) and "ln_f/scale" in names
+  h_BTD = nnx.jit(lambda m, t: m.hidden(t))(model, toks)
+  np.testing.assert_allclose(logits_BTV, h_BTD @ model.lm_head.embedding[...].T, atol=1e-5)
 
 
 # Published sizes: GPT-2 small (HF GPT2LMHeadModel, tied) and BERT-base (HF BertModel with pooler,
@@ -304,7 +339,20 @@ def test_flops_per_token_of_an_untied_rope_decoder_counts_the_matmuls_gpt2_has()
   assert abs(models.flops_per_token(llama, 1024) / models.flops_per_token(gpt2, 1024) - 1) < 1e-3
 
 
-@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_llama_sizes_and_flops_per_token_count_its_untied_head_and_no_position_table():
+  cfg = config_lib.load_module(os.path.join(CONFIGS, "gpt.py")).get_config("small,llama").model
+  cfg.update(vocab_size=32000, num_kv_heads=4)
+  L, D, H, G, F, V_ = 12, 768, 12, 4, 2048, 32000  # F: 8/3 D rounded up to a multiple of 256
+  K = D // H
+  assert cfg.d_ff == F
+  layer = D * H * K + D * 2 * G * K + H * K * D + D * 2 * F + F * D + 2 * D  # q, kv, out, gate+up, down, 2 norms
+  n = 2 * V_ * D + L * layer + D  # embeddings, the untied head, the final norm
+  assert models.param_count(models.abstract_model(cfg)) == n
+  # The input table is a lookup: N for the FLOPs leaves it out (the untied head counts).
+  assert models.flops_per_token(cfg, 1024) == 6 * (n - V_ * D) + 12 * L * D * 1024
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert", "llama"])
 def test_partitioning_names_and_sharded_build(family):
   """Every param uses only the shared logical names; building under a mesh shards heads and mlp."""
   mesh = jax.make_mesh((1, 2, 2, 2), ("dcn_data", "data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 4)
@@ -318,9 +366,15 @@ def test_partitioning_names_and_sharded_build(family):
       assert set(names) <= ALLOWED_AXES, (path, names)
       assert names[0] == "layers" or "blocks" not in path, path
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-    blocks = specs["h" if family == "gpt" else "encoder"]["blocks"]
-    attn = blocks["attn" if family == "gpt" else "attention"]
-    assert attn["qkv"]["kernel"] == jax.P(None, "fsdp", None, "tensor", None)
+    blocks = specs["encoder" if family == "bert" else "h"]["blocks"]
+    attn = blocks["attention" if family == "bert" else "attn"]
+    if family == "llama":  # the key/value heads over tensor as the query heads are
+      assert attn["q"]["kernel"] == jax.P(None, "fsdp", "tensor", None)
+      assert attn["kv"]["kernel"] == jax.P(None, "fsdp", None, "tensor", None)
+      assert blocks["mlp"]["fc"]["kernel"] == jax.P(None, "fsdp", None, "tensor")
+      assert specs["lm_head"]["embedding"] == jax.P("tensor", "fsdp")
+    else:
+      assert attn["qkv"]["kernel"] == jax.P(None, "fsdp", None, "tensor", None)
     assert blocks["mlp"]["proj"]["kernel"] == jax.P(None, "tensor", "fsdp")
     if family == "gpt":  # one sharded run is enough: the mechanics are shared
       model = nnx.merge(nnx.graphdef(abstract), jax.jit(
@@ -332,7 +386,7 @@ def test_partitioning_names_and_sharded_build(family):
     np.testing.assert_allclose(out, forward(build(family, scan_layers=True), tokens()), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt", "bert"])
+@pytest.mark.parametrize("family", ["gpt", "bert", "llama"])
 def test_every_matrix_has_a_logical_axis_the_mesh_shards(family):
   """A parameter of two or more axes with no sharded logical name sits whole on every device: memory
   that FSDP and tensor parallelism never divide (BERT's pooler and MLM transform are D x D)."""
@@ -458,3 +512,71 @@ def test_llama_block_keeps_no_float32_activation_of_the_mlp_width(capsys):
   kept = capsys.readouterr().out.strip().splitlines()
   assert any(f"bf16[{B},{T},2,96]" in line for line in kept), kept  # h, what the backward recomputes from
   assert not [line for line in kept if f"f32[{B},{T},96]" in line or f"f32[{B},{T},2,96]" in line], kept
+
+
+def test_grouped_query_attention_equals_multi_head_with_each_key_value_head_repeated():
+  """G key/value heads for H query heads is multi-head attention whose heads h read key/value head
+  h // (H / G): an MHA model given those repeated k/v weights (and biases) computes the same logits."""
+  kw = dict(positions="rope", use_bias=True, init_std=0.2)
+  gqa, mha = build("gpt", num_kv_heads=2, **kw), build("gpt", seed=1, **kw)
+  toks = tokens()
+
+  def as_mha(expand):  # [..., 2, G, K] -> [..., 2, H, K]
+    pure = params(gqa)
+    for block in pure["h"]["blocks"].values():
+      q, kv = block["attn"].pop("q"), block["attn"].pop("kv")
+      block["attn"]["qkv"] = {k: jnp.concatenate([q[k][..., None, :, :], expand(kv[k])], axis=-3)
+                              for k in ("kernel", "bias")}
+    load(mha, pure)
+    return forward(mha, toks)
+
+  want = forward(gqa, toks)
+  np.testing.assert_allclose(as_mha(lambda x: jnp.repeat(x, 2, axis=-2)), want, atol=1e-5, rtol=0)
+  # Tiled instead (head h reading h % G), it is another model: the comparison tells them apart.
+  tiled = as_mha(lambda x: jnp.tile(x, (1,) * (x.ndim - 2) + (2, 1)))
+  assert np.abs(np.asarray(tiled - want)).max() > 1e-3
+
+
+def test_swiglu_mlp_is_silu_of_the_gate_times_the_up_projection():
+  with nnx.use_eager_sharding(False):
+    mlp = models.MLP(models._Common(tiny_cfg("gpt", mlp="swiglu")), approximate_gelu=True, out_std=0.3,
+                     rngs=nnx.Rngs(0))
+  mlp.fc.bias[...] = jax.random.normal(jax.random.key(1), mlp.fc.bias.shape)
+  mlp.proj.bias[...] = jax.random.normal(jax.random.key(2), mlp.proj.bias.shape)
+  x_BTD = jax.random.normal(jax.random.key(3), (B, 5, 64))
+  w, b = np.asarray(mlp.fc.kernel[...], np.float64), np.asarray(mlp.fc.bias[...], np.float64)
+  assert w.shape == (64, 2, 128)
+  x = np.asarray(x_BTD, np.float64)
+  gate_BTF, up_BTF = x @ w[:, 0] + b[0], x @ w[:, 1] + b[1]
+  h_BTF = gate_BTF / (1 + np.exp(-gate_BTF)) * up_BTF
+  want_BTD = h_BTF @ np.asarray(mlp.proj.kernel[...], np.float64) + np.asarray(mlp.proj.bias[...], np.float64)
+  np.testing.assert_allclose(np.asarray(mlp(x_BTD)), want_BTD, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rms_norm_vjp_matches_autodiff_and_keeps_no_float32_activations(dtype, capsys):
+  """The hand-written RMSNorm backward equals autodiff of x / rms(x) * scale, and the forward keeps the
+  input and a per-row statistic for it, no float32 [..., D] copy."""
+  k = jax.random.split(jax.random.key(0), 3)
+  x = (jax.random.normal(k[0], (3, 5, 64)) * 3 + 1).astype(dtype)
+  scale, w = 1 + 0.1 * jax.random.normal(k[1], (64,)), jax.random.normal(k[2], (3, 5, 64))
+
+  def autodiff(x, s, eps, dtype):
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps) * s).astype(dtype)
+
+  def grads(fn):
+    loss = lambda x, s: (fn(x, s, 1e-5, dtype).astype(jnp.float32) * w).sum()
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, scale)
+
+  (v, g), (v_ref, g_ref) = grads(models.rms_norm), grads(autodiff)
+  assert float(v) == float(v_ref)
+  for a, b in zip(g, g_ref):
+    assert a.dtype == b.dtype
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2  # bf16: the same float32 math, one rounding of dx
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(lambda x: models.rms_norm(x, scale, 1e-5, dtype).astype(jnp.float32).sum(), x)
+  kept = capsys.readouterr().out.strip().splitlines()
+  name = {jnp.float32: "f32", jnp.bfloat16: "bf16"}[dtype]
+  assert [line for line in kept if "[3,5,64]" in line] == [f"{name}[3,5,64] from the argument x"], kept

@@ -13,7 +13,14 @@ from fmjax.config_lib import ConfigError
 C = 3  # classes
 
 
+# A GPT with Llama's architecture and one key/value head for its two query heads: q and kv, no fused qkv.
+LLAMA = ("model.positions=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.use_bias=false",
+         "model.tie_embeddings=false", "model.num_kv_heads=1")
+
+
 def tiny(family="bert", *overrides):
+  if family == "llama":
+    return tiny("gpt", *LLAMA, *overrides)
   return config_lib.load_config(f"configs/finetune_cls.py:task=pydoc_family,model={family}", [
       "model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.vocab_size=128",
       "model.max_len=32", "model.dropout=0.0", "data.seq_len=16", "train.batch_size=8", "mesh.data=1",
@@ -45,12 +52,17 @@ def load(model, params):
   return model
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt"])
+@pytest.mark.parametrize("family", ["bert", "gpt", "llama"])
 def test_lora_merge_equals_unmerged_forward(family):
-  # mlp.fc goes through Dense.__call__; qkv through the fused einsum's hook: both must merge exactly.
+  # mlp.fc goes through Dense.__call__; qkv through the fused einsum's hook: both must merge exactly. In
+  # grouped-query attention `qkv` names the two projections that are there, q and kv.
   targets = "finetune.lora_targets=('qkv', 'out', 'mlp.fc')"
   config = tiny(family, "finetune.peft=lora", targets)
   model = finetune.model_factory(config, C)()
+  wrapped = {peft._path_str(p)[len("trunk.h.blocks.0."):] for p, m in nnx.iter_graph(model)
+             if isinstance(m, peft.LoRADense) and peft._path_str(p).startswith("trunk.h.blocks.0.")}
+  if family != "bert":
+    assert wrapped == ({"attn.q", "attn.kv"} if family == "llama" else {"attn.qkv"}) | {"attn.out", "mlp.fc"}
   b = batch()
   before = logits(model, b)
   params = params_of(model)
@@ -112,9 +124,10 @@ def _steps(config, n=3):
   return before, jax.tree.map(np.asarray, state["params"]), float(m["loss"])
 
 
-@pytest.mark.parametrize("mode", ["lora", "adapter", "bitfit", "head"])
-def test_frozen_params_are_bitwise_unchanged(mode):
-  before, after, loss = _steps(tiny("bert", f"finetune.peft={mode}"))
+@pytest.mark.parametrize("family,mode", [("bert", "lora"), ("bert", "adapter"), ("bert", "bitfit"), ("bert", "head"),
+                                         ("llama", "lora"), ("llama", "adapter")])
+def test_frozen_params_are_bitwise_unchanged(family, mode):
+  before, after, loss = _steps(tiny(family, f"finetune.peft={mode}"))
   assert np.isfinite(loss)
   flat_before = jax.tree_util.tree_flatten_with_path(before)[0]
   flat_after = jax.tree.leaves(after)
@@ -128,6 +141,9 @@ def test_frozen_params_are_bitwise_unchanged(mode):
       frozen += 1
       assert np.array_equal(old, new), f"{mode}: frozen {keys} changed"
   assert trained and frozen
+  if (family, mode) == ("llama", "lora"):  # the default targets (attn.qkv, attn.out) reach q and kv too
+    attn = after["trunk"]["h"]["blocks"][0]["attn"]
+    assert {k: set(v) for k, v in attn.items()} == {k: {"kernel", "lora_a", "lora_b"} for k in ("q", "kv", "out")}
 
 
 def test_weight_decay_shrinks_the_lora_factors_as_it_does_kernels():
@@ -192,6 +208,15 @@ def test_target_matching_no_module_lists_module_names():
   assert "\n" not in str(e.value) and "trunk.pooler" in str(e.value)
   with pytest.raises(ConfigError, match="is not one of"):
     finetune.model_factory(tiny("bert", "finetune.peft=prefix"), C)()
+
+
+def test_bitfit_of_a_model_without_biases_is_one_line():
+  """Llama has no biases: BitFit would train a classifier's head alone, and nothing at all in SFT."""
+  with pytest.raises(ConfigError, match=r"^finetune.peft=bitfit trains the biases alone, and this model has none "
+                                        r"\(model.use_bias=false"):
+    tiny("llama", "finetune.peft=bitfit")
+  with pytest.raises(ConfigError, match="finetune.peft=bitfit trains the biases alone"):
+    config_lib.load_config("configs/sft.py", ["model.use_bias=false", "finetune.peft=bitfit"])
 
 
 @pytest.mark.parametrize("size", ["finetune.lora_rank", "finetune.adapter_dim"])

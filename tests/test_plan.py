@@ -246,6 +246,24 @@ def test_layout_without_devices():
   assert sum(l.shard_bytes for l in opt) >= 2 * sum(l.shard_bytes for l in params)
 
 
+def test_plan_of_a_llama_config_on_a_tensor_mesh():
+  """Llama's architecture (no position table, an untied head, SwiGLU, 2 key/value heads for 4): the plan counts
+  its parameters, FLOPs/token = 6N + 12LDT (N with the head, not the input table) agree with XLA's count of the step it compiles,
+  and the key/value heads split over tensor."""
+  config = config_lib.load_config("configs/gpt.py:tiny,llama", TINY + ["model.num_kv_heads=2"])
+  p = plan.plan(config, mesh="data=2,fsdp=2,tensor=2")
+  abstract = models.abstract_model(config.model)
+  assert p["compiled"] and p["params"] == models.param_count(abstract)
+  D, F, V, L, T = 64, 256, 256, 2, 32
+  n = 2 * V * D + L * (D * 64 + D * 2 * 32 + 64 * D + D * 2 * F + F * D + 2 * D) + D
+  assert p["params"] == n and p["flops_per_token"] == 6 * (n - V * D) + 12 * L * D * T  # the input table: a lookup
+  assert 0.7 < p["xla_flops_per_step"] / p["flops_per_step"] < 1.4
+  params, _ = plan.layout(config, p["mesh"], optim.make_optimizer(config))
+  by_path = {l.path: l.shard_shape for l in params}
+  assert by_path["h/blocks/0/attn/kv/kernel"] == (32, 2, 1, 16) and by_path["h/blocks/0/attn/q/kernel"] == (32, 2, 16)
+  assert by_path["lm_head/embedding"] == (128, 32)
+
+
 def test_layout_of_a_peft_sft_config_is_the_model_it_trains():
   """finetune.peft=lora on configs/sft.py: its LoRA factors are parameters, and the optimizer holds moments for them
   alone (the layout once built the bare GPT, and tripped on the frozen leaves' empty optimizer state)."""

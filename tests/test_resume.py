@@ -34,6 +34,7 @@ from conftest import xla_flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT = os.path.join(REPO, "configs", "gpt.py") + ":tiny"
 BERT = os.path.join(REPO, "configs", "bert.py") + ":tiny"
+LLAMA = GPT + ",llama"
 N = 24  # steps of the reference run; checkpoints every 4 (all kept)
 # A constant schedule after warmup, so a run planned for more steps takes the same first N.
 BASE = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.d_ff=128", "model.dropout=0.1",
@@ -311,14 +312,16 @@ def test_killed_and_resumed_runs_are_bitwise_exact(reference, cache_dir, tmp_pat
   assert_states_equal(saved_state(workdir, N), saved_state(reference, N))
 
 
-def test_a_bert_run_stopped_at_a_save_resumes_bitwise(cache_dir, tmp_path):
-  """The bar holds for MLM too, whose masks (like dropout) are drawn per step: 4 steps, then a resume to 8,
-  equal 8 straight steps in every loss and array."""
+@pytest.mark.parametrize("spec,extra", [(BERT, ()), (LLAMA, ("model.num_kv_heads=2",))], ids=["bert", "llama"])
+def test_a_run_stopped_at_a_save_resumes_bitwise(cache_dir, tmp_path, spec, extra):
+  """The bar holds for MLM too, whose masks (like dropout) are drawn per step, and for Llama's architecture
+  (rotary positions, grouped-query attention, an untied head): 4 steps, then a resume to 8, equal 8 straight
+  steps in every loss and array."""
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train.run(load(cache_dir, "train.steps=8", spec=BERT), straight)
-  train.run(load(cache_dir, "train.steps=4", spec=BERT), resumed)
+  train.run(load(cache_dir, "train.steps=8", *extra, spec=spec), straight)
+  train.run(load(cache_dir, "train.steps=4", *extra, spec=spec), resumed)
   assert committed_steps(resumed) == [4]
-  train.run(load(cache_dir, "train.steps=8", spec=BERT), resumed)
+  train.run(load(cache_dir, "train.steps=8", *extra, spec=spec), resumed)
   assert step_losses(resumed) == step_losses(straight) and sorted(step_losses(straight)) == list(range(1, 9))
   assert_states_equal(saved_state(resumed, 8), saved_state(straight, 8))
 

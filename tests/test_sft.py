@@ -422,6 +422,28 @@ def test_lora_sft_resumes_bitwise(tmp_path, tmp_path_factory):
     np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
 
 
+def test_lora_sft_of_a_llama_run_takes_its_architecture_and_trains_the_factors_of_q_and_kv(tmp_path, tmp_path_factory):
+  """configs/sft.py names no architecture: SFT of a Llama run (rotary positions, grouped-query attention ...)
+  builds that model from the run's config, and LoRA's `attn.qkv` target wraps its q and kv projections."""
+  pretrain, _ = make_workdir(tmp_path_factory, "llama")
+  write_jsonl(tmp_path / "train.jsonl", 40)
+  workdir = tmp_path / "lora"
+  sft.run(config_lib.load_config("configs/sft.py", _lora_flags(tmp_path, pretrain, 2, "train.batch_size=8",
+                                                                "train.eval_batches=0")),
+          str(workdir))
+  model = json.loads((workdir / "config.json").read_text())["model"]
+  assert {k: model[k] for k in ("positions", "norm", "mlp", "num_kv_heads", "use_bias", "tie_embeddings")} == {
+      "positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "num_kv_heads": 2, "use_bias": False,
+      "tie_embeddings": False}
+  before, after = _flat(generate.restore_run(str(pretrain)).params), _flat(generate.restore_run(str(workdir)).params)
+  factors = {k for k in after if k.endswith(("['lora_a']", "['lora_b']"))}
+  assert {k for k in factors if k.startswith("['h']['blocks'][0]")} == {
+      f"['h']['blocks'][0]['attn']['{dense}']['lora_{ab}']" for dense in ("q", "kv", "out") for ab in "ab"}
+  assert set(after) - factors == set(before)
+  for k in before:
+    np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+
+
 def test_peft_sft_refusals_are_one_line_and_adapters_run_unrolled(tmp_path, tmp_path_factory):
   """finetune.peft=head has no head to train in SFT; an adapter SFT run trains (unrolled, from a scanned
   init_from too) but neither exports nor seeds another run (its adapters fold into no weight)."""
