@@ -135,11 +135,15 @@ def _xla_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_id
                    dropout_rate: float = 0.0, dropout_key=None):
   B, T, H, K = q_BTHK.shape
   S, G = k_BSHK.shape[1], k_BSHK.shape[2]
-  # Grouped-query attention: the H query heads in G groups of Q = H / G, each group reading one key/value
-  # head (G == H: multi-head). The probabilities keep H on one axis, as dropout draws them.
-  q_BTGQK = q_BTHK.reshape(B, T, G, H // G, K)
-  logits_BHTS = jnp.einsum("btgqk,bsgk->bgqts", q_BTGQK, k_BSHK, preferred_element_type=jnp.float32)
-  logits_BHTS = logits_BHTS.reshape(B, H, T, S) * (1.0 / math.sqrt(K))
+  if G == H:  # multi-head: the grouped form's reshapes cost XLA transposes and copies (and other rounding)
+    logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
+  else:
+    # Grouped-query attention: the H query heads in G groups of Q = H / G, each group reading one
+    # key/value head. The probabilities keep H on one axis, as dropout draws them.
+    q_BTGQK = q_BTHK.reshape(B, T, G, H // G, K)
+    logits_BHTS = jnp.einsum("btgqk,bsgk->bgqts", q_BTGQK, k_BSHK, preferred_element_type=jnp.float32)
+    logits_BHTS = logits_BHTS.reshape(B, H, T, S)
+  logits_BHTS = logits_BHTS * (1.0 / math.sqrt(K))
   mask = make_mask(segment_ids_BT, segment_ids_BS, causal=causal, T=T, S=S, q_offset=q_offset)
   if mask is not None:
     logits_BHTS = jnp.where(mask, logits_BHTS, jnp.finfo(jnp.float32).min)
@@ -148,7 +152,10 @@ def _xla_attention(q_BTHK, k_BSHK, v_BSHK, *, causal, segment_ids_BT, segment_id
     # Inverted dropout on the probabilities (as BERT and GPT-2 train): a row no longer sums to 1.
     keep_BHTS = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, probs_BHTS.shape)
     probs_BHTS = jnp.where(keep_BHTS, probs_BHTS * (1.0 / (1.0 - dropout_rate)), 0.0)
-  probs_BGQTS = probs_BHTS.astype(v_BSHK.dtype).reshape(B, G, H // G, T, S)
+  probs_BHTS = probs_BHTS.astype(v_BSHK.dtype)
+  if G == H:
+    return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
+  probs_BGQTS = probs_BHTS.reshape(B, G, H // G, T, S)
   return jnp.einsum("bgqts,bsgk->btgqk", probs_BGQTS, v_BSHK).reshape(B, T, H, v_BSHK.shape[-1])
 
 

@@ -75,10 +75,14 @@ SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_siz
 ADOPTED_MODEL_KEYS = ("layer_norm_eps", *ARCHITECTURE_DEFAULTS)
 
 
-def adopt_model_settings(config, saved: Mapping) -> list[str]:
+def adopt_model_settings(config, saved: Mapping, source: str = "init_from") -> list[str]:
   """Sets `config.model`'s ADOPTED_MODEL_KEYS to those of `saved` (the config.json of the run it
-  starts from); returns `model.KEY=VALUE` for each one that changed."""
+  starts from, `source`); returns `model.KEY=VALUE` for each one that changed. An architecture choice
+  this config names (not GPT-2's) that differs from the source's is refused (CheckpointMismatchError),
+  as another size is: the run would silently train the source's architecture instead."""
   theirs = saved.get("model") if isinstance(saved, Mapping) else None
+  if isinstance(theirs, Mapping):
+    _refuse_other_architecture(config.model, theirs, source)
   changed = []
   for key in ADOPTED_MODEL_KEYS if isinstance(theirs, Mapping) else ():
     # A run saved before an architecture choice existed had GPT-2's.
@@ -90,6 +94,20 @@ def adopt_model_settings(config, saved: Mapping) -> list[str]:
   if changed:  # e.g. the source's key/value heads against this config's mesh.tensor
     config_lib.validate(config, jax.device_count())
   return changed
+
+
+def _refuse_other_architecture(model_cfg, theirs: Mapping, source: str) -> None:
+  def effective(m):  # num_kv_heads 0 and num_heads are one model
+    arch = {k: m.get(k, v) for k, v in ARCHITECTURE_DEFAULTS.items()}
+    return {**arch, "num_kv_heads": arch["num_kv_heads"] or m.get("num_heads")}
+
+  ours, other = effective(model_cfg), effective(theirs)
+  named = [k for k, v in ARCHITECTURE_DEFAULTS.items() if model_cfg.get(k, v) != v and ours[k] != other[k]]
+  if named:
+    fmt = lambda arch: ", ".join(f"model.{k}={config_lib.setting(arch[k])}" for k in named)
+    raise CheckpointMismatchError(f"{source} holds a model with {fmt(other)} but this config sets {fmt(ours)}; a run "
+                                  "from its params takes its architecture: drop those settings, or start from a "
+                                  "checkpoint of this architecture")
 
 
 def check_same_model(saved: Mapping, model_cfg, source: str) -> None:
@@ -1065,6 +1083,16 @@ def _same_mixture(old: Any, new: Any, *, but_files: bool = False) -> bool:
     return False
 
 
+def _before_kv_heads(rules: Any) -> Any:
+  """A rule list saved before grouped-query attention, as the defaults now write it: with the kv_heads rule
+  (the heads' mesh axes) after the heads' own, which no model of such a run read."""
+  if not isinstance(rules, list) or any(r[0] == "kv_heads" for r in rules) or \
+      not any(r[0] == "heads" for r in rules):
+    return rules
+  i = next(i for i, r in enumerate(rules) if r[0] == "heads")
+  return rules[:i + 1] + [["kv_heads", rules[i][1]]] + rules[i + 1:]
+
+
 def _clips(clip_norm: Any) -> bool:
   """Whether `optim.clip_norm` puts a clipping stage (a slot of the optimizer state) in the chain."""
   return isinstance(clip_norm, (int, float)) and clip_norm > 0
@@ -1095,6 +1123,8 @@ def config_changes(saved_cfg: Mapping[str, Any], new_cfg: Mapping[str, Any]) -> 
                           and math.isnan(old_v) and math.isnan(new_v)):
       continue
     if key == "data.dataset" and _same_mixture(old_v, new_v):
+      continue
+    if key == "logical_axis_rules" and _before_kv_heads(old_v) == new_v:
       continue
     moved = ((key in _WHERE_THE_TEXT_IS or key == "data.dataset" and _same_mixture(old_v, new_v, but_files=True))
              and not any(k.split(".")[0] in ("sft", "task") for k in new))

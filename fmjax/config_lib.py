@@ -504,14 +504,18 @@ def _check_model(m) -> None:
   _check_architecture(m, models)
 
 
+def setting(value) -> str:
+  """A setting's value as an override writes it (`model.use_bias=false`)."""
+  return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _check_architecture(m, models) -> None:
   """The decoder's architecture choices (rotary positions, RMSNorm, SwiGLU, grouped-query attention, biases,
   an untied head); BERT keeps GPT-2's and the original BERT's."""
   arch = models.architecture(m)
   for key, choices in models.ARCHITECTURE_CHOICES.items():
     _one_of(f"model.{key}", arch[key], choices)
-  changed = [f"model.{k}={str(arch[k]).lower() if isinstance(arch[k], bool) else arch[k]}"
-             for k, v in models.ARCHITECTURE_DEFAULTS.items() if arch[k] != v]
+  changed = [f"model.{k}={setting(arch[k])}" for k, v in models.ARCHITECTURE_DEFAULTS.items() if arch[k] != v]
   if m.family == "bert" and changed:
     raise ConfigError(f"{', '.join(changed)} is a decoder choice: BERT has learned positions, LayerNorm, GELU, "
                       "biases, every head its own keys and a tied head; drop it, or use model.family=gpt")

@@ -246,7 +246,7 @@ def adopt_pretrain_settings(config, init_from: str, *, resumed: str = "") -> lis
     raise ConfigError(f"init_from={init_from} is a `fmjax finetune` (classifier) workdir; pass the --workdir of a "
                       "pretraining (`fmjax train`) or `fmjax sft` run, whose language model holds the trunk to load")
   check_same_model(saved, config.model, init_from)
-  changed = adopt_model_settings(config, saved)
+  changed = adopt_model_settings(config, saved, f"init_from={init_from}")
   with config.unlocked():
     for key in data.CORPUS_KEYS:  # init_from's tokenizer: the ids its trunk knows
       if key in saved.get("data", {}) and saved["data"][key] != config.data[key]:

@@ -193,8 +193,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
   """Continues each prompt (token ids) by up to `max_new_tokens`, cut before the first EOS.
 
   Prompts of different lengths are batched with left padding; the KV cache holds the longest
-  prompt plus `max_new_tokens`. `max_len` defaults to the model's position table. New ids are
-  below `vocab_size` (pass the tokenizer's; default: any row of the model's vocabulary).
+  prompt plus `max_new_tokens`. `max_len` defaults to model.max_len (the learned position table's
+  rows; with rotary positions, the setting). New ids are below `vocab_size` (pass the tokenizer's;
+  default: any row of the model's vocabulary).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ConfigError("every prompt needs at least one token")

@@ -178,10 +178,6 @@ def _decoder_architecture(model_cfg) -> dict:
   return arch
 
 
-def _setting(value) -> str:
-  return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def hf_model_type(model_cfg) -> str:
   """The HF model_type an fmjax model exports as: bert; gpt2 for GPT-2's decoder (fmjax's defaults);
   llama for rotary positions, RMSNorm and SwiGLU (biases, a tied head, grouped-query attention and
@@ -196,7 +192,8 @@ def hf_model_type(model_cfg) -> str:
     return "gpt2"
 
   def differs(want):
-    return ", ".join(f"model.{k}={_setting(arch[k])} (not {_setting(v)})" for k, v in want.items() if arch[k] != v)
+    setting = config_lib.setting
+    return ", ".join(f"model.{k}={setting(arch[k])} (not {setting(v)})" for k, v in want.items() if arch[k] != v)
 
   raise ConfigError(f"this decoder has no Hugging Face counterpart: it differs from GPT-2's architecture in "
                     f"{differs(GPT2_ARCHITECTURE)} and from Llama's in {differs(LLAMA_ARCHITECTURE)}; export takes "
@@ -524,8 +521,9 @@ def _llama_settings(hf: Mapping[str, Any]) -> dict[str, Any]:
            f"rope_scaling={hf.get('rope_scaling') or hf.get('rope_parameters')}; fmjax's rotary positions are "
            "unscaled (rope_type default)")
   attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
-  _require(attention_bias == mlp_bias, f"attention_bias={_setting(attention_bias)} with mlp_bias={_setting(mlp_bias)}; "
-                                       "fmjax has biases in every projection or in none (model.use_bias)")
+  _require(attention_bias == mlp_bias, f"attention_bias={config_lib.setting(attention_bias)} with "
+                                       f"mlp_bias={config_lib.setting(mlp_bias)}; fmjax has biases in every projection "
+                                       "or in none (model.use_bias)")
   window = hf.get("sliding_window") if model_type == "mistral" else None
   _require(window is None or window >= max_len, f"sliding_window={window} (below max_position_embeddings={max_len}); "
                                                 "fmjax's attention sees every earlier position")

@@ -841,7 +841,7 @@ def _adopt_model_settings(config, source_dir: str, workdir: str) -> None:
   source = files.read_json(os.path.join(source_dir, "config.json"))  # None: _init_from names what is missing
   if source is None:
     source_dir, source = workdir, files.read_json(os.path.join(workdir, "config.json"))
-  for change in ckpt_lib.adopt_model_settings(config, source):
+  for change in ckpt_lib.adopt_model_settings(config, source, f"init_from={source_dir}"):
     log.info("%s, as init_from computed (read from %s/config.json)", change, source_dir)
 
 

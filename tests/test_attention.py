@@ -48,6 +48,26 @@ def test_xla_matches_explicit_mask(causal):
   assert np.isfinite(np.asarray(out)).all()  # pad rows attend pads, never an all-masked row
 
 
+def test_multi_head_attention_is_the_plain_einsums_with_no_grouped_reshapes():
+  """G == H (every model without grouped-query attention) runs the einsums GPT-2 and BERT always ran:
+  the grouped form's reshapes added transposes and copies to XLA's program and moved the gradients' bits."""
+  q, k, v = _qkv(2)
+
+  def plain(q, k, v):
+    logits_BHTS = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32) / np.sqrt(K)
+    logits_BHTS = jnp.where(attn.make_mask(SEGMENTS_BT, SEGMENTS_BT, causal=True, T=T, S=T), logits_BHTS,
+                            jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(logits_BHTS, axis=-1), v)
+
+  def xla(q, k, v):
+    return attn.attention(q, k, v, causal=True, segment_ids_BT=SEGMENTS_BT, kernel="xla")
+
+  grads = [jax.jit(jax.grad(lambda *a, f=f: (f(*a) ** 2).sum(), argnums=(0, 1, 2)))(q, k, v) for f in (plain, xla)]
+  for g, g_ref in zip(grads[1], grads[0]):
+    np.testing.assert_array_equal(g, g_ref)
+  assert "reshape" not in jax.jit(xla).lower(q, k, v).as_text()
+
+
 def test_segments_are_isolated_and_causal():
   q, k, v = _qkv()
   out = attn.attention(q, k, v, causal=True, segment_ids_BT=SEGMENTS_BT, kernel="xla")

@@ -397,6 +397,31 @@ def test_restore_errors_are_clear(tmp_path):
   ck.close()
 
 
+def test_init_from_adopts_the_sources_architecture_unless_this_config_names_another():
+  """A config that names no architecture (a classifier's, GPT-2's) takes init_from's; one that names
+  another than the source's (Llama's settings, init_from a GPT-2 run saved before they existed) is one
+  line, not a run that silently trains GPT-2 under the Llama config's name."""
+  gpt2 = config_lib.load_config("configs/gpt.py:tiny").to_dict()
+  for key in ("positions", "norm", "mlp", "num_kv_heads", "use_bias", "tie_embeddings", "rope_theta"):
+    del gpt2["model"][key]  # saved before the keys existed
+  llama = config_lib.load_config("configs/gpt.py:tiny,llama", ["model.num_kv_heads=2"])
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=(
+      r"^init_from=/runs/gpt2 holds a model with model.positions=learned, .*model.use_bias=true, "
+      r"model.tie_embeddings=true but this config sets model.positions=rope, model.norm=rmsnorm, "
+      r"model.mlp=swiglu, model.num_kv_heads=2, model.use_bias=false, model.tie_embeddings=false; .*$")) as e:
+    ckpt_lib.adopt_model_settings(llama, gpt2, "init_from=/runs/gpt2")
+  assert "\n" not in str(e.value) and llama.model.positions == "rope"
+  plain = config_lib.load_config("configs/gpt.py:tiny")
+  assert ckpt_lib.adopt_model_settings(plain, gpt2) == []
+  assert ckpt_lib.adopt_model_settings(plain, {"model": llama.model.to_dict()}) == [
+      "model.positions='rope'", "model.norm='rmsnorm'", "model.mlp='swiglu'", "model.num_kv_heads=2",
+      "model.use_bias=False", "model.tie_embeddings=False"]
+  # num_kv_heads = num_heads is the multi-head model that 0 names.
+  mha = config_lib.load_config("configs/gpt.py:tiny,llama", [f"model.num_kv_heads={llama.model.num_heads}"])
+  assert ckpt_lib.adopt_model_settings(mha, {"model": {**llama.model.to_dict(), "num_kv_heads": 0}}) == [
+      "model.num_kv_heads=0"]
+
+
 def test_config_changes_classification():
   saved = {"name": "gpt_tiny",
            "model": {"d_model": 64, "num_layers": 2, "remat": "none", "dtype": "bfloat16", "param_dtype": "float32"},
@@ -437,6 +462,13 @@ def test_config_changes_classification():
   assert ckpt_lib.config_changes(old_run, {**tuned, "finetune": {"peft": "none", "head_bias": True}}) == ([], [])
   breaking, _ = ckpt_lib.config_changes(old_run, {**tuned, "finetune": {"peft": "none", "head_bias": False}})
   assert breaking == ["finetune.head_bias: True -> False"]
+  # The default rules gained kv_heads (grouped-query attention's key/value heads): a run saved before it, with
+  # the defaults or its own list, resumes without a change reported; another rule for kv_heads is one.
+  rules = [list(r) for r in config_lib.DEFAULT_RULES]
+  before_gqa = {**saved, "logical_axis_rules": [r for r in rules if r[0] != "kv_heads"]}
+  assert ckpt_lib.config_changes(before_gqa, {**saved, "logical_axis_rules": config_lib.DEFAULT_RULES}) == ([], [])
+  other = [[n, None if n == "kv_heads" else a] for n, a in rules]
+  assert ckpt_lib.config_changes(before_gqa, {**saved, "logical_axis_rules": other})[1]
   # A pretraining corpus that moved resumes (train warns if its rows differ); an SFT run's files are its rows.
   files = {**saved, "data": {**saved["data"], "files": "/old/*.txt"}}
   moved = {**files, "data": {**files["data"], "files": "/new/*.txt"}}

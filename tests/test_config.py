@@ -303,7 +303,8 @@ def test_a_path_the_system_refuses_is_one_line_naming_it(errno_, fix, monkeypatc
 @pytest.mark.parametrize("spec", ["experiments/bert_base/config.py:phase=1", "experiments/bert_base/config.py:phase=2",
                                   "experiments/gpt2_124m/config.py", "experiments/scaling_tiny/config.py",
                                   "experiments/pretrain_helps/config.py", "experiments/pretrain_helps/pretrain.py",
-                                  *(f"experiments/decoder_choices/config.py:{v}" for v in ("gpt2", "swiglu", "llama_mqa")),
+                                  *(f"experiments/decoder_choices/config.py:{v}"
+                                    for v in ("gpt2", "swiglu", "llama_mqa")),
                                   "configs/finetune_cls.py:task=glue/sst2",
                                   "configs/sft.py"])
 def test_experiment_configs_load_and_validate(spec):

@@ -248,8 +248,8 @@ def test_layout_without_devices():
 
 def test_plan_of_a_llama_config_on_a_tensor_mesh():
   """Llama's architecture (no position table, an untied head, SwiGLU, 2 key/value heads for 4): the plan counts
-  its parameters, FLOPs/token = 6N + 12LDT (N with the head, not the input table) agree with XLA's count of the step it compiles,
-  and the key/value heads split over tensor."""
+  its parameters, FLOPs/token = 6N + 12LDT (N with the head, not the input table) agree with XLA's count of the
+  step it compiles, and the key/value heads split over tensor."""
   config = config_lib.load_config("configs/gpt.py:tiny,llama", TINY + ["model.num_kv_heads=2"])
   p = plan.plan(config, mesh="data=2,fsdp=2,tensor=2")
   abstract = models.abstract_model(config.model)
