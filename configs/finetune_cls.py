@@ -7,10 +7,12 @@
   fmjax sweep --config=configs/finetune_cls.py --config.init_from=workdirs/bert_tiny --workdir=workdirs/ft_sweep
 
 Args (comma list): task=pydoc_family | glue/<name> | csv | jsonl; model=bert|gpt; size=tiny|mini|small|
-base|...; peft=none|lora|adapter|bitfit|head. The model settings must match the init_from run
-(its family and size); its tokenizer settings are taken over automatically. Give the PEFT method as the
-`peft=` arg: it also sets the learning rate for it (3x, as few trainable parameters take larger steps),
-which `--config.finetune.peft=...` alone leaves at full fine-tuning's.
+base|...; peft=none|lora|adapter|bitfit|head; llama (with model=gpt, for the trunk of a
+`configs/gpt.py:SIZE,llama` run: its SwiGLU width differs from GPT-2's MLP at every size but tiny). The
+model settings must match the init_from run (its family, size and llama or not); its tokenizer settings
+are taken over automatically. Give the PEFT method as the `peft=` arg: it also sets the learning rate for
+it (3x, as few trainable parameters take larger steps), which `--config.finetune.peft=...` alone leaves at
+full fine-tuning's.
 """
 
 import os
@@ -22,14 +24,18 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 def get_config(arg: str = "task=pydoc_family"):
   flags, kv = config_lib.parse_arg(arg)
-  unknown = sorted(set(kv) - {"task", "model", "size", "peft"}) + flags
+  unknown = sorted(set(kv) - {"task", "model", "size", "peft"}) + [f for f in flags if f != "llama"]
   if unknown:
-    raise config_lib.ConfigError(f"unknown finetune_cls config arg(s) {unknown}; use task=, model=, size=, peft=")
+    raise config_lib.ConfigError(f"unknown finetune_cls config arg(s) {unknown}; use task=, model=, size=, peft=, "
+                                 "llama")
   family = kv.get("model", "bert")
   if family not in ("bert", "gpt"):
     raise config_lib.ConfigError(f"model={family!r} is not one of ['bert', 'gpt']")
+  llama = "llama" in flags
+  if llama and family != "gpt":
+    raise config_lib.ConfigError("llama is a decoder's architecture: give it with model=gpt")
   size = kv.get("size", "tiny")
-  c = config_lib.load_module(os.path.join(_HERE, f"{family}.py")).get_config(size)
+  c = config_lib.load_module(os.path.join(_HERE, f"{family}.py")).get_config(size + (",llama" if llama else ""))
   task = kv.get("task", "pydoc_family")
   c.name = f"finetune_{task.replace('/', '_')}_{c.name}"
   c.init_from = ""  # a `fmjax train` workdir: its trunk is loaded, the head is new

@@ -17,8 +17,9 @@ is lowered to that max_len, and the log says so: the pretrained position table c
 
 finetune.peft: none (every parameter trains) | lora | adapter | bitfit, with finetune.lora_rank,
 lora_alpha, lora_targets, adapter_dim, adapter_targets as in configs/finetune_cls.py (`head`
-has no head to train here: GPT's output layer is its tied token embeddings). LoRA and adapters
-start where init_from's model is (their update is 0) and run unrolled (model.scan_layers=false).
+has no head to train here: GPT's output layer is its token table, or Llama's pretrained lm_head).
+LoRA and adapters start where init_from's model is (their update is 0) and run unrolled
+(model.scan_layers=false).
 Few trainable parameters usually take a larger rate: raise optim.lr with them (3x is a start).
 """
 

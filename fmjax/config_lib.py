@@ -606,8 +606,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                         f"data.mask_rate={d.mask_rate}; set data.max_predictions={needed} (BERT: 20 at 128, 80 at 512)")
   mode = peft_mode(config)
   if "sft" in config and mode not in SFT_PEFT_MODES:
-    what = ("trains a classifier's new head alone, and SFT has none (GPT's output layer is its tied token "
-            "embeddings)" if mode == "head" else "is not a PEFT method")
+    what = ("trains a classifier's new head alone, and SFT has none (a GPT's output layer is its token table, or "
+            "with model.tie_embeddings=false its pretrained lm_head)" if mode == "head" else "is not a PEFT method")
     raise ConfigError(f"finetune.peft={mode!r} {what}; for SFT set finetune.peft= one of {', '.join(SFT_PEFT_MODES)}")
   if mode == "bitfit" and not m.get("use_bias", True):  # SFT would train nothing, a classifier its head alone
     raise ConfigError("finetune.peft=bitfit trains the biases alone, and this model has none (model.use_bias=false, "

@@ -679,6 +679,10 @@ def read_hf_tokenizer(model_dir: str):
   """The tokenizer of an HF directory (tokenizer.json, vocab.txt, or vocab.json + merges.txt)."""
   from fmjax import data
   if not any(os.path.exists(os.path.join(model_dir, n)) for n in ("tokenizer.json", "vocab.txt", "vocab.json")):
+    if os.path.exists(os.path.join(model_dir, "tokenizer.model")):  # Llama 2 / Mistral's SentencePiece file alone
+      raise ConfigError(f"{model_dir} has a SentencePiece tokenizer.model but no tokenizer.json, which is what fmjax "
+                        "reads; write one beside it with transformers: AutoTokenizer.from_pretrained(D)"
+                        ".save_pretrained(D) (converting needs the sentencepiece package)")
     raise ConfigError(f"{model_dir} has no tokenizer files (tokenizer.json, vocab.txt, or vocab.json + "
                       "merges.txt); copy them from the model's repository into it")
   return data.load_hf(model_dir)

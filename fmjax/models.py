@@ -801,11 +801,16 @@ def flops_per_token(model_cfg, seq_len: int) -> float:
   the position table, so N leaves it out too (else MFU would read 27% high for a Llama-style
   GPT-2 small).
   """
+  return 6.0 * flop_params(model_cfg) + 12.0 * model_cfg.num_layers * model_cfg.d_model * seq_len
+
+
+def flop_params(model_cfg) -> int:
+  """N of `flops_per_token`: the parameters without position embeddings, nor an untied head's input table."""
   model = abstract_model(model_cfg)
   n = param_count(model, exclude_positions=True)
   if hasattr(model, "lm_head"):
     n -= int(np.prod(model.wte.embedding.shape))
-  return 6.0 * n + 12.0 * model_cfg.num_layers * model_cfg.d_model * seq_len
+  return n
 
 
 def _is_layer_list(node) -> bool:

@@ -525,7 +525,8 @@ def plan(config, *, mesh: str | dict | None = None, topology: str | None = None,
       "num_slices": num_slices,
       "mesh": mesh_sizes, "compiled": compiled_ok, "attention": kernel,
       "params": n_params, "params_without_positions": n_no_pos,
-      "flops_per_token": fpt, "tokens_per_step": tokens_per_step, "flops_per_step": fpt * tokens_per_step,
+      "flops_per_token": fpt, "flop_params": models.flop_params(config.model), "tokens_per_step": tokens_per_step,
+      "flops_per_step": fpt * tokens_per_step,
       "xla_flops_per_step": xla_flops, "memory": memory, "peak_bytes": peak,
       # XLA's cost analysis counts a loop's body once and a Pallas kernel as no FLOPs.
       "xla_flops_lower_bound": bool(config.model.scan_layers or config.model.fused_loss_chunk
@@ -716,7 +717,8 @@ def format_plan(p: dict) -> str:
   lines += [
       f"  parameters      {p['params']:,} ({p['params_without_positions']:,} without position embeddings)",
       f"  attention       {p['attention']}",
-      f"  FLOPs/token     6*N + 12*L*D*T = {p['flops_per_token']:.4g}",
+      f"  FLOPs/token     6*N + 12*L*D*T = {p['flops_per_token']:.4g} (N = {p['flop_params']:,}: no position "
+      "embeddings, nor an untied head's input table)",
       f"  FLOPs/step      {p['flops_per_step']:.4g} ({p['tokens_per_step']:,} tokens)"
       + (f"; XLA cost analysis {p['xla_flops_per_step']:.4g}" if p["xla_flops_per_step"] else "")
       + (" (a lower bound: it counts a loop's body once, a Pallas kernel as 0)"

@@ -407,6 +407,20 @@ def test_cli_finetune_errors_in_one_line(tmp_path, capsys):
   assert code == 2 and err.startswith("error: task.name='nope' is not one of") and "\n" not in err
 
 
+def test_a_llama_trunk_of_any_size_has_its_classifier_config():
+  """`configs/gpt.py:small,llama` has a SwiGLU of width 2048 where GPT-2 small's MLP is 3072: a classifier config
+  built without the llama arg is refused by init_from's shape check; with it, the shapes and choices match."""
+  src = config_lib.load_config("configs/gpt.py:small,llama", [])
+  ft = config_lib.load_config("configs/finetune_cls.py:task=pydoc_family,model=gpt,size=small,llama", [])
+  ckpt_lib.check_same_model({"model": src.model.to_dict()}, ft.model, "W")  # raises on another shape
+  assert ft.model.d_ff == src.model.d_ff == 2048 and (ft.model.mlp, ft.model.norm) == ("swiglu", "rmsnorm")
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"d_ff=2048"):
+    ckpt_lib.check_same_model({"model": src.model.to_dict()},
+                              config_lib.load_config("configs/finetune_cls.py:model=gpt,size=small", []).model, "W")
+  with pytest.raises(ConfigError, match="give it with model=gpt"):
+    config_lib.load_config("configs/finetune_cls.py:task=pydoc_family,llama", [])
+
+
 def test_encode_sentence_pairs():
   class Tok:
     cls_id, sep_id, eos_id, pad_id = 2, 3, 7, 0

@@ -716,6 +716,19 @@ def test_missing_tokenizer_is_one_clear_line_through_the_cli(gpt_dir, tmp_path, 
   assert cli.main(["import-hf", f"--model_dir={src}", f"--workdir={tmp_path / 'w'}"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "no tokenizer files" in err and "\n" not in err
+
+
+def test_a_sentencepiece_tokenizer_model_alone_is_named_with_its_conversion(gpt_dir, tmp_path):
+  """A Llama 2 / Mistral directory with tokenizer.model only: the message names it and how to write tokenizer.json,
+  not "no tokenizer files" beside the very file the model's repository has."""
+  src = tmp_path / "spm"
+  src.mkdir()
+  for f in ("config.json", "model.safetensors"):
+    os.symlink(gpt_dir[0] / f, src / f)
+  (src / "tokenizer.model").write_bytes(b"\x0a\x00")
+  with pytest.raises(ConfigError, match=r"SentencePiece tokenizer.model but no tokenizer.json.*save_pretrained") as e:
+    interop.import_hf(str(src), str(tmp_path / "w"))
+  assert "\n" not in str(e.value) and not (tmp_path / "w").exists()
   assert not (tmp_path / "w").exists()
 
 

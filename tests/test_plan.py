@@ -257,6 +257,8 @@ def test_plan_of_a_llama_config_on_a_tensor_mesh():
   D, F, V, L, T = 64, 256, 256, 2, 32
   n = 2 * V * D + L * (D * 64 + D * 2 * 32 + 64 * D + D * 2 * F + F * D + 2 * D) + D
   assert p["params"] == n and p["flops_per_token"] == 6 * (n - V * D) + 12 * L * D * T  # the input table: a lookup
+  # The text names that N: beside the parameter counts above it, 6*N read as either is wrong by the input table.
+  assert f"6*N + 12*L*D*T = {p['flops_per_token']:.4g} (N = {n - V * D:,}: " in plan.format_plan(p)
   assert 0.7 < p["xla_flops_per_step"] / p["flops_per_step"] < 1.4
   params, _ = plan.layout(config, p["mesh"], optim.make_optimizer(config))
   by_path = {l.path: l.shard_shape for l in params}

@@ -451,6 +451,9 @@ def test_peft_sft_refusals_are_one_line_and_adapters_run_unrolled(tmp_path, tmp_
   with pytest.raises(ConfigError, match=r"^finetune.peft='head' trains a classifier's new head alone, and SFT has "
                                         r"none .*; for SFT set finetune.peft= one of none, lora, adapter, bitfit$"):
     config_lib.load_config("configs/sft.py", ["finetune.peft=head"])
+  with pytest.raises(ConfigError) as e:  # a Llama's untied output layer is no tied table: the message says so
+    config_lib.load_config("configs/sft.py:tiny,llama", ["finetune.peft=head"])
+  assert "tied token embeddings" not in str(e.value) and "tie_embeddings=false its pretrained lm_head" in str(e.value)
   pretrain, _ = make_workdir(tmp_path_factory, "gpt")
   scanned = tmp_path / "scanned"  # adopt_shape reads only config.json and that checkpoints/ exists
   (scanned / "checkpoints").mkdir(parents=True)
