@@ -949,8 +949,17 @@ def export_params(params: Mapping, model_cfg, out: str, tokenizer=None, label_na
         [wte_VD, np.zeros((pad_id + 1 - len(wte_VD), wte_VD.shape[1]), wte_VD.dtype)])
     model_cfg = ml_collections.ConfigDict({**model_cfg.to_dict(), "vocab_size": pad_id + 1})
   os.makedirs(out, exist_ok=True)
+  config = hf_config(model_cfg, tokenizer, num_labels, label_names)
   with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(hf_config(model_cfg, tokenizer, num_labels, label_names), f, indent=2)
+    json.dump(config, f, indent=2)
+  if tokenizer is not None and not num_labels and model_cfg.family == "gpt" and tokenizer.vocab_size < \
+      model_cfg.vocab_size:
+    # The rows past the tokenizer's ids pad the vocabulary (to a multiple of 128) and name no token: fmjax's
+    # sampling never picks them, and transformers' `generate` reads this file to do the same.
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    generation["suppress_tokens"] = list(range(tokenizer.vocab_size, model_cfg.vocab_size))
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+      json.dump(generation, f, indent=2)
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
   os.chmod(os.path.join(out, "model.safetensors"), 0o644)  # as readable as the files beside it
   if tokenizer is not None:

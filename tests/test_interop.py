@@ -252,6 +252,26 @@ def test_gpt_export_matches_transformers_with_padded_vocab(tmp_path, bpe):
   _close(_logits(model, jnp.asarray(ids)), theirs)
 
 
+def test_transformers_generate_never_picks_the_padded_vocabulary_rows_of_an_export(tmp_path, bpe):
+  """The rows past the tokenizer's ids name no token: fmjax never samples them, and the export's
+  generation_config.json has transformers suppress them, even where their logits are the largest."""
+  import torch
+  vocab = 384
+  model, cfg = _random_fmjax("gpt", vocab, seed=6)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  params["wte"]["embedding"] = params["wte"]["embedding"].at[bpe.vocab_size:].mul(50.0)  # padded rows win
+  interop.export_params(params, cfg, str(tmp_path), bpe)
+  assert transformers.GenerationConfig.from_pretrained(tmp_path).suppress_tokens == list(range(bpe.vocab_size,
+                                                                                                vocab))
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  ids = torch.tensor(_ids(bpe.vocab_size, seed=6)[:1, :8])
+  assert int(hf_model(ids).logits[0, -1].argmax()) >= bpe.vocab_size  # without the suppression it would pick one
+  with torch.no_grad():
+    out = hf_model.generate(ids, max_new_tokens=6, do_sample=False)
+  new = out[0, 8:].tolist()
+  assert new and max(new) < bpe.vocab_size, new
+
+
 def test_bert_export_matches_transformers_scanned_layers(tmp_path, wordpiece):
   model, cfg = _random_fmjax("bert", wordpiece.vocab_size, seed=5, scan_layers=True)
   interop.export_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg, str(tmp_path), wordpiece)
