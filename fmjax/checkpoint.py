@@ -47,7 +47,7 @@ from jax.experimental import multihost_utils
 
 import fmjax
 from fmjax import config_lib, files
-from fmjax.models import ARCHITECTURE_DEFAULTS, STACK_KEY
+from fmjax.models import ARCHITECTURE_DEFAULTS, STACK_KEY, architecture
 
 ITEMS = ("params", "opt_state")
 # Orbax (>= 0.12) writes this file last into every step it finalises, on local disks (before the
@@ -97,11 +97,7 @@ def adopt_model_settings(config, saved: Mapping, source: str = "init_from") -> l
 
 
 def _refuse_other_architecture(model_cfg, theirs: Mapping, source: str) -> None:
-  def effective(m):  # num_kv_heads 0 and num_heads are one model
-    arch = {k: m.get(k, v) for k, v in ARCHITECTURE_DEFAULTS.items()}
-    return {**arch, "num_kv_heads": arch["num_kv_heads"] or m.get("num_heads")}
-
-  ours, other = effective(model_cfg), effective(theirs)
+  ours, other = architecture(model_cfg, canonical=True), architecture(theirs, canonical=True)
   named = [k for k, v in ARCHITECTURE_DEFAULTS.items() if model_cfg.get(k, v) != v and ours[k] != other[k]]
   if named:
     fmt = lambda arch: ", ".join(f"model.{k}={config_lib.setting(arch[k])}" for k in named)

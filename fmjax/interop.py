@@ -54,7 +54,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from fmjax import config_lib, files
+from fmjax import config_lib, files, models
 from fmjax.config_lib import ConfigError
 
 # HF model_type -> fmjax model.family. Mistral is Llama with a sliding attention window: imported when
@@ -62,8 +62,7 @@ from fmjax.config_lib import ConfigError
 FAMILIES = {"gpt2": "gpt", "llama": "gpt", "mistral": "gpt", "bert": "bert"}
 # The decoder architectures (`models.ARCHITECTURE_DEFAULTS` keys) that HF has: GPT-2's, fmjax's defaults,
 # and Llama's, whose biases (attention_bias = mlp_bias), head tying, key/value heads and rope_theta are free.
-GPT2_ARCHITECTURE = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "num_kv_heads": 0, "use_bias": True,
-                     "tie_embeddings": True}
+GPT2_ARCHITECTURE = {k: v for k, v in models.ARCHITECTURE_DEFAULTS.items() if k != "rope_theta"}
 LLAMA_ARCHITECTURE = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
 _HF_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "bert": "BERT"}
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -107,7 +106,7 @@ def _gpt_table(num_layers: int) -> list[_Entry]:
 
 
 def _llama_table(model_cfg) -> list[_Entry]:
-  arch = _decoder_architecture(model_cfg)
+  arch = models.architecture(model_cfg, canonical=True)
   t = [_Entry(("wte", "embedding"), ("model.embed_tokens.weight",), "copy"),
        _Entry(("ln_f", "scale"), ("model.norm.weight",), "vector")]
   if not arch["tie_embeddings"]:
@@ -169,15 +168,6 @@ def _classifier_table(family: str) -> list[_Entry]:
   return [_Entry(("classifier", "kernel"), ("score.weight",), "linear")]
 
 
-def _decoder_architecture(model_cfg) -> dict:
-  """`models.architecture`, with num_kv_heads 0 also where it equals num_heads (no grouped-query attention)."""
-  from fmjax import models
-  arch = models.architecture(model_cfg)
-  if arch["num_kv_heads"] == model_cfg.num_heads:
-    arch["num_kv_heads"] = 0
-  return arch
-
-
 def hf_model_type(model_cfg) -> str:
   """The HF model_type an fmjax model exports as: bert; gpt2 for GPT-2's decoder (fmjax's defaults);
   llama for rotary positions, RMSNorm and SwiGLU (biases, a tied head, grouped-query attention and
@@ -185,7 +175,7 @@ def hf_model_type(model_cfg) -> str:
   the settings that differ from GPT-2's and from Llama's."""
   if model_cfg.family == "bert":
     return "bert"
-  arch = _decoder_architecture(model_cfg)
+  arch = models.architecture(model_cfg, canonical=True)
   if all(arch[k] == v for k, v in LLAMA_ARCHITECTURE.items()):
     return "llama"
   if all(arch[k] == v for k, v in GPT2_ARCHITECTURE.items()):
@@ -288,7 +278,6 @@ def _fmt_path(path: tuple) -> str:
 
 
 def _is_stacked(params: Mapping) -> bool:
-  from fmjax import models
   root = params.get("h" if "h" in params else "encoder", {})
   blocks = root.get(models.STACK_KEY, {}) if isinstance(root, Mapping) else {}
   return bool(blocks) and not all(isinstance(k, int) for k in blocks)
@@ -307,7 +296,6 @@ def params_to_hf(params: Mapping, model_cfg) -> dict[str, np.ndarray]:
   Tied output embeddings are not written (HF re-ties them on load). Raises ConfigError for params
   that have no HF counterpart (e.g. unmerged LoRA weights).
   """
-  from fmjax import models
   params = normalise_keys(dict(params))
   if _is_stacked(params):
     params = models.unstack_layers(params)
@@ -366,7 +354,6 @@ def hf_to_params(weights: Mapping[str, np.ndarray], config) -> tuple[dict, dict 
   the checkpoint lacks (BERT's pooler and MLM head) get fmjax's initialisation (`_init_like`)
   and are listed in the notes. Raises ConfigError for missing or mis-shaped tensors.
   """
-  from fmjax import models
   from flax import nnx
   model_cfg = config.model
   family, kind = model_cfg.family, hf_model_type(model_cfg)
@@ -568,7 +555,7 @@ def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None,
   kind = hf_model_type(m)
   archs = [_hf_architecture(kind, bool(num_labels))]
   if kind == "llama":
-    arch = _decoder_architecture(m)
+    arch = models.architecture(m, canonical=True)
     cfg = dict(model_type="llama", architectures=archs, vocab_size=m.vocab_size, hidden_size=m.d_model,
                intermediate_size=m.d_ff, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
                num_key_value_heads=arch["num_kv_heads"] or m.num_heads, head_dim=m.d_model // m.num_heads,

@@ -325,9 +325,14 @@ ARCHITECTURE_DEFAULTS = {"positions": "learned", "rope_theta": 10000.0, "norm": 
 ARCHITECTURE_CHOICES = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
 
 
-def architecture(cfg) -> dict:
-  """The model section's architecture choices, with GPT-2's value for any it lacks."""
-  return {k: cfg.get(k, v) for k, v in ARCHITECTURE_DEFAULTS.items()}
+def architecture(cfg, *, canonical: bool = False) -> dict:
+  """The model section's architecture choices, with GPT-2's value for any it lacks. `canonical`:
+  num_kv_heads 0 also where it equals num_heads (one model: no grouped-query attention), for
+  comparing two models."""
+  arch = {k: cfg.get(k, v) for k, v in ARCHITECTURE_DEFAULTS.items()}
+  if canonical and arch["num_kv_heads"] == cfg.get("num_heads"):
+    arch["num_kv_heads"] = 0
+  return arch
 
 
 def rope_tables(positions_BT, head_dim: int, theta: float):

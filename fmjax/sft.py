@@ -35,14 +35,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from fmjax import config_lib, files, metrics as metrics_lib, models, optim, peft, sharding, train
+from fmjax import checkpoint as ckpt_lib, config_lib, files, metrics as metrics_lib, models, optim, peft, sharding
+from fmjax import train
 from fmjax.config_lib import ConfigError
 from fmjax.data import packing, sources
 
 log = metrics_lib.log
-# Model keys that decide the parameter tree: always those of the run the params come from.
-SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len", "type_vocab_size",
-              "layer_norm_eps", "scan_layers", *models.ARCHITECTURE_DEFAULTS)
+# Model keys that decide the parameter tree: always those of the run the params come from (an SFT config
+# states no model of its own), its layer layout too.
+SHAPE_KEYS = (*ckpt_lib.SHAPE_KEYS, *ckpt_lib.ADOPTED_MODEL_KEYS, "scan_layers")
 
 
 # ----------------------------------------------------------------------------- data
@@ -255,7 +256,7 @@ def _read_config(workdir: str) -> dict | None:
 def _resuming(workdir: str) -> bool:
   """Whether `workdir` holds an SFT run to resume: its own tokenizer and a checkpoint. A tokenizer
   that a start which never saved left behind is not the run's: the new start's init_from wins."""
-  from fmjax import checkpoint as ckpt_lib, data
+  from fmjax import data
   return files.isdir(os.path.join(workdir, data.RUN_TOKENIZER)) and bool(
       ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints")))
 
@@ -343,7 +344,7 @@ def init_from_pretrained(config, spec: train.StateSpec, tx, init_from: str) -> d
 
 def run(config, workdir: str) -> dict:
   """SFT per `config` in `workdir`; returns the last train and eval (completion-token) metrics."""
-  from fmjax import checkpoint as ckpt_lib, data
+  from fmjax import data
 
   config_lib.check_command(config, "sft")
   # Ours: the shape and tokenizer of init_from (or of the run resumed) are adopted into it, which must not
