@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     model, config, tok = generate.load_run(workdir)
     if family == "gpt":
       prompt = "The for statement is used to"
-      out = generate.generate(model, [tok.encode(prompt)], 40, temperature=0.8, top_k=40, seed=0,
+      out = generate.generate(model, [tok.encode_opening(prompt)], 40, temperature=0.8, top_k=40, seed=0,
                               eos_id=tok.eos_id, max_len=config.model.max_len)[0]
       print(f"\nGPT sample (temperature 0.8, top-k 40):\n  {prompt}{tok.decode(out)}")
       choice = zeroshot.run(workdir, "continuation")

@@ -135,7 +135,8 @@ def loss_fn(model, batch, *, deterministic=True, rngs=None, regression=False):
 
 
 def encode(examples: Sequence[tasks.Example], tok, family: str, seq_len: int) -> dict[str, np.ndarray]:
-  """Token rows of the examples: BERT [CLS] a [SEP] (b [SEP]), GPT a <eos> (b <eos>); right-padded.
+  """Token rows of the examples: BERT [CLS] a [SEP] (b [SEP]), GPT a <eos> (b <eos>); right-padded. A GPT whose
+  tokenizer frames documents (Llama's <s> ... </s>) opens each row with its BOS: <s> a </s> (b </s>).
 
   Texts that don't fit lose tokens from their ends, as HF's `longest_first` truncation does (`_fit_lengths`).
   """
@@ -146,7 +147,7 @@ def encode(examples: Sequence[tasks.Example], tok, family: str, seq_len: int) ->
   num_texts = len(examples[0][0]) if n else 1
   pieces = [tok.encode_batch([ex[0][i] for ex in examples]) for i in range(num_texts)]
   sep = tok.sep_id if family == "bert" else tok.eos_id
-  prefix = [tok.cls_id] if family == "bert" else []
+  prefix = [tok.cls_id] if family == "bert" else [tok.bos_id] if tok.frames_documents else []
   budget = seq_len - len(prefix) - num_texts
   for r in range(n):
     parts = [list(p[r]) for p in pieces]

@@ -293,8 +293,8 @@ def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens
     if text or not prompts:
       raise ConfigError(f"{workdir} holds a GPT: pass --prompt=TEXT (repeatable); --text is for BERT fill-mask")
     sampling = {**_SAMPLING, **given}
-    # Every prompt opens a document as training does: with the EOS that separates documents.
-    ids = [[tok.eos_id] + tok.encode(p) for p in prompts]
+    # Every prompt opens a document as training does (with the tokenizer's BOS, else the EOS that separates documents).
+    ids = [tok.encode_opening(p) for p in prompts]
     outs = generate(model, ids, sampling.pop("max_new_tokens"), top_k=top_k, **sampling, eos_id=tok.eos_id,
                     max_len=trained_positions(config, workdir), vocab_size=tok.vocab_size)
     return [tok.decode(o) for o in outs]

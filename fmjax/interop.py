@@ -32,8 +32,8 @@ Conventions of the exported model:
     `classifier` (applied to the tanh pooler output, as in BERT) or GPT2ForSequenceClassification's
     (LlamaForSequenceClassification's) `score` (last non-pad token; HF's score has no bias, so a
     non-zero bias is refused). The exported tokenizer encodes as `finetune.encode` does (BERT
-    [CLS] a [SEP] b [SEP] with token types, GPT a <eos> b <eos>), so HF's logits of its output
-    equal fmjax's.
+    [CLS] a [SEP] b [SEP] with token types, GPT a <eos> b <eos>, after <s> where the tokenizer frames
+    documents), so HF's logits of its output equal fmjax's.
   * A LoRA fine-tune is merged into its dense kernels on export (`from_finetune`); any other
     parameter without an HF counterpart (adapters) and a mean-pooling classifier are refused.
 
@@ -551,7 +551,7 @@ def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None,
   if tokenizer is not None:
     specials = {"pad_token_id": _export_pad_id(tokenizer, m.family, bool(num_labels))}
     if m.family == "gpt" and tokenizer.eos_id is not None:
-      specials.update(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+      specials.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
   kind = hf_model_type(m)
   archs = [_hf_architecture(kind, bool(num_labels))]
   if kind == "llama":
@@ -774,6 +774,11 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
                       f"{config.model.vocab_size}; the tokenizer files belong to another model")
 
   params, head, notes = hf_to_params(weights, config)
+  if family == "gpt":
+    opener = tokenizer.hf.id_to_token(tokenizer.bos_id)
+    notes.append(f"documents and prompts open with {opener}" + (
+        " (the tokenizer's BOS) and end with " + tokenizer.hf.id_to_token(tokenizer.eos_id)
+        if tokenizer.frames_documents else ", which also ends each (the tokenizer puts no BOS of its own first)"))
   if head is not None:
     notes.append(f"classification head ({head['kernel'].shape[1]} labels) not imported: `fmjax finetune` "
                  "initialises its own head")
@@ -870,7 +875,8 @@ def _export_tokenizer(tokenizer, model_cfg, out: str, classifier: bool = False, 
   """tokenizer.json (+ vocab files) and tokenizer_config.json that `AutoTokenizer` loads.
 
   BERT's adds [CLS]/[SEP] and token types; a GPT classifier's (`classifier`) ends each text with
-  <eos> and pads with `_export_pad_id`, as `finetune.encode` builds its rows. Its
+  <eos> (and opens with the BOS of a tokenizer that frames documents) and pads with `_export_pad_id`, as
+  `finetune.encode` builds its rows; a GPT language model's opens with `Tokenizer.bos_id`. Its
   `model_max_length` is `max_length`, the positions training used (a classifier's rows:
   truncating there, HF scores what fine-tuning and `fmjax eval` did; an LM's rows, past which its
   position table was never trained), else the position table.
@@ -889,23 +895,25 @@ def _export_tokenizer(tokenizer, model_cfg, out: str, classifier: bool = False, 
         single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
         special_tokens=[(cls, tokenizer.cls_id), (sep, tokenizer.sep_id)])
     input_names = ["input_ids", "token_type_ids", "attention_mask"]  # segment B's type 1, for pair classifiers
-  elif model_cfg.family == "gpt" and classifier and tokenizer.eos_id is not None:
-    # Type ids stay 0 and are not returned: GPT2Model adds wte(token_type_ids) when given them.
-    eos = token(tokenizer.eos_id)
-    tok.post_processor = hf_tok.processors.TemplateProcessing(
-        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tokenizer.eos_id)])
   elif model_cfg.family == "gpt" and tokenizer.eos_id is not None:
-    # A language model's text opens with <eos>, as every document does in fmjax's training and
-    # every `fmjax generate` prompt (add_special_tokens=False leaves it out).
-    eos = token(tokenizer.eos_id)
-    tok.post_processor = hf_tok.processors.TemplateProcessing(
-        single=f"{eos} $A", pair=f"{eos} $A $B", special_tokens=[(eos, tokenizer.eos_id)])
+    bos, eos = token(tokenizer.bos_id), token(tokenizer.eos_id)
+    specials = sorted({(bos, tokenizer.bos_id), (eos, tokenizer.eos_id)})
+    if classifier:
+      # Type ids stay 0 and are not returned: GPT2Model adds wte(token_type_ids) when given them.
+      opening = f"{bos} " if tokenizer.frames_documents else ""
+      tok.post_processor = hf_tok.processors.TemplateProcessing(
+          single=f"{opening}$A {eos}", pair=f"{opening}$A {eos} $B {eos}", special_tokens=specials)
+    else:
+      # A language model's text opens with the BOS (<eos>, for a tokenizer without one), as every document does in
+      # fmjax's training and every `fmjax generate` prompt (add_special_tokens=False leaves it out).
+      tok.post_processor = hf_tok.processors.TemplateProcessing(
+          single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=specials)
   tok.save(os.path.join(out, "tokenizer.json"))
   if tokenizer.kind in ("bpe", "wordpiece") or type(tok.model).__name__ in ("BPE", "WordPiece"):
     tok.model.save(out)  # vocab.json + merges.txt, or vocab.txt: for the slow tokenizer classes
   specials = {"unk_token": token(tokenizer.unk_id), "pad_token": token(pad_id)}
   if model_cfg.family == "gpt":
-    specials.update(bos_token=token(tokenizer.eos_id), eos_token=token(tokenizer.eos_id))
+    specials.update(bos_token=token(tokenizer.bos_id), eos_token=token(tokenizer.eos_id))
   else:
     specials.update(cls_token=token(tokenizer.cls_id), sep_token=token(tokenizer.sep_id),
                     mask_token=token(tokenizer.mask_id))

@@ -3,7 +3,8 @@
   fmjax sft --config=configs/sft.py --config.init_from=workdirs/gpt_tiny \
       --config.data.files=train.jsonl --workdir=workdirs/sft
 
-Each row `{"prompt": ..., "completion": ...}` becomes prompt + completion + EOS; the loss is on the
+Each row `{"prompt": ..., "completion": ...}` becomes BOS + prompt + completion + EOS (the BOS: EOS, for
+a tokenizer without one of its own, as pretraining opens a document); the loss is on the
 completion tokens (and the EOS) only: targets that are prompt tokens have loss weight 0. An empty
 prompt is continued pretraining on the completion text. Rows are packed into fixed-length
 sequences with segment ids (or padded one per row with `sft.pack=False`), so they never attend
@@ -99,10 +100,10 @@ def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "
 
 
 def encode_example(tok, prompt: str, completion: str) -> tuple[list[int], int]:
-  """(ids, number of prompt ids): EOS + prompt + completion + EOS. The leading EOS opens a
-  document as in pretraining (`fmjax generate` starts every prompt with it), so an empty prompt's
-  first completion token has a context too."""
-  prompt_ids = [tok.eos_id] + tok.encode(prompt)
+  """(ids, number of prompt ids): BOS + prompt + completion + EOS. The BOS (`Tokenizer.bos_id`: the
+  EOS, for a tokenizer without a BOS of its own) opens a document as in pretraining (`fmjax generate`
+  starts every prompt with it), so an empty prompt's first completion token has a context too."""
+  prompt_ids = tok.encode_opening(prompt)
   return prompt_ids + tok.encode(completion) + [tok.eos_id], len(prompt_ids)
 
 
@@ -165,13 +166,14 @@ def load_rows(config, tok) -> dict[str, dict[str, np.ndarray] | None]:
   out = {}
   for split, examples in (("train", train_ex), ("eval", eval_ex)):
     encoded = [encode_example(tok, p, c) for p, c in examples]
-    # Targets are ids[1:seq_len + 1]: a prompt of seq_len ids (its EOS included) still leaves the row's last
+    # Targets are ids[1:seq_len + 1]: a prompt of seq_len ids (its BOS included) still leaves the row's last
     # target to the first completion token; a longer one leaves no completion token to learn from.
     kept = [e for e in encoded if e[1] <= config.data.seq_len]
     cut = sum(len(ids) - 1 > config.data.seq_len for ids, _ in kept)
     if len(kept) < len(encoded) or cut:
-      log.info("SFT %s: dropped %d rows whose prompt (with its EOS) is longer than data.seq_len=%d; cut %d "
-               "completions at the row end", split, len(encoded) - len(kept), config.data.seq_len, cut)
+      log.info("SFT %s: dropped %d rows whose prompt (with the token that opens it) is longer than "
+               "data.seq_len=%d; cut %d completions at the row end", split, len(encoded) - len(kept),
+               config.data.seq_len, cut)
     if encoded and not kept:  # nothing left to learn from (train) or to score (eval, which the config asked for)
       held_out = split == "eval" and not s.eval_files
       which = ("training row" if split == "train" else f"row of sft.eval_files={s.eval_files!r}" if s.eval_files

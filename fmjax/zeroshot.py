@@ -1,8 +1,8 @@
 """Zero-shot multiple choice for a causal LM: `fmjax eval --workdir=W --task=hellaswag`.
 
 An item is a context and N candidate continuations. The model scores each continuation by the sum
-of its tokens' log-probabilities after the context (the context opened with <eos>, as fmjax opens
-every document), and answers with the highest:
+of its tokens' log-probabilities after the context (opened as fmjax opens every document: with the
+tokenizer's BOS, else <eos>), and answers with the highest:
 
   acc        the choice with the largest log-likelihood
   acc_norm   the choice with the largest log-likelihood per character of its text (without the
@@ -206,7 +206,7 @@ def encode_rows(tok, items: Sequence[Item], max_len: int) -> dict[str, np.ndarra
   segment ids (0 on padding), [R, T] with T the longest row rounded up to 16, at most `max_len`."""
   seqs = []
   for item in items:
-    context = [tok.eos_id] + tok.encode(item.context.rstrip())
+    context = tok.encode_opening(item.context.rstrip())
     for choice in item.choices:
       cont = tok.encode(_continuation(item, choice))
       seq = (context + cont)[-(max_len + 1):]  # the context's start goes first

@@ -93,3 +93,27 @@ def traced_steps():
           step_events += "train_step" in event.name
     return steps, step_events
   return read
+
+
+@pytest.fixture(scope="session")
+def framed_tokenizer_dir(tmp_path_factory):
+  """A Hugging Face tokenizer directory in Llama's manner: byte-level BPE (320 ids) with <unk>=0, <s>=1 and
+  </s>=2, whose tokenizer.json template opens every text with <s>, so that documents are <s> ... </s>."""
+  import json
+
+  import pydoc_data.topics
+  import tokenizers as hf
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+  tok = hf.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(list(pydoc_data.topics.topics.values()), trainers.BpeTrainer(
+      vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False))
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s>:1 $B:1",
+                                                     special_tokens=[("<s>", 1)])
+  directory = tmp_path_factory.mktemp("framed_tokenizer")
+  tok.save(str(directory / "tokenizer.json"))
+  (directory / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+  return directory

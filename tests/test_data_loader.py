@@ -96,9 +96,12 @@ def test_cache_counts_the_most_segments_a_row(family, gpt, bert, monkeypatch):
   assert loader.num_runs == 0 and "segment_lengths" not in loader.host_batch(0)
 
 
+EOS_OPENS = SimpleNamespace(eos_id=0, bos_id=0, frames_documents=False)  # GPT-2's convention: EOS ends and opens
+
+
 def test_stream_cache_counts_no_segment_for_an_eos_that_opens_a_row(tmp_path):
   """Rows of 4 from documents ending at EOS (0): an EOS in a row's first slot opens the row, no new segment."""
-  writer = packing._StreamWriter(str(tmp_path), np.uint16, 4, 0)
+  writer = packing._StreamWriter(str(tmp_path), np.uint16, 4, EOS_OPENS)
   for doc in ([1, 2, 3, 4], [5, 6, 7], [8, 9], [10, 11, 12, 13, 14]):
     writer.add(doc)
   stats = writer.close()
@@ -107,10 +110,23 @@ def test_stream_cache_counts_no_segment_for_an_eos_that_opens_a_row(tmp_path):
   assert stats["num_rows"] == 4 and stats["max_segments"] == 2  # row 2 only: [0 8 9 | 0]
 
 
+def test_a_tokenizer_that_frames_documents_packs_each_as_bos_ids_eos(tmp_path):
+  """With a BOS of its own (1; EOS 0), every document, the part's first too, is 1 ids 0, and the BOS opens its
+  segment: rows of 4 [1 5 6 0] [1 7 0 1] [8 9 10 0] hold 1, 2 and 1 segments."""
+  framed = SimpleNamespace(eos_id=0, bos_id=1, frames_documents=True)
+  writer = packing._StreamWriter(str(tmp_path), np.uint16, 4, framed)
+  for doc in ([5, 6], [7], [8, 9, 10]):
+    writer.add(doc)
+  stats = writer.close()
+  stream = np.fromfile(tmp_path / "tokens.bin", np.uint16)
+  np.testing.assert_array_equal(stream, [1, 5, 6, 0, 1, 7, 0, 1, 8, 9, 10, 0])
+  assert stats["num_rows"] == 2 and stats["max_segments"] == 2  # row 1: [1 7 0 | 1]
+
+
 def test_a_stream_that_ends_on_a_row_boundary_has_no_row_short_of_its_last_target(tmp_path):
   """Row r reads T + 1 tokens from r*T (its inputs, and one on its targets): a stream of exactly 2T
   tokens holds one row; a second would read past the end (and the loader would call the cache damaged)."""
-  writer = packing._StreamWriter(str(tmp_path), np.uint16, 4, 0)
+  writer = packing._StreamWriter(str(tmp_path), np.uint16, 4, EOS_OPENS)
   for doc in ([1, 2, 3], [5, 6, 7]):
     writer.add(doc)
   stats = writer.close()
@@ -214,6 +230,36 @@ def test_clm_cache_holds_the_documents_exactly(gpt):
   decoded = [tok.decode(d) for d in np.split(stream, cut + 1)[:-1]]
   decoded = [d.removesuffix("<|endoftext|>") for d in decoded]
   assert decoded == list(sources.documents(gpt, "eval"))
+
+
+@pytest.fixture(scope="module")
+def gpt_framed(cache_dir, framed_tokenizer_dir):
+  return tiny("gpt", cache_dir, **{"data.tokenizer.kind": "hf", "data.tokenizer.path": str(framed_tokenizer_dir)})
+
+
+def test_framed_documents_open_at_their_bos_and_never_target_the_next_one(gpt_framed):
+  """A tokenizer with a BOS of its own (Llama's <s>): each document is <s> ids </s>, its segment opens at the <s>
+  (position 0), the </s> ends it, and </s> -> the next <s> has weight 0, the one target no document decides."""
+  loader = data.make_loader(gpt_framed)
+  tok = loader.tokenizer
+  bos, eos = tok.bos_id, tok.eos_id
+  assert tok.frames_documents
+  for step in range(4):
+    b = loader.host_batch(step)
+    x, y, seg, pos, w = b["inputs"], b["targets"], b["segment_ids"], b["positions"], b["loss_weights"]
+    opens = x == bos
+    np.testing.assert_array_equal(pos == 0, opens | (np.arange(x.shape[1]) == 0))
+    np.testing.assert_array_equal(np.diff(seg, axis=1), opens[:, 1:].astype(np.int32))
+    np.testing.assert_array_equal(y == bos, x == eos)
+    np.testing.assert_array_equal(w, (y != bos).astype(np.float32))
+  rows = loader.data.rows(np.arange(loader.data.num_rows))
+  np.testing.assert_array_equal(loader.data.targets(), rows["targets"][rows["loss_weights"] > 0])  # the baseline's
+
+  path = data.prepare(gpt_framed)
+  stream = np.fromfile(os.path.join(path, "eval", "part-00000", "tokens.bin"), dtype=np.uint16)
+  framed = np.split(stream, np.flatnonzero(stream == bos)[1:])
+  assert all(d[0] == bos and d[-1] == eos and eos not in d[:-1] for d in framed)
+  assert [tok.decode(d[1:-1]) for d in framed] == list(sources.documents(gpt_framed, "eval"))
 
 
 def test_bert_rows_structure(bert):

@@ -232,3 +232,32 @@ def test_a_run_keeps_its_tokenizer_when_its_corpus_changes(tmp_path):
   sft_config, sft_dir = config_lib.load_config("configs/sft.py", [f"init_from={workdir}"]), str(tmp_path / "s")
   tuned = sft.adopt_tokenizer(sft_config, sft_dir, sft.adopt_shape(sft_config, sft_dir))
   assert tuned.identity() == first.identity()
+
+
+def test_a_template_that_opens_with_a_bos_frames_documents(framed_tokenizer_dir, docs, tmp_path):
+  """Llama's tokenizer puts <s> before a text: documents (and prompts) open with it and end with </s>. fmjax's own
+  tokenizers, as GPT-2's, open each with the EOS that ends the one before."""
+  import json
+  tok = data.load_hf(str(framed_tokenizer_dir))
+  assert (tok.bos_id, tok.eos_id, tok.frames_documents) == (1, 2, True) and tok.bos_id in tok.special_ids
+  assert tok.encode_opening("Hello") == [1, *tok.encode("Hello")] and 1 not in tok.encode("<s>Hello")
+  tok.save(str(tmp_path / "run"))  # a run's own copy keeps the template
+  assert data.load_tokenizer(str(tmp_path / "run")).bos_id == 1
+  bpe = tokenizers_lib.train(docs, "bpe", 400, "clm")
+  assert bpe.bos_id == bpe.eos_id and not bpe.frames_documents
+  assert bpe.encode_opening("a") == [bpe.eos_id, *bpe.encode("a")]
+
+  # tokenizer_config.json's add_bos_token overrules the template, as transformers lets it.
+  spec = json.loads((framed_tokenizer_dir / "tokenizer.json").read_text())
+  tokenizer_config = json.loads((framed_tokenizer_dir / "tokenizer_config.json").read_text())
+  for name, template, add, bos in (("off", spec["post_processor"], False, 2), ("on", None, True, 1)):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "tokenizer.json").write_text(json.dumps(dict(spec, post_processor=template)))
+    (d / "tokenizer_config.json").write_text(json.dumps(dict(tokenizer_config, add_bos_token=add)))
+    loaded = data.load_hf(str(d))
+    assert (loaded.bos_id, loaded.frames_documents) == (bos, add), name
+    assert loaded.encode("a b") == tok.encode("a b")
+  (tmp_path / "on" / "tokenizer_config.json").write_text(json.dumps(dict(add_bos_token=True, bos_token="<bos>")))
+  with pytest.raises(config_lib.ConfigError, match=r"sets add_bos_token but its bos_token '<bos>' is not a token"):
+    data.load_hf(str(tmp_path / "on"))

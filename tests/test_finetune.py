@@ -423,7 +423,7 @@ def test_a_llama_trunk_of_any_size_has_its_classifier_config():
 
 def test_encode_sentence_pairs():
   class Tok:
-    cls_id, sep_id, eos_id, pad_id = 2, 3, 7, 0
+    cls_id, sep_id, eos_id, pad_id, bos_id, frames_documents = 2, 3, 7, 0, 7, False
 
     def encode_batch(self, texts):
       return [[10 + len(w) for w in t.split()] for t in texts]
@@ -435,6 +435,10 @@ def test_encode_sentence_pairs():
   np.testing.assert_array_equal(rows["segment_ids"][0], [1, 1, 1, 1, 1, 1])
   gpt = finetune.encode([(("a bb",), 0.0)], Tok(), "gpt", 5)
   np.testing.assert_array_equal(gpt["inputs"][0], [11, 12, 7, 0, 0])
+  framed = Tok()
+  framed.bos_id, framed.frames_documents = 1, True  # Llama's <s> ... </s>: the row opens with <s>, as HF's does
+  gpt = finetune.encode([(("a bb", "ccc"), 0.0)], framed, "gpt", 8)
+  np.testing.assert_array_equal(gpt["inputs"][0], [1, 11, 12, 7, 13, 7, 0, 0])
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt"])

@@ -860,3 +860,53 @@ def test_damaged_or_mismatched_hf_files_are_one_line(gpt_dir, bert_dir, tmp_path
       {"weight_map": {"transformer.wte.weight": "model-00001-of-00001.safetensors"}}))
   interop.import_hf(str(sharded), str(tmp_path / "w"), overrides=["model.attention=xla", "model.dropout=0.0"])
   assert (tmp_path / "w" / "checkpoints").is_dir()
+
+
+def test_a_llama_whose_tokenizer_opens_with_bos_is_prompted_and_exported_with_it(tmp_path, framed_tokenizer_dir):
+  """Llama's tokenizer frames a text <s> ... </s>: an imported Llama is prompted from <s>, as transformers prompts it
+  (greedy tokens equal); its export's tokenizer and config name <s> the BOS; and a classifier's rows
+  (<s> a </s> b </s>) are what its exported tokenizer makes."""
+  import torch
+  from fmjax import finetune
+  hf_dir = tmp_path / "hf_llama"
+  hf_model = _llama(320, seed=21)
+  hf_model.save_pretrained(hf_dir)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(framed_tokenizer_dir / name, hf_dir / name)
+  workdir = tmp_path / "run"
+  interop.import_hf(str(hf_dir), str(workdir), overrides=["model.attention=xla"])
+  assert "documents and prompts open with <s> (the tokenizer's BOS) and end with </s>" in json.loads(
+      (workdir / interop.IMPORT_INFO).read_text())["notes"]
+  prompt = "The with statement"
+  ours = generate.run(str(workdir), prompts=[prompt], max_new_tokens=8, temperature=0.0)[0]
+  auto = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  enc = auto(prompt, return_tensors="pt")
+  assert enc["input_ids"][0, 0] == auto.bos_token_id == 1
+  with torch.no_grad():
+    ids = hf_model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=auto.eos_token_id)
+  new = ids[0, enc["input_ids"].shape[1]:].tolist()
+  if auto.eos_token_id in new:
+    new = new[:new.index(auto.eos_token_id)]
+  assert auto.decode(new) == ours
+
+  out = tmp_path / "export"
+  interop.export(str(workdir), str(out))
+  hf_out = json.loads((out / "config.json").read_text())
+  assert (hf_out["bos_token_id"], hf_out["eos_token_id"]) == (1, 2)
+  exported = transformers.AutoTokenizer.from_pretrained(out)
+  tok = interop.run_tokenizer(str(workdir), interop.read_run_config(str(workdir)))
+  assert exported(prompt)["input_ids"] == tok.encode_opening(prompt) == enc["input_ids"][0].tolist()
+  assert (exported.bos_token, exported.eos_token) == ("<s>", "</s>")
+
+  model, cfg = _random_fmjax("gpt", 320, seed=21, **LLAMA)
+  kernel_DC = np.random.default_rng(21).standard_normal((32, 2)).astype(np.float32)
+  interop.export_params(dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)), classifier={"kernel": kernel_DC}), cfg,
+                        str(tmp_path / "classifier"), tok)
+  auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "classifier")
+  texts = [("for x in y:", "pass"), ("The with statement", "is used to wrap a block")]
+  rows = finetune.encode([(t, 0) for t in texts], tok, "gpt", 2 * T)
+  enc = auto(*map(list, zip(*texts)), padding=True, return_tensors="np")
+  n = enc["input_ids"].shape[1]
+  assert n < 2 * T and (rows["inputs"][:, 0] == 1).all()
+  np.testing.assert_array_equal(np.where(enc["attention_mask"] == 1, enc["input_ids"], -1),
+                                np.where(rows["segment_ids"][:, :n] == 1, rows["inputs"][:, :n], -1))

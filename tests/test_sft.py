@@ -12,11 +12,15 @@ import pytest
 
 from fmjax import config_lib, evaluate, generate, metrics as metrics_lib, optim, report, sharding, sft, sweep, train
 from fmjax.config_lib import ConfigError
+from fmjax.data import tokenizers
 from test_generate import make_workdir
 
 
-class CharTokenizer:
-  eos_id = 0
+class CharTokenizer(tokenizers.Tokenizer):
+  eos_id = bos_id = 0  # GPT-2's convention: EOS opens each example
+
+  def __init__(self):
+    pass
 
   def encode(self, text):
     return [ord(c) for c in text]
@@ -38,6 +42,9 @@ def test_prompt_tokens_carry_zero_loss_weight_and_rows_pack_apart():
   np.testing.assert_array_equal(rows["segment_ids"][0], [1, 1, 1, 1, 1, 2, 2, 2])
   np.testing.assert_array_equal(rows["positions"][0], [0, 1, 2, 3, 4, 0, 1, 2])
   np.testing.assert_array_equal(rows["loss_weights"][1], np.ones(8))
+  framed = CharTokenizer()
+  framed.bos_id = 1  # a tokenizer with a BOS of its own (Llama's <s>) opens each example with it
+  assert sft.encode_example(framed, "ab", "XY") == ([1, 97, 98, 88, 89, 0], 3)
   unpacked = sft.pack_rows(examples, 8, pack=False)
   assert unpacked["inputs"].shape == (3, 8) and unpacked["segment_ids"].max() == 1
   assert unpacked["loss_weights"].sum() == rows["loss_weights"].sum()
@@ -58,8 +65,8 @@ def test_a_prompt_of_exactly_seq_len_ids_keeps_its_first_completion_target(tmp_p
   np.testing.assert_array_equal(rows["inputs"][0], [0] + [ord("p")] * (T - 1))
   np.testing.assert_array_equal(rows["targets"][0], [ord("p")] * (T - 1) + [ord("X")])
   np.testing.assert_array_equal(rows["loss_weights"][0], [0] * (T - 1) + [1])
-  assert (f"SFT train: dropped 1 rows whose prompt (with its EOS) is longer than data.seq_len={T}; cut 1 "
-          "completions at the row end") in caplog.text
+  assert (f"SFT train: dropped 1 rows whose prompt (with the token that opens it) is longer than "
+          f"data.seq_len={T}; cut 1 completions at the row end") in caplog.text
 
 
 def test_bad_jsonl_gets_one_line(tmp_path):

@@ -12,13 +12,17 @@ from flax import nnx
 
 from fmjax import cli, config_lib, models, train, zeroshot
 from fmjax.config_lib import ConfigError
+from fmjax.data import tokenizers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class ByteTokenizer:
-  """Ids 1..100 from characters; 0 is <eos>."""
-  eos_id = 0
+class ByteTokenizer(tokenizers.Tokenizer):
+  """Ids 1..100 from characters; 0 is <eos>, which opens a context."""
+  eos_id = bos_id = 0
+
+  def __init__(self):
+    pass
 
   def encode(self, text):
     return [ord(c) % 100 + 1 for c in text]
@@ -31,19 +35,22 @@ ITEMS = [
 ]
 
 
-def test_scores_are_the_continuations_log_likelihoods():
+@pytest.mark.parametrize("framed", [False, True], ids=["eos_opens", "bos_opens"])
+def test_scores_are_the_continuations_log_likelihoods(framed):
   cfg = config_lib.base_config("gpt").model
   cfg.update(vocab_size=128, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=64, attention="xla",
              init_std=0.2)
   model = models.build_model(cfg, rngs=nnx.Rngs(0))
   tok, max_len = ByteTokenizer(), 32
+  if framed:
+    tok.bos_id = 101  # a BOS of the tokenizer's own (Llama's <s>) opens each context
   # batch_size 3 over 7 rows: the last batch is padded, and rows of different items share batches.
   got = zeroshot.score(model, tok, ITEMS, max_len=max_len, batch_size=3)
   for item, logliks in zip(ITEMS, got):
     assert logliks.shape == (len(item.choices),)
     for choice, loglik in zip(item.choices, logliks):
       cont = tok.encode(choice)
-      seq = ([tok.eos_id] + tok.encode(item.context) + cont)[-(max_len + 1):]
+      seq = ([tok.bos_id] + tok.encode(item.context) + cont)[-(max_len + 1):]
       logp_TV = jax.nn.log_softmax(model(jnp.asarray([seq[:-1]]))[0], axis=-1)
       want = sum(float(logp_TV[t, seq[t + 1]]) for t in range(len(seq) - 1 - len(cont), len(seq) - 1))
       np.testing.assert_allclose(loglik, want, rtol=1e-5, atol=1e-4)

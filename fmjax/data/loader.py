@@ -155,11 +155,13 @@ class PackedSplit:
                       f"delete {os.path.dirname(directory)} to prepare it again")
 
   def targets(self) -> np.ndarray:
-    """The tokens the loss reads, in order (CLM: every row's targets; MLM: every real token)."""
+    """The tokens the loss reads, in order (CLM: every row's targets but a framed document's BOS; MLM: every real
+    token)."""
     pieces = []
     for part, rows in zip(self.parts, self.part_rows_P):
       if self.layout == "stream":
-        pieces.append(np.asarray(part["tokens"].whole()[1:rows * self.T + 1], np.int64))
+        tokens = np.asarray(part["tokens"].whole()[1:rows * self.T + 1], np.int64)
+        pieces.append(tokens[tokens != self.tok.bos_id] if self.tok.frames_documents else tokens)
       else:
         tokens = np.asarray(part["tokens"].whole(), np.int64)
         pieces.append(tokens[(np.asarray(part["segment_ids"].whole()) > 0)
@@ -215,12 +217,16 @@ class PackedSplit:
 
   def _clm_rows(self, x_BT1, pad_B):
     inputs_BT, targets_BT = x_BT1[:, :-1], x_BT1[:, 1:]
-    eos_BT = inputs_BT == self.tok.eos_id
+    opens_BT = inputs_BT == self.tok.bos_id
     # The EOS between two documents opens the second one's segment, as its BOS: EOS -> first token
     # is learnt within that document (what an empty prompt asks for), and the last token -> EOS
     # ("the document ends here") is predicted from its own document alone. Every target counts.
-    seg_BT = (1 + np.cumsum(eos_BT, axis=1, dtype=np.int32) - eos_BT[:, :1]).astype(np.int32)
+    # A tokenizer that frames documents (<s> ... </s>) opens each with its BOS instead; the EOS ends
+    # its own document, and EOS -> the next BOS, which no document decides, is not a target.
+    seg_BT = (1 + np.cumsum(opens_BT, axis=1, dtype=np.int32) - opens_BT[:, :1]).astype(np.int32)
     weights_BT = np.ones(inputs_BT.shape, np.float32)
+    if self.tok.frames_documents:
+      weights_BT[targets_BT == self.tok.bos_id] = 0.0
     if pad_B.any():
       inputs_BT[pad_B] = self.tok.pad_id
       targets_BT[pad_B] = self.tok.pad_id

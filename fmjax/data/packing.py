@@ -11,7 +11,9 @@ Layout of a cache directory <cache_dir>/datasets/<dataset>-<objective>-<seq_len>
     CLM: tokens.bin    one stream [N] of the part's documents, each followed by EOS. Row r of
                        the part is stream[r*T : r*T + T + 1] (inputs and shifted targets), so
                        documents run across rows and nothing is padded. In a row, an EOS opens
-                       the next document's segment (as its BOS).
+                       the next document's segment (as its BOS). With a tokenizer that frames
+                       documents (`Tokenizer.frames_documents`: Llama's <s> ... </s>) each
+                       document is BOS, its ids, EOS, and the BOS opens its segment.
     MLM: tokens.bin, segment_ids.bin, token_types.bin   [R, T] rows of packed
                        [CLS] A [SEP] B [SEP] segments (A/B: a document chunk split at a random
                        point), several per row, the rest padded with segment id 0.
@@ -110,6 +112,8 @@ def cache_path(config, tok: tokenizers_lib.Tokenizer) -> str:
       "version": FORMAT_VERSION}
   if shard_docs(config) != SHARD_DOCS:  # parts of another size hold other rows; the default keeps older keys
     ident["shard_docs"] = shard_docs(config)
+  if config.train.objective == "clm" and tok.frames_documents:  # BOS ... EOS; caches made before were EOS-only
+    ident["framed"] = True
   slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.data.dataset)
   return os.path.join(sources.local_cache_root(config), "datasets",
                       f"{slug}-{config.train.objective}-{config.data.seq_len}-{sources.identity_hash(ident)}")
@@ -628,7 +632,7 @@ def _write_part(config, tok, split: str, part: int, records, store: str) -> dict
     T = config.data.seq_len
     start, num_docs, num_tokens = time.time(), 0, 0
     if config.train.objective == "clm":
-      writer = _StreamWriter(directory, dtype, T, tok.eos_id)
+      writer = _StreamWriter(directory, dtype, T, tok)
     else:
       writer = _RowWriter(directory, dtype, T, tok, seed=part)
     for chunk in _token_chunks(config, tok, split, records, counts):
@@ -652,25 +656,32 @@ def _write_part(config, tok, split: str, part: int, records, store: str) -> dict
 
 
 class _StreamWriter:
-  """CLM: appends each document and its EOS to one token stream."""
+  """CLM: appends each document and its EOS (BOS first, for a tokenizer that frames documents) to one token stream."""
 
-  def __init__(self, directory, dtype, T, eos_id):
+  def __init__(self, directory, dtype, T, tok):
     self.f = open(os.path.join(directory, "tokens.bin"), "wb")
-    self.dtype, self.T, self.eos = dtype, T, eos_id
+    self.dtype, self.T, self.eos = dtype, T, tok.eos_id
+    self.bos = tok.bos_id if tok.frames_documents else None
     self.n = 0
     self.pending = []
     self.end = 0  # stream length once `pending` is written
-    # Row r's inputs are stream[r*T : r*T + T]; an EOS there at index > 0 starts another
-    # segment in the row. EOS positions only grow, so one running count per row is enough.
+    # Row r's inputs are stream[r*T : r*T + T]; an opener there at index > 0 starts another segment
+    # in the row. Openers' positions only grow, so one running count per row is enough.
     self.row, self.row_segments, self.max_segments = 0, 1, 1
 
   def add(self, ids):
+    if self.bos is not None:
+      opener = self.end  # this document's BOS
+      self.pending.append((self.bos,))
+      self.end += 1
+    else:
+      opener = self.end + len(ids)  # its EOS, which opens the next document
     self.pending.append(ids)
     self.pending.append((self.eos,))
     if len(self.pending) >= 2 * _ENCODE_CHUNK:
       self._flush()
     self.end += len(ids) + 1
-    row, at = divmod(self.end - 1, self.T)
+    row, at = divmod(opener, self.T)
     if row != self.row:
       self.max_segments = max(self.max_segments, self.row_segments)
       self.row, self.row_segments = row, 1
@@ -687,7 +698,7 @@ class _StreamWriter:
     self._flush()
     self.f.close()
     rows = max(self.n - 1, 0) // self.T
-    if self.row < rows:  # the last row the loader reads holds the last EOS
+    if self.row < rows:  # the last row the loader reads holds the last opener
       self.max_segments = max(self.max_segments, self.row_segments)
     return {"layout": "stream", "num_stream_tokens": self.n, "num_rows": rows, "pad_fraction": 0.0,
             "max_segments": self.max_segments}

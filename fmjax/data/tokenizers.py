@@ -43,6 +43,12 @@ class Tokenizer:
     self.kind = kind
     get = tok.token_to_id
     self.eos_id = _first(get, (EOS, "</s>", "<|end_of_text|>", "[SEP]"))  # GPT-2, Llama 2 / Mistral, Llama 3
+    # What opens a causal LM's document (and every prompt): the token the tokenizer's own template puts
+    # before a text (Llama's <s>, Llama 3's <|begin_of_text|>), else EOS, as in GPT-2, whose
+    # <|endoftext|> both ends one document and opens the next, and in fmjax's own tokenizers.
+    self.bos_id = _template_opener(tok)
+    if self.bos_id is None:
+      self.bos_id = self.eos_id
     self.cls_id = _first(get, ("[CLS]", "<s>"))
     self.sep_id = _first(get, ("[SEP]", "</s>"))
     self.mask_id = _first(get, ("[MASK]", "<mask>"))
@@ -51,8 +57,14 @@ class Tokenizer:
     self.pad_id = pad if pad is not None else self.eos_id if self.eos_id is not None else 0
     # The structural specials only: masking and the unigram baseline skip these. PII placeholders
     # are special to HF (kept whole) but are ordinary text to the model.
-    self.special_ids = {i for i in (self.eos_id, self.cls_id, self.sep_id, self.mask_id, self.unk_id, pad)
-                        if i is not None}
+    self.special_ids = {i for i in (self.eos_id, self.bos_id, self.cls_id, self.sep_id, self.mask_id, self.unk_id,
+                                    pad) if i is not None}
+
+  @property
+  def frames_documents(self) -> bool:
+    """True where documents open with a BOS of their own and end with EOS (<s> ... </s>): EOS then opens
+    nothing, and the target after it (the next document's BOS) is not the document's to predict."""
+    return self.bos_id != self.eos_id
 
   @functools.cached_property
   def _reader(self) -> hf.Tokenizer:
@@ -72,6 +84,11 @@ class Tokenizer:
     ids come only from the code that places them (packing, fill-mask, fine-tuning pairs).
     """
     return self._reader.encode(text, add_special_tokens=False).ids
+
+  def encode_opening(self, text: str) -> list[int]:
+    """Ids of `text` at the start of a document: `bos_id`, then `encode(text)`. Generation, SFT and
+    zero-shot scoring open every prompt so, as pretraining opens every document."""
+    return [self.bos_id, *self.encode(text)]
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     """`encode` over many texts at once (parallel in Rust)."""
@@ -98,6 +115,34 @@ class Tokenizer:
     self.hf.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, _META), "w") as f:
       json.dump({"kind": self.kind}, f)
+
+
+def _template_opener(tok: hf.Tokenizer) -> int | None:
+  """The special token `tok`'s post-processor puts before a text (its BOS), if it puts one there."""
+  enc = tok.encode("x")
+  return enc.ids[0] if enc.ids and enc.special_tokens_mask[0] else None
+
+
+def _with_add_bos_token(tok: hf.Tokenizer, config_path: str) -> hf.Tokenizer:
+  """`tok` with a BOS first or not, as `add_bos_token` in tokenizer_config.json beside it says (transformers lets
+  that setting overrule tokenizer.json's template); as it is where the file says nothing."""
+  from tokenizers import processors
+  cfg = files.read_json(config_path)
+  add = cfg.get("add_bos_token") if isinstance(cfg, dict) else None
+  if not isinstance(add, bool) or add == (_template_opener(tok) is not None):
+    return tok
+  if not add:
+    tok.post_processor = None  # it only placed special tokens: ids are the text's alone
+    return tok
+  bos = cfg.get("bos_token")
+  bos = bos.get("content") if isinstance(bos, dict) else bos
+  if not isinstance(bos, str) or tok.token_to_id(bos) is None:
+    raise ConfigError(f"{config_path} sets add_bos_token but its bos_token {bos!r} is not a token of the "
+                      "tokenizer.json beside it; copy both files again from the model's repository")
+  template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+                                           special_tokens=[(bos, tok.token_to_id(bos))])
+  tok.post_processor = template if tok.post_processor is None else processors.Sequence([tok.post_processor, template])
+  return tok
 
 
 def _first(get, names):
@@ -195,9 +240,11 @@ def load_hf(path: str) -> Tokenizer:
     where = "" if os.path.isabs(path) else " (relative: read from the run's workdir, else the current directory)"
     raise ConfigError(f"data.tokenizer.path={path!r} does not exist{where}; point it at the tokenizer files")
   if os.path.isdir(path):
-    for name in ("tokenizer.json", "vocab.txt"):
-      if os.path.exists(os.path.join(path, name)):
-        return load_hf(os.path.join(path, name))
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+      tok = _from_file(os.path.join(path, "tokenizer.json"))
+      return Tokenizer(_with_add_bos_token(tok, os.path.join(path, "tokenizer_config.json")), "hf")
+    if os.path.exists(os.path.join(path, "vocab.txt")):
+      return load_hf(os.path.join(path, "vocab.txt"))
     vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
     if os.path.exists(vocab) and os.path.exists(merges):
       try:
