@@ -198,9 +198,10 @@ def _table(model_cfg) -> list[_Entry]:
   return _gpt_table(model_cfg.num_layers) if kind == "gpt2" else _bert_table(model_cfg.num_layers)
 
 
-# Parameters an HF checkpoint may lack (a BertModel or a classifier has no MLM head; a BertModel
-# built without a pooler has none): these keep fmjax's fresh initialisation, and the import says so.
-_OPTIONAL = {"bert": ("pooler", "mlm_transform", "mlm_ln", "mlm_bias")}
+# Parameters an HF checkpoint may lack (a BertModel or a classifier has no MLM head, a LlamaModel or
+# LlamaForSequenceClassification no untied lm_head; a BertModel built without a pooler has none): these
+# keep fmjax's fresh initialisation, and the import says so.
+_OPTIONAL = {"bert": ("pooler", "mlm_transform", "mlm_ln", "mlm_bias"), "gpt": ("lm_head",)}
 # Language-model heads, which HF's sequence classifiers lack: a classifier's export leaves them out
 # (a fine-tuned Llama keeps its untied lm_head, unused).
 _LM_HEADS = {"bert": ("mlm_transform", "mlm_ln", "mlm_bias"), "llama": ("lm_head",)}
@@ -351,7 +352,7 @@ def hf_to_params(weights: Mapping[str, np.ndarray], config) -> tuple[dict, dict 
   """HF state dict -> (fmjax params, classifier head or None, notes).
 
   `config.model` gives the expected shapes (from `models.abstract_model`). Optional parameters
-  the checkpoint lacks (BERT's pooler and MLM head) get fmjax's initialisation (`_init_like`)
+  the checkpoint lacks (BERT's pooler and MLM head, an untied lm_head) get fmjax's initialisation (`_init_like`)
   and are listed in the notes. Raises ConfigError for missing or mis-shaped tensors.
   """
   from flax import nnx
@@ -414,9 +415,9 @@ def hf_to_params(weights: Mapping[str, np.ndarray], config) -> tuple[dict, dict 
 
 
 def _init_like(path: tuple, shape: tuple, std: float, rng: np.random.Generator) -> np.ndarray:
-  """fmjax's initialisation in numpy (normal(std) kernels, unit norm scales, zero biases): no
+  """fmjax's initialisation in numpy (normal(std) kernels and tables, unit norm scales, zero biases): no
   compile, which a JAX init of a few leaves would cost."""
-  if path[-1] == "kernel":
+  if path[-1] in ("kernel", "embedding"):
     return (std * rng.standard_normal(shape)).astype(np.float32)
   return (np.ones if path[-1] == "scale" else np.zeros)(shape, np.float32)
 

@@ -530,7 +530,8 @@ def test_tied_llama_with_biases_and_mistral_import_with_parity(bpe, mistral):
 
 
 def test_llama_classifier_exports_as_llama_for_sequence_classification_without_its_lm_head(tmp_path, bpe):
-  """A fine-tuned Llama's trunk keeps its (unused) untied lm_head; HF's classifier has none, so it is left out."""
+  """A fine-tuned Llama's trunk keeps its (unused) untied lm_head; HF's classifier has none, so it is left out.
+  Imported back, the trunk is the same and the lm_head fresh, as a BERT classifier's MLM head is."""
   model, cfg = _random_fmjax("gpt", bpe.vocab_size, seed=17, **LLAMA, num_kv_heads=2)
   kernel_DC = np.random.default_rng(17).standard_normal((32, 3)).astype(np.float32)
   params = dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)), classifier={"kernel": kernel_DC})
@@ -541,6 +542,16 @@ def test_llama_classifier_exports_as_llama_for_sequence_classification_without_i
   ids = _ids(bpe.vocab_size, seed=17)  # no pad ids: HF pools the last token, as fmjax's GPT head does
   h_BTD = nnx.jit(lambda m, x: m.hidden(x))(model, jnp.asarray(ids))
   _close(np.asarray(h_BTD)[:, -1] @ kernel_DC, _hf_logits(hf_model, ids))
+
+  workdir = tmp_path / "imported"
+  interop.import_hf(str(tmp_path), str(workdir), overrides=["model.attention=xla"])
+  notes = json.loads((workdir / interop.IMPORT_INFO).read_text())["notes"]
+  assert "lm_head: not in the checkpoint, freshly initialised" in notes
+  assert any(n.startswith("classification head (3 labels) not imported") for n in notes)
+  imported, _, _ = generate.load_run(str(workdir))
+  _close(nnx.jit(lambda m, x: m.hidden(x))(imported, jnp.asarray(ids)), h_BTD)
+  table_VD = np.asarray(imported.lm_head.embedding[...])
+  assert table_VD.shape == imported.wte.embedding.shape and 0.01 < table_VD.std() < 0.05  # normal(init_std 0.02)
 
 
 def test_lora_on_grouped_query_attention_merges_into_the_llama_export(tmp_path, bpe):
