@@ -119,7 +119,10 @@ class Tokenizer:
 
 def _template_opener(tok: hf.Tokenizer) -> int | None:
   """The special token `tok`'s post-processor puts before a text (its BOS), if it puts one there."""
-  enc = tok.encode("x")
+  try:
+    enc = tok.encode("x")
+  except Exception:  # pylint: disable=broad-except  # the Rust side's bare Exception: a WordPiece without [UNK]
+    return None
   return enc.ids[0] if enc.ids and enc.special_tokens_mask[0] else None
 
 
