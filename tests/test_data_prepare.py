@@ -205,6 +205,64 @@ def test_text_files_txt_and_jsonl_with_held_out_split(tmp_path):
   assert sources.corpus_identity(config, "train") != before
 
 
+def test_text_files_reads_compressed_and_parquet_corpora_as_their_plain_copies(tmp_path, caplog):
+  """Corpora as published (FineWeb's Parquet, Dolma's .json.gz, the Pile's multi-frame .jsonl.zst, a .txt.gz) give
+  the documents, in the order and with the record numbers, of the same text written plainly."""
+  import gzip
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  import zstandard
+  blocks = write_corpus(tmp_path / "plain")
+  txt, jsonl = (tmp_path / "plain" / "a.txt").read_bytes(), (tmp_path / "plain" / "b.jsonl").read_bytes()
+  lines = jsonl.splitlines(keepends=True)
+  packed = tmp_path / "packed"
+  packed.mkdir()
+  (packed / "a.txt.gz").write_bytes(gzip.compress(txt))
+  (packed / "b.json.gz").write_bytes(gzip.compress(jsonl))
+  frames = zstandard.ZstdCompressor()
+  (packed / "c.jsonl.zst").write_bytes(frames.compress(b"".join(lines[:7])) + frames.compress(b"".join(lines[7:])))
+  bodies = [json.loads(line)["body"] for line in lines]
+  pq.write_table(pa.table({"id": list(range(len(bodies) + 1)), "body": bodies[:3] + [None] + bodies[3:]}),
+                 packed / "d.parquet", row_group_size=7)
+  for name in ("notes.json", "e.parquet.gz", "f.jsonl.bz2"):  # not read: a plain .json is one value, not lines
+    (packed / name).write_text("{}")
+  paths = corpus.resolve_files(f"{packed}/*")
+  assert [os.path.basename(p) for p in paths] == ["a.txt.gz", "b.json.gz", "c.jsonl.zst", "d.parquet"]
+
+  def read(*names, directory=packed):
+    return [(key.split(":")[1], text) for key, text in corpus.file_documents([str(directory / n) for n in names],
+                                                                             "body")]
+  plain_txt, plain_jsonl = read("a.txt", directory=tmp_path / "plain"), read("b.jsonl", directory=tmp_path / "plain")
+  assert read("a.txt.gz") == plain_txt and read("b.json.gz") == read("c.jsonl.zst") == plain_jsonl
+  with caplog.at_level("WARNING", logger="fmjax"):
+    rows = read("d.parquet")
+  assert [t for _, t in rows] == [t for _, t in plain_jsonl] and rows[3][0] == "4"  # row 3 is null: skipped
+  assert f"skipped 1 record(s) whose 'body' is null (the first at {packed / 'd.parquet'} row 3)" in caplog.text
+
+  config = tiny("gpt", tmp_path / "cache", **{
+      "data.dataset": "text_files", "data.files": f"{packed}/*", "data.feature": "body", "data.seq_len": 32,
+      "data.tokenizer.vocab_size": 300})
+  train, held = list(sources.documents(config, "train")), list(sources.documents(config, "eval"))
+  half = len(blocks) // 2
+  assert sorted(train + held) == sorted(blocks[:half] + 3 * blocks[half:])
+
+  (packed / "cut.jsonl.gz").write_bytes(gzip.compress(jsonl)[:-20])
+  (packed / "cut.jsonl.zst").write_bytes(b"not zstd at all")
+  for name, what in (("cut.jsonl.gz", "gzip"), ("cut.jsonl.zst", "Zstandard")):
+    with pytest.raises(config_lib.ConfigError, match=rf"^{packed / name} is damaged or not {what} data \(.*\); "
+                                                     "copy it again$"):
+      read(name)
+  with pytest.raises(config_lib.ConfigError, match=r"d.parquet has no column 'text'; set data.feature to one of "
+                                                   r"\['id', 'body'\]$"):
+    list(corpus.file_documents([str(packed / "d.parquet")], "text"))
+  with pytest.raises(config_lib.ConfigError, match=r"d.parquet: column 'id' holds int64, not text; set data.feature"):
+    list(corpus.file_documents([str(packed / "d.parquet")], "id"))
+  (packed / "bad.parquet").write_bytes(b"PAR1 but not really")
+  with pytest.raises(config_lib.ConfigError, match=r"bad.parquet is not a Parquet file fmjax can read \(.*\); copy"):
+    read("bad.parquet")
+
+
 def whole_file_documents(paths, feature):
   """text_files' documents as it made them before it streamed: each .txt file read whole and split by the
   regex. Keys and splits of caches prepared then must stay those of the streamed reading."""
@@ -363,7 +421,7 @@ def test_tfds_dataset_by_name_through_mock_data(tmp_path, tfds_online):
     ({"data.dataset": "fmjax_corpus=1,lm1b=100"}, r"a batch of 16 rows gives 'fmjax_corpus' \(share 0.0099\) no row; "
      "raise its weight in data.dataset, or train.batch_size"),
     ({"data.cache_dir": "FILE/sub"}, r"data.cache_dir='.*/notes.txt/sub' cannot be made \(.*/notes.txt is a file\)"),
-    ({"data.dataset": "text_files", "data.files": "/nonexistent/*.txt"}, "matches no .txt or .jsonl file"),
+    ({"data.dataset": "text_files", "data.files": "/nonexistent/*.txt"}, "matches no file text_files reads"),
     ({"data.dataset": "text_files", "data.files": "EMPTY"}, "empty corpus"),
     ({"data.dataset": "text_files", "data.files": "DIR"}, r"names a directory, not files; give globs of its files, "
      r"e.g. --config.data.files='.*/corpus/\*\*/\*.txt,.*/corpus/\*\*/\*.jsonl'"),

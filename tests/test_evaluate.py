@@ -117,7 +117,7 @@ def test_eval_scores_other_text_with_config_data_overrides(tmp_path_factory, tmp
   saved = json.loads((run / "config.json").read_text())
   saved["data"]["files"] = "/no/longer/here/*.txt"
   (run / "config.json").write_text(json.dumps(saved))
-  with pytest.raises(ConfigError, match="matches no .txt or .jsonl file"):
+  with pytest.raises(ConfigError, match="matches no file text_files reads"):
     evaluate.run(str(run), batches=2)
   moved = evaluate.run(str(run), batches=2, data_overrides=[f"data.files={tmp_path}/moved/*.txt"])
   assert moved["loss"] == evaluate.run(str(workdir), batches=2)["loss"]

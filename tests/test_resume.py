@@ -906,7 +906,7 @@ def test_init_from_keeps_the_source_tokenizer(reference, cache_dir, tmp_path):
   workdir = moved
   assert train.run(load(cache_dir, *overrides, "train.steps=3"), str(workdir))["step"] == 3
   # Data that is not there fails before a fresh workdir is created.
-  with pytest.raises(ConfigError, match="matches no .txt or .jsonl file"):
+  with pytest.raises(ConfigError, match="matches no file text_files reads"):
     train.run(load(cache_dir, "data.dataset=text_files", f"data.files={tmp_path}/nothing*.txt"), str(tmp_path / "x"))
   assert not os.path.exists(tmp_path / "x")
   # A rerun asking for fewer steps than the checkpoint holds trains nothing, and says so.

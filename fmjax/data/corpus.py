@@ -1,4 +1,4 @@
-"""TFDS builders of ours: `fmjax_corpus` (offline English text) and `text_files` (local .txt / .jsonl).
+"""TFDS builders of ours: `fmjax_corpus` (offline English text) and `text_files` (local .txt / .jsonl / .parquet).
 
 This module imports tensorflow_datasets at the top, so `fmjax.data` imports it only when a
 dataset is actually read (the GPU benchmark machine has no TFDS).
@@ -8,10 +8,13 @@ topic) plus the module docstrings of the standard library (one document per modu
 Python install has it, so the demo and the tests run offline. The text depends on the Python
 minor version, which is part of the builder config name.
 
-text_files: `.jsonl` files give one document per line (field `data.feature`); `.txt` files
-give one document per block of text between blank lines, so one large text file still has
-enough documents for a held-out split. The files are read a document at a time (once to settle
-the split, then once per split), so a corpus may be larger than the host's memory.
+text_files: `.jsonl` files give one document per line (field `data.feature`), `.parquet` files one per
+row (column `data.feature`: FineWeb's and Hugging Face datasets' exports); `.txt` files give one
+document per block of text between blank lines, so one large text file still has enough documents
+for a held-out split. Text and JSON Lines may be compressed whole, as corpora are published
+(`.jsonl.gz`, Dolma's `.json.gz`, the Pile's `.jsonl.zst`, `.txt.gz`). The files are read a document
+at a time (once to settle the split, then once per split), so a corpus may be larger than the host's
+memory.
 
 Both hold out documents deterministically by a hash of their text (about 10%, at least one),
 so the split never depends on file order, machine or time.
@@ -131,13 +134,30 @@ class FmjaxCorpus(tfds.core.GeneratorBasedBuilder):
       yield key, {"text": text}
 
 
+FILE_KINDS = ".txt, .jsonl, .parquet (text and JSON Lines also compressed: .gz, .zst)"
+
+
+def file_kind(path: str) -> str | None:
+  """"txt", "jsonl" or "parquet" by the file's name, or None for a file text_files does not read. A compressed
+  .json file holds JSON Lines (Dolma's .json.gz); a plain one is one JSON value, not a corpus."""
+  name = path
+  compressed = name.endswith(sources.COMPRESSED)
+  if compressed:
+    name = os.path.splitext(name)[0]
+  ext = os.path.splitext(name)[1]
+  if ext == ".parquet":
+    return None if compressed else "parquet"  # Parquet compresses within
+  return {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl" if compressed else None}.get(ext)
+
+
 def resolve_files(spec: str) -> list[str]:
-  """Sorted, de-duplicated .txt / .jsonl paths matched by a comma-separated list of globs."""
+  """Sorted, de-duplicated paths of the files text_files reads (`file_kind`) matched by a comma-separated list of
+  globs."""
   paths = set()
   for pattern in (p.strip() for p in spec.split(",")):
     if pattern:
       paths.update(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(p) and p.endswith((".txt", ".jsonl")))
+                   if os.path.isfile(p) and file_kind(p))
   return sorted(os.path.abspath(p) for p in paths)
 
 
@@ -160,7 +180,7 @@ def _txt_blocks(path: str) -> Iterator[tuple[int, str]]:
   next block, so two such lines in a row make a block of whitespace, which is numbered like any other.
   """
   i, lines, after_separator = 0, [], False
-  with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows tools write one) is not text
+  with sources.open_text(path) as f:
     for line in f:  # lines end with "\n" alone (universal newlines), as f.read() gives them
       if lines and line[0] in " \t\n" and line.lstrip(" \t") == "\n":
         yield i, "".join(lines).strip()
@@ -189,7 +209,15 @@ def file_documents(paths: list[str], feature: str, warn: bool = True) -> Iterato
   base = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
   for path in paths:
     key = os.path.relpath(path, base)
-    if path.endswith(".jsonl"):
+    kind = file_kind(path)
+    if kind == "parquet":
+      for row, text in _parquet_column(path, feature):
+        if text is None:
+          nulls, first_null = nulls + 1, first_null or f"{path} row {row}"
+        elif text.strip():
+          yield f"{key}:{row}", text.strip()
+      continue
+    if kind == "jsonl":
       for line, record in sources.jsonl_records(path, warn=warn):
         if not isinstance(record, dict):
           raise ConfigError(f"{path}:{line} is a JSON {type(record).__name__}, not an object; each line of a .jsonl "
@@ -223,8 +251,34 @@ def file_documents(paths: list[str], feature: str, warn: bool = True) -> Iterato
                                        first_null)
 
 
+def _parquet_column(path: str, feature: str) -> Iterator[tuple[int, str | None]]:
+  """(row, text or None) of column `feature` of a Parquet file, a batch of rows at a time (memory: one batch)."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from fmjax.config_lib import ConfigError
+  try:
+    table = pq.ParquetFile(path)
+  except (pa.ArrowException, OSError) as e:
+    raise ConfigError(f"{path} is not a Parquet file fmjax can read ({e}); copy it again") from None
+  schema = table.schema_arrow
+  if feature not in schema.names:
+    raise ConfigError(f"{path} has no column {feature!r}; set data.feature to one of {schema.names}")
+  kind = schema.field(feature).type
+  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+    raise ConfigError(f"{path}: column {feature!r} holds {kind}, not text; set data.feature to the column that holds "
+                      "the text")
+  row = 0
+  try:
+    for batch in table.iter_batches(batch_size=1024, columns=[feature]):
+      for text in batch.column(0).to_pylist():
+        yield row, text
+        row += 1
+  except (pa.ArrowException, OSError) as e:
+    raise ConfigError(f"{path} is damaged after row {row} ({e}); copy it again") from None
+
+
 class TextFiles(tfds.core.GeneratorBasedBuilder):
-  """Local .txt / .jsonl files as a TFDS dataset with `train` and held-out `validation` splits."""
+  """Local .txt / .jsonl / .parquet files as a TFDS dataset with `train` and held-out `validation` splits."""
 
   VERSION = tfds.core.Version("1.0.0")
   url_infos = None

@@ -14,6 +14,7 @@ import copy
 import difflib
 import fractions
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -135,6 +136,41 @@ def _without_lone_surrogates(value: Any) -> tuple[Any, int]:
   return value, 0
 
 
+# Compressed files are read as published: gzip (Dolma's .json.gz) and Zstandard (the Pile's and SlimPajama's
+# .jsonl.zst), a stream at a time; the name's last suffix says which.
+COMPRESSED = (".gz", ".zst")
+
+
+def _open_bytes(path: str) -> io.BufferedIOBase:
+  """`path`'s bytes, decompressed where its name ends in .gz or .zst."""
+  if path.endswith(".gz"):
+    import gzip
+    return gzip.open(path, "rb")
+  if path.endswith(".zst"):
+    import zstandard
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,
+                                                                        closefd=True))
+  return open(path, "rb")
+
+
+@contextlib.contextmanager
+def open_text(path: str):
+  """`path` as UTF-8 text (a byte-order mark, which Windows tools write, is not text; universal newlines),
+  decompressed where its name says; a damaged compressed file, met on any read, is one ConfigError line."""
+  import gzip
+  import zlib
+  errors: tuple[type[BaseException], ...] = (EOFError, gzip.BadGzipFile, zlib.error)
+  if path.endswith(".zst"):
+    import zstandard
+    errors += (zstandard.ZstdError,)
+  try:
+    with io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig") as f:
+      yield f
+  except errors as e:
+    raise ConfigError(f"{path} is damaged or not {'gzip' if path.endswith('.gz') else 'Zstandard'} data ({e}); copy "
+                      "it again") from None
+
+
 def jsonl_records(path: str, warn: bool = True) -> Iterator[tuple[int, Any]]:
   """(line number, record) for each non-blank line of a JSONL file; a line that is not JSON, or a
   file that is not UTF-8, is one ConfigError naming it. What a record must hold is the caller's.
@@ -142,7 +178,7 @@ def jsonl_records(path: str, warn: bool = True) -> Iterator[tuple[int, Any]]:
   (`warn=False`: none, for a second reading of the file)."""
   lone, first_lone = 0, 0
   try:
-    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows tools write one) is not text
+    with open_text(path) as f:
       for i, line in enumerate(f):
         if not line.strip():
           continue
@@ -177,7 +213,7 @@ def not_utf8(path: str) -> ConfigError:
 
   Decoded a MiB at a time: the file may be larger than memory."""
   decoder, done, where = codecs.getincrementaldecoder("utf-8")(), 0, ""
-  with open(path, "rb") as f:
+  with _open_bytes(path) as f:  # decompressed: the offset is the text's
     while True:
       chunk = f.read(_DECODE_CHUNK)
       held = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk's end, decoded with this one
@@ -489,13 +525,15 @@ def check_config(config) -> None:
   if d.dataset == "text_files":
     from fmjax.data import corpus
     if not d.files:
-      raise ConfigError("data.dataset='text_files' needs data.files: comma-separated globs of .txt/.jsonl files")
+      raise ConfigError(f"data.dataset='text_files' needs data.files: comma-separated globs of {corpus.FILE_KINDS} "
+                        "files")
     if not corpus.resolve_files(d.files):
       folders = [p.strip().rstrip("/") for p in d.files.split(",") if os.path.isdir(os.path.expanduser(p.strip()))]
       if folders:
         raise ConfigError(f"data.files={d.files!r} names a directory, not files; give globs of its files, e.g. "
                           f"--config.data.files='{folders[0]}/**/*.txt,{folders[0]}/**/*.jsonl'")
-      raise ConfigError(f"data.files={d.files!r} matches no .txt or .jsonl file; fix the globs {MOVED_HINT}")
+      raise ConfigError(f"data.files={d.files!r} matches no file text_files reads ({corpus.FILE_KINDS}); fix the "
+                        f"globs {MOVED_HINT}")
     _check_documents(corpus.resolve_files(d.files), d.feature, d.files)
   elif d.dataset == "fmjax_corpus":
     if d.feature != "text":
