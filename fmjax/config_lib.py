@@ -530,6 +530,40 @@ def _check_architecture(m, models) -> None:
                       "which must be even; change model.num_heads or model.d_model")
   if not arch["rope_theta"] > 0:
     raise ConfigError(f"model.rope_theta={arch['rope_theta']} must be positive (Llama uses 10000 or 500000)")
+  _check_rope_scaling(arch, models)
+
+
+def _check_rope_scaling(arch, models) -> None:
+  """model.rope_scaling and its parameters: each one a scaling reads is in range, and none it ignores
+  is set (a factor without the scaling that reads it would train unscaled, silently)."""
+  scaling = arch["rope_scaling"]
+  if scaling != "none" and arch["positions"] != "rope":
+    raise ConfigError(f"model.rope_scaling={scaling} scales rotary positions, and this model has "
+                      f"model.positions={arch['positions']}; set model.positions=rope or model.rope_scaling=none")
+  reads = models.ROPE_SCALING_READS[scaling]
+  ignored = [k for k in models.ROPE_SCALING_READS["llama3"] if k not in reads
+             and arch[k] != models.ARCHITECTURE_DEFAULTS[k]]
+  if ignored:
+    raise ConfigError(f"{', '.join(f'model.{k}={arch[k]}' for k in ignored)} is not read under model.rope_scaling="
+                      f"{scaling} (linear reads rope_factor; llama3 also the rope_*_freq_factor and "
+                      "rope_original_max_len); set model.rope_scaling, or drop it")
+  if scaling == "none":
+    return
+  factor = arch["rope_factor"]
+  if not 0 < factor < math.inf:
+    raise ConfigError(f"model.rope_factor={factor} must be positive (how many times longer a context the model "
+                      "reads: Llama 3.1 uses 8, Llama 3.2 32)")
+  if factor == 1:
+    raise ConfigError(f"model.rope_scaling={scaling} with model.rope_factor=1.0 scales nothing; set model.rope_factor "
+                      "(Llama 3.1 uses 8, Llama 3.2 32) or model.rope_scaling=none")
+  if scaling == "llama3":
+    low, high, original = (arch[k] for k in ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"))
+    if not 0 < low < high < math.inf:
+      raise ConfigError(f"model.rope_low_freq_factor={low} and model.rope_high_freq_factor={high} must be positive "
+                        "with low below high (llama3 blends the frequencies between them; Llama 3 uses 1 and 4)")
+    if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+      raise ConfigError(f"model.rope_original_max_len={original!r} must be a positive whole number (the positions of "
+                        "the pretraining llama3 scales: 8192 for Llama 3)")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -659,6 +693,11 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       # The decoder's architecture (GPT-2's below; `configs/gpt.py:SIZE,llama` sets Llama's). BERT keeps these.
       positions="learned",      # learned (a position table, up to max_len) | rope (rotary, in q and k)
       rope_theta=10000.0,       # rope: the base of the rotation frequencies
+      rope_scaling="none",      # rope: none | linear (positions / rope_factor) | llama3 (Llama 3.1 and 3.2's)
+      rope_factor=1.0,          # linear, llama3: how many times longer a context it reads (Llama 3.1: 8, 3.2: 32)
+      rope_low_freq_factor=1.0,   # llama3: frequencies turning fewer times in rope_original_max_len are scaled,
+      rope_high_freq_factor=4.0,  # llama3: those turning more times than this are kept, those between blended
+      rope_original_max_len=8192,  # llama3: the positions of the pretraining the scaling stretches (Llama 3's)
       norm="layernorm",         # layernorm | rmsnorm (a scale, no centring, no bias)
       mlp="gelu",               # gelu | swiglu (silu(x W_gate) * x W_up; size d_ff)
       num_kv_heads=0,           # key/value heads (grouped-query attention, dividing num_heads); 0: num_heads

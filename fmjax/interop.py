@@ -11,10 +11,13 @@ config.json, model.safetensors and the tokenizer files.
 
 Which HF model a GPT is follows from its architecture settings (`hf_model_type`): GPT-2's (the
 defaults) exports as GPT2LMHeadModel; Llama's (model.positions=rope, norm=rmsnorm, mlp=swiglu;
-any num_kv_heads, rope_theta, use_bias and tie_embeddings) as LlamaForCausalLM; any other mix has
-no HF counterpart and is refused. Import takes gpt2, llama, mistral (without a sliding window
-narrower than its positions: then it is Llama) and bert. fmjax's rotary positions rotate the
-halves of each head as HF's Llama does, so its q and k weights map on unpermuted.
+any num_kv_heads, rope_theta, rope_scaling, use_bias and tie_embeddings) as LlamaForCausalLM; any
+other mix has no HF counterpart and is refused. Import takes gpt2, llama, mistral (without a sliding
+window narrower than its positions: then it is Llama) and bert. fmjax's rotary positions rotate the
+halves of each head as HF's Llama does, so its q and k weights map on unpermuted. Rotary scaling
+(`rope_type` linear, and llama3 as Llama 3.1 and 3.2 have it) is read from `rope_parameters`
+(transformers 5) or `rope_scaling` (earlier) into `model.rope_scaling` and its parameters, and
+written back as `rope_scaling`; other rope types (yarn, dynamic, longrope ...) are refused.
 
 The mapping is one table per model type (`_gpt_table`, `_llama_table`, `_bert_table`): each
 fmjax parameter is one HF tensor, or several stacked on the output axis (BERT's and Llama's
@@ -61,8 +64,9 @@ from fmjax.config_lib import ConfigError
 # the window covers every position (`model_settings_from_hf`), exported as Llama.
 FAMILIES = {"gpt2": "gpt", "llama": "gpt", "mistral": "gpt", "bert": "bert"}
 # The decoder architectures (`models.ARCHITECTURE_DEFAULTS` keys) that HF has: GPT-2's, fmjax's defaults,
-# and Llama's, whose biases (attention_bias = mlp_bias), head tying, key/value heads and rope_theta are free.
-GPT2_ARCHITECTURE = {k: v for k, v in models.ARCHITECTURE_DEFAULTS.items() if k != "rope_theta"}
+# and Llama's, whose biases (attention_bias = mlp_bias), head tying, key/value heads and rotary settings
+# (rope_theta, rope_scaling and its parameters) are free.
+GPT2_ARCHITECTURE = {k: v for k, v in models.ARCHITECTURE_DEFAULTS.items() if not k.startswith("rope_")}
 LLAMA_ARCHITECTURE = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
 _HF_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "bert": "BERT"}
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -498,16 +502,6 @@ def _llama_settings(hf: Mapping[str, Any]) -> dict[str, Any]:
   head_dim = hf.get("head_dim") or d // heads
   _require(head_dim * heads == d, f"head_dim={head_dim} with hidden_size={d} and {heads} heads; fmjax's heads are "
                                   "hidden_size / num_attention_heads wide")
-  # transformers 5 writes rope_parameters; older configs rope_theta and rope_scaling.
-  rope = dict(hf.get("rope_parameters") or {})
-  scaling = hf.get("rope_scaling") or {}
-  theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-  rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-  scaling_type = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, Mapping) else scaling
-  _require(rope_type == "default" and not rope and scaling_type == "default" and
-           set(scaling) <= {"rope_type", "type", "rope_theta"},
-           f"rope_scaling={hf.get('rope_scaling') or hf.get('rope_parameters')}; fmjax's rotary positions are "
-           "unscaled (rope_type default)")
   attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
   _require(attention_bias == mlp_bias, f"attention_bias={config_lib.setting(attention_bias)} with "
                                        f"mlp_bias={config_lib.setting(mlp_bias)}; fmjax has biases in every projection "
@@ -518,9 +512,54 @@ def _llama_settings(hf: Mapping[str, Any]) -> dict[str, Any]:
   return dict(family="gpt", vocab_size=hf.get("vocab_size", 32000), num_layers=hf.get("num_hidden_layers", 32),
               d_model=d, num_heads=heads, d_ff=hf.get("intermediate_size", 11008), max_len=max_len,
               layer_norm_eps=hf.get("rms_norm_eps", 1e-6), dropout=0.0,
-              attention_dropout=float(hf.get("attention_dropout", 0.0)), **LLAMA_ARCHITECTURE,
-              rope_theta=float(theta), num_kv_heads=0 if kv_heads == heads else kv_heads, use_bias=attention_bias,
+              attention_dropout=float(hf.get("attention_dropout", 0.0)), **LLAMA_ARCHITECTURE, **_rope_settings(hf),
+              num_kv_heads=0 if kv_heads == heads else kv_heads, use_bias=attention_bias,
               tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+# What each HF rope_type fmjax has reads, and the model.* setting it goes to.
+_ROPE_PARAMETERS = {"default": {}, "linear": {"factor": "rope_factor"},
+                    "llama3": {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+                               "high_freq_factor": "rope_high_freq_factor",
+                               "original_max_position_embeddings": "rope_original_max_len"}}
+
+
+def _rope_settings(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """model.rope_theta, rope_scaling and its parameters of a Llama config.json: transformers 5 writes them in
+  rope_parameters, earlier versions (and Meta's Llama 3.1 / 3.2 configs) in rope_theta and rope_scaling."""
+  rope, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+  _require(isinstance(rope, Mapping) and isinstance(scaling, Mapping),
+           f"rope_parameters={rope!r}, rope_scaling={scaling!r}; fmjax reads objects of rotary settings")
+  params = dict(scaling or rope)  # transformers reads rope_scaling alone where a config has both
+  kind = params.get("rope_type", params.get("type")) or "default"
+  written = scaling or rope
+  *others, last = _ROPE_PARAMETERS
+  _require(kind in _ROPE_PARAMETERS, f"rope_type={kind!r} (rope_scaling={written}); fmjax's rotary positions take "
+                                     f"rope_type {', '.join(others)} and {last}")
+  _require(params.get("partial_rotary_factor", hf.get("partial_rotary_factor")) in (None, 1, 1.0),
+           f"partial_rotary_factor={params.get('partial_rotary_factor', hf.get('partial_rotary_factor'))}; fmjax "
+           "rotates every dimension of a head")
+  if kind == "llama3":  # transformers' fallbacks: a top-level original_max_position_embeddings, else every position
+    params.setdefault("original_max_position_embeddings",
+                      hf.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048)))
+  absent = [k for k in _ROPE_PARAMETERS[kind] if params.get(k) is None]
+  _require(not absent, f"rope_type={kind!r} without {', '.join(absent)} (rope_scaling={written})")
+  try:
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    values = {key: (int if key == "rope_original_max_len" else float)(params[hf_key])
+              for hf_key, key in _ROPE_PARAMETERS[kind].items()}
+  except (TypeError, ValueError):
+    raise ConfigError(f"unsupported Hugging Face config: rope_theta={params.get('rope_theta', hf.get('rope_theta'))!r}"
+                      f", rope_scaling={written}; its rotary settings must be numbers") from None
+  if kind == "llama3":
+    low, high = values["rope_low_freq_factor"], values["rope_high_freq_factor"]
+    _require(0 < low < high, f"low_freq_factor={low} with high_freq_factor={high} (rope_type 'llama3'); the low one "
+                             "must be positive and below the high one")
+  out = {k: models.ARCHITECTURE_DEFAULTS[k] for k in models.ROPE_SCALING_READS["llama3"]}
+  out.update(rope_theta=theta, rope_scaling="none")
+  if values and values["rope_factor"] != 1.0:  # a factor of 1 scales nothing, in either rope_type
+    out.update(rope_scaling=kind, **values)
+  return out
 
 
 GPT_CLASSIFIER_PAD = "<pad>"
@@ -561,7 +600,8 @@ def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None,
                intermediate_size=m.d_ff, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
                num_key_value_heads=arch["num_kv_heads"] or m.num_heads, head_dim=m.d_model // m.num_heads,
                hidden_act="silu", max_position_embeddings=m.max_len, rms_norm_eps=m.layer_norm_eps,
-               rope_theta=float(arch["rope_theta"]), rope_scaling=None, attention_bias=bool(arch["use_bias"]),
+               rope_theta=float(arch["rope_theta"]), rope_scaling=_hf_rope_scaling(arch),
+               attention_bias=bool(arch["use_bias"]),
                mlp_bias=bool(arch["use_bias"]), attention_dropout=m.get("attention_dropout", 0.0),
                initializer_range=m.init_std, tie_word_embeddings=bool(arch["tie_embeddings"]))
   elif kind == "gpt2":
@@ -587,6 +627,15 @@ def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None,
       cfg["problem_type"] = "regression"
   cfg["dtype"] = cfg["torch_dtype"] = "float32"  # the name transformers 5 reads, and the one before it
   return {**cfg, **specials}
+
+
+def _hf_rope_scaling(arch: Mapping[str, Any]) -> dict[str, Any] | None:
+  """config.json's rope_scaling of a rotary model, as Meta's Llama 3.1 and 3.2 write it: what transformers 5
+  reads (into rope_parameters, with rope_theta) and transformers 4.43 on too; None when unscaled."""
+  if arch["rope_scaling"] == "none":
+    return None
+  return {"rope_type": arch["rope_scaling"], **{hf_key: arch[key] for hf_key, key in
+                                               _ROPE_PARAMETERS[arch["rope_scaling"]].items()}}
 
 
 def _hf_architecture(kind: str, classifier: bool) -> str:

@@ -319,10 +319,16 @@ class RMSNorm(nnx.Module):
 
 
 # Architecture choices of the decoder, each with the value that is GPT-2's (what runs saved before
-# the setting existed read). BERT takes these values only.
-ARCHITECTURE_DEFAULTS = {"positions": "learned", "rope_theta": 10000.0, "norm": "layernorm", "mlp": "gelu",
-                         "num_kv_heads": 0, "use_bias": True, "tie_embeddings": True}
-ARCHITECTURE_CHOICES = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
+# the setting existed read; the rotary scaling's parameters: unscaled, and Llama 3's). BERT takes these values only.
+ARCHITECTURE_DEFAULTS = {"positions": "learned", "rope_theta": 10000.0, "rope_scaling": "none", "rope_factor": 1.0,
+                         "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0, "rope_original_max_len": 8192,
+                         "norm": "layernorm", "mlp": "gelu", "num_kv_heads": 0, "use_bias": True,
+                         "tie_embeddings": True}
+ARCHITECTURE_CHOICES = {"positions": ("learned", "rope"), "rope_scaling": ("none", "linear", "llama3"),
+                        "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
+# The rotary scaling parameters each model.rope_scaling reads (the others keep their defaults).
+ROPE_SCALING_READS = {"none": (), "linear": ("rope_factor",), "llama3": (
+    "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")}
 
 
 def architecture(cfg, *, canonical: bool = False) -> dict:
@@ -335,10 +341,45 @@ def architecture(cfg, *, canonical: bool = False) -> dict:
   return arch
 
 
-def rope_tables(positions_BT, head_dim: int, theta: float):
-  """Rotary embedding (cos, sin) [B, T, K/2] in float32 for these positions (HF Llama's frequencies)."""
-  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-  angles_BTJ = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+def rope_settings(cfg) -> tuple:
+  """The rotary positions' static settings (what `rope_tables` takes after the positions) of a model
+  section: (head_dim, theta, scaling, factor, low_freq_factor, high_freq_factor, original_max_len)."""
+  arch = architecture(cfg)
+  return (cfg.d_model // cfg.num_heads, float(arch["rope_theta"]), arch["rope_scaling"], float(arch["rope_factor"]),
+          float(arch["rope_low_freq_factor"]), float(arch["rope_high_freq_factor"]),
+          int(arch["rope_original_max_len"]))
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
+                     low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     original_max_len: int = 8192) -> np.ndarray:
+  """The rotation's inverse frequencies [K/2], float32: HF Llama's, scaled as HF's rope_type of the name does.
+
+  Computed in float64 in numpy and rounded once, when a trace builds the tables: constants of the
+  compiled step, never recomputed per step. `linear` divides every frequency by `factor` (positions
+  read as position / factor). `llama3` (Llama 3.1 on) leaves the frequencies that turn
+  `high_freq_factor` times or more over the `original_max_len` positions of pretraining as they were,
+  divides those that turn `low_freq_factor` times or fewer by `factor`, and blends the two linearly in
+  that number of turns between them.
+  """
+  inv_freq_J = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  if scaling == "linear":
+    inv_freq_J = inv_freq_J / factor
+  elif scaling == "llama3":
+    turns_J = original_max_len * inv_freq_J / (2 * np.pi)  # original_max_len / wavelength
+    # 0: slow enough to stretch by factor; 1: fast enough to keep (they resolve nearby tokens).
+    keep_J = np.clip((turns_J - low_freq_factor) / (high_freq_factor - low_freq_factor), 0.0, 1.0)
+    inv_freq_J = (1 - keep_J) * inv_freq_J / factor + keep_J * inv_freq_J
+  elif scaling != "none":
+    raise ValueError(f"unknown rotary scaling {scaling!r}")
+  return inv_freq_J.astype(np.float32)
+
+
+def rope_tables(positions_BT, head_dim: int, theta: float, *scaling):
+  """Rotary embedding (cos, sin) [B, T, K/2] in float32 for these positions (HF Llama's frequencies);
+  `scaling`: `rope_frequencies`' arguments after theta (none: unscaled)."""
+  inv_freq_J = rope_frequencies(head_dim, theta, *scaling)
+  angles_BTJ = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_J)
   return jnp.cos(angles_BTJ), jnp.sin(angles_BTJ)
 
 
@@ -619,7 +660,8 @@ class GPT(nnx.Module):
     c = _Common(cfg)
     self.dropout = float(cfg.dropout)
     self.attention_dropout = c.attention_dropout
-    self.rope = (c.head_dim, float(c.arch["rope_theta"])) if c.arch["positions"] == "rope" else None
+    # Python scalars: the rotary frequencies become constants of each trace (`rope_frequencies`).
+    self.rope = rope_settings(cfg) if c.arch["positions"] == "rope" else None
     self.max_len = int(cfg.max_len)  # positions it takes (the learned table's rows; rotary: the setting)
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
     self.wte = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), std=cfg.init_std, **kw)

@@ -256,8 +256,9 @@ def _architecture(m) -> str:
   arch = models.architecture(m)
   kv_heads = arch["num_kv_heads"] or m.num_heads
   attention = f"grouped-query attention ({kv_heads} key/value heads)" if kv_heads != m.num_heads else "attention"
-  return (f"Llama-style decoder (pre-norm RMSNorm, rotary positions (theta {arch['rope_theta']:g}), SwiGLU MLP, "
-          f"{attention}, {'biases' if arch['use_bias'] else 'no biases'}, "
+  scaled = "" if arch["rope_scaling"] == "none" else f", {arch['rope_scaling']} scaling x{arch['rope_factor']:g}"
+  return (f"Llama-style decoder (pre-norm RMSNorm, rotary positions (theta {arch['rope_theta']:g}{scaled}), "
+          f"SwiGLU MLP, {attention}, {'biases' if arch['use_bias'] else 'no biases'}, "
           f"{'tied' if arch['tie_embeddings'] else 'untied'} embeddings, causal LM)")
 
 

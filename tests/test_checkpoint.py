@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from fmjax import checkpoint as ckpt_lib
-from fmjax import config_lib
+from fmjax import config_lib, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TX = optax.adamw(1e-3, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
@@ -420,6 +420,29 @@ def test_init_from_adopts_the_sources_architecture_unless_this_config_names_anot
   mha = config_lib.load_config("configs/gpt.py:tiny,llama", [f"model.num_kv_heads={llama.model.num_heads}"])
   assert ckpt_lib.adopt_model_settings(mha, {"model": {**llama.model.to_dict(), "num_kv_heads": 0}}) == [
       "model.num_kv_heads=0"]
+
+
+def test_init_from_adopts_the_rotary_scaling_of_its_source_and_refuses_another_named_one():
+  """A Llama 3.2 import's llama3 scaling comes with it into a config that names none (its logits are that
+  model's); a config naming another scaling is one line; a rotary run saved before the scaling keys is
+  unscaled, and resumes under today's defaults without a breaking change."""
+  llama3 = ["model.rope_scaling=llama3", "model.rope_factor=32", "model.rope_original_max_len=64"]
+  source = config_lib.load_config("configs/gpt.py:tiny,llama", llama3).to_dict()
+  plain = config_lib.load_config("configs/gpt.py:tiny,llama")
+  assert ckpt_lib.adopt_model_settings(plain, source) == [
+      "model.rope_scaling='llama3'", "model.rope_factor=32.0", "model.rope_original_max_len=64"]
+  linear = config_lib.load_config("configs/gpt.py:tiny,llama", ["model.rope_scaling=linear", "model.rope_factor=4"])
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=(
+      r"^init_from holds a model with model.rope_scaling=llama3, model.rope_factor=32.0 but this config sets "
+      r"model.rope_scaling=linear, model.rope_factor=4.0; ")) as e:
+    ckpt_lib.adopt_model_settings(linear, source)
+  assert "\n" not in str(e.value)
+  now = config_lib.load_config("configs/gpt.py:tiny,llama").to_dict()
+  before = json.loads(json.dumps(now))
+  for key in models.ROPE_SCALING_READS["llama3"] + ("rope_scaling",):
+    del before["model"][key]
+  assert ckpt_lib.config_changes(before, now)[0] == []
+  assert models.architecture(before["model"]) == models.architecture(now["model"])
 
 
 def test_config_changes_classification():

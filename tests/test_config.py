@@ -176,6 +176,28 @@ def test_cli_workdir_and_override_mistakes_are_one_line(tmp_path, capsys):
     ("gpt", ["model.positions=rope", "model.d_model=120", "model.num_heads=8"],
      "model.positions=rope rotates pairs of each head's 15 dimensions, which must be even"),
     ("gpt", ["model.rope_theta=0"], r"model.rope_theta=0.0 must be positive"),
+    # Rotary scaling: a kind fmjax lacks, a factor that scales nothing or backwards, a parameter its kind ignores.
+    ("gpt", ["model.positions=rope", "model.rope_scaling=yarn"],
+     r"model.rope_scaling='yarn' is not one of \['none', 'linear', 'llama3'\]"),
+    ("gpt", ["model.rope_scaling=linear", "model.rope_factor=4"],
+     "^model.rope_scaling=linear scales rotary positions, and this model has model.positions=learned; set "
+     "model.positions=rope or model.rope_scaling=none$"),
+    ("gpt", ["model.positions=rope", "model.rope_scaling=linear", "model.rope_factor=0"],
+     r"^model.rope_factor=0.0 must be positive \(how many times longer"),
+    ("gpt", ["model.positions=rope", "model.rope_scaling=llama3"],
+     "^model.rope_scaling=llama3 with model.rope_factor=1.0 scales nothing; set model.rope_factor"),
+    ("gpt", ["model.positions=rope", "model.rope_factor=8"],
+     "^model.rope_factor=8.0 is not read under model.rope_scaling=none .*; set model.rope_scaling, or drop it$"),
+    ("gpt", ["model.positions=rope", "model.rope_scaling=linear", "model.rope_factor=8",
+             "model.rope_original_max_len=4096"], "^model.rope_original_max_len=4096 is not read under "
+     "model.rope_scaling=linear"),
+    ("gpt", ["model.positions=rope", "model.rope_scaling=llama3", "model.rope_factor=8", "model.rope_low_freq_factor=4",
+             "model.rope_high_freq_factor=1"], r"^model.rope_low_freq_factor=4.0 and model.rope_high_freq_factor=1.0 "
+     "must be positive with low below high"),
+    ("gpt", ["model.positions=rope", "model.rope_scaling=llama3", "model.rope_factor=8",
+             "model.rope_original_max_len=0"], "^model.rope_original_max_len=0 must be a positive whole number"),
+    ("bert", ["model.rope_scaling=llama3", "model.rope_factor=8"],
+     "^model.rope_scaling=llama3, model.rope_factor=8.0 is a decoder choice: BERT has learned positions"),
     ("bert", ["model.positions=rope"], "model.positions=rope is a decoder choice: BERT has learned positions"),
     ("bert", ["model.num_kv_heads=2", "model.tie_embeddings=false"],
      "model.num_kv_heads=2, model.tie_embeddings=false is a decoder choice"),

@@ -17,9 +17,12 @@ TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.d_
         "mesh.data=1"]
 
 
-# configs/gpt.py:tiny,llama (rotary positions, RMSNorm, SwiGLU, no biases, an untied head), 2 key/value heads for 4.
+# configs/gpt.py:tiny,llama (rotary positions, RMSNorm, SwiGLU, no biases, an untied head), 2 key/value heads for 4;
+# llama3: with Llama 3.1's rotary scaling of 8 positions of pretraining, which the decoded rows pass.
 SPECS = {"gpt": ("configs/gpt.py:tiny", []), "bert": ("configs/bert.py:tiny", []),
-         "llama": ("configs/gpt.py:tiny,llama", ["model.num_kv_heads=2"])}
+         "llama": ("configs/gpt.py:tiny,llama", ["model.num_kv_heads=2"]),
+         "llama3": ("configs/gpt.py:tiny,llama", ["model.num_kv_heads=2", "model.rope_scaling=llama3",
+                                                  "model.rope_factor=4", "model.rope_original_max_len=8"])}
 
 
 def _unrolled_and_scanned(family):
@@ -42,6 +45,12 @@ def gpts():
 def llamas():
   """`gpts` with Llama's architecture and grouped-query attention."""
   return _unrolled_and_scanned("llama")
+
+
+@pytest.fixture(scope="module")
+def scaled_llamas():
+  """`llamas` with llama3 rotary scaling."""
+  return _unrolled_and_scanned("llama3")
 
 
 def make_workdir(tmp_path_factory, family):
@@ -98,13 +107,13 @@ def uncached_greedy(model, prompt, n, width=16):
   return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("family", ["gpt", "llama", "llama3"])
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
-def test_cached_logits_equal_uncached_forward_at_every_position(gpts, llamas, family, scan):
+def test_cached_logits_equal_uncached_forward_at_every_position(gpts, llamas, scaled_llamas, family, scan):
   """Prefill of left-padded prompts, then one token a step: each position's logits are the full forward
-  pass's, with learned positions and with rotary ones (the cache holds keys already rotated) read by
-  grouped query heads."""
-  model = (gpts if family == "gpt" else llamas)[scan]
+  pass's, with learned positions and with rotary ones (the cache holds keys already rotated, by scaled
+  frequencies too) read by grouped query heads."""
+  model = {"gpt": gpts, "llama": llamas, "llama3": scaled_llamas}[family][scan]
   rng = np.random.default_rng(0)
   rows = [rng.integers(1, 512, size=n).tolist() for n in (11, 6)]  # full rows: prompt then teacher-forced tokens
   prompt_lens = (7, 2)
@@ -252,6 +261,25 @@ def test_a_run_saved_before_the_architecture_choices_reads_as_gpt2(tmp_path_fact
   (old / "config.json").write_text(json.dumps(saved))
   model, config, _ = generate.load_run(str(old))
   assert "positions" not in config.model and hasattr(model, "wpe")
+  now, _, _ = generate.load_run(str(workdir))
+  prompts = [[5, 17, 99], [7]]
+  assert generate.generate(model, prompts, 4, temperature=0.0) == generate.generate(now, prompts, 4, temperature=0.0)
+
+
+def test_a_rotary_run_saved_before_rope_scaling_reads_as_unscaled(tmp_path_factory, tmp_path):
+  """A Llama-architecture run whose config.json predates model.rope_scaling and its parameters loads as the
+  unscaled model it trained, and generates as it did."""
+  import shutil
+  workdir, _ = make_workdir(tmp_path_factory, "llama")
+  old = tmp_path / "old"
+  shutil.copytree(workdir, old)
+  saved = json.loads((old / "config.json").read_text())
+  for key in ("rope_scaling", *models.ROPE_SCALING_READS["llama3"]):
+    del saved["model"][key]
+  (old / "config.json").write_text(json.dumps(saved))
+  model, config, _ = generate.load_run(str(old))
+  assert "rope_scaling" not in config.model and model.rope == models.rope_settings(config.model)
+  assert model.rope[2:4] == ("none", 1.0)
   now, _, _ = generate.load_run(str(workdir))
   prompts = [[5, 17, 99], [7]]
   assert generate.generate(model, prompts, 4, temperature=0.0) == generate.generate(now, prompts, 4, temperature=0.0)

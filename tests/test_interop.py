@@ -599,10 +599,21 @@ def test_export_of_a_decoder_hugging_face_lacks_is_one_line_naming_how_it_differ
 
 def test_llama_settings_fmjax_lacks_are_refused_in_one_line(llama_dir, tmp_path):
   hf = json.loads((llama_dir[0] / "config.json").read_text())
-  llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32}
-  for changes, match in ((dict(rope_scaling=llama3), r"rope_scaling=\{'rope_type': 'llama3'.*unscaled"),
-                         (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "'linear'.*unscaled"),
+  supported = "; fmjax's rotary positions take rope_type default, linear and llama3$"
+  yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+  llama3 = dict(SCALINGS["llama3"])
+  for changes, match in ((dict(rope_scaling=yarn), r"^unsupported Hugging Face config: rope_type='yarn' \(rope_scaling="
+                                                   r"\{'rope_type': 'yarn', 'factor': 4.0, .*\}\)" + supported),
+                         (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0}),
+                          r"rope_type='dynamic' \(rope_scaling=\{.*\}\)" + supported),
+                         (dict(rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}),
+                          "rope_type='longrope'.*" + supported),
+                         (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5; fmjax rotates every dimension"),
+                         (dict(rope_scaling={k: v for k, v in llama3.items() if k != "low_freq_factor"}),
+                          r"rope_type='llama3' without low_freq_factor \(rope_scaling="),
+                         (dict(rope_scaling=dict(llama3, low_freq_factor=4.0, high_freq_factor=1.0)),
+                          r"low_freq_factor=4.0 with high_freq_factor=1.0 \(rope_type 'llama3'\); the low one must be "
+                          "positive and below the high one"),
                          (dict(head_dim=16), "head_dim=16 with hidden_size=32 and 4 heads"),
                          (dict(hidden_act="gelu"), "hidden_act='gelu'; fmjax's SwiGLU gates with silu"),
                          (dict(attention_bias=True), "attention_bias=true with mlp_bias=false"),
@@ -614,10 +625,133 @@ def test_llama_settings_fmjax_lacks_are_refused_in_one_line(llama_dir, tmp_path)
     with pytest.raises(ConfigError, match=match) as e:
       interop.model_settings_from_hf({**hf, **changes})
     assert "\n" not in str(e.value)
-  scaled = _copy_with_config(llama_dir[0], tmp_path / "scaled", rope_scaling=llama3)
-  with pytest.raises(ConfigError, match="^unsupported Hugging Face config: rope_scaling="):
+  scaled = _copy_with_config(llama_dir[0], tmp_path / "scaled", rope_scaling=yarn)
+  with pytest.raises(ConfigError, match="^unsupported Hugging Face config: rope_type='yarn'"):
     interop.import_hf(str(scaled), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+# Rotary scaling, at positions past those of pretraining: original_max_position_embeddings 16 of 64, rows of 48.
+# llama3's low/high_freq_factor are off Llama 3's 1 and 4 so that the 4 frequencies of an 8-wide head fall in
+# all of its three bands (kept, blended, divided by the factor), and so that a mapping that dropped them shows.
+SCALINGS = {"llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 0.5, "high_freq_factor": 2.0,
+                       "original_max_position_embeddings": 16},
+            "linear": {"rope_type": "linear", "factor": 4.0}}
+SCALED_SETTINGS = {"llama3": dict(rope_scaling="llama3", rope_factor=4.0, rope_low_freq_factor=0.5,
+                                  rope_high_freq_factor=2.0, rope_original_max_len=16),
+                   "linear": dict(rope_scaling="linear", rope_factor=4.0)}
+LONG = 48
+
+
+def _unscaled(model, model_cfg):
+  """The same weights without the rotary scaling: the logits a parity test must tell apart from the scaled."""
+  cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+  cfg.update({k: models.ARCHITECTURE_DEFAULTS[k] for k in ("rope_scaling", *models.ROPE_SCALING_READS["llama3"])})
+  return nnx.merge(nnx.graphdef(models.abstract_model(cfg)), nnx.state(model))
+
+
+@pytest.mark.parametrize("kind,spelling,scan", [("llama3", "rope_scaling", False), ("llama3", "rope_parameters", True),
+                                                ("linear", "rope_parameters", False), ("linear", "type", False)],
+                         ids=["llama3_as_meta_writes_it", "llama3_transformers5_scanned", "linear_transformers5",
+                              "linear_as_type"])
+def test_scaled_llama_imports_and_exports_with_parity_past_its_original_positions(tmp_path, bpe, kind, spelling, scan):
+  """Llama 3.1 / 3.2's scaling (llama3) and linear, written as transformers 5 does (rope_parameters), as Meta's
+  Llama 3.1 and 3.2 config.json and transformers 4 do (rope_theta and rope_scaling), and as older linear configs
+  do (`type`): imported logits equal transformers' past original_max_position_embeddings, where the unscaled
+  model's differ; the export writes the scaling back as rope_scaling, which transformers reads to the same logits."""
+  hf_model = _llama(bpe.vocab_size, seed=21, rope_scaling=dict(SCALINGS[kind]))
+  hf_dir = tmp_path / "hf"
+  hf_model.save_pretrained(hf_dir)
+  _write_tokenizer_files(bpe, hf_dir, "GPT2Tokenizer")
+  hf_cfg = json.loads((hf_dir / "config.json").read_text())
+  assert hf_cfg["rope_parameters"] == {**SCALINGS[kind], "rope_theta": 500.0} and "rope_scaling" not in hf_cfg
+  if spelling != "rope_parameters":
+    rope = hf_cfg.pop("rope_parameters")
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if spelling == "type":
+      scaling["type"] = scaling.pop("rope_type")
+    (hf_dir / "config.json").write_text(json.dumps({**hf_cfg, "rope_theta": rope["rope_theta"],
+                                                    "rope_scaling": scaling}))
+  interop.import_hf(str(hf_dir), str(tmp_path / "w"), overrides=["model.attention=xla",
+                                                                   f"model.scan_layers={str(scan).lower()}"])
+  model, config, _ = generate.load_run(str(tmp_path / "w"))
+  want = {**{k: models.ARCHITECTURE_DEFAULTS[k] for k in models.ROPE_SCALING_READS["llama3"]},
+          **SCALED_SETTINGS[kind], "rope_theta": 500.0}
+  assert {k: config.model[k] for k in want} == want
+  ids = _ids(bpe.vocab_size, seed=21, shape=(B, LONG))
+  hf_BTV = _hf_logits(hf_model, ids)
+  if spelling != "rope_parameters":  # transformers reads the rewritten config.json as the model it saved
+    _close(_hf_logits(transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval(), ids), hf_BTV, atol=0)
+  ours_BTV = _logits(model, jnp.asarray(ids))
+  _close(ours_BTV, hf_BTV)
+  assert np.abs(np.asarray(_logits(_unscaled(model, config.model), jnp.asarray(ids))) - hf_BTV).max() > 1e-2
+
+  out = tmp_path / "export"
+  interop.export(str(tmp_path / "w"), str(out))
+  exported = json.loads((out / "config.json").read_text())
+  assert exported["rope_scaling"] == SCALINGS[kind] and exported["rope_theta"] == 500.0
+  original, weights = interop.read_hf_weights(str(hf_dir)), interop.read_hf_weights(str(out))
+  assert set(weights) == set(original)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  assert reloaded.config.rope_parameters == {**SCALINGS[kind], "rope_theta": 500.0}
+  _close(_hf_logits(reloaded, ids), hf_BTV, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "linear"])
+def test_scaled_llama_export_matches_transformers_past_its_original_positions(tmp_path, bpe, kind):
+  """An fmjax model with rotary scaling (random weights, grouped-query attention) exports to a LlamaForCausalLM
+  with the same logits, past the original positions, where the unscaled model's differ."""
+  model, cfg = _random_fmjax("gpt", bpe.vocab_size, seed=22, **LLAMA, num_kv_heads=2, **SCALED_SETTINGS[kind])
+  interop.export_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg, str(tmp_path), bpe)
+  assert json.loads((tmp_path / "config.json").read_text())["rope_scaling"] == SCALINGS[kind]
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  assert hf_model.config.rope_parameters == {**SCALINGS[kind], "rope_theta": 500.0}
+  ids = _ids(bpe.vocab_size, seed=22, shape=(B, LONG))
+  ours_BTV, hf_BTV = _logits(model, jnp.asarray(ids)), _hf_logits(hf_model, ids)
+  _close(ours_BTV, hf_BTV)
+  assert np.abs(np.asarray(_logits(_unscaled(model, cfg), jnp.asarray(ids))) - hf_BTV).max() > 1e-2
+
+
+@pytest.mark.parametrize("settings", [dict(head_dim=128, theta=500000.0, factor=8.0, original=8192),  # Llama 3.1 8B
+                                      dict(head_dim=64, theta=500000.0, factor=32.0, original=8192)],  # Llama 3.2 1B
+                         ids=["llama_3.1_8b", "llama_3.2_1b"])
+def test_llama3_frequencies_are_transformers_at_llama_3s_own_settings(settings):
+  """fmjax's inverse frequencies (float64, rounded once) are transformers' (float32 throughout) to float32's
+  precision at Llama 3's sizes, where every band of the rule holds frequencies."""
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  d = settings["head_dim"]
+  scaling = {"rope_type": "llama3", "factor": settings["factor"], "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": settings["original"]}
+  hf_cfg = transformers.LlamaConfig(hidden_size=d * 4, num_attention_heads=4, head_dim=d,
+                                    max_position_embeddings=131072, rope_theta=settings["theta"], rope_scaling=scaling)
+  theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+  ours = models.rope_frequencies(d, settings["theta"], "llama3", settings["factor"], 1.0, 4.0, settings["original"])
+  assert ours.dtype == np.float32
+  np.testing.assert_allclose(ours, theirs.numpy(), rtol=2e-6, atol=0)
+  assert not np.allclose(ours, models.rope_frequencies(d, settings["theta"]), rtol=1e-3)
+
+
+def test_a_llama_3_2_config_of_131072_positions_imports_without_tables_of_that_length(llama_dir, llama_workdir,
+                                                                                      tmp_path):
+  """Llama 3.2's max_position_embeddings=131072 with its llama3 scaling: the import allocates nothing by the
+  positions (no position table: the same parameters as the 64-position model), trains on the config's own rows,
+  and generates with a KV cache of the prompt and the new tokens; logits are transformers'."""
+  llama_32 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+  hf_dir = _copy_with_config(llama_dir[0], tmp_path / "hf", max_position_embeddings=131072,
+                             rope_parameters={**llama_32, "rope_theta": 500000.0})
+  config = interop.import_hf(str(hf_dir), str(tmp_path / "w"), overrides=["model.attention=xla"])
+  assert config.model.max_len == 131072 and config.data.seq_len == 128
+  m = config.model
+  assert (m.rope_theta, m.rope_scaling, m.rope_factor, m.rope_original_max_len) == (500000.0, "llama3", 32.0, 8192)
+  shapes = lambda w: jax.tree.map(np.shape, interop.read_params(str(w), 0))
+  assert shapes(tmp_path / "w") == shapes(llama_workdir)
+  model, _, _ = generate.load_run(str(tmp_path / "w"))
+  ids = _ids(llama_dir[1].config.vocab_size, seed=23)
+  _close(_logits(model, jnp.asarray(ids)),
+         _hf_logits(transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval(), ids))
+  assert len(generate.run(str(tmp_path / "w"), prompts=["The with statement"], max_new_tokens=4,
+                          temperature=0.0)) == 1
 
 
 # ----------------------------------------------------------------------------- gradients

@@ -23,15 +23,18 @@ B, T, V = 2, 32, 128
 ALLOWED_AXES = {"vocab", "embed", "mlp", "heads", "kv_heads", "kv", "layers", "norm", None}
 # "llama" below: the GPT with every later decoder choice, and 2 key/value heads for its 4 query heads.
 LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False, num_kv_heads=2)
+# "llama3": with Llama 3.1's rotary scaling, stretching 8 positions of pretraining (the rows reach 31).
+LLAMA3 = dict(LLAMA, rope_scaling="llama3", rope_factor=4.0, rope_original_max_len=8)
 # Row 0 packs two documents and padding (ids 1, 2, then 0); row 1 is one document.
 SEGMENTS_BT = jnp.array([[1] * 12 + [2] * 14 + [0] * 6, [1] * T], jnp.int32)
 POSITIONS_BT = jnp.array([list(range(12)) + list(range(14)) + [0] * 6, list(range(T))], jnp.int32)
 
 
 def tiny_cfg(family, **overrides):
-  cfg = config_lib.base_config("gpt" if family == "llama" else family).model
+  decoder = {"llama": LLAMA, "llama3": LLAMA3}
+  cfg = config_lib.base_config("gpt" if family in decoder else family).model
   cfg.update(vocab_size=V, num_layers=2, d_model=64, num_heads=4, d_ff=128, max_len=64, attention="xla")
-  cfg.update({**(LLAMA if family == "llama" else {}), **overrides})
+  cfg.update({**decoder.get(family, {}), **overrides})
   return cfg
 
 
@@ -139,6 +142,50 @@ def test_rotary_positions_are_relative():
   assert np.abs(np.asarray(run(model, toks, 2 * positions_BT) - out)).max() > 1e-3
 
 
+def test_unscaled_rotary_frequencies_are_hf_llamas_and_linear_scaling_divides_the_positions():
+  """rope_scaling=none keeps the frequencies theta^(-2j/K) (Llama's, as before the setting existed); linear
+  with factor 4 is the unscaled model at a quarter of each position."""
+  np.testing.assert_array_equal(models.rope_frequencies(16, 500.0),
+                                (1.0 / 500.0 ** (np.arange(0, 16, 2) / 16)).astype(np.float32))
+  unscaled = build("llama")
+  linear = build("llama", rope_scaling="linear", rope_factor=4.0)
+  load(linear, params(unscaled))
+  toks = tokens()
+  run = nnx.jit(lambda m, t, p: m(t, positions_BT=p))
+  positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  np.testing.assert_allclose(run(linear, toks, 4 * positions_BT), run(unscaled, toks, positions_BT), atol=1e-5,
+                             rtol=0)
+  assert np.abs(np.asarray(run(linear, toks, positions_BT) - run(unscaled, toks, positions_BT))).max() > 1e-3
+
+
+def test_llama3_scaling_keeps_fast_frequencies_divides_slow_ones_and_blends_between():
+  """Llama 3.1's rule: a frequency that turns at least high_freq_factor times in the original positions
+  is kept, one that turns at most low_freq_factor times is divided by the factor, and one between is
+  blended, linearly in its number of turns (so the rule has no jump); positions stay relative."""
+  K, theta, factor, low, high, original = 64, 500000.0, 32.0, 1.0, 4.0, 8192  # Llama 3.2 1B's
+  plain_J = models.rope_frequencies(K, theta).astype(np.float64)
+  scaled_J = models.rope_frequencies(K, theta, "llama3", factor, low, high, original).astype(np.float64)
+  turns_J = original * plain_J / (2 * np.pi)
+  fast, slow = turns_J >= high, turns_J <= low
+  between = ~fast & ~slow
+  assert fast.sum() and slow.sum() and between.sum(), turns_J  # Llama 3's settings have all three
+  np.testing.assert_allclose(scaled_J[fast], plain_J[fast], rtol=1e-6)
+  np.testing.assert_allclose(scaled_J[slow], plain_J[slow] / factor, rtol=1e-6)
+  keep_J = (turns_J[between] - low) / (high - low)
+  np.testing.assert_allclose(scaled_J[between], (1 - keep_J) * plain_J[between] / factor + keep_J * plain_J[between],
+                             rtol=1e-6)
+  assert np.all(np.diff(scaled_J) < 0)  # still one frequency per pair, from fast to slow
+  # In a model: other logits than unscaled, and a shift of every position still changes none.
+  unscaled, scaled = build("llama"), build("llama3")
+  load(scaled, params(unscaled))
+  toks = tokens()
+  run = nnx.jit(lambda m, t, p: m(t, positions_BT=p))
+  positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  out = run(scaled, toks, positions_BT)
+  assert np.abs(np.asarray(out - run(unscaled, toks, positions_BT))).max() > 1e-3
+  np.testing.assert_allclose(run(scaled, toks, positions_BT + 1000), out, atol=2e-5, rtol=0)
+
+
 def saved_for_backward(model, toks) -> int:
   """How many arrays the forward pass keeps for the backward one."""
   graphdef, state = nnx.split(model)
@@ -161,7 +208,7 @@ def test_remat_matches_no_remat(family, remat):
 
 
 @pytest.mark.parametrize("family,remat,dropout", [("gpt", "none", 0.2), ("bert", "full", 0.0), ("bert", "dots", 0.1),
-                                                  ("llama", "dots", 0.1)])
+                                                  ("llama", "dots", 0.1), ("llama3", "none", 0.0)])
 def test_scan_matches_unrolled(family, remat, dropout):
   """Same weights via stack_layers give the same loss and grads; dropout (hidden and attention
   probabilities) draws the same masks, recomputed identically under remat."""
