@@ -47,7 +47,7 @@ from jax.experimental import multihost_utils
 
 import fmjax
 from fmjax import config_lib, files
-from fmjax.models import ARCHITECTURE_DEFAULTS, STACK_KEY, architecture
+from fmjax.models import ARCHITECTURE_DEFAULTS, ROPE_SCALING_READS, STACK_KEY, architecture
 
 ITEMS = ("params", "opt_state")
 # Orbax (>= 0.12) writes this file last into every step it finalises, on local disks (before the
@@ -73,20 +73,34 @@ SHAPE_KEYS = ("family", "num_layers", "d_model", "num_heads", "d_ff", "vocab_siz
 # the architecture choices (rotary positions, RMSNorm ...), which decide its parameter tree and its numbers
 # both: a classifier config for a Llama trunk need not repeat them.
 ADOPTED_MODEL_KEYS = ("layer_norm_eps", *ARCHITECTURE_DEFAULTS)
+# How a rotary model reads positions, which no parameter holds: a run from a rotary source may read them anew
+# (extending its context: position interpolation, a larger theta, with a larger model.max_len). A group of these
+# that this config names (any of it off its default) is this config's; the others are adopted.
+ROTARY_READING = (("rope_theta",), ("rope_scaling", *ROPE_SCALING_READS["llama3"]))
 
 
 def adopt_model_settings(config, saved: Mapping, source: str = "init_from") -> list[str]:
   """Sets `config.model`'s ADOPTED_MODEL_KEYS to those of `saved` (the config.json of the run it
   starts from, `source`); returns `model.KEY=VALUE` for each one that changed. An architecture choice
   this config names (not GPT-2's) that differs from the source's is refused (CheckpointMismatchError),
-  as another size is: the run would silently train the source's architecture instead."""
+  as another size is: the run would silently train the source's architecture instead. The rotary
+  settings this config names (ROTARY_READING) are kept, with a warning: the source's outputs change."""
   theirs = saved.get("model") if isinstance(saved, Mapping) else None
   if isinstance(theirs, Mapping):
     _refuse_other_architecture(config.model, theirs, source)
+  named = lambda k: config.model.get(k, ARCHITECTURE_DEFAULTS[k]) != ARCHITECTURE_DEFAULTS[k]
+  ours = {k for group in ROTARY_READING if any(map(named, group)) for k in group}
   changed = []
   for key in ADOPTED_MODEL_KEYS if isinstance(theirs, Mapping) else ():
     # A run saved before an architecture choice existed had GPT-2's.
     value = theirs.get(key, ARCHITECTURE_DEFAULTS.get(key, config.model.get(key)))
+    if key in ours:
+      if value != config.model[key]:
+        std_logging.getLogger("fmjax").warning(
+            "model.%s=%s, where %s has %s: positions are read anew, so its outputs change until the run adapts to "
+            "them (extending its context); drop the setting to read them as it did", key,
+            config_lib.setting(config.model[key]), source, config_lib.setting(value))
+      continue
     if value != config.model.get(key):
       changed.append(f"model.{key}={value!r}")
       with config.unlocked():
@@ -98,7 +112,9 @@ def adopt_model_settings(config, saved: Mapping, source: str = "init_from") -> l
 
 def _refuse_other_architecture(model_cfg, theirs: Mapping, source: str) -> None:
   ours, other = architecture(model_cfg, canonical=True), architecture(theirs, canonical=True)
-  named = [k for k, v in ARCHITECTURE_DEFAULTS.items() if model_cfg.get(k, v) != v and ours[k] != other[k]]
+  rotary = {k for group in ROTARY_READING for k in group}
+  named = [k for k, v in ARCHITECTURE_DEFAULTS.items()
+           if k not in rotary and model_cfg.get(k, v) != v and ours[k] != other[k]]
   if named:
     fmt = lambda arch: ", ".join(f"model.{k}={config_lib.setting(arch[k])}" for k in named)
     raise CheckpointMismatchError(f"{source} holds a model with {fmt(other)} but this config sets {fmt(ours)}; a run "
@@ -115,7 +131,9 @@ def check_same_model(saved: Mapping, model_cfg, source: str) -> None:
                       f"--model_dir={source} --workdir=W`) and pass --config.init_from=W")
   theirs = {k: saved.get("model", {}).get(k) for k in SHAPE_KEYS}
   ours = {k: model_cfg.get(k) for k in SHAPE_KEYS}
-  diff = [k for k in SHAPE_KEYS if theirs[k] != ours[k]]
+  # A rotary model has no position table: max_len is only how far it reads (a run may extend it).
+  rotary = all(architecture(m)["positions"] == "rope" for m in (saved.get("model", {}), model_cfg))
+  diff = [k for k in SHAPE_KEYS if theirs[k] != ours[k] and not (rotary and k == "max_len")]
   if diff:
     fmt = lambda d: ", ".join(f"{k}={d[k]}" for k in diff)
     # Another family is another config: setting model.family alone keeps this one's objective and tokenizer.

@@ -422,21 +422,35 @@ def test_init_from_adopts_the_sources_architecture_unless_this_config_names_anot
       "model.num_kv_heads=0"]
 
 
-def test_init_from_adopts_the_rotary_scaling_of_its_source_and_refuses_another_named_one():
-  """A Llama 3.2 import's llama3 scaling comes with it into a config that names none (its logits are that
-  model's); a config naming another scaling is one line; a rotary run saved before the scaling keys is
-  unscaled, and resumes under today's defaults without a breaking change."""
-  llama3 = ["model.rope_scaling=llama3", "model.rope_factor=32", "model.rope_original_max_len=64"]
+def test_init_from_adopts_the_rotary_scaling_of_its_source_unless_this_config_reads_positions_anew(caplog):
+  """A Llama 3.2 import's llama3 scaling (and theta) come with it into a config that names none (its logits are
+  that model's); a config that names a scaling or a theta reads positions anew, as extending a context does
+  (with a longer max_len, which a rotary model may take and a position table may not), and is warned; a rotary
+  run saved before the scaling keys is unscaled, and resumes under today's defaults without a breaking change."""
+  llama3 = ["model.rope_scaling=llama3", "model.rope_factor=32", "model.rope_original_max_len=64",
+            "model.rope_theta=500000"]
   source = config_lib.load_config("configs/gpt.py:tiny,llama", llama3).to_dict()
   plain = config_lib.load_config("configs/gpt.py:tiny,llama")
   assert ckpt_lib.adopt_model_settings(plain, source) == [
-      "model.rope_scaling='llama3'", "model.rope_factor=32.0", "model.rope_original_max_len=64"]
-  linear = config_lib.load_config("configs/gpt.py:tiny,llama", ["model.rope_scaling=linear", "model.rope_factor=4"])
-  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=(
-      r"^init_from holds a model with model.rope_scaling=llama3, model.rope_factor=32.0 but this config sets "
-      r"model.rope_scaling=linear, model.rope_factor=4.0; ")) as e:
-    ckpt_lib.adopt_model_settings(linear, source)
-  assert "\n" not in str(e.value)
+      "model.rope_theta=500000.0", "model.rope_scaling='llama3'", "model.rope_factor=32.0",
+      "model.rope_original_max_len=64"]
+  longer = ["model.rope_scaling=linear", "model.rope_factor=4", "model.max_len=1024"]
+  linear = config_lib.load_config("configs/gpt.py:tiny,llama", longer)
+  ckpt_lib.check_same_model(source, linear.model, "init_from")
+  with caplog.at_level(logging.WARNING, logger="fmjax"):
+    assert ckpt_lib.adopt_model_settings(linear, source, "init_from=/runs/llama") == ["model.rope_theta=500000.0"]
+  assert {k: linear.model[k] for k in ("rope_scaling", "rope_factor", "rope_original_max_len")} == {
+      "rope_scaling": "linear", "rope_factor": 4.0, "rope_original_max_len": 8192}  # the scaling's group: this one's
+  assert ("model.rope_scaling=linear, where init_from=/runs/llama has llama3: positions are read anew, so its "
+          "outputs change until the run adapts to them (extending its context); drop the setting") in caplog.text
+  theta = config_lib.load_config("configs/gpt.py:tiny,llama", ["model.rope_theta=1000000"])
+  assert ckpt_lib.adopt_model_settings(theta, source)[0] == "model.rope_scaling='llama3'"
+  assert theta.model.rope_theta == 1e6
+  learned = config_lib.load_config("configs/gpt.py:tiny")
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"\(.*max_len=256.*\) but this config builds gpt "
+                                                             r"\(.*max_len=1024"):
+    ckpt_lib.check_same_model(learned.to_dict(), config_lib.load_config("configs/gpt.py:tiny", ["model.max_len=1024"])
+                              .model, "init_from")
   now = config_lib.load_config("configs/gpt.py:tiny,llama").to_dict()
   before = json.loads(json.dumps(now))
   for key in models.ROPE_SCALING_READS["llama3"] + ("rope_scaling",):

@@ -939,6 +939,21 @@ def test_init_from_computes_with_the_sources_layer_norm_eps(reference, cache_dir
                    str(workdir))["step"] == 3
 
 
+def test_continued_pretraining_of_a_rotary_model_may_read_a_longer_context(cache_dir, tmp_path):
+  """Extending a Llama's context: a run from it with position interpolation (rope_scaling=linear) over twice its
+  positions and rows takes its params, keeps these settings (and adopts the rest), and resumes with them."""
+  source, workdir = tmp_path / "source", tmp_path / "longer"
+  assert train.run(load(cache_dir, "train.steps=1", "model.max_len=32", spec=LLAMA), str(source))["step"] == 1
+  longer = ("model.rope_scaling=linear", "model.rope_factor=2", "model.max_len=64", "data.seq_len=64")
+  config = load(cache_dir, f"init_from={source}", "train.steps=1", *longer, spec=LLAMA)
+  assert train.run(config, str(workdir))["step"] == 1
+  saved = json.loads((workdir / "config.json").read_text())
+  assert ({k: saved["model"][k] for k in ("rope_scaling", "rope_factor", "max_len")}, saved["data"]["seq_len"]) == (
+      {"rope_scaling": "linear", "rope_factor": 2.0, "max_len": 64}, 64)
+  again = load(cache_dir, f"init_from={source}", "train.steps=2", *longer, spec=LLAMA)
+  assert train.run(again, str(workdir))["step"] == 2
+
+
 def test_init_from_starts_at_step_zero_with_the_source_params(reference, cache_dir):
   """`init_from` (e.g. phase 2 of BERT-style two-phase pretraining): another run's latest params,
   a fresh optimizer, step 0 — and only when the workdir has no checkpoint of its own."""
