@@ -5,11 +5,15 @@
   fmjax sft --config=configs/sft.py --config.init_from=workdirs/gpt_tiny \
       --config.data.files=train.jsonl --config.finetune.peft=lora --workdir=workdirs/sft_lora
   fmjax generate --workdir=workdirs/sft --prompt="..." --temperature=0
+  fmjax generate --workdir=workdirs/sft --prompt="..." --chat   # trained on conversations: a reply
   fmjax eval --workdir=workdirs/sft          # completion-token loss on the held-out rows
   fmjax export --workdir=workdirs/sft_lora --out=hf_sft   # LoRA merged into the kernels
 
 data.files: JSONL rows {"prompt": ..., "completion": ...}; the loss is on the completion tokens
 (and the EOS after them) only. Rows without a prompt are continued pretraining on their text.
+Rows {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]} are conversations,
+written in the tokenizer's chat template (sft.chat_template overrides it; fmjax's own tokenizers take a
+built-in one) and trained on each assistant message and the end of turn after it.
 The model's shape and the tokenizer are taken from init_from, so only training settings matter
 here. Arg: a size of configs/gpt.py (tiny default; its model used only without init_from). A
 data.seq_len longer than the init_from model's max_len (e.g. :small's 1024 on a tiny GPT of 256)
@@ -34,7 +38,7 @@ def get_config(arg: str = "tiny"):
   c = config_lib.load_module(os.path.join(_HERE, "gpt.py")).get_config(arg or "tiny")
   c.name = c.name.replace("gpt_", "sft_gpt_")
   c.init_from = ""  # a `fmjax train` workdir (GPT): its latest params are the starting point
-  c.data.dataset = "text_files"  # SFT reads data.files itself as (prompt, completion) JSONL
+  c.data.dataset = "text_files"  # SFT reads data.files itself as JSONL: (prompt, completion) rows, conversations
   c.data.files = ""
   c.sft = config_lib.sft_section()
   c.finetune = config_lib.peft_section()  # PEFT, as classification's finetune section (its pooling and head aside)

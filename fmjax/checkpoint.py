@@ -1067,6 +1067,8 @@ _BEFORE_THE_KEY = {
     **{f"model.{k}": v for k, v in ARCHITECTURE_DEFAULTS.items()},
     # An SFT run saved before SFT had a `finetune` section trained every parameter (classifiers always had one).
     **{f"finetune.{k}": v for k, v in config_lib.peft_section().items()},
+    # An SFT run saved before conversations read (prompt, completion) rows alone.
+    "sft.messages_key": "messages", "sft.chat_template": "",
 }
 
 

@@ -236,7 +236,7 @@ COMMANDS = {
     "report": (cmd_report, "workdir metrics to a Markdown table, CSV and PNG plots"),
     "finetune": (cmd_finetune, "fine-tune a pretrained trunk with a new head on a task (full or PEFT); an SFT config: "
                  "as `sft`"),
-    "sft": (cmd_sft, "GPT supervised fine-tuning / continued pretraining on JSONL (prompt, completion)"),
+    "sft": (cmd_sft, "GPT supervised fine-tuning / continued pretraining on JSONL (prompt, completion; messages)"),
     "eval": (cmd_eval, "held-out perplexity / MLM accuracy (or task metrics) of a workdir's checkpoint"),
     "generate": (cmd_generate, "GPT sampling with a KV cache (greedy, temperature, top-k, top-p); BERT fill-mask"),
 }

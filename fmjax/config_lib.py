@@ -195,6 +195,12 @@ def sft_section() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       prompt_key="prompt",
       completion_key="completion",
+      # A row with this key is a conversation: [{"role": "system" | "user" | "assistant", "content": ...}, ...],
+      # trained on the assistant's messages (and the end of each turn), written in the chat template.
+      messages_key="messages",
+      # Jinja source, or the path of a file (or a Hugging Face tokenizer directory) holding it; empty: the
+      # tokenizer's own (from init_from, kept by import-hf), else fmjax's built-in plain-text one (fmjax.data.chat).
+      chat_template="",
       eval_files="",        # held-out JSONL; empty = hold out eval_percent% of data.files by a hash of each row
       eval_percent=10,
       pack=True,            # pack several rows per sequence (segment ids keep them apart); False = one per row

@@ -2,10 +2,12 @@
 
   fmjax generate --workdir=W --prompt="The for statement" [--prompt=...] [--prompt_file=F] [--max_new_tokens=64]
                  [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0]      # GPT; temperature 0 = greedy
+  fmjax generate --workdir=W --prompt="What does the with statement do?" --chat  # GPT: a reply, in the chat template
   fmjax generate --workdir=W --text="The [MASK] statement is used to ..."  # BERT fill-mask
 
 Generation is one jitted call: a prefill over the left-padded prompts fills the cache, then a
-`lax.while_loop` decodes one token per step until `max_new_tokens` or every row has emitted EOS.
+`lax.while_loop` decodes one token per step until `max_new_tokens` or every row has emitted EOS
+(or, with `--chat`, the template's end of turn: `<|eot_id|>`, `<|im_end|>`).
 Left padding has segment id 0, so a prompt's continuation never depends on the other prompts.
 
 Legend: B batch, P prompt (padded), N new tokens, T sequence, V vocabulary, M masked positions.
@@ -16,10 +18,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import operator
 import os
 import re
-from functools import partial
-from typing import Any
+from functools import partial, reduce
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -155,16 +158,21 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, *, temperature: float = 
   return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
 
 
-@partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "vocab_size"))
+def _stops(ids_B: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
+  """Whether each id is one of `stop_ids` (static: one comparison per id, none for none)."""
+  return reduce(operator.or_, (ids_B == i for i in stop_ids), jnp.zeros(ids_B.shape, bool))
+
+
+@partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "vocab_size"))
 def _generate_cached(model, tokens_BP, segment_ids_BP, positions_BP, key, *, max_new_tokens, temperature,
-                     top_k, top_p, eos_id, vocab_size):
+                     top_k, top_p, stop_ids, vocab_size):
   B, P = tokens_BP.shape
   sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size)
   cache = model.init_cache(B, P + max_new_tokens)
   logits_BPV, cache = model.decode(tokens_BP, cache, positions_BT=positions_BP, segment_ids_BT=segment_ids_BP)
   next_B = sample(logits_BPV[:, -1], jax.random.fold_in(key, 0))
   out_BN = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(next_B)
-  done_B = next_B == eos_id if eos_id is not None else jnp.zeros((B,), bool)
+  done_B = _stops(next_B, stop_ids)
 
   def cond(carry):
     i, done_B = carry[0], carry[5]
@@ -179,8 +187,8 @@ def _generate_cached(model, tokens_BP, segment_ids_BP, positions_BP, key, *, max
     logits_B1V, cache = nnx.merge(graphdef, state).decode(next_B[:, None], cache, positions_BT=pos_B[:, None])
     next_B = sample(logits_B1V[:, 0], jax.random.fold_in(key, i))
     out_BN = out_BN.at[:, i].set(next_B)
-    if eos_id is not None:
-      done_B = done_B | (next_B == eos_id)
+    if stop_ids:
+      done_B = done_B | _stops(next_B, stop_ids)
     return i + 1, next_B, pos_B + 1, cache, out_BN, done_B, state
 
   carry = (jnp.asarray(1, jnp.int32), next_B, positions_BP[:, -1] + 1, cache, out_BN, done_B, state)
@@ -188,9 +196,11 @@ def _generate_cached(model, tokens_BP, segment_ids_BP, positions_BP, key, *, max
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | Sequence[int] | None = None,
              max_len: int | None = None, vocab_size: int | None = None) -> list[list[int]]:
   """Continues each prompt (token ids) by up to `max_new_tokens`, cut before the first EOS.
+
+  `eos_id` may be several ids, each of which ends a row (a chat template's end of turn beside EOS).
 
   Prompts of different lengths are batched with left padding; the KV cache holds the longest
   prompt plus `max_new_tokens`. `max_len` defaults to model.max_len (the learned position table's
@@ -222,15 +232,15 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     tokens[i, pad:] = p
     segments[i, pad:] = 1
     positions[i, pad:] = np.arange(len(p))
+  stop_ids = () if eos_id is None else tuple(sorted({int(i) for i in np.atleast_1d(eos_id)}))
   out = _generate_cached(model, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions),
                          jax.random.key(seed), max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                         top_k=int(top_k), top_p=float(top_p), eos_id=None if eos_id is None else int(eos_id),
+                         top_k=int(top_k), top_p=float(top_p), stop_ids=stop_ids,
                          vocab_size=None if vocab_size is None else int(vocab_size))
   results = []
   for row in np.asarray(out).tolist():
-    if eos_id is not None and eos_id in row:
-      row = row[:row.index(eos_id)]
-    results.append(row)
+    ends = [row.index(i) for i in stop_ids if i in row]
+    results.append(row[:min(ends)] if ends else row)
   return results
 
 
@@ -280,10 +290,13 @@ _SAMPLING = {"max_new_tokens": 64, "temperature": 1.0, "top_p": 1.0, "seed": 0} 
 
 def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens: int | None = None,
         temperature: float | None = None, top_k: int = 0, top_p: float | None = None, seed: int | None = None,
-        step: int | None = None) -> list:
+        step: int | None = None, chat: bool = False) -> list:
   """`fmjax generate` as a function: completions (str) for GPT prompts, or fill-mask predictions for BERT.
 
-  The sampling settings (`_SAMPLING` gives their defaults) are GPT's; fill-mask refuses them.
+  The sampling settings (`_SAMPLING` gives their defaults) are GPT's; fill-mask refuses them. With `chat`,
+  each prompt is a user's message in the run's chat template (`fmjax.data.chat`: the tokenizer's own, else
+  the built-in one) followed by the template's generation prompt, and a reply also ends at the template's
+  end of turn where that is one special token (`<|eot_id|>`, `<|im_end|>`).
   """
   given = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                  seed=seed).items() if v is not None}
@@ -293,11 +306,23 @@ def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens
     if text or not prompts:
       raise ConfigError(f"{workdir} holds a GPT: pass --prompt=TEXT (repeatable); --text is for BERT fill-mask")
     sampling = {**_SAMPLING, **given}
-    # Every prompt opens a document as training does (with the tokenizer's BOS, else the EOS that separates documents).
-    ids = [tok.encode_opening(p) for p in prompts]
-    outs = generate(model, ids, sampling.pop("max_new_tokens"), top_k=top_k, **sampling, eos_id=tok.eos_id,
-                    max_len=trained_positions(config, workdir), vocab_size=tok.vocab_size)
+    stop = [tok.eos_id]
+    if chat:
+      from fmjax.data import chat as chat_lib
+      template = chat_lib.template_of(tok)
+      # The template writes the BOS it wants (the built-in one: the tokenizer's), as in SFT's rows.
+      ids = [chat_lib.encode_prompt(tok, p, template) for p in prompts]
+      stop.append(chat_lib.end_of_turn_id(tok, template))
+    else:
+      # Every prompt opens a document as training does (with the tokenizer's BOS, else the EOS that separates
+      # documents).
+      ids = [tok.encode_opening(p) for p in prompts]
+    outs = generate(model, ids, sampling.pop("max_new_tokens"), top_k=top_k, **sampling,
+                    eos_id=[i for i in stop if i is not None], max_len=trained_positions(config, workdir),
+                    vocab_size=tok.vocab_size)
     return [tok.decode(o) for o in outs]
+  if chat:
+    raise ConfigError(f"{workdir} holds a BERT, which has no chat; --chat is for a GPT (an SFT run)")
   if prompts or not text:
     raise ConfigError(f"{workdir} holds a BERT: pass --text=\"... [MASK] ...\"; --prompt is for GPT sampling")
   if given:
@@ -352,12 +377,14 @@ def trained_positions(config, workdir: str, _seen: frozenset = frozenset()) -> i
 
 
 def cli(argv: list[str]) -> int:
-  """`fmjax generate --workdir=W (--prompt=TEXT ... | --text="... [MASK] ...") [sampling flags]`."""
+  """`fmjax generate --workdir=W (--prompt=TEXT ... [--chat] | --text="... [MASK] ...") [sampling flags]`."""
   from fmjax.cli import ArgumentParser
   p = ArgumentParser(prog="fmjax generate")
   p.add_argument("--workdir", required=True, help="a `fmjax train` or `fmjax sft` workdir")
   p.add_argument("--prompt", action="append", default=[], help="GPT prompt; repeat for a batch")
   p.add_argument("--prompt_file", default="", help="GPT prompts, one a line (blank lines skipped), after any --prompt")
+  p.add_argument("--chat", action="store_true", help="GPT: each prompt is a user's message in the run's chat "
+                 "template, answered in the assistant's turn (stops at the template's end of turn)")
   p.add_argument("--text", default="", help="BERT fill-mask text with one or more [MASK]")
   p.add_argument("--max_new_tokens", type=int, default=None, help="GPT (default 64)")
   p.add_argument("--temperature", type=float, default=None, help="GPT: 0 = greedy (default 1)")
@@ -379,10 +406,11 @@ def cli(argv: list[str]) -> int:
     if not args.prompt:
       raise ConfigError(f"--prompt_file={args.prompt_file} holds no prompt (one a line)")
   results = run(args.workdir, prompts=args.prompt, text=args.text, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, step=args.step)
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, step=args.step,
+                chat=args.chat)
   if args.prompt:
     for prompt, completion in zip(args.prompt, results):
-      print(f"{prompt}{completion}")
+      print(f"{prompt}\n{completion}" if args.chat else f"{prompt}{completion}")  # a reply, or a continuation
       print("-" * 40)
   else:
     for cands in results:

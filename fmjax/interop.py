@@ -829,6 +829,9 @@ def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
     notes.append(f"documents and prompts open with {opener}" + (
         " (the tokenizer's BOS) and end with " + tokenizer.hf.id_to_token(tokenizer.eos_id)
         if tokenizer.frames_documents else ", which also ends each (the tokenizer puts no BOS of its own first)"))
+  if family == "gpt" and tokenizer.chat_template is not None:
+    notes.append("the tokenizer's chat template is kept (tokenizer/chat_template.jinja): `fmjax sft` writes "
+                 "conversations in it and `fmjax generate --chat` prompts with it")
   if head is not None:
     notes.append(f"classification head ({head['kernel'].shape[1]} labels) not imported: `fmjax finetune` "
                  "initialises its own head")
@@ -968,11 +971,19 @@ def _export_tokenizer(tokenizer, model_cfg, out: str, classifier: bool = False, 
     specials.update(cls_token=token(tokenizer.cls_id), sep_token=token(tokenizer.sep_id),
                     mask_token=token(tokenizer.mask_id))
   specials = {k: v for k, v in specials.items() if v is not None}
+  # The template a GPT's conversations were trained in, so that `apply_chat_template` writes them alike; it
+  # renders with bos_token and eos_token as fmjax does (`fmjax.data.chat`): these ones.
+  chat = {"chat_template": tokenizer.chat_template} if _chats(tokenizer, model_cfg, classifier) else {}
   with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
     json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length or model_cfg.max_len,
-               "model_input_names": input_names, **specials}, f, indent=2)
+               "model_input_names": input_names, **specials, **chat}, f, indent=2)
   with open(os.path.join(out, "special_tokens_map.json"), "w") as f:
     json.dump(specials, f, indent=2)
+
+
+def _chats(tokenizer, model_cfg, classifier: bool) -> bool:
+  """Whether an export holds a chat model: a GPT language model whose tokenizer carries a chat template."""
+  return tokenizer.chat_template is not None and model_cfg.family == "gpt" and not classifier
 
 
 def export_params(params: Mapping, model_cfg, out: str, tokenizer=None, label_names: Sequence[str] = (),
@@ -997,12 +1008,20 @@ def export_params(params: Mapping, model_cfg, out: str, tokenizer=None, label_na
   config = hf_config(model_cfg, tokenizer, num_labels, label_names)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
-  if tokenizer is not None and not num_labels and model_cfg.family == "gpt" and tokenizer.vocab_size < \
-      model_cfg.vocab_size:
-    # The rows past the tokenizer's ids pad the vocabulary (to a multiple of 128) and name no token: fmjax's
-    # sampling never picks them, and transformers' `generate` reads this file to do the same.
-    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
-    generation["suppress_tokens"] = list(range(tokenizer.vocab_size, model_cfg.vocab_size))
+  generation = {}
+  if tokenizer is not None and not num_labels and model_cfg.family == "gpt":
+    if tokenizer.vocab_size < model_cfg.vocab_size:
+      # The rows past the tokenizer's ids pad the vocabulary (to a multiple of 128) and name no token: fmjax's
+      # sampling never picks them, and transformers' `generate` reads this file to do the same.
+      generation["suppress_tokens"] = list(range(tokenizer.vocab_size, model_cfg.vocab_size))
+    if _chats(tokenizer, model_cfg, False):
+      from fmjax.data import chat
+      end = chat.end_of_turn_id(tokenizer, tokenizer.chat_template)
+      if end is not None and end != tokenizer.eos_id:  # a reply ends there, as in `fmjax generate --chat`
+        generation["eos_token_id"] = [tokenizer.eos_id, end]
+  if generation:
+    generation = {**{k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config},
+                  **generation}
     with open(os.path.join(out, "generation_config.json"), "w") as f:
       json.dump(generation, f, indent=2)
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})

@@ -163,13 +163,20 @@ def training_texts(config) -> tuple[Iterator[str], str, str]:
   """(texts, split, what they are) of the data the run trained on, in its fixed order.
 
   Pretraining: the documents of the train split. SFT: the prompt and completion of each row of
-  data.files, read as SFT reads them. Fine-tuning: the texts of each train example of the task.
+  data.files (a conversation's messages), read as SFT reads them. Fine-tuning: the texts of each train
+  example of the task.
   """
   if "sft" in config:
     from fmjax import sft
     s = config.sft
-    rows = sft.read_examples(config.data.files, s.prompt_key, s.completion_key)
-    return (f"{p}\n{c}" if p else c for p, c in rows), "data.files", "(prompt, completion) rows of data.files"
+    rows = sft.read_examples(config.data.files, s.prompt_key, s.completion_key,
+                             messages_key=s.get("messages_key", "messages"))
+
+    def text(row):
+      if isinstance(row, sft.Conversation):
+        return "\n".join(m["content"] for m in row.messages)
+      return f"{row[0]}\n{row[1]}" if row[0] else row[1]
+    return map(text, rows), "data.files", "(prompt, completion) rows and conversations of data.files"
   if finetune.is_classifier_run(config):
     from fmjax import tasks
     task = tasks.load_task(config)

@@ -1,4 +1,4 @@
-"""GPT supervised fine-tuning (SFT) and continued pretraining on JSONL (prompt, completion) rows.
+"""GPT supervised fine-tuning (SFT) and continued pretraining on JSONL rows: (prompt, completion) or conversations.
 
   fmjax sft --config=configs/sft.py --config.init_from=workdirs/gpt_tiny \
       --config.data.files=train.jsonl --workdir=workdirs/sft
@@ -6,17 +6,22 @@
 Each row `{"prompt": ..., "completion": ...}` becomes BOS + prompt + completion + EOS (the BOS: EOS, for
 a tokenizer without one of its own, as pretraining opens a document); the loss is on the
 completion tokens (and the EOS) only: targets that are prompt tokens have loss weight 0. An empty
-prompt is continued pretraining on the completion text. Rows are packed into fixed-length
-sequences with segment ids (or padded one per row with `sft.pack=False`), so they never attend
-each other.
+prompt is continued pretraining on the completion text. A row `{"messages": [{"role": "system" | "user" |
+"assistant", "content": ...}, ...]}` (`sft.messages_key`; a file may hold both kinds) is a conversation,
+written in the tokenizer's chat template (`fmjax.data.chat`; `sft.chat_template` overrides it, and fmjax's
+own tokenizers, which have none, take a built-in one): the loss is on each assistant message's tokens and the
+template's end of turn after it (`<|eot_id|>`, `<|im_end|>`, EOS), every turn in one row. Rows are packed
+into fixed-length sequences with segment ids (or padded one per row with `sft.pack=False`), so they never
+attend each other.
 
 Start order: resume this workdir's checkpoint, else `init_from` (the pretrained params; the
 optimizer starts fresh), else from scratch; the log says which. `finetune.peft` trains LoRA,
 adapters or BitFit alone, as classification does: the model is `train.model_factory`'s, which
 every reader of the workdir's config.json (generate, eval, zero-shot) rebuilds alike. The model's shape and the
 tokenizer come from the `init_from` run (a data.seq_len beyond its max_len is lowered to it, and
-logged), and the tokenizer is saved into the workdir (recorded as `tokenizer`, relative to it),
-so `fmjax generate` / `fmjax eval` work on an SFT workdir as on a pretraining one, also after a
+logged), and the tokenizer is saved into the workdir (recorded as `tokenizer`, relative to it), with
+the chat template its conversations were written in, so `fmjax generate` (`--chat` too) / `fmjax eval` /
+`fmjax export` work on an SFT workdir as on a pretraining one, also after a
 move. The data and init_from are checked before anything is written: a failed start leaves a new
 workdir empty and an existing one as it was.
 
@@ -27,8 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import glob
 import itertools
+import json
 import os
 
 import jax
@@ -39,7 +46,7 @@ from flax import nnx
 from fmjax import checkpoint as ckpt_lib, config_lib, files, metrics as metrics_lib, models, optim, peft, sharding
 from fmjax import train
 from fmjax.config_lib import ConfigError
-from fmjax.data import packing, sources
+from fmjax.data import chat, packing, sources
 
 log = metrics_lib.log
 # Model keys that decide the parameter tree: always those of the run the params come from (an SFT config
@@ -56,32 +63,52 @@ _PROMPT_NAMES = frozenset({"prompt", "question", "input", "inputs", "instruction
                            "user", "text"})
 
 
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+  """A conversation row: its messages (role and content only), and the file and line it came from."""
+  messages: tuple[dict, ...]
+  where: str = dataclasses.field(default="", compare=False)
+
+
 def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "completion", *,
-                  key: str = "data.files") -> list[tuple[str, str]]:
-  """(prompt, completion) pairs from comma-separated JSONL paths or globs, in file order.
+                  messages_key: str = "messages", key: str = "data.files") -> list[tuple[str, str] | Conversation]:
+  """(prompt, completion) pairs and `Conversation`s (rows with `messages_key`) from comma-separated JSONL
+  paths or globs, in file order.
 
   `key` is the config key `spec` came from, which the error messages name.
   """
   paths = sorted({p for pattern in spec.split(",") if pattern.strip()
                   for p in glob.glob(os.path.expanduser(pattern.strip()))})
   if not paths:
-    raise ConfigError(f"{key}={spec!r} matches no file; pass --config.{key}=PATH.jsonl "
-                      f"(rows of {{\"{prompt_key}\": ..., \"{completion_key}\": ...}})")
+    raise ConfigError(f"{key}={spec!r} matches no file; pass --config.{key}=PATH.jsonl (rows of "
+                      f"{{\"{prompt_key}\": ..., \"{completion_key}\": ...}} or {{\"{messages_key}\": [...]}})")
   out, nulls, first_null = [], 0, ""
-  unprompted, other_fields = 0, set()  # rows without prompt_key, and what else they hold
+  pairs, unprompted, other_fields = 0, 0, set()  # (prompt, completion) rows, those without prompt_key, what else
   for path in paths:
     for line, row in sources.jsonl_records(path):
+      if isinstance(row, dict) and messages_key in row:
+        messages = row[messages_key]
+        if (problem := chat.check_messages(messages)) is not None:
+          raise ConfigError(f"{path}:{line} {messages_key!r} {problem}; fix the row or remove it (a conversation "
+                            f"is {{\"{messages_key}\": [{{\"role\": \"user\", \"content\": ...}}, {{\"role\": "
+                            "\"assistant\", \"content\": ...}]})")
+        out.append(Conversation(tuple({"role": m["role"], "content": m["content"]} for m in messages),
+                                f"{path}:{line}"))
+        continue
       if not isinstance(row, dict) or completion_key not in row:
         have = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise ConfigError(f"{path}:{line} has no {completion_key!r} field (has {have}); set "
-                          "sft.prompt_key / sft.completion_key to the file's field names")
+                          "sft.prompt_key / sft.completion_key to the file's field names (sft.messages_key to a "
+                          "conversation's)")
       if row[completion_key] is None:  # nothing to learn; str() would make it the text "None"
         nulls, first_null = nulls + 1, first_null or f"{path}:{line}"
         continue
       for k in (prompt_key, completion_key):
         if isinstance(row.get(k), (dict, list)):  # chat messages, say: str() would train on their Python repr
           raise ConfigError(f"{path}:{line} has a JSON {type(row[k]).__name__} in {k!r}, where SFT takes text; "
-                            "write the prompt and the completion as strings (chat messages flattened into text)")
+                            "write the prompt and the completion as strings, or a conversation as "
+                            f"{{\"{messages_key}\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
+      pairs += 1
       if prompt_key not in row:
         unprompted += 1
         other_fields.update(k for k, v in row.items() if k != completion_key and isinstance(v, str))
@@ -89,41 +116,53 @@ def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "
   if nulls:
     log.warning("skipped %d row(s) whose %r is null (the first at %s)", nulls, completion_key, first_null)
   likely = sorted(other_fields & _PROMPT_NAMES)
-  if out and unprompted == len(out) and likely:
+  if pairs and unprompted == pairs and likely:
     # Every prompt would be dropped, while the rows plainly hold one under another name.
     raise ConfigError(f"no row of {key}={spec!r} has a {prompt_key!r} field, but they have {likely}; set "
                       "sft.prompt_key to the prompt's field name")
   if unprompted:
-    log.warning("%d of %d row(s) have no %r field: they train on their completion alone", unprompted, len(out),
+    log.warning("%d of %d row(s) have no %r field: they train on their completion alone", unprompted, pairs,
                 prompt_key)
   return out
 
 
-def encode_example(tok, prompt: str, completion: str) -> tuple[list[int], int]:
-  """(ids, number of prompt ids): BOS + prompt + completion + EOS. The BOS (`Tokenizer.bos_id`: the
-  EOS, for a tokenizer without a BOS of its own) opens a document as in pretraining (`fmjax generate`
-  starts every prompt with it), so an empty prompt's first completion token has a context too."""
+def encode_example(tok, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+  """(ids, trained) of a (prompt, completion) row: BOS + prompt + completion + EOS, trained 1 on the completion
+  and the EOS, 0 on the prompt. The BOS (`Tokenizer.bos_id`: the EOS, for a tokenizer without a BOS of its
+  own) opens a document as in pretraining (`fmjax generate` starts every prompt with it), so an empty
+  prompt's first completion token has a context too."""
   prompt_ids = tok.encode_opening(prompt)
-  return prompt_ids + tok.encode(completion) + [tok.eos_id], len(prompt_ids)
+  completion_ids = tok.encode(completion) + [tok.eos_id]
+  return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
 
 
-def pack_rows(examples: list[tuple[list[int], int]], seq_len: int, *, pack: bool = True) -> dict[str, np.ndarray]:
-  """Packs encoded examples into [N, T] rows of inputs, targets, loss_weights, segment_ids, positions.
+def encode_conversation(tok, conversation: Conversation, template: str) -> tuple[list[int], list[int]]:
+  """(ids, trained) of a conversation in `template` (`chat.encode`): trained 1 on what the assistant writes."""
+  try:
+    return chat.encode(tok, conversation.messages, template)
+  except ConfigError as e:
+    raise ConfigError(f"{conversation.where}: {e}") from None
+
+
+def pack_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, *, pack: bool = True
+              ) -> dict[str, np.ndarray]:
+  """Packs encoded examples `(ids, trained)` into [N, T] rows of inputs, targets, loss_weights, segment_ids,
+  positions.
 
   Example j occupies len(ids) - 1 slots (inputs ids[:-1], targets ids[1:]); target i has weight
-  1 iff it is a completion token (i + 1 >= number of prompt ids). Rows fill greedily in order;
+  trained[i + 1] (1 on a completion's or an assistant's tokens). Rows fill greedily in order;
   padding is segment 0 with weight 0. Examples longer than the row are cut at its end.
   """
   T = seq_len
-  rows: list[list[tuple[list[int], int]]] = []
+  rows: list[list[tuple[list[int], list[int]]]] = []
   used = T  # forces a new row for the first example
-  for ids, n_prompt in examples:
-    ids = ids[:T + 1]
+  for ids, trained in examples:
+    ids, trained = ids[:T + 1], trained[:T + 1]
     n = len(ids) - 1
     if not pack or used + n > T:
       rows.append([])
       used = 0
-    rows[-1].append((ids, n_prompt))
+    rows[-1].append((ids, trained))
     used += n
   N = len(rows)
   out = {"inputs": np.zeros((N, T), np.int32), "targets": np.zeros((N, T), np.int32),
@@ -131,44 +170,59 @@ def pack_rows(examples: list[tuple[list[int], int]], seq_len: int, *, pack: bool
          "positions": np.zeros((N, T), np.int32), "token_types": np.zeros((N, T), np.int32)}
   for r, row in enumerate(rows):
     at = 0
-    for seg, (ids, n_prompt) in enumerate(row, start=1):
+    for seg, (ids, trained) in enumerate(row, start=1):
       n = len(ids) - 1
       sl = slice(at, at + n)
       out["inputs"][r, sl] = ids[:-1]
       out["targets"][r, sl] = ids[1:]
-      out["loss_weights"][r, sl] = (np.arange(n) + 1 >= n_prompt).astype(np.float32)
+      out["loss_weights"][r, sl] = trained[1:]
       out["segment_ids"][r, sl] = seg
       out["positions"][r, sl] = np.arange(n)
       at += n
   return out
 
 
-def _held_out(prompt: str, completion: str, percent: int) -> bool:
-  return sources.text_hash(f"{prompt}\x1f{completion}") % 100 < percent
+def _held_out(example: tuple[str, str] | Conversation, percent: int) -> bool:
+  """Whether the hash split holds `example` out: by its text, so a row stays on its side as the file changes."""
+  if isinstance(example, Conversation):
+    text = json.dumps([[m["role"], m["content"]] for m in example.messages], ensure_ascii=False)
+  else:
+    text = f"{example[0]}\x1f{example[1]}"
+  return sources.text_hash(text) % 100 < percent
 
 
 def load_rows(config, tok) -> dict[str, dict[str, np.ndarray] | None]:
-  """Packed rows of the train and eval splits: eval is `sft.eval_files`, or a hash split of the train files."""
+  """Packed rows of the train and eval splits: eval is `sft.eval_files`, or a hash split of the train files.
+
+  Conversations are written in `tok`'s chat template; a tokenizer without one takes the built-in template,
+  which it then carries (`tok.chat_template`), so the run's saved tokenizer chats as it trained.
+  """
   s = config.sft
   if not 0 <= s.eval_percent < 100:
     raise ConfigError(f"sft.eval_percent={s.eval_percent} must be in [0, 100): the share of data.files held out "
                       "for eval (0: none)")
-  train_ex = read_examples(config.data.files, s.prompt_key, s.completion_key)
+  keys = dict(prompt_key=s.prompt_key, completion_key=s.completion_key,
+              messages_key=s.get("messages_key", "messages"))  # a run saved before conversations had no key
+  train_ex = read_examples(config.data.files, **keys)
   if s.eval_files:
-    eval_ex = read_examples(s.eval_files, s.prompt_key, s.completion_key, key="sft.eval_files")
+    eval_ex = read_examples(s.eval_files, **keys, key="sft.eval_files")
   else:
-    held = [_held_out(p, c, s.eval_percent) for p, c in train_ex]
+    held = [_held_out(e, s.eval_percent) for e in train_ex]
     eval_ex = [e for e, h in zip(train_ex, held) if h]
     train_ex = [e for e, h in zip(train_ex, held) if not h]
   if not train_ex:
     raise ConfigError(f"data.files={config.data.files!r} holds no training rows (after holding out "
                       f"sft.eval_percent={s.eval_percent}%); add rows or lower sft.eval_percent")
+  if any(isinstance(e, Conversation) for e in itertools.chain(train_ex, eval_ex)):
+    _check_chat_template(tok)
   out = {}
   for split, examples in (("train", train_ex), ("eval", eval_ex)):
-    encoded = [encode_example(tok, p, c) for p, c in examples]
-    # Targets are ids[1:seq_len + 1]: a prompt of seq_len ids (its BOS included) still leaves the row's last
-    # target to the first completion token; a longer one leaves no completion token to learn from.
-    kept = [e for e in encoded if e[1] <= config.data.seq_len]
+    encoded = [encode_conversation(tok, e, tok.chat_template) if isinstance(e, Conversation)
+               else encode_example(tok, *e) for e in examples]
+    # Targets are ids[1:seq_len + 1]: a prompt (a conversation's: what comes before the first assistant
+    # message) of seq_len ids, its BOS included, still leaves the row's last target to the first trained
+    # token; a longer one leaves nothing to learn from.
+    kept = [e for e in encoded if any(e[1][1:config.data.seq_len + 1])]
     cut = sum(len(ids) - 1 > config.data.seq_len for ids, _ in kept)
     if len(kept) < len(encoded) or cut:
       log.info("SFT %s: dropped %d rows whose prompt (with the token that opens it) is longer than "
@@ -184,6 +238,22 @@ def load_rows(config, tok) -> dict[str, dict[str, np.ndarray] | None]:
                         f"({len(encoded)} dropped); {fix}" + (", or set sft.eval_percent=0" if held_out else ""))
     out[split] = pack_rows(kept, config.data.seq_len, pack=config.sft.pack) if kept else None
   return out
+
+
+def _check_chat_template(tok) -> None:
+  """Gives `tok` the template its conversations are written in (its own, else the built-in one), and says
+  when that template ends no assistant turn with a special token: a model trained on it never learns to stop."""
+  if tok.chat_template is None:
+    log.info("SFT: conversations are written in fmjax's built-in chat template (the tokenizer has none; "
+             "sft.chat_template sets one)")
+    tok.chat_template = chat.BUILTIN_TEMPLATE
+  try:
+    ends = chat.end_of_turn(tok, tok.chat_template)
+  except ConfigError:  # it wants more than a user's and an assistant's message: the rows say what it refuses
+    return
+  if not any(i in tok.added_special_ids for i in ends):
+    log.warning("the chat template writes no special token after an assistant's message (such as <|im_end|> or "
+                "EOS): a model trained on it does not learn where its turn ends")
 
 
 class RowLoader:
@@ -310,7 +380,8 @@ def adopt_shape(config, workdir: str) -> dict | None:
 
 def adopt_tokenizer(config, workdir: str, source: dict | None):
   """The tokenizer of the run the params come from (`source`, from `adopt_shape`); points `data.tokenizer` at
-  the workdir's copy, `tokenizer` relative to the workdir. Reads only: `run` saves the copy."""
+  the workdir's copy, `tokenizer` relative to the workdir. `sft.chat_template` replaces its chat template (a
+  resumed run keeps the one it started with). Reads only: `run` saves the copy."""
   from fmjax import data
   own_tok = os.path.join(workdir, data.RUN_TOKENIZER)
   resuming = _resuming(workdir)
@@ -323,6 +394,12 @@ def adopt_tokenizer(config, workdir: str, source: dict | None):
   else:
     raise ConfigError("SFT needs the tokenizer of a pretrained model: pass --config.init_from=PRETRAIN_WORKDIR "
                       "(or data.tokenizer.kind=hf with data.tokenizer.path)")
+  if config.sft.chat_template:
+    template = chat.read_template(config.sft.chat_template)
+    if resuming and template != tok.chat_template:  # its rows would be other text than those it trained on
+      raise ConfigError(f"sft.chat_template={config.sft.chat_template!r} is not the chat template {workdir} "
+                        f"started with (kept in {own_tok}); resume without changing it, or use a new --workdir")
+    tok.chat_template = template
   # A resumed run keeps the path its checkpoint recorded (absolute in runs written before paths were relative).
   path = source["data"]["tokenizer"]["path"] if resuming and source else data.RUN_TOKENIZER
   config.data.tokenizer.update(kind="hf", path=path, vocab_size=tok.vocab_size)

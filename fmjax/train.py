@@ -806,7 +806,7 @@ def _process_0s(tokenizer):
   if theirs == mine:
     return tokenizer
   log.info("using process 0's tokenizer (this host trained another one)")
-  return data.Tokenizer(HFTokenizer.from_str(theirs.decode()), tokenizer.kind)
+  return data.Tokenizer(HFTokenizer.from_str(theirs.decode()), tokenizer.kind, tokenizer.chat_template)
 
 
 def _check_data(path: str, resume) -> str:

@@ -117,3 +117,58 @@ def framed_tokenizer_dir(tmp_path_factory):
   (directory / "tokenizer_config.json").write_text(json.dumps(
       {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
   return directory
+
+
+# Chat templates as their models ship them: Llama 3's (a BOS first, headers, <|eot_id|>; contents trimmed) and
+# ChatML's (Qwen's, with its default system message).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dirs(tmp_path_factory):
+  """Hugging Face tokenizer directories of chat models, byte-level BPE of 400 ids trained on CPython's docs:
+  "llama3" (Llama 3's pre-tokenizer, <|begin_of_text|> put first by its tokenizer.json, its template in
+  tokenizer_config.json) and "chatml" (no BOS; its template in chat_template.jinja, as transformers 5 saves it)."""
+  import json
+
+  import pydoc_data.topics
+  import tokenizers as hf
+  from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+  split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+           r"\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's
+  specials = {"llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>"],
+              "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]}
+  out = {}
+  for name, names in specials.items():
+    tok = hf.Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=name != "llama3")
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"), byte_level])
+                         if name == "llama3" else byte_level)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(pydoc_data.topics.topics.values()), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=names, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    directory = tmp_path_factory.mktemp(f"{name}_tokenizer")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if name == "llama3":
+      tok.post_processor = processors.TemplateProcessing(
+          single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|>:1 $B:1",
+          special_tokens=[("<|begin_of_text|>", 0)])
+      config.update(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA3_TEMPLATE)
+    else:
+      config.update(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+      (directory / "chat_template.jinja").write_text(CHATML_TEMPLATE)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    out[name] = directory
+  return out

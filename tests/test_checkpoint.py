@@ -499,6 +499,11 @@ def test_config_changes_classification():
   assert ckpt_lib.config_changes(old_run, {**tuned, "finetune": {"peft": "none", "head_bias": True}}) == ([], [])
   breaking, _ = ckpt_lib.config_changes(old_run, {**tuned, "finetune": {"peft": "none", "head_bias": False}})
   assert breaking == ["finetune.head_bias: True -> False"]
+  # An SFT run saved before conversations resumes with their defaults; another template is another experiment.
+  chats = {**tuned, "sft": {"eval_percent": 10, "messages_key": "messages", "chat_template": ""}}
+  assert ckpt_lib.config_changes(tuned, chats) == ([], [])
+  breaking, _ = ckpt_lib.config_changes(tuned, {**chats, "sft": {**chats["sft"], "chat_template": "t.jinja"}})
+  assert breaking == ["sft.chat_template: '' -> 't.jinja'"]
   # The default rules gained kv_heads (grouped-query attention's key/value heads): a run saved before it, with
   # the defaults or its own list, resumes without a change reported; another rule for kv_heads is one.
   rules = [list(r) for r in config_lib.DEFAULT_RULES]

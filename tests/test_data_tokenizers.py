@@ -261,3 +261,87 @@ def test_a_template_that_opens_with_a_bos_frames_documents(framed_tokenizer_dir,
   (tmp_path / "on" / "tokenizer_config.json").write_text(json.dumps(dict(add_bos_token=True, bos_token="<bos>")))
   with pytest.raises(config_lib.ConfigError, match=r"sets add_bos_token but its bos_token '<bos>' is not a token"):
     data.load_hf(str(tmp_path / "on"))
+
+
+# Conversations as SFT data holds them: a system message, turns of several lines, contents with spaces around
+# them (Llama 3's template trims them), code, and characters beyond ASCII.
+CONVERSATIONS = [
+    [{"role": "system", "content": "You answer in one line."},
+     {"role": "user", "content": "What does the with statement do?"},
+     {"role": "assistant", "content": "It wraps a block in a context manager.\nSee PEP 343."},
+     {"role": "user", "content": "  And the for statement?\n"},
+     {"role": "assistant", "content": " It loops over an iterable. \n\n"}],
+    [{"role": "user", "content": "Écris « naïve » en 🙂 majuscules"},
+     {"role": "assistant", "content": "x = [1, 2]\n\tprint(x)  # NAÏVE"}],
+]
+
+
+def _auto_tokenizer(directory):
+  transformers = pytest.importorskip("transformers")
+  return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("name", ["llama3", "chatml"])
+def test_conversations_tokenise_as_transformers_apply_chat_template(chat_tokenizer_dirs, name):
+  """The parity bar: a conversation's ids are transformers' `apply_chat_template` ids, with the template read
+  where transformers reads it (tokenizer_config.json for llama3, chat_template.jinja for chatml)."""
+  from fmjax.data import chat
+  directory = chat_tokenizer_dirs[name]
+  tok, auto = data.load_hf(str(directory)), _auto_tokenizer(directory)
+  assert tok.chat_template == auto.chat_template
+  for messages in CONVERSATIONS:
+    ids, trained = chat.encode(tok, messages, tok.chat_template)
+    assert ids == auto.apply_chat_template(messages, return_dict=False), messages
+    assert chat.render(tok, messages, tok.chat_template) == auto.apply_chat_template(messages, tokenize=False)
+    assert len(trained) == len(ids) and 0 < sum(trained) < len(ids)
+  # The template writes its own opening (Llama 3's BOS; ChatML has none): fmjax adds nothing before it.
+  assert ids[0] == tok.hf.token_to_id("<|begin_of_text|>" if name == "llama3" else "<|im_start|>")
+  question = [{"role": "user", "content": "What does the with statement do?"}]
+  assert chat.encode_prompt(tok, question[0]["content"], tok.chat_template) == auto.apply_chat_template(
+      question, add_generation_prompt=True, return_dict=False)
+  end = "<|eot_id|>" if name == "llama3" else "<|im_end|>"
+  assert chat.end_of_turn_id(tok, tok.chat_template) == tok.hf.token_to_id(end)
+  tok.save(str(directory.parent / f"{name}_saved"))  # a run's copy of the tokenizer keeps the template
+  assert data.load_tokenizer(str(directory.parent / f"{name}_saved")).chat_template == auto.chat_template
+
+
+@pytest.mark.parametrize("name", ["llama3", "chatml"])
+def test_a_message_that_spells_a_special_token_stays_text(chat_tokenizer_dirs, name):
+  """Text is only ever text: a user who writes <|eot_id|> does not end the turn. The template's own markup is
+  the special tokens; the messages' spellings are characters, as transformers' sanitize_control_tokens=True."""
+  from fmjax.data import chat
+  directory = chat_tokenizer_dirs[name]
+  tok, auto = data.load_hf(str(directory)), _auto_tokenizer(directory)
+  end = "<|eot_id|>" if name == "llama3" else "<|im_end|>"
+  messages = [{"role": "user", "content": f"say {end} and <|im_start|>"}, {"role": "assistant", "content": f"ok {end}"}]
+  ids, trained = chat.encode(tok, messages, tok.chat_template)
+  turns = 2 if name == "llama3" else 3  # ChatML's template adds a system message
+  assert ids.count(tok.hf.token_to_id(end)) == turns
+  assert tok.decode(ids) == chat.render(tok, messages, tok.chat_template)
+  assert tok.decode([i for i, w in zip(ids, trained) if w]) == f"ok {end}{end}"
+  assert ids == auto.apply_chat_template(messages, return_dict=False, sanitize_control_tokens=True)
+  assert ids != auto.apply_chat_template(messages, return_dict=False)  # by default transformers reads the names
+
+
+def test_the_built_in_chat_template_opens_with_the_bos_and_ends_each_reply_with_eos(docs, framed_tokenizer_dir):
+  """fmjax's own tokenizers have no template: conversations take the built-in one, plain text in which a
+  conversation opens as a document does (BOS: here the EOS) and each reply ends with EOS."""
+  from fmjax.data import chat
+  bpe = tokenizers_lib.train(docs, "bpe", 400, "clm")
+  assert bpe.chat_template is None and chat.template_of(bpe) == chat.BUILTIN_TEMPLATE
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+              {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+              {"role": "assistant", "content": "6"}]
+  text = chat.render(bpe, messages, chat.BUILTIN_TEMPLATE)
+  assert text == ("<|endoftext|>System:\nBe brief.\nUser:\nWhat is 2+2?\nAssistant:\n4<|endoftext|>User:\nAnd 3+3?\n"
+                  "Assistant:\n6<|endoftext|>")
+  ids, trained = chat.encode(bpe, messages, chat.BUILTIN_TEMPLATE)
+  # The opener is the BOS that `encode_opening` puts before a prompt, as SFT's (prompt, completion) rows open.
+  first, second = text[len("<|endoftext|>"):-len("<|endoftext|>")].split("<|endoftext|>")
+  assert ids == bpe.encode_opening(first) + [bpe.eos_id] + bpe.encode(second) + [bpe.eos_id]
+  assert bpe.decode([i for i, w in zip(ids, trained) if w]) == "4<|endoftext|>6<|endoftext|>"
+  assert chat.encode_prompt(bpe, "Hi", chat.BUILTIN_TEMPLATE) == bpe.encode_opening("User:\nHi\nAssistant:\n")
+  assert chat.end_of_turn_id(bpe, chat.BUILTIN_TEMPLATE) == bpe.eos_id
+  framed = data.load_hf(str(framed_tokenizer_dir))  # <s> ... </s>
+  ids, _ = chat.encode(framed, messages[1:3], chat.BUILTIN_TEMPLATE)
+  assert (ids[0], ids[-1], ids.count(framed.bos_id)) == (framed.bos_id, framed.eos_id, 1)

@@ -53,16 +53,20 @@ def scaled_llamas():
   return _unrolled_and_scanned("llama3")
 
 
-def make_workdir(tmp_path_factory, family):
+def make_workdir(tmp_path_factory, family, tokenizer_dir=None):
   """A run workdir without training: config.json, a tokenizer and data cache, a step-0 checkpoint.
 
   Built once per test session (tests only read it, or add eval.json) from a few of CPython's own
-  documentation topics as text files. `family`: gpt, bert or llama (`SPECS`).
+  documentation topics as text files. `family`: gpt, bert or llama (`SPECS`); `tokenizer_dir`: Hugging Face
+  tokenizer files to use (data.tokenizer.kind=hf) rather than a BPE trained on those topics.
   """
   import pydoc_data.topics
   root = tmp_path_factory.getbasetemp() / "fmjax_tiny_runs"
-  workdir = root / f"{family}_run"
   spec, extra = SPECS[family]
+  workdir = root / f"{family}_run"
+  if tokenizer_dir is not None:
+    workdir = root / f"{family}_run_{os.path.basename(tokenizer_dir)}"
+    extra = extra + ["data.tokenizer.kind=hf", f"data.tokenizer.path={tokenizer_dir}"]
   if (workdir / "config.json").exists():
     return workdir, config_lib.load_config(spec, _workdir_overrides(root) + extra)
   corpus = root / "corpus"
@@ -161,6 +165,12 @@ def test_eos_stops_a_row_and_max_len_is_checked(gpts, llamas, family):
   first = uncached_greedy(model, prompt, 3)
   eos = first[-1]
   assert generate.generate(model, [prompt], 3, temperature=0.0, eos_id=eos) == [first[:first.index(eos)]]
+  # Several stop ids (a chat template's end of turn beside EOS): a row ends at the first of them it writes.
+  absent = next(i for i in range(5, 512) if i not in first)
+  for stops in ([eos, first[1]], [absent, first[1]], (first[1], absent)):
+    assert generate.generate(model, [prompt, prompt[:2]], 3, temperature=0.0, eos_id=stops)[0] == \
+        first[:first.index(first[1])]
+  assert generate.generate(model, [prompt], 3, temperature=0.0, eos_id=[absent]) == [first]
   with pytest.raises(config_lib.ConfigError, match="exceeds 64, the positions the model was trained on; lower "
                      "--max_new_tokens to 61 or shorten the prompt"):
     generate.generate(model, [prompt], 62, temperature=0.0)
@@ -227,6 +237,8 @@ def test_generate_cli_gpt_sampling_and_bert_fill_mask(tmp_path_factory, capsys):
 
   assert cli.main(["generate", f"--workdir={bert_dir}", "--prompt=x"]) == 2
   assert "holds a BERT: pass --text" in capsys.readouterr().err
+  assert cli.main(["generate", f"--workdir={bert_dir}", "--text=The [MASK] here.", "--chat"]) == 2
+  assert "holds a BERT, which has no chat; --chat is for a GPT" in capsys.readouterr().err
   # Sampling settings mean nothing to fill-mask: said, not ignored.
   assert cli.main(["generate", f"--workdir={bert_dir}", "--text=The [MASK] here.", "--temperature=0.5",
                    "--seed=3"]) == 2

@@ -1055,3 +1055,75 @@ def test_a_llama_whose_tokenizer_opens_with_bos_is_prompted_and_exported_with_it
   assert n < 2 * T and (rows["inputs"][:, 0] == 1).all()
   np.testing.assert_array_equal(np.where(enc["attention_mask"] == 1, enc["input_ids"], -1),
                                 np.where(rows["segment_ids"][:, :n] == 1, rows["inputs"][:, :n], -1))
+
+
+# ----------------------------------------------------------------------------- chat templates
+
+
+CHATS = [[{"role": "system", "content": "You answer in one line."},
+          {"role": "user", "content": "What is a with block?"},
+          {"role": "assistant", "content": "A block run inside a context manager."},
+          {"role": "user", "content": " And a for loop?\n"},
+          {"role": "assistant", "content": "A loop over an iterable."}],
+         [{"role": "user", "content": "Écris « naïve »"}, {"role": "assistant", "content": "NAÏVE"}]]
+
+
+def test_a_chat_template_survives_import_sft_and_export(tmp_path, chat_tokenizer_dirs):
+  """A Llama 3 chat model's template goes from its tokenizer_config.json into the imported run's tokenizer/, on to
+  an SFT run that starts from it (init_from) and that run's own tokenizer/, and into its export's
+  tokenizer_config.json: transformers' `apply_chat_template` on the export gives fmjax's ids (the original's too),
+  and its generation_config stops at <|eot_id|> as `fmjax generate --chat` does."""
+  from fmjax import sft
+  from fmjax.data import chat
+  hf_dir = tmp_path / "hf_llama"
+  _llama(400, seed=31).save_pretrained(hf_dir)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(chat_tokenizer_dirs["llama3"] / name, hf_dir / name)
+  original = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  workdir = tmp_path / "imported"
+  interop.import_hf(str(hf_dir), str(workdir), overrides=["model.attention=xla"])
+  assert (workdir / "tokenizer" / "chat_template.jinja").read_text() == original.chat_template
+  assert any("chat template is kept" in n for n in json.loads((workdir / interop.IMPORT_INFO).read_text())["notes"])
+
+  rows = tmp_path / "chat.jsonl"
+  rows.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS * 4))
+  tuned = tmp_path / "sft"
+  sft.run(config_lib.load_config("configs/sft.py", [
+      f"init_from={workdir}", f"data.files={rows}", "sft.eval_percent=0", "data.seq_len=64", "train.batch_size=8",
+      "train.steps=1", "train.progress_bar=false", "checkpoint.async_save=false"]), str(tuned))
+  tok = interop.run_tokenizer(str(tuned), interop.read_run_config(str(tuned)))
+  assert tok.chat_template == original.chat_template
+
+  out = tmp_path / "export"
+  interop.export(str(tuned), str(out))
+  assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == original.chat_template
+  exported = transformers.AutoTokenizer.from_pretrained(out)
+  for messages in CHATS:
+    ours = chat.encode(tok, messages, tok.chat_template)[0]
+    assert exported.apply_chat_template(messages, return_dict=False) == ours
+    assert original.apply_chat_template(messages, return_dict=False) == ours
+  question = CHATS[1][:1]
+  assert exported.apply_chat_template(question, add_generation_prompt=True, return_dict=False) == chat.encode_prompt(
+      tok, question[0]["content"], tok.chat_template)
+  generation = json.loads((out / "generation_config.json").read_text())
+  assert generation["eos_token_id"] == [tok.eos_id, tok.hf.token_to_id("<|eot_id|>")]
+
+
+def test_an_export_of_a_run_trained_in_the_built_in_template_chats_in_it(tmp_path, bpe):
+  """fmjax's own tokenizer has no template; SFT gives its run the built-in one, which the export writes: transformers
+  then writes a conversation, and a prompt for a reply, in fmjax's ids (its BOS and EOS are the export's)."""
+  from fmjax.data import chat
+  tok = tok_lib.Tokenizer(bpe.hf, bpe.kind, chat.BUILTIN_TEMPLATE)
+  model, cfg = _random_fmjax("gpt", 384, seed=5)
+  interop.export_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg, str(tmp_path), tok)
+  exported = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  for messages in CHATS:
+    assert exported.apply_chat_template(messages, return_dict=False) == chat.encode(tok, messages,
+                                                                                    chat.BUILTIN_TEMPLATE)[0]
+  assert exported.apply_chat_template(CHATS[1][:1], add_generation_prompt=True, return_dict=False) == \
+      chat.encode_prompt(tok, CHATS[1][0]["content"], chat.BUILTIN_TEMPLATE)
+  # A reply ends with EOS, where generation stops already.
+  assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == tok.eos_id
+  # Nor does a pretraining run's export (no template) claim one.
+  interop.export_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg, str(tmp_path / "plain"), bpe)
+  assert "chat_template" not in json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())

@@ -336,12 +336,16 @@ def test_a_mixture_declares_each_of_its_datasets_as_a_source():
 
 
 def test_release_of_an_sft_run_scans_its_prompts_and_completions(run, tmp_path):
+  """Prompts and completions, and conversations' messages, in the order SFT reads them (its config from before
+  conversations: no sft.messages_key)."""
   workdir, _, _, _ = run
   copy = tmp_path / "sft"
   shutil.copytree(workdir, copy)
   rows = tmp_path / "sft.jsonl"
-  rows.write_text("".join(json.dumps({"prompt": f"Mail user{i}@example.com about", "completion": f" call +44 20 "
-                                      f"7946 {1000 + i}."}) + "\n" for i in range(6)))
+  pair = lambda i: (f"Mail user{i}@example.com about", f" call +44 20 7946 {1000 + i}.")
+  rows.write_text("".join(json.dumps({"prompt": pair(i)[0], "completion": pair(i)[1]} if i % 2 else {"messages": [
+      {"role": "user", "content": pair(i)[0]}, {"role": "assistant", "content": pair(i)[1]}]}) + "\n"
+      for i in range(6)))
   cfg = json.loads((copy / "config.json").read_text())
   cfg["data"]["files"] = str(rows)
   cfg["sft"] = {"prompt_key": "prompt", "completion_key": "completion", "eval_files": "", "eval_percent": 10,
@@ -358,7 +362,8 @@ def test_release_of_an_sft_run_scans_its_prompts_and_completions(run, tmp_path):
   assert f"| {pretraining} | PSF-2.0 |" in open(os.path.join(out, "MODEL_CARD.md")).read()
   report = json.loads(open(os.path.join(out, "data_report.json")).read())
   assert report["pii_counts"] == {"CARD": 0, "EMAIL": 4, "IP_ADDRESS": 0, "PHONE": 4}
-  assert report["sample"]["documents"] == 4 and "(prompt, completion) rows" in report["sample"]["method"]
+  assert report["sample"]["documents"] == 4 and "(prompt, completion) rows and conversations" in \
+      report["sample"]["method"]
   # The run it started from is scanned too: its trunk learnt from that text first.
   assert report["init_from"]["workdir"] == str(workdir) and report["init_from"]["pii_scrub"] is True
   assert report["init_from"]["pii_counts"]["EMAIL"] == 4 and report["init_from"]["sources"] == [pretraining]

@@ -4,15 +4,17 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from fmjax import config_lib, evaluate, generate, metrics as metrics_lib, optim, report, sharding, sft, sweep, train
+from fmjax import cli, config_lib, data, evaluate, generate, interop, metrics as metrics_lib, optim, report, sharding
+from fmjax import sft, sweep, train
 from fmjax.config_lib import ConfigError
-from fmjax.data import tokenizers
+from fmjax.data import chat, tokenizers
 from test_generate import make_workdir
 
 
@@ -31,7 +33,7 @@ def test_prompt_tokens_carry_zero_loss_weight_and_rows_pack_apart():
   examples = [sft.encode_example(tok, "ab", "XY"), sft.encode_example(tok, "c", "Z"),
               sft.encode_example(tok, "", "hello world")]
   # EOS opens each example, as it opens a document in pretraining and every `fmjax generate` prompt.
-  assert examples[0] == ([0, 97, 98, 88, 89, 0], 3) and examples[2][0][:2] == [tok.eos_id, ord("h")]
+  assert examples[0] == ([0, 97, 98, 88, 89, 0], [0, 0, 0, 1, 1, 1]) and examples[2][0][:2] == [tok.eos_id, ord("h")]
   rows = sft.pack_rows(examples, 8)
   # EOS "abXY" EOS (5 slots) and EOS "cZ" EOS (3 slots) fill row 0; the 12-slot row is cut at 8.
   assert rows["inputs"].shape == (2, 8)
@@ -44,7 +46,7 @@ def test_prompt_tokens_carry_zero_loss_weight_and_rows_pack_apart():
   np.testing.assert_array_equal(rows["loss_weights"][1], np.ones(8))
   framed = CharTokenizer()
   framed.bos_id = 1  # a tokenizer with a BOS of its own (Llama's <s>) opens each example with it
-  assert sft.encode_example(framed, "ab", "XY") == ([1, 97, 98, 88, 89, 0], 3)
+  assert sft.encode_example(framed, "ab", "XY") == ([1, 97, 98, 88, 89, 0], [0, 0, 0, 1, 1, 1])
   unpacked = sft.pack_rows(examples, 8, pack=False)
   assert unpacked["inputs"].shape == (3, 8) and unpacked["segment_ids"].max() == 1
   assert unpacked["loss_weights"].sum() == rows["loss_weights"].sum()
@@ -88,7 +90,8 @@ def test_bad_jsonl_gets_one_line(tmp_path):
   # Chat messages (lists of objects) are no text: their Python repr was once trained on.
   path.write_text('{"prompt": [{"role": "user", "content": "hi"}], "completion": "hello"}\n')
   with pytest.raises(ConfigError, match=r"x.jsonl:1 has a JSON list in 'prompt', where SFT takes text; write the "
-                                        r"prompt and the completion as strings"):
+                                        r"prompt and the completion as strings, or a conversation as "
+                                        r"\{\"messages\": \[\{\"role\": \.\.\., \"content\": \.\.\.\}, \.\.\.\]\}$"):
     sft.read_examples(str(path))
   path.write_text('{"prompt": "hi", "completion": {"role": "assistant", "content": "hello"}}\n')
   with pytest.raises(ConfigError, match=r"x.jsonl:1 has a JSON dict in 'completion'"):
@@ -168,7 +171,6 @@ def test_sft_from_pretrained_loads_params_learns_and_resumes(tmp_path, tmp_path_
 
 def test_fmjax_finetune_runs_an_sft_config_as_fmjax_sft_does(tmp_path, tmp_path_factory):
   """DESIGN's `finetune` covers SFT: given configs/sft.py it once refused ("run it with `fmjax sft`")."""
-  from fmjax import cli
   pretrain, _ = make_workdir(tmp_path_factory, "gpt")
   write_jsonl(tmp_path / "train.jsonl", 40)
   flags = [f"--config.{o}" for o in (
@@ -211,6 +213,7 @@ def test_a_failed_start_leaves_no_trace_in_the_workdir(tmp_path, tmp_path_factor
   (tmp_path / "empty.jsonl").write_text("\n")
   (tmp_path / "bad.jsonl").write_text('{"prompt": "hi", "completion": " there"}\n{"prompt": "oops", "completion": \n')
   (tmp_path / "keys.jsonl").write_text('{"question": "hi", "answer": " there"}\n')
+  (tmp_path / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
   bert = tmp_path / "bert_run"  # a BERT workdir: config.json and checkpoints/
   (bert / "checkpoints").mkdir(parents=True)
   cfg = json.loads((pretrain / "config.json").read_text())
@@ -223,6 +226,8 @@ def test_a_failed_start_leaves_no_trace_in_the_workdir(tmp_path, tmp_path_factor
   cases = [([f"data.files={tmp_path / 'empty.jsonl'}"], "holds no training rows"),
            ([f"data.files={tmp_path / 'bad.jsonl'}"], "bad.jsonl:2 is not valid JSON"),
            ([f"data.files={tmp_path / 'keys.jsonl'}"], "keys.jsonl:1 has no 'completion' field"),
+           ([f"data.files={tmp_path / 'chat.jsonl'}"], "chat.jsonl:1 'messages' has no assistant message"),
+           ([good, f"sft.chat_template={tmp_path / 'none.jinja'}"], "none.jinja' is neither a Jinja template"),
            ([good, f"sft.eval_files={tmp_path / 'nope.jsonl'}"], "sft.eval_files="),
            ([good, f"init_from={tmp_path / 'nowhere'}"], "holds no checkpoints/"),
            ([good, f"init_from={bert}"], "holds a bert model"),
@@ -273,7 +278,7 @@ def test_rows_that_all_outgrow_seq_len_or_a_damaged_init_from_refuse_the_start_u
 def test_a_held_out_split_whose_prompts_all_outgrow_seq_len_is_refused(tmp_path):
   """Rows held out by the hash split but all dropped for their length once left the run with no eval, silently."""
   pick = lambda long, held: next(p for i in range(1000) for p in [("q" * 12 if long else "p") + str(i)]
-                                 if sft._held_out(p, "X", 50) == held)
+                                 if sft._held_out((p, "X"), 50) == held)
   rows = [(pick(True, True), "X"), (pick(False, False), "X")]
   path = tmp_path / "x.jsonl"
   path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows))
@@ -503,3 +508,150 @@ def test_a_config_is_left_as_given_and_a_stopped_start_lets_the_workdir_go(tmp_p
     sft.run(config, str(tmp_path / "second"))
   ckpt_lib.lock_workdir(str(tmp_path / "second")).release()  # refused while the lock is held
   assert kept.value is not None
+
+
+# ----------------------------------------------------------------------------- conversations
+
+
+TWO_TURNS = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4."},
+             {"role": "user", "content": "And 3 plus 3?"}, {"role": "assistant", "content": "6."}]
+
+
+def test_a_conversation_trains_on_each_assistant_turn_and_its_end_token_by_token(chat_tokenizer_dirs):
+  """ChatML: weight 1 on what the assistant writes (its text and <|im_end|>), 0 on the system and user messages and
+  every role header, for both turns in one row; the packed row's weights are those of the targets."""
+  tok = data.load_hf(str(chat_tokenizer_dirs["chatml"]))
+  # The rendered conversation piece by piece, each with the weight its tokens must carry.
+  pieces = [("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n", 0),
+            ("What is 2 plus 2?", 0), ("<|im_end|>\n<|im_start|>assistant\n", 0), ("4.", 1), ("<|im_end|>", 1),
+            ("\n<|im_start|>user\n", 0), ("And 3 plus 3?", 0), ("<|im_end|>\n<|im_start|>assistant\n", 0),
+            ("6.", 1), ("<|im_end|>", 1), ("\n", 0)]
+  want_ids, want_trained = [], []
+  for text, weight in pieces:
+    ids = tok.hf.encode(text, add_special_tokens=False).ids
+    want_ids += ids
+    want_trained += [weight] * len(ids)
+  ids, trained = sft.encode_conversation(tok, sft.Conversation(tuple(TWO_TURNS)), tok.chat_template)
+  assert ids == want_ids
+  assert trained == want_trained, [(tok.decode([i]), w) for i, w in zip(ids, trained)]
+  n = len(ids) - 1
+  rows = sft.pack_rows([(ids, trained)], n + 8)
+  np.testing.assert_array_equal(rows["targets"][0, :n], ids[1:])
+  np.testing.assert_array_equal(rows["loss_weights"][0, :n], trained[1:])
+  assert rows["loss_weights"][0, n:].sum() == 0
+
+
+def test_a_file_may_mix_conversations_with_prompt_completion_rows(tmp_path, chat_tokenizer_dirs):
+  tok = data.load_hf(str(chat_tokenizer_dirs["llama3"]))
+  path = tmp_path / "mixed.jsonl"
+  path.write_text(json.dumps({"prompt": "2 plus 2 is", "completion": " 4."}) + "\n"
+                  + json.dumps({"messages": TWO_TURNS, "id": 7}) + "\n")
+  rows = sft.read_examples(str(path))
+  assert rows == [("2 plus 2 is", " 4."), sft.Conversation(tuple(TWO_TURNS))] and rows[1].where == f"{path}:2"
+  config = config_lib.load_config("configs/sft.py", [f"data.files={path}", "sft.eval_percent=0", "data.seq_len=64",
+                                                     "sft.pack=false"])
+  packed = sft.load_rows(config, tok)["train"]
+  trained = [tok.decode(r[w > 0]) for r, w in zip(packed["targets"], packed["loss_weights"])]
+  assert trained == [" 4.<|end_of_text|>", "4.<|eot_id|>6.<|eot_id|>"]
+  # A tokenizer without a template takes the built-in one, and keeps it: the run's saved tokenizer chats so.
+  plain = data.load_hf(str(chat_tokenizer_dirs["llama3"] / "tokenizer.json"))
+  assert plain.chat_template is None
+  sft.load_rows(config, plain)
+  assert plain.chat_template == chat.BUILTIN_TEMPLATE
+
+
+def test_malformed_conversations_and_templates_are_one_line_naming_the_file_and_line(tmp_path, chat_tokenizer_dirs):
+  tok = data.load_hf(str(chat_tokenizer_dirs["chatml"]))
+  path = tmp_path / "chat.jsonl"
+  good = json.dumps({"messages": TWO_TURNS})
+  for messages, said in (
+      ("hello", r"'messages' holds a JSON str, not a list of messages"),
+      ([], r"'messages' holds an empty list, not a list of messages"),
+      ([{"role": "user", "content": "hi"}, "hello"],
+       r"'messages' has message 1 as a JSON str, not an object with a role and a content"),
+      ([{"role": "tool", "content": "{}"}], r"'messages' has message 0 of role 'tool'; the roles are system, user, "
+                                            r"assistant"),
+      ([{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "hello"}],
+       r"'messages' has message 0 whose content is \[\"hi\"\], not text"),
+      ([{"role": "user", "content": "hi"}], r"'messages' has no assistant message, so nothing to learn")):
+    path.write_text(good + "\n" + json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:2 {said}; fix the row or remove it") as e:
+      sft.read_examples(str(path))
+    assert "\n" not in str(e.value)
+  # The template refuses a conversation (as Llama 2's refuses roles out of turn): that row, in one line.
+  path.write_text(good + "\n" + good + "\n")
+  refusing = "{% for m in messages %}{% if loop.index0 == 1 %}{{ raise_exception('roles must alternate') }}" \
+             "{% endif %}{{ m['content'] }}{% endfor %}"
+  config = config_lib.load_config("configs/sft.py", [f"data.files={path}", "sft.eval_percent=0"])
+  tok.chat_template = refusing
+  with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:1: the chat template refuses the conversation: "
+                                        r"roles must alternate$"):
+    sft.load_rows(config, tok)
+  for spec, said in (("{% for m in messages %}", r"^the chat template does not parse \(.*\); fix it, or set "
+                                                  r"sft.chat_template to one that does$"),
+                     (str(tmp_path / "nowhere.jinja"), r"^sft.chat_template='.*nowhere.jinja' is neither a Jinja "
+                                                       r"template .* nor a file"),
+                     (str(tmp_path), r"^sft.chat_template='.*' is a directory without a chat template")):
+    with pytest.raises(ConfigError, match=said):
+      chat.read_template(spec)
+  # A template that writes a message other than as it is (here upper-cased) leaves no way to find the messages.
+  tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
+  with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:1: the chat template changes a message's text "
+                                        r"other than by trimming it"):
+    sft.load_rows(config, tok)
+
+
+def _conversations(path, n, seed=0):
+  rng = np.random.default_rng(seed)
+  with open(path, "w") as f:
+    for _ in range(n):
+      a, b = rng.integers(0, 9, size=2)
+      f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                       {"role": "assistant", "content": f"{a + b}."}]}) + "\n")
+
+
+def test_sft_on_conversations_learns_keeps_the_template_and_generate_chat_stops_at_the_end_of_turn(
+    tmp_path, tmp_path_factory, chat_tokenizer_dirs, capsys):
+  """A run whose tokenizer is a chat model's (ChatML, loaded with data.tokenizer.kind=hf): SFT on conversations
+  lowers the held-out loss, its own tokenizer/ keeps the template (set here by sft.chat_template, as a file), and
+  `generate --chat` asks in that template and stops at <|im_end|>, which the run learnt to write."""
+  pretrain, _ = make_workdir(tmp_path_factory, "gpt", chat_tokenizer_dirs["chatml"])
+  _conversations(tmp_path / "train.jsonl", 160)
+  template_file = tmp_path / "chatml.jinja"
+  template_file.write_text((chat_tokenizer_dirs["chatml"] / "chat_template.jinja").read_text())
+  # The run's data.tokenizer.path names the chat model's directory: its template comes with the tokenizer.
+  plain = config_lib.load_config("configs/sft.py", [f"init_from={pretrain}"])
+  adopted = sft.adopt_tokenizer(plain, str(tmp_path / "x"), sft.adopt_shape(plain, str(tmp_path / "x")))
+  assert adopted.chat_template == template_file.read_text()
+  workdir = tmp_path / "sft"
+  config = config_lib.load_config("configs/sft.py", [
+      f"init_from={pretrain}", f"data.files={tmp_path / 'train.jsonl'}", f"sft.chat_template={template_file}",
+      "data.seq_len=64", "train.batch_size=16", "train.steps=60", "train.log_every=10", "train.eval_every=10",
+      "train.progress_bar=false", "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant",
+      "checkpoint.async_save=false"])
+  result = sft.run(config, str(workdir))
+  evals = [m["eval/loss"] for m in report.read_metrics(str(workdir)) if "eval/loss" in m]
+  assert len(evals) == 6 and evals[-1] < 0.7 * evals[0], evals  # 2.20 to 1.10 when written
+  tok = data.get_tokenizer(interop.read_run_config(str(workdir)), str(workdir))
+  assert tok.chat_template == template_file.read_text()
+  assert result["eval"]["loss"] == pytest.approx(evaluate.run(str(workdir))["loss"], rel=1e-5)
+
+  # Without stop ids the reply runs on past <|im_end|>; `--chat` cuts it there, and a prompt is the template's.
+  model, run_config, _ = generate.load_run(str(workdir))
+  im_end, eos = tok.hf.token_to_id("<|im_end|>"), tok.eos_id
+  prompt = chat.encode_prompt(tok, "What is 3 plus 4?", tok.chat_template)
+  assert tok.decode(prompt).endswith("What is 3 plus 4?<|im_end|>\n<|im_start|>assistant\n")
+  raw = generate.generate(model, [prompt], 8, temperature=0.0, max_len=64)[0]
+  assert im_end in raw[:6] and eos not in raw[:raw.index(im_end)], tok.decode(raw)
+  reply = generate.run(str(workdir), prompts=["What is 3 plus 4?"], max_new_tokens=8, temperature=0.0, chat=True)
+  assert reply == [tok.decode(raw[:raw.index(im_end)])]
+  capsys.readouterr()
+  assert cli.main(["generate", f"--workdir={workdir}", "--prompt=What is 3 plus 4?", "--chat", "--temperature=0",
+                   "--max_new_tokens=8"]) == 0
+  assert capsys.readouterr().out.startswith(f"What is 3 plus 4?\n{reply[0]}\n----")
+  # Resumed with another template, the run would train on other text than it did: refused.
+  other = config_lib.load_config("configs/sft.py", [f"init_from={pretrain}", f"data.files={tmp_path / 'train.jsonl'}",
+                                                    "data.seq_len=64", "sft.chat_template={{ messages }}"])
+  with pytest.raises(ConfigError, match=r"^sft.chat_template='\{\{ messages \}\}' is not the chat template .* started "
+                                        r"with"):
+    sft.adopt_tokenizer(other, str(workdir), sft.adopt_shape(other, str(workdir)))

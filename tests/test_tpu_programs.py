@@ -139,7 +139,7 @@ def test_eval_zero_shot_and_sampling_compile_for_a_tpu_topology():
   def sample(params, prompts_BP, key):  # the KV cache takes the xla kernel
     return generate._generate_cached(nnx.merge(spec.graphdef, params), prompts_BP, jnp.ones_like(prompts_BP),
                                      jnp.cumsum(jnp.ones_like(prompts_BP), axis=1) - 1, key, max_new_tokens=8,
-                                     temperature=1.0, top_k=40, top_p=0.9, eos_id=0, vocab_size=None)
+                                     temperature=1.0, top_k=40, top_p=0.9, stop_ids=(0,), vocab_size=None)
 
   key = jax.eval_shape(lambda: jax.random.key(0))
   replicated = sharding.replicated(mesh)

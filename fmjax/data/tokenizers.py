@@ -10,7 +10,9 @@ Trained tokenizers are cached under <cache_dir>/tokenizers/, keyed by the corpus
 
 A run that carries its own tokenizer (SFT, import-hf, a release bundle) keeps it in <workdir>/tokenizer/
 and records `data.tokenizer.path="tokenizer"`, relative to the workdir, so the run still works after a
-move; whoever reads a run's config.json calls `resolve_tokenizer_path(config, workdir)`.
+move; whoever reads a run's config.json calls `resolve_tokenizer_path(config, workdir)`. A tokenizer's
+Jinja chat template (`Tokenizer.chat_template`, read from a Hugging Face directory) travels with it, as
+chat_template.jinja beside tokenizer.json (`fmjax.data.chat` renders conversations with it).
 """
 
 from __future__ import annotations
@@ -33,14 +35,18 @@ BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # Tokenizers train on at most this much text: enough for a good vocabulary, bounded time on c4-sized data.
 MAX_TRAIN_CHARS = 200_000_000
 _META = "fmjax_tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers also looks first
 
 
 class Tokenizer:
-  """A thin wrapper over `tokenizers.Tokenizer` that knows fmjax's special ids."""
+  """A thin wrapper over `tokenizers.Tokenizer` that knows fmjax's special ids, and its chat template if it has one."""
 
-  def __init__(self, tok: hf.Tokenizer, kind: str):
+  chat_template: str | None = None  # Jinja source (`fmjax.data.chat`); None: fmjax's built-in one serves
+
+  def __init__(self, tok: hf.Tokenizer, kind: str, chat_template: str | None = None):
     self.hf = tok
     self.kind = kind
+    self.chat_template = chat_template
     get = tok.token_to_id
     self.eos_id = _first(get, (EOS, "</s>", "<|end_of_text|>", "[SEP]"))  # GPT-2, Llama 2 / Mistral, Llama 3
     # What opens a causal LM's document (and every prompt): the token the tokenizer's own template puts
@@ -85,6 +91,16 @@ class Tokenizer:
     """
     return self._reader.encode(text, add_special_tokens=False).ids
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """`encode(text)`, and each id's (start, end) characters in `text`."""
+    enc = self._reader.encode(text, add_special_tokens=False)
+    return enc.ids, enc.offsets
+
+  @functools.cached_property
+  def added_special_ids(self) -> frozenset[int]:
+    """Ids of every token whose name `hf` reads as that token in text (the ones `encode` reads as characters)."""
+    return frozenset(i for i, t in self.hf.get_added_tokens_decoder().items() if t.special)
+
   def encode_opening(self, text: str) -> list[int]:
     """Ids of `text` at the start of a document: `bos_id`, then `encode(text)`. Generation, SFT and
     zero-shot scoring open every prompt so, as pretraining opens every document."""
@@ -104,14 +120,17 @@ class Tokenizer:
     return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
 
   def save(self, directory: str) -> None:
-    """Writes tokenizer.json (loadable by HF) and fmjax's small metadata file, locally or into a
-    bucket (there through a local copy, tokenizer.json last: it marks the directory whole)."""
+    """Writes tokenizer.json (loadable by HF), fmjax's small metadata file and the chat template if there is one,
+    locally or into a bucket (there through a local copy, tokenizer.json last: it marks the directory whole)."""
     if files.is_remote(directory):
       with tempfile.TemporaryDirectory() as tmp:
         self.save(tmp)
         files.copy_tree(tmp, directory)
       return
     os.makedirs(directory, exist_ok=True)
+    if self.chat_template is not None:
+      with open(os.path.join(directory, CHAT_TEMPLATE_FILE), "w", encoding="utf-8") as f:
+        f.write(self.chat_template)
     self.hf.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, _META), "w") as f:
       json.dump({"kind": self.kind}, f)
@@ -146,6 +165,24 @@ def _with_add_bos_token(tok: hf.Tokenizer, config_path: str) -> hf.Tokenizer:
                                            special_tokens=[(bos, tok.token_to_id(bos))])
   tok.post_processor = template if tok.post_processor is None else processors.Sequence([tok.post_processor, template])
   return tok
+
+
+def _read_chat_template(directory: str) -> str | None:
+  """The chat template of a tokenizer directory, where transformers finds it: chat_template.jinja, else
+  tokenizer_config.json's `chat_template` (a string, or a list of named templates: the one named "default")."""
+  path = os.path.join(directory, CHAT_TEMPLATE_FILE)
+  if os.path.exists(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        return f.read()
+    except UnicodeDecodeError:
+      from fmjax.data import sources
+      raise sources.not_utf8(path) from None
+  cfg = files.read_json(os.path.join(directory, "tokenizer_config.json"))
+  template = cfg.get("chat_template") if isinstance(cfg, dict) else None
+  if isinstance(template, list):
+    template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+  return template if isinstance(template, str) and template.strip() else None
 
 
 def _first(get, names):
@@ -230,7 +267,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
     except (ValueError, AttributeError):
       raise ConfigError(f"{meta} is damaged (not a JSON object); copy the tokenizer directory again from where the "
                         "run was made") from None
-  return Tokenizer(_from_file(path), kind)
+  return Tokenizer(_from_file(path), kind, _read_chat_template(directory))
 
 
 def load_hf(path: str) -> Tokenizer:
@@ -245,7 +282,8 @@ def load_hf(path: str) -> Tokenizer:
   if os.path.isdir(path):
     if os.path.exists(os.path.join(path, "tokenizer.json")):
       tok = _from_file(os.path.join(path, "tokenizer.json"))
-      return Tokenizer(_with_add_bos_token(tok, os.path.join(path, "tokenizer_config.json")), "hf")
+      return Tokenizer(_with_add_bos_token(tok, os.path.join(path, "tokenizer_config.json")), "hf",
+                       _read_chat_template(path))
     if os.path.exists(os.path.join(path, "vocab.txt")):
       return load_hf(os.path.join(path, "vocab.txt"))
     vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
@@ -386,7 +424,8 @@ def save_run_tokenizer(tok: Tokenizer, workdir: str) -> None:
   """Keeps `tok` as the run's own tokenizer, `workdir/tokenizer` (what `get_tokenizer(config, workdir)` reads)."""
   own = os.path.join(workdir, RUN_TOKENIZER)
   if files.exists(os.path.join(own, "tokenizer.json")):
-    if load_tokenizer(own).identity() == tok.identity():
+    kept = load_tokenizer(own)
+    if (kept.identity(), kept.chat_template) == (tok.identity(), tok.chat_template):
       return
     files.path(own).rmtree()  # left by a fresh start that never saved a checkpoint: this start's settings win
     files.forget(own)
