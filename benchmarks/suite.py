@@ -24,6 +24,9 @@ UNROLL = "model.scan_layers=false"
 # XLA's default of 75% of GPU memory leaves GPT-2 XL without remat short (17.4 GiB of state
 # plus 42 GiB of temporaries at 16 x 1024); the bench process is the only one on the device.
 MEM_FRACTION = "0.95"
+LLAMA32_1B = ["model.num_layers=16", "model.d_model=2048", "model.num_heads=32", "model.num_kv_heads=8",
+              "model.d_ff=8192", "model.vocab_size=128256", "model.tie_embeddings=true", "model.rope_theta=500000",
+              "model.rope_scaling=llama3", "model.rope_factor=32"]
 
 VARIANTS = {
     # GPT-2 124M at seq 1024
@@ -44,6 +47,11 @@ VARIANTS = {
     "llama_small_b16": (GPT.format("small,llama"), ["train.batch_size=16"]),
     "llama_small_b16_kv4": (GPT.format("small,llama"), ["train.batch_size=16", "model.num_kv_heads=4"]),
     "llama_small_b16_scan": (GPT.format("small,llama"), ["train.batch_size=16", "model.scan_layers=true"]),
+    # Llama 3.2 1B's shape (what `fmjax import-hf` makes of it; 1.24B, 128256-token vocabulary, tied, 8 kv heads
+    # for 32), to fine-tune at seq 1024: a model of the size researchers take from the Hub.
+    "llama32_1b_b8": (GPT.format("small,llama"), ["train.batch_size=8", *LLAMA32_1B]),
+    "llama32_1b_b8_dots": (GPT.format("small,llama"), ["train.batch_size=8", "model.remat=dots_no_batch",
+                                                      *LLAMA32_1B]),
     # GPT-2 XL 1.5B at seq 1024; names without `_scan` unroll the 48 layers (its config scans).
     "gpt2_xl_b8_full": (GPT.format("xl"), ["train.batch_size=8", "model.remat=full", UNROLL]),
     "gpt2_xl_b8_dots": (GPT.format("xl"), ["train.batch_size=8", "model.remat=dots_no_batch", UNROLL]),
