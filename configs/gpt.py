@@ -8,7 +8,8 @@ Sizes: tiny, small (GPT-2 124M), medium (350M), large (774M), xl (1.5B).
 `llama` makes it Llama's architecture at that size: rotary positions, RMSNorm, a SwiGLU MLP of
 width 8/3 d (rounded up to a multiple of 256), no biases and an untied output layer
 (`fmjax export` writes it as a Hugging Face LlamaForCausalLM). Grouped-query attention is one more
-setting: `--config.model.num_kv_heads=4`.
+setting: `--config.model.num_kv_heads=4`; Qwen2's architecture adds `--config.model.qkv_bias=true`, Qwen3's
+`--config.model.qk_norm=true` (exported as Qwen2ForCausalLM, Qwen3ForCausalLM).
 """
 
 from fmjax import config_lib

@@ -1,7 +1,8 @@
 """`fmjax bench`: the real train step on synthetic data.
 
 Prints tokens/s, MFU, step time, compile time and peak device memory. FLOPs per token are
-6*N + 12*L*D*T (N = parameters without position embeddings, L layers, D width, T sequence;
+6*N + 12*L*D*T (N = parameters without position embeddings, L layers, D the attention's width, num_heads *
+head_dim (d_model unless model.head_dim differs), T sequence;
 attention is counted in full for BERT's bidirectional attention as well as GPT's). An untied
 output layer's input table is a lookup, as the position table is: N leaves it out too.
 
@@ -23,7 +24,7 @@ from fmjax.config_lib import ConfigError
 from fmjax.data import packing
 
 FLOPS_FORMULA = ("FLOPs/token = 6*N + 12*L*D*T (N: parameters without position embeddings, nor an untied head's "
-                 "input table)")
+                 "input table; D: the attention's width, num_heads * head_dim)")
 
 
 def synthetic_batch(config, batch_size: int | None = None, seed: int = 0, segments: int = 1) -> dict[str, np.ndarray]:

@@ -490,8 +490,9 @@ def _check_model(m) -> None:
   for key in ("num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "max_len"):
     if int(m[key]) <= 0:
       raise ConfigError(f"model.{key} must be positive, got {m[key]}")
-  if m.d_model % m.num_heads:
-    raise ConfigError(f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}")
+  if m.d_model % m.num_heads and not models.architecture(m)["head_dim"]:
+    raise ConfigError(f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; change one, or set "
+                      "model.head_dim (each head's width)")
   for key in ("dropout", "attention_dropout"):
     if not 0.0 <= m.get(key, 0.0) < 1.0:
       raise ConfigError(f"model.{key} must be in [0, 1), got {m[key]}")
@@ -516,24 +517,33 @@ def setting(value) -> str:
 
 
 def _check_architecture(m, models) -> None:
-  """The decoder's architecture choices (rotary positions, RMSNorm, SwiGLU, grouped-query attention, biases,
-  an untied head); BERT keeps GPT-2's and the original BERT's."""
+  """The decoder's architecture choices (rotary positions, RMSNorm, SwiGLU, grouped-query attention, the head
+  width, biases, q/k norms, an untied head); BERT keeps GPT-2's and the original BERT's."""
   arch = models.architecture(m)
   for key, choices in models.ARCHITECTURE_CHOICES.items():
     _one_of(f"model.{key}", arch[key], choices)
   changed = [f"model.{k}={setting(arch[k])}" for k, v in models.ARCHITECTURE_DEFAULTS.items() if arch[k] != v]
   if m.family == "bert" and changed:
     raise ConfigError(f"{', '.join(changed)} is a decoder choice: BERT has learned positions, LayerNorm, GELU, "
-                      "biases, every head its own keys and a tied head; drop it, or use model.family=gpt")
+                      "biases in every projection, every head its own keys, d_model / num_heads wide and not "
+                      "normalised, and a tied head; drop it, or use model.family=gpt")
   kv_heads = arch["num_kv_heads"]
   if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 0 or (
       kv_heads and m.num_heads % kv_heads):
     raise ConfigError(f"model.num_kv_heads={kv_heads!r} must divide model.num_heads={m.num_heads} (grouped-query "
                       "attention: each key/value head serves num_heads / num_kv_heads query heads; 0: as many "
                       "as query heads)")
-  if arch["positions"] == "rope" and (m.d_model // m.num_heads) % 2:
-    raise ConfigError(f"model.positions=rope rotates pairs of each head's {m.d_model // m.num_heads} dimensions, "
-                      "which must be even; change model.num_heads or model.d_model")
+  k = arch["head_dim"]
+  if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    raise ConfigError(f"model.head_dim={k!r} must be a whole number, at least 0 (each attention head's width; 0: "
+                      "model.d_model / model.num_heads)")
+  if arch["positions"] == "rope" and models.head_dim(m) % 2:
+    raise ConfigError(f"model.positions=rope rotates pairs of each head's {models.head_dim(m)} dimensions, "
+                      "which must be even; change model.num_heads or model.d_model (or model.head_dim)")
+  if arch["qkv_bias"] and arch["use_bias"]:
+    raise ConfigError("model.qkv_bias=true puts biases on the q, k and v projections of a model with no others "
+                      "(model.use_bias=false, as Qwen2 has), and model.use_bias=true has them in every projection "
+                      "already; drop model.qkv_bias or set model.use_bias=false")
   if not arch["rope_theta"] > 0:
     raise ConfigError(f"model.rope_theta={arch['rope_theta']} must be positive (Llama uses 10000 or 500000)")
   _check_rope_scaling(arch, models)
@@ -649,7 +659,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     what = ("trains a classifier's new head alone, and SFT has none (a GPT's output layer is its token table, or "
             "with model.tie_embeddings=false its pretrained lm_head)" if mode == "head" else "is not a PEFT method")
     raise ConfigError(f"finetune.peft={mode!r} {what}; for SFT set finetune.peft= one of {', '.join(SFT_PEFT_MODES)}")
-  if mode == "bitfit" and not m.get("use_bias", True):  # SFT would train nothing, a classifier its head alone
+  if mode == "bitfit" and not m.get("use_bias", True) and not m.get("qkv_bias", False):  # SFT would train nothing
     raise ConfigError("finetune.peft=bitfit trains the biases alone, and this model has none (model.use_bias=false, "
                       "as in Llama's architecture); set finetune.peft=lora or adapter")
   if "mesh" in config:
@@ -696,7 +706,8 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       scan_layers=False,
       fused_loss_chunk=0,       # >0: the LM head + loss in chunks of this many tokens (no [B,T,V] logits)
       init_std=0.02,
-      # The decoder's architecture (GPT-2's below; `configs/gpt.py:SIZE,llama` sets Llama's). BERT keeps these.
+      # The decoder's architecture (GPT-2's below; `configs/gpt.py:SIZE,llama` sets Llama's, and with qkv_bias it is
+      # Qwen2's, with qk_norm Qwen3's). BERT keeps these.
       positions="learned",      # learned (a position table, up to max_len) | rope (rotary, in q and k)
       rope_theta=10000.0,       # rope: the base of the rotation frequencies
       rope_scaling="none",      # rope: none | linear (positions / rope_factor) | llama3 (Llama 3.1 and 3.2's)
@@ -707,7 +718,10 @@ def base_config(family: str) -> ml_collections.ConfigDict:
       norm="layernorm",         # layernorm | rmsnorm (a scale, no centring, no bias)
       mlp="gelu",               # gelu | swiglu (silu(x W_gate) * x W_up; size d_ff)
       num_kv_heads=0,           # key/value heads (grouped-query attention, dividing num_heads); 0: num_heads
+      head_dim=0,               # each head's width, if not d_model / num_heads (0); Qwen3-0.6B: 128 at d_model 1024
       use_bias=True,            # biases in every attention and MLP projection
+      qkv_bias=False,           # use_bias=false: biases on the q, k and v projections alone (Qwen2's)
+      qk_norm=False,            # RMSNorm over each head of q and of k, before the rotary positions (Qwen3's)
       tie_embeddings=True,      # the output layer is the token embedding table (false: an lm_head of its own)
   ))
   c.data = ml_collections.ConfigDict(dict(

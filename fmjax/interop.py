@@ -1,4 +1,4 @@
-"""Hugging Face interop: BERT, GPT-2 and Llama checkpoints (safetensors) in both directions.
+"""Hugging Face interop: BERT, GPT-2, Llama, Qwen2 (Qwen2.5) and Qwen3 checkpoints (safetensors) in both directions.
 
   fmjax import-hf --model_dir=DIR --workdir=OUT [--config=configs/bert.py:base]
   fmjax export --workdir=W --out=DIR [--format=hf]
@@ -11,16 +11,21 @@ config.json, model.safetensors and the tokenizer files.
 
 Which HF model a GPT is follows from its architecture settings (`hf_model_type`): GPT-2's (the
 defaults) exports as GPT2LMHeadModel; Llama's (model.positions=rope, norm=rmsnorm, mlp=swiglu;
-any num_kv_heads, rope_theta, rope_scaling, use_bias and tie_embeddings) as LlamaForCausalLM; any
-other mix has no HF counterpart and is refused. Import takes gpt2, llama, mistral (without a sliding
-window narrower than its positions: then it is Llama) and bert. fmjax's rotary positions rotate the
+any num_kv_heads, head_dim, rope_theta, rope_scaling, use_bias and tie_embeddings) as
+LlamaForCausalLM; Llama's with model.use_bias=false and model.qkv_bias=true (biases on q_proj, k_proj
+and v_proj alone) as Qwen2ForCausalLM, and with model.use_bias=false and model.qk_norm=true (an RMSNorm
+over each head of q and of k, before the rotation) as Qwen3ForCausalLM; any other mix has no HF
+counterpart and is refused. Import takes gpt2, llama, mistral (without a sliding window narrower than
+its positions: then it is Llama), qwen2 and qwen3 (without a sliding window narrower than its positions
+in any layer, nor layer types other than full attention; a Qwen3 without attention_bias, which would
+put biases on o_proj too) and bert. fmjax's rotary positions rotate the
 halves of each head as HF's Llama does, so its q and k weights map on unpermuted. Rotary scaling
 (`rope_type` linear, and llama3 as Llama 3.1 and 3.2 have it) is read from `rope_parameters`
 (transformers 5) or `rope_scaling` (earlier) into `model.rope_scaling` and its parameters, and
 written back as `rope_scaling`; other rope types (yarn, dynamic, longrope ...) are refused.
 
-The mapping is one table per model type (`_gpt_table`, `_llama_table`, `_bert_table`): each
-fmjax parameter is one HF tensor, or several stacked on the output axis (BERT's and Llama's
+The mapping is one table per model type (`_gpt_table`, `_llama_table` for Llama and Qwen, `_bert_table`):
+each fmjax parameter is one HF tensor, or several stacked on the output axis (BERT's and Llama's
 query/key/value, Llama's gate/up). Kernels are stored by fmjax as (in..., out...) and flattened to
 (in, out): GPT-2's Conv1D weights are already (in, out); `torch.nn.Linear` weights are (out, in)
 and are transposed.
@@ -33,7 +38,7 @@ Conventions of the exported model:
   * Weights are written in float32 whatever the parameter dtype (bfloat16 -> float32 is exact).
   * A `classifier` subtree `{kernel (D, C), bias (C,)}` becomes BertForSequenceClassification's
     `classifier` (applied to the tanh pooler output, as in BERT) or GPT2ForSequenceClassification's
-    (LlamaForSequenceClassification's) `score` (last non-pad token; HF's score has no bias, so a
+    (Llama's, Qwen2's, Qwen3's) `score` (last non-pad token; HF's score has no bias, so a
     non-zero bias is refused). The exported tokenizer encodes as `finetune.encode` does (BERT
     [CLS] a [SEP] b [SEP] with token types, GPT a <eos> b <eos>, after <s> where the tokenizer frames
     documents), so HF's logits of its output equal fmjax's.
@@ -61,14 +66,20 @@ from fmjax import config_lib, files, models
 from fmjax.config_lib import ConfigError
 
 # HF model_type -> fmjax model.family. Mistral is Llama with a sliding attention window: imported when
-# the window covers every position (`model_settings_from_hf`), exported as Llama.
-FAMILIES = {"gpt2": "gpt", "llama": "gpt", "mistral": "gpt", "bert": "bert"}
+# the window covers every position (`model_settings_from_hf`), exported as Llama; Qwen2 and Qwen3 likewise
+# where their window is off (as in every released Qwen2.5 and Qwen3) or covers every position.
+FAMILIES = {"gpt2": "gpt", "llama": "gpt", "mistral": "gpt", "qwen2": "gpt", "qwen3": "gpt", "bert": "bert"}
 # The decoder architectures (`models.ARCHITECTURE_DEFAULTS` keys) that HF has: GPT-2's, fmjax's defaults,
-# and Llama's, whose biases (attention_bias = mlp_bias), head tying, key/value heads and rotary settings
-# (rope_theta, rope_scaling and its parameters) are free.
+# and Llama's, whose biases (attention_bias = mlp_bias), head tying, key/value heads, head width and rotary
+# settings (rope_theta, rope_scaling and its parameters) are free; Qwen2's and Qwen3's are Llama's with
+# biases on q, k and v alone, or with q/k norms, and no other biases (head tying, heads and rotary free).
 GPT2_ARCHITECTURE = {k: v for k, v in models.ARCHITECTURE_DEFAULTS.items() if not k.startswith("rope_")}
-LLAMA_ARCHITECTURE = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
-_HF_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "bert": "BERT"}
+LLAMA_ARCHITECTURE = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qkv_bias": False, "qk_norm": False}
+QWEN2_ARCHITECTURE = {**LLAMA_ARCHITECTURE, "use_bias": False, "qkv_bias": True}
+QWEN3_ARCHITECTURE = {**LLAMA_ARCHITECTURE, "use_bias": False, "qk_norm": True}
+# The rotary decoders, which share Llama's tensor names (`_llama_table`).
+ROTARY_ARCHITECTURES = {"llama": LLAMA_ARCHITECTURE, "qwen2": QWEN2_ARCHITECTURE, "qwen3": QWEN3_ARCHITECTURE}
+_HF_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "bert": "BERT"}
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
 IMPORT_INFO = "import.json"  # written into imported workdirs: where the weights came from
@@ -128,8 +139,11 @@ def _llama_table(model_cfg) -> list[_Entry]:
               (("mlp", "proj"), (hf + "mlp.down_proj",), 1)]
     for fm_name, hf_names, n_in in dense:
       t.append(_Entry(fm + fm_name + ("kernel",), tuple(n + ".weight" for n in hf_names), "linear", n_in))
-      if arch["use_bias"]:
+      qkv = fm_name in (p for p, _ in attn)
+      if arch["use_bias"] or (arch["qkv_bias"] and qkv):  # Qwen2: q_proj, k_proj and v_proj alone
         t.append(_Entry(fm + fm_name + ("bias",), tuple(n + ".bias" for n in hf_names), "vector"))
+    if arch["qk_norm"]:  # Qwen3: one scale over each head's dimensions, for q and for k
+      t += [_Entry(fm + ("attn", f"{x}_norm", "scale"), (f"{hf}self_attn.{x}_norm.weight",), "vector") for x in "qk"]
   return t
 
 
@@ -174,30 +188,35 @@ def _classifier_table(family: str) -> list[_Entry]:
 
 def hf_model_type(model_cfg) -> str:
   """The HF model_type an fmjax model exports as: bert; gpt2 for GPT-2's decoder (fmjax's defaults);
-  llama for rotary positions, RMSNorm and SwiGLU (biases, a tied head, grouped-query attention and
-  rope_theta as they are). Any other decoder has no HF counterpart: a one-line ConfigError naming
-  the settings that differ from GPT-2's and from Llama's."""
+  llama for rotary positions, RMSNorm and SwiGLU (biases, a tied head, grouped-query attention, the head
+  width and rope_theta as they are); qwen2 for that with biases on q, k and v alone (model.qkv_bias),
+  qwen3 with q/k norms (model.qk_norm) and no biases. Any other decoder has no HF counterpart: a
+  one-line ConfigError naming the settings that differ from GPT-2's and from the nearest rotary one's."""
   if model_cfg.family == "bert":
     return "bert"
   arch = models.architecture(model_cfg, canonical=True)
-  if all(arch[k] == v for k, v in LLAMA_ARCHITECTURE.items()):
-    return "llama"
-  if all(arch[k] == v for k, v in GPT2_ARCHITECTURE.items()):
-    return "gpt2"
+  known = {**ROTARY_ARCHITECTURES, "gpt2": GPT2_ARCHITECTURE}
+  for kind, want in known.items():
+    if all(arch[k] == v for k, v in want.items()):
+      return kind
 
-  def differs(want):
-    setting = config_lib.setting
-    return ", ".join(f"model.{k}={setting(arch[k])} (not {setting(v)})" for k, v in want.items() if arch[k] != v)
-
-  raise ConfigError(f"this decoder has no Hugging Face counterpart: it differs from GPT-2's architecture in "
-                    f"{differs(GPT2_ARCHITECTURE)} and from Llama's in {differs(LLAMA_ARCHITECTURE)}; export takes "
-                    "GPT-2's (the model.* defaults) or Llama's (model.positions=rope, model.norm=rmsnorm, "
-                    "model.mlp=swiglu, as configs/gpt.py:SIZE,llama sets)")
+  setting = config_lib.setting
+  differs = {kind: [f"model.{k}={setting(arch[k])} (not {setting(v)})" for k, v in want.items() if arch[k] != v]
+             for kind, want in known.items()}
+  fewest = min(len(differs[kind]) for kind in ROTARY_ARCHITECTURES)
+  parts = [f"GPT-2's architecture in {', '.join(differs['gpt2'])}"] + [
+      f"{_HF_NAMES[kind]}'s in {', '.join(differs[kind])}" for kind in ROTARY_ARCHITECTURES
+      if len(differs[kind]) == fewest]
+  raise ConfigError(f"this decoder has no Hugging Face counterpart: it differs from {', from '.join(parts[:-1])} and "
+                    f"from {parts[-1]}; export takes GPT-2's (the model.* defaults), Llama's (model.positions=rope, "
+                    "model.norm=rmsnorm, model.mlp=swiglu, as configs/gpt.py:SIZE,llama sets), Qwen2's (Llama's with "
+                    "model.use_bias=false, model.qkv_bias=true) or Qwen3's (Llama's with model.use_bias=false, "
+                    "model.qk_norm=true)")
 
 
 def _table(model_cfg) -> list[_Entry]:
   kind = hf_model_type(model_cfg)
-  if kind == "llama":
+  if kind in ROTARY_ARCHITECTURES:
     return _llama_table(model_cfg)
   return _gpt_table(model_cfg.num_layers) if kind == "gpt2" else _bert_table(model_cfg.num_layers)
 
@@ -208,10 +227,11 @@ def _table(model_cfg) -> list[_Entry]:
 _OPTIONAL = {"bert": ("pooler", "mlm_transform", "mlm_ln", "mlm_bias"), "gpt": ("lm_head",)}
 # Language-model heads, which HF's sequence classifiers lack: a classifier's export leaves them out
 # (a fine-tuned Llama keeps its untied lm_head, unused).
-_LM_HEADS = {"bert": ("mlm_transform", "mlm_ln", "mlm_bias"), "llama": ("lm_head",)}
+_LM_HEADS = {"bert": ("mlm_transform", "mlm_ln", "mlm_bias"), **dict.fromkeys(ROTARY_ARCHITECTURES, ("lm_head",))}
 # Where each model type's weights live, and its layers (a base-model save has no prefix).
-_PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}
-_LAYERS = {"gpt2": "transformer.h.", "llama": "model.layers.", "bert": "bert.encoder.layer."}
+_PREFIX = {"gpt2": "transformer.", "bert": "bert.", **dict.fromkeys(ROTARY_ARCHITECTURES, "model.")}
+_LAYERS = {"gpt2": "transformer.h.", "bert": "bert.encoder.layer.",
+           **dict.fromkeys(ROTARY_ARCHITECTURES, "model.layers.")}
 
 
 # Buffers and tied copies in HF checkpoints that carry no information of their own, and BERT's
@@ -428,13 +448,13 @@ def _init_like(path: tuple, shape: tuple, std: float, rng: np.random.Generator) 
 
 def _check_tied(weights: Mapping, params: dict, kind: str) -> None:
   """A tied output layer is the input embeddings: refuse checkpoints whose output layer differs
-  (fmjax's GPT-2 and BERT always tie it; a Llama config.json says whether it does)."""
-  if "lm_head" in params:  # an untied Llama: its lm_head was imported
+  (fmjax's GPT-2 and BERT always tie it; a Llama or Qwen config.json says whether it does)."""
+  if "lm_head" in params:  # an untied Llama or Qwen: its lm_head was imported
     return
   name, emb = (("cls.predictions.decoder.weight", params["embeddings"]["word_embeddings"]["embedding"])
                if kind == "bert" else ("lm_head.weight", params["wte"]["embedding"]))
   if name in weights and not np.allclose(np.asarray(weights[name], np.float32), emb):
-    if kind == "llama":
+    if kind in ROTARY_ARCHITECTURES:
       raise ConfigError(f"{name} differs from the input embeddings, but config.json says tie_word_embeddings=true; "
                         "fix config.json (tie_word_embeddings=false) or use the weights that belong to it")
     raise ConfigError(f"{name} differs from the input embeddings (untied output layer); fmjax models tie them, "
@@ -462,7 +482,7 @@ def model_settings_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     archs = ", ".join(hf.get("architectures") or []) or "none listed"
     raise ConfigError(f"unsupported architecture: model_type={model_type!r} (architectures: {archs}); "
                       f"fmjax imports {', '.join(list(FAMILIES)[:-1])} and {list(FAMILIES)[-1]} checkpoints")
-  if model_type in ("llama", "mistral"):
+  if model_type in ("llama", "mistral", "qwen2", "qwen3"):
     return _llama_settings(hf)
   if model_type == "gpt2":
     d = hf.get("n_embd", 768)
@@ -492,29 +512,59 @@ def model_settings_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _llama_settings(hf: Mapping[str, Any]) -> dict[str, Any]:
-  """`model_settings_from_hf` of a Llama (or a Mistral, which is Llama where its window covers every position)."""
+  """`model_settings_from_hf` of a Llama, or of what is Llama where its window covers every position: a Mistral,
+  a Qwen2 (with biases on q, k and v alone) or a Qwen3 (with q/k norms)."""
   model_type = hf["model_type"]
   d, heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
   kv_heads = hf.get("num_key_value_heads") or heads
   max_len = hf.get("max_position_embeddings", 2048)
   _require(hf.get("hidden_act", "silu") == "silu",
            f"hidden_act={hf.get('hidden_act')!r}; fmjax's SwiGLU gates with silu")
-  head_dim = hf.get("head_dim") or d // heads
-  _require(head_dim * heads == d, f"head_dim={head_dim} with hidden_size={d} and {heads} heads; fmjax's heads are "
-                                  "hidden_size / num_attention_heads wide")
-  attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
-  _require(attention_bias == mlp_bias, f"attention_bias={config_lib.setting(attention_bias)} with "
-                                       f"mlp_bias={config_lib.setting(mlp_bias)}; fmjax has biases in every projection "
-                                       "or in none (model.use_bias)")
-  window = hf.get("sliding_window") if model_type == "mistral" else None
-  _require(window is None or window >= max_len, f"sliding_window={window} (below max_position_embeddings={max_len}); "
-                                                "fmjax's attention sees every earlier position")
+  # transformers' Qwen3Config defaults head_dim to 128; the others' heads are hidden_size / heads wide.
+  head_dim = hf.get("head_dim", 128 if model_type == "qwen3" else None) or d // heads
+  if model_type == "qwen2":  # q_proj, k_proj and v_proj have biases, o_proj and the MLP none: no setting says so
+    biases = dict(use_bias=False, qkv_bias=True)
+  elif model_type == "qwen3":
+    _require(not hf.get("attention_bias", False), "attention_bias=true (model_type 'qwen3': biases on q_proj, k_proj, "
+                                                  "v_proj and o_proj, none in the MLP); fmjax has biases in every "
+                                                  "projection (model.use_bias) or on q, k and v alone (model.qkv_bias)")
+    biases = dict(use_bias=False, qk_norm=True)
+  else:
+    attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    _require(attention_bias == mlp_bias, f"attention_bias={config_lib.setting(attention_bias)} with "
+                                         f"mlp_bias={config_lib.setting(mlp_bias)}; fmjax has biases in every "
+                                         "projection or in none (model.use_bias)")
+    biases = dict(use_bias=attention_bias)
+  _check_full_attention(hf, max_len)
   return dict(family="gpt", vocab_size=hf.get("vocab_size", 32000), num_layers=hf.get("num_hidden_layers", 32),
               d_model=d, num_heads=heads, d_ff=hf.get("intermediate_size", 11008), max_len=max_len,
               layer_norm_eps=hf.get("rms_norm_eps", 1e-6), dropout=0.0,
-              attention_dropout=float(hf.get("attention_dropout", 0.0)), **LLAMA_ARCHITECTURE, **_rope_settings(hf),
-              num_kv_heads=0 if kv_heads == heads else kv_heads, use_bias=attention_bias,
-              tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+              attention_dropout=float(hf.get("attention_dropout", 0.0)), **_rope_settings(hf),
+              num_kv_heads=0 if kv_heads == heads else kv_heads, head_dim=0 if head_dim * heads == d else head_dim,
+              tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **{**LLAMA_ARCHITECTURE, **biases})
+
+
+def _check_full_attention(hf: Mapping[str, Any], max_len: int) -> None:
+  """Refuses a decoder whose layers do not all see every earlier position: a sliding window narrower than
+  the positions (Mistral's in every layer; Qwen's, with use_sliding_window, in the layers from
+  max_window_layers on, or those `layer_types` names), or layer types other than (sliding) full attention."""
+  model_type, layers = hf["model_type"], hf.get("num_hidden_layers", 32)
+  types = hf.get("layer_types")
+  if types is not None:
+    others = sorted({str(t) for t in types} - {"full_attention", "sliding_attention"}) if isinstance(types, list) \
+        else [repr(types)]
+    _require(not others, f"layer_types holds {', '.join(others)}; fmjax's layers are all full attention")
+  if model_type == "mistral":
+    window, sliding, what = hf.get("sliding_window"), layers, ""
+  elif model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window", False):
+    window, what = hf.get("sliding_window"), "use_sliding_window=true, "
+    first = hf.get("max_window_layers", 28)
+    sliding = sum(t == "sliding_attention" for t in types) if types is not None else max(0, layers - first)
+  else:
+    return
+  _require(window is None or not sliding or window >= max_len,
+           f"{what}sliding_window={window} (below max_position_embeddings={max_len}) in {sliding} of its {layers} "
+           "layers; fmjax's attention sees every earlier position")
 
 
 # What each HF rope_type fmjax has reads, and the model.* setting it goes to.
@@ -594,16 +644,21 @@ def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None,
       specials.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
   kind = hf_model_type(m)
   archs = [_hf_architecture(kind, bool(num_labels))]
-  if kind == "llama":
+  if kind in ROTARY_ARCHITECTURES:
     arch = models.architecture(m, canonical=True)
-    cfg = dict(model_type="llama", architectures=archs, vocab_size=m.vocab_size, hidden_size=m.d_model,
+    cfg = dict(model_type=kind, architectures=archs, vocab_size=m.vocab_size, hidden_size=m.d_model,
                intermediate_size=m.d_ff, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-               num_key_value_heads=arch["num_kv_heads"] or m.num_heads, head_dim=m.d_model // m.num_heads,
+               num_key_value_heads=arch["num_kv_heads"] or m.num_heads, head_dim=models.head_dim(m),
                hidden_act="silu", max_position_embeddings=m.max_len, rms_norm_eps=m.layer_norm_eps,
                rope_theta=float(arch["rope_theta"]), rope_scaling=_hf_rope_scaling(arch),
-               attention_bias=bool(arch["use_bias"]),
-               mlp_bias=bool(arch["use_bias"]), attention_dropout=m.get("attention_dropout", 0.0),
+               attention_dropout=m.get("attention_dropout", 0.0),
                initializer_range=m.init_std, tie_word_embeddings=bool(arch["tie_embeddings"]))
+    if kind == "llama":
+      cfg.update(attention_bias=bool(arch["use_bias"]), mlp_bias=bool(arch["use_bias"]))
+    else:  # Qwen2's biases come with its model_type; the window off, every layer sees every earlier position
+      cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
+    if kind == "qwen3":  # true would put a bias on o_proj too
+      cfg["attention_bias"] = False
   elif kind == "gpt2":
     cfg = dict(model_type="gpt2", architectures=archs, vocab_size=m.vocab_size, n_positions=m.max_len,
                n_embd=m.d_model, n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.d_ff,
@@ -640,9 +695,10 @@ def _hf_rope_scaling(arch: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _hf_architecture(kind: str, classifier: bool) -> str:
   """The HF class an export loads as (a classifier's weights hold no LM head: a sequence classifier only)."""
+  name = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "bert": "Bert"}[kind]
   if classifier:
-    return {"gpt2": "GPT2", "llama": "Llama", "bert": "Bert"}[kind] + "ForSequenceClassification"
-  return {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}[kind]
+    return name + "ForSequenceClassification"
+  return {"gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM"}.get(kind, name + "ForCausalLM")
 
 
 # ----------------------------------------------------------------------------- reading HF directories
@@ -755,7 +811,8 @@ def check_new_dir(path: str, flag: str) -> None:
 
 def import_hf(model_dir: str, workdir: str, config_spec: str | None = None,
               overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-  """Turns an HF BERT / GPT-2 / Llama directory into an fmjax workdir with a step-0 checkpoint; returns its config.
+  """Turns an HF BERT / GPT-2 / Llama / Qwen directory into an fmjax workdir with a step-0 checkpoint; returns its
+  config.
 
   The config starts from `config_spec` (default: configs/gpt.py or configs/bert.py) with the
   model sizes of the HF config.json; `overrides` (`a.b=v`) apply after that. Everything is

@@ -2,8 +2,9 @@
 
 Both follow the original architectures closely enough that Hugging Face weights map onto them
 one to one (names in comments). The decoder also takes the choices later decoders made (rotary
-positions, RMSNorm, SwiGLU, grouped-query attention, no biases, an untied head), each a
-`model.*` setting; all of them together are Llama's architecture (`configs/gpt.py:small,llama`).
+positions, RMSNorm, SwiGLU, grouped-query attention, no biases, an untied head; Qwen's q/k/v biases,
+q/k norms and a head width of its own), each a `model.*` setting; the first six together are Llama's
+architecture (`configs/gpt.py:small,llama`), with model.qkv_bias Qwen2's, with model.qk_norm Qwen3's.
 Every parameter carries logical axis names (vocab, embed, mlp, heads, kv_heads, kv, layers, norm);
 the config's `logical_axis_rules` maps them onto the mesh.
 
@@ -307,12 +308,13 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm (a scale, no bias) computed in float32; output in the compute dtype."""
+  """RMSNorm (a scale, no bias) computed in float32; output in the compute dtype. `names`: the scale's
+  logical axis (a q/k norm's is the head dim, `kv`)."""
 
-  def __init__(self, features, *, eps, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, features, *, eps, dtype, param_dtype, rngs: nnx.Rngs, names=("norm",)):
     self.eps = eps
     self.dtype = dtype
-    self.scale = _param(rngs, nnx.initializers.ones, (features,), ("norm",), param_dtype)
+    self.scale = _param(rngs, nnx.initializers.ones, (features,), names, param_dtype)
 
   def __call__(self, x):
     return rms_norm(x, self.scale[...], self.eps, self.dtype)
@@ -322,8 +324,8 @@ class RMSNorm(nnx.Module):
 # the setting existed read; the rotary scaling's parameters: unscaled, and Llama 3's). BERT takes these values only.
 ARCHITECTURE_DEFAULTS = {"positions": "learned", "rope_theta": 10000.0, "rope_scaling": "none", "rope_factor": 1.0,
                          "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0, "rope_original_max_len": 8192,
-                         "norm": "layernorm", "mlp": "gelu", "num_kv_heads": 0, "use_bias": True,
-                         "tie_embeddings": True}
+                         "norm": "layernorm", "mlp": "gelu", "num_kv_heads": 0, "head_dim": 0, "use_bias": True,
+                         "qkv_bias": False, "qk_norm": False, "tie_embeddings": True}
 ARCHITECTURE_CHOICES = {"positions": ("learned", "rope"), "rope_scaling": ("none", "linear", "llama3"),
                         "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
 # The rotary scaling parameters each model.rope_scaling reads (the others keep their defaults).
@@ -333,19 +335,26 @@ ROPE_SCALING_READS = {"none": (), "linear": ("rope_factor",), "llama3": (
 
 def architecture(cfg, *, canonical: bool = False) -> dict:
   """The model section's architecture choices, with GPT-2's value for any it lacks. `canonical`:
-  num_kv_heads 0 also where it equals num_heads (one model: no grouped-query attention), for
-  comparing two models."""
+  num_kv_heads 0 also where it equals num_heads (one model: no grouped-query attention), and head_dim
+  0 where it is d_model / num_heads, for comparing two models."""
   arch = {k: cfg.get(k, v) for k, v in ARCHITECTURE_DEFAULTS.items()}
   if canonical and arch["num_kv_heads"] == cfg.get("num_heads"):
     arch["num_kv_heads"] = 0
+  if canonical and arch["head_dim"] * cfg.get("num_heads", 0) == cfg.get("d_model"):
+    arch["head_dim"] = 0
   return arch
+
+
+def head_dim(cfg) -> int:
+  """K, each attention head's width: model.head_dim, or d_model / num_heads where it is 0."""
+  return int(architecture(cfg)["head_dim"]) or cfg.d_model // cfg.num_heads
 
 
 def rope_settings(cfg) -> tuple:
   """The rotary positions' static settings (what `rope_tables` takes after the positions) of a model
   section: (head_dim, theta, scaling, factor, low_freq_factor, high_freq_factor, original_max_len)."""
   arch = architecture(cfg)
-  return (cfg.d_model // cfg.num_heads, float(arch["rope_theta"]), arch["rope_scaling"], float(arch["rope_factor"]),
+  return (head_dim(cfg), float(arch["rope_theta"]), arch["rope_scaling"], float(arch["rope_factor"]),
           float(arch["rope_low_freq_factor"]), float(arch["rope_high_freq_factor"]),
           int(arch["rope_original_max_len"]))
 
@@ -404,9 +413,11 @@ class _Common:
     # "auto" stays unresolved until the trace: the kernel then suits the platform compiled for
     # and the sequence lengths (`attention.resolve_kernel`).
     self.kernel = cfg.attention
-    self.head_dim = cfg.d_model // cfg.num_heads
+    self.head_dim = head_dim(cfg)
     self.num_kv_heads = self.arch["num_kv_heads"] or cfg.num_heads
     self.use_bias = bool(self.arch["use_bias"])
+    self.qkv_bias = self.use_bias or bool(self.arch["qkv_bias"])
+    self.qk_norm = bool(self.arch["qk_norm"])
     self.attention_dropout = float(cfg.get("attention_dropout", 0.0))  # absent from older runs' configs
 
   def norm(self, features: int, rngs: nnx.Rngs):
@@ -417,27 +428,33 @@ class _Common:
 
 class SelfAttention(nnx.Module):
   """Fused qkv projection [D -> 3,H,K], attention, output projection [H,K -> D] (biases unless
-  model.use_bias=false).
+  model.use_bias=false; on the q/k/v projection alone with model.qkv_bias=true, Qwen2's).
 
   The qkv kernel (D, 3, H, K) is GPT-2's c_attn (D, 3D) reshaped, or BERT's query/key/value
   kernels stacked on axis 1; sharding H gives Megatron-style tensor parallelism. With fewer
   key/value heads G than query heads (grouped-query attention) the projections are q [D -> H,K]
-  and kv [D -> 2,G,K]. Rotary positions, when given, turn q and k after the projection.
+  and kv [D -> 2,G,K]. K is d_model / H unless model.head_dim sets it. With model.qk_norm (Qwen3's)
+  each head of q and of k is RMS-normalised over its K dimensions (q_norm, k_norm: one scale [K] each,
+  shared by the heads); rotary positions, when given, turn q and k after that.
   """
 
   def __init__(self, c: _Common, *, causal: bool, out_std: float, rngs: nnx.Rngs):
     cfg = c.cfg
     H, G, K, D = cfg.num_heads, c.num_kv_heads, c.head_dim, cfg.d_model
     kw = dict(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+    qkv_kw = dict(kw, use_bias=c.qkv_bias)
     self.causal = causal
     self.kernel = c.kernel
     self.dropout_rate = c.attention_dropout
     if G == H:
-      self.qkv = Dense((D,), (3, H, K), ("embed", None, "heads", "kv"), std=cfg.init_std, **kw)
+      self.qkv = Dense((D,), (3, H, K), ("embed", None, "heads", "kv"), std=cfg.init_std, **qkv_kw)
     else:
-      self.q = Dense((D,), (H, K), ("embed", "heads", "kv"), std=cfg.init_std, **kw)
-      self.kv = Dense((D,), (2, G, K), ("embed", None, "kv_heads", "kv"), std=cfg.init_std, **kw)
+      self.q = Dense((D,), (H, K), ("embed", "heads", "kv"), std=cfg.init_std, **qkv_kw)
+      self.kv = Dense((D,), (2, G, K), ("embed", None, "kv_heads", "kv"), std=cfg.init_std, **qkv_kw)
     self.out = Dense((H, K), (D,), ("heads", "kv", "embed"), std=out_std, **kw)
+    if c.qk_norm:
+      norm_kw = dict(eps=cfg.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs, names=("kv",))
+      self.q_norm, self.k_norm = RMSNorm(K, **norm_kw), RMSNorm(K, **norm_kw)
 
   @property
   def kv_heads(self) -> int:
@@ -454,6 +471,8 @@ class SelfAttention(nnx.Module):
       q_BTHK = _constrain(self.q(x_BTD), ("batch", "length", "heads", None))
       kv_BT2GK = _constrain(self.kv(x_BTD), ("batch", "length", None, "kv_heads", None))
       k_BTGK, v_BTGK = kv_BT2GK[:, :, 0], kv_BT2GK[:, :, 1]
+    if hasattr(self, "q_norm"):  # before the rotation, as Qwen3 does: the norm sees each head's own values
+      q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
     if rope is not None:
       q_BTHK, k_BTGK = apply_rope(q_BTHK, rope), apply_rope(k_BTGK, rope)
     return q_BTHK, k_BTGK, v_BTGK
@@ -843,12 +862,14 @@ def flops_per_token(model_cfg, seq_len: int) -> float:
   """Training FLOPs per token: 6*N + 12*L*D*T, N without position embeddings.
 
   6N is forward + backward of the matmuls; 12*L*D*T the attention scores and weighted sums,
-  counted in full (no causal halving, and bidirectional BERT counted the same). A tied token
-  table counts once, as the output layer's matmul; an untied head's input table is a lookup like
-  the position table, so N leaves it out too (else MFU would read 27% high for a Llama-style
-  GPT-2 small).
+  counted in full (no causal halving, and bidirectional BERT counted the same), D there the
+  attention's width H*K: d_model, unless model.head_dim makes the heads wider or narrower (Qwen3-0.6B's
+  are 2 d_model). A tied token table counts once, as the output layer's matmul; an untied head's input
+  table is a lookup like the position table, so N leaves it out too (else MFU would read 27% high for a
+  Llama-style GPT-2 small).
   """
-  return 6.0 * flop_params(model_cfg) + 12.0 * model_cfg.num_layers * model_cfg.d_model * seq_len
+  width = model_cfg.num_heads * head_dim(model_cfg)
+  return 6.0 * flop_params(model_cfg) + 12.0 * model_cfg.num_layers * width * seq_len
 
 
 def flop_params(model_cfg) -> int:

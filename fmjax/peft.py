@@ -172,7 +172,7 @@ def _keys(path) -> tuple[str, ...]:
 
 
 def _is_norm(keys) -> bool:
-  return any(k == "layer_norm" or "ln" in k.split("_") for k in keys)
+  return any({"ln", "norm"} & set(k.split("_")) for k in keys)  # ln_1, attention_ln, layer_norm, q_norm ...
 
 
 def is_trainable(keys: tuple[str, ...], mode: str) -> bool:

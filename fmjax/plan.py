@@ -312,8 +312,9 @@ def analytic_temp_bytes(config, mesh_sizes: dict[str, int], param_bytes: int, ke
 
   Gradients (one copy of the local parameters) plus saved activations. Per token and layer
   the block keeps about 16*D values for GPT-2 (the two norms' inputs and the residual stream, 4*D;
-  q/k/v, 3*D, or D + 2*G*K with G key/value heads; the attention output, D; the MLP hidden before
-  and after GELU, 2*F, or SwiGLU's gate, up and product, 3*F), plus 2*H*T for attention scores and
+  q/k/v, 3*D, or H*K + 2*G*K with G key/value heads and K = model.head_dim; the attention output,
+  H*K; with model.qk_norm the q and k norms' inputs, H*K + G*K more; the MLP hidden before and after
+  GELU, 2*F, or SwiGLU's gate, up and product, 3*F), plus 2*H*T for attention scores and
   probabilities unless the
   attention `kernel` is a flash kernel (splash, cudnn), which keeps none (Korthikanti et al.,
   2022 count 34*D + 5*H*T bytes at 16 bits with dropout masks). Remat keeps only each layer's
@@ -330,9 +331,11 @@ def analytic_temp_bytes(config, mesh_sizes: dict[str, int], param_bytes: int, ke
   act_bytes = 2 if m.dtype in ("bfloat16", "float16") else 4
   scores = 0 if kernel in ("splash", "cudnn") else 2 * m.num_heads * t
   arch = models.architecture(m)
-  kv_width = (arch["num_kv_heads"] or m.num_heads) * (m.d_model // m.num_heads)
+  q_width = m.num_heads * models.head_dim(m)
+  kv_width = (arch["num_kv_heads"] or m.num_heads) * models.head_dim(m)
+  qk_norm = q_width + kv_width if arch["qk_norm"] else 0
   mlp = (3 if arch["mlp"] == "swiglu" else 2) * m.d_ff
-  per_layer = tokens * (4 * m.d_model + m.d_model + 2 * kv_width + m.d_model + mlp + scores) * act_bytes / tp
+  per_layer = tokens * (4 * m.d_model + q_width + 2 * kv_width + q_width + qk_norm + mlp + scores) * act_bytes / tp
   if m.remat == "none":
     acts = m.num_layers * per_layer
   elif m.remat == "full":
@@ -718,7 +721,7 @@ def format_plan(p: dict) -> str:
       f"  parameters      {p['params']:,} ({p['params_without_positions']:,} without position embeddings)",
       f"  attention       {p['attention']}",
       f"  FLOPs/token     6*N + 12*L*D*T = {p['flops_per_token']:.4g} (N = {p['flop_params']:,}: no position "
-      "embeddings, nor an untied head's input table)",
+      "embeddings, nor an untied head's input table; D: the attention's width, num_heads * head_dim)",
       f"  FLOPs/step      {p['flops_per_step']:.4g} ({p['tokens_per_step']:,} tokens)"
       + (f"; XLA cost analysis {p['xla_flops_per_step']:.4g}" if p["xla_flops_per_step"] else "")
       + (" (a lower bound: it counts a loop's body once, a Pallas kernel as 0)"

@@ -260,13 +260,18 @@ def _architecture(m) -> str:
     return "BERT encoder (post-LN, learned positions, token types, pooler, tied masked-LM head)"
   if kind == "gpt2":
     return "GPT-2-style decoder (pre-LN, learned positions, tied embeddings, causal LM)"
-  arch = models.architecture(m)
+  arch = models.architecture(m, canonical=True)
   kv_heads = arch["num_kv_heads"] or m.num_heads
   attention = f"grouped-query attention ({kv_heads} key/value heads)" if kv_heads != m.num_heads else "attention"
+  if arch["head_dim"]:
+    attention += f" of {arch['head_dim']}-wide heads"
+  if arch["qk_norm"]:
+    attention += " with RMSNorm on each head of q and k"
+  biases = "biases on q, k and v alone" if arch["qkv_bias"] else "biases" if arch["use_bias"] else "no biases"
   scaled = "" if arch["rope_scaling"] == "none" else f", {arch['rope_scaling']} scaling x{arch['rope_factor']:g}"
-  return (f"Llama-style decoder (pre-norm RMSNorm, rotary positions (theta {arch['rope_theta']:g}{scaled}), "
-          f"SwiGLU MLP, {attention}, {'biases' if arch['use_bias'] else 'no biases'}, "
-          f"{'tied' if arch['tie_embeddings'] else 'untied'} embeddings, causal LM)")
+  name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[kind]
+  return (f"{name}-style decoder (pre-norm RMSNorm, rotary positions (theta {arch['rope_theta']:.10g}{scaled}), "
+          f"SwiGLU MLP, {attention}, {biases}, {'tied' if arch['tie_embeddings'] else 'untied'} embeddings, causal LM)")
 
 
 def model_card(config, card: Mapping[str, Any], *, step: int, params, report: Mapping[str, Any],

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from fmjax import models
 from fmjax.config_lib import DEFAULT_RULES, ConfigError, _suggest
 
 MESH_AXES = ("dcn_data", "data", "fsdp", "tensor")
@@ -80,7 +81,8 @@ def validate_mesh(config, num_devices: int | None = None) -> None:
   m = config.model
   dims = {k: (int(m[v]), f"model.{v}") for k, v in
           (("embed", "d_model"), ("norm", "d_model"), ("mlp", "d_ff"), ("heads", "num_heads"), ("vocab", "vocab_size"))}
-  dims["kv"] = (m.d_model // m.num_heads, "the head size model.d_model/model.num_heads")
+  dims["kv"] = (models.head_dim(m), "the head size model.head_dim" if models.architecture(m)["head_dim"] else
+                "the head size model.d_model/model.num_heads")
   grouped = int(m.get("num_kv_heads", 0))
   dims["kv_heads"] = (grouped or int(m.num_heads),
                       "model.num_kv_heads" if grouped else "model.num_heads (also the key/value heads)")

@@ -422,6 +422,29 @@ def test_init_from_adopts_the_sources_architecture_unless_this_config_names_anot
       "model.num_kv_heads=0"]
 
 
+def test_init_from_adopts_a_qwen_sources_norms_biases_and_head_width_and_older_runs_had_none():
+  """A config that names no architecture (a classifier's for an imported Qwen3) takes the source's q/k norms and
+  head width; one that names q/k norms for a source without them (a Qwen2) is one line; a run saved before the
+  keys had neither them nor q/k/v-only biases, and resumes without a breaking change."""
+  qwen = ["model.num_kv_heads=2", "model.head_dim=48"]
+  qwen3 = config_lib.load_config("configs/gpt.py:tiny,llama", [*qwen, "model.qk_norm=true"])
+  qwen2 = config_lib.load_config("configs/gpt.py:tiny,llama", [*qwen, "model.qkv_bias=true"]).to_dict()
+  plain = config_lib.load_config("configs/gpt.py:tiny")
+  assert ckpt_lib.adopt_model_settings(plain, qwen3.to_dict()) == [
+      "model.positions='rope'", "model.norm='rmsnorm'", "model.mlp='swiglu'", "model.num_kv_heads=2",
+      "model.head_dim=48", "model.use_bias=False", "model.qk_norm=True", "model.tie_embeddings=False"]
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=(
+      r"^init_from=/runs/qwen2 holds a model with model.qk_norm=false but this config sets model.qk_norm=true; ")) as e:
+    ckpt_lib.adopt_model_settings(qwen3, qwen2, "init_from=/runs/qwen2")
+  assert "\n" not in str(e.value)
+  now = config_lib.load_config("configs/gpt.py:tiny,llama").to_dict()
+  before = json.loads(json.dumps(now))
+  for key in ("head_dim", "qkv_bias", "qk_norm"):
+    del before["model"][key]
+  assert ckpt_lib.config_changes(before, now)[0] == []
+  assert models.architecture(before["model"]) == models.architecture(now["model"])
+
+
 def test_init_from_adopts_the_rotary_scaling_of_its_source_unless_this_config_reads_positions_anew(caplog):
   """A Llama 3.2 import's llama3 scaling (and theta) come with it into a config that names none (its logits are
   that model's); a config that names a scaling or a theta reads positions anew, as extending a context does

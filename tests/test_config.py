@@ -176,6 +176,21 @@ def test_cli_workdir_and_override_mistakes_are_one_line(tmp_path, capsys):
     ("gpt", ["model.positions=rope", "model.d_model=120", "model.num_heads=8"],
      "model.positions=rope rotates pairs of each head's 15 dimensions, which must be even"),
     ("gpt", ["model.rope_theta=0"], r"model.rope_theta=0.0 must be positive"),
+    # Qwen's: biases on q, k and v where no other projection has one, a head width of its own, q/k norms.
+    ("gpt", ["model.qkv_bias=true"], r"^model.qkv_bias=true puts biases on the q, k and v projections of a model with "
+     r"no others \(model.use_bias=false, as Qwen2 has\), and model.use_bias=true has them in every projection already; "
+     "drop model.qkv_bias or set model.use_bias=false$"),
+    ("gpt", ["model.head_dim=-8"], r"^model.head_dim=-8 must be a whole number, at least 0 \(each attention head's "
+     r"width; 0: model.d_model / model.num_heads\)$"),
+    ("gpt", ["model.positions=rope", "model.head_dim=33"],
+     r"^model.positions=rope rotates pairs of each head's 33 dimensions, which must be even; .* \(or "
+     r"model.head_dim\)$"),
+    ("gpt", ["model.num_heads=3"], "^model.num_heads=3 does not divide model.d_model=128; change one, or set "
+     r"model.head_dim \(each head's width\)$"),
+    ("bert", ["model.qk_norm=true", "model.head_dim=64"],
+     "^model.head_dim=64, model.qk_norm=true is a decoder choice: BERT has learned positions"),
+    ("bert", ["model.use_bias=false", "model.qkv_bias=true"], "^model.use_bias=false, model.qkv_bias=true is a decoder "
+     "choice"),
     # Rotary scaling: a kind fmjax lacks, a factor that scales nothing or backwards, a parameter its kind ignores.
     ("gpt", ["model.positions=rope", "model.rope_scaling=yarn"],
      r"model.rope_scaling='yarn' is not one of \['none', 'linear', 'llama3'\]"),
@@ -210,6 +225,19 @@ def test_values_that_would_train_wrongly_are_refused(spec, overrides, error):
   next-token prediction, no masked positions, a negative rate, a mesh that cannot split the model."""
   with pytest.raises(ConfigError, match=error):
     config_lib.validate(config_lib.load_config(f"configs/{spec}.py:tiny", overrides), 8)
+
+
+def test_qwen_architectures_validate_and_bitfit_finds_their_q_k_v_biases():
+  """Qwen2's (Llama's with biases on q, k and v alone) and Qwen3's (with q/k norms, heads wider than d_model /
+  num_heads, which then need not divide d_model) are valid decoders; BitFit trains Qwen2's biases."""
+  qwen2 = ["model.qkv_bias=true", "model.rope_theta=1000000"]
+  qwen3 = ["model.qk_norm=true", "model.d_model=96", "model.num_heads=5", "model.head_dim=32"]
+  for extra in (qwen2, qwen3):
+    config_lib.validate(config_lib.load_config("configs/gpt.py:tiny,llama", extra), 8)
+  assert models.head_dim(config_lib.load_config("configs/gpt.py:tiny,llama", qwen3).model) == 32
+  config_lib.load_config("configs/sft.py", ["model.use_bias=false", "model.qkv_bias=true", "finetune.peft=bitfit"])
+  with pytest.raises(ConfigError, match=r"^finetune.peft=bitfit trains the biases alone, and this model has none"):
+    config_lib.load_config("configs/sft.py", ["model.use_bias=false", "model.qk_norm=true", "finetune.peft=bitfit"])
 
 
 def test_cli_one_line_error():

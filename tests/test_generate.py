@@ -18,16 +18,26 @@ TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.d_
 
 
 # configs/gpt.py:tiny,llama (rotary positions, RMSNorm, SwiGLU, no biases, an untied head), 2 key/value heads for 4;
-# llama3: with Llama 3.1's rotary scaling of 8 positions of pretraining, which the decoded rows pass.
+# llama3: with Llama 3.1's rotary scaling of 8 positions of pretraining, which the decoded rows pass; qwen: with
+# Qwen's q/k/v biases and q/k norms (the cache holds keys normed, then rotated) and heads 24 wide (d_model / 4 = 16).
 SPECS = {"gpt": ("configs/gpt.py:tiny", []), "bert": ("configs/bert.py:tiny", []),
          "llama": ("configs/gpt.py:tiny,llama", ["model.num_kv_heads=2"]),
          "llama3": ("configs/gpt.py:tiny,llama", ["model.num_kv_heads=2", "model.rope_scaling=llama3",
-                                                  "model.rope_factor=4", "model.rope_original_max_len=8"])}
+                                                  "model.rope_factor=4", "model.rope_original_max_len=8"]),
+         "qwen": ("configs/gpt.py:tiny,llama", ["model.num_kv_heads=2", "model.qkv_bias=true", "model.qk_norm=true",
+                                                "model.head_dim=24"])}
 
 
 def _unrolled_and_scanned(family):
   spec, extra = SPECS[family]
   unrolled = models.build_model(config_lib.load_config(spec, TINY + extra).model, rngs=nnx.Rngs(0))
+  if family == "qwen":  # biases (zeros) and norm scales (ones) at init would hide a path that skipped them
+    state = nnx.state(unrolled, nnx.Param)
+    rng = np.random.default_rng(0)
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(
+        lambda p, x: x if str(p[-1].key) == "kernel" else x + 0.3 * rng.standard_normal(x.shape).astype(x.dtype),
+        nnx.to_pure_dict(state)))
+    nnx.update(unrolled, state)
   # The scanned model gets the same weights stacked: cheaper than a second eager init.
   scanned_cfg = config_lib.load_config(spec, TINY + extra + ["model.scan_layers=true"]).model
   graphdef, state = nnx.split(models.abstract_model(scanned_cfg))
@@ -51,6 +61,12 @@ def llamas():
 def scaled_llamas():
   """`llamas` with llama3 rotary scaling."""
   return _unrolled_and_scanned("llama3")
+
+
+@pytest.fixture(scope="module")
+def qwens():
+  """`llamas` with q/k/v biases, q/k norms and heads of their own width, biases and scales off their init."""
+  return _unrolled_and_scanned("qwen")
 
 
 def make_workdir(tmp_path_factory, family, tokenizer_dir=None):
@@ -111,13 +127,13 @@ def uncached_greedy(model, prompt, n, width=16):
   return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("family", ["gpt", "llama", "llama3"])
+@pytest.mark.parametrize("family", ["gpt", "llama", "llama3", "qwen"])
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
-def test_cached_logits_equal_uncached_forward_at_every_position(gpts, llamas, scaled_llamas, family, scan):
+def test_cached_logits_equal_uncached_forward_at_every_position(gpts, llamas, scaled_llamas, qwens, family, scan):
   """Prefill of left-padded prompts, then one token a step: each position's logits are the full forward
   pass's, with learned positions and with rotary ones (the cache holds keys already rotated, by scaled
-  frequencies too) read by grouped query heads."""
-  model = {"gpt": gpts, "llama": llamas, "llama3": scaled_llamas}[family][scan]
+  frequencies too, and normed first with q/k norms) read by grouped query heads."""
+  model = {"gpt": gpts, "llama": llamas, "llama3": scaled_llamas, "qwen": qwens}[family][scan]
   rng = np.random.default_rng(0)
   rows = [rng.integers(1, 512, size=n).tolist() for n in (11, 6)]  # full rows: prompt then teacher-forced tokens
   prompt_lens = (7, 2)

@@ -588,7 +588,16 @@ def test_lora_on_grouped_query_attention_merges_into_the_llama_export(tmp_path, 
     (dict(norm="rmsnorm", use_bias=False, tie_embeddings=False),
      "model.norm=rmsnorm (not layernorm), model.use_bias=false (not true), model.tie_embeddings=false (not true) and "
      "from Llama's in model.positions=learned (not rope), model.mlp=gelu (not swiglu);"),
-], ids=["rope_layernorm", "swiglu_learned", "rmsnorm_learned"])
+    (dict(LLAMA, qk_norm=True, use_bias=True),  # Llama's with q/k norms, or Qwen3's with biases
+     "model.positions=rope (not learned), model.norm=rmsnorm (not layernorm), model.mlp=swiglu (not gelu), "
+     "model.qk_norm=true (not false), model.tie_embeddings=false (not true), from Llama's in model.qk_norm=true (not "
+     "false) and from Qwen3's in model.use_bias=true (not false);"),
+    (dict(LLAMA, qkv_bias=True, qk_norm=True),
+     "model.positions=rope (not learned), model.norm=rmsnorm (not layernorm), model.mlp=swiglu (not gelu), "
+     "model.use_bias=false (not true), model.qkv_bias=true (not false), model.qk_norm=true (not false), "
+     "model.tie_embeddings=false (not true), from Qwen2's in model.qk_norm=true (not false) and from Qwen3's in "
+     "model.qkv_bias=true (not false);"),
+], ids=["rope_layernorm", "swiglu_learned", "rmsnorm_learned", "qk_norm_with_biases", "qkv_bias_and_qk_norm"])
 def test_export_of_a_decoder_hugging_face_lacks_is_one_line_naming_how_it_differs(tmp_path, changes, differs):
   _, cfg = _random_fmjax("gpt", 128, seed=16, **changes)
   with pytest.raises(ConfigError, match=r"^this decoder has no Hugging Face counterpart: it differs from GPT-2's "
@@ -614,17 +623,18 @@ def test_llama_settings_fmjax_lacks_are_refused_in_one_line(llama_dir, tmp_path)
                          (dict(rope_scaling=dict(llama3, low_freq_factor=4.0, high_freq_factor=1.0)),
                           r"low_freq_factor=4.0 with high_freq_factor=1.0 \(rope_type 'llama3'\); the low one must be "
                           "positive and below the high one"),
-                         (dict(head_dim=16), "head_dim=16 with hidden_size=32 and 4 heads"),
                          (dict(hidden_act="gelu"), "hidden_act='gelu'; fmjax's SwiGLU gates with silu"),
                          (dict(attention_bias=True), "attention_bias=true with mlp_bias=false"),
                          (dict(model_type="mistral", sliding_window=8),
                           r"sliding_window=8 \(below max_position_embeddings=64\)"),
-                         (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
-                          r"model_type='qwen2' \(architectures: Qwen2ForCausalLM\); fmjax imports gpt2, llama, "
-                          "mistral and bert checkpoints")):
+                         (dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"]),
+                          r"model_type='qwen2_moe' \(architectures: Qwen2MoeForCausalLM\); fmjax imports gpt2, llama, "
+                          "mistral, qwen2, qwen3 and bert checkpoints")):
     with pytest.raises(ConfigError, match=match) as e:
       interop.model_settings_from_hf({**hf, **changes})
     assert "\n" not in str(e.value)
+  # Heads of a width of their own (model.head_dim) are fmjax's too.
+  assert interop.model_settings_from_hf({**hf, "head_dim": 16})["head_dim"] == 16
   scaled = _copy_with_config(llama_dir[0], tmp_path / "scaled", rope_scaling=yarn)
   with pytest.raises(ConfigError, match="^unsupported Hugging Face config: rope_type='yarn'"):
     interop.import_hf(str(scaled), str(tmp_path / "w"))
@@ -752,6 +762,191 @@ def test_a_llama_3_2_config_of_131072_positions_imports_without_tables_of_that_l
          _hf_logits(transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval(), ids))
   assert len(generate.run(str(tmp_path / "w"), prompts=["The with statement"], max_new_tokens=4,
                           temperature=0.0)) == 1
+
+
+# ----------------------------------------------------------------------------- Qwen
+
+
+# What import makes of each (Llama's positions, norm and MLP besides): Qwen2's biases on q, k and v alone, tied as
+# Qwen2.5's small sizes are; Qwen3's q/k norms over heads 16 wide (hidden_size / heads is 8: Qwen3-0.6B's heads are
+# 128 at 1024 / 16), untied.
+QWEN = {"qwen2": dict(use_bias=False, qkv_bias=True, qk_norm=False, head_dim=0, tie_embeddings=True),
+        "qwen3": dict(use_bias=False, qkv_bias=False, qk_norm=True, head_dim=16, tie_embeddings=False)}
+
+
+def _qwen(kind, vocab, seed=0, layers=2, **kw):
+  """A random HF Qwen2ForCausalLM or Qwen3ForCausalLM (`QWEN`): 4 query heads sharing 2 key/value heads, rope_theta
+  and eps off their defaults."""
+  settings = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+                  rope_theta=500.0, tie_word_embeddings=QWEN[kind]["tie_embeddings"])
+  if kind == "qwen3":
+    settings["head_dim"] = QWEN[kind]["head_dim"]
+  cfg = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[kind](**{**settings, **kw})
+  return _perturb(transformers.AutoModelForCausalLM.from_config(cfg), seed)
+
+
+@pytest.fixture(scope="module", params=list(QWEN))
+def qwen_run(request, tmp_path_factory, bpe):
+  """(kind, HF directory, HF model, the fmjax workdir imported from it), for Qwen2 and for Qwen3."""
+  kind = request.param
+  d = tmp_path_factory.mktemp(f"hf_{kind}")
+  model = _qwen(kind, bpe.vocab_size, seed=31)
+  model.save_pretrained(d)
+  _write_tokenizer_files(bpe, d, "GPT2Tokenizer")
+  workdir = tmp_path_factory.mktemp("imported") / kind
+  interop.import_hf(str(d), str(workdir), overrides=["model.attention=xla"])
+  return kind, d, model, workdir
+
+
+def test_qwen_import_logits_match_with_grouped_query_attention_and_packed_documents(qwen_run):
+  kind, _, hf_model, workdir = qwen_run
+  model, config, tokenizer = generate.load_run(str(workdir))
+  m = config.model
+  want = dict(QWEN[kind], positions="rope", norm="rmsnorm", mlp="swiglu", num_kv_heads=2, rope_theta=500.0,
+              layer_norm_eps=1e-5)
+  assert {k: m[k] for k in want} == want
+  attn = jax.tree.map(np.shape, nnx.to_pure_dict(nnx.state(model, nnx.Param)))["h"]["blocks"][0]["attn"]
+  if kind == "qwen2":  # biases on q, k and v; none on the output projection
+    assert (attn["q"]["bias"], attn["kv"]["bias"], "bias" in attn["out"]) == ((4, 8), (2, 2, 8), False)
+  else:  # a scale over a head's 16 dimensions for q and one for k; no biases
+    assert (attn["q_norm"], attn["k_norm"], attn["q"]["kernel"]) == ({"scale": (16,)}, {"scale": (16,)}, (32, 4, 16))
+    assert "bias" not in attn["q"]
+  ids = _ids(tokenizer.vocab_size, seed=31)
+  _close(_logits(model, jnp.asarray(ids)), _hf_logits(hf_model, ids))
+  # Two documents packed in one row: each reads as it does alone in transformers.
+  cut = 6
+  positions_BT = np.concatenate([np.arange(cut), np.arange(T - cut)])[None]
+  segments_BT = np.array([[1] * cut + [2] * (T - cut)])
+  packed_BTV = nnx.jit(lambda mdl, x, p, s: mdl(x, positions_BT=p, segment_ids_BT=s))(
+      model, jnp.asarray(ids[:1]), jnp.asarray(positions_BT), jnp.asarray(segments_BT))
+  _close(packed_BTV, np.concatenate([_hf_logits(hf_model, ids[:1, :cut]), _hf_logits(hf_model, ids[:1, cut:])], 1))
+
+
+def test_qwen_round_trip_keeps_every_tensor_and_generates_in_transformers_what_fmjax_does(qwen_run, tmp_path, bpe):
+  """The export of the imported workdir is the original checkpoint, as a Qwen2ForCausalLM / Qwen3ForCausalLM; greedy
+  decoding (fmjax's KV cache of keys normed and rotated) continues a prompt with transformers' tokens."""
+  import torch
+  kind, hf_dir, _, workdir = qwen_run
+  out = tmp_path / "hf"
+  assert cli.main(["export", f"--workdir={workdir}", f"--out={out}"]) == 0
+  original, exported = (interop.read_hf_weights(str(d)) for d in (hf_dir, out))
+  assert set(exported) == set(original) and ("lm_head.weight" in exported) == (kind == "qwen3")
+  for name in original:
+    np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+  hf_in, hf_out = (json.loads((d / "config.json").read_text()) for d in (hf_dir, out))
+  same = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "vocab_size", "hidden_act", "model_type",
+          "architectures", "use_sliding_window", "sliding_window") + (("head_dim", "attention_bias") if kind == "qwen3"
+                                                                       else ())
+  assert {k: hf_out[k] for k in same} == {k: hf_in[k] for k in same}
+  assert hf_out["architectures"] == [f"{kind.title()}ForCausalLM"] and hf_out["rope_theta"] == 500.0
+
+  prompt = "The with statement"
+  ours = generate.run(str(workdir), prompts=[prompt], max_new_tokens=8, temperature=0.0)[0]
+  auto = transformers.AutoTokenizer.from_pretrained(out)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  enc = auto(prompt, return_tensors="pt")
+  with torch.no_grad():
+    ids = hf_model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=auto.eos_token_id)
+  new = ids[0, enc["input_ids"].shape[1]:].tolist()
+  if auto.eos_token_id in new:  # fmjax cuts a completion before its first <eos>
+    new = new[:new.index(auto.eos_token_id)]
+  assert auto.decode(new) == ours
+
+
+@pytest.mark.parametrize("kind,settings", [
+    ("qwen2", dict(qkv_bias=True, num_kv_heads=2, scan_layers=True)),
+    ("qwen3", dict(qk_norm=True, num_kv_heads=2, head_dim=16, tie_embeddings=True)),
+    ("llama", dict(head_dim=4)),  # heads of their own width are Llama's too
+], ids=["qwen2_grouped_untied_scanned", "qwen3_wide_heads_tied", "llama_narrow_heads"])
+def test_qwen_export_matches_transformers(tmp_path, bpe, kind, settings):
+  model, cfg = _random_fmjax("gpt", bpe.vocab_size, seed=32, **{**LLAMA, **settings})
+  interop.export_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg, str(tmp_path), bpe)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  assert type(hf_model).__name__ == f"{kind.title()}ForCausalLM"
+  K, G = models.head_dim(cfg), settings.get("num_kv_heads") or 4
+  assert json.loads((tmp_path / "config.json").read_text())["head_dim"] == K
+  weights = interop.read_hf_weights(str(tmp_path))
+  assert weights["model.layers.1.self_attn.k_proj.weight"].shape == (G * K, 32)
+  assert ("model.layers.1.self_attn.q_proj.bias" in weights) == (kind == "qwen2")
+  assert not any(n.endswith(("o_proj.bias", "mlp.down_proj.bias")) for n in weights)
+  assert ("model.layers.1.self_attn.k_norm.weight" in weights) == (kind == "qwen3")
+  ids = _ids(bpe.vocab_size, seed=32)
+  _close(_logits(model, jnp.asarray(ids)), _hf_logits(hf_model, ids))
+
+
+@pytest.mark.parametrize("kind", list(QWEN))
+def test_qwen_classifier_exports_as_its_sequence_classifier(tmp_path, bpe, kind):
+  model, cfg = _random_fmjax("gpt", bpe.vocab_size, seed=33, **{**LLAMA, **QWEN[kind]}, num_kv_heads=2)
+  kernel_DC = np.random.default_rng(33).standard_normal((32, 3)).astype(np.float32)
+  params = dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)), classifier={"kernel": kernel_DC})
+  interop.export_params(params, cfg, str(tmp_path), bpe)
+  hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+  assert type(hf_model).__name__ == f"{kind.title()}ForSequenceClassification"
+  assert "lm_head.weight" not in interop.read_hf_weights(str(tmp_path))
+  ids = _ids(bpe.vocab_size, seed=33)  # no pad ids: HF pools the last token, as fmjax's GPT head does
+  h_BTD = nnx.jit(lambda m, x: m.hidden(x))(model, jnp.asarray(ids))
+  _close(np.asarray(h_BTD)[:, -1] @ kernel_DC, _hf_logits(hf_model, ids))
+
+
+@pytest.mark.parametrize("kind", list(QWEN))
+def test_lora_on_q_and_kv_of_a_qwen_merges_into_its_export(tmp_path, bpe, kind):
+  """LoRA on Qwen2's biased q and kv (or Qwen3's, whose norms follow them) merges into q_proj, k_proj and v_proj
+  (their biases as they were), and transformers' logits are the unmerged fmjax model's."""
+  from fmjax import peft
+  model, cfg = _random_fmjax("gpt", bpe.vocab_size, seed=34, **{**LLAMA, **QWEN[kind]}, num_kv_heads=2)
+  ft = config_lib.peft_section("lora")
+  ft.lora_rank = 2
+  with models.sharded_if_mesh():
+    peft.apply(model, ft, nnx.Rngs(34))
+  state = nnx.state(model, nnx.Param)
+  rng = np.random.default_rng(34)
+  pure = jax.tree_util.tree_map_with_path(  # B = 0 at init: make the update count
+      lambda p, x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype) if str(p[-1].key) == "lora_b" else x,
+      nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+  attn = pure["h"]["blocks"][0]["attn"]
+  assert all({"lora_a", "lora_b"} <= set(attn[name]) for name in ("q", "kv"))
+  params = interop.from_finetune(pure, ml_collections.ConfigDict({"model": cfg, "finetune": ft}))
+  assert "lora_a" not in params["h"]["blocks"][0]["attn"]["q"]
+  interop.export_params(params, cfg, str(tmp_path))
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  assert type(hf_model).__name__ == f"{kind.title()}ForCausalLM"
+  ids = _ids(bpe.vocab_size, seed=34)
+  _close(_logits(model, jnp.asarray(ids)), _hf_logits(hf_model, ids))
+
+
+def test_qwen_settings_fmjax_lacks_are_refused_in_one_line_and_a_window_that_is_off_imports():
+  qwen2 = transformers.Qwen2Config(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64).to_dict()
+  qwen3 = {**qwen2, "model_type": "qwen3", "head_dim": 16, "attention_bias": False}
+  assert (qwen2["use_sliding_window"], qwen2["layer_types"]) == (False, ["full_attention"] * 2)
+  window = dict(use_sliding_window=True, sliding_window=8)
+  for hf, match in (({**qwen2, **window, "max_window_layers": 1, "layer_types": None},
+                     r"^unsupported Hugging Face config: use_sliding_window=true, sliding_window=8 \(below "
+                     r"max_position_embeddings=64\) in 1 of its 2 layers; fmjax's attention sees every earlier "
+                     "position$"),
+                    ({**qwen3, **window, "layer_types": ["sliding_attention"] * 2},
+                     r"use_sliding_window=true, sliding_window=8 \(below max_position_embeddings=64\) in 2 of its 2"),
+                    ({**qwen3, "attention_bias": True}, r"^unsupported Hugging Face config: attention_bias=true "
+                     r"\(model_type 'qwen3': biases on q_proj, k_proj, v_proj and o_proj, none in the MLP\); fmjax has "
+                     r"biases in every projection \(model.use_bias\) or on q, k and v alone \(model.qkv_bias\)$"),
+                    ({**qwen2, "layer_types": ["full_attention", "linear_attention"]},
+                     "^unsupported Hugging Face config: layer_types holds linear_attention; fmjax's layers are all "
+                     "full attention$")):
+    with pytest.raises(ConfigError, match=match) as e:
+      interop.model_settings_from_hf(hf)
+    assert "\n" not in str(e.value)
+  # A window no narrower than the positions, one in no layer (max_window_layers past the last), or one switched off
+  # (use_sliding_window=false: transformers reads sliding_window as None) sees every earlier position.
+  for hf in ({**qwen2, "use_sliding_window": True, "sliding_window": 64},
+             {**qwen2, **window, "max_window_layers": 2, "layer_types": None},
+             {**qwen3, "sliding_window": 8, "layer_types": ["sliding_attention"] * 2}):
+    settings = interop.model_settings_from_hf(hf)
+    assert {k: settings[k] for k in QWEN[hf["model_type"]] if k != "tie_embeddings"} == {
+        k: v for k, v in QWEN[hf["model_type"]].items() if k != "tie_embeddings"}
 
 
 # ----------------------------------------------------------------------------- gradients

@@ -25,13 +25,16 @@ ALLOWED_AXES = {"vocab", "embed", "mlp", "heads", "kv_heads", "kv", "layers", "n
 LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False, num_kv_heads=2)
 # "llama3": with Llama 3.1's rotary scaling, stretching 8 positions of pretraining (the rows reach 31).
 LLAMA3 = dict(LLAMA, rope_scaling="llama3", rope_factor=4.0, rope_original_max_len=8)
+# "qwen": Llama's with what Qwen adds, all at once: biases on q, k and v alone (Qwen2), an RMSNorm on each head of q
+# and of k (Qwen3), and heads 24 wide where d_model / num_heads is 16 (Qwen3-0.6B's are 128 at 1024 / 16).
+QWEN = dict(LLAMA, qkv_bias=True, qk_norm=True, head_dim=24)
 # Row 0 packs two documents and padding (ids 1, 2, then 0); row 1 is one document.
 SEGMENTS_BT = jnp.array([[1] * 12 + [2] * 14 + [0] * 6, [1] * T], jnp.int32)
 POSITIONS_BT = jnp.array([list(range(12)) + list(range(14)) + [0] * 6, list(range(T))], jnp.int32)
 
 
 def tiny_cfg(family, **overrides):
-  decoder = {"llama": LLAMA, "llama3": LLAMA3}
+  decoder = {"llama": LLAMA, "llama3": LLAMA3, "qwen": QWEN}
   cfg = config_lib.base_config("gpt" if family in decoder else family).model
   cfg.update(vocab_size=V, num_layers=2, d_model=64, num_heads=4, d_ff=128, max_len=64, attention="xla")
   cfg.update({**decoder.get(family, {}), **overrides})
@@ -77,15 +80,16 @@ def assert_trees_close(a, b, atol):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0), a, b)
 
 
-@pytest.mark.parametrize("family,dropout", [("gpt", 0.0), ("gpt", 0.2), ("llama", 0.2)])
+@pytest.mark.parametrize("family,dropout", [("gpt", 0.0), ("gpt", 0.2), ("llama", 0.2), ("qwen", 0.2)])
 def test_gpt_is_causal(family, dropout):
   """d loss(position t) / d (input embedding of a later position) is exactly zero, in training with
   dropout (hidden and attention probabilities) too: GPT-2's learned positions, and Llama's rotary
-  ones with grouped-query attention."""
+  ones with grouped-query attention (and Qwen's q/k norms, which mix a head's dimensions, never positions)."""
   model = build(family, dropout=dropout, attention_dropout=dropout)
   # Llama has no position table and an untied head: with each token once in the batch, the token table's
   # gradient row of token[b, s] is the gradient of position s's input in row b.
-  toks = jax.random.permutation(jax.random.key(1), V)[:B * T].reshape(B, T) if family == "llama" else tokens()
+  rotary = family in ("llama", "qwen")
+  toks = jax.random.permutation(jax.random.key(1), V)[:B * T].reshape(B, T) if rotary else tokens()
   t = 10
 
   def loss_at_t(m):
@@ -94,7 +98,7 @@ def test_gpt_is_causal(family, dropout):
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV[:, t], toks[:, t + 1]).sum()
 
   grads = nnx.jit(nnx.grad(loss_at_t))(model)
-  if family == "llama":
+  if rotary:
     grad_BTD = grads.wte.embedding[...][toks]
     assert np.all(np.asarray(grad_BTD[:, t + 1:]) == 0.0)
     assert np.all(np.abs(np.asarray(grad_BTD[:, : t + 1])).sum(-1) > 0)  # the past does matter
@@ -113,7 +117,7 @@ def test_bert_is_bidirectional():
   assert not np.allclose(out[:, 0], out2[:, 0])  # the last token changes the first position
 
 
-@pytest.mark.parametrize("family", ["gpt", "bert", "llama"])
+@pytest.mark.parametrize("family", ["gpt", "bert", "llama", "qwen"])
 def test_packed_segments_do_not_attend_across(family):
   model = build(family)
   toks = tokens()
@@ -208,7 +212,8 @@ def test_remat_matches_no_remat(family, remat):
 
 
 @pytest.mark.parametrize("family,remat,dropout", [("gpt", "none", 0.2), ("bert", "full", 0.0), ("bert", "dots", 0.1),
-                                                  ("llama", "dots", 0.1), ("llama3", "none", 0.0)])
+                                                  ("llama", "dots", 0.1), ("llama3", "none", 0.0),
+                                                  ("qwen", "full", 0.1)])
 def test_scan_matches_unrolled(family, remat, dropout):
   """Same weights via stack_layers give the same loss and grads; dropout (hidden and attention
   probabilities) draws the same masks, recomputed identically under remat."""
@@ -399,7 +404,51 @@ def test_llama_sizes_and_flops_per_token_count_its_untied_head_and_no_position_t
   assert models.flops_per_token(cfg, 1024) == 6 * (n - V_ * D) + 12 * L * D * 1024
 
 
-@pytest.mark.parametrize("family", ["gpt", "bert", "llama"])
+# Qwen2.5-0.5B and Qwen3-0.6B (tied, 151936 ids) as their config.json describe them; the totals are transformers'
+# parameter counts of Qwen2ForCausalLM and Qwen3ForCausalLM built from those configs.
+QWEN_SIZES = {"qwen2.5-0.5b": (dict(num_layers=24, d_model=896, num_heads=14, num_kv_heads=2, d_ff=4864,
+                                    qkv_bias=True), 494_032_768),
+              "qwen3-0.6b": (dict(num_layers=28, d_model=1024, num_heads=16, num_kv_heads=8, head_dim=128, d_ff=3072,
+                                  qk_norm=True), 596_049_920)}
+
+
+@pytest.mark.parametrize("name", list(QWEN_SIZES))
+def test_qwen_sizes_and_flops_per_token_count_the_attention_at_its_own_width(name):
+  """Biases on q, k and v (Qwen2) or a q and a k norm (Qwen3) per layer; Qwen3-0.6B's 16 heads of 128 make an
+  attention twice d_model wide, which the attention's 12*L*D*T term counts (D = H*K there)."""
+  settings, expected = QWEN_SIZES[name]
+  cfg = tiny_cfg("llama", **settings, vocab_size=151936, tie_embeddings=True, max_len=32768)
+  assert models.param_count(models.abstract_model(cfg)) == expected
+  L, H, K = settings["num_layers"], settings["num_heads"], models.head_dim(cfg)
+  assert K == (128 if name == "qwen3-0.6b" else 896 // 14)
+  assert models.flops_per_token(cfg, 1024) == 6 * expected + 12 * L * H * K * 1024  # tied: the table counts once
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k():
+  """With model.qk_norm each head of q and of k is RMS-normalised before the rotation: the q and k projections
+  (kernels and biases) scaled by 7 give the same logits; without the norms they are another model."""
+  toks = tokens()
+  for qk_norm in (True, False):
+    kw = dict(qk_norm=qk_norm, init_std=0.2)  # q and k large enough that the norms' eps is negligible
+    model, rescaled = build("qwen", **kw), build("qwen", seed=1, **kw)
+    pure = params(model)
+    for i, block in pure["h"]["blocks"].items():
+      for name in ("q", "kv"):  # biases (zero at init) that matter
+        block["attn"][name]["bias"] = 0.5 * jax.random.normal(jax.random.key(i), block["attn"][name]["bias"].shape)
+    load(model, pure)
+    for block in pure["h"]["blocks"].values():
+      for name in ("kernel", "bias"):
+        block["attn"]["q"][name] = block["attn"]["q"][name] * 7
+        block["attn"]["kv"][name] = block["attn"]["kv"][name].at[..., 0, :, :].multiply(7)  # k, not v
+    load(rescaled, pure)
+    want, got = forward(model, toks), forward(rescaled, toks)
+    if qk_norm:
+      np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    else:
+      assert np.abs(np.asarray(got - want)).max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert", "llama", "qwen"])
 def test_partitioning_names_and_sharded_build(family):
   """Every param uses only the shared logical names; building under a mesh shards heads and mlp."""
   mesh = jax.make_mesh((1, 2, 2, 2), ("dcn_data", "data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 4)
@@ -415,13 +464,17 @@ def test_partitioning_names_and_sharded_build(family):
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
     blocks = specs["encoder" if family == "bert" else "h"]["blocks"]
     attn = blocks["attention" if family == "bert" else "attn"]
-    if family == "llama":  # the key/value heads over tensor as the query heads are
+    if family in ("llama", "qwen"):  # the key/value heads over tensor as the query heads are
       assert attn["q"]["kernel"] == jax.P(None, "fsdp", "tensor", None)
       assert attn["kv"]["kernel"] == jax.P(None, "fsdp", None, "tensor", None)
       assert blocks["mlp"]["fc"]["kernel"] == jax.P(None, "fsdp", None, "tensor")
       assert specs["lm_head"]["embedding"] == jax.P("tensor", "fsdp")
     else:
       assert attn["qkv"]["kernel"] == jax.P(None, "fsdp", None, "tensor", None)
+    if family == "qwen":  # q/k/v biases by head as their kernels; a q/k norm's scale is a head's width (kv)
+      assert (attn["q"]["bias"], attn["kv"]["bias"]) == (jax.P(None, "tensor", None), jax.P(None, None, "tensor", None))
+      assert attn["q_norm"]["scale"] == attn["k_norm"]["scale"] == jax.P(None, None)
+      assert "bias" not in attn["out"] and "bias" not in blocks["mlp"]["proj"]
     assert blocks["mlp"]["proj"]["kernel"] == jax.P(None, "tensor", "fsdp")
     if family == "gpt":  # one sharded run is enough: the mechanics are shared
       model = nnx.merge(nnx.graphdef(abstract), jax.jit(
@@ -433,7 +486,7 @@ def test_partitioning_names_and_sharded_build(family):
     np.testing.assert_allclose(out, forward(build(family, scan_layers=True), tokens()), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt", "bert", "llama"])
+@pytest.mark.parametrize("family", ["gpt", "bert", "llama", "qwen"])
 def test_every_matrix_has_a_logical_axis_the_mesh_shards(family):
   """A parameter of two or more axes with no sharded logical name sits whole on every device: memory
   that FSDP and tensor parallelism never divide (BERT's pooler and MLM transform are D x D)."""

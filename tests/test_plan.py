@@ -266,6 +266,26 @@ def test_plan_of_a_llama_config_on_a_tensor_mesh():
   assert by_path["lm_head/embedding"] == (128, 32)
 
 
+def test_plan_of_a_qwen3_config_counts_its_attention_at_the_width_of_its_heads():
+  """Qwen3's choices (q/k norms; heads 32 wide where d_model / num_heads is 16): FLOPs/token count the attention at
+  its width H*K (12*L*H*K*T), which XLA's count of the compiled step agrees with; each norm's scale is whole on every
+  device; the analytic memory keeps the wider q, k and v and the norms' inputs."""
+  grouped = TINY + ["model.num_kv_heads=2"]
+  config = config_lib.load_config("configs/gpt.py:tiny,llama", grouped + ["model.qk_norm=true", "model.head_dim=32"])
+  p = plan.plan(config, mesh="data=2,fsdp=2,tensor=2")
+  D, F, V, L, T, H, G, K = 64, 256, 256, 2, 32, 4, 2, 32
+  n = 2 * V * D + L * (D * H * K + D * 2 * G * K + H * K * D + 2 * K + D * 2 * F + F * D + 2 * D) + D
+  assert p["params"] == n and p["flops_per_token"] == 6 * (n - V * D) + 12 * L * H * K * T
+  assert 0.7 < p["xla_flops_per_step"] / p["flops_per_step"] < 1.4
+  params, _ = plan.layout(config, p["mesh"], optim.make_optimizer(config))
+  by_path = {l.path: l.shard_shape for l in params}
+  assert by_path["h/blocks/0/attn/q/kernel"] == (32, 2, 32) and by_path["h/blocks/0/attn/q_norm/scale"] == (32,)
+  narrow = config_lib.load_config("configs/gpt.py:tiny,llama", grouped)
+  unnormed = config_lib.load_config("configs/gpt.py:tiny,llama", grouped + ["model.head_dim=32"])
+  temp = lambda c: plan.analytic_temp_bytes(c, p["mesh"], 0)
+  assert temp(narrow) < temp(unnormed) < temp(config)
+
+
 def test_layout_of_a_peft_sft_config_is_the_model_it_trains():
   """finetune.peft=lora on configs/sft.py: its LoRA factors are parameters, and the optimizer holds moments for them
   alone (the layout once built the bare GPT, and tripped on the frozen leaves' empty optimizer state)."""

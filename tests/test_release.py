@@ -401,12 +401,24 @@ def _finetune_run(tmp_path, peft_mode):
   return workdir, config, params, str(card)
 
 
-def test_release_of_a_llama_architecture_run_is_a_llama_for_causal_lm_and_its_card_says_so(run, tmp_path):
+@pytest.mark.parametrize("kind,extra,architecture", [
+    ("llama", [], "Llama-style decoder (pre-norm RMSNorm, rotary positions (theta 10000), SwiGLU MLP, grouped-query "
+                  "attention (2 key/value heads), no biases, untied embeddings, causal LM)"),
+    ("qwen2", ["model.qkv_bias=true", "model.tie_embeddings=true", "model.rope_theta=1000000"],
+     "Qwen2-style decoder (pre-norm RMSNorm, rotary positions (theta 1000000), SwiGLU MLP, grouped-query attention "
+     "(2 key/value heads), biases on q, k and v alone, tied embeddings, causal LM)"),
+    ("qwen3", ["model.qk_norm=true", "model.head_dim=16"],
+     "Qwen3-style decoder (pre-norm RMSNorm, rotary positions (theta 10000), SwiGLU MLP, grouped-query attention "
+     "(2 key/value heads) of 16-wide heads with RMSNorm on each head of q and k, no biases, untied embeddings, "
+     "causal LM)")])
+def test_release_of_a_llama_architecture_run_is_a_llama_for_causal_lm_and_its_card_says_so(run, tmp_path, kind, extra,
+                                                                                           architecture):
+  """Llama's architecture (and Qwen2's, Qwen3's) releases as its Hugging Face class, and the card names it."""
   workdir, _, _, files = run
   llama = tmp_path / "llama"
   shutil.copytree(workdir / "tokenizer", llama / "tokenizer")
   config = config_lib.load_config(os.path.join(CONFIGS, "gpt.py") + ":tiny,llama", [
-      *MODEL, "model.num_kv_heads=2", "data.dataset=text_files", f"data.files={files}", f"data.seq_len={SEQ}",
+      *MODEL, "model.num_kv_heads=2", *extra, "data.dataset=text_files", f"data.files={files}", f"data.seq_len={SEQ}",
       f"data.cache_dir={tmp_path / 'cache'}", "data.pii_scrub=true", f"train.batch_size={BATCH}",
       f"train.steps={STEP}"])
   config_lib.save_json(config, str(llama / "config.json"))
@@ -415,10 +427,10 @@ def test_release_of_a_llama_architecture_run_is_a_llama_for_causal_lm_and_its_ca
   _save(llama, config, jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), abstract), STEP)
   out = release.release(str(llama), str(tmp_path / "out"), card_path=_card(tmp_path, files), pii_sample=2)
   hf = json.loads(open(os.path.join(out, "hf", "config.json")).read())
-  assert (hf["architectures"], hf["num_key_value_heads"], hf["tie_word_embeddings"]) == (["LlamaForCausalLM"], 2, False)
+  assert (hf["architectures"], hf["num_key_value_heads"], hf["tie_word_embeddings"]) == (
+      [f"{kind.title()}ForCausalLM"], 2, kind == "qwen2")
   text = open(os.path.join(out, "MODEL_CARD.md")).read()
-  assert ("Llama-style decoder (pre-norm RMSNorm, rotary positions (theta 10000), SwiGLU MLP, grouped-query attention "
-          "(2 key/value heads), no biases, untied embeddings, causal LM)") in text
+  assert architecture in text
   assert f"| Max sequence length | {SEQ} (trained; rotary positions:" in text
 
 

@@ -312,11 +312,16 @@ def test_killed_and_resumed_runs_are_bitwise_exact(reference, cache_dir, tmp_pat
   assert_states_equal(saved_state(workdir, N), saved_state(reference, N))
 
 
-@pytest.mark.parametrize("spec,extra", [(BERT, ()), (LLAMA, ("model.num_kv_heads=2",))], ids=["bert", "llama"])
+# qwen: Llama's with Qwen2's q/k/v biases, Qwen3's q/k norms and heads 24 wide (d_model / num_heads is 16).
+QWEN = ("model.num_kv_heads=2", "model.qkv_bias=true", "model.qk_norm=true", "model.head_dim=24")
+
+
+@pytest.mark.parametrize("spec,extra", [(BERT, ()), (LLAMA, ("model.num_kv_heads=2",)), (LLAMA, QWEN)],
+                         ids=["bert", "llama", "qwen"])
 def test_a_run_stopped_at_a_save_resumes_bitwise(cache_dir, tmp_path, spec, extra):
   """The bar holds for MLM too, whose masks (like dropout) are drawn per step, and for Llama's architecture
-  (rotary positions, grouped-query attention, an untied head): 4 steps, then a resume to 8, equal 8 straight
-  steps in every loss and array."""
+  (rotary positions, grouped-query attention, an untied head) and Qwen's additions to it: 4 steps, then a resume
+  to 8, equal 8 straight steps in every loss and array."""
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train.run(load(cache_dir, "train.steps=8", *extra, spec=spec), straight)
   train.run(load(cache_dir, "train.steps=4", *extra, spec=spec), resumed)
