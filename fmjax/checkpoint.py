@@ -1035,7 +1035,7 @@ def check_compatible(checkpointer: Checkpointer, step: int, abstract_state: Mapp
 
 # Keys that change the meaning or shape of the saved state, or which batches come next.
 _BREAKING_PREFIXES = ("model.", "data.", "optim.", "train.objective", "train.batch_size", "train.seed",
-                      "task.", "finetune.", "sft.", "init_from", "init_from_step")  # fine-tuning: its task and setup
+                      "task.", "finetune.", "sft.", "dpo.", "init_from", "init_from_step")  # fine-tuning: its setup
 # Exceptions to the above: where things run, how fast, or optimizer hyperparameters that leave the
 # state's structure alone (reported to the user, not refused).
 _HARMLESS = {
@@ -1050,7 +1050,7 @@ _HARMLESS = {
 
 # Where a pretraining run's text files are: a corpus that moved resumes from its new place. Its
 # cache is keyed by the files' contents, and `train` warns when the rows it reads differ from
-# those the run trained on. (An SFT or fine-tuning run's files are its examples: breaking there.)
+# those the run trained on. (An SFT, DPO or fine-tuning run's files are its examples: breaking there.)
 _WHERE_THE_TEXT_IS = ("data.files",)
 
 
@@ -1126,7 +1126,7 @@ def config_changes(saved_cfg: Mapping[str, Any], new_cfg: Mapping[str, Any]) -> 
   Each entry reads `key: old -> new`. Breaking changes alter the model, the data stream or the
   optimizer state's structure (model.*, data.*, optim.* beyond hyperparameters, train.objective,
   train.batch_size, train.seed), or make a fine-tuning run another experiment (task.*,
-  finetune.*, sft.*, init_from); everything else (steps, logging, eval, checkpoint, mesh, lr) is
+  finetune.*, sft.*, dpo.*, init_from); everything else (steps, logging, eval, checkpoint, mesh, lr) is
   harmless and only worth reporting.
   """
   from fmjax import config_lib
@@ -1143,7 +1143,7 @@ def config_changes(saved_cfg: Mapping[str, Any], new_cfg: Mapping[str, Any]) -> 
     if key == "logical_axis_rules" and _before_kv_heads(old_v) == new_v:
       continue
     moved = ((key in _WHERE_THE_TEXT_IS or key == "data.dataset" and _same_mixture(old_v, new_v, but_files=True))
-             and not any(k.split(".")[0] in ("sft", "task") for k in new))
+             and not any(k.split(".")[0] in ("sft", "dpo", "task") for k in new))
     change = f"{key}: {old_v!r} -> {new_v!r}"
     if key == "optim.clip_norm" and _clips(old_v) != _clips(new_v):
       breaking.append(f"{change} (clipping turned {'on' if _clips(new_v) else 'off'}: the optimizer state "

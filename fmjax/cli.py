@@ -86,7 +86,7 @@ def _exit_code(result: dict) -> int:
 
 
 def _train(run, config, workdir: str) -> int:
-  """`run(config, workdir)` (train, finetune, sft) stopped cleanly by a SIGTERM at any point."""
+  """`run(config, workdir)` (train, finetune, sft, dpo) stopped cleanly by a SIGTERM at any point."""
   from fmjax import checkpoint
   with checkpoint.sigterm_stops_the_start():
     return _exit_code(run(config, workdir))
@@ -211,6 +211,14 @@ def cmd_sft(argv):
   return _train(sft.run, config, args.workdir)
 
 
+def cmd_dpo(argv):
+  """`fmjax dpo`: GPT preference tuning, Direct Preference Optimization (`dpo.run`)."""
+  from fmjax import dpo
+  maybe_initialize_distributed()
+  args, config = _load("fmjax dpo", argv, True)
+  return _train(dpo.run, config, args.workdir)
+
+
 def cmd_generate(argv):
   """`fmjax generate`: GPT sampling or BERT fill-mask (`generate.cli`)."""
   from fmjax import generate
@@ -234,9 +242,10 @@ COMMANDS = {
     "sweep": (cmd_sweep, "expand a config's get_sweep() into runs: run them locally or print the commands"),
     "plan": (cmd_plan, "ahead-of-time plan on a mesh or TPU topology: params, FLOPs, per-device memory, shardings"),
     "report": (cmd_report, "workdir metrics to a Markdown table, CSV and PNG plots"),
-    "finetune": (cmd_finetune, "fine-tune a pretrained trunk with a new head on a task (full or PEFT); an SFT config: "
-                 "as `sft`"),
+    "finetune": (cmd_finetune, "fine-tune a pretrained trunk with a new head on a task (full or PEFT); an SFT or DPO "
+                 "config: as `sft` or `dpo`"),
     "sft": (cmd_sft, "GPT supervised fine-tuning / continued pretraining on JSONL (prompt, completion; messages)"),
+    "dpo": (cmd_dpo, "GPT preference tuning (DPO) on JSONL pairs (prompt, chosen, rejected; text or messages)"),
     "eval": (cmd_eval, "held-out perplexity / MLM accuracy (or task metrics) of a workdir's checkpoint"),
     "generate": (cmd_generate, "GPT sampling with a KV cache (greedy, temperature, top-k, top-p); BERT fill-mask"),
 }
@@ -279,7 +288,7 @@ def out_of_memory_message(e: BaseException) -> str | None:
           "needs per device before a run")
 
 
-COMPILING = ("train", "finetune", "sft", "bench", "eval", "generate", "plan")  # commands that compile steps
+COMPILING = ("train", "finetune", "sft", "dpo", "bench", "eval", "generate", "plan")  # commands that compile steps
 CACHE_MAX_BYTES = 16 * 2**30  # least recently used entries go beyond this
 
 

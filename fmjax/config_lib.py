@@ -207,9 +207,33 @@ def sft_section() -> ml_collections.ConfigDict:
   ))
 
 
+def dpo_section() -> ml_collections.ConfigDict:
+  """`fmjax dpo`'s settings (configs/dpo.py)."""
+  return ml_collections.ConfigDict(dict(
+      # The DPO loss -log sigmoid(beta * margin), the margin being how much more the policy than the reference
+      # (init_from's model) raised the chosen reply's log-probability than the rejected one's: a larger beta
+      # keeps the policy closer to the reference. 0.1 as in the paper and TRL.
+      beta=0.1,
+      # > 0: conservative DPO, for labels taken to be flipped with this probability (below 0.5); 0: plain DPO.
+      label_smoothing=0.0,
+      # A row is {prompt_key: ..., chosen_key: ..., rejected_key: ...}, all text, or all messages: the
+      # prompt's conversation and each reply's assistant message(s); or chosen and rejected alone, as whole
+      # conversations sharing their first messages (the prompt).
+      prompt_key="prompt",
+      chosen_key="chosen",
+      rejected_key="rejected",
+      # As sft.chat_template: Jinja source, a file or a Hugging Face tokenizer directory holding it; empty: the
+      # tokenizer's own (from init_from), else fmjax's built-in plain-text one.
+      chat_template="",
+      eval_files="",        # held-out JSONL pairs; empty = hold out eval_percent% of data.files by a hash of each row
+      eval_percent=10,
+      pack=True,            # pack several pairs per row pair (segment ids keep them apart); False = one per row pair
+  ))
+
+
 # Sections a config may add to base_config's, and their settings; `release` (the model card fields
 # `fmjax release` reads) is free-form.
-COMMAND_SECTIONS = {"task": task_section, "finetune": finetune_section, "sft": sft_section}
+COMMAND_SECTIONS = {"task": task_section, "finetune": finetune_section, "sft": sft_section, "dpo": dpo_section}
 FREE_SECTIONS = ("release",)
 
 
@@ -372,7 +396,8 @@ def _check_optim(o) -> None:
     raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be at least 0")
 
 
-_COMMAND_OF = {"finetune": ("task", "a fine-tuning (classification)"), "sft": ("sft", "an SFT")}
+_COMMAND_OF = {"finetune": ("task", "a fine-tuning (classification)"), "sft": ("sft", "an SFT"),
+               "dpo": ("dpo", "a DPO")}
 
 
 def check_pretraining_step(config, command: str) -> None:
@@ -384,26 +409,27 @@ def check_pretraining_step(config, command: str) -> None:
 
 
 def command_of(config) -> str:
-  """The subcommand a config is for: `finetune` (it has `task`), `sft` (it has `sft`), else `train`."""
+  """The subcommand a config is for: `finetune` (it has `task`), `sft` (it has `sft`), `dpo` (it has `dpo`),
+  else `train`."""
   return next((c for c, (section, _) in _COMMAND_OF.items() if section in config), "train")
 
 
 def check_command(config, command: str) -> None:
   """One line when a config goes to the wrong command: a fine-tuning config (it has `task`) is for
-  `fmjax finetune`, an SFT config (`sft`) for `fmjax sft` or `fmjax finetune` (which fine-tunes both
-  ways), a pretraining config for `fmjax train`."""
+  `fmjax finetune`, an SFT config (`sft`) for `fmjax sft` and a DPO config (`dpo`) for `fmjax dpo`, or either
+  for `fmjax finetune` (which fine-tunes every way), a pretraining config for `fmjax train`."""
   known = ("train", *_COMMAND_OF)
   if command not in known:
     close = difflib.get_close_matches(command, known, n=1)
     raise ConfigError(f"command {command!r} is not one of {', '.join(known)}"
                       + (f"; did you mean {close[0]!r}?" if close else ""))
   kind = command_of(config)
-  if kind == command or (command, kind) == ("finetune", "sft"):
+  if kind == command or (command == "finetune" and kind in ("sft", "dpo")):
     return
   if kind == "train":
     section, what = _COMMAND_OF[command]
     raise ConfigError(f"`fmjax {command}` needs {what} config (with a `{section}` section, e.g. "
-                      f"configs/{'finetune_cls' if command == 'finetune' else 'sft'}.py); this one is a pretraining "
+                      f"configs/{'finetune_cls' if command == 'finetune' else command}.py); this one is a pretraining "
                       "config: run it with `fmjax train`")
   section, what = _COMMAND_OF[kind]
   raise ConfigError(f"this is {what} config (it has the `{section}` section): run it with `fmjax {kind}`, "
@@ -655,16 +681,40 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                         f"{100 * d.max_predictions / d.seq_len:.1f}% of a row of data.seq_len={d.seq_len}, not "
                         f"data.mask_rate={d.mask_rate}; set data.max_predictions={needed} (BERT: 20 at 128, 80 at 512)")
   mode = peft_mode(config)
-  if "sft" in config and mode not in SFT_PEFT_MODES:
-    what = ("trains a classifier's new head alone, and SFT has none (a GPT's output layer is its token table, or "
-            "with model.tie_embeddings=false its pretrained lm_head)" if mode == "head" else "is not a PEFT method")
-    raise ConfigError(f"finetune.peft={mode!r} {what}; for SFT set finetune.peft= one of {', '.join(SFT_PEFT_MODES)}")
+  lm = next((k for k in ("sft", "dpo") if k in config), None)  # a GPT tuned as a language model: no new head
+  if lm and mode not in SFT_PEFT_MODES:
+    what = (f"trains a classifier's new head alone, and {lm.upper()} has none (a GPT's output layer is its token "
+            "table, or with model.tie_embeddings=false its pretrained lm_head)" if mode == "head"
+            else "is not a PEFT method")
+    raise ConfigError(f"finetune.peft={mode!r} {what}; for {lm.upper()} set finetune.peft= one of "
+                      f"{', '.join(SFT_PEFT_MODES)}")
+  if "dpo" in config:
+    _check_dpo(config)
   if mode == "bitfit" and not m.get("use_bias", True) and not m.get("qkv_bias", False):  # SFT would train nothing
     raise ConfigError("finetune.peft=bitfit trains the biases alone, and this model has none (model.use_bias=false, "
                       "as in Llama's architecture); set finetune.peft=lora or adapter")
   if "mesh" in config:
     from fmjax import sharding  # local: keeps config parsing free of device state
     sharding.validate_mesh(config, num_devices)
+
+
+def _check_dpo(config) -> None:
+  """DPO's settings, and a batch whose every micro-batch holds whole pairs (a chosen row, a rejected row)."""
+  p = config.dpo
+  if not 0.0 < p.beta < math.inf:
+    raise ConfigError(f"dpo.beta={p.beta} must be positive and finite (0.1 is usual; larger keeps the policy closer "
+                      "to the reference)")
+  if not 0.0 <= p.label_smoothing < 0.5:
+    raise ConfigError(f"dpo.label_smoothing={p.label_smoothing} must be in [0, 0.5): the chance that a pair's "
+                      "labels are flipped (0: plain DPO)")
+  if not 0 <= p.eval_percent < 100:
+    raise ConfigError(f"dpo.eval_percent={p.eval_percent} must be in [0, 100): the share of data.files held out "
+                      "for eval (0: none)")
+  t = config.train
+  if t.batch_size % (2 * t.grad_accum):
+    raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of 2 x train.grad_accum={t.grad_accum}: "
+                      "DPO rows come in pairs (the chosen replies' row and the rejected replies' row), and each "
+                      "micro-batch holds whole pairs")
 
 
 # The logical axis names that models use, and their default mapping onto the mesh axes

@@ -3,6 +3,7 @@
   pretraining (GPT)  next-token loss, perplexity and accuracy on the packed held-out split
   pretraining (BERT) masked-LM loss, accuracy (and pseudo-perplexity exp(loss)) at the masked positions
   SFT                the same on the completion tokens of the held-out JSONL rows
+  DPO                the DPO loss and rewards (fmjax.dpo) on the held-out preference pairs
   fine-tuning        the task's official metrics (fmjax.finetune.evaluate) on a task split
                      (--split=eval is its validation split; --batches counts batches of train.batch_size examples)
   --task=NAME        zero-shot multiple choice of a GPT run (HellaSwag, PIQA, ARC, a JSONL file):
@@ -54,7 +55,9 @@ def _finetune_metrics(workdir: str, split: str, batches: int | None, step: int |
           **finetune.evaluate(workdir, split=task_split, step=step, batches=batches, overrides=overrides)}
 
 
-MOVED_FILE_KEYS = {"finetune": ("task.files", "task.validation_files"), "sft": ("data.files", "sft.eval_files")}
+MOVED_FILE_KEYS = {"finetune": ("task.files", "task.validation_files"), "sft": ("data.files", "sft.eval_files"),
+                   "dpo": ("data.files", "dpo.eval_files")}
+_KIND_NAMES = {"finetune": "a fine-tuning", "sft": "an SFT", "dpo": "a DPO"}
 
 
 def _override_keys(overrides: Sequence[str]) -> list[str]:
@@ -73,11 +76,11 @@ def check_data_overrides(overrides: Sequence[str]) -> None:
 
 
 def _check_moved_files(kind: str, workdir: str, overrides: Sequence[str]) -> None:
-  """A fine-tuning or SFT run scores its own data: overrides may only say where its files are now."""
+  """A fine-tuning, SFT or DPO run scores its own data: overrides may only say where its files are now."""
   allowed = MOVED_FILE_KEYS[kind]
   for key in _override_keys(overrides):
     if key not in allowed:
-      raise ConfigError(f"{workdir} is a{'n SFT' if kind == 'sft' else ' fine-tuning'} run, scored on its own "
+      raise ConfigError(f"{workdir} is {_KIND_NAMES[kind]} run, scored on its own "
                         f"data; it takes --config.{' / --config.'.join(allowed)} (where those files are now), "
                         f"not --config.{key}")
 
@@ -170,6 +173,10 @@ def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: 
   if finetune.is_classifier_run(config):
     _check_moved_files("finetune", workdir, data_overrides)
     result = _finetune_metrics(workdir, split, batches, step, data_overrides)
+  elif "dpo" in config and "model" in config:
+    from fmjax import dpo
+    _check_moved_files("dpo", workdir, data_overrides)
+    result = dpo.eval_metrics(workdir, split=split, batches=batches, step=step, overrides=data_overrides)
   elif "model" in config and "train" in config:
     result = _lm_metrics(workdir, split, batches, step, data_overrides)
   else:
@@ -177,7 +184,7 @@ def run(workdir: str, *, split: str = "eval", batches: int | None = None, step: 
                       "or `finetune`")
   result = {"workdir": files.absolute(workdir), **result}
   if jax.process_index() == 0:
-    other_text = data_overrides and "model" in config and "task" not in config and "sft" not in config
+    other_text = data_overrides and "model" in config and not any(k in config for k in ("task", "sft", "dpo"))
     name = ("eval_data" if other_text else "eval") + ("" if split == "eval" else f"_{split}") + ".json"
     _write_result(os.path.join(workdir, name), result)
   return result
@@ -214,9 +221,10 @@ def cli(argv: list[str]) -> int:
   p = ArgumentParser(prog="fmjax eval", epilog="--config.data.KEY=V (dataset, files, data_dir, eval_split, "
                               "seq_len, ...): score a pretraining run's held-out perplexity on other text, or on "
                               "its own files where they moved, with the run's tokenizer (written to eval_data.json); "
-                              "a fine-tuning run takes --config.task.files / task.validation_files and an SFT run "
-                              "--config.data.files / sft.eval_files, where its own files are now")
-  p.add_argument("--workdir", required=True, help="a `fmjax train`, `sft` or `finetune` workdir")
+                              "a fine-tuning run takes --config.task.files / task.validation_files, an SFT run "
+                              "--config.data.files / sft.eval_files and a DPO run --config.data.files / "
+                              "dpo.eval_files, where its own files are now")
+  p.add_argument("--workdir", required=True, help="a `fmjax train`, `sft`, `dpo` or `finetune` workdir")
   p.add_argument("--split", default=None, help="eval (held-out, default) or train; fine-tuning and --task: a "
                  "split of the task")
   p.add_argument("--batches", type=int, default=None, help="batches of train.batch_size rows to score, the first "

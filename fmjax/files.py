@@ -95,6 +95,19 @@ def write_text(p, text: str) -> None:
   os.replace(tmp, p)
 
 
+def write_bytes(p, data: bytes) -> None:
+  """`write_text` for bytes: the reader sees the old file or the new one, never a part."""
+  if is_remote(p):
+    target = path(p)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return
+  tmp = f"{p}.{uuid.uuid4().hex[:8]}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, p)
+
+
 _WRITTEN_LAST = ("meta.json", "tokenizer.json", "SHA256SUMS")
 
 

@@ -490,7 +490,7 @@ def run(config, workdir: str) -> dict:
   resumes the run; `resumed_from` is the step this call resumed from (None: it started the run).
   Everything that can refuse a new run (init_from, task, tokenizer) is checked before the
   workdir is created, and config.json is written only once the start succeeded. An SFT config
-  (configs/sft.py) runs `sft.run`, as `fmjax sft` does.
+  (configs/sft.py) runs `sft.run`, as `fmjax sft` does, and a DPO config (configs/dpo.py) `dpo.run`.
   """
   from fmjax import checkpoint as ckpt_lib, data
 
@@ -498,6 +498,9 @@ def run(config, workdir: str) -> dict:
   if config_lib.command_of(config) == "sft":  # fine-tuning covers SFT too: `fmjax sft` is the same run
     from fmjax import sft
     return sft.run(config, workdir)
+  if config_lib.command_of(config) == "dpo":  # and preference tuning: `fmjax dpo`
+    from fmjax import dpo
+    return dpo.run(config, workdir)
   metrics_lib.setup_logging()
   config_lib.validate(config, jax.device_count())
   config = ml_collections.ConfigDict(config.to_dict())  # our own copy: init_from may set tokenizer keys

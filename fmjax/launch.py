@@ -36,7 +36,7 @@ import sys
 from typing import Sequence, TextIO
 
 MODES = ("create", "setup", "run", "logs", "delete", "all")
-COMMANDS = ("train", "finetune", "sft")  # the fmjax subcommands a launch can run on the workers
+COMMANDS = ("train", "finetune", "sft", "dpo")  # the fmjax subcommands a launch can run on the workers
 # Where things live on a worker, relative to its home directory (ssh starts there).
 REMOTE_CODE_DIR = "fmjax"
 REMOTE_TARBALL = "fmjax.tar.gz"

@@ -62,8 +62,8 @@ def data_sources(config, imported: Mapping | None = None) -> list[str]:
   d = config.data
   before, classifier = [], finetune.is_classifier_run(config)
   trunk_recorded = False  # whether init_from's own record names what the trunk learnt from
-  if ("sft" in config or classifier) and config.get("init_from"):
-    # SFT's data.files are its rows; the trunk it started from learnt from init_from's corpus.
+  if ("sft" in config or "dpo" in config or classifier) and config.get("init_from"):
+    # SFT's (and DPO's) data.files are its rows; the trunk it started from learnt from init_from's corpus.
     source = config.init_from
     saved = files.read_json(os.path.join(source, "config.json")) if files.isdir(source) else None
     trunk_recorded = saved is not None
@@ -87,9 +87,10 @@ def data_sources(config, imported: Mapping | None = None) -> list[str]:
 
 
 def _scrubbed(config) -> bool:
-  """Whether training saw scrubbed text: data.pii_scrub applies to pretraining text only; SFT and
+  """Whether training saw scrubbed text: data.pii_scrub applies to pretraining text only; SFT, DPO and
   fine-tuning read their rows as they are."""
-  return bool(config.data.pii_scrub) and "sft" not in config and not finetune.is_classifier_run(config)
+  return (bool(config.data.pii_scrub) and "sft" not in config and "dpo" not in config
+          and not finetune.is_classifier_run(config))
 
 
 def read_card(config, card_path: str | None) -> dict[str, Any]:
@@ -163,8 +164,8 @@ def training_texts(config) -> tuple[Iterator[str], str, str]:
   """(texts, split, what they are) of the data the run trained on, in its fixed order.
 
   Pretraining: the documents of the train split. SFT: the prompt and completion of each row of
-  data.files (a conversation's messages), read as SFT reads them. Fine-tuning: the texts of each train
-  example of the task.
+  data.files (a conversation's messages), read as SFT reads them; DPO: each pair's prompt and replies.
+  Fine-tuning: the texts of each train example of the task.
   """
   if "sft" in config:
     from fmjax import sft
@@ -177,6 +178,13 @@ def training_texts(config) -> tuple[Iterator[str], str, str]:
         return "\n".join(m["content"] for m in row.messages)
       return f"{row[0]}\n{row[1]}" if row[0] else row[1]
     return map(text, rows), "data.files", "(prompt, completion) rows and conversations of data.files"
+  if "dpo" in config:
+    from fmjax import dpo
+    d = config.dpo
+    pairs = dpo.read_pairs(config.data.files, d.prompt_key, d.chosen_key, d.rejected_key)
+    written = lambda part: part if isinstance(part, str) else "\n".join(m["content"] for m in part)
+    return (("\n".join(written(p) for p in (pair.prompt, pair.chosen, pair.rejected) if p) for pair in pairs),
+            "data.files", "preference pairs (prompt, chosen, rejected) of data.files")
   if finetune.is_classifier_run(config):
     from fmjax import tasks
     task = tasks.load_task(config)
@@ -404,7 +412,8 @@ def _imported_info(workdir: str) -> dict | None:
 
 
 # Where a run's training data is now, if it moved: its text, or a fine-tuning run's task files.
-MOVED_DATA_KEYS = ("data.files", "data.data_dir", "task.files", "task.validation_files", "sft.eval_files")
+MOVED_DATA_KEYS = ("data.files", "data.data_dir", "task.files", "task.validation_files", "sft.eval_files",
+                   "dpo.eval_files")
 
 
 def _moved(config, moved: Sequence[str]):

@@ -136,10 +136,12 @@ def encode_example(tok, prompt: str, completion: str) -> tuple[list[int], list[i
   return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
 
 
-def encode_conversation(tok, conversation: Conversation, template: str) -> tuple[list[int], list[int]]:
-  """(ids, trained) of a conversation in `template` (`chat.encode`): trained 1 on what the assistant writes."""
+def encode_conversation(tok, conversation: Conversation, template: str, respond_from: int = 0
+                        ) -> tuple[list[int], list[int]]:
+  """(ids, trained) of a conversation in `template` (`chat.encode`): trained 1 on what the assistant writes
+  (in its messages from `respond_from` on)."""
   try:
-    return chat.encode(tok, conversation.messages, template)
+    return chat.encode(tok, conversation.messages, template, respond_from)
   except ConfigError as e:
     raise ConfigError(f"{conversation.where}: {e}") from None
 
@@ -157,13 +159,19 @@ def pack_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, *, pack
   rows: list[list[tuple[list[int], list[int]]]] = []
   used = T  # forces a new row for the first example
   for ids, trained in examples:
-    ids, trained = ids[:T + 1], trained[:T + 1]
-    n = len(ids) - 1
+    n = min(len(ids) - 1, T)
     if not pack or used + n > T:
       rows.append([])
       used = 0
     rows[-1].append((ids, trained))
     used += n
+  return write_rows(rows, T)
+
+
+def write_rows(rows: list[list[tuple[list[int], list[int]]]], seq_len: int) -> dict[str, np.ndarray]:
+  """`pack_rows`'s [N, T] arrays of rows that hold the given examples, in order (segment ids from 1); each
+  row's examples must fit in it, but for a single example longer than the row, which is cut at its end."""
+  T = seq_len
   N = len(rows)
   out = {"inputs": np.zeros((N, T), np.int32), "targets": np.zeros((N, T), np.int32),
          "loss_weights": np.zeros((N, T), np.float32), "segment_ids": np.zeros((N, T), np.int32),
@@ -171,6 +179,7 @@ def pack_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, *, pack
   for r, row in enumerate(rows):
     at = 0
     for seg, (ids, trained) in enumerate(row, start=1):
+      ids, trained = ids[:T + 1], trained[:T + 1]
       n = len(ids) - 1
       sl = slice(at, at + n)
       out["inputs"][r, sl] = ids[:-1]
@@ -240,12 +249,13 @@ def load_rows(config, tok) -> dict[str, dict[str, np.ndarray] | None]:
   return out
 
 
-def _check_chat_template(tok) -> None:
+def _check_chat_template(tok, section: str = "sft") -> None:
   """Gives `tok` the template its conversations are written in (its own, else the built-in one), and says
-  when that template ends no assistant turn with a special token: a model trained on it never learns to stop."""
+  when that template ends no assistant turn with a special token: a model trained on it never learns to stop.
+  `section`: the config section whose `chat_template` sets another (sft, dpo)."""
   if tok.chat_template is None:
-    log.info("SFT: conversations are written in fmjax's built-in chat template (the tokenizer has none; "
-             "sft.chat_template sets one)")
+    log.info("%s: conversations are written in fmjax's built-in chat template (the tokenizer has none; "
+             "%s.chat_template sets one)", section.upper(), section)
     tok.chat_template = chat.BUILTIN_TEMPLATE
   try:
     ends = chat.end_of_turn(tok, tok.chat_template)
@@ -274,15 +284,19 @@ class RowLoader:
 
   def dataset_rows(self, step: int) -> np.ndarray:
     """Row ids of this host's batch rows at `step` (-1 = padding)."""
-    g_b = step * self.batch_size + self.rows_b
+    return self.draw(step * self.batch_size + self.rows_b, self.num_rows)
+
+  def draw(self, g_b: np.ndarray, n: int) -> np.ndarray:
+    """The ids of places `g_b` in the stream over `n` items: item perm_e(g mod n) of epoch e = g // n
+    (shuffled), else g itself while g < n, then -1 (padding)."""
     if not self.shuffle:
-      return np.where(g_b < self.num_rows, g_b, -1)
-    epoch_b, i_b = g_b // self.num_rows, g_b % self.num_rows
+      return np.where(g_b < n, g_b, -1)
+    epoch_b, i_b = g_b // n, g_b % n
     out_b = np.empty_like(g_b)
     for e in np.unique(epoch_b):
       rng = np.random.Generator(np.random.Philox(key=np.array([self.seed, e], dtype=np.uint64)))
       sel = epoch_b == e
-      out_b[sel] = rng.permutation(self.num_rows)[i_b[sel]]
+      out_b[sel] = rng.permutation(n)[i_b[sel]]
     return out_b
 
   def host_batch(self, step: int) -> dict[str, np.ndarray]:
@@ -355,8 +369,8 @@ def adopt_shape(config, workdir: str) -> dict | None:
       raise ConfigError(f"init_from={config.init_from} is a `fmjax finetune` (classifier) workdir; pass the --workdir "
                         "of a pretraining (`fmjax train`) or `fmjax sft` run")
     if source["model"]["family"] != "gpt":
-      raise ConfigError(f"init_from={config.init_from} holds a {source['model']['family']} model; SFT needs a GPT "
-                        "checkpoint (use `fmjax finetune` for BERT)")
+      raise ConfigError(f"init_from={config.init_from} holds a {source['model']['family']} model; "
+                        f"{_what(config)} needs a GPT checkpoint (use `fmjax finetune` for BERT)")
     data.resolve_tokenizer_path(source, config.init_from)
   if source is not None:
     theirs = {**models.ARCHITECTURE_DEFAULTS, **source["model"]}  # a run from before a choice existed: GPT-2's
@@ -374,14 +388,20 @@ def adopt_shape(config, workdir: str) -> dict | None:
                where)
       config.data.seq_len = config.model.max_len
   if config.model.family != "gpt":
-    raise ConfigError("SFT trains a GPT; set model.family=gpt (use `fmjax finetune` for BERT)")
+    raise ConfigError(f"{_what(config)} trains a GPT; set model.family=gpt (use `fmjax finetune` for BERT)")
   return source
+
+
+def _what(config) -> str:
+  """SFT or DPO (`fmjax.dpo`, which starts its runs as SFT does): what the config trains, as messages name it."""
+  return config_lib.command_of(config).upper()
 
 
 def adopt_tokenizer(config, workdir: str, source: dict | None):
   """The tokenizer of the run the params come from (`source`, from `adopt_shape`); points `data.tokenizer` at
-  the workdir's copy, `tokenizer` relative to the workdir. `sft.chat_template` replaces its chat template (a
-  resumed run keeps the one it started with). Reads only: `run` saves the copy."""
+  the workdir's copy, `tokenizer` relative to the workdir. `sft.chat_template` (a DPO config's
+  `dpo.chat_template`) replaces its chat template (a resumed run keeps the one it started with). Reads only:
+  `run` saves the copy."""
   from fmjax import data
   own_tok = os.path.join(workdir, data.RUN_TOKENIZER)
   resuming = _resuming(workdir)
@@ -392,12 +412,14 @@ def adopt_tokenizer(config, workdir: str, source: dict | None):
   elif config.data.tokenizer.kind == "hf":
     tok = data.get_tokenizer(config)
   else:
-    raise ConfigError("SFT needs the tokenizer of a pretrained model: pass --config.init_from=PRETRAIN_WORKDIR "
-                      "(or data.tokenizer.kind=hf with data.tokenizer.path)")
-  if config.sft.chat_template:
-    template = chat.read_template(config.sft.chat_template)
+    raise ConfigError(f"{_what(config)} needs the tokenizer of a pretrained model: pass "
+                      "--config.init_from=PRETRAIN_WORKDIR (or data.tokenizer.kind=hf with data.tokenizer.path)")
+  section = config_lib.command_of(config)  # sft, or dpo
+  given = config[section].chat_template
+  if given:
+    template = chat.read_template(given, key=f"{section}.chat_template")
     if resuming and template != tok.chat_template:  # its rows would be other text than those it trained on
-      raise ConfigError(f"sft.chat_template={config.sft.chat_template!r} is not the chat template {workdir} "
+      raise ConfigError(f"{section}.chat_template={given!r} is not the chat template {workdir} "
                         f"started with (kept in {own_tok}); resume without changing it, or use a new --workdir")
     tok.chat_template = template
   # A resumed run keeps the path its checkpoint recorded (absolute in runs written before paths were relative).

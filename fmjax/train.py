@@ -162,7 +162,12 @@ def _updates_applied(opt_state, step):
 
 
 def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
-  """Returns the pure `train_step(state, batch) -> (state, metrics)`."""
+  """Returns the pure `train_step(state, batch) -> (state, metrics)`.
+
+  `loss_fn(model, batch, deterministic=, rngs=) -> (loss_sum, aux)` sums over the batch; aux holds loss_sum,
+  weight_sum (what the loss is a mean over) and correct_sum, and may hold further `NAME_sum` totals, logged
+  as NAME (their sum over the batch divided by weight_sum), as DPO's rewards are.
+  """
   loss_fn = loss_fn or objectives.get_loss_fn(config)
   accum = config.train.grad_accum
   deterministic = config.model.dropout == 0.0 and config.model.get("attention_dropout", 0.0) == 0.0
@@ -200,9 +205,15 @@ def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
         g, a = micro_grads(params, mb, jax.random.fold_in(key, i), scale)
         return jax.tree.map(jnp.add, carry, (g, a)), None
       zeros = jax.tree.map(jnp.zeros_like, params)
-      zero_aux = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
-      zero_aux = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zero_aux)
-      (grads, aux), _ = jax.lax.scan(body, (zeros, zero_aux), (jnp.arange(accum), _micro_batches(batch, accum)))
+      micro = _micro_batches(batch, accum)
+      # The loss's totals, which the scan adds up micro-batch by micro-batch: their shapes, traced (not run)
+      # from the forward pass as `micro_grads` calls it.
+      def aux_of(p, mb):
+        rngs = None if deterministic else nnx.Rngs(dropout=key)
+        return loss_fn(nnx.merge(graphdef, p), mb, deterministic=deterministic, rngs=rngs)[1]
+      aux_shape = jax.eval_shape(aux_of, params, jax.tree.map(lambda x: x[0], micro))
+      zero_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
+      (grads, aux), _ = jax.lax.scan(body, (zeros, zero_aux), (jnp.arange(accum), micro))
     denom = jnp.maximum(aux["weight_sum"], 1.0)
     grads = jax.tree.map(lambda g: g / (denom if scale is None else denom * scale), grads)
     loss = aux["loss_sum"] / denom
@@ -227,10 +238,14 @@ def make_train_step(config, graphdef, tx, loss_fn: Callable | None = None):
     # loss averages over; tokens_per_sec counts every row token the step reads.
     metrics = {"loss": loss, "accuracy": aux["correct_sum"] / denom, "grad_norm": grad_norm,
                "lr": schedule(_updates_applied(state["opt_state"], step)), "targets": aux["weight_sum"],
-               "nonfinite": nonfinite.astype(jnp.float32), **scale_metrics}
+               "nonfinite": nonfinite.astype(jnp.float32), **scale_metrics,
+               **{k.removesuffix("_sum"): v / denom for k, v in aux.items() if k not in _AUX_KEYS}}
     return new_state, metrics
 
   return train_step
+
+
+_AUX_KEYS = ("loss_sum", "weight_sum", "correct_sum")  # every loss's; any other `NAME_sum` of a loss is logged
 
 
 def _next_loss_scale(ls: dict, finite, loss, grad_norm) -> tuple[dict, Any]:

@@ -139,9 +139,10 @@ def _continuation_items(config, limit: int) -> list[Item]:
   36-word passages, in order; the right span sits at position i % 4, and item i's distractors are
   the spans of the passages a quarter, a half and three quarters of the way round the list."""
   from fmjax.data import sources
-  if "sft" in config:
-    raise ConfigError("the continuation task reads a pretraining corpus's held-out documents, and an SFT run "
-                      "has none; score its init_from run, or pass --task=jsonl:FILE")
+  if "sft" in config or "dpo" in config:
+    raise ConfigError("the continuation task reads a pretraining corpus's held-out documents, and an "
+                      f"{'SFT' if 'sft' in config else 'DPO'} run has none; score its init_from run, or pass "
+                      "--task=jsonl:FILE")
   if 0 < limit < 4:
     raise ConfigError(f"a limit of {limit} (--limit, or train.zeroshot_limit) is below the 4 passages the "
                       "continuation task needs (each item's wrong endings are three other passages'); use 0 (all) "

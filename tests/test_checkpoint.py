@@ -1315,7 +1315,7 @@ if __name__ == "__main__":
   _worker_main(*sys.argv[1:])
 
 
-CONFIGS = ["configs/gpt.py:tiny", "configs/bert.py:tiny", "configs/finetune_cls.py", "configs/sft.py"]
+CONFIGS = ["configs/gpt.py:tiny", "configs/bert.py:tiny", "configs/finetune_cls.py", "configs/sft.py", "configs/dpo.py"]
 
 
 def test_every_key_added_since_the_first_runs_says_what_those_runs_did():

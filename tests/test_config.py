@@ -219,6 +219,14 @@ def test_cli_workdir_and_override_mistakes_are_one_line(tmp_path, capsys):
     # 3 key/value heads for 6 query heads: the query heads split over mesh.tensor=2, the key/value heads cannot.
     ("gpt", ["model.d_model=96", "model.num_heads=6", "model.num_kv_heads=3", "mesh.data=4", "mesh.tensor=2"],
      r"^model.num_kv_heads=3 does not divide by mesh.tensor=2 \(logical axis 'kv_heads' is sharded over it\)"),
+    # DPO: its settings, and micro-batches of whole row pairs (a chosen row, a rejected row).
+    ("dpo", ["dpo.beta=0"], r"^dpo.beta=0.0 must be positive and finite"),
+    ("dpo", ["dpo.label_smoothing=0.5"], r"^dpo.label_smoothing=0.5 must be in \[0, 0.5\)"),
+    ("dpo", ["dpo.eval_percent=100"], r"^dpo.eval_percent=100 must be in \[0, 100\)"),
+    ("dpo", ["train.batch_size=16", "train.grad_accum=16"],
+     r"^train.batch_size=16 must be a multiple of 2 x train.grad_accum=16: DPO rows come in pairs"),
+    ("dpo", ["finetune.peft=head"], r"^finetune.peft='head' trains a classifier's new head alone, and DPO has none "
+     r".*; for DPO set finetune.peft= one of none, lora, adapter, bitfit$"),
 ])
 def test_values_that_would_train_wrongly_are_refused(spec, overrides, error):
   """Each of these once ran to the end (or failed deep in a compile): a bidirectional model on
@@ -356,7 +364,7 @@ def test_a_path_the_system_refuses_is_one_line_naming_it(errno_, fix, monkeypatc
                                   *(f"experiments/decoder_choices/config.py:{v}"
                                     for v in ("gpt2", "swiglu", "llama_mqa")),
                                   "configs/finetune_cls.py:task=glue/sst2",
-                                  "configs/sft.py"])
+                                  "configs/sft.py", "configs/dpo.py", "configs/dpo.py:small"])
 def test_experiment_configs_load_and_validate(spec):
   config_lib.load_config(spec)
 
@@ -368,6 +376,10 @@ def test_experiment_configs_load_and_validate(spec):
     ("finetune", "bert.py:tiny", "`fmjax finetune` needs a fine-tuning (classification) config (with a `task` section"),
     ("sft", "gpt.py:tiny", "`fmjax sft` needs an SFT config (with a `sft` section, e.g. configs/sft.py); this one is "
      "a pretraining config: run it with `fmjax train`"),
+    ("dpo", "gpt.py:tiny", "`fmjax dpo` needs a DPO config (with a `dpo` section, e.g. configs/dpo.py); this one is "
+     "a pretraining config: run it with `fmjax train`"),
+    ("train", "dpo.py", "this is a DPO config (it has the `dpo` section): run it with `fmjax dpo`, not `fmjax train`"),
+    ("sft", "dpo.py", "this is a DPO config (it has the `dpo` section): run it with `fmjax dpo`, not `fmjax sft`"),
 ])
 def test_a_config_run_by_the_wrong_command_is_one_line_and_leaves_nothing(command, spec, error, tmp_path, capsys):
   """Once `fmjax train` pretrained a fine-tuning config to the end, and the other way round a traceback."""
@@ -390,6 +402,8 @@ def test_a_config_run_by_the_wrong_command_is_one_line_and_leaves_nothing(comman
      "an fmjax setting; did you mean 'max_train_examples'"),
     ("c.sft = config_lib.sft_section(); c.sft.prompt = 'q'", "'sft.prompt', which is not an fmjax setting; did you "
      "mean 'prompt_key'"),
+    ("c.dpo = config_lib.dpo_section(); c.dpo.betta = 0.2", "'dpo.betta', which is not an fmjax setting; did you "
+     "mean 'beta'"),
 ])
 def test_a_typo_inside_a_config_file_is_refused(tmp_path, line, error):
   """The lock covers overrides; a key that get_config itself misspells was once kept beside the real

@@ -12,14 +12,14 @@ import shlex
 
 import pytest
 
-from fmjax import bench, cli, data, finetune, sft, train
+from fmjax import bench, cli, data, dpo, finetune, sft, train
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 DOCS = ["README.md", "benchmarks/README.md", "launch/README.md",
         *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "experiments", "*", "README.md")))]
-STUBBED = {"train": (train, "run"), "finetune": (finetune, "run"), "sft": (sft, "run"), "bench": (bench, "run"),
-           "data": (data, "prepare")}
-COMMAND = re.compile(r"(?:^|[\s`(&])(fmjax (?:train|finetune|sft|bench|data prepare|sweep) [^`#\n]*)")
+STUBBED = {"train": (train, "run"), "finetune": (finetune, "run"), "sft": (sft, "run"), "dpo": (dpo, "run"),
+           "bench": (bench, "run"), "data": (data, "prepare")}
+COMMAND = re.compile(r"(?:^|[\s`(&])(fmjax (?:train|finetune|sft|dpo|bench|data prepare|sweep) [^`#\n]*)")
 
 
 def doc_commands() -> list[tuple[str, str]]:

@@ -625,8 +625,11 @@ def test_command_launches_finetune_and_sft_runs(capsys):
                            workdir="gs://b/sft", command="sft")
   launch.check_config(spec)
   assert launch.train_argv(spec)[:2] == ["fmjax", "sft"]
-  with pytest.raises(launch.LaunchError, match=r"^--command='sfft' is not one of train, finetune, sft; did you mean "
-                                               r"'sft'\?$"):
+  dpo = dataclasses.replace(spec, config="configs/dpo.py", workdir="gs://b/dpo", command="dpo")
+  launch.check_config(dpo)
+  assert launch.train_argv(dpo)[:2] == ["fmjax", "dpo"]
+  with pytest.raises(launch.LaunchError, match=r"^--command='sfft' is not one of train, finetune, sft, dpo; did you "
+                                               r"mean 'sft'\?$"):
     launch.plan_commands(dataclasses.replace(spec, command="sfft"), "run")
 
 

@@ -137,8 +137,9 @@ def read_template(spec: str, key: str = "sft.chat_template") -> str:
   return template
 
 
-def check_messages(messages) -> str | None:
-  """What is wrong with a conversation as SFT reads it (None: nothing), said as the end of a sentence."""
+def check_messages(messages, *, needs_assistant: bool = True) -> str | None:
+  """What is wrong with a conversation as SFT reads it (None: nothing), said as the end of a sentence.
+  `needs_assistant=False`: a prompt's messages, which need no assistant message."""
   if not isinstance(messages, list) or not messages:
     what = "an empty list" if messages == [] else "null" if messages is None else f"a JSON {type(messages).__name__}"
     return f"holds {what}, not a list of messages"
@@ -149,7 +150,7 @@ def check_messages(messages) -> str | None:
       return f"has message {j} of role {m.get('role')!r}; the roles are {', '.join(ROLES)}"
     if not isinstance(m.get("content"), str):
       return f"has message {j} whose content is {json.dumps(m.get('content'))[:40]}, not text"
-  if not any(m["role"] == "assistant" for m in messages):
+  if needs_assistant and not any(m["role"] == "assistant" for m in messages):
     return "has no assistant message, so nothing to learn"
   return None
 
@@ -216,17 +217,18 @@ def _tokenise(tok, text: str, slots) -> tuple[list[int], list[tuple[int, int]]]:
   return ids + run_ids, offsets + [(at + a, at + b) for a, b in run_offsets]
 
 
-def _encode(tok, messages: Sequence[dict], template: str, add_generation_prompt: bool = False):
+def _encode(tok, messages: Sequence[dict], template: str, add_generation_prompt: bool = False,
+            respond_from: int = 0):
   """(ids, offsets, turns): turns holds (content start, content end, turn end) in characters for each
-  assistant content, the turn's end being that of the first special token the template writes after the
-  content and before the next message's (none: the content's end)."""
+  assistant content from message `respond_from` on, the turn's end being that of the first special token the
+  template writes after the content and before the next message's (none: the content's end)."""
   text, slots = _content_spans(tok, messages, template, add_generation_prompt)
   ids, offsets = _tokenise(tok, text, slots)
   specials = np.flatnonzero(np.isin(np.asarray(ids, np.int64), list(tok.added_special_ids)))
   starts = sorted(a for a, _, _ in slots)
   turns = []
   for a, b, i in slots:
-    if messages[i]["role"] != "assistant":
+    if messages[i]["role"] != "assistant" or i < respond_from:
       continue
     before = next((s for s in starts if s >= b and s > a), len(text))  # the next content, where this turn is over
     end = next((e for s, e in (offsets[k] for k in specials) if b <= s and e <= before), b)
@@ -234,10 +236,12 @@ def _encode(tok, messages: Sequence[dict], template: str, add_generation_prompt:
   return ids, offsets, turns
 
 
-def encode(tok, messages: Sequence[dict], template: str) -> tuple[list[int], list[int]]:
+def encode(tok, messages: Sequence[dict], template: str, respond_from: int = 0) -> tuple[list[int], list[int]]:
   """(ids, trained) of a conversation: its tokens in `template`, and 1 for each token an assistant writes
-  (its messages' contents and the end of turn after each), 0 for the rest (system, user, role headers)."""
-  ids, offsets, turns = _encode(tok, messages, template)
+  (its messages' contents and the end of turn after each), 0 for the rest (system, user, role headers).
+  `respond_from`: only the assistant messages from that index on are trained (a preference pair's reply,
+  after a prompt that may hold assistant turns of its own)."""
+  ids, offsets, turns = _encode(tok, messages, template, respond_from=respond_from)
   return ids, _in_spans(offsets, [(a, end) for a, _, end in turns]).astype(int).tolist()
 
 
