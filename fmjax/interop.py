@@ -646,19 +646,19 @@ def hf_config(model_cfg, tokenizer=None, num_labels: int | None = None,
   archs = [_hf_architecture(kind, bool(num_labels))]
   if kind in ROTARY_ARCHITECTURES:
     arch = models.architecture(m, canonical=True)
+    # Qwen2's biases come with its model_type; Qwen3's attention_bias=true would put one on o_proj too.
+    biases = {"llama": dict(attention_bias=bool(arch["use_bias"]), mlp_bias=bool(arch["use_bias"])),
+              "qwen2": {}, "qwen3": dict(attention_bias=False)}[kind]
+    # The keys in the order earlier exports wrote them: a Llama's config.json (and a release's checksums) stay the same.
     cfg = dict(model_type=kind, architectures=archs, vocab_size=m.vocab_size, hidden_size=m.d_model,
                intermediate_size=m.d_ff, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
                num_key_value_heads=arch["num_kv_heads"] or m.num_heads, head_dim=models.head_dim(m),
                hidden_act="silu", max_position_embeddings=m.max_len, rms_norm_eps=m.layer_norm_eps,
-               rope_theta=float(arch["rope_theta"]), rope_scaling=_hf_rope_scaling(arch),
+               rope_theta=float(arch["rope_theta"]), rope_scaling=_hf_rope_scaling(arch), **biases,
                attention_dropout=m.get("attention_dropout", 0.0),
                initializer_range=m.init_std, tie_word_embeddings=bool(arch["tie_embeddings"]))
-    if kind == "llama":
-      cfg.update(attention_bias=bool(arch["use_bias"]), mlp_bias=bool(arch["use_bias"]))
-    else:  # Qwen2's biases come with its model_type; the window off, every layer sees every earlier position
+    if kind != "llama":  # Qwen's window off: every layer sees every earlier position
       cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
-    if kind == "qwen3":  # true would put a bias on o_proj too
-      cfg["attention_bias"] = False
   elif kind == "gpt2":
     cfg = dict(model_type="gpt2", architectures=archs, vocab_size=m.vocab_size, n_positions=m.max_len,
                n_embd=m.d_model, n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.d_ff,

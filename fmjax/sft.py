@@ -86,7 +86,7 @@ def read_examples(spec: str, prompt_key: str = "prompt", completion_key: str = "
   pairs, unprompted, other_fields = 0, 0, set()  # (prompt, completion) rows, those without prompt_key, what else
   for path in paths:
     for line, row in sources.jsonl_records(path):
-      if isinstance(row, dict) and messages_key in row:
+      if isinstance(row, dict) and messages_key in row and completion_key not in row:  # else a pair, as it was
         messages = row[messages_key]
         if (problem := chat.check_messages(messages)) is not None:
           raise ConfigError(f"{path}:{line} {messages_key!r} {problem}; fix the row or remove it (a conversation "

@@ -257,6 +257,7 @@ def test_a_template_that_opens_with_a_bos_frames_documents(framed_tokenizer_dir,
     (d / "tokenizer_config.json").write_text(json.dumps(dict(tokenizer_config, add_bos_token=add)))
     loaded = data.load_hf(str(d))
     assert (loaded.bos_id, loaded.frames_documents) == (bos, add), name
+    assert data.load_hf(str(d / "tokenizer.json")).bos_id == bos  # the file named: what is beside it counts too
     assert loaded.encode("a b") == tok.encode("a b")
   (tmp_path / "on" / "tokenizer_config.json").write_text(json.dumps(dict(add_bos_token=True, bos_token="<bos>")))
   with pytest.raises(config_lib.ConfigError, match=r"sets add_bos_token but its bos_token '<bos>' is not a token"):

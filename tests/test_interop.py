@@ -1125,6 +1125,21 @@ def test_layer_norm_epsilon_comes_from_the_hf_config_and_goes_back_to_it():
     assert interop.hf_config(model_cfg)[key] == 1e-3
 
 
+def test_a_llama_config_json_keeps_the_key_order_of_earlier_exports():
+  """A Llama's config.json is written as before Qwen (the same bytes, so a release's checksums stay the same): its
+  biases after rope_scaling. Qwen's keys follow the same order, with no mlp_bias."""
+  model_cfg = config_lib.load_config("configs/gpt.py:tiny,llama").model
+  assert list(interop.hf_config(model_cfg)) == [
+      "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+      "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
+      "rms_norm_eps", "rope_theta", "rope_scaling", "attention_bias", "mlp_bias", "attention_dropout",
+      "initializer_range", "tie_word_embeddings", "dtype", "torch_dtype"]
+  model_cfg.update(use_bias=False, qk_norm=True)
+  qwen3 = interop.hf_config(model_cfg)
+  assert qwen3["model_type"] == "qwen3" and qwen3["attention_bias"] is False and "mlp_bias" not in qwen3
+  assert list(qwen3).index("attention_bias") == list(qwen3).index("rope_scaling") + 1
+
+
 def _copy_with_config(src, dst, **changes):
   """A copy of the HF directory `src` whose config.json has `changes`."""
   shutil.copytree(src, dst)

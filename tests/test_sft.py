@@ -545,16 +545,19 @@ def test_a_file_may_mix_conversations_with_prompt_completion_rows(tmp_path, chat
   tok = data.load_hf(str(chat_tokenizer_dirs["llama3"]))
   path = tmp_path / "mixed.jsonl"
   path.write_text(json.dumps({"prompt": "2 plus 2 is", "completion": " 4."}) + "\n"
-                  + json.dumps({"messages": TWO_TURNS, "id": 7}) + "\n")
+                  + json.dumps({"messages": TWO_TURNS, "id": 7}) + "\n"
+                  # A completion makes a row a pair, as it was before conversations, whatever else it holds.
+                  + json.dumps({"prompt": "3 plus 3 is", "completion": " 6.", "messages": "metadata"}) + "\n")
   rows = sft.read_examples(str(path))
-  assert rows == [("2 plus 2 is", " 4."), sft.Conversation(tuple(TWO_TURNS))] and rows[1].where == f"{path}:2"
+  assert rows == [("2 plus 2 is", " 4."), sft.Conversation(tuple(TWO_TURNS)), ("3 plus 3 is", " 6.")]
+  assert rows[1].where == f"{path}:2"
   config = config_lib.load_config("configs/sft.py", [f"data.files={path}", "sft.eval_percent=0", "data.seq_len=64",
                                                      "sft.pack=false"])
   packed = sft.load_rows(config, tok)["train"]
   trained = [tok.decode(r[w > 0]) for r, w in zip(packed["targets"], packed["loss_weights"])]
-  assert trained == [" 4.<|end_of_text|>", "4.<|eot_id|>6.<|eot_id|>"]
+  assert trained == [" 4.<|end_of_text|>", "4.<|eot_id|>6.<|eot_id|>", " 6.<|end_of_text|>"]
   # A tokenizer without a template takes the built-in one, and keeps it: the run's saved tokenizer chats so.
-  plain = data.load_hf(str(chat_tokenizer_dirs["llama3"] / "tokenizer.json"))
+  plain = data.Tokenizer(tok.hf, "hf")
   assert plain.chat_template is None
   sft.load_rows(config, plain)
   assert plain.chat_template == chat.BUILTIN_TEMPLATE

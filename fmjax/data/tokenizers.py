@@ -281,9 +281,7 @@ def load_hf(path: str) -> Tokenizer:
     raise ConfigError(f"data.tokenizer.path={path!r} does not exist{where}; point it at the tokenizer files")
   if os.path.isdir(path):
     if os.path.exists(os.path.join(path, "tokenizer.json")):
-      tok = _from_file(os.path.join(path, "tokenizer.json"))
-      return Tokenizer(_with_add_bos_token(tok, os.path.join(path, "tokenizer_config.json")), "hf",
-                       _read_chat_template(path))
+      return load_hf(os.path.join(path, "tokenizer.json"))
     if os.path.exists(os.path.join(path, "vocab.txt")):
       return load_hf(os.path.join(path, "vocab.txt"))
     vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
@@ -301,8 +299,10 @@ def load_hf(path: str) -> Tokenizer:
   if os.path.basename(path) in ("vocab.json", "merges.txt"):
     raise ConfigError(f"data.tokenizer.path={path!r} is half of a GPT-2 vocabulary; point it at the directory that "
                       "holds vocab.json and merges.txt")
-  if path.endswith(".json"):
-    return Tokenizer(_from_file(path), "hf")
+  if path.endswith(".json"):  # with what tokenizer_config.json (and chat_template.jinja) beside it say
+    beside = os.path.dirname(path)
+    tok = _with_add_bos_token(_from_file(path), os.path.join(beside, "tokenizer_config.json"))
+    return Tokenizer(tok, "hf", _read_chat_template(beside))
   if path.endswith(".txt"):
     from fmjax.data import sources
     try:
