@@ -185,37 +185,14 @@ def load_rows(config, tok) -> dict[str, dict[str, np.ndarray] | None]:
   data.files. A pair whose prompt leaves no token of a reply within data.seq_len is dropped, and counted."""
   d = config.dpo
   keys = dict(prompt_key=d.prompt_key, chosen_key=d.chosen_key, rejected_key=d.rejected_key)
-  train_pairs = read_pairs(config.data.files, **keys)
-  if d.eval_files:
-    eval_pairs = read_pairs(d.eval_files, **keys, key="dpo.eval_files")
-  else:
-    held = [_held_out(p, d.eval_percent) for p in train_pairs]
-    eval_pairs = [p for p, h in zip(train_pairs, held) if h]
-    train_pairs = [p for p, h in zip(train_pairs, held) if not h]
-  if not train_pairs:
-    raise ConfigError(f"data.files={config.data.files!r} holds no training pairs (after holding out "
-                      f"dpo.eval_percent={d.eval_percent}%); add rows or lower dpo.eval_percent")
-  if any(not isinstance(p.chosen, str) for p in itertools.chain(train_pairs, eval_pairs)):
+  splits = sft.split_held_out(config, "dpo", lambda spec, **kw: read_pairs(spec, **keys, **kw), _held_out, "pair")
+  if any(not isinstance(p.chosen, str) for p in itertools.chain(*splits.values())):
     sft._check_chat_template(tok, "dpo")  # pylint: disable=protected-access
-  T = config.data.seq_len
   out = {}
-  for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
-    encoded = [encode_pair(tok, p, tok.chat_template) for p in pairs]
-    # As SFT: targets are ids[1:T + 1], so a prompt of T ids still leaves the row's last target to the reply.
-    kept = [e for e in encoded if all(any(trained[1:T + 1]) for _, trained in e)]
-    cut = sum(len(ids) - 1 > T for e in kept for ids, _ in e)
-    if len(kept) < len(encoded) or cut:
-      log.info("DPO %s: dropped %d pairs whose prompt (with the token that opens it) leaves no reply token within "
-               "data.seq_len=%d; cut %d replies at the row end", split, len(encoded) - len(kept), T, cut)
-    if encoded and not kept:
-      held_out = split == "eval" and not d.eval_files
-      which = ("training pair" if split == "train" else f"pair of dpo.eval_files={d.eval_files!r}" if d.eval_files
-               else f"held-out eval pair (dpo.eval_percent={d.eval_percent})")
-      fix = (f"raise data.seq_len (up to model.max_len={config.model.max_len}) or shorten the prompts"
-             if T < config.model.max_len else "shorten the prompts (data.seq_len is model.max_len)")
-      raise ConfigError(f"every {which} has a prompt longer than data.seq_len={T} ({len(encoded)} dropped); {fix}"
-                        + (", or set dpo.eval_percent=0" if held_out else ""))
-    out[split] = pack_pairs(kept, T, pack=d.pack) if kept else None
+  for split, pairs in splits.items():
+    kept = sft.fitting(config, "dpo", split, [encode_pair(tok, p, tok.chat_template) for p in pairs],
+                       ("pair", "pairs", "replies"))
+    out[split] = pack_pairs(kept, config.data.seq_len, pack=d.pack) if kept else None
   return out
 
 

@@ -212,41 +212,60 @@ def load_rows(config, tok) -> dict[str, dict[str, np.ndarray] | None]:
                       "for eval (0: none)")
   keys = dict(prompt_key=s.prompt_key, completion_key=s.completion_key,
               messages_key=s.get("messages_key", "messages"))  # a run saved before conversations had no key
-  train_ex = read_examples(config.data.files, **keys)
-  if s.eval_files:
-    eval_ex = read_examples(s.eval_files, **keys, key="sft.eval_files")
-  else:
-    held = [_held_out(e, s.eval_percent) for e in train_ex]
-    eval_ex = [e for e, h in zip(train_ex, held) if h]
-    train_ex = [e for e, h in zip(train_ex, held) if not h]
-  if not train_ex:
-    raise ConfigError(f"data.files={config.data.files!r} holds no training rows (after holding out "
-                      f"sft.eval_percent={s.eval_percent}%); add rows or lower sft.eval_percent")
-  if any(isinstance(e, Conversation) for e in itertools.chain(train_ex, eval_ex)):
+  splits = split_held_out(config, "sft", lambda spec, **kw: read_examples(spec, **keys, **kw), _held_out, "row")
+  if any(isinstance(e, Conversation) for e in itertools.chain(*splits.values())):
     _check_chat_template(tok)
   out = {}
-  for split, examples in (("train", train_ex), ("eval", eval_ex)):
-    encoded = [encode_conversation(tok, e, tok.chat_template) if isinstance(e, Conversation)
-               else encode_example(tok, *e) for e in examples]
-    # Targets are ids[1:seq_len + 1]: a prompt (a conversation's: what comes before the first assistant
-    # message) of seq_len ids, its BOS included, still leaves the row's last target to the first trained
-    # token; a longer one leaves nothing to learn from.
-    kept = [e for e in encoded if any(e[1][1:config.data.seq_len + 1])]
-    cut = sum(len(ids) - 1 > config.data.seq_len for ids, _ in kept)
-    if len(kept) < len(encoded) or cut:
-      log.info("SFT %s: dropped %d rows whose prompt (with the token that opens it) is longer than "
-               "data.seq_len=%d; cut %d completions at the row end", split, len(encoded) - len(kept),
-               config.data.seq_len, cut)
-    if encoded and not kept:  # nothing left to learn from (train) or to score (eval, which the config asked for)
-      held_out = split == "eval" and not s.eval_files
-      which = ("training row" if split == "train" else f"row of sft.eval_files={s.eval_files!r}" if s.eval_files
-               else f"held-out eval row (sft.eval_percent={s.eval_percent})")
-      fix = (f"raise data.seq_len (up to model.max_len={config.model.max_len}) or shorten the prompts"
-             if config.data.seq_len < config.model.max_len else "shorten the prompts (data.seq_len is model.max_len)")
-      raise ConfigError(f"every {which} has a prompt longer than data.seq_len={config.data.seq_len} "
-                        f"({len(encoded)} dropped); {fix}" + (", or set sft.eval_percent=0" if held_out else ""))
-    out[split] = pack_rows(kept, config.data.seq_len, pack=config.sft.pack) if kept else None
+  for split, examples in splits.items():
+    encoded = [(encode_conversation(tok, e, tok.chat_template) if isinstance(e, Conversation)
+                else encode_example(tok, *e),) for e in examples]
+    kept = fitting(config, "sft", split, encoded, ("row", "rows", "completions"))
+    out[split] = pack_rows([e for e, in kept], config.data.seq_len, pack=config.sft.pack) if kept else None
   return out
+
+
+def split_held_out(config, section: str, read, held_out, noun: str) -> dict[str, list]:
+  """{"train", "eval"} items of an SFT or DPO config (`section`): eval is `<section>.eval_files`, else the items of
+  data.files that `held_out(item, <section>.eval_percent)` holds out. `read(spec, key=...)` reads a file list."""
+  s = config[section]
+  train = read(config.data.files)
+  if s.eval_files:
+    held_out_items = read(s.eval_files, key=f"{section}.eval_files")
+  else:
+    held = [held_out(e, s.eval_percent) for e in train]
+    held_out_items = [e for e, h in zip(train, held) if h]
+    train = [e for e, h in zip(train, held) if not h]
+  if not train:
+    raise ConfigError(f"data.files={config.data.files!r} holds no training {noun}s (after holding out "
+                      f"{section}.eval_percent={s.eval_percent}%); add rows or lower {section}.eval_percent")
+  return {"train": train, "eval": held_out_items}
+
+
+def fitting(config, section: str, split: str, encoded: list[tuple], nouns: tuple[str, str, str]) -> list[tuple]:
+  """The items of `encoded` (each a tuple of `(ids, trained)` sequences: one for SFT, DPO's two) whose every
+  sequence keeps a trained token within data.seq_len; the others are dropped and counted (`nouns`: what an item,
+  items and trained parts are called), and a split that asked for items and keeps none is one line.
+
+  Targets are ids[1:seq_len + 1]: a prompt (a conversation's: what comes before the first assistant message)
+  of seq_len ids, its BOS included, still leaves the row's last target to the first trained token; a longer
+  one leaves nothing to learn from.
+  """
+  s, T = config[section], config.data.seq_len
+  item, items, parts = nouns
+  kept = [e for e in encoded if all(any(trained[1:T + 1]) for _, trained in e)]
+  cut = sum(len(ids) - 1 > T for e in kept for ids, _ in e)
+  if len(kept) < len(encoded) or cut:
+    log.info("%s %s: dropped %d %s whose prompt (with the token that opens it) is longer than data.seq_len=%d; "
+             "cut %d %s at the row end", section.upper(), split, len(encoded) - len(kept), items, T, cut, parts)
+  if encoded and not kept:  # nothing left to learn from (train) or to score (eval, which the config asked for)
+    held_out = split == "eval" and not s.eval_files
+    which = (f"training {item}" if split == "train" else f"{item} of {section}.eval_files={s.eval_files!r}"
+             if s.eval_files else f"held-out eval {item} ({section}.eval_percent={s.eval_percent})")
+    fix = (f"raise data.seq_len (up to model.max_len={config.model.max_len}) or shorten the prompts"
+           if T < config.model.max_len else "shorten the prompts (data.seq_len is model.max_len)")
+    raise ConfigError(f"every {which} has a prompt longer than data.seq_len={T} ({len(encoded)} dropped); {fix}"
+                      + (f", or set {section}.eval_percent=0" if held_out else ""))
+  return kept
 
 
 def _check_chat_template(tok, section: str = "sft") -> None:

@@ -161,7 +161,7 @@ def test_text_and_conversational_pairs_are_written_as_sft_writes_them(tmp_path, 
   as_sft = [tok.decode([i for i, w in zip(*sft.encode_example(tok, "What is 2 plus 2?", reply)) if w])
             for reply in (" 4.", " 5.")]
   assert trained_text[:2] == ["6.<|im_end|>", "7.<|im_end|>"] and trained_text[4:] == as_sft
-  plain_tok = data.load_hf(str(chat_tokenizer_dirs["chatml"] / "tokenizer.json"))
+  plain_tok = data.Tokenizer(tok.hf, "hf")  # the tokenizer without its chat template
   dpo.load_rows(config, plain_tok)
   assert plain_tok.chat_template == chat.BUILTIN_TEMPLATE
 
@@ -177,7 +177,7 @@ def test_a_pair_whose_prompt_leaves_no_reply_token_is_dropped_and_counted(tmp_pa
   with caplog.at_level("INFO", logger="fmjax"):
     rows = dpo.load_rows(config, CharTokenizer())["train"]
   assert dpo.num_pairs(rows) == 2
-  assert (f"DPO train: dropped 1 pairs whose prompt (with the token that opens it) leaves no reply token within "
+  assert (f"DPO train: dropped 1 pairs whose prompt (with the token that opens it) is longer than "
           f"data.seq_len={T}; cut 3 replies at the row end") in caplog.text
   long = tmp_path / "long.jsonl"
   long.write_text(json.dumps({"prompt": "q" * T, "chosen": "X", "rejected": "Y"}) + "\n")
