@@ -95,7 +95,10 @@ def adopt_model_settings(config, saved: Mapping, source: str = "init_from") -> l
     # A run saved before an architecture choice existed had GPT-2's.
     value = theirs.get(key, ARCHITECTURE_DEFAULTS.get(key, config.model.get(key)))
     if key in ours:
-      if value != config.model[key]:
+      # A setting the named scaling does not read (linear's rope_original_max_len) changes no position: unsaid.
+      scaling = config.model.get("rope_scaling", "none")
+      read = key in ("rope_theta", "rope_scaling") or key in ROPE_SCALING_READS[scaling]
+      if value != config.model[key] and read:
         std_logging.getLogger("fmjax").warning(
             "model.%s=%s, where %s has %s: positions are read anew, so its outputs change until the run adapts to "
             "them (extending its context); drop the setting to read them as it did", key,
@@ -105,8 +108,8 @@ def adopt_model_settings(config, saved: Mapping, source: str = "init_from") -> l
       changed.append(f"model.{key}={value!r}")
       with config.unlocked():
         config.model[key] = value
-  if changed:  # e.g. the source's key/value heads against this config's mesh.tensor
-    config_lib.validate(config, jax.device_count())
+  if isinstance(theirs, Mapping):  # e.g. the source's key/value heads against this config's mesh.tensor
+    config_lib.validate(config, jax.device_count(), adopted=True)
   return changed
 
 

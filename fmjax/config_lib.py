@@ -505,8 +505,9 @@ def check_seed(key: str, seed) -> None:
     raise ConfigError(f"{key}={seed} must be in [0, 2**32)")
 
 
-def _check_model(m) -> None:
-  """The model section's values: a model of them can be built (a config's, or a run's recorded one)."""
+def _check_model(m, positions_from_source: bool = False) -> None:
+  """The model section's values: a model of them can be built (a config's, or a run's recorded one).
+  `positions_from_source`: the positions are an init_from's, not yet adopted (see `validate`)."""
   from fmjax import attention, models
   _one_of("model.family", m.family, ("gpt", "bert"))
   _one_of("model.attention", m.attention, ("auto", *attention.KERNELS))
@@ -534,7 +535,7 @@ def _check_model(m) -> None:
                       "tokens a chunk of the fused LM-head loss takes)")
   if m.family == "bert" and m.get("type_vocab_size", 2) < 1:
     raise ConfigError(f"model.type_vocab_size={m.type_vocab_size} must be at least 1 (BERT uses 2: sentence A and B)")
-  _check_architecture(m, models)
+  _check_architecture(m, models, positions_from_source)
 
 
 def setting(value) -> str:
@@ -542,7 +543,7 @@ def setting(value) -> str:
   return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _check_architecture(m, models) -> None:
+def _check_architecture(m, models, positions_from_source: bool = False) -> None:
   """The decoder's architecture choices (rotary positions, RMSNorm, SwiGLU, grouped-query attention, the head
   width, biases, q/k norms, an untied head); BERT keeps GPT-2's and the original BERT's."""
   arch = models.architecture(m)
@@ -572,14 +573,14 @@ def _check_architecture(m, models) -> None:
                       "already; drop model.qkv_bias or set model.use_bias=false")
   if not arch["rope_theta"] > 0:
     raise ConfigError(f"model.rope_theta={arch['rope_theta']} must be positive (Llama uses 10000 or 500000)")
-  _check_rope_scaling(arch, models)
+  _check_rope_scaling(arch, models, positions_from_source)
 
 
-def _check_rope_scaling(arch, models) -> None:
+def _check_rope_scaling(arch, models, positions_from_source: bool = False) -> None:
   """model.rope_scaling and its parameters: each one a scaling reads is in range, and none it ignores
   is set (a factor without the scaling that reads it would train unscaled, silently)."""
   scaling = arch["rope_scaling"]
-  if scaling != "none" and arch["positions"] != "rope":
+  if scaling != "none" and arch["positions"] != "rope" and not positions_from_source:
     raise ConfigError(f"model.rope_scaling={scaling} scales rotary positions, and this model has "
                       f"model.positions={arch['positions']}; set model.positions=rope or model.rope_scaling=none")
   reads = models.ROPE_SCALING_READS[scaling]
@@ -608,10 +609,13 @@ def _check_rope_scaling(arch, models) -> None:
                         "the pretraining llama3 scales: 8192 for Llama 3)")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Checks values that would otherwise fail deep inside a compile; raises ConfigError."""
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, *, adopted: bool = False) -> None:
+  """Checks values that would otherwise fail deep inside a compile; raises ConfigError. `adopted`: init_from's
+  model settings are in the config (`checkpoint.adopt_model_settings`)."""
   m = config.model
-  _check_model(m)
+  # Extending an imported Llama's context from a GPT-2 config (rope_scaling=linear with init_from): the rotary
+  # positions are the source's, adopted later, so the scaling is checked against them then.
+  _check_model(m, bool(config.get("init_from")) and not adopted and m.get("positions", "learned") == "learned")
   if "train" in config and "task" not in config and "objective" in config.train:
     # Pretraining and SFT: a decoder learns the next token, an encoder the masked ones (each sees
     # what the other's loss would hide: a bidirectional model reads the token it is asked for).

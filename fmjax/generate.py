@@ -310,6 +310,12 @@ def run(workdir: str, *, prompts: list[str] = (), text: str = "", max_new_tokens
     if chat:
       from fmjax.data import chat as chat_lib
       template = chat_lib.template_of(tok)
+      if tok.chat_template is None and "sft" not in config and "dpo" not in config:
+        # As transformers' apply_chat_template refuses such a tokenizer: a base model never saw this template.
+        logging.getLogger("fmjax").warning(
+            "%s has no chat template and was not tuned on conversations: --chat asks in fmjax's built-in plain-text "
+            "one (User: / Assistant: lines), which this model never saw; tune it on conversations first (`fmjax "
+            "sft`, or sft.chat_template), or prompt without --chat", workdir)
       # The template writes the BOS it wants (the built-in one: the tokenizer's), as in SFT's rows.
       ids = [chat_lib.encode_prompt(tok, p, template) for p in prompts]
       stop.append(chat_lib.end_of_turn_id(tok, template))

@@ -466,6 +466,7 @@ def test_init_from_adopts_the_rotary_scaling_of_its_source_unless_this_config_re
       "rope_scaling": "linear", "rope_factor": 4.0, "rope_original_max_len": 8192}  # the scaling's group: this one's
   assert ("model.rope_scaling=linear, where init_from=/runs/llama has llama3: positions are read anew, so its "
           "outputs change until the run adapts to them (extending its context); drop the setting") in caplog.text
+  assert "rope_original_max_len" not in caplog.text  # linear reads no such setting: nothing of it is read anew
   theta = config_lib.load_config("configs/gpt.py:tiny,llama", ["model.rope_theta=1000000"])
   assert ckpt_lib.adopt_model_settings(theta, source)[0] == "model.rope_scaling='llama3'"
   assert theta.model.rope_theta == 1e6
@@ -480,6 +481,24 @@ def test_init_from_adopts_the_rotary_scaling_of_its_source_unless_this_config_re
     del before["model"][key]
   assert ckpt_lib.config_changes(before, now)[0] == []
   assert models.architecture(before["model"]) == models.architecture(now["model"])
+
+
+def test_a_gpt2_config_extends_the_context_of_a_rotary_init_from():
+  """README's position interpolation, `configs/gpt.py:tiny` with init_from=an imported Llama and
+  rope_scaling=linear: its positions (rotary) are the source's, so the scaling is checked once they are
+  adopted, not refused against GPT-2's learned table; from a learned-position source it is still refused."""
+  longer = ["init_from=/runs/llama", "model.rope_scaling=linear", "model.rope_factor=2", "model.max_len=512",
+            "data.seq_len=512"]
+  config = config_lib.load_config("configs/gpt.py:tiny", longer)
+  source = config_lib.load_config("configs/gpt.py:tiny,llama").to_dict()
+  assert "model.positions='rope'" in ckpt_lib.adopt_model_settings(config, source)
+  assert (config.model.positions, config.model.rope_scaling, config.model.rope_factor) == ("rope", "linear", 2.0)
+  learned = config_lib.load_config("configs/gpt.py:tiny", longer)
+  with pytest.raises(config_lib.ConfigError, match=r"model.rope_scaling=linear scales rotary positions, and this "
+                                                   r"model has model.positions=learned"):
+    ckpt_lib.adopt_model_settings(learned, config_lib.load_config("configs/gpt.py:tiny").to_dict())
+  with pytest.raises(config_lib.ConfigError, match="scales rotary positions"):  # no init_from: refused at once
+    config_lib.load_config("configs/gpt.py:tiny", longer[1:])
 
 
 def test_config_changes_classification():

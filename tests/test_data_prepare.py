@@ -424,7 +424,7 @@ def test_tfds_dataset_by_name_through_mock_data(tmp_path, tfds_online):
     ({"data.dataset": "text_files", "data.files": "/nonexistent/*.txt"}, "matches no file text_files reads"),
     ({"data.dataset": "text_files", "data.files": "EMPTY"}, "empty corpus"),
     ({"data.dataset": "text_files", "data.files": "DIR"}, r"names a directory, not files; give globs of its files, "
-     r"e.g. --config.data.files='.*/corpus/\*\*/\*.txt,.*/corpus/\*\*/\*.jsonl'"),
+     r"e.g. --config.data.files='.*/corpus/\*\*/\*.jsonl,.*/corpus/\*\*/\*.txt'"),
     ({"data.tokenizer.path": "vocab.txt"}, "data.tokenizer.path='vocab.txt' is read only with data.tokenizer.kind='hf' "
      r"\(kind 'wordpiece' trains one on the corpus\)"),
     ({"data.tokenizer.vocab_size": 0}, "vocab_size=0 leaves a wordpiece vocabulary no room beside its special tokens"),
@@ -448,6 +448,24 @@ def test_bad_input_is_one_clear_line_and_no_cache(tmp_path, over, match, tfds_on
   assert "\n" not in str(e.value)
   assert not os.path.exists(tmp_path / "cache" / "datasets") or not os.listdir(tmp_path / "cache" / "datasets")
   assert not os.path.exists(tmp_path / "cache" / "tokenizers") or not os.listdir(tmp_path / "cache" / "tokenizers")
+
+
+def test_a_directory_as_data_files_suggests_globs_of_the_kinds_it_holds(tmp_path):
+  """A FineWeb-like folder (Parquet, .jsonl.zst) gets globs that match its files, not .txt ones that match none."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  (tmp_path / "corpus" / "data").mkdir(parents=True)
+  pq.write_table(pa.table({"text": ["a document"]}), tmp_path / "corpus" / "data" / "part-0.parquet")
+  (tmp_path / "corpus" / "d.jsonl.zst").write_bytes(b"")
+  (tmp_path / "corpus" / "README.md").write_text("about")
+  (tmp_path / "empty").mkdir()
+  folder = str(tmp_path / "corpus")
+  with pytest.raises(config_lib.ConfigError) as e:
+    sources.check_config(tiny("gpt", tmp_path / "cache", **{"data.dataset": "text_files", "data.files": folder}))
+  assert str(e.value).endswith(f"e.g. --config.data.files='{folder}/**/*.jsonl.zst,{folder}/**/*.parquet'")
+  config = tiny("gpt", tmp_path / "cache", **{"data.dataset": "text_files", "data.files": str(tmp_path / "empty")})
+  with pytest.raises(config_lib.ConfigError, match="names a directory that holds no file text_files reads"):
+    sources.check_config(config)
 
 
 def test_a_split_one_dataset_of_a_mixture_lacks_is_set_in_its_item(tmp_path):

@@ -1,6 +1,7 @@
 """KV-cache decoding, sampling filters, batched left padding, and the `fmjax generate` command."""
 
 import json
+import logging
 import os
 
 import jax
@@ -292,6 +293,24 @@ def test_a_run_saved_before_the_architecture_choices_reads_as_gpt2(tmp_path_fact
   now, _, _ = generate.load_run(str(workdir))
   prompts = [[5, 17, 99], [7]]
   assert generate.generate(model, prompts, 4, temperature=0.0) == generate.generate(now, prompts, 4, temperature=0.0)
+
+
+def test_chat_with_a_model_that_never_saw_a_chat_template_warns(tmp_path_factory, caplog):
+  """`--chat` on a pretraining run (or a base model imported without a chat template) asks in the built-in
+  template, which it never saw: said in one warning, not silently."""
+  gpt_dir, _ = make_workdir(tmp_path_factory, "gpt")
+  logger = logging.getLogger("fmjax")
+  logger.addHandler(caplog.handler)  # a run's setup_logging stops fmjax's records reaching the root logger
+  try:
+    with caplog.at_level("WARNING", logger="fmjax"):
+      assert len(generate.run(str(gpt_dir), prompts=["hi"], max_new_tokens=2, temperature=0.0, chat=True)) == 1
+      said = {r.getMessage() for r in caplog.records if "has no chat template" in r.getMessage()}  # root's too
+      assert len(said) == 1 and all("\n" not in m and "tune it on conversations first" in m for m in said), said
+      caplog.clear()
+      generate.run(str(gpt_dir), prompts=["hi"], max_new_tokens=2, temperature=0.0)
+      assert "has no chat template" not in caplog.text
+  finally:
+    logger.removeHandler(caplog.handler)
 
 
 def test_a_rotary_run_saved_before_rope_scaling_reads_as_unscaled(tmp_path_factory, tmp_path):

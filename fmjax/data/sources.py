@@ -141,6 +141,12 @@ def _without_lone_surrogates(value: Any) -> tuple[Any, int]:
 COMPRESSED = (".gz", ".zst")
 
 
+def _file_ending(path: str) -> str:
+  """A corpus file's kind as its name ends: ".parquet", ".jsonl.zst"."""
+  stem, last = os.path.splitext(path)
+  return os.path.splitext(stem)[1] + last if last in COMPRESSED else last
+
+
 def _open_bytes(path: str) -> io.BufferedIOBase:
   """`path`'s bytes, decompressed where its name ends in .gz or .zst."""
   if path.endswith(".gz"):
@@ -530,8 +536,14 @@ def check_config(config) -> None:
     if not corpus.resolve_files(d.files):
       folders = [p.strip().rstrip("/") for p in d.files.split(",") if os.path.isdir(os.path.expanduser(p.strip()))]
       if folders:
+        # Suggest the kinds the folder holds: a Parquet or .jsonl.zst corpus given the .txt glob matches nothing.
+        found = corpus.resolve_files(f"{folders[0]}/**/*")
+        if not found:
+          raise ConfigError(f"data.files={d.files!r} names a directory that holds no file text_files reads "
+                            f"({corpus.FILE_KINDS}); give globs of such files")
+        globs = ",".join(f"{folders[0]}/**/*{e}" for e in sorted({_file_ending(p) for p in found}))
         raise ConfigError(f"data.files={d.files!r} names a directory, not files; give globs of its files, e.g. "
-                          f"--config.data.files='{folders[0]}/**/*.txt,{folders[0]}/**/*.jsonl'")
+                          f"--config.data.files='{globs}'")
       raise ConfigError(f"data.files={d.files!r} matches no file text_files reads ({corpus.FILE_KINDS}); fix the "
                         f"globs {MOVED_HINT}")
     _check_documents(corpus.resolve_files(d.files), d.feature, d.files)
