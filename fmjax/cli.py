@@ -236,7 +236,8 @@ COMMANDS = {
     "data": (cmd_data, "`data prepare`: tokenise, pack and cache a dataset"),
     "bench": (cmd_bench, "time the real train step on synthetic data: tokens/s, MFU, memory"),
     "launch": (cmd_launch, "Cloud TPU / GKE launch commands (dry-run unless --execute)"),
-    "import-hf": (cmd_import_hf, "Hugging Face BERT / GPT-2 / Llama directory -> fmjax workdir (step-0 checkpoint)"),
+    "import-hf": (cmd_import_hf, "Hugging Face BERT / GPT-2 / Llama / Qwen directory -> fmjax workdir (step-0 "
+                  "checkpoint)"),
     "export": (cmd_export, "fmjax checkpoint -> Hugging Face directory (safetensors, config, tokenizer)"),
     "release": (cmd_release, "release bundle: HF weights, checkpoint, model card, PII report, SHA256SUMS"),
     "sweep": (cmd_sweep, "expand a config's get_sweep() into runs: run them locally or print the commands"),

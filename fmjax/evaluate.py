@@ -236,7 +236,8 @@ def cli(argv: list[str]) -> int:
   p.add_argument("--limit", type=int, default=0, help="with --task: score the first N items only (0: all)")
   args = p.parse_args(argv)
   if not args.workdir.strip():
-    raise ConfigError("--workdir is empty; pass the --workdir of a `fmjax train`, `sft` or `finetune` run")
+    raise ConfigError("--workdir is empty; pass the --workdir of a `fmjax train`, `sft`, `dpo`, `finetune` or "
+                      "`import-hf` run")
   if args.limit < 0:
     raise ConfigError(f"--limit must be 0 (all items) or more, got {args.limit}")
   from fmjax import zeroshot

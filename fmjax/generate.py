@@ -386,7 +386,7 @@ def cli(argv: list[str]) -> int:
   """`fmjax generate --workdir=W (--prompt=TEXT ... [--chat] | --text="... [MASK] ...") [sampling flags]`."""
   from fmjax.cli import ArgumentParser
   p = ArgumentParser(prog="fmjax generate")
-  p.add_argument("--workdir", required=True, help="a `fmjax train` or `fmjax sft` workdir")
+  p.add_argument("--workdir", required=True, help="a `fmjax train`, `sft`, `dpo` or `import-hf` workdir")
   p.add_argument("--prompt", action="append", default=[], help="GPT prompt; repeat for a batch")
   p.add_argument("--prompt_file", default="", help="GPT prompts, one a line (blank lines skipped), after any --prompt")
   p.add_argument("--chat", action="store_true", help="GPT: each prompt is a user's message in the run's chat "
