@@ -554,11 +554,13 @@ def test_llama_classifier_exports_as_llama_for_sequence_classification_without_i
   assert table_VD.shape == imported.wte.embedding.shape and 0.01 < table_VD.std() < 0.05  # normal(init_std 0.02)
 
 
-def test_lora_on_grouped_query_attention_merges_into_the_llama_export(tmp_path, bpe):
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_lora_on_grouped_query_attention_merges_into_the_export(tmp_path, bpe, kind):
   """LoRA targets `attn.qkv` reach q and kv in grouped-query attention; export merges them into q_proj,
-  k_proj and v_proj, and transformers' logits are the unmerged fmjax model's."""
+  k_proj and v_proj (Qwen2's biases as they were; Qwen3's norms follow them), and transformers' logits are
+  the unmerged fmjax model's."""
   from fmjax import peft
-  model, cfg = _random_fmjax("gpt", bpe.vocab_size, seed=15, **LLAMA, num_kv_heads=2)
+  model, cfg = _random_fmjax("gpt", bpe.vocab_size, seed=15, **{**LLAMA, **QWEN.get(kind, {})}, num_kv_heads=2)
   ft = config_lib.peft_section("lora")
   ft.lora_rank = 2
   with models.sharded_if_mesh():
@@ -573,9 +575,10 @@ def test_lora_on_grouped_query_attention_merges_into_the_llama_export(tmp_path, 
   attn = pure["h"]["blocks"][0]["attn"]
   assert all({"lora_a", "lora_b"} <= set(attn[name]) for name in ("q", "kv", "out"))
   params = interop.from_finetune(pure, ml_collections.ConfigDict({"model": cfg, "finetune": ft}))
-  assert "lora_a" not in params["h"]["blocks"][0]["attn"]["kv"]
+  assert not any("lora_a" in params["h"]["blocks"][0]["attn"][name] for name in ("q", "kv"))
   interop.export_params(params, cfg, str(tmp_path))
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  assert type(hf_model).__name__ == f"{kind.title()}ForCausalLM"
   ids = _ids(bpe.vocab_size, seed=15)
   _close(_logits(model, jnp.asarray(ids)), _hf_logits(hf_model, ids))
 
@@ -888,34 +891,6 @@ def test_qwen_classifier_exports_as_its_sequence_classifier(tmp_path, bpe, kind)
   ids = _ids(bpe.vocab_size, seed=33)  # no pad ids: HF pools the last token, as fmjax's GPT head does
   h_BTD = nnx.jit(lambda m, x: m.hidden(x))(model, jnp.asarray(ids))
   _close(np.asarray(h_BTD)[:, -1] @ kernel_DC, _hf_logits(hf_model, ids))
-
-
-@pytest.mark.parametrize("kind", list(QWEN))
-def test_lora_on_q_and_kv_of_a_qwen_merges_into_its_export(tmp_path, bpe, kind):
-  """LoRA on Qwen2's biased q and kv (or Qwen3's, whose norms follow them) merges into q_proj, k_proj and v_proj
-  (their biases as they were), and transformers' logits are the unmerged fmjax model's."""
-  from fmjax import peft
-  model, cfg = _random_fmjax("gpt", bpe.vocab_size, seed=34, **{**LLAMA, **QWEN[kind]}, num_kv_heads=2)
-  ft = config_lib.peft_section("lora")
-  ft.lora_rank = 2
-  with models.sharded_if_mesh():
-    peft.apply(model, ft, nnx.Rngs(34))
-  state = nnx.state(model, nnx.Param)
-  rng = np.random.default_rng(34)
-  pure = jax.tree_util.tree_map_with_path(  # B = 0 at init: make the update count
-      lambda p, x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype) if str(p[-1].key) == "lora_b" else x,
-      nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(model, state)
-  attn = pure["h"]["blocks"][0]["attn"]
-  assert all({"lora_a", "lora_b"} <= set(attn[name]) for name in ("q", "kv"))
-  params = interop.from_finetune(pure, ml_collections.ConfigDict({"model": cfg, "finetune": ft}))
-  assert "lora_a" not in params["h"]["blocks"][0]["attn"]["q"]
-  interop.export_params(params, cfg, str(tmp_path))
-  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-  assert type(hf_model).__name__ == f"{kind.title()}ForCausalLM"
-  ids = _ids(bpe.vocab_size, seed=34)
-  _close(_logits(model, jnp.asarray(ids)), _hf_logits(hf_model, ids))
 
 
 def test_qwen_settings_fmjax_lacks_are_refused_in_one_line_and_a_window_that_is_off_imports():
