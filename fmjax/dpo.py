@@ -66,7 +66,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from fmjax import attention, checkpoint as ckpt_lib, config_lib, files, metrics as metrics_lib, optim, peft, sharding
+from fmjax import attention, config_lib, files, metrics as metrics_lib, optim, peft, sharding
 from fmjax import sft, train
 from fmjax.config_lib import ConfigError
 from fmjax.data import chat, sources
@@ -390,7 +390,7 @@ def attach_reference(config, rows: dict, workdir: str, spec: train.StateSpec, tx
 def run(config, workdir: str) -> dict:
   """DPO per `config` in `workdir`; returns the last train and eval metrics, and writes `results.json` once the
   run has reached train.steps."""
-  from fmjax import data, finetune
+  from fmjax import finetune
 
   config_lib.check_command(config, "dpo")
   config = copy.deepcopy(config)  # ours: init_from's shape and tokenizer are adopted into it
@@ -416,14 +416,7 @@ def run(config, workdir: str) -> dict:
   cfg_dict = config_lib.to_dict(config)
   files.makedirs(workdir)
   with contextlib.ExitStack() as closing:
-    closing.enter_context(ckpt_lib.lock_workdir(workdir))  # one training per workdir, until this returns or raises
-    checkpointer = ckpt_lib.Checkpointer.of_run(config, workdir)
-    closing.callback(checkpointer.close)
-    resume = train._check_resume(checkpointer, spec, cfg_dict)  # pylint: disable=protected-access
-    if jax.process_index() == 0:
-      if not resuming:
-        data.save_run_tokenizer(tok, workdir)
-      config_lib.save_json(config, os.path.join(workdir, "config.json"))
+    checkpointer, resume = sft.enter_workdir(closing, config, cfg_dict, workdir, spec, tok, resuming)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(spec.rules):
       if resume is not None:
         # The reference (saved, else init_from's model, read and dropped) before the run's own state is read.

@@ -462,10 +462,23 @@ def init_from_pretrained(config, spec: train.StateSpec, tx, init_from: str) -> d
 # ----------------------------------------------------------------------------- loop
 
 
+def enter_workdir(closing: contextlib.ExitStack, config, cfg_dict: dict, workdir: str, spec, tok, resuming: bool):
+  """(checkpointer, resume) of an SFT or DPO run starting in `workdir`, which it holds (locked, with pending saves
+  landing first) until `closing` closes; process 0 writes the run's tokenizer on a fresh start and its config.json."""
+  from fmjax import data
+  closing.enter_context(ckpt_lib.lock_workdir(workdir))  # one training per workdir, until this returns or raises
+  checkpointer = ckpt_lib.Checkpointer.of_run(config, workdir)
+  closing.callback(checkpointer.close)
+  resume = train._check_resume(checkpointer, spec, cfg_dict)  # pylint: disable=protected-access
+  if jax.process_index() == 0:
+    if not resuming:
+      data.save_run_tokenizer(tok, workdir)  # replaces one a start that never saved left
+    config_lib.save_json(config, os.path.join(workdir, "config.json"))
+  return checkpointer, resume
+
+
 def run(config, workdir: str) -> dict:
   """SFT per `config` in `workdir`; returns the last train and eval (completion-token) metrics."""
-  from fmjax import data
-
   config_lib.check_command(config, "sft")
   # Ours: the shape and tokenizer of init_from (or of the run resumed) are adopted into it, which must not
   # carry over into the caller's next run of the same config (a notebook's, in another workdir).
@@ -491,14 +504,7 @@ def run(config, workdir: str) -> dict:
   # Closed in reverse order, each even when one before it raised (a lock left held would refuse this
   # process's next run in the workdir as another's): pending saves land, then the workdir is unlocked.
   with contextlib.ExitStack() as closing:
-    closing.enter_context(ckpt_lib.lock_workdir(workdir))  # one training per workdir, until this returns or raises
-    checkpointer = ckpt_lib.Checkpointer.of_run(config, workdir)
-    closing.callback(checkpointer.close)
-    resume = train._check_resume(checkpointer, spec, cfg_dict)  # pylint: disable=protected-access
-    if jax.process_index() == 0:
-      if not resuming:
-        data.save_run_tokenizer(tok, workdir)  # replaces one a start that never saved left
-      config_lib.save_json(config, os.path.join(workdir, "config.json"))
+    checkpointer, resume = enter_workdir(closing, config, cfg_dict, workdir, spec, tok, resuming)
     # Held-out rows go through as many at once as training's (train.grad_accum), as in pretraining:
     # a batch that fits only split must not run out of memory at the first eval.
     train_loader, eval_loader = make_loaders(config, tok, batch_sharding, rows,

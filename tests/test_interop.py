@@ -108,6 +108,19 @@ def _close(a, b, atol=ATOL):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0)
 
 
+def _greedy_in_transformers(hf_model, auto, prompt: str, max_new_tokens: int = 8) -> tuple[str, list[int]]:
+  """(transformers' greedy continuation of `prompt`, cut before its first EOS as fmjax cuts one; the prompt's ids
+  as the tokenizer `auto` writes them)."""
+  import torch
+  enc = auto(prompt, return_tensors="pt")
+  with torch.no_grad():
+    ids = hf_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=auto.eos_token_id)
+  new = ids[0, enc["input_ids"].shape[1]:].tolist()
+  if auto.eos_token_id in new:
+    new = new[:new.index(auto.eos_token_id)]
+  return auto.decode(new), enc["input_ids"][0].tolist()
+
+
 # ----------------------------------------------------------------------------- import
 
 
@@ -353,19 +366,12 @@ def test_export_of_an_imported_workdir_round_trips_every_tensor(gpt_dir, gpt_wor
 def test_exported_gpt_generates_in_transformers_what_fmjax_generate_does(gpt_workdir, tmp_path):
   """Greedy decoding from a text prompt: transformers with the exported model and tokenizer (which
   opens the prompt with <eos>, as `fmjax generate` does) continues it with fmjax's tokens."""
-  import torch
   out = interop.export(str(gpt_workdir), str(tmp_path / "hf"))
   prompt = "The with statement"
   ours = generate.run(str(gpt_workdir), prompts=[prompt], max_new_tokens=8, temperature=0.0)[0]
   auto = transformers.AutoTokenizer.from_pretrained(out)
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-  enc = auto(prompt, return_tensors="pt")
-  with torch.no_grad():
-    ids = hf_model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=auto.eos_token_id)
-  new = ids[0, enc["input_ids"].shape[1]:].tolist()
-  if auto.eos_token_id in new:  # fmjax cuts a completion before its first <eos>
-    new = new[:new.index(auto.eos_token_id)]
-  assert auto.decode(new) == ours
+  assert _greedy_in_transformers(hf_model, auto, prompt)[0] == ours
 
 
 def test_imported_workdir_still_works_after_a_move(gpt_dir, tmp_path, bpe):
@@ -458,7 +464,6 @@ def test_llama_round_trip_keeps_every_tensor_and_generates_in_transformers_what_
                                                                                              tmp_path, bpe):
   """The export of the imported workdir is the original checkpoint; greedy decoding (fmjax's KV cache of
   rotated keys) continues a prompt with transformers' tokens."""
-  import torch
   out = tmp_path / "hf"
   assert cli.main(["export", f"--workdir={llama_workdir}", f"--out={out}"]) == 0
   original, exported = (interop.read_hf_weights(str(d)) for d in (llama_dir[0], out))
@@ -477,14 +482,9 @@ def test_llama_round_trip_keeps_every_tensor_and_generates_in_transformers_what_
   ours = generate.run(str(llama_workdir), prompts=[prompt], max_new_tokens=8, temperature=0.0)[0]
   auto = transformers.AutoTokenizer.from_pretrained(out)
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-  enc = auto(prompt, return_tensors="pt")
-  assert enc["input_ids"][0, 0] == bpe.eos_id  # a prompt opens with <eos>, as in `fmjax generate`
-  with torch.no_grad():
-    ids = hf_model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=auto.eos_token_id)
-  new = ids[0, enc["input_ids"].shape[1]:].tolist()
-  if auto.eos_token_id in new:  # fmjax cuts a completion before its first <eos>
-    new = new[:new.index(auto.eos_token_id)]
-  assert auto.decode(new) == ours
+  theirs, prompt_ids = _greedy_in_transformers(hf_model, auto, prompt)
+  assert prompt_ids[0] == bpe.eos_id  # a prompt opens with <eos>, as in `fmjax generate`
+  assert theirs == ours
 
 
 @pytest.mark.parametrize("kv_heads,tied,use_bias,scan", [(2, False, False, True), (0, True, True, False)],
@@ -829,7 +829,6 @@ def test_qwen_import_logits_match_with_grouped_query_attention_and_packed_docume
 def test_qwen_round_trip_keeps_every_tensor_and_generates_in_transformers_what_fmjax_does(qwen_run, tmp_path, bpe):
   """The export of the imported workdir is the original checkpoint, as a Qwen2ForCausalLM / Qwen3ForCausalLM; greedy
   decoding (fmjax's KV cache of keys normed and rotated) continues a prompt with transformers' tokens."""
-  import torch
   kind, hf_dir, _, workdir = qwen_run
   out = tmp_path / "hf"
   assert cli.main(["export", f"--workdir={workdir}", f"--out={out}"]) == 0
@@ -849,13 +848,7 @@ def test_qwen_round_trip_keeps_every_tensor_and_generates_in_transformers_what_f
   ours = generate.run(str(workdir), prompts=[prompt], max_new_tokens=8, temperature=0.0)[0]
   auto = transformers.AutoTokenizer.from_pretrained(out)
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-  enc = auto(prompt, return_tensors="pt")
-  with torch.no_grad():
-    ids = hf_model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=auto.eos_token_id)
-  new = ids[0, enc["input_ids"].shape[1]:].tolist()
-  if auto.eos_token_id in new:  # fmjax cuts a completion before its first <eos>
-    new = new[:new.index(auto.eos_token_id)]
-  assert auto.decode(new) == ours
+  assert _greedy_in_transformers(hf_model, auto, prompt)[0] == ours
 
 
 @pytest.mark.parametrize("kind,settings", [
@@ -1196,7 +1189,6 @@ def test_a_llama_whose_tokenizer_opens_with_bos_is_prompted_and_exported_with_it
   """Llama's tokenizer frames a text <s> ... </s>: an imported Llama is prompted from <s>, as transformers prompts it
   (greedy tokens equal); its export's tokenizer and config name <s> the BOS; and a classifier's rows
   (<s> a </s> b </s>) are what its exported tokenizer makes."""
-  import torch
   from fmjax import finetune
   hf_dir = tmp_path / "hf_llama"
   hf_model = _llama(320, seed=21)
@@ -1210,14 +1202,8 @@ def test_a_llama_whose_tokenizer_opens_with_bos_is_prompted_and_exported_with_it
   prompt = "The with statement"
   ours = generate.run(str(workdir), prompts=[prompt], max_new_tokens=8, temperature=0.0)[0]
   auto = transformers.AutoTokenizer.from_pretrained(hf_dir)
-  enc = auto(prompt, return_tensors="pt")
-  assert enc["input_ids"][0, 0] == auto.bos_token_id == 1
-  with torch.no_grad():
-    ids = hf_model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=auto.eos_token_id)
-  new = ids[0, enc["input_ids"].shape[1]:].tolist()
-  if auto.eos_token_id in new:
-    new = new[:new.index(auto.eos_token_id)]
-  assert auto.decode(new) == ours
+  theirs, prompt_ids = _greedy_in_transformers(hf_model, auto, prompt)
+  assert prompt_ids[0] == auto.bos_token_id == 1 and theirs == ours
 
   out = tmp_path / "export"
   interop.export(str(workdir), str(out))
@@ -1225,7 +1211,7 @@ def test_a_llama_whose_tokenizer_opens_with_bos_is_prompted_and_exported_with_it
   assert (hf_out["bos_token_id"], hf_out["eos_token_id"]) == (1, 2)
   exported = transformers.AutoTokenizer.from_pretrained(out)
   tok = interop.run_tokenizer(str(workdir), interop.read_run_config(str(workdir)))
-  assert exported(prompt)["input_ids"] == tok.encode_opening(prompt) == enc["input_ids"][0].tolist()
+  assert exported(prompt)["input_ids"] == tok.encode_opening(prompt) == prompt_ids
   assert (exported.bos_token, exported.eos_token) == ("<s>", "</s>")
 
   model, cfg = _random_fmjax("gpt", 320, seed=21, **LLAMA)
